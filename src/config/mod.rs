@@ -1,0 +1,70 @@
+//! Configuration: the YAML model, environment overrides, seed 001's auto-sharing rules and
+//! validation. `docs/configuration.md` is the reference.
+
+mod duration;
+mod load;
+mod model;
+mod resolve;
+
+use std::fmt;
+use std::path::Path;
+
+pub use duration::Dur;
+pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
+pub use model::*;
+pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sharing, resolve};
+
+/// Invalid configuration: where (file, line, field path) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: String,
+    pub path: String,
+    pub message: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+}
+
+impl ConfigError {
+    pub fn at(origin: &str, path: &str, message: impl Into<String>, line: Option<usize>, column: Option<usize>) -> Self {
+        Self {
+            origin: origin.to_string(),
+            path: path.to_string(),
+            message: message.into(),
+            line,
+            column,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.origin)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        f.write_str(": ")?;
+        if !self.path.is_empty() && self.path != "." {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads, parses and resolves a configuration file (or the defaults when `path` is `None`).
+pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Settings, ConfigError> {
+    let (text, origin) = match path {
+        Some(p) => {
+            let origin = p.display().to_string();
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::at(&origin, "", format!("cannot read configuration: {e}"), None, None))?;
+            (text, origin)
+        }
+        None => (String::new(), "<defaults>".to_string()),
+    };
+    resolve(parse(&text, &origin, env)?, &origin)
+}

@@ -1,0 +1,352 @@
+//! The configuration model (seed 000 §6.3, seed 001, ARCHITECTURE §9). Every section has
+//! defaults, so an empty file is a working single-node configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::Dur;
+use crate::domain::{Hostname, Scheme, SetName};
+
+/// Strings that YAML might read as numbers or booleans (passwords, addresses).
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::S(s) => s,
+        Raw::I(i) => i.to_string(),
+        Raw::U(u) => u.to_string(),
+        Raw::F(f) => f.to_string(),
+        Raw::B(b) => b.to_string(),
+    })
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub storage: StorageConfig,
+    pub message_broker: BrokerConfig,
+    pub http_domain: HttpDomainConfig,
+    pub proxy: ProxyConfig,
+    pub controller: ControllerConfig,
+    pub log: LogConfig,
+    /// Single-node only: mappings declared in the file.
+    pub mappings: Vec<MappingEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageType {
+    /// Memory only (single node), optionally persisted to the JSON file.
+    Memory,
+    /// Seed 001 default: memory cache, upgraded to Redis when a Redis address is configured.
+    #[default]
+    Hybrid,
+    /// Redis (multi-node).
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheType {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    #[serde(rename = "type")]
+    pub kind: StorageType,
+    pub redis: RedisConfig,
+    pub hybrid: HybridConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `host:port`, `redis://host:port` or `rediss://host:port` (TLS). Empty: not configured.
+    #[serde(deserialize_with = "lenient_string")]
+    pub addr: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub password: String,
+    pub db: i64,
+    pub pool_size: usize,
+    /// Prefix of every tunnox key. Use a hash tag (`{tunnox}`) on Redis Cluster.
+    #[serde(deserialize_with = "lenient_string")]
+    pub key_prefix: String,
+    pub tls: RedisTlsConfig,
+    pub response_timeout: Dur,
+    pub connect_timeout: Dur,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            addr: String::new(),
+            password: String::new(),
+            db: 0,
+            pool_size: 10,
+            key_prefix: "tunnox".into(),
+            tls: RedisTlsConfig::default(),
+            response_timeout: Dur::secs(2),
+            connect_timeout: Dur::secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisTlsConfig {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HybridConfig {
+    /// Unset behaves as `memory` (and is upgraded by the auto-sharing rules).
+    pub cache_type: Option<CacheType>,
+    pub enable_persistent: bool,
+    pub json: JsonConfig,
+}
+
+impl Default for HybridConfig {
+    fn default() -> Self {
+        Self {
+            cache_type: None,
+            enable_persistent: true,
+            json: JsonConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JsonConfig {
+    pub file_path: PathBuf,
+    pub auto_save: bool,
+    /// Seconds (or a duration) between background saves; 0 saves after every change.
+    pub save_interval: Dur,
+}
+
+impl Default for JsonConfig {
+    fn default() -> Self {
+        Self {
+            file_path: PathBuf::from("data/tunnox-data.json"),
+            auto_save: true,
+            save_interval: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerType {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Unset behaves as `memory`.
+    #[serde(rename = "type")]
+    pub kind: Option<BrokerType>,
+    pub redis: BrokerRedisConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerRedisConfig {
+    #[serde(deserialize_with = "lenient_string")]
+    pub addr: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub password: String,
+    pub db: i64,
+    #[serde(deserialize_with = "lenient_string")]
+    pub channel: String,
+}
+
+impl Default for BrokerRedisConfig {
+    fn default() -> Self {
+        Self {
+            addr: String::new(),
+            password: String::new(),
+            db: 0,
+            channel: "tunnox:messages".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpDomainConfig {
+    pub enabled: bool,
+    pub base_domains: Vec<Hostname>,
+    pub cache: CacheConfig,
+    pub persistence: PersistenceConfig,
+    pub sync: SyncConfig,
+    /// Seed 000's distributed lock. Accepted for compatibility; claims are atomic, no lock is taken.
+    pub lock: Option<serde_yaml::Value>,
+}
+
+impl Default for HttpDomainConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            base_domains: vec![Hostname::parse("tunnox.net").expect("valid")],
+            cache: CacheConfig::default(),
+            persistence: PersistenceConfig::default(),
+            sync: SyncConfig::default(),
+            lock: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub local: LocalCacheConfig,
+    /// Seed 000's L2 Redis cache. Accepted for compatibility; the Redis store is the shared layer.
+    pub shared: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalCacheConfig {
+    pub enabled: bool,
+    pub ttl: Dur,
+    pub max_size: usize,
+    /// How long an unknown host is remembered as unknown.
+    pub negative_ttl: Dur,
+}
+
+impl Default for LocalCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: Dur::secs(60),
+            max_size: 10_000,
+            negative_ttl: Dur::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    /// Prefix of the mapping keys; default `<storage.redis.key_prefix>:http_domain`.
+    pub key_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Pub/sub channel of change events; default `<key_prefix>:events`.
+    pub channel: Option<String>,
+    /// Events buffered per subscriber before it is told it lagged (and catches up).
+    pub buffer_size: usize,
+    /// How often a subscriber checks the change log even without a nudge.
+    pub check_interval: Dur,
+    /// Approximate length of the change log (older entries are trimmed).
+    pub changes_max_len: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            channel: None,
+            buffer_size: 1000,
+            check_interval: Dur::secs(5),
+            changes_max_len: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub set: SetName,
+    /// Node id in the registry; default: the host name.
+    pub node_id: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("valid"),
+            admin_listen: "127.0.0.1:9090".parse().expect("valid"),
+            set: SetName::parse("default.default").expect("valid"),
+            node_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    pub admin_listen: SocketAddr,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            admin_listen: "127.0.0.1:9091".parse().expect("valid"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `tunnox=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Plain,
+        }
+    }
+}
+
+/// A mapping declared in the file (single-node mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingEntry {
+    pub subdomain: String,
+    pub base_domain: Hostname,
+    pub target_host: String,
+    pub target_port: u16,
+    #[serde(default)]
+    pub target_scheme: Scheme,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub custom_headers: std::collections::BTreeMap<String, String>,
+}

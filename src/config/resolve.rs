@@ -1,0 +1,221 @@
+//! Seed 001's auto-sharing rules and whole-configuration validation, as pure functions.
+
+use std::collections::HashMap;
+
+use redis::IntoConnectionInfo;
+
+use super::{BrokerType, CacheType, Config, ConfigError, StorageType};
+use crate::domain::{Hostname, MappingSpec};
+use crate::store::{PersistOptions, RedisOptions, RedisTls, StoreBackend};
+
+/// Rule 1: storage Redis → message broker.
+pub const AUTO_BROKER: &str =
+    "Storage Redis detected, auto-configuring message_broker to use redis for multi-node support";
+/// Rule 2: message broker Redis → storage.
+pub const AUTO_STORAGE: &str =
+    "MessageBroker Redis detected, auto-configuring storage.redis for distributed cache";
+/// Rule 3: cache upgrade.
+pub const AUTO_CACHE: &str =
+    "Redis detected, auto-upgrading cache from 'memory' to 'redis' for multi-node support";
+
+/// Applies the three auto-sharing rules of seed 001 in order and returns the line each rule
+/// that fired logs.
+pub fn apply_auto_sharing(cfg: &mut Config) -> Vec<&'static str> {
+    let mut fired = Vec::new();
+    let storage_has_redis = !cfg.storage.redis.addr.is_empty();
+    if storage_has_redis && matches!(cfg.message_broker.kind, None | Some(BrokerType::Memory)) {
+        let b = &mut cfg.message_broker;
+        b.kind = Some(BrokerType::Redis);
+        b.redis.addr = cfg.storage.redis.addr.clone();
+        b.redis.password = cfg.storage.redis.password.clone();
+        b.redis.db = cfg.storage.redis.db;
+        fired.push(AUTO_BROKER);
+    }
+    let broker = &cfg.message_broker;
+    if broker.kind == Some(BrokerType::Redis) && !broker.redis.addr.is_empty() && cfg.storage.redis.addr.is_empty() {
+        let s = &mut cfg.storage.redis;
+        s.addr = broker.redis.addr.clone();
+        s.password = broker.redis.password.clone();
+        s.db = broker.redis.db;
+        fired.push(AUTO_STORAGE);
+    }
+    if cfg.storage.kind == StorageType::Hybrid
+        && matches!(cfg.storage.hybrid.cache_type, None | Some(CacheType::Memory))
+        && !cfg.storage.redis.addr.is_empty()
+    {
+        cfg.storage.hybrid.cache_type = Some(CacheType::Redis);
+        fired.push(AUTO_CACHE);
+    }
+    fired
+}
+
+/// A validated configuration and what was decided from it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    /// The auto-sharing lines to log at start.
+    pub auto_shared: Vec<&'static str>,
+    /// Accepted but ineffective settings, to log as warnings.
+    pub warnings: Vec<String>,
+    pub uses_redis: bool,
+}
+
+impl Settings {
+    /// Where mappings live, for a process identified as `node_id`.
+    pub fn store_backend(&self, node_id: &str) -> StoreBackend {
+        let c = &self.config;
+        let sync = &c.http_domain.sync;
+        if self.uses_redis {
+            let r = &c.storage.redis;
+            let prefix = c
+                .http_domain
+                .persistence
+                .key_prefix
+                .clone()
+                .unwrap_or_else(|| format!("{}:http_domain", r.key_prefix));
+            StoreBackend::Redis(RedisOptions {
+                url: r.addr.clone(),
+                password: (!r.password.is_empty()).then(|| r.password.clone()),
+                db: r.db,
+                pool_size: r.pool_size,
+                tls: RedisTls {
+                    ca_file: r.tls.ca_file.clone(),
+                    cert_file: r.tls.cert_file.clone(),
+                    key_file: r.tls.key_file.clone(),
+                },
+                prefix,
+                events_channel: sync.channel.clone(),
+                changes_max_len: sync.changes_max_len,
+                subscription_buffer: sync.buffer_size,
+                node_id: node_id.to_string(),
+                response_timeout: r.response_timeout.get(),
+                connect_timeout: r.connect_timeout.get(),
+            })
+        } else {
+            let h = &c.storage.hybrid;
+            StoreBackend::Memory {
+                persist: h.enable_persistent.then(|| PersistOptions {
+                    path: h.json.file_path.clone(),
+                    auto_save: h.json.auto_save,
+                    save_interval: h.json.save_interval.get(),
+                }),
+                changes_max_len: sync.changes_max_len as usize,
+                subscription_buffer: sync.buffer_size,
+                node_id: node_id.to_string(),
+            }
+        }
+    }
+}
+
+/// Applies the auto-sharing rules and validates everything a type cannot express.
+pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
+    let err = |path: &str, msg: String| ConfigError::at(origin, path, msg, None, None);
+
+    if cfg.storage.kind == StorageType::Memory {
+        if !cfg.storage.redis.addr.is_empty() {
+            return Err(err("storage.redis.addr", "is set but storage.type is memory (single node, no Redis); use storage.type hybrid or redis".into()));
+        }
+        if cfg.message_broker.kind == Some(BrokerType::Redis) {
+            return Err(err("message_broker.type", "is redis but storage.type is memory (single node, no Redis); use storage.type hybrid or redis".into()));
+        }
+    }
+    let auto_shared = apply_auto_sharing(&mut cfg);
+
+    let redis_addr = cfg.storage.redis.addr.clone();
+    if cfg.storage.hybrid.cache_type == Some(CacheType::Redis) && redis_addr.is_empty() {
+        return Err(err("storage.redis.addr", "redis cache enabled (storage.hybrid.cache_type: redis) but storage.redis.addr is not configured".into()));
+    }
+    if cfg.storage.kind == StorageType::Redis && redis_addr.is_empty() {
+        return Err(err("storage.redis.addr", "is required when storage.type is redis".into()));
+    }
+    if cfg.message_broker.kind == Some(BrokerType::Redis) && cfg.message_broker.redis.addr.is_empty() {
+        return Err(err("message_broker.redis.addr", "is required when message_broker.type is redis".into()));
+    }
+    for (path, addr) in [("storage.redis.addr", &redis_addr), ("message_broker.redis.addr", &cfg.message_broker.redis.addr)] {
+        if !addr.is_empty() {
+            check_redis_addr(addr).map_err(|m| err(path, m))?;
+        }
+    }
+    let r = &cfg.storage.redis;
+    if r.pool_size == 0 {
+        return Err(err("storage.redis.pool_size", "must be at least 1".into()));
+    }
+    if r.db < 0 {
+        return Err(err("storage.redis.db", format!("must not be negative, got {}", r.db)));
+    }
+    if r.tls.cert_file.is_some() != r.tls.key_file.is_some() {
+        return Err(err("storage.redis.tls", "cert_file and key_file must be set together".into()));
+    }
+    let local = &cfg.http_domain.cache.local;
+    if local.max_size == 0 {
+        return Err(err("http_domain.cache.local.max_size", "must be at least 1".into()));
+    }
+    if local.ttl.get().is_zero() {
+        return Err(err("http_domain.cache.local.ttl", "must be greater than 0".into()));
+    }
+    let sync = &cfg.http_domain.sync;
+    if sync.buffer_size == 0 {
+        return Err(err("http_domain.sync.buffer_size", "must be at least 1".into()));
+    }
+    if sync.changes_max_len == 0 {
+        return Err(err("http_domain.sync.changes_max_len", "must be at least 1".into()));
+    }
+    if sync.check_interval.get().is_zero() {
+        return Err(err("http_domain.sync.check_interval", "must be greater than 0".into()));
+    }
+    if cfg.http_domain.enabled && cfg.http_domain.base_domains.is_empty() {
+        return Err(err("http_domain.base_domains", "must list at least one domain when http_domain is enabled".into()));
+    }
+    check_mappings(&cfg).map_err(|(path, msg)| err(&path, msg))?;
+
+    let mut warnings = Vec::new();
+    if cfg.http_domain.cache.shared.is_some() {
+        warnings.push("http_domain.cache.shared has no effect: the Redis store is the shared layer".to_string());
+    }
+    if cfg.http_domain.lock.is_some() {
+        warnings.push("http_domain.lock has no effect: domain claims are atomic and take no lock".to_string());
+    }
+    let uses_redis = match cfg.storage.kind {
+        StorageType::Redis => true,
+        StorageType::Hybrid => cfg.storage.hybrid.cache_type == Some(CacheType::Redis),
+        StorageType::Memory => false,
+    };
+    if uses_redis && !cfg.mappings.is_empty() {
+        return Err(err("mappings", "declaring mappings in the file is for single-node mode (no Redis); in a cluster, apply HTTPDomainMapping resources".into()));
+    }
+    Ok(Settings {
+        config: cfg,
+        auto_shared,
+        warnings,
+        uses_redis,
+    })
+}
+
+fn check_redis_addr(addr: &str) -> Result<(), String> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("redis://{addr}") };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(format!("{addr:?} must be host:port, redis://… or rediss://…"));
+    }
+    url.as_str()
+        .into_connection_info()
+        .map(|_| ())
+        .map_err(|e| format!("{addr:?} is not a valid Redis address: {e}"))
+}
+
+fn check_mappings(cfg: &Config) -> Result<(), (String, String)> {
+    let mut seen: HashMap<Hostname, usize> = HashMap::new();
+    for (i, m) in cfg.mappings.iter().enumerate() {
+        let at = |field: &str| format!("mappings[{i}].{field}");
+        if !cfg.http_domain.base_domains.contains(&m.base_domain) {
+            return Err((at("base_domain"), format!("{} is not in http_domain.base_domains", m.base_domain)));
+        }
+        let mut spec = MappingSpec::new("x", m.base_domain.as_str(), &m.target_host, m.target_port);
+        spec.subdomain = m.subdomain.clone();
+        spec.custom_headers = m.custom_headers.clone();
+        let full = spec.validate().map_err(|e| (format!("mappings[{i}]"), e.to_string()))?;
+        if let Some(first) = seen.insert(full.clone(), i) {
+            return Err((at("subdomain"), format!("{full} is already declared by mappings[{first}]")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Mapping identifiers: `hdm_<ulid>`, sortable by creation time.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+const PREFIX: &str = "hdm_";
+
+/// A mapping id (`hdm_` + 26-character ULID). Lexical order is creation order.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MappingId(Box<str>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid mapping id {0:?}: expected hdm_ followed by a 26-character ULID")]
+pub struct MappingIdError(pub String);
+
+impl MappingId {
+    pub fn generate() -> Self {
+        Self(format!("{PREFIX}{}", ulid::Ulid::new()).into_boxed_str())
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, MappingIdError> {
+        let ulid = raw
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| MappingIdError(raw.to_string()))?;
+        let parsed = ulid::Ulid::from_string(ulid).map_err(|_| MappingIdError(raw.to_string()))?;
+        // Canonical upper-case form, so two spellings never name two records.
+        Ok(Self(format!("{PREFIX}{parsed}").into_boxed_str()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MappingId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for MappingId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for MappingId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MappingId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        MappingId::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_parse_and_sort_by_time() {
+        let a = MappingId::generate();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = MappingId::generate();
+        assert!(a < b);
+        assert_eq!(MappingId::parse(a.as_str()).unwrap(), a);
+        assert_eq!(a.as_str().len(), 30);
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        for bad in ["", "hdm_", "abc", "hdm_xyz", "HDM_01ARZ3NDEKTSV4RRFFQ69G5FAV", "hdm_01ARZ3NDEKTSV4RRFFQ69G5FA!"] {
+            assert!(MappingId::parse(bad).is_err(), "{bad}");
+        }
+        let lower = MappingId::parse("hdm_01arz3ndektsv4rrffq69g5fav").unwrap();
+        assert_eq!(lower.as_str(), "hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV");
+    }
+}

@@ -1,0 +1,11 @@
+//! Pure domain types shared by every role: hostnames, mapping records, ids and set names.
+
+mod hostname;
+mod ids;
+mod mapping;
+mod set;
+
+pub use hostname::{Hostname, HostnameError, MAX_HOSTNAME_LEN, MAX_LABEL_LEN};
+pub use ids::{MappingId, MappingIdError};
+pub use mapping::{Mapping, MappingSpec, MappingStatus, Scheme, SpecError};
+pub use set::{DR_REGION, SetName, SetNameError, serving_set};

@@ -1,0 +1,155 @@
+//! Proxy set names (`<business>.<region>`, `<business>.*` for disaster recovery) and the rule
+//! that picks which set serves a placement (ARCHITECTURE §7).
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The region name of a business's disaster-recovery set.
+pub const DR_REGION: &str = "*";
+
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SetName {
+    business: Box<str>,
+    region: Box<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid set name {0:?}: expected <business>.<region> (lower-case letters, digits and '-'; region '*' for the DR set)"
+)]
+pub struct SetNameError(pub String);
+
+fn is_name(part: &str) -> bool {
+    !part.is_empty()
+        && part.len() <= 63
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !part.starts_with('-')
+        && !part.ends_with('-')
+}
+
+impl SetName {
+    pub fn new(business: &str, region: &str) -> Result<Self, SetNameError> {
+        let whole = format!("{business}.{region}");
+        if !is_name(business) || !(region == DR_REGION || is_name(region)) {
+            return Err(SetNameError(whole));
+        }
+        Ok(Self {
+            business: business.into(),
+            region: region.into(),
+        })
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, SetNameError> {
+        let (business, region) = raw
+            .split_once('.')
+            .ok_or_else(|| SetNameError(raw.to_string()))?;
+        Self::new(business, region).map_err(|_| SetNameError(raw.to_string()))
+    }
+
+    pub fn business(&self) -> &str {
+        &self.business
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    pub fn is_dr(&self) -> bool {
+        &*self.region == DR_REGION
+    }
+
+    /// The disaster-recovery set of this set's business.
+    pub fn dr(&self) -> SetName {
+        Self {
+            business: self.business.clone(),
+            region: DR_REGION.into(),
+        }
+    }
+}
+
+/// Which set serves a placement, given the sets that currently have a healthy node:
+/// the home set, else the business's DR set, else none. Never another region or business.
+pub fn serving_set<'a>(
+    placement: &SetName,
+    healthy: impl IntoIterator<Item = &'a SetName> + Clone,
+) -> Option<SetName> {
+    let has = |want: &SetName| healthy.clone().into_iter().any(|s| s == want);
+    if has(placement) {
+        return Some(placement.clone());
+    }
+    let dr = placement.dr();
+    has(&dr).then_some(dr)
+}
+
+impl fmt::Display for SetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.business, self.region)
+    }
+}
+
+impl fmt::Debug for SetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SetName({self})")
+    }
+}
+
+impl std::str::FromStr for SetName {
+    type Err = SetNameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for SetName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SetName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        SetName::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(s: &str) -> SetName {
+        SetName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_set_names() {
+        assert_eq!(set("novel.sh").business(), "novel");
+        assert_eq!(set("novel.sh").region(), "sh");
+        assert!(set("novel.*").is_dr());
+        assert_eq!(set("novel.sh").dr(), set("novel.*"));
+        assert_eq!(set("default.default").to_string(), "default.default");
+        for bad in ["", "novel", "novel.", ".sh", "Novel.sh", "novel.sh.x", "*.sh", "no_vel.sh", "-a.sh", "a.s h"] {
+            assert!(SetName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn serving_set_rule() {
+        let cases: &[(&str, &[&str], Option<&str>)] = &[
+            ("novel.sh", &["novel.sh", "novel.*"], Some("novel.sh")),
+            ("novel.sh", &["novel.*"], Some("novel.*")),
+            ("novel.sh", &["novel.sz"], None),
+            ("novel.sh", &["game.sh", "game.*"], None),
+            ("novel.sh", &[], None),
+            ("novel.sh", &["novel.sz", "novel.*"], Some("novel.*")),
+        ];
+        for (placement, healthy, want) in cases {
+            let healthy: Vec<SetName> = healthy.iter().map(|s| set(s)).collect();
+            let got = serving_set(&set(placement), healthy.iter());
+            assert_eq!(got, want.map(set), "placement {placement} healthy {healthy:?}");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! tunnox: Kubernetes-native HTTP domain routing and tunnelling.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod domain;
+pub mod observe;
+pub mod store;

@@ -1,0 +1,78 @@
+//! The `tunnox` binary: parse the command line, set up logging, run one role.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use tunnox::config::{self, ProcessEnv};
+
+/// Exit code for invalid configuration (EX_CONFIG-style, as linkerd2-proxy uses 64).
+const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit code for a role that is not built yet.
+const EXIT_NOT_IMPLEMENTED: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "tunnox", version, about = "Kubernetes-native HTTP domain routing and tunnelling")]
+struct Cli {
+    /// Configuration file (YAML). Without it the built-in defaults apply.
+    #[arg(long, short, global = true, env = "TUNNOX_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile HTTPDomainMapping and TunnelSet resources into Redis and status.
+    Controller,
+    /// Serve HTTP by Host and carry tunnels (single-node with storage.type memory).
+    Proxy,
+    /// Tunnel client beside a private service.
+    Agent,
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+    /// Validate the configuration, print the auto-sharing decisions and the effective settings.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match config::load(cli.config.as_deref(), &ProcessEnv) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tunnox: invalid configuration: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let log = &settings.config.log;
+    tunnox::observe::init_tracing(&log.level, log.format);
+    for line in &settings.auto_shared {
+        tracing::info!("✅ {line}");
+    }
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
+    match cli.command {
+        Command::CheckConfig => {
+            let backend = if settings.uses_redis { "redis" } else { "memory" };
+            println!("configuration OK (mapping store: {backend})");
+            match serde_yaml::to_string(&settings.config) {
+                Ok(yaml) => print!("{yaml}"),
+                Err(e) => eprintln!("cannot print configuration: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Controller | Command::Proxy | Command::Agent | Command::Crd => {
+            let name = match cli.command {
+                Command::Controller => "controller",
+                Command::Proxy => "proxy",
+                Command::Agent => "agent",
+                _ => "crd",
+            };
+            eprintln!("tunnox {name}: not implemented yet");
+            ExitCode::from(EXIT_NOT_IMPLEMENTED)
+        }
+    }
+}

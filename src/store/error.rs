@@ -1,0 +1,52 @@
+//! Errors at the store boundary.
+
+use std::path::PathBuf;
+
+use crate::domain::{Hostname, MappingId, SpecError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("domain {domain} is already claimed by mapping {holder}{}", holder_source.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    DomainTaken {
+        domain: Hostname,
+        holder: MappingId,
+        holder_source: Option<String>,
+    },
+    #[error("mapping {id} not found")]
+    NotFound { id: MappingId },
+    #[error("mapping {id} changed concurrently: expected version {expected}, found {actual}")]
+    VersionConflict {
+        id: MappingId,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid mapping: {0}")]
+    Invalid(#[from] SpecError),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("corrupt data at {at}: {detail}")]
+    Corrupt { at: String, detail: String },
+    #[error("persistence file {}: {detail}", path.display())]
+    Persist { path: PathBuf, detail: String },
+}
+
+impl StoreError {
+    /// Bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::DomainTaken { .. } => "domain_taken",
+            Self::NotFound { .. } => "not_found",
+            Self::VersionConflict { .. } => "version_conflict",
+            Self::Invalid(_) => "invalid",
+            Self::Redis(_) => "redis",
+            Self::Corrupt { .. } => "corrupt",
+            Self::Persist { .. } => "persist",
+        }
+    }
+
+    /// True for errors that a retry may cure (the backend was unreachable), as opposed to
+    /// answers about the data (conflict, not found, invalid).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+}

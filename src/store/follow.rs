@@ -1,0 +1,204 @@
+//! Keeping a local copy in step with the store: pub/sub is the nudge, the change log is the
+//! record (ARCHITECTURE §4). The proxy cache and the tests use this one implementation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ChangeEvent, ChangeOp, Changes, MappingStore, StoreError, Subscription, SubscriptionEvent};
+use crate::domain::{Hostname, Mapping, MappingId};
+
+/// What to do with an event, given the last version applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The next version: apply it.
+    Apply,
+    /// Already applied (duplicate or replayed): ignore.
+    Skip,
+    /// Versions are missing in between: catch up from the log.
+    CatchUp,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VersionTracker {
+    applied: u64,
+}
+
+impl VersionTracker {
+    pub fn new(applied: u64) -> Self {
+        Self { applied }
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn step(&self, version: u64) -> Step {
+        match version {
+            v if v <= self.applied => Step::Skip,
+            v if v == self.applied + 1 => Step::Apply,
+            _ => Step::CatchUp,
+        }
+    }
+
+    pub fn advance(&mut self, version: u64) {
+        self.applied = self.applied.max(version);
+    }
+
+    /// After a full reload at `version`, which may be lower than before (the store was reset).
+    pub fn reset(&mut self, version: u64) {
+        self.applied = version;
+    }
+}
+
+/// A change to apply to a local copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncUpdate {
+    /// Replace everything with these mappings.
+    Reset(Vec<Mapping>),
+    /// Insert or replace this mapping (by id and by domain).
+    Upsert(Mapping),
+    /// Drop `full_domain` if it still maps to `mapping_id`.
+    Remove {
+        mapping_id: MappingId,
+        full_domain: Hostname,
+    },
+}
+
+/// Follows the store: a snapshot to start from, then updates in version order with no gaps.
+pub struct Follower {
+    store: Arc<dyn MappingStore>,
+    subscription: Subscription,
+    tracker: VersionTracker,
+    check: tokio::time::Interval,
+    connected: bool,
+}
+
+const PAGE: usize = 1000;
+
+impl Follower {
+    /// Subscribes, then loads the current state. Events racing the load are replayed
+    /// idempotently, so nothing between the two is lost.
+    pub async fn start(
+        store: Arc<dyn MappingStore>,
+        check_every: Duration,
+    ) -> Result<(Self, Vec<Mapping>), StoreError> {
+        let subscription = store.subscribe().await?;
+        let version = store.current_version().await?;
+        let all = store.list_all().await?;
+        let mut check = tokio::time::interval(check_every);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        Ok((
+            Self {
+                store,
+                subscription,
+                tracker: VersionTracker::new(version),
+                check,
+                connected: true,
+            },
+            all,
+        ))
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.tracker.applied()
+    }
+
+    /// False between a lost feed connection and its recovery.
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Waits for the next updates. An error leaves the position unchanged; call again to retry.
+    pub async fn next(&mut self) -> Result<Vec<SyncUpdate>, StoreError> {
+        tokio::select! {
+            event = self.subscription.next() => match event {
+                Some(SubscriptionEvent::Change(e)) => match self.tracker.step(e.version) {
+                    Step::Skip => Ok(Vec::new()),
+                    Step::Apply => {
+                        let updates = self.resolve(&e).await?;
+                        self.tracker.advance(e.version);
+                        Ok(updates)
+                    }
+                    Step::CatchUp => self.catch_up().await,
+                },
+                Some(SubscriptionEvent::Disconnected) => {
+                    self.connected = false;
+                    Ok(Vec::new())
+                }
+                Some(SubscriptionEvent::Reconnected) => {
+                    self.connected = true;
+                    self.catch_up().await
+                }
+                Some(SubscriptionEvent::Lagged) => self.catch_up().await,
+                None => Err(StoreError::Corrupt { at: "change feed".into(), detail: "closed".into() }),
+            },
+            _ = self.check.tick() => self.catch_up().await,
+        }
+    }
+
+    /// Applies everything after the last applied version, or reloads when the log was trimmed.
+    pub async fn catch_up(&mut self) -> Result<Vec<SyncUpdate>, StoreError> {
+        let mut updates = Vec::new();
+        loop {
+            match self.store.changes_since(self.tracker.applied(), PAGE).await? {
+                Changes::Events { events, current } => {
+                    let done = events.len() < PAGE || events.last().is_none_or(|e| e.version >= current);
+                    for e in &events {
+                        updates.extend(self.resolve(e).await?);
+                        self.tracker.advance(e.version);
+                    }
+                    if done {
+                        return Ok(updates);
+                    }
+                }
+                Changes::Trimmed { current } => {
+                    tracing::info!(applied = self.tracker.applied(), current, "change log trimmed past us; reloading");
+                    let all = self.store.list_all().await?;
+                    self.tracker.reset(current);
+                    return Ok(vec![SyncUpdate::Reset(all)]);
+                }
+            }
+        }
+    }
+
+    async fn resolve(&self, e: &ChangeEvent) -> Result<Vec<SyncUpdate>, StoreError> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(prev) = &e.previous_domain {
+            out.push(SyncUpdate::Remove {
+                mapping_id: e.mapping_id.clone(),
+                full_domain: prev.clone(),
+            });
+        }
+        let current = match e.op {
+            ChangeOp::Deleted => None,
+            ChangeOp::Created | ChangeOp::Updated => self.store.get(&e.mapping_id).await?,
+        };
+        out.push(match current {
+            Some(m) => SyncUpdate::Upsert(m),
+            None => SyncUpdate::Remove {
+                mapping_id: e.mapping_id.clone(),
+                full_domain: e.full_domain.clone(),
+            },
+        });
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_steps() {
+        let cases = [(5, 3, Step::Skip), (5, 5, Step::Skip), (5, 6, Step::Apply), (5, 8, Step::CatchUp), (0, 1, Step::Apply)];
+        for (applied, incoming, want) in cases {
+            assert_eq!(VersionTracker::new(applied).step(incoming), want, "applied {applied} incoming {incoming}");
+        }
+        let mut t = VersionTracker::new(5);
+        t.advance(3);
+        assert_eq!(t.applied(), 5);
+        t.reset(2);
+        assert_eq!(t.applied(), 2);
+    }
+}

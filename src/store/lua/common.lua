@@ -1,0 +1,39 @@
+-- Shared by every mutation script (prepended to each): bump the store version, append the
+-- change to the capped log under stream id 0-<version>, publish the event.
+
+local function log_change(version_key, changes_key, maxlen, op, id, domain, prev)
+  local v = redis.call('INCR', version_key)
+  local fields = {'v', v, 'op', op, 'id', id, 'domain', domain}
+  if prev ~= '' then
+    fields[#fields + 1] = 'prev'
+    fields[#fields + 1] = prev
+  end
+  local added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
+  if type(added) == 'table' and added.err then
+    -- The counter fell behind the log (its key alone was lost): continue after the log.
+    local info = redis.call('XINFO', 'STREAM', changes_key)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        v = tonumber(string.match(info[i + 1], '-(%d+)$')) + 1
+      end
+    end
+    redis.call('SET', version_key, v)
+    fields[2] = v
+    redis.call('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
+  end
+  return v
+end
+
+local function with_version(json, v)
+  return string.sub(json, 1, -2) .. ',"version":' .. string.format('%d', v) .. '}'
+end
+
+local function publish(channel, op, v, id, domain, prev)
+  local event = {type = op, version = v, mapping_id = id, full_domain = domain}
+  if prev ~= '' then event.previous_domain = prev end
+  redis.call('PUBLISH', channel, cjson.encode(event))
+end
+
+local function record_version(json)
+  return cjson.decode(json).version or 0
+end

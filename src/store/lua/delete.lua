@@ -1,0 +1,27 @@
+-- KEYS: version, changes, record, domain claim, all index, expiry index, [client index], [user index]
+-- ARGV: id, expected version, domain, channel, changes maxlen, has client ('1'/'0'), has user
+local cur = redis.call('GET', KEYS[3])
+if not cur then
+  return {'missing'}
+end
+local curv = record_version(cur)
+if curv ~= tonumber(ARGV[2]) then
+  return {'stale', curv}
+end
+local v = log_change(KEYS[1], KEYS[2], ARGV[5], 'deleted', ARGV[1], ARGV[3], '')
+redis.call('DEL', KEYS[3])
+if redis.call('GET', KEYS[4]) == ARGV[1] then
+  redis.call('DEL', KEYS[4])
+end
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+local k = 7
+if ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[k], ARGV[1])
+  k = k + 1
+end
+if ARGV[7] == '1' then
+  redis.call('ZREM', KEYS[k], ARGV[1])
+end
+publish(ARGV[4], 'deleted', v, ARGV[1], ARGV[3], '')
+return {'ok', v}

@@ -1,0 +1,443 @@
+//! Single-node mapping store: in memory, optionally persisted to a JSON file. Same semantics and
+//! events as the Redis store; no network, no dependencies.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::{broadcast, mpsc};
+
+use super::persist::{self, Snapshot};
+use super::types::LossySender;
+use super::{
+    ChangeEvent, ChangeOp, Changes, ListFilter, MappingStore, Page, PageRequest, StoreError,
+    Subscription, SubscriptionEvent,
+};
+use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
+
+/// Where and how often the memory store writes its JSON file.
+#[derive(Debug, Clone)]
+pub struct PersistOptions {
+    pub path: PathBuf,
+    /// Save in the background every `save_interval` when something changed.
+    pub auto_save: bool,
+    /// Zero saves synchronously after every change.
+    pub save_interval: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    by_id: BTreeMap<MappingId, Mapping>,
+    by_domain: HashMap<Hostname, MappingId>,
+    by_client: HashMap<String, BTreeSet<MappingId>>,
+    by_user: HashMap<String, BTreeSet<MappingId>>,
+    version: u64,
+    changes: VecDeque<ChangeEvent>,
+    dirty: bool,
+}
+
+impl State {
+    fn index(&mut self, m: &Mapping) {
+        self.by_domain.insert(m.full_domain.clone(), m.mapping_id.clone());
+        if let Some(c) = &m.target_client_id {
+            self.by_client.entry(c.clone()).or_default().insert(m.mapping_id.clone());
+        }
+        if let Some(u) = &m.owner_user_id {
+            self.by_user.entry(u.clone()).or_default().insert(m.mapping_id.clone());
+        }
+    }
+
+    fn unindex(&mut self, m: &Mapping) {
+        if self.by_domain.get(&m.full_domain) == Some(&m.mapping_id) {
+            self.by_domain.remove(&m.full_domain);
+        }
+        for (index, key) in [
+            (&mut self.by_client, &m.target_client_id),
+            (&mut self.by_user, &m.owner_user_id),
+        ] {
+            if let Some(key) = key
+                && let Some(set) = index.get_mut(key)
+            {
+                set.remove(&m.mapping_id);
+                if set.is_empty() {
+                    index.remove(key);
+                }
+            }
+        }
+    }
+
+    fn log(
+        &mut self,
+        max_len: usize,
+        op: ChangeOp,
+        m: &Mapping,
+        previous_domain: Option<Hostname>,
+    ) -> ChangeEvent {
+        let event = ChangeEvent {
+            op,
+            version: self.version,
+            mapping_id: m.mapping_id.clone(),
+            full_domain: m.full_domain.clone(),
+            previous_domain,
+        };
+        self.changes.push_back(event.clone());
+        while self.changes.len() > max_len {
+            self.changes.pop_front();
+        }
+        self.dirty = true;
+        event
+    }
+}
+
+struct Inner {
+    state: RwLock<State>,
+    events: broadcast::Sender<ChangeEvent>,
+    persist: Option<PersistOptions>,
+    save_lock: tokio::sync::Mutex<()>,
+    changes_max_len: usize,
+    subscription_buffer: usize,
+    node_id: String,
+}
+
+/// Single-node store. Cheap to clone; the last clone to go saves a pending change.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+impl MemoryStore {
+    /// An empty store without persistence.
+    pub fn new() -> Self {
+        Self::build(State::default(), None, 100_000, 1000, String::new())
+    }
+
+    /// Opens the store from `persist.path` (empty when the file does not exist; an error naming
+    /// the file when it cannot be read) and starts the background saver when configured.
+    pub fn open(
+        persist: Option<PersistOptions>,
+        changes_max_len: usize,
+        subscription_buffer: usize,
+        node_id: &str,
+    ) -> Result<Self, StoreError> {
+        let mut state = State::default();
+        if let Some(p) = &persist
+            && let Some(snap) = persist::load(&p.path)?
+        {
+            state.version = snap.version;
+            for m in snap.mappings {
+                state.index(&m);
+                state.by_id.insert(m.mapping_id.clone(), m);
+            }
+            tracing::info!(file = %p.path.display(), mappings = state.by_id.len(), version = state.version, "loaded mappings");
+        }
+        let store = Self::build(
+            state,
+            persist,
+            changes_max_len.max(1),
+            subscription_buffer,
+            node_id.to_string(),
+        );
+        if let Some(p) = &store.inner.persist
+            && p.auto_save
+            && !p.save_interval.is_zero()
+        {
+            tokio::spawn(saver(Arc::downgrade(&store.inner), p.save_interval));
+        }
+        Ok(store)
+    }
+
+    fn build(
+        state: State,
+        persist: Option<PersistOptions>,
+        changes_max_len: usize,
+        subscription_buffer: usize,
+        node_id: String,
+    ) -> Self {
+        let (events, _) = broadcast::channel(subscription_buffer.max(16));
+        Self {
+            inner: Arc::new(Inner {
+                state: RwLock::new(state),
+                events,
+                persist,
+                save_lock: tokio::sync::Mutex::new(()),
+                changes_max_len,
+                subscription_buffer,
+                node_id,
+            }),
+        }
+    }
+
+    /// Writes the file now if anything changed since the last save.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let _guard = self.inner.save_lock.lock().await;
+        self.inner.save_if_dirty()
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut State) -> Result<(T, ChangeEvent), StoreError>) -> Result<T, StoreError> {
+        let (out, event) = {
+            let mut state = self.inner.state.write().expect("store lock poisoned");
+            f(&mut state)?
+        };
+        // No receivers is fine: nobody is subscribed.
+        let _ = self.inner.events.send(event);
+        if let Some(p) = &self.inner.persist
+            && p.auto_save
+            && p.save_interval.is_zero()
+        {
+            self.inner.save_if_dirty()?;
+        }
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.inner.state.read().expect("store lock poisoned"))
+    }
+
+    fn delete_in(
+        state: &mut State,
+        max_len: usize,
+        id: &MappingId,
+        expected: Option<u64>,
+    ) -> Result<(Mapping, ChangeEvent), StoreError> {
+        let current = state
+            .by_id
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+        if let Some(expected) = expected.filter(|e| *e != current.version) {
+            return Err(StoreError::VersionConflict {
+                id: id.clone(),
+                expected,
+                actual: current.version,
+            });
+        }
+        let removed = state.by_id.remove(id).expect("checked above");
+        state.unindex(&removed);
+        state.version += 1;
+        let event = state.log(max_len, ChangeOp::Deleted, &removed, None);
+        Ok((removed, event))
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inner {
+    fn save_if_dirty(&self) -> Result<(), StoreError> {
+        let Some(p) = &self.persist else { return Ok(()) };
+        let bytes = {
+            let mut state = self.state.write().expect("store lock poisoned");
+            if !state.dirty {
+                return Ok(());
+            }
+            state.dirty = false;
+            let snap = Snapshot::new(state.version, state.by_id.values().cloned().collect());
+            serde_json::to_vec(&snap).expect("mappings always serialise")
+        };
+        persist::write_atomic(&p.path, &bytes).inspect_err(|_| {
+            // Keep the change pending so the next attempt writes it.
+            self.state.write().expect("store lock poisoned").dirty = true;
+        })
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.save_if_dirty() {
+            tracing::error!(error = %e, "could not save mappings on shutdown");
+        }
+    }
+}
+
+async fn saver(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let _guard = inner.save_lock.lock().await;
+        if let Err(e) = inner.save_if_dirty() {
+            tracing::error!(error = %e, "could not save mappings; will retry");
+        }
+    }
+}
+
+#[async_trait]
+impl MappingStore for MemoryStore {
+    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError> {
+        let full = spec.validate()?;
+        let now = Utc::now();
+        let max_len = self.inner.changes_max_len;
+        let mut mapping = Mapping::from_spec(MappingId::generate(), spec, full.clone(), &self.inner.node_id, now);
+        self.write(|state| {
+            if let Some(holder_id) = state.by_domain.get(&full).cloned() {
+                let holder = &state.by_id[&holder_id];
+                if !holder.is_expired(now) {
+                    return Err(StoreError::DomainTaken {
+                        domain: full.clone(),
+                        holder: holder_id,
+                        holder_source: holder.source.clone(),
+                    });
+                }
+                // An expired holder releases its domain (FR-4.4).
+                let (_, released) = Self::delete_in(state, max_len, &holder_id, None)?;
+                let _ = self.inner.events.send(released);
+            }
+            state.version += 1;
+            mapping.version = state.version;
+            state.index(&mapping);
+            state.by_id.insert(mapping.mapping_id.clone(), mapping.clone());
+            let event = state.log(max_len, ChangeOp::Created, &mapping, None);
+            Ok((mapping, event))
+        })
+    }
+
+    async fn update(
+        &self,
+        id: &MappingId,
+        spec: MappingSpec,
+        expected_version: u64,
+    ) -> Result<Mapping, StoreError> {
+        let full = spec.validate()?;
+        let max_len = self.inner.changes_max_len;
+        self.write(|state| {
+            let current = state
+                .by_id
+                .get(id)
+                .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+            if current.version != expected_version {
+                return Err(StoreError::VersionConflict {
+                    id: id.clone(),
+                    expected: expected_version,
+                    actual: current.version,
+                });
+            }
+            if let Some(holder) = state.by_domain.get(&full).filter(|h| *h != id) {
+                return Err(StoreError::DomainTaken {
+                    domain: full.clone(),
+                    holder: holder.clone(),
+                    holder_source: state.by_id[holder].source.clone(),
+                });
+            }
+            let current = current.clone();
+            let mut next = current.with_spec(spec, full.clone(), Utc::now());
+            state.unindex(&current);
+            state.version += 1;
+            next.version = state.version;
+            state.index(&next);
+            state.by_id.insert(id.clone(), next.clone());
+            let moved = (current.full_domain != full).then_some(current.full_domain);
+            let event = state.log(max_len, ChangeOp::Updated, &next, moved);
+            Ok((next, event))
+        })
+    }
+
+    async fn delete(
+        &self,
+        id: &MappingId,
+        expected_version: Option<u64>,
+    ) -> Result<Mapping, StoreError> {
+        let max_len = self.inner.changes_max_len;
+        self.write(|state| Self::delete_in(state, max_len, id, expected_version))
+    }
+
+    async fn get(&self, id: &MappingId) -> Result<Option<Mapping>, StoreError> {
+        Ok(self.read(|s| s.by_id.get(id).cloned()))
+    }
+
+    async fn get_by_domain(&self, domain: &Hostname) -> Result<Option<Mapping>, StoreError> {
+        let now = Utc::now();
+        Ok(self.read(|s| {
+            s.by_domain
+                .get(domain)
+                .and_then(|id| s.by_id.get(id))
+                .filter(|m| !m.is_expired(now))
+                .cloned()
+        }))
+    }
+
+    async fn list(&self, filter: &ListFilter, page: PageRequest) -> Result<Page, StoreError> {
+        let limit = page.limit.max(1);
+        let after = |id: &MappingId| page.after.as_ref().is_none_or(|a| id > a);
+        Ok(self.read(|s| {
+            let ids: Vec<&MappingId> = match filter {
+                ListFilter::All => s.by_id.keys().filter(|id| after(id)).take(limit).collect(),
+                ListFilter::Client(c) => s
+                    .by_client
+                    .get(c)
+                    .map(|set| set.iter().filter(|id| after(id)).take(limit).collect())
+                    .unwrap_or_default(),
+                ListFilter::User(u) => s
+                    .by_user
+                    .get(u)
+                    .map(|set| set.iter().filter(|id| after(id)).take(limit).collect())
+                    .unwrap_or_default(),
+            };
+            let next = (ids.len() == limit).then(|| ids[limit - 1].clone());
+            Page {
+                items: ids.into_iter().map(|id| s.by_id[id].clone()).collect(),
+                next,
+            }
+        }))
+    }
+
+    async fn current_version(&self) -> Result<u64, StoreError> {
+        Ok(self.read(|s| s.version))
+    }
+
+    async fn changes_since(&self, version: u64, limit: usize) -> Result<Changes, StoreError> {
+        Ok(self.read(|s| {
+            let events = s
+                .changes
+                .iter()
+                .filter(|e| e.version > version)
+                .take(limit.max(1))
+                .cloned()
+                .collect();
+            Changes::decide(version, s.version, events)
+        }))
+    }
+
+    async fn subscribe(&self) -> Result<Subscription, StoreError> {
+        let (tx, rx) = mpsc::channel(self.inner.subscription_buffer.max(1));
+        let mut events = self.inner.events.subscribe();
+        let task = tokio::spawn(async move {
+            let mut out = LossySender::new(tx);
+            loop {
+                let item = match events.recv().await {
+                    Ok(event) => SubscriptionEvent::Change(event),
+                    Err(broadcast::error::RecvError::Lagged(_)) => SubscriptionEvent::Lagged,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if !out.send(item) {
+                    return;
+                }
+            }
+        });
+        Ok(Subscription::new(rx, task))
+    }
+
+    async fn release_expired(&self, now: DateTime<Utc>) -> Result<Vec<Mapping>, StoreError> {
+        let due: Vec<(MappingId, u64)> = self.read(|s| {
+            s.by_id
+                .values()
+                .filter(|m| m.is_expired(now))
+                .map(|m| (m.mapping_id.clone(), m.version))
+                .collect()
+        });
+        let mut released = Vec::with_capacity(due.len());
+        for (id, version) in due {
+            match self.delete(&id, Some(version)).await {
+                Ok(m) => released.push(m),
+                Err(StoreError::NotFound { .. } | StoreError::VersionConflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(released)
+    }
+}

@@ -1,0 +1,127 @@
+//! The mapping store: the contract between the control plane and the data plane.
+//!
+//! Two implementations with the same semantics: [`RedisStore`] (multi-node, the contract in
+//! `docs/redis-schema.md`) and [`MemoryStore`] (single-node, optional JSON-file persistence).
+//! Both pass one conformance suite (`tests/store_conformance.rs`).
+
+mod error;
+mod follow;
+mod keys;
+mod memory;
+mod persist;
+mod redis;
+mod types;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
+
+pub use error::StoreError;
+pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
+pub use keys::Keys;
+pub use memory::{MemoryStore, PersistOptions};
+pub use redis::{RedisOptions, RedisStore, RedisTls};
+pub use types::{
+    ChangeEvent, ChangeOp, Changes, ListFilter, Page, PageRequest, Subscription, SubscriptionEvent,
+};
+
+/// Everything the control plane and the data plane need from shared routing state.
+///
+/// Versions: every mutation increments one store-wide counter; the new value is both the
+/// record's `version` (its compare-and-set token) and the version of the change event.
+#[async_trait]
+pub trait MappingStore: Send + Sync + 'static {
+    /// Claims `spec`'s domain and writes a new record. Fails with [`StoreError::DomainTaken`]
+    /// naming the holder when the domain is claimed (an expired holder is released first).
+    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError>;
+
+    /// Replaces the spec of mapping `id` if its version is still `expected_version`
+    /// (compare-and-set); moves the claim when the domain changes.
+    async fn update(
+        &self,
+        id: &MappingId,
+        spec: MappingSpec,
+        expected_version: u64,
+    ) -> Result<Mapping, StoreError>;
+
+    /// Deletes mapping `id` and releases its domain; with `expected_version`, only if unchanged.
+    async fn delete(
+        &self,
+        id: &MappingId,
+        expected_version: Option<u64>,
+    ) -> Result<Mapping, StoreError>;
+
+    async fn get(&self, id: &MappingId) -> Result<Option<Mapping>, StoreError>;
+
+    /// The live mapping for `domain`; an expired mapping is treated as absent.
+    async fn get_by_domain(&self, domain: &Hostname) -> Result<Option<Mapping>, StoreError>;
+
+    /// One page of mappings in id (creation) order.
+    async fn list(&self, filter: &ListFilter, page: PageRequest) -> Result<Page, StoreError>;
+
+    /// True when `domain` could be claimed now.
+    async fn is_available(&self, domain: &Hostname) -> Result<bool, StoreError> {
+        Ok(self.get_by_domain(domain).await?.is_none())
+    }
+
+    async fn current_version(&self) -> Result<u64, StoreError>;
+
+    /// Up to `limit` change events with a version above `version`, in order; or
+    /// [`Changes::Trimmed`] when the log no longer reaches back that far (reload fully).
+    async fn changes_since(&self, version: u64, limit: usize) -> Result<Changes, StoreError>;
+
+    /// A live feed of change events. At-most-once: it reports reconnects and lag so the
+    /// subscriber can catch up with [`MappingStore::changes_since`] (see [`Follower`]).
+    async fn subscribe(&self) -> Result<Subscription, StoreError>;
+
+    /// Deletes every mapping whose `expires_at` is at or before `now` (seed FR-4.4) and returns
+    /// them; their domains become claimable.
+    async fn release_expired(&self, now: DateTime<Utc>) -> Result<Vec<Mapping>, StoreError>;
+
+    /// Reads every mapping, page by page.
+    async fn list_all(&self) -> Result<Vec<Mapping>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .list(&ListFilter::All, PageRequest { after, limit: 1000 })
+                .await?;
+            out.extend(page.items);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
+/// Which store a process uses, as decided by the configuration.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    Redis(RedisOptions),
+    Memory {
+        persist: Option<PersistOptions>,
+        changes_max_len: usize,
+        subscription_buffer: usize,
+        node_id: String,
+    },
+}
+
+/// Opens the configured store.
+pub async fn open(backend: StoreBackend) -> Result<std::sync::Arc<dyn MappingStore>, StoreError> {
+    Ok(match backend {
+        StoreBackend::Redis(opts) => std::sync::Arc::new(RedisStore::connect(opts).await?),
+        StoreBackend::Memory {
+            persist,
+            changes_max_len,
+            subscription_buffer,
+            node_id,
+        } => std::sync::Arc::new(MemoryStore::open(
+            persist,
+            changes_max_len,
+            subscription_buffer,
+            &node_id,
+        )?),
+    })
+}

@@ -1,0 +1,693 @@
+//! Redis implementation of the mapping store: every mutation is one Lua script (claim, record,
+//! indexes, version, change log, publish), so concurrent writers on any node stay consistent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, IntoConnectionInfo, Script, Value};
+use tokio::sync::mpsc;
+
+use super::types::LossySender;
+use super::{
+    ChangeEvent, ChangeOp, Changes, Keys, ListFilter, MappingStore, Page, PageRequest, StoreError,
+    Subscription, SubscriptionEvent,
+};
+use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
+
+/// TLS material for `rediss://` beyond the system's web PKI roots.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// PEM bundle of CA certificates to trust instead of the built-in roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `host:port`, `redis://…` or `rediss://…` (TLS).
+    pub url: String,
+    pub password: Option<String>,
+    pub db: i64,
+    /// Multiplexed connections used round-robin by request traffic.
+    pub pool_size: usize,
+    pub tls: RedisTls,
+    /// Key prefix of the mapping store, e.g. `tunnox:http_domain`.
+    pub prefix: String,
+    pub events_channel: Option<String>,
+    /// Approximate cap of the change log (`XADD MAXLEN ~`).
+    pub changes_max_len: u64,
+    /// Events buffered per subscriber before it is told it lagged.
+    pub subscription_buffer: usize,
+    /// Recorded as `creator_node_id` on mappings this process creates.
+    pub node_id: String,
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl RedisOptions {
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            password: None,
+            db: 0,
+            pool_size: 4,
+            tls: RedisTls::default(),
+            prefix: "tunnox:http_domain".to_string(),
+            events_channel: None,
+            changes_max_len: 100_000,
+            subscription_buffer: 1000,
+            node_id: String::new(),
+            response_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Scripts {
+    create: Script,
+    update: Script,
+    delete: Script,
+    lookup: Script,
+}
+
+macro_rules! mutation_script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("lua/common.lua"), "\n", include_str!($file)))
+    };
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            create: mutation_script!("lua/create.lua"),
+            update: mutation_script!("lua/update.lua"),
+            delete: mutation_script!("lua/delete.lua"),
+            lookup: Script::new(include_str!("lua/lookup.lua")),
+        }
+    }
+}
+
+/// Multi-node mapping store on Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    pool: Vec<ConnectionManager>,
+    next: AtomicUsize,
+    keys: Keys,
+    scripts: Scripts,
+    opts: RedisOptions,
+}
+
+/// Builds a client from the options: plain `host:port` means `redis://`.
+fn client(opts: &RedisOptions) -> Result<redis::Client, StoreError> {
+    let url = if opts.url.contains("://") {
+        opts.url.clone()
+    } else {
+        format!("redis://{}", opts.url)
+    };
+    let info = url.as_str().into_connection_info()?;
+    let mut settings = info.redis_settings().clone().set_db(opts.db);
+    if let Some(pw) = opts.password.as_deref().filter(|p| !p.is_empty()) {
+        settings = settings.set_password(pw);
+    }
+    let info = info.set_redis_settings(settings);
+    let tls = &opts.tls;
+    if tls.ca_file.is_none() && tls.cert_file.is_none() {
+        return Ok(redis::Client::open(info)?);
+    }
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| StoreError::Persist {
+            path: p.clone(),
+            detail: format!("cannot read TLS file: {e}"),
+        })
+    };
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(StoreError::Corrupt {
+                at: "storage.redis.tls".into(),
+                detail: "cert_file and key_file must be set together".into(),
+            });
+        }
+    };
+    let root_cert = tls.ca_file.as_ref().map(read).transpose()?;
+    Ok(redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )?)
+}
+
+fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(opts.response_timeout))
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_secs(5))
+}
+
+impl RedisStore {
+    /// Connects the pool (fails fast when Redis is unreachable or the password is wrong).
+    pub async fn connect(opts: RedisOptions) -> Result<Self, StoreError> {
+        let client = client(&opts)?;
+        let mut pool = Vec::with_capacity(opts.pool_size.max(1));
+        for _ in 0..opts.pool_size.max(1) {
+            pool.push(
+                client
+                    .get_connection_manager_with_config(manager_config(&opts))
+                    .await?,
+            );
+        }
+        let keys = Keys::new(&opts.prefix, opts.events_channel.as_deref());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                pool,
+                next: AtomicUsize::new(0),
+                keys,
+                scripts: Scripts::new(),
+                opts,
+            }),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.pool.len();
+        self.inner.pool[i].clone()
+    }
+
+    fn decode(&self, at: &str, json: &str) -> Result<Mapping, StoreError> {
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+            at: at.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// The record as JSON without its `version` (the script appends the new one).
+    fn encode(mapping: &Mapping) -> Result<String, StoreError> {
+        let mut value = serde_json::to_value(mapping).map_err(|e| StoreError::Corrupt {
+            at: mapping.mapping_id.to_string(),
+            detail: e.to_string(),
+        })?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.remove("version");
+        }
+        Ok(value.to_string())
+    }
+
+    async fn holder_error(&self, domain: Hostname, holder: String) -> StoreError {
+        let holder = match MappingId::parse(&holder) {
+            Ok(id) => id,
+            Err(e) => {
+                return StoreError::Corrupt {
+                    at: self.inner.keys.domain(&domain),
+                    detail: e.to_string(),
+                };
+            }
+        };
+        let holder_source = self.get(&holder).await.ok().flatten().and_then(|m| m.source);
+        StoreError::DomainTaken {
+            domain,
+            holder,
+            holder_source,
+        }
+    }
+
+    async fn try_create(&self, mapping: &Mapping) -> Result<Result<u64, String>, StoreError> {
+        let k = &self.inner.keys;
+        let id = mapping.mapping_id.as_str();
+        let mut inv = self.inner.scripts.create.prepare_invoke();
+        inv.key(k.version())
+            .key(k.changes())
+            .key(k.domain(&mapping.full_domain))
+            .key(k.mapping(&mapping.mapping_id))
+            .key(k.all())
+            .key(k.expiry());
+        if let Some(c) = &mapping.target_client_id {
+            inv.key(k.client(c));
+        }
+        if let Some(u) = &mapping.owner_user_id {
+            inv.key(k.user(u));
+        }
+        inv.arg(id)
+            .arg(Self::encode(mapping)?)
+            .arg(mapping.full_domain.as_str())
+            .arg(k.events())
+            .arg(self.inner.opts.changes_max_len)
+            .arg(expiry_arg(mapping))
+            .arg(flag(mapping.target_client_id.is_some()))
+            .arg(flag(mapping.owner_user_id.is_some()));
+        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+            ScriptReply::Ok(v) => Ok(Ok(v)),
+            ScriptReply::Taken(holder) => Ok(Err(holder)),
+            other => Err(other.unexpected("create")),
+        }
+    }
+}
+
+fn flag(b: bool) -> &'static str {
+    if b { "1" } else { "0" }
+}
+
+fn expiry_arg(m: &Mapping) -> String {
+    m.expires_at
+        .map(|t| t.timestamp_millis().to_string())
+        .unwrap_or_default()
+}
+
+/// What the mutation scripts answer.
+#[derive(Debug)]
+enum ScriptReply {
+    Ok(u64),
+    Taken(String),
+    Stale(u64),
+    Missing,
+}
+
+impl ScriptReply {
+    fn parse(value: Value) -> Result<Self, StoreError> {
+        let bad = |v: &Value| StoreError::Corrupt {
+            at: "script reply".into(),
+            detail: format!("{v:?}"),
+        };
+        let Value::Array(items) = &value else {
+            return Err(bad(&value));
+        };
+        let tag = match items.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => return Err(bad(&value)),
+        };
+        let int = || match items.get(1) {
+            Some(Value::Int(i)) => Ok(*i as u64),
+            _ => Err(bad(&value)),
+        };
+        let text = || match items.get(1) {
+            Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            _ => Err(bad(&value)),
+        };
+        match tag.as_str() {
+            "ok" => Ok(Self::Ok(int()?)),
+            "taken" => Ok(Self::Taken(text()?)),
+            "stale" => Ok(Self::Stale(int()?)),
+            "missing" => Ok(Self::Missing),
+            _ => Err(bad(&value)),
+        }
+    }
+
+    fn unexpected(self, script: &str) -> StoreError {
+        StoreError::Corrupt {
+            at: format!("{script} script"),
+            detail: format!("unexpected reply {self:?}"),
+        }
+    }
+}
+
+#[async_trait]
+impl MappingStore for RedisStore {
+    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError> {
+        let full = spec.validate()?;
+        let mut mapping = Mapping::from_spec(
+            MappingId::generate(),
+            spec,
+            full.clone(),
+            &self.inner.opts.node_id,
+            Utc::now(),
+        );
+        // One retry: the first conflict may be an expired holder, released here (FR-4.4).
+        let mut retried = false;
+        loop {
+            match self.try_create(&mapping).await? {
+                Ok(v) => {
+                    mapping.version = v;
+                    return Ok(mapping);
+                }
+                Err(holder) => {
+                    let err = self.holder_error(full.clone(), holder).await;
+                    if retried || !self.release_if_expired(&err).await? {
+                        return Err(err);
+                    }
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    async fn update(
+        &self,
+        id: &MappingId,
+        spec: MappingSpec,
+        expected_version: u64,
+    ) -> Result<Mapping, StoreError> {
+        let full = spec.validate()?;
+        let current = self
+            .get_raw(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+        if current.version != expected_version {
+            return Err(StoreError::VersionConflict {
+                id: id.clone(),
+                expected: expected_version,
+                actual: current.version,
+            });
+        }
+        let mut next = current.with_spec(spec, full.clone(), Utc::now());
+        let k = &self.inner.keys;
+        let mut inv = self.inner.scripts.update.prepare_invoke();
+        inv.key(k.version())
+            .key(k.changes())
+            .key(k.mapping(id))
+            .key(k.domain(&current.full_domain))
+            .key(k.domain(&full))
+            .key(k.expiry());
+        let mut flags = String::new();
+        for key in [
+            current.target_client_id.as_deref().map(|c| k.client(c)),
+            next.target_client_id.as_deref().map(|c| k.client(c)),
+            current.owner_user_id.as_deref().map(|u| k.user(u)),
+            next.owner_user_id.as_deref().map(|u| k.user(u)),
+        ] {
+            flags.push_str(flag(key.is_some()));
+            if let Some(key) = key {
+                inv.key(key);
+            }
+        }
+        inv.arg(id.as_str())
+            .arg(expected_version)
+            .arg(Self::encode(&next)?)
+            .arg(full.as_str())
+            .arg(current.full_domain.as_str())
+            .arg(k.events())
+            .arg(self.inner.opts.changes_max_len)
+            .arg(expiry_arg(&next))
+            .arg(flags);
+        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+            ScriptReply::Ok(v) => {
+                next.version = v;
+                Ok(next)
+            }
+            ScriptReply::Taken(holder) => Err(self.holder_error(full, holder).await),
+            ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
+                id: id.clone(),
+                expected: expected_version,
+                actual,
+            }),
+            ScriptReply::Missing => Err(StoreError::NotFound { id: id.clone() }),
+        }
+    }
+
+    async fn delete(
+        &self,
+        id: &MappingId,
+        expected_version: Option<u64>,
+    ) -> Result<Mapping, StoreError> {
+        let current = self
+            .get_raw(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+        if let Some(expected) = expected_version.filter(|e| *e != current.version) {
+            return Err(StoreError::VersionConflict {
+                id: id.clone(),
+                expected,
+                actual: current.version,
+            });
+        }
+        let k = &self.inner.keys;
+        let mut inv = self.inner.scripts.delete.prepare_invoke();
+        inv.key(k.version())
+            .key(k.changes())
+            .key(k.mapping(id))
+            .key(k.domain(&current.full_domain))
+            .key(k.all())
+            .key(k.expiry());
+        if let Some(c) = &current.target_client_id {
+            inv.key(k.client(c));
+        }
+        if let Some(u) = &current.owner_user_id {
+            inv.key(k.user(u));
+        }
+        inv.arg(id.as_str())
+            .arg(current.version)
+            .arg(current.full_domain.as_str())
+            .arg(k.events())
+            .arg(self.inner.opts.changes_max_len)
+            .arg(flag(current.target_client_id.is_some()))
+            .arg(flag(current.owner_user_id.is_some()));
+        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+            ScriptReply::Ok(_) => Ok(current),
+            ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
+                id: id.clone(),
+                expected: expected_version.unwrap_or(current.version),
+                actual,
+            }),
+            ScriptReply::Missing => Err(StoreError::NotFound { id: id.clone() }),
+            other => Err(other.unexpected("delete")),
+        }
+    }
+
+    async fn get(&self, id: &MappingId) -> Result<Option<Mapping>, StoreError> {
+        Ok(self.get_raw(id).await?)
+    }
+
+    async fn get_by_domain(&self, domain: &Hostname) -> Result<Option<Mapping>, StoreError> {
+        let k = &self.inner.keys;
+        let json: Option<String> = self
+            .inner
+            .scripts
+            .lookup
+            .key(k.domain(domain))
+            .arg(format!("{}:mapping:", k.prefix()))
+            .invoke_async(&mut self.conn())
+            .await?;
+        let Some(json) = json else { return Ok(None) };
+        let m = self.decode(&k.domain(domain), &json)?;
+        Ok((!m.is_expired(Utc::now())).then_some(m))
+    }
+
+    async fn list(&self, filter: &ListFilter, page: PageRequest) -> Result<Page, StoreError> {
+        let k = &self.inner.keys;
+        let index = match filter {
+            ListFilter::All => k.all(),
+            ListFilter::Client(c) => k.client(c),
+            ListFilter::User(u) => k.user(u),
+        };
+        let start = match &page.after {
+            Some(after) => format!("({after}"),
+            None => "-".to_string(),
+        };
+        let limit = page.limit.max(1);
+        let mut conn = self.conn();
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&index)
+            .arg(start)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}:mapping:{id}", k.prefix()))
+            .collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await?;
+        let mut items = Vec::with_capacity(values.len());
+        for (key, json) in keys.iter().zip(values) {
+            // A record deleted between the two reads is simply not listed.
+            if let Some(json) = json {
+                items.push(self.decode(key, &json)?);
+            }
+        }
+        let next = if ids.len() == limit {
+            Some(MappingId::parse(ids.last().expect("non-empty")).map_err(|e| {
+                StoreError::Corrupt {
+                    at: index.clone(),
+                    detail: e.to_string(),
+                }
+            })?)
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn current_version(&self) -> Result<u64, StoreError> {
+        let v: Option<u64> = self.conn().get(self.inner.keys.version()).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn changes_since(&self, version: u64, limit: usize) -> Result<Changes, StoreError> {
+        let k = &self.inner.keys;
+        let (current, entries): (Option<u64>, Vec<(String, Vec<(String, String)>)>) =
+            redis::pipe()
+                .atomic()
+                .get(k.version())
+                .cmd("XRANGE")
+                .arg(k.changes())
+                .arg(format!("0-{}", version + 1))
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit.max(1))
+                .query_async(&mut self.conn())
+                .await?;
+        let current = current.unwrap_or(0);
+        let mut events = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            events.push(parse_entry(&id, &fields).ok_or_else(|| StoreError::Corrupt {
+                at: format!("{} {id}", k.changes()),
+                detail: format!("malformed change entry {fields:?}"),
+            })?);
+        }
+        Ok(Changes::decide(version, current, events))
+    }
+
+    async fn subscribe(&self) -> Result<Subscription, StoreError> {
+        let (tx, rx) = mpsc::channel(self.inner.opts.subscription_buffer.max(1));
+        // Subscribe once before returning, so events after this call are not missed.
+        let first = self.open_pubsub().await?;
+        let store = self.clone();
+        let task = tokio::spawn(async move { store.feed(first, LossySender::new(tx)).await });
+        Ok(Subscription::new(rx, task))
+    }
+
+    async fn release_expired(&self, now: DateTime<Utc>) -> Result<Vec<Mapping>, StoreError> {
+        let ids: Vec<String> = self
+            .conn()
+            .zrangebyscore(self.inner.keys.expiry(), "-inf", now.timestamp_millis())
+            .await?;
+        let mut released = Vec::new();
+        for raw in ids {
+            let Ok(id) = MappingId::parse(&raw) else { continue };
+            let Some(m) = self.get_raw(&id).await? else { continue };
+            if !m.is_expired(now) {
+                continue;
+            }
+            match self.delete(&id, Some(m.version)).await {
+                Ok(m) => released.push(m),
+                // Renewed or removed by someone else meanwhile: theirs is the newer word.
+                Err(StoreError::NotFound { .. } | StoreError::VersionConflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(released)
+    }
+}
+
+impl RedisStore {
+    /// After a conflict: true when the holder is gone or was expired and has been released,
+    /// so the claim is worth retrying.
+    async fn release_if_expired(&self, conflict: &StoreError) -> Result<bool, StoreError> {
+        let StoreError::DomainTaken { holder, .. } = conflict else {
+            return Ok(false);
+        };
+        match self.get_raw(holder).await? {
+            None => Ok(true),
+            Some(h) if h.is_expired(Utc::now()) => {
+                match self.delete(&h.mapping_id, Some(h.version)).await {
+                    Ok(_) | Err(StoreError::NotFound { .. }) => Ok(true),
+                    Err(StoreError::VersionConflict { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(_) => Ok(false),
+        }
+    }
+
+    async fn get_raw(&self, id: &MappingId) -> Result<Option<Mapping>, StoreError> {
+        let key = self.inner.keys.mapping(id);
+        let json: Option<String> = self.conn().get(&key).await?;
+        json.map(|j| self.decode(&key, &j)).transpose()
+    }
+
+    async fn open_pubsub(&self) -> Result<redis::aio::PubSub, StoreError> {
+        let mut pubsub = self.inner.client.get_async_pubsub().await?;
+        pubsub.subscribe(self.inner.keys.events()).await?;
+        Ok(pubsub)
+    }
+
+    /// Forwards pub/sub messages until the subscriber goes away; reconnects with backoff
+    /// (100 ms, ×1.5, capped at 5 s) and reports the gap so the subscriber can catch up.
+    async fn feed(self, first: redis::aio::PubSub, mut out: LossySender) {
+        let mut pubsub = Some(first);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if let Some(ps) = pubsub.take() {
+                let mut stream = ps.into_on_message();
+                while let Some(msg) = stream.next().await {
+                    let Ok(payload) = msg.get_payload::<String>() else { continue };
+                    match serde_json::from_str::<ChangeEvent>(&payload) {
+                        Ok(event) => {
+                            if !out.send(SubscriptionEvent::Change(event)) {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "ignoring malformed change event"),
+                    }
+                }
+                tracing::warn!("change feed disconnected; reconnecting");
+                if !out.send(SubscriptionEvent::Disconnected) {
+                    return;
+                }
+            }
+            tokio::time::sleep(delay).await;
+            match self.open_pubsub().await {
+                Ok(ps) => {
+                    delay = Duration::from_millis(100);
+                    pubsub = Some(ps);
+                    tracing::info!("change feed reconnected");
+                    if !out.send(SubscriptionEvent::Reconnected) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "change feed reconnect failed");
+                    delay = (delay.mul_f64(1.5)).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+fn parse_entry(id: &str, fields: &[(String, String)]) -> Option<ChangeEvent> {
+    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let version: u64 = id.strip_prefix("0-")?.parse().ok()?;
+    Some(ChangeEvent {
+        op: ChangeOp::parse(field("op")?)?,
+        version,
+        mapping_id: MappingId::parse(field("id")?).ok()?,
+        full_domain: Hostname::parse(field("domain")?).ok()?,
+        previous_domain: field("prev").and_then(|p| Hostname::parse(p).ok()),
+    })
+}

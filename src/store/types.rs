@@ -1,0 +1,229 @@
+//! Value types of the store interface: change events, pages, subscriptions.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::domain::{Hostname, Mapping, MappingId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeOp {
+    Created,
+    Updated,
+    Deleted,
+}
+
+impl ChangeOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "created" => Some(Self::Created),
+            "updated" => Some(Self::Updated),
+            "deleted" => Some(Self::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// One change, as appended to the change log and published on the events channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    #[serde(rename = "type")]
+    pub op: ChangeOp,
+    pub version: u64,
+    pub mapping_id: MappingId,
+    pub full_domain: Hostname,
+    /// The domain the mapping held before an update that moved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_domain: Option<Hostname>,
+}
+
+/// Answer to "changes since version v".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Events in version order (possibly fewer than asked), and the store's version when read.
+    Events {
+        events: Vec<ChangeEvent>,
+        current: u64,
+    },
+    /// The log was trimmed past `v`: reload everything, then continue from `current`.
+    Trimmed { current: u64 },
+}
+
+impl Changes {
+    /// Decides whether a log read answers "changes since `since`" or proves the log no longer
+    /// reaches back that far. Versions are contiguous (one log entry per increment), so the
+    /// first entry must be `since + 1`. A store whose version is below `since` went backwards
+    /// (flushed or replaced): the reader must reload.
+    pub fn decide(since: u64, current: u64, events: Vec<ChangeEvent>) -> Self {
+        if since == current {
+            return Self::Events {
+                events: Vec::new(),
+                current,
+            };
+        }
+        match events.first() {
+            Some(first) if since < current && first.version == since + 1 => {
+                Self::Events { events, current }
+            }
+            _ => Self::Trimmed { current },
+        }
+    }
+}
+
+/// What a list walks over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListFilter {
+    All,
+    Client(String),
+    User(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Continue after this id (from [`Page::next`]); `None` starts at the beginning.
+    pub after: Option<MappingId>,
+    pub limit: usize,
+}
+
+impl PageRequest {
+    pub fn first(limit: usize) -> Self {
+        Self { after: None, limit }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub items: Vec<Mapping>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<MappingId>,
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionEvent {
+    Change(ChangeEvent),
+    /// Events were dropped because the subscriber fell behind: catch up.
+    Lagged,
+    /// The feed's connection was lost; events may be missed until [`Self::Reconnected`].
+    Disconnected,
+    /// The feed is live again: catch up on what was missed while it was down.
+    Reconnected,
+}
+
+/// A live change feed. Dropping it stops the background task that feeds it.
+pub struct Subscription {
+    rx: mpsc::Receiver<SubscriptionEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<SubscriptionEvent>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self { rx, task }
+    }
+
+    /// The next event; `None` once the store is gone.
+    pub async fn next(&mut self) -> Option<SubscriptionEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends to a bounded subscriber queue without ever blocking the feed: when the queue is full
+/// the event is dropped and the subscriber is told it lagged as soon as there is room.
+pub(crate) struct LossySender {
+    tx: mpsc::Sender<SubscriptionEvent>,
+    lagged: bool,
+}
+
+impl LossySender {
+    pub(crate) fn new(tx: mpsc::Sender<SubscriptionEvent>) -> Self {
+        Self { tx, lagged: false }
+    }
+
+    /// Returns false when the subscriber has gone away.
+    pub(crate) fn send(&mut self, event: SubscriptionEvent) -> bool {
+        use mpsc::error::TrySendError;
+        if self.lagged {
+            match self.tx.try_send(SubscriptionEvent::Lagged) {
+                Ok(()) => self.lagged = false,
+                Err(TrySendError::Full(_)) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.lagged = true;
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(v: u64) -> ChangeEvent {
+        ChangeEvent {
+            op: ChangeOp::Created,
+            version: v,
+            mapping_id: MappingId::generate(),
+            full_domain: Hostname::parse("a.b").unwrap(),
+            previous_domain: None,
+        }
+    }
+
+    #[test]
+    fn decides_between_events_and_trimmed() {
+        let cases: Vec<(u64, u64, Vec<u64>, Option<usize>)> = vec![
+            (5, 5, vec![], Some(0)),        // up to date
+            (7, 5, vec![], None),           // store went backwards (flushed): reload
+            (5, 8, vec![6, 7, 8], Some(3)), // contiguous
+            (5, 8, vec![7, 8], None),       // 6 was trimmed
+            (5, 8, vec![], None),           // everything trimmed
+            (0, 3, vec![1, 2], Some(2)),    // partial page
+        ];
+        for (since, current, versions, want) in cases {
+            let got = Changes::decide(since, current, versions.iter().copied().map(ev).collect());
+            match (got, want) {
+                (Changes::Events { events, .. }, Some(n)) => assert_eq!(events.len(), n),
+                (Changes::Trimmed { current: c }, None) => assert_eq!(c, current),
+                (got, want) => panic!("since {since} current {current} {versions:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lossy_sender_reports_lag_instead_of_blocking() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut out = LossySender::new(tx);
+        for v in 1..=5 {
+            assert!(out.send(SubscriptionEvent::Change(ev(v))));
+        }
+        assert!(matches!(rx.try_recv(), Ok(SubscriptionEvent::Change(e)) if e.version == 1));
+        assert!(matches!(rx.try_recv(), Ok(SubscriptionEvent::Change(e)) if e.version == 2));
+        assert!(out.send(SubscriptionEvent::Change(ev(6))));
+        assert_eq!(rx.try_recv(), Ok(SubscriptionEvent::Lagged));
+        assert!(matches!(rx.try_recv(), Ok(SubscriptionEvent::Change(e)) if e.version == 6));
+        drop(rx);
+        assert!(!out.send(SubscriptionEvent::Lagged));
+    }
+}
