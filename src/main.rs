@@ -58,7 +58,13 @@ fn main() -> ExitCode {
         Command::CheckConfig => {
             let backend = if settings.uses_redis { "redis" } else { "memory" };
             println!("configuration OK (mapping store: {backend})");
-            match serde_yaml::to_string(&settings.config) {
+            let mut shown = settings.config.clone();
+            for pw in [&mut shown.storage.redis.password, &mut shown.message_broker.redis.password] {
+                if !pw.is_empty() {
+                    *pw = "<redacted>".into();
+                }
+            }
+            match serde_yaml::to_string(&shown) {
                 Ok(yaml) => print!("{yaml}"),
                 Err(e) => eprintln!("cannot print configuration: {e}"),
             }

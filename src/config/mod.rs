@@ -68,3 +68,6 @@ pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Settings, Conf
     };
     resolve(parse(&text, &origin, env)?, &origin)
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,8 +15,15 @@ pub struct MappingId(Box<str>);
 pub struct MappingIdError(pub String);
 
 impl MappingId {
+    /// A new id, strictly greater than every id this process generated before (ULIDs made in
+    /// the same millisecond are ordered too, so listing order is creation order).
     pub fn generate() -> Self {
-        Self(format!("{PREFIX}{}", ulid::Ulid::new()).into_boxed_str())
+        static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
+        let mut guard = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+        let generator = guard.get_or_insert_with(ulid::Generator::new);
+        // Overflow needs 2^80 ids in one millisecond; fall back to a fresh random ULID.
+        let ulid = generator.generate().unwrap_or_else(|_| ulid::Ulid::new());
+        Self(format!("{PREFIX}{ulid}").into_boxed_str())
     }
 
     pub fn parse(raw: &str) -> Result<Self, MappingIdError> {
@@ -64,10 +71,9 @@ mod tests {
 
     #[test]
     fn generated_ids_parse_and_sort_by_time() {
-        let a = MappingId::generate();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let b = MappingId::generate();
-        assert!(a < b);
+        let ids: Vec<MappingId> = (0..1000).map(|_| MappingId::generate()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids within one millisecond stay ordered");
+        let a = ids[0].clone();
         assert_eq!(MappingId::parse(a.as_str()).unwrap(), a);
         assert_eq!(a.as_str().len(), 30);
     }

@@ -1,0 +1,216 @@
+//! Table tests for parsing, overrides, the auto-sharing rules and validation.
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn settings(yaml: &str) -> Result<Settings, ConfigError> {
+    settings_env(yaml, &[])
+}
+
+fn settings_env(yaml: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    resolve(parse(yaml, "test.yaml", &env(vars))?, "test.yaml")
+}
+
+#[test]
+fn empty_file_is_single_node_defaults() {
+    let s = settings("").unwrap();
+    assert!(!s.uses_redis);
+    assert!(s.auto_shared.is_empty());
+    assert_eq!(s.config.http_domain.cache.local.ttl, Dur::secs(60));
+    assert_eq!(s.config.http_domain.cache.local.max_size, 10_000);
+    assert_eq!(s.config.storage.hybrid.json.save_interval, Dur::secs(30));
+    assert_eq!(s.config.proxy.set.to_string(), "default.default");
+}
+
+#[test]
+fn auto_sharing_rules() {
+    // (yaml, rules that fire in order, uses redis, broker addr after, storage addr after)
+    let cases: Vec<(&str, Vec<&str>, bool, &str, &str)> = vec![
+        // Rule 1 + rule 3: storage Redis configures the broker and upgrades the cache.
+        (
+            "storage: {redis: {addr: 'localhost:6379', password: pw, db: 2}, hybrid: {cache_type: memory}}",
+            vec![AUTO_BROKER, AUTO_CACHE],
+            true,
+            "localhost:6379",
+            "localhost:6379",
+        ),
+        // Rule 1 with an explicit memory broker.
+        (
+            "storage: {redis: {addr: 'r:6379'}}\nmessage_broker: {type: memory}",
+            vec![AUTO_BROKER, AUTO_CACHE],
+            true,
+            "r:6379",
+            "r:6379",
+        ),
+        // Rule 2 + rule 3: broker Redis configures storage.
+        (
+            "message_broker: {type: redis, redis: {addr: 'mq:6379', password: x, db: 1}}\nstorage: {type: hybrid}",
+            vec![AUTO_STORAGE, AUTO_CACHE],
+            true,
+            "mq:6379",
+            "mq:6379",
+        ),
+        // Explicit cache_type redis: no upgrade line (rule 1 still configures the broker).
+        (
+            "storage: {redis: {addr: 'r:6379'}, hybrid: {cache_type: redis}}",
+            vec![AUTO_BROKER],
+            true,
+            "r:6379",
+            "r:6379",
+        ),
+        // Both configured explicitly: nothing fires.
+        (
+            "storage: {type: redis, redis: {addr: 'a:1'}}\nmessage_broker: {type: redis, redis: {addr: 'b:2'}}",
+            vec![],
+            true,
+            "b:2",
+            "a:1",
+        ),
+        // No Redis anywhere: single node.
+        ("storage: {hybrid: {cache_type: memory}}", vec![], false, "", ""),
+        // Rule 3 only applies to hybrid storage: type redis uses Redis without the upgrade line.
+        ("storage: {type: redis, redis: {addr: 'a:1'}}\nmessage_broker: {type: redis, redis: {addr: 'a:1'}}", vec![], true, "a:1", "a:1"),
+    ];
+    for (yaml, rules, redis, broker, storage) in cases {
+        let s = settings(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        assert_eq!(s.auto_shared, rules, "{yaml}");
+        assert_eq!(s.uses_redis, redis, "{yaml}");
+        assert_eq!(s.config.message_broker.redis.addr, broker, "{yaml}");
+        assert_eq!(s.config.storage.redis.addr, storage, "{yaml}");
+    }
+}
+
+#[test]
+fn rules_copy_password_and_db() {
+    let s = settings("storage: {redis: {addr: 'r:1', password: secret, db: 3}}").unwrap();
+    assert_eq!(s.config.message_broker.redis.password, "secret");
+    assert_eq!(s.config.message_broker.redis.db, 3);
+    let s = settings("message_broker: {type: redis, redis: {addr: 'm:1', password: 42, db: 4}}").unwrap();
+    assert_eq!(s.config.storage.redis.password, "42");
+    assert_eq!(s.config.storage.redis.db, 4);
+}
+
+#[test]
+fn errors_name_the_field() {
+    // (yaml, env, expected substrings)
+    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<&str>)> = vec![
+        (
+            "storage: {hybrid: {cache_type: redis}}",
+            vec![],
+            vec!["storage.redis.addr", "redis cache enabled", "not configured"],
+        ),
+        ("storage: {type: redis}", vec![], vec!["storage.redis.addr", "required"]),
+        ("message_broker: {type: redis}", vec![], vec!["message_broker.redis.addr", "required"]),
+        (
+            "http_domain:\n  cache:\n    local:\n      ttl: 6o s\n",
+            vec![],
+            vec!["test.yaml:4:", "http_domain.cache.local.ttl", "invalid duration \"6o s\""],
+        ),
+        ("storage:\n  redis:\n    adr: x\n", vec![], vec!["test.yaml:3:", "storage.redis", "unknown field `adr`"]),
+        ("proxy:\n  listen: nowhere\n", vec![], vec!["test.yaml:2:", "proxy.listen", "invalid socket address"]),
+        ("storage: {type: disk}", vec![], vec!["storage.type", "unknown variant `disk`"]),
+        ("http_domain: {base_domains: [tunnox.net, 'bad_domain.net']}", vec![], vec!["http_domain.base_domains[1]", "bad_domain.net"]),
+        ("proxy: {set: novel}", vec![], vec!["proxy.set", "<business>.<region>"]),
+        ("storage: {redis: {addr: 'http://x:1'}}", vec![], vec!["storage.redis.addr", "rediss://"]),
+        ("storage: {redis: {addr: 'r:1', pool_size: 0}}", vec![], vec!["storage.redis.pool_size", "at least 1"]),
+        ("http_domain: {cache: {local: {max_size: 0}}}", vec![], vec!["http_domain.cache.local.max_size"]),
+        ("storage: {type: memory, redis: {addr: 'r:1'}}", vec![], vec!["storage.redis.addr", "storage.type is memory"]),
+        ("storage: {redis: {password: '${NOPE}'}}", vec![], vec!["storage.redis.password", "NOPE is not set"]),
+        ("mappings:\n  - {subdomain: a, base_domain: other.org, target_host: h, target_port: 1}\n", vec![], vec!["mappings[0].base_domain", "other.org"]),
+        ("mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 0}\n", vec![], vec!["mappings[0]", "target_port"]),
+        (
+            "mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1}\n  - {subdomain: A, base_domain: tunnox.net, target_host: h, target_port: 2}\n",
+            vec![],
+            vec!["mappings[1].subdomain", "already declared by mappings[0]"],
+        ),
+        ("storage:\n  redis: [1, 2\n", vec![], vec!["test.yaml:", "invalid YAML"]),
+        ("", vec![("TUNNOX__HTTP_DOMAIN__CACHE__LOCAL__TTL", "soon")], vec!["http_domain.cache.local.ttl", "invalid duration \"soon\""]),
+        ("", vec![("TUNNOX__STORAGE__TYPO", "1")], vec!["unknown field `typo`"]),
+        ("storage: {redis: {addr: 'r:1'}}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1}\n", vec![], vec!["mappings", "single-node"]),
+    ];
+    for (yaml, vars, wants) in cases {
+        let e = settings_env(yaml, &vars).err().unwrap_or_else(|| panic!("{yaml:?} should fail")).to_string();
+        for want in wants {
+            assert!(e.contains(want), "error for {yaml:?}: {e:?} should contain {want:?}");
+        }
+    }
+}
+
+#[test]
+fn env_overrides_and_expansion() {
+    let yaml = "storage:\n  redis:\n    addr: '${REDIS_HOST}:${REDIS_PORT:-6379}'\n    password: ${REDIS_PASSWORD}\n    db: ${REDIS_DB}\nhttp_domain:\n  cache:\n    local:\n      ttl: 60s\n";
+    let s = settings_env(
+        yaml,
+        &[
+            ("REDIS_HOST", "redis.internal"),
+            ("REDIS_PASSWORD", "12345"),
+            ("REDIS_DB", "3"),
+            ("TUNNOX__HTTP_DOMAIN__CACHE__LOCAL__TTL", "5m"),
+            ("TUNNOX__HTTP_DOMAIN__CACHE__LOCAL__MAX_SIZE", "500000"),
+            ("TUNNOX__PROXY__SET", "novel.sh"),
+            ("TUNNOX_CONFIG", "ignored: a flag, not an override"),
+        ],
+    )
+    .unwrap();
+    let c = &s.config;
+    assert_eq!(c.storage.redis.addr, "redis.internal:6379");
+    assert_eq!(c.storage.redis.password, "12345");
+    assert_eq!(c.storage.redis.db, 3);
+    assert_eq!(c.http_domain.cache.local.ttl, Dur::secs(300));
+    assert_eq!(c.http_domain.cache.local.max_size, 500_000);
+    assert_eq!(c.proxy.set.to_string(), "novel.sh");
+    assert!(s.uses_redis);
+}
+
+#[test]
+fn seed_000_and_001_documents_parse() {
+    let seed = r#"
+storage:
+  type: hybrid
+  redis: {addr: "redis.example.com:6379", password: "p", db: 0, pool_size: 50}
+  hybrid:
+    cache_type: memory
+    enable_persistent: true
+    json: {file_path: "data/tunnox-data.json", auto_save: true, save_interval: 30}
+message_broker:
+  type: redis
+  redis: {addr: "redis.example.com:6379", password: "p", channel: "tunnox:messages"}
+http_domain:
+  enabled: true
+  base_domains: [tunnox.net, tunnel.example.com]
+  cache:
+    local: {enabled: true, ttl: 60s, max_size: 10000}
+    shared: {enabled: true, ttl: 300s}
+  persistence: {key_prefix: "tunnox:http_domain"}
+  sync: {channel: "tunnox:http_domain:events", buffer_size: 1000}
+  lock: {ttl: 10s, retry_count: 3, retry_interval: 100ms}
+"#;
+    let s = settings(seed).unwrap();
+    assert_eq!(s.auto_shared, vec![AUTO_CACHE]);
+    assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
+    match s.store_backend("n1") {
+        crate::store::StoreBackend::Redis(o) => {
+            assert_eq!(o.prefix, "tunnox:http_domain");
+            assert_eq!(o.pool_size, 50);
+            assert_eq!(o.events_channel.as_deref(), Some("tunnox:http_domain:events"));
+        }
+        other => panic!("expected redis, got {other:?}"),
+    }
+}
+
+#[test]
+fn memory_backend_carries_persistence() {
+    let s = settings("storage: {hybrid: {json: {file_path: /tmp/x.json, save_interval: 0}}}").unwrap();
+    match s.store_backend("n") {
+        crate::store::StoreBackend::Memory { persist: Some(p), .. } => {
+            assert_eq!(p.path, std::path::PathBuf::from("/tmp/x.json"));
+            assert!(p.save_interval.is_zero());
+        }
+        other => panic!("{other:?}"),
+    }
+    let s = settings("storage: {hybrid: {enable_persistent: false}}").unwrap();
+    assert!(matches!(s.store_backend("n"), crate::store::StoreBackend::Memory { persist: None, .. }));
+}

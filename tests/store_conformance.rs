@@ -1,0 +1,529 @@
+//! One conformance suite, run against both stores: Redis (a real `redis-server` with AOF,
+//! crashed with SIGKILL to "restart") and memory (restarted from its JSON file).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tunnox::domain::{Hostname, MappingSpec};
+use tunnox::store::{
+    ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore, PageRequest, PersistOptions,
+    RedisOptions, RedisStore, StoreError, SubscriptionEvent,
+};
+
+#[allow(async_fn_in_trait)]
+pub trait Fixture: Send + Sized {
+    async fn new_with(changes_max_len: u64) -> Self;
+    async fn new() -> Self {
+        Self::new_with(100_000).await
+    }
+    fn store(&self) -> Arc<dyn MappingStore>;
+    /// A second, independent handle (separate connections for Redis).
+    async fn another(&self) -> Arc<dyn MappingStore>;
+    /// Restarts the backing state: Redis crashes and restarts; memory reloads from its file.
+    async fn restart(&mut self);
+}
+
+pub struct RedisFx {
+    server: support::RedisServer,
+    store: Arc<dyn MappingStore>,
+    opts: RedisOptions,
+}
+
+impl RedisFx {
+    pub fn server(&self) -> &support::RedisServer {
+        &self.server
+    }
+}
+
+impl Fixture for RedisFx {
+    async fn new_with(changes_max_len: u64) -> Self {
+        let server = support::RedisServer::start();
+        let mut opts = RedisOptions::new(&server.addr());
+        opts.changes_max_len = changes_max_len;
+        opts.pool_size = 2;
+        opts.node_id = "node-a".into();
+        let store = Arc::new(RedisStore::connect(opts.clone()).await.unwrap());
+        Self { server, store, opts }
+    }
+    fn store(&self) -> Arc<dyn MappingStore> {
+        self.store.clone()
+    }
+    async fn another(&self) -> Arc<dyn MappingStore> {
+        let mut opts = self.opts.clone();
+        opts.pool_size = 1;
+        Arc::new(RedisStore::connect(opts).await.unwrap())
+    }
+    async fn restart(&mut self) {
+        self.server.crash_and_restart();
+        self.store = Arc::new(RedisStore::connect(self.opts.clone()).await.unwrap());
+    }
+}
+
+pub struct MemoryFx {
+    _dir: tempfile::TempDir,
+    persist: PersistOptions,
+    store: MemoryStore,
+    max_len: usize,
+}
+
+impl Fixture for MemoryFx {
+    async fn new_with(changes_max_len: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let persist = PersistOptions {
+            path: dir.path().join("data/tunnox-data.json"),
+            auto_save: true,
+            save_interval: Duration::from_secs(30),
+        };
+        let max_len = changes_max_len as usize;
+        let store = MemoryStore::open(Some(persist.clone()), max_len, 1000, "node-a").unwrap();
+        Self { _dir: dir, persist, store, max_len }
+    }
+    fn store(&self) -> Arc<dyn MappingStore> {
+        Arc::new(self.store.clone())
+    }
+    async fn another(&self) -> Arc<dyn MappingStore> {
+        self.store()
+    }
+    async fn restart(&mut self) {
+        self.store.flush().await.unwrap();
+        self.store = MemoryStore::open(Some(self.persist.clone()), self.max_len, 1000, "node-a").unwrap();
+    }
+}
+
+fn spec(sub: &str, port: u16) -> MappingSpec {
+    MappingSpec::new(sub, "tunnox.net", "127.0.0.1", port)
+}
+
+fn host(s: &str) -> Hostname {
+    Hostname::parse(s).unwrap()
+}
+
+/// The acceptance cases, generic over the fixture.
+mod cases {
+    use super::*;
+
+    pub async fn tc_1_1_create_survives_restart<F: Fixture>(mut fx: F) {
+        let created = fx.store().create(spec("test", 3000)).await.unwrap();
+        assert_eq!(created.full_domain.as_str(), "test.tunnox.net");
+        assert_eq!(created.creator_node_id, "node-a");
+        fx.restart().await;
+        let s = fx.store();
+        assert_eq!(s.get(&created.mapping_id).await.unwrap(), Some(created.clone()));
+        assert_eq!(s.get_by_domain(&host("test.tunnox.net")).await.unwrap(), Some(created));
+    }
+
+    pub async fn tc_1_2_hundred_creates_survive_restart<F: Fixture>(mut fx: F) {
+        let mut created = Vec::new();
+        for i in 0..100 {
+            created.push(fx.store().create(spec(&format!("app{i}"), 1000 + i)).await.unwrap());
+        }
+        fx.restart().await;
+        let all = fx.store().list_all().await.unwrap();
+        assert_eq!(all, created, "every mapping, in creation order, byte for byte");
+        for m in &created {
+            assert_eq!(fx.store().get_by_domain(&m.full_domain).await.unwrap().as_ref(), Some(m));
+        }
+        assert_eq!(fx.store().current_version().await.unwrap(), 100);
+    }
+
+    pub async fn tc_1_3_update_survives_restart<F: Fixture>(mut fx: F) {
+        let s = fx.store();
+        let m = s.create(spec("upd", 3000)).await.unwrap();
+        let updated = s.update(&m.mapping_id, spec("upd", 4000), m.version).await.unwrap();
+        assert!(updated.version > m.version);
+        assert_eq!(updated.created_at, m.created_at);
+        drop(s);
+        fx.restart().await;
+        let got = fx.store().get_by_domain(&host("upd.tunnox.net")).await.unwrap().unwrap();
+        assert_eq!(got.target_port, 4000);
+        assert_eq!(got, updated);
+    }
+
+    pub async fn tc_1_4_delete_survives_restart<F: Fixture>(mut fx: F) {
+        let s = fx.store();
+        let keep = s.create(spec("keep", 1)).await.unwrap();
+        let m = s.create(spec("gone", 3000)).await.unwrap();
+        let deleted = s.delete(&m.mapping_id, None).await.unwrap();
+        assert_eq!(deleted.mapping_id, m.mapping_id);
+        drop(s);
+        fx.restart().await;
+        let s = fx.store();
+        assert_eq!(s.get(&m.mapping_id).await.unwrap(), None);
+        assert_eq!(s.get_by_domain(&host("gone.tunnox.net")).await.unwrap(), None);
+        assert!(s.is_available(&host("gone.tunnox.net")).await.unwrap());
+        assert_eq!(s.list_all().await.unwrap(), vec![keep]);
+    }
+
+    pub async fn tc_4_1_second_create_names_holder<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let mut first = spec("app", 1);
+        first.source = Some("k8s:team-a/web".into());
+        let holder = s.create(first).await.unwrap();
+        assert!(!s.is_available(&host("app.tunnox.net")).await.unwrap());
+        let err = s.create(spec("APP", 2)).await.unwrap_err();
+        match &err {
+            StoreError::DomainTaken { domain, holder: h, holder_source } => {
+                assert_eq!(domain.as_str(), "app.tunnox.net");
+                assert_eq!(h, &holder.mapping_id);
+                assert_eq!(holder_source.as_deref(), Some("k8s:team-a/web"));
+            }
+            other => panic!("expected DomainTaken, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains(holder.mapping_id.as_str()) && text.contains("k8s:team-a/web"), "{text}");
+        assert_eq!(s.list_all().await.unwrap().len(), 1, "the loser left nothing behind");
+    }
+
+    pub async fn tc_4_2_concurrent_creators<F: Fixture>(fx: F) {
+        let mut handles = Vec::new();
+        for _ in 0..10 {
+            handles.push(fx.another().await);
+        }
+        for round in 0..100 {
+            let domain = format!("race{round}");
+            let tasks: Vec<_> = handles
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let s = s.clone();
+                    let d = domain.clone();
+                    tokio::spawn(async move { s.create(spec(&d, 1000 + i as u16)).await })
+                })
+                .collect();
+            let mut wins = Vec::new();
+            let mut conflicts = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(m) => wins.push(m),
+                    Err(StoreError::DomainTaken { holder, .. }) => {
+                        conflicts += 1;
+                        let _ = holder;
+                    }
+                    Err(e) => panic!("round {round}: unexpected error {e}"),
+                }
+            }
+            assert_eq!((wins.len(), conflicts), (1, 9), "round {round}");
+            let got = fx.store().get_by_domain(&host(&format!("{domain}.tunnox.net"))).await.unwrap();
+            assert_eq!(got.as_ref(), Some(&wins[0]), "round {round}: the claim belongs to the winner");
+        }
+        assert_eq!(fx.store().list_all().await.unwrap().len(), 100);
+    }
+
+    pub async fn tc_4_3_delete_then_recreate<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let m = s.create(spec("again", 1)).await.unwrap();
+        s.delete(&m.mapping_id, Some(m.version)).await.unwrap();
+        let again = s.create(spec("again", 2)).await.unwrap();
+        assert_ne!(again.mapping_id, m.mapping_id);
+        assert_eq!(s.get_by_domain(&host("again.tunnox.net")).await.unwrap().unwrap().target_port, 2);
+    }
+
+    pub async fn stale_update_is_rejected<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let m = s.create(spec("cas", 1)).await.unwrap();
+        let v2 = s.update(&m.mapping_id, spec("cas", 2), m.version).await.unwrap();
+        let err = s.update(&m.mapping_id, spec("cas", 3), m.version).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::VersionConflict { expected, actual, .. } if expected == m.version && actual == v2.version),
+            "{err:?}"
+        );
+        let err = s.delete(&m.mapping_id, Some(m.version)).await.unwrap_err();
+        assert!(matches!(err, StoreError::VersionConflict { .. }), "{err:?}");
+        assert_eq!(s.get(&m.mapping_id).await.unwrap().unwrap().target_port, 2);
+        let missing = tunnox::domain::MappingId::generate();
+        assert!(matches!(s.update(&missing, spec("x", 1), 1).await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(s.delete(&missing, None).await, Err(StoreError::NotFound { .. })));
+    }
+
+    pub async fn concurrent_updates_never_lose_one<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let m = s.create(spec("counter", 1)).await.unwrap();
+        let writers = 8;
+        let per_writer = 10;
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let s = fx.another().await;
+            let id = m.mapping_id.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut conflicts = 0u32;
+                for i in 0..per_writer {
+                    loop {
+                        let cur = s.get(&id).await.unwrap().unwrap();
+                        let mut next = cur.spec();
+                        next.custom_headers.insert(format!("x-w{w}-{i}"), "1".into());
+                        match s.update(&id, next, cur.version).await {
+                            Ok(_) => break,
+                            Err(StoreError::VersionConflict { .. }) => conflicts += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                conflicts
+            }));
+        }
+        let mut conflicts = 0;
+        for t in tasks {
+            conflicts += t.await.unwrap();
+        }
+        let end = s.get(&m.mapping_id).await.unwrap().unwrap();
+        assert_eq!(end.custom_headers.len(), writers * per_writer, "every write survived ({conflicts} retries)");
+    }
+
+    pub async fn changes_and_events<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let mut sub = s.subscribe().await.unwrap();
+        let m = s.create(spec("ev", 1)).await.unwrap();
+        let u = s.update(&m.mapping_id, spec("ev2", 2), m.version).await.unwrap();
+        s.delete(&m.mapping_id, None).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            match tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap() {
+                SubscriptionEvent::Change(e) => seen.push(e),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let ops: Vec<_> = seen.iter().map(|e| (e.op, e.version)).collect();
+        assert_eq!(ops, vec![(ChangeOp::Created, 1), (ChangeOp::Updated, 2), (ChangeOp::Deleted, 3)]);
+        assert_eq!(seen[1].full_domain.as_str(), "ev2.tunnox.net");
+        assert_eq!(seen[1].previous_domain.as_ref().map(|d| d.as_str()), Some("ev.tunnox.net"));
+        assert_eq!(u.version, 2);
+        match s.changes_since(0, 100).await.unwrap() {
+            Changes::Events { events, current } => {
+                assert_eq!(current, 3);
+                assert_eq!(events, seen, "the log and the feed agree");
+            }
+            other => panic!("{other:?}"),
+        }
+        match s.changes_since(1, 1).await.unwrap() {
+            Changes::Events { events, .. } => assert_eq!(events.iter().map(|e| e.version).collect::<Vec<_>>(), vec![2]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.changes_since(3, 10).await.unwrap(), Changes::Events { events: vec![], current: 3 });
+        // The old domain was released by the move, the new one by the delete.
+        assert!(s.is_available(&host("ev.tunnox.net")).await.unwrap());
+        assert!(s.is_available(&host("ev2.tunnox.net")).await.unwrap());
+    }
+
+    pub async fn update_moves_claim_and_respects_others<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let a = s.create(spec("a", 1)).await.unwrap();
+        let b = s.create(spec("b", 2)).await.unwrap();
+        let err = s.update(&a.mapping_id, spec("b", 1), a.version).await.unwrap_err();
+        assert!(matches!(&err, StoreError::DomainTaken { holder, .. } if *holder == b.mapping_id), "{err:?}");
+        let moved = s.update(&a.mapping_id, spec("c", 1), a.version).await.unwrap();
+        assert_eq!(moved.full_domain.as_str(), "c.tunnox.net");
+        assert!(s.is_available(&host("a.tunnox.net")).await.unwrap());
+        assert_eq!(s.get_by_domain(&host("c.tunnox.net")).await.unwrap(), Some(moved));
+        assert_eq!(s.get_by_domain(&host("b.tunnox.net")).await.unwrap(), Some(b));
+        let err = s.create(spec("bad_name", 1)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    }
+
+    pub async fn list_pages_and_filters<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let mut all = Vec::new();
+        for i in 0..25u16 {
+            let mut sp = spec(&format!("l{i}"), 100 + i);
+            if i % 5 == 0 {
+                sp.target_client_id = Some("client-1".into());
+            }
+            if i % 8 == 0 {
+                sp.owner_user_id = Some("user-1".into());
+            }
+            all.push(s.create(sp).await.unwrap());
+        }
+        let mut pages = Vec::new();
+        let mut req = PageRequest::first(10);
+        loop {
+            let page = s.list(&ListFilter::All, req.clone()).await.unwrap();
+            pages.push(page.items.len());
+            match page.next {
+                Some(next) => req.after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(pages, vec![10, 10, 5]);
+        assert_eq!(s.list_all().await.unwrap(), all);
+        let by_client = s.list(&ListFilter::Client("client-1".into()), PageRequest::first(100)).await.unwrap();
+        assert_eq!(by_client.items.iter().map(|m| m.target_port).collect::<Vec<_>>(), vec![100, 105, 110, 115, 120]);
+        let by_user = s.list(&ListFilter::User("user-1".into()), PageRequest::first(2)).await.unwrap();
+        assert_eq!(by_user.items.iter().map(|m| m.target_port).collect::<Vec<_>>(), vec![100, 108]);
+        assert!(by_user.next.is_some());
+        // Moving a mapping to another client moves it between indexes.
+        let m = &all[0];
+        let mut sp = m.spec();
+        sp.target_client_id = Some("client-2".into());
+        s.update(&m.mapping_id, sp, m.version).await.unwrap();
+        let c1 = s.list(&ListFilter::Client("client-1".into()), PageRequest::first(100)).await.unwrap();
+        let c2 = s.list(&ListFilter::Client("client-2".into()), PageRequest::first(100)).await.unwrap();
+        assert_eq!((c1.items.len(), c2.items.len()), (4, 1));
+        s.delete(&all[5].mapping_id, None).await.unwrap();
+        let c1 = s.list(&ListFilter::Client("client-1".into()), PageRequest::first(100)).await.unwrap();
+        assert_eq!(c1.items.len(), 3);
+        assert!(s.list(&ListFilter::Client("nobody".into()), PageRequest::first(10)).await.unwrap().items.is_empty());
+    }
+
+    pub async fn expired_mappings_release_their_domain<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let mut short = spec("brief", 1);
+        short.expires_at = Some(Utc::now() + chrono::Duration::milliseconds(300));
+        let m = s.create(short.clone()).await.unwrap();
+        let mut other = spec("brief2", 1);
+        other.expires_at = short.expires_at;
+        let m2 = s.create(other).await.unwrap();
+        let lasting = s.create(spec("lasting", 1)).await.unwrap();
+        assert!(s.get_by_domain(&m.full_domain).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(s.get_by_domain(&m.full_domain).await.unwrap(), None, "expired is not served");
+        assert!(s.is_available(&m.full_domain).await.unwrap());
+        // A new claim takes the expired holder's domain.
+        let taker = s.create(spec("brief", 9)).await.unwrap();
+        assert_eq!(s.get(&m.mapping_id).await.unwrap(), None);
+        assert_eq!(s.get_by_domain(&m.full_domain).await.unwrap(), Some(taker));
+        // The reaper releases the rest and reports them.
+        let released = s.release_expired(Utc::now()).await.unwrap();
+        assert_eq!(released.iter().map(|r| r.mapping_id.clone()).collect::<Vec<_>>(), vec![m2.mapping_id.clone()]);
+        assert!(s.is_available(&m2.full_domain).await.unwrap());
+        assert!(s.get(&lasting.mapping_id).await.unwrap().is_some());
+        assert!(s.release_expired(Utc::now()).await.unwrap().is_empty());
+    }
+
+    pub async fn follower_reloads_when_behind_trimmed_log<F: Fixture>(fx: F) {
+        let s = fx.store();
+        // The follower starts at version 0, then falls 400 changes behind a log capped at ~10.
+        let (mut follower, initial) = Follower::start(s.clone(), Duration::from_secs(3600)).await.unwrap();
+        let mut replica = Replica::new(initial);
+        for i in 0..400 {
+            s.create(spec(&format!("t{i}"), 1)).await.unwrap();
+        }
+        assert!(matches!(s.changes_since(1, 10).await.unwrap(), Changes::Trimmed { current: 400 }));
+        let updates = follower.catch_up().await.unwrap();
+        assert!(matches!(updates.as_slice(), [tunnox::store::SyncUpdate::Reset(all)] if all.len() == 400), "told to reload fully");
+        replica.apply(updates);
+        assert_eq!(follower.applied(), 400);
+        replica.assert_matches(&s).await;
+    }
+
+    pub async fn follower_converges_after_lag<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let (mut follower, initial) = Follower::start(s.clone(), Duration::from_millis(200)).await.unwrap();
+        let mut replica = Replica::new(initial);
+        let writer = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..300u16 {
+                    let m = s.create(spec(&format!("f{i}"), i + 1)).await.unwrap();
+                    if i % 3 == 0 {
+                        s.update(&m.mapping_id, spec(&format!("f{i}"), 9999), m.version).await.unwrap();
+                    }
+                    if i % 7 == 0 {
+                        s.delete(&m.mapping_id, None).await.unwrap();
+                    }
+                    ids.push(m.mapping_id);
+                }
+            })
+        };
+        writer.await.unwrap();
+        let target = s.current_version().await.unwrap();
+        replica.follow_until(&mut follower, target).await;
+        replica.assert_matches(&s).await;
+    }
+}
+
+/// A local copy of the routing table kept by a [`Follower`], as the proxy cache will be.
+pub struct Replica {
+    by_domain: std::collections::HashMap<Hostname, tunnox::domain::Mapping>,
+}
+
+impl Replica {
+    pub fn new(initial: Vec<tunnox::domain::Mapping>) -> Self {
+        Self { by_domain: initial.into_iter().map(|m| (m.full_domain.clone(), m)).collect() }
+    }
+
+    pub fn apply(&mut self, updates: Vec<tunnox::store::SyncUpdate>) {
+        use tunnox::store::SyncUpdate;
+        for u in updates {
+            match u {
+                SyncUpdate::Reset(all) => *self = Self::new(all),
+                SyncUpdate::Upsert(m) => {
+                    self.by_domain.insert(m.full_domain.clone(), m);
+                }
+                SyncUpdate::Remove { mapping_id, full_domain } => {
+                    if self.by_domain.get(&full_domain).is_some_and(|m| m.mapping_id == mapping_id) {
+                        self.by_domain.remove(&full_domain);
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn follow_until(&mut self, follower: &mut Follower, version: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while follower.applied() < version {
+            let updates = tokio::time::timeout_at(deadline, follower.next())
+                .await
+                .unwrap_or_else(|_| panic!("follower stuck at {} of {version}", follower.applied()));
+            if let Ok(updates) = updates {
+                self.apply(updates);
+            }
+        }
+    }
+
+    pub async fn assert_matches(&self, store: &Arc<dyn MappingStore>) {
+        let truth: std::collections::HashMap<_, _> =
+            store.list_all().await.unwrap().into_iter().map(|m| (m.full_domain.clone(), m)).collect();
+        assert_eq!(self.by_domain.len(), truth.len(), "replica size");
+        for (d, m) in &truth {
+            assert_eq!(self.by_domain.get(d), Some(m), "replica entry for {d}");
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident $(($max:expr))?),* $(,)?) => {
+        mod redis_store {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let fx = RedisFx::new_with(conformance!(@max $($max)?)).await;
+                    cases::$name(fx).await
+                }
+            )*
+        }
+        mod memory_store {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let fx = MemoryFx::new_with(conformance!(@max $($max)?)).await;
+                    cases::$name(fx).await
+                }
+            )*
+        }
+    };
+    (@max) => { 100_000 };
+    (@max $max:expr) => { $max };
+}
+
+conformance!(
+    tc_1_1_create_survives_restart,
+    tc_1_2_hundred_creates_survive_restart,
+    tc_1_3_update_survives_restart,
+    tc_1_4_delete_survives_restart,
+    tc_4_1_second_create_names_holder,
+    tc_4_2_concurrent_creators,
+    tc_4_3_delete_then_recreate,
+    stale_update_is_rejected,
+    concurrent_updates_never_lose_one,
+    changes_and_events,
+    update_moves_claim_and_respects_others,
+    list_pages_and_filters,
+    expired_mappings_release_their_domain,
+    follower_reloads_when_behind_trimmed_log(10),
+    follower_converges_after_lag,
+);
