@@ -14,7 +14,11 @@ const EXIT_BAD_CONFIG: u8 = 64;
 const EXIT_NOT_IMPLEMENTED: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "tunnox", version, about = "Kubernetes-native HTTP domain routing and tunnelling")]
+#[command(
+    name = "tunnox",
+    version,
+    about = "Kubernetes-native HTTP domain routing and tunnelling"
+)]
 struct Cli {
     /// Configuration file (YAML). Without it the built-in defaults apply.
     #[arg(long, short, global = true, env = "TUNNOX_CONFIG")]
@@ -56,10 +60,17 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::CheckConfig => {
-            let backend = if settings.uses_redis { "redis" } else { "memory" };
+            let backend = if settings.uses_redis {
+                "redis"
+            } else {
+                "memory"
+            };
             println!("configuration OK (mapping store: {backend})");
             let mut shown = settings.config.clone();
-            for pw in [&mut shown.storage.redis.password, &mut shown.message_broker.redis.password] {
+            for pw in [
+                &mut shown.storage.redis.password,
+                &mut shown.message_broker.redis.password,
+            ] {
                 if !pw.is_empty() {
                     *pw = "<redacted>".into();
                 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use chrono::Utc;
 use tunnox::domain::{Hostname, MappingSpec};
 use tunnox::store::{
-    ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore, PageRequest, PersistOptions,
-    RedisOptions, RedisStore, StoreError, SubscriptionEvent,
+    ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore, PageRequest,
+    PersistOptions, RedisOptions, RedisStore, StoreError, SubscriptionEvent,
 };
 
 #[allow(async_fn_in_trait)]
@@ -46,7 +46,11 @@ impl Fixture for RedisFx {
         opts.pool_size = 2;
         opts.node_id = "node-a".into();
         let store = Arc::new(RedisStore::connect(opts.clone()).await.unwrap());
-        Self { server, store, opts }
+        Self {
+            server,
+            store,
+            opts,
+        }
     }
     fn store(&self) -> Arc<dyn MappingStore> {
         self.store.clone()
@@ -79,7 +83,12 @@ impl Fixture for MemoryFx {
         };
         let max_len = changes_max_len as usize;
         let store = MemoryStore::open(Some(persist.clone()), max_len, 1000, "node-a").unwrap();
-        Self { _dir: dir, persist, store, max_len }
+        Self {
+            _dir: dir,
+            persist,
+            store,
+            max_len,
+        }
     }
     fn store(&self) -> Arc<dyn MappingStore> {
         Arc::new(self.store.clone())
@@ -89,7 +98,8 @@ impl Fixture for MemoryFx {
     }
     async fn restart(&mut self) {
         self.store.flush().await.unwrap();
-        self.store = MemoryStore::open(Some(self.persist.clone()), self.max_len, 1000, "node-a").unwrap();
+        self.store =
+            MemoryStore::open(Some(self.persist.clone()), self.max_len, 1000, "node-a").unwrap();
     }
 }
 
@@ -111,20 +121,41 @@ mod cases {
         assert_eq!(created.creator_node_id, "node-a");
         fx.restart().await;
         let s = fx.store();
-        assert_eq!(s.get(&created.mapping_id).await.unwrap(), Some(created.clone()));
-        assert_eq!(s.get_by_domain(&host("test.tunnox.net")).await.unwrap(), Some(created));
+        assert_eq!(
+            s.get(&created.mapping_id).await.unwrap(),
+            Some(created.clone())
+        );
+        assert_eq!(
+            s.get_by_domain(&host("test.tunnox.net")).await.unwrap(),
+            Some(created)
+        );
     }
 
     pub async fn tc_1_2_hundred_creates_survive_restart<F: Fixture>(mut fx: F) {
         let mut created = Vec::new();
         for i in 0..100 {
-            created.push(fx.store().create(spec(&format!("app{i}"), 1000 + i)).await.unwrap());
+            created.push(
+                fx.store()
+                    .create(spec(&format!("app{i}"), 1000 + i))
+                    .await
+                    .unwrap(),
+            );
         }
         fx.restart().await;
         let all = fx.store().list_all().await.unwrap();
-        assert_eq!(all, created, "every mapping, in creation order, byte for byte");
+        assert_eq!(
+            all, created,
+            "every mapping, in creation order, byte for byte"
+        );
         for m in &created {
-            assert_eq!(fx.store().get_by_domain(&m.full_domain).await.unwrap().as_ref(), Some(m));
+            assert_eq!(
+                fx.store()
+                    .get_by_domain(&m.full_domain)
+                    .await
+                    .unwrap()
+                    .as_ref(),
+                Some(m)
+            );
         }
         assert_eq!(fx.store().current_version().await.unwrap(), 100);
     }
@@ -132,12 +163,20 @@ mod cases {
     pub async fn tc_1_3_update_survives_restart<F: Fixture>(mut fx: F) {
         let s = fx.store();
         let m = s.create(spec("upd", 3000)).await.unwrap();
-        let updated = s.update(&m.mapping_id, spec("upd", 4000), m.version).await.unwrap();
+        let updated = s
+            .update(&m.mapping_id, spec("upd", 4000), m.version)
+            .await
+            .unwrap();
         assert!(updated.version > m.version);
         assert_eq!(updated.created_at, m.created_at);
         drop(s);
         fx.restart().await;
-        let got = fx.store().get_by_domain(&host("upd.tunnox.net")).await.unwrap().unwrap();
+        let got = fx
+            .store()
+            .get_by_domain(&host("upd.tunnox.net"))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.target_port, 4000);
         assert_eq!(got, updated);
     }
@@ -152,7 +191,10 @@ mod cases {
         fx.restart().await;
         let s = fx.store();
         assert_eq!(s.get(&m.mapping_id).await.unwrap(), None);
-        assert_eq!(s.get_by_domain(&host("gone.tunnox.net")).await.unwrap(), None);
+        assert_eq!(
+            s.get_by_domain(&host("gone.tunnox.net")).await.unwrap(),
+            None
+        );
         assert!(s.is_available(&host("gone.tunnox.net")).await.unwrap());
         assert_eq!(s.list_all().await.unwrap(), vec![keep]);
     }
@@ -165,7 +207,11 @@ mod cases {
         assert!(!s.is_available(&host("app.tunnox.net")).await.unwrap());
         let err = s.create(spec("APP", 2)).await.unwrap_err();
         match &err {
-            StoreError::DomainTaken { domain, holder: h, holder_source } => {
+            StoreError::DomainTaken {
+                domain,
+                holder: h,
+                holder_source,
+            } => {
                 assert_eq!(domain.as_str(), "app.tunnox.net");
                 assert_eq!(h, &holder.mapping_id);
                 assert_eq!(holder_source.as_deref(), Some("k8s:team-a/web"));
@@ -173,8 +219,15 @@ mod cases {
             other => panic!("expected DomainTaken, got {other:?}"),
         }
         let text = err.to_string();
-        assert!(text.contains(holder.mapping_id.as_str()) && text.contains("k8s:team-a/web"), "{text}");
-        assert_eq!(s.list_all().await.unwrap().len(), 1, "the loser left nothing behind");
+        assert!(
+            text.contains(holder.mapping_id.as_str()) && text.contains("k8s:team-a/web"),
+            "{text}"
+        );
+        assert_eq!(
+            s.list_all().await.unwrap().len(),
+            1,
+            "the loser left nothing behind"
+        );
     }
 
     pub async fn tc_4_2_concurrent_creators<F: Fixture>(fx: F) {
@@ -206,8 +259,16 @@ mod cases {
                 }
             }
             assert_eq!((wins.len(), conflicts), (1, 9), "round {round}");
-            let got = fx.store().get_by_domain(&host(&format!("{domain}.tunnox.net"))).await.unwrap();
-            assert_eq!(got.as_ref(), Some(&wins[0]), "round {round}: the claim belongs to the winner");
+            let got = fx
+                .store()
+                .get_by_domain(&host(&format!("{domain}.tunnox.net")))
+                .await
+                .unwrap();
+            assert_eq!(
+                got.as_ref(),
+                Some(&wins[0]),
+                "round {round}: the claim belongs to the winner"
+            );
         }
         assert_eq!(fx.store().list_all().await.unwrap().len(), 100);
     }
@@ -218,14 +279,27 @@ mod cases {
         s.delete(&m.mapping_id, Some(m.version)).await.unwrap();
         let again = s.create(spec("again", 2)).await.unwrap();
         assert_ne!(again.mapping_id, m.mapping_id);
-        assert_eq!(s.get_by_domain(&host("again.tunnox.net")).await.unwrap().unwrap().target_port, 2);
+        assert_eq!(
+            s.get_by_domain(&host("again.tunnox.net"))
+                .await
+                .unwrap()
+                .unwrap()
+                .target_port,
+            2
+        );
     }
 
     pub async fn stale_update_is_rejected<F: Fixture>(fx: F) {
         let s = fx.store();
         let m = s.create(spec("cas", 1)).await.unwrap();
-        let v2 = s.update(&m.mapping_id, spec("cas", 2), m.version).await.unwrap();
-        let err = s.update(&m.mapping_id, spec("cas", 3), m.version).await.unwrap_err();
+        let v2 = s
+            .update(&m.mapping_id, spec("cas", 2), m.version)
+            .await
+            .unwrap();
+        let err = s
+            .update(&m.mapping_id, spec("cas", 3), m.version)
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, StoreError::VersionConflict { expected, actual, .. } if expected == m.version && actual == v2.version),
             "{err:?}"
@@ -234,8 +308,14 @@ mod cases {
         assert!(matches!(err, StoreError::VersionConflict { .. }), "{err:?}");
         assert_eq!(s.get(&m.mapping_id).await.unwrap().unwrap().target_port, 2);
         let missing = tunnox::domain::MappingId::generate();
-        assert!(matches!(s.update(&missing, spec("x", 1), 1).await, Err(StoreError::NotFound { .. })));
-        assert!(matches!(s.delete(&missing, None).await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            s.update(&missing, spec("x", 1), 1).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            s.delete(&missing, None).await,
+            Err(StoreError::NotFound { .. })
+        ));
     }
 
     pub async fn concurrent_updates_never_lose_one<F: Fixture>(fx: F) {
@@ -253,7 +333,8 @@ mod cases {
                     loop {
                         let cur = s.get(&id).await.unwrap().unwrap();
                         let mut next = cur.spec();
-                        next.custom_headers.insert(format!("x-w{w}-{i}"), "1".into());
+                        next.custom_headers
+                            .insert(format!("x-w{w}-{i}"), "1".into());
                         match s.update(&id, next, cur.version).await {
                             Ok(_) => break,
                             Err(StoreError::VersionConflict { .. }) => conflicts += 1,
@@ -269,26 +350,47 @@ mod cases {
             conflicts += t.await.unwrap();
         }
         let end = s.get(&m.mapping_id).await.unwrap().unwrap();
-        assert_eq!(end.custom_headers.len(), writers * per_writer, "every write survived ({conflicts} retries)");
+        assert_eq!(
+            end.custom_headers.len(),
+            writers * per_writer,
+            "every write survived ({conflicts} retries)"
+        );
     }
 
     pub async fn changes_and_events<F: Fixture>(fx: F) {
         let s = fx.store();
         let mut sub = s.subscribe().await.unwrap();
         let m = s.create(spec("ev", 1)).await.unwrap();
-        let u = s.update(&m.mapping_id, spec("ev2", 2), m.version).await.unwrap();
+        let u = s
+            .update(&m.mapping_id, spec("ev2", 2), m.version)
+            .await
+            .unwrap();
         s.delete(&m.mapping_id, None).await.unwrap();
         let mut seen = Vec::new();
         while seen.len() < 3 {
-            match tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap() {
+            match tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 SubscriptionEvent::Change(e) => seen.push(e),
                 other => panic!("unexpected {other:?}"),
             }
         }
         let ops: Vec<_> = seen.iter().map(|e| (e.op, e.version)).collect();
-        assert_eq!(ops, vec![(ChangeOp::Created, 1), (ChangeOp::Updated, 2), (ChangeOp::Deleted, 3)]);
+        assert_eq!(
+            ops,
+            vec![
+                (ChangeOp::Created, 1),
+                (ChangeOp::Updated, 2),
+                (ChangeOp::Deleted, 3)
+            ]
+        );
         assert_eq!(seen[1].full_domain.as_str(), "ev2.tunnox.net");
-        assert_eq!(seen[1].previous_domain.as_ref().map(|d| d.as_str()), Some("ev.tunnox.net"));
+        assert_eq!(
+            seen[1].previous_domain.as_ref().map(|d| d.as_str()),
+            Some("ev.tunnox.net")
+        );
         assert_eq!(u.version, 2);
         match s.changes_since(0, 100).await.unwrap() {
             Changes::Events { events, current } => {
@@ -298,10 +400,19 @@ mod cases {
             other => panic!("{other:?}"),
         }
         match s.changes_since(1, 1).await.unwrap() {
-            Changes::Events { events, .. } => assert_eq!(events.iter().map(|e| e.version).collect::<Vec<_>>(), vec![2]),
+            Changes::Events { events, .. } => assert_eq!(
+                events.iter().map(|e| e.version).collect::<Vec<_>>(),
+                vec![2]
+            ),
             other => panic!("{other:?}"),
         }
-        assert_eq!(s.changes_since(3, 10).await.unwrap(), Changes::Events { events: vec![], current: 3 });
+        assert_eq!(
+            s.changes_since(3, 10).await.unwrap(),
+            Changes::Events {
+                events: vec![],
+                current: 3
+            }
+        );
         // The old domain was released by the move, the new one by the delete.
         assert!(s.is_available(&host("ev.tunnox.net")).await.unwrap());
         assert!(s.is_available(&host("ev2.tunnox.net")).await.unwrap());
@@ -311,13 +422,28 @@ mod cases {
         let s = fx.store();
         let a = s.create(spec("a", 1)).await.unwrap();
         let b = s.create(spec("b", 2)).await.unwrap();
-        let err = s.update(&a.mapping_id, spec("b", 1), a.version).await.unwrap_err();
-        assert!(matches!(&err, StoreError::DomainTaken { holder, .. } if *holder == b.mapping_id), "{err:?}");
-        let moved = s.update(&a.mapping_id, spec("c", 1), a.version).await.unwrap();
+        let err = s
+            .update(&a.mapping_id, spec("b", 1), a.version)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::DomainTaken { holder, .. } if *holder == b.mapping_id),
+            "{err:?}"
+        );
+        let moved = s
+            .update(&a.mapping_id, spec("c", 1), a.version)
+            .await
+            .unwrap();
         assert_eq!(moved.full_domain.as_str(), "c.tunnox.net");
         assert!(s.is_available(&host("a.tunnox.net")).await.unwrap());
-        assert_eq!(s.get_by_domain(&host("c.tunnox.net")).await.unwrap(), Some(moved));
-        assert_eq!(s.get_by_domain(&host("b.tunnox.net")).await.unwrap(), Some(b));
+        assert_eq!(
+            s.get_by_domain(&host("c.tunnox.net")).await.unwrap(),
+            Some(moved)
+        );
+        assert_eq!(
+            s.get_by_domain(&host("b.tunnox.net")).await.unwrap(),
+            Some(b)
+        );
         let err = s.create(spec("bad_name", 1)).await.unwrap_err();
         assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
     }
@@ -347,23 +473,70 @@ mod cases {
         }
         assert_eq!(pages, vec![10, 10, 5]);
         assert_eq!(s.list_all().await.unwrap(), all);
-        let by_client = s.list(&ListFilter::Client("client-1".into()), PageRequest::first(100)).await.unwrap();
-        assert_eq!(by_client.items.iter().map(|m| m.target_port).collect::<Vec<_>>(), vec![100, 105, 110, 115, 120]);
-        let by_user = s.list(&ListFilter::User("user-1".into()), PageRequest::first(2)).await.unwrap();
-        assert_eq!(by_user.items.iter().map(|m| m.target_port).collect::<Vec<_>>(), vec![100, 108]);
+        let by_client = s
+            .list(
+                &ListFilter::Client("client-1".into()),
+                PageRequest::first(100),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            by_client
+                .items
+                .iter()
+                .map(|m| m.target_port)
+                .collect::<Vec<_>>(),
+            vec![100, 105, 110, 115, 120]
+        );
+        let by_user = s
+            .list(&ListFilter::User("user-1".into()), PageRequest::first(2))
+            .await
+            .unwrap();
+        assert_eq!(
+            by_user
+                .items
+                .iter()
+                .map(|m| m.target_port)
+                .collect::<Vec<_>>(),
+            vec![100, 108]
+        );
         assert!(by_user.next.is_some());
         // Moving a mapping to another client moves it between indexes.
         let m = &all[0];
         let mut sp = m.spec();
         sp.target_client_id = Some("client-2".into());
         s.update(&m.mapping_id, sp, m.version).await.unwrap();
-        let c1 = s.list(&ListFilter::Client("client-1".into()), PageRequest::first(100)).await.unwrap();
-        let c2 = s.list(&ListFilter::Client("client-2".into()), PageRequest::first(100)).await.unwrap();
+        let c1 = s
+            .list(
+                &ListFilter::Client("client-1".into()),
+                PageRequest::first(100),
+            )
+            .await
+            .unwrap();
+        let c2 = s
+            .list(
+                &ListFilter::Client("client-2".into()),
+                PageRequest::first(100),
+            )
+            .await
+            .unwrap();
         assert_eq!((c1.items.len(), c2.items.len()), (4, 1));
         s.delete(&all[5].mapping_id, None).await.unwrap();
-        let c1 = s.list(&ListFilter::Client("client-1".into()), PageRequest::first(100)).await.unwrap();
+        let c1 = s
+            .list(
+                &ListFilter::Client("client-1".into()),
+                PageRequest::first(100),
+            )
+            .await
+            .unwrap();
         assert_eq!(c1.items.len(), 3);
-        assert!(s.list(&ListFilter::Client("nobody".into()), PageRequest::first(10)).await.unwrap().items.is_empty());
+        assert!(
+            s.list(&ListFilter::Client("nobody".into()), PageRequest::first(10))
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
     }
 
     pub async fn expired_mappings_release_their_domain<F: Fixture>(fx: F) {
@@ -377,7 +550,11 @@ mod cases {
         let lasting = s.create(spec("lasting", 1)).await.unwrap();
         assert!(s.get_by_domain(&m.full_domain).await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(s.get_by_domain(&m.full_domain).await.unwrap(), None, "expired is not served");
+        assert_eq!(
+            s.get_by_domain(&m.full_domain).await.unwrap(),
+            None,
+            "expired is not served"
+        );
         assert!(s.is_available(&m.full_domain).await.unwrap());
         // A new claim takes the expired holder's domain.
         let taker = s.create(spec("brief", 9)).await.unwrap();
@@ -385,7 +562,13 @@ mod cases {
         assert_eq!(s.get_by_domain(&m.full_domain).await.unwrap(), Some(taker));
         // The reaper releases the rest and reports them.
         let released = s.release_expired(Utc::now()).await.unwrap();
-        assert_eq!(released.iter().map(|r| r.mapping_id.clone()).collect::<Vec<_>>(), vec![m2.mapping_id.clone()]);
+        assert_eq!(
+            released
+                .iter()
+                .map(|r| r.mapping_id.clone())
+                .collect::<Vec<_>>(),
+            vec![m2.mapping_id.clone()]
+        );
         assert!(s.is_available(&m2.full_domain).await.unwrap());
         assert!(s.get(&lasting.mapping_id).await.unwrap().is_some());
         assert!(s.release_expired(Utc::now()).await.unwrap().is_empty());
@@ -394,14 +577,22 @@ mod cases {
     pub async fn follower_reloads_when_behind_trimmed_log<F: Fixture>(fx: F) {
         let s = fx.store();
         // The follower starts at version 0, then falls 400 changes behind a log capped at ~10.
-        let (mut follower, initial) = Follower::start(s.clone(), Duration::from_secs(3600)).await.unwrap();
+        let (mut follower, initial) = Follower::start(s.clone(), Duration::from_secs(3600))
+            .await
+            .unwrap();
         let mut replica = Replica::new(initial);
         for i in 0..400 {
             s.create(spec(&format!("t{i}"), 1)).await.unwrap();
         }
-        assert!(matches!(s.changes_since(1, 10).await.unwrap(), Changes::Trimmed { current: 400 }));
+        assert!(matches!(
+            s.changes_since(1, 10).await.unwrap(),
+            Changes::Trimmed { current: 400 }
+        ));
         let updates = follower.catch_up().await.unwrap();
-        assert!(matches!(updates.as_slice(), [tunnox::store::SyncUpdate::Reset(all)] if all.len() == 400), "told to reload fully");
+        assert!(
+            matches!(updates.as_slice(), [tunnox::store::SyncUpdate::Reset(all)] if all.len() == 400),
+            "told to reload fully"
+        );
         replica.apply(updates);
         assert_eq!(follower.applied(), 400);
         replica.assert_matches(&s).await;
@@ -409,7 +600,9 @@ mod cases {
 
     pub async fn follower_converges_after_lag<F: Fixture>(fx: F) {
         let s = fx.store();
-        let (mut follower, initial) = Follower::start(s.clone(), Duration::from_millis(200)).await.unwrap();
+        let (mut follower, initial) = Follower::start(s.clone(), Duration::from_millis(200))
+            .await
+            .unwrap();
         let mut replica = Replica::new(initial);
         let writer = {
             let s = s.clone();
@@ -418,7 +611,9 @@ mod cases {
                 for i in 0..300u16 {
                     let m = s.create(spec(&format!("f{i}"), i + 1)).await.unwrap();
                     if i % 3 == 0 {
-                        s.update(&m.mapping_id, spec(&format!("f{i}"), 9999), m.version).await.unwrap();
+                        s.update(&m.mapping_id, spec(&format!("f{i}"), 9999), m.version)
+                            .await
+                            .unwrap();
                     }
                     if i % 7 == 0 {
                         s.delete(&m.mapping_id, None).await.unwrap();
@@ -441,7 +636,12 @@ pub struct Replica {
 
 impl Replica {
     pub fn new(initial: Vec<tunnox::domain::Mapping>) -> Self {
-        Self { by_domain: initial.into_iter().map(|m| (m.full_domain.clone(), m)).collect() }
+        Self {
+            by_domain: initial
+                .into_iter()
+                .map(|m| (m.full_domain.clone(), m))
+                .collect(),
+        }
     }
 
     pub fn apply(&mut self, updates: Vec<tunnox::store::SyncUpdate>) {
@@ -452,8 +652,15 @@ impl Replica {
                 SyncUpdate::Upsert(m) => {
                     self.by_domain.insert(m.full_domain.clone(), m);
                 }
-                SyncUpdate::Remove { mapping_id, full_domain } => {
-                    if self.by_domain.get(&full_domain).is_some_and(|m| m.mapping_id == mapping_id) {
+                SyncUpdate::Remove {
+                    mapping_id,
+                    full_domain,
+                } => {
+                    if self
+                        .by_domain
+                        .get(&full_domain)
+                        .is_some_and(|m| m.mapping_id == mapping_id)
+                    {
                         self.by_domain.remove(&full_domain);
                     }
                 }
@@ -466,7 +673,9 @@ impl Replica {
         while follower.applied() < version {
             let updates = tokio::time::timeout_at(deadline, follower.next())
                 .await
-                .unwrap_or_else(|_| panic!("follower stuck at {} of {version}", follower.applied()));
+                .unwrap_or_else(|_| {
+                    panic!("follower stuck at {} of {version}", follower.applied())
+                });
             if let Ok(updates) = updates {
                 self.apply(updates);
             }
@@ -474,8 +683,13 @@ impl Replica {
     }
 
     pub async fn assert_matches(&self, store: &Arc<dyn MappingStore>) {
-        let truth: std::collections::HashMap<_, _> =
-            store.list_all().await.unwrap().into_iter().map(|m| (m.full_domain.clone(), m)).collect();
+        let truth: std::collections::HashMap<_, _> = store
+            .list_all()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.full_domain.clone(), m))
+            .collect();
         assert_eq!(self.by_domain.len(), truth.len(), "replica size");
         for (d, m) in &truth {
             assert_eq!(self.by_domain.get(d), Some(m), "replica entry for {d}");

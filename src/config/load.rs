@@ -42,7 +42,13 @@ impl Environment for Vec<(String, String)> {
 pub fn parse(text: &str, origin: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
     let mut value: Value = serde_yaml::from_str(text).map_err(|e| {
         let (line, column) = e.location().map(|l| (l.line(), l.column())).unzip();
-        ConfigError::at(origin, "", format!("invalid YAML: {}", strip_location(&e.to_string())), line, column)
+        ConfigError::at(
+            origin,
+            "",
+            format!("invalid YAML: {}", strip_location(&e.to_string())),
+            line,
+            column,
+        )
     })?;
     if value.is_null() {
         value = Value::Mapping(Mapping::new());
@@ -54,12 +60,13 @@ pub fn parse(text: &str, origin: &str, env: &dyn Environment) -> Result<Config, 
         let message = strip_location(&e.inner().to_string());
         // The typed pass ran on the expanded tree, which has no positions; find the line by
         // running the same pass on the raw text (same path means same culprit).
-        let (line, column) = serde_path_to_error::deserialize::<_, Config>(serde_yaml::Deserializer::from_str(text))
-            .err()
-            .filter(|raw| raw.path().to_string() == path)
-            .and_then(|raw| raw.inner().location())
-            .map(|l| (l.line(), l.column()))
-            .unzip();
+        let (line, column) =
+            serde_path_to_error::deserialize::<_, Config>(serde_yaml::Deserializer::from_str(text))
+                .err()
+                .filter(|raw| raw.path().to_string() == path)
+                .and_then(|raw| raw.inner().location())
+                .map(|l| (l.line(), l.column()))
+                .unzip();
         ConfigError::at(origin, &path, message, line, column)
     })
 }
@@ -77,11 +84,17 @@ fn join(path: &[String]) -> String {
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string value. A value that is exactly one
 /// reference is re-read as YAML, so `port: ${PORT}` becomes a number.
-fn expand(value: &mut Value, path: &mut Vec<String>, origin: &str, env: &dyn Environment) -> Result<(), ConfigError> {
+fn expand(
+    value: &mut Value,
+    path: &mut Vec<String>,
+    origin: &str,
+    env: &dyn Environment,
+) -> Result<(), ConfigError> {
     match value {
         Value::String(s) if s.contains("${") => {
             let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
-            let expanded = expand_str(s, env).map_err(|m| ConfigError::at(origin, &join(path), m, None, None))?;
+            let expanded = expand_str(s, env)
+                .map_err(|m| ConfigError::at(origin, &join(path), m, None, None))?;
             *value = if whole {
                 serde_yaml::from_str::<Value>(&expanded)
                     .ok()
@@ -136,7 +149,11 @@ pub(crate) fn expand_str(s: &str, env: &dyn Environment) -> Result<String, Strin
         match (env.var(name), default) {
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
-            (None, None) => return Err(format!("environment variable {name} is not set (referenced as ${{{name}}})")),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set (referenced as ${{{name}}})"
+                ));
+            }
         }
         rest = &after[end + 1..];
     }
@@ -144,7 +161,11 @@ pub(crate) fn expand_str(s: &str, env: &dyn Environment) -> Result<String, Strin
     Ok(out)
 }
 
-fn apply_overrides(root: &mut Value, origin: &str, env: &dyn Environment) -> Result<(), ConfigError> {
+fn apply_overrides(
+    root: &mut Value,
+    origin: &str,
+    env: &dyn Environment,
+) -> Result<(), ConfigError> {
     let mut vars: Vec<(String, String)> = env
         .vars()
         .into_iter()
@@ -158,7 +179,13 @@ fn apply_overrides(root: &mut Value, origin: &str, env: &dyn Environment) -> Res
             .collect();
         let path = segments.join(".");
         if segments.iter().any(String::is_empty) {
-            return Err(ConfigError::at(origin, &path, format!("environment variable {name}: empty path segment"), None, None));
+            return Err(ConfigError::at(
+                origin,
+                &path,
+                format!("environment variable {name}: empty path segment"),
+                None,
+                None,
+            ));
         }
         let parsed = serde_yaml::from_str::<Value>(&raw)
             .ok()
@@ -170,7 +197,10 @@ fn apply_overrides(root: &mut Value, origin: &str, env: &dyn Environment) -> Res
                 return Err(ConfigError::at(
                     origin,
                     &segments[..i].join("."),
-                    format!("environment variable {name}: {} is not a section", segments[..i].join(".")),
+                    format!(
+                        "environment variable {name}: {} is not a section",
+                        segments[..i].join(".")
+                    ),
                     None,
                     None,
                 ));
@@ -180,7 +210,9 @@ fn apply_overrides(root: &mut Value, origin: &str, env: &dyn Environment) -> Res
                 map.insert(key, parsed.clone());
                 break;
             }
-            node = map.entry(key).or_insert_with(|| Value::Mapping(Mapping::new()));
+            node = map
+                .entry(key)
+                .or_insert_with(|| Value::Mapping(Mapping::new()));
         }
     }
     Ok(())

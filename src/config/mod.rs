@@ -25,7 +25,13 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub fn at(origin: &str, path: &str, message: impl Into<String>, line: Option<usize>, column: Option<usize>) -> Self {
+    pub fn at(
+        origin: &str,
+        path: &str,
+        message: impl Into<String>,
+        line: Option<usize>,
+        column: Option<usize>,
+    ) -> Self {
         Self {
             origin: origin.to_string(),
             path: path.to_string(),
@@ -60,8 +66,15 @@ pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Settings, Conf
     let (text, origin) = match path {
         Some(p) => {
             let origin = p.display().to_string();
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| ConfigError::at(&origin, "", format!("cannot read configuration: {e}"), None, None))?;
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                ConfigError::at(
+                    &origin,
+                    "",
+                    format!("cannot read configuration: {e}"),
+                    None,
+                    None,
+                )
+            })?;
             (text, origin)
         }
         None => (String::new(), "<defaults>".to_string()),

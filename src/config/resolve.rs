@@ -32,7 +32,10 @@ pub fn apply_auto_sharing(cfg: &mut Config) -> Vec<&'static str> {
         fired.push(AUTO_BROKER);
     }
     let broker = &cfg.message_broker;
-    if broker.kind == Some(BrokerType::Redis) && !broker.redis.addr.is_empty() && cfg.storage.redis.addr.is_empty() {
+    if broker.kind == Some(BrokerType::Redis)
+        && !broker.redis.addr.is_empty()
+        && cfg.storage.redis.addr.is_empty()
+    {
         let s = &mut cfg.storage.redis;
         s.addr = broker.redis.addr.clone();
         s.password = broker.redis.password.clone();
@@ -40,7 +43,10 @@ pub fn apply_auto_sharing(cfg: &mut Config) -> Vec<&'static str> {
         fired.push(AUTO_STORAGE);
     }
     if cfg.storage.kind == StorageType::Hybrid
-        && matches!(cfg.storage.hybrid.cache_type, None | Some(CacheType::Memory))
+        && matches!(
+            cfg.storage.hybrid.cache_type,
+            None | Some(CacheType::Memory)
+        )
         && !cfg.storage.redis.addr.is_empty()
     {
         cfg.storage.hybrid.cache_type = Some(CacheType::Redis);
@@ -126,12 +132,23 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         return Err(err("storage.redis.addr", "redis cache enabled (storage.hybrid.cache_type: redis) but storage.redis.addr is not configured".into()));
     }
     if cfg.storage.kind == StorageType::Redis && redis_addr.is_empty() {
-        return Err(err("storage.redis.addr", "is required when storage.type is redis".into()));
+        return Err(err(
+            "storage.redis.addr",
+            "is required when storage.type is redis".into(),
+        ));
     }
-    if cfg.message_broker.kind == Some(BrokerType::Redis) && cfg.message_broker.redis.addr.is_empty() {
-        return Err(err("message_broker.redis.addr", "is required when message_broker.type is redis".into()));
+    if cfg.message_broker.kind == Some(BrokerType::Redis)
+        && cfg.message_broker.redis.addr.is_empty()
+    {
+        return Err(err(
+            "message_broker.redis.addr",
+            "is required when message_broker.type is redis".into(),
+        ));
     }
-    for (path, addr) in [("storage.redis.addr", &redis_addr), ("message_broker.redis.addr", &cfg.message_broker.redis.addr)] {
+    for (path, addr) in [
+        ("storage.redis.addr", &redis_addr),
+        ("message_broker.redis.addr", &cfg.message_broker.redis.addr),
+    ] {
         if !addr.is_empty() {
             check_redis_addr(addr).map_err(|m| err(path, m))?;
         }
@@ -141,39 +158,68 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         return Err(err("storage.redis.pool_size", "must be at least 1".into()));
     }
     if r.db < 0 {
-        return Err(err("storage.redis.db", format!("must not be negative, got {}", r.db)));
+        return Err(err(
+            "storage.redis.db",
+            format!("must not be negative, got {}", r.db),
+        ));
     }
     if r.tls.cert_file.is_some() != r.tls.key_file.is_some() {
-        return Err(err("storage.redis.tls", "cert_file and key_file must be set together".into()));
+        return Err(err(
+            "storage.redis.tls",
+            "cert_file and key_file must be set together".into(),
+        ));
     }
     let local = &cfg.http_domain.cache.local;
     if local.max_size == 0 {
-        return Err(err("http_domain.cache.local.max_size", "must be at least 1".into()));
+        return Err(err(
+            "http_domain.cache.local.max_size",
+            "must be at least 1".into(),
+        ));
     }
     if local.ttl.get().is_zero() {
-        return Err(err("http_domain.cache.local.ttl", "must be greater than 0".into()));
+        return Err(err(
+            "http_domain.cache.local.ttl",
+            "must be greater than 0".into(),
+        ));
     }
     let sync = &cfg.http_domain.sync;
     if sync.buffer_size == 0 {
-        return Err(err("http_domain.sync.buffer_size", "must be at least 1".into()));
+        return Err(err(
+            "http_domain.sync.buffer_size",
+            "must be at least 1".into(),
+        ));
     }
     if sync.changes_max_len == 0 {
-        return Err(err("http_domain.sync.changes_max_len", "must be at least 1".into()));
+        return Err(err(
+            "http_domain.sync.changes_max_len",
+            "must be at least 1".into(),
+        ));
     }
     if sync.check_interval.get().is_zero() {
-        return Err(err("http_domain.sync.check_interval", "must be greater than 0".into()));
+        return Err(err(
+            "http_domain.sync.check_interval",
+            "must be greater than 0".into(),
+        ));
     }
     if cfg.http_domain.enabled && cfg.http_domain.base_domains.is_empty() {
-        return Err(err("http_domain.base_domains", "must list at least one domain when http_domain is enabled".into()));
+        return Err(err(
+            "http_domain.base_domains",
+            "must list at least one domain when http_domain is enabled".into(),
+        ));
     }
     check_mappings(&cfg).map_err(|(path, msg)| err(&path, msg))?;
 
     let mut warnings = Vec::new();
     if cfg.http_domain.cache.shared.is_some() {
-        warnings.push("http_domain.cache.shared has no effect: the Redis store is the shared layer".to_string());
+        warnings.push(
+            "http_domain.cache.shared has no effect: the Redis store is the shared layer"
+                .to_string(),
+        );
     }
     if cfg.http_domain.lock.is_some() {
-        warnings.push("http_domain.lock has no effect: domain claims are atomic and take no lock".to_string());
+        warnings.push(
+            "http_domain.lock has no effect: domain claims are atomic and take no lock".to_string(),
+        );
     }
     let uses_redis = match cfg.storage.kind {
         StorageType::Redis => true,
@@ -192,9 +238,15 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
 }
 
 fn check_redis_addr(addr: &str) -> Result<(), String> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("redis://{addr}") };
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("redis://{addr}")
+    };
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(format!("{addr:?} must be host:port, redis://… or rediss://…"));
+        return Err(format!(
+            "{addr:?} must be host:port, redis://… or rediss://…"
+        ));
     }
     url.as_str()
         .into_connection_info()
@@ -207,14 +259,22 @@ fn check_mappings(cfg: &Config) -> Result<(), (String, String)> {
     for (i, m) in cfg.mappings.iter().enumerate() {
         let at = |field: &str| format!("mappings[{i}].{field}");
         if !cfg.http_domain.base_domains.contains(&m.base_domain) {
-            return Err((at("base_domain"), format!("{} is not in http_domain.base_domains", m.base_domain)));
+            return Err((
+                at("base_domain"),
+                format!("{} is not in http_domain.base_domains", m.base_domain),
+            ));
         }
         let mut spec = MappingSpec::new("x", m.base_domain.as_str(), &m.target_host, m.target_port);
         spec.subdomain = m.subdomain.clone();
         spec.custom_headers = m.custom_headers.clone();
-        let full = spec.validate().map_err(|e| (format!("mappings[{i}]"), e.to_string()))?;
+        let full = spec
+            .validate()
+            .map_err(|e| (format!("mappings[{i}]"), e.to_string()))?;
         if let Some(first) = seen.insert(full.clone(), i) {
-            return Err((at("subdomain"), format!("{full} is already declared by mappings[{first}]")));
+            return Err((
+                at("subdomain"),
+                format!("{full} is already declared by mappings[{first}]"),
+            ));
         }
     }
     Ok(())

@@ -3,7 +3,10 @@
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn settings(yaml: &str) -> Result<Settings, ConfigError> {
@@ -70,9 +73,21 @@ fn auto_sharing_rules() {
             "a:1",
         ),
         // No Redis anywhere: single node.
-        ("storage: {hybrid: {cache_type: memory}}", vec![], false, "", ""),
+        (
+            "storage: {hybrid: {cache_type: memory}}",
+            vec![],
+            false,
+            "",
+            "",
+        ),
         // Rule 3 only applies to hybrid storage: type redis uses Redis without the upgrade line.
-        ("storage: {type: redis, redis: {addr: 'a:1'}}\nmessage_broker: {type: redis, redis: {addr: 'a:1'}}", vec![], true, "a:1", "a:1"),
+        (
+            "storage: {type: redis, redis: {addr: 'a:1'}}\nmessage_broker: {type: redis, redis: {addr: 'a:1'}}",
+            vec![],
+            true,
+            "a:1",
+            "a:1",
+        ),
     ];
     for (yaml, rules, redis, broker, storage) in cases {
         let s = settings(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
@@ -88,7 +103,8 @@ fn rules_copy_password_and_db() {
     let s = settings("storage: {redis: {addr: 'r:1', password: secret, db: 3}}").unwrap();
     assert_eq!(s.config.message_broker.redis.password, "secret");
     assert_eq!(s.config.message_broker.redis.db, 3);
-    let s = settings("message_broker: {type: redis, redis: {addr: 'm:1', password: 42, db: 4}}").unwrap();
+    let s = settings("message_broker: {type: redis, redis: {addr: 'm:1', password: 42, db: 4}}")
+        .unwrap();
     assert_eq!(s.config.storage.redis.password, "42");
     assert_eq!(s.config.storage.redis.db, 4);
 }
@@ -100,41 +116,127 @@ fn errors_name_the_field() {
         (
             "storage: {hybrid: {cache_type: redis}}",
             vec![],
-            vec!["storage.redis.addr", "redis cache enabled", "not configured"],
+            vec![
+                "storage.redis.addr",
+                "redis cache enabled",
+                "not configured",
+            ],
         ),
-        ("storage: {type: redis}", vec![], vec!["storage.redis.addr", "required"]),
-        ("message_broker: {type: redis}", vec![], vec!["message_broker.redis.addr", "required"]),
+        (
+            "storage: {type: redis}",
+            vec![],
+            vec!["storage.redis.addr", "required"],
+        ),
+        (
+            "message_broker: {type: redis}",
+            vec![],
+            vec!["message_broker.redis.addr", "required"],
+        ),
         (
             "http_domain:\n  cache:\n    local:\n      ttl: 6o s\n",
             vec![],
-            vec!["test.yaml:4:", "http_domain.cache.local.ttl", "invalid duration \"6o s\""],
+            vec![
+                "test.yaml:4:",
+                "http_domain.cache.local.ttl",
+                "invalid duration \"6o s\"",
+            ],
         ),
-        ("storage:\n  redis:\n    adr: x\n", vec![], vec!["test.yaml:3:", "storage.redis", "unknown field `adr`"]),
-        ("proxy:\n  listen: nowhere\n", vec![], vec!["test.yaml:2:", "proxy.listen", "invalid socket address"]),
-        ("storage: {type: disk}", vec![], vec!["storage.type", "unknown variant `disk`"]),
-        ("http_domain: {base_domains: [tunnox.net, 'bad_domain.net']}", vec![], vec!["http_domain.base_domains[1]", "bad_domain.net"]),
-        ("proxy: {set: novel}", vec![], vec!["proxy.set", "<business>.<region>"]),
-        ("storage: {redis: {addr: 'http://x:1'}}", vec![], vec!["storage.redis.addr", "rediss://"]),
-        ("storage: {redis: {addr: 'r:1', pool_size: 0}}", vec![], vec!["storage.redis.pool_size", "at least 1"]),
-        ("http_domain: {cache: {local: {max_size: 0}}}", vec![], vec!["http_domain.cache.local.max_size"]),
-        ("storage: {type: memory, redis: {addr: 'r:1'}}", vec![], vec!["storage.redis.addr", "storage.type is memory"]),
-        ("storage: {redis: {password: '${NOPE}'}}", vec![], vec!["storage.redis.password", "NOPE is not set"]),
-        ("mappings:\n  - {subdomain: a, base_domain: other.org, target_host: h, target_port: 1}\n", vec![], vec!["mappings[0].base_domain", "other.org"]),
-        ("mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 0}\n", vec![], vec!["mappings[0]", "target_port"]),
+        (
+            "storage:\n  redis:\n    adr: x\n",
+            vec![],
+            vec!["test.yaml:3:", "storage.redis", "unknown field `adr`"],
+        ),
+        (
+            "proxy:\n  listen: nowhere\n",
+            vec![],
+            vec!["test.yaml:2:", "proxy.listen", "invalid socket address"],
+        ),
+        (
+            "storage: {type: disk}",
+            vec![],
+            vec!["storage.type", "unknown variant `disk`"],
+        ),
+        (
+            "http_domain: {base_domains: [tunnox.net, 'bad_domain.net']}",
+            vec![],
+            vec!["http_domain.base_domains[1]", "bad_domain.net"],
+        ),
+        (
+            "proxy: {set: novel}",
+            vec![],
+            vec!["proxy.set", "<business>.<region>"],
+        ),
+        (
+            "storage: {redis: {addr: 'http://x:1'}}",
+            vec![],
+            vec!["storage.redis.addr", "rediss://"],
+        ),
+        (
+            "storage: {redis: {addr: 'r:1', pool_size: 0}}",
+            vec![],
+            vec!["storage.redis.pool_size", "at least 1"],
+        ),
+        (
+            "http_domain: {cache: {local: {max_size: 0}}}",
+            vec![],
+            vec!["http_domain.cache.local.max_size"],
+        ),
+        (
+            "storage: {type: memory, redis: {addr: 'r:1'}}",
+            vec![],
+            vec!["storage.redis.addr", "storage.type is memory"],
+        ),
+        (
+            "storage: {redis: {password: '${NOPE}'}}",
+            vec![],
+            vec!["storage.redis.password", "NOPE is not set"],
+        ),
+        (
+            "mappings:\n  - {subdomain: a, base_domain: other.org, target_host: h, target_port: 1}\n",
+            vec![],
+            vec!["mappings[0].base_domain", "other.org"],
+        ),
+        (
+            "mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 0}\n",
+            vec![],
+            vec!["mappings[0]", "target_port"],
+        ),
         (
             "mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1}\n  - {subdomain: A, base_domain: tunnox.net, target_host: h, target_port: 2}\n",
             vec![],
             vec!["mappings[1].subdomain", "already declared by mappings[0]"],
         ),
-        ("storage:\n  redis: [1, 2\n", vec![], vec!["test.yaml:", "invalid YAML"]),
-        ("", vec![("TUNNOX__HTTP_DOMAIN__CACHE__LOCAL__TTL", "soon")], vec!["http_domain.cache.local.ttl", "invalid duration \"soon\""]),
-        ("", vec![("TUNNOX__STORAGE__TYPO", "1")], vec!["unknown field `typo`"]),
-        ("storage: {redis: {addr: 'r:1'}}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1}\n", vec![], vec!["mappings", "single-node"]),
+        (
+            "storage:\n  redis: [1, 2\n",
+            vec![],
+            vec!["test.yaml:", "invalid YAML"],
+        ),
+        (
+            "",
+            vec![("TUNNOX__HTTP_DOMAIN__CACHE__LOCAL__TTL", "soon")],
+            vec!["http_domain.cache.local.ttl", "invalid duration \"soon\""],
+        ),
+        (
+            "",
+            vec![("TUNNOX__STORAGE__TYPO", "1")],
+            vec!["unknown field `typo`"],
+        ),
+        (
+            "storage: {redis: {addr: 'r:1'}}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1}\n",
+            vec![],
+            vec!["mappings", "single-node"],
+        ),
     ];
     for (yaml, vars, wants) in cases {
-        let e = settings_env(yaml, &vars).err().unwrap_or_else(|| panic!("{yaml:?} should fail")).to_string();
+        let e = settings_env(yaml, &vars)
+            .err()
+            .unwrap_or_else(|| panic!("{yaml:?} should fail"))
+            .to_string();
         for want in wants {
-            assert!(e.contains(want), "error for {yaml:?}: {e:?} should contain {want:?}");
+            assert!(
+                e.contains(want),
+                "error for {yaml:?}: {e:?} should contain {want:?}"
+            );
         }
     }
 }
@@ -195,7 +297,10 @@ http_domain:
         crate::store::StoreBackend::Redis(o) => {
             assert_eq!(o.prefix, "tunnox:http_domain");
             assert_eq!(o.pool_size, 50);
-            assert_eq!(o.events_channel.as_deref(), Some("tunnox:http_domain:events"));
+            assert_eq!(
+                o.events_channel.as_deref(),
+                Some("tunnox:http_domain:events")
+            );
         }
         other => panic!("expected redis, got {other:?}"),
     }
@@ -203,14 +308,20 @@ http_domain:
 
 #[test]
 fn memory_backend_carries_persistence() {
-    let s = settings("storage: {hybrid: {json: {file_path: /tmp/x.json, save_interval: 0}}}").unwrap();
+    let s =
+        settings("storage: {hybrid: {json: {file_path: /tmp/x.json, save_interval: 0}}}").unwrap();
     match s.store_backend("n") {
-        crate::store::StoreBackend::Memory { persist: Some(p), .. } => {
+        crate::store::StoreBackend::Memory {
+            persist: Some(p), ..
+        } => {
             assert_eq!(p.path, std::path::PathBuf::from("/tmp/x.json"));
             assert!(p.save_interval.is_zero());
         }
         other => panic!("{other:?}"),
     }
     let s = settings("storage: {hybrid: {enable_persistent: false}}").unwrap();
-    assert!(matches!(s.store_backend("n"), crate::store::StoreBackend::Memory { persist: None, .. }));
+    assert!(matches!(
+        s.store_backend("n"),
+        crate::store::StoreBackend::Memory { persist: None, .. }
+    ));
 }

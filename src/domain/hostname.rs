@@ -92,8 +92,7 @@ impl Hostname {
         }
         let host = match value.rsplit_once(':') {
             Some((host, port)) => {
-                if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit())
-                {
+                if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(HostnameError::BadPort {
                         host: value.to_string(),
                     });
@@ -117,7 +116,10 @@ impl Hostname {
     /// True when `self` is `base` or a subdomain of it.
     pub fn is_within(&self, base: &Hostname) -> bool {
         let (me, b) = (self.as_str(), base.as_str());
-        me == b || (me.len() > b.len() && me.ends_with(b) && me.as_bytes()[me.len() - b.len() - 1] == b'.')
+        me == b
+            || (me.len() > b.len()
+                && me.ends_with(b)
+                && me.as_bytes()[me.len() - b.len() - 1] == b'.')
     }
 }
 
@@ -221,14 +223,24 @@ mod tests {
             ("xn--bcher-kva.example", "xn--bcher-kva.example"),
         ];
         for (input, want) in cases {
-            assert_eq!(Hostname::parse(input).unwrap().as_str(), want, "input {input:?}");
+            assert_eq!(
+                Hostname::parse(input).unwrap().as_str(),
+                want,
+                "input {input:?}"
+            );
         }
     }
 
     #[test]
     fn rejects_invalid_hostnames() {
         let long_label = "a".repeat(64);
-        let long_host = format!("{}.{}.{}.{}.com", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63));
+        let long_host = format!(
+            "{}.{}.{}.{}.com",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(63)
+        );
         let cases: Vec<(&str, &str)> = vec![
             ("", "empty"),
             (".", "empty"),
@@ -287,7 +299,9 @@ mod tests {
     #[test]
     fn never_panics_on_arbitrary_input() {
         // Cheap deterministic fuzz: every byte pattern up to length 3 over an interesting alphabet.
-        let alphabet = ["a", "-", ".", ":", "_", "Z", "9", "ü", "\u{0}", "[", " ", "\u{ffff}"];
+        let alphabet = [
+            "a", "-", ".", ":", "_", "Z", "9", "ü", "\u{0}", "[", " ", "\u{ffff}",
+        ];
         for a in alphabet {
             for b in alphabet {
                 for c in alphabet {

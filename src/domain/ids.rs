@@ -72,7 +72,10 @@ mod tests {
     #[test]
     fn generated_ids_parse_and_sort_by_time() {
         let ids: Vec<MappingId> = (0..1000).map(|_| MappingId::generate()).collect();
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids within one millisecond stay ordered");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids within one millisecond stay ordered"
+        );
         let a = ids[0].clone();
         assert_eq!(MappingId::parse(a.as_str()).unwrap(), a);
         assert_eq!(a.as_str().len(), 30);
@@ -80,7 +83,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed_ids() {
-        for bad in ["", "hdm_", "abc", "hdm_xyz", "HDM_01ARZ3NDEKTSV4RRFFQ69G5FAV", "hdm_01ARZ3NDEKTSV4RRFFQ69G5FA!"] {
+        for bad in [
+            "",
+            "hdm_",
+            "abc",
+            "hdm_xyz",
+            "HDM_01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            "hdm_01ARZ3NDEKTSV4RRFFQ69G5FA!",
+        ] {
             assert!(MappingId::parse(bad).is_err(), "{bad}");
         }
         let lower = MappingId::parse("hdm_01arz3ndektsv4rrffq69g5fav").unwrap();

@@ -266,11 +266,26 @@ mod tests {
         assert_eq!(nested.validate().unwrap().as_str(), "a.b.tunnox.net");
 
         let bad: Vec<(MappingSpec, &str)> = vec![
-            (MappingSpec::new("my_app", "tunnox.net", "127.0.0.1", 1), "subdomain \"my_app\""),
-            (MappingSpec::new("", "tunnox.net", "127.0.0.1", 1), "subdomain \"\""),
-            (MappingSpec::new("a", "tunnox.net", "127.0.0.1", 0), "target_port"),
-            (MappingSpec::new("a", "tunnox.net", "bad host", 1), "target_host \"bad host\""),
-            (MappingSpec::new("a", "tunnox.net", "UPPER.case", 1), "target_host"),
+            (
+                MappingSpec::new("my_app", "tunnox.net", "127.0.0.1", 1),
+                "subdomain \"my_app\"",
+            ),
+            (
+                MappingSpec::new("", "tunnox.net", "127.0.0.1", 1),
+                "subdomain \"\"",
+            ),
+            (
+                MappingSpec::new("a", "tunnox.net", "127.0.0.1", 0),
+                "target_port",
+            ),
+            (
+                MappingSpec::new("a", "tunnox.net", "bad host", 1),
+                "target_host \"bad host\"",
+            ),
+            (
+                MappingSpec::new("a", "tunnox.net", "UPPER.case", 1),
+                "target_host",
+            ),
             (
                 MappingSpec {
                     custom_headers: [("X Bad".into(), "v".into())].into(),
@@ -296,14 +311,29 @@ mod tests {
     fn json_field_names_are_stable() {
         let spec = MappingSpec::new("app", "tunnox.net", "127.0.0.1", 3000);
         let full = spec.validate().unwrap();
-        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().to_utc();
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
         let id = MappingId::parse("hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
         let m = Mapping::from_spec(id, spec.clone(), full, "node-1", now);
         let json = serde_json::to_value(&m).unwrap();
         for field in [
-            "mapping_id", "subdomain", "base_domain", "full_domain", "target_host", "target_port",
-            "target_scheme", "creator_node_id", "status", "created_at", "updated_at", "enable_https",
-            "access_count", "bytes_in", "bytes_out", "version",
+            "mapping_id",
+            "subdomain",
+            "base_domain",
+            "full_domain",
+            "target_host",
+            "target_port",
+            "target_scheme",
+            "creator_node_id",
+            "status",
+            "created_at",
+            "updated_at",
+            "enable_https",
+            "access_count",
+            "bytes_in",
+            "bytes_out",
+            "version",
         ] {
             assert!(json.get(field).is_some(), "missing {field} in {json}");
         }

@@ -131,7 +131,18 @@ mod tests {
         assert!(set("novel.*").is_dr());
         assert_eq!(set("novel.sh").dr(), set("novel.*"));
         assert_eq!(set("default.default").to_string(), "default.default");
-        for bad in ["", "novel", "novel.", ".sh", "Novel.sh", "novel.sh.x", "*.sh", "no_vel.sh", "-a.sh", "a.s h"] {
+        for bad in [
+            "",
+            "novel",
+            "novel.",
+            ".sh",
+            "Novel.sh",
+            "novel.sh.x",
+            "*.sh",
+            "no_vel.sh",
+            "-a.sh",
+            "a.s h",
+        ] {
             assert!(SetName::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -149,7 +160,11 @@ mod tests {
         for (placement, healthy, want) in cases {
             let healthy: Vec<SetName> = healthy.iter().map(|s| set(s)).collect();
             let got = serving_set(&set(placement), healthy.iter());
-            assert_eq!(got, want.map(set), "placement {placement} healthy {healthy:?}");
+            assert_eq!(
+                got,
+                want.map(set),
+                "placement {placement} healthy {healthy:?}"
+            );
         }
     }
 }

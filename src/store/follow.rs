@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ChangeEvent, ChangeOp, Changes, MappingStore, StoreError, Subscription, SubscriptionEvent};
+use super::{
+    ChangeEvent, ChangeOp, Changes, MappingStore, StoreError, Subscription, SubscriptionEvent,
+};
 use crate::domain::{Hostname, Mapping, MappingId};
 
 /// What to do with an event, given the last version applied.
@@ -141,9 +143,14 @@ impl Follower {
     pub async fn catch_up(&mut self) -> Result<Vec<SyncUpdate>, StoreError> {
         let mut updates = Vec::new();
         loop {
-            match self.store.changes_since(self.tracker.applied(), PAGE).await? {
+            match self
+                .store
+                .changes_since(self.tracker.applied(), PAGE)
+                .await?
+            {
                 Changes::Events { events, current } => {
-                    let done = events.len() < PAGE || events.last().is_none_or(|e| e.version >= current);
+                    let done =
+                        events.len() < PAGE || events.last().is_none_or(|e| e.version >= current);
                     for e in &events {
                         updates.extend(self.resolve(e).await?);
                         self.tracker.advance(e.version);
@@ -153,7 +160,11 @@ impl Follower {
                     }
                 }
                 Changes::Trimmed { current } => {
-                    tracing::info!(applied = self.tracker.applied(), current, "change log trimmed past us; reloading");
+                    tracing::info!(
+                        applied = self.tracker.applied(),
+                        current,
+                        "change log trimmed past us; reloading"
+                    );
                     let all = self.store.list_all().await?;
                     self.tracker.reset(current);
                     return Ok(vec![SyncUpdate::Reset(all)]);
@@ -191,9 +202,19 @@ mod tests {
 
     #[test]
     fn tracker_steps() {
-        let cases = [(5, 3, Step::Skip), (5, 5, Step::Skip), (5, 6, Step::Apply), (5, 8, Step::CatchUp), (0, 1, Step::Apply)];
+        let cases = [
+            (5, 3, Step::Skip),
+            (5, 5, Step::Skip),
+            (5, 6, Step::Apply),
+            (5, 8, Step::CatchUp),
+            (0, 1, Step::Apply),
+        ];
         for (applied, incoming, want) in cases {
-            assert_eq!(VersionTracker::new(applied).step(incoming), want, "applied {applied} incoming {incoming}");
+            assert_eq!(
+                VersionTracker::new(applied).step(incoming),
+                want,
+                "applied {applied} incoming {incoming}"
+            );
         }
         let mut t = VersionTracker::new(5);
         t.advance(3);

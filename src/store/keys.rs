@@ -73,8 +73,14 @@ mod tests {
         let k = Keys::new("tunnox:http_domain", None);
         let id = MappingId::parse("hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
         let d = Hostname::parse("app.tunnox.net").unwrap();
-        assert_eq!(k.mapping(&id), "tunnox:http_domain:mapping:hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV");
-        assert_eq!(k.domain(&d), "tunnox:http_domain:index:domain:app.tunnox.net");
+        assert_eq!(
+            k.mapping(&id),
+            "tunnox:http_domain:mapping:hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        );
+        assert_eq!(
+            k.domain(&d),
+            "tunnox:http_domain:index:domain:app.tunnox.net"
+        );
         assert_eq!(k.client("c1"), "tunnox:http_domain:index:client:c1");
         assert_eq!(k.user("u1"), "tunnox:http_domain:index:user:u1");
         assert_eq!(k.all(), "tunnox:http_domain:index:all");

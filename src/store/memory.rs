@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 use super::persist::{self, Snapshot};
-use super::types::LossySender;
 use super::{
     ChangeEvent, ChangeOp, Changes, ListFilter, MappingStore, Page, PageRequest, StoreError,
     Subscription, SubscriptionEvent,
@@ -41,12 +40,19 @@ struct State {
 
 impl State {
     fn index(&mut self, m: &Mapping) {
-        self.by_domain.insert(m.full_domain.clone(), m.mapping_id.clone());
+        self.by_domain
+            .insert(m.full_domain.clone(), m.mapping_id.clone());
         if let Some(c) = &m.target_client_id {
-            self.by_client.entry(c.clone()).or_default().insert(m.mapping_id.clone());
+            self.by_client
+                .entry(c.clone())
+                .or_default()
+                .insert(m.mapping_id.clone());
         }
         if let Some(u) = &m.owner_user_id {
-            self.by_user.entry(u.clone()).or_default().insert(m.mapping_id.clone());
+            self.by_user
+                .entry(u.clone())
+                .or_default()
+                .insert(m.mapping_id.clone());
         }
     }
 
@@ -176,7 +182,10 @@ impl MemoryStore {
         self.inner.save_if_dirty()
     }
 
-    fn write<T>(&self, f: impl FnOnce(&mut State) -> Result<(T, ChangeEvent), StoreError>) -> Result<T, StoreError> {
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<(T, ChangeEvent), StoreError>,
+    ) -> Result<T, StoreError> {
         let (out, event) = {
             let mut state = self.inner.state.write().expect("store lock poisoned");
             f(&mut state)?
@@ -229,7 +238,9 @@ impl Default for MemoryStore {
 
 impl Inner {
     fn save_if_dirty(&self) -> Result<(), StoreError> {
-        let Some(p) = &self.persist else { return Ok(()) };
+        let Some(p) = &self.persist else {
+            return Ok(());
+        };
         let bytes = {
             let mut state = self.state.write().expect("store lock poisoned");
             if !state.dirty {
@@ -273,7 +284,13 @@ impl MappingStore for MemoryStore {
         let full = spec.validate()?;
         let now = Utc::now();
         let max_len = self.inner.changes_max_len;
-        let mut mapping = Mapping::from_spec(MappingId::generate(), spec, full.clone(), &self.inner.node_id, now);
+        let mut mapping = Mapping::from_spec(
+            MappingId::generate(),
+            spec,
+            full.clone(),
+            &self.inner.node_id,
+            now,
+        );
         self.write(|state| {
             if let Some(holder_id) = state.by_domain.get(&full).cloned() {
                 let holder = &state.by_id[&holder_id];
@@ -291,7 +308,9 @@ impl MappingStore for MemoryStore {
             state.version += 1;
             mapping.version = state.version;
             state.index(&mapping);
-            state.by_id.insert(mapping.mapping_id.clone(), mapping.clone());
+            state
+                .by_id
+                .insert(mapping.mapping_id.clone(), mapping.clone());
             let event = state.log(max_len, ChangeOp::Created, &mapping, None);
             Ok((mapping, event))
         })
@@ -404,10 +423,9 @@ impl MappingStore for MemoryStore {
     }
 
     async fn subscribe(&self) -> Result<Subscription, StoreError> {
-        let (tx, rx) = mpsc::channel(self.inner.subscription_buffer.max(1));
+        let (mut out, parts) = Subscription::channel(self.inner.subscription_buffer);
         let mut events = self.inner.events.subscribe();
         let task = tokio::spawn(async move {
-            let mut out = LossySender::new(tx);
             loop {
                 let item = match events.recv().await {
                     Ok(event) => SubscriptionEvent::Change(event),
@@ -419,7 +437,7 @@ impl MappingStore for MemoryStore {
                 }
             }
         });
-        Ok(Subscription::new(rx, task))
+        Ok(Subscription::new(parts, task))
     }
 
     async fn release_expired(&self, now: DateTime<Utc>) -> Result<Vec<Mapping>, StoreError> {

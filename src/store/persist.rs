@@ -46,13 +46,18 @@ pub(crate) fn load(path: &Path) -> Result<Option<Snapshot>, StoreError> {
     let snap: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
         err(
             path,
-            format!("is not a valid tunnox data file ({e}); fix or move it away, it was left untouched"),
+            format!(
+                "is not a valid tunnox data file ({e}); fix or move it away, it was left untouched"
+            ),
         )
     })?;
     if snap.format != FORMAT {
         return Err(err(
             path,
-            format!("has format {}, this build reads format {FORMAT}", snap.format),
+            format!(
+                "has format {}, this build reads format {FORMAT}",
+                snap.format
+            ),
         ));
     }
     Ok(Some(snap))
@@ -64,10 +69,13 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> 
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).map_err(|e| err(path, format!("cannot create directory: {e}")))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| err(path, format!("cannot create directory: {e}")))?;
     let tmp = dir.join(format!(
         ".{}.tmp.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("tunnox-data"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tunnox-data"),
         std::process::id()
     ));
     let write = || -> std::io::Result<()> {
@@ -93,10 +101,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data.json");
         std::fs::write(&path, b"{\"format\":1,\"version\":3,\"mappings\":[{oops").unwrap();
-        let e = load(&path).err().expect("corrupt file must fail").to_string();
+        let e = load(&path)
+            .err()
+            .expect("corrupt file must fail")
+            .to_string();
         assert!(e.contains("data.json"), "{e}");
         assert!(e.contains("not a valid tunnox data file"), "{e}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"{\"format\":1,\"version\":3,\"mappings\":[{oops");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"{\"format\":1,\"version\":3,\"mappings\":[{oops"
+        );
     }
 
     #[test]

@@ -11,9 +11,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, IntoConnectionInfo, Script, Value};
-use tokio::sync::mpsc;
 
-use super::types::LossySender;
 use super::{
     ChangeEvent, ChangeOp, Changes, Keys, ListFilter, MappingStore, Page, PageRequest, StoreError,
     Subscription, SubscriptionEvent,
@@ -80,7 +78,11 @@ struct Scripts {
 
 macro_rules! mutation_script {
     ($file:literal) => {
-        Script::new(concat!(include_str!("lua/common.lua"), "\n", include_str!($file)))
+        Script::new(concat!(
+            include_str!("lua/common.lua"),
+            "\n",
+            include_str!($file)
+        ))
     };
 }
 
@@ -227,7 +229,12 @@ impl RedisStore {
                 };
             }
         };
-        let holder_source = self.get(&holder).await.ok().flatten().and_then(|m| m.source);
+        let holder_source = self
+            .get(&holder)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|m| m.source);
         StoreError::DomainTaken {
             domain,
             holder,
@@ -519,10 +526,8 @@ impl MappingStore for RedisStore {
             .iter()
             .map(|id| format!("{}:mapping:{id}", k.prefix()))
             .collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await?;
+        let values: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         let mut items = Vec::with_capacity(values.len());
         for (key, json) in keys.iter().zip(values) {
             // A record deleted between the two reads is simply not listed.
@@ -531,12 +536,14 @@ impl MappingStore for RedisStore {
             }
         }
         let next = if ids.len() == limit {
-            Some(MappingId::parse(ids.last().expect("non-empty")).map_err(|e| {
-                StoreError::Corrupt {
-                    at: index.clone(),
-                    detail: e.to_string(),
-                }
-            })?)
+            Some(
+                MappingId::parse(ids.last().expect("non-empty")).map_err(|e| {
+                    StoreError::Corrupt {
+                        at: index.clone(),
+                        detail: e.to_string(),
+                    }
+                })?,
+            )
         } else {
             None
         };
@@ -550,36 +557,37 @@ impl MappingStore for RedisStore {
 
     async fn changes_since(&self, version: u64, limit: usize) -> Result<Changes, StoreError> {
         let k = &self.inner.keys;
-        let (current, entries): (Option<u64>, Vec<(String, Vec<(String, String)>)>) =
-            redis::pipe()
-                .atomic()
-                .get(k.version())
-                .cmd("XRANGE")
-                .arg(k.changes())
-                .arg(format!("0-{}", version + 1))
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit.max(1))
-                .query_async(&mut self.conn())
-                .await?;
+        let (current, entries): (Option<u64>, Vec<(String, Vec<(String, String)>)>) = redis::pipe()
+            .atomic()
+            .get(k.version())
+            .cmd("XRANGE")
+            .arg(k.changes())
+            .arg(format!("0-{}", version + 1))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut self.conn())
+            .await?;
         let current = current.unwrap_or(0);
         let mut events = Vec::with_capacity(entries.len());
         for (id, fields) in entries {
-            events.push(parse_entry(&id, &fields).ok_or_else(|| StoreError::Corrupt {
-                at: format!("{} {id}", k.changes()),
-                detail: format!("malformed change entry {fields:?}"),
-            })?);
+            events.push(
+                parse_entry(&id, &fields).ok_or_else(|| StoreError::Corrupt {
+                    at: format!("{} {id}", k.changes()),
+                    detail: format!("malformed change entry {fields:?}"),
+                })?,
+            );
         }
         Ok(Changes::decide(version, current, events))
     }
 
     async fn subscribe(&self) -> Result<Subscription, StoreError> {
-        let (tx, rx) = mpsc::channel(self.inner.opts.subscription_buffer.max(1));
+        let (out, parts) = Subscription::channel(self.inner.opts.subscription_buffer);
         // Subscribe once before returning, so events after this call are not missed.
         let first = self.open_pubsub().await?;
         let store = self.clone();
-        let task = tokio::spawn(async move { store.feed(first, LossySender::new(tx)).await });
-        Ok(Subscription::new(rx, task))
+        let task = tokio::spawn(async move { store.feed(first, out).await });
+        Ok(Subscription::new(parts, task))
     }
 
     async fn release_expired(&self, now: DateTime<Utc>) -> Result<Vec<Mapping>, StoreError> {
@@ -589,8 +597,12 @@ impl MappingStore for RedisStore {
             .await?;
         let mut released = Vec::new();
         for raw in ids {
-            let Ok(id) = MappingId::parse(&raw) else { continue };
-            let Some(m) = self.get_raw(&id).await? else { continue };
+            let Ok(id) = MappingId::parse(&raw) else {
+                continue;
+            };
+            let Some(m) = self.get_raw(&id).await? else {
+                continue;
+            };
             if !m.is_expired(now) {
                 continue;
             }
@@ -639,14 +651,16 @@ impl RedisStore {
 
     /// Forwards pub/sub messages until the subscriber goes away; reconnects with backoff
     /// (100 ms, ×1.5, capped at 5 s) and reports the gap so the subscriber can catch up.
-    async fn feed(self, first: redis::aio::PubSub, mut out: LossySender) {
+    async fn feed(self, first: redis::aio::PubSub, mut out: super::types::LossySender) {
         let mut pubsub = Some(first);
         let mut delay = Duration::from_millis(100);
         loop {
             if let Some(ps) = pubsub.take() {
                 let mut stream = ps.into_on_message();
                 while let Some(msg) = stream.next().await {
-                    let Ok(payload) = msg.get_payload::<String>() else { continue };
+                    let Ok(payload) = msg.get_payload::<String>() else {
+                        continue;
+                    };
                     match serde_json::from_str::<ChangeEvent>(&payload) {
                         Ok(event) => {
                             if !out.send(SubscriptionEvent::Change(event)) {
@@ -681,7 +695,12 @@ impl RedisStore {
 }
 
 fn parse_entry(id: &str, fields: &[(String, String)]) -> Option<ChangeEvent> {
-    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let version: u64 = id.strip_prefix("0-")?.parse().ok()?;
     Some(ChangeEvent {
         op: ChangeOp::parse(field("op")?)?,

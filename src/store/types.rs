@@ -1,5 +1,8 @@
 //! Value types of the store interface: change events, pages, subscriptions.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -121,21 +124,45 @@ pub enum SubscriptionEvent {
 /// A live change feed. Dropping it stops the background task that feeds it.
 pub struct Subscription {
     rx: mpsc::Receiver<SubscriptionEvent>,
+    lagged: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Subscription {
-    pub(crate) fn new(
-        rx: mpsc::Receiver<SubscriptionEvent>,
-        task: tokio::task::JoinHandle<()>,
-    ) -> Self {
-        Self { rx, task }
+    /// A bounded feed: the returned sender drops events rather than block when it is full.
+    pub(crate) fn channel(buffer: usize) -> (LossySender, SubscriptionParts) {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let lagged = Arc::new(AtomicBool::new(false));
+        (
+            LossySender {
+                tx,
+                lagged: lagged.clone(),
+            },
+            SubscriptionParts { rx, lagged },
+        )
     }
 
-    /// The next event; `None` once the store is gone.
+    pub(crate) fn new(parts: SubscriptionParts, task: tokio::task::JoinHandle<()>) -> Self {
+        Self {
+            rx: parts.rx,
+            lagged: parts.lagged,
+            task,
+        }
+    }
+
+    /// The next event; `None` once the store is gone. [`SubscriptionEvent::Lagged`] comes as
+    /// soon as the subscriber asks after an overflow, even if no further event follows.
     pub async fn next(&mut self) -> Option<SubscriptionEvent> {
+        if self.lagged.swap(false, Ordering::AcqRel) {
+            return Some(SubscriptionEvent::Lagged);
+        }
         self.rx.recv().await
     }
+}
+
+pub(crate) struct SubscriptionParts {
+    rx: mpsc::Receiver<SubscriptionEvent>,
+    lagged: Arc<AtomicBool>,
 }
 
 impl Drop for Subscription {
@@ -145,34 +172,22 @@ impl Drop for Subscription {
 }
 
 /// Sends to a bounded subscriber queue without ever blocking the feed: when the queue is full
-/// the event is dropped and the subscriber is told it lagged as soon as there is room.
+/// the event is dropped and the subscriber is told it lagged.
 pub(crate) struct LossySender {
     tx: mpsc::Sender<SubscriptionEvent>,
-    lagged: bool,
+    lagged: Arc<AtomicBool>,
 }
 
 impl LossySender {
-    pub(crate) fn new(tx: mpsc::Sender<SubscriptionEvent>) -> Self {
-        Self { tx, lagged: false }
-    }
-
     /// Returns false when the subscriber has gone away.
     pub(crate) fn send(&mut self, event: SubscriptionEvent) -> bool {
-        use mpsc::error::TrySendError;
-        if self.lagged {
-            match self.tx.try_send(SubscriptionEvent::Lagged) {
-                Ok(()) => self.lagged = false,
-                Err(TrySendError::Full(_)) => return true,
-                Err(TrySendError::Closed(_)) => return false,
-            }
-        }
         match self.tx.try_send(event) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.lagged = true;
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.lagged.store(true, Ordering::Release);
                 true
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }
@@ -206,24 +221,27 @@ mod tests {
             match (got, want) {
                 (Changes::Events { events, .. }, Some(n)) => assert_eq!(events.len(), n),
                 (Changes::Trimmed { current: c }, None) => assert_eq!(c, current),
-                (got, want) => panic!("since {since} current {current} {versions:?}: got {got:?}, want {want:?}"),
+                (got, want) => panic!(
+                    "since {since} current {current} {versions:?}: got {got:?}, want {want:?}"
+                ),
             }
         }
     }
 
-    #[test]
-    fn lossy_sender_reports_lag_instead_of_blocking() {
-        let (tx, mut rx) = mpsc::channel(2);
-        let mut out = LossySender::new(tx);
+    #[tokio::test]
+    async fn overflow_is_reported_without_blocking_or_waiting_for_more_events() {
+        let (mut out, parts) = Subscription::channel(2);
+        let mut sub = Subscription::new(parts, tokio::spawn(async {}));
         for v in 1..=5 {
             assert!(out.send(SubscriptionEvent::Change(ev(v))));
         }
-        assert!(matches!(rx.try_recv(), Ok(SubscriptionEvent::Change(e)) if e.version == 1));
-        assert!(matches!(rx.try_recv(), Ok(SubscriptionEvent::Change(e)) if e.version == 2));
+        // Lag is reported first, with no further event needed to carry it.
+        assert_eq!(sub.next().await, Some(SubscriptionEvent::Lagged));
+        assert!(matches!(sub.next().await, Some(SubscriptionEvent::Change(e)) if e.version == 1));
+        assert!(matches!(sub.next().await, Some(SubscriptionEvent::Change(e)) if e.version == 2));
         assert!(out.send(SubscriptionEvent::Change(ev(6))));
-        assert_eq!(rx.try_recv(), Ok(SubscriptionEvent::Lagged));
-        assert!(matches!(rx.try_recv(), Ok(SubscriptionEvent::Change(e)) if e.version == 6));
-        drop(rx);
+        assert!(matches!(sub.next().await, Some(SubscriptionEvent::Change(e)) if e.version == 6));
+        drop(sub);
         assert!(!out.send(SubscriptionEvent::Lagged));
     }
 }

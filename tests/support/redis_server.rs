@@ -49,21 +49,84 @@ impl RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
         let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(d).output().expect("run openssl");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
-        run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=tunnox-test-ca", "-keyout", "ca.key", "-out", "ca.crt"]);
-        run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"]);
-        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-        run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", "server.crt"]);
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tunnox-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ]);
         let p = |f: &str| d.join(f).display().to_string();
         let extra = vec![
-            "--tls-cert-file".into(), p("server.crt"),
-            "--tls-key-file".into(), p("server.key"),
-            "--tls-ca-cert-file".into(), p("ca.crt"),
-            "--tls-auth-clients".into(), "no".into(),
+            "--tls-cert-file".into(),
+            p("server.crt"),
+            "--tls-key-file".into(),
+            p("server.key"),
+            "--tls-ca-cert-file".into(),
+            p("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
         ];
-        let mut server = Self { port: free_port(), dir, child: None, extra, tls: true };
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            child: None,
+            extra,
+            tls: true,
+        };
         server.spawn();
         let ca = server.dir.path().join("ca.crt");
         (server, ca)
@@ -79,12 +142,21 @@ impl RedisServer {
             cmd.args(["--port", &port]);
         }
         cmd.args(["--dir", &self.dir.path().display().to_string()])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = cmd.spawn().expect("start redis-server (is it installed? .ci/run installs it)");
+        let child = cmd
+            .spawn()
+            .expect("start redis-server (is it installed? .ci/run installs it)");
         self.child = Some(child);
         self.wait_ready();
     }
@@ -92,7 +164,9 @@ impl RedisServer {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && (self.tls || self.ping()) {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && (self.tls || self.ping())
+            {
                 return;
             }
             if let Some(child) = self.child.as_mut()
