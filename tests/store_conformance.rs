@@ -650,7 +650,7 @@ impl Replica {
             match u {
                 SyncUpdate::Reset(all) => *self = Self::new(all),
                 SyncUpdate::Upsert(m) => {
-                    self.by_domain.insert(m.full_domain.clone(), m);
+                    self.by_domain.insert(m.full_domain.clone(), *m);
                 }
                 SyncUpdate::Remove {
                     mapping_id,

@@ -112,7 +112,8 @@ fn rules_copy_password_and_db() {
 #[test]
 fn errors_name_the_field() {
     // (yaml, env, expected substrings)
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             "storage: {hybrid: {cache_type: redis}}",
             vec![],
@@ -324,4 +325,33 @@ fn memory_backend_carries_persistence() {
         s.store_backend("n"),
         crate::store::StoreBackend::Memory { persist: None, .. }
     ));
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fragment() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "storage:", "redis:", "addr:", "type:", "hybrid:", "cache_type:", "http_domain:", "cache:",
+            "local:", "ttl:", "max_size:", "base_domains:", "mappings:", "- ", "{", "}", "[", "]", ",",
+            "'", "\"", "${X}", "${", "60s", "-1", "99999999999999999999", "memory", "redis", "\n",
+            "\n  ", "\n    ", ": ", "&a", "*a", "!!binary", "~", "null", "true", "é", "\t",
+        ])
+        .prop_map(str::to_string)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+        /// Configuration text never panics the loader: it is accepted or named as an error.
+        #[test]
+        fn arbitrary_config_text_never_panics(parts in prop::collection::vec(fragment(), 0..40), noise in ".{0,40}") {
+            let text = parts.concat() + &noise;
+            let env = env(&[("X", "1")]);
+            if let Ok(cfg) = parse(&text, "fuzz.yaml", &env) {
+                let _ = resolve(cfg, "fuzz.yaml");
+            }
+        }
+    }
 }

@@ -312,4 +312,32 @@ mod tests {
             }
         }
     }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+            /// Any input: no panic; an accepted name is canonical and parses to itself.
+            #[test]
+            fn arbitrary_input_never_panics_and_output_is_canonical(input in ".{0,300}") {
+                if let Ok(h) = Hostname::parse(&input) {
+                    let s = h.as_str();
+                    prop_assert!(!s.is_empty() && s.len() <= MAX_HOSTNAME_LEN);
+                    prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'));
+                    prop_assert_eq!(Hostname::parse(s).unwrap(), h.clone());
+                }
+                let _ = Hostname::from_host_header(&input);
+            }
+
+            /// Host-header shaped input: a port never changes which host is meant.
+            #[test]
+            fn port_is_stripped_consistently(host in "[a-zA-Z0-9_.-]{1,70}", port in 0u32..70000) {
+                let with_port = Hostname::from_host_header(&format!("{host}:{port}"));
+                prop_assert_eq!(with_port.ok(), Hostname::parse(&host).ok());
+            }
+        }
+    }
 }

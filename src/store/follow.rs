@@ -58,7 +58,7 @@ pub enum SyncUpdate {
     /// Replace everything with these mappings.
     Reset(Vec<Mapping>),
     /// Insert or replace this mapping (by id and by domain).
-    Upsert(Mapping),
+    Upsert(Box<Mapping>),
     /// Drop `full_domain` if it still maps to `mapping_id`.
     Remove {
         mapping_id: MappingId,
@@ -186,7 +186,7 @@ impl Follower {
             ChangeOp::Created | ChangeOp::Updated => self.store.get(&e.mapping_id).await?,
         };
         out.push(match current {
-            Some(m) => SyncUpdate::Upsert(m),
+            Some(m) => SyncUpdate::Upsert(Box::new(m)),
             None => SyncUpdate::Remove {
                 mapping_id: e.mapping_id.clone(),
                 full_domain: e.full_domain.clone(),
