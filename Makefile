@@ -16,7 +16,7 @@ deps: ## install the system packages tests need (redis-server, openssl)
 	@.ci/deps.sh
 
 test: deps ## unit tests, store conformance against real redis-server, config and fuzz tests
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked
 
 lint: ## rustfmt, clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

@@ -31,6 +31,22 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The compare-and-set check: passes when the caller expected nothing or `actual`.
+    pub(crate) fn check_version(
+        id: &MappingId,
+        expected: Option<u64>,
+        actual: u64,
+    ) -> Result<(), Self> {
+        match expected {
+            Some(expected) if expected != actual => Err(Self::VersionConflict {
+                id: id.clone(),
+                expected,
+                actual,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Bounded label for metrics.
     pub fn label(&self) -> &'static str {
         match self {

@@ -215,13 +215,7 @@ impl MemoryStore {
             .by_id
             .get(id)
             .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
-        if let Some(expected) = expected.filter(|e| *e != current.version) {
-            return Err(StoreError::VersionConflict {
-                id: id.clone(),
-                expected,
-                actual: current.version,
-            });
-        }
+        StoreError::check_version(id, expected, current.version)?;
         let removed = state.by_id.remove(id).expect("checked above");
         state.unindex(&removed);
         state.version += 1;
@@ -329,13 +323,7 @@ impl MappingStore for MemoryStore {
                 .by_id
                 .get(id)
                 .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
-            if current.version != expected_version {
-                return Err(StoreError::VersionConflict {
-                    id: id.clone(),
-                    expected: expected_version,
-                    actual: current.version,
-                });
-            }
+            StoreError::check_version(id, Some(expected_version), current.version)?;
             if let Some(holder) = state.by_domain.get(&full).filter(|h| *h != id) {
                 return Err(StoreError::DomainTaken {
                     domain: full.clone(),

@@ -373,13 +373,7 @@ impl MappingStore for RedisStore {
             .get_raw(id)
             .await?
             .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
-        if current.version != expected_version {
-            return Err(StoreError::VersionConflict {
-                id: id.clone(),
-                expected: expected_version,
-                actual: current.version,
-            });
-        }
+        StoreError::check_version(id, Some(expected_version), current.version)?;
         let mut next = current.with_spec(spec, full.clone(), Utc::now());
         let k = &self.inner.keys;
         let mut inv = self.inner.scripts.update.prepare_invoke();
@@ -434,13 +428,7 @@ impl MappingStore for RedisStore {
             .get_raw(id)
             .await?
             .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
-        if let Some(expected) = expected_version.filter(|e| *e != current.version) {
-            return Err(StoreError::VersionConflict {
-                id: id.clone(),
-                expected,
-                actual: current.version,
-            });
-        }
+        StoreError::check_version(id, expected_version, current.version)?;
         let k = &self.inner.keys;
         let mut inv = self.inner.scripts.delete.prepare_invoke();
         inv.key(k.version())

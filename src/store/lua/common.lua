@@ -34,6 +34,15 @@ local function publish(channel, op, v, id, domain, prev)
   redis.call('PUBLISH', channel, cjson.encode(event))
 end
 
-local function record_version(json)
-  return cjson.decode(json).version or 0
+-- The current record if it exists at the expected version; otherwise nil and the reply to give.
+local function current_at(record_key, expected)
+  local cur = redis.call('GET', record_key)
+  if not cur then
+    return nil, {'missing'}
+  end
+  local curv = cjson.decode(cur).version or 0
+  if curv ~= tonumber(expected) then
+    return nil, {'stale', curv}
+  end
+  return cur, nil
 end

@@ -1,12 +1,8 @@
 -- KEYS: version, changes, record, domain claim, all index, expiry index, [client index], [user index]
 -- ARGV: id, expected version, domain, channel, changes maxlen, has client ('1'/'0'), has user
-local cur = redis.call('GET', KEYS[3])
+local cur, refusal = current_at(KEYS[3], ARGV[2])
 if not cur then
-  return {'missing'}
-end
-local curv = record_version(cur)
-if curv ~= tonumber(ARGV[2]) then
-  return {'stale', curv}
+  return refusal
 end
 local v = log_change(KEYS[1], KEYS[2], ARGV[5], 'deleted', ARGV[1], ARGV[3], '')
 redis.call('DEL', KEYS[3])

@@ -3,13 +3,9 @@
 -- ARGV: id, expected version, record json (no version), new domain, old domain, channel,
 --       changes maxlen, expires ms or '', index flags (4 chars '0'/'1': old client, new client,
 --       old user, new user)
-local cur = redis.call('GET', KEYS[3])
+local cur, refusal = current_at(KEYS[3], ARGV[2])
 if not cur then
-  return {'missing'}
-end
-local curv = record_version(cur)
-if curv ~= tonumber(ARGV[2]) then
-  return {'stale', curv}
+  return refusal
 end
 local moved = ARGV[4] ~= ARGV[5]
 if moved then
