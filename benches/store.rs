@@ -28,7 +28,12 @@ struct Stats {
 fn stats(mut samples: Vec<Duration>) -> Stats {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    Stats { p50: at(0.50), p99: at(0.99), max: *samples.last().unwrap(), n: samples.len() }
+    Stats {
+        p50: at(0.50),
+        p99: at(0.99),
+        max: *samples.last().unwrap(),
+        n: samples.len(),
+    }
 }
 
 fn us(d: Duration) -> String {
@@ -39,7 +44,13 @@ fn row(name: &str, s: &Stats, baseline: Option<&Stats>) -> String {
     let ratio = baseline
         .map(|b| format!("{:.2}×", s.p50.as_secs_f64() / b.p50.as_secs_f64()))
         .unwrap_or_else(|| "—".into());
-    format!("| {name} | {} | {} | {} | {} | {ratio} |", s.n, us(s.p50), us(s.p99), us(s.max))
+    format!(
+        "| {name} | {} | {} | {} | {} | {ratio} |",
+        s.n,
+        us(s.p50),
+        us(s.p99),
+        us(s.max)
+    )
 }
 
 fn spec(sub: &str) -> MappingSpec {
@@ -51,7 +62,10 @@ async fn creates(store: &dyn MappingStore, prefix: &str) -> (Stats, Vec<Hostname
     let mut domains = Vec::with_capacity(CREATES);
     for i in 0..CREATES {
         let t = Instant::now();
-        let m = store.create(spec(&format!("{prefix}{i}"))).await.expect("create");
+        let m = store
+            .create(spec(&format!("{prefix}{i}")))
+            .await
+            .expect("create");
         samples.push(t.elapsed());
         domains.push(m.full_domain);
     }
@@ -102,7 +116,13 @@ async fn raw_set_nx(url: &str) -> Stats {
     let mut samples = Vec::with_capacity(CREATES);
     for i in 0..CREATES {
         let t = Instant::now();
-        let _: Option<String> = redis::cmd("SET").arg(format!("raw:{i}")).arg("x").arg("NX").query_async(&mut conn).await.unwrap();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(format!("raw:{i}"))
+            .arg("x")
+            .arg("NX")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         samples.push(t.elapsed());
     }
     stats(samples)
@@ -114,7 +134,11 @@ async fn raw_get(url: &str) -> Stats {
     let mut samples = Vec::with_capacity(LOOKUPS);
     for i in 0..LOOKUPS {
         let t = Instant::now();
-        let _: Option<String> = redis::cmd("GET").arg(format!("raw:{}", i % CREATES)).query_async(&mut conn).await.unwrap();
+        let _: Option<String> = redis::cmd("GET")
+            .arg(format!("raw:{}", i % CREATES))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         samples.push(t.elapsed());
     }
     stats(samples)
@@ -122,7 +146,11 @@ async fn raw_get(url: &str) -> Stats {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         // AOF with the production default fsync policy (everysec).
         let server = support::RedisServer::start_with(&["--appendfsync", "everysec"]);

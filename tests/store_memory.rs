@@ -128,3 +128,26 @@ async fn slow_subscriber_is_told_it_lagged_and_catches_up() {
     }
     assert_eq!(replica.len(), 50);
 }
+
+#[tokio::test]
+async fn inconsistent_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = persist(&dir, Duration::ZERO);
+    let store = MemoryStore::open(Some(p.clone()), 100, 100, "n").unwrap();
+    store.create(spec("dup", 1)).await.unwrap();
+    drop(store);
+    // Hand-edit the file so one mapping appears twice.
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p.path).unwrap()).unwrap();
+    let first = doc["mappings"][0].clone();
+    doc["mappings"].as_array_mut().unwrap().push(first);
+    std::fs::write(&p.path, doc.to_string()).unwrap();
+    let err = MemoryStore::open(Some(p), 100, 100, "n")
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(
+        err.contains("tunnox-data.json") && err.contains("appears twice"),
+        "{err}"
+    );
+}

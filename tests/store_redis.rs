@@ -296,3 +296,24 @@ async fn unreachable_redis_is_a_transient_error_not_a_hang() {
         .collect();
     assert_eq!(domains, vec!["before.tunnox.net", "after.tunnox.net"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_without_its_record_does_not_block_the_domain() {
+    let server = support::RedisServer::start();
+    let store = connect(&server).await;
+    let m = store.create(spec("orphan", 1)).await.unwrap();
+    // As if the record were evicted or lost while its claim survived.
+    assert_eq!(
+        server.cli(&[
+            "DEL",
+            &format!("tunnox:http_domain:mapping:{}", m.mapping_id)
+        ]),
+        "1"
+    );
+    assert!(store.is_available(&m.full_domain).await.unwrap());
+    let again = store.create(spec("orphan", 2)).await.unwrap();
+    assert_eq!(
+        store.get_by_domain(&m.full_domain).await.unwrap(),
+        Some(again)
+    );
+}

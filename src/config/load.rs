@@ -24,7 +24,10 @@ impl Environment for ProcessEnv {
         std::env::var(name).ok()
     }
     fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars().collect()
+        // Variables that are not UTF-8 cannot be configuration; skip them rather than panic.
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
     }
 }
 
@@ -95,13 +98,9 @@ fn expand(
             let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
             let expanded = expand_str(s, env)
                 .map_err(|m| ConfigError::at(origin, &join(path), m, None, None))?;
-            *value = if whole {
-                serde_yaml::from_str::<Value>(&expanded)
-                    .ok()
-                    .filter(|v| !matches!(v, Value::Mapping(_) | Value::Sequence(_) | Value::Null))
-                    .unwrap_or(Value::String(expanded))
-            } else {
-                Value::String(expanded)
+            *value = match typed_value(path, &expanded) {
+                scalar @ (Value::Bool(_) | Value::Number(_)) if whole => scalar,
+                _ => Value::String(expanded),
             };
         }
         Value::Mapping(map) => {
@@ -187,10 +186,7 @@ fn apply_overrides(
                 None,
             ));
         }
-        let parsed = serde_yaml::from_str::<Value>(&raw)
-            .ok()
-            .filter(|v| !matches!(v, Value::Null))
-            .unwrap_or(Value::String(raw.clone()));
+        let parsed = typed_value(&segments, &raw);
         let mut node = &mut *root;
         for (i, seg) in segments.iter().enumerate() {
             let Value::Mapping(map) = node else {
@@ -216,4 +212,31 @@ fn apply_overrides(
         }
     }
     Ok(())
+}
+
+/// Reads a value that came from the environment for the field at `path`. Text fields keep the
+/// text exactly (`ab #1`, `{tunnox}`, `0x1F` stay as written); other fields read it as YAML.
+fn typed_value(path: &[String], raw: &str) -> Value {
+    if is_text_field(path) {
+        return Value::String(raw.to_string());
+    }
+    serde_yaml::from_str::<Value>(raw)
+        .ok()
+        .filter(|v| !matches!(v, Value::Null | Value::Tagged(_)))
+        .unwrap_or_else(|| Value::String(raw.to_string()))
+}
+
+/// True when the default configuration holds a string (or an unset optional) at `path`.
+fn is_text_field(path: &[String]) -> bool {
+    static DEFAULTS: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let defaults =
+        DEFAULTS.get_or_init(|| serde_yaml::to_value(Config::default()).unwrap_or(Value::Null));
+    let mut node = defaults;
+    for seg in path {
+        match node.get(seg.as_str()) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    matches!(node, Value::String(_) | Value::Null)
 }

@@ -269,6 +269,29 @@ fn env_overrides_and_expansion() {
 }
 
 #[test]
+fn environment_text_is_kept_exactly_for_text_fields() {
+    let s = settings_env(
+        "storage: {redis: {addr: 'r:1', password: '${PW}'}}",
+        &[
+            ("PW", "0x1F"),
+            ("TUNNOX__STORAGE__REDIS__KEY_PREFIX", "{tunnox}"),
+            ("TUNNOX__MESSAGE_BROKER__REDIS__CHANNEL", "ab #1"),
+            ("TUNNOX__PROXY__NODE_ID", "007"),
+            ("TUNNOX__HTTP_DOMAIN__BASE_DOMAINS", "[a.io, b.io]"),
+            ("TUNNOX__STORAGE__REDIS__DB", "2"),
+        ],
+    )
+    .unwrap();
+    let c = &s.config;
+    assert_eq!(c.storage.redis.password, "0x1F");
+    assert_eq!(c.storage.redis.key_prefix, "{tunnox}");
+    assert_eq!(c.message_broker.redis.channel, "ab #1");
+    assert_eq!(c.proxy.node_id.as_deref(), Some("007"));
+    assert_eq!(c.http_domain.base_domains.len(), 2);
+    assert_eq!(c.storage.redis.db, 2);
+}
+
+#[test]
 fn seed_000_and_001_documents_parse() {
     let seed = r#"
 storage:

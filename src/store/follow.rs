@@ -133,37 +133,41 @@ impl Follower {
                     self.catch_up().await
                 }
                 Some(SubscriptionEvent::Lagged) => self.catch_up().await,
-                None => Err(StoreError::Corrupt { at: "change feed".into(), detail: "closed".into() }),
+                None => {
+                    // The feed ended: subscribe again, then catch up on the gap.
+                    self.subscription = self.store.subscribe().await?;
+                    self.catch_up().await
+                }
             },
             _ = self.check.tick() => self.catch_up().await,
         }
     }
 
     /// Applies everything after the last applied version, or reloads when the log was trimmed.
+    /// All or nothing: on an error the position is unchanged and nothing is returned, so the
+    /// next attempt starts from the same place.
     pub async fn catch_up(&mut self) -> Result<Vec<SyncUpdate>, StoreError> {
+        let mut tracker = self.tracker;
         let mut updates = Vec::new();
         loop {
-            match self
-                .store
-                .changes_since(self.tracker.applied(), PAGE)
-                .await?
-            {
+            match self.store.changes_since(tracker.applied(), PAGE).await? {
                 Changes::Events { events, current } => {
                     let done =
                         events.len() < PAGE || events.last().is_none_or(|e| e.version >= current);
                     for e in &events {
                         updates.extend(self.resolve(e).await?);
-                        self.tracker.advance(e.version);
+                        tracker.advance(e.version);
                     }
                     if done {
+                        self.tracker = tracker;
                         return Ok(updates);
                     }
                 }
                 Changes::Trimmed { current } => {
                     tracing::info!(
-                        applied = self.tracker.applied(),
+                        applied = tracker.applied(),
                         current,
-                        "change log trimmed past us; reloading"
+                        "change log no longer reaches our position; reloading"
                     );
                     let all = self.store.list_all().await?;
                     self.tracker.reset(current);
@@ -183,7 +187,15 @@ impl Follower {
         }
         let current = match e.op {
             ChangeOp::Deleted => None,
-            ChangeOp::Created | ChangeOp::Updated => self.store.get(&e.mapping_id).await?,
+            ChangeOp::Created | ChangeOp::Updated => match self.store.get(&e.mapping_id).await {
+                Ok(found) => found,
+                // One unreadable record must not stall the reader: it is not served.
+                Err(err @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(error = %err, "unreadable mapping record; not serving it");
+                    None
+                }
+                Err(err) => return Err(err),
+            },
         };
         out.push(match current {
             Some(m) => SyncUpdate::Upsert(Box::new(m)),

@@ -102,7 +102,8 @@ struct Inner {
     state: RwLock<State>,
     events: broadcast::Sender<ChangeEvent>,
     persist: Option<PersistOptions>,
-    save_lock: tokio::sync::Mutex<()>,
+    /// Serialises snapshot-and-write, so an older snapshot never lands after a newer one.
+    save_io: std::sync::Mutex<()>,
     changes_max_len: usize,
     subscription_buffer: usize,
     node_id: String,
@@ -134,6 +135,19 @@ impl MemoryStore {
         {
             state.version = snap.version;
             for m in snap.mappings {
+                let bad = |detail: String| StoreError::Persist {
+                    path: p.path.clone(),
+                    detail,
+                };
+                if state.by_id.contains_key(&m.mapping_id) {
+                    return Err(bad(format!("mapping {} appears twice", m.mapping_id)));
+                }
+                if let Some(other) = state.by_domain.get(&m.full_domain) {
+                    return Err(bad(format!(
+                        "{} is claimed by both {other} and {}",
+                        m.full_domain, m.mapping_id
+                    )));
+                }
                 state.index(&m);
                 state.by_id.insert(m.mapping_id.clone(), m);
             }
@@ -168,7 +182,7 @@ impl MemoryStore {
                 state: RwLock::new(state),
                 events,
                 persist,
-                save_lock: tokio::sync::Mutex::new(()),
+                save_io: std::sync::Mutex::new(()),
                 changes_max_len,
                 subscription_buffer,
                 node_id,
@@ -178,7 +192,6 @@ impl MemoryStore {
 
     /// Writes the file now if anything changed since the last save.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let _guard = self.inner.save_lock.lock().await;
         self.inner.save_if_dirty()
     }
 
@@ -196,7 +209,11 @@ impl MemoryStore {
             && p.auto_save
             && p.save_interval.is_zero()
         {
-            self.inner.save_if_dirty()?;
+            // The change is applied and published; a failed write stays pending and is retried
+            // by the next change, flush or shutdown.
+            if let Err(e) = self.inner.save_if_dirty() {
+                tracing::error!(error = %e, "could not save mappings; will retry");
+            }
         }
         Ok(out)
     }
@@ -235,6 +252,7 @@ impl Inner {
         let Some(p) = &self.persist else {
             return Ok(());
         };
+        let _io = self.save_io.lock().unwrap_or_else(|e| e.into_inner());
         let bytes = {
             let mut state = self.state.write().expect("store lock poisoned");
             if !state.dirty {
@@ -265,7 +283,6 @@ async fn saver(inner: Weak<Inner>, every: Duration) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let _guard = inner.save_lock.lock().await;
         if let Err(e) = inner.save_if_dirty() {
             tracing::error!(error = %e, "could not save mappings; will retry");
         }
@@ -287,17 +304,24 @@ impl MappingStore for MemoryStore {
         );
         self.write(|state| {
             if let Some(holder_id) = state.by_domain.get(&full).cloned() {
-                let holder = &state.by_id[&holder_id];
-                if !holder.is_expired(now) {
-                    return Err(StoreError::DomainTaken {
-                        domain: full.clone(),
-                        holder: holder_id,
-                        holder_source: holder.source.clone(),
-                    });
+                match state.by_id.get(&holder_id) {
+                    Some(holder) if !holder.is_expired(now) => {
+                        return Err(StoreError::DomainTaken {
+                            domain: full.clone(),
+                            holder: holder_id,
+                            holder_source: holder.source.clone(),
+                        });
+                    }
+                    // An expired holder releases its domain (FR-4.4).
+                    Some(_) => {
+                        let (_, released) = Self::delete_in(state, max_len, &holder_id, None)?;
+                        let _ = self.inner.events.send(released);
+                    }
+                    // A claim without a record cannot stand in anyone's way.
+                    None => {
+                        state.by_domain.remove(&full);
+                    }
                 }
-                // An expired holder releases its domain (FR-4.4).
-                let (_, released) = Self::delete_in(state, max_len, &holder_id, None)?;
-                let _ = self.inner.events.send(released);
             }
             state.version += 1;
             mapping.version = state.version;
@@ -328,7 +352,7 @@ impl MappingStore for MemoryStore {
                 return Err(StoreError::DomainTaken {
                     domain: full.clone(),
                     holder: holder.clone(),
-                    holder_source: state.by_id[holder].source.clone(),
+                    holder_source: state.by_id.get(holder).and_then(|h| h.source.clone()),
                 });
             }
             let current = current.clone();
@@ -387,7 +411,10 @@ impl MappingStore for MemoryStore {
             };
             let next = (ids.len() == limit).then(|| ids[limit - 1].clone());
             Page {
-                items: ids.into_iter().map(|id| s.by_id[id].clone()).collect(),
+                items: ids
+                    .into_iter()
+                    .filter_map(|id| s.by_id.get(id).cloned())
+                    .collect(),
                 next,
             }
         }))

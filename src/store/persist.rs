@@ -71,12 +71,15 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> 
     };
     std::fs::create_dir_all(&dir)
         .map_err(|e| err(path, format!("cannot create directory: {e}")))?;
+    // Unique per write: concurrent writers never share (and truncate) one temp file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
-        ".{}.tmp.{}",
+        ".{}.tmp.{}.{}",
         path.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("tunnox-data"),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

@@ -74,6 +74,7 @@ struct Scripts {
     update: Script,
     delete: Script,
     lookup: Script,
+    release_dangling: Script,
 }
 
 macro_rules! mutation_script {
@@ -93,6 +94,7 @@ impl Scripts {
             update: mutation_script!("lua/update.lua"),
             delete: mutation_script!("lua/delete.lua"),
             lookup: Script::new(include_str!("lua/lookup.lua")),
+            release_dangling: Script::new(include_str!("lua/release_dangling.lua")),
         }
     }
 }
@@ -424,41 +426,17 @@ impl MappingStore for RedisStore {
         id: &MappingId,
         expected_version: Option<u64>,
     ) -> Result<Mapping, StoreError> {
-        let current = self
-            .get_raw(id)
-            .await?
-            .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
-        StoreError::check_version(id, expected_version, current.version)?;
-        let k = &self.inner.keys;
-        let mut inv = self.inner.scripts.delete.prepare_invoke();
-        inv.key(k.version())
-            .key(k.changes())
-            .key(k.mapping(id))
-            .key(k.domain(&current.full_domain))
-            .key(k.all())
-            .key(k.expiry());
-        if let Some(c) = &current.target_client_id {
-            inv.key(k.client(c));
-        }
-        if let Some(u) = &current.owner_user_id {
-            inv.key(k.user(u));
-        }
-        inv.arg(id.as_str())
-            .arg(current.version)
-            .arg(current.full_domain.as_str())
-            .arg(k.events())
-            .arg(self.inner.opts.changes_max_len)
-            .arg(flag(current.target_client_id.is_some()))
-            .arg(flag(current.owner_user_id.is_some()));
-        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
-            ScriptReply::Ok(_) => Ok(current),
-            ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
-                id: id.clone(),
-                expected: expected_version.unwrap_or(current.version),
-                actual,
-            }),
-            ScriptReply::Missing => Err(StoreError::NotFound { id: id.clone() }),
-            other => Err(other.unexpected("delete")),
+        // Without an expected version a concurrent update is no reason to fail: try again.
+        let mut attempts = 0;
+        loop {
+            match self.delete_once(id, expected_version).await {
+                Err(StoreError::VersionConflict { .. })
+                    if expected_version.is_none() && attempts < 10 =>
+                {
+                    attempts += 1;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -518,9 +496,12 @@ impl MappingStore for RedisStore {
             redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         let mut items = Vec::with_capacity(values.len());
         for (key, json) in keys.iter().zip(values) {
-            // A record deleted between the two reads is simply not listed.
-            if let Some(json) = json {
-                items.push(self.decode(key, &json)?);
+            // A record deleted between the two reads is simply not listed; an unreadable one is
+            // reported and skipped, so one bad record cannot stall every reader.
+            match json.map(|j| self.decode(key, &j)) {
+                Some(Ok(m)) => items.push(m),
+                Some(Err(e)) => tracing::error!(error = %e, "skipping unreadable mapping record"),
+                None => {}
             }
         }
         let next = if ids.len() == limit {
@@ -606,6 +587,49 @@ impl MappingStore for RedisStore {
 }
 
 impl RedisStore {
+    async fn delete_once(
+        &self,
+        id: &MappingId,
+        expected_version: Option<u64>,
+    ) -> Result<Mapping, StoreError> {
+        let current = self
+            .get_raw(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+        StoreError::check_version(id, expected_version, current.version)?;
+        let k = &self.inner.keys;
+        let mut inv = self.inner.scripts.delete.prepare_invoke();
+        inv.key(k.version())
+            .key(k.changes())
+            .key(k.mapping(id))
+            .key(k.domain(&current.full_domain))
+            .key(k.all())
+            .key(k.expiry());
+        if let Some(c) = &current.target_client_id {
+            inv.key(k.client(c));
+        }
+        if let Some(u) = &current.owner_user_id {
+            inv.key(k.user(u));
+        }
+        inv.arg(id.as_str())
+            .arg(current.version)
+            .arg(current.full_domain.as_str())
+            .arg(k.events())
+            .arg(self.inner.opts.changes_max_len)
+            .arg(flag(current.target_client_id.is_some()))
+            .arg(flag(current.owner_user_id.is_some()));
+        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+            ScriptReply::Ok(_) => Ok(current),
+            ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
+                id: id.clone(),
+                expected: expected_version.unwrap_or(current.version),
+                actual,
+            }),
+            ScriptReply::Missing => Err(StoreError::NotFound { id: id.clone() }),
+            other => Err(other.unexpected("delete")),
+        }
+    }
+
     /// After a conflict: true when the holder is gone or was expired and has been released,
     /// so the claim is worth retrying.
     async fn release_if_expired(&self, conflict: &StoreError) -> Result<bool, StoreError> {
@@ -613,7 +637,22 @@ impl RedisStore {
             return Ok(false);
         };
         match self.get_raw(holder).await? {
-            None => Ok(true),
+            None => {
+                let domain = match conflict {
+                    StoreError::DomainTaken { domain, .. } => domain,
+                    _ => return Ok(false),
+                };
+                let _: i64 = self
+                    .inner
+                    .scripts
+                    .release_dangling
+                    .key(self.inner.keys.domain(domain))
+                    .key(self.inner.keys.mapping(holder))
+                    .arg(holder.as_str())
+                    .invoke_async(&mut self.conn())
+                    .await?;
+                Ok(true)
+            }
             Some(h) if h.is_expired(Utc::now()) => {
                 match self.delete(&h.mapping_id, Some(h.version)).await {
                     Ok(_) | Err(StoreError::NotFound { .. }) => Ok(true),

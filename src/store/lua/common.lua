@@ -1,8 +1,9 @@
 -- Shared by every mutation script (prepended to each): bump the store version, append the
 -- change to the capped log under stream id 0-<version>, publish the event.
 
+-- The log entry is written first: if it cannot be, the script fails having written nothing.
 local function log_change(version_key, changes_key, maxlen, op, id, domain, prev)
-  local v = redis.call('INCR', version_key)
+  local v = tonumber(redis.call('GET', version_key) or '0') + 1
   local fields = {'v', v, 'op', op, 'id', id, 'domain', domain}
   if prev ~= '' then
     fields[#fields + 1] = 'prev'
@@ -11,16 +12,22 @@ local function log_change(version_key, changes_key, maxlen, op, id, domain, prev
   local added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
   if type(added) == 'table' and added.err then
     -- The counter fell behind the log (its key alone was lost): continue after the log.
-    local info = redis.call('XINFO', 'STREAM', changes_key)
+    local ok, info = pcall(redis.call, 'XINFO', 'STREAM', changes_key)
+    if not ok then
+      error({err = 'tunnox: cannot append to ' .. changes_key .. ': ' .. added.err})
+    end
     for i = 1, #info, 2 do
       if info[i] == 'last-generated-id' then
-        v = tonumber(string.match(info[i + 1], '-(%d+)$')) + 1
+        v = (tonumber(string.match(info[i + 1], '^0%-(%d+)$')) or v) + 1
       end
     end
-    redis.call('SET', version_key, v)
     fields[2] = v
-    redis.call('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
+    added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
+    if type(added) == 'table' and added.err then
+      error({err = 'tunnox: cannot append to ' .. changes_key .. ': ' .. added.err})
+    end
   end
+  redis.call('SET', version_key, v)
   return v
 end
 

@@ -2,6 +2,6 @@
 -- The record key shares the claim's prefix (and so its hash tag in cluster mode).
 local id = redis.call('GET', KEYS[1])
 if not id then
-  return false
+  return nil
 end
 return redis.call('GET', ARGV[1] .. id)

@@ -1,0 +1,6 @@
+-- Frees a claim whose record is gone (left by eviction or a partial failure), if unchanged.
+-- KEYS: domain claim, the holder's record. ARGV: holder id.
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
