@@ -43,6 +43,18 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Crd = cli.command {
+        return match tunnox::crd::definitions_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tunnox crd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let settings = match config::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(s) => s,
         Err(e) => {
@@ -81,12 +93,12 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Controller | Command::Proxy | Command::Agent | Command::Crd => {
+        Command::Crd => unreachable!("handled before configuration is loaded"),
+        Command::Controller | Command::Proxy | Command::Agent => {
             let name = match cli.command {
                 Command::Controller => "controller",
                 Command::Proxy => "proxy",
-                Command::Agent => "agent",
-                _ => "crd",
+                _ => "agent",
             };
             eprintln!("tunnox {name}: not implemented yet");
             ExitCode::from(EXIT_NOT_IMPLEMENTED)

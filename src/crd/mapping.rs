@@ -1,0 +1,238 @@
+//! `HTTPDomainMapping` (`hdm`): an external hostname routed to a Service, an address, or a
+//! service behind a tunnel agent. Types only; the controller owns the logic.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Phase, Placement};
+
+/// Routes `subdomain.baseDomain` to a target. The domain is claimed atomically across the
+/// cluster: when another mapping already holds it, this one reports `Conflict` and names the
+/// holder, and gets the domain by itself once the holder goes away.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tunnox.net",
+    version = "v1alpha1",
+    kind = "HTTPDomainMapping",
+    plural = "httpdomainmappings",
+    singular = "httpdomainmapping",
+    shortname = "hdm",
+    category = "tunnox",
+    namespaced,
+    status = "HTTPDomainMappingStatus",
+    printcolumn(
+        name = "Domain",
+        type_ = "string",
+        json_path = ".status.fullDomain",
+        description = "Full domain served"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.target",
+        description = "Where requests go"
+    ),
+    printcolumn(
+        name = "Set",
+        type_ = "string",
+        json_path = ".status.set",
+        description = "Proxy set serving it"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Claimed-By",
+        type_ = "string",
+        json_path = ".status.claimedBy",
+        priority = 1,
+        description = "Holder of the domain on conflict"
+    ),
+    printcolumn(
+        name = "Mapping-ID",
+        type_ = "string",
+        json_path = ".status.mappingId",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "integer",
+        json_path = ".status.version",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HTTPDomainMappingSpec {
+    /// Left part of the domain, e.g. `myapp` (may contain dots: `api.team`). Lower case.
+    #[schemars(
+        regex(
+            pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+        ),
+        length(min = 1, max = 190)
+    )]
+    pub subdomain: String,
+    /// Base domain, e.g. `tunnox.net`; must be one of the controller's allowed base domains.
+    #[schemars(
+        regex(
+            pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+        ),
+        length(min = 1, max = 253)
+    )]
+    pub base_domain: String,
+    /// Where requests for the domain go: exactly one of `service`, `address`, `tunnel`.
+    pub target: Target,
+    /// Scheme used towards the target.
+    #[serde(default)]
+    pub scheme: TargetScheme,
+    /// Proxy set serving this mapping; tunnel targets take their client's TunnelSet placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// Owner for per-owner quotas and listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    /// Headers added to every proxied request.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_headers: BTreeMap<String, String>,
+    /// TLS for the external hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MappingTls>,
+    /// When the mapping stops being served and its domain is released (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// Free text for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub description: String,
+}
+
+/// Exactly one kind of target.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.service), has(self.address), has(self.tunnel)].filter(x, x).size() == 1").message("exactly one of service, address or tunnel must be set"))]
+pub struct Target {
+    /// A Service in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceTarget>,
+    /// A host and port the proxies can reach directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<AddressTarget>,
+    /// A service behind a `tunnox agent` (its TunnelSet supplies credentials and placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelTarget>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceTarget {
+    /// Name of the Service.
+    #[schemars(regex(pattern = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    /// Service port number.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressTarget {
+    /// Hostname or IP address.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.clientId) != has(self.group)").message("exactly one of clientId or group must be set"))]
+pub struct TunnelTarget {
+    /// Tunnel client (its TunnelSet's `clientId`) that carries the traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9]([-_.a-zA-Z0-9]{0,126}[a-zA-Z0-9])?$"))]
+    pub client_id: Option<String>,
+    /// A load-balancing group served by several clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub group: Option<String>,
+    /// Host as seen from the agent, e.g. `localhost`.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetScheme {
+    #[default]
+    Http,
+    Https,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Owner {
+    /// User id the mapping counts against.
+    #[schemars(length(min = 1, max = 128))]
+    pub user_id: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MappingTls {
+    /// Secret (type kubernetes.io/tls) with the certificate for the domain.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"))]
+    pub secret_name: String,
+}
+
+/// What the controller did with the mapping.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HTTPDomainMappingStatus {
+    /// Store id of the programmed record (`hdm_<ulid>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping_id: Option<String>,
+    /// `subdomain.baseDomain`, normalised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_domain: Option<String>,
+    /// Resolved target, e.g. `web.team-a.svc.cluster.local:80` or `tunnel:laptop/localhost:3000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Proxy set serving the mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<String>,
+    #[serde(default)]
+    pub phase: Phase,
+    /// `namespace/name` of the mapping holding the domain, when the phase is `Conflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    /// Store version at which the record was programmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` and `Ready`, each with its observedGeneration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Access statistics, flushed periodically by the proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<AccessStats>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessStats {
+    pub access_count: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_access_at: Option<Time>,
+}

@@ -1,0 +1,164 @@
+//! `TunnelSet` (`ts`): the tunnels one tunnel client exposes, its credentials and placement.
+//! Types only; reconciliation is the controller's.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Placement, SecretKeyRef};
+
+/// The TCP and UDP services one `tunnox agent` publishes on remote ports of its proxy set.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tunnox.net",
+    version = "v1alpha1",
+    kind = "TunnelSet",
+    plural = "tunnelsets",
+    singular = "tunnelset",
+    shortname = "ts",
+    category = "tunnox",
+    namespaced,
+    status = "TunnelSetStatus",
+    printcolumn(name = "Client", type_ = "string", json_path = ".spec.clientId"),
+    printcolumn(name = "Set", type_ = "string", json_path = ".status.set"),
+    printcolumn(name = "Online", type_ = "boolean", json_path = ".status.online"),
+    printcolumn(name = "Tunnels", type_ = "integer", json_path = ".status.tunnelCount"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.node",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Config-Hash",
+        type_ = "string",
+        json_path = ".status.configHash",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.tunnels.all(a, self.tunnels.exists_one(b, b.name == a.name))").message("tunnel names must be unique"))]
+pub struct TunnelSetSpec {
+    /// Id the agent authenticates as; unique in the cluster.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9]([-_.a-zA-Z0-9]{0,126}[a-zA-Z0-9])?$"))]
+    pub client_id: String,
+    /// Where the agent's token is kept.
+    pub auth: TunnelAuth,
+    /// Proxy set serving this client (the business's DR set takes over when it is down).
+    pub placement: Placement,
+    /// Load-balancing groups this client serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub groups: Vec<String>,
+    /// Services published through the tunnel.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub tunnels: Vec<Tunnel>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelAuth {
+    /// Secret holding the client's token.
+    pub secret_ref: SecretKeyRef,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// One published service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.udpSessionTimeoutSeconds) || self.type == 'udp'").message("udpSessionTimeoutSeconds applies to udp tunnels only"))]
+pub struct Tunnel {
+    /// Unique within the TunnelSet.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub protocol: TunnelProtocol,
+    /// Host the agent connects to, e.g. `localhost`.
+    #[schemars(length(min = 1, max = 253))]
+    pub local_host: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub local_port: i32,
+    /// Port published on the proxy set; omit to take one from the configured range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub remote_port: Option<i32>,
+    /// Load-balancing group this tunnel belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub group: Option<String>,
+    /// Most concurrent connections (TCP) or sessions (UDP); unlimited when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<i32>,
+    /// Bandwidth cap in bytes per second; unlimited when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes_per_second: Option<i64>,
+    /// Idle time after which a UDP session is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub udp_session_timeout_seconds: Option<i32>,
+}
+
+/// Runtime state of the client's session and tunnels.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelSetStatus {
+    #[serde(default)]
+    pub online: bool,
+    /// Proxy node holding the client's session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Proxy set serving the client (the DR set while the home set is down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<Time>,
+    /// Configuration hash the client acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    #[serde(default)]
+    pub tunnel_count: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnels: Vec<TunnelStatus>,
+    /// Address of the Service publishing the remote ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` and `Online`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelStatus {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<i32>,
+    /// `Listening`, `Conflict` (port held elsewhere) or `Pending`.
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub connections: i64,
+    #[serde(default)]
+    pub bytes_in: i64,
+    #[serde(default)]
+    pub bytes_out: i64,
+}
