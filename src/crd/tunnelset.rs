@@ -44,7 +44,6 @@ use super::common::{Placement, SecretKeyRef};
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.tunnels.all(a, self.tunnels.exists_one(b, b.name == a.name))").message("tunnel names must be unique"))]
 pub struct TunnelSetSpec {
     /// Id the agent authenticates as; unique in the cluster.
     #[schemars(regex(pattern = r"^[a-zA-Z0-9]([-_.a-zA-Z0-9]{0,126}[a-zA-Z0-9])?$"))]
@@ -57,9 +56,10 @@ pub struct TunnelSetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub groups: Vec<String>,
-    /// Services published through the tunnel.
+    /// Services published through the tunnel; names are unique (a list-map keyed by name, which
+    /// the API server enforces).
     #[serde(default)]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub tunnels: Vec<Tunnel>,
 }
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what the e2e harness needs when it is missing: Debian's etcd-server, redis-server,
+# openssl, curl, python3, and helm (built with `go install` into the cache directory).
+#   e2e/install-deps.sh               install what is missing
+#   e2e/install-deps.sh --print-helm  print the helm binary path (installing it if needed)
+set -euo pipefail
+
+HELM_VERSION="v3.22.0"
+cache="${TUNNOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tunnox}"
+helm_bin="$cache/helm/$HELM_VERSION/helm"
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v setsid >/dev/null 2>&1 || need+=(util-linux)
+if ((${#need[@]})); then
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    log "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # Packaged services are not used: the harness starts its own on free loopback ports.
+    if command -v systemctl >/dev/null 2>&1; then
+        $sudo systemctl disable --now etcd redis-server >/dev/null 2>&1 || true
+    fi
+fi
+
+if [[ ! -x $helm_bin ]]; then
+    command -v go >/dev/null 2>&1 || { log "error: go is needed to build helm"; exit 1; }
+    log "building helm $HELM_VERSION (first time: ~2 minutes)"
+    mkdir -p "$(dirname "$helm_bin")"
+    GOBIN="$(dirname "$helm_bin")" GOTOOLCHAIN=local GOFLAGS=-buildvcs=false \
+        go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+fi
+
+if [[ ${1:-} == --print-helm ]]; then
+    echo "$helm_bin"
+fi
