@@ -1,7 +1,9 @@
 //! Test harness shared by integration tests and benchmarks: real `redis-server` processes on
 //! free loopback ports, stopped when dropped (even when a test fails).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+pub mod controlplane;
 pub mod redis_server;
 
+pub use controlplane::ControlPlane;
 pub use redis_server::RedisServer;

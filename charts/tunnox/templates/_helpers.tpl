@@ -1,0 +1,172 @@
+{{/* Chart name, truncated to 63 characters (a DNS label). */}}
+{{- define "tunnox.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Resource name prefix: fullnameOverride, else <release>-<chart> (or <release> when it already
+contains the chart name).
+*/}}
+{{- define "tunnox.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tunnox.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "tunnox.labels" -}}
+helm.sh/chart: {{ include "tunnox.chart" . }}
+{{ include "tunnox.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tunnox
+{{- end -}}
+
+{{/* Selector labels shared by every component (add app.kubernetes.io/component). */}}
+{{- define "tunnox.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tunnox.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tunnox.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "tunnox.controller.fullname" -}}
+{{- printf "%s-controller" (include "tunnox.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tunnox.proxy.serviceAccountName" -}}
+{{- printf "%s-proxy" (include "tunnox.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tunnox.redis.fullname" -}}
+{{- printf "%s-redis" (include "tunnox.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The Redis address written into storage.redis.addr. */}}
+{{- define "tunnox.redis.addr" -}}
+{{- if .Values.redis.bundled -}}
+{{- printf "%s.%s.svc:6379" (include "tunnox.redis.fullname" .) .Release.Namespace -}}
+{{- else -}}
+{{- required "redis.external.addr is required when redis.bundled is false" .Values.redis.external.addr -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret name and key holding the Redis password; empty name = no password. */}}
+{{- define "tunnox.redis.secretName" -}}
+{{- if .Values.redis.bundled -}}
+{{- .Values.redis.existingSecret | default (include "tunnox.redis.fullname" .) -}}
+{{- else -}}
+{{- .Values.redis.external.passwordSecret.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tunnox.redis.secretKey" -}}
+{{- if .Values.redis.bundled -}}
+password
+{{- else -}}
+{{- .Values.redis.external.passwordSecret.key | default "password" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Env entry TUNNOX__STORAGE__REDIS__PASSWORD from the Secret, when there is one. */}}
+{{- define "tunnox.redis.passwordEnv" -}}
+{{- $secret := include "tunnox.redis.secretName" . -}}
+{{- if $secret -}}
+- name: TUNNOX__STORAGE__REDIS__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ include "tunnox.redis.secretKey" . }}
+{{- end }}
+{{- end -}}
+
+{{/* The restricted container security context shared by the tunnox containers. */}}
+{{- define "tunnox.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "tunnox.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/*
+The proxy sets with their derived names, as a list of dicts: name, business, region,
+slug (<business>-<region>, "*" rendered "dr"), setLabel (<business>.<region>, "*" rendered
+"dr"), replicas, resources. Fails on a duplicate set or one that collides after rendering.
+Usage: (include "tunnox.proxy.sets" . | fromYaml).sets
+*/}}
+{{- define "tunnox.proxy.sets" -}}
+{{- $out := list -}}
+{{- $seen := dict -}}
+{{- range $i, $s := .Values.proxy.sets -}}
+{{- $parts := splitList "." $s.name -}}
+{{- if ne (len $parts) 2 -}}
+{{- fail (printf "proxy.sets[%d].name %q: expected <business>.<region>" $i $s.name) -}}
+{{- end -}}
+{{- $business := index $parts 0 -}}
+{{- $region := index $parts 1 -}}
+{{- $regionSlug := ternary "dr" $region (eq $region "*") -}}
+{{- $setLabel := printf "%s.%s" $business $regionSlug -}}
+{{- if hasKey $seen $setLabel -}}
+{{- if eq $s.name (get $seen $setLabel) -}}
+{{- fail (printf "proxy.sets[%d].name %q: this set is defined twice" $i $s.name) -}}
+{{- end -}}
+{{- fail (printf "proxy.sets[%d].name %q: clashes with set %q (region \"*\" is rendered \"dr\", so both would be %q)" $i $s.name (get $seen $setLabel) $setLabel) -}}
+{{- end -}}
+{{- $_ := set $seen $setLabel $s.name -}}
+{{- $replicas := 2 -}}
+{{- if hasKey $s "replicas" -}}{{- $replicas = $s.replicas -}}{{- end -}}
+{{- $deployName := printf "%s-proxy-%s-%s" (include "tunnox.fullname" $) $business $regionSlug -}}
+{{- if gt (len $deployName) 63 -}}
+{{- fail (printf "proxy.sets[%d].name %q: resource name %q is longer than 63 characters; shorten the set name or set fullnameOverride" $i $s.name $deployName) -}}
+{{- end -}}
+{{- $out = append $out (dict "deployName" $deployName "serviceName" (printf "%s-proxy-%s" (include "tunnox.fullname" $) $business) "name" $s.name "business" $business "region" $region "regionSlug" $regionSlug "setLabel" $setLabel "slug" (printf "%s-%s" $business $regionSlug) "replicas" $replicas "resources" ($s.resources | default $.Values.proxy.resources | default dict)) -}}
+{{- end -}}
+{{- toYaml (dict "sets" $out) -}}
+{{- end -}}
+
+{{/* Distinct businesses of the proxy sets (business, serviceName), in order of first appearance. */}}
+{{- define "tunnox.proxy.businesses" -}}
+{{- $out := list -}}
+{{- $seen := list -}}
+{{- range (include "tunnox.proxy.sets" . | fromYaml).sets -}}
+{{- if not (has .business $seen) -}}
+{{- $seen = append $seen .business -}}
+{{- $out = append $out (dict "business" .business "serviceName" .serviceName) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "businesses" $out) -}}
+{{- end -}}
+
+{{/* Check values the schema cannot express. */}}
+{{- define "tunnox.validate" -}}
+{{- if le (int .Values.proxy.terminationGracePeriodSeconds) (int .Values.proxy.drainSeconds) -}}
+{{- fail (printf "proxy.terminationGracePeriodSeconds (%d) must be longer than proxy.drainSeconds (%d): after the drain, in-flight requests need time to finish" (int .Values.proxy.terminationGracePeriodSeconds) (int .Values.proxy.drainSeconds)) -}}
+{{- end -}}
+{{- end -}}
