@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test e2e lint bench generate check-generated run help
+.PHONY: all build deps test e2e lint bench generate check-generated image run help
 
 all: build
 
@@ -48,6 +48,11 @@ generate: ## regenerate checked-in generated files (crds/, the chart's CRDs, man
 check-generated: generate ## fail when a generated file is stale
 	@git diff --exit-code -- $(GENERATED) || { echo "generated files are stale: run 'make generate' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- $(GENERATED))" || { echo "generated files are not committed: run 'make generate' and commit"; git status --short -- $(GENERATED); exit 1; }
+
+IMAGE ?= tunnox:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+
+image: build ## build the container image with buildah from the local release binary
+	.ci/build-image.sh $${CARGO_TARGET_DIR:-target}/release/tunnox $(IMAGE)
 
 run: build ## validate the example single-node configuration (the proxy is not built yet)
 	@echo "tunnox today: configuration model and mapping store. The proxy and controller are not built yet."

@@ -295,6 +295,29 @@ fn chart_installs_with_least_privilege(cp: &ControlPlane) {
         sec.contains(r#""readOnlyRootFilesystem":true"#) && sec.contains(r#""runAsNonRoot":true"#),
         "{sec}"
     );
+    // The configuration the chart renders is one tunnox accepts (with the pods' environment).
+    let config = cp.kubectl_ok(&[
+        "get",
+        "configmap",
+        "tunnox",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.data.config\\.yaml}",
+    ]);
+    let file =
+        std::env::temp_dir().join(format!("tunnox-chart-config-{}.yaml", std::process::id()));
+    std::fs::write(&file, &config).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tunnox"))
+        .args(["--config", file.to_str().unwrap(), "check-config"])
+        .env("TUNNOX__STORAGE__REDIS__PASSWORD", "from-the-secret")
+        .env("TUNNOX__PROXY__SET", "default.default")
+        .env("TUNNOX__PROXY__NODE_ID", "tunnox-proxy-default-default-0")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let printed = ok(check, "tunnox check-config on the chart's configuration");
+    assert!(printed.contains("mapping store: redis"), "{printed}");
     ok(
         cp.helm(&["uninstall", "tunnox", "--namespace", NS]),
         "helm uninstall",
