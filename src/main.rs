@@ -94,9 +94,27 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Crd => unreachable!("handled before configuration is loaded"),
-        Command::Controller | Command::Proxy | Command::Agent => {
+        Command::Controller => {
+            // One TLS provider for every client (Kubernetes, Redis): ring.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tunnox controller: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(tunnox::controller::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "controller stopped");
+                    eprintln!("tunnox controller: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Proxy | Command::Agent => {
             let name = match cli.command {
-                Command::Controller => "controller",
                 Command::Proxy => "proxy",
                 _ => "agent",
             };

@@ -300,14 +300,44 @@ impl Default for ProxyConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
     pub admin_listen: SocketAddr,
+    /// Identity in the leader-election Lease; default `$POD_NAME`, else `<hostname>-<pid>`.
+    pub identity: Option<String>,
+    /// Namespace of the Lease; default `$POD_NAMESPACE`, else `default`.
+    pub lease_namespace: Option<String>,
+    pub lease_name: String,
+    /// A leader that has not renewed for this long is replaced.
+    pub lease_duration: Dur,
+    /// How often the leader renews (and a standby retries).
+    pub renew_interval: Dur,
+    /// How often every mapping is compared with Redis and repaired (anti-entropy).
+    pub resync_interval: Dur,
+    /// How often a mapping in `Conflict` checks again, besides being woken when the holder goes.
+    pub conflict_retry: Dur,
+    pub quota: QuotaConfig,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
             admin_listen: "127.0.0.1:9091".parse().expect("valid"),
+            identity: None,
+            lease_namespace: None,
+            lease_name: "tunnox-controller".into(),
+            lease_duration: Dur::secs(15),
+            renew_interval: Dur::secs(5),
+            resync_interval: Dur::secs(30),
+            conflict_retry: Dur::secs(10),
+            quota: QuotaConfig::default(),
         }
     }
+}
+
+/// Limits on programmed mappings; 0 means unlimited.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    pub per_namespace: usize,
+    pub per_owner: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -207,6 +207,28 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "must list at least one domain when http_domain is enabled".into(),
         ));
     }
+    let ctl = &cfg.controller;
+    if ctl.renew_interval.get().is_zero() || ctl.renew_interval >= ctl.lease_duration {
+        return Err(err(
+            "controller.renew_interval",
+            format!(
+                "must be greater than 0 and shorter than controller.lease_duration ({})",
+                ctl.lease_duration
+            ),
+        ));
+    }
+    if ctl.resync_interval.get().is_zero() {
+        return Err(err(
+            "controller.resync_interval",
+            "must be greater than 0".into(),
+        ));
+    }
+    if ctl.conflict_retry.get().is_zero() {
+        return Err(err(
+            "controller.conflict_retry",
+            "must be greater than 0".into(),
+        ));
+    }
     check_mappings(&cfg).map_err(|(path, msg)| err(&path, msg))?;
 
     let mut warnings = Vec::new();

@@ -1,4 +1,6 @@
-//! Logging set-up shared by every role (metrics and the admin server join it with the roles).
+//! Observability shared by every role: logging set-up and the admin HTTP server.
+
+pub mod admin;
 
 use tracing_subscriber::EnvFilter;
 

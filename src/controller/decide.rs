@@ -1,0 +1,381 @@
+//! Pure deciding for HTTPDomainMapping: what a resource asks for, whether it is allowed, which
+//! mapping should wait for which, and the status that tells the user. No I/O.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{HTTPDomainMapping, HTTPDomainMappingStatus, Phase, TargetScheme};
+use crate::domain::{Hostname, MappingSpec, Scheme, SetName};
+
+/// What the controller enforces beyond the schema.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub base_domains: Vec<Hostname>,
+    /// Programmed mappings allowed per namespace / per owner; 0 is unlimited.
+    pub per_namespace: usize,
+    pub per_owner: usize,
+}
+
+/// Programmed mappings other than the one being decided, for quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub in_namespace: usize,
+    pub by_owner: usize,
+}
+
+/// A mapping that may be programmed: the store spec and what status shows about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub spec: MappingSpec,
+    pub full_domain: Hostname,
+    pub target: String,
+    pub set: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Program(Plan),
+    Rejected {
+        reason: &'static str,
+        message: String,
+    },
+    Pending {
+        reason: &'static str,
+        message: String,
+    },
+    Expired {
+        full_domain: Option<Hostname>,
+    },
+}
+
+/// `k8s:<namespace>/<name>`: the store record's `source` for a resource.
+pub fn source_of(namespace: &str, name: &str) -> String {
+    format!("k8s:{namespace}/{name}")
+}
+
+/// `namespace/name` from a record's source, for `claimedBy`; other sources are shown as they are.
+pub fn holder_display(source: Option<&str>, holder_id: &str) -> String {
+    match source {
+        Some(s) => s.strip_prefix("k8s:").unwrap_or(s).to_string(),
+        None => holder_id.to_string(),
+    }
+}
+
+/// The full domain a resource asks for, if it is a valid hostname.
+pub fn full_domain(hdm: &HTTPDomainMapping) -> Option<Hostname> {
+    Hostname::join(&hdm.spec.subdomain, &hdm.spec.base_domain).ok()
+}
+
+/// Decides what a mapping resource should become.
+pub fn evaluate(
+    hdm: &HTTPDomainMapping,
+    policy: &Policy,
+    usage: Usage,
+    now: DateTime<Utc>,
+) -> Verdict {
+    let spec = &hdm.spec;
+    let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
+    let name = hdm.metadata.name.as_deref().unwrap_or("");
+    let reject = |reason, message: String| Verdict::Rejected { reason, message };
+
+    let base = match Hostname::parse(&spec.base_domain) {
+        Ok(b) => b,
+        Err(e) => return reject("InvalidDomain", format!("spec.baseDomain: {e}")),
+    };
+    if !policy.base_domains.contains(&base) {
+        let allowed: Vec<&str> = policy.base_domains.iter().map(Hostname::as_str).collect();
+        return reject(
+            "BaseDomainNotAllowed",
+            format!(
+                "spec.baseDomain {base} is not allowed here; allowed: {}",
+                allowed.join(", ")
+            ),
+        );
+    }
+    let full = match Hostname::join(&spec.subdomain, base.as_str()) {
+        Ok(f) => f,
+        Err(e) => {
+            return reject(
+                "InvalidDomain",
+                format!("spec.subdomain {:?}: {e}", spec.subdomain),
+            );
+        }
+    };
+    if let Some(at) = &spec.expires_at
+        && at.0.as_millisecond() <= now.timestamp_millis()
+    {
+        return Verdict::Expired {
+            full_domain: Some(full),
+        };
+    }
+    let target = &spec.target;
+    let (host, port, display) = match (&target.service, &target.address, &target.tunnel) {
+        (Some(s), None, None) => {
+            let host = format!("{}.{ns}.svc.cluster.local", s.name);
+            let display = format!("{host}:{}", s.port);
+            (host, s.port, display)
+        }
+        (None, Some(a), None) => (a.host.clone(), a.port, format!("{}:{}", a.host, a.port)),
+        (None, None, Some(t)) => {
+            let who = t
+                .client_id
+                .clone()
+                .or_else(|| t.group.clone())
+                .unwrap_or_default();
+            return Verdict::Pending {
+                reason: "TunnelNotServed",
+                message: format!(
+                    "tunnel target {who}/{}:{} waits for TunnelSet reconciliation, which is not built yet",
+                    t.host, t.port
+                ),
+            };
+        }
+        _ => {
+            return reject(
+                "InvalidTarget",
+                "spec.target: exactly one of service, address or tunnel must be set".into(),
+            );
+        }
+    };
+    let Ok(port) = u16::try_from(port) else {
+        return reject(
+            "InvalidTarget",
+            format!("spec.target port {port} is outside 1-65535"),
+        );
+    };
+    let placement = match &spec.placement {
+        Some(p) => match SetName::new(&p.business, &p.region) {
+            Ok(s) => Some(s),
+            Err(e) => return reject("InvalidPlacement", format!("spec.placement: {e}")),
+        },
+        None => None,
+    };
+    if policy.per_namespace > 0 && usage.in_namespace >= policy.per_namespace {
+        return reject(
+            "QuotaExceeded",
+            format!(
+                "namespace {ns} already has {} mappings (quota {})",
+                usage.in_namespace, policy.per_namespace
+            ),
+        );
+    }
+    let owner = spec.owner.as_ref().map(|o| o.user_id.clone());
+    if let Some(o) = &owner
+        && policy.per_owner > 0
+        && usage.by_owner >= policy.per_owner
+    {
+        return reject(
+            "QuotaExceeded",
+            format!(
+                "owner {o} already has {} mappings (quota {})",
+                usage.by_owner, policy.per_owner
+            ),
+        );
+    }
+    let store_spec = MappingSpec {
+        subdomain: full.as_str()[..full.as_str().len() - base.as_str().len() - 1].to_string(),
+        base_domain: base,
+        target_client_id: None,
+        target_host: host,
+        target_port: port,
+        target_scheme: match spec.scheme {
+            TargetScheme::Http => Scheme::Http,
+            TargetScheme::Https => Scheme::Https,
+        },
+        owner_user_id: owner,
+        placement: placement.clone(),
+        source: Some(source_of(ns, name)),
+        expires_at: spec
+            .expires_at
+            .as_ref()
+            .and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond())),
+        description: spec.description.clone(),
+        custom_headers: spec.custom_headers.clone(),
+        enable_https: spec.tls.is_some(),
+    };
+    if let Err(e) = store_spec.validate() {
+        return reject("InvalidSpec", e.to_string());
+    }
+    Verdict::Program(Plan {
+        spec: store_spec,
+        full_domain: full,
+        target: display,
+        set: placement
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "any".into()),
+    })
+}
+
+/// Among mappings that want one domain and do not hold it, the oldest goes first: true when
+/// `other` should be served before `me` (older creation, then namespace/name).
+pub fn waits_behind(me: &HTTPDomainMapping, other: &HTTPDomainMapping) -> bool {
+    let key = |h: &HTTPDomainMapping| {
+        (
+            h.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond())
+                .unwrap_or(i64::MAX),
+            h.metadata.namespace.clone().unwrap_or_default(),
+            h.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    key(other) < key(me)
+}
+
+/// The result of one reconcile, as the status will show it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Active {
+        mapping_id: String,
+        version: u64,
+        plan: Plan,
+    },
+    Conflict {
+        plan: Plan,
+        holder: String,
+    },
+    Rejected {
+        reason: &'static str,
+        message: String,
+    },
+    Pending {
+        reason: &'static str,
+        message: String,
+    },
+    Expired {
+        full_domain: Option<Hostname>,
+    },
+}
+
+impl Outcome {
+    pub fn phase(&self) -> Phase {
+        match self {
+            Self::Active { .. } => Phase::Active,
+            Self::Conflict { .. } => Phase::Conflict,
+            Self::Rejected { .. } => Phase::Rejected,
+            Self::Pending { .. } => Phase::Pending,
+            Self::Expired { .. } => Phase::Expired,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Active { .. } => "active",
+            Self::Conflict { .. } => "conflict",
+            Self::Rejected { .. } => "rejected",
+            Self::Pending { .. } => "pending",
+            Self::Expired { .. } => "expired",
+        }
+    }
+}
+
+fn condition(
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+    previous: &[Condition],
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_string();
+    // Keep the transition time while nothing about the condition changed.
+    let last = previous
+        .iter()
+        .find(|c| c.type_ == kind && c.status == status && c.reason == reason)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: kind.to_string(),
+        status,
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+/// The status for an outcome; `previous` keeps condition transition times and statistics.
+pub fn status(
+    outcome: &Outcome,
+    generation: Option<i64>,
+    previous: Option<&HTTPDomainMappingStatus>,
+    now: DateTime<Utc>,
+) -> HTTPDomainMappingStatus {
+    let now = Time(
+        jiff::Timestamp::from_millisecond(now.timestamp_millis())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+    );
+    let prev: &[Condition] = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    let mut s = HTTPDomainMappingStatus {
+        phase: outcome.phase(),
+        observed_generation: generation,
+        stats: previous.and_then(|p| p.stats.clone()),
+        ..Default::default()
+    };
+    let (accepted, ready) = match outcome {
+        Outcome::Active {
+            mapping_id,
+            version,
+            plan,
+        } => {
+            s.mapping_id = Some(mapping_id.clone());
+            s.version = i64::try_from(*version).ok();
+            s.full_domain = Some(plan.full_domain.to_string());
+            s.target = Some(plan.target.clone());
+            s.set = Some(plan.set.clone());
+            (
+                (true, "Valid", "the mapping is valid".to_string()),
+                (
+                    true,
+                    "Programmed",
+                    format!("{} is served", plan.full_domain),
+                ),
+            )
+        }
+        Outcome::Conflict { plan, holder } => {
+            s.full_domain = Some(plan.full_domain.to_string());
+            s.target = Some(plan.target.clone());
+            s.set = Some(plan.set.clone());
+            s.claimed_by = Some(holder.clone());
+            (
+                (true, "Valid", "the mapping is valid".to_string()),
+                (
+                    false,
+                    "DomainClaimed",
+                    format!(
+                        "{} is claimed by {holder}; this mapping takes over when it is released",
+                        plan.full_domain
+                    ),
+                ),
+            )
+        }
+        Outcome::Rejected { reason, message } => (
+            (false, *reason, message.clone()),
+            (false, *reason, message.clone()),
+        ),
+        Outcome::Pending { reason, message } => (
+            (true, "Valid", "the mapping is valid".into()),
+            (false, *reason, message.clone()),
+        ),
+        Outcome::Expired { full_domain } => {
+            s.full_domain = full_domain.as_ref().map(ToString::to_string);
+            (
+                (true, "Valid", "the mapping is valid".into()),
+                (
+                    false,
+                    "Expired",
+                    "spec.expiresAt has passed; the domain was released".into(),
+                ),
+            )
+        }
+    };
+    s.conditions = vec![
+        condition(
+            "Accepted", accepted.0, accepted.1, accepted.2, generation, &now, prev,
+        ),
+        condition("Ready", ready.0, ready.1, ready.2, generation, &now, prev),
+    ];
+    s
+}

@@ -1,0 +1,195 @@
+//! Leader election on a coordination.k8s.io Lease: one controller writes, the others wait.
+//! Optimistic concurrency (resourceVersion) makes acquiring and renewing a single winner's act.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+    pub duration: Duration,
+    pub renew: Duration,
+}
+
+/// What to do with the lease as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseStep {
+    /// No lease yet: create it holding it.
+    Create,
+    /// We hold it: renew.
+    Renew,
+    /// Its holder stopped renewing (or released it): take it over.
+    TakeOver,
+    /// Someone else holds it and is alive.
+    Wait { holder: String },
+}
+
+/// Pure: decides from the lease's holder and last renewal.
+pub fn step(
+    spec: Option<&LeaseSpec>,
+    me: &str,
+    now_ms: i64,
+    default_duration: Duration,
+) -> LeaseStep {
+    let Some(spec) = spec else {
+        return LeaseStep::Create;
+    };
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    if holder == me {
+        return LeaseStep::Renew;
+    }
+    if holder.is_empty() {
+        return LeaseStep::TakeOver;
+    }
+    let duration_ms = spec
+        .lease_duration_seconds
+        .map(|s| i64::from(s) * 1000)
+        .unwrap_or(default_duration.as_millis() as i64);
+    let renewed_ms = spec
+        .renew_time
+        .as_ref()
+        .or(spec.acquire_time.as_ref())
+        .map(|t| t.0.as_millisecond())
+        .unwrap_or(0);
+    if now_ms > renewed_ms + duration_ms {
+        LeaseStep::TakeOver
+    } else {
+        LeaseStep::Wait { holder }
+    }
+}
+
+fn micro_now() -> MicroTime {
+    MicroTime(jiff::Timestamp::now())
+}
+
+/// Runs the election until the process ends; publishes whether we lead.
+pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut last_renewed = tokio::time::Instant::now();
+    loop {
+        let result = attempt(&api, &cfg).await;
+        let was = *leading.borrow();
+        let now = match result {
+            Ok(leads) => {
+                if leads {
+                    last_renewed = tokio::time::Instant::now();
+                }
+                leads
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease update failed");
+                // Keep leading only while our last renewal is still within the lease duration.
+                was && last_renewed.elapsed() < cfg.duration
+            }
+        };
+        if now != was {
+            tracing::info!(identity = %cfg.identity, lease = %cfg.name, leading = now, "leadership changed");
+            let _ = leading.send(now);
+        }
+        tokio::time::sleep(cfg.renew).await;
+    }
+}
+
+async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+    let current = api.get_opt(&cfg.name).await?;
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let decision = step(
+        current.as_ref().and_then(|l| l.spec.as_ref()),
+        &cfg.identity,
+        now_ms,
+        cfg.duration,
+    );
+    let spec = |acquired: Option<MicroTime>, transitions: i32| LeaseSpec {
+        holder_identity: Some(cfg.identity.clone()),
+        lease_duration_seconds: Some(cfg.duration.as_secs().max(1) as i32),
+        acquire_time: acquired.or_else(|| Some(micro_now())),
+        renew_time: Some(micro_now()),
+        lease_transitions: Some(transitions),
+        ..Default::default()
+    };
+    let conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
+    match decision {
+        LeaseStep::Wait { .. } => Ok(false),
+        LeaseStep::Create => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(cfg.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(spec(None, 0)),
+            };
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(e) if conflict(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        LeaseStep::Renew | LeaseStep::TakeOver => {
+            let mut lease = current.expect("a lease to renew or take over exists");
+            let old = lease.spec.clone().unwrap_or_default();
+            let (acquired, transitions) = if decision == LeaseStep::Renew {
+                (old.acquire_time.clone(), old.lease_transitions.unwrap_or(0))
+            } else {
+                (None, old.lease_transitions.unwrap_or(0) + 1)
+            };
+            lease.spec = Some(spec(acquired, transitions));
+            // resourceVersion from our read: a concurrent writer makes this a 409.
+            match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(e) if conflict(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str, renewed_ms: i64, secs: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(secs),
+            renew_time: Some(MicroTime(
+                jiff::Timestamp::from_millisecond(renewed_ms).unwrap(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lease_steps() {
+        let d = Duration::from_secs(15);
+        let now = 1_000_000;
+        assert_eq!(step(None, "a", now, d), LeaseStep::Create);
+        assert_eq!(
+            step(Some(&lease("a", now - 1000, 15)), "a", now, d),
+            LeaseStep::Renew
+        );
+        assert_eq!(
+            step(Some(&lease("b", now - 1000, 15)), "a", now, d),
+            LeaseStep::Wait { holder: "b".into() }
+        );
+        assert_eq!(
+            step(Some(&lease("b", now - 15_001, 15)), "a", now, d),
+            LeaseStep::TakeOver
+        );
+        assert_eq!(
+            step(Some(&lease("", now, 15)), "a", now, d),
+            LeaseStep::TakeOver
+        );
+        // Expired on our own lease is still ours to renew.
+        assert_eq!(
+            step(Some(&lease("a", now - 60_000, 15)), "a", now, d),
+            LeaseStep::Renew
+        );
+    }
+}

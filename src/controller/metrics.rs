@@ -1,0 +1,85 @@
+//! Controller metrics. Labels are bounded (`Outcome::label`, fixed words), never object names.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub reconcile_seconds: HistogramVec,
+    pub mappings: IntGaugeVec,
+    pub conflicts: IntCounter,
+    pub resync_repairs: IntCounterVec,
+    pub leader: prometheus::IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("tunnox_controller".into()), None).expect("valid prefix");
+        let reconciles = IntCounterVec::new(
+            Opts::new("reconciles_total", "Reconciles by result"),
+            &["result"],
+        )
+        .expect("valid");
+        let reconcile_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "reconcile_duration_seconds",
+                "Time to reconcile one mapping",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["result"],
+        )
+        .expect("valid");
+        let mappings = IntGaugeVec::new(
+            Opts::new("mappings", "Mappings by phase, as of the last resync"),
+            &["phase"],
+        )
+        .expect("valid");
+        let conflicts = IntCounter::new(
+            "conflicts_total",
+            "Reconciles that found the domain claimed by another mapping",
+        )
+        .expect("valid");
+        let resync_repairs = IntCounterVec::new(
+            Opts::new(
+                "resync_repairs_total",
+                "Differences between cluster and Redis repaired by resync",
+            ),
+            &["kind"],
+        )
+        .expect("valid");
+        let leader =
+            prometheus::IntGauge::new("leader", "1 while this process holds the leader lease")
+                .expect("valid");
+        for c in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_seconds.clone()),
+            Box::new(mappings.clone()),
+            Box::new(conflicts.clone()),
+            Box::new(resync_repairs.clone()),
+            Box::new(leader.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Self {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            mappings,
+            conflicts,
+            resync_repairs,
+            leader,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

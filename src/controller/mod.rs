@@ -1,0 +1,175 @@
+//! `tunnox controller`: reconciles HTTPDomainMapping resources into the mapping store and their
+//! status, elects one leader among replicas, repairs drift, and serves `/metrics`, `/healthz`,
+//! `/readyz`.
+
+pub mod decide;
+pub mod leader;
+mod metrics;
+mod reconcile;
+pub mod resync;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::runtime::{Controller, reflector::ObjectRef};
+use kube::{Api, Client};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Settings;
+use crate::crd::HTTPDomainMapping;
+use crate::observe::admin::{self, Health};
+pub use metrics::Metrics;
+pub use reconcile::{Ctx, FIELD_MANAGER, FINALIZER};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("mapping store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("admin server on {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn identity(settings: &Settings) -> String {
+    settings
+        .config
+        .controller
+        .identity
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "tunnox".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+}
+
+/// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let cfg = settings.config.controller.clone();
+    let me = identity(&settings);
+    let client = Client::try_default().await?;
+    let store = crate::store::open(settings.store_backend(&me)).await?;
+    let metrics = Metrics::new();
+    let health = Health::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shutdown = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let admin = admin::serve(
+        cfg.admin_listen,
+        metrics.registry.clone(),
+        health.clone(),
+        shutdown,
+    )
+    .await
+    .map_err(|source| RunError::Admin {
+        addr: cfg.admin_listen,
+        source,
+    })?;
+    health.set_ready(true);
+
+    let (lead_tx, mut lead_rx) = watch::channel(false);
+    let lease = leader::LeaseConfig {
+        namespace: cfg
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into()),
+        name: cfg.lease_name.clone(),
+        identity: me.clone(),
+        duration: cfg.lease_duration.get(),
+        renew: cfg.renew_interval.get(),
+    };
+    tracing::info!(identity = %me, lease = %lease.name, namespace = %lease.namespace, "waiting for leadership");
+    let election = tokio::spawn(leader::run(client.clone(), lease, lead_tx));
+
+    let mut signal = Box::pin(shutdown_signal());
+    // Standby until we lead (or are told to stop).
+    tokio::select! {
+        _ = lead_rx.wait_for(|l| *l) => {}
+        _ = &mut signal => {
+            let _ = stop_tx.send(true);
+            let _ = admin.await;
+            return Ok(());
+        }
+    }
+    metrics.leader.set(1);
+    tracing::info!(identity = %me, "leading: reconciling HTTPDomainMapping");
+
+    let api: Api<HTTPDomainMapping> = Api::all(client.clone());
+    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<HTTPDomainMapping>>();
+    let controller = Controller::new(api, watcher::Config::default());
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        store,
+        cache: controller.store(),
+        policy: decide::Policy {
+            base_domains: settings.config.http_domain.base_domains.clone(),
+            per_namespace: cfg.quota.per_namespace,
+            per_owner: cfg.quota.per_owner,
+        },
+        metrics: metrics.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tunnox-controller".into(),
+                instance: Some(me.clone()),
+            },
+        ),
+        wake: wake_tx,
+        resync_interval: cfg.resync_interval.get(),
+        conflict_retry: cfg.conflict_retry.get(),
+    });
+    let resync = tokio::spawn(resync::run(ctx.clone()));
+    let wake = futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx));
+    let graceful = {
+        let mut lead = lead_rx.clone();
+        async move {
+            tokio::select! {
+                _ = signal => tracing::info!("shutting down"),
+                _ = lead.wait_for(|l| !*l) => tracing::warn!("lost leadership; stopping"),
+            }
+        }
+    };
+    controller
+        .reconcile_on(wake)
+        .graceful_shutdown_on(graceful)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    resync.abort();
+    election.abort();
+    metrics.leader.set(0);
+    let _ = stop_tx.send(true);
+    let _ = admin.await;
+    if !*lead_rx.borrow() {
+        // Exiting lets the orchestrator restart us as a standby.
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

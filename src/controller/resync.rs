@@ -1,0 +1,113 @@
+//! Anti-entropy: compare every mapping in the cluster with Redis and repair the difference.
+//! A flushed or replaced Redis is rebuilt without anyone touching the cluster.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use super::decide;
+use super::reconcile::Ctx;
+use crate::crd::Phase;
+
+/// What one pass found and did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Repairs {
+    /// Programmed mappings whose record was missing or changed: re-reconciled.
+    pub missing: usize,
+    /// Records whose resource is gone: deleted.
+    pub orphans: usize,
+}
+
+/// One pass. The cache must be synced (the caller waits for it).
+pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
+    let records = ctx.store.list_all().await?;
+    let objects = ctx.cache.state();
+    let mut repairs = Repairs::default();
+
+    let mut by_source = std::collections::HashMap::new();
+    for r in &records {
+        if let Some(s) = &r.source {
+            by_source.insert(s.clone(), r);
+        }
+    }
+    let mut wanted: HashSet<String> = HashSet::new();
+    let mut phases: std::collections::HashMap<&'static str, i64> = std::collections::HashMap::new();
+    for obj in &objects {
+        let source = decide::source_of(&obj.namespace().unwrap_or_default(), &obj.name_any());
+        wanted.insert(source.clone());
+        let phase = obj
+            .status
+            .as_ref()
+            .map(|s| s.phase)
+            .unwrap_or(Phase::Pending);
+        *phases.entry(phase_label(phase)).or_default() += 1;
+        let id = obj.status.as_ref().and_then(|s| s.mapping_id.as_deref());
+        let intact = match by_source.get(&source) {
+            Some(r) => Some(r.mapping_id.as_str()) == id,
+            None => false,
+        };
+        if phase == Phase::Active && !intact {
+            repairs.missing += 1;
+            let _ = ctx.wake.send(ObjectRef::from_obj(&**obj));
+        }
+    }
+    for r in &records {
+        let Some(source) = r.source.as_deref() else {
+            continue;
+        };
+        if source.starts_with("k8s:") && !wanted.contains(source) {
+            match ctx.store.delete(&r.mapping_id, Some(r.version)).await {
+                Ok(_) => repairs.orphans += 1,
+                Err(
+                    crate::store::StoreError::NotFound { .. }
+                    | crate::store::StoreError::VersionConflict { .. },
+                ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for phase in ["Pending", "Active", "Conflict", "Rejected", "Expired"] {
+        ctx.metrics
+            .mappings
+            .with_label_values(&[phase])
+            .set(*phases.get(phase).unwrap_or(&0));
+    }
+    ctx.metrics
+        .resync_repairs
+        .with_label_values(&["missing"])
+        .inc_by(repairs.missing as u64);
+    ctx.metrics
+        .resync_repairs
+        .with_label_values(&["orphan"])
+        .inc_by(repairs.orphans as u64);
+    Ok(repairs)
+}
+
+fn phase_label(p: Phase) -> &'static str {
+    match p {
+        Phase::Pending => "Pending",
+        Phase::Active => "Active",
+        Phase::Conflict => "Conflict",
+        Phase::Rejected => "Rejected",
+        Phase::Expired => "Expired",
+    }
+}
+
+/// Runs a pass now and then every `ctx.resync_interval`, releasing expired records as it goes.
+pub async fn run(ctx: Arc<Ctx>) {
+    let _ = ctx.cache.wait_until_ready().await;
+    let mut tick = tokio::time::interval(ctx.resync_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pass(&ctx).await {
+            Ok(r) if r != Repairs::default() => {
+                tracing::info!(missing = r.missing, orphans = r.orphans, "resync repaired")
+            }
+            Ok(_) => tracing::debug!("resync: cluster and Redis agree"),
+            Err(e) => tracing::warn!(error = %e, "resync failed; will retry"),
+        }
+    }
+}
