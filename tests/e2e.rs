@@ -9,34 +9,153 @@ mod support;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use std::time::Duration;
+
 use support::ControlPlane;
 use support::controlplane::{ok, stderr};
+use support::process::{Role, eventually, free_port, http_get};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-type Scenario = fn(&ControlPlane);
+type Scenario = fn(&Stack);
+
+/// The control plane with the chart installed, a Redis, and the controller's credentials.
+pub struct Stack {
+    cp: ControlPlane,
+    redis: support::RedisServer,
+    dir: tempfile::TempDir,
+    /// Kubeconfig carrying the chart's controller ServiceAccount token.
+    sa_kubeconfig: std::path::PathBuf,
+    /// The configuration file the chart renders.
+    config: std::path::PathBuf,
+}
+
+impl Stack {
+    /// Starts `tunnox controller` as the chart's ServiceAccount with the chart's configuration;
+    /// only loopback addresses and short intervals are overridden.
+    fn controller(&self, name: &str) -> (Role, u16) {
+        let admin = free_port();
+        let env = vec![
+            ("KUBECONFIG", self.sa_kubeconfig.display().to_string()),
+            ("POD_NAME", name.to_string()),
+            ("POD_NAMESPACE", NS.to_string()),
+            ("TUNNOX__STORAGE__REDIS__ADDR", self.redis.addr()),
+            (
+                "TUNNOX__CONTROLLER__ADMIN_LISTEN",
+                format!("127.0.0.1:{admin}"),
+            ),
+            ("TUNNOX__CONTROLLER__RESYNC_INTERVAL", "3s".to_string()),
+            ("TUNNOX__CONTROLLER__CONFLICT_RETRY", "2s".to_string()),
+            ("TUNNOX__CONTROLLER__LEASE_DURATION", "4s".to_string()),
+            ("TUNNOX__CONTROLLER__RENEW_INTERVAL", "1s".to_string()),
+        ];
+        let log = self.dir.path().join(format!("{name}.log"));
+        let role = Role::start(
+            &["--config", self.config.to_str().unwrap(), "controller"],
+            &env,
+            &log,
+        );
+        (role, admin)
+    }
+
+    fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        let out = self.redis.cli(&["--scan", "--pattern", pattern]);
+        let mut keys: Vec<String> = out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    fn phases(&self, ns: &str) -> Vec<String> {
+        let out = self.cp.kubectl_ok(&[
+            "get",
+            "hdm",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}",
+        ]);
+        out.lines().map(str::to_string).collect()
+    }
+
+    fn phase(&self, ns: &str, name: &str) -> String {
+        text(&self.cp.kubectl(&[
+            "get",
+            "hdm",
+            name,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.phase}",
+        ]))
+    }
+}
 
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let scenarios: &[(&str, Scenario)] = &[
+        ("crds_show_columns_and_explain", |s| {
+            crds_show_columns_and_explain(&s.cp)
+        }),
+        ("api_server_rejects_invalid_resources", |s| {
+            api_server_rejects_invalid_resources(&s.cp)
+        }),
+        ("chart_grants_least_privilege", |s| {
+            chart_grants_least_privilege(&s.cp)
+        }),
+        ("chart_refuses_bad_values", |s| {
+            chart_refuses_bad_values(&s.cp)
+        }),
+        ("install_manifest_matches_the_chart", |s| {
+            install_manifest_matches_the_chart(&s.cp)
+        }),
         (
-            "crds_show_columns_and_explain",
-            crds_show_columns_and_explain,
+            "controller_programs_and_cleans_up_100_mappings",
+            controller_programs_and_cleans_up_100_mappings,
         ),
         (
-            "api_server_rejects_invalid_resources",
-            api_server_rejects_invalid_resources,
+            "controller_conflict_and_takeover",
+            controller_conflict_and_takeover,
         ),
         (
-            "chart_installs_with_least_privilege",
-            chart_installs_with_least_privilege,
+            "controller_rejects_without_hot_loop",
+            controller_rejects_without_hot_loop,
         ),
-        ("chart_refuses_bad_values", chart_refuses_bad_values),
         (
-            "install_manifest_matches_the_chart",
-            install_manifest_matches_the_chart,
+            "controller_rebuilds_flushed_redis",
+            controller_rebuilds_flushed_redis,
         ),
+        ("controller_leader_election", controller_leader_election),
     ];
+    let stack = setup();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, scenario) in scenarios {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        eprintln!("e2e: {name} ...");
+        match catch_unwind(AssertUnwindSafe(|| scenario(&stack))) {
+            Ok(()) => {
+                passed += 1;
+                eprintln!("e2e: {name} ok");
+            }
+            Err(_) => {
+                failed += 1;
+                eprintln!("e2e: {name} FAILED");
+            }
+        }
+    }
+    drop(stack);
+    println!("e2e: {passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// Control plane, CRDs, the chart installed (no pod runs: there is no kubelet), a Redis, and the
+/// controller's ServiceAccount token and configuration taken from what the chart created.
+fn setup() -> Stack {
     let cp = ControlPlane::start();
     ok(
         cp.kubectl(&["apply", "-f", &format!("{ROOT}/crds/tunnox.yaml")]),
@@ -50,26 +169,63 @@ fn main() {
         "crd/httpdomainmappings.tunnox.net",
         "crd/tunnelsets.tunnox.net",
     ]);
-    let (mut passed, mut failed) = (0, 0);
-    for (name, scenario) in scenarios {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        eprintln!("e2e: {name} ...");
-        match catch_unwind(AssertUnwindSafe(|| scenario(&cp))) {
-            Ok(()) => {
-                passed += 1;
-                eprintln!("e2e: {name} ok");
+    ok(
+        cp.helm(&[
+            "install",
+            "tunnox",
+            &format!("{ROOT}/charts/tunnox"),
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--skip-crds",
+        ]),
+        "helm install",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token = cp
+        .kubectl_ok(&[
+            "create",
+            "token",
+            "tunnox-controller",
+            "-n",
+            NS,
+            "--duration=2h",
+        ])
+        .trim()
+        .to_string();
+    let admin_config = std::fs::read_to_string(cp.kubeconfig()).unwrap();
+    let sa_config: String = admin_config
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("token:") {
+                format!("    token: {token}")
+            } else {
+                l.to_string()
             }
-            Err(_) => {
-                failed += 1;
-                eprintln!("e2e: {name} FAILED");
-            }
-        }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let sa_kubeconfig = dir.path().join("controller.kubeconfig");
+    std::fs::write(&sa_kubeconfig, sa_config).unwrap();
+    let rendered = cp.kubectl_ok(&[
+        "get",
+        "configmap",
+        "tunnox",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.data.config\\.yaml}",
+    ]);
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, rendered).unwrap();
+    let redis = support::RedisServer::start();
+    Stack {
+        cp,
+        redis,
+        dir,
+        sa_kubeconfig,
+        config,
     }
-    drop(cp);
-    println!("e2e: {passed} passed, {failed} failed");
-    std::process::exit(if failed == 0 { 0 } else { 1 });
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -126,7 +282,7 @@ fn crds_show_columns_and_explain(cp: &ControlPlane) {
     assert!(ts_explain.contains("disaster-recovery"), "{ts_explain}");
     let ts_header = cp.kubectl_ok(&["get", "ts", "-A"]);
     let _ = ts_header; // empty list prints nothing on stdout
-    cp.kubectl_ok(&["delete", "namespace", "cols", "--wait=false"]);
+    cp.kubectl_ok(&["delete", "hdm", "web", "-n", "cols"]);
 }
 
 fn api_server_rejects_invalid_resources(cp: &ControlPlane) {
@@ -175,21 +331,7 @@ fn api_server_rejects_invalid_resources(cp: &ControlPlane) {
 
 const NS: &str = "tunnox-system";
 
-fn chart_installs_with_least_privilege(cp: &ControlPlane) {
-    let chart = format!("{ROOT}/charts/tunnox");
-    ok(
-        cp.helm(&[
-            "install",
-            "tunnox",
-            &chart,
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--skip-crds",
-            "--wait=false",
-        ]),
-        "helm install",
-    );
+fn chart_grants_least_privilege(cp: &ControlPlane) {
     for kind in [
         "deployment/tunnox-controller",
         "deployment/tunnox-proxy-default-default",
@@ -318,11 +460,7 @@ fn chart_installs_with_least_privilege(cp: &ControlPlane) {
     let _ = std::fs::remove_file(&file);
     let printed = ok(check, "tunnox check-config on the chart's configuration");
     assert!(printed.contains("mapping store: redis"), "{printed}");
-    ok(
-        cp.helm(&["uninstall", "tunnox", "--namespace", NS]),
-        "helm uninstall",
-    );
-    cp.kubectl_ok(&["delete", "namespace", "rbac", "--wait=false"]);
+    cp.kubectl_ok(&["delete", "hdm", "r", "-n", "rbac"]);
 }
 
 fn chart_refuses_bad_values(cp: &ControlPlane) {
@@ -389,4 +527,286 @@ fn install_manifest_matches_the_chart(cp: &ControlPlane) {
         cp.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered),
         "server-side dry run of install.yaml",
     );
+}
+
+fn hdm_yaml(ns: &str, name: &str, sub: &str, port: u16) -> String {
+    format!(
+        "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec: {{subdomain: {sub}, baseDomain: tunnox.net, target: {{address: {{host: 127.0.0.1, port: {port}}}}}}}\n"
+    )
+}
+
+fn no_permission_errors(role: &Role) {
+    let log = role.log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "permission error in controller log:\n{log}"
+    );
+}
+
+fn controller_programs_and_cleans_up_100_mappings(s: &Stack) {
+    let (ctl, admin) = s.controller("ctl-bulk");
+    s.cp.kubectl_ok(&["create", "namespace", "bulk"]);
+    let docs: Vec<String> = (0..100)
+        .map(|i| hdm_yaml("bulk", &format!("m{i}"), &format!("bulk{i}"), 8000 + i))
+        .collect();
+    ok(s.cp.apply(&docs.join("---\n")), "apply 100 mappings");
+    let took = eventually("100 mappings Active", Duration::from_secs(60), || {
+        s.phases("bulk").iter().filter(|p| *p == "Active").count() == 100
+    });
+    eprintln!("e2e: 100 mappings Active {took:?} after apply");
+    assert_eq!(
+        s.redis_keys("tunnox:http_domain:index:domain:bulk*").len(),
+        100
+    );
+    let table = s.cp.kubectl_ok(&["get", "hdm", "-n", "bulk", "m7"]);
+    assert!(
+        table.contains("bulk7.tunnox.net")
+            && table.contains("127.0.0.1:8007")
+            && table.contains("Active"),
+        "{table}"
+    );
+    assert!(http_get(admin, "/metrics").contains("tunnox_controller_reconciles_total"));
+    assert_eq!(http_get(admin, "/readyz").trim(), "ok");
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", "bulk", "--timeout=60s"]),
+        "delete all",
+    );
+    assert_eq!(
+        s.cp.kubectl_ok(&["get", "hdm", "-n", "bulk", "-o", "name"])
+            .trim(),
+        "",
+        "finalizers released"
+    );
+    assert!(
+        s.redis_keys("tunnox:http_domain:index:domain:bulk*")
+            .is_empty(),
+        "claims released"
+    );
+    let records = s.redis.cli(&["ZCARD", "tunnox:http_domain:index:all"]);
+    assert_eq!(records, "0", "no record or index entry left");
+    assert!(
+        s.redis_keys("tunnox:http_domain:mapping:*").is_empty(),
+        "no record left"
+    );
+    no_permission_errors(&ctl);
+}
+
+fn controller_conflict_and_takeover(s: &Stack) {
+    let (ctl, _) = s.controller("ctl-conflict");
+    for ns in ["team-a", "team-b", "team-c"] {
+        s.cp.kubectl_ok(&["create", "namespace", ns]);
+    }
+    ok(
+        s.cp.apply(&hdm_yaml("team-a", "web", "shared", 1)),
+        "apply older",
+    );
+    eventually("older Active", Duration::from_secs(20), || {
+        s.phase("team-a", "web") == "Active"
+    });
+    ok(
+        s.cp.apply(&hdm_yaml("team-b", "web", "shared", 2)),
+        "apply newer",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    ok(
+        s.cp.apply(&hdm_yaml("team-c", "web", "shared", 3)),
+        "apply newest",
+    );
+    eventually(
+        "newer in Conflict naming the holder",
+        Duration::from_secs(20),
+        || s.phase("team-b", "web") == "Conflict" && s.phase("team-c", "web") == "Conflict",
+    );
+    let claimed = text(&s.cp.kubectl(&[
+        "get",
+        "hdm",
+        "web",
+        "-n",
+        "team-b",
+        "-o",
+        "jsonpath={.status.claimedBy}",
+    ]));
+    assert_eq!(claimed, "team-a/web");
+    let wide =
+        s.cp.kubectl_ok(&["get", "hdm", "web", "-n", "team-b", "-o", "wide"]);
+    assert!(wide.contains("team-a/web"), "{wide}");
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "web", "-n", "team-a", "--timeout=30s"]),
+        "delete holder",
+    );
+    let took = eventually(
+        "the older waiter takes over by itself",
+        Duration::from_secs(20),
+        || s.phase("team-b", "web") == "Active",
+    );
+    eprintln!("e2e: takeover {took:?} after the holder was deleted");
+    eventually(
+        "the newest now names the new holder",
+        Duration::from_secs(20),
+        || {
+            text(&s.cp.kubectl(&[
+                "get",
+                "hdm",
+                "web",
+                "-n",
+                "team-c",
+                "-o",
+                "jsonpath={.status.claimedBy}",
+            ])) == "team-b/web"
+        },
+    );
+    assert_eq!(s.phase("team-c", "web"), "Conflict");
+    let port = s
+        .redis
+        .cli(&["GET", "tunnox:http_domain:index:domain:shared.tunnox.net"]);
+    let record = s
+        .redis
+        .cli(&["GET", &format!("tunnox:http_domain:mapping:{port}")]);
+    assert!(
+        record.contains("\"target_port\":2") && record.contains("k8s:team-b/web"),
+        "{record}"
+    );
+    for ns in ["team-b", "team-c"] {
+        ok(
+            s.cp.kubectl(&["delete", "hdm", "--all", "-n", ns, "--timeout=30s"]),
+            "clean up",
+        );
+    }
+    no_permission_errors(&ctl);
+}
+
+fn controller_rejects_without_hot_loop(s: &Stack) {
+    let (ctl, admin) = s.controller("ctl-reject");
+    s.cp.kubectl_ok(&["create", "namespace", "rejects"]);
+    let bad = "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {name: evil, namespace: rejects}\n\
+               spec: {subdomain: x, baseDomain: evil.example, target: {address: {host: 127.0.0.1, port: 80}}}\n";
+    ok(s.cp.apply(bad), "apply disallowed base domain");
+    eventually("Rejected", Duration::from_secs(20), || {
+        s.phase("rejects", "evil") == "Rejected"
+    });
+    let message = text(&s.cp.kubectl(&[
+        "get",
+        "hdm",
+        "evil",
+        "-n",
+        "rejects",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Accepted\")].message}",
+    ]));
+    assert!(
+        message.contains("evil.example is not allowed") && message.contains("tunnox.net"),
+        "{message}"
+    );
+    let reconciles = |body: String| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with("tunnox_controller_outcomes_total{outcome=\"rejected\"}"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = reconciles(http_get(admin, "/metrics"));
+    std::thread::sleep(Duration::from_secs(5));
+    let after = reconciles(http_get(admin, "/metrics"));
+    // The only rejected mapping waits for a change; a loop would count hundreds.
+    assert!(before >= 1, "the rejection was counted");
+    assert!(
+        after - before <= 1,
+        "reconciled {} times in 5 s: a hot loop",
+        after - before
+    );
+    let mut ctl = ctl;
+    assert!(ctl.is_running(), "controller crashed");
+    assert!(
+        s.redis_keys("tunnox:http_domain:index:domain:x.evil*")
+            .is_empty()
+    );
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", "rejects", "--timeout=30s"]),
+        "clean up",
+    );
+}
+
+fn controller_rebuilds_flushed_redis(s: &Stack) {
+    let (mut ctl, _) = s.controller("ctl-flush");
+    s.cp.kubectl_ok(&["create", "namespace", "flush"]);
+    let docs: Vec<String> = (0..20)
+        .map(|i| hdm_yaml("flush", &format!("f{i}"), &format!("flush{i}"), 9000 + i))
+        .collect();
+    ok(s.cp.apply(&docs.join("---\n")), "apply");
+    eventually("20 Active", Duration::from_secs(30), || {
+        s.phases("flush").iter().filter(|p| *p == "Active").count() == 20
+    });
+    assert_eq!(s.redis.cli(&["FLUSHALL"]), "OK");
+    let took = eventually(
+        "every mapping back after FLUSHALL",
+        Duration::from_secs(15),
+        || s.redis_keys("tunnox:http_domain:index:domain:flush*").len() == 20,
+    );
+    eprintln!("e2e: rebuilt 20 mappings {took:?} after FLUSHALL (resync interval 3 s)");
+    // Restart the controller with Redis emptied while it was down.
+    assert_eq!(
+        ctl.terminate(Duration::from_secs(10)),
+        Some(0),
+        "clean exit on SIGTERM"
+    );
+    assert_eq!(s.redis.cli(&["FLUSHALL"]), "OK");
+    let (ctl2, _) = s.controller("ctl-flush-2");
+    eventually(
+        "every mapping back after a restart on an empty Redis",
+        Duration::from_secs(20),
+        || s.redis_keys("tunnox:http_domain:index:domain:flush*").len() == 20,
+    );
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", "flush", "--timeout=60s"]),
+        "delete mappings",
+    );
+    eventually(
+        "records of deleted mappings gone",
+        Duration::from_secs(20),
+        || {
+            s.redis_keys("tunnox:http_domain:index:domain:flush*")
+                .is_empty()
+        },
+    );
+    no_permission_errors(&ctl2);
+}
+
+fn controller_leader_election(s: &Stack) {
+    let leader_of = |port: u16| {
+        http_get(port, "/metrics")
+            .lines()
+            .any(|l| l == "tunnox_controller_leader 1")
+    };
+    let (mut first, p1) = s.controller("ctl-one");
+    eventually("first leads", Duration::from_secs(15), || leader_of(p1));
+    let (second, p2) = s.controller("ctl-two");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(leader_of(p1) && !leader_of(p2), "exactly one leader");
+    assert_eq!(http_get(p2, "/readyz").trim(), "ok", "a standby is ready");
+    s.cp.kubectl_ok(&["create", "namespace", "lead"]);
+    ok(s.cp.apply(&hdm_yaml("lead", "a", "lead-a", 1)), "apply");
+    eventually("leader reconciles", Duration::from_secs(15), || {
+        s.phase("lead", "a") == "Active"
+    });
+    first.kill();
+    let took = eventually(
+        "the standby takes over within the lease",
+        Duration::from_secs(15),
+        || leader_of(p2),
+    );
+    eprintln!("e2e: standby took over {took:?} after the leader was killed (lease 4 s)");
+    ok(
+        s.cp.apply(&hdm_yaml("lead", "b", "lead-b", 2)),
+        "apply after failover",
+    );
+    eventually(
+        "new leader reconciles new changes",
+        Duration::from_secs(15),
+        || s.phase("lead", "b") == "Active",
+    );
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", "lead", "--timeout=60s"]),
+        "delete mappings",
+    );
+    no_permission_errors(&second);
 }

@@ -34,7 +34,7 @@ pub struct Plan {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    Program(Plan),
+    Program(Box<Plan>),
     Rejected {
         reason: &'static str,
         message: String,
@@ -196,14 +196,14 @@ pub fn evaluate(
     if let Err(e) = store_spec.validate() {
         return reject("InvalidSpec", e.to_string());
     }
-    Verdict::Program(Plan {
+    Verdict::Program(Box::new(Plan {
         spec: store_spec,
         full_domain: full,
         target: display,
         set: placement
             .map(|p| p.to_string())
             .unwrap_or_else(|| "any".into()),
-    })
+    }))
 }
 
 /// Among mappings that want one domain and do not hold it, the oldest goes first: true when

@@ -8,6 +8,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: IntCounterVec,
+    pub outcomes: IntCounterVec,
     pub reconcile_seconds: HistogramVec,
     pub mappings: IntGaugeVec,
     pub conflicts: IntCounter,
@@ -22,6 +23,11 @@ impl Metrics {
         let reconciles = IntCounterVec::new(
             Opts::new("reconciles_total", "Reconciles by result"),
             &["result"],
+        )
+        .expect("valid");
+        let outcomes = IntCounterVec::new(
+            Opts::new("outcomes_total", "Reconciles by the phase they decided"),
+            &["outcome"],
         )
         .expect("valid");
         let reconcile_seconds = HistogramVec::new(
@@ -58,6 +64,7 @@ impl Metrics {
                 .expect("valid");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(outcomes.clone()),
             Box::new(reconcile_seconds.clone()),
             Box::new(mappings.clone()),
             Box::new(conflicts.clone()),
@@ -68,6 +75,7 @@ impl Metrics {
         }
         Self {
             registry,
+            outcomes,
             reconciles,
             reconcile_seconds,
             mappings,

@@ -192,7 +192,7 @@ async fn apply(
     let own = find_own(ctx, obj, &source).await?;
     let verdict = decide::evaluate(obj, &ctx.policy, usage(ctx, obj), now);
     let outcome = match verdict {
-        Verdict::Program(plan) => program(ctx, obj, plan, own).await?,
+        Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         other => {
             if let Some(m) = &own {
                 release(ctx, obj, m).await?;
@@ -205,6 +205,10 @@ async fn apply(
             }
         }
     };
+    ctx.metrics
+        .outcomes
+        .with_label_values(&[outcome.label()])
+        .inc();
     write_status(ctx, obj, api, &outcome).await?;
     Ok(next_action(ctx, obj, &outcome))
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod controlplane;
+pub mod process;
 pub mod redis_server;
 
 pub use controlplane::ControlPlane;
