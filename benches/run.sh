@@ -7,6 +7,8 @@ tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 
 cargo bench --locked --bench store >"$tmp"
+e2e/install-deps.sh
+cargo bench --locked --features e2e --bench controller >>"$tmp"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 {

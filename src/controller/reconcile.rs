@@ -95,18 +95,20 @@ pub fn error_policy(obj: Arc<HTTPDomainMapping>, err: &Error, _ctx: Arc<Ctx>) ->
 }
 
 fn usage(ctx: &Ctx, me: &HTTPDomainMapping) -> Usage {
-    let (ns, owner) = (me.namespace(), me.spec.owner.as_ref().map(|o| &o.user_id));
     let mut u = Usage::default();
+    if ctx.policy.per_namespace == 0 && ctx.policy.per_owner == 0 {
+        return u; // no quotas: no walk over the cache
+    }
+    let owner = me.spec.owner.as_ref().map(|o| &o.user_id);
     for other in ctx.cache.state() {
-        if other.uid() == me.uid()
-            || other
-                .status
-                .as_ref()
-                .is_none_or(|s| s.phase != Phase::Active)
-        {
+        let active = other
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Active);
+        if !active || other.metadata.uid == me.metadata.uid {
             continue;
         }
-        if other.namespace() == ns {
+        if other.metadata.namespace == me.metadata.namespace {
             u.in_namespace += 1;
         }
         if owner.is_some() && other.spec.owner.as_ref().map(|o| &o.user_id) == owner {
@@ -242,15 +244,16 @@ async fn program(
         release(ctx, obj, &m).await?;
     }
     // Mappings that wanted this domain earlier go first (oldest claim wins).
+    // Cheap checks first: waiters are few, and only their domains are computed.
     let older = ctx.cache.state().into_iter().find(|other| {
-        other.uid() != obj.uid()
+        other
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Conflict)
             && other.metadata.deletion_timestamp.is_none()
-            && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
-            && other
-                .status
-                .as_ref()
-                .is_some_and(|s| s.phase == Phase::Conflict)
+            && other.metadata.uid != obj.metadata.uid
             && decide::waits_behind(obj, other)
+            && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
     });
     if let Some(older) = older {
         let holder = match ctx.store.get_by_domain(&plan.full_domain).await? {

@@ -1,0 +1,193 @@
+//! Controller benchmarks on a real API server and Redis (each its own process; the controller
+//! too): apply → record readable in Redis, and a cold start over 10 000 mappings.
+//! Prints a Markdown section (`make bench` collects it into docs/benchmarks.md).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use support::process::{Role, free_port};
+use support::{ControlPlane, RedisServer};
+use tunnox::crd::{AddressTarget, HTTPDomainMapping, HTTPDomainMappingSpec, Target, TargetScheme};
+use tunnox::store::{MappingStore, RedisOptions, RedisStore, SubscriptionEvent};
+
+const APPLIES: usize = 200;
+const COLD: usize = 10_000;
+
+fn mapping(ns: &str, name: &str, sub: &str) -> HTTPDomainMapping {
+    let mut h = HTTPDomainMapping::new(
+        name,
+        HTTPDomainMappingSpec {
+            subdomain: sub.into(),
+            base_domain: "tunnox.net".into(),
+            target: Target {
+                service: None,
+                address: Some(AddressTarget {
+                    host: "127.0.0.1".into(),
+                    port: 8080,
+                }),
+                tunnel: None,
+            },
+            scheme: TargetScheme::Http,
+            placement: None,
+            owner: None,
+            custom_headers: Default::default(),
+            tls: None,
+            expires_at: None,
+            description: String::new(),
+        },
+    );
+    h.metadata.namespace = Some(ns.into());
+    h
+}
+
+fn pct(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn start_controller(
+    cp: &ControlPlane,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+) -> Role {
+    let env = vec![
+        ("KUBECONFIG", cp.kubeconfig().to_string()),
+        ("POD_NAME", name.to_string()),
+        ("POD_NAMESPACE", "default".to_string()),
+        (
+            "TUNNOX__CONTROLLER__ADMIN_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+    ];
+    Role::start(
+        &["--config", config.to_str().unwrap(), "controller"],
+        &env,
+        &dir.join(format!("{name}.log")),
+    )
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cp = ControlPlane::start();
+    support::controlplane::ok(
+        cp.kubectl(&[
+            "apply",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/crds/tunnox.yaml"),
+        ]),
+        "CRDs",
+    );
+    cp.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/httpdomainmappings.tunnox.net",
+    ]);
+    let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("storage: {{type: redis, redis: {{addr: '{}'}}}}\nhttp_domain: {{base_domains: [tunnox.net]}}\nlog: {{level: warn}}\n", redis.addr()),
+    )
+    .unwrap();
+    let mut controller = start_controller(&cp, &config, dir.path(), "bench-1");
+
+    rt.block_on(async {
+        let kubeconfig = Kubeconfig::read_from(cp.kubeconfig()).unwrap();
+        let client = Client::try_from(Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap()).unwrap();
+        let api: Api<HTTPDomainMapping> = Api::namespaced(client.clone(), "default");
+        let store: Arc<dyn MappingStore> = Arc::new(RedisStore::connect(RedisOptions::new(&redis.addr())).await.unwrap());
+        let mut sub = store.subscribe().await.unwrap();
+        let mut wait_for = async |domain: String| loop {
+            match tokio::time::timeout(Duration::from_secs(30), sub.next()).await {
+                Ok(Some(SubscriptionEvent::Change(e))) if e.full_domain.as_str() == domain => return,
+                Ok(Some(_)) => {}
+                _ => panic!("no event for {domain}"),
+            }
+        };
+        // Warm-up: the controller has to win its lease and sync its cache first.
+        api.create(&PostParams::default(), &mapping("default", "warm", "warm")).await.unwrap();
+        wait_for("warm.tunnox.net".into()).await;
+
+        let mut samples = Vec::with_capacity(APPLIES);
+        for i in 0..APPLIES {
+            let t = Instant::now();
+            api.create(&PostParams::default(), &mapping("default", &format!("lat{i}"), &format!("lat{i}"))).await.unwrap();
+            wait_for(format!("lat{i}.tunnox.net")).await;
+            samples.push(t.elapsed());
+        }
+        samples.sort();
+
+        // Cold start: 10 000 mappings exist, Redis is empty, the controller starts.
+        assert_eq!(controller.terminate(Duration::from_secs(10)), Some(0));
+        let created = Instant::now();
+        futures::stream::iter(0..COLD)
+            .map(|i| {
+                let api = api.clone();
+                async move {
+                    api.create(&PostParams::default(), &mapping("default", &format!("cold{i}"), &format!("cold{i}"))).await.unwrap();
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let create_time = created.elapsed();
+        assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+        let expected = COLD + APPLIES + 1;
+        let start = Instant::now();
+        let _controller = start_controller(&cp, &config, dir.path(), "bench-2");
+        loop {
+            let n: usize = redis.cli(&["ZCARD", "tunnox:http_domain:index:all"]).parse().unwrap_or(0);
+            if n >= expected {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(600), "cold start stuck at {n}/{expected}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let cold = start.elapsed();
+        let per_100k = cold.as_secs_f64() * 100_000.0 / expected as f64;
+
+        println!("## Controller (issue: controller)\n");
+        println!("`kube-apiserver` v1.34.4 + etcd 3.4, `redis-server` and `tunnox controller` each in its own process on this machine.");
+        println!("Latency is measured from sending the create request (what `kubectl apply` sends) to the change event,");
+        println!("which Redis publishes in the same script that writes the record.\n");
+        println!("| measurement | n | p50 | p99 | max |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| create → record readable in Redis | {APPLIES} | {} | {} | {} |",
+            ms(pct(&samples, 0.5)),
+            ms(pct(&samples, 0.99)),
+            ms(*samples.last().unwrap())
+        );
+        println!();
+        println!(
+            "Cold start: {expected} mappings in the API server (created in {:.1} s, 16 at a time), Redis empty, controller started: \
+             all {expected} records in Redis after **{:.1} s** ({:.0} mappings/s). Linear extrapolation to 100 000: {:.0} s \
+             (goal < 60 s: **{}**).\n",
+            create_time.as_secs_f64(),
+            cold.as_secs_f64(),
+            expected as f64 / cold.as_secs_f64(),
+            per_100k,
+            if per_100k < 60.0 { "met" } else { "not met" }
+        );
+        let goal = pct(&samples, 0.99) < Duration::from_millis(50);
+        println!("Goal p99 < 50 ms for create → Redis: **{}**.\n", if goal { "met" } else { "not met" });
+    });
+}
