@@ -14,7 +14,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use support::process::{Role, free_port};
 use support::{ControlPlane, RedisServer};
-use tunnox::crd::{AddressTarget, HTTPDomainMapping, HTTPDomainMappingSpec, Target, TargetScheme};
+use tunnox::crd::{HTTPDomainMapping, HTTPDomainMappingSpec, Target};
 use tunnox::store::{MappingStore, RedisOptions, RedisStore, SubscriptionEvent};
 
 const APPLIES: usize = 200;
@@ -23,25 +23,7 @@ const COLD: usize = 10_000;
 fn mapping(ns: &str, name: &str, sub: &str) -> HTTPDomainMapping {
     let mut h = HTTPDomainMapping::new(
         name,
-        HTTPDomainMappingSpec {
-            subdomain: sub.into(),
-            base_domain: "tunnox.net".into(),
-            target: Target {
-                service: None,
-                address: Some(AddressTarget {
-                    host: "127.0.0.1".into(),
-                    port: 8080,
-                }),
-                tunnel: None,
-            },
-            scheme: TargetScheme::Http,
-            placement: None,
-            owner: None,
-            custom_headers: Default::default(),
-            tls: None,
-            expires_at: None,
-            description: String::new(),
-        },
+        HTTPDomainMappingSpec::new(sub, "tunnox.net", Target::address("127.0.0.1", 8080)),
     );
     h.metadata.namespace = Some(ns.into());
     h
@@ -186,6 +168,12 @@ fn main() {
             expected as f64 / cold.as_secs_f64(),
             per_100k,
             if per_100k < 60.0 { "met" } else { "not met" }
+        );
+        println!(
+            "Why: every restored mapping costs one status write (server-side apply) through the API server to etcd, \
+             and here the API server, etcd, Redis and the controller share 2 cores; creating the objects themselves \
+             ran at {:.0}/s. The Redis side is not the limit (a create is ~0.1 ms, see above).\n",
+            COLD as f64 / create_time.as_secs_f64()
         );
         let goal = pct(&samples, 0.99) < Duration::from_millis(50);
         println!("Goal p99 < 50 ms for create → Redis: **{}**.\n", if goal { "met" } else { "not met" });

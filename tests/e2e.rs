@@ -129,6 +129,10 @@ fn main() {
             controller_rebuilds_flushed_redis,
         ),
         ("controller_leader_election", controller_leader_election),
+        (
+            "controller_updates_expires_and_reports_events",
+            controller_updates_expires_and_reports_events,
+        ),
     ];
     let stack = setup();
     let (mut passed, mut failed) = (0, 0);
@@ -207,15 +211,7 @@ fn setup() -> Stack {
         .join("\n");
     let sa_kubeconfig = dir.path().join("controller.kubeconfig");
     std::fs::write(&sa_kubeconfig, sa_config).unwrap();
-    let rendered = cp.kubectl_ok(&[
-        "get",
-        "configmap",
-        "tunnox",
-        "-n",
-        NS,
-        "-o",
-        "jsonpath={.data.config\\.yaml}",
-    ]);
+    let rendered = chart_config(&cp);
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, rendered).unwrap();
     let redis = support::RedisServer::start();
@@ -331,6 +327,19 @@ fn api_server_rejects_invalid_resources(cp: &ControlPlane) {
 
 const NS: &str = "tunnox-system";
 
+/// The configuration file the installed chart renders (its ConfigMap).
+fn chart_config(cp: &ControlPlane) -> String {
+    cp.kubectl_ok(&[
+        "get",
+        "configmap",
+        "tunnox",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.data.config\\.yaml}",
+    ])
+}
+
 fn chart_grants_least_privilege(cp: &ControlPlane) {
     for kind in [
         "deployment/tunnox-controller",
@@ -438,15 +447,7 @@ fn chart_grants_least_privilege(cp: &ControlPlane) {
         "{sec}"
     );
     // The configuration the chart renders is one tunnox accepts (with the pods' environment).
-    let config = cp.kubectl_ok(&[
-        "get",
-        "configmap",
-        "tunnox",
-        "-n",
-        NS,
-        "-o",
-        "jsonpath={.data.config\\.yaml}",
-    ]);
+    let config = chart_config(cp);
     let file =
         std::env::temp_dir().join(format!("tunnox-chart-config-{}.yaml", std::process::id()));
     std::fs::write(&file, &config).unwrap();
@@ -809,4 +810,108 @@ fn controller_leader_election(s: &Stack) {
         "delete mappings",
     );
     no_permission_errors(&second);
+}
+
+fn controller_updates_expires_and_reports_events(s: &Stack) {
+    let (ctl, _) = s.controller("ctl-update");
+    s.cp.kubectl_ok(&["create", "namespace", "upd"]);
+    ok(s.cp.apply(&hdm_yaml("upd", "web", "upd", 8080)), "apply");
+    eventually("Active", Duration::from_secs(20), || {
+        s.phase("upd", "web") == "Active"
+    });
+    let record = || {
+        let id = s
+            .redis
+            .cli(&["GET", "tunnox:http_domain:index:domain:upd.tunnox.net"]);
+        s.redis
+            .cli(&["GET", &format!("tunnox:http_domain:mapping:{id}")])
+    };
+    // A target change updates the record in place (compare-and-set) and the observed generation.
+    s.cp.kubectl_ok(&[
+        "patch",
+        "hdm",
+        "web",
+        "-n",
+        "upd",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"target":{"address":{"host":"127.0.0.1","port":9090}}}}"#,
+    ]);
+    eventually(
+        "record follows the new target",
+        Duration::from_secs(20),
+        || record().contains("\"target_port\":9090"),
+    );
+    eventually(
+        "observedGeneration follows",
+        Duration::from_secs(20),
+        || {
+            text(&s.cp.kubectl(&[
+                "get",
+                "hdm",
+                "web",
+                "-n",
+                "upd",
+                "-o",
+                "jsonpath={.status.observedGeneration}",
+            ])) == "2"
+        },
+    );
+    // A subdomain change moves the claim.
+    s.cp.kubectl_ok(&[
+        "patch",
+        "hdm",
+        "web",
+        "-n",
+        "upd",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"subdomain":"moved"}}"#,
+    ]);
+    eventually("claim moved", Duration::from_secs(20), || {
+        s.redis_keys("tunnox:http_domain:index:domain:moved.tunnox.net")
+            .len()
+            == 1
+            && s.redis_keys("tunnox:http_domain:index:domain:upd.tunnox.net")
+                .is_empty()
+    });
+    // expiresAt: served until then, Expired and released after.
+    let soon = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let expiring = format!(
+        "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {{name: brief, namespace: upd}}\n\
+         spec: {{subdomain: brief, baseDomain: tunnox.net, expiresAt: '{}', target: {{address: {{host: 127.0.0.1, port: 1}}}}}}\n",
+        soon.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    ok(s.cp.apply(&expiring), "apply expiring");
+    eventually("Active before expiry", Duration::from_secs(10), || {
+        s.phase("upd", "brief") == "Active"
+    });
+    eventually("Expired after expiresAt", Duration::from_secs(20), || {
+        s.phase("upd", "brief") == "Expired"
+    });
+    assert!(
+        s.redis_keys("tunnox:http_domain:index:domain:brief.tunnox.net")
+            .is_empty(),
+        "domain released"
+    );
+    // Events tell the story.
+    let events = s.cp.kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        "upd",
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ]);
+    for reason in ["Claimed", "Released", "Expired"] {
+        assert!(
+            events.lines().any(|l| l == reason),
+            "event {reason} missing: {events}"
+        );
+    }
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", "upd", "--timeout=30s"]),
+        "clean up",
+    );
+    no_permission_errors(&ctl);
 }

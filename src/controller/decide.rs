@@ -389,45 +389,17 @@ mod tests {
     use kube::api::ObjectMeta;
 
     fn hdm(ns: &str, name: &str, sub: &str, base: &str, target: Target) -> HTTPDomainMapping {
-        let mut h = HTTPDomainMapping::new(
-            name,
-            HTTPDomainMappingSpec {
-                subdomain: sub.into(),
-                base_domain: base.into(),
-                target,
-                scheme: TargetScheme::Http,
-                placement: None,
-                owner: None,
-                custom_headers: Default::default(),
-                tls: None,
-                expires_at: None,
-                description: String::new(),
-            },
-        );
+        let mut h = HTTPDomainMapping::new(name, HTTPDomainMappingSpec::new(sub, base, target));
         h.metadata.namespace = Some(ns.into());
         h
     }
 
     fn service(name: &str, port: i32) -> Target {
-        Target {
-            service: Some(ServiceTarget {
-                name: name.into(),
-                port,
-            }),
-            address: None,
-            tunnel: None,
-        }
+        Target::service(name, port)
     }
 
     fn address(host: &str, port: i32) -> Target {
-        Target {
-            service: None,
-            address: Some(AddressTarget {
-                host: host.into(),
-                port,
-            }),
-            tunnel: None,
-        }
+        Target::address(host, port)
     }
 
     fn policy() -> Policy {

@@ -112,6 +112,48 @@ pub struct HTTPDomainMappingSpec {
     pub description: String,
 }
 
+impl HTTPDomainMappingSpec {
+    /// `subdomain.base_domain` → `target`, everything else at its default.
+    pub fn new(subdomain: &str, base_domain: &str, target: Target) -> Self {
+        Self {
+            subdomain: subdomain.into(),
+            base_domain: base_domain.into(),
+            target,
+            scheme: TargetScheme::Http,
+            placement: None,
+            owner: None,
+            custom_headers: BTreeMap::new(),
+            tls: None,
+            expires_at: None,
+            description: String::new(),
+        }
+    }
+}
+
+impl Target {
+    pub fn service(name: &str, port: i32) -> Self {
+        Self {
+            service: Some(ServiceTarget {
+                name: name.into(),
+                port,
+            }),
+            address: None,
+            tunnel: None,
+        }
+    }
+
+    pub fn address(host: &str, port: i32) -> Self {
+        Self {
+            service: None,
+            address: Some(AddressTarget {
+                host: host.into(),
+                port,
+            }),
+            tunnel: None,
+        }
+    }
+}
+
 /// Exactly one kind of target.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
