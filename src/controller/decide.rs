@@ -383,9 +383,7 @@ pub fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{
-        AddressTarget, HTTPDomainMappingSpec, Owner, ServiceTarget, Target, TunnelTarget,
-    };
+    use crate::crd::{HTTPDomainMappingSpec, Owner, Target, TunnelTarget};
     use kube::api::ObjectMeta;
 
     fn hdm(ns: &str, name: &str, sub: &str, base: &str, target: Target) -> HTTPDomainMapping {
