@@ -1,103 +1,24 @@
 //! Redis implementation of the mapping store: every mutation is one Lua script (claim, record,
 //! indexes, version, change log, publish), so concurrent writers on any node stay consistent.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, IntoConnectionInfo, Script, Value};
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
 
-use super::{
-    ChangeEvent, ChangeOp, Changes, Keys, ListFilter, MappingStore, Page, PageRequest, StoreError,
-    Subscription, SubscriptionEvent,
-};
+mod connect;
+mod feed;
+mod scripts;
+
+pub use connect::{RedisOptions, RedisTls};
+use connect::{client, manager_config};
+use scripts::{ScriptReply, Scripts, expiry_arg, flag, parse_entry};
+
+use super::{Changes, Keys, ListFilter, MappingStore, Page, PageRequest, StoreError, Subscription};
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
-
-/// TLS material for `rediss://` beyond the system's web PKI roots.
-#[derive(Debug, Clone, Default)]
-pub struct RedisTls {
-    /// PEM bundle of CA certificates to trust instead of the built-in roots.
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate and key for mutual TLS.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone)]
-pub struct RedisOptions {
-    /// `host:port`, `redis://…` or `rediss://…` (TLS).
-    pub url: String,
-    pub password: Option<String>,
-    pub db: i64,
-    /// Multiplexed connections used round-robin by request traffic.
-    pub pool_size: usize,
-    pub tls: RedisTls,
-    /// Key prefix of the mapping store, e.g. `tunnox:http_domain`.
-    pub prefix: String,
-    pub events_channel: Option<String>,
-    /// Approximate cap of the change log (`XADD MAXLEN ~`).
-    pub changes_max_len: u64,
-    /// Events buffered per subscriber before it is told it lagged.
-    pub subscription_buffer: usize,
-    /// Recorded as `creator_node_id` on mappings this process creates.
-    pub node_id: String,
-    pub response_timeout: Duration,
-    pub connect_timeout: Duration,
-}
-
-impl RedisOptions {
-    pub fn new(url: &str) -> Self {
-        Self {
-            url: url.to_string(),
-            password: None,
-            db: 0,
-            pool_size: 4,
-            tls: RedisTls::default(),
-            prefix: "tunnox:http_domain".to_string(),
-            events_channel: None,
-            changes_max_len: 100_000,
-            subscription_buffer: 1000,
-            node_id: String::new(),
-            response_timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(2),
-        }
-    }
-}
-
-struct Scripts {
-    create: Script,
-    update: Script,
-    delete: Script,
-    lookup: Script,
-    release_dangling: Script,
-}
-
-macro_rules! mutation_script {
-    ($file:literal) => {
-        Script::new(concat!(
-            include_str!("lua/common.lua"),
-            "\n",
-            include_str!($file)
-        ))
-    };
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            create: mutation_script!("lua/create.lua"),
-            update: mutation_script!("lua/update.lua"),
-            delete: mutation_script!("lua/delete.lua"),
-            lookup: Script::new(include_str!("lua/lookup.lua")),
-            release_dangling: Script::new(include_str!("lua/release_dangling.lua")),
-        }
-    }
-}
 
 /// Multi-node mapping store on Redis. Cheap to clone.
 #[derive(Clone)]
@@ -112,60 +33,6 @@ struct Inner {
     keys: Keys,
     scripts: Scripts,
     opts: RedisOptions,
-}
-
-/// Builds a client from the options: plain `host:port` means `redis://`.
-fn client(opts: &RedisOptions) -> Result<redis::Client, StoreError> {
-    let url = if opts.url.contains("://") {
-        opts.url.clone()
-    } else {
-        format!("redis://{}", opts.url)
-    };
-    let info = url.as_str().into_connection_info()?;
-    let mut settings = info.redis_settings().clone().set_db(opts.db);
-    if let Some(pw) = opts.password.as_deref().filter(|p| !p.is_empty()) {
-        settings = settings.set_password(pw);
-    }
-    let info = info.set_redis_settings(settings);
-    let tls = &opts.tls;
-    if tls.ca_file.is_none() && tls.cert_file.is_none() {
-        return Ok(redis::Client::open(info)?);
-    }
-    let read = |p: &PathBuf| {
-        std::fs::read(p).map_err(|e| StoreError::Persist {
-            path: p.clone(),
-            detail: format!("cannot read TLS file: {e}"),
-        })
-    };
-    let client_tls = match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-            client_cert: read(cert)?,
-            client_key: read(key)?,
-        }),
-        (None, None) => None,
-        _ => {
-            return Err(StoreError::Corrupt {
-                at: "storage.redis.tls".into(),
-                detail: "cert_file and key_file must be set together".into(),
-            });
-        }
-    };
-    let root_cert = tls.ca_file.as_ref().map(read).transpose()?;
-    Ok(redis::Client::build_with_tls(
-        info,
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )?)
-}
-
-fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_response_timeout(Some(opts.response_timeout))
-        .set_connection_timeout(Some(opts.connect_timeout))
-        .set_min_delay(Duration::from_millis(100))
-        .set_max_delay(Duration::from_secs(5))
 }
 
 impl RedisStore {
@@ -272,64 +139,6 @@ impl RedisStore {
             ScriptReply::Ok(v) => Ok(Ok(v)),
             ScriptReply::Taken(holder) => Ok(Err(holder)),
             other => Err(other.unexpected("create")),
-        }
-    }
-}
-
-fn flag(b: bool) -> &'static str {
-    if b { "1" } else { "0" }
-}
-
-fn expiry_arg(m: &Mapping) -> String {
-    m.expires_at
-        .map(|t| t.timestamp_millis().to_string())
-        .unwrap_or_default()
-}
-
-/// What the mutation scripts answer.
-#[derive(Debug)]
-enum ScriptReply {
-    Ok(u64),
-    Taken(String),
-    Stale(u64),
-    Missing,
-}
-
-impl ScriptReply {
-    fn parse(value: Value) -> Result<Self, StoreError> {
-        let bad = |v: &Value| StoreError::Corrupt {
-            at: "script reply".into(),
-            detail: format!("{v:?}"),
-        };
-        let Value::Array(items) = &value else {
-            return Err(bad(&value));
-        };
-        let tag = match items.first() {
-            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-            Some(Value::SimpleString(s)) => s.clone(),
-            _ => return Err(bad(&value)),
-        };
-        let int = || match items.get(1) {
-            Some(Value::Int(i)) => Ok(*i as u64),
-            _ => Err(bad(&value)),
-        };
-        let text = || match items.get(1) {
-            Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
-            _ => Err(bad(&value)),
-        };
-        match tag.as_str() {
-            "ok" => Ok(Self::Ok(int()?)),
-            "taken" => Ok(Self::Taken(text()?)),
-            "stale" => Ok(Self::Stale(int()?)),
-            "missing" => Ok(Self::Missing),
-            _ => Err(bad(&value)),
-        }
-    }
-
-    fn unexpected(self, script: &str) -> StoreError {
-        StoreError::Corrupt {
-            at: format!("{script} script"),
-            detail: format!("unexpected reply {self:?}"),
         }
     }
 }
@@ -669,71 +478,4 @@ impl RedisStore {
         let json: Option<String> = self.conn().get(&key).await?;
         json.map(|j| self.decode(&key, &j)).transpose()
     }
-
-    async fn open_pubsub(&self) -> Result<redis::aio::PubSub, StoreError> {
-        let mut pubsub = self.inner.client.get_async_pubsub().await?;
-        pubsub.subscribe(self.inner.keys.events()).await?;
-        Ok(pubsub)
-    }
-
-    /// Forwards pub/sub messages until the subscriber goes away; reconnects with backoff
-    /// (100 ms, ×1.5, capped at 5 s) and reports the gap so the subscriber can catch up.
-    async fn feed(self, first: redis::aio::PubSub, mut out: super::types::LossySender) {
-        let mut pubsub = Some(first);
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if let Some(ps) = pubsub.take() {
-                let mut stream = ps.into_on_message();
-                while let Some(msg) = stream.next().await {
-                    let Ok(payload) = msg.get_payload::<String>() else {
-                        continue;
-                    };
-                    match serde_json::from_str::<ChangeEvent>(&payload) {
-                        Ok(event) => {
-                            if !out.send(SubscriptionEvent::Change(event)) {
-                                return;
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "ignoring malformed change event"),
-                    }
-                }
-                tracing::warn!("change feed disconnected; reconnecting");
-                if !out.send(SubscriptionEvent::Disconnected) {
-                    return;
-                }
-            }
-            tokio::time::sleep(delay).await;
-            match self.open_pubsub().await {
-                Ok(ps) => {
-                    delay = Duration::from_millis(100);
-                    pubsub = Some(ps);
-                    tracing::info!("change feed reconnected");
-                    if !out.send(SubscriptionEvent::Reconnected) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "change feed reconnect failed");
-                    delay = (delay.mul_f64(1.5)).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-}
-
-fn parse_entry(id: &str, fields: &[(String, String)]) -> Option<ChangeEvent> {
-    let field = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let version: u64 = id.strip_prefix("0-")?.parse().ok()?;
-    Some(ChangeEvent {
-        op: ChangeOp::parse(field("op")?)?,
-        version,
-        mapping_id: MappingId::parse(field("id")?).ok()?,
-        full_domain: Hostname::parse(field("domain")?).ok()?,
-        previous_domain: field("prev").and_then(|p| Hostname::parse(p).ok()),
-    })
 }
