@@ -81,7 +81,8 @@ impl Stack {
         out.lines().map(str::to_string).collect()
     }
 
-    fn phase(&self, ns: &str, name: &str) -> String {
+    /// A field of one mapping, by JSONPath (`{.status.phase}`); empty when absent.
+    fn field(&self, ns: &str, name: &str, jsonpath: &str) -> String {
         text(&self.cp.kubectl(&[
             "get",
             "hdm",
@@ -89,8 +90,12 @@ impl Stack {
             "-n",
             ns,
             "-o",
-            "jsonpath={.status.phase}",
+            &format!("jsonpath={jsonpath}"),
         ]))
+    }
+
+    fn phase(&self, ns: &str, name: &str) -> String {
+        self.field(ns, name, "{.status.phase}")
     }
 }
 
@@ -619,15 +624,7 @@ fn controller_conflict_and_takeover(s: &Stack) {
         Duration::from_secs(20),
         || s.phase("team-b", "web") == "Conflict" && s.phase("team-c", "web") == "Conflict",
     );
-    let claimed = text(&s.cp.kubectl(&[
-        "get",
-        "hdm",
-        "web",
-        "-n",
-        "team-b",
-        "-o",
-        "jsonpath={.status.claimedBy}",
-    ]));
+    let claimed = s.field("team-b", "web", "{.status.claimedBy}");
     assert_eq!(claimed, "team-a/web");
     let wide =
         s.cp.kubectl_ok(&["get", "hdm", "web", "-n", "team-b", "-o", "wide"]);
@@ -645,17 +642,7 @@ fn controller_conflict_and_takeover(s: &Stack) {
     eventually(
         "the newest now names the new holder",
         Duration::from_secs(20),
-        || {
-            text(&s.cp.kubectl(&[
-                "get",
-                "hdm",
-                "web",
-                "-n",
-                "team-c",
-                "-o",
-                "jsonpath={.status.claimedBy}",
-            ])) == "team-b/web"
-        },
+        || s.field("team-c", "web", "{.status.claimedBy}") == "team-b/web",
     );
     assert_eq!(s.phase("team-c", "web"), "Conflict");
     let port = s
@@ -686,15 +673,11 @@ fn controller_rejects_without_hot_loop(s: &Stack) {
     eventually("Rejected", Duration::from_secs(20), || {
         s.phase("rejects", "evil") == "Rejected"
     });
-    let message = text(&s.cp.kubectl(&[
-        "get",
-        "hdm",
-        "evil",
-        "-n",
+    let message = s.field(
         "rejects",
-        "-o",
-        "jsonpath={.status.conditions[?(@.type==\"Accepted\")].message}",
-    ]));
+        "evil",
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
     assert!(
         message.contains("evil.example is not allowed") && message.contains("tunnox.net"),
         "{message}"
@@ -845,17 +828,7 @@ fn controller_updates_expires_and_reports_events(s: &Stack) {
     eventually(
         "observedGeneration follows",
         Duration::from_secs(20),
-        || {
-            text(&s.cp.kubectl(&[
-                "get",
-                "hdm",
-                "web",
-                "-n",
-                "upd",
-                "-o",
-                "jsonpath={.status.observedGeneration}",
-            ])) == "2"
-        },
+        || s.field("upd", "web", "{.status.observedGeneration}") == "2",
     );
     // A subdomain change moves the claim.
     s.cp.kubectl_ok(&[

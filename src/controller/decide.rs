@@ -32,9 +32,9 @@ pub struct Plan {
     pub set: String,
 }
 
+/// Why a mapping is not programmed (and holds no claim).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Program(Box<Plan>),
+pub enum Hold {
     Rejected {
         reason: &'static str,
         message: String,
@@ -46,6 +46,12 @@ pub enum Verdict {
     Expired {
         full_domain: Option<Hostname>,
     },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Program(Box<Plan>),
+    Hold(Hold),
 }
 
 /// `k8s:<namespace>/<name>`: the store record's `source` for a resource.
@@ -76,7 +82,7 @@ pub fn evaluate(
     let spec = &hdm.spec;
     let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
     let name = hdm.metadata.name.as_deref().unwrap_or("");
-    let reject = |reason, message: String| Verdict::Rejected { reason, message };
+    let reject = |reason, message: String| Verdict::Hold(Hold::Rejected { reason, message });
 
     let base = match Hostname::parse(&spec.base_domain) {
         Ok(b) => b,
@@ -104,9 +110,9 @@ pub fn evaluate(
     if let Some(at) = &spec.expires_at
         && at.0.as_millisecond() <= now.timestamp_millis()
     {
-        return Verdict::Expired {
+        return Verdict::Hold(Hold::Expired {
             full_domain: Some(full),
-        };
+        });
     }
     let target = &spec.target;
     let (host, port, display) = match (&target.service, &target.address, &target.tunnel) {
@@ -122,13 +128,13 @@ pub fn evaluate(
                 .clone()
                 .or_else(|| t.group.clone())
                 .unwrap_or_default();
-            return Verdict::Pending {
+            return Verdict::Hold(Hold::Pending {
                 reason: "TunnelNotServed",
                 message: format!(
                     "tunnel target {who}/{}:{} waits for TunnelSet reconciliation, which is not built yet",
                     t.host, t.port
                 ),
-            };
+            });
         }
         _ => {
             return reject(
@@ -235,17 +241,7 @@ pub enum Outcome {
         plan: Plan,
         holder: String,
     },
-    Rejected {
-        reason: &'static str,
-        message: String,
-    },
-    Pending {
-        reason: &'static str,
-        message: String,
-    },
-    Expired {
-        full_domain: Option<Hostname>,
-    },
+    Held(Hold),
 }
 
 impl Outcome {
@@ -253,9 +249,9 @@ impl Outcome {
         match self {
             Self::Active { .. } => Phase::Active,
             Self::Conflict { .. } => Phase::Conflict,
-            Self::Rejected { .. } => Phase::Rejected,
-            Self::Pending { .. } => Phase::Pending,
-            Self::Expired { .. } => Phase::Expired,
+            Self::Held(Hold::Rejected { .. }) => Phase::Rejected,
+            Self::Held(Hold::Pending { .. }) => Phase::Pending,
+            Self::Held(Hold::Expired { .. }) => Phase::Expired,
         }
     }
 
@@ -263,9 +259,9 @@ impl Outcome {
         match self {
             Self::Active { .. } => "active",
             Self::Conflict { .. } => "conflict",
-            Self::Rejected { .. } => "rejected",
-            Self::Pending { .. } => "pending",
-            Self::Expired { .. } => "expired",
+            Self::Held(Hold::Rejected { .. }) => "rejected",
+            Self::Held(Hold::Pending { .. }) => "pending",
+            Self::Held(Hold::Expired { .. }) => "expired",
         }
     }
 }
@@ -351,15 +347,15 @@ pub fn status(
                 ),
             )
         }
-        Outcome::Rejected { reason, message } => (
+        Outcome::Held(Hold::Rejected { reason, message }) => (
             (false, *reason, message.clone()),
             (false, *reason, message.clone()),
         ),
-        Outcome::Pending { reason, message } => (
+        Outcome::Held(Hold::Pending { reason, message }) => (
             (true, "Valid", "the mapping is valid".into()),
             (false, *reason, message.clone()),
         ),
-        Outcome::Expired { full_domain } => {
+        Outcome::Held(Hold::Expired { full_domain }) => {
             s.full_domain = full_domain.as_ref().map(ToString::to_string);
             (
                 (true, "Valid", "the mapping is valid".into()),

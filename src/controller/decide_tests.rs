@@ -138,9 +138,9 @@ fn evaluates_resources() {
         let got = evaluate(&obj, &policy(), usage, now);
         let (label, text) = match &got {
             Verdict::Program(p) => ("program", p.target.clone()),
-            Verdict::Rejected { reason, .. } => ("rejected", reason.to_string()),
-            Verdict::Pending { reason, .. } => ("pending", reason.to_string()),
-            Verdict::Expired { full_domain } => (
+            Verdict::Hold(Hold::Rejected { reason, .. }) => ("rejected", reason.to_string()),
+            Verdict::Hold(Hold::Pending { reason, .. }) => ("pending", reason.to_string()),
+            Verdict::Hold(Hold::Expired { full_domain }) => (
                 "expired",
                 full_domain
                     .as_ref()

@@ -13,7 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::decide::{self, Outcome, Plan, Policy, Usage, Verdict};
+use super::decide::{self, Hold, Outcome, Plan, Policy, Usage, Verdict};
 use super::metrics::Metrics;
 use crate::crd::{HTTPDomainMapping, Phase};
 use crate::domain::{Mapping, MappingId};
@@ -195,16 +195,11 @@ async fn apply(
     let verdict = decide::evaluate(obj, &ctx.policy, usage(ctx, obj), now);
     let outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
-        other => {
+        Verdict::Hold(hold) => {
             if let Some(m) = &own {
                 release(ctx, obj, m).await?;
             }
-            match other {
-                Verdict::Rejected { reason, message } => Outcome::Rejected { reason, message },
-                Verdict::Pending { reason, message } => Outcome::Pending { reason, message },
-                Verdict::Expired { full_domain } => Outcome::Expired { full_domain },
-                Verdict::Program(_) => unreachable!("handled above"),
-            }
+            Outcome::Held(hold)
         }
     };
     ctx.metrics
@@ -333,10 +328,10 @@ async fn write_status(
                 )
                 .await
             }
-            Outcome::Rejected { reason, message } => {
+            Outcome::Held(Hold::Rejected { reason, message }) => {
                 publish(ctx, obj, EventType::Warning, reason, message.clone()).await
             }
-            Outcome::Expired { .. } => {
+            Outcome::Held(Hold::Expired { .. }) => {
                 publish(
                     ctx,
                     obj,
@@ -360,8 +355,8 @@ fn next_action(ctx: &Ctx, obj: &HTTPDomainMapping, outcome: &Outcome) -> Action 
     let base = match outcome {
         Outcome::Active { .. } => Some(ctx.resync_interval),
         Outcome::Conflict { .. } => Some(ctx.conflict_retry),
-        Outcome::Pending { .. } => Some(Duration::from_secs(30)),
-        Outcome::Rejected { .. } | Outcome::Expired { .. } => None,
+        Outcome::Held(Hold::Pending { .. }) => Some(Duration::from_secs(30)),
+        Outcome::Held(Hold::Rejected { .. } | Hold::Expired { .. }) => None,
     };
     match (base, until_expiry) {
         (Some(b), Some(e)) => Action::requeue(b.min(e)),
