@@ -292,7 +292,8 @@ fn condition(
     }
 }
 
-/// The status for an outcome; `previous` keeps condition transition times and statistics.
+/// The status for an outcome; `previous` keeps condition transition times. `stats` is left out:
+/// the proxies own it.
 pub fn status(
     outcome: &Outcome,
     generation: Option<i64>,
@@ -307,7 +308,6 @@ pub fn status(
     let mut s = HTTPDomainMappingStatus {
         phase: outcome.phase(),
         observed_generation: generation,
-        stats: previous.and_then(|p| p.stats.clone()),
         ..Default::default()
     };
     let (accepted, ready) = match outcome {

@@ -74,7 +74,11 @@ pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>)
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_renewed = tokio::time::Instant::now();
     loop {
-        let result = attempt(&api, &cfg).await;
+        // A hung request must not keep us "leading": bound each attempt by the renew interval.
+        let result = match tokio::time::timeout(cfg.renew, attempt(&api, &cfg)).await {
+            Ok(r) => r,
+            Err(_) => Err(kube::Error::Service("lease request timed out".into())),
+        };
         let was = *leading.borrow();
         let now = match result {
             Ok(leads) => {
@@ -85,8 +89,9 @@ pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lease update failed");
-                // Keep leading only while our last renewal is still within the lease duration.
-                was && last_renewed.elapsed() < cfg.duration
+                // Keep leading only well inside the lease (two thirds of it, like client-go's renew
+                // deadline), so we stop before a contender may take over.
+                was && last_renewed.elapsed() < cfg.duration * 2 / 3
             }
         };
         if now != was {
@@ -100,12 +105,9 @@ pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>)
 async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
     let current = api.get_opt(&cfg.name).await?;
     let now_ms = jiff::Timestamp::now().as_millisecond();
-    let decision = step(
-        current.as_ref().and_then(|l| l.spec.as_ref()),
-        &cfg.identity,
-        now_ms,
-        cfg.duration,
-    );
+    // A Lease object without a spec is held by nobody: take it over (creating would conflict).
+    let existing_spec = current.as_ref().map(|l| l.spec.clone().unwrap_or_default());
+    let decision = step(existing_spec.as_ref(), &cfg.identity, now_ms, cfg.duration);
     let spec = |acquired: Option<MicroTime>, transitions: i32| LeaseSpec {
         holder_identity: Some(cfg.identity.clone()),
         lease_duration_seconds: Some(cfg.duration.as_secs().max(1) as i32),
@@ -184,6 +186,11 @@ mod tests {
         );
         assert_eq!(
             step(Some(&lease("", now, 15)), "a", now, d),
+            LeaseStep::TakeOver
+        );
+        // A Lease object without a spec (holder unset) is free.
+        assert_eq!(
+            step(Some(&LeaseSpec::default()), "a", now, d),
             LeaseStep::TakeOver
         );
         // Expired on our own lease is still ours to renew.

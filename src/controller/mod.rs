@@ -29,6 +29,8 @@ pub enum RunError {
     Kube(#[from] kube::Error),
     #[error("mapping store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("leader election stopped")]
+    Election,
     #[error("admin server on {addr}: {source}")]
     Admin {
         addr: std::net::SocketAddr,
@@ -96,7 +98,13 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let mut signal = Box::pin(shutdown_signal());
     // Standby until we lead (or are told to stop).
     tokio::select! {
-        _ = lead_rx.wait_for(|l| *l) => {}
+        led = lead_rx.wait_for(|l| *l) => {
+            if led.is_err() {
+                let _ = stop_tx.send(true);
+                let _ = admin.await;
+                return Err(RunError::Election);
+            }
+        }
         _ = &mut signal => {
             let _ = stop_tx.send(true);
             let _ = admin.await;

@@ -192,7 +192,13 @@ async fn apply(
     let ns = obj.namespace().unwrap_or_default();
     let source = decide::source_of(&ns, &obj.name_any());
     let own = find_own(ctx, obj, &source).await?;
-    let verdict = decide::evaluate(obj, &ctx.policy, usage(ctx, obj), now);
+    // Quotas limit new claims; a mapping already serving is never rejected by a later count.
+    let usage = if own.is_some() {
+        Usage::default()
+    } else {
+        usage(ctx, obj)
+    };
+    let verdict = decide::evaluate(obj, &ctx.policy, usage, now);
     let outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         Verdict::Hold(hold) => {
@@ -238,19 +244,31 @@ async fn program(
         // The domain changed: give up the old one first.
         release(ctx, obj, &m).await?;
     }
-    // Mappings that wanted this domain earlier go first (oldest claim wins).
-    // Cheap checks first: waiters are few, and only their domains are computed.
-    let older = ctx.cache.state().into_iter().find(|other| {
-        other
-            .status
-            .as_ref()
-            .is_some_and(|s| s.phase == Phase::Conflict)
-            && other.metadata.deletion_timestamp.is_none()
-            && other.metadata.uid != obj.metadata.uid
-            && decide::waits_behind(obj, other)
-            && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
-    });
+    // Mappings that wanted this domain earlier go first (oldest claim wins), unless this one was
+    // already serving it (e.g. its record was lost with a flushed Redis): a serving domain does
+    // not move. Cheap checks first: waiters are few, and only their domains are computed.
+    let was_serving = obj
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == Phase::Active);
+    let older = ctx
+        .cache
+        .state()
+        .into_iter()
+        .filter(|_| !was_serving)
+        .find(|other| {
+            other
+                .status
+                .as_ref()
+                .is_some_and(|s| s.phase == Phase::Conflict)
+                && other.metadata.deletion_timestamp.is_none()
+                && other.metadata.uid != obj.metadata.uid
+                && decide::waits_behind(obj, other)
+                && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
+        });
     if let Some(older) = older {
+        // Make sure the older one tries now rather than at its next retry.
+        let _ = ctx.wake.send(ObjectRef::from_obj(&*older));
         let holder = match ctx.store.get_by_domain(&plan.full_domain).await? {
             Some(h) => decide::holder_display(h.source.as_deref(), h.mapping_id.as_str()),
             None => format!(
@@ -301,7 +319,13 @@ async fn write_status(
 ) -> Result<(), Error> {
     let previous = obj.status.as_ref();
     let status = decide::status(outcome, obj.metadata.generation, previous, Utc::now());
-    if previous == Some(&status) {
+    // `stats` belong to the proxies: compare and apply without them.
+    let unchanged = previous.is_some_and(|p| {
+        let mut p = p.clone();
+        p.stats = None;
+        p == status
+    });
+    if unchanged {
         return Ok(());
     }
     let phase_changed = previous.map(|p| p.phase) != Some(status.phase);
@@ -356,6 +380,11 @@ fn next_action(ctx: &Ctx, obj: &HTTPDomainMapping, outcome: &Outcome) -> Action 
         Outcome::Active { .. } => Some(ctx.resync_interval),
         Outcome::Conflict { .. } => Some(ctx.conflict_retry),
         Outcome::Held(Hold::Pending { .. }) => Some(Duration::from_secs(30)),
+        // Room may free up elsewhere: look again later.
+        Outcome::Held(Hold::Rejected {
+            reason: "QuotaExceeded",
+            ..
+        }) => Some(ctx.conflict_retry),
         Outcome::Held(Hold::Rejected { .. } | Hold::Expired { .. }) => None,
     };
     match (base, until_expiry) {

@@ -95,9 +95,13 @@ fn phase_label(p: Phase) -> &'static str {
     }
 }
 
-/// Runs a pass now and then every `ctx.resync_interval`, releasing expired records as it goes.
+/// Runs a pass now and then every `ctx.resync_interval`.
 pub async fn run(ctx: Arc<Ctx>) {
-    let _ = ctx.cache.wait_until_ready().await;
+    // Never compare against a cache that did not sync: everything would look orphaned.
+    if ctx.cache.wait_until_ready().await.is_err() {
+        tracing::warn!("mapping cache never became ready; resync stopped");
+        return;
+    }
     let mut tick = tokio::time::interval(ctx.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
