@@ -66,21 +66,7 @@ fn main() {
         .build()
         .unwrap();
     let cp = ControlPlane::start();
-    support::controlplane::ok(
-        cp.kubectl(&[
-            "apply",
-            "-f",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/crds/tunnox.yaml"),
-        ]),
-        "CRDs",
-    );
-    cp.kubectl_ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/httpdomainmappings.tunnox.net",
-    ]);
+    cp.install_crds();
     let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");

@@ -94,6 +94,12 @@ impl Stack {
         ]))
     }
 
+    /// Merge-patches a mapping's spec as a user would.
+    fn patch(&self, ns: &str, name: &str, json: &str) {
+        self.cp
+            .kubectl_ok(&["patch", "hdm", name, "-n", ns, "--type=merge", "-p", json]);
+    }
+
     fn phase(&self, ns: &str, name: &str) -> String {
         self.field(ns, name, "{.status.phase}")
     }
@@ -166,18 +172,7 @@ fn main() {
 /// controller's ServiceAccount token and configuration taken from what the chart created.
 fn setup() -> Stack {
     let cp = ControlPlane::start();
-    ok(
-        cp.kubectl(&["apply", "-f", &format!("{ROOT}/crds/tunnox.yaml")]),
-        "apply CRDs",
-    );
-    cp.kubectl_ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/httpdomainmappings.tunnox.net",
-        "crd/tunnelsets.tunnox.net",
-    ]);
+    cp.install_crds();
     ok(
         cp.helm(&[
             "install",
@@ -810,16 +805,11 @@ fn controller_updates_expires_and_reports_events(s: &Stack) {
             .cli(&["GET", &format!("tunnox:http_domain:mapping:{id}")])
     };
     // A target change updates the record in place (compare-and-set) and the observed generation.
-    s.cp.kubectl_ok(&[
-        "patch",
-        "hdm",
-        "web",
-        "-n",
+    s.patch(
         "upd",
-        "--type=merge",
-        "-p",
+        "web",
         r#"{"spec":{"target":{"address":{"host":"127.0.0.1","port":9090}}}}"#,
-    ]);
+    );
     eventually(
         "record follows the new target",
         Duration::from_secs(20),
@@ -831,16 +821,7 @@ fn controller_updates_expires_and_reports_events(s: &Stack) {
         || s.field("upd", "web", "{.status.observedGeneration}") == "2",
     );
     // A subdomain change moves the claim.
-    s.cp.kubectl_ok(&[
-        "patch",
-        "hdm",
-        "web",
-        "-n",
-        "upd",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"subdomain":"moved"}}"#,
-    ]);
+    s.patch("upd", "web", r#"{"spec":{"subdomain":"moved"}}"#);
     eventually("claim moved", Duration::from_secs(20), || {
         s.redis_keys("tunnox:http_domain:index:domain:moved.tunnox.net")
             .len()

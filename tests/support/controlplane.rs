@@ -87,6 +87,23 @@ impl ControlPlane {
         self.kubectl_stdin(&["apply", "-f", "-"], yaml)
     }
 
+    /// Applies `crds/tunnox.yaml` and waits until both kinds are served.
+    pub fn install_crds(&self) {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/tunnox.yaml");
+        ok(
+            self.kubectl(&["apply", "-f", crds.to_str().expect("utf-8 path")]),
+            "apply CRDs",
+        );
+        self.kubectl_ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/httpdomainmappings.tunnox.net",
+            "crd/tunnelsets.tunnox.net",
+        ]);
+    }
+
     pub fn helm(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(self.var("HELM"));
         cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
