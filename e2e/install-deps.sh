@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the e2e harness needs when it is missing: Debian's etcd-server, redis-server,
-# openssl, curl, python3, and helm (built with `go install` into the cache directory).
+# openssl, curl, python3, nginx, wrk, and helm (built with `go install` into the cache directory).
 #   e2e/install-deps.sh               install what is missing
 #   e2e/install-deps.sh --print-helm  print the helm binary path (installing it if needed)
 set -euo pipefail
@@ -18,6 +18,9 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v setsid >/dev/null 2>&1 || need+=(util-linux)
+# The proxy's drain test and benchmarks: nginx as the balancer / the comparison, wrk as load.
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 if ((${#need[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -27,7 +30,7 @@ if ((${#need[@]})); then
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     # Packaged services are not used: the harness starts its own on free loopback ports.
     if command -v systemctl >/dev/null 2>&1; then
-        $sudo systemctl disable --now etcd redis-server >/dev/null 2>&1 || true
+        $sudo systemctl disable --now etcd redis-server nginx >/dev/null 2>&1 || true
     fi
 fi
 

@@ -6,4 +6,5 @@ pub mod controller;
 pub mod crd;
 pub mod domain;
 pub mod observe;
+pub mod proxy;
 pub mod store;

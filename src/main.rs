@@ -62,6 +62,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    // One TLS provider for every client (Kubernetes, Redis, upstreams): ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let log = &settings.config.log;
     tunnox::observe::init_tracing(&log.level, log.format);
     for line in &settings.auto_shared {
@@ -95,8 +97,6 @@ fn main() -> ExitCode {
         }
         Command::Crd => unreachable!("handled before configuration is loaded"),
         Command::Controller => {
-            // One TLS provider for every client (Kubernetes, Redis): ring.
-            let _ = rustls::crypto::ring::default_provider().install_default();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -104,22 +104,49 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tunnox::controller::run(settings)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "controller stopped");
-                    eprintln!("tunnox controller: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            report(
+                "controller",
+                runtime.block_on(tunnox::controller::run(settings)),
+            )
         }
-        Command::Proxy | Command::Agent => {
-            let name = match cli.command {
-                Command::Proxy => "proxy",
-                _ => "agent",
+        Command::Proxy => {
+            let runtime = match proxy_runtime(settings.config.proxy.worker_threads) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tunnox proxy: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
             };
-            eprintln!("tunnox {name}: not implemented yet");
+            report("proxy", runtime.block_on(tunnox::proxy::run(settings)))
+        }
+        Command::Agent => {
+            eprintln!("tunnox agent: not implemented yet");
             ExitCode::from(EXIT_NOT_IMPLEMENTED)
+        }
+    }
+}
+
+/// One thread serves best on one core (no work stealing); otherwise one worker per thread.
+fn proxy_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
+}
+
+fn report<E: std::fmt::Display>(role: &str, result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{role} stopped");
+            eprintln!("tunnox {role}: {e}");
+            ExitCode::FAILURE
         }
     }
 }

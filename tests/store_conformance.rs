@@ -6,11 +6,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use tunnox::domain::{Hostname, MappingSpec};
+use chrono::{DateTime, Utc};
+use tunnox::domain::{Hostname, MappingId, MappingSpec, SetName};
 use tunnox::store::{
-    ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore, PageRequest,
-    PersistOptions, RedisOptions, RedisStore, StoreError, SubscriptionEvent,
+    AccessDelta, AccessStats, ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore,
+    NodeRecord, NodeRegistry, NodeState, PageRequest, PersistOptions, RedisOptions, RedisStore,
+    StoreError, SubscriptionEvent,
 };
 
 #[allow(async_fn_in_trait)]
@@ -20,6 +21,8 @@ pub trait Fixture: Send + Sized {
         Self::new_with(100_000).await
     }
     fn store(&self) -> Arc<dyn MappingStore>;
+    /// The same store seen as the node registry.
+    fn registry(&self) -> Arc<dyn NodeRegistry>;
     /// A second, independent handle (separate connections for Redis).
     async fn another(&self) -> Arc<dyn MappingStore>;
     /// Restarts the backing state: Redis crashes and restarts; memory reloads from its file.
@@ -28,7 +31,7 @@ pub trait Fixture: Send + Sized {
 
 pub struct RedisFx {
     server: support::RedisServer,
-    store: Arc<dyn MappingStore>,
+    store: RedisStore,
     opts: RedisOptions,
 }
 
@@ -45,7 +48,7 @@ impl Fixture for RedisFx {
         opts.changes_max_len = changes_max_len;
         opts.pool_size = 2;
         opts.node_id = "node-a".into();
-        let store = Arc::new(RedisStore::connect(opts.clone()).await.unwrap());
+        let store = RedisStore::connect(opts.clone()).await.unwrap();
         Self {
             server,
             store,
@@ -53,7 +56,10 @@ impl Fixture for RedisFx {
         }
     }
     fn store(&self) -> Arc<dyn MappingStore> {
-        self.store.clone()
+        Arc::new(self.store.clone())
+    }
+    fn registry(&self) -> Arc<dyn NodeRegistry> {
+        Arc::new(self.store.clone())
     }
     async fn another(&self) -> Arc<dyn MappingStore> {
         let mut opts = self.opts.clone();
@@ -62,7 +68,7 @@ impl Fixture for RedisFx {
     }
     async fn restart(&mut self) {
         self.server.crash_and_restart();
-        self.store = Arc::new(RedisStore::connect(self.opts.clone()).await.unwrap());
+        self.store = RedisStore::connect(self.opts.clone()).await.unwrap();
     }
 }
 
@@ -93,6 +99,9 @@ impl Fixture for MemoryFx {
     fn store(&self) -> Arc<dyn MappingStore> {
         Arc::new(self.store.clone())
     }
+    fn registry(&self) -> Arc<dyn NodeRegistry> {
+        Arc::new(self.store.clone())
+    }
     async fn another(&self) -> Arc<dyn MappingStore> {
         self.store()
     }
@@ -109,6 +118,39 @@ fn spec(sub: &str, port: u16) -> MappingSpec {
 
 fn host(s: &str) -> Hostname {
     Hostname::parse(s).unwrap()
+}
+
+fn node(id: &str) -> NodeRecord {
+    NodeRecord {
+        node_id: id.into(),
+        set: SetName::parse("web.eu-west").unwrap(),
+        address: format!("{id}.pods:8080"),
+        admin_address: format!("{id}.pods:9090"),
+        state: NodeState::Active,
+        applied_version: 0,
+        // Sub-second precision: the record must read back exactly as written.
+        heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc),
+    }
+}
+
+fn ids(nodes: &[NodeRecord]) -> Vec<&str> {
+    nodes.iter().map(|n| n.node_id.as_str()).collect()
+}
+
+fn at_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap()
+}
+
+fn delta(id: &MappingId, count: u64, bytes_in: u64, bytes_out: u64, last_ms: i64) -> AccessDelta {
+    AccessDelta {
+        mapping_id: id.clone(),
+        count,
+        bytes_in,
+        bytes_out,
+        last_access_at: at_ms(last_ms),
+    }
 }
 
 /// The acceptance cases, generic over the fixture.
@@ -627,6 +669,213 @@ mod cases {
         replica.follow_until(&mut follower, target).await;
         replica.assert_matches(&s).await;
     }
+
+    pub async fn node_registry_register_change_remove<F: Fixture>(fx: F) {
+        let r = fx.registry();
+        let ttl = Duration::from_secs(60);
+        assert!(r.list_nodes().await.unwrap().is_empty());
+        r.register_node(&node("proxy-b"), ttl).await.unwrap();
+        r.register_node(&node("proxy-a"), ttl).await.unwrap();
+        let listed = r.list_nodes().await.unwrap();
+        assert_eq!(
+            ids(&listed),
+            vec!["proxy-a", "proxy-b"],
+            "sorted by node_id"
+        );
+        assert_eq!(listed[0], node("proxy-a"), "read back exactly as written");
+        // A heartbeat replaces the record: state and applied version change in place.
+        let mut draining = node("proxy-a");
+        draining.state = NodeState::Draining;
+        draining.applied_version = 42;
+        draining.heartbeat_at = Utc::now();
+        r.register_node(&draining, ttl).await.unwrap();
+        let listed = r.list_nodes().await.unwrap();
+        assert_eq!(listed, vec![draining.clone(), node("proxy-b")]);
+        r.remove_node("proxy-b").await.unwrap();
+        r.remove_node("never-registered").await.unwrap();
+        assert_eq!(r.list_nodes().await.unwrap(), vec![draining]);
+        // Registrations are not mappings: no version, no change event.
+        assert_eq!(fx.store().current_version().await.unwrap(), 0);
+    }
+
+    pub async fn node_registry_expires_without_heartbeat<F: Fixture>(fx: F) {
+        let r = fx.registry();
+        let short = Duration::from_millis(300);
+        r.register_node(&node("lasting"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        r.register_node(&node("brief"), short).await.unwrap();
+        r.register_node(&node("beating"), short).await.unwrap();
+        assert_eq!(
+            ids(&r.list_nodes().await.unwrap()),
+            vec!["beating", "brief", "lasting"]
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // A heartbeat resets the time-to-live.
+        r.register_node(&node("beating"), Duration::from_millis(600))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            ids(&r.list_nodes().await.unwrap()),
+            vec!["beating", "lasting"],
+            "brief expired, beating was renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(ids(&r.list_nodes().await.unwrap()), vec!["lasting"]);
+        // An expired node comes back with its next heartbeat.
+        r.register_node(&node("brief"), short).await.unwrap();
+        assert_eq!(
+            ids(&r.list_nodes().await.unwrap()),
+            vec!["brief", "lasting"]
+        );
+    }
+
+    pub async fn access_stats_accumulate_without_versions_or_events<F: Fixture>(mut fx: F) {
+        let s = fx.store();
+        let a = s.create(spec("hits", 1)).await.unwrap();
+        let b = s.create(spec("other", 2)).await.unwrap();
+        let unknown = MappingId::generate();
+        assert_eq!(
+            s.access_stats(&a.mapping_id).await.unwrap(),
+            AccessStats::default(),
+            "zeros before anything was recorded"
+        );
+        let before = s.current_version().await.unwrap();
+        let mut sub = s.subscribe().await.unwrap();
+
+        s.record_access(&[]).await.unwrap();
+        s.record_access(&[
+            delta(&a.mapping_id, 3, 100, 1000, 5_000),
+            delta(&b.mapping_id, 1, 1, 1, 1_000),
+        ])
+        .await
+        .unwrap();
+        // A second batch: an older access does not move the last access back, and one id may
+        // appear twice in a batch. Sub-millisecond precision is not kept.
+        let mut precise = delta(&a.mapping_id, 1, 1, 1, 4_000);
+        precise.last_access_at += chrono::Duration::microseconds(999);
+        s.record_access(&[
+            delta(&a.mapping_id, 2, 20, 200, 2_000),
+            precise,
+            delta(&unknown, 9, 9, 9, 9_000),
+        ])
+        .await
+        .unwrap();
+
+        let want_a = AccessStats {
+            access_count: 6,
+            bytes_in: 121,
+            bytes_out: 1201,
+            last_access_at: Some(at_ms(5_000)),
+        };
+        assert_eq!(s.access_stats(&a.mapping_id).await.unwrap(), want_a);
+        s.record_access(&[delta(&a.mapping_id, 0, 0, 0, 7_000)])
+            .await
+            .unwrap();
+        let want_a = AccessStats {
+            last_access_at: Some(at_ms(7_000)),
+            ..want_a
+        };
+        assert_eq!(s.access_stats(&a.mapping_id).await.unwrap(), want_a);
+        assert_eq!(
+            s.access_stats(&b.mapping_id).await.unwrap(),
+            AccessStats {
+                access_count: 1,
+                bytes_in: 1,
+                bytes_out: 1,
+                last_access_at: Some(at_ms(1_000)),
+            }
+        );
+        assert_eq!(
+            s.access_stats(&unknown).await.unwrap(),
+            AccessStats::default(),
+            "a delta for an unknown mapping leaves nothing behind"
+        );
+
+        // Counting is not a change of the mapping.
+        assert_eq!(s.current_version().await.unwrap(), before);
+        assert_eq!(
+            s.changes_since(before, 10).await.unwrap(),
+            Changes::Events {
+                events: vec![],
+                current: before
+            }
+        );
+        let got = s.get(&a.mapping_id).await.unwrap().unwrap();
+        assert_eq!(got.version, a.version);
+        // The next event on the feed is the next real change, not a counter update.
+        let c = s.create(spec("next", 3)).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+            Ok(Some(SubscriptionEvent::Change(e))) => {
+                assert_eq!((e.op, &e.mapping_id), (ChangeOp::Created, &c.mapping_id))
+            }
+            other => panic!("expected the create event, got {other:?}"),
+        }
+        // A compare-and-set update with the version read before counting still succeeds, and
+        // keeps the counters.
+        s.update(&a.mapping_id, spec("hits", 4), a.version)
+            .await
+            .unwrap();
+        assert_eq!(s.access_stats(&a.mapping_id).await.unwrap(), want_a);
+
+        drop((s, sub));
+        fx.restart().await;
+        assert_eq!(
+            fx.store().access_stats(&a.mapping_id).await.unwrap(),
+            want_a,
+            "counters survive a restart"
+        );
+    }
+
+    pub async fn access_deltas_for_deleted_mappings_are_dropped<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let gone = s.create(spec("gone", 1)).await.unwrap();
+        let live = s.create(spec("live", 2)).await.unwrap();
+        s.record_access(&[delta(&gone.mapping_id, 5, 5, 5, 1_000)])
+            .await
+            .unwrap();
+        s.delete(&gone.mapping_id, None).await.unwrap();
+        assert_eq!(
+            s.access_stats(&gone.mapping_id).await.unwrap(),
+            AccessStats::default(),
+            "counters go with their mapping"
+        );
+        // A batch aggregated before the delete arrives after it.
+        s.record_access(&[
+            delta(&gone.mapping_id, 1, 1, 1, 2_000),
+            delta(&live.mapping_id, 1, 1, 1, 2_000),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(
+            s.access_stats(&gone.mapping_id).await.unwrap(),
+            AccessStats::default()
+        );
+        assert_eq!(
+            s.access_stats(&live.mapping_id).await.unwrap().access_count,
+            1
+        );
+        // A new mapping on the same domain starts from zero.
+        let again = s.create(spec("gone", 3)).await.unwrap();
+        assert_eq!(
+            s.access_stats(&again.mapping_id).await.unwrap(),
+            AccessStats::default()
+        );
+        // Released expired mappings take their counters along too.
+        let mut brief = spec("brief", 1);
+        brief.expires_at = Some(Utc::now() + chrono::Duration::milliseconds(200));
+        let brief = s.create(brief).await.unwrap();
+        s.record_access(&[delta(&brief.mapping_id, 1, 1, 1, 1_000)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.release_expired(Utc::now()).await.unwrap().len(), 1);
+        assert_eq!(
+            s.access_stats(&brief.mapping_id).await.unwrap(),
+            AccessStats::default()
+        );
+    }
 }
 
 /// A local copy of the routing table kept by a [`Follower`], as the proxy cache will be.
@@ -740,4 +989,8 @@ conformance!(
     expired_mappings_release_their_domain,
     follower_reloads_when_behind_trimmed_log(10),
     follower_converges_after_lag,
+    node_registry_register_change_remove,
+    node_registry_expires_without_heartbeat,
+    access_stats_accumulate_without_versions_or_events,
+    access_deltas_for_deleted_mappings_are_dropped,
 );

@@ -1,14 +1,16 @@
 //! Redis-only behaviour: lost pub/sub connections, a flushed server, authentication, TLS, and
-//! the key layout of `docs/redis-schema.md`.
+//! the key layout of `docs/redis-schema.md` (mappings, access counters, node registry).
 
 mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tunnox::domain::MappingSpec;
+use chrono::{DateTime, Utc};
+use tunnox::domain::{MappingSpec, SetName};
 use tunnox::store::{
-    Follower, MappingStore, RedisOptions, RedisStore, RedisTls, StoreError, SyncUpdate,
+    AccessDelta, AccessStats, Follower, MappingStore, NodeRecord, NodeRegistry, NodeState,
+    RedisOptions, RedisStore, RedisTls, StoreError, SyncUpdate,
 };
 
 fn spec(sub: &str, port: u16) -> MappingSpec {
@@ -315,5 +317,230 @@ async fn a_claim_without_its_record_does_not_block_the_domain() {
     assert_eq!(
         store.get_by_domain(&m.full_domain).await.unwrap(),
         Some(again)
+    );
+}
+
+fn node(id: &str) -> NodeRecord {
+    NodeRecord {
+        node_id: id.into(),
+        set: SetName::parse("web.eu-west").unwrap(),
+        address: "10.0.0.7:8080".into(),
+        admin_address: "10.0.0.7:9090".into(),
+        state: NodeState::Draining,
+        applied_version: 17,
+        heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.5Z")
+            .unwrap()
+            .with_timezone(&Utc),
+    }
+}
+
+fn hash(server: &support::RedisServer, key: &str) -> std::collections::HashMap<String, String> {
+    let out = server.cli(&["HGETALL", key]);
+    let lines: Vec<&str> = out.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|kv| kv.len() == 2)
+        .map(|kv| (kv[0].to_string(), kv[1].to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_registry_key_layout_matches_the_contract() {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisOptions::new(&server.addr()))
+        .await
+        .unwrap();
+    store
+        .register_node(&node("proxy-1"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let fields = hash(&server, "tunnox:node:proxy-1");
+    let want: std::collections::HashMap<String, String> = [
+        ("node_id", "proxy-1"),
+        ("set", "web.eu-west"),
+        ("address", "10.0.0.7:8080"),
+        ("admin_address", "10.0.0.7:9090"),
+        ("state", "draining"),
+        ("applied_version", "17"),
+        ("heartbeat_at", "2026-01-02T03:04:05.500Z"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(fields, want);
+    let ttl: i64 = server
+        .cli(&["PTTL", "tunnox:node:proxy-1"])
+        .parse()
+        .unwrap();
+    assert!(0 < ttl && ttl <= 30_000, "PTTL {ttl}");
+    assert_eq!(server.cli(&["SMEMBERS", "tunnox:nodes"]), "proxy-1");
+    // A heartbeat resets the TTL.
+    store
+        .register_node(&node("proxy-1"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let ttl: i64 = server
+        .cli(&["PTTL", "tunnox:node:proxy-1"])
+        .parse()
+        .unwrap();
+    assert!(30_000 < ttl && ttl <= 600_000, "PTTL {ttl}");
+
+    // An expired registration leaves the index at the next listing.
+    store
+        .register_node(&node("brief"), Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.list_nodes().await.unwrap(), vec![node("proxy-1")]);
+    assert_eq!(server.cli(&["SMEMBERS", "tunnox:nodes"]), "proxy-1");
+
+    store.remove_node("proxy-1").await.unwrap();
+    assert_eq!(server.cli(&["EXISTS", "tunnox:node:proxy-1"]), "0");
+    assert_eq!(server.cli(&["EXISTS", "tunnox:nodes"]), "0");
+
+    // The registry lives under the storage root, not under the mapping prefix.
+    let mut opts = RedisOptions::new(&server.addr());
+    opts.root_prefix = "{acme}".into();
+    opts.prefix = "{acme}:routes".into();
+    let custom = RedisStore::connect(opts).await.unwrap();
+    custom
+        .register_node(&node("proxy-2"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["SMEMBERS", "{acme}:nodes"]), "proxy-2");
+    assert_eq!(server.cli(&["EXISTS", "{acme}:node:proxy-2"]), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_hash_is_apart_from_the_record_and_deleted_with_it() {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisOptions::new(&server.addr()))
+        .await
+        .unwrap();
+    let m = store.create(spec("counted", 1)).await.unwrap();
+    let record_key = format!("tunnox:http_domain:mapping:{}", m.mapping_id);
+    let stats_key = format!("tunnox:http_domain:stats:{}", m.mapping_id);
+    let record = server.cli(&["GET", &record_key]);
+    let delta = |count, last_ms| AccessDelta {
+        mapping_id: m.mapping_id.clone(),
+        count,
+        bytes_in: 10,
+        bytes_out: 20,
+        last_access_at: DateTime::from_timestamp_millis(last_ms).unwrap(),
+    };
+    store
+        .record_access(&[delta(2, 1_700_000_000_500)])
+        .await
+        .unwrap();
+    store
+        .record_access(&[delta(1, 1_700_000_000_100)])
+        .await
+        .unwrap();
+    let want: std::collections::HashMap<String, String> = [
+        ("access_count", "3"),
+        ("bytes_in", "20"),
+        ("bytes_out", "40"),
+        ("last_access_at", "1700000000500"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(hash(&server, &stats_key), want);
+    assert_eq!(
+        server.cli(&["GET", &record_key]),
+        record,
+        "the record JSON is not rewritten"
+    );
+    assert_eq!(server.cli(&["GET", "tunnox:http_domain:version"]), "1");
+    assert_eq!(server.cli(&["XLEN", "tunnox:http_domain:changes"]), "1");
+
+    store.delete(&m.mapping_id, None).await.unwrap();
+    assert_eq!(server.cli(&["EXISTS", &stats_key]), "0");
+    store.record_access(&[delta(1, 1)]).await.unwrap();
+    let keys = server.cli(&["--scan", "--pattern", "tunnox:*"]);
+    let mut keys: Vec<&str> = keys.lines().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec!["tunnox:http_domain:changes", "tunnox:http_domain:version"],
+        "no stats outlive their mapping"
+    );
+
+    // A claim whose record vanished is released with whatever counters were left.
+    let orphan = store.create(spec("orphan", 1)).await.unwrap();
+    let orphan_stats = format!("tunnox:http_domain:stats:{}", orphan.mapping_id);
+    store
+        .record_access(&[AccessDelta {
+            mapping_id: orphan.mapping_id.clone(),
+            ..delta(1, 1)
+        }])
+        .await
+        .unwrap();
+    server.cli(&[
+        "DEL",
+        &format!("tunnox:http_domain:mapping:{}", orphan.mapping_id),
+    ]);
+    store.create(spec("orphan", 2)).await.unwrap();
+    assert_eq!(server.cli(&["EXISTS", &orphan_stats]), "0");
+    assert_eq!(
+        store.access_stats(&orphan.mapping_id).await.unwrap(),
+        AccessStats::default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_node_registrations_are_skipped() {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisOptions::new(&server.addr()))
+        .await
+        .unwrap();
+    store
+        .register_node(&node("good"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    // Hand-written garbage: a bad field value, a value of the wrong type, a hash naming
+    // another node, and an index entry whose hash is gone.
+    let mut bad = vec!["HSET", "tunnox:node:bad-state"];
+    let good = hash(&server, "tunnox:node:good");
+    let mut pairs: Vec<(String, String)> = good.into_iter().collect();
+    for (k, v) in pairs.iter_mut() {
+        if k == "state" {
+            *v = "sleeping".into();
+        }
+        if k == "node_id" {
+            *v = "bad-state".into();
+        }
+    }
+    for (k, v) in &pairs {
+        bad.push(k);
+        bad.push(v);
+    }
+    server.cli(&bad);
+    server.cli(&["SET", "tunnox:node:wrong-type", "x"]);
+    server.cli(&["HSET", "tunnox:node:impostor", "node_id", "good"]);
+    server.cli(&[
+        "SADD",
+        "tunnox:nodes",
+        "bad-state",
+        "wrong-type",
+        "impostor",
+        "ghost",
+    ]);
+    assert_eq!(store.list_nodes().await.unwrap(), vec![node("good")]);
+    // The unreadable ones stay listed in the index (they exist); only the ghost is pruned.
+    let index = server.cli(&["SMEMBERS", "tunnox:nodes"]);
+    let mut index: Vec<&str> = index.lines().collect();
+    index.sort();
+    assert_eq!(index, vec!["bad-state", "good", "impostor", "wrong-type"]);
+    // A proper registration heals a broken one, whatever its type.
+    let mut healed = node("wrong-type");
+    healed.state = NodeState::Active;
+    store
+        .register_node(&healed, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_nodes().await.unwrap(),
+        vec![node("good"), healed]
     );
 }

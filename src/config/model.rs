@@ -281,8 +281,19 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub set: SetName,
-    /// Node id in the registry; default: the host name.
+    /// Node id in the registry; default `$POD_NAME`, else the host name.
     pub node_id: Option<String>,
+    /// `host:port` peers reach this node on; default `$POD_IP` with the listen port, else the
+    /// listen address.
+    pub advertise_address: Option<String>,
+    /// Request-handling threads; 0 means one per CPU.
+    pub worker_threads: usize,
+    pub timeouts: ProxyTimeouts,
+    pub limits: ProxyLimits,
+    pub drain: DrainConfig,
+    pub registry: RegistryConfig,
+    /// How often aggregated access statistics are written to the store.
+    pub stats_flush_interval: Dur,
 }
 
 impl Default for ProxyConfig {
@@ -292,6 +303,95 @@ impl Default for ProxyConfig {
             admin_listen: "127.0.0.1:9090".parse().expect("valid"),
             set: SetName::parse("default.default").expect("valid"),
             node_id: None,
+            advertise_address: None,
+            worker_threads: 0,
+            timeouts: ProxyTimeouts::default(),
+            limits: ProxyLimits::default(),
+            drain: DrainConfig::default(),
+            registry: RegistryConfig::default(),
+            stats_flush_interval: Dur::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyTimeouts {
+    /// Connecting to an upstream (then 502).
+    pub connect: Dur,
+    /// From connection start (or the previous request) until a client has sent its headers.
+    pub request_header: Dur,
+    /// Waiting for an upstream's response headers (then 504).
+    pub upstream_response: Dur,
+    /// Idle upstream keep-alive connections are closed after this.
+    pub upstream_idle: Dur,
+}
+
+impl Default for ProxyTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Dur::secs(5),
+            request_header: Dur::secs(10),
+            upstream_response: Dur::secs(60),
+            upstream_idle: Dur::secs(90),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyLimits {
+    /// Largest request head (request line and headers) accepted, in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted; more gets 431.
+    pub max_headers: usize,
+    /// Idle keep-alive connections kept per upstream.
+    pub upstream_pool_max_idle: usize,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            upstream_pool_max_idle: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// How long `/drain` waits, once not ready, for load balancers to stop sending (unless the
+    /// request says `?wait=`).
+    pub propagation_delay: Dur,
+    /// After SIGTERM, how long in-flight requests may take before connections are closed.
+    pub grace_period: Dur,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            propagation_delay: Dur::secs(5),
+            grace_period: Dur::secs(25),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// How often the node record is refreshed.
+    pub heartbeat_interval: Dur,
+    /// A node record not refreshed for this long disappears.
+    pub ttl: Dur,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Dur::secs(5),
+            ttl: Dur::secs(15),
         }
     }
 }

@@ -89,6 +89,7 @@ impl Settings {
                     cert_file: r.tls.cert_file.clone(),
                     key_file: r.tls.key_file.clone(),
                 },
+                root_prefix: r.key_prefix.clone(),
                 prefix,
                 events_channel: sync.channel.clone(),
                 changes_max_len: sync.changes_max_len,

@@ -95,7 +95,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     tracing::info!(identity = %me, lease = %lease.name, namespace = %lease.namespace, "waiting for leadership");
     let election = tokio::spawn(leader::run(client.clone(), lease, lead_tx));
 
-    let mut signal = Box::pin(shutdown_signal());
+    let mut signal = Box::pin(crate::observe::shutdown_signal());
     // Standby until we lead (or are told to stop).
     tokio::select! {
         led = lead_rx.wait_for(|l| *l) => {
@@ -165,19 +165,4 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         std::process::exit(1);
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -92,7 +92,7 @@ impl Hostname {
         }
         let host = match value.rsplit_once(':') {
             Some((host, port)) => {
-                if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+                if !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().is_err() {
                     return Err(HostnameError::BadPort {
                         host: value.to_string(),
                     });
@@ -277,6 +277,8 @@ mod tests {
             ("myapp.tunnox.net:", "bad_port"),
             ("myapp.tunnox.net:80a", "bad_port"),
             ("myapp.tunnox.net:123456", "bad_port"),
+            ("myapp.tunnox.net:65536", "bad_port"),
+            ("myapp.tunnox.net:99999", "bad_port"),
             ("a:b:c", "bad_port"),
             ("[::1]:8080", "ip_literal"),
             (":80", "empty"),

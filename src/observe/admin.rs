@@ -55,19 +55,39 @@ pub async fn serve(
     health: Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(serve_on(
+        listener,
+        registry,
+        health,
+        Router::new(),
+        shutdown,
+    ))
+}
+
+/// Serves the common routes plus a role's `extra` routes on a bound listener.
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    health: Health,
+    extra: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { registry, health });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin server listening");
-    Ok(tokio::spawn(async move {
+        .with_state(AdminState { registry, health })
+        .merge(extra);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin server listening");
+    }
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
         {
             tracing::error!(error = %e, "admin server failed");
         }
-    }))
+    })
 }

@@ -73,6 +73,7 @@ pub struct Follower {
     tracker: VersionTracker,
     check: tokio::time::Interval,
     connected: bool,
+    catch_ups: u64,
 }
 
 const PAGE: usize = 1000;
@@ -97,6 +98,7 @@ impl Follower {
                 tracker: VersionTracker::new(version),
                 check,
                 connected: true,
+                catch_ups: 0,
             },
             all,
         ))
@@ -104,6 +106,12 @@ impl Follower {
 
     pub fn applied(&self) -> u64 {
         self.tracker.applied()
+    }
+
+    /// How many times this follower has read the change log (after a gap, a reconnect, a
+    /// periodic check).
+    pub fn catch_ups(&self) -> u64 {
+        self.catch_ups
     }
 
     /// False between a lost feed connection and its recovery.
@@ -147,6 +155,7 @@ impl Follower {
     /// All or nothing: on an error the position is unchanged and nothing is returned, so the
     /// next attempt starts from the same place.
     pub async fn catch_up(&mut self) -> Result<Vec<SyncUpdate>, StoreError> {
+        self.catch_ups += 1;
         let mut tracker = self.tracker;
         let mut updates = Vec::new();
         loop {

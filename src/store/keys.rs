@@ -2,22 +2,30 @@
 
 use crate::domain::{Hostname, MappingId};
 
-/// Key builder under one prefix (default `tunnox:http_domain`). In Redis Cluster, write the
+/// Key builder under two prefixes: the storage root (`storage.redis.key_prefix`, default
+/// `tunnox`) for process-level keys such as the node registry, and the mapping prefix (default
+/// `tunnox:http_domain`) for everything about mappings. In Redis Cluster, write the mapping
 /// prefix with a hash tag (`{tunnox}:http_domain`) so each Lua script's keys share a slot.
 #[derive(Debug, Clone)]
 pub struct Keys {
+    root: String,
     prefix: String,
     events: String,
 }
 
 impl Keys {
-    pub fn new(prefix: &str, events_channel: Option<&str>) -> Self {
+    pub fn new(root: &str, prefix: &str, events_channel: Option<&str>) -> Self {
         Self {
+            root: root.to_string(),
             prefix: prefix.to_string(),
             events: events_channel
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("{prefix}:events")),
         }
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
     }
 
     pub fn prefix(&self) -> &str {
@@ -51,6 +59,22 @@ impl Keys {
         format!("{}:index:expiry", self.prefix)
     }
 
+    /// Hash of a mapping's access counters, apart from the record so that counting traffic
+    /// neither bumps the version nor rewrites the JSON.
+    pub fn stats(&self, id: &MappingId) -> String {
+        format!("{}:stats:{id}", self.prefix)
+    }
+
+    /// Hash of one proxy node's registration; expires unless the node heartbeats.
+    pub fn node(&self, node_id: &str) -> String {
+        format!("{}:node:{node_id}", self.root)
+    }
+
+    /// Set of registered node ids: the index that lets listing avoid `KEYS`.
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.root)
+    }
+
     pub fn version(&self) -> String {
         format!("{}:version", self.prefix)
     }
@@ -70,7 +94,7 @@ mod tests {
 
     #[test]
     fn key_layout_matches_the_contract() {
-        let k = Keys::new("tunnox:http_domain", None);
+        let k = Keys::new("tunnox", "tunnox:http_domain", None);
         let id = MappingId::parse("hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
         let d = Hostname::parse("app.tunnox.net").unwrap();
         assert_eq!(
@@ -88,6 +112,19 @@ mod tests {
         assert_eq!(k.version(), "tunnox:http_domain:version");
         assert_eq!(k.changes(), "tunnox:http_domain:changes");
         assert_eq!(k.events(), "tunnox:http_domain:events");
-        assert_eq!(Keys::new("p", Some("chan")).events(), "chan");
+        assert_eq!(
+            k.stats(&id),
+            "tunnox:http_domain:stats:hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        );
+        assert_eq!(k.node("proxy-1"), "tunnox:node:proxy-1");
+        assert_eq!(k.nodes(), "tunnox:nodes");
+        assert_eq!(Keys::new("r", "p", Some("chan")).events(), "chan");
+        // The root is independent of the mapping prefix, even when the latter is overridden.
+        let custom = Keys::new("{t}", "other:maps", None);
+        assert_eq!(custom.node("n"), "{t}:node:n");
+        assert_eq!(
+            custom.stats(&id),
+            "other:maps:stats:hdm_01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        );
     }
 }

@@ -10,10 +10,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
+use super::nodes::NodeTable;
 use super::persist::{self, Snapshot};
 use super::{
-    ChangeEvent, ChangeOp, Changes, ListFilter, MappingStore, Page, PageRequest, StoreError,
-    Subscription, SubscriptionEvent,
+    AccessDelta, AccessStats, ChangeEvent, ChangeOp, Changes, ListFilter, MappingStore, NodeRecord,
+    NodeRegistry, Page, PageRequest, StoreError, Subscription, SubscriptionEvent,
 };
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
@@ -107,6 +108,8 @@ struct Inner {
     changes_max_len: usize,
     subscription_buffer: usize,
     node_id: String,
+    /// Apart from `state`: registrations are neither persisted nor versioned.
+    nodes: std::sync::Mutex<NodeTable>,
 }
 
 /// Single-node store. Cheap to clone; the last clone to go saves a pending change.
@@ -186,6 +189,7 @@ impl MemoryStore {
                 changes_max_len,
                 subscription_buffer,
                 node_id,
+                nodes: std::sync::Mutex::new(NodeTable::default()),
             }),
         }
     }
@@ -205,17 +209,26 @@ impl MemoryStore {
         };
         // No receivers is fine: nobody is subscribed.
         let _ = self.inner.events.send(event);
+        self.save_if_synchronous();
+        Ok(out)
+    }
+
+    /// With `save_interval` zero, writes the file now.
+    fn save_if_synchronous(&self) {
         if let Some(p) = &self.inner.persist
             && p.auto_save
             && p.save_interval.is_zero()
         {
-            // The change is applied and published; a failed write stays pending and is retried
-            // by the next change, flush or shutdown.
+            // The change is applied (and published); a failed write stays pending and is
+            // retried by the next change, flush or shutdown.
             if let Err(e) = self.inner.save_if_dirty() {
                 tracing::error!(error = %e, "could not save mappings; will retry");
             }
         }
-        Ok(out)
+    }
+
+    fn nodes(&self) -> std::sync::MutexGuard<'_, NodeTable> {
+        self.inner.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
@@ -472,5 +485,54 @@ impl MappingStore for MemoryStore {
             }
         }
         Ok(released)
+    }
+
+    async fn record_access(&self, batch: &[AccessDelta]) -> Result<(), StoreError> {
+        let applied = {
+            let mut state = self.inner.state.write().expect("store lock poisoned");
+            let mut applied = false;
+            for d in batch {
+                // Counters live in the record's statistics fields but are not a change of the
+                // mapping: no version, no event. A deleted mapping's delta is dropped.
+                if let Some(m) = state.by_id.get_mut(&d.mapping_id) {
+                    let mut stats = AccessStats::of(m);
+                    stats.add(d);
+                    stats.store_in(m);
+                    applied = true;
+                }
+            }
+            state.dirty |= applied;
+            applied
+        };
+        if applied {
+            self.save_if_synchronous();
+        }
+        Ok(())
+    }
+
+    async fn access_stats(&self, id: &MappingId) -> Result<AccessStats, StoreError> {
+        Ok(self.read(|s| s.by_id.get(id).map(AccessStats::of).unwrap_or_default()))
+    }
+}
+
+#[async_trait]
+impl NodeRegistry for MemoryStore {
+    async fn register_node(&self, node: &NodeRecord, ttl: Duration) -> Result<(), StoreError> {
+        let now = std::time::Instant::now();
+        // A TTL too large for the clock means "until removed", not a panic.
+        let expires_at = now
+            .checked_add(ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+        self.nodes().register(node, expires_at);
+        Ok(())
+    }
+
+    async fn remove_node(&self, node_id: &str) -> Result<(), StoreError> {
+        self.nodes().remove(node_id);
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(self.nodes().live(std::time::Instant::now()))
     }
 }

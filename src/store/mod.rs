@@ -8,8 +8,10 @@ mod error;
 mod follow;
 mod keys;
 mod memory;
+mod nodes;
 mod persist;
 mod redis;
+mod stats;
 mod types;
 
 use async_trait::async_trait;
@@ -21,7 +23,9 @@ pub use error::StoreError;
 pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
 pub use keys::Keys;
 pub use memory::{MemoryStore, PersistOptions};
+pub use nodes::{NodeRecord, NodeRegistry, NodeState};
 pub use redis::{RedisOptions, RedisStore, RedisTls};
+pub use stats::{AccessDelta, AccessStats};
 pub use types::{
     ChangeEvent, ChangeOp, Changes, ListFilter, Page, PageRequest, Subscription, SubscriptionEvent,
 };
@@ -78,6 +82,13 @@ pub trait MappingStore: Send + Sync + 'static {
     /// Deletes every mapping whose `expires_at` is at or before `now` (seed FR-4.4) and returns
     /// them; their domains become claimable.
     async fn release_expired(&self, now: DateTime<Utc>) -> Result<Vec<Mapping>, StoreError>;
+
+    /// Adds a batch of counters (one round trip on Redis). Deltas for mappings that no longer
+    /// exist are dropped. Never changes a record's version and never emits a change event.
+    async fn record_access(&self, batch: &[AccessDelta]) -> Result<(), StoreError>;
+
+    /// The accumulated counters of mapping `id` (zeros when none were recorded).
+    async fn access_stats(&self, id: &MappingId) -> Result<AccessStats, StoreError>;
 
     /// Reads every mapping, page by page.
     async fn list_all(&self) -> Result<Vec<Mapping>, StoreError> {

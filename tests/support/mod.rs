@@ -3,7 +3,9 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod controlplane;
+pub mod http;
 pub mod process;
+pub mod proxy;
 pub mod redis_server;
 
 pub use controlplane::ControlPlane;

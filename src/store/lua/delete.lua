@@ -1,4 +1,5 @@
--- KEYS: version, changes, record, domain claim, all index, expiry index, [client index], [user index]
+-- KEYS: version, changes, record, domain claim, all index, expiry index, stats,
+--       [client index], [user index]
 -- ARGV: id, expected version, domain, channel, changes maxlen, has client ('1'/'0'), has user
 local cur, refusal = current_at(KEYS[3], ARGV[2])
 if not cur then
@@ -11,7 +12,8 @@ if redis.call('GET', KEYS[4]) == ARGV[1] then
 end
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
-local k = 7
+redis.call('DEL', KEYS[7])
+local k = 8
 if ARGV[6] == '1' then
   redis.call('ZREM', KEYS[k], ARGV[1])
   k = k + 1

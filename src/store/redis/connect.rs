@@ -27,6 +27,9 @@ pub struct RedisOptions {
     /// Multiplexed connections used round-robin by request traffic.
     pub pool_size: usize,
     pub tls: RedisTls,
+    /// Storage root prefix (`storage.redis.key_prefix`, e.g. `tunnox`) for keys that are not
+    /// about mappings, such as the node registry.
+    pub root_prefix: String,
     /// Key prefix of the mapping store, e.g. `tunnox:http_domain`.
     pub prefix: String,
     pub events_channel: Option<String>,
@@ -48,6 +51,7 @@ impl RedisOptions {
             db: 0,
             pool_size: 4,
             tls: RedisTls::default(),
+            root_prefix: "tunnox".to_string(),
             prefix: "tunnox:http_domain".to_string(),
             events_channel: None,
             changes_max_len: 100_000,

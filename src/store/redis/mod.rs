@@ -11,13 +11,18 @@ use redis::aio::ConnectionManager;
 
 mod connect;
 mod feed;
+mod nodes;
 mod scripts;
+mod stats;
 
 pub use connect::{RedisOptions, RedisTls};
 use connect::{client, manager_config};
 use scripts::{ScriptReply, Scripts, expiry_arg, flag, parse_entry};
 
-use super::{Changes, Keys, ListFilter, MappingStore, Page, PageRequest, StoreError, Subscription};
+use super::{
+    AccessDelta, AccessStats, Changes, Keys, ListFilter, MappingStore, Page, PageRequest,
+    StoreError, Subscription,
+};
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
 /// Multi-node mapping store on Redis. Cheap to clone.
@@ -47,7 +52,11 @@ impl RedisStore {
                     .await?,
             );
         }
-        let keys = Keys::new(&opts.prefix, opts.events_channel.as_deref());
+        let keys = Keys::new(
+            &opts.root_prefix,
+            &opts.prefix,
+            opts.events_channel.as_deref(),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -393,6 +402,14 @@ impl MappingStore for RedisStore {
         }
         Ok(released)
     }
+
+    async fn record_access(&self, batch: &[AccessDelta]) -> Result<(), StoreError> {
+        self.record_access_batch(batch).await
+    }
+
+    async fn access_stats(&self, id: &MappingId) -> Result<AccessStats, StoreError> {
+        self.read_access_stats(id).await
+    }
 }
 
 impl RedisStore {
@@ -413,7 +430,8 @@ impl RedisStore {
             .key(k.mapping(id))
             .key(k.domain(&current.full_domain))
             .key(k.all())
-            .key(k.expiry());
+            .key(k.expiry())
+            .key(k.stats(id));
         if let Some(c) = &current.target_client_id {
             inv.key(k.client(c));
         }
@@ -457,6 +475,7 @@ impl RedisStore {
                     .release_dangling
                     .key(self.inner.keys.domain(domain))
                     .key(self.inner.keys.mapping(holder))
+                    .key(self.inner.keys.stats(holder))
                     .arg(holder.as_str())
                     .invoke_async(&mut self.conn())
                     .await?;

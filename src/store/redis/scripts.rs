@@ -11,6 +11,8 @@ pub(super) struct Scripts {
     pub delete: Script,
     pub lookup: Script,
     pub release_dangling: Script,
+    pub record_access: Script,
+    pub prune_nodes: Script,
 }
 
 macro_rules! mutation_script {
@@ -31,6 +33,8 @@ impl Scripts {
             delete: mutation_script!("../lua/delete.lua"),
             lookup: Script::new(include_str!("../lua/lookup.lua")),
             release_dangling: Script::new(include_str!("../lua/release_dangling.lua")),
+            record_access: Script::new(include_str!("../lua/record_access.lua")),
+            prune_nodes: Script::new(include_str!("../lua/prune_nodes.lua")),
         }
     }
 }

@@ -1,0 +1,335 @@
+//! Forwarding one request to its upstream: header rewriting (hop-by-hop removal,
+//! `X-Forwarded-*`, the mapping's headers), keep-alive pools, timeouts, WebSocket upgrades.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::{ProxyBody, ProxyError};
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardSettings {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+/// The upstream client: one keep-alive pool per upstream authority.
+#[derive(Clone)]
+pub struct Forwarder {
+    client: Client<Connector, ProxyBody>,
+    response_timeout: Duration,
+}
+
+/// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What the caller knows about the client side of a request.
+pub struct ClientInfo<'a> {
+    pub peer: SocketAddr,
+    /// The `Host` (or `:authority`) exactly as the client sent it.
+    pub host: &'a HeaderValue,
+}
+
+impl Forwarder {
+    pub fn new(s: ForwardSettings) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(s.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(s.idle_timeout)
+            .pool_max_idle_per_host(s.max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            client,
+            response_timeout: s.response_timeout,
+        }
+    }
+
+    /// Sends `req` to `scheme://authority` and returns the upstream's response, ready for the
+    /// client. Upgrades (WebSocket) are joined in a background task once both sides agree.
+    pub async fn forward(
+        &self,
+        mut req: Request<ProxyBody>,
+        scheme: &Scheme,
+        authority: &Authority,
+        extra: &[(HeaderName, HeaderValue)],
+        client: ClientInfo<'_>,
+        upstream_seconds: &prometheus::Histogram,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let upgrade = upgrade_protocol(req.headers());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::Upstream {
+                upstream: authority.to_string(),
+                reason: e.to_string(),
+            })?;
+        parts.version = Version::HTTP_11;
+        rewrite_request_headers(&mut parts.headers, &client, upgrade.as_ref(), extra);
+        let out = Request::from_parts(parts, body);
+
+        let started = Instant::now();
+        let sent = tokio::time::timeout(self.response_timeout, self.client.request(out)).await;
+        upstream_seconds.observe(started.elapsed().as_secs_f64());
+        let mut resp = match sent {
+            Err(_) => return Err(ProxyError::UpstreamTimeout(authority.to_string())),
+            Ok(Err(e)) => return Err(classify(authority, &e)),
+            Ok(Ok(resp)) => resp,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgrade) else {
+                return Err(ProxyError::Upstream {
+                    upstream: authority.to_string(),
+                    reason: "switched protocols without being asked to".into(),
+                });
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade));
+            let (mut parts, _) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto);
+            return Ok(Response::from_parts(parts, super::empty_body()));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+fn classify(authority: &Authority, e: &hyper_util::client::legacy::Error) -> ProxyError {
+    let reason = error_chain(e);
+    if e.is_connect() {
+        ProxyError::UpstreamConnect {
+            upstream: authority.to_string(),
+            reason,
+        }
+    } else {
+        ProxyError::Upstream {
+            upstream: authority.to_string(),
+            reason,
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade: x`).
+fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let wants = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(name);
+    }
+    h.remove(header::UPGRADE);
+}
+
+fn rewrite_request_headers(
+    h: &mut HeaderMap,
+    client: &ClientInfo<'_>,
+    upgrade: Option<&HeaderValue>,
+    extra: &[(HeaderName, HeaderValue)],
+) {
+    // `TE: trailers` is the one TE value a proxy passes on.
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    strip_hop_by_hop(h);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(proto) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto.clone());
+    }
+    let ip = client.peer.ip().to_string();
+    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    h.insert(X_FORWARDED_HOST, client.host.clone());
+    // The upstream sees the host the client asked for (HTTP/2 clients send no Host header).
+    h.insert(header::HOST, client.host.clone());
+    for (name, value) in extra {
+        h.insert(name.clone(), value.clone());
+    }
+}
+
+async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn rewrite(pairs: &[(&str, &str)], extra: &[(&str, &str)]) -> HeaderMap {
+        let mut h = headers(pairs);
+        let host = HeaderValue::from_static("App.Example.com:8080");
+        let info = ClientInfo {
+            peer: "10.1.2.3:5555".parse().unwrap(),
+            host: &host,
+        };
+        let upgrade = upgrade_protocol(&h);
+        let extra: Vec<_> = extra
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect();
+        rewrite_request_headers(&mut h, &info, upgrade.as_ref(), &extra);
+        h
+    }
+
+    #[test]
+    fn rewrites_request_headers() {
+        let h = rewrite(
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("keep-alive", "timeout=5"),
+                ("x-secret", "1"),
+                ("te", "gzip, trailers"),
+                ("transfer-encoding", "chunked"),
+                ("proxy-authorization", "Basic x"),
+                ("x-forwarded-for", "192.0.2.1"),
+                ("x-forwarded-proto", "https"),
+                ("x-env", "client"),
+                ("accept", "*/*"),
+            ],
+            &[("x-env", "dev")],
+        );
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "transfer-encoding",
+            "proxy-authorization",
+            "upgrade",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} must not be forwarded: {h:?}");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "App.Example.com:8080");
+        assert_eq!(h["host"], "App.Example.com:8080");
+        assert_eq!(h["x-env"], "dev", "the mapping's header wins");
+        assert_eq!(h["accept"], "*/*");
+    }
+
+    #[test]
+    fn keeps_upgrade_headers_only_for_upgrades() {
+        let ws = rewrite(&[("connection", "Upgrade"), ("upgrade", "websocket")], &[]);
+        assert_eq!(ws["connection"], "upgrade");
+        assert_eq!(ws["upgrade"], "websocket");
+        let stray = rewrite(&[("upgrade", "websocket")], &[]);
+        assert!(!stray.contains_key("upgrade"));
+        assert!(!stray.contains_key("connection"));
+    }
+}

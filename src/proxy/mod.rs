@@ -1,0 +1,280 @@
+//! The proxy role (ARCHITECTURE §5, §8): routes HTTP by `Host` from a local cache that follows
+//! the store, forwards to upstreams, registers itself, drains without dropping requests.
+//!
+//! Single-node (`storage.type: memory`): no Redis; mappings come from the file's `mappings:`.
+
+mod admin;
+pub mod cache;
+mod drain;
+mod error;
+mod forward;
+pub mod metrics;
+mod registry;
+pub mod route;
+mod seed;
+mod server;
+mod stats;
+mod sync;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, combinators::BoxBody};
+use tokio::sync::watch;
+
+pub use error::ProxyError;
+
+use crate::config::Settings;
+use crate::observe::admin::{self as admin_server, Health};
+use crate::store::{MappingStore, MemoryStore, NodeRegistry, RedisStore, StoreBackend, StoreError};
+
+/// Every body the proxy hands to hyper: streamed from a client or an upstream, or its own.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+pub(crate) fn empty_body() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("mapping store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({field}): {source}")]
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn node_id(settings: &Settings) -> String {
+    settings
+        .config
+        .proxy
+        .node_id
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "tunnox".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+}
+
+/// The address peers reach this node on.
+fn advertise_address(settings: &Settings, listen: SocketAddr) -> String {
+    if let Some(a) = &settings.config.proxy.advertise_address {
+        return a.clone();
+    }
+    match std::env::var("POD_IP") {
+        Ok(ip) if !ip.is_empty() => {
+            SocketAddr::new(ip.parse().unwrap_or(listen.ip()), listen.port()).to_string()
+        }
+        _ => listen.to_string(),
+    }
+}
+
+async fn open_store(
+    backend: StoreBackend,
+) -> Result<(Arc<dyn MappingStore>, Arc<dyn NodeRegistry>), StoreError> {
+    Ok(match backend {
+        StoreBackend::Redis(opts) => {
+            let s = Arc::new(RedisStore::connect(opts).await?);
+            (s.clone(), s)
+        }
+        StoreBackend::Memory {
+            persist,
+            changes_max_len,
+            subscription_buffer,
+            node_id,
+        } => {
+            let s = Arc::new(MemoryStore::open(
+                persist,
+                changes_max_len,
+                subscription_buffer,
+                &node_id,
+            )?);
+            (s.clone(), s)
+        }
+    })
+}
+
+/// Connects to the store, retrying while it is unreachable (the admin server already answers,
+/// not ready). A configuration the store refuses (e.g. a wrong password) is retried too: it may
+/// be fixed without restarting.
+async fn connect(settings: &Settings, me: &str) -> (Arc<dyn MappingStore>, Arc<dyn NodeRegistry>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match open_store(settings.store_backend(me)).await {
+            Ok(s) => return s,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot open the mapping store");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 3 / 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs until SIGTERM/SIGINT, then drains and returns.
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let cfg = settings.config.proxy.clone();
+    let me = node_id(&settings);
+    let metrics = Arc::new(metrics::ProxyMetrics::new());
+    let health = Health::default();
+    let drain = Arc::new(drain::Drain::new(health.clone(), metrics.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Bind both ports first: a taken port is a start-up error, not a retry loop.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            field: "proxy.listen",
+            addr: cfg.listen,
+            source,
+        })?;
+    let listen = listener.local_addr().unwrap_or(cfg.listen);
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            field: "proxy.admin_listen",
+            addr: cfg.admin_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin_listen);
+
+    let (store, nodes) = connect(&settings, &me).await;
+    if !settings.uses_redis && !settings.config.mappings.is_empty() {
+        let changed = seed::apply(store.as_ref(), &settings.config.mappings).await?;
+        tracing::info!(
+            declared = settings.config.mappings.len(),
+            changed,
+            "mappings from the configuration file applied"
+        );
+    }
+
+    let local = &settings.config.http_domain.cache.local;
+    let cache_settings = cache::CacheSettings {
+        enabled: local.enabled,
+        ttl: local.ttl.get(),
+        negative_ttl: local.negative_ttl.get(),
+        max_entries: local.max_size,
+    };
+    let cache = Arc::new(cache::RouteCache::new(
+        cache_settings,
+        store.clone(),
+        metrics.clone(),
+    ));
+    let sync_state = Arc::new(sync::SyncState::default());
+    let healthy = Arc::new(registry::HealthySets::default());
+    let access = Arc::new(stats::AccessLog::default());
+
+    let admin_routes = admin::routes(admin::AdminContext {
+        drain: drain.clone(),
+        metrics: metrics.clone(),
+        cache: cache.clone(),
+        sync: sync_state.clone(),
+        propagation_delay: cfg.drain.propagation_delay.get(),
+        cache_type: if settings.uses_redis {
+            "redis"
+        } else {
+            "memory"
+        },
+        max_entries: local.max_size,
+    });
+    let admin_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let admin_task = admin_server::serve_on(
+        admin_listener,
+        metrics.registry.clone(),
+        health.clone(),
+        admin_routes,
+        admin_stop,
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(
+        sync::Sync {
+            store: store.clone(),
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+            state: sync_state.clone(),
+            check_every: settings.config.http_domain.sync.check_interval.get(),
+        }
+        .run(stop_rx.clone()),
+    );
+    tasks.spawn(
+        registry::Heartbeat {
+            nodes,
+            node_id: me.clone(),
+            set: cfg.set.clone(),
+            address: advertise_address(&settings, listen),
+            admin_address: admin_addr.to_string(),
+            every: cfg.registry.heartbeat_interval.get(),
+            ttl: cfg.registry.ttl.get(),
+            drain: drain.clone(),
+            sync: sync_state.clone(),
+            healthy: healthy.clone(),
+        }
+        .run(stop_rx.clone()),
+    );
+    tasks.spawn(access.clone().run(
+        store.clone(),
+        metrics.clone(),
+        cfg.stats_flush_interval.get(),
+        stop_rx.clone(),
+    ));
+
+    let ctx = Arc::new(server::Ctx {
+        cache,
+        forwarder: forward::Forwarder::new(forward::ForwardSettings {
+            connect_timeout: cfg.timeouts.connect.get(),
+            response_timeout: cfg.timeouts.upstream_response.get(),
+            idle_timeout: cfg.timeouts.upstream_idle.get(),
+            max_idle_per_host: cfg.limits.upstream_pool_max_idle,
+        }),
+        metrics: metrics.clone(),
+        drain: drain.clone(),
+        access,
+        healthy,
+        set: cfg.set.clone(),
+    });
+    tracing::info!(%listen, admin = %admin_addr, node = %me, set = %cfg.set, "proxy listening");
+
+    let (serve_stop_tx, serve_stop_rx) = watch::channel(false);
+    let server = tokio::spawn(server::serve(
+        listener,
+        ctx,
+        server::ServerSettings {
+            max_header_bytes: cfg.limits.max_header_bytes,
+            max_headers: cfg.limits.max_headers,
+            header_timeout: cfg.timeouts.request_header.get(),
+            grace_period: cfg.drain.grace_period.get(),
+        },
+        serve_stop_rx,
+    ));
+
+    crate::observe::shutdown_signal().await;
+    tracing::info!("shutting down");
+    drain.start();
+    let _ = serve_stop_tx.send(true);
+    let _ = server.await;
+    // In-flight requests are done: write their statistics, leave the registry, stop.
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! This node in the registry (`<root>:node:{id}`): a heartbeat with its set, addresses, state
+//! and applied version; and the sets that currently have a healthy node, for placement.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use super::drain::Drain;
+use super::sync::SyncState;
+use crate::domain::SetName;
+use crate::store::{NodeRecord, NodeRegistry, NodeState};
+
+/// Sets with at least one active node, refreshed with every heartbeat.
+#[derive(Default)]
+pub struct HealthySets(RwLock<Arc<[SetName]>>);
+
+impl HealthySets {
+    pub fn get(&self) -> Arc<[SetName]> {
+        self.0.read().expect("not poisoned").clone()
+    }
+
+    fn set(&self, sets: Vec<SetName>) {
+        *self.0.write().expect("not poisoned") = sets.into();
+    }
+}
+
+pub struct Heartbeat {
+    pub nodes: Arc<dyn NodeRegistry>,
+    pub node_id: String,
+    pub set: SetName,
+    pub address: String,
+    pub admin_address: String,
+    pub every: Duration,
+    pub ttl: Duration,
+    pub drain: Arc<Drain>,
+    pub sync: Arc<SyncState>,
+    pub healthy: Arc<HealthySets>,
+}
+
+impl Heartbeat {
+    fn record(&self) -> NodeRecord {
+        NodeRecord {
+            node_id: self.node_id.clone(),
+            set: self.set.clone(),
+            address: self.address.clone(),
+            admin_address: self.admin_address.clone(),
+            state: if self.drain.is_draining() {
+                NodeState::Draining
+            } else {
+                NodeState::Active
+            },
+            applied_version: self.sync.applied(),
+            heartbeat_at: Utc::now(),
+        }
+    }
+
+    async fn beat(&self) {
+        if let Err(e) = self.nodes.register_node(&self.record(), self.ttl).await {
+            tracing::warn!(error = %e, "cannot refresh this node in the registry");
+            return;
+        }
+        match self.nodes.list_nodes().await {
+            Ok(nodes) => self.healthy.set(healthy_sets(&nodes)),
+            Err(e) => tracing::warn!(error = %e, "cannot read the node registry"),
+        }
+    }
+
+    /// Beats every `every` (and at once when draining starts) until `stop`; then leaves.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.beat().await,
+                _ = self.drain.changed.notified() => self.beat().await,
+                _ = super::stopped(&mut stop) => break,
+            }
+        }
+        if let Err(e) = self.nodes.remove_node(&self.node_id).await {
+            tracing::warn!(error = %e, "cannot remove this node from the registry; it expires");
+        }
+    }
+}
+
+/// The sets with at least one active (not draining) node.
+pub fn healthy_sets(nodes: &[NodeRecord]) -> Vec<SetName> {
+    let mut sets: Vec<SetName> = nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Active)
+        .map(|n| n.set.clone())
+        .collect();
+    sets.sort_by_key(|s| s.to_string());
+    sets.dedup();
+    sets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_active_nodes_make_a_set_healthy() {
+        let node = |id: &str, set: &str, state| NodeRecord {
+            node_id: id.into(),
+            set: SetName::parse(set).unwrap(),
+            address: "127.0.0.1:1".into(),
+            admin_address: "127.0.0.1:2".into(),
+            state,
+            applied_version: 0,
+            heartbeat_at: Utc::now(),
+        };
+        let nodes = [
+            node("a", "novel.sh", NodeState::Active),
+            node("b", "novel.sh", NodeState::Draining),
+            node("c", "novel.sz", NodeState::Draining),
+            node("d", "game.sh", NodeState::Active),
+            node("e", "game.sh", NodeState::Active),
+        ];
+        let got: Vec<String> = healthy_sets(&nodes).iter().map(|s| s.to_string()).collect();
+        assert_eq!(got, vec!["game.sh", "novel.sh"]);
+    }
+}

@@ -1,0 +1,201 @@
+//! A mapping compiled for the request path (parsed once when cached), and the pure decision
+//! whether this proxy serves it (ARCHITECTURE §7).
+
+use http::uri::{Authority, Scheme as UriScheme};
+use http::{HeaderName, HeaderValue};
+
+use super::ProxyError;
+use crate::domain::{Hostname, Mapping, MappingId, MappingStatus, Scheme, SetName, serving_set};
+
+/// Where a route sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A directly reachable upstream.
+    Direct {
+        scheme: UriScheme,
+        authority: Authority,
+    },
+    /// A service behind a tunnel client.
+    Tunnel { client_id: String },
+    /// A record that cannot be routed (should have been refused at write time).
+    Invalid { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub mapping_id: MappingId,
+    pub host: Hostname,
+    pub target: Target,
+    /// The mapping's custom headers, validated.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub placement: Option<SetName>,
+    pub active: bool,
+    pub version: u64,
+}
+
+impl Route {
+    pub fn from_mapping(m: &Mapping) -> Self {
+        let target = match &m.target_client_id {
+            Some(client) => Target::Tunnel {
+                client_id: client.clone(),
+            },
+            None => direct_target(m),
+        };
+        let headers = m
+            .custom_headers
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = HeaderName::from_bytes(k.as_bytes()).ok()?;
+                let value = HeaderValue::from_str(v).ok()?;
+                Some((name, value))
+            })
+            .collect();
+        Self {
+            mapping_id: m.mapping_id.clone(),
+            host: m.full_domain.clone(),
+            target,
+            headers,
+            placement: m.placement.clone(),
+            active: m.status == MappingStatus::Active,
+            version: m.version,
+        }
+    }
+
+    /// Whether a proxy of set `me` serves this route, given the sets with a healthy node.
+    pub fn check_serving(&self, me: &SetName, healthy: &[SetName]) -> Result<(), ProxyError> {
+        let host = || self.host.as_str().to_string();
+        if !self.active {
+            return Err(ProxyError::Inactive(host()));
+        }
+        let Some(placement) = &self.placement else {
+            return Ok(());
+        };
+        if placement.business() != me.business() {
+            return Err(ProxyError::OtherBusiness {
+                host: host(),
+                business: placement.business().to_string(),
+            });
+        }
+        // This proxy counts itself healthy: it is answering.
+        let with_me = healthy.iter().chain(std::iter::once(me));
+        match serving_set(placement, with_me) {
+            Some(set) if &set == me => Ok(()),
+            Some(set) => Err(ProxyError::OtherSet { host: host(), set }),
+            None => Err(ProxyError::OtherSet {
+                host: host(),
+                set: placement.clone(),
+            }),
+        }
+    }
+}
+
+fn direct_target(m: &Mapping) -> Target {
+    let host = match m.target_host.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => format!("[{v6}]"),
+        Err(_) => m.target_host.clone(),
+    };
+    let scheme = match m.target_scheme {
+        Scheme::Http => UriScheme::HTTP,
+        Scheme::Https => UriScheme::HTTPS,
+    };
+    match Authority::try_from(format!("{host}:{}", m.target_port)) {
+        Ok(authority) => Target::Direct { scheme, authority },
+        Err(e) => Target::Invalid {
+            reason: format!("target {host}:{}: {e}", m.target_port),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::MappingSpec;
+
+    fn mapping(spec: MappingSpec) -> Mapping {
+        let full = spec.validate().unwrap();
+        Mapping::from_spec(MappingId::generate(), spec, full, "n", chrono::Utc::now())
+    }
+
+    fn set(s: &str) -> SetName {
+        SetName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn compiles_targets() {
+        let cases = [
+            ("127.0.0.1", 80, Scheme::Http, "http", "127.0.0.1:80"),
+            ("::1", 8080, Scheme::Http, "http", "[::1]:8080"),
+            (
+                "svc.ns.svc.cluster.local",
+                443,
+                Scheme::Https,
+                "https",
+                "svc.ns.svc.cluster.local:443",
+            ),
+        ];
+        for (host, port, scheme, want_scheme, want_auth) in cases {
+            let mut spec = MappingSpec::new("a", "tunnox.net", host, port);
+            spec.target_scheme = scheme;
+            spec.custom_headers = [("X-Env".to_string(), "dev".to_string())].into();
+            let r = Route::from_mapping(&mapping(spec));
+            match &r.target {
+                Target::Direct { scheme, authority } => {
+                    assert_eq!(scheme.as_str(), want_scheme);
+                    assert_eq!(authority.as_str(), want_auth);
+                }
+                other => panic!("{host}: {other:?}"),
+            }
+            assert_eq!(r.headers.len(), 1);
+            assert_eq!(r.headers[0].0.as_str(), "x-env");
+        }
+        let mut tunnel = MappingSpec::new("a", "tunnox.net", "127.0.0.1", 80);
+        tunnel.target_client_id = Some("laptop".into());
+        assert_eq!(
+            Route::from_mapping(&mapping(tunnel)).target,
+            Target::Tunnel {
+                client_id: "laptop".into()
+            }
+        );
+    }
+
+    #[test]
+    fn decides_who_serves() {
+        let me = set("novel.sh");
+        // (placement, healthy sets other than me, my set, want status or 0 for served)
+        let cases: Vec<(Option<&str>, Vec<&str>, &str, u16)> = vec![
+            (None, vec![], "novel.sh", 0),
+            (Some("novel.sh"), vec![], "novel.sh", 0),
+            (Some("game.sh"), vec!["game.sh"], "novel.sh", 421),
+            (Some("novel.sz"), vec!["novel.sz"], "novel.sh", 503),
+            // Home set down: the DR set serves.
+            (Some("novel.sz"), vec![], "novel.*", 0),
+            // Home set up: the DR set does not.
+            (Some("novel.sz"), vec!["novel.sz"], "novel.*", 503),
+            // Never another region of the business.
+            (Some("novel.sz"), vec![], "novel.sh", 503),
+        ];
+        for (placement, healthy, mine, want) in cases {
+            let mut spec = MappingSpec::new("a", "tunnox.net", "127.0.0.1", 80);
+            spec.placement = placement.map(set);
+            let r = Route::from_mapping(&mapping(spec));
+            let healthy: Vec<SetName> = healthy.into_iter().map(set).collect();
+            let got = match r.check_serving(&set(mine), &healthy) {
+                Ok(()) => 0,
+                Err(e) => e.status().as_u16(),
+            };
+            assert_eq!(
+                got, want,
+                "placement {placement:?} on {mine} with {healthy:?}"
+            );
+        }
+        let mut inactive = mapping(MappingSpec::new("a", "tunnox.net", "127.0.0.1", 80));
+        inactive.status = MappingStatus::Inactive;
+        assert_eq!(
+            Route::from_mapping(&inactive)
+                .check_serving(&me, &[])
+                .unwrap_err()
+                .status(),
+            503
+        );
+    }
+}

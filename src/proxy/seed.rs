@@ -1,0 +1,148 @@
+//! Single-node mode: the `mappings:` list of the configuration file is the declaration; the
+//! memory store (and its JSON file) is brought in line with it at start.
+
+use crate::config::MappingEntry;
+use crate::domain::{Mapping, MappingSpec};
+use crate::store::{MappingStore, StoreError};
+
+/// `source` of mappings declared in the file: only these are updated or removed here.
+pub const SOURCE: &str = "config";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Create(MappingSpec),
+    Update(Box<Mapping>, MappingSpec),
+    Delete(Box<Mapping>),
+}
+
+pub fn spec_of(e: &MappingEntry) -> MappingSpec {
+    MappingSpec {
+        target_scheme: e.target_scheme,
+        description: e.description.clone(),
+        custom_headers: e.custom_headers.clone(),
+        source: Some(SOURCE.into()),
+        ..MappingSpec::new(
+            &e.subdomain,
+            e.base_domain.as_str(),
+            &e.target_host,
+            e.target_port,
+        )
+    }
+}
+
+/// What to do so the store holds exactly the declared mappings. Mappings from other sources are
+/// left alone; a declared domain held by one is reported, not taken.
+pub fn plan(declared: &[MappingSpec], existing: &[Mapping]) -> (Vec<Action>, Vec<String>) {
+    let mut actions = Vec::new();
+    let mut refused = Vec::new();
+    let mut wanted = std::collections::HashSet::new();
+    for spec in declared {
+        let Ok(domain) = spec.validate() else {
+            refused.push(format!("{}.{}: invalid", spec.subdomain, spec.base_domain));
+            continue;
+        };
+        wanted.insert(domain.clone());
+        match existing.iter().find(|m| m.full_domain == domain) {
+            None => actions.push(Action::Create(spec.clone())),
+            Some(m) if m.source.as_deref() != Some(SOURCE) => refused.push(format!(
+                "{domain}: already held by mapping {} (source {})",
+                m.mapping_id,
+                m.source.as_deref().unwrap_or("unknown")
+            )),
+            Some(m) if &m.spec() != spec => {
+                actions.push(Action::Update(Box::new(m.clone()), spec.clone()))
+            }
+            Some(_) => {}
+        }
+    }
+    for m in existing {
+        if m.source.as_deref() == Some(SOURCE) && !wanted.contains(&m.full_domain) {
+            actions.push(Action::Delete(Box::new(m.clone())));
+        }
+    }
+    (actions, refused)
+}
+
+/// Applies the file's mappings to `store`; returns how many changes were made.
+pub async fn apply(
+    store: &dyn MappingStore,
+    entries: &[MappingEntry],
+) -> Result<usize, StoreError> {
+    let declared: Vec<MappingSpec> = entries.iter().map(spec_of).collect();
+    let existing = store.list_all().await?;
+    let (actions, refused) = plan(&declared, &existing);
+    for r in refused {
+        tracing::error!("mappings: {r}; not applied");
+    }
+    let n = actions.len();
+    for a in actions {
+        match a {
+            Action::Create(spec) => {
+                store.create(spec).await?;
+            }
+            Action::Update(m, spec) => {
+                store.update(&m.mapping_id, spec, m.version).await?;
+            }
+            Action::Delete(m) => {
+                store.delete(&m.mapping_id, Some(m.version)).await?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::MappingId;
+
+    fn declared(sub: &str, port: u16) -> MappingSpec {
+        MappingSpec {
+            source: Some(SOURCE.into()),
+            ..MappingSpec::new(sub, "tunnox.net", "127.0.0.1", port)
+        }
+    }
+
+    fn stored(spec: MappingSpec) -> Mapping {
+        let full = spec.validate().unwrap();
+        Mapping::from_spec(MappingId::generate(), spec, full, "n", chrono::Utc::now())
+    }
+
+    #[test]
+    fn plans_the_difference() {
+        let api_owned = stored(MappingSpec {
+            source: Some("api".into()),
+            ..MappingSpec::new("taken", "tunnox.net", "127.0.0.1", 1)
+        });
+        let existing = vec![
+            stored(declared("same", 1)),
+            stored(declared("changed", 1)),
+            stored(declared("gone", 1)),
+            api_owned,
+        ];
+        let want = vec![
+            declared("same", 1),
+            declared("changed", 2),
+            declared("new", 3),
+            declared("taken", 4),
+        ];
+        let (actions, refused) = plan(&want, &existing);
+        let summary: Vec<String> = actions
+            .iter()
+            .map(|a| match a {
+                Action::Create(s) => format!("create {}", s.subdomain),
+                Action::Update(m, s) => format!("update {} {}", m.subdomain, s.target_port),
+                Action::Delete(m) => format!("delete {}", m.subdomain),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec!["update changed 2", "create new", "delete gone"]
+        );
+        assert_eq!(refused.len(), 1);
+        assert!(
+            refused[0].contains("taken.tunnox.net") && refused[0].contains("source api"),
+            "{refused:?}"
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! The client-facing listener: HTTP/1.1 and HTTP/2 (cleartext, prior knowledge), header limits
+//! and timeouts, routing by Host, graceful shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::cache::RouteCache;
+use super::drain::Drain;
+use super::forward::{ClientInfo, Forwarder};
+use super::metrics::ProxyMetrics;
+use super::registry::HealthySets;
+use super::route::Target;
+use super::stats::{AccessLog, Metered, Side};
+use super::{ProxyBody, ProxyError};
+use crate::domain::{Hostname, SetName};
+
+/// Everything a request needs.
+pub struct Ctx {
+    pub cache: Arc<RouteCache>,
+    pub forwarder: Forwarder,
+    pub metrics: Arc<ProxyMetrics>,
+    pub drain: Arc<Drain>,
+    pub access: Arc<AccessLog>,
+    pub healthy: Arc<HealthySets>,
+    pub set: SetName,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_timeout: Duration,
+    pub grace_period: Duration,
+}
+
+/// Serves `listener` until `stop`; then stops accepting and gives open connections
+/// `grace_period` to finish (HTTP/1 keep-alive answers `Connection: close`, HTTP/2 gets GOAWAY).
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    s: ServerSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_timeout)
+        // hyper refuses buffers below 8 KiB.
+        .max_buf_size(s.max_header_bytes.max(8192))
+        .max_headers(s.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = super::stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx2 = ctx.clone();
+        let service = service_fn(move |req| {
+            let ctx = ctx2.clone();
+            async move { Ok::<_, Infallible>(handle(&ctx, peer, req).await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let metrics = ctx.metrics.clone();
+        tokio::spawn(async move {
+            metrics.active_connections.inc();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            metrics.active_connections.dec();
+        });
+    }
+    drop(listener);
+    tracing::info!(grace = ?s.grace_period, "stopped accepting; finishing open requests");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tokio::time::sleep(s.grace_period) => {
+            tracing::warn!(open = ctx.metrics.active_connections.get(), "grace period over; closing the rest");
+        }
+    }
+}
+
+struct InFlight<'a>(&'a ProxyMetrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.active_requests.dec();
+    }
+}
+
+async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    ctx.metrics.active_requests.inc();
+    let _in_flight = InFlight(&ctx.metrics);
+    let http1 = req.version() < Version::HTTP_2;
+    let mut resp = match route(ctx, peer, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            ctx.metrics.errors.with_label_values(&[e.label()]).inc();
+            tracing::debug!(%peer, error = %e, "request refused");
+            e.into_response()
+        }
+    };
+    if http1 && ctx.drain.is_draining() {
+        // Move keep-alive clients to other nodes while this one drains.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    ctx.metrics.count_status(resp.status());
+    ctx.metrics
+        .request_seconds
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// The Host the client asked for: `:authority` / absolute-form first, else the Host header.
+fn requested_host(req: &Request<Incoming>) -> Result<(Hostname, HeaderValue), ProxyError> {
+    let raw = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::MissingHost)?,
+        None => req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .ok_or(ProxyError::MissingHost)?,
+    };
+    let text = raw
+        .to_str()
+        .map_err(|_| ProxyError::BadHost(crate::domain::HostnameError::Empty))?;
+    let host = Hostname::from_host_header(text).map_err(ProxyError::BadHost)?;
+    Ok((host, raw))
+}
+
+async fn route(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (host, raw_host) = requested_host(&req)?;
+    let (route, _source) = ctx.cache.resolve(&host).await?;
+    if route.placement.is_some() {
+        route.check_serving(&ctx.set, &ctx.healthy.get())?;
+    } else if !route.active {
+        return Err(ProxyError::Inactive(host.as_str().to_string()));
+    }
+    let (scheme, authority) = match &route.target {
+        Target::Direct { scheme, authority } => (scheme, authority),
+        Target::Tunnel { client_id } => {
+            return Err(ProxyError::TunnelNotConnected(client_id.clone()));
+        }
+        Target::Invalid { reason } => {
+            return Err(ProxyError::Upstream {
+                upstream: host.as_str().to_string(),
+                reason: reason.clone(),
+            });
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
+        body.boxed()
+    } else {
+        // Counted as it streams; recorded when the upload ends.
+        Metered::new(body, ctx.access.clone(), route.clone(), Side::Request).boxed()
+    };
+    let resp = ctx
+        .forwarder
+        .forward(
+            Request::from_parts(parts, body),
+            scheme,
+            authority,
+            &route.headers,
+            ClientInfo {
+                peer,
+                host: &raw_host,
+            },
+            &ctx.metrics.upstream_seconds,
+        )
+        .await?;
+    Ok(meter_response(ctx, resp, &route))
+}
+
+fn meter_response(
+    ctx: &Ctx,
+    resp: Response<ProxyBody>,
+    route: &Arc<super::route::Route>,
+) -> Response<ProxyBody> {
+    let (parts, body) = resp.into_parts();
+    let metered = Metered::new(body, ctx.access.clone(), route.clone(), Side::Response);
+    Response::from_parts(parts, metered.boxed())
+}
