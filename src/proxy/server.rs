@@ -67,19 +67,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = super::stopped(&mut stop) => break,
-        };
+    let serve_one = |stream: tokio::net::TcpStream, peer: SocketAddr| {
         let _ = stream.set_nodelay(true);
         let ctx2 = ctx.clone();
         let service = service_fn(move |req| {
@@ -98,6 +86,26 @@ pub async fn serve(
             }
             metrics.active_connections.dec();
         });
+    };
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = super::stopped(&mut stop) => break,
+        };
+        serve_one(stream, peer);
+    }
+    // Connections the kernel completed but nobody accepted yet would be reset when the listener
+    // closes: take them too (their requests are answered, with `Connection: close`).
+    while let Some(Ok((stream, peer))) = futures::FutureExt::now_or_never(listener.accept()) {
+        serve_one(stream, peer);
     }
     drop(listener);
     tracing::info!(grace = ?s.grace_period, "stopped accepting; finishing open requests");

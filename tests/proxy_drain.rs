@@ -1,0 +1,215 @@
+//! Draining under load (seed 003, ARCHITECTURE §8): wrk sends through nginx to two proxies while
+//! one is drained, stopped with SIGTERM and started again; no request may fail.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::http::{Upstream, raw};
+use support::process::free_port;
+use support::proxy::ProxyProc;
+
+fn yaml(dir: &std::path::Path, name: &str, upstream: u16) -> String {
+    format!(
+        "storage: {{type: memory, hybrid: {{json: {{file_path: {}}}}}}}
+mappings:
+  - {{subdomain: app, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: {upstream}}}",
+        dir.join(format!("{name}.json")).display()
+    )
+}
+
+/// nginx as the local balancer in front of the proxies (what a Service does in a cluster). One
+/// process (`master_process off`), so killing it leaves no worker behind.
+struct Balancer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Balancer {
+    fn start(dir: &std::path::Path, port: u16, backends: &[u16]) -> Self {
+        let servers: String = backends
+            .iter()
+            .map(|p| format!("server 127.0.0.1:{p} max_fails=0;\n"))
+            .collect();
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  upstream proxies {{ {servers} keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://proxies;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host $http_host;
+      proxy_next_upstream error timeout;
+    }}
+  }}
+}}"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new("nginx")
+            .args([
+                "-p",
+                &d.to_string(),
+                "-c",
+                path.to_str().unwrap(),
+                "-g",
+                "daemon off;",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (e2e/install-deps.sh installs it)");
+        Self {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn errors(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nginx-error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn drain_and_restart_under_load_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start("one");
+    let (pa, aa, pb) = (free_port(), free_port(), free_port());
+    let mut a =
+        ProxyProc::start_on(dir.path(), "a", &yaml(dir.path(), "a", up.port), "", pa, aa).ready();
+    let b = ProxyProc::start_on(
+        dir.path(),
+        "b",
+        &yaml(dir.path(), "b", up.port),
+        "",
+        pb,
+        free_port(),
+    )
+    .ready();
+    let lb_port = free_port();
+    let lb = Balancer::start(dir.path(), lb_port, &[pa, pb]);
+    support::process::eventually("balancer up", Duration::from_secs(5), || {
+        support::http::status(lb_port, "app.tunnox.net") == 200
+    });
+
+    let load = std::thread::spawn(move || {
+        Command::new("wrk")
+            .args(["-t1", "-c16", "-d8s", "-H", "Host: app.tunnox.net"])
+            .arg(format!("http://127.0.0.1:{lb_port}/"))
+            .output()
+            .expect("wrk (e2e/install-deps.sh installs it)")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // preStop: /drain flips readiness and waits; keep-alive answers now say Connection: close.
+    let drain = std::thread::spawn(move || support::http::get(aa, "localhost", "/drain?wait=1s"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        support::http::get(aa, "localhost", "/readyz")
+            .unwrap()
+            .status,
+        503
+    );
+    let keep_alive = raw(
+        pa,
+        b"GET / HTTP/1.1\r\nHost: app.tunnox.net\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(keep_alive.status, 200);
+    assert_eq!(
+        keep_alive.header("connection"),
+        Some("close"),
+        "{keep_alive:?}"
+    );
+    assert_eq!(drain.join().unwrap().unwrap().status, 200);
+
+    // SIGTERM with a slow request in flight: it completes, then the process exits 0.
+    let in_flight =
+        std::thread::spawn(move || support::http::get(pa, "app.tunnox.net", "/slow?ms=1500"));
+    std::thread::sleep(Duration::from_millis(200));
+    let stopping = Instant::now();
+    assert_eq!(
+        a.role.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        a.log()
+    );
+    let slow = in_flight
+        .join()
+        .unwrap()
+        .expect("in-flight request answered");
+    assert_eq!(slow.status, 200, "{slow:?}");
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(1000),
+        "exited before the request finished"
+    );
+
+    // The new version comes up on the same ports.
+    let a2 = ProxyProc::start_on(
+        dir.path(),
+        "a2",
+        &yaml(dir.path(), "a", up.port),
+        "",
+        pa,
+        aa,
+    )
+    .ready();
+
+    let out = load.join().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    // What the balancer had to retry elsewhere: refused connections are expected while the
+    // node is down (a Service stops sending on readiness; nginx learns by trying).
+    if std::env::var_os("TUNNOX_TEST_DEBUG").is_some() {
+        eprintln!("{}", lb.errors());
+    }
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for line in lb.errors().lines().filter(|l| l.contains("[error]")) {
+        let kind = line
+            .split(": *")
+            .nth(1)
+            .and_then(|r| r.split(" while").next())
+            .unwrap_or(line);
+        let kind = kind.split_once(' ').map_or(kind, |(_, k)| k).to_string();
+        *kinds.entry(kind).or_default() += 1;
+    }
+    eprintln!("{report}\nbalancer retries: {kinds:?}");
+    let requests: u64 = report
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        requests > 1000,
+        "too little load to prove anything: {report}"
+    );
+    assert!(
+        !report.contains("Non-2xx"),
+        "failed requests during the drain:\n{report}"
+    );
+    assert!(
+        !report.contains("Socket errors"),
+        "socket errors during the drain:\n{report}"
+    );
+    assert_eq!(a2.status("app.tunnox.net"), 200);
+    assert_eq!(b.status("app.tunnox.net"), 200);
+}
