@@ -29,6 +29,16 @@ fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     })
 }
 
+/// A `host:port` socket address; the error quotes what was given.
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let raw = lenient_string(d)?;
+    raw.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{raw:?} is not an IP address with a port, e.g. 0.0.0.0:8080 or 127.0.0.1:9090"
+        ))
+    })
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -278,7 +288,9 @@ impl Default for SyncConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    #[serde(deserialize_with = "socket_addr")]
     pub admin_listen: SocketAddr,
     pub set: SetName,
     /// Node id in the registry; default `$POD_NAME`, else the host name.
@@ -399,6 +411,7 @@ impl Default for RegistryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
+    #[serde(deserialize_with = "socket_addr")]
     pub admin_listen: SocketAddr,
     /// Identity in the leader-election Lease; default `$POD_NAME`, else `<hostname>-<pid>`.
     pub identity: Option<String>,

@@ -230,6 +230,7 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    check_proxy(&cfg.proxy).map_err(|(path, msg)| err(path, msg))?;
     check_mappings(&cfg).map_err(|(path, msg)| err(&path, msg))?;
 
     let mut warnings = Vec::new();
@@ -299,6 +300,49 @@ fn check_mappings(cfg: &Config) -> Result<(), (String, String)> {
                 format!("{full} is already declared by mappings[{first}]"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Limits a proxy cannot run with, named by field.
+fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, String)> {
+    let positive = [
+        ("proxy.timeouts.connect", p.timeouts.connect),
+        ("proxy.timeouts.request_header", p.timeouts.request_header),
+        ("proxy.timeouts.upstream_response", p.timeouts.upstream_response),
+        ("proxy.timeouts.upstream_idle", p.timeouts.upstream_idle),
+        ("proxy.registry.heartbeat_interval", p.registry.heartbeat_interval),
+        ("proxy.stats_flush_interval", p.stats_flush_interval),
+    ];
+    for (path, d) in positive {
+        if d.get().is_zero() {
+            return Err((path, "must be greater than 0".into()));
+        }
+    }
+    // hyper needs room for at least one 8 KiB read buffer.
+    if p.limits.max_header_bytes < 8192 {
+        return Err((
+            "proxy.limits.max_header_bytes",
+            format!("must be at least 8192, got {}", p.limits.max_header_bytes),
+        ));
+    }
+    if p.limits.max_headers == 0 {
+        return Err(("proxy.limits.max_headers", "must be at least 1".into()));
+    }
+    if p.registry.ttl <= p.registry.heartbeat_interval {
+        return Err((
+            "proxy.registry.ttl",
+            format!(
+                "must be longer than proxy.registry.heartbeat_interval ({}), or a live node expires between heartbeats",
+                p.registry.heartbeat_interval
+            ),
+        ));
+    }
+    if p.worker_threads > 1024 {
+        return Err((
+            "proxy.worker_threads",
+            format!("must be 0 (one per CPU) to 1024, got {}", p.worker_threads),
+        ));
     }
     Ok(())
 }

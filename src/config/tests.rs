@@ -115,6 +115,31 @@ fn errors_name_the_field() {
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<&'a str>);
     let cases: Vec<Case> = vec![
         (
+            "proxy: {limits: {max_header_bytes: 1024}}",
+            vec![],
+            vec!["proxy.limits.max_header_bytes", "at least 8192", "1024"],
+        ),
+        (
+            "proxy: {registry: {ttl: 5s, heartbeat_interval: 5s}}",
+            vec![],
+            vec!["proxy.registry.ttl", "heartbeat_interval"],
+        ),
+        (
+            "proxy: {timeouts: {connect: 0s}}",
+            vec![],
+            vec!["proxy.timeouts.connect", "greater than 0"],
+        ),
+        (
+            "proxy: {listen: 'nowhere'}",
+            vec![],
+            vec!["proxy.listen", "nowhere"],
+        ),
+        (
+            "",
+            vec![("TUNNOX__PROXY__WORKER_THREADS", "4096")],
+            vec!["proxy.worker_threads", "4096"],
+        ),
+        (
             "storage: {hybrid: {cache_type: redis}}",
             vec![],
             vec![
@@ -150,7 +175,7 @@ fn errors_name_the_field() {
         (
             "proxy:\n  listen: nowhere\n",
             vec![],
-            vec!["test.yaml:2:", "proxy.listen", "invalid socket address"],
+            vec!["test.yaml:2:", "proxy.listen", "not an IP address with a port"],
         ),
         (
             "storage: {type: disk}",
@@ -320,6 +345,7 @@ http_domain:
     match s.store_backend("n1") {
         crate::store::StoreBackend::Redis(o) => {
             assert_eq!(o.prefix, "tunnox:http_domain");
+            assert_eq!(o.root_prefix, "tunnox", "the node registry lives under storage.redis.key_prefix");
             assert_eq!(o.pool_size, 50);
             assert_eq!(
                 o.events_channel.as_deref(),
