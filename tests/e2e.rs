@@ -31,6 +31,30 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Starts `tunnox proxy` with the chart's configuration (as its pods run it: set from the
+    /// environment); only loopback addresses are overridden. Returns it ready, with its port.
+    fn proxy(&self, name: &str) -> (Role, u16) {
+        let port = free_port();
+        let admin = free_port();
+        let env = vec![
+            ("TUNNOX__PROXY__SET", "default.default".to_string()),
+            ("TUNNOX__PROXY__NODE_ID", name.to_string()),
+            ("TUNNOX__STORAGE__REDIS__ADDR", self.redis.addr()),
+            ("TUNNOX__PROXY__LISTEN", format!("127.0.0.1:{port}")),
+            ("TUNNOX__PROXY__ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
+        ];
+        let log = self.dir.path().join(format!("{name}.log"));
+        let role = Role::start(
+            &["--config", self.config.to_str().unwrap(), "proxy"],
+            &env,
+            &log,
+        );
+        eventually("proxy ready", Duration::from_secs(20), || {
+            support::http::get(admin, "localhost", "/readyz").is_some_and(|r| r.status == 200)
+        });
+        (role, port)
+    }
+
     /// Starts `tunnox controller` as the chart's ServiceAccount with the chart's configuration;
     /// only loopback addresses and short intervals are overridden.
     fn controller(&self, name: &str) -> (Role, u16) {
@@ -143,6 +167,10 @@ fn main() {
         (
             "controller_updates_expires_and_reports_events",
             controller_updates_expires_and_reports_events,
+        ),
+        (
+            "proxy_serves_what_kubectl_applies",
+            proxy_serves_what_kubectl_applies,
         ),
     ];
     let stack = setup();
@@ -868,4 +896,42 @@ fn controller_updates_expires_and_reports_events(s: &Stack) {
         "clean up",
     );
     no_permission_errors(&ctl);
+}
+
+/// The whole path a user takes: `kubectl apply` a mapping, the controller programs Redis, the
+/// proxy serves it; `kubectl delete` and the proxy answers 404.
+fn proxy_serves_what_kubectl_applies(s: &Stack) {
+    let ns = "e2e-proxy";
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    let upstream = support::http::Upstream::start("e2e-demo");
+    let (mut controller, _) = s.controller("ctl-proxy");
+    let (mut proxy, port) = s.proxy("proxy-e2e");
+    ok(
+        s.cp.apply(&hdm_yaml(ns, "demo", "demo", upstream.port)),
+        "apply demo mapping",
+    );
+    eventually("mapping Active", Duration::from_secs(20), || {
+        s.phase(ns, "demo") == "Active"
+    });
+    let listed = s.cp.kubectl_ok(&["get", "hdm", "-n", ns]);
+    assert!(
+        listed.contains("demo.tunnox.net") && listed.contains("Active"),
+        "{listed}"
+    );
+    eventually("served through the proxy", Duration::from_secs(5), || {
+        support::http::get(port, "demo.tunnox.net", "/")
+            .is_some_and(|r| r.status == 200 && r.body == "hello from e2e-demo\n")
+    });
+    s.cp.kubectl_ok(&["delete", "hdm", "demo", "-n", ns, "--wait=true"]);
+    eventually("404 once deleted", Duration::from_secs(10), || {
+        support::http::status(port, "demo.tunnox.net") == 404
+    });
+    assert_eq!(
+        proxy.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+    controller.terminate(Duration::from_secs(10));
+    no_permission_errors(&controller);
 }
