@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test e2e lint bench generate check-generated image run help
+.PHONY: all build deps test e2e lint bench generate check-generated image run run-smoke help
 
 all: build
 
@@ -19,9 +19,10 @@ test: deps ## unit, integration (real redis-server) and fuzz tests, then the e2e
 	$(CARGO) test --locked
 	$(MAKE) e2e
 
-e2e: ## e2e suite on a real API server (builds kube-apiserver/kubectl and helm on first use)
+e2e: ## e2e suite on a real API server (builds kube-apiserver/kubectl and helm on first use), then make run-smoke
 	e2e/install-deps.sh
 	$(CARGO) test --locked --features e2e --test e2e
+	e2e/run-smoke.sh
 
 lint: ## rustfmt, clippy with warnings as errors, helm lint and template
 	$(CARGO) fmt --all -- --check
@@ -54,6 +55,8 @@ IMAGE ?= tunnox:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1
 image: build ## build the container image with buildah from the local release binary
 	.ci/build-image.sh $${CARGO_TARGET_DIR:-target}/release/tunnox $(IMAGE)
 
-run: build ## validate the example single-node configuration (the proxy is not built yet)
-	@echo "tunnox today: configuration model and mapping store. The proxy and controller are not built yet."
-	./$${CARGO_TARGET_DIR:-target}/release/tunnox --config examples/single-node.yaml check-config
+run: ## the local stack: control plane, Redis, controller, proxy, a demo page (Ctrl-C stops it)
+	e2e/run-local.sh
+
+run-smoke: ## start `make run`'s stack, check kubectl get hdm and the demo page through the proxy, stop
+	e2e/run-smoke.sh

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# `make run`: the whole product on this machine, no cluster needed. A real control plane
+# (etcd + kube-apiserver), the Helm chart installed into it, Redis, `tunnox controller` and
+# `tunnox proxy` as local processes with the chart's configuration and ServiceAccount, a demo
+# page, and examples/demo.yaml applied. Ctrl-C stops everything.
+#
+# Ports: PROXY_PORT (default 8080), DEMO_PORT is fixed at 3000 (examples/demo.yaml points there).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+step() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'make run: error: %s\n' "$*" >&2; exit 1; }
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+port_taken() { python3 -c 'import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(("127.0.0.1",int(sys.argv[1])))==0 else 1)' "$1"; }
+
+proxy_port="${PROXY_PORT:-8080}"
+demo_port=3000
+ns=tunnox-system
+for p in "$proxy_port" "$demo_port"; do
+    port_taken "$p" && die "port $p on 127.0.0.1 is in use (set PROXY_PORT for the proxy; the demo needs 3000)"
+done
+
+run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tunnox-run-XXXXXX")"
+pids=()
+# Running, not merely an unreaped zombie of ours.
+alive() { ps -o stat= -p "$1" 2>/dev/null | grep -qv Z; }
+stopped=""
+cleanup() {
+    [[ -z $stopped ]] || return 0
+    stopped=1
+    # A second Ctrl-C must not cut the clean-up short.
+    trap "" INT TERM
+    printf '\n==> stopping\n' >&2
+    local pid
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do alive "$pid" || break; sleep 0.2; done
+        alive "$pid" && kill -KILL "$pid" 2>/dev/null
+    done
+    wait "${pids[@]}" 2>/dev/null || true
+    e2e/controlplane.sh down "$run_dir/cp" >/dev/null 2>&1 || true
+    rm -rf "$run_dir"
+    printf 'stopped; nothing left running\n' >&2
+}
+trap 'cleanup; exit 130' INT TERM
+trap cleanup EXIT
+
+step "installing what is missing (etcd, redis-server, helm, ...)"
+e2e/install-deps.sh
+step "building tunnox (release)"
+cargo build --release --locked
+bin="${CARGO_TARGET_DIR:-$root/target}/release/tunnox"
+step "building kube-apiserver and kubectl (cached after the first time; ~8 minutes then)"
+e2e/build-controlplane.sh >/dev/null
+
+step "starting the control plane"
+mkdir -p "$run_dir/cp"
+e2e/controlplane.sh up "$run_dir/cp"
+# shellcheck disable=SC1091
+source "$run_dir/cp/env"
+export KUBECONFIG
+k() { "$KUBECTL" "$@"; }
+
+step "starting Redis"
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$run_dir" --daemonize no >"$run_dir/redis.log" 2>&1 &
+pids+=($!)
+
+step "installing the chart (CRDs, RBAC, configuration)"
+k apply -f crds/tunnox.yaml >/dev/null
+k wait --for=condition=Established crd/httpdomainmappings.tunnox.net crd/tunnelsets.tunnox.net >/dev/null
+"$HELM" install tunnox charts/tunnox --namespace "$ns" --create-namespace --skip-crds >/dev/null
+k -n "$ns" get configmap tunnox -o jsonpath='{.data.config\.yaml}' >"$run_dir/config.yaml"
+token=$(k -n "$ns" create token tunnox-controller --duration=24h)
+sed "s|^\(\s*token:\).*|\1 $token|" "$KUBECONFIG" >"$run_dir/controller.kubeconfig"
+
+step "starting the demo page on 127.0.0.1:$demo_port"
+mkdir -p "$run_dir/www"
+cat >"$run_dir/www/index.html" <<HTML
+<!doctype html><title>tunnox demo</title>
+<h1>Hello from behind tunnox</h1>
+<p>This page is served by a demo upstream on 127.0.0.1:$demo_port and reached through the
+tunnox proxy by its Host header, as programmed from an HTTPDomainMapping.</p>
+HTML
+python3 -m http.server "$demo_port" --bind 127.0.0.1 --directory "$run_dir/www" >"$run_dir/demo.log" 2>&1 &
+pids+=($!)
+
+common_env=(TUNNOX__STORAGE__REDIS__ADDR="127.0.0.1:$redis_port" POD_NAMESPACE="$ns")
+step "starting tunnox controller (as the chart's ServiceAccount)"
+env "${common_env[@]}" KUBECONFIG="$run_dir/controller.kubeconfig" POD_NAME=controller-local \
+    TUNNOX__CONTROLLER__ADMIN_LISTEN="127.0.0.1:$(free_port)" \
+    "$bin" --config "$run_dir/config.yaml" controller >"$run_dir/controller.log" 2>&1 &
+pids+=($!)
+proxy_admin=$(free_port)
+step "starting tunnox proxy on 127.0.0.1:$proxy_port"
+env "${common_env[@]}" TUNNOX__PROXY__NODE_ID=proxy-local TUNNOX__PROXY__SET=default.default \
+    TUNNOX__PROXY__LISTEN="127.0.0.1:$proxy_port" TUNNOX__PROXY__ADMIN_LISTEN="127.0.0.1:$proxy_admin" \
+    "$bin" --config "$run_dir/config.yaml" proxy >"$run_dir/proxy.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$proxy_admin/readyz" >/dev/null 2>&1 && break
+    sleep 0.2
+done
+curl -fs "http://127.0.0.1:$proxy_admin/readyz" >/dev/null || die "proxy not ready; see $run_dir/proxy.log"
+
+step "applying examples/demo.yaml"
+k apply -n default -f examples/demo.yaml >/dev/null
+for _ in $(seq 100); do
+    [[ $(k -n default get hdm demo -o jsonpath='{.status.phase}' 2>/dev/null) == Active ]] && break
+    sleep 0.2
+done
+k -n default get hdm
+for _ in $(seq 50); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: demo.tunnox.net' "http://127.0.0.1:$proxy_port/") == 200 ]] && break
+    sleep 0.2
+done
+
+cat <<TRY
+
+tunnox is running: a control plane, Redis, the controller and a proxy on this machine.
+Try this (in another terminal):
+
+  export KUBECONFIG=$KUBECONFIG
+  alias kubectl=$KUBECTL
+  kubectl get hdm -A
+  curl -H 'Host: demo.tunnox.net' http://127.0.0.1:$proxy_port/
+  kubectl apply -f examples/hdm-address.yaml     # then: kubectl get hdm
+  curl http://127.0.0.1:$proxy_admin/api/v1/stats/system
+
+Logs: $run_dir/{controller,proxy,redis,demo}.log
+Press Ctrl-C to stop everything.
+TRY
+# Until Ctrl-C (the trap stops everything), even if a child exits first.
+while true; do
+    sleep 3600 &
+    pids+=($!)
+    wait $! || true
+done

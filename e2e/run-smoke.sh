@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Checks `make run` as a newcomer uses it: wait for the "try this" block, run its kubectl and
+# curl commands, press Ctrl-C (SIGINT to the process group), and check nothing is left running.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="$(mktemp)"
+pid=""
+stop() { # on any exit: never leave the stack running
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        kill -INT -- "-$pid" 2>/dev/null || true
+        for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    fi
+    rm -f "$out"
+}
+trap stop EXIT
+fail() { echo "run-smoke: FAILED: $*" >&2; cat "$out" >&2; exit 1; }
+
+# Job control: the stack gets its own process group and, unlike a plain background job, does
+# not start with SIGINT ignored, so Ctrl-C can be simulated with SIGINT to that group.
+set -m
+"$root/e2e/run-local.sh" >"$out" 2>&1 &
+pid=$!
+for _ in $(seq 1800); do
+    grep -q 'Press Ctrl-C' "$out" && break
+    kill -0 "$pid" 2>/dev/null || fail "make run exited early"
+    sleep 0.5
+done
+grep -q 'Press Ctrl-C' "$out" || fail "no 'try this' block within 15 minutes"
+run_dir=$(sed -n 's|^Logs: \(.*\)/{.*|\1|p' "$out")
+kubeconfig=$(sed -n 's|^  export KUBECONFIG=||p' "$out")
+kubectl=$(sed -n 's|^  alias kubectl=||p' "$out")
+url=$(sed -n "s|^  curl -H 'Host: demo.tunnox.net' ||p" "$out")
+KUBECONFIG="$kubeconfig" "$kubectl" get hdm -A | tee /dev/stderr | grep -q 'demo.tunnox.net.*Active' ||
+    fail "kubectl get hdm does not show the demo mapping Active"
+curl -fsS -H 'Host: demo.tunnox.net' "$url" | grep -q 'Hello from behind tunnox' ||
+    fail "the demo page is not served through the proxy"
+echo "run-smoke: kubectl get hdm and the demo page work; pressing Ctrl-C" >&2
+kill -INT -- "-$pid"
+for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+kill -0 "$pid" 2>/dev/null && fail "make run did not stop within 60 s of Ctrl-C"
+left=$(pgrep -af -- "$run_dir" | grep -v pgrep || true)
+[[ -z $left ]] || fail "processes left behind: $left"
+[[ ! -d $run_dir ]] || fail "$run_dir left behind"
+grep -q 'nothing left running' "$out" || fail "no clean stop reported"
+echo "run-smoke: ok (Ctrl-C left no process behind)" >&2
