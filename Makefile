@@ -12,7 +12,7 @@ help: ## list targets
 build: ## build the tunnox binary (release)
 	$(CARGO) build --release --locked
 
-deps: ## install the system packages tests need (redis-server, openssl)
+deps: ## install the system packages tests need (redis-server, nginx, wrk, openssl)
 	@.ci/deps.sh
 
 test: deps ## unit, integration (real redis-server) and fuzz tests, then the e2e suite
