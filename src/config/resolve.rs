@@ -309,9 +309,15 @@ fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, Stri
     let positive = [
         ("proxy.timeouts.connect", p.timeouts.connect),
         ("proxy.timeouts.request_header", p.timeouts.request_header),
-        ("proxy.timeouts.upstream_response", p.timeouts.upstream_response),
+        (
+            "proxy.timeouts.upstream_response",
+            p.timeouts.upstream_response,
+        ),
         ("proxy.timeouts.upstream_idle", p.timeouts.upstream_idle),
-        ("proxy.registry.heartbeat_interval", p.registry.heartbeat_interval),
+        (
+            "proxy.registry.heartbeat_interval",
+            p.registry.heartbeat_interval,
+        ),
         ("proxy.stats_flush_interval", p.stats_flush_interval),
     ];
     for (path, d) in positive {

@@ -175,7 +175,11 @@ fn errors_name_the_field() {
         (
             "proxy:\n  listen: nowhere\n",
             vec![],
-            vec!["test.yaml:2:", "proxy.listen", "not an IP address with a port"],
+            vec![
+                "test.yaml:2:",
+                "proxy.listen",
+                "not an IP address with a port",
+            ],
         ),
         (
             "storage: {type: disk}",
@@ -345,7 +349,10 @@ http_domain:
     match s.store_backend("n1") {
         crate::store::StoreBackend::Redis(o) => {
             assert_eq!(o.prefix, "tunnox:http_domain");
-            assert_eq!(o.root_prefix, "tunnox", "the node registry lives under storage.redis.key_prefix");
+            assert_eq!(
+                o.root_prefix, "tunnox",
+                "the node registry lives under storage.redis.key_prefix"
+            );
             assert_eq!(o.pool_size, 50);
             assert_eq!(
                 o.events_channel.as_deref(),

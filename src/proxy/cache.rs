@@ -125,14 +125,11 @@ impl RouteCache {
     }
 
     fn observe(&self, source: Source, started: Instant) {
-        let label = match source {
-            Source::Cache => "cache",
-            Source::Store | Source::Stale => "store",
+        let histogram = match source {
+            Source::Cache => &self.metrics.lookup_cache,
+            Source::Store | Source::Stale => &self.metrics.lookup_store,
         };
-        self.metrics
-            .lookup_seconds
-            .with_label_values(&[label])
-            .observe(started.elapsed().as_secs_f64());
+        histogram.observe(started.elapsed().as_secs_f64());
     }
 
     /// Reads `host` from the store and caches the answer. If a sync update landed while the
@@ -213,5 +210,111 @@ fn found(
     match value {
         Cached::Found(route) => Ok((route, source)),
         Cached::Unknown => Err(ProxyError::UnknownHost(host.as_str().to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::MappingSpec;
+    use crate::store::MemoryStore;
+
+    fn host(h: &str) -> Hostname {
+        Hostname::parse(h).unwrap()
+    }
+
+    fn cache(
+        store: Arc<dyn MappingStore>,
+        ttl_ms: u64,
+        max_entries: usize,
+    ) -> (RouteCache, Arc<ProxyMetrics>) {
+        let metrics = Arc::new(ProxyMetrics::new());
+        let settings = CacheSettings {
+            enabled: true,
+            ttl: Duration::from_millis(ttl_ms),
+            negative_ttl: Duration::from_millis(ttl_ms),
+            max_entries,
+        };
+        (RouteCache::new(settings, store, metrics.clone()), metrics)
+    }
+
+    #[tokio::test]
+    async fn hits_misses_ttl_and_negative_entries() {
+        let store = Arc::new(MemoryStore::new());
+        let (c, m) = cache(store.clone(), 200, 100);
+        let app = host("app.tunnox.net");
+        assert!(matches!(
+            c.resolve(&app).await,
+            Err(ProxyError::UnknownHost(_))
+        ));
+        assert!(
+            matches!(c.get_fresh(&app), Some(Cached::Unknown)),
+            "negative entry kept"
+        );
+        let created = store
+            .create(MappingSpec::new("app", "tunnox.net", "127.0.0.1", 1))
+            .await
+            .unwrap();
+        // Still the negative answer until told or expired...
+        assert!(c.resolve(&app).await.is_err());
+        // ...and a creation event replaces it.
+        c.apply(SyncUpdate::Upsert(Box::new(created.clone())));
+        let (route, source) = c.resolve(&app).await.unwrap();
+        assert_eq!((route.version, source), (created.version, Source::Cache));
+        assert_eq!((m.cache_hits.get(), m.cache_misses.get()), (2, 1));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(c.get_fresh(&app).is_none(), "expired after the TTL");
+        assert_eq!(
+            c.resolve(&app).await.unwrap().1,
+            Source::Store,
+            "re-read after the TTL"
+        );
+    }
+
+    #[tokio::test]
+    async fn removes_only_the_named_mapping_and_warms_up_to_the_bound() {
+        let store = Arc::new(MemoryStore::new());
+        let (c, _) = cache(store.clone(), 60_000, 100);
+        let a = store
+            .create(MappingSpec::new("a", "tunnox.net", "127.0.0.1", 1))
+            .await
+            .unwrap();
+        c.apply(SyncUpdate::Upsert(Box::new(a.clone())));
+        // A removal of another mapping that once held the domain leaves the current one.
+        c.apply(SyncUpdate::Remove {
+            mapping_id: crate::domain::MappingId::generate(),
+            full_domain: a.full_domain.clone(),
+        });
+        assert!(matches!(
+            c.get_fresh(&a.full_domain),
+            Some(Cached::Found(_))
+        ));
+        c.apply(SyncUpdate::Remove {
+            mapping_id: a.mapping_id.clone(),
+            full_domain: a.full_domain.clone(),
+        });
+        assert!(c.get_fresh(&a.full_domain).is_none());
+
+        let (small, _) = cache(store.clone(), 60_000, 3);
+        let mut all = Vec::new();
+        for i in 0..10 {
+            all.push(
+                store
+                    .create(MappingSpec::new(
+                        &format!("w{i}"),
+                        "tunnox.net",
+                        "127.0.0.1",
+                        1,
+                    ))
+                    .await
+                    .unwrap(),
+            );
+        }
+        small.apply(SyncUpdate::Reset(all));
+        assert!(
+            small.len() <= 3,
+            "warm-up respects max_entries: {}",
+            small.len()
+        );
     }
 }

@@ -13,6 +13,9 @@ pub struct ProxyMetrics {
     pub request_seconds: Histogram,
     pub upstream_seconds: Histogram,
     pub lookup_seconds: HistogramVec,
+    /// `lookup_seconds` for answers from the cache and from the store, resolved once.
+    pub lookup_cache: Histogram,
+    pub lookup_store: Histogram,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cache_stale_served: IntCounter,
@@ -71,6 +74,18 @@ impl ProxyMetrics {
             .expect("valid"),
         );
         let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| requests.with_label_values(&[c]));
+        let lookup_seconds = reg(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "tunnox_proxy_lookup_duration_seconds",
+                    "Host lookup time, by where the answer came from (cache, store)",
+                )
+                .buckets(lookup),
+                &["source"],
+            )
+            .expect("valid"),
+        );
         Self {
             requests,
             classes,
@@ -107,18 +122,9 @@ impl ProxyMetrics {
                 )
                 .expect("valid"),
             ),
-            lookup_seconds: reg(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tunnox_proxy_lookup_duration_seconds",
-                        "Host lookup time, by where the answer came from (cache, store)",
-                    )
-                    .buckets(lookup),
-                    &["source"],
-                )
-                .expect("valid"),
-            ),
+            lookup_seconds: lookup_seconds.clone(),
+            lookup_cache: lookup_seconds.with_label_values(&["cache"]),
+            lookup_store: lookup_seconds.with_label_values(&["store"]),
             cache_hits: counter("cache_hits_total", "Lookups answered by the local cache"),
             cache_misses: counter("cache_misses_total", "Lookups that read the store"),
             cache_stale_served: counter(

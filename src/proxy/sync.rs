@@ -46,7 +46,11 @@ impl Sync {
     /// Runs until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let last_ok = Arc::new(std::sync::Mutex::new(Instant::now()));
-        let staleness = tokio::spawn(report_staleness(last_ok.clone(), self.metrics.clone()));
+        let staleness = tokio::spawn(report_staleness(
+            last_ok.clone(),
+            self.metrics.clone(),
+            self.cache.clone(),
+        ));
         tokio::select! {
             _ = self.follow(&last_ok) => {}
             _ = super::stopped(&mut stop) => {}
@@ -118,11 +122,18 @@ impl Sync {
     }
 }
 
-async fn report_staleness(last_ok: Arc<std::sync::Mutex<Instant>>, metrics: Arc<ProxyMetrics>) {
+/// Once a second: how stale the cache may be, and how many entries it holds (loads on a miss
+/// add entries between sync updates).
+async fn report_staleness(
+    last_ok: Arc<std::sync::Mutex<Instant>>,
+    metrics: Arc<ProxyMetrics>,
+    cache: Arc<RouteCache>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let age = last_ok.lock().expect("not poisoned").elapsed();
         metrics.sync_staleness_seconds.set(age.as_secs() as i64);
+        metrics.cache_entries.set(cache.len() as i64);
     }
 }
