@@ -259,3 +259,61 @@ fn bad_configuration_exits_64_naming_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("proxy.worker_threads"), "{err}");
 }
+
+#[test]
+fn garbage_requests_get_an_answer_or_a_close_and_the_proxy_stays_up() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start("one");
+    let p = ProxyProc::start(
+        dir.path(),
+        "p1",
+        &single_node(dir.path(), up.port, ""),
+        "timeouts: {request_header: 1s}",
+    )
+    .ready();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7u64);
+    let pieces: [&[u8]; 12] = [
+        b"GET / HTTP/1.1\r\n",
+        b"Host: app.tunnox.net\r\n",
+        b"Host: \xff\xfe\r\n",
+        b"Host: a..b:99\r\n",
+        b"Content-Length: 5\r\n",
+        b"Content-Length: -1\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"\r\n",
+        b"zz\r\n",
+        b"\x00\x01\x02",
+        b"GET /%%%% HTTP/9.9\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ];
+    for round in 0..150 {
+        let mut req = Vec::new();
+        for _ in 0..rng.random_range(1..8) {
+            req.extend_from_slice(pieces[rng.random_range(0..pieces.len())]);
+        }
+        if rng.random_bool(0.3) {
+            let junk: Vec<u8> = (0..rng.random_range(1..64)).map(|_| rng.random()).collect();
+            req.extend_from_slice(&junk);
+        }
+        req.extend_from_slice(b"\r\n\r\n");
+        let started = std::time::Instant::now();
+        if let Some(r) = raw(p.port, &req, Duration::from_secs(5)) {
+            assert!(
+                matches!(
+                    r.status,
+                    200 | 400 | 404 | 405 | 408 | 413 | 414 | 431 | 501 | 505
+                ),
+                "round {round}: {:?} → {r:?}",
+                String::from_utf8_lossy(&req)
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "round {round} hung: {:?}",
+            String::from_utf8_lossy(&req)
+        );
+    }
+    assert_eq!(p.status("app.tunnox.net"), 200);
+    assert!(!p.log().contains("panicked"), "{}", p.log());
+}

@@ -65,6 +65,9 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // HTTP/2 has no header-read timeout: a peer that stops answering pings is dropped.
+        .keep_alive_interval(Some(s.header_timeout))
+        .keep_alive_timeout(s.header_timeout)
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     let serve_one = |stream: tokio::net::TcpStream, peer: SocketAddr| {
