@@ -64,7 +64,7 @@ http {{
                 "-c",
                 path.to_str().unwrap(),
                 "-g",
-                "daemon off;",
+                "daemon off; master_process off;",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -83,6 +83,10 @@ http {{
 
 impl Drop for Balancer {
     fn drop(&mut self) {
+        // The serving process is not always the one spawned: stop the one in the pid file too.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("nginx.pid")) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
