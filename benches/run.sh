@@ -7,7 +7,9 @@ tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 
 cargo bench --locked --bench store >"$tmp"
+# nginx and wrk (the proxy bench), the API server's etcd (the controller bench): nothing else.
 e2e/install-deps.sh
+cargo bench --locked --bench proxy >>"$tmp"
 cargo bench --locked --features e2e --bench controller >>"$tmp"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -23,6 +25,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "- machine: $(nproc) cores, ${cpu:-unknown CPU}, $(free -g | awk '/Mem:/ {print $2}') GiB"
   echo "- $(rustc --version)"
   echo "- $(redis-server --version | cut -d' ' -f1-3)"
+  echo "- $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
   echo
   sed -n '/^## /,$p' "$tmp"
 } >"$out"
