@@ -39,6 +39,40 @@ async fn store(redis: &RedisServer) -> Arc<dyn MappingStore> {
     )
 }
 
+/// Redis, an upstream, a temp dir for proxies, a runtime and a store client.
+struct Cluster {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    up: Upstream,
+    rt: tokio::runtime::Runtime,
+    store: Arc<dyn MappingStore>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let redis = RedisServer::start();
+        let rt = runtime();
+        let store = rt.block_on(store(&redis));
+        Self {
+            redis,
+            dir: tempfile::tempdir().unwrap(),
+            up: Upstream::start("one"),
+            rt,
+            store,
+        }
+    }
+
+    /// A ready proxy named `name` with the cache TTL `ttl`.
+    fn proxy(&self, name: &str, ttl: &str) -> ProxyProc {
+        ProxyProc::start(self.dir.path(), name, &cluster_yaml(&self.redis, ttl), "").ready()
+    }
+
+    fn create(&self, sub: &str) -> tunnox::domain::Mapping {
+        let spec = MappingSpec::new(sub, "tunnox.net", "127.0.0.1", self.up.port);
+        self.rt.block_on(self.store.create(spec)).unwrap()
+    }
+}
+
 fn all_serve(proxies: &[&ProxyProc], host: &str, want: u16) -> bool {
     proxies.iter().all(|p| p.status(host) == want)
 }
@@ -68,20 +102,14 @@ fn redis_reads(redis: &RedisServer, needle: &str, f: impl FnOnce()) -> usize {
 
 #[test]
 fn cache_reads_redis_once_per_ttl_and_deletes_reach_every_node() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("one");
-    let rt = runtime();
-    let s = rt.block_on(store(&redis));
-    let yaml = cluster_yaml(&redis, "2s");
-    let a = ProxyProc::start(dir.path(), "a", &yaml, "").ready();
-    let b = ProxyProc::start(dir.path(), "b", &yaml, "").ready();
-    let c = ProxyProc::start(dir.path(), "c", &yaml, "").ready();
+    let cl = Cluster::start();
+    let (redis, rt) = (&cl.redis, &cl.rt);
+    let a = cl.proxy("a", "2s");
+    let b = cl.proxy("b", "2s");
+    let c = cl.proxy("c", "2s");
     let all = [&a, &b, &c];
 
-    let m = rt
-        .block_on(s.create(MappingSpec::new("app", "tunnox.net", "127.0.0.1", up.port)))
-        .unwrap();
+    let m = cl.create("app");
     eventually(
         "TC-3.1 created → served by all",
         Duration::from_secs(2),
@@ -93,7 +121,7 @@ fn cache_reads_redis_once_per_ttl_and_deletes_reach_every_node() {
     assert_eq!(a.status("warm-the-script.tunnox.net"), 404);
     // TC-2.3 then TC-2.1: after TTL+1 s the entry is read again, once; nine more are cached.
     std::thread::sleep(Duration::from_secs(3));
-    let reads = redis_reads(&redis, "index:domain:app.tunnox.net", || {
+    let reads = redis_reads(redis, "index:domain:app.tunnox.net", || {
         for _ in 0..10 {
             assert_eq!(a.status("app.tunnox.net"), 200);
         }
@@ -107,7 +135,7 @@ fn cache_reads_redis_once_per_ttl_and_deletes_reach_every_node() {
     assert_eq!(stats["cache"]["type"], "redis");
 
     // TC-2.2 / TC-3.2: deleted through another connection → 404 everywhere.
-    let other = rt.block_on(store(&redis));
+    let other = rt.block_on(store(redis));
     rt.block_on(other.delete(&m.mapping_id, None)).unwrap();
     eventually(
         "TC-3.2 deleted → 404 on every node",
@@ -117,13 +145,7 @@ fn cache_reads_redis_once_per_ttl_and_deletes_reach_every_node() {
 
     // A negative entry is replaced as soon as the host is created.
     assert_eq!(a.status("later.tunnox.net"), 404);
-    rt.block_on(s.create(MappingSpec::new(
-        "later",
-        "tunnox.net",
-        "127.0.0.1",
-        up.port,
-    )))
-    .unwrap();
+    cl.create("later");
     eventually(
         "negative entry invalidated by creation",
         Duration::from_millis(900),
@@ -133,18 +155,15 @@ fn cache_reads_redis_once_per_ttl_and_deletes_reach_every_node() {
 
 #[test]
 fn new_nodes_and_concurrent_writers_see_everything() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("one");
-    let rt = runtime();
-    let yaml = cluster_yaml(&redis, "60s");
-    let a = ProxyProc::start(dir.path(), "a", &yaml, "").ready();
+    let cl = Cluster::start();
+    let (redis, rt, up) = (&cl.redis, &cl.rt, &cl.up);
+    let a = cl.proxy("a", "60s");
 
     // TC-3.4: ten writers, each with its own connection, create different mappings at once.
     rt.block_on(async {
         let mut writers = Vec::new();
         for i in 0..10 {
-            let s = store(&redis).await;
+            let s = store(redis).await;
             let port = up.port;
             writers.push(tokio::spawn(async move {
                 s.create(MappingSpec::new(
@@ -161,7 +180,7 @@ fn new_nodes_and_concurrent_writers_see_everything() {
         }
     });
     // TC-3.3: a node started afterwards serves every existing mapping.
-    let late = ProxyProc::start(dir.path(), "late", &yaml, "").ready();
+    let late = cl.proxy("late", "60s");
     for i in 0..10 {
         let host = format!("w{i}.tunnox.net");
         eventually("TC-3.4 all served", Duration::from_secs(2), || {
@@ -179,14 +198,16 @@ fn new_nodes_and_concurrent_writers_see_everything() {
 
 #[test]
 fn converges_after_lost_pubsub_connections_and_a_redis_outage() {
-    let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("one");
-    let rt = runtime();
-    let s = rt.block_on(store(&redis));
-    let yaml = cluster_yaml(&redis, "2s");
-    let a = ProxyProc::start(dir.path(), "a", &yaml, "").ready();
-    let b = ProxyProc::start(dir.path(), "b", &yaml, "").ready();
+    let mut cl = Cluster::start();
+    let a = cl.proxy("a", "2s");
+    let b = cl.proxy("b", "2s");
+    let Cluster {
+        redis,
+        up,
+        rt,
+        store: s,
+        ..
+    } = &mut cl;
     let all = [&a, &b];
 
     // Changes made while the proxies' subscriptions are being killed.
@@ -252,7 +273,7 @@ fn converges_after_lost_pubsub_connections_and_a_redis_outage() {
 
     // Redis is back: changes made now reach every node.
     redis.restart();
-    let s = rt.block_on(store(&redis));
+    let s = rt.block_on(store(redis));
     rt.block_on(s.create(MappingSpec::new(
         "after",
         "tunnox.net",

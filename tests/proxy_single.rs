@@ -25,17 +25,25 @@ mappings:
     )
 }
 
-#[test]
-fn routes_by_host_and_maps_errors_to_statuses() {
+/// A temp dir, an upstream `one`, and a ready single-node proxy with `proxy_extra` settings.
+fn start(proxy_extra: &str) -> (tempfile::TempDir, Upstream, ProxyProc) {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start("one");
     let p = ProxyProc::start(
         dir.path(),
         "p1",
         &single_node(dir.path(), up.port, ""),
-        "timeouts: {upstream_response: 500ms, request_header: 1s}, limits: {max_header_bytes: 16384}",
+        proxy_extra,
     )
     .ready();
+    (dir, up, p)
+}
+
+#[test]
+fn routes_by_host_and_maps_errors_to_statuses() {
+    let (_dir, _up, p) = start(
+        "timeouts: {upstream_response: 500ms, request_header: 1s}, limits: {max_header_bytes: 16384}",
+    );
 
     let ok = get(p.port, "App.Tunnox.NET.:8080", "/").unwrap();
     assert_eq!(ok.status, 200, "{ok:?}");
@@ -92,9 +100,7 @@ fn routes_by_host_and_maps_errors_to_statuses() {
 
 #[test]
 fn forwards_headers_bodies_and_upgrades() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("one");
-    let p = ProxyProc::start(dir.path(), "p1", &single_node(dir.path(), up.port, ""), "").ready();
+    let (_dir, _up, p) = start("");
 
     let req = "GET /headers HTTP/1.1\r\nHost: app.tunnox.net\r\nX-Forwarded-For: 192.0.2.7\r\nX-Env: client\r\nKeep-Alive: timeout=5\r\nConnection: close\r\n\r\n";
     let r = raw(p.port, req.as_bytes(), Duration::from_secs(5)).unwrap();
@@ -141,15 +147,8 @@ fn forwards_headers_bodies_and_upgrades() {
 
 #[test]
 fn refuses_oversized_and_slow_headers_and_stays_healthy() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("one");
-    let p = ProxyProc::start(
-        dir.path(),
-        "p1",
-        &single_node(dir.path(), up.port, ""),
-        "timeouts: {request_header: 1s}, limits: {max_header_bytes: 16384, max_headers: 20}",
-    )
-    .ready();
+    let (_dir, _up, p) =
+        start("timeouts: {request_header: 1s}, limits: {max_header_bytes: 16384, max_headers: 20}");
 
     let big = format!(
         "GET / HTTP/1.1\r\nHost: app.tunnox.net\r\nX-Big: {}\r\n\r\n",
@@ -263,15 +262,7 @@ fn bad_configuration_exits_64_naming_the_field() {
 #[test]
 fn garbage_requests_get_an_answer_or_a_close_and_the_proxy_stays_up() {
     use rand::{Rng, SeedableRng};
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("one");
-    let p = ProxyProc::start(
-        dir.path(),
-        "p1",
-        &single_node(dir.path(), up.port, ""),
-        "timeouts: {request_header: 1s}",
-    )
-    .ready();
+    let (_dir, _up, p) = start("timeouts: {request_header: 1s}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7u64);
     let pieces: [&[u8]; 12] = [
         b"GET / HTTP/1.1\r\n",

@@ -44,12 +44,7 @@ fn identity(settings: &Settings) -> String {
         .controller
         .identity
         .clone()
-        .or_else(|| std::env::var("POD_NAME").ok())
-        .unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_else(|_| "tunnox".into());
-            format!("{}-{}", host.trim(), std::process::id())
-        })
+        .unwrap_or_else(crate::observe::default_identity)
 }
 
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.

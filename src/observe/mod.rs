@@ -35,3 +35,16 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// A name for this process where none is configured: `$POD_NAME` in a pod, else
+/// `<hostname>-<pid>` (unique on one machine, recognisable in logs and the registry).
+pub fn default_identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "tunnox".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+}

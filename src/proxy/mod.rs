@@ -60,12 +60,7 @@ fn node_id(settings: &Settings) -> String {
         .proxy
         .node_id
         .clone()
-        .or_else(|| std::env::var("POD_NAME").ok())
-        .unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_else(|_| "tunnox".into());
-            format!("{}-{}", host.trim(), std::process::id())
-        })
+        .unwrap_or_else(crate::observe::default_identity)
 }
 
 /// The address peers reach this node on.
