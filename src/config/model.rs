@@ -426,6 +426,9 @@ pub struct ControllerConfig {
     pub resync_interval: Dur,
     /// How often a mapping in `Conflict` checks again, besides being woken when the holder goes.
     pub conflict_retry: Dur,
+    /// Mappings reconciled at once. Bounded so a cold start with many mappings cannot flood the
+    /// API server and starve the leader's own lease renewals.
+    pub concurrency: u16,
     pub quota: QuotaConfig,
 }
 
@@ -440,6 +443,7 @@ impl Default for ControllerConfig {
             renew_interval: Dur::secs(5),
             resync_interval: Dur::secs(30),
             conflict_retry: Dur::secs(10),
+            concurrency: 16,
             quota: QuotaConfig::default(),
         }
     }

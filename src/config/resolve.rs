@@ -224,6 +224,9 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    if ctl.concurrency == 0 {
+        return Err(err("controller.concurrency", "must be at least 1".into()));
+    }
     if ctl.conflict_retry.get().is_zero() {
         return Err(err(
             "controller.conflict_retry",

@@ -111,7 +111,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     let api: Api<HTTPDomainMapping> = Api::all(client.clone());
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<HTTPDomainMapping>>();
-    let controller = Controller::new(api, watcher::Config::default());
+    let controller = Controller::new(api, watcher::Config::default()).with_config(
+        kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)),
+    );
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         store,
