@@ -30,7 +30,10 @@ run_dir=$(sed -n 's|^Logs: \(.*\)/{.*|\1|p' "$out")
 kubeconfig=$(sed -n 's|^  export KUBECONFIG=||p' "$out")
 kubectl=$(sed -n 's|^  alias kubectl=||p' "$out")
 url=$(sed -n "s|^  curl -H 'Host: demo.tunnox.net' ||p" "$out")
-KUBECONFIG="$kubeconfig" "$kubectl" get hdm -A | tee /dev/stderr | grep -q 'demo.tunnox.net.*Active' ||
+# (Not `tee /dev/stderr`: reopening a log file that way truncates it.)
+listed=$(KUBECONFIG="$kubeconfig" "$kubectl" get hdm -A)
+echo "$listed" >&2
+grep -q 'demo.tunnox.net.*Active' <<<"$listed" ||
     fail "kubectl get hdm does not show the demo mapping Active"
 curl -fsS -H 'Host: demo.tunnox.net' "$url" | grep -q 'Hello from behind tunnox' ||
     fail "the demo page is not served through the proxy"
