@@ -13,6 +13,8 @@ pub enum ProxyError {
     MissingHost,
     #[error("malformed Host header: {0}")]
     BadHost(#[source] HostnameError),
+    #[error("malformed Host header: not visible ASCII text")]
+    HostNotText,
     #[error("no mapping for host {0}")]
     UnknownHost(String),
     #[error("{host} is served by business {business}, not by this proxy's")]
@@ -38,7 +40,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingHost | Self::BadHost(_) => StatusCode::BAD_REQUEST,
+            Self::MissingHost | Self::BadHost(_) | Self::HostNotText => StatusCode::BAD_REQUEST,
             Self::UnknownHost(_) => StatusCode::NOT_FOUND,
             Self::OtherBusiness { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::OtherSet { .. }
@@ -56,7 +58,7 @@ impl ProxyError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::MissingHost => "missing_host",
-            Self::BadHost(_) => "bad_host",
+            Self::BadHost(_) | Self::HostNotText => "bad_host",
             Self::UnknownHost(_) => "unknown_host",
             Self::OtherBusiness { .. } => "other_business",
             Self::OtherSet { .. } => "other_set",
@@ -108,6 +110,7 @@ mod tests {
         let cases = [
             (ProxyError::MissingHost, 400),
             (ProxyError::BadHost(HostnameError::Empty), 400),
+            (ProxyError::HostNotText, 400),
             (ProxyError::UnknownHost("a.b".into()), 404),
             (
                 ProxyError::OtherBusiness {

@@ -163,9 +163,7 @@ fn requested_host(req: &Request<Incoming>) -> Result<(Hostname, HeaderValue), Pr
             .cloned()
             .ok_or(ProxyError::MissingHost)?,
     };
-    let text = raw
-        .to_str()
-        .map_err(|_| ProxyError::BadHost(crate::domain::HostnameError::Empty))?;
+    let text = raw.to_str().map_err(|_| ProxyError::HostNotText)?;
     let host = Hostname::from_host_header(text).map_err(ProxyError::BadHost)?;
     Ok((host, raw))
 }
