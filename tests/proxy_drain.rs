@@ -182,9 +182,6 @@ fn drain_and_restart_under_load_fails_no_request() {
     let report = String::from_utf8_lossy(&out.stdout);
     // What the balancer had to retry elsewhere: refused connections are expected while the
     // node is down (a Service stops sending on readiness; nginx learns by trying).
-    if std::env::var_os("TUNNOX_TEST_DEBUG").is_some() {
-        eprintln!("{}", lb.errors());
-    }
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     for line in lb.errors().lines().filter(|l| l.contains("[error]")) {
         let kind = line

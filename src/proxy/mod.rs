@@ -200,7 +200,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(
-        sync::Sync {
+        sync::CacheSync {
             store: store.clone(),
             cache: cache.clone(),
             metrics: metrics.clone(),

@@ -61,8 +61,13 @@ impl Route {
         }
     }
 
-    /// Whether a proxy of set `me` serves this route, given the sets with a healthy node.
-    pub fn check_serving(&self, me: &SetName, healthy: &[SetName]) -> Result<(), ProxyError> {
+    /// Whether a proxy of set `me` serves this route, given the sets with a healthy node (asked
+    /// for only when the route has a placement: most do not).
+    pub fn check_serving<H: AsRef<[SetName]>>(
+        &self,
+        me: &SetName,
+        healthy: impl FnOnce() -> H,
+    ) -> Result<(), ProxyError> {
         let host = || self.host.as_str().to_string();
         if !self.active {
             return Err(ProxyError::Inactive(host()));
@@ -77,7 +82,8 @@ impl Route {
             });
         }
         // This proxy counts itself healthy: it is answering.
-        let with_me = healthy.iter().chain(std::iter::once(me));
+        let healthy = healthy();
+        let with_me = healthy.as_ref().iter().chain(std::iter::once(me));
         match serving_set(placement, with_me) {
             Some(set) if &set == me => Ok(()),
             Some(set) => Err(ProxyError::OtherSet { host: host(), set }),
@@ -179,7 +185,7 @@ mod tests {
             spec.placement = placement.map(set);
             let r = Route::from_mapping(&mapping(spec));
             let healthy: Vec<SetName> = healthy.into_iter().map(set).collect();
-            let got = match r.check_serving(&set(mine), &healthy) {
+            let got = match r.check_serving(&set(mine), || &healthy) {
                 Ok(()) => 0,
                 Err(e) => e.status().as_u16(),
             };
@@ -192,7 +198,7 @@ mod tests {
         inactive.status = MappingStatus::Inactive;
         assert_eq!(
             Route::from_mapping(&inactive)
-                .check_serving(&me, &[])
+                .check_serving(&me, Vec::new)
                 .unwrap_err()
                 .status(),
             503

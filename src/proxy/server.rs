@@ -175,11 +175,7 @@ async fn route(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (host, raw_host) = requested_host(&req)?;
     let (route, _source) = ctx.cache.resolve(&host).await?;
-    if route.placement.is_some() {
-        route.check_serving(&ctx.set, &ctx.healthy.get())?;
-    } else if !route.active {
-        return Err(ProxyError::Inactive(host.as_str().to_string()));
-    }
+    route.check_serving(&ctx.set, || ctx.healthy.get())?;
     let (scheme, authority) = match &route.target {
         Target::Direct { scheme, authority } => (scheme, authority),
         Target::Tunnel { client_id } => {

@@ -24,28 +24,33 @@ pub struct AccessLog {
 
 impl AccessLog {
     pub fn record(&self, id: &MappingId, count: u64, bytes_in: u64, bytes_out: u64) {
-        let now = Utc::now();
+        self.merge(id, count, bytes_in, bytes_out, Utc::now());
+    }
+
+    /// Adds to the pending counts of `id`; the id is copied only for its first entry.
+    fn merge(
+        &self,
+        id: &MappingId,
+        count: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+        at: chrono::DateTime<Utc>,
+    ) {
         let mut pending = self.pending.lock().expect("not poisoned");
-        match pending.get_mut(id) {
-            Some(d) => {
-                d.count += count;
-                d.bytes_in += bytes_in;
-                d.bytes_out += bytes_out;
-                d.last_access_at = d.last_access_at.max(now);
-            }
-            None => {
-                pending.insert(
-                    id.clone(),
-                    AccessDelta {
-                        mapping_id: id.clone(),
-                        count,
-                        bytes_in,
-                        bytes_out,
-                        last_access_at: now,
-                    },
-                );
-            }
-        }
+        let d = match pending.get_mut(id) {
+            Some(d) => d,
+            None => pending.entry(id.clone()).or_insert(AccessDelta {
+                mapping_id: id.clone(),
+                count: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                last_access_at: at,
+            }),
+        };
+        d.count = d.count.saturating_add(count);
+        d.bytes_in = d.bytes_in.saturating_add(bytes_in);
+        d.bytes_out = d.bytes_out.saturating_add(bytes_out);
+        d.last_access_at = d.last_access_at.max(at);
     }
 
     fn take(&self) -> Vec<AccessDelta> {
@@ -55,24 +60,14 @@ impl AccessLog {
 
     fn put_back(&self, batch: Vec<AccessDelta>) {
         for d in batch {
-            self.record_delta(d);
+            self.merge(
+                &d.mapping_id,
+                d.count,
+                d.bytes_in,
+                d.bytes_out,
+                d.last_access_at,
+            );
         }
-    }
-
-    fn record_delta(&self, d: AccessDelta) {
-        let mut pending = self.pending.lock().expect("not poisoned");
-        let e = pending
-            .entry(d.mapping_id.clone())
-            .or_insert_with(|| AccessDelta {
-                count: 0,
-                bytes_in: 0,
-                bytes_out: 0,
-                ..d.clone()
-            });
-        e.count += d.count;
-        e.bytes_in += d.bytes_in;
-        e.bytes_out += d.bytes_out;
-        e.last_access_at = e.last_access_at.max(d.last_access_at);
     }
 
     /// Writes what has been counted so far; on failure the counts stay for the next flush.

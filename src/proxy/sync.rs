@@ -30,7 +30,7 @@ impl SyncState {
     }
 }
 
-pub struct Sync {
+pub struct CacheSync {
     pub store: Arc<dyn MappingStore>,
     pub cache: Arc<RouteCache>,
     pub metrics: Arc<ProxyMetrics>,
@@ -42,7 +42,7 @@ pub struct Sync {
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-impl Sync {
+impl CacheSync {
     /// Runs until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let last_ok = Arc::new(std::sync::Mutex::new(Instant::now()));
