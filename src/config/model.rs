@@ -300,6 +300,9 @@ pub struct ProxyConfig {
     pub advertise_address: Option<String>,
     /// Request-handling threads; 0 means one per CPU.
     pub worker_threads: usize,
+    /// Relay plain HTTP/1.1 requests on the fast path (docs/proxy.md); `false` sends every
+    /// request through the general path.
+    pub fast_path: bool,
     pub timeouts: ProxyTimeouts,
     pub limits: ProxyLimits,
     pub drain: DrainConfig,
@@ -317,6 +320,7 @@ impl Default for ProxyConfig {
             node_id: None,
             advertise_address: None,
             worker_threads: 0,
+            fast_path: true,
             timeouts: ProxyTimeouts::default(),
             limits: ProxyLimits::default(),
             drain: DrainConfig::default(),

@@ -84,11 +84,15 @@ impl RouteCache {
     }
 
     fn is_fresh(&self, e: &Entry) -> bool {
+        self.is_fresh_at(e, Instant::now())
+    }
+
+    fn is_fresh_at(&self, e: &Entry, now: Instant) -> bool {
         let ttl = match e.value {
             Cached::Found(_) => self.settings.ttl,
             Cached::Unknown => self.settings.negative_ttl,
         };
-        e.loaded_at.elapsed() < ttl
+        now.saturating_duration_since(e.loaded_at) < ttl
     }
 
     /// The route for `host`: from the cache when fresh, else from the store.
@@ -98,7 +102,7 @@ impl RouteCache {
         if self.settings.enabled
             && let Some(entry) = self.map.get(host)
         {
-            if self.is_fresh(&entry) {
+            if self.is_fresh_at(&entry, started) {
                 self.metrics.cache_hits.inc();
                 self.observe(Source::Cache, started);
                 return found(host, entry.value.clone(), Source::Cache);

@@ -1,7 +1,7 @@
 //! Why a request could not be proxied, and the one place that turns that into a response.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
 use super::ProxyBody;
@@ -72,17 +72,28 @@ impl ProxyError {
         }
     }
 
-    /// The response a client sees: the status and a one-line plain-text reason.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// The body a client sees: the status and a one-line plain-text reason.
+    pub fn body(&self) -> String {
         let status = self.status();
-        let body = format!(
+        format!(
             "{} {}: {self}\n",
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
-        );
-        error_response(status, body)
+        )
+    }
+
+    /// The response a client sees.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        error_response(self.status(), self.body())
     }
 }
+
+/// The headers of every response the proxy produces itself (not an upstream).
+pub const OWN_HEADERS: [(&str, &str); 3] = [
+    ("content-type", "text/plain; charset=utf-8"),
+    ("cache-control", "no-store"),
+    ("x-tunnox-error", "1"),
+];
 
 /// A plain-text response produced by the proxy itself (not by an upstream).
 pub fn error_response(status: StatusCode, body: String) -> Response<ProxyBody> {
@@ -91,12 +102,9 @@ pub fn error_response(status: StatusCode, body: String) -> Response<ProxyBody> {
     ));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-tunnox-error", HeaderValue::from_static("1"));
+    for (name, value) in OWN_HEADERS {
+        h.insert(name, HeaderValue::from_static(value));
+    }
     resp
 }
 

@@ -8,6 +8,7 @@ pub mod cache;
 mod drain;
 mod error;
 mod forward;
+pub(crate) mod h1;
 pub mod metrics;
 mod registry;
 pub mod route;
@@ -245,7 +246,28 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         access,
         healthy,
         set: cfg.set.clone(),
+        fast: cfg.fast_path.then(|| {
+            h1::FastPath::new(h1::FastSettings {
+                header_timeout: cfg.timeouts.request_header.get(),
+                connect_timeout: cfg.timeouts.connect.get(),
+                response_timeout: cfg.timeouts.upstream_response.get(),
+                max_header_bytes: cfg.limits.max_header_bytes,
+                max_headers: cfg.limits.max_headers,
+                pool_max_idle: cfg.limits.upstream_pool_max_idle,
+                pool_idle_timeout: cfg.timeouts.upstream_idle.get(),
+            })
+        }),
     });
+    if ctx.fast.is_some() {
+        let ctx = ctx.clone();
+        let every = cfg.timeouts.upstream_idle.get() / 2;
+        let stop = stop_rx.clone();
+        tasks.spawn(async move {
+            if let Some(fast) = &ctx.fast {
+                fast.sweep_pool(every, stop).await;
+            }
+        });
+    }
     tracing::info!(%listen, admin = %admin_addr, node = %me, set = %cfg.set, "proxy listening");
 
     let (serve_stop_tx, serve_stop_rx) = watch::channel(false);

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use super::cache::RouteCache;
 use super::drain::Drain;
 use super::forward::{ClientInfo, Forwarder};
+use super::h1::{Exit, FastPath, Rewind};
 use super::metrics::ProxyMetrics;
 use super::registry::HealthySets;
 use super::route::Target;
@@ -36,6 +38,8 @@ pub struct Ctx {
     pub access: Arc<AccessLog>,
     pub healthy: Arc<HealthySets>,
     pub set: SetName,
+    /// The HTTP/1.1 fast path, unless turned off (`proxy.fast_path: false`).
+    pub fast: Option<FastPath>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,25 +73,35 @@ pub async fn serve(
         .keep_alive_interval(Some(s.header_timeout))
         .keep_alive_timeout(s.header_timeout)
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    // Every connection task holds a watcher: shutting down waits for all of them.
     let graceful = GracefulShutdown::new();
-    let serve_one = |stream: tokio::net::TcpStream, peer: SocketAddr| {
+    let conn_stop = stop.clone();
+    let serve_one = |mut stream: tokio::net::TcpStream, peer: SocketAddr| {
         let _ = stream.set_nodelay(true);
-        let ctx2 = ctx.clone();
-        let service = service_fn(move |req| {
-            let ctx = ctx2.clone();
-            async move { Ok::<_, Infallible>(handle(&ctx, peer, req).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let metrics = ctx.metrics.clone();
+        let ctx = ctx.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let mut stop = conn_stop.clone();
         tokio::spawn(async move {
-            metrics.active_connections.inc();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            ctx.metrics.active_connections.inc();
+            let exit = match &ctx.fast {
+                Some(fast) => fast.serve(&ctx, &mut stream, peer, &mut stop).await,
+                None => Exit::Handover(Bytes::new()),
+            };
+            if let Exit::Handover(read) = exit {
+                let ctx2 = ctx.clone();
+                let service = service_fn(move |req| {
+                    let ctx = ctx2.clone();
+                    async move { Ok::<_, Infallible>(handle(&ctx, peer, req).await) }
+                });
+                let io = TokioIo::new(Rewind::new(read, stream));
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
             }
-            metrics.active_connections.dec();
+            ctx.metrics.active_connections.dec();
         });
     };
     loop {

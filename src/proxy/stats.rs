@@ -1,7 +1,6 @@
 //! Access statistics per mapping (count, bytes in/out, last access): counted in memory on the
 //! request path, written to the store in batches. A failed write keeps the counts for the next.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -19,7 +18,7 @@ use crate::store::{AccessDelta, MappingStore};
 
 #[derive(Default)]
 pub struct AccessLog {
-    pending: Mutex<HashMap<MappingId, AccessDelta>>,
+    pending: Mutex<foldhash::HashMap<MappingId, AccessDelta>>,
 }
 
 impl AccessLog {
@@ -200,7 +199,7 @@ mod tests {
         // A failed flush puts the counts back, merged with what arrived meanwhile.
         log.record(&a, 1, 1, 1);
         log.put_back(batch);
-        let again: HashMap<_, _> = log
+        let again: std::collections::HashMap<_, _> = log
             .take()
             .into_iter()
             .map(|d| (d.mapping_id.clone(), d.count))

@@ -1,0 +1,439 @@
+//! One request on the fast path: route it, send it upstream over a pooled connection, relay
+//! the response as it arrives.
+
+use std::io;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use http::uri::Scheme;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::chunked::ChunkedScanner;
+use super::head::{self, Framing, RequestHead};
+use super::{FastPath, MAX_FAST_HEADERS, READ_CHUNK};
+use crate::domain::Hostname;
+use crate::proxy::ProxyError;
+use crate::proxy::error::OWN_HEADERS;
+use crate::proxy::route::{Route, Target};
+use crate::proxy::server::Ctx;
+
+/// What the connection does after a request.
+pub enum Next {
+    KeepAlive,
+    Close,
+    /// The general path answers this request (nothing of it was sent anywhere).
+    Handover,
+}
+
+/// Buffers a connection reuses for each of its requests.
+#[derive(Default)]
+pub struct Buffers {
+    /// What is written next: a head for the upstream, or a head (and body start) for the client.
+    out: Vec<u8>,
+    /// What the upstream sent.
+    upstream: BytesMut,
+}
+
+pub struct Exchange<'a, 'b> {
+    pub fast: &'a FastPath,
+    pub ctx: &'a Ctx,
+    pub peer_ip: &'a str,
+    pub req: &'a httparse::Request<'a, 'b>,
+    pub head: &'a RequestHead<'b>,
+    pub body: &'a [u8],
+}
+
+/// Counts the request as in flight while it lives.
+struct InFlight<'a>(&'a Ctx);
+
+impl<'a> InFlight<'a> {
+    fn new(ctx: &'a Ctx) -> Self {
+        ctx.metrics.active_requests.inc();
+        Self(ctx)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.active_requests.dec();
+    }
+}
+
+/// An upstream connection with a request sent on it and its response head read.
+struct Answered {
+    upstream: TcpStream,
+    head_len: usize,
+}
+
+/// Why relaying a response stopped early: the client cannot be answered any more.
+struct Broken;
+
+impl Exchange<'_, '_> {
+    pub async fn run(
+        self,
+        client: &mut TcpStream,
+        io: &mut Buffers,
+        stop: &watch::Receiver<bool>,
+    ) -> Next {
+        let started = Instant::now();
+        let _in_flight = InFlight::new(self.ctx);
+        let route = match self.route().await {
+            Ok(Some(route)) => route,
+            Ok(None) => return Next::Handover,
+            Err(e) => return self.refuse(client, io, e, started, stop).await,
+        };
+        let Target::Direct { authority, .. } = &route.target else {
+            unreachable!("route() returns direct targets only");
+        };
+        let target = authority.as_str();
+
+        io.out.clear();
+        head::write_request_head(
+            &mut io.out,
+            self.req,
+            self.head,
+            self.peer_ip,
+            &route.headers,
+        );
+        io.out.extend_from_slice(self.body);
+        let sent_at = Instant::now();
+        let answered = self.send(target, io).await;
+        self.ctx
+            .metrics
+            .upstream_seconds
+            .observe(sent_at.elapsed().as_secs_f64());
+        let Answered { upstream, head_len } = match answered {
+            Ok(a) => a,
+            Err(e) => return self.refuse(client, io, e, started, stop).await,
+        };
+        let close = self.head.close || self.ctx.drain.is_draining() || *stop.borrow();
+        let relayed = self
+            .relay(client, upstream, head_len, io, close, target)
+            .await;
+        let (status, bytes_out, keep_alive) = match relayed {
+            Ok(r) => r,
+            Err(e) => return self.refuse(client, io, e, started, stop).await,
+        };
+        self.ctx.access.record(
+            &route.mapping_id,
+            1,
+            self.body.len() as u64,
+            bytes_out.unwrap_or(0),
+        );
+        self.finish(status, started);
+        match (bytes_out, keep_alive) {
+            (Some(_), true) => Next::KeepAlive,
+            _ => Next::Close,
+        }
+    }
+
+    /// The route for this request; `None` when it needs the general path.
+    async fn route(&self) -> Result<Option<std::sync::Arc<Route>>, ProxyError> {
+        let text = std::str::from_utf8(self.head.host).map_err(|_| ProxyError::HostNotText)?;
+        let host = Hostname::from_host_header(text).map_err(ProxyError::BadHost)?;
+        let (route, _) = self.ctx.cache.resolve(&host).await?;
+        route.check_serving(&self.ctx.set, || self.ctx.healthy.get())?;
+        match &route.target {
+            Target::Direct { scheme, .. } if *scheme == Scheme::HTTP => Ok(Some(route)),
+            // TLS to the upstream: the general path's client.
+            Target::Direct { .. } => Ok(None),
+            Target::Tunnel { client_id } => Err(ProxyError::TunnelNotConnected(client_id.clone())),
+            Target::Invalid { reason } => Err(ProxyError::Upstream {
+                upstream: host.as_str().to_string(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// Sends `io.out` to `target` and reads the response head into `io.upstream`. A pooled
+    /// connection the upstream closed meanwhile is replaced once when the request is safe to
+    /// repeat (nothing came back, the method is idempotent).
+    async fn send(&self, target: &str, io: &mut Buffers) -> Result<Answered, ProxyError> {
+        let fail = |reason: String| ProxyError::Upstream {
+            upstream: target.to_string(),
+            reason,
+        };
+        let mut pooled = self.fast.pool.take(target);
+        loop {
+            let reused = pooled.is_some();
+            let mut upstream = match pooled.take() {
+                Some(s) => s,
+                None => self.connect(target).await?,
+            };
+            io.upstream.clear();
+            let exchanged = tokio::time::timeout(
+                self.fast.settings.response_timeout,
+                exchange_head(&mut upstream, &io.out, &mut io.upstream),
+            )
+            .await;
+            match exchanged {
+                Err(_) => return Err(ProxyError::UpstreamTimeout(target.to_string())),
+                Ok(Ok(Some(head_len))) => return Ok(Answered { upstream, head_len }),
+                Ok(Ok(None)) | Ok(Err(_))
+                    if reused && io.upstream.is_empty() && self.idempotent() =>
+                {
+                    tracing::debug!(target, "pooled upstream connection was closed; retrying");
+                }
+                Ok(Ok(None)) => {
+                    return Err(fail("closed the connection without a response".into()));
+                }
+                Ok(Err(e)) => return Err(fail(e.to_string())),
+            }
+        }
+    }
+
+    fn idempotent(&self) -> bool {
+        matches!(
+            self.req.method,
+            Some("GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
+        )
+    }
+
+    async fn connect(&self, target: &str) -> Result<TcpStream, ProxyError> {
+        let fail = |reason: String| ProxyError::UpstreamConnect {
+            upstream: target.to_string(),
+            reason,
+        };
+        let timeout = self.fast.settings.connect_timeout;
+        match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
+            Err(_) => Err(fail(format!("timed out after {timeout:?}"))),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+        }
+    }
+
+    /// Relays the response whose head is in `io.upstream`: its head (rewritten), then its body
+    /// as it arrives. Returns the status, the body bytes sent (`None` when the client could not
+    /// be answered to the end), and whether the client connection stays open.
+    async fn relay(
+        &self,
+        client: &mut TcpStream,
+        mut upstream: TcpStream,
+        mut head_len: usize,
+        io: &mut Buffers,
+        close: bool,
+        target: &str,
+    ) -> Result<(StatusCode, Option<u64>, bool), ProxyError> {
+        let fail = |reason: &str| ProxyError::Upstream {
+            upstream: target.to_string(),
+            reason: reason.to_string(),
+        };
+        // Interim (1xx) responses are passed on; the final one follows.
+        let (status, framing, upstream_closes, client_closes) = loop {
+            let (rh, client_closes) = {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
+                let mut resp = httparse::Response::new(&mut headers);
+                resp.parse(&io.upstream[..head_len])
+                    .map_err(|_| fail("malformed response head"))?;
+                let rh = head::classify_response(&resp, self.head.is_head).map_err(fail)?;
+                if rh.status == 101 {
+                    return Err(fail("switched protocols without being asked to"));
+                }
+                let client_closes = close || rh.framing == Framing::UntilClose;
+                io.out.clear();
+                head::write_response_head(&mut io.out, &resp, &rh, client_closes);
+                ((rh.status, rh.framing, rh.upstream_closes), client_closes)
+            };
+            let (code, framing, upstream_closes) = rh;
+            let status = StatusCode::from_u16(code).map_err(|_| fail("bad status"))?;
+            io.upstream.advance(head_len);
+            if !(100..200).contains(&code) {
+                break (status, framing, upstream_closes, client_closes);
+            }
+            if client.write_all(&io.out).await.is_err() {
+                return Ok((status, None, false));
+            }
+            head_len = match read_head(&mut upstream, &mut io.upstream).await {
+                Ok(Some(n)) => n,
+                _ => return Err(fail("no final response after an interim one")),
+            };
+        };
+        let body = relay_body(client, &mut upstream, io, framing).await;
+        let (sent, upstream_done) = match body {
+            Ok(sent) => (Some(sent), true),
+            Err(Broken) => (None, false),
+        };
+        if upstream_done && !upstream_closes && io.upstream.is_empty() {
+            self.fast.pool.put(target, upstream);
+        }
+        Ok((status, sent, !client_closes))
+    }
+
+    /// Answers with the proxy's own error response.
+    async fn refuse(
+        &self,
+        client: &mut TcpStream,
+        io: &mut Buffers,
+        e: ProxyError,
+        started: Instant,
+        stop: &watch::Receiver<bool>,
+    ) -> Next {
+        let ctx = self.ctx;
+        ctx.metrics.errors.with_label_values(&[e.label()]).inc();
+        tracing::debug!(peer = self.peer_ip, error = %e, "request refused");
+        let close = self.head.close || ctx.drain.is_draining() || *stop.borrow();
+        let status = e.status();
+        let body = e.body();
+        io.out.clear();
+        write_own_response(&mut io.out, status, &body, !self.head.is_head, close);
+        let written = client.write_all(&io.out).await;
+        self.finish(status, started);
+        if written.is_err() || close {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    fn finish(&self, status: StatusCode, started: Instant) {
+        self.ctx.metrics.count_status(status);
+        self.ctx
+            .metrics
+            .request_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Writes `out` to the upstream, then reads until a response head is complete; `None` when the
+/// upstream closed first.
+async fn exchange_head(
+    upstream: &mut TcpStream,
+    out: &[u8],
+    buf: &mut BytesMut,
+) -> io::Result<Option<usize>> {
+    upstream.write_all(out).await?;
+    read_head(upstream, buf).await
+}
+
+/// The most an upstream's response head may take.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+async fn read_head(upstream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+    loop {
+        if !buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(buf) {
+                Ok(httparse::Status::Complete(n)) => return Ok(Some(n)),
+                Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(io::Error::other("response head too large"));
+                }
+                Err(e) => return Err(io::Error::other(format!("malformed response head: {e}"))),
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        if upstream.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::other(
+                    "closed in the middle of the response head",
+                ))
+            };
+        }
+    }
+}
+
+/// Relays a response body framed by `framing`; `io.out` holds the client's head, sent with the
+/// body's first bytes. Returns the body bytes relayed.
+async fn relay_body(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    io: &mut Buffers,
+    framing: Framing,
+) -> Result<u64, Broken> {
+    let mut sent = 0u64;
+    match framing {
+        Framing::None => client.write_all(&io.out).await.map_err(|_| Broken)?,
+        Framing::Length(len) => {
+            let mut left = len;
+            loop {
+                let n = left.min(io.upstream.len() as u64) as usize;
+                io.out.extend_from_slice(&io.upstream[..n]);
+                io.upstream.advance(n);
+                left -= n as u64;
+                sent += n as u64;
+                client.write_all(&io.out).await.map_err(|_| Broken)?;
+                io.out.clear();
+                if left == 0 {
+                    break;
+                }
+                fill(upstream, &mut io.upstream).await?;
+            }
+        }
+        Framing::Chunked => {
+            let mut scanner = ChunkedScanner::default();
+            loop {
+                let n = scanner.advance(&io.upstream).map_err(|_| Broken)?;
+                io.out.extend_from_slice(&io.upstream[..n]);
+                io.upstream.advance(n);
+                client.write_all(&io.out).await.map_err(|_| Broken)?;
+                io.out.clear();
+                if scanner.is_done() {
+                    break;
+                }
+                fill(upstream, &mut io.upstream).await?;
+            }
+            sent = scanner.data_bytes;
+        }
+        Framing::UntilClose => loop {
+            let n = io.upstream.len();
+            io.out.extend_from_slice(&io.upstream);
+            io.upstream.clear();
+            sent += n as u64;
+            client.write_all(&io.out).await.map_err(|_| Broken)?;
+            io.out.clear();
+            io.upstream.reserve(READ_CHUNK);
+            match upstream.read_buf(&mut io.upstream).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Err(Broken),
+            }
+        },
+    }
+    Ok(sent)
+}
+
+/// Reads more of a body; the upstream closing early breaks the response.
+async fn fill(upstream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Broken> {
+    buf.reserve(READ_CHUNK);
+    match upstream.read_buf(buf).await {
+        Ok(0) | Err(_) => Err(Broken),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// A response the proxy produces itself, with the general path's headers.
+fn write_own_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    body: &str,
+    with_body: bool,
+    close: bool,
+) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in OWN_HEADERS {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    let _ = write!(out, "content-length: {}\r\n", body.len());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if with_body {
+        out.extend_from_slice(body.as_bytes());
+    }
+}

@@ -1,0 +1,569 @@
+//! HTTP/1.1 heads on the fast path, decided without I/O: which requests it takes (the rest are
+//! handed to the general path), how a request head is rewritten for the upstream, how a
+//! response body is framed and its head rewritten for the client. The rewriting follows the
+//! general path's rules (`forward.rs`): hop-by-hop headers and those `Connection` names are
+//! dropped, `X-Forwarded-*` and the mapping's headers set.
+
+use http::{HeaderName, HeaderValue};
+
+/// Request bodies up to this size are read whole before forwarding; larger ones (and chunked
+/// uploads) stream through the general path.
+pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
+
+/// Why a request leaves the fast path for the general one (which answers it fully).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Not HTTP/1.1.
+    Version,
+    /// Not origin-form (`/path`): absolute-form or `*`.
+    RequestTarget,
+    /// No Host header, or more than one.
+    Host,
+    /// More than one `Connection` header.
+    Connection,
+    /// A protocol upgrade (WebSocket).
+    Upgrade,
+    /// `Expect: 100-continue`.
+    Expect,
+    /// A `Transfer-Encoding` request body.
+    TransferEncoding,
+    /// A `Content-Length` that is not one plain number.
+    ContentLength,
+    /// A body larger than [`MAX_BUFFERED_BODY`].
+    LargeBody,
+}
+
+/// What the fast path needs to know about a request it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead<'a> {
+    /// The Host header exactly as sent.
+    pub host: &'a [u8],
+    pub content_length: usize,
+    /// The client asked to close the connection after this request.
+    pub close: bool,
+    /// The value of the `Connection` header, whose tokens name more headers to drop.
+    pub connection: Option<&'a [u8]>,
+    pub is_head: bool,
+}
+
+/// Headers the rewriting treats specially. Names compare case-insensitively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Host,
+    Connection,
+    ContentLength,
+    TransferEncoding,
+    Upgrade,
+    Expect,
+    Te,
+    /// Other headers meaningful for one connection only (RFC 9110 §7.6.1).
+    HopByHop,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    Other,
+}
+
+fn kind(name: &str) -> Kind {
+    let is = |n: &str| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 if is("te") => Kind::Te,
+        4 if is("host") => Kind::Host,
+        6 if is("expect") => Kind::Expect,
+        7 if is("upgrade") => Kind::Upgrade,
+        7 if is("trailer") => Kind::HopByHop,
+        10 if is("connection") => Kind::Connection,
+        10 if is("keep-alive") => Kind::HopByHop,
+        14 if is("content-length") => Kind::ContentLength,
+        15 if is("x-forwarded-for") => Kind::XForwardedFor,
+        16 if is("proxy-connection") => Kind::HopByHop,
+        16 if is("x-forwarded-host") => Kind::XForwardedHost,
+        17 if is("transfer-encoding") => Kind::TransferEncoding,
+        17 if is("x-forwarded-proto") => Kind::XForwardedProto,
+        18 if is("proxy-authenticate") => Kind::HopByHop,
+        19 if is("proxy-authorization") => Kind::HopByHop,
+        _ => Kind::Other,
+    }
+}
+
+/// The comma-separated tokens of a header value, trimmed, empty ones skipped.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Whether `Connection: value` names the header `name`.
+fn named_by(connection: Option<&[u8]>, name: &str) -> bool {
+    connection.is_some_and(|c| tokens(c).any(|t| t.eq_ignore_ascii_case(name.as_bytes())))
+}
+
+/// A `Content-Length` value: digits only, no sign, no list.
+fn parse_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Decides whether the fast path takes `req` (a complete, parsed head).
+pub fn classify_request<'a>(req: &httparse::Request<'_, 'a>) -> Result<RequestHead<'a>, Handover> {
+    if req.version != Some(1) {
+        return Err(Handover::Version);
+    }
+    if !req.path.is_some_and(|p| p.starts_with('/')) {
+        return Err(Handover::RequestTarget);
+    }
+    let mut host = None;
+    let mut connection = None;
+    let mut length = None;
+    for h in req.headers.iter() {
+        match kind(h.name) {
+            Kind::Host if host.is_some() => return Err(Handover::Host),
+            Kind::Host => host = Some(h.value),
+            Kind::Connection if connection.is_some() => return Err(Handover::Connection),
+            Kind::Connection => connection = Some(h.value),
+            Kind::ContentLength if length.is_some() => return Err(Handover::ContentLength),
+            Kind::ContentLength => {
+                length = Some(parse_length(h.value).ok_or(Handover::ContentLength)?);
+            }
+            Kind::TransferEncoding => return Err(Handover::TransferEncoding),
+            Kind::Upgrade => return Err(Handover::Upgrade),
+            Kind::Expect => return Err(Handover::Expect),
+            _ => {}
+        }
+    }
+    let host = host.ok_or(Handover::Host)?;
+    if connection.is_some_and(|c| has_token(c, "upgrade")) {
+        return Err(Handover::Upgrade);
+    }
+    let content_length = length.unwrap_or(0);
+    if content_length > MAX_BUFFERED_BODY {
+        return Err(Handover::LargeBody);
+    }
+    Ok(RequestHead {
+        host,
+        content_length,
+        close: connection.is_some_and(|c| has_token(c, "close")),
+        connection,
+        is_head: req.method == Some("HEAD"),
+    })
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the head the upstream receives for `req` into `out`.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
+    req: &httparse::Request<'_, '_>,
+    head: &RequestHead<'_>,
+    peer_ip: &str,
+    extra: &[(HeaderName, HeaderValue)],
+) {
+    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    push_header(out, b"host", head.host);
+    let mut te_trailers = false;
+    let mut forwarded_for: Option<&[u8]> = None;
+    let mut more_forwarded_for = Vec::new();
+    for h in req.headers.iter() {
+        match kind(h.name) {
+            Kind::Te => te_trailers |= has_token(h.value, "trailers"),
+            Kind::XForwardedFor if forwarded_for.is_none() => forwarded_for = Some(h.value),
+            Kind::XForwardedFor => more_forwarded_for.push(h.value),
+            Kind::Other | Kind::ContentLength => {
+                let dropped = named_by(head.connection, h.name)
+                    || extra
+                        .iter()
+                        .any(|(n, _)| h.name.eq_ignore_ascii_case(n.as_str()));
+                if !dropped {
+                    push_header(out, h.name.as_bytes(), h.value);
+                }
+            }
+            _ => {}
+        }
+    }
+    if te_trailers {
+        out.extend_from_slice(b"te: trailers\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for prev in forwarded_for.iter().chain(&more_forwarded_for) {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer_ip.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    push_header(out, b"x-forwarded-host", head.host);
+    for (name, value) in extra {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes: the client's connection closes after it too.
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHead<'a> {
+    pub status: u16,
+    pub framing: Framing,
+    /// The upstream connection cannot carry another request.
+    pub upstream_closes: bool,
+    pub connection: Option<&'a [u8]>,
+}
+
+/// Reads the framing of a response (RFC 9112 §6.3) to a request that was (not) `HEAD`.
+/// `Err` names what makes the response unusable.
+pub fn classify_response<'a>(
+    resp: &httparse::Response<'_, 'a>,
+    request_was_head: bool,
+) -> Result<ResponseHead<'a>, &'static str> {
+    let status = resp.code.ok_or("no status")?;
+    let mut connection: Option<&[u8]> = None;
+    let mut length = None;
+    let mut chunked = false;
+    let mut keep_alive = false;
+    for h in resp.headers.iter() {
+        match kind(h.name) {
+            Kind::Connection => {
+                if connection.is_some() {
+                    return Err("more than one Connection header");
+                }
+                connection = Some(h.value);
+                keep_alive = has_token(h.value, "keep-alive");
+            }
+            Kind::ContentLength => {
+                let n = parse_length(h.value).ok_or("malformed Content-Length")?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length headers");
+                }
+                length = Some(n);
+            }
+            Kind::TransferEncoding => {
+                if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Err("unsupported Transfer-Encoding");
+                }
+                chunked = true;
+            }
+            _ => {}
+        }
+    }
+    let framing =
+        if request_was_head || (100..200).contains(&status) || status == 204 || status == 304 {
+            Framing::None
+        } else if chunked {
+            Framing::Chunked
+        } else if let Some(n) = length {
+            Framing::Length(n as u64)
+        } else {
+            Framing::UntilClose
+        };
+    let close_token = connection.is_some_and(|c| has_token(c, "close"));
+    let http10 = resp.version == Some(0);
+    Ok(ResponseHead {
+        status,
+        framing,
+        upstream_closes: close_token || (http10 && !keep_alive) || framing == Framing::UntilClose,
+        connection,
+    })
+}
+
+/// Writes the head the client receives into `out`; `close` adds `Connection: close`.
+pub fn write_response_head(
+    out: &mut Vec<u8>,
+    resp: &httparse::Response<'_, '_>,
+    head: &ResponseHead<'_>,
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    // httparse only accepts three-digit status codes.
+    let code = head.status.min(999);
+    out.extend_from_slice(&[
+        b'0' + (code / 100) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]);
+    out.push(b' ');
+    let reason = resp.reason.filter(|r| !r.is_empty()).unwrap_or_else(|| {
+        http::StatusCode::from_u16(head.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("")
+    });
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let keep = match kind(h.name) {
+            Kind::Other | Kind::Host | Kind::Expect | Kind::XForwardedFor => true,
+            Kind::XForwardedHost | Kind::XForwardedProto => true,
+            // The body is passed on with its chunks: the length, if any, is not the client's.
+            Kind::ContentLength => head.framing != Framing::Chunked,
+            _ => false,
+        };
+        if keep && !named_by(head.connection, h.name) {
+            push_header(out, h.name.as_bytes(), h.value);
+        }
+    }
+    if head.framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_req(raw: &str, f: impl FnOnce(&httparse::Request<'_, '_>)) {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(req.parse(raw.as_bytes()).unwrap().is_complete(), "{raw}");
+        f(&req);
+    }
+
+    #[test]
+    fn takes_plain_requests_and_hands_over_the_rest() {
+        let cases: &[(&str, Result<(usize, bool), Handover>)] = &[
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok((0, false))),
+            (
+                "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n",
+                Ok((12, false)),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive, close\r\n\r\n",
+                Ok((0, true)),
+            ),
+            ("GET / HTTP/1.0\r\nHost: a\r\n\r\n", Err(Handover::Version)),
+            (
+                "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+                Err(Handover::RequestTarget),
+            ),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+                Err(Handover::RequestTarget),
+            ),
+            ("GET / HTTP/1.1\r\n\r\n", Err(Handover::Host)),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                Err(Handover::Host),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: x\r\n\r\n",
+                Err(Handover::Connection),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                Err(Handover::Upgrade),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n",
+                Err(Handover::Upgrade),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n",
+                Err(Handover::Upgrade),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+                Err(Handover::Expect),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(Handover::TransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(Handover::TransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+                Err(Handover::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+                Err(Handover::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n",
+                Err(Handover::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                Err(Handover::ContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 65537\r\n\r\n",
+                Err(Handover::LargeBody),
+            ),
+        ];
+        for (raw, want) in cases {
+            parse_req(raw, |req| {
+                let got = classify_request(req).map(|h| (h.content_length, h.close));
+                assert_eq!(&got, want, "{raw:?}");
+            });
+        }
+    }
+
+    fn rewrite(raw: &str, extra: &[(&str, &str)]) -> String {
+        let extra: Vec<_> = extra
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        parse_req(raw, |req| {
+            let head = classify_request(req).unwrap();
+            write_request_head(&mut out, req, &head, "10.1.2.3", &extra);
+        });
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn rewrites_request_heads_like_the_general_path() {
+        let got = rewrite(
+            "POST /p?q=1 HTTP/1.1\r\nHost: App.Example.com:8080\r\nConnection: keep-alive, x-secret\r\n\
+             Keep-Alive: timeout=5\r\nX-Secret: 1\r\nTE: gzip, trailers\r\nProxy-Authorization: Basic x\r\n\
+             X-Forwarded-For: 192.0.2.1\r\nX-Forwarded-For: 192.0.2.2\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-Host: evil\r\nX-Env: client\r\nAccept: */*\r\nContent-Length: 2\r\n\r\n",
+            &[("x-env", "dev")],
+        );
+        assert_eq!(
+            got,
+            "POST /p?q=1 HTTP/1.1\r\nhost: App.Example.com:8080\r\nAccept: */*\r\nContent-Length: 2\r\n\
+             te: trailers\r\nx-forwarded-for: 192.0.2.1, 192.0.2.2, 10.1.2.3\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: App.Example.com:8080\r\nx-env: dev\r\n\r\n"
+        );
+    }
+
+    fn parse_resp(raw: &str, head_req: bool) -> Result<(Framing, bool, String), &'static str> {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        assert!(resp.parse(raw.as_bytes()).unwrap().is_complete(), "{raw}");
+        let head = classify_response(&resp, head_req)?;
+        let mut out = Vec::new();
+        write_response_head(&mut out, &resp, &head, head.framing == Framing::UntilClose);
+        Ok((
+            head.framing,
+            head.upstream_closes,
+            String::from_utf8(out).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn frames_responses() {
+        use Framing::*;
+        let cases: &[(&str, bool, Result<(Framing, bool), &str>)] = &[
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                false,
+                Ok((Length(5), false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                false,
+                Ok((Length(5), false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                false,
+                Err("conflicting Content-Length headers"),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+                false,
+                Err("malformed Content-Length"),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                false,
+                Ok((Chunked, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false,
+                Err("unsupported Transfer-Encoding"),
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", false, Ok((UntilClose, true))),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                true,
+                Ok((None, false)),
+            ),
+            ("HTTP/1.1 204 No Content\r\n\r\n", false, Ok((None, false))),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                Ok((None, false)),
+            ),
+            (
+                "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+                false,
+                Ok((None, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                false,
+                Ok((Length(0), true)),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+                false,
+                Ok((Length(0), true)),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+                false,
+                Ok((Length(0), false)),
+            ),
+        ];
+        for (raw, head_req, want) in cases {
+            let got = parse_resp(raw, *head_req).map(|(f, c, _)| (f, c));
+            assert_eq!(&got, want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn rewrites_response_heads() {
+        let (_, _, head) = parse_resp(
+            "HTTP/1.1 200 \r\nConnection: keep-alive, x-internal\r\nX-Internal: 1\r\nKeep-Alive: timeout=5\r\n\
+             Transfer-Encoding: chunked\r\nContent-Length: 3\r\nTrailer: x\r\nServer: up\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nServer: up\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let (_, _, head) = parse_resp("HTTP/1.1 404 Gone Fishing\r\n\r\n", false).unwrap();
+        assert_eq!(
+            head,
+            "HTTP/1.1 404 Gone Fishing\r\nconnection: close\r\n\r\n"
+        );
+    }
+}

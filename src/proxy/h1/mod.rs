@@ -1,0 +1,192 @@
+//! The HTTP/1.1 fast path: plain keep-alive requests (no upgrade, no `Expect`, a body of at most
+//! [`head::MAX_BUFFERED_BODY`] bytes by `Content-Length`) to plain-HTTP upstreams are parsed with
+//! httparse and relayed in the connection's own task over a pooled upstream connection, response
+//! bodies passed on as they come (with their length or chunks). Everything else — HTTP/2,
+//! WebSocket, streamed uploads, `https` targets, heads the fast path does not like — is handed,
+//! with the bytes already read, to the general hyper path (`server.rs`), which answers it as if
+//! it had read the connection from the start. Why: docs/proxy.md "Fast path".
+
+mod chunked;
+mod exchange;
+mod head;
+mod pool;
+mod rewind;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use self::exchange::Next;
+pub use self::rewind::Rewind;
+use super::server::Ctx;
+
+/// Headers parsed per request on the fast path; a request with more goes to the general path
+/// (which applies `proxy.limits.max_headers`).
+const MAX_FAST_HEADERS: usize = 128;
+const READ_CHUNK: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct FastSettings {
+    pub header_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub pool_max_idle: usize,
+    pub pool_idle_timeout: Duration,
+}
+
+pub struct FastPath {
+    settings: FastSettings,
+    pool: pool::Pool,
+}
+
+/// How a connection left the fast path.
+pub enum Exit {
+    /// It is done (closed by either side, or timed out).
+    Closed,
+    /// The general path takes over; these bytes were read and not answered.
+    Handover(Bytes),
+}
+
+enum Read {
+    Data,
+    Eof,
+    TimedOut,
+    Stopped,
+    Failed,
+}
+
+impl FastPath {
+    pub fn new(settings: FastSettings) -> Self {
+        Self {
+            pool: pool::Pool::new(settings.pool_max_idle, settings.pool_idle_timeout),
+            settings,
+        }
+    }
+
+    /// Closes idle upstream connections past their time, every `every`, until `stop`.
+    pub async fn sweep_pool(&self, every: Duration, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => self.pool.sweep(),
+                _ = super::stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    /// Serves requests from `client` until it closes, or until one needs the general path.
+    pub async fn serve(
+        &self,
+        ctx: &Ctx,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Exit {
+        let peer_ip = peer.ip().to_string();
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut io = exchange::Buffers::default();
+        let max_headers = self.settings.max_headers.min(MAX_FAST_HEADERS);
+        let mut deadline = Instant::now() + self.settings.header_timeout;
+        let mut served = 0u64;
+        loop {
+            let consumed = {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
+                let mut req = httparse::Request::new(&mut headers[..max_headers]);
+                match req.parse(&buf) {
+                    Ok(httparse::Status::Complete(head_len)) => {
+                        let head = match head::classify_request(&req) {
+                            Ok(head) => head,
+                            Err(why) => {
+                                tracing::trace!(%peer, ?why, "to the general path");
+                                return Exit::Handover(buf.freeze());
+                            }
+                        };
+                        let len = head_len + head.content_length;
+                        if buf.len() >= len {
+                            let body = &buf[head_len..len];
+                            let exchange = exchange::Exchange {
+                                fast: self,
+                                ctx,
+                                peer_ip: &peer_ip,
+                                req: &req,
+                                head: &head,
+                                body,
+                            };
+                            match exchange.run(client, &mut io, stop).await {
+                                Next::KeepAlive => Some(len),
+                                Next::Close => return Exit::Closed,
+                                Next::Handover => {
+                                    drop(req);
+                                    return Exit::Handover(buf.freeze());
+                                }
+                            }
+                        } else {
+                            None
+                        }
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < self.settings.max_header_bytes => {
+                        None
+                    }
+                    // Too large, too many headers, malformed: the general path says which.
+                    _ => return Exit::Handover(buf.freeze()),
+                }
+            };
+            if let Some(n) = consumed {
+                served += 1;
+                bytes::Buf::advance(&mut buf, n);
+                deadline = Instant::now() + self.settings.header_timeout;
+                if !buf.is_empty() {
+                    // A pipelined request is already here.
+                    continue;
+                }
+            }
+            // A connection's first request is answered even when stopping (it may have been
+            // accepted from the backlog after the listener stopped); later ones are not waited for.
+            let idle_stops = served > 0;
+            match read_more(client, &mut buf, deadline, stop, idle_stops).await {
+                Read::Data => {}
+                Read::Eof | Read::TimedOut | Read::Stopped | Read::Failed => return Exit::Closed,
+            }
+        }
+    }
+}
+
+/// Reads more of a request into `buf`: until `deadline`, and, between requests when `idle_stops`,
+/// until `stop`.
+async fn read_more(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    stop: &mut watch::Receiver<bool>,
+    idle_stops: bool,
+) -> Read {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
+    }
+    let between_requests = idle_stops && buf.is_empty();
+    if between_requests && *stop.borrow() {
+        return Read::Stopped;
+    }
+    let read = tokio::time::timeout_at(deadline, client.read_buf(buf));
+    let got = if between_requests {
+        tokio::select! {
+            biased;
+            got = read => got,
+            _ = super::stopped(stop) => return Read::Stopped,
+        }
+    } else {
+        read.await
+    };
+    match got {
+        Err(_) => Read::TimedOut,
+        Ok(Ok(0)) => Read::Eof,
+        Ok(Ok(_)) => Read::Data,
+        Ok(Err(_)) => Read::Failed,
+    }
+}
