@@ -140,7 +140,8 @@ mod tests {
 
     #[test]
     fn finds_the_end_of_a_body() {
-        let cases: &[(&str, Result<(usize, u64), ChunkError>)] = &[
+        type Case = (&'static str, Result<(usize, u64), ChunkError>);
+        let cases: &[Case] = &[
             ("0\r\n\r\n", Ok((5, 0))),
             ("5\r\nhello\r\n0\r\n\r\nNEXT", Ok((15, 5))),
             (

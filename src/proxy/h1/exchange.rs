@@ -224,9 +224,10 @@ impl Exchange<'_, '_> {
             upstream: target.to_string(),
             reason: reason.to_string(),
         };
-        // Interim (1xx) responses are passed on; the final one follows.
+        // Interim (1xx) responses are dropped, as the general path's client does; the final
+        // one follows.
         let (status, framing, upstream_closes, client_closes) = loop {
-            let (rh, client_closes) = {
+            let head = {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
                 let mut resp = httparse::Response::new(&mut headers);
                 resp.parse(&io.upstream[..head_len])
@@ -235,19 +236,18 @@ impl Exchange<'_, '_> {
                 if rh.status == 101 {
                     return Err(fail("switched protocols without being asked to"));
                 }
+                let interim = (100..200).contains(&rh.status);
                 let client_closes = close || rh.framing == Framing::UntilClose;
-                io.out.clear();
-                head::write_response_head(&mut io.out, &resp, &rh, client_closes);
-                ((rh.status, rh.framing, rh.upstream_closes), client_closes)
+                if !interim {
+                    io.out.clear();
+                    head::write_response_head(&mut io.out, &resp, &rh, client_closes);
+                }
+                (!interim).then_some((rh.status, rh.framing, rh.upstream_closes, client_closes))
             };
-            let (code, framing, upstream_closes) = rh;
-            let status = StatusCode::from_u16(code).map_err(|_| fail("bad status"))?;
             io.upstream.advance(head_len);
-            if !(100..200).contains(&code) {
+            if let Some((code, framing, upstream_closes, client_closes)) = head {
+                let status = StatusCode::from_u16(code).map_err(|_| fail("bad status"))?;
                 break (status, framing, upstream_closes, client_closes);
-            }
-            if client.write_all(&io.out).await.is_err() {
-                return Ok((status, None, false));
             }
             head_len = match read_head(&mut upstream, &mut io.upstream).await {
                 Ok(Some(n)) => n,

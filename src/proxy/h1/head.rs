@@ -345,7 +345,8 @@ mod tests {
 
     #[test]
     fn takes_plain_requests_and_hands_over_the_rest() {
-        let cases: &[(&str, Result<(usize, bool), Handover>)] = &[
+        type Case = (&'static str, Result<(usize, bool), Handover>);
+        let cases: &[Case] = &[
             ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok((0, false))),
             (
                 "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n",
@@ -478,7 +479,8 @@ mod tests {
     #[test]
     fn frames_responses() {
         use Framing::*;
-        let cases: &[(&str, bool, Result<(Framing, bool), &str>)] = &[
+        type Case = (&'static str, bool, Result<(Framing, bool), &'static str>);
+        let cases: &[Case] = &[
             (
                 "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
                 false,
@@ -565,5 +567,52 @@ mod tests {
             head,
             "HTTP/1.1 404 Gone Fishing\r\nconnection: close\r\n\r\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header_line() -> impl Strategy<Value = String> {
+        let names = prop_oneof![
+            Just("Host".to_string()),
+            Just("Connection".to_string()),
+            Just("Content-Length".to_string()),
+            Just("Transfer-Encoding".to_string()),
+            Just("TE".to_string()),
+            Just("X-Forwarded-For".to_string()),
+            Just("Upgrade".to_string()),
+            "[A-Za-z-]{1,12}",
+        ];
+        (names, "[ -~]{0,20}").prop_map(|(n, v)| format!("{n}: {v}\r\n"))
+    }
+
+    proptest! {
+        /// Whatever head a client sends, classifying and rewriting it never panics, and a head
+        /// the fast path takes is rewritten into one that parses, with one Host.
+        #[test]
+        fn any_head_is_classified_and_rewritten_safely(
+            method in "(GET|POST|HEAD|PUT|[A-Z]{1,7})",
+            path in "/[ -~&&[^ ]]{0,30}",
+            lines in proptest::collection::vec(header_line(), 0..12),
+        ) {
+            let raw = format!("{method} {path} HTTP/1.1\r\n{}\r\n", lines.concat());
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = req.parse(raw.as_bytes())
+                && let Ok(head) = classify_request(&req)
+            {
+                let mut out = Vec::new();
+                write_request_head(&mut out, &req, &head, "127.0.0.1", &[]);
+                let mut again = [httparse::EMPTY_HEADER; 64];
+                let mut parsed = httparse::Request::new(&mut again);
+                prop_assert!(parsed.parse(&out).unwrap().is_complete());
+                let hosts = parsed.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).count();
+                prop_assert_eq!(hosts, 1);
+                prop_assert!(!parsed.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding")));
+            }
+        }
     }
 }

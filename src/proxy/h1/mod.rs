@@ -121,10 +121,7 @@ impl FastPath {
                             match exchange.run(client, &mut io, stop).await {
                                 Next::KeepAlive => Some(len),
                                 Next::Close => return Exit::Closed,
-                                Next::Handover => {
-                                    drop(req);
-                                    return Exit::Handover(buf.freeze());
-                                }
+                                Next::Handover => return Exit::Handover(buf.freeze()),
                             }
                         } else {
                             None
