@@ -1150,7 +1150,7 @@ fn report_throughput(tp: &Throughput) {
          tunnox sends; tunnox: {HOSTS} `mappings:` in its file, single-node). \
          `wrk -t1 -c{CONNECTIONS} -d{}s --latency` with a Lua script rotating `Host` over {ROTATE} of the \
          {HOSTS} hosts (the same script for both); {} s of warm-up before each run; runs alternate \
-         nginx, tunnox ×{RUNS}; medians. Both answer 200 with the upstream's body for a mapped host and \
+         nginx, tunnox, tunnox with `fast_path: false`, ×{RUNS}; medians. Both answer 200 with the upstream's body for a mapped host and \
          404 for an unmapped one (checked before measuring). CPU per request is the proxy's own CPU time \
          (`/proc/<pid>/schedstat` of tunnox, of the nginx worker) over the requests of the run. \
          2 cores are shared by wrk, the proxy and the upstream, so absolute numbers are low and noisy: \
@@ -1214,9 +1214,9 @@ fn report_throughput(tp: &Throughput) {
          (read the request, write it upstream, read the answer, write it back). The kernel's share \
          of that (TCP on loopback, including delivering each segment to the receiving process) is \
          {:.1} µs for nginx and {:.1} µs for tunnox, against {:.1} µs and {:.1} µs in user space. A \
-         proxy with no user-space cost at all and tunnox's kernel time would use {:.2}× less CPU per \
-         request than nginx: that is the ceiling of any throughput ratio on one core here, and wrk \
-         and the upstream sharing the second core lower the visible ratio further.\n",
+         proxy with no user-space cost at all and tunnox's kernel time would need 1/{:.2} of \
+         nginx's CPU per request: that is the ceiling of any throughput ratio on one core here, and \
+         wrk and the upstream sharing the cores lower the visible ratio further.\n",
         secs(&tp.nginx, &|r| r.kernel_per_request) * 1e6,
         tunnox_kernel * 1e6,
         secs(&tp.nginx, &|r| r.user_per_request) * 1e6,

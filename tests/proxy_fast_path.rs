@@ -635,3 +635,40 @@ fn closes_kept_alive_connections_when_asked_and_after_errors_it_cannot_frame() {
     c.send(get("/len").as_bytes());
     assert_eq!(c.answer(false).unwrap().body, b"hello");
 }
+
+#[test]
+fn a_stopping_proxy_still_answers_requests_already_begun_on_both_paths() {
+    let mut p = start();
+    // Two connections each with half a request: one the fast path takes, one it hands over.
+    let mut fast = Client::connect(p.fast.port);
+    fast.send(b"GET /len HTTP/1.1\r\nHost: app.tun");
+    let mut general = Client::connect(p.fast.port);
+    general.send(b"POST /echo HTTP/1.1\r\nHost: app.tunnox.net\r\nTransfer-Encoding: chunked\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = p.fast.role.pid().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    fast.send(b"nox.net\r\n\r\n");
+    general.send(b"\r\n2\r\nok\r\n0\r\n\r\n");
+    let a = fast
+        .answer(false)
+        .expect("the fast path answers the request it was reading");
+    assert_eq!(
+        (a.status, &a.body[..], a.header("connection")),
+        (200, &b"hello"[..], Some("close"))
+    );
+    let a = general
+        .answer(false)
+        .expect("the general path answers the request handed to it");
+    assert_eq!(
+        (a.status, &a.body[..], a.header("connection")),
+        (200, &b"ok"[..], Some("close"))
+    );
+    assert_eq!(p.fast.role.terminate(Duration::from_secs(10)), Some(0));
+}

@@ -74,7 +74,26 @@ pub enum SpecError {
     HeaderName { name: String },
     #[error("custom_headers: value of {name:?} contains a control character")]
     HeaderValue { name: String },
+    #[error(
+        "custom_headers: {name:?} cannot be set by a mapping (it frames the message or belongs to one connection)"
+    )]
+    ReservedHeader { name: String },
 }
+
+/// Header names (lower case) a mapping's `custom_headers` cannot set: they frame the message or
+/// belong to one connection, and setting them would desynchronise the proxy and the upstream.
+pub const RESERVED_HEADERS: [&str; 10] = [
+    "connection",
+    "content-length",
+    "expect",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 impl MappingSpec {
     /// A minimal spec, for tests and examples.
@@ -121,6 +140,9 @@ impl MappingSpec {
             }
             if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
                 return Err(SpecError::HeaderValue { name: name.clone() });
+            }
+            if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                return Err(SpecError::ReservedHeader { name: name.clone() });
             }
         }
         Ok(full)
@@ -292,6 +314,13 @@ mod tests {
                     ..MappingSpec::new("a", "tunnox.net", "::1", 1)
                 },
                 "custom_headers: \"X Bad\"",
+            ),
+            (
+                MappingSpec {
+                    custom_headers: [("Transfer-Encoding".into(), "chunked".into())].into(),
+                    ..MappingSpec::new("a", "tunnox.net", "::1", 1)
+                },
+                "custom_headers: \"Transfer-Encoding\" cannot be set",
             ),
             (
                 MappingSpec {

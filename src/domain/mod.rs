@@ -7,5 +7,5 @@ mod set;
 
 pub use hostname::{Hostname, HostnameError, MAX_HOSTNAME_LEN, MAX_LABEL_LEN};
 pub use ids::{MappingId, MappingIdError};
-pub use mapping::{Mapping, MappingSpec, MappingStatus, Scheme, SpecError};
+pub use mapping::{Mapping, MappingSpec, MappingStatus, RESERVED_HEADERS, Scheme, SpecError};
 pub use set::{DR_REGION, SetName, SetNameError, serving_set};

@@ -219,11 +219,17 @@ fn rewrite_request_headers(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
-    let ip = client.peer.ip().to_string();
-    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
+    // Every earlier hop, in order (several headers count as one list), then the client.
+    let mut xff = String::new();
+    for prev in h
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        xff.push_str(prev);
+        xff.push_str(", ");
+    }
+    xff.push_str(&client.peer.ip().to_string());
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR, v);
     }

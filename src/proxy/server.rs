@@ -74,6 +74,7 @@ pub async fn serve(
         .keep_alive_timeout(s.header_timeout)
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
+    let handover = Arc::new(Handover::new(&s));
     // Every connection task holds a watcher: shutting down waits for all of them.
     let graceful = GracefulShutdown::new();
     let conn_stop = stop.clone();
@@ -81,6 +82,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let builder = builder.clone();
+        let handover = handover.clone();
         let watcher = graceful.watcher();
         let mut stop = conn_stop.clone();
         tokio::spawn(async move {
@@ -95,9 +97,19 @@ pub async fn serve(
                     let ctx = ctx2.clone();
                     async move { Ok::<_, Infallible>(handle(&ctx, peer, req).await) }
                 });
-                let io = TokioIo::new(Rewind::new(read, stream));
-                let conn = builder.serve_connection_with_upgrades(io, service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                let served = if read.is_empty() {
+                    let io = TokioIo::new(stream);
+                    let conn = builder.serve_connection_with_upgrades(io, service);
+                    watcher
+                        .watch(conn.into_owned())
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    // Held until the connection ends: shutting down waits for it.
+                    let _watcher = watcher;
+                    handover.serve(read, stream, service, &mut stop).await
+                };
+                if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             }
@@ -130,6 +142,81 @@ pub async fn serve(
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(s.grace_period) => {
             tracing::warn!(open = ctx.metrics.active_connections.get(), "grace period over; closing the rest");
+        }
+    }
+}
+
+/// Serves a connection the fast path began reading. The protocol is known from those bytes, so
+/// the connection goes straight to hyper's HTTP/1 or HTTP/2 server: one that is stopping still
+/// answers the request that was read (the auto-detecting server would drop it unread).
+struct Handover {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Handover {
+    fn new(s: &ServerSettings) -> Self {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(s.header_timeout)
+            .max_buf_size(s.max_header_bytes.max(8192))
+            .max_headers(s.max_headers);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .keep_alive_interval(Some(s.header_timeout))
+            .keep_alive_timeout(s.header_timeout)
+            .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+        Self { h1, h2 }
+    }
+
+    /// Serves until the connection ends; when `stop` turns, the connection is asked to finish
+    /// (the request in hand is answered, with `Connection: close` on HTTP/1, GOAWAY on HTTP/2).
+    async fn serve<S>(
+        &self,
+        read: Bytes,
+        stream: tokio::net::TcpStream,
+        service: S,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), String>
+    where
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<ProxyBody>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let h2 = read.starts_with(b"PRI * HTTP/2");
+        let io = TokioIo::new(Rewind::new(read, stream));
+        if h2 {
+            let conn = std::pin::pin!(self.h2.serve_connection(io, service));
+            until_done(conn, stop, |c| c.graceful_shutdown()).await
+        } else {
+            let conn = std::pin::pin!(self.h1.serve_connection(io, service).with_upgrades());
+            until_done(conn, stop, |c| c.graceful_shutdown()).await
+        }
+    }
+}
+
+/// Drives `conn` to its end, calling `shutdown` on it once `stop` turns.
+async fn until_done<C, E>(
+    mut conn: std::pin::Pin<&mut C>,
+    stop: &mut watch::Receiver<bool>,
+    shutdown: impl Fn(std::pin::Pin<&mut C>),
+) -> Result<(), String>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => return done.map_err(|e| e.to_string()),
+            _ = super::stopped(stop), if !asked => {
+                asked = true;
+                shutdown(conn.as_mut());
+            }
         }
     }
 }

@@ -100,7 +100,9 @@ impl Exchange<'_, '_> {
         );
         io.out.extend_from_slice(self.body);
         let sent_at = Instant::now();
-        let answered = self.send(target, io).await;
+        // One limit for the final response head, retries and interim responses included.
+        let deadline = tokio::time::Instant::now() + self.fast.settings.response_timeout;
+        let answered = self.send(target, io, deadline).await;
         self.ctx
             .metrics
             .upstream_seconds
@@ -111,7 +113,7 @@ impl Exchange<'_, '_> {
         };
         let close = self.head.close || self.ctx.drain.is_draining() || *stop.borrow();
         let relayed = self
-            .relay(client, upstream, head_len, io, close, target)
+            .relay(client, upstream, head_len, io, close, (target, deadline))
             .await;
         let (status, bytes_out, keep_alive) = match relayed {
             Ok(r) => r,
@@ -151,7 +153,12 @@ impl Exchange<'_, '_> {
     /// Sends `io.out` to `target` and reads the response head into `io.upstream`. A pooled
     /// connection the upstream closed meanwhile is replaced once when the request is safe to
     /// repeat (nothing came back, the method is idempotent).
-    async fn send(&self, target: &str, io: &mut Buffers) -> Result<Answered, ProxyError> {
+    async fn send(
+        &self,
+        target: &str,
+        io: &mut Buffers,
+        deadline: tokio::time::Instant,
+    ) -> Result<Answered, ProxyError> {
         let fail = |reason: String| ProxyError::Upstream {
             upstream: target.to_string(),
             reason,
@@ -164,8 +171,8 @@ impl Exchange<'_, '_> {
                 None => self.connect(target).await?,
             };
             io.upstream.clear();
-            let exchanged = tokio::time::timeout(
-                self.fast.settings.response_timeout,
+            let exchanged = tokio::time::timeout_at(
+                deadline,
                 exchange_head(&mut upstream, &io.out, &mut io.upstream),
             )
             .await;
@@ -218,7 +225,7 @@ impl Exchange<'_, '_> {
         mut head_len: usize,
         io: &mut Buffers,
         close: bool,
-        target: &str,
+        (target, deadline): (&str, tokio::time::Instant),
     ) -> Result<(StatusCode, Option<u64>, bool), ProxyError> {
         let fail = |reason: &str| ProxyError::Upstream {
             upstream: target.to_string(),
@@ -240,7 +247,9 @@ impl Exchange<'_, '_> {
                 let client_closes = close || rh.framing == Framing::UntilClose;
                 if !interim {
                     io.out.clear();
-                    head::write_response_head(&mut io.out, &resp, &rh, client_closes);
+                    date::with(|date| {
+                        head::write_response_head(&mut io.out, &resp, &rh, client_closes, date);
+                    });
                 }
                 (!interim).then_some((rh.status, rh.framing, rh.upstream_closes, client_closes))
             };
@@ -249,9 +258,12 @@ impl Exchange<'_, '_> {
                 let status = StatusCode::from_u16(code).map_err(|_| fail("bad status"))?;
                 break (status, framing, upstream_closes, client_closes);
             }
-            head_len = match read_head(&mut upstream, &mut io.upstream).await {
-                Ok(Some(n)) => n,
-                _ => return Err(fail("no final response after an interim one")),
+            let next =
+                tokio::time::timeout_at(deadline, read_head(&mut upstream, &mut io.upstream));
+            head_len = match next.await {
+                Ok(Ok(Some(n))) => n,
+                Err(_) => return Err(ProxyError::UpstreamTimeout(target.to_string())),
+                Ok(_) => return Err(fail("no final response after an interim one")),
             };
         };
         let body = relay_body(client, &mut upstream, io, framing).await;
@@ -260,7 +272,10 @@ impl Exchange<'_, '_> {
             Err(Broken) => (None, false),
         };
         if upstream_done && !upstream_closes && io.upstream.is_empty() {
-            self.fast.pool.put(target, upstream);
+            // After a bodiless response, bytes an upstream wrongly sent as a body may still be
+            // on their way: the pool looks before reusing the connection.
+            let suspect = framing == Framing::None;
+            self.fast.pool.put(target, upstream, suspect);
         }
         Ok((status, sent, !client_closes))
     }
@@ -407,6 +422,28 @@ async fn fill(upstream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Broken
     match upstream.read_buf(buf).await {
         Ok(0) | Err(_) => Err(Broken),
         Ok(_) => Ok(()),
+    }
+}
+
+/// The `Date` header value, formatted once per second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+
+    pub fn with<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                *c = (secs, httpdate::fmt_http_date(now));
+            }
+            f(c.1.as_bytes())
+        })
     }
 }
 

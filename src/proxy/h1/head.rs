@@ -15,8 +15,11 @@ pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
 pub enum Handover {
     /// Not HTTP/1.1.
     Version,
-    /// Not origin-form (`/path`): absolute-form or `*`.
+    /// Not origin-form (`/path`): absolute-form, `*`, a fragment, or bytes the general path's
+    /// URI parser refuses (it answers 400).
     RequestTarget,
+    /// `CONNECT`: a tunnel, not a request with a body.
+    Method,
     /// No Host header, or more than one.
     Host,
     /// More than one `Connection` header.
@@ -39,6 +42,8 @@ pub struct RequestHead<'a> {
     /// The Host header exactly as sent.
     pub host: &'a [u8],
     pub content_length: usize,
+    /// A `Content-Length` header was sent (and is sent on).
+    pub has_length: bool,
     /// The client asked to close the connection after this request.
     pub close: bool,
     /// The value of the `Connection` header, whose tokens name more headers to drop.
@@ -116,8 +121,15 @@ pub fn classify_request<'a>(req: &httparse::Request<'_, 'a>) -> Result<RequestHe
     if req.version != Some(1) {
         return Err(Handover::Version);
     }
-    if !req.path.is_some_and(|p| p.starts_with('/')) {
+    let path = req.path.unwrap_or("");
+    if !path.starts_with('/')
+        || path.contains('#')
+        || http::uri::PathAndQuery::try_from(path).is_err()
+    {
         return Err(Handover::RequestTarget);
+    }
+    if req.method == Some("CONNECT") {
+        return Err(Handover::Method);
     }
     let mut host = None;
     let mut connection = None;
@@ -149,6 +161,7 @@ pub fn classify_request<'a>(req: &httparse::Request<'_, 'a>) -> Result<RequestHe
     Ok(RequestHead {
         host,
         content_length,
+        has_length: length.is_some(),
         close: connection.is_some_and(|c| has_token(c, "close")),
         connection,
         is_head: req.method == Some("HEAD"),
@@ -162,7 +175,16 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the head the upstream receives for `req` into `out`.
+/// Visible ASCII (and tabs): what the general path accepts as header text.
+fn is_text(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+/// Writes the head the upstream receives for `req` into `out`. The framing header is the
+/// proxy's own (never dropped or replaced); the mapping's headers replace the client's and the
+/// proxy's `Host` / `X-Forwarded-*` of the same name.
 pub fn write_request_head(
     out: &mut Vec<u8>,
     req: &httparse::Request<'_, '_>,
@@ -170,42 +192,57 @@ pub fn write_request_head(
     peer_ip: &str,
     extra: &[(HeaderName, HeaderValue)],
 ) {
+    let overridden = |name: &str| {
+        extra
+            .iter()
+            .any(|(n, _)| name.eq_ignore_ascii_case(n.as_str()))
+    };
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    push_header(out, b"host", head.host);
+    if !overridden("host") {
+        push_header(out, b"host", head.host);
+    }
     let mut te_trailers = false;
-    let mut forwarded_for: Option<&[u8]> = None;
-    let mut more_forwarded_for = Vec::new();
+    let keep_forwarded_for = !named_by(head.connection, "x-forwarded-for");
+    let mut forwarded_for: Vec<&[u8]> = Vec::new();
     for h in req.headers.iter() {
         match kind(h.name) {
             Kind::Te => te_trailers |= has_token(h.value, "trailers"),
-            Kind::XForwardedFor if forwarded_for.is_none() => forwarded_for = Some(h.value),
-            Kind::XForwardedFor => more_forwarded_for.push(h.value),
-            Kind::Other | Kind::ContentLength => {
-                let dropped = named_by(head.connection, h.name)
-                    || extra
-                        .iter()
-                        .any(|(n, _)| h.name.eq_ignore_ascii_case(n.as_str()));
-                if !dropped {
-                    push_header(out, h.name.as_bytes(), h.value);
-                }
+            Kind::XForwardedFor if keep_forwarded_for && is_text(h.value) => {
+                forwarded_for.push(h.value);
             }
+            Kind::Other if !named_by(head.connection, h.name) && !overridden(h.name) => {
+                push_header(out, h.name.as_bytes(), h.value);
+            }
+            // Framing and hop-by-hop headers, and what the proxy sets itself.
             _ => {}
         }
+    }
+    if head.has_length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(head.content_length.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for prev in forwarded_for.iter().chain(&more_forwarded_for) {
-        out.extend_from_slice(prev);
-        out.extend_from_slice(b", ");
+    if !overridden("x-forwarded-for") {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for prev in &forwarded_for {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(peer_ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(peer_ip.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-    push_header(out, b"x-forwarded-host", head.host);
+    if !overridden("x-forwarded-proto") {
+        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    }
+    if !overridden("x-forwarded-host") {
+        push_header(out, b"x-forwarded-host", head.host);
+    }
     for (name, value) in extra {
         push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -287,12 +324,14 @@ pub fn classify_response<'a>(
     })
 }
 
-/// Writes the head the client receives into `out`; `close` adds `Connection: close`.
+/// Writes the head the client receives into `out`; `close` adds `Connection: close`, `date` is
+/// added when the upstream sent none. The body's length (or chunking) is stated by the proxy.
 pub fn write_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     head: &ResponseHead<'_>,
     close: bool,
+    date: &[u8],
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     // httparse only accepts three-digit status codes.
@@ -311,20 +350,34 @@ pub fn write_response_head(
     });
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
     for h in resp.headers.iter() {
         let keep = match kind(h.name) {
-            Kind::Other | Kind::Host | Kind::Expect | Kind::XForwardedFor => true,
-            Kind::XForwardedHost | Kind::XForwardedProto => true,
-            // The body is passed on with its chunks: the length, if any, is not the client's.
-            Kind::ContentLength => head.framing != Framing::Chunked,
-            _ => false,
+            // A bodiless response's length describes the resource (HEAD, 304): passed on.
+            Kind::ContentLength => head.framing == Framing::None,
+            Kind::Connection
+            | Kind::HopByHop
+            | Kind::Te
+            | Kind::Upgrade
+            | Kind::TransferEncoding => false,
+            _ => !named_by(head.connection, h.name),
         };
-        if keep && !named_by(head.connection, h.name) {
+        if keep {
+            has_date |= h.name.eq_ignore_ascii_case("date");
             push_header(out, h.name.as_bytes(), h.value);
         }
     }
-    if head.framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match head.framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None | Framing::UntilClose => {}
+    }
+    if !has_date {
+        push_header(out, b"date", date);
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -456,9 +509,33 @@ mod tests {
         );
         assert_eq!(
             got,
-            "POST /p?q=1 HTTP/1.1\r\nhost: App.Example.com:8080\r\nAccept: */*\r\nContent-Length: 2\r\n\
+            "POST /p?q=1 HTTP/1.1\r\nhost: App.Example.com:8080\r\nAccept: */*\r\ncontent-length: 2\r\n\
              te: trailers\r\nx-forwarded-for: 192.0.2.1, 192.0.2.2, 10.1.2.3\r\nx-forwarded-proto: http\r\n\
              x-forwarded-host: App.Example.com:8080\r\nx-env: dev\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn framing_headers_cannot_be_dropped_and_mapping_headers_replace() {
+        // `Connection` naming the length must not leave the body to be read as a second request.
+        let got = rewrite(
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length, x-forwarded-for\r\n\
+             X-Forwarded-For: 192.0.2.1\r\nContent-Length: 3\r\n\r\n",
+            &[],
+        );
+        assert_eq!(
+            got,
+            "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\n"
+        );
+        let got = rewrite(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: caf\u{e9}\r\n\r\n",
+            &[("host", "internal.svc"), ("x-forwarded-proto", "https")],
+        );
+        assert_eq!(
+            got,
+            "GET / HTTP/1.1\r\nx-forwarded-for: 10.1.2.3\r\nx-forwarded-host: a\r\n\
+             host: internal.svc\r\nx-forwarded-proto: https\r\n\r\n"
         );
     }
 
@@ -468,7 +545,14 @@ mod tests {
         assert!(resp.parse(raw.as_bytes()).unwrap().is_complete(), "{raw}");
         let head = classify_response(&resp, head_req)?;
         let mut out = Vec::new();
-        write_response_head(&mut out, &resp, &head, head.framing == Framing::UntilClose);
+        let date = b"Mon, 23 Nov 2026 00:00:00 GMT";
+        write_response_head(
+            &mut out,
+            &resp,
+            &head,
+            head.framing == Framing::UntilClose,
+            date,
+        );
         Ok((
             head.framing,
             head.upstream_closes,
@@ -558,14 +642,35 @@ mod tests {
             false,
         )
         .unwrap();
+        let date = "date: Mon, 23 Nov 2026 00:00:00 GMT\r\n";
         assert_eq!(
             head,
-            "HTTP/1.1 200 OK\r\nServer: up\r\ntransfer-encoding: chunked\r\n\r\n"
+            format!("HTTP/1.1 200 OK\r\nServer: up\r\ntransfer-encoding: chunked\r\n{date}\r\n")
         );
         let (_, _, head) = parse_resp("HTTP/1.1 404 Gone Fishing\r\n\r\n", false).unwrap();
         assert_eq!(
             head,
-            "HTTP/1.1 404 Gone Fishing\r\nconnection: close\r\n\r\n"
+            format!("HTTP/1.1 404 Gone Fishing\r\n{date}connection: close\r\n\r\n")
+        );
+        // The length is the proxy's to state: `Connection` naming it does not remove it. A
+        // bodiless response keeps the upstream's (it describes the resource); the date stays.
+        let (_, _, head) = parse_resp(
+            "HTTP/1.1 200 OK\r\nConnection: content-length\r\nDate: x\r\nContent-Length: 5\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nDate: x\r\ncontent-length: 5\r\n\r\n"
+        );
+        let (_, _, head) = parse_resp(
+            "HTTP/1.1 200 OK\r\nDate: x\r\nContent-Length: 5\r\n\r\n",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nDate: x\r\nContent-Length: 5\r\n\r\n"
         );
     }
 }

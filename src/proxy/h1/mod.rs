@@ -99,6 +99,12 @@ impl FastPath {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
                 let mut req = httparse::Request::new(&mut headers[..max_headers]);
                 match req.parse(&buf) {
+                    Ok(httparse::Status::Complete(head_len))
+                        if head_len > self.settings.max_header_bytes =>
+                    {
+                        // Completed in one read past the limit: the general path answers 431.
+                        return Exit::Handover(buf.freeze());
+                    }
                     Ok(httparse::Status::Complete(head_len)) => {
                         let head = match head::classify_request(&req) {
                             Ok(head) => head,
@@ -124,6 +130,9 @@ impl FastPath {
                                 Next::Handover => return Exit::Handover(buf.freeze()),
                             }
                         } else {
+                            // The rest of the body is on its way: each read of it gets the
+                            // header timeout anew (a slow upload that progresses is not cut).
+                            deadline = Instant::now() + self.settings.header_timeout;
                             None
                         }
                     }

@@ -1,7 +1,7 @@
 //! Idle keep-alive connections to upstreams, per target authority.
 
 use std::sync::Mutex;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -15,17 +15,28 @@ pub struct Pool {
 struct Idle {
     stream: TcpStream,
     since: Instant,
+    /// Ask the socket itself before reuse (one system call), not only the runtime.
+    suspect: bool,
 }
 
 impl Idle {
     /// An idle upstream connection has nothing to say: if it became readable, the upstream
-    /// closed it (or broke the protocol). Reads the readiness the runtime already has, no syscall.
+    /// closed it (or broke the protocol). Reads the readiness the runtime already has (no
+    /// system call), and for a suspect connection peeks at the socket too.
     fn usable(&self, now: Instant, timeout: Duration) -> bool {
         if now.duration_since(self.since) >= timeout {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        matches!(self.stream.poll_read_ready(&mut cx), Poll::Pending)
+        if self.stream.poll_read_ready(&mut cx).is_ready() {
+            return false;
+        }
+        if self.suspect {
+            let mut byte = [std::mem::MaybeUninit::uninit()];
+            let peeked = socket2::SockRef::from(&self.stream).peek(&mut byte);
+            return matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        }
+        true
     }
 }
 
@@ -52,7 +63,7 @@ impl Pool {
     }
 
     /// Keeps `stream` for the next request to `target`, unless enough are kept already.
-    pub fn put(&self, target: &str, stream: TcpStream) {
+    pub fn put(&self, target: &str, stream: TcpStream, suspect: bool) {
         if self.max_idle == 0 {
             return;
         }
@@ -68,6 +79,7 @@ impl Pool {
         list.push(Idle {
             stream,
             since: Instant::now(),
+            suspect,
         });
     }
 
@@ -110,7 +122,7 @@ mod tests {
         let pool = Pool::new(2, Duration::from_secs(60));
         let (a, _a_srv) = pair(&l).await;
         let a_port = a.local_addr().unwrap().port();
-        pool.put("t", a);
+        pool.put("t", a, false);
         let got = pool.take("t").expect("open connection reused");
         assert_eq!(got.local_addr().unwrap().port(), a_port);
         assert!(pool.take("t").is_none());
@@ -118,7 +130,7 @@ mod tests {
 
         // The upstream closes an idle connection: not handed out again.
         let (b, mut b_srv) = pair(&l).await;
-        pool.put("t", b);
+        pool.put("t", b, false);
         b_srv.shutdown().await.unwrap();
         drop(b_srv);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -129,15 +141,26 @@ mod tests {
         for _ in 0..3 {
             let (c, s) = pair(&l).await;
             servers.push(s);
-            pool.put("t", c);
+            pool.put("t", c, false);
         }
         assert_eq!(pool.idle_count(), 2);
 
         let short = Pool::new(2, Duration::from_millis(10));
         let (c, _s) = pair(&l).await;
-        short.put("t", c);
+        short.put("t", c, false);
         tokio::time::sleep(Duration::from_millis(20)).await;
         short.sweep();
         assert_eq!(short.idle_count(), 0, "idle past the timeout");
+
+        // Stray bytes after a bodiless response: a suspect connection is looked at first.
+        let (d, mut d_srv) = pair(&l).await;
+        pool.take("t");
+        pool.take("t");
+        d_srv.write_all(b"stray").await.unwrap();
+        pool.put("t", d, true);
+        assert!(
+            pool.take("t").is_none(),
+            "stray bytes waiting on a suspect connection"
+        );
     }
 }
