@@ -572,6 +572,11 @@ fn hands_over_to_the_general_path_in_the_middle_of_a_connection() {
     let mut c = Client::connect(p.fast.port);
     c.send(b"GET /len HTTP/1.0\r\nHost: app.tunnox.net\r\n\r\n");
     assert_eq!(c.answer(false).unwrap().body, b"hello");
+    let metrics = p.fast.admin_get("/metrics").unwrap().body;
+    for reason in ["transfer_encoding", "large_body", "version"] {
+        let line = format!("tunnox_proxy_handovers_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
 }
 
 #[test]

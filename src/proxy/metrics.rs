@@ -10,6 +10,8 @@ pub struct ProxyMetrics {
     /// `requests` resolved per class once, so the request path skips the label lookup.
     classes: [IntCounter; 5],
     pub errors: IntCounterVec,
+    /// Requests the HTTP/1.1 fast path handed to the general path, by reason.
+    pub handovers: IntCounterVec,
     pub request_seconds: Histogram,
     pub upstream_seconds: Histogram,
     pub lookup_seconds: HistogramVec,
@@ -95,6 +97,17 @@ impl ProxyMetrics {
                     Opts::new(
                         "tunnox_proxy_errors_total",
                         "Requests the proxy answered itself, by reason",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid"),
+            ),
+            handovers: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_proxy_handovers_total",
+                        "Connections the HTTP/1.1 fast path handed to the general path, by reason",
                     ),
                     &["reason"],
                 )

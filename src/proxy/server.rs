@@ -212,6 +212,9 @@ where
     let mut asked = false;
     loop {
         tokio::select! {
+            // The connection first: its first poll takes the request handed over (already in
+            // memory), so a shutdown asked for next finishes that request instead of dropping it.
+            biased;
             done = conn.as_mut() => return done.map_err(|e| e.to_string()),
             _ = super::stopped(stop), if !asked => {
                 asked = true;

@@ -36,6 +36,24 @@ pub enum Handover {
     LargeBody,
 }
 
+impl Handover {
+    /// A bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Version => "version",
+            Self::RequestTarget => "request_target",
+            Self::Method => "method",
+            Self::Host => "host",
+            Self::Connection => "connection",
+            Self::Upgrade => "upgrade",
+            Self::Expect => "expect",
+            Self::TransferEncoding => "transfer_encoding",
+            Self::ContentLength => "content_length",
+            Self::LargeBody => "large_body",
+        }
+    }
+}
+
 /// What the fast path needs to know about a request it takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead<'a> {

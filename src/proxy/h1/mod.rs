@@ -103,15 +103,12 @@ impl FastPath {
                         if head_len > self.settings.max_header_bytes =>
                     {
                         // Completed in one read past the limit: the general path answers 431.
-                        return Exit::Handover(buf.freeze());
+                        return handover(ctx, "head", buf);
                     }
                     Ok(httparse::Status::Complete(head_len)) => {
                         let head = match head::classify_request(&req) {
                             Ok(head) => head,
-                            Err(why) => {
-                                tracing::trace!(%peer, ?why, "to the general path");
-                                return Exit::Handover(buf.freeze());
-                            }
+                            Err(why) => return handover(ctx, why.label(), buf),
                         };
                         let len = head_len + head.content_length;
                         if buf.len() >= len {
@@ -127,7 +124,7 @@ impl FastPath {
                             match exchange.run(client, &mut io, stop).await {
                                 Next::KeepAlive => Some(len),
                                 Next::Close => return Exit::Closed,
-                                Next::Handover => return Exit::Handover(buf.freeze()),
+                                Next::Handover => return handover(ctx, "https_target", buf),
                             }
                         } else {
                             // The rest of the body is on its way: each read of it gets the
@@ -139,8 +136,8 @@ impl FastPath {
                     Ok(httparse::Status::Partial) if buf.len() < self.settings.max_header_bytes => {
                         None
                     }
-                    // Too large, too many headers, malformed: the general path says which.
-                    _ => return Exit::Handover(buf.freeze()),
+                    // Too large, too many headers, malformed, HTTP/2: the general path says which.
+                    _ => return handover(ctx, "head", buf),
                 }
             };
             if let Some(n) = consumed {
@@ -161,6 +158,11 @@ impl FastPath {
             }
         }
     }
+}
+
+fn handover(ctx: &Ctx, reason: &'static str, read: BytesMut) -> Exit {
+    ctx.metrics.handovers.with_label_values(&[reason]).inc();
+    Exit::Handover(read.freeze())
 }
 
 /// Reads more of a request into `buf`: until `deadline`, and, between requests when `idle_stops`,
