@@ -53,6 +53,10 @@ fn script(path: &str, head: &str, body: &[u8]) -> Vec<Vec<u8>> {
         )],
         "/badhead" => vec![b("HTTP/1.1 2000 Huh\r\n\r\n")],
         "/silent" => vec![],
+        "/hang" => {
+            std::thread::sleep(Duration::from_secs(3));
+            vec![b("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")]
+        }
         "/echo" => {
             let mut v =
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
@@ -676,4 +680,24 @@ fn a_stopping_proxy_still_answers_requests_already_begun_on_both_paths() {
         (200, &b"ok"[..], Some("close"))
     );
     assert_eq!(p.fast.role.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_client_that_leaves_is_not_waited_for_on_either_path() {
+    let p = start();
+    for proxy in [&p.fast, &p.general] {
+        let mut c = Client::connect(proxy.port);
+        c.send(get("/hang").as_bytes());
+        std::thread::sleep(Duration::from_millis(300));
+        let in_flight = || {
+            let m = proxy.admin_get("/metrics").unwrap().body;
+            m.lines().any(|l| l == "tunnox_proxy_active_requests 1")
+        };
+        assert!(in_flight(), "the request is in flight on {}", proxy.port);
+        drop(c);
+        // Well before the upstream answers (3 s) or times out (`upstream_response: 1s`).
+        support::process::eventually("request dropped", Duration::from_millis(400), || {
+            !in_flight()
+        });
+    }
 }

@@ -102,7 +102,16 @@ impl Exchange<'_, '_> {
         let sent_at = Instant::now();
         // One limit for the final response head, retries and interim responses included.
         let deadline = tokio::time::Instant::now() + self.fast.settings.response_timeout;
-        let answered = self.send(target, io, deadline).await;
+        // A client that goes away while the upstream thinks is not waited for (the upstream
+        // connection is closed, as the general path does).
+        let answered = tokio::select! {
+            biased;
+            answered = self.send(target, io, deadline) => answered,
+            () = gone(client) => {
+                tracing::debug!(peer = self.peer_ip, target, "client left before the answer");
+                return Next::Close;
+            }
+        };
         self.ctx
             .metrics
             .upstream_seconds
@@ -312,6 +321,16 @@ impl Exchange<'_, '_> {
             .metrics
             .request_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Resolves when the client closes its side (or the connection breaks); a client that sends
+/// more (a pipelined request) is still there.
+async fn gone(client: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
     }
 }
 
