@@ -453,14 +453,25 @@ fn start_tunnox_file(
     };
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(&config, yaml).unwrap();
+    spawn_tunnox(dir, name, &config, admin, Duration::from_secs(120))
+}
+
+/// Starts `tunnox proxy` with `config`; returns it once ready, with the time that took.
+fn spawn_tunnox(
+    dir: &Path,
+    name: &str,
+    config: &Path,
+    admin: u16,
+    within: Duration,
+) -> (Proc, Duration) {
     let start = Instant::now();
     let mut p = Proc::spawn(
         name,
-        &mut tunnox_cmd(&config),
+        &mut tunnox_cmd(config),
         &dir.join(format!("{name}.log")),
         false,
     );
-    let ready = wait_ready(&mut p, admin, start, Duration::from_secs(120));
+    let ready = wait_ready(&mut p, admin, start, within);
     (p, ready)
 }
 
@@ -893,14 +904,7 @@ struct RedisProxy {
 fn start_redis_proxy(dir: &Path, name: &str, redis: &str) -> RedisProxy {
     let (port, admin) = (free_port(), free_port());
     let config = redis_config(dir, name, redis, port, admin);
-    let start = Instant::now();
-    let mut proc = Proc::spawn(
-        name,
-        &mut tunnox_cmd(&config),
-        &dir.join(format!("{name}.log")),
-        false,
-    );
-    let ready_after = wait_ready(&mut proc, admin, start, Duration::from_secs(300));
+    let (proc, ready_after) = spawn_tunnox(dir, name, &config, admin, Duration::from_secs(300));
     RedisProxy {
         proc,
         port,

@@ -701,3 +701,21 @@ fn a_client_that_leaves_is_not_waited_for_on_either_path() {
         });
     }
 }
+
+#[test]
+fn http2_reaches_the_general_path_with_the_fast_path_on_and_off() {
+    let p = start();
+    for port in [p.fast.port, p.general.port] {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--http2-prior-knowledge",
+                "-H",
+                "Host: app.tunnox.net",
+            ])
+            .arg(format!("http://127.0.0.1:{port}/len"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello", "on {port}");
+    }
+}

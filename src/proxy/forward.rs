@@ -263,11 +263,8 @@ mod tests {
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+        for (k, v) in crate::proxy::header_pairs(pairs) {
+            h.append(k, v);
         }
         h
     }
@@ -280,15 +277,7 @@ mod tests {
             host: &host,
         };
         let upgrade = upgrade_protocol(&h);
-        let extra: Vec<_> = extra
-            .iter()
-            .map(|(k, v)| {
-                (
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                )
-            })
-            .collect();
+        let extra = crate::proxy::header_pairs(extra);
         rewrite_request_headers(&mut h, &info, upgrade.as_ref(), &extra);
         h
     }

@@ -39,6 +39,20 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// Header pairs from text, for tests of header rewriting.
+#[cfg(test)]
+pub(crate) fn header_pairs(pairs: &[(&str, &str)]) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                http::HeaderValue::from_str(v).expect("header value"),
+            )
+        })
+        .collect()
+}
+
 pub(crate) fn empty_body() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }

@@ -13,7 +13,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,22 +57,6 @@ pub async fn serve(
     s: ServerSettings,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(s.header_timeout)
-        // hyper refuses buffers below 8 KiB.
-        .max_buf_size(s.max_header_bytes.max(8192))
-        .max_headers(s.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        // HTTP/2 has no header-read timeout: a peer that stops answering pings is dropped.
-        .keep_alive_interval(Some(s.header_timeout))
-        .keep_alive_timeout(s.header_timeout)
-        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
     let handover = Arc::new(Handover::new(&s));
     // Every connection task holds a watcher: shutting down waits for all of them.
     let graceful = GracefulShutdown::new();
@@ -81,7 +64,6 @@ pub async fn serve(
     let serve_one = |mut stream: tokio::net::TcpStream, peer: SocketAddr| {
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        let builder = builder.clone();
         let handover = handover.clone();
         let watcher = graceful.watcher();
         let mut stop = conn_stop.clone();
@@ -89,7 +71,7 @@ pub async fn serve(
             ctx.metrics.active_connections.inc();
             let exit = match &ctx.fast {
                 Some(fast) => fast.serve(&ctx, &mut stream, peer, &mut stop).await,
-                None => Exit::Handover(Bytes::new()),
+                None => Exit::Handover(sniff(&mut stream, s.header_timeout).await),
             };
             if let Exit::Handover(read) = exit {
                 let ctx2 = ctx.clone();
@@ -97,19 +79,9 @@ pub async fn serve(
                     let ctx = ctx2.clone();
                     async move { Ok::<_, Infallible>(handle(&ctx, peer, req).await) }
                 });
-                let served = if read.is_empty() {
-                    let io = TokioIo::new(stream);
-                    let conn = builder.serve_connection_with_upgrades(io, service);
-                    watcher
-                        .watch(conn.into_owned())
-                        .await
-                        .map_err(|e| e.to_string())
-                } else {
-                    // Held until the connection ends: shutting down waits for it.
-                    let _watcher = watcher;
-                    handover.serve(read, stream, service, &mut stop).await
-                };
-                if let Err(e) = served {
+                // Held until the connection ends: shutting down waits for it.
+                let _watcher = watcher;
+                if let Err(e) = handover.serve(read, stream, service, &mut stop).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             }
@@ -146,9 +118,30 @@ pub async fn serve(
     }
 }
 
-/// Serves a connection the fast path began reading. The protocol is known from those bytes, so
-/// the connection goes straight to hyper's HTTP/1 or HTTP/2 server: one that is stopping still
-/// answers the request that was read (the auto-detecting server would drop it unread).
+/// The start of the HTTP/2 connection preface: enough to tell it from an HTTP/1 request line.
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
+
+/// Reads a new connection's first bytes (within `within`) until they tell HTTP/2 from HTTP/1,
+/// for the general path when the fast path is off.
+async fn sniff(stream: &mut tokio::net::TcpStream, within: Duration) -> Bytes {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(4096);
+    let _ = tokio::time::timeout(within, async {
+        while buf.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(&buf) {
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    buf.freeze()
+}
+
+/// Serves a connection on the general path, with the bytes already read from it (by the fast
+/// path, or by `sniff`). The protocol is known from those bytes, so the connection goes straight
+/// to hyper's HTTP/1 or HTTP/2 server: one that is stopping still answers the request that was
+/// read (an auto-detecting server drops a connection still detecting when asked to stop).
 struct Handover {
     h1: hyper::server::conn::http1::Builder,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
@@ -159,8 +152,10 @@ impl Handover {
         let mut h1 = hyper::server::conn::http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(s.header_timeout)
+            // hyper refuses buffers below 8 KiB.
             .max_buf_size(s.max_header_bytes.max(8192))
             .max_headers(s.max_headers);
+        // HTTP/2 has no header-read timeout: a peer that stops answering pings is dropped.
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Some(s.header_timeout))
@@ -187,7 +182,7 @@ impl Handover {
             + 'static,
         S::Future: Send + 'static,
     {
-        let h2 = read.starts_with(b"PRI * HTTP/2");
+        let h2 = read.starts_with(H2_PREFACE_START);
         let io = TokioIo::new(Rewind::new(read, stream));
         if h2 {
             let conn = std::pin::pin!(self.h2.serve_connection(io, service));

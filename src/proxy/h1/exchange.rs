@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use http::uri::Scheme;
+use http::uri::{Authority, Scheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -80,13 +80,10 @@ impl Exchange<'_, '_> {
     ) -> Next {
         let started = Instant::now();
         let _in_flight = InFlight::new(self.ctx);
-        let route = match self.route().await {
-            Ok(Some(route)) => route,
+        let (route, authority) = match self.route().await {
+            Ok(Some(found)) => found,
             Ok(None) => return Next::Handover,
             Err(e) => return self.refuse(client, io, e, started, stop).await,
-        };
-        let Target::Direct { authority, .. } = &route.target else {
-            unreachable!("route() returns direct targets only");
         };
         let target = authority.as_str();
 
@@ -141,14 +138,18 @@ impl Exchange<'_, '_> {
         }
     }
 
-    /// The route for this request; `None` when it needs the general path.
-    async fn route(&self) -> Result<Option<std::sync::Arc<Route>>, ProxyError> {
+    /// The route for this request and its plain-HTTP upstream; `None` when it needs the general
+    /// path.
+    async fn route(&self) -> Result<Option<(std::sync::Arc<Route>, Authority)>, ProxyError> {
         let text = std::str::from_utf8(self.head.host).map_err(|_| ProxyError::HostNotText)?;
         let host = Hostname::from_host_header(text).map_err(ProxyError::BadHost)?;
         let (route, _) = self.ctx.cache.resolve(&host).await?;
         route.check_serving(&self.ctx.set, || self.ctx.healthy.get())?;
         match &route.target {
-            Target::Direct { scheme, .. } if *scheme == Scheme::HTTP => Ok(Some(route)),
+            Target::Direct { scheme, authority } if *scheme == Scheme::HTTP => {
+                let authority = authority.clone();
+                Ok(Some((route, authority)))
+            }
             // TLS to the upstream: the general path's client.
             Target::Direct { .. } => Ok(None),
             Target::Tunnel { client_id } => Err(ProxyError::TunnelNotConnected(client_id.clone())),
@@ -484,7 +485,7 @@ fn write_own_response(
     for (name, value) in OWN_HEADERS {
         let _ = write!(out, "{name}: {value}\r\n");
     }
-    let _ = write!(out, "content-length: {}\r\n", body.len());
+    head::push_length(out, body.len() as u64);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }

@@ -193,6 +193,12 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+pub(super) fn push_length(out: &mut Vec<u8>, n: u64) {
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "content-length: {n}\r\n");
+}
+
 /// Visible ASCII (and tabs): what the general path accepts as header text.
 fn is_text(value: &[u8]) -> bool {
     value
@@ -239,9 +245,7 @@ pub fn write_request_head(
         }
     }
     if head.has_length {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(head.content_length.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_length(out, head.content_length as u64);
     }
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
@@ -386,11 +390,7 @@ pub fn write_response_head(
         }
     }
     match head.framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        Framing::Length(n) => push_length(out, n),
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::UntilClose => {}
     }

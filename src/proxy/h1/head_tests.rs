@@ -96,15 +96,7 @@ mod table {
     }
 
     fn rewrite(raw: &str, extra: &[(&str, &str)]) -> String {
-        let extra: Vec<_> = extra
-            .iter()
-            .map(|(k, v)| {
-                (
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                )
-            })
-            .collect();
+        let extra = crate::proxy::header_pairs(extra);
         let mut out = Vec::new();
         parse_req(raw, |req| {
             let head = classify_request(req).unwrap();

@@ -54,14 +54,6 @@ pub enum Exit {
     Handover(Bytes),
 }
 
-enum Read {
-    Data,
-    Eof,
-    TimedOut,
-    Stopped,
-    Failed,
-}
-
 impl FastPath {
     pub fn new(settings: FastSettings) -> Self {
         Self {
@@ -93,7 +85,7 @@ impl FastPath {
         let mut io = exchange::Buffers::default();
         let max_headers = self.settings.max_headers.min(MAX_FAST_HEADERS);
         let mut deadline = Instant::now() + self.settings.header_timeout;
-        let mut served = 0u64;
+        let mut served_one = false;
         loop {
             let consumed = {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
@@ -141,7 +133,7 @@ impl FastPath {
                 }
             };
             if let Some(n) = consumed {
-                served += 1;
+                served_one = true;
                 bytes::Buf::advance(&mut buf, n);
                 deadline = Instant::now() + self.settings.header_timeout;
                 if !buf.is_empty() {
@@ -151,10 +143,8 @@ impl FastPath {
             }
             // A connection's first request is answered even when stopping (it may have been
             // accepted from the backlog after the listener stopped); later ones are not waited for.
-            let idle_stops = served > 0;
-            match read_more(client, &mut buf, deadline, stop, idle_stops).await {
-                Read::Data => {}
-                Read::Eof | Read::TimedOut | Read::Stopped | Read::Failed => return Exit::Closed,
+            if !read_more(client, &mut buf, deadline, stop, served_one).await {
+                return Exit::Closed;
             }
         }
     }
@@ -166,35 +156,30 @@ fn handover(ctx: &Ctx, reason: &'static str, read: BytesMut) -> Exit {
 }
 
 /// Reads more of a request into `buf`: until `deadline`, and, between requests when `idle_stops`,
-/// until `stop`.
+/// until `stop`. False when nothing more will come (closed, timed out, stopped, failed).
 async fn read_more(
     client: &mut TcpStream,
     buf: &mut BytesMut,
     deadline: Instant,
     stop: &mut watch::Receiver<bool>,
     idle_stops: bool,
-) -> Read {
+) -> bool {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }
     let between_requests = idle_stops && buf.is_empty();
     if between_requests && *stop.borrow() {
-        return Read::Stopped;
+        return false;
     }
     let read = tokio::time::timeout_at(deadline, client.read_buf(buf));
     let got = if between_requests {
         tokio::select! {
             biased;
             got = read => got,
-            _ = super::stopped(stop) => return Read::Stopped,
+            _ = super::stopped(stop) => return false,
         }
     } else {
         read.await
     };
-    match got {
-        Err(_) => Read::TimedOut,
-        Ok(Ok(0)) => Read::Eof,
-        Ok(Ok(_)) => Read::Data,
-        Ok(Err(_)) => Read::Failed,
-    }
+    matches!(got, Ok(Ok(n)) if n > 0)
 }
