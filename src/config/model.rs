@@ -48,8 +48,35 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub controller: ControllerConfig,
     pub log: LogConfig,
+    /// Where mappings may send traffic (docs/security.md).
+    pub egress: EgressConfig,
     /// Single-node only: mappings declared in the file.
     pub mappings: Vec<MappingEntry>,
+}
+
+/// The egress policy's operator-set part. Tenants' targets are refused when they are loopback,
+/// link-local (metadata), unspecified, multicast or broadcast, a Service of another namespace
+/// named through `address`, or the proxy's own listeners; `allow` opens what the operator
+/// permits (never the proxy's own listeners), `deny` closes more.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// CIDRs or addresses (optionally `:port`; IPv6 as `[net]:port`), host names or
+    /// `*.suffix` patterns (optionally `:port`).
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    /// The Kubernetes cluster domain, for recognising Service names.
+    pub cluster_domain: String,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

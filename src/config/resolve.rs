@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use redis::IntoConnectionInfo;
 
 use super::{BrokerType, CacheType, Config, ConfigError, StorageType};
-use crate::domain::{Hostname, MappingSpec};
+use crate::domain::egress::Rule;
+use crate::domain::{Declarer, EgressPolicy, Hostname, MappingSpec};
 use crate::store::{PersistOptions, RedisOptions, RedisTls, StoreBackend};
 
 /// Rule 1: storage Redis → message broker.
@@ -64,6 +65,8 @@ pub struct Settings {
     /// Accepted but ineffective settings, to log as warnings.
     pub warnings: Vec<String>,
     pub uses_redis: bool,
+    /// `egress` parsed, without any process's own listeners (each role adds its own).
+    pub egress: EgressPolicy,
 }
 
 impl Settings {
@@ -234,7 +237,8 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         ));
     }
     check_proxy(&cfg.proxy).map_err(|(path, msg)| err(path, msg))?;
-    check_mappings(&cfg).map_err(|(path, msg)| err(&path, msg))?;
+    let egress = egress_policy(&cfg.egress).map_err(|(path, msg)| err(&path, msg))?;
+    check_mappings(&cfg, &egress).map_err(|(path, msg)| err(&path, msg))?;
 
     let mut warnings = Vec::new();
     if cfg.http_domain.cache.shared.is_some() {
@@ -261,6 +265,7 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         auto_shared,
         warnings,
         uses_redis,
+        egress,
     })
 }
 
@@ -281,7 +286,33 @@ fn check_redis_addr(addr: &str) -> Result<(), String> {
         .map_err(|e| format!("{addr:?} is not a valid Redis address: {e}"))
 }
 
-fn check_mappings(cfg: &Config) -> Result<(), (String, String)> {
+fn egress_policy(e: &crate::config::EgressConfig) -> Result<EgressPolicy, (String, String)> {
+    let parse = |field: &str, list: &[String]| {
+        list.iter()
+            .enumerate()
+            .map(|(i, raw)| Rule::parse(raw).map_err(|m| (format!("egress.{field}[{i}]"), m)))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let domain = e.cluster_domain.trim_end_matches('.');
+    if Hostname::parse(domain).is_err() && domain != "local" {
+        return Err((
+            "egress.cluster_domain".into(),
+            format!("{:?} is not a DNS name", e.cluster_domain),
+        ));
+    }
+    Ok(EgressPolicy::new(
+        parse("allow", &e.allow)?,
+        parse("deny", &e.deny)?,
+        domain,
+    ))
+}
+
+/// The file's mappings are the operator's own (they may reach loopback) but never the proxy's
+/// own listeners.
+fn check_mappings(cfg: &Config, egress: &EgressPolicy) -> Result<(), (String, String)> {
+    let own = egress
+        .clone()
+        .with_own_listeners([cfg.proxy.listen, cfg.proxy.admin_listen], []);
     let mut seen: HashMap<Hostname, usize> = HashMap::new();
     for (i, m) in cfg.mappings.iter().enumerate() {
         let at = |field: &str| format!("mappings[{i}].{field}");
@@ -297,6 +328,8 @@ fn check_mappings(cfg: &Config) -> Result<(), (String, String)> {
         let full = spec
             .validate()
             .map_err(|e| (format!("mappings[{i}]"), e.to_string()))?;
+        own.check_declared(&m.target_host, m.target_port, None, Declarer::Operator)
+            .map_err(|e| (at("target_host"), e.to_string()))?;
         if let Some(first) = seen.insert(full.clone(), i) {
             return Err((
                 at("subdomain"),

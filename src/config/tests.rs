@@ -256,6 +256,31 @@ fn errors_name_the_field() {
             vec![],
             vec!["mappings", "single-node"],
         ),
+        (
+            "egress: {allow: ['10.0.0.0/8', '10.0.0.0/33']}",
+            vec![],
+            vec!["egress.allow[1]", "10.0.0.0/33"],
+        ),
+        (
+            "egress: {deny: ['x.com:0']}",
+            vec![],
+            vec!["egress.deny[0]", "port"],
+        ),
+        (
+            "egress: {cluster_domain: 'a b'}",
+            vec![],
+            vec!["egress.cluster_domain", "a b"],
+        ),
+        (
+            "proxy: {admin_listen: '127.0.0.1:9090'}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 9090}\n",
+            vec![],
+            vec!["mappings[0].target_host", "own listeners"],
+        ),
+        (
+            "mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 169.254.169.254, target_port: 80}\n",
+            vec![],
+            vec!["mappings[0].target_host", "link-local"],
+        ),
     ];
     for (yaml, vars, wants) in cases {
         let e = settings_env(yaml, &vars)
@@ -361,6 +386,16 @@ http_domain:
         }
         other => panic!("expected redis, got {other:?}"),
     }
+}
+
+#[test]
+fn file_mappings_may_reach_loopback_but_not_the_proxy() {
+    let s = settings(
+        "egress: {allow: ['*.trusted.example'], deny: ['10.96.0.0/12']}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 3000}\n",
+    )
+    .unwrap();
+    assert_eq!(s.egress.allow().len(), 1);
+    assert_eq!(s.egress.deny()[0].to_string(), "10.96.0.0/12");
 }
 
 #[test]

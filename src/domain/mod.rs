@@ -1,10 +1,12 @@
 //! Pure domain types shared by every role: hostnames, mapping records, ids and set names.
 
+pub mod egress;
 mod hostname;
 mod ids;
 mod mapping;
 mod set;
 
+pub use egress::{Declarer, EgressPolicy, Refusal};
 pub use hostname::{Hostname, HostnameError, MAX_HOSTNAME_LEN, MAX_LABEL_LEN};
 pub use ids::{MappingId, MappingIdError};
 pub use mapping::{Mapping, MappingSpec, MappingStatus, RESERVED_HEADERS, Scheme, SpecError};
