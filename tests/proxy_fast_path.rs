@@ -501,9 +501,81 @@ fn rewrites_request_heads_like_the_general_path() {
     let seen = String::from_utf8(answers[0].body.clone()).unwrap();
     assert_eq!(
         seen,
-        "accept: */*\nhost: App.Tunnox.net:8080\nte: trailers\nx-env: dev\n\
+        "accept: */*\nhost: App.Tunnox.net:8080\nte: trailers\ntunnox-hops: 1\nx-env: dev\n\
          x-forwarded-for: 192.0.2.1, 127.0.0.1\nx-forwarded-host: App.Tunnox.net:8080\nx-forwarded-proto: http"
     );
+}
+
+/// The request policy is one for both paths: hop counting, loops, unknown hosts and malformed
+/// input give the same statuses, headers and bodies (request ids included
+/// when the client sends one), and the upstream sees the same hop count.
+#[test]
+fn both_paths_apply_one_request_policy() {
+    let p = start();
+    let req = |host: &str, extra: &str| {
+        format!("GET /head HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: rq-7\r\n{extra}\r\n")
+    };
+    let answers = both(
+        &p,
+        &[
+            (&req("app.tunnox.net", "Tunnox-Hops: 1\r\n"), false),
+            (&req("app.tunnox.net", "Tunnox-Hops: 2\r\n"), false),
+            (&req("app.tunnox.net", "Tunnox-Hops: 3\r\n"), false),
+            (&req("nope.tunnox.net", ""), false),
+            (&req("app.tunnox.net", "Tunnox-Hops: 1, 9\r\n"), false),
+        ],
+    );
+    let seen = String::from_utf8_lossy(&answers[0].body).into_owned();
+    assert!(seen.contains("\ntunnox-hops: 2\n"), "{seen}");
+    assert!(
+        seen.lines().any(|l| l == "x-request-id: rq-7"),
+        "the client's request id reaches the upstream: {seen}"
+    );
+    let seen = String::from_utf8_lossy(&answers[1].body).into_owned();
+    assert!(seen.contains("\ntunnox-hops: 3\n"), "{seen}");
+    // (index, status, body)
+    let own = [
+        (
+            2,
+            508,
+            "508 Loop Detected: request loop: too many hops through this proxy fleet\nrequest id: rq-7\n",
+        ),
+        (3, 404, "404 Not Found: no mapping for this host\nrequest id: rq-7\n"),
+        (
+            4,
+            400,
+            "400 Bad Request: malformed tunnox-hops header\nrequest id: rq-7\n",
+        ),
+    ];
+    for (i, status, body) in own {
+        let a = &answers[i];
+        assert_eq!(
+            (a.status, String::from_utf8_lossy(&a.body).as_ref()),
+            (status, body),
+            "{a:?}"
+        );
+        assert_eq!(a.header("x-request-id"), Some("rq-7"), "{a:?}");
+        assert_eq!(a.header("x-tunnox-error"), Some("1"), "{a:?}");
+    }
+    // Without a (well-formed) id, each path makes one.
+    for port in [p.fast.port, p.general.port] {
+        let mut c = Client::connect(port);
+        c.send(b"GET / HTTP/1.1\r\nHost: nope.tunnox.net\r\nX-Request-Id: bad id\r\n\r\n");
+        let a = c.answer(false).unwrap();
+        let id = a.header("x-request-id").expect("an id").to_string();
+        assert!(
+            id.len() == 20 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+        let body = String::from_utf8_lossy(&a.body).into_owned();
+        assert!(body.ends_with(&format!("request id: {id}\n")), "{body}");
+    }
+    for proxy in [&p.fast, &p.general] {
+        let m = proxy.admin_get("/metrics").unwrap().body;
+        for line in ["tunnox_proxy_errors_total{reason=\"loop_detected\"} 1"] {
+            assert!(m.contains(line), "{line} on {}:\n{m}", proxy.port);
+        }
+    }
 }
 
 #[test]

@@ -390,6 +390,11 @@ pub struct ProxyLimits {
     pub max_headers: usize,
     /// Idle keep-alive connections kept per upstream.
     pub upstream_pool_max_idle: usize,
+    /// Proxies of this fleet a request may pass through (`tunnox-hops`); one arriving with
+    /// this many already is a loop and gets 508.
+    pub max_hops: u32,
+    /// Open client connections on the listener; more are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyLimits {
@@ -398,6 +403,8 @@ impl Default for ProxyLimits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             upstream_pool_max_idle: 64,
+            max_hops: 3,
+            max_connections: 10_000,
         }
     }
 }

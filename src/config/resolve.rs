@@ -371,6 +371,15 @@ fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, Stri
     if p.limits.max_headers == 0 {
         return Err(("proxy.limits.max_headers", "must be at least 1".into()));
     }
+    if !(1..=64).contains(&p.limits.max_hops) {
+        return Err((
+            "proxy.limits.max_hops",
+            format!("must be 1 to 64, got {}", p.limits.max_hops),
+        ));
+    }
+    if p.limits.max_connections == 0 {
+        return Err(("proxy.limits.max_connections", "must be at least 1".into()));
+    }
     if p.registry.ttl <= p.registry.heartbeat_interval {
         return Err((
             "proxy.registry.ttl",

@@ -2,6 +2,7 @@
 //! `X-Forwarded-*`, the mapping's headers), keep-alive pools, timeouts, WebSocket upgrades.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -9,12 +10,14 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use super::connect::{EgressConnector, refusal_in};
+use super::policy::{FORWARDED_PROTO, HOPS};
 use super::{ProxyBody, ProxyError};
+use crate::domain::{Declarer, EgressPolicy};
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Connector = hyper_rustls::HttpsConnector<EgressConnector>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardSettings {
@@ -24,10 +27,12 @@ pub struct ForwardSettings {
     pub max_idle_per_host: usize,
 }
 
-/// The upstream client: one keep-alive pool per upstream authority.
+/// The upstream clients: one keep-alive pool per upstream authority, and one client per
+/// declarer (a connection checked for the operator is never reused for a tenant).
 #[derive(Clone)]
 pub struct Forwarder {
-    client: Client<Connector, ProxyBody>,
+    tenant: Client<Connector, ProxyBody>,
+    operator: Client<Connector, ProxyBody>,
     response_timeout: Duration,
 }
 
@@ -52,38 +57,45 @@ pub struct ClientInfo<'a> {
     pub peer: SocketAddr,
     /// The `Host` (or `:authority`) exactly as the client sent it.
     pub host: &'a HeaderValue,
+    /// The hop count the upstream is told.
+    pub hops: u32,
 }
 
 impl Forwarder {
-    pub fn new(s: ForwardSettings) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(s.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(s.idle_timeout)
-            .pool_max_idle_per_host(s.max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+    pub fn new(s: ForwardSettings, policy: Arc<EgressPolicy>) -> Self {
+        let client = |who| {
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_webpki_roots()
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(EgressConnector {
+                    policy: policy.clone(),
+                    who,
+                    timeout: s.connect_timeout,
+                });
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(s.idle_timeout)
+                .pool_max_idle_per_host(s.max_idle_per_host)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(connector)
+        };
         Self {
-            client,
+            tenant: client(Declarer::Tenant),
+            operator: client(Declarer::Operator),
             response_timeout: s.response_timeout,
         }
     }
 
     /// Sends `req` to `scheme://authority` and returns the upstream's response, ready for the
     /// client. Upgrades (WebSocket) are joined in a background task once both sides agree.
+    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
         mut req: Request<ProxyBody>,
         scheme: &Scheme,
         authority: &Authority,
+        who: Declarer,
         extra: &[(HeaderName, HeaderValue)],
         client: ClientInfo<'_>,
         upstream_seconds: &prometheus::Histogram,
@@ -110,7 +122,11 @@ impl Forwarder {
         let out = Request::from_parts(parts, body);
 
         let started = Instant::now();
-        let sent = tokio::time::timeout(self.response_timeout, self.client.request(out)).await;
+        let client = match who {
+            Declarer::Tenant => &self.tenant,
+            Declarer::Operator => &self.operator,
+        };
+        let sent = tokio::time::timeout(self.response_timeout, client.request(out)).await;
         upstream_seconds.observe(started.elapsed().as_secs_f64());
         let mut resp = match sent {
             Err(_) => return Err(ProxyError::UpstreamTimeout(authority.to_string())),
@@ -142,6 +158,12 @@ impl Forwarder {
 }
 
 fn classify(authority: &Authority, e: &hyper_util::client::legacy::Error) -> ProxyError {
+    if let Some(refusal) = refusal_in(e) {
+        return ProxyError::EgressRefused {
+            host: authority.to_string(),
+            refusal: refusal.clone(),
+        };
+    }
     let reason = error_chain(e);
     if e.is_connect() {
         ProxyError::UpstreamConnect {
@@ -233,7 +255,8 @@ fn rewrite_request_headers(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(FORWARDED_PROTO));
+    h.insert(HOPS, HeaderValue::from(client.hops));
     h.insert(X_FORWARDED_HOST, client.host.clone());
     // The upstream sees the host the client asked for (HTTP/2 clients send no Host header).
     h.insert(header::HOST, client.host.clone());
@@ -275,6 +298,7 @@ mod tests {
         let info = ClientInfo {
             peer: "10.1.2.3:5555".parse().unwrap(),
             host: &host,
+            hops: 2,
         };
         let upgrade = upgrade_protocol(&h);
         let extra = crate::proxy::header_pairs(extra);
@@ -295,6 +319,8 @@ mod tests {
                 ("x-forwarded-for", "192.0.2.1"),
                 ("x-forwarded-proto", "https"),
                 ("x-env", "client"),
+                ("tunnox-hops", "1"),
+                ("tunnox-hops", "7"),
                 ("accept", "*/*"),
             ],
             &[("x-env", "dev")],
@@ -315,6 +341,11 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "App.Example.com:8080");
         assert_eq!(h["host"], "App.Example.com:8080");
         assert_eq!(h["x-env"], "dev", "the mapping's header wins");
+        assert_eq!(
+            h.get_all("tunnox-hops").iter().collect::<Vec<_>>(),
+            ["2"],
+            "the hop count is the proxy's"
+        );
         assert_eq!(h["accept"], "*/*");
     }
 

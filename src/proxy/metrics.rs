@@ -10,6 +10,12 @@ pub struct ProxyMetrics {
     /// `requests` resolved per class once, so the request path skips the label lookup.
     classes: [IntCounter; 5],
     pub errors: IntCounterVec,
+    /// Targets the egress policy refused, by the refusal's label.
+    pub egress_refused: IntCounterVec,
+    /// Connections closed at a deadline, by which one.
+    pub timeouts: IntCounterVec,
+    /// Connections refused at `proxy.limits.max_connections`.
+    pub connections_refused: IntCounter,
     /// Requests the HTTP/1.1 fast path handed to the general path, by reason.
     pub handovers: IntCounterVec,
     pub request_seconds: Histogram,
@@ -101,6 +107,32 @@ impl ProxyMetrics {
                     &["reason"],
                 )
                 .expect("valid"),
+            ),
+            egress_refused: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_proxy_egress_refused_total",
+                        "Requests whose target the egress policy refused, by reason",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid"),
+            ),
+            timeouts: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_proxy_timeouts_total",
+                        "Connections closed at a deadline, by kind",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid"),
+            ),
+            connections_refused: counter(
+                "connections_refused_total",
+                "Client connections closed at once because proxy.limits.max_connections were open",
             ),
             handovers: reg(
                 &r,

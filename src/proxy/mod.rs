@@ -5,11 +5,13 @@
 
 mod admin;
 pub mod cache;
+mod connect;
 mod drain;
 mod error;
 mod forward;
 pub(crate) mod h1;
 pub mod metrics;
+mod policy;
 mod registry;
 pub mod route;
 mod seed;
@@ -114,6 +116,23 @@ async fn open_store(
             (s.clone(), s)
         }
     })
+}
+
+/// `egress` plus what this process listens on: its listeners (as bound) and the address peers
+/// reach it on are never targets, whatever `egress.allow` says.
+fn egress_policy(
+    settings: &Settings,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> crate::domain::EgressPolicy {
+    let mut own = vec![listen, admin];
+    if let Ok(a) = advertise_address(settings, listen).parse::<SocketAddr>() {
+        own.push(a);
+    }
+    let pod_ip = std::env::var("POD_IP")
+        .ok()
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    settings.egress.clone().with_own_listeners(own, pod_ip)
 }
 
 /// Connects to the store, retrying while it is unreachable (the admin server already answers,
@@ -247,14 +266,21 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         stop_rx.clone(),
     ));
 
-    let ctx = Arc::new(server::Ctx {
+    let egress = Arc::new(egress_policy(&settings, listen, admin_addr));
+    let ctx = Arc::new(policy::Ctx {
         cache,
-        forwarder: forward::Forwarder::new(forward::ForwardSettings {
-            connect_timeout: cfg.timeouts.connect.get(),
-            response_timeout: cfg.timeouts.upstream_response.get(),
-            idle_timeout: cfg.timeouts.upstream_idle.get(),
-            max_idle_per_host: cfg.limits.upstream_pool_max_idle,
-        }),
+        forwarder: forward::Forwarder::new(
+            forward::ForwardSettings {
+                connect_timeout: cfg.timeouts.connect.get(),
+                response_timeout: cfg.timeouts.upstream_response.get(),
+                idle_timeout: cfg.timeouts.upstream_idle.get(),
+                max_idle_per_host: cfg.limits.upstream_pool_max_idle,
+            },
+            egress.clone(),
+        ),
+        egress,
+        single_node: !settings.uses_redis,
+        max_hops: cfg.limits.max_hops,
         metrics: metrics.clone(),
         drain: drain.clone(),
         access,

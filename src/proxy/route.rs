@@ -1,13 +1,20 @@
-//! A mapping compiled for the request path (parsed once when cached), and the pure decision
-//! whether this proxy serves it (ARCHITECTURE §7).
+//! A mapping compiled for the request path (parsed once when cached), the pure decision
+//! whether this proxy serves it (ARCHITECTURE §7), and whether the egress policy lets its
+//! declared target through (decided once per route).
+
+use std::sync::OnceLock;
 
 use http::uri::{Authority, Scheme as UriScheme};
 use http::{HeaderName, HeaderValue};
 
 use super::ProxyError;
 use crate::domain::{
-    Hostname, Mapping, MappingId, MappingStatus, RESERVED_HEADERS, Scheme, SetName, serving_set,
+    Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, RESERVED_HEADERS,
+    Refusal, Scheme, SetName, serving_set,
 };
+
+/// The `source` of mappings declared in a single-node configuration file.
+pub const CONFIG_SOURCE: &str = "config";
 
 /// Where a route sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +40,14 @@ pub struct Route {
     pub placement: Option<SetName>,
     pub active: bool,
     pub version: u64,
+    /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
+    /// rule on other namespaces' Services.
+    pub namespace: Option<String>,
+    /// Declared in a single-node configuration file (the operator's own, when the proxy runs
+    /// without Redis).
+    pub from_config: bool,
+    /// The egress policy's verdict on the declared target, decided at the first request.
+    declared: OnceLock<Result<(), Refusal>>,
 }
 
 impl Route {
@@ -49,8 +64,10 @@ impl Route {
             .filter_map(|(k, v)| {
                 let name = HeaderName::from_bytes(k.as_bytes()).ok()?;
                 let value = HeaderValue::from_str(v).ok()?;
-                // Refused at write time; older records are filtered here.
-                (!RESERVED_HEADERS.contains(&name.as_str())).then_some((name, value))
+                // Refused at write time; older records are filtered here. The hop header is the
+                // proxy's own: a mapping that set it could hide a loop.
+                (!RESERVED_HEADERS.contains(&name.as_str()) && name != super::policy::HOPS)
+                    .then_some((name, value))
             })
             .collect();
         Self {
@@ -61,7 +78,31 @@ impl Route {
             placement: m.placement.clone(),
             active: m.status == MappingStatus::Active,
             version: m.version,
+            namespace: m
+                .source
+                .as_deref()
+                .and_then(source_namespace)
+                .map(str::to_string),
+            from_config: m.source.as_deref() == Some(CONFIG_SOURCE),
+            declared: OnceLock::new(),
         }
+    }
+
+    /// Whether `policy` lets the declared target through for `who` (literal addresses are
+    /// judged fully here; names again by address when connected). Decided once per route.
+    pub fn check_declared(&self, policy: &EgressPolicy, who: Declarer) -> Result<(), &Refusal> {
+        self.declared
+            .get_or_init(|| match &self.target {
+                Target::Direct { authority, .. } => policy.check_declared(
+                    authority.host(),
+                    authority.port_u16().unwrap_or(80),
+                    self.namespace.as_deref(),
+                    who,
+                ),
+                Target::Tunnel { .. } | Target::Invalid { .. } => Ok(()),
+            })
+            .as_ref()
+            .map(|_| ())
     }
 
     /// Whether a proxy of set `me` serves this route, given the sets with a healthy node (asked
@@ -96,6 +137,18 @@ impl Route {
             }),
         }
     }
+}
+
+/// The namespace in a record's `source`: `k8s:<namespace>/<name>`, or
+/// `k8s:<cluster>/<namespace>/<name>` when the source carries a cluster identity.
+pub fn source_namespace(source: &str) -> Option<&str> {
+    let rest = source.strip_prefix("k8s:")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let ns = match parts.as_slice() {
+        [ns, _name] | [_, ns, _name] => *ns,
+        _ => return None,
+    };
+    (!ns.is_empty()).then_some(ns)
 }
 
 fn direct_target(m: &Mapping) -> Target {
@@ -168,6 +221,60 @@ mod tests {
                 client_id: "laptop".into()
             }
         );
+    }
+
+    #[test]
+    fn reads_the_namespace_from_the_source() {
+        let cases = [
+            ("k8s:team-a/web", Some("team-a")),
+            ("k8s:c-123/team-a/web", Some("team-a")),
+            ("k8s:/web", None),
+            ("k8s:web", None),
+            ("k8s:a/b/c/d", None),
+            ("config", None),
+            ("api", None),
+        ];
+        for (source, want) in cases {
+            assert_eq!(source_namespace(source), want, "{source}");
+        }
+    }
+
+    #[test]
+    fn judges_the_declared_target_once_with_its_namespace() {
+        let policy = EgressPolicy::default();
+        let cases = [
+            ("169.254.169.254", None, Declarer::Tenant, Some("reserved")),
+            ("127.0.0.1", None, Declarer::Tenant, Some("reserved")),
+            ("127.0.0.1", None, Declarer::Operator, None),
+            ("localhost", None, Declarer::Tenant, Some("reserved")),
+            (
+                "db.other.svc.cluster.local",
+                Some("k8s:team-a/web"),
+                Declarer::Tenant,
+                Some("other_namespace"),
+            ),
+            (
+                "db.team-a.svc",
+                Some("k8s:c1/team-a/web"),
+                Declarer::Tenant,
+                None,
+            ),
+            ("192.0.2.10", None, Declarer::Tenant, None),
+        ];
+        for (host, source, who, want) in cases {
+            let mut m = mapping(MappingSpec::new("a", "tunnox.net", host, 80));
+            m.source = source.map(str::to_string);
+            let r = Route::from_mapping(&m);
+            let got = r.check_declared(&policy, who).err().map(Refusal::label);
+            assert_eq!(got, want, "{host} from {source:?} by {who:?}");
+        }
+    }
+
+    #[test]
+    fn drops_a_mapping_header_that_would_reset_the_hop_count() {
+        let mut m = mapping(MappingSpec::new("a", "tunnox.net", "192.0.2.1", 80));
+        m.custom_headers.insert("Tunnox-Hops".into(), "0".into());
+        assert!(Route::from_mapping(&m).headers.is_empty());
     }
 
     #[test]

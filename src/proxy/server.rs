@@ -17,29 +17,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::cache::RouteCache;
-use super::drain::Drain;
-use super::forward::{ClientInfo, Forwarder};
-use super::h1::{Exit, FastPath, Rewind};
+use super::error::{RequestId, X_REQUEST_ID};
+use super::forward::ClientInfo;
+use super::h1::{Exit, Rewind};
 use super::metrics::ProxyMetrics;
-use super::registry::HealthySets;
-use super::route::Target;
-use super::stats::{AccessLog, Metered, Side};
+use super::policy::{self, Ctx, HOPS};
+use super::stats::{Metered, Side};
 use super::{ProxyBody, ProxyError};
-use crate::domain::{Hostname, SetName};
-
-/// Everything a request needs.
-pub struct Ctx {
-    pub cache: Arc<RouteCache>,
-    pub forwarder: Forwarder,
-    pub metrics: Arc<ProxyMetrics>,
-    pub drain: Arc<Drain>,
-    pub access: Arc<AccessLog>,
-    pub healthy: Arc<HealthySets>,
-    pub set: SetName,
-    /// The HTTP/1.1 fast path, unless turned off (`proxy.fast_path: false`).
-    pub fast: Option<FastPath>,
-}
+use crate::domain::Hostname;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ServerSettings {
@@ -232,12 +217,14 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response
     ctx.metrics.active_requests.inc();
     let _in_flight = InFlight(&ctx.metrics);
     let http1 = req.version() < Version::HTTP_2;
+    // Kept only in case the proxy answers itself (no copy of the value otherwise).
+    let client_id = req.headers().get(X_REQUEST_ID).cloned();
     let mut resp = match route(ctx, peer, req).await {
         Ok(resp) => resp,
         Err(e) => {
-            ctx.metrics.errors.with_label_values(&[e.label()]).inc();
-            tracing::debug!(%peer, error = %e, "request refused");
-            e.into_response()
+            let id = RequestId::from_header(client_id.as_ref().map(HeaderValue::as_bytes));
+            ctx.refused(&e, &id, &peer);
+            e.into_response(&id)
         }
     };
     if http1 && ctx.drain.is_draining() {
@@ -262,8 +249,7 @@ fn requested_host(req: &Request<Incoming>) -> Result<(Hostname, HeaderValue), Pr
             .cloned()
             .ok_or(ProxyError::MissingHost)?,
     };
-    let text = raw.to_str().map_err(|_| ProxyError::HostNotText)?;
-    let host = Hostname::from_host_header(text).map_err(ProxyError::BadHost)?;
+    let host = policy::requested_host(raw.as_bytes())?;
     Ok((host, raw))
 }
 
@@ -273,20 +259,9 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (host, raw_host) = requested_host(&req)?;
-    let (route, _source) = ctx.cache.resolve(&host).await?;
-    route.check_serving(&ctx.set, || ctx.healthy.get())?;
-    let (scheme, authority) = match &route.target {
-        Target::Direct { scheme, authority } => (scheme, authority),
-        Target::Tunnel { client_id } => {
-            return Err(ProxyError::TunnelNotConnected(client_id.clone()));
-        }
-        Target::Invalid { reason } => {
-            return Err(ProxyError::Upstream {
-                upstream: host.as_str().to_string(),
-                reason: reason.clone(),
-            });
-        }
-    };
+    let hops = policy::parse_hops(req.headers().get_all(HOPS).iter().map(|v| v.as_bytes()))?;
+    let admitted = ctx.admit(&host, hops).await?;
+    let route = admitted.route;
     let (parts, body) = req.into_parts();
     let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
         body.boxed()
@@ -298,12 +273,14 @@ async fn route(
         .forwarder
         .forward(
             Request::from_parts(parts, body),
-            scheme,
-            authority,
+            &admitted.scheme,
+            &admitted.authority,
+            admitted.who,
             &route.headers,
             ClientInfo {
                 peer,
                 host: &raw_host,
+                hops: admitted.hops,
             },
             &ctx.metrics.upstream_seconds,
         )

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use http::uri::{Authority, Scheme};
+use http::uri::Scheme;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -14,11 +14,10 @@ use tokio::sync::watch;
 use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, RequestHead};
 use super::{FastPath, MAX_FAST_HEADERS, READ_CHUNK};
-use crate::domain::Hostname;
+use crate::domain::Declarer;
 use crate::proxy::ProxyError;
-use crate::proxy::error::OWN_HEADERS;
-use crate::proxy::route::{Route, Target};
-use crate::proxy::server::Ctx;
+use crate::proxy::error::{OWN_HEADERS, RequestId, X_REQUEST_ID};
+use crate::proxy::policy::{Admitted, Ctx};
 
 /// What the connection does after a request.
 pub enum Next {
@@ -80,11 +79,19 @@ impl Exchange<'_, '_> {
     ) -> Next {
         let started = Instant::now();
         let _in_flight = InFlight::new(self.ctx);
-        let (route, authority) = match self.route().await {
-            Ok(Some(found)) => found,
-            Ok(None) => return Next::Handover,
+        let admitted = match self.admit().await {
+            Ok(a) if a.scheme == Scheme::HTTP => a,
+            // TLS to the upstream: the general path's client.
+            Ok(_) => return Next::Handover,
             Err(e) => return self.refuse(client, io, e, started, stop).await,
         };
+        let Admitted {
+            route,
+            authority,
+            who,
+            hops,
+            ..
+        } = admitted;
         let target = authority.as_str();
 
         io.out.clear();
@@ -93,6 +100,7 @@ impl Exchange<'_, '_> {
             self.req,
             self.head,
             self.peer_ip,
+            hops,
             &route.headers,
         );
         io.out.extend_from_slice(self.body);
@@ -103,7 +111,7 @@ impl Exchange<'_, '_> {
         // connection is closed, as the general path does).
         let answered = tokio::select! {
             biased;
-            answered = self.send(target, io, deadline) => answered,
+            answered = self.send(target, who, io, deadline) => answered,
             () = gone(client) => {
                 tracing::debug!(peer = self.peer_ip, target, "client left before the answer");
                 return Next::Close;
@@ -119,7 +127,7 @@ impl Exchange<'_, '_> {
         };
         let close = self.head.close || self.ctx.drain.is_draining() || *stop.borrow();
         let relayed = self
-            .relay(client, upstream, head_len, io, close, (target, deadline))
+            .relay(client, upstream, head_len, io, close, (target, who, deadline))
             .await;
         let (status, bytes_out, keep_alive) = match relayed {
             Ok(r) => r,
@@ -138,26 +146,9 @@ impl Exchange<'_, '_> {
         }
     }
 
-    /// The route for this request and its plain-HTTP upstream; `None` when it needs the general
-    /// path.
-    async fn route(&self) -> Result<Option<(std::sync::Arc<Route>, Authority)>, ProxyError> {
-        let text = std::str::from_utf8(self.head.host).map_err(|_| ProxyError::HostNotText)?;
-        let host = Hostname::from_host_header(text).map_err(ProxyError::BadHost)?;
-        let (route, _) = self.ctx.cache.resolve(&host).await?;
-        route.check_serving(&self.ctx.set, || self.ctx.healthy.get())?;
-        match &route.target {
-            Target::Direct { scheme, authority } if *scheme == Scheme::HTTP => {
-                let authority = authority.clone();
-                Ok(Some((route, authority)))
-            }
-            // TLS to the upstream: the general path's client.
-            Target::Direct { .. } => Ok(None),
-            Target::Tunnel { client_id } => Err(ProxyError::TunnelNotConnected(client_id.clone())),
-            Target::Invalid { reason } => Err(ProxyError::Upstream {
-                upstream: host.as_str().to_string(),
-                reason: reason.clone(),
-            }),
-        }
+    async fn admit(&self) -> Result<Admitted, ProxyError> {
+        let host = crate::proxy::policy::requested_host(self.head.host)?;
+        self.ctx.admit(&host, self.head.hops).await
     }
 
     /// Sends `io.out` to `target` and reads the response head into `io.upstream`. A pooled
@@ -166,6 +157,7 @@ impl Exchange<'_, '_> {
     async fn send(
         &self,
         target: &str,
+        who: Declarer,
         io: &mut Buffers,
         deadline: tokio::time::Instant,
     ) -> Result<Answered, ProxyError> {
@@ -173,12 +165,12 @@ impl Exchange<'_, '_> {
             upstream: target.to_string(),
             reason,
         };
-        let mut pooled = self.fast.pool.take(target);
+        let mut pooled = self.fast.pool(who).take(target);
         loop {
             let reused = pooled.is_some();
             let mut upstream = match pooled.take() {
                 Some(s) => s,
-                None => self.connect(target).await?,
+                None => self.connect(target, who).await?,
             };
             io.upstream.clear();
             let exchanged = tokio::time::timeout_at(
@@ -209,20 +201,26 @@ impl Exchange<'_, '_> {
         )
     }
 
-    async fn connect(&self, target: &str) -> Result<TcpStream, ProxyError> {
-        let fail = |reason: String| ProxyError::UpstreamConnect {
-            upstream: target.to_string(),
-            reason,
+    /// A new upstream connection, checked by the egress policy (`connect.rs`).
+    async fn connect(&self, target: &str, who: Declarer) -> Result<TcpStream, ProxyError> {
+        use crate::proxy::connect::{self, ConnectError};
+        let (host, port) = match target.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().unwrap_or(80)),
+            None => (target, 80),
         };
         let timeout = self.fast.settings.connect_timeout;
-        match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
-            Err(_) => Err(fail(format!("timed out after {timeout:?}"))),
-            Ok(Err(e)) => Err(fail(e.to_string())),
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-        }
+        connect::connect(&self.ctx.egress, host, port, who, timeout)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Refused(refusal) => ProxyError::EgressRefused {
+                    host: target.to_string(),
+                    refusal,
+                },
+                e => ProxyError::UpstreamConnect {
+                    upstream: target.to_string(),
+                    reason: e.to_string(),
+                },
+            })
     }
 
     /// Relays the response whose head is in `io.upstream`: its head (rewritten), then its body
@@ -235,7 +233,7 @@ impl Exchange<'_, '_> {
         mut head_len: usize,
         io: &mut Buffers,
         close: bool,
-        (target, deadline): (&str, tokio::time::Instant),
+        (target, who, deadline): (&str, Declarer, tokio::time::Instant),
     ) -> Result<(StatusCode, Option<u64>, bool), ProxyError> {
         let fail = |reason: &str| ProxyError::Upstream {
             upstream: target.to_string(),
@@ -285,7 +283,7 @@ impl Exchange<'_, '_> {
             // After a bodiless response, bytes an upstream wrongly sent as a body may still be
             // on their way: the pool looks before reusing the connection.
             let suspect = framing == Framing::None;
-            self.fast.pool.put(target, upstream, suspect);
+            self.fast.pool(who).put(target, upstream, suspect);
         }
         Ok((status, sent, !client_closes))
     }
@@ -300,13 +298,19 @@ impl Exchange<'_, '_> {
         stop: &watch::Receiver<bool>,
     ) -> Next {
         let ctx = self.ctx;
-        ctx.metrics.errors.with_label_values(&[e.label()]).inc();
-        tracing::debug!(peer = self.peer_ip, error = %e, "request refused");
+        let given = self
+            .req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(X_REQUEST_ID.as_str()))
+            .map(|h| h.value);
+        let id = RequestId::from_header(given);
+        ctx.refused(&e, &id, &self.peer_ip);
         let close = self.head.close || ctx.drain.is_draining() || *stop.borrow();
         let status = e.status();
-        let body = e.body();
+        let body = e.body(&id);
         io.out.clear();
-        write_own_response(&mut io.out, status, &body, !self.head.is_head, close);
+        write_own_response(&mut io.out, status, &body, &id, !self.head.is_head, close);
         let written = client.write_all(&io.out).await;
         self.finish(status, started);
         if written.is_err() || close {
@@ -472,6 +476,7 @@ fn write_own_response(
     out: &mut Vec<u8>,
     status: StatusCode,
     body: &str,
+    id: &RequestId,
     with_body: bool,
     close: bool,
 ) {
@@ -485,6 +490,7 @@ fn write_own_response(
     for (name, value) in OWN_HEADERS {
         let _ = write!(out, "{name}: {value}\r\n");
     }
+    let _ = write!(out, "{X_REQUEST_ID}: {id}\r\n");
     head::push_length(out, body.len() as u64);
     if close {
         out.extend_from_slice(b"connection: close\r\n");

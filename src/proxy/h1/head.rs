@@ -6,6 +6,8 @@
 
 use http::{HeaderName, HeaderValue};
 
+use crate::proxy::policy::{FORWARDED_PROTO, HOPS};
+
 /// Request bodies up to this size are read whole before forwarding; larger ones (and chunked
 /// uploads) stream through the general path.
 pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
@@ -34,6 +36,8 @@ pub enum Handover {
     ContentLength,
     /// A body larger than [`MAX_BUFFERED_BODY`].
     LargeBody,
+    /// A `tunnox-hops` value that is not a number (the general path answers 400).
+    Hops,
 }
 
 impl Handover {
@@ -50,6 +54,7 @@ impl Handover {
             Self::TransferEncoding => "transfer_encoding",
             Self::ContentLength => "content_length",
             Self::LargeBody => "large_body",
+            Self::Hops => "hops",
         }
     }
 }
@@ -67,6 +72,8 @@ pub struct RequestHead<'a> {
     /// The value of the `Connection` header, whose tokens name more headers to drop.
     pub connection: Option<&'a [u8]>,
     pub is_head: bool,
+    /// Proxies of this fleet the request passed through (`tunnox-hops`).
+    pub hops: u32,
 }
 
 /// Headers the rewriting treats specially. Names compare case-insensitively.
@@ -84,6 +91,8 @@ enum Kind {
     XForwardedFor,
     XForwardedProto,
     XForwardedHost,
+    /// `tunnox-hops`: the proxy's own, replaced.
+    Hops,
     Other,
 }
 
@@ -97,6 +106,7 @@ fn kind(name: &str) -> Kind {
         7 if is("trailer") => Kind::HopByHop,
         10 if is("connection") => Kind::Connection,
         10 if is("keep-alive") => Kind::HopByHop,
+        11 if is("tunnox-hops") => Kind::Hops,
         14 if is("content-length") => Kind::ContentLength,
         15 if is("x-forwarded-for") => Kind::XForwardedFor,
         16 if is("proxy-connection") => Kind::HopByHop,
@@ -152,8 +162,13 @@ pub fn classify_request<'a>(req: &httparse::Request<'_, 'a>) -> Result<RequestHe
     let mut host = None;
     let mut connection = None;
     let mut length = None;
+    let mut hops = None;
     for h in req.headers.iter() {
         match kind(h.name) {
+            Kind::Hops => {
+                let n = crate::proxy::policy::parse_hops([h.value]).map_err(|_| Handover::Hops)?;
+                hops = Some(hops.unwrap_or(0).max(n));
+            }
             Kind::Host if host.is_some() => return Err(Handover::Host),
             Kind::Host => host = Some(h.value),
             Kind::Connection if connection.is_some() => return Err(Handover::Connection),
@@ -183,6 +198,7 @@ pub fn classify_request<'a>(req: &httparse::Request<'_, 'a>) -> Result<RequestHe
         close: connection.is_some_and(|c| has_token(c, "close")),
         connection,
         is_head: req.method == Some("HEAD"),
+        hops: hops.unwrap_or(0),
     })
 }
 
@@ -214,6 +230,7 @@ pub fn write_request_head(
     req: &httparse::Request<'_, '_>,
     head: &RequestHead<'_>,
     peer_ip: &str,
+    hops: u32,
     extra: &[(HeaderName, HeaderValue)],
 ) {
     let overridden = |name: &str| {
@@ -260,10 +277,15 @@ pub fn write_request_head(
         out.extend_from_slice(b"\r\n");
     }
     if !overridden("x-forwarded-proto") {
-        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+        push_header(out, b"x-forwarded-proto", FORWARDED_PROTO.as_bytes());
     }
     if !overridden("x-forwarded-host") {
         push_header(out, b"x-forwarded-host", head.host);
+    }
+    {
+        use std::io::Write;
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{HOPS}: {hops}\r\n");
     }
     for (name, value) in extra {
         push_header(out, name.as_str().as_bytes(), value.as_bytes());

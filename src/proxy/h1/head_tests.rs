@@ -86,6 +86,11 @@ mod table {
                 "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 65537\r\n\r\n",
                 Err(Handover::LargeBody),
             ),
+            ("GET / HTTP/1.1\r\nHost: a\r\nTunnox-Hops: 2\r\n\r\n", Ok((0, false))),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nTunnox-Hops: two\r\n\r\n",
+                Err(Handover::Hops),
+            ),
         ];
         for (raw, want) in cases {
             parse_req(raw, |req| {
@@ -100,7 +105,7 @@ mod table {
         let mut out = Vec::new();
         parse_req(raw, |req| {
             let head = classify_request(req).unwrap();
-            write_request_head(&mut out, req, &head, "10.1.2.3", &extra);
+            write_request_head(&mut out, req, &head, "10.1.2.3", 1, &extra);
         });
         String::from_utf8(out).unwrap()
     }
@@ -118,7 +123,7 @@ mod table {
             got,
             "POST /p?q=1 HTTP/1.1\r\nhost: App.Example.com:8080\r\nAccept: */*\r\ncontent-length: 2\r\n\
              te: trailers\r\nx-forwarded-for: 192.0.2.1, 192.0.2.2, 10.1.2.3\r\nx-forwarded-proto: http\r\n\
-             x-forwarded-host: App.Example.com:8080\r\nx-env: dev\r\n\r\n"
+             x-forwarded-host: App.Example.com:8080\r\ntunnox-hops: 1\r\nx-env: dev\r\n\r\n"
         );
     }
 
@@ -133,7 +138,7 @@ mod table {
         assert_eq!(
             got,
             "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nx-forwarded-for: 10.1.2.3\r\n\
-             x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\n"
+             x-forwarded-proto: http\r\nx-forwarded-host: a\r\ntunnox-hops: 1\r\n\r\n"
         );
         let got = rewrite(
             "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: caf\u{e9}\r\n\r\n",
@@ -142,7 +147,7 @@ mod table {
         assert_eq!(
             got,
             "GET / HTTP/1.1\r\nx-forwarded-for: 10.1.2.3\r\nx-forwarded-host: a\r\n\
-             host: internal.svc\r\nx-forwarded-proto: https\r\n\r\n"
+             tunnox-hops: 1\r\nhost: internal.svc\r\nx-forwarded-proto: https\r\n\r\n"
         );
     }
 
@@ -316,7 +321,7 @@ mod fuzz {
                 && let Ok(head) = classify_request(&req)
             {
                 let mut out = Vec::new();
-                write_request_head(&mut out, &req, &head, "127.0.0.1", &[]);
+                write_request_head(&mut out, &req, &head, "127.0.0.1", 1, &[]);
                 let mut again = [httparse::EMPTY_HEADER; 64];
                 let mut parsed = httparse::Request::new(&mut again);
                 prop_assert!(parsed.parse(&out).unwrap().is_complete());

@@ -23,7 +23,8 @@ use tokio::time::Instant;
 
 use self::exchange::Next;
 pub use self::rewind::Rewind;
-use super::server::Ctx;
+use super::policy::Ctx;
+use crate::domain::Declarer;
 
 /// Headers parsed per request on the fast path; a request with more goes to the general path
 /// (which applies `proxy.limits.max_headers`).
@@ -43,7 +44,9 @@ pub struct FastSettings {
 
 pub struct FastPath {
     settings: FastSettings,
-    pool: pool::Pool,
+    /// Upstream connections by the declarer whose egress rules they were checked for.
+    tenant_pool: pool::Pool,
+    operator_pool: pool::Pool,
 }
 
 /// How a connection left the fast path.
@@ -57,8 +60,16 @@ pub enum Exit {
 impl FastPath {
     pub fn new(settings: FastSettings) -> Self {
         Self {
-            pool: pool::Pool::new(settings.pool_max_idle, settings.pool_idle_timeout),
+            tenant_pool: pool::Pool::new(settings.pool_max_idle, settings.pool_idle_timeout),
+            operator_pool: pool::Pool::new(settings.pool_max_idle, settings.pool_idle_timeout),
             settings,
+        }
+    }
+
+    fn pool(&self, who: Declarer) -> &pool::Pool {
+        match who {
+            Declarer::Tenant => &self.tenant_pool,
+            Declarer::Operator => &self.operator_pool,
         }
     }
 
@@ -66,7 +77,10 @@ impl FastPath {
     pub async fn sweep_pool(&self, every: Duration, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => self.pool.sweep(),
+                _ = tokio::time::sleep(every) => {
+                    self.tenant_pool.sweep();
+                    self.operator_pool.sweep();
+                }
                 _ = super::stopped(&mut stop) => return,
             }
         }

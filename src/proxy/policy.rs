@@ -1,0 +1,176 @@
+//! The request policy both HTTP paths call (the fast path in `h1/`, the general path in
+//! `server.rs`): hop check → route → serving check → egress check of the declared target →
+//! what the upstream is sent (hop count, `X-Forwarded-*`) → the proxy's own error answer (one
+//! function: metrics, log line under the request id, response). The paths differ only in how
+//! they read and write bytes.
+
+use std::sync::Arc;
+
+use http::HeaderName;
+use http::uri::{Authority, Scheme};
+
+use super::cache::RouteCache;
+use super::drain::Drain;
+use super::error::RequestId;
+use super::forward::Forwarder;
+use super::h1::FastPath;
+use super::metrics::ProxyMetrics;
+use super::registry::HealthySets;
+use super::route::{Route, Target};
+use super::stats::AccessLog;
+use super::ProxyError;
+use crate::domain::{Declarer, EgressPolicy, Hostname, SetName};
+
+/// How many proxies of this fleet a request has passed through, as the upstream is told. A
+/// request arriving with `proxy.limits.max_hops` or more is a loop (508).
+pub const HOPS: HeaderName = HeaderName::from_static("tunnox-hops");
+
+/// `X-Forwarded-Proto`: the listener is plain HTTP.
+pub const FORWARDED_PROTO: &str = "http";
+
+/// Everything a request needs.
+pub struct Ctx {
+    pub cache: Arc<RouteCache>,
+    pub forwarder: Forwarder,
+    pub metrics: Arc<ProxyMetrics>,
+    pub drain: Arc<Drain>,
+    pub access: Arc<AccessLog>,
+    pub healthy: Arc<HealthySets>,
+    pub set: SetName,
+    /// The HTTP/1.1 fast path, unless turned off (`proxy.fast_path: false`).
+    pub fast: Option<FastPath>,
+    /// `egress` plus this proxy's own listeners.
+    pub egress: Arc<EgressPolicy>,
+    /// Single-node mode (no Redis): the configuration file's mappings are the operator's.
+    pub single_node: bool,
+    pub max_hops: u32,
+}
+
+/// A request the policy lets through, and where it goes.
+pub struct Admitted {
+    pub route: Arc<Route>,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Whose egress rules the connection follows.
+    pub who: Declarer,
+    /// The hop count the upstream receives.
+    pub hops: u32,
+}
+
+/// The hop count a request arrived with: the largest of its `tunnox-hops` values (none: 0).
+pub fn parse_hops<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Result<u32, ProxyError> {
+    let mut most = 0u32;
+    for v in values {
+        let v = v.trim_ascii();
+        if v.is_empty() || v.len() > 9 || !v.iter().all(u8::is_ascii_digit) {
+            return Err(ProxyError::BadHops);
+        }
+        let n = v.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+        most = most.max(n);
+    }
+    Ok(most)
+}
+
+/// Normalises the `Host` (or `:authority`) a client sent.
+pub fn requested_host(raw: &[u8]) -> Result<Hostname, ProxyError> {
+    let text = std::str::from_utf8(raw).map_err(|_| ProxyError::HostNotText)?;
+    Hostname::from_host_header(text).map_err(ProxyError::BadHost)
+}
+
+impl Ctx {
+    /// Decides whether a request for `host` that passed `hops` proxies of this fleet is
+    /// forwarded, and where.
+    pub async fn admit(&self, host: &Hostname, hops: u32) -> Result<Admitted, ProxyError> {
+        // First: a loop costs no lookup.
+        if hops >= self.max_hops {
+            return Err(ProxyError::LoopDetected {
+                hops,
+                max: self.max_hops,
+            });
+        }
+        let (route, _source) = self.cache.resolve(host).await?;
+        route.check_serving(&self.set, || self.healthy.get())?;
+        let (scheme, authority) = match &route.target {
+            Target::Direct { scheme, authority } => (scheme.clone(), authority.clone()),
+            Target::Tunnel { client_id } => {
+                return Err(ProxyError::TunnelNotConnected(client_id.clone()));
+            }
+            Target::Invalid { reason } => {
+                return Err(ProxyError::Upstream {
+                    upstream: host.as_str().to_string(),
+                    reason: reason.clone(),
+                });
+            }
+        };
+        let who = self.declarer(&route);
+        route
+            .check_declared(&self.egress, who)
+            .map_err(|refusal| ProxyError::EgressRefused {
+                host: host.as_str().to_string(),
+                refusal: refusal.clone(),
+            })?;
+        Ok(Admitted {
+            route,
+            scheme,
+            authority,
+            who,
+            hops: hops + 1,
+        })
+    }
+
+    /// The operator declared a route only in single-node mode and only in the file; every
+    /// record in Redis is a tenant's, whatever its `source` says.
+    pub fn declarer(&self, route: &Route) -> Declarer {
+        if self.single_node && route.from_config {
+            Declarer::Operator
+        } else {
+            Declarer::Tenant
+        }
+    }
+
+    /// Counts and logs a request the proxy answers itself; the client is told only what
+    /// [`ProxyError::body`] says, the log line has the detail under the same id.
+    pub fn refused(&self, e: &ProxyError, id: &RequestId, peer: &dyn std::fmt::Display) {
+        self.metrics.errors.with_label_values(&[e.label()]).inc();
+        match e {
+            ProxyError::EgressRefused { refusal, .. } => {
+                self.metrics
+                    .egress_refused
+                    .with_label_values(&[refusal.label()])
+                    .inc();
+                tracing::warn!(request_id = %id, %peer, error = %e, "request refused by the egress policy");
+            }
+            ProxyError::LoopDetected { .. } => {
+                tracing::warn!(request_id = %id, %peer, error = %e, "request refused");
+            }
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamTimeout(_) => {
+                tracing::info!(request_id = %id, %peer, error = %e, "upstream failed");
+            }
+            _ => tracing::debug!(request_id = %id, %peer, error = %e, "request refused"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_hop_counts() {
+        let cases: [(&[&str], Result<u32, ()>); 7] = [
+            (&[], Ok(0)),
+            (&["0"], Ok(0)),
+            (&[" 2 "], Ok(2)),
+            (&["1", "3"], Ok(3)),
+            (&["x"], Err(())),
+            (&["-1"], Err(())),
+            (&["9999999999"], Err(())),
+        ];
+        for (values, want) in cases {
+            let got = parse_hops(values.iter().map(|v| v.as_bytes())).map_err(|_| ());
+            assert_eq!(got, want, "{values:?}");
+        }
+    }
+}
