@@ -44,6 +44,9 @@ error_log {d}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
 http {{
   log_format tried '$upstream_addr $status';
+  # A reload closes the old workers' idle client connections, which races with a client reusing
+  # one: wrk gets a connection per request so what is counted is the proxies' doing.
+  keepalive_timeout 0;
   access_log {d}/nginx-access.log tried;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
