@@ -368,6 +368,18 @@ pub struct ProxyTimeouts {
     pub upstream_response: Dur,
     /// Idle upstream keep-alive connections are closed after this.
     pub upstream_idle: Dur,
+    /// A client that takes no byte of its response for this long is disconnected (and the
+    /// upstream connection closed).
+    pub client_write_idle: Dur,
+    /// An upstream that sends no byte of a response body it started for this long: the client
+    /// connection is closed (the response cannot be completed).
+    pub upstream_read_idle: Dur,
+    /// A client that sends no byte of a request body it started for this long is disconnected.
+    pub request_body_idle: Dur,
+    /// A WebSocket (any upgraded connection) with no byte either way for this long is closed.
+    pub websocket_idle: Dur,
+    /// An HTTP/2 client connection without an open stream for this long is closed (GOAWAY).
+    pub http2_idle: Dur,
 }
 
 impl Default for ProxyTimeouts {
@@ -377,6 +389,11 @@ impl Default for ProxyTimeouts {
             request_header: Dur::secs(10),
             upstream_response: Dur::secs(60),
             upstream_idle: Dur::secs(90),
+            client_write_idle: Dur::secs(60),
+            upstream_read_idle: Dur::secs(60),
+            request_body_idle: Dur::secs(60),
+            websocket_idle: Dur::secs(600),
+            http2_idle: Dur::secs(300),
         }
     }
 }

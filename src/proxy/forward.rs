@@ -13,6 +13,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::connect::{EgressConnector, refusal_in};
+use super::deadline::join_with_idle;
+use super::metrics::ProxyMetrics;
 use super::policy::{FORWARDED_PROTO, HOPS};
 use super::{ProxyBody, ProxyError};
 use crate::domain::{Declarer, EgressPolicy};
@@ -25,6 +27,7 @@ pub struct ForwardSettings {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
+    pub websocket_idle: Duration,
 }
 
 /// The upstream clients: one keep-alive pool per upstream authority, and one client per
@@ -34,6 +37,8 @@ pub struct Forwarder {
     tenant: Client<Connector, ProxyBody>,
     operator: Client<Connector, ProxyBody>,
     response_timeout: Duration,
+    websocket_idle: Duration,
+    metrics: Arc<ProxyMetrics>,
 }
 
 /// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
@@ -62,7 +67,7 @@ pub struct ClientInfo<'a> {
 }
 
 impl Forwarder {
-    pub fn new(s: ForwardSettings, policy: Arc<EgressPolicy>) -> Self {
+    pub fn new(s: ForwardSettings, policy: Arc<EgressPolicy>, metrics: Arc<ProxyMetrics>) -> Self {
         let client = |who| {
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_webpki_roots()
@@ -84,6 +89,8 @@ impl Forwarder {
             tenant: client(Declarer::Tenant),
             operator: client(Declarer::Operator),
             response_timeout: s.response_timeout,
+            websocket_idle: s.websocket_idle,
+            metrics,
         }
     }
 
@@ -142,7 +149,12 @@ impl Forwarder {
                 });
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(join_upgraded(client_upgrade, upstream_upgrade));
+            tokio::spawn(join_upgraded(
+                client_upgrade,
+                upstream_upgrade,
+                self.websocket_idle,
+                self.metrics.clone(),
+            ));
             let (mut parts, _) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             parts
@@ -153,7 +165,7 @@ impl Forwarder {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
     }
 }
 
@@ -265,7 +277,12 @@ fn rewrite_request_headers(
     }
 }
 
-async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn join_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+    metrics: Arc<ProxyMetrics>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -273,10 +290,12 @@ async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgra
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    let client = TokioIo::new(client);
+    let upstream = TokioIo::new(upstream);
+    match join_with_idle(client, upstream, idle, &metrics).await {
+        Ok(true) => tracing::debug!(?idle, "upgraded connection closed: idle"),
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
     }
 }
 

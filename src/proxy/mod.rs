@@ -6,6 +6,7 @@
 mod admin;
 pub mod cache;
 mod connect;
+mod deadline;
 mod drain;
 mod error;
 mod forward;
@@ -33,8 +34,10 @@ use crate::config::Settings;
 use crate::observe::admin::{self as admin_server, Health};
 use crate::store::{MappingStore, MemoryStore, NodeRegistry, RedisStore, StoreBackend, StoreError};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Every body the proxy hands to hyper: streamed from a client or an upstream, or its own.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Resolves once `stop` turns true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -275,12 +278,20 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 response_timeout: cfg.timeouts.upstream_response.get(),
                 idle_timeout: cfg.timeouts.upstream_idle.get(),
                 max_idle_per_host: cfg.limits.upstream_pool_max_idle,
+                websocket_idle: cfg.timeouts.websocket_idle.get(),
             },
             egress.clone(),
+            metrics.clone(),
         ),
         egress,
         single_node: !settings.uses_redis,
         max_hops: cfg.limits.max_hops,
+        deadlines: deadline::Deadlines {
+            client_write_idle: cfg.timeouts.client_write_idle.get(),
+            upstream_read_idle: cfg.timeouts.upstream_read_idle.get(),
+            request_body_idle: cfg.timeouts.request_body_idle.get(),
+            http2_idle: cfg.timeouts.http2_idle.get(),
+        },
         metrics: metrics.clone(),
         drain: drain.clone(),
         access,
@@ -295,6 +306,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 max_headers: cfg.limits.max_headers,
                 pool_max_idle: cfg.limits.upstream_pool_max_idle,
                 pool_idle_timeout: cfg.timeouts.upstream_idle.get(),
+                client_write_idle: cfg.timeouts.client_write_idle.get(),
+                upstream_read_idle: cfg.timeouts.upstream_read_idle.get(),
             })
         }),
     });

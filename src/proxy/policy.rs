@@ -10,6 +10,7 @@ use http::HeaderName;
 use http::uri::{Authority, Scheme};
 
 use super::cache::RouteCache;
+use super::deadline::Deadlines;
 use super::drain::Drain;
 use super::error::RequestId;
 use super::forward::Forwarder;
@@ -44,6 +45,7 @@ pub struct Ctx {
     /// Single-node mode (no Redis): the configuration file's mappings are the operator's.
     pub single_node: bool,
     pub max_hops: u32,
+    pub deadlines: Deadlines,
 }
 
 /// A request the policy lets through, and where it goes.

@@ -17,6 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::deadline::{self, Guarded, IdleBody, OpenStreams, WriteIdle};
 use super::error::{RequestId, X_REQUEST_ID};
 use super::forward::ClientInfo;
 use super::h1::{Exit, Rewind};
@@ -60,13 +61,22 @@ pub async fn serve(
             };
             if let Exit::Handover(read) = exit {
                 let ctx2 = ctx.clone();
+                let streams = OpenStreams::default();
+                let open = streams.clone();
                 let service = service_fn(move |req| {
                     let ctx = ctx2.clone();
-                    async move { Ok::<_, Infallible>(handle(&ctx, peer, req).await) }
+                    let guard = open.enter();
+                    async move {
+                        let resp = handle(&ctx, peer, req).await;
+                        let (parts, body) = resp.into_parts();
+                        let body = Guarded::new(body, guard).boxed();
+                        Ok::<_, Infallible>(Response::from_parts(parts, body))
+                    }
                 });
                 // Held until the connection ends: shutting down waits for it.
                 let _watcher = watcher;
-                if let Err(e) = handover.serve(read, stream, service, &mut stop).await {
+                let io = Rewind::new(read, stream);
+                if let Err(e) = handover.serve(&ctx, io, service, streams, &mut stop).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             }
@@ -153,9 +163,10 @@ impl Handover {
     /// (the request in hand is answered, with `Connection: close` on HTTP/1, GOAWAY on HTTP/2).
     async fn serve<S>(
         &self,
-        read: Bytes,
-        stream: tokio::net::TcpStream,
+        ctx: &Ctx,
+        io: Rewind<tokio::net::TcpStream>,
         service: S,
+        streams: OpenStreams,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), String>
     where
@@ -167,22 +178,36 @@ impl Handover {
             + 'static,
         S::Future: Send + 'static,
     {
-        let h2 = read.starts_with(H2_PREFACE_START);
-        let io = TokioIo::new(Rewind::new(read, stream));
+        let h2 = io.replayed().starts_with(H2_PREFACE_START);
+        let d = &ctx.deadlines;
+        let io = TokioIo::new(WriteIdle::new(io, d.client_write_idle, ctx.metrics.clone()));
         if h2 {
             let conn = std::pin::pin!(self.h2.serve_connection(io, service));
-            until_done(conn, stop, |c| c.graceful_shutdown()).await
+            let idle = async {
+                streams.idle_for(d.http2_idle).await;
+                ctx.metrics
+                    .timeouts
+                    .with_label_values(&[deadline::Kind::Http2Idle.label()])
+                    .inc();
+            };
+            until_done(conn, stop, idle, |c| c.graceful_shutdown()).await
         } else {
+            // HTTP/1 keep-alive idle is the header timeout (hyper starts it when it waits for
+            // the next head).
             let conn = std::pin::pin!(self.h1.serve_connection(io, service).with_upgrades());
-            until_done(conn, stop, |c| c.graceful_shutdown()).await
+            until_done(conn, stop, std::future::pending(), |c| {
+                c.graceful_shutdown()
+            })
+            .await
         }
     }
 }
 
-/// Drives `conn` to its end, calling `shutdown` on it once `stop` turns.
+/// Drives `conn` to its end, calling `shutdown` on it once `stop` turns or `idle` resolves.
 async fn until_done<C, E>(
     mut conn: std::pin::Pin<&mut C>,
     stop: &mut watch::Receiver<bool>,
+    idle: impl std::future::Future<Output = ()>,
     shutdown: impl Fn(std::pin::Pin<&mut C>),
 ) -> Result<(), String>
 where
@@ -190,6 +215,7 @@ where
     E: std::fmt::Display,
 {
     let mut asked = false;
+    let mut idle = std::pin::pin!(idle);
     loop {
         tokio::select! {
             // The connection first: its first poll takes the request handed over (already in
@@ -197,6 +223,10 @@ where
             biased;
             done = conn.as_mut() => return done.map_err(|e| e.to_string()),
             _ = super::stopped(stop), if !asked => {
+                asked = true;
+                shutdown(conn.as_mut());
+            }
+            () = idle.as_mut(), if !asked => {
                 asked = true;
                 shutdown(conn.as_mut());
             }
@@ -264,10 +294,17 @@ async fn route(
     let route = admitted.route;
     let (parts, body) = req.into_parts();
     let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
-        body.boxed()
+        body.map_err(Into::into).boxed()
     } else {
-        // Counted as it streams; recorded when the upload ends.
-        Metered::new(body, ctx.access.clone(), route.clone(), Side::Request).boxed()
+        // Counted as it streams; recorded when the upload ends. A client that stops sending
+        // it is not waited for beyond `request_body_idle`.
+        let idle = IdleBody::new(
+            body,
+            ctx.deadlines.request_body_idle,
+            deadline::Kind::RequestBody,
+            ctx.metrics.clone(),
+        );
+        Metered::new(idle, ctx.access.clone(), route.clone(), Side::Request).boxed()
     };
     let resp = ctx
         .forwarder
@@ -294,6 +331,12 @@ fn meter_response(
     route: &Arc<super::route::Route>,
 ) -> Response<ProxyBody> {
     let (parts, body) = resp.into_parts();
-    let metered = Metered::new(body, ctx.access.clone(), route.clone(), Side::Response);
+    let idle = IdleBody::new(
+        body,
+        ctx.deadlines.upstream_read_idle,
+        deadline::Kind::UpstreamRead,
+        ctx.metrics.clone(),
+    );
+    let metered = Metered::new(idle, ctx.access.clone(), route.clone(), Side::Response);
     Response::from_parts(parts, metered.boxed())
 }

@@ -11,7 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use tokio::time::timeout;
+
 use super::chunked::ChunkedScanner;
+use crate::proxy::deadline::Kind;
 use super::head::{self, Framing, RequestHead};
 use super::{FastPath, MAX_FAST_HEADERS, READ_CHUNK};
 use crate::domain::Declarer;
@@ -274,7 +277,12 @@ impl Exchange<'_, '_> {
                 Ok(_) => return Err(fail("no final response after an interim one")),
             };
         };
-        let body = relay_body(client, &mut upstream, io, framing).await;
+        let idle = Idle {
+            client_write: self.fast.settings.client_write_idle,
+            upstream_read: self.fast.settings.upstream_read_idle,
+            metrics: &self.ctx.metrics,
+        };
+        let body = relay_body(client, &mut upstream, io, framing, &idle).await;
         let (sent, upstream_done) = match body {
             Ok(sent) => (Some(sent), true),
             Err(Broken) => (None, false),
@@ -387,10 +395,11 @@ async fn relay_body(
     upstream: &mut TcpStream,
     io: &mut Buffers,
     framing: Framing,
+    idle: &Idle<'_>,
 ) -> Result<u64, Broken> {
     let mut sent = 0u64;
     match framing {
-        Framing::None => client.write_all(&io.out).await.map_err(|_| Broken)?,
+        Framing::None => send(client, &io.out, idle).await?,
         Framing::Length(len) => {
             let mut left = len;
             loop {
@@ -399,12 +408,12 @@ async fn relay_body(
                 io.upstream.advance(n);
                 left -= n as u64;
                 sent += n as u64;
-                client.write_all(&io.out).await.map_err(|_| Broken)?;
+                send(client, &io.out, idle).await?;
                 io.out.clear();
                 if left == 0 {
                     break;
                 }
-                fill(upstream, &mut io.upstream).await?;
+                fill(upstream, &mut io.upstream, idle).await?;
             }
         }
         Framing::Chunked => {
@@ -413,12 +422,12 @@ async fn relay_body(
                 let n = scanner.advance(&io.upstream).map_err(|_| Broken)?;
                 io.out.extend_from_slice(&io.upstream[..n]);
                 io.upstream.advance(n);
-                client.write_all(&io.out).await.map_err(|_| Broken)?;
+                send(client, &io.out, idle).await?;
                 io.out.clear();
                 if scanner.is_done() {
                     break;
                 }
-                fill(upstream, &mut io.upstream).await?;
+                fill(upstream, &mut io.upstream, idle).await?;
             }
             sent = scanner.data_bytes;
         }
@@ -427,25 +436,52 @@ async fn relay_body(
             io.out.extend_from_slice(&io.upstream);
             io.upstream.clear();
             sent += n as u64;
-            client.write_all(&io.out).await.map_err(|_| Broken)?;
+            send(client, &io.out, idle).await?;
             io.out.clear();
             io.upstream.reserve(READ_CHUNK);
-            match upstream.read_buf(&mut io.upstream).await {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(_) => return Err(Broken),
+            match timeout(idle.upstream_read, upstream.read_buf(&mut io.upstream)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(Broken),
+                Err(_) => return Err(idle.expired(Kind::UpstreamRead)),
             }
         },
     }
     Ok(sent)
 }
 
-/// Reads more of a body; the upstream closing early breaks the response.
-async fn fill(upstream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Broken> {
+/// The deadlines while a response body is relayed (docs/proxy.md "Deadlines").
+struct Idle<'a> {
+    client_write: std::time::Duration,
+    upstream_read: std::time::Duration,
+    metrics: &'a crate::proxy::metrics::ProxyMetrics,
+}
+
+impl Idle<'_> {
+    fn expired(&self, kind: Kind) -> Broken {
+        self.metrics.timeouts.with_label_values(&[kind.label()]).inc();
+        Broken
+    }
+}
+
+/// Writes to the client; one that takes nothing for `client_write_idle` is given up on. The
+/// timer is only armed when the write has to wait.
+async fn send(client: &mut TcpStream, out: &[u8], idle: &Idle<'_>) -> Result<(), Broken> {
+    match timeout(idle.client_write, client.write_all(out)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Broken),
+        Err(_) => Err(idle.expired(Kind::ClientWrite)),
+    }
+}
+
+/// Reads more of a body; the upstream closing early, or sending nothing for
+/// `upstream_read_idle`, breaks the response.
+async fn fill(upstream: &mut TcpStream, buf: &mut BytesMut, idle: &Idle<'_>) -> Result<(), Broken> {
     buf.reserve(READ_CHUNK);
-    match upstream.read_buf(buf).await {
-        Ok(0) | Err(_) => Err(Broken),
-        Ok(_) => Ok(()),
+    match timeout(idle.upstream_read, upstream.read_buf(buf)).await {
+        Ok(Ok(0) | Err(_)) => Err(Broken),
+        Ok(Ok(_)) => Ok(()),
+        Err(_) => Err(idle.expired(Kind::UpstreamRead)),
     }
 }
 

@@ -40,6 +40,9 @@ pub struct FastSettings {
     pub max_headers: usize,
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
+    /// `timeouts.client_write_idle` / `upstream_read_idle` while a response body is relayed.
+    pub client_write_idle: Duration,
+    pub upstream_read_idle: Duration,
 }
 
 pub struct FastPath {
