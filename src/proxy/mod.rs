@@ -332,6 +332,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             max_headers: cfg.limits.max_headers,
             header_timeout: cfg.timeouts.request_header.get(),
             grace_period: cfg.drain.grace_period.get(),
+            max_connections: cfg.limits.max_connections,
         },
         serve_stop_rx,
     ));

@@ -33,6 +33,8 @@ pub struct ServerSettings {
     pub max_headers: usize,
     pub header_timeout: Duration,
     pub grace_period: Duration,
+    /// `proxy.limits.max_connections`: more are closed as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 /// Serves `listener` until `stop`; then stops accepting and gives open connections
@@ -47,7 +49,16 @@ pub async fn serve(
     // Every connection task holds a watcher: shutting down waits for all of them.
     let graceful = GracefulShutdown::new();
     let conn_stop = stop.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(s.max_connections));
     let serve_one = |mut stream: tokio::net::TcpStream, peer: SocketAddr| {
+        // Over the cap: closed at once (the kernel's backlog is not left to fill, and the
+        // client learns now instead of at its timeout).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            ctx.metrics.connections_refused.inc();
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            drop(stream);
+            return;
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let handover = handover.clone();
@@ -55,8 +66,11 @@ pub async fn serve(
         let mut stop = conn_stop.clone();
         tokio::spawn(async move {
             ctx.metrics.active_connections.inc();
+            // Each phase in its own allocation, made when it starts: the task itself stays
+            // small, and a connection on the fast path never holds room for hyper's state
+            // (what an idle connection costs bounds the memory at `max_connections`).
             let exit = match &ctx.fast {
-                Some(fast) => fast.serve(&ctx, &mut stream, peer, &mut stop).await,
+                Some(fast) => Box::pin(fast.serve(&ctx, &mut stream, peer, &mut stop)).await,
                 None => Exit::Handover(sniff(&mut stream, s.header_timeout).await),
             };
             if let Exit::Handover(read) = exit {
@@ -76,11 +90,13 @@ pub async fn serve(
                 // Held until the connection ends: shutting down waits for it.
                 let _watcher = watcher;
                 let io = Rewind::new(read, stream);
-                if let Err(e) = handover.serve(&ctx, io, service, streams, &mut stop).await {
+                let served = Box::pin(handover.serve(&ctx, io, service, streams, &mut stop));
+                if let Err(e) = served.await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             }
             ctx.metrics.active_connections.dec();
+            drop(slot);
         });
     };
     loop {

@@ -98,7 +98,8 @@ impl FastPath {
         stop: &mut watch::Receiver<bool>,
     ) -> Exit {
         let peer_ip = peer.ip().to_string();
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        // Allocated when the first bytes arrive: an idle connection holds no buffer.
+        let mut buf = BytesMut::new();
         let mut io = exchange::Buffers::default();
         let max_headers = self.settings.max_headers.min(MAX_FAST_HEADERS);
         let mut deadline = Instant::now() + self.settings.header_timeout;
@@ -181,14 +182,20 @@ async fn read_more(
     stop: &mut watch::Receiver<bool>,
     idle_stops: bool,
 ) -> bool {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(READ_CHUNK);
-    }
     let between_requests = idle_stops && buf.is_empty();
     if between_requests && *stop.borrow() {
         return false;
     }
-    let read = tokio::time::timeout_at(deadline, client.read_buf(buf));
+    let read = tokio::time::timeout_at(deadline, async {
+        if buf.capacity() == 0 {
+            // A new connection: no buffer until it has something to say.
+            client.readable().await?;
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        client.read_buf(buf).await
+    });
     let got = if between_requests {
         tokio::select! {
             biased;
