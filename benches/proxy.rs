@@ -883,6 +883,7 @@ fn redis_config(dir: &Path, name: &str, redis: &str, port: u16, admin: u16) -> P
         &path,
         format!(
             "storage: {{type: redis, redis: {{addr: \"{redis}\"}}}}\n\
+             egress: {{allow: [\"127.0.0.0/8\"]}}\n\
              http_domain:\n  base_domains: [{DOMAIN}]\n  \
              cache: {{local: {{max_size: {}, ttl: 600s, negative_ttl: 600s}}}}\n\
              proxy:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin}\"\n  \

@@ -19,6 +19,7 @@ fn cluster_yaml(redis: &RedisServer, ttl: &str) -> String {
     format!(
         "storage: {{type: redis, redis: {{addr: \"{}\"}}}}
 http_domain: {{base_domains: [tunnox.net], sync: {{check_interval: 1s}}, cache: {{local: {{ttl: {ttl}, negative_ttl: 1s}}}}}}
+egress: {{allow: [\"127.0.0.0/8\"]}}
 log: {{level: debug}}",
         redis.addr()
     )
