@@ -45,7 +45,12 @@ fn serve(mut s: TcpStream, ended: Ended) {
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-    let done = |what: &str| ended.lock().unwrap().push((what.to_string(), Instant::now()));
+    let done = |what: &str| {
+        ended
+            .lock()
+            .unwrap()
+            .push((what.to_string(), Instant::now()))
+    };
     match path.as_str() {
         "/big" => {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 200000000\r\n\r\n");
@@ -174,7 +179,9 @@ fn a_client_reading_one_byte_a_second_is_cut_off_at_client_write_idle() {
         let before = timeouts(p, "client_write");
         let mut c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
         // A small window, so the proxy's writes stall soon.
-        socket2::SockRef::from(&c).set_recv_buffer_size(4096).unwrap();
+        socket2::SockRef::from(&c)
+            .set_recv_buffer_size(4096)
+            .unwrap();
         let sent = Instant::now();
         c.write_all(b"GET /big HTTP/1.1\r\nHost: app.tunnox.net\r\n\r\n")
             .unwrap();
@@ -205,7 +212,10 @@ fn a_client_reading_one_byte_a_second_is_cut_off_at_client_write_idle() {
             std::thread::sleep(Duration::from_millis(500));
             upstream_ended(&pair.ended, "/big", sent)
         });
-        assert!(up.is_some(), "{name}: the upstream connection is closed too");
+        assert!(
+            up.is_some(),
+            "{name}: the upstream connection is closed too"
+        );
         assert!(reader.join().unwrap() >= 1);
         assert_eq!(p.status("app.tunnox.net"), 200, "{name} still serves");
     }

@@ -94,7 +94,11 @@ mappings:
     let refused = metric(&p, "tunnox_proxy_connections_refused_total");
     let open = metric(&p, "tunnox_proxy_active_connections");
     assert_eq!(open, CAP, "connections held at the cap");
-    assert_eq!(refused, FLOOD as u64 + 1 - CAP, "every connection over the cap refused");
+    assert_eq!(
+        refused,
+        FLOOD as u64 + 1 - CAP,
+        "every connection over the cap refused"
+    );
 
     let at_cap = rss_kib(p.role.pid());
     let per_connection = (at_cap.saturating_sub(baseline)) * 1024 / CAP;

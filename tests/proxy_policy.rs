@@ -118,7 +118,12 @@ fn planted_records_to_forbidden_targets_get_502_and_no_connection() {
     plant("v6", "::1", v6.port, Some("k8s:team-a/v6"));
     plant("zero", "0.0.0.0", v4.port, Some("k8s:team-a/zero"));
     plant("localhost", "localhost", v4.port, Some("k8s:team-a/lh"));
-    plant("other-ns", "db.team-b.svc.cluster.local", 80, Some("k8s:team-a/db"));
+    plant(
+        "other-ns",
+        "db.team-b.svc.cluster.local",
+        80,
+        Some("k8s:team-a/db"),
+    );
     // A record claiming to come from the file is still a tenant's when it is in Redis.
     plant("claims-config", "::1", v6.port, Some("config"));
 
@@ -189,8 +194,16 @@ fn planted_records_to_forbidden_targets_get_502_and_no_connection() {
             "{name}: the admin port was never reached"
         );
     }
-    assert_eq!(v4.accepted(), 0, "no connection to the IPv4 loopback listener");
-    assert_eq!(v6.accepted(), 0, "no connection to the IPv6 loopback listener");
+    assert_eq!(
+        v4.accepted(),
+        0,
+        "no connection to the IPv4 loopback listener"
+    );
+    assert_eq!(
+        v6.accepted(),
+        0,
+        "no connection to the IPv6 loopback listener"
+    );
 }
 
 #[test]
@@ -218,7 +231,7 @@ fn a_mapping_that_leads_back_into_the_fleet_is_a_loop_508() {
             dir.path(),
             name,
             &yaml,
-            &format!("{extra}, limits: {{max_hops: 3}}").trim_start_matches(", ").to_string(),
+            format!("{extra}, limits: {{max_hops: 3}}").trim_start_matches(", "),
             port,
             free_port(),
         )

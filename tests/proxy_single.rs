@@ -155,7 +155,11 @@ fn refuses_oversized_and_slow_headers_and_stays_healthy() {
         "a".repeat(32 * 1024)
     );
     let r = raw(p.port, big.as_bytes(), Duration::from_secs(5));
-    assert_eq!(r.as_ref().map(|r| r.status), Some(431), "oversized head: {r:?}");
+    assert_eq!(
+        r.as_ref().map(|r| r.status),
+        Some(431),
+        "oversized head: {r:?}"
+    );
 
     let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
     let r = raw(
@@ -163,7 +167,11 @@ fn refuses_oversized_and_slow_headers_and_stays_healthy() {
         format!("GET / HTTP/1.1\r\nHost: app.tunnox.net\r\n{many}\r\n").as_bytes(),
         Duration::from_secs(5),
     );
-    assert_eq!(r.as_ref().map(|r| r.status), Some(431), "too many headers: {r:?}");
+    assert_eq!(
+        r.as_ref().map(|r| r.status),
+        Some(431),
+        "too many headers: {r:?}"
+    );
 
     // A client that never finishes its headers is disconnected after request_header.
     let started = std::time::Instant::now();

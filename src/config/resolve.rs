@@ -350,9 +350,18 @@ fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, Stri
             p.timeouts.upstream_response,
         ),
         ("proxy.timeouts.upstream_idle", p.timeouts.upstream_idle),
-        ("proxy.timeouts.client_write_idle", p.timeouts.client_write_idle),
-        ("proxy.timeouts.upstream_read_idle", p.timeouts.upstream_read_idle),
-        ("proxy.timeouts.request_body_idle", p.timeouts.request_body_idle),
+        (
+            "proxy.timeouts.client_write_idle",
+            p.timeouts.client_write_idle,
+        ),
+        (
+            "proxy.timeouts.upstream_read_idle",
+            p.timeouts.upstream_read_idle,
+        ),
+        (
+            "proxy.timeouts.request_body_idle",
+            p.timeouts.request_body_idle,
+        ),
         ("proxy.timeouts.websocket_idle", p.timeouts.websocket_idle),
         ("proxy.timeouts.http2_idle", p.timeouts.http2_idle),
         (

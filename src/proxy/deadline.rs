@@ -466,7 +466,11 @@ mod tests {
         let join = tokio::spawn(async move {
             let m = ProxyMetrics::new();
             let idle = join_with_idle(a, b, ms(400), &m).await.unwrap();
-            (idle, Instant::now(), m.timeouts.with_label_values(&["websocket_idle"]).get())
+            (
+                idle,
+                Instant::now(),
+                m.timeouts.with_label_values(&["websocket_idle"]).get(),
+            )
         });
         tokio::time::sleep(ms(300)).await;
         a_peer.write_all(b"ping").await.unwrap();
@@ -476,7 +480,10 @@ mod tests {
         let (idle, ended, counted) = join.await.unwrap();
         let after = ended - last;
         assert!(idle && counted == 1);
-        assert!(after >= ms(390) && after < ms(700), "{after:?} after the last byte");
+        assert!(
+            after >= ms(390) && after < ms(700),
+            "{after:?} after the last byte"
+        );
     }
 
     #[tokio::test]

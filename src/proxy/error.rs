@@ -189,8 +189,7 @@ impl RequestId {
     fn well_formed(v: &[u8]) -> bool {
         !v.is_empty()
             && v.len() <= MAX_REQUEST_ID
-            && v
-                .iter()
+            && v.iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
     }
 
@@ -320,6 +319,9 @@ mod tests {
                 }
             }
         }
-        assert_ne!(RequestId::generate().as_str(), RequestId::generate().as_str());
+        assert_ne!(
+            RequestId::generate().as_str(),
+            RequestId::generate().as_str()
+        );
     }
 }

@@ -165,7 +165,10 @@ impl Forwarder {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed(),
+        ))
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use http::uri::{Authority, Scheme};
 
+use super::ProxyError;
 use super::cache::RouteCache;
 use super::deadline::Deadlines;
 use super::drain::Drain;
@@ -19,7 +20,6 @@ use super::metrics::ProxyMetrics;
 use super::registry::HealthySets;
 use super::route::{Route, Target};
 use super::stats::AccessLog;
-use super::ProxyError;
 use crate::domain::{Declarer, EgressPolicy, Hostname, SetName};
 
 /// How many proxies of this fleet a request has passed through, as the upstream is told. A

@@ -9,8 +9,8 @@ use http::{HeaderName, HeaderValue};
 
 use super::ProxyError;
 use crate::domain::{
-    Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, RESERVED_HEADERS,
-    Refusal, Scheme, SetName, serving_set,
+    Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, RESERVED_HEADERS, Refusal,
+    Scheme, SetName, serving_set,
 };
 
 /// The `source` of mappings declared in a single-node configuration file.

@@ -14,11 +14,11 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::chunked::ChunkedScanner;
-use crate::proxy::deadline::Kind;
 use super::head::{self, Framing, RequestHead};
 use super::{FastPath, MAX_FAST_HEADERS, READ_CHUNK};
 use crate::domain::Declarer;
 use crate::proxy::ProxyError;
+use crate::proxy::deadline::Kind;
 use crate::proxy::error::{OWN_HEADERS, RequestId, X_REQUEST_ID};
 use crate::proxy::policy::{Admitted, Ctx};
 
@@ -130,7 +130,14 @@ impl Exchange<'_, '_> {
         };
         let close = self.head.close || self.ctx.drain.is_draining() || *stop.borrow();
         let relayed = self
-            .relay(client, upstream, head_len, io, close, (target, who, deadline))
+            .relay(
+                client,
+                upstream,
+                head_len,
+                io,
+                close,
+                (target, who, deadline),
+            )
             .await;
         let (status, bytes_out, keep_alive) = match relayed {
             Ok(r) => r,
@@ -459,7 +466,10 @@ struct Idle<'a> {
 
 impl Idle<'_> {
     fn expired(&self, kind: Kind) -> Broken {
-        self.metrics.timeouts.with_label_values(&[kind.label()]).inc();
+        self.metrics
+            .timeouts
+            .with_label_values(&[kind.label()])
+            .inc();
         Broken
     }
 }

@@ -86,7 +86,10 @@ mod table {
                 "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 65537\r\n\r\n",
                 Err(Handover::LargeBody),
             ),
-            ("GET / HTTP/1.1\r\nHost: a\r\nTunnox-Hops: 2\r\n\r\n", Ok((0, false))),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nTunnox-Hops: 2\r\n\r\n",
+                Ok((0, false)),
+            ),
             (
                 "GET / HTTP/1.1\r\nHost: a\r\nTunnox-Hops: two\r\n\r\n",
                 Err(Handover::Hops),
