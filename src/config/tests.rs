@@ -130,6 +130,31 @@ fn errors_name_the_field() {
             vec!["proxy.timeouts.connect", "greater than 0"],
         ),
         (
+            "proxy: {timeouts: {websocket_idle: 0s}}",
+            vec![],
+            vec!["proxy.timeouts.websocket_idle", "greater than 0"],
+        ),
+        (
+            "proxy: {timeouts: {client_write_idle: 0ms}}",
+            vec![],
+            vec!["proxy.timeouts.client_write_idle", "greater than 0"],
+        ),
+        (
+            "proxy: {limits: {max_hops: 0}}",
+            vec![],
+            vec!["proxy.limits.max_hops", "1 to 64", "0"],
+        ),
+        (
+            "proxy: {limits: {max_hops: 65}}",
+            vec![],
+            vec!["proxy.limits.max_hops", "65"],
+        ),
+        (
+            "proxy: {limits: {max_connections: 0}}",
+            vec![],
+            vec!["proxy.limits.max_connections", "at least 1"],
+        ),
+        (
             "proxy: {listen: 'nowhere'}",
             vec![],
             vec!["proxy.listen", "nowhere"],

@@ -76,15 +76,21 @@ pub async fn serve(
             if let Exit::Handover(read) = exit {
                 let ctx2 = ctx.clone();
                 let streams = OpenStreams::default();
-                let open = streams.clone();
+                // Only HTTP/2 needs to know when its streams end (for `http2_idle`).
+                let open = read.starts_with(H2_PREFACE_START).then(|| streams.clone());
                 let service = service_fn(move |req| {
                     let ctx = ctx2.clone();
-                    let guard = open.enter();
+                    let guard = open.as_ref().map(OpenStreams::enter);
                     async move {
                         let resp = handle(&ctx, peer, req).await;
-                        let (parts, body) = resp.into_parts();
-                        let body = Guarded::new(body, guard).boxed();
-                        Ok::<_, Infallible>(Response::from_parts(parts, body))
+                        let resp = match guard {
+                            Some(guard) => {
+                                let (parts, body) = resp.into_parts();
+                                Response::from_parts(parts, Guarded::new(body, guard).boxed())
+                            }
+                            None => resp,
+                        };
+                        Ok::<_, Infallible>(resp)
                     }
                 });
                 // Held until the connection ends: shutting down waits for it.
