@@ -142,13 +142,12 @@ impl Ctx {
                     .inc();
                 tracing::warn!(request_id = %id, %peer, error = %e, "request refused by the egress policy");
             }
-            ProxyError::LoopDetected { .. } => {
-                tracing::warn!(request_id = %id, %peer, error = %e, "request refused");
-            }
-            ProxyError::UpstreamConnect { .. }
+            // A client can send any hop count: not a warning, but visible.
+            ProxyError::LoopDetected { .. }
+            | ProxyError::UpstreamConnect { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamTimeout(_) => {
-                tracing::info!(request_id = %id, %peer, error = %e, "upstream failed");
+                tracing::info!(request_id = %id, %peer, error = %e, "request failed");
             }
             _ => tracing::debug!(request_id = %id, %peer, error = %e, "request refused"),
         }
