@@ -368,3 +368,47 @@ fn an_idle_http2_connection_is_closed_at_http2_idle() {
         counted(p, "http2_idle", before);
     }
 }
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_at_request_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = upstream(Ended::default());
+    let yaml = format!(
+        "storage: {{type: memory, hybrid: {{enable_persistent: false}}}}
+http_domain: {{base_domains: [tunnox.net]}}
+mappings:
+  - {{subdomain: app, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: {port}}}"
+    );
+    for (name, extra) in [
+        ("fast", "timeouts: {request_header: 1s}"),
+        (
+            "general",
+            "fast_path: false, timeouts: {request_header: 1s}",
+        ),
+    ] {
+        let p = ProxyProc::start(dir.path(), name, &yaml, extra).ready();
+        let mut c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Requests within the idle time keep it open.
+        for _ in 0..3 {
+            c.write_all(b"GET / HTTP/1.1\r\nHost: app.tunnox.net\r\n\r\n")
+                .unwrap();
+            assert_eq!(support::http::read_reply(&mut c).unwrap().status, 200);
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        let answered = Instant::now() - Duration::from_millis(600);
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        in_window(
+            &format!("{name}: idle keep-alive closed"),
+            answered.elapsed(),
+            IDLE - Duration::from_millis(100),
+            IDLE + Duration::from_millis(1500),
+        );
+        let text = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{name}: {text:?}"
+        );
+    }
+}
