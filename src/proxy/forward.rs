@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::connect::{EgressConnector, refusal_in};
 use super::deadline::join_with_idle;
 use super::metrics::ProxyMetrics;
-use super::policy::{FORWARDED_PROTO, HOPS};
+use super::policy::{Admitted, FORWARDED_PROTO, HOPS};
 use super::{ProxyBody, ProxyError};
 use crate::domain::{Declarer, EgressPolicy};
 
@@ -96,17 +96,14 @@ impl Forwarder {
 
     /// Sends `req` to `scheme://authority` and returns the upstream's response, ready for the
     /// client. Upgrades (WebSocket) are joined in a background task once both sides agree.
-    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
         mut req: Request<ProxyBody>,
-        scheme: &Scheme,
-        authority: &Authority,
-        who: Declarer,
-        extra: &[(HeaderName, HeaderValue)],
+        to: &Admitted,
         client: ClientInfo<'_>,
         upstream_seconds: &prometheus::Histogram,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (scheme, authority, extra) = (&to.scheme, &to.authority, &to.route.headers[..]);
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -129,7 +126,7 @@ impl Forwarder {
         let out = Request::from_parts(parts, body);
 
         let started = Instant::now();
-        let client = match who {
+        let client = match to.who {
             Declarer::Tenant => &self.tenant,
             Declarer::Operator => &self.operator,
         };

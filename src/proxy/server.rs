@@ -313,7 +313,7 @@ async fn route(
     let (host, raw_host) = requested_host(&req)?;
     let hops = policy::parse_hops(req.headers().get_all(HOPS).iter().map(|v| v.as_bytes()))?;
     let admitted = ctx.admit(&host, hops).await?;
-    let route = admitted.route;
+    let route = admitted.route.clone();
     let (parts, body) = req.into_parts();
     let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
         body.map_err(Into::into).boxed()
@@ -332,10 +332,7 @@ async fn route(
         .forwarder
         .forward(
             Request::from_parts(parts, body),
-            &admitted.scheme,
-            &admitted.authority,
-            admitted.who,
-            &route.headers,
+            &admitted,
             ClientInfo {
                 peer,
                 host: &raw_host,
