@@ -42,6 +42,8 @@ impl Stack {
             ("TUNNOX__STORAGE__REDIS__ADDR", self.redis.addr()),
             ("TUNNOX__PROXY__LISTEN", format!("127.0.0.1:{port}")),
             ("TUNNOX__PROXY__ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
+            // The test's upstreams are on loopback, which proxies refuse for tenants.
+            ("TUNNOX__EGRESS__ALLOW", "[\"127.0.0.0/8\"]".to_string()),
         ];
         let log = self.dir.path().join(format!("{name}.log"));
         let role = Role::start(
