@@ -507,3 +507,10 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn egress_allow_comes_from_the_environment_as_a_list() {
+    let s = settings_env("", &[("TUNNOX__EGRESS__ALLOW", "[\"127.0.0.0/8\"]")]).unwrap();
+    assert_eq!(s.config.egress.allow, vec!["127.0.0.0/8".to_string()]);
+    assert_eq!(s.egress.allow().len(), 1);
+}
