@@ -117,7 +117,7 @@ async fn slow_subscriber_is_told_it_lagged_and_catches_up() {
                 SyncUpdate::Upsert(m) => {
                     replica.insert(m.full_domain);
                 }
-                SyncUpdate::Reset(all) => {
+                SyncUpdate::Reset(all) | SyncUpdate::Rebase { mappings: all, .. } => {
                     replica = all.into_iter().map(|m| m.full_domain).collect()
                 }
                 SyncUpdate::Remove { full_domain, .. } => {

@@ -28,7 +28,7 @@ async fn connect(server: &support::RedisServer) -> Arc<dyn MappingStore> {
 fn apply(table: &mut std::collections::HashMap<String, u16>, updates: Vec<SyncUpdate>) {
     for u in updates {
         match u {
-            SyncUpdate::Reset(all) => {
+            SyncUpdate::Reset(all) | SyncUpdate::Rebase { mappings: all, .. } => {
                 *table = all
                     .into_iter()
                     .map(|m| (m.full_domain.to_string(), m.target_port))
@@ -88,7 +88,15 @@ async fn subscriber_recovers_every_change_after_client_kill() {
                 .await
                 .unwrap();
         }
-        // Cut the feed, then change things while it is down.
+        // Cut the feed (once it is back from the last round), then change things while it is down.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !server
+            .cli(&["PUBSUB", "NUMSUB", "tunnox:http_domain:events"])
+            .ends_with('1')
+        {
+            assert!(std::time::Instant::now() < deadline, "feed never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let killed = server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert_ne!(killed, "0", "a pub/sub client was connected");
         for i in 0..20u16 {
@@ -187,13 +195,24 @@ async fn key_layout_matches_the_contract() {
         log.starts_with("0-1") && log.contains("created") && log.contains(id),
         "{log}"
     );
+    // The store epoch: created by the first write, 128 random bits in hex, in every log entry.
+    let epoch = server.cli(&["GET", "tunnox:http_domain:epoch"]);
+    assert!(
+        epoch.len() == 32 && epoch.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{epoch}"
+    );
+    assert!(log.contains(&epoch), "{log}");
     store.delete(&m.mapping_id, None).await.unwrap();
     let keys = server.cli(&["--scan", "--pattern", "tunnox:*"]);
     let mut keys: Vec<&str> = keys.lines().collect();
     keys.sort();
     assert_eq!(
         keys,
-        vec!["tunnox:http_domain:changes", "tunnox:http_domain:version"],
+        vec![
+            "tunnox:http_domain:changes",
+            "tunnox:http_domain:epoch",
+            "tunnox:http_domain:version"
+        ],
         "no orphan record or index"
     );
 }
@@ -462,7 +481,11 @@ async fn stats_hash_is_apart_from_the_record_and_deleted_with_it() {
     keys.sort();
     assert_eq!(
         keys,
-        vec!["tunnox:http_domain:changes", "tunnox:http_domain:version"],
+        vec![
+            "tunnox:http_domain:changes",
+            "tunnox:http_domain:epoch",
+            "tunnox:http_domain:version"
+        ],
         "no stats outlive their mapping"
     );
 
