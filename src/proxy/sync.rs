@@ -66,6 +66,8 @@ pub struct CacheSync {
 
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Failures retried after `RETRY_FIRST` before the backoff grows.
+const QUICK_RETRIES: u32 = 16;
 /// While stale, the marker is looked for this often (or at the check interval if shorter).
 const STALE_CHECK: Duration = Duration::from_secs(1);
 
@@ -123,6 +125,7 @@ impl CacheSync {
         tracing::info!(mappings = count, version = follower.applied(), elapsed = ?started.elapsed(), "route cache warm; ready");
         self.drain.warmed();
         delay = RETRY_FIRST;
+        let mut failures = 0u32;
         loop {
             match follower.next().await {
                 Ok(updates) => {
@@ -160,13 +163,20 @@ impl CacheSync {
                     }
                     self.record(&follower, last_ok, &mut catch_ups);
                     delay = RETRY_FIRST;
+                    failures = 0;
                 }
                 Err(e) => {
                     self.metrics.sync_errors.inc();
                     self.metrics.sync_connected.set(0);
                     tracing::warn!(error = %e, retry_in = ?delay, "sync failed; serving cached routes");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 3 / 2).min(RETRY_MAX);
+                    // A restarted Redis breaks every pooled connection at once and each fails
+                    // once before it reconnects: back off only after a pool's worth of failures,
+                    // so a restart is noticed within a second or two.
+                    failures += 1;
+                    if failures > QUICK_RETRIES {
+                        delay = (delay * 3 / 2).min(RETRY_MAX);
+                    }
                 }
             }
         }
