@@ -245,7 +245,18 @@ impl RouteCache {
                         map: &self.inflight,
                         host,
                     };
-                    let result = self.load(host).await;
+                    // A lookup that ended between our cache check and now has cached its
+                    // answer (before leaving the map): use it rather than read again.
+                    let result = match self
+                        .settings
+                        .enabled
+                        .then(|| self.get_fresh(host))
+                        .flatten()
+                    {
+                        Some(Cached::Found(r)) => Ok(Loaded::Found(r)),
+                        Some(Cached::Unknown) => Ok(Loaded::Unknown),
+                        None => self.load(host).await,
+                    };
                     drop(guard);
                     let _ = tx.send(Some(result.clone()));
                     return result;
