@@ -509,4 +509,95 @@ mod tests {
             small.len()
         );
     }
+
+    #[tokio::test]
+    async fn outside_base_domains_is_unknown_without_a_lookup() {
+        let store = Arc::new(MemoryStore::new());
+        store
+            .create(MappingSpec::new("app", "other.example", "127.0.0.1", 1))
+            .await
+            .unwrap();
+        let (c, m) = cache(store, 60_000, 10);
+        for h in ["app.other.example", "tunnox.net.evil", "xtunnox.net"] {
+            assert!(
+                matches!(c.resolve(&host(h)).await, Err(ProxyError::UnknownHost(_))),
+                "{h}"
+            );
+        }
+        assert_eq!(m.cache_misses.get(), 0, "no store lookup");
+        assert_eq!(m.cache_outside_base.get(), 3);
+        assert!(c.in_base_domains(&host("tunnox.net")));
+        assert!(c.in_base_domains(&host("a.b.tunnox.net")));
+    }
+
+    #[tokio::test]
+    async fn unknown_hosts_never_evict_routes() {
+        let store = Arc::new(MemoryStore::new());
+        let (c, _) = cache(store.clone(), 60_000, 4);
+        let mut routes = Vec::new();
+        for i in 0..3 {
+            let m = store
+                .create(MappingSpec::new(
+                    &format!("r{i}"),
+                    "tunnox.net",
+                    "127.0.0.1",
+                    1,
+                ))
+                .await
+                .unwrap();
+            c.apply(SyncUpdate::Upsert(Box::new(m.clone())));
+            routes.push(m.full_domain);
+        }
+        for i in 0..1000 {
+            let _ = c.resolve(&host(&format!("u{i}.tunnox.net"))).await;
+        }
+        for r in &routes {
+            assert!(
+                matches!(c.get_fresh(r), Some(Cached::Found(_))),
+                "{r} evicted"
+            );
+        }
+        assert!(
+            c.unknown_len() <= 200,
+            "negative space bounded: {}",
+            c.unknown_len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_from_another_history_never_takes_a_route_away() {
+        let store = Arc::new(MemoryStore::new());
+        let (c, m) = cache(store.clone(), 1, 10);
+        let gone = store
+            .create(MappingSpec::new("gone", "tunnox.net", "127.0.0.1", 1))
+            .await
+            .unwrap();
+        c.apply(SyncUpdate::Upsert(Box::new(gone.clone())));
+        store.delete(&gone.mapping_id, None).await.unwrap();
+        // The table follows another epoch than the store answers from (a flush): the expired
+        // route is kept, not turned into a 404.
+        c.set_history(crate::store::Position {
+            epoch: Some("before-the-flush".into()),
+            version: 1,
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (route, source) = c.resolve(&gone.full_domain).await.unwrap();
+        assert_eq!(
+            (route.mapping_id.clone(), source),
+            (gone.mapping_id.clone(), Source::Stale)
+        );
+        assert_eq!(m.cache_stale_served.get(), 1);
+        // Same history again: an absent record is a deletion, the route goes.
+        c.set_history(store.position().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(matches!(
+            c.resolve(&gone.full_domain).await,
+            Err(ProxyError::UnknownHost(_))
+        ));
+        // A stale table keeps routes the store lacks, whatever the history.
+        c.apply(SyncUpdate::Upsert(Box::new(gone.clone())));
+        c.set_stale(true);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(c.resolve(&gone.full_domain).await.unwrap().1, Source::Stale);
+    }
 }
