@@ -750,6 +750,19 @@ fn controller_rebuilds_flushed_redis(s: &Stack) {
         || s.redis_keys("tunnox:http_domain:index:domain:flush*").len() == 20,
     );
     eprintln!("e2e: rebuilt 20 mappings {took:?} after FLUSHALL (resync interval 3 s)");
+    // The controller marks the new epoch rebuilt: what stale proxies wait for.
+    let marked = eventually(
+        "rebuilt marker for the new epoch",
+        Duration::from_secs(10),
+        || {
+            let epoch = s.redis.cli(&["GET", "tunnox:http_domain:epoch"]);
+            !epoch.is_empty()
+                && s.redis
+                    .cli(&["HGET", "tunnox:http_domain:rebuilt", "epoch"])
+                    == epoch
+        },
+    );
+    eprintln!("e2e: marker written {marked:?} after the rebuild");
     // Restart the controller with Redis emptied while it was down.
     assert_eq!(
         ctl.terminate(Duration::from_secs(10)),
