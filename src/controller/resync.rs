@@ -133,10 +133,25 @@ pub async fn pass_and_mark(ctx: &Arc<Ctx>, me: &str) -> Result<Repairs, crate::s
 /// it is marked rebuilt) when the store's epoch changes.
 pub async fn run(ctx: Arc<Ctx>, me: String) {
     // Never compare against a cache that did not sync: everything would look orphaned.
-    if ctx.cache.wait_until_ready().await.is_err() {
-        tracing::warn!("mapping cache never became ready; resync stopped");
-        return;
+    // kube-runtime's readiness (one oneshot behind a mutex) wakes only the task that polled it
+    // last, and the controller's own runner polls it too: a single await here could wait
+    // forever (it did: resync never ran). Look again every second instead.
+    loop {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            ctx.cache.wait_until_ready(),
+        )
+        .await
+        {
+            Ok(Ok(())) => break,
+            Ok(Err(_)) => {
+                tracing::warn!("mapping cache never became ready; resync stopped");
+                return;
+            }
+            Err(_) => continue,
+        }
     }
+    tracing::info!(interval = ?ctx.resync_interval, "resync running");
     let mut tick = tokio::time::interval(ctx.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut epoch_tick = tokio::time::interval(EPOCH_CHECK);

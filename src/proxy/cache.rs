@@ -287,10 +287,12 @@ impl RouteCache {
         let generation = self.generation.load(Ordering::Acquire);
         let lookup = self.store.lookup(host).await.map_err(|e| e.to_string())?;
         let broken = self.other_history(&lookup.position);
-        if broken {
+        let already_stale = self.stale.load(Ordering::Acquire);
+        // Once stale, the sync task knows: misses need not wake it again.
+        if broken && !already_stale {
             self.history_changed.notify_one();
         }
-        let stale = broken || self.stale.load(Ordering::Acquire);
+        let stale = broken || already_stale;
         let value = match lookup.mapping {
             Some(m) => Loaded::Found(Arc::new(Route::from_mapping(&m))),
             None if stale => match self.routes.get(host) {
