@@ -778,6 +778,8 @@ fn lookups() -> Lookup {
             ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(5),
             max_entries: CACHE_ENTRIES + CACHE_ENTRIES / 10,
+            negative_max_entries: 10_000,
+            base_domains: Vec::new(),
         },
         Arc::new(MemoryStore::new()),
         metrics,

@@ -752,6 +752,30 @@ fn controller_rebuilds_flushed_redis(s: &Stack) {
         || s.redis_keys("tunnox:http_domain:index:domain:flush*").len() == 20,
     );
     eprintln!("e2e: rebuilt 20 mappings {took:?} after FLUSHALL (resync interval 3 s)");
+    // The controller marks the new epoch rebuilt: what stale proxies wait for.
+    let started = std::time::Instant::now();
+    let marked = loop {
+        let epoch = s.redis.cli(&["GET", "tunnox:http_domain:epoch"]);
+        if !epoch.is_empty()
+            && s.redis
+                .cli(&["HGET", "tunnox:http_domain:rebuilt", "epoch"])
+                == epoch
+        {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let log = ctl.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "no rebuilt marker for epoch {epoch:?} within 10 s; marker {:?}; keys {:?}; controller log (last lines, newest first):\n{}",
+                s.redis.cli(&["HGETALL", "tunnox:http_domain:rebuilt"]),
+                s.redis_keys("tunnox:*").len(),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("e2e: marker written {marked:?} after the rebuild");
     // Restart the controller with Redis emptied while it was down.
     assert_eq!(
         ctl.terminate(Duration::from_secs(10)),

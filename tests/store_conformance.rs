@@ -435,7 +435,9 @@ mod cases {
         );
         assert_eq!(u.version, 2);
         match s.changes_since(0, 100).await.unwrap() {
-            Changes::Events { events, current } => {
+            Changes::Events {
+                events, current, ..
+            } => {
                 assert_eq!(current, 3);
                 assert_eq!(events, seen, "the log and the feed agree");
             }
@@ -452,7 +454,8 @@ mod cases {
             s.changes_since(3, 10).await.unwrap(),
             Changes::Events {
                 events: vec![],
-                current: 3
+                current: 3,
+                epoch: s.position().await.unwrap().epoch,
             }
         );
         // The old domain was released by the move, the new one by the delete.
@@ -628,7 +631,7 @@ mod cases {
         }
         assert!(matches!(
             s.changes_since(1, 10).await.unwrap(),
-            Changes::Trimmed { current: 400 }
+            Changes::Trimmed { current: 400, .. }
         ));
         let updates = follower.catch_up().await.unwrap();
         assert!(
@@ -799,7 +802,8 @@ mod cases {
             s.changes_since(before, 10).await.unwrap(),
             Changes::Events {
                 events: vec![],
-                current: before
+                current: before,
+                epoch: s.position().await.unwrap().epoch,
             }
         );
         let got = s.get(&a.mapping_id).await.unwrap().unwrap();
@@ -897,7 +901,9 @@ impl Replica {
         use tunnox::store::SyncUpdate;
         for u in updates {
             match u {
-                SyncUpdate::Reset(all) => *self = Self::new(all),
+                SyncUpdate::Reset(all) | SyncUpdate::Rebase { mappings: all, .. } => {
+                    *self = Self::new(all)
+                }
                 SyncUpdate::Upsert(m) => {
                     self.by_domain.insert(m.full_domain.clone(), *m);
                 }

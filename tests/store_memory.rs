@@ -33,6 +33,26 @@ async fn save_interval_zero_survives_a_crash() {
 }
 
 #[tokio::test]
+async fn epoch_is_the_files_and_new_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = MemoryStore::open(Some(persist(&dir, Duration::ZERO)), 100, 100, "n").unwrap();
+    a.create(spec("e", 1)).await.unwrap();
+    let epoch = a.position().await.unwrap().epoch.unwrap();
+    drop(a);
+    let b = MemoryStore::open(Some(persist(&dir, Duration::ZERO)), 100, 100, "n").unwrap();
+    assert_eq!(
+        b.position().await.unwrap().epoch.unwrap(),
+        epoch,
+        "the file's history continues"
+    );
+    assert_ne!(MemoryStore::new().ensure_epoch().await.unwrap(), epoch);
+    // The marker is checked against the epoch as on Redis.
+    assert!(!b.mark_rebuilt("other", 1, "x").await.unwrap());
+    assert!(b.mark_rebuilt(&epoch, 1, "x").await.unwrap());
+    assert_eq!(b.rebuilt().await.unwrap().unwrap().epoch, epoch);
+}
+
+#[tokio::test]
 async fn background_save_writes_within_the_interval() {
     let dir = tempfile::tempdir().unwrap();
     let live = MemoryStore::open(
@@ -117,7 +137,7 @@ async fn slow_subscriber_is_told_it_lagged_and_catches_up() {
                 SyncUpdate::Upsert(m) => {
                     replica.insert(m.full_domain);
                 }
-                SyncUpdate::Reset(all) => {
+                SyncUpdate::Reset(all) | SyncUpdate::Rebase { mappings: all, .. } => {
                     replica = all.into_iter().map(|m| m.full_domain).collect()
                 }
                 SyncUpdate::Remove { full_domain, .. } => {

@@ -28,7 +28,7 @@ async fn connect(server: &support::RedisServer) -> Arc<dyn MappingStore> {
 fn apply(table: &mut std::collections::HashMap<String, u16>, updates: Vec<SyncUpdate>) {
     for u in updates {
         match u {
-            SyncUpdate::Reset(all) => {
+            SyncUpdate::Reset(all) | SyncUpdate::Rebase { mappings: all, .. } => {
                 *table = all
                     .into_iter()
                     .map(|m| (m.full_domain.to_string(), m.target_port))
@@ -88,7 +88,15 @@ async fn subscriber_recovers_every_change_after_client_kill() {
                 .await
                 .unwrap();
         }
-        // Cut the feed, then change things while it is down.
+        // Cut the feed (once it is back from the last round), then change things while it is down.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !server
+            .cli(&["PUBSUB", "NUMSUB", "tunnox:http_domain:events"])
+            .ends_with('1')
+        {
+            assert!(std::time::Instant::now() < deadline, "feed never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let killed = server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert_ne!(killed, "0", "a pub/sub client was connected");
         for i in 0..20u16 {
@@ -136,6 +144,152 @@ async fn flushed_redis_makes_followers_reload() {
     }
     assert_eq!(table, truth(&store).await);
     assert_eq!(follower.applied(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_store_is_a_new_epoch_even_once_writes_pass_the_old_version() {
+    let server = support::RedisServer::start();
+    let store = connect(&server).await;
+    for i in 0..10u16 {
+        store.create(spec(&format!("pre{i}"), i + 1)).await.unwrap();
+    }
+    let e1 = store
+        .position()
+        .await
+        .unwrap()
+        .epoch
+        .expect("created by the first write");
+    let (mut follower, _) = Follower::start(store.clone(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["FLUSHALL"]), "OK");
+    assert_eq!(
+        store.position().await.unwrap(),
+        tunnox::store::Position::default()
+    );
+    // Writes carry the version past the follower's 10 before it looks: versions are reused,
+    // the epoch is not.
+    for i in 0..15u16 {
+        store.create(spec(&format!("post{i}"), 1)).await.unwrap();
+    }
+    let now = store.position().await.unwrap();
+    assert_eq!(now.version, 15);
+    assert_ne!(now.epoch.as_deref(), Some(e1.as_str()));
+    let updates = follower.catch_up().await.unwrap();
+    match updates.as_slice() {
+        [SyncUpdate::Rebase { mappings, cause }] => {
+            assert_eq!(*cause, tunnox::store::Break::EpochChanged);
+            assert_eq!(mappings.len(), 15);
+        }
+        other => panic!("expected a rebase, got {other:?}"),
+    }
+    assert_eq!(follower.position(), now);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_going_backwards_replaces_the_epoch() {
+    let server = support::RedisServer::start();
+    let store = connect(&server).await;
+    let mut made = Vec::new();
+    for i in 0..10u16 {
+        made.push(store.create(spec(&format!("h{i}"), 1)).await.unwrap());
+    }
+    let e1 = store.position().await.unwrap().epoch.unwrap();
+    let (mut follower, _) = Follower::start(store.clone(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    // A failover to a replica that lost versions 6..10: same epoch, lower version.
+    let lose = |from: usize| {
+        for m in &made[from..] {
+            let id = m.mapping_id.as_str();
+            server.cli(&["DEL", &format!("tunnox:http_domain:mapping:{id}")]);
+            server.cli(&[
+                "DEL",
+                &format!("tunnox:http_domain:index:domain:{}", m.full_domain),
+            ]);
+            server.cli(&["ZREM", "tunnox:http_domain:index:all", id]);
+            server.cli(&[
+                "XDEL",
+                "tunnox:http_domain:changes",
+                &format!("0-{}", m.version),
+            ]);
+        }
+        server.cli(&["SET", "tunnox:http_domain:version", &from.to_string()]);
+    };
+    // The log and the counter as the replica has them: nothing after `to`.
+    let rewind = |to: u64| {
+        for v in to + 1..=20 {
+            server.cli(&["XDEL", "tunnox:http_domain:changes", &format!("0-{v}")]);
+        }
+        server.cli(&["XSETID", "tunnox:http_domain:changes", &format!("0-{to}")]);
+        server.cli(&["SET", "tunnox:http_domain:version", &to.to_string()]);
+    };
+    lose(5);
+    rewind(5);
+    // A reader that applied 10 finds 5 at the same epoch: it replaces the epoch for everyone.
+    let updates = follower.catch_up().await.unwrap();
+    match updates.as_slice() {
+        [SyncUpdate::Rebase { mappings, cause }] => {
+            assert_eq!(*cause, tunnox::store::Break::WentBackwards);
+            assert_eq!(mappings.len(), 5);
+        }
+        other => panic!("expected a rebase, got {other:?}"),
+    }
+    let e2 = store.position().await.unwrap().epoch.unwrap();
+    assert_ne!(e2, e1, "the reader replaced the epoch");
+    assert_eq!(follower.position().epoch.as_deref(), Some(e2.as_str()));
+
+    // A writer that saw version 6 at this epoch finds the store at 3: its next write replaces
+    // the epoch too, and the event says so.
+    made = vec![store.create(spec("w", 1)).await.unwrap()];
+    assert_eq!(made[0].version, 6);
+    rewind(3);
+    let mut sub = store.subscribe().await.unwrap();
+    let m = store.create(spec("w2", 1)).await.unwrap();
+    assert_eq!(m.version, 4);
+    let e3 = store.position().await.unwrap().epoch.unwrap();
+    assert_ne!(e3, e2, "the writer replaced the epoch");
+    match sub.next().await {
+        Some(tunnox::store::SubscriptionEvent::Change(e)) => {
+            assert_eq!((e.version, e.epoch.as_deref()), (4, Some(e3.as_str())))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A writer with nothing to compare (a new client) never replaces an epoch.
+    let fresh = connect(&server).await;
+    fresh.create(spec("w3", 1)).await.unwrap();
+    assert_eq!(store.position().await.unwrap().epoch.unwrap(), e3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilt_marker_is_written_only_at_the_current_epoch() {
+    let server = support::RedisServer::start();
+    let store = connect(&server).await;
+    assert_eq!(store.rebuilt().await.unwrap(), None);
+    let epoch = store.ensure_epoch().await.unwrap();
+    assert_eq!(store.ensure_epoch().await.unwrap(), epoch, "created once");
+    store.create(spec("m", 1)).await.unwrap();
+    assert_eq!(
+        store.position().await.unwrap().epoch.as_deref(),
+        Some(epoch.as_str())
+    );
+    assert!(!store.mark_rebuilt("another", 1, "ctl").await.unwrap());
+    assert_eq!(store.rebuilt().await.unwrap(), None);
+    assert!(store.mark_rebuilt(&epoch, 1, "ctl").await.unwrap());
+    let m = store.rebuilt().await.unwrap().unwrap();
+    assert_eq!(
+        (m.epoch.as_str(), m.version, m.by.as_str()),
+        (epoch.as_str(), 1, "ctl")
+    );
+    assert_eq!(
+        server.cli(&["HGET", "tunnox:http_domain:rebuilt", "epoch"]),
+        epoch
+    );
+    // A flush takes the marker with it; a marker for the old epoch is refused.
+    assert_eq!(server.cli(&["FLUSHALL"]), "OK");
+    assert_eq!(store.rebuilt().await.unwrap(), None);
+    assert!(!store.mark_rebuilt(&epoch, 1, "ctl").await.unwrap());
+    assert_ne!(store.ensure_epoch().await.unwrap(), epoch);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,13 +341,24 @@ async fn key_layout_matches_the_contract() {
         log.starts_with("0-1") && log.contains("created") && log.contains(id),
         "{log}"
     );
+    // The store epoch: created by the first write, 128 random bits in hex, in every log entry.
+    let epoch = server.cli(&["GET", "tunnox:http_domain:epoch"]);
+    assert!(
+        epoch.len() == 32 && epoch.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{epoch}"
+    );
+    assert!(log.contains(&epoch), "{log}");
     store.delete(&m.mapping_id, None).await.unwrap();
     let keys = server.cli(&["--scan", "--pattern", "tunnox:*"]);
     let mut keys: Vec<&str> = keys.lines().collect();
     keys.sort();
     assert_eq!(
         keys,
-        vec!["tunnox:http_domain:changes", "tunnox:http_domain:version"],
+        vec![
+            "tunnox:http_domain:changes",
+            "tunnox:http_domain:epoch",
+            "tunnox:http_domain:version"
+        ],
         "no orphan record or index"
     );
 }
@@ -462,7 +627,11 @@ async fn stats_hash_is_apart_from_the_record_and_deleted_with_it() {
     keys.sort();
     assert_eq!(
         keys,
-        vec!["tunnox:http_domain:changes", "tunnox:http_domain:version"],
+        vec![
+            "tunnox:http_domain:changes",
+            "tunnox:http_domain:epoch",
+            "tunnox:http_domain:version"
+        ],
         "no stats outlive their mapping"
     );
 

@@ -268,6 +268,9 @@ pub struct LocalCacheConfig {
     pub max_size: usize,
     /// How long an unknown host is remembered as unknown.
     pub negative_ttl: Dur,
+    /// How many unknown hosts are remembered, apart from `max_size` (a flood of unknown hosts
+    /// never evicts a route).
+    pub negative_max_size: usize,
 }
 
 impl Default for LocalCacheConfig {
@@ -277,6 +280,7 @@ impl Default for LocalCacheConfig {
             ttl: Dur::secs(60),
             max_size: 10_000,
             negative_ttl: Dur::secs(5),
+            negative_max_size: 10_000,
         }
     }
 }
@@ -299,6 +303,9 @@ pub struct SyncConfig {
     pub check_interval: Dur,
     /// Approximate length of the change log (older entries are trimmed).
     pub changes_max_len: u64,
+    /// How long a proxy keeps serving its own (stale) table after the store lost history,
+    /// waiting for the controller's "rebuilt" marker, before it takes what the store holds.
+    pub rebuild_wait: Dur,
 }
 
 impl Default for SyncConfig {
@@ -308,6 +315,7 @@ impl Default for SyncConfig {
             buffer_size: 1000,
             check_interval: Dur::secs(5),
             changes_max_len: 100_000,
+            rebuild_wait: Dur::secs(600),
         }
     }
 }

@@ -186,6 +186,12 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    if local.negative_max_size == 0 {
+        return Err(err(
+            "http_domain.cache.local.negative_max_size",
+            "must be at least 1".into(),
+        ));
+    }
     let sync = &cfg.http_domain.sync;
     if sync.buffer_size == 0 {
         return Err(err(
@@ -203,6 +209,12 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         return Err(err(
             "http_domain.sync.check_interval",
             "must be greater than 0".into(),
+        ));
+    }
+    if sync.rebuild_wait.get().is_zero() {
+        return Err(err(
+            "http_domain.sync.rebuild_wait",
+            "must be greater than 0 (a proxy waits this long for the controller's rebuild)".into(),
         ));
     }
     if cfg.http_domain.enabled && cfg.http_domain.base_domains.is_empty() {

@@ -135,7 +135,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         resync_interval: cfg.resync_interval.get(),
         conflict_retry: cfg.conflict_retry.get(),
     });
-    let resync = tokio::spawn(resync::run(ctx.clone()));
+    let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
     let wake = futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx));
     let graceful = {
         let mut lead = lead_rx.clone();

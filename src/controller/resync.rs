@@ -1,5 +1,8 @@
 //! Anti-entropy: compare every mapping in the cluster with Redis and repair the difference.
-//! A flushed or replaced Redis is rebuilt without anyone touching the cluster.
+//! A flushed or replaced Redis is rebuilt without anyone touching the cluster: the store's epoch
+//! is watched every second, and a pass against an epoch without the "rebuilt" marker runs at
+//! once and again until it finds nothing missing; then the marker is written, which is what
+//! stale proxies wait for (docs/redis-schema.md "Epoch").
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -95,18 +98,77 @@ fn phase_label(p: Phase) -> &'static str {
     }
 }
 
-/// Runs a pass now and then every `ctx.resync_interval`.
-pub async fn run(ctx: Arc<Ctx>) {
-    // Never compare against a cache that did not sync: everything would look orphaned.
-    if ctx.cache.wait_until_ready().await.is_err() {
-        tracing::warn!("mapping cache never became ready; resync stopped");
-        return;
+/// How often the store's epoch and marker are looked at (two small reads).
+const EPOCH_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// True when the store's epoch has no marker of ours: flushed, emptied, failed over, or never
+/// marked.
+async fn needs_rebuild(ctx: &Ctx) -> Result<bool, crate::store::StoreError> {
+    let at = ctx.store.position().await?;
+    let Some(epoch) = at.epoch else {
+        return Ok(true);
+    };
+    Ok(ctx.store.rebuilt().await?.is_none_or(|m| m.epoch != epoch))
+}
+
+/// A pass, then the marker "rebuilt at this epoch" if it found nothing missing. The epoch is
+/// made to exist first (a flushed store with nothing to rebuild still gets one), and the
+/// position is read before the pass lists, so the marker never claims more than was listed.
+pub async fn pass_and_mark(ctx: &Arc<Ctx>, me: &str) -> Result<Repairs, crate::store::StoreError> {
+    let epoch = ctx.store.ensure_epoch().await?;
+    let at = ctx.store.position().await?;
+    let repairs = pass(ctx).await?;
+    if repairs.missing == 0 && at.epoch.as_deref() == Some(epoch.as_str()) {
+        let before = ctx.store.rebuilt().await?;
+        if ctx.store.mark_rebuilt(&epoch, at.version, me).await?
+            && before.is_none_or(|m| m.epoch != epoch)
+        {
+            tracing::info!(%epoch, version = at.version, "store rebuilt: marker written");
+        }
     }
+    Ok(repairs)
+}
+
+/// Runs a pass now and then every `ctx.resync_interval`, and at once (then every second until
+/// it is marked rebuilt) when the store's epoch changes.
+pub async fn run(ctx: Arc<Ctx>, me: String) {
+    // Never compare against a cache that did not sync: everything would look orphaned.
+    // kube-runtime's readiness (one oneshot behind a mutex) wakes only the task that polled it
+    // last, and the controller's own runner polls it too: a single await here could wait
+    // forever (it did: resync never ran). Look again every second instead.
+    loop {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            ctx.cache.wait_until_ready(),
+        )
+        .await
+        {
+            Ok(Ok(())) => break,
+            Ok(Err(_)) => {
+                tracing::warn!("mapping cache never became ready; resync stopped");
+                return;
+            }
+            Err(_) => continue,
+        }
+    }
+    tracing::info!(interval = ?ctx.resync_interval, "resync running");
     let mut tick = tokio::time::interval(ctx.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut epoch_tick = tokio::time::interval(EPOCH_CHECK);
+    epoch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        match pass(&ctx).await {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = epoch_tick.tick() => match needs_rebuild(&ctx).await {
+                Ok(true) => tracing::debug!("store epoch not marked rebuilt: resync now"),
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the store epoch");
+                    continue;
+                }
+            },
+        }
+        match pass_and_mark(&ctx, &me).await {
             Ok(r) if r != Repairs::default() => {
                 tracing::info!(missing = r.missing, orphans = r.orphans, "resync repaired")
             }

@@ -88,6 +88,13 @@ struct SyncStats {
     version: u64,
     connected: bool,
     staleness_seconds: i64,
+    /// True while the proxy serves its last good table because the store lost history.
+    stale: bool,
+    /// Why (`epoch_changed`, `went_backwards`, `shrank`, `not_rebuilt`), when stale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale_reason: Option<&'static str>,
+    /// The store epoch followed.
+    epoch: Option<String>,
 }
 
 async fn stats(State(ctx): State<AdminContext>) -> axum::Json<SystemStats> {
@@ -95,6 +102,7 @@ async fn stats(State(ctx): State<AdminContext>) -> axum::Json<SystemStats> {
     let hits = m.cache_hits.get();
     let misses = m.cache_misses.get();
     let total = hits + misses;
+    let detail = ctx.sync.detail();
     axum::Json(SystemStats {
         cache: CacheStats {
             kind: ctx.cache_type,
@@ -109,6 +117,9 @@ async fn stats(State(ctx): State<AdminContext>) -> axum::Json<SystemStats> {
             max_entries: ctx.max_entries,
         },
         sync: SyncStats {
+            stale: detail.stale_reason.is_some(),
+            stale_reason: detail.stale_reason,
+            epoch: detail.epoch,
             warm: ctx.sync.is_warm(),
             version: ctx.sync.applied(),
             connected: m.sync_connected.get() == 1,

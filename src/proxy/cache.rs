@@ -1,20 +1,30 @@
 //! The L1 route cache (seed 000 FR-2): per-node memory with a TTL and a size bound, filled from
-//! the store on a miss, kept current by the sync task, with negative entries for unknown hosts.
+//! the store on a miss, kept current by the sync task.
 //!
-//! Entries carry their load time and are checked against the TTL on read, so an expired entry
-//! is still at hand when the store cannot be reached: it is served (stale-if-error) rather than
-//! failing requests that worked a moment ago.
+//! Rules (docs/proxy.md "The L1 cache"):
+//! - A host outside `http_domain.base_domains` is unknown without asking the store.
+//! - Unknown hosts are remembered in their own bounded space, so a flood of random hosts never
+//!   evicts a real route.
+//! - One store lookup per host is in flight at a time: concurrent misses wait for it.
+//! - Entries carry their load time and are checked against the TTL on read, so an expired
+//!   entry is still at hand when the store cannot be reached (stale-if-error), and when the store
+//!   answers from another history (flushed, emptied, failed over) or the table is stale: then a
+//!   host the store lacks keeps its route (the last good state) instead of becoming a 404.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
 
 use super::ProxyError;
 use super::metrics::ProxyMetrics;
 use super::route::Route;
 use crate::domain::{Hostname, Mapping};
-use crate::store::{MappingStore, StoreError, SyncUpdate};
+use crate::store::{MappingStore, Position, SyncUpdate};
 
+/// A cached answer, as [`RouteCache::get_fresh`] reports it.
 #[derive(Debug, Clone)]
 pub enum Cached {
     Found(Arc<Route>),
@@ -24,16 +34,20 @@ pub enum Cached {
 
 #[derive(Debug)]
 struct Entry {
-    value: Cached,
+    route: Arc<Route>,
     loaded_at: Instant,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CacheSettings {
     pub enabled: bool,
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub max_entries: usize,
+    /// Bound of the space for unknown hosts, apart from `max_entries`.
+    pub negative_max_entries: usize,
+    /// Hosts outside these (and their subdomains) are unknown without a lookup; empty: any host.
+    pub base_domains: Vec<Hostname>,
 }
 
 /// Where an answer came from.
@@ -41,17 +55,53 @@ pub struct CacheSettings {
 pub enum Source {
     Cache,
     Store,
-    /// An expired entry, because the store was unreachable.
+    /// A route kept because the store was unreachable or lost it (stale table).
     Stale,
 }
 
+/// What one store lookup decided, shared by every request that waited for it.
+#[derive(Debug, Clone)]
+enum Loaded {
+    Found(Arc<Route>),
+    /// The store lacks the host but its history broke (or the table is stale): the route
+    /// served before is kept.
+    Kept(Arc<Route>),
+    Unknown,
+}
+
+type Shared = Option<Result<Loaded, String>>;
+
 pub struct RouteCache {
-    map: quick_cache::sync::Cache<Hostname, Arc<Entry>>,
+    routes: quick_cache::sync::Cache<Hostname, Arc<Entry>>,
+    unknown: quick_cache::sync::Cache<Hostname, Instant>,
     settings: CacheSettings,
     /// Bumped by every sync update: a load that raced one is not trusted (see `load`).
-    epoch: AtomicU64,
+    generation: AtomicU64,
+    inflight: Mutex<HashMap<Hostname, watch::Receiver<Shared>>>,
+    /// The store position the table follows; `None` until the first load.
+    history: RwLock<Option<Position>>,
+    /// Set while the proxy serves its own table rather than the store's (see `sync.rs`).
+    stale: AtomicBool,
+    /// Tells the sync task that a lookup saw another history, so it looks at once.
+    pub history_changed: Arc<Notify>,
     store: Arc<dyn MappingStore>,
     metrics: Arc<ProxyMetrics>,
+}
+
+/// Removes a host's in-flight marker when its lookup ends, also if the request was dropped
+/// (waiters then see the channel closed and look up themselves).
+struct InflightGuard<'a> {
+    map: &'a Mutex<HashMap<Hostname, watch::Receiver<Shared>>>,
+    host: &'a Hostname,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.host);
+    }
 }
 
 impl RouteCache {
@@ -61,62 +111,96 @@ impl RouteCache {
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
         Self {
-            map: quick_cache::sync::Cache::new(settings.max_entries.max(1)),
+            routes: quick_cache::sync::Cache::new(settings.max_entries.max(1)),
+            unknown: quick_cache::sync::Cache::new(settings.negative_max_entries.max(1)),
             settings,
-            epoch: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            inflight: Mutex::new(HashMap::new()),
+            history: RwLock::new(None),
+            stale: AtomicBool::new(false),
+            history_changed: Arc::new(Notify::new()),
             store,
             metrics,
         }
     }
 
+    /// Routes held (unknown hosts are counted apart: [`Self::unknown_len`]).
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.routes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.routes.is_empty()
+    }
+
+    pub fn unknown_len(&self) -> usize {
+        self.unknown.len()
     }
 
     /// The cached answer for `host` if it is still fresh; never touches the store.
     pub fn get_fresh(&self, host: &Hostname) -> Option<Cached> {
-        let entry = self.map.get(host)?;
-        self.is_fresh(&entry).then(|| entry.value.clone())
+        let now = Instant::now();
+        if let Some(e) = self.routes.get(host)
+            && fresh(e.loaded_at, self.settings.ttl, now)
+        {
+            return Some(Cached::Found(e.route.clone()));
+        }
+        self.unknown
+            .get(host)
+            .filter(|at| fresh(*at, self.settings.negative_ttl, now))
+            .map(|_| Cached::Unknown)
     }
 
-    fn is_fresh(&self, e: &Entry) -> bool {
-        self.is_fresh_at(e, Instant::now())
-    }
-
-    fn is_fresh_at(&self, e: &Entry, now: Instant) -> bool {
-        let ttl = match e.value {
-            Cached::Found(_) => self.settings.ttl,
-            Cached::Unknown => self.settings.negative_ttl,
-        };
-        now.saturating_duration_since(e.loaded_at) < ttl
+    /// True when `host` is one of the base domains or below one (or none are configured).
+    fn in_base_domains(&self, host: &Hostname) -> bool {
+        let bases = &self.settings.base_domains;
+        bases.is_empty()
+            || bases.iter().any(|b| {
+                let (h, b) = (host.as_str(), b.as_str());
+                h == b
+                    || (h.len() > b.len()
+                        && h.ends_with(b)
+                        && h.as_bytes()[h.len() - b.len() - 1] == b'.')
+            })
     }
 
     /// The route for `host`: from the cache when fresh, else from the store.
     pub async fn resolve(&self, host: &Hostname) -> Result<(Arc<Route>, Source), ProxyError> {
+        if !self.in_base_domains(host) {
+            self.metrics.cache_outside_base.inc();
+            return Err(ProxyError::UnknownHost(host.as_str().to_string()));
+        }
         let started = Instant::now();
-        let mut stale = None;
-        if self.settings.enabled
-            && let Some(entry) = self.map.get(host)
-        {
-            if self.is_fresh_at(&entry, started) {
+        let mut expired = None;
+        if self.settings.enabled {
+            if let Some(entry) = self.routes.get(host) {
+                if fresh(entry.loaded_at, self.settings.ttl, started) {
+                    self.metrics.cache_hits.inc();
+                    self.observe(Source::Cache, started);
+                    return Ok((entry.route.clone(), Source::Cache));
+                }
+                expired = Some(entry);
+            } else if let Some(at) = self.unknown.get(host)
+                && fresh(at, self.settings.negative_ttl, started)
+            {
                 self.metrics.cache_hits.inc();
                 self.observe(Source::Cache, started);
-                return found(host, entry.value.clone(), Source::Cache);
+                return Err(ProxyError::UnknownHost(host.as_str().to_string()));
             }
-            stale = Some(entry);
         }
         self.metrics.cache_misses.inc();
-        let answer = match self.load(host).await {
-            Ok(value) => found(host, value, Source::Store),
-            Err(e) => match stale {
+        let answer = match self.load_once(host).await {
+            Ok(Loaded::Found(route)) => Ok((route, Source::Store)),
+            Ok(Loaded::Kept(route)) => {
+                self.metrics.cache_stale_served.inc();
+                Ok((route, Source::Stale))
+            }
+            Ok(Loaded::Unknown) => Err(ProxyError::UnknownHost(host.as_str().to_string())),
+            Err(e) => match expired {
                 Some(entry) => {
                     tracing::debug!(%host, error = %e, "store unreachable; serving an expired entry");
                     self.metrics.cache_stale_served.inc();
-                    found(host, entry.value.clone(), Source::Stale)
+                    Ok((entry.route.clone(), Source::Stale))
                 }
                 None => {
                     tracing::warn!(%host, error = %e, "store unreachable and host not cached");
@@ -136,62 +220,173 @@ impl RouteCache {
         histogram.observe(started.elapsed().as_secs_f64());
     }
 
+    /// Single-flight: the first miss for a host reads the store; concurrent misses for the same
+    /// host wait for its answer instead of sending their own.
+    async fn load_once(&self, host: &Hostname) -> Result<Loaded, String> {
+        enum Role {
+            Lead(watch::Sender<Shared>),
+            Wait(watch::Receiver<Shared>),
+        }
+        loop {
+            let role = {
+                let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(host) {
+                    Some(rx) => Role::Wait(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        map.insert(host.clone(), rx);
+                        Role::Lead(tx)
+                    }
+                }
+            };
+            match role {
+                Role::Lead(tx) => {
+                    let guard = InflightGuard {
+                        map: &self.inflight,
+                        host,
+                    };
+                    // A lookup that ended between our cache check and now has cached its
+                    // answer (before leaving the map): use it rather than read again.
+                    let result = match self
+                        .settings
+                        .enabled
+                        .then(|| self.get_fresh(host))
+                        .flatten()
+                    {
+                        Some(Cached::Found(r)) => Ok(Loaded::Found(r)),
+                        Some(Cached::Unknown) => Ok(Loaded::Unknown),
+                        None => self.load(host).await,
+                    };
+                    drop(guard);
+                    let _ = tx.send(Some(result.clone()));
+                    return result;
+                }
+                Role::Wait(mut rx) => {
+                    self.metrics.cache_coalesced.inc();
+                    match rx.wait_for(Option::is_some).await {
+                        Ok(v) => return v.clone().expect("waited for Some"),
+                        // The lookup was abandoned (its request went away): look up ourselves.
+                        Err(_) => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when the store answered from a history other than the table's.
+    fn other_history(&self, at: &Position) -> bool {
+        match &*self.history.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(h) => at.epoch != h.epoch || at.version < h.version,
+            None => false,
+        }
+    }
+
     /// Reads `host` from the store and caches the answer. If a sync update landed while the
     /// store was read, the answer may predate it: it is returned but not kept.
-    async fn load(&self, host: &Hostname) -> Result<Cached, StoreError> {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let value = match self.store.get_by_domain(host).await? {
-            Some(m) => Cached::Found(Arc::new(Route::from_mapping(&m))),
-            None => Cached::Unknown,
+    async fn load(&self, host: &Hostname) -> Result<Loaded, String> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let lookup = self.store.lookup(host).await.map_err(|e| e.to_string())?;
+        let broken = self.other_history(&lookup.position);
+        let already_stale = self.stale.load(Ordering::Acquire);
+        // Once stale, the sync task knows: misses need not wake it again.
+        if broken && !already_stale {
+            self.history_changed.notify_one();
+        }
+        let stale = broken || already_stale;
+        let value = match lookup.mapping {
+            Some(m) => Loaded::Found(Arc::new(Route::from_mapping(&m))),
+            None if stale => match self.routes.get(host) {
+                Some(e) => Loaded::Kept(e.route.clone()),
+                None => Loaded::Unknown,
+            },
+            None => Loaded::Unknown,
         };
         if self.settings.enabled {
-            self.put(host.clone(), value.clone());
-            if self.epoch.load(Ordering::Acquire) != epoch {
-                self.map.remove(host);
+            match &value {
+                // A kept route is checked again once per TTL, not on every request.
+                Loaded::Found(r) | Loaded::Kept(r) => {
+                    self.put(host.clone(), r.clone());
+                }
+                Loaded::Unknown => {
+                    self.routes.remove(host);
+                    self.unknown.insert(host.clone(), Instant::now());
+                }
+            }
+            if self.generation.load(Ordering::Acquire) != generation {
+                self.routes.remove(host);
+                self.unknown.remove(host);
             }
         }
         Ok(value)
     }
 
-    fn put(&self, host: Hostname, value: Cached) {
-        self.map.insert(
+    fn put(&self, host: Hostname, route: Arc<Route>) {
+        self.unknown.remove(&host);
+        self.routes.insert(
             host,
             Arc::new(Entry {
-                value,
+                route,
                 loaded_at: Instant::now(),
             }),
         );
     }
 
+    /// The store position the table now follows (set by the sync task while fresh).
+    pub fn set_history(&self, at: Position) {
+        *self.history.write().unwrap_or_else(|e| e.into_inner()) = Some(at);
+    }
+
+    /// Marks the table stale (the store may lack routes it holds) or fresh.
+    pub fn set_stale(&self, stale: bool) {
+        self.stale.store(stale, Ordering::Release);
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+
     /// Applies a sync update: changed mappings replace their entries (and negative entries for
-    /// their host); removed ones are dropped.
+    /// their host); removed ones are dropped; a reset replaces everything, a rebase is laid over
+    /// what is held (the sync task decides which a full load is: see `freshness.rs`).
     pub fn apply(&self, update: SyncUpdate) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         match update {
-            SyncUpdate::Reset(all) => {
-                self.map.clear();
-                self.warm(&all);
+            SyncUpdate::Reset(all) => self.replace(&all),
+            SyncUpdate::Rebase { mappings, .. } => self.overlay(&mappings),
+            SyncUpdate::Upsert(m) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.upsert(&m);
             }
-            SyncUpdate::Upsert(m) => self.upsert(&m),
             SyncUpdate::Remove {
                 mapping_id,
                 full_domain,
             } => {
-                self.map.remove_if(&full_domain, |e| match &e.value {
-                    Cached::Found(r) => r.mapping_id == mapping_id,
-                    Cached::Unknown => false,
-                });
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.routes
+                    .remove_if(&full_domain, |e| e.route.mapping_id == mapping_id);
             }
         }
-        self.metrics.cache_entries.set(self.map.len() as i64);
+        self.metrics.cache_entries.set(self.routes.len() as i64);
+    }
+
+    /// Replaces everything with `all` (up to `max_entries` are kept).
+    pub fn replace(&self, all: &[Mapping]) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.routes.clear();
+        self.unknown.clear();
+        self.warm(all);
+        self.metrics.cache_entries.set(self.routes.len() as i64);
+    }
+
+    /// Lays `all` over what is held: their routes win, routes they lack stay.
+    pub fn overlay(&self, all: &[Mapping]) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.warm(all);
+        self.metrics.cache_entries.set(self.routes.len() as i64);
     }
 
     fn upsert(&self, m: &Mapping) {
         if self.settings.enabled {
-            self.put(
-                m.full_domain.clone(),
-                Cached::Found(Arc::new(Route::from_mapping(m))),
-            );
+            self.put(m.full_domain.clone(), Arc::new(Route::from_mapping(m)));
         }
     }
 
@@ -206,15 +401,8 @@ impl RouteCache {
     }
 }
 
-fn found(
-    host: &Hostname,
-    value: Cached,
-    source: Source,
-) -> Result<(Arc<Route>, Source), ProxyError> {
-    match value {
-        Cached::Found(route) => Ok((route, source)),
-        Cached::Unknown => Err(ProxyError::UnknownHost(host.as_str().to_string())),
-    }
+fn fresh(loaded_at: Instant, ttl: Duration, now: Instant) -> bool {
+    now.saturating_duration_since(loaded_at) < ttl
 }
 
 #[cfg(test)]
@@ -238,6 +426,8 @@ mod tests {
             ttl: Duration::from_millis(ttl_ms),
             negative_ttl: Duration::from_millis(ttl_ms),
             max_entries,
+            negative_max_entries: 100,
+            base_domains: vec![host("tunnox.net")],
         };
         (RouteCache::new(settings, store, metrics.clone()), metrics)
     }
@@ -320,5 +510,96 @@ mod tests {
             "warm-up respects max_entries: {}",
             small.len()
         );
+    }
+
+    #[tokio::test]
+    async fn outside_base_domains_is_unknown_without_a_lookup() {
+        let store = Arc::new(MemoryStore::new());
+        store
+            .create(MappingSpec::new("app", "other.example", "127.0.0.1", 1))
+            .await
+            .unwrap();
+        let (c, m) = cache(store, 60_000, 10);
+        for h in ["app.other.example", "tunnox.net.evil", "xtunnox.net"] {
+            assert!(
+                matches!(c.resolve(&host(h)).await, Err(ProxyError::UnknownHost(_))),
+                "{h}"
+            );
+        }
+        assert_eq!(m.cache_misses.get(), 0, "no store lookup");
+        assert_eq!(m.cache_outside_base.get(), 3);
+        assert!(c.in_base_domains(&host("tunnox.net")));
+        assert!(c.in_base_domains(&host("a.b.tunnox.net")));
+    }
+
+    #[tokio::test]
+    async fn unknown_hosts_never_evict_routes() {
+        let store = Arc::new(MemoryStore::new());
+        let (c, _) = cache(store.clone(), 60_000, 4);
+        let mut routes = Vec::new();
+        for i in 0..3 {
+            let m = store
+                .create(MappingSpec::new(
+                    &format!("r{i}"),
+                    "tunnox.net",
+                    "127.0.0.1",
+                    1,
+                ))
+                .await
+                .unwrap();
+            c.apply(SyncUpdate::Upsert(Box::new(m.clone())));
+            routes.push(m.full_domain);
+        }
+        for i in 0..1000 {
+            let _ = c.resolve(&host(&format!("u{i}.tunnox.net"))).await;
+        }
+        for r in &routes {
+            assert!(
+                matches!(c.get_fresh(r), Some(Cached::Found(_))),
+                "{r} evicted"
+            );
+        }
+        assert!(
+            c.unknown_len() <= 200,
+            "negative space bounded: {}",
+            c.unknown_len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_from_another_history_never_takes_a_route_away() {
+        let store = Arc::new(MemoryStore::new());
+        let (c, m) = cache(store.clone(), 1, 10);
+        let gone = store
+            .create(MappingSpec::new("gone", "tunnox.net", "127.0.0.1", 1))
+            .await
+            .unwrap();
+        c.apply(SyncUpdate::Upsert(Box::new(gone.clone())));
+        store.delete(&gone.mapping_id, None).await.unwrap();
+        // The table follows another epoch than the store answers from (a flush): the expired
+        // route is kept, not turned into a 404.
+        c.set_history(crate::store::Position {
+            epoch: Some("before-the-flush".into()),
+            version: 1,
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (route, source) = c.resolve(&gone.full_domain).await.unwrap();
+        assert_eq!(
+            (route.mapping_id.clone(), source),
+            (gone.mapping_id.clone(), Source::Stale)
+        );
+        assert_eq!(m.cache_stale_served.get(), 1);
+        // Same history again: an absent record is a deletion, the route goes.
+        c.set_history(store.position().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(matches!(
+            c.resolve(&gone.full_domain).await,
+            Err(ProxyError::UnknownHost(_))
+        ));
+        // A stale table keeps routes the store lacks, whatever the history.
+        c.apply(SyncUpdate::Upsert(Box::new(gone.clone())));
+        c.set_stale(true);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(c.resolve(&gone.full_domain).await.unwrap().1, Source::Stale);
     }
 }

@@ -27,7 +27,15 @@ pub struct ProxyMetrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cache_stale_served: IntCounter,
+    /// Lookups that waited for another request's store read of the same host (single-flight).
+    pub cache_coalesced: IntCounter,
+    /// Hosts outside `http_domain.base_domains`: answered 404 without a lookup.
+    pub cache_outside_base: IntCounter,
     pub cache_entries: IntGauge,
+    /// 1 while the proxy serves its own table because the store's history broke or shrank.
+    pub sync_stale: IntGauge,
+    /// Times the proxy went stale, by reason (`StaleReason::label`).
+    pub sync_stale_episodes: IntCounterVec,
     pub sync_version: IntGauge,
     pub sync_connected: IntGauge,
     pub sync_staleness_seconds: IntGauge,
@@ -176,7 +184,30 @@ impl ProxyMetrics {
                 "cache_stale_served_total",
                 "Expired entries served because the store was unreachable",
             ),
+            cache_coalesced: counter(
+                "cache_coalesced_total",
+                "Lookups that waited for a store read of the same host already in flight",
+            ),
+            cache_outside_base: counter(
+                "cache_outside_base_domains_total",
+                "Hosts outside the configured base domains (404 without a store lookup)",
+            ),
             cache_entries: gauge("cache_entries", "Entries in the local cache"),
+            sync_stale: gauge(
+                "sync_stale",
+                "1 while the proxy serves its last good table because the store lost history",
+            ),
+            sync_stale_episodes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_proxy_sync_stale_total",
+                        "Times the proxy kept its table rather than the store's, by reason",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid"),
+            ),
             sync_version: gauge("sync_version", "Last store version applied to the cache"),
             sync_connected: gauge("sync_connected", "1 while the change feed is connected"),
             sync_staleness_seconds: gauge(

@@ -10,6 +10,7 @@ mod deadline;
 mod drain;
 mod error;
 mod forward;
+mod freshness;
 pub(crate) mod h1;
 pub mod metrics;
 mod policy;
@@ -198,6 +199,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         ttl: local.ttl.get(),
         negative_ttl: local.negative_ttl.get(),
         max_entries: local.max_size,
+        negative_max_entries: local.negative_max_size,
+        base_domains: settings.config.http_domain.base_domains.clone(),
     };
     let cache = Arc::new(cache::RouteCache::new(
         cache_settings,
@@ -244,6 +247,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             drain: drain.clone(),
             state: sync_state.clone(),
             check_every: settings.config.http_domain.sync.check_interval.get(),
+            rebuild_wait: settings.config.http_domain.sync.rebuild_wait.get(),
         }
         .run(stop_rx.clone()),
     );

@@ -1,6 +1,8 @@
 //! Keeps the route cache in step with the store (FR-3, FR-5): warm up in the background, then
 //! apply change events in version order via [`Follower`]; retry while the store is unreachable
-//! and say how stale the cache may be.
+//! and say how stale the cache may be. When the store's history breaks (another epoch, a
+//! version below ours) or a reload would drop most of the table, keep serving the table held,
+//! marked stale, until the controller's "rebuilt" marker vouches for the store (`freshness.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,14 +12,24 @@ use tokio::sync::watch;
 
 use super::cache::RouteCache;
 use super::drain::Drain;
+use super::freshness::{self, Decision, Reload, Stale};
 use super::metrics::ProxyMetrics;
-use crate::store::{Follower, MappingStore, SyncUpdate};
+use crate::domain::Mapping;
+use crate::store::{Follower, MappingStore, Position, Rebuilt, SyncUpdate};
 
 /// What other tasks need to know about the sync.
 #[derive(Default)]
 pub struct SyncState {
     applied: AtomicU64,
     warm: std::sync::atomic::AtomicBool,
+    detail: std::sync::Mutex<Detail>,
+}
+
+/// The history followed and, when stale, why.
+#[derive(Debug, Clone, Default)]
+pub struct Detail {
+    pub epoch: Option<String>,
+    pub stale_reason: Option<&'static str>,
 }
 
 impl SyncState {
@@ -28,6 +40,17 @@ impl SyncState {
     pub fn is_warm(&self) -> bool {
         self.warm.load(Ordering::Acquire)
     }
+
+    pub fn detail(&self) -> Detail {
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_detail(&self, d: Detail) {
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = d;
+    }
 }
 
 pub struct CacheSync {
@@ -37,10 +60,23 @@ pub struct CacheSync {
     pub drain: Arc<Drain>,
     pub state: Arc<SyncState>,
     pub check_every: Duration,
+    /// How long a stale table waits for the controller's marker (`http_domain.sync.rebuild_wait`).
+    pub rebuild_wait: Duration,
 }
 
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Failures retried after `RETRY_FIRST` before the backoff grows.
+const QUICK_RETRIES: u32 = 16;
+/// While stale, the marker is looked for this often (or at the check interval if shorter).
+const STALE_CHECK: Duration = Duration::from_secs(1);
+
+/// The table served: its size when last loaded in full, and whether it is stale (since when).
+#[derive(Default)]
+struct Table {
+    entries: usize,
+    stale: Option<(Stale, Instant)>,
+}
 
 impl CacheSync {
     /// Runs until `stop` turns true.
@@ -60,50 +96,195 @@ impl CacheSync {
 
     async fn follow(&self, last_ok: &std::sync::Mutex<Instant>) {
         let mut delay = RETRY_FIRST;
-        loop {
-            let started = Instant::now();
-            let (mut follower, all) = match Follower::start(self.store.clone(), self.check_every)
-                .await
-            {
-                Ok(ok) => ok,
+        let started = Instant::now();
+        let (mut follower, all) = loop {
+            match Follower::start(self.store.clone(), self.check_every).await {
+                Ok(ok) => break ok,
                 Err(e) => {
                     self.metrics.sync_errors.inc();
                     tracing::warn!(error = %e, retry_in = ?delay, "cannot load mappings; serving from the store on demand until it works");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 3 / 2).min(RETRY_MAX);
-                    continue;
                 }
-            };
-            let count = all.len();
-            self.cache.apply(SyncUpdate::Reset(all));
-            let mut catch_ups = 0;
-            self.record(&follower, last_ok, &mut catch_ups);
-            if !self.state.warm.swap(true, Ordering::AcqRel) {
-                tracing::info!(mappings = count, version = follower.applied(), elapsed = ?started.elapsed(), "route cache warm; ready");
             }
-            self.drain.warmed();
-            delay = RETRY_FIRST;
-            loop {
-                match follower.next().await {
-                    Ok(updates) => {
-                        for u in updates {
-                            if matches!(u, SyncUpdate::Reset(_)) {
+        };
+        follower.wake_on(self.cache.history_changed.clone());
+        let mut table = Table::default();
+        let count = all.len();
+        let marker = self.marker().await;
+        self.full_load(
+            &mut table,
+            &mut follower,
+            Reload::Cold,
+            all,
+            marker.as_ref(),
+        );
+        let mut catch_ups = 0;
+        self.record(&follower, last_ok, &mut catch_ups);
+        self.state.warm.store(true, Ordering::Release);
+        tracing::info!(mappings = count, version = follower.applied(), elapsed = ?started.elapsed(), "route cache warm; ready");
+        self.drain.warmed();
+        delay = RETRY_FIRST;
+        let mut failures = 0u32;
+        loop {
+            match follower.next().await {
+                Ok(updates) => {
+                    for u in updates {
+                        match u {
+                            SyncUpdate::Reset(all) => {
                                 self.metrics.sync_reloads.inc();
+                                let m = self.marker().await;
+                                self.full_load(
+                                    &mut table,
+                                    &mut follower,
+                                    Reload::Same,
+                                    all,
+                                    m.as_ref(),
+                                );
                             }
-                            self.cache.apply(u);
+                            SyncUpdate::Rebase { mappings, cause } => {
+                                self.metrics.sync_reloads.inc();
+                                let m = self.marker().await;
+                                self.full_load(
+                                    &mut table,
+                                    &mut follower,
+                                    Reload::Broken(cause),
+                                    mappings,
+                                    m.as_ref(),
+                                );
+                            }
+                            other => self.cache.apply(other),
                         }
-                        self.record(&follower, last_ok, &mut catch_ups);
-                        delay = RETRY_FIRST;
                     }
-                    Err(e) => {
-                        self.metrics.sync_errors.inc();
-                        self.metrics.sync_connected.set(0);
-                        tracing::warn!(error = %e, retry_in = ?delay, "sync failed; serving cached routes");
-                        tokio::time::sleep(delay).await;
+                    if table.stale.is_some() {
+                        self.check_rebuilt(&mut table, &mut follower).await;
+                    } else {
+                        self.cache.set_history(follower.position());
+                    }
+                    self.record(&follower, last_ok, &mut catch_ups);
+                    delay = RETRY_FIRST;
+                    failures = 0;
+                }
+                Err(e) => {
+                    self.metrics.sync_errors.inc();
+                    self.metrics.sync_connected.set(0);
+                    tracing::warn!(error = %e, retry_in = ?delay, "sync failed; serving cached routes");
+                    tokio::time::sleep(delay).await;
+                    // A restarted Redis breaks every pooled connection at once and each fails
+                    // once before it reconnects: back off only after a pool's worth of failures,
+                    // so a restart is noticed within a second or two.
+                    failures += 1;
+                    if failures > QUICK_RETRIES {
                         delay = (delay * 3 / 2).min(RETRY_MAX);
                     }
                 }
             }
+        }
+    }
+
+    /// The controller's marker; unreadable counts as absent (never vouches for anything).
+    async fn marker(&self) -> Option<Rebuilt> {
+        match self.store.rebuilt().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the rebuilt marker");
+                None
+            }
+        }
+    }
+
+    /// Applies a full load of the store as `freshness::judge` decides.
+    fn full_load(
+        &self,
+        table: &mut Table,
+        follower: &mut Follower,
+        reload: Reload,
+        all: Vec<Mapping>,
+        marker: Option<&Rebuilt>,
+    ) {
+        let at = follower.position();
+        match freshness::judge(reload, table.entries, all.len(), &at, marker) {
+            Decision::Switch => {
+                self.cache.replace(&all);
+                table.entries = all.len();
+                self.go_fresh(table, follower, at);
+            }
+            Decision::SwitchStale(stale) => {
+                self.cache.replace(&all);
+                table.entries = all.len();
+                self.go_stale(table, follower, stale);
+            }
+            Decision::Keep(stale) => {
+                self.cache.overlay(&all);
+                self.go_stale(table, follower, stale);
+            }
+        }
+    }
+
+    fn go_stale(&self, table: &mut Table, follower: &mut Follower, stale: Stale) {
+        let reason = stale.reason.label();
+        let epoch = stale.since.epoch.clone();
+        match &mut table.stale {
+            Some((s, _)) => *s = stale,
+            None => {
+                tracing::warn!(
+                    reason,
+                    store = ?stale.since,
+                    entries = table.entries,
+                    "store lost history or shrank: serving the last good table (stale) until the controller has rebuilt it"
+                );
+                self.metrics.sync_stale.set(1);
+                self.metrics
+                    .sync_stale_episodes
+                    .with_label_values(&[reason])
+                    .inc();
+                table.stale = Some((stale, Instant::now()));
+            }
+        }
+        self.cache.set_stale(true);
+        follower.set_check_every(self.check_every.min(STALE_CHECK));
+        self.state.set_detail(Detail {
+            epoch,
+            stale_reason: Some(reason),
+        });
+    }
+
+    fn go_fresh(&self, table: &mut Table, follower: &mut Follower, at: Position) {
+        if let Some((stale, since)) = table.stale.take() {
+            tracing::info!(reason = stale.reason.label(), stale_for = ?since.elapsed(), store = ?at, "store rebuilt: serving it again (fresh)");
+            follower.set_check_every(self.check_every);
+        }
+        self.metrics.sync_stale.set(0);
+        self.cache.set_stale(false);
+        self.state.set_detail(Detail {
+            epoch: at.epoch.clone(),
+            stale_reason: None,
+        });
+        self.cache.set_history(at);
+    }
+
+    /// While stale: switches to the store once the marker vouches for it, or after
+    /// `rebuild_wait` without one.
+    async fn check_rebuilt(&self, table: &mut Table, follower: &mut Follower) {
+        let Some((stale, since)) = table.stale.clone() else {
+            return;
+        };
+        let at = follower.position();
+        let marker = self.marker().await;
+        let confirmed = freshness::confirmed(&stale, &at, marker.as_ref());
+        if !confirmed && since.elapsed() < self.rebuild_wait {
+            return;
+        }
+        if !confirmed {
+            tracing::error!(waited = ?since.elapsed(), "no rebuilt marker from the controller within http_domain.sync.rebuild_wait; serving what the store holds");
+        }
+        match self.store.list_all().await {
+            Ok(all) => {
+                self.cache.replace(&all);
+                table.entries = all.len();
+                self.go_fresh(table, follower, at);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload the rebuilt store; still stale"),
         }
     }
 

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    ChangeEvent, ChangeOp, Changes, MappingStore, StoreError, Subscription, SubscriptionEvent,
+    ChangeEvent, ChangeOp, Changes, MappingStore, Position, StoreError, Subscription,
+    SubscriptionEvent,
 };
 use crate::domain::{Hostname, Mapping, MappingId};
 
@@ -52,11 +53,37 @@ impl VersionTracker {
     }
 }
 
+/// Why the store's history is not the one a reader followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Break {
+    /// Another epoch (or none): flushed, restarted without data, or replaced.
+    EpochChanged,
+    /// The same epoch below the version already applied: a failover that lost writes (the
+    /// epoch has been replaced since, so other readers learn it too).
+    WentBackwards,
+}
+
+impl Break {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::EpochChanged => "epoch_changed",
+            Self::WentBackwards => "went_backwards",
+        }
+    }
+}
+
 /// A change to apply to a local copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncUpdate {
-    /// Replace everything with these mappings.
+    /// Replace everything with these mappings (same history: the log was trimmed).
     Reset(Vec<Mapping>),
+    /// Everything the store holds now, in a history other than the one followed so far: the
+    /// store may have lost mappings (a reader that must not lose routes keeps its own until
+    /// the controller says the store is rebuilt).
+    Rebase {
+        mappings: Vec<Mapping>,
+        cause: Break,
+    },
     /// Insert or replace this mapping (by id and by domain).
     Upsert(Box<Mapping>),
     /// Drop `full_domain` if it still maps to `mapping_id`.
@@ -71,7 +98,11 @@ pub struct Follower {
     store: Arc<dyn MappingStore>,
     subscription: Subscription,
     tracker: VersionTracker,
+    /// The epoch of the history followed (`None`: a store not written since it was emptied).
+    epoch: Option<String>,
     check: tokio::time::Interval,
+    /// Someone saw the store answer from another history: look at once.
+    wake: Option<Arc<tokio::sync::Notify>>,
     connected: bool,
     catch_ups: u64,
 }
@@ -86,7 +117,7 @@ impl Follower {
         check_every: Duration,
     ) -> Result<(Self, Vec<Mapping>), StoreError> {
         let subscription = store.subscribe().await?;
-        let version = store.current_version().await?;
+        let position = store.position().await?;
         let all = store.list_all().await?;
         let mut check = tokio::time::interval(check_every);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,8 +126,10 @@ impl Follower {
             Self {
                 store,
                 subscription,
-                tracker: VersionTracker::new(version),
+                tracker: VersionTracker::new(position.version),
+                epoch: position.epoch,
                 check,
+                wake: None,
                 connected: true,
                 catch_ups: 0,
             },
@@ -106,6 +139,28 @@ impl Follower {
 
     pub fn applied(&self) -> u64 {
         self.tracker.applied()
+    }
+
+    /// The epoch and version applied.
+    pub fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            version: self.tracker.applied(),
+        }
+    }
+
+    /// Catches up whenever `wake` is notified (besides events and the periodic check).
+    pub fn wake_on(&mut self, wake: Arc<tokio::sync::Notify>) {
+        self.wake = Some(wake);
+    }
+
+    /// Changes the periodic check (e.g. faster while waiting for a rebuild).
+    pub fn set_check_every(&mut self, every: Duration) {
+        if self.check.period() != every {
+            self.check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            self.check
+                .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
     }
 
     /// How many times this follower has read the change log (after a gap, a reconnect, a
@@ -123,6 +178,9 @@ impl Follower {
     pub async fn next(&mut self) -> Result<Vec<SyncUpdate>, StoreError> {
         tokio::select! {
             event = self.subscription.next() => match event {
+                // A change of another epoch: the history broke; the log read tells how.
+                Some(SubscriptionEvent::Change(e))
+                    if e.epoch.is_some() && e.epoch != self.epoch => self.catch_up().await,
                 Some(SubscriptionEvent::Change(e)) => match self.tracker.step(e.version) {
                     Step::Skip => Ok(Vec::new()),
                     Step::Apply => {
@@ -148,6 +206,7 @@ impl Follower {
                 }
             },
             _ = self.check.tick() => self.catch_up().await,
+            _ = woken(self.wake.as_deref()) => self.catch_up().await,
         }
     }
 
@@ -159,8 +218,32 @@ impl Follower {
         let mut tracker = self.tracker;
         let mut updates = Vec::new();
         loop {
-            match self.store.changes_since(tracker.applied(), PAGE).await? {
-                Changes::Events { events, current } => {
+            let changes = self.store.changes_since(tracker.applied(), PAGE).await?;
+            let now = changes.position();
+            if now.epoch != self.epoch {
+                // A store never written when we loaded it (no epoch, version 0) gets its first
+                // epoch with its first write: nothing was lost. Anything else is a break.
+                if self.epoch.is_none() && self.tracker.applied() == 0 {
+                    self.epoch = now.epoch.clone();
+                } else {
+                    return self.rebase(Break::EpochChanged, now).await;
+                }
+            }
+            if now.version < self.tracker.applied() {
+                // Same epoch, lower version: writes were lost. Replace the epoch so that every
+                // reader (and writer) learns it, then reload.
+                let seen = self.position();
+                let epoch = self.store.note_backwards(&seen).await?;
+                let now = Position {
+                    epoch,
+                    version: now.version,
+                };
+                return self.rebase(Break::WentBackwards, now).await;
+            }
+            match changes {
+                Changes::Events {
+                    events, current, ..
+                } => {
                     let done =
                         events.len() < PAGE || events.last().is_none_or(|e| e.version >= current);
                     for e in &events {
@@ -172,7 +255,7 @@ impl Follower {
                         return Ok(updates);
                     }
                 }
-                Changes::Trimmed { current } => {
+                Changes::Trimmed { current, .. } => {
                     tracing::info!(
                         applied = tracker.applied(),
                         current,
@@ -184,6 +267,25 @@ impl Follower {
                 }
             }
         }
+    }
+
+    /// Follows another history from `now` on: everything the store holds, as a rebase.
+    async fn rebase(&mut self, cause: Break, now: Position) -> Result<Vec<SyncUpdate>, StoreError> {
+        tracing::warn!(
+            cause = cause.label(),
+            followed_epoch = ?self.epoch,
+            epoch = ?now.epoch,
+            applied = self.tracker.applied(),
+            version = now.version,
+            "the store's history is not the one followed; reloading"
+        );
+        let all = self.store.list_all().await?;
+        self.tracker.reset(now.version);
+        self.epoch = now.epoch;
+        Ok(vec![SyncUpdate::Rebase {
+            mappings: all,
+            cause,
+        }])
     }
 
     async fn resolve(&self, e: &ChangeEvent) -> Result<Vec<SyncUpdate>, StoreError> {
@@ -214,6 +316,13 @@ impl Follower {
             },
         });
         Ok(out)
+    }
+}
+
+async fn woken(wake: Option<&tokio::sync::Notify>) {
+    match wake {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }
 

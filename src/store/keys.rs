@@ -79,6 +79,17 @@ impl Keys {
         format!("{}:version", self.prefix)
     }
 
+    /// The store epoch: a random id created when absent, so a flushed or emptied Redis is
+    /// told from a continuous one (docs/redis-schema.md "Epoch").
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+
+    /// Hash: the controller's "rebuilt at epoch E" marker.
+    pub fn rebuilt(&self) -> String {
+        format!("{}:rebuilt", self.prefix)
+    }
+
     pub fn changes(&self) -> String {
         format!("{}:changes", self.prefix)
     }
@@ -111,6 +122,8 @@ mod tests {
         assert_eq!(k.expiry(), "tunnox:http_domain:index:expiry");
         assert_eq!(k.version(), "tunnox:http_domain:version");
         assert_eq!(k.changes(), "tunnox:http_domain:changes");
+        assert_eq!(k.epoch(), "tunnox:http_domain:epoch");
+        assert_eq!(k.rebuilt(), "tunnox:http_domain:rebuilt");
         assert_eq!(k.events(), "tunnox:http_domain:events");
         assert_eq!(
             k.stats(&id),

@@ -12,9 +12,11 @@ use tokio::sync::broadcast;
 
 use super::nodes::NodeTable;
 use super::persist::{self, Snapshot};
+use super::types::new_epoch;
 use super::{
     AccessDelta, AccessStats, ChangeEvent, ChangeOp, Changes, ListFilter, MappingStore, NodeRecord,
-    NodeRegistry, Page, PageRequest, StoreError, Subscription, SubscriptionEvent,
+    NodeRegistry, Page, PageRequest, Position, Rebuilt, StoreError, Subscription,
+    SubscriptionEvent,
 };
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
@@ -28,15 +30,33 @@ pub struct PersistOptions {
     pub save_interval: Duration,
 }
 
-#[derive(Default)]
 struct State {
     by_id: BTreeMap<MappingId, Mapping>,
     by_domain: HashMap<Hostname, MappingId>,
     by_client: HashMap<String, BTreeSet<MappingId>>,
     by_user: HashMap<String, BTreeSet<MappingId>>,
     version: u64,
+    /// The history this store continues: from its file, else new with the process.
+    epoch: String,
+    rebuilt: Option<Rebuilt>,
     changes: VecDeque<ChangeEvent>,
     dirty: bool,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            by_id: BTreeMap::new(),
+            by_domain: HashMap::new(),
+            by_client: HashMap::new(),
+            by_user: HashMap::new(),
+            version: 0,
+            epoch: new_epoch(),
+            rebuilt: None,
+            changes: VecDeque::new(),
+            dirty: false,
+        }
+    }
 }
 
 impl State {
@@ -89,6 +109,7 @@ impl State {
             mapping_id: m.mapping_id.clone(),
             full_domain: m.full_domain.clone(),
             previous_domain,
+            epoch: Some(self.epoch.clone()),
         };
         self.changes.push_back(event.clone());
         while self.changes.len() > max_len {
@@ -137,6 +158,9 @@ impl MemoryStore {
             && let Some(snap) = persist::load(&p.path)?
         {
             state.version = snap.version;
+            if let Some(epoch) = snap.epoch {
+                state.epoch = epoch;
+            }
             for m in snap.mappings {
                 let bad = |detail: String| StoreError::Persist {
                     path: p.path.clone(),
@@ -272,7 +296,11 @@ impl Inner {
                 return Ok(());
             }
             state.dirty = false;
-            let snap = Snapshot::new(state.version, state.by_id.values().cloned().collect());
+            let snap = Snapshot::new(
+                state.version,
+                state.epoch.clone(),
+                state.by_id.values().cloned().collect(),
+            );
             serde_json::to_vec(&snap).expect("mappings always serialise")
         };
         persist::write_atomic(&p.path, &bytes).inspect_err(|_| {
@@ -446,8 +474,43 @@ impl MappingStore for MemoryStore {
                 .take(limit.max(1))
                 .cloned()
                 .collect();
-            Changes::decide(version, s.version, events)
+            Changes::decide(version, s.version, Some(s.epoch.clone()), events)
         }))
+    }
+
+    async fn position(&self) -> Result<Position, StoreError> {
+        Ok(self.read(|s| Position {
+            epoch: Some(s.epoch.clone()),
+            version: s.version,
+        }))
+    }
+
+    /// A memory store's history is its process's (or its file's): the epoch always exists.
+    async fn ensure_epoch(&self) -> Result<String, StoreError> {
+        Ok(self.read(|s| s.epoch.clone()))
+    }
+
+    /// One process holds the whole history: it never goes backwards.
+    async fn note_backwards(&self, _seen: &Position) -> Result<Option<String>, StoreError> {
+        Ok(Some(self.read(|s| s.epoch.clone())))
+    }
+
+    async fn rebuilt(&self) -> Result<Option<Rebuilt>, StoreError> {
+        Ok(self.read(|s| s.rebuilt.clone()))
+    }
+
+    async fn mark_rebuilt(&self, epoch: &str, version: u64, by: &str) -> Result<bool, StoreError> {
+        let mut state = self.inner.state.write().expect("store lock poisoned");
+        if state.epoch != epoch {
+            return Ok(false);
+        }
+        state.rebuilt = Some(Rebuilt {
+            epoch: epoch.to_string(),
+            version,
+            at: Utc::now(),
+            by: by.to_string(),
+        });
+        Ok(true)
     }
 
     async fn subscribe(&self) -> Result<Subscription, StoreError> {

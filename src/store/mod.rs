@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
 pub use error::StoreError;
+pub use follow::Break;
 pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
 pub use keys::Keys;
 pub use memory::{MemoryStore, PersistOptions};
@@ -27,7 +28,8 @@ pub use nodes::{NodeRecord, NodeRegistry, NodeState};
 pub use redis::{RedisOptions, RedisStore, RedisTls};
 pub use stats::{AccessDelta, AccessStats};
 pub use types::{
-    ChangeEvent, ChangeOp, Changes, ListFilter, Page, PageRequest, Subscription, SubscriptionEvent,
+    ChangeEvent, ChangeOp, Changes, ListFilter, Lookup, Page, PageRequest, Position, Rebuilt,
+    Subscription, SubscriptionEvent,
 };
 
 /// Everything the control plane and the data plane need from shared routing state.
@@ -69,7 +71,35 @@ pub trait MappingStore: Send + Sync + 'static {
         Ok(self.get_by_domain(domain).await?.is_none())
     }
 
+    /// `get_by_domain` together with the store's position (one round trip on Redis), so a
+    /// reader can tell "no such host" from "the store lost its history".
+    async fn lookup(&self, domain: &Hostname) -> Result<Lookup, StoreError> {
+        let mapping = self.get_by_domain(domain).await?;
+        Ok(Lookup {
+            mapping,
+            position: self.position().await?,
+        })
+    }
+
     async fn current_version(&self) -> Result<u64, StoreError>;
+
+    /// The store's epoch and version, read together.
+    async fn position(&self) -> Result<Position, StoreError>;
+
+    /// The store's epoch, created now if the store has none (after a flush, before any write).
+    async fn ensure_epoch(&self) -> Result<String, StoreError>;
+
+    /// Tells the store that this reader saw `seen` and now finds the store below it at the same
+    /// epoch: the history went backwards, so the epoch is replaced for everyone. Returns the
+    /// store's epoch afterwards.
+    async fn note_backwards(&self, seen: &Position) -> Result<Option<String>, StoreError>;
+
+    /// The controller's last "rebuilt at epoch E" marker.
+    async fn rebuilt(&self) -> Result<Option<Rebuilt>, StoreError>;
+
+    /// Writes the marker "every mapping the controller owns is in the store at `epoch`, as
+    /// listed at `version`" — only if the store is still at `epoch` (returns false otherwise).
+    async fn mark_rebuilt(&self, epoch: &str, version: u64, by: &str) -> Result<bool, StoreError>;
 
     /// Up to `limit` change events with a version above `version`, in order; or
     /// [`Changes::Trimmed`] when the log no longer reaches back that far (reload fully).

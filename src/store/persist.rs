@@ -16,14 +16,19 @@ const FORMAT: u32 = 1;
 pub(crate) struct Snapshot {
     pub format: u32,
     pub version: u64,
+    /// The store epoch the file's history belongs to (files written before epochs have none;
+    /// a new one is made when they are opened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
     pub mappings: Vec<Mapping>,
 }
 
 impl Snapshot {
-    pub(crate) fn new(version: u64, mappings: Vec<Mapping>) -> Self {
+    pub(crate) fn new(version: u64, epoch: String, mappings: Vec<Mapping>) -> Self {
         Self {
             format: FORMAT,
             version,
+            epoch: Some(epoch),
             mappings,
         }
     }
@@ -121,7 +126,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/data.json");
         assert!(load(&path).unwrap().is_none());
-        let snap = Snapshot::new(7, Vec::new());
+        let snap = Snapshot::new(7, "e1".into(), Vec::new());
         write_atomic(&path, &serde_json::to_vec(&snap).unwrap()).unwrap();
         assert_eq!(load(&path).unwrap().unwrap().version, 7);
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();

@@ -8,6 +8,11 @@ use tokio::sync::mpsc;
 
 use crate::domain::{Hostname, Mapping, MappingId};
 
+/// A fresh epoch id: 128 random bits, hex.
+pub(crate) fn new_epoch() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChangeOp {
@@ -46,6 +51,37 @@ pub struct ChangeEvent {
     /// The domain the mapping held before an update that moved it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_domain: Option<Hostname>,
+    /// The store epoch the change was written in (absent from writers that predate epochs):
+    /// version `v` of one epoch is never mistaken for version `v` of another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+}
+
+/// Where a store's history stands: its epoch (a random id that changes whenever the history is
+/// not continuous: a flush, a restart without data, a failover that lost writes) and version.
+/// `epoch` is `None` for a store nobody has written since it was emptied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: Option<String>,
+    pub version: u64,
+}
+
+/// The controller's word that the store holds everything it owns: written after a resync
+/// pass against `epoch` found nothing missing, with the version the pass listed at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub epoch: String,
+    pub version: u64,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub by: String,
+}
+
+/// A domain's record and the store's position, read together (one round trip on Redis) so a
+/// reader can tell an absent record from a store that lost its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub mapping: Option<Mapping>,
+    pub position: Position,
 }
 
 /// Answer to "changes since version v".
@@ -55,9 +91,10 @@ pub enum Changes {
     Events {
         events: Vec<ChangeEvent>,
         current: u64,
+        epoch: Option<String>,
     },
     /// The log was trimmed past `v`: reload everything, then continue from `current`.
-    Trimmed { current: u64 },
+    Trimmed { current: u64, epoch: Option<String> },
 }
 
 impl Changes {
@@ -65,18 +102,36 @@ impl Changes {
     /// reaches back that far. Versions are contiguous (one log entry per increment), so the
     /// first entry must be `since + 1`. A store whose version is below `since` went backwards
     /// (flushed or replaced): the reader must reload.
-    pub fn decide(since: u64, current: u64, events: Vec<ChangeEvent>) -> Self {
+    pub fn decide(
+        since: u64,
+        current: u64,
+        epoch: Option<String>,
+        events: Vec<ChangeEvent>,
+    ) -> Self {
         if since == current {
             return Self::Events {
                 events: Vec::new(),
                 current,
+                epoch,
             };
         }
         match events.first() {
-            Some(first) if since < current && first.version == since + 1 => {
-                Self::Events { events, current }
-            }
-            _ => Self::Trimmed { current },
+            Some(first) if since < current && first.version == since + 1 => Self::Events {
+                events,
+                current,
+                epoch,
+            },
+            _ => Self::Trimmed { current, epoch },
+        }
+    }
+
+    /// The store's position when the log was read.
+    pub fn position(&self) -> Position {
+        match self {
+            Self::Events { current, epoch, .. } | Self::Trimmed { current, epoch } => Position {
+                epoch: epoch.clone(),
+                version: *current,
+            },
         }
     }
 }
@@ -203,6 +258,7 @@ mod tests {
             mapping_id: MappingId::generate(),
             full_domain: Hostname::parse("a.b").unwrap(),
             previous_domain: None,
+            epoch: None,
         }
     }
 
@@ -217,10 +273,15 @@ mod tests {
             (0, 3, vec![1, 2], Some(2)),    // partial page
         ];
         for (since, current, versions, want) in cases {
-            let got = Changes::decide(since, current, versions.iter().copied().map(ev).collect());
+            let got = Changes::decide(
+                since,
+                current,
+                None,
+                versions.iter().copied().map(ev).collect(),
+            );
             match (got, want) {
                 (Changes::Events { events, .. }, Some(n)) => assert_eq!(events.len(), n),
-                (Changes::Trimmed { current: c }, None) => assert_eq!(c, current),
+                (Changes::Trimmed { current: c, .. }, None) => assert_eq!(c, current),
                 (got, want) => panic!(
                     "since {since} current {current} {versions:?}: got {got:?}, want {want:?}"
                 ),

@@ -241,6 +241,26 @@ impl RedisServer {
         }
     }
 
+    /// Kills the server (SIGKILL), deletes everything in its data directory and starts it again
+    /// on the same port: a restart that lost every key (no AOF, no RDB to load).
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        for entry in std::fs::read_dir(self.dir.path()).expect("read data dir") {
+            let path = entry.expect("dir entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // Data only: a TLS server's certificates live in the same directory.
+            if !(name == "appendonlydir" || name == "dump.rdb" || name.ends_with(".aof")) {
+                continue;
+            }
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).expect("remove data");
+            } else {
+                std::fs::remove_file(&path).expect("remove data");
+            }
+        }
+        self.spawn();
+    }
+
     /// Runs a command with `redis-cli` and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut cmd = Command::new("redis-cli");

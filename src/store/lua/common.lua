@@ -1,10 +1,28 @@
 -- Shared by every mutation script (prepended to each): bump the store version, append the
 -- change to the capped log under stream id 0-<version>, publish the event.
+--
+-- The store epoch: every mutation script gets the epoch key as its LAST key and, as its last
+-- three arguments, a fresh epoch id, then the epoch and version its client last saw. The epoch
+-- is created when absent (a flushed or emptied store) and replaced when the client proves the
+-- history went backwards (it saw a version at this epoch that the store no longer reaches).
+local EPOCH = nil
+
+local function ensure_epoch(next_version)
+  local key = KEYS[#KEYS]
+  local epoch = redis.call('GET', key)
+  local seen_epoch, seen_version = ARGV[#ARGV - 1], tonumber(ARGV[#ARGV]) or 0
+  if (not epoch) or (epoch == seen_epoch and next_version <= seen_version) then
+    epoch = ARGV[#ARGV - 2]
+    redis.call('SET', key, epoch)
+  end
+  return epoch
+end
 
 -- The log entry is written first: if it cannot be, the script fails having written nothing.
 local function log_change(version_key, changes_key, maxlen, op, id, domain, prev)
   local v = tonumber(redis.call('GET', version_key) or '0') + 1
-  local fields = {'v', v, 'op', op, 'id', id, 'domain', domain}
+  EPOCH = ensure_epoch(v)
+  local fields = {'v', v, 'op', op, 'id', id, 'domain', domain, 'e', EPOCH}
   if prev ~= '' then
     fields[#fields + 1] = 'prev'
     fields[#fields + 1] = prev
@@ -36,7 +54,7 @@ local function with_version(json, v)
 end
 
 local function publish(channel, op, v, id, domain, prev)
-  local event = {type = op, version = v, mapping_id = id, full_domain = domain}
+  local event = {type = op, version = v, mapping_id = id, full_domain = domain, epoch = EPOCH}
   if prev ~= '' then event.previous_domain = prev end
   redis.call('PUBLISH', channel, cjson.encode(event))
 end

@@ -21,4 +21,4 @@ if ARGV[8] == '1' then
   redis.call('ZADD', KEYS[k], 0, ARGV[1])
 end
 publish(ARGV[4], 'created', v, ARGV[1], ARGV[3], '')
-return {'ok', v}
+return {'ok', v, EPOCH}

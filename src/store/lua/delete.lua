@@ -22,4 +22,4 @@ if ARGV[7] == '1' then
   redis.call('ZREM', KEYS[k], ARGV[1])
 end
 publish(ARGV[4], 'deleted', v, ARGV[1], ARGV[3], '')
-return {'ok', v}
+return {'ok', v, EPOCH}

@@ -42,4 +42,4 @@ for i = 1, 4 do
   end
 end
 publish(ARGV[6], 'updated', v, ARGV[1], ARGV[4], prev)
-return {'ok', v}
+return {'ok', v, EPOCH}

@@ -10,6 +10,7 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
 mod connect;
+mod epoch;
 mod feed;
 mod nodes;
 mod scripts;
@@ -20,8 +21,8 @@ use connect::{client, manager_config};
 use scripts::{ScriptReply, Scripts, expiry_arg, flag, parse_entry};
 
 use super::{
-    AccessDelta, AccessStats, Changes, Keys, ListFilter, MappingStore, Page, PageRequest,
-    StoreError, Subscription,
+    AccessDelta, AccessStats, Changes, Keys, ListFilter, Lookup, MappingStore, Page, PageRequest,
+    Position, Rebuilt, StoreError, Subscription,
 };
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
@@ -38,6 +39,9 @@ struct Inner {
     keys: Keys,
     scripts: Scripts,
     opts: RedisOptions,
+    /// The furthest position this client has seen (replies and reads): a store found below it
+    /// at the same epoch went backwards (see `epoch.rs`).
+    seen: std::sync::Mutex<Position>,
 }
 
 impl RedisStore {
@@ -65,6 +69,7 @@ impl RedisStore {
                 keys,
                 scripts: Scripts::new(),
                 opts,
+                seen: std::sync::Mutex::new(Position::default()),
             }),
         })
     }
@@ -144,7 +149,8 @@ impl RedisStore {
             .arg(expiry_arg(mapping))
             .arg(flag(mapping.target_client_id.is_some()))
             .arg(flag(mapping.owner_user_id.is_some()));
-        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+        self.epoch_args(&mut inv);
+        match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
             ScriptReply::Ok(v) => Ok(Ok(v)),
             ScriptReply::Taken(holder) => Ok(Err(holder)),
             other => Err(other.unexpected("create")),
@@ -224,7 +230,8 @@ impl MappingStore for RedisStore {
             .arg(self.inner.opts.changes_max_len)
             .arg(expiry_arg(&next))
             .arg(flags);
-        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+        self.epoch_args(&mut inv);
+        match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
             ScriptReply::Ok(v) => {
                 next.version = v;
                 Ok(next)
@@ -263,18 +270,31 @@ impl MappingStore for RedisStore {
     }
 
     async fn get_by_domain(&self, domain: &Hostname) -> Result<Option<Mapping>, StoreError> {
-        let k = &self.inner.keys;
-        let json: Option<String> = self
-            .inner
-            .scripts
-            .lookup
-            .key(k.domain(domain))
-            .arg(format!("{}:mapping:", k.prefix()))
-            .invoke_async(&mut self.conn())
-            .await?;
-        let Some(json) = json else { return Ok(None) };
-        let m = self.decode(&k.domain(domain), &json)?;
-        Ok((!m.is_expired(Utc::now())).then_some(m))
+        Ok(self.lookup(domain).await?.mapping)
+    }
+
+    async fn lookup(&self, domain: &Hostname) -> Result<Lookup, StoreError> {
+        self.lookup_at(domain).await
+    }
+
+    async fn position(&self) -> Result<Position, StoreError> {
+        self.read_position().await
+    }
+
+    async fn ensure_epoch(&self) -> Result<String, StoreError> {
+        self.ensure_epoch_now().await
+    }
+
+    async fn note_backwards(&self, seen: &Position) -> Result<Option<String>, StoreError> {
+        self.check_backwards(seen).await
+    }
+
+    async fn rebuilt(&self) -> Result<Option<Rebuilt>, StoreError> {
+        self.read_rebuilt().await
+    }
+
+    async fn mark_rebuilt(&self, epoch: &str, version: u64, by: &str) -> Result<bool, StoreError> {
+        self.write_rebuilt(epoch, version, by).await
     }
 
     async fn list(&self, filter: &ListFilter, page: PageRequest) -> Result<Page, StoreError> {
@@ -344,9 +364,11 @@ impl MappingStore for RedisStore {
 
     async fn changes_since(&self, version: u64, limit: usize) -> Result<Changes, StoreError> {
         let k = &self.inner.keys;
-        let (current, entries): (Option<u64>, Vec<(String, Vec<(String, String)>)>) = redis::pipe()
+        type Entries = Vec<(String, Vec<(String, String)>)>;
+        let (current, epoch, entries): (Option<u64>, Option<String>, Entries) = redis::pipe()
             .atomic()
             .get(k.version())
+            .get(k.epoch())
             .cmd("XRANGE")
             .arg(k.changes())
             .arg(format!("0-{}", version + 1))
@@ -365,7 +387,8 @@ impl MappingStore for RedisStore {
                 })?,
             );
         }
-        Ok(Changes::decide(version, current, events))
+        self.saw(epoch.as_deref(), current);
+        Ok(Changes::decide(version, current, epoch, events))
     }
 
     async fn subscribe(&self) -> Result<Subscription, StoreError> {
@@ -445,7 +468,8 @@ impl RedisStore {
             .arg(self.inner.opts.changes_max_len)
             .arg(flag(current.target_client_id.is_some()))
             .arg(flag(current.owner_user_id.is_some()));
-        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+        self.epoch_args(&mut inv);
+        match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
             ScriptReply::Ok(_) => Ok(current),
             ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
                 id: id.clone(),

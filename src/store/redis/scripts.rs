@@ -13,6 +13,8 @@ pub(super) struct Scripts {
     pub release_dangling: Script,
     pub record_access: Script,
     pub prune_nodes: Script,
+    pub mark_rebuilt: Script,
+    pub check_epoch: Script,
 }
 
 macro_rules! mutation_script {
@@ -35,6 +37,8 @@ impl Scripts {
             release_dangling: Script::new(include_str!("../lua/release_dangling.lua")),
             record_access: Script::new(include_str!("../lua/record_access.lua")),
             prune_nodes: Script::new(include_str!("../lua/prune_nodes.lua")),
+            mark_rebuilt: Script::new(include_str!("../lua/mark_rebuilt.lua")),
+            check_epoch: Script::new(include_str!("../lua/check_epoch.lua")),
         }
     }
 }
@@ -89,6 +93,18 @@ impl ScriptReply {
         }
     }
 
+    /// The epoch a mutation was written in: the third item of an `ok` reply.
+    pub fn epoch_of(value: &Value) -> Option<String> {
+        match value {
+            Value::Array(items) => match items.get(2) {
+                Some(Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                Some(Value::SimpleString(s)) => Some(s.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     pub fn unexpected(self, script: &str) -> StoreError {
         StoreError::Corrupt {
             at: format!("{script} script"),
@@ -112,5 +128,6 @@ pub(super) fn parse_entry(id: &str, fields: &[(String, String)]) -> Option<Chang
         mapping_id: MappingId::parse(field("id")?).ok()?,
         full_domain: Hostname::parse(field("domain")?).ok()?,
         previous_domain: field("prev").and_then(|p| Hostname::parse(p).ok()),
+        epoch: field("e").map(str::to_string),
     })
 }
