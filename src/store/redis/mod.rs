@@ -20,8 +20,8 @@ use connect::{client, manager_config};
 use scripts::{ScriptReply, Scripts, expiry_arg, flag, parse_entry};
 
 use super::{
-    AccessDelta, AccessStats, Changes, Keys, ListFilter, MappingStore, Page, PageRequest,
-    StoreError, Subscription,
+    AccessDelta, AccessStats, Changes, Keys, ListFilter, MappingStore, Page, PageRequest, Quota,
+    QuotaScope, StoreError, Subscription, source_group,
 };
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
@@ -120,7 +120,11 @@ impl RedisStore {
         }
     }
 
-    async fn try_create(&self, mapping: &Mapping) -> Result<Result<u64, String>, StoreError> {
+    async fn try_create(
+        &self,
+        mapping: &Mapping,
+        quota: Quota,
+    ) -> Result<Result<u64, String>, StoreError> {
         let k = &self.inner.keys;
         let id = mapping.mapping_id.as_str();
         let mut inv = self.inner.scripts.create.prepare_invoke();
@@ -136,6 +140,10 @@ impl RedisStore {
         if let Some(u) = &mapping.owner_user_id {
             inv.key(k.user(u));
         }
+        let group = mapping.source.as_deref().and_then(source_group);
+        if let Some(g) = group {
+            inv.key(k.group(g));
+        }
         inv.arg(id)
             .arg(Self::encode(mapping)?)
             .arg(mapping.full_domain.as_str())
@@ -143,10 +151,28 @@ impl RedisStore {
             .arg(self.inner.opts.changes_max_len)
             .arg(expiry_arg(mapping))
             .arg(flag(mapping.target_client_id.is_some()))
-            .arg(flag(mapping.owner_user_id.is_some()));
+            .arg(flag(mapping.owner_user_id.is_some()))
+            .arg(flag(group.is_some()))
+            .arg(quota.per_group)
+            .arg(quota.per_owner)
+            .arg(format!("{}:mapping:", k.prefix()));
         match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
             ScriptReply::Ok(v) => Ok(Ok(v)),
             ScriptReply::Taken(holder) => Ok(Err(holder)),
+            ScriptReply::Quota { owner, count } => {
+                let (scope, limit) = match (owner, group) {
+                    (false, Some(g)) => (QuotaScope::Group(g.to_string()), quota.per_group),
+                    _ => (
+                        QuotaScope::Owner(mapping.owner_user_id.clone().unwrap_or_default()),
+                        quota.per_owner,
+                    ),
+                };
+                Err(StoreError::QuotaExceeded {
+                    scope,
+                    count,
+                    limit,
+                })
+            }
             other => Err(other.unexpected("create")),
         }
     }
@@ -154,7 +180,7 @@ impl RedisStore {
 
 #[async_trait]
 impl MappingStore for RedisStore {
-    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError> {
+    async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
         let full = spec.validate()?;
         let mut mapping = Mapping::from_spec(
             MappingId::generate(),
@@ -166,7 +192,7 @@ impl MappingStore for RedisStore {
         // One retry: the first conflict may be an expired holder, released here (FR-4.4).
         let mut retried = false;
         loop {
-            match self.try_create(&mapping).await? {
+            match self.try_create(&mapping, quota).await? {
                 Ok(v) => {
                     mapping.version = v;
                     return Ok(mapping);
@@ -209,6 +235,15 @@ impl MappingStore for RedisStore {
             next.target_client_id.as_deref().map(|c| k.client(c)),
             current.owner_user_id.as_deref().map(|u| k.user(u)),
             next.owner_user_id.as_deref().map(|u| k.user(u)),
+            current
+                .source
+                .as_deref()
+                .and_then(source_group)
+                .map(|g| k.group(g)),
+            next.source
+                .as_deref()
+                .and_then(source_group)
+                .map(|g| k.group(g)),
         ] {
             flags.push_str(flag(key.is_some()));
             if let Some(key) = key {
@@ -236,6 +271,7 @@ impl MappingStore for RedisStore {
                 actual,
             }),
             ScriptReply::Missing => Err(StoreError::NotFound { id: id.clone() }),
+            other => Err(other.unexpected("update")),
         }
     }
 
@@ -438,13 +474,18 @@ impl RedisStore {
         if let Some(u) = &current.owner_user_id {
             inv.key(k.user(u));
         }
+        let group = current.source.as_deref().and_then(source_group);
+        if let Some(g) = group {
+            inv.key(k.group(g));
+        }
         inv.arg(id.as_str())
             .arg(current.version)
             .arg(current.full_domain.as_str())
             .arg(k.events())
             .arg(self.inner.opts.changes_max_len)
             .arg(flag(current.target_client_id.is_some()))
-            .arg(flag(current.owner_user_id.is_some()));
+            .arg(flag(current.owner_user_id.is_some()))
+            .arg(flag(group.is_some()));
         match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
             ScriptReply::Ok(_) => Ok(current),
             ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
