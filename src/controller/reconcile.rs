@@ -17,7 +17,7 @@ use super::decide::{self, Hold, Outcome, Plan, Policy, Verdict};
 use super::metrics::Metrics;
 use crate::crd::{HTTPDomainMapping, Phase};
 use crate::domain::{Mapping, MappingId};
-use crate::store::{MappingStore, StoreError};
+use crate::store::{MappingStore, Quota, StoreError};
 
 pub const FINALIZER: &str = "tunnox.net/release-domain";
 pub const FIELD_MANAGER: &str = "tunnox-controller";
@@ -207,8 +207,7 @@ async fn program(
     plan: Plan,
     own: Option<Mapping>,
 ) -> Result<Outcome, Error> {
-    let mut own = own;
-    if let Some(m) = own.take() {
+    if let Some(m) = own {
         if m.full_domain == plan.full_domain {
             if m.spec() == plan.spec {
                 return Ok(Outcome::Active {
@@ -281,11 +280,14 @@ async fn program(
         ctx.metrics.conflicts.inc();
         return Ok(Outcome::Conflict { plan, holder });
     }
-    match ctx
-        .store
-        .create_within(plan.spec.clone(), ctx.policy.quota())
-        .await
-    {
+    // Quotas limit new claims: a mapping that was serving (its record lost with a flushed
+    // Redis) gets its slot back even if waiters were quicker to count.
+    let quota = if was_serving {
+        Quota::UNLIMITED
+    } else {
+        ctx.policy.quota()
+    };
+    match ctx.store.create_within(plan.spec.clone(), quota).await {
         Ok(m) => {
             publish(
                 ctx,
