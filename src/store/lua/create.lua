@@ -15,13 +15,14 @@ if ARGV[9] == '1' then group_key = KEYS[k] end
 
 -- Quotas are counted here, in the script that claims, so concurrent creators cannot exceed
 -- them. An index that looks full is first cleared of ids whose record is gone (eviction, a
--- hand edit): a lost record must not hold a quota slot forever. Returns the count when full.
+-- hand edit), so a lost record does not hold a quota slot forever: up to 128 ids at random
+-- per refused create, so a large quota costs a bounded check. Returns the count when full.
 local function full(index, limit)
   limit = tonumber(limit)
   if limit == 0 then return nil end
   local n = redis.call('ZCARD', index)
   if n < limit then return nil end
-  for _, id in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+  for _, id in ipairs(redis.call('ZRANDMEMBER', index, 128)) do
     if redis.call('EXISTS', ARGV[12] .. id) == 0 then
       redis.call('ZREM', index, id)
       n = n - 1
