@@ -1013,7 +1013,7 @@ fn phases_by_name(
 /// restarts with it.
 fn controller_refuses_egress_at_admission(s: &Stack) {
     let ns = "egress";
-    let (mut ctl, _) = s.controller("ctl-egress");
+    let (mut ctl, admin) = s.controller("ctl-egress");
     s.cp.kubectl_ok(&["create", "namespace", ns]);
     // (name, host, port, what the message must say). The chart's proxies listen on 8080 and
     // 9090 (admin); the suite allows 127.0.0.0/8, yet own listeners stay refused.
@@ -1097,6 +1097,12 @@ fn controller_refuses_egress_at_admission(s: &Stack) {
         events.lines().any(|l| l == "Warning/EgressDenied"),
         "{events}"
     );
+    let counted: u64 = http_get(admin, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with("tunnox_controller_rejections_total{reason=\"EgressDenied\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(counted >= 4, "EgressDenied rejections counted: {counted}");
     // The operator takes loopback off the allow list: on restart the programmed mapping is
     // reconciled, refused and its claim released.
     assert_eq!(ctl.terminate(Duration::from_secs(10)), Some(0));

@@ -197,6 +197,9 @@ async fn apply(
         .outcomes
         .with_label_values(&[outcome.label()])
         .inc();
+    if let Outcome::Held(Hold::Rejected { reason, .. }) = &outcome {
+        ctx.metrics.rejections.with_label_values(&[reason]).inc();
+    }
     write_status(ctx, obj, api, &outcome).await?;
     Ok(next_action(ctx, obj, &outcome))
 }
