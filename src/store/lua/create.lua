@@ -16,7 +16,9 @@ if ARGV[9] == '1' then group_key = KEYS[k] end
 -- Quotas are counted here, in the script that claims, so concurrent creators cannot exceed
 -- them. An index that looks full is first cleared of ids whose record is gone (eviction, a
 -- hand edit), so a lost record does not hold a quota slot forever: up to 128 ids at random
--- per refused create, so a large quota costs a bounded check. Returns the count when full.
+-- per refused create, so a large quota costs a bounded check. The record keys are built from
+-- ARGV[12], which shares the prefix (and so its hash tag in cluster mode), as in lookup.lua.
+-- Returns the count when full.
 local function full(index, limit)
   limit = tonumber(limit)
   if limit == 0 then return nil end
