@@ -100,6 +100,36 @@ pub fn holder_display(source: Option<&str>, holder_id: &str, my_cluster: &str) -
     }
 }
 
+/// What resync does with a record no resource of this cluster wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphan {
+    /// Not ours: another cluster's, or not from Kubernetes at all.
+    Keep,
+    /// Legacy form (no cluster), first seen orphaned: another cluster sharing the store may
+    /// still take it over; look again next pass.
+    Suspect,
+    Delete,
+}
+
+/// Resync's rule for a record whose `source` no resource of this cluster claims: only this
+/// cluster's records are deleted; a legacy one only when it was already `Suspect` last pass.
+pub fn orphan(source: &str, my_cluster: &str, suspected_last_pass: bool) -> Orphan {
+    if is_legacy_source(source) {
+        return if suspected_last_pass {
+            Orphan::Delete
+        } else {
+            Orphan::Suspect
+        };
+    }
+    match source
+        .strip_prefix("k8s:")
+        .and_then(|r| r.strip_prefix(my_cluster))
+    {
+        Some(rest) if rest.starts_with('/') => Orphan::Delete,
+        _ => Orphan::Keep,
+    }
+}
+
 /// The status message of a quota refusal, naming the setting and its value.
 pub fn quota_message(scope: &QuotaScope, count: u64, limit: usize, namespace: &str) -> String {
     match scope {

@@ -269,6 +269,28 @@ fn sources_name_the_cluster() {
 }
 
 #[test]
+fn resync_deletes_only_this_clusters_orphans() {
+    // (source, suspected last pass, verdict for cluster c1)
+    let cases = [
+        ("k8s:c1/team/web", false, Orphan::Delete),
+        ("k8s:c2/team/web", false, Orphan::Keep),
+        ("k8s:c2/team/web", true, Orphan::Keep),
+        ("k8s:c10/team/web", false, Orphan::Keep),
+        ("k8s:team/web", false, Orphan::Suspect),
+        ("k8s:team/web", true, Orphan::Delete),
+        ("config", false, Orphan::Keep),
+        ("api", true, Orphan::Keep),
+    ];
+    for (source, suspected, want) in cases {
+        assert_eq!(
+            orphan(source, "c1", suspected),
+            want,
+            "{source} {suspected}"
+        );
+    }
+}
+
+#[test]
 fn quota_messages_name_the_setting() {
     assert_eq!(
         quota_message(&QuotaScope::Group("k8s:c1/team".into()), 2, 2, "team"),

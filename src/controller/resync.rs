@@ -57,13 +57,10 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
             let _ = ctx.wake.send(ObjectRef::from_obj(&**obj));
         }
     }
-    // Only this cluster's records are ours to delete; a record in the legacy form (no cluster)
-    // only when it was an orphan on the previous pass too, so another cluster sharing the store
-    // has had its chance to take it over.
-    let mine = format!("k8s:{cluster}/");
-    let mut legacy_orphans = HashSet::new();
+    // Only this cluster's records are deleted (decide::orphan); legacy ones after two passes.
     let suspected =
         std::mem::take(&mut *ctx.legacy_orphans.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut suspects = HashSet::new();
     for r in &records {
         let Some(source) = r.source.as_deref() else {
             continue;
@@ -71,12 +68,11 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
         if wanted.contains(source) {
             continue;
         }
-        let legacy = decide::is_legacy_source(source);
-        if legacy && !suspected.contains(&r.mapping_id) {
-            legacy_orphans.insert(r.mapping_id.clone());
-            continue;
+        let verdict = decide::orphan(source, cluster, suspected.contains(&r.mapping_id));
+        if verdict == decide::Orphan::Suspect {
+            suspects.insert(r.mapping_id.clone());
         }
-        if legacy || source.starts_with(&mine) {
+        if verdict == decide::Orphan::Delete {
             match ctx.store.delete(&r.mapping_id, Some(r.version)).await {
                 Ok(_) => repairs.orphans += 1,
                 Err(
@@ -87,7 +83,7 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
             }
         }
     }
-    *ctx.legacy_orphans.lock().unwrap_or_else(|e| e.into_inner()) = legacy_orphans;
+    *ctx.legacy_orphans.lock().unwrap_or_else(|e| e.into_inner()) = suspects;
     for phase in ["Pending", "Active", "Conflict", "Rejected", "Expired"] {
         ctx.metrics
             .mappings
