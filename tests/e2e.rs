@@ -1217,7 +1217,8 @@ fn two_clusters_share_one_redis(s: &Stack) {
     let (id_a, id_b) = (cluster_id(&s.cp), cluster_id(&cp2));
     assert!(!id_a.is_empty() && id_a != id_b, "{id_a} vs {id_b}");
 
-    // A record written before sources named a cluster, for a mapping both clusters have.
+    // An upgrade: both clusters have `shared/legacy` and the store holds its record as an older
+    // controller wrote it (no cluster in the source); the new controllers start on it at once.
     let planted = tokio::runtime::Runtime::new().unwrap().block_on(async {
         use tunnox::store::MappingStore;
         let store =
@@ -1231,6 +1232,14 @@ fn two_clusters_share_one_redis(s: &Stack) {
 
     s.cp.kubectl_ok(&["create", "namespace", ns]);
     cp2.kubectl_ok(&["create", "namespace", ns]);
+    ok(
+        s.cp.apply(&hdm_yaml(ns, "legacy", "legacy", 26100)),
+        "legacy mapping in cluster A",
+    );
+    ok(
+        cp2.apply(&hdm_yaml(ns, "legacy", "legacy", 27100)),
+        "legacy mapping in cluster B",
+    );
     let (ctl_a, admin_a) = s.controller("ctl-cluster-a");
     let (ctl_b, admin_b) =
         s.controller_with("ctl-cluster-b", std::path::Path::new(cp2.kubeconfig()), &[]);
@@ -1243,10 +1252,9 @@ fn two_clusters_share_one_redis(s: &Stack) {
         })
     });
     let docs = |base: u16| {
-        let mut d: Vec<String> = (0..40)
+        let d: Vec<String> = (0..40)
             .map(|i| hdm_yaml(ns, &format!("d{i}"), &format!("two{i}"), base + i))
             .collect();
-        d.push(hdm_yaml(ns, "legacy", "legacy", base + 100));
         d.join("---\n")
     };
     let (docs_a, docs_b) = (docs(26000), docs(27000));
