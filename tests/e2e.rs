@@ -58,11 +58,23 @@ impl Stack {
     }
 
     /// Starts `tunnox controller` as the chart's ServiceAccount with the chart's configuration;
-    /// only loopback addresses and short intervals are overridden.
+    /// only loopback addresses and short intervals are overridden, and loopback targets are
+    /// allowed (the suite's upstreams listen on 127.0.0.1).
     fn controller(&self, name: &str) -> (Role, u16) {
+        self.controller_with(name, &self.sa_kubeconfig, &[])
+    }
+
+    /// [`Stack::controller`] against the API server of `kubeconfig`, with `extra` environment
+    /// (overriding the defaults).
+    fn controller_with(
+        &self,
+        name: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[(&'static str, String)],
+    ) -> (Role, u16) {
         let admin = free_port();
-        let env = vec![
-            ("KUBECONFIG", self.sa_kubeconfig.display().to_string()),
+        let mut env = vec![
+            ("KUBECONFIG", kubeconfig.display().to_string()),
             ("POD_NAME", name.to_string()),
             ("POD_NAMESPACE", NS.to_string()),
             ("TUNNOX__STORAGE__REDIS__ADDR", self.redis.addr()),
@@ -74,7 +86,9 @@ impl Stack {
             ("TUNNOX__CONTROLLER__CONFLICT_RETRY", "2s".to_string()),
             ("TUNNOX__CONTROLLER__LEASE_DURATION", "4s".to_string()),
             ("TUNNOX__CONTROLLER__RENEW_INTERVAL", "1s".to_string()),
+            ("TUNNOX__EGRESS__ALLOW", "['127.0.0.0/8']".to_string()),
         ];
+        env.extend(extra.iter().cloned());
         let log = self.dir.path().join(format!("{name}.log"));
         let role = Role::start(
             &["--config", self.config.to_str().unwrap(), "controller"],
@@ -174,6 +188,15 @@ fn main() {
             "proxy_serves_what_kubectl_applies",
             proxy_serves_what_kubectl_applies,
         ),
+        (
+            "controller_refuses_egress_at_admission",
+            controller_refuses_egress_at_admission,
+        ),
+        (
+            "controller_enforces_quota_atomically",
+            controller_enforces_quota_atomically,
+        ),
+        ("two_clusters_share_one_redis", two_clusters_share_one_redis),
     ];
     let stack = setup();
     let (mut passed, mut failed) = (0, 0);
@@ -252,6 +275,19 @@ fn setup() -> Stack {
         sa_kubeconfig,
         config,
     }
+}
+
+/// The cluster identity a controller defaults to: the uid of `kube-system`.
+fn cluster_id(cp: &ControlPlane) -> String {
+    cp.kubectl_ok(&[
+        "get",
+        "namespace",
+        "kube-system",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])
+    .trim()
+    .to_string()
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -579,7 +615,7 @@ fn controller_programs_and_cleans_up_100_mappings(s: &Stack) {
     let (ctl, admin) = s.controller("ctl-bulk");
     s.cp.kubectl_ok(&["create", "namespace", "bulk"]);
     let docs: Vec<String> = (0..100)
-        .map(|i| hdm_yaml("bulk", &format!("m{i}"), &format!("bulk{i}"), 8000 + i))
+        .map(|i| hdm_yaml("bulk", &format!("m{i}"), &format!("bulk{i}"), 20000 + i))
         .collect();
     ok(s.cp.apply(&docs.join("---\n")), "apply 100 mappings");
     let took = eventually("100 mappings Active", Duration::from_secs(60), || {
@@ -593,7 +629,7 @@ fn controller_programs_and_cleans_up_100_mappings(s: &Stack) {
     let table = s.cp.kubectl_ok(&["get", "hdm", "-n", "bulk", "m7"]);
     assert!(
         table.contains("bulk7.tunnox.net")
-            && table.contains("127.0.0.1:8007")
+            && table.contains("127.0.0.1:20007")
             && table.contains("Active"),
         "{table}"
     );
@@ -677,7 +713,11 @@ fn controller_conflict_and_takeover(s: &Stack) {
         .redis
         .cli(&["GET", &format!("tunnox:http_domain:mapping:{port}")]);
     assert!(
-        record.contains("\"target_port\":2") && record.contains("k8s:team-b/web"),
+        record.contains("\"target_port\":2")
+            && record.contains(&format!(
+                "\"source\":\"k8s:{}/team-b/web\"",
+                cluster_id(&s.cp)
+            )),
         "{record}"
     );
     for ns in ["team-b", "team-c"] {
@@ -847,7 +887,7 @@ fn controller_leader_election(s: &Stack) {
 fn controller_updates_expires_and_reports_events(s: &Stack) {
     let (ctl, _) = s.controller("ctl-update");
     s.cp.kubectl_ok(&["create", "namespace", "upd"]);
-    ok(s.cp.apply(&hdm_yaml("upd", "web", "upd", 8080)), "apply");
+    ok(s.cp.apply(&hdm_yaml("upd", "web", "upd", 18080)), "apply");
     eventually("Active", Duration::from_secs(20), || {
         s.phase("upd", "web") == "Active"
     });
@@ -862,12 +902,12 @@ fn controller_updates_expires_and_reports_events(s: &Stack) {
     s.patch(
         "upd",
         "web",
-        r#"{"spec":{"target":{"address":{"host":"127.0.0.1","port":9090}}}}"#,
+        r#"{"spec":{"target":{"address":{"host":"127.0.0.1","port":19090}}}}"#,
     );
     eventually(
         "record follows the new target",
         Duration::from_secs(20),
-        || record().contains("\"target_port\":9090"),
+        || record().contains("\"target_port\":19090"),
     );
     eventually(
         "observedGeneration follows",
@@ -960,4 +1000,394 @@ fn proxy_serves_what_kubectl_applies(s: &Stack) {
     );
     controller.terminate(Duration::from_secs(10));
     no_permission_errors(&controller);
+}
+
+/// One mapping in `ns` whose `address` target is `host:port`.
+fn address_yaml(ns: &str, name: &str, sub: &str, host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec: {{subdomain: {sub}, baseDomain: tunnox.net, target: {{address: {{host: '{host}', port: {port}}}}}}}\n"
+    )
+}
+
+/// `name → (phase, claimedBy)` of every mapping in `ns`.
+fn phases_by_name(
+    cp: &ControlPlane,
+    ns: &str,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let out = cp.kubectl_ok(&[
+        "get",
+        "hdm",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}|{.status.phase}|{.status.claimedBy}{\"\\n\"}{end}",
+    ]);
+    out.lines()
+        .filter_map(|l| {
+            let mut parts = l.split('|');
+            Some((
+                parts.next()?.to_string(),
+                (parts.next()?.to_string(), parts.next()?.to_string()),
+            ))
+        })
+        .collect()
+}
+
+/// Targets a tenant must not reach are `Rejected` with the reason before anything is claimed;
+/// a configuration change that refuses a programmed target releases it when the controller
+/// restarts with it.
+fn controller_refuses_egress_at_admission(s: &Stack) {
+    let ns = "egress";
+    let (mut ctl, admin) = s.controller("ctl-egress");
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    // (name, host, port, what the message must say). The chart's proxies listen on 8080 and
+    // 9090 (admin); the suite allows 127.0.0.0/8, yet own listeners stay refused.
+    let refused = [
+        (
+            "admin",
+            "127.0.0.1",
+            9090,
+            "is one of the proxy's own listeners",
+        ),
+        (
+            "itself",
+            "127.0.0.1",
+            8080,
+            "is one of the proxy's own listeners",
+        ),
+        ("metadata", "169.254.169.254", 80, "is a link-local address"),
+        (
+            "othersvc",
+            "web.other-ns.svc.cluster.local",
+            80,
+            "names a Service in namespace other-ns",
+        ),
+    ];
+    let mut docs = vec![address_yaml(
+        ns,
+        "allowed",
+        "eg-allowed",
+        "127.0.0.1",
+        23456,
+    )];
+    docs.extend(
+        refused.iter().map(|(name, host, port, _)| {
+            address_yaml(ns, name, &format!("eg-{name}"), host, *port)
+        }),
+    );
+    ok(s.cp.apply(&docs.join("---\n")), "apply");
+    eventually(
+        "the allowed one Active, the others Rejected",
+        Duration::from_secs(20),
+        || {
+            s.phase(ns, "allowed") == "Active"
+                && refused
+                    .iter()
+                    .all(|(name, ..)| s.phase(ns, name) == "Rejected")
+        },
+    );
+    for (name, host, port, why) in refused {
+        let reason = s.field(
+            ns,
+            name,
+            "{.status.conditions[?(@.type==\"Ready\")].reason}",
+        );
+        let message = s.field(
+            ns,
+            name,
+            "{.status.conditions[?(@.type==\"Accepted\")].message}",
+        );
+        assert_eq!(reason, "EgressDenied", "{name}");
+        assert!(
+            message.starts_with("spec.target.address: ")
+                && message.contains(&format!("{host}:{port}"))
+                && message.contains(why),
+            "{name}: {message}"
+        );
+        assert!(
+            s.redis_keys(&format!("tunnox:http_domain:index:domain:eg-{name}.*"))
+                .is_empty(),
+            "{name} claimed nothing"
+        );
+    }
+    let events = s.cp.kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={range .items[*]}{.type}/{.reason}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        events.lines().any(|l| l == "Warning/EgressDenied"),
+        "{events}"
+    );
+    let counted: u64 = http_get(admin, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with("tunnox_controller_rejections_total{reason=\"EgressDenied\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(counted >= 4, "EgressDenied rejections counted: {counted}");
+    // The operator takes loopback off the allow list: on restart the programmed mapping is
+    // reconciled, refused and its claim released.
+    assert_eq!(ctl.terminate(Duration::from_secs(10)), Some(0));
+    let (ctl2, _) = s.controller_with(
+        "ctl-egress-2",
+        &s.sa_kubeconfig,
+        &[("TUNNOX__EGRESS__ALLOW", "[]".to_string())],
+    );
+    let took = eventually(
+        "the now refused mapping Rejected and released",
+        Duration::from_secs(20),
+        || {
+            s.phase(ns, "allowed") == "Rejected"
+                && s.redis_keys("tunnox:http_domain:index:domain:eg-allowed.*")
+                    .is_empty()
+        },
+    );
+    eprintln!("e2e: refused target released {took:?} after the controller restarted");
+    let message = s.field(
+        ns,
+        "allowed",
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
+    assert!(message.contains("loopback"), "{message}");
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", ns, "--timeout=30s"]),
+        "clean up",
+    );
+    no_permission_errors(&ctl2);
+}
+
+/// `controller.quota.per_namespace` holds when every mapping of a namespace is reconciled at
+/// once (concurrency 16): the store counts in the claiming script, not the controller's cache.
+fn controller_enforces_quota_atomically(s: &Stack) {
+    let ns = "quota";
+    let (ctl, _) = s.controller_with(
+        "ctl-quota",
+        &s.sa_kubeconfig,
+        &[("TUNNOX__CONTROLLER__QUOTA__PER_NAMESPACE", "3".to_string())],
+    );
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    let docs: Vec<String> = (0..12)
+        .map(|i| hdm_yaml(ns, &format!("q{i}"), &format!("quota{i}"), 25000 + i))
+        .collect();
+    ok(s.cp.apply(&docs.join("---\n")), "apply 12 mappings at once");
+    let count = |phase: &str| s.phases(ns).iter().filter(|p| *p == phase).count();
+    eventually("3 Active, 9 Rejected", Duration::from_secs(30), || {
+        count("Active") == 3 && count("Rejected") == 9
+    });
+    // Retries (every conflict_retry) never admit a fourth.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!((count("Active"), count("Rejected")), (3, 9));
+    assert_eq!(
+        s.redis_keys("tunnox:http_domain:index:domain:quota*").len(),
+        3
+    );
+    let group = format!(
+        "tunnox:http_domain:index:group:k8s:{}/{ns}",
+        cluster_id(&s.cp)
+    );
+    assert_eq!(s.redis.cli(&["ZCARD", &group]), "3");
+    let table = phases_by_name(&s.cp, ns);
+    let (rejected, _) = table
+        .iter()
+        .find(|(_, (phase, _))| phase == "Rejected")
+        .unwrap();
+    let message = s.field(
+        ns,
+        rejected,
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
+    assert_eq!(
+        message,
+        "namespace quota already has 3 mappings (controller.quota.per_namespace: 3)"
+    );
+    // A freed slot goes to one waiting mapping.
+    let (active, _) = table
+        .iter()
+        .find(|(_, (phase, _))| phase == "Active")
+        .unwrap();
+    s.cp.kubectl_ok(&["delete", "hdm", active, "-n", ns, "--timeout=30s"]);
+    eventually(
+        "a waiting mapping takes the slot",
+        Duration::from_secs(20),
+        || count("Active") == 3 && count("Rejected") == 8,
+    );
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", ns, "--timeout=60s"]),
+        "clean up",
+    );
+    assert_eq!(s.redis.cli(&["ZCARD", &group]), "0");
+    no_permission_errors(&ctl);
+}
+
+/// Two clusters, one Redis: the same 40 mappings applied to both at once give each domain
+/// exactly one holder; the other cluster's mapping is `Conflict` naming the holder with its
+/// cluster. A record in the legacy source form (no cluster) is taken over by exactly one.
+fn two_clusters_share_one_redis(s: &Stack) {
+    let ns = "shared";
+    let cp2 = ControlPlane::start();
+    cp2.install_crds();
+    eventually(
+        "kube-system in the second cluster",
+        Duration::from_secs(30),
+        || {
+            cp2.kubectl(&["get", "namespace", "kube-system"])
+                .status
+                .success()
+        },
+    );
+    cp2.kubectl_ok(&["create", "namespace", NS]);
+    let (id_a, id_b) = (cluster_id(&s.cp), cluster_id(&cp2));
+    assert!(!id_a.is_empty() && id_a != id_b, "{id_a} vs {id_b}");
+
+    // An upgrade: both clusters have `shared/legacy` and the store holds its record as an older
+    // controller wrote it (no cluster in the source); the new controllers start on it at once.
+    let planted = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use tunnox::store::MappingStore;
+        let store =
+            tunnox::store::RedisStore::connect(tunnox::store::RedisOptions::new(&s.redis.addr()))
+                .await
+                .unwrap();
+        let mut spec = tunnox::domain::MappingSpec::new("legacy", "tunnox.net", "127.0.0.1", 24000);
+        spec.source = Some(format!("k8s:{ns}/legacy"));
+        store.create(spec).await.unwrap()
+    });
+
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    cp2.kubectl_ok(&["create", "namespace", ns]);
+    ok(
+        s.cp.apply(&hdm_yaml(ns, "legacy", "legacy", 26100)),
+        "legacy mapping in cluster A",
+    );
+    ok(
+        cp2.apply(&hdm_yaml(ns, "legacy", "legacy", 27100)),
+        "legacy mapping in cluster B",
+    );
+    let (ctl_a, admin_a) = s.controller("ctl-cluster-a");
+    let (ctl_b, admin_b) =
+        s.controller_with("ctl-cluster-b", std::path::Path::new(cp2.kubeconfig()), &[]);
+    // Both lead before anything is applied, so the race is a real one.
+    eventually("both controllers lead", Duration::from_secs(20), || {
+        [admin_a, admin_b].iter().all(|p| {
+            http_get(*p, "/metrics")
+                .lines()
+                .any(|l| l == "tunnox_controller_leader 1")
+        })
+    });
+    let docs = |base: u16| {
+        let d: Vec<String> = (0..40)
+            .map(|i| hdm_yaml(ns, &format!("d{i}"), &format!("two{i}"), base + i))
+            .collect();
+        d.join("---\n")
+    };
+    let (docs_a, docs_b) = (docs(26000), docs(27000));
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| ok(s.cp.apply(&docs_a), "apply to cluster A"));
+        let b = scope.spawn(|| ok(cp2.apply(&docs_b), "apply to cluster B"));
+        a.join().unwrap();
+        b.join().unwrap();
+    });
+    let settled = || {
+        let (a, b) = (phases_by_name(&s.cp, ns), phases_by_name(&cp2, ns));
+        a.len() == 41
+            && b.len() == 41
+            && a.iter().all(|(name, (pa, _))| {
+                let pb = &b[name].0;
+                (pa == "Active" && pb == "Conflict") || (pa == "Conflict" && pb == "Active")
+            })
+    };
+    eventually(
+        "exactly one Active and one Conflict per domain",
+        Duration::from_secs(60),
+        settled,
+    );
+    let took = started.elapsed();
+    let (a, b) = (phases_by_name(&s.cp, ns), phases_by_name(&cp2, ns));
+    let mut wins_a = 0;
+    for (name, (phase_a, claimed_a)) in &a {
+        let (_, claimed_b) = &b[name];
+        // The loser names the holder with the holder's cluster.
+        let (winner, loser_claimed, port_base) = if phase_a == "Active" {
+            wins_a += 1;
+            (&id_a, claimed_b, 26000)
+        } else {
+            (&id_b, claimed_a, 27000)
+        };
+        assert_eq!(loser_claimed, &format!("{winner}/{ns}/{name}"), "{name}");
+        let sub = if name == "legacy" {
+            "legacy".to_string()
+        } else {
+            format!("two{}", &name[1..])
+        };
+        let id = s.redis.cli(&[
+            "GET",
+            &format!("tunnox:http_domain:index:domain:{sub}.tunnox.net"),
+        ]);
+        let record = s
+            .redis
+            .cli(&["GET", &format!("tunnox:http_domain:mapping:{id}")]);
+        let offset: u16 = if name == "legacy" {
+            100
+        } else {
+            name[1..].parse().unwrap()
+        };
+        assert!(
+            record.contains(&format!("\"source\":\"k8s:{winner}/{ns}/{name}\""))
+                && record.contains(&format!("\"target_port\":{}", port_base + offset)),
+            "{name}: {record}"
+        );
+        if name == "legacy" {
+            assert_eq!(
+                id,
+                planted.mapping_id.as_str(),
+                "the legacy record was taken over, not replaced"
+            );
+        }
+    }
+    eprintln!(
+        "e2e: 41 contested domains settled {took:?} after apply: cluster A holds {wins_a}, cluster B {}",
+        41 - wins_a
+    );
+    let holders = || {
+        let mut h = s.redis_keys("tunnox:http_domain:index:domain:two*");
+        h.extend(s.redis_keys("tunnox:http_domain:index:domain:legacy*"));
+        h.into_iter()
+            .map(|k| {
+                let id = s.redis.cli(&["GET", &k]);
+                (k, id)
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = holders();
+    assert_eq!(before.len(), 41);
+    // Stable across resyncs (3 s) and conflict retries (2 s): neither cluster deletes or takes
+    // the other's records.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(holders(), before, "holders changed");
+    assert_eq!(phases_by_name(&s.cp, ns), a, "cluster A's phases changed");
+    assert_eq!(phases_by_name(&cp2, ns), b, "cluster B's phases changed");
+
+    // Cluster A lets go: cluster B's waiters take every domain A held.
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "--all", "-n", ns, "--timeout=60s"]),
+        "delete in cluster A",
+    );
+    eventually("cluster B holds all 41", Duration::from_secs(30), || {
+        phases_by_name(&cp2, ns)
+            .values()
+            .all(|(phase, _)| phase == "Active")
+    });
+    ok(
+        cp2.kubectl(&["delete", "hdm", "--all", "-n", ns, "--timeout=60s"]),
+        "delete in cluster B",
+    );
+    eventually("every claim released", Duration::from_secs(20), || {
+        holders().is_empty()
+    });
+    no_permission_errors(&ctl_a);
+    drop(ctl_b);
 }

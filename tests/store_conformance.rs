@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use tunnox::domain::{Hostname, MappingId, MappingSpec, SetName};
 use tunnox::store::{
     AccessDelta, AccessStats, ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore,
-    NodeRecord, NodeRegistry, NodeState, PageRequest, PersistOptions, RedisOptions, RedisStore,
-    StoreError, SubscriptionEvent,
+    NodeRecord, NodeRegistry, NodeState, PageRequest, PersistOptions, Quota, QuotaScope,
+    RedisOptions, RedisStore, StoreError, SubscriptionEvent,
 };
 
 #[allow(async_fn_in_trait)]
@@ -313,6 +313,213 @@ mod cases {
             );
         }
         assert_eq!(fx.store().list_all().await.unwrap().len(), 100);
+    }
+
+    fn sourced(sub: &str, source: &str, owner: Option<&str>) -> MappingSpec {
+        let mut s = spec(sub, 1);
+        s.source = Some(source.into());
+        s.owner_user_id = owner.map(str::to_string);
+        s
+    }
+
+    fn refused_by(r: Result<tunnox::domain::Mapping, StoreError>) -> (QuotaScope, u64, usize) {
+        match r {
+            Err(StoreError::QuotaExceeded {
+                scope,
+                count,
+                limit,
+            }) => (scope, count, limit),
+            other => panic!("expected QuotaExceeded, got {other:?}"),
+        }
+    }
+
+    pub async fn quotas_per_group_and_owner<F: Fixture>(mut fx: F) {
+        let s = fx.store();
+        let ns = Quota {
+            per_group: 3,
+            per_owner: 0,
+        };
+        let mut team_a = Vec::new();
+        for i in 0..3 {
+            team_a.push(
+                s.create_within(
+                    sourced(&format!("a{i}"), &format!("k8s:c1/team-a/m{i}"), None),
+                    ns,
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        let version = s.current_version().await.unwrap();
+        let refused = s
+            .create_within(sourced("a3", "k8s:c1/team-a/m3", None), ns)
+            .await;
+        let text = refused.as_ref().unwrap_err().to_string();
+        assert_eq!(
+            refused_by(refused),
+            (QuotaScope::Group("k8s:c1/team-a".into()), 3, 3)
+        );
+        assert!(
+            text.contains("k8s:c1/team-a") && text.contains("limit 3"),
+            "{text}"
+        );
+        assert_eq!(
+            s.current_version().await.unwrap(),
+            version,
+            "nothing written"
+        );
+        assert!(s.is_available(&host("a3.tunnox.net")).await.unwrap());
+        // Another namespace, and the same namespace of another cluster, count apart.
+        s.create_within(sourced("b0", "k8s:c1/team-b/m0", None), ns)
+            .await
+            .unwrap();
+        s.create_within(sourced("c0", "k8s:c2/team-a/m0", None), ns)
+            .await
+            .unwrap();
+        // A taken domain is a conflict, whatever the counts.
+        assert!(matches!(
+            s.create_within(sourced("a0", "k8s:c1/team-a/other", None), ns)
+                .await,
+            Err(StoreError::DomainTaken { .. })
+        ));
+        // Creating without a quota is not counted against, but counts.
+        s.create(sourced("free", "k8s:c1/team-a/free", None))
+            .await
+            .unwrap();
+        s.delete(&team_a[0].mapping_id, None).await.unwrap();
+        assert_eq!(
+            refused_by(
+                s.create_within(sourced("a3", "k8s:c1/team-a/m3", None), ns)
+                    .await
+            )
+            .1,
+            3,
+            "the unlimited one took the freed slot"
+        );
+        s.delete(&team_a[1].mapping_id, None).await.unwrap();
+        let a3 = s
+            .create_within(sourced("a3", "k8s:c1/team-a/m3", None), ns)
+            .await
+            .unwrap();
+        // An update into the group (a source rewritten) counts from then on.
+        let legacy = s
+            .create(sourced("legacy", "k8s:team-a/legacy", None))
+            .await
+            .unwrap();
+        s.delete(&a3.mapping_id, None).await.unwrap();
+        s.update(
+            &legacy.mapping_id,
+            sourced("legacy", "k8s:c1/team-a/legacy", None),
+            legacy.version,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            refused_by(
+                s.create_within(sourced("a4", "k8s:c1/team-a/m4", None), ns)
+                    .await
+            )
+            .0,
+            QuotaScope::Group("k8s:c1/team-a".into())
+        );
+
+        // Per owner, across groups; sources without a group are counted by owner only.
+        let own = Quota {
+            per_group: 0,
+            per_owner: 2,
+        };
+        s.create_within(sourced("o1", "k8s:c1/x/o1", Some("alice")), own)
+            .await
+            .unwrap();
+        s.create_within(sourced("o2", "api", Some("alice")), own)
+            .await
+            .unwrap();
+        assert_eq!(
+            refused_by(
+                s.create_within(sourced("o3", "k8s:c1/y/o3", Some("alice")), own)
+                    .await
+            ),
+            (QuotaScope::Owner("alice".into()), 2, 2)
+        );
+        s.create_within(sourced("o4", "k8s:c1/y/o4", Some("bob")), own)
+            .await
+            .unwrap();
+
+        // The counts survive a restart.
+        fx.restart().await;
+        let s = fx.store();
+        assert!(matches!(
+            s.create_within(sourced("a5", "k8s:c1/team-a/m5", None), ns)
+                .await,
+            Err(StoreError::QuotaExceeded { .. })
+        ));
+        assert!(matches!(
+            s.create_within(sourced("o5", "k8s:c1/z/o5", Some("alice")), own)
+                .await,
+            Err(StoreError::QuotaExceeded { .. })
+        ));
+    }
+
+    pub async fn quotas_hold_under_concurrent_creators<F: Fixture>(fx: F) {
+        let mut handles = Vec::new();
+        for _ in 0..10 {
+            handles.push(fx.another().await);
+        }
+        for (round, quota, limit) in [
+            (
+                "ns",
+                Quota {
+                    per_group: 7,
+                    per_owner: 0,
+                },
+                7,
+            ),
+            (
+                "own",
+                Quota {
+                    per_group: 0,
+                    per_owner: 4,
+                },
+                4,
+            ),
+        ] {
+            let mut tasks = Vec::new();
+            for i in 0..50 {
+                let s = handles[i % handles.len()].clone();
+                let spec = sourced(
+                    &format!("{round}{i}"),
+                    &format!("k8s:c1/{round}/m{i}"),
+                    Some(round),
+                );
+                tasks.push(tokio::spawn(
+                    async move { s.create_within(spec, quota).await },
+                ));
+            }
+            let (mut ok, mut refused) = (0, 0);
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(_) => ok += 1,
+                    Err(StoreError::QuotaExceeded {
+                        count, limit: l, ..
+                    }) => {
+                        assert_eq!((count, l), (limit as u64, limit));
+                        refused += 1;
+                    }
+                    Err(e) => panic!("{round}: unexpected {e}"),
+                }
+            }
+            assert_eq!((ok, refused), (limit, 50 - limit), "{round}");
+            let held = fx
+                .store()
+                .list(&ListFilter::User(round.into()), PageRequest::first(100))
+                .await
+                .unwrap();
+            assert_eq!(
+                held.items.len(),
+                limit,
+                "{round}: exactly the quota is stored"
+            );
+        }
     }
 
     pub async fn tc_4_3_delete_then_recreate<F: Fixture>(fx: F) {
@@ -987,6 +1194,8 @@ conformance!(
     tc_4_1_second_create_names_holder,
     tc_4_2_concurrent_creators,
     tc_4_3_delete_then_recreate,
+    quotas_per_group_and_owner,
+    quotas_hold_under_concurrent_creators,
     stale_update_is_rejected,
     concurrent_updates_never_lose_one,
     changes_and_events,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tunnox::domain::{MappingSpec, SetName};
 use tunnox::store::{
-    AccessDelta, AccessStats, Follower, MappingStore, NodeRecord, NodeRegistry, NodeState,
+    AccessDelta, AccessStats, Follower, MappingStore, NodeRecord, NodeRegistry, NodeState, Quota,
     RedisOptions, RedisStore, RedisTls, StoreError, SyncUpdate,
 };
 
@@ -483,6 +483,41 @@ async fn a_claim_without_its_record_does_not_block_the_domain() {
         store.get_by_domain(&m.full_domain).await.unwrap(),
         Some(again)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_record_does_not_hold_a_quota_slot() {
+    let server = support::RedisServer::start();
+    let store = connect(&server).await;
+    let quota = Quota {
+        per_group: 2,
+        per_owner: 0,
+    };
+    let sourced = |sub: &str| {
+        let mut s = spec(sub, 1);
+        s.source = Some(format!("k8s:c1/team-a/{sub}"));
+        s
+    };
+    let first = store.create_within(sourced("q1"), quota).await.unwrap();
+    store.create_within(sourced("q2"), quota).await.unwrap();
+    let group = "tunnox:http_domain:index:group:k8s:c1/team-a";
+    assert_eq!(
+        server.cli(&["ZCARD", group]),
+        "2",
+        "the key of the contract"
+    );
+    assert!(matches!(
+        store.create_within(sourced("q3"), quota).await,
+        Err(StoreError::QuotaExceeded { .. })
+    ));
+    // As if the record were evicted: its id stays in the group index until a create finds the
+    // index full and checks it.
+    server.cli(&[
+        "DEL",
+        &format!("tunnox:http_domain:mapping:{}", first.mapping_id),
+    ]);
+    store.create_within(sourced("q3"), quota).await.unwrap();
+    assert_eq!(server.cli(&["ZCARD", group]), "2");
 }
 
 fn node(id: &str) -> NodeRecord {

@@ -492,7 +492,13 @@ pub struct ControllerConfig {
     /// Mappings reconciled at once. Bounded so a cold start with many mappings cannot flood the
     /// API server and starve the leader's own lease renewals.
     pub concurrency: u16,
+    /// Programmed mappings allowed per namespace and per owner, counted by the store in the
+    /// same atomic step as the domain claim.
     pub quota: QuotaConfig,
+    /// This cluster's name in record sources (`k8s:<cluster_id>/<namespace>/<name>`), so that
+    /// clusters sharing one Redis never take each other's records for their own; default the
+    /// uid of the `kube-system` namespace, read at start.
+    pub cluster_id: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -508,6 +514,7 @@ impl Default for ControllerConfig {
             conflict_retry: Dur::secs(10),
             concurrency: 16,
             quota: QuotaConfig::default(),
+            cluster_id: None,
         }
     }
 }

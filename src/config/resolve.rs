@@ -248,6 +248,9 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    if let Some(id) = &ctl.cluster_id {
+        check_cluster_id(id).map_err(|m| err("controller.cluster_id", m))?;
+    }
     check_proxy(&cfg.proxy).map_err(|(path, msg)| err(path, msg))?;
     let egress = egress_policy(&cfg.egress).map_err(|(path, msg)| err(&path, msg))?;
     check_mappings(&cfg, &egress).map_err(|(path, msg)| err(&path, msg))?;
@@ -279,6 +282,26 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         uses_redis,
         egress,
     })
+}
+
+/// A cluster id becomes part of every record's source (`k8s:<id>/<ns>/<name>`) and of Redis
+/// keys: no `/` (it separates the parts), no braces (hash tags), nothing a reader must escape.
+fn check_cluster_id(id: &str) -> Result<(), String> {
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    let ok = (1..=63).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| alnum(b) || b == b'-' || b == b'.' || b == b'_')
+        && id.bytes().next().is_some_and(alnum)
+        && id.bytes().last().is_some_and(alnum);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} must be 1-63 letters, digits, '-', '.' or '_', starting and ending with a \
+             letter or digit (e.g. prod-eu-1)"
+        ))
+    }
 }
 
 fn check_redis_addr(addr: &str) -> Result<(), String> {

@@ -26,6 +26,12 @@ fn empty_file_is_single_node_defaults() {
     assert_eq!(s.config.http_domain.cache.local.max_size, 10_000);
     assert_eq!(s.config.storage.hybrid.json.save_interval, Dur::secs(30));
     assert_eq!(s.config.proxy.set.to_string(), "default.default");
+    assert_eq!(s.config.controller.cluster_id, None);
+    let named = settings("controller: {cluster_id: prod-eu.1}").unwrap();
+    assert_eq!(
+        named.config.controller.cluster_id.as_deref(),
+        Some("prod-eu.1")
+    );
 }
 
 #[test]
@@ -305,6 +311,21 @@ fn errors_name_the_field() {
             "mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 169.254.169.254, target_port: 80}\n",
             vec![],
             vec!["mappings[0].target_host", "link-local"],
+        ),
+        (
+            "controller: {cluster_id: 'prod/eu'}",
+            vec![],
+            vec!["controller.cluster_id", "\"prod/eu\"", "1-63"],
+        ),
+        (
+            "",
+            vec![("TUNNOX__CONTROLLER__CLUSTER_ID", "{tunnox}")],
+            vec!["controller.cluster_id", "{tunnox}"],
+        ),
+        (
+            "controller: {cluster_id: '-a'}",
+            vec![],
+            vec!["controller.cluster_id"],
         ),
     ];
     for (yaml, vars, wants) in cases {

@@ -5,22 +5,32 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{HTTPDomainMapping, HTTPDomainMappingStatus, Phase, TargetScheme};
-use crate::domain::{Hostname, MappingSpec, Scheme, SetName};
+use crate::domain::{Declarer, EgressPolicy, Hostname, MappingSpec, Scheme, SetName};
+use crate::store::{Quota, QuotaScope};
 
 /// What the controller enforces beyond the schema.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     pub base_domains: Vec<Hostname>,
-    /// Programmed mappings allowed per namespace / per owner; 0 is unlimited.
+    /// Programmed mappings allowed per namespace / per owner; 0 is unlimited. Counted by the
+    /// store in the same step as the claim ([`Policy::quota`]).
     pub per_namespace: usize,
     pub per_owner: usize,
+    /// Where targets may point, with the proxies' own listeners as far as the configuration
+    /// tells them.
+    pub egress: EgressPolicy,
+    /// This cluster's identity in record sources (`controller.cluster_id`).
+    pub cluster_id: String,
 }
 
-/// Programmed mappings other than the one being decided, for quotas.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub in_namespace: usize,
-    pub by_owner: usize,
+impl Policy {
+    /// The store quota of one create: a namespace of this cluster is one source group.
+    pub fn quota(&self) -> Quota {
+        Quota {
+            per_group: self.per_namespace,
+            per_owner: self.per_owner,
+        }
+    }
 }
 
 /// A mapping that may be programmed: the store spec and what status shows about it.
@@ -54,16 +64,81 @@ pub enum Verdict {
     Hold(Hold),
 }
 
-/// `k8s:<namespace>/<name>`: the store record's `source` for a resource.
-pub fn source_of(namespace: &str, name: &str) -> String {
+/// `k8s:<cluster>/<namespace>/<name>`: the store record's `source` for a resource. The cluster
+/// keeps two clusters that share one Redis from taking each other's records for their own.
+pub fn source_of(cluster: &str, namespace: &str, name: &str) -> String {
+    format!("k8s:{cluster}/{namespace}/{name}")
+}
+
+/// `k8s:<namespace>/<name>`: the source written before sources named their cluster. A record in
+/// this form is taken over by the first controller that rewrites it with a compare-and-set
+/// update (docs/controller.md, "Cluster identity").
+pub fn legacy_source_of(namespace: &str, name: &str) -> String {
     format!("k8s:{namespace}/{name}")
 }
 
-/// `namespace/name` from a record's source, for `claimedBy`; other sources are shown as they are.
-pub fn holder_display(source: Option<&str>, holder_id: &str) -> String {
+/// True for a source in the form of [`legacy_source_of`].
+pub fn is_legacy_source(source: &str) -> bool {
+    source
+        .strip_prefix("k8s:")
+        .is_some_and(|rest| rest.matches('/').count() == 1)
+}
+
+/// Who holds a domain, for `claimedBy`: `namespace/name` for a resource of this cluster,
+/// `cluster/namespace/name` for one of another cluster; other sources as they are.
+pub fn holder_display(source: Option<&str>, holder_id: &str, my_cluster: &str) -> String {
     match source {
-        Some(s) => s.strip_prefix("k8s:").unwrap_or(s).to_string(),
+        Some(s) => {
+            let rest = s.strip_prefix("k8s:").unwrap_or(s);
+            rest.strip_prefix(my_cluster)
+                .and_then(|r| r.strip_prefix('/'))
+                .filter(|r| r.contains('/'))
+                .unwrap_or(rest)
+                .to_string()
+        }
         None => holder_id.to_string(),
+    }
+}
+
+/// What resync does with a record no resource of this cluster wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphan {
+    /// Not ours: another cluster's, or not from Kubernetes at all.
+    Keep,
+    /// Legacy form (no cluster), first seen orphaned: another cluster sharing the store may
+    /// still take it over; look again next pass.
+    Suspect,
+    Delete,
+}
+
+/// Resync's rule for a record whose `source` no resource of this cluster claims: only this
+/// cluster's records are deleted; a legacy one only when it was already `Suspect` last pass.
+pub fn orphan(source: &str, my_cluster: &str, suspected_last_pass: bool) -> Orphan {
+    if is_legacy_source(source) {
+        return if suspected_last_pass {
+            Orphan::Delete
+        } else {
+            Orphan::Suspect
+        };
+    }
+    match source
+        .strip_prefix("k8s:")
+        .and_then(|r| r.strip_prefix(my_cluster))
+    {
+        Some(rest) if rest.starts_with('/') => Orphan::Delete,
+        _ => Orphan::Keep,
+    }
+}
+
+/// The status message of a quota refusal, naming the setting and its value.
+pub fn quota_message(scope: &QuotaScope, count: u64, limit: usize, namespace: &str) -> String {
+    match scope {
+        QuotaScope::Group(_) => format!(
+            "namespace {namespace} already has {count} mappings (controller.quota.per_namespace: {limit})"
+        ),
+        QuotaScope::Owner(owner) => format!(
+            "owner {owner} already has {count} mappings (controller.quota.per_owner: {limit})"
+        ),
     }
 }
 
@@ -73,12 +148,7 @@ pub fn full_domain(hdm: &HTTPDomainMapping) -> Option<Hostname> {
 }
 
 /// Decides what a mapping resource should become.
-pub fn evaluate(
-    hdm: &HTTPDomainMapping,
-    policy: &Policy,
-    usage: Usage,
-    now: DateTime<Utc>,
-) -> Verdict {
+pub fn evaluate(hdm: &HTTPDomainMapping, policy: &Policy, now: DateTime<Utc>) -> Verdict {
     let spec = &hdm.spec;
     let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
     let name = hdm.metadata.name.as_deref().unwrap_or("");
@@ -115,13 +185,18 @@ pub fn evaluate(
         });
     }
     let target = &spec.target;
-    let (host, port, display) = match (&target.service, &target.address, &target.tunnel) {
+    let (field, host, port, display) = match (&target.service, &target.address, &target.tunnel) {
         (Some(s), None, None) => {
             let host = format!("{}.{ns}.svc.cluster.local", s.name);
             let display = format!("{host}:{}", s.port);
-            (host, s.port, display)
+            ("spec.target.service", host, s.port, display)
         }
-        (None, Some(a), None) => (a.host.clone(), a.port, format!("{}:{}", a.host, a.port)),
+        (None, Some(a), None) => (
+            "spec.target.address",
+            a.host.clone(),
+            a.port,
+            format!("{}:{}", a.host, a.port),
+        ),
         (None, None, Some(t)) => {
             let who = t
                 .client_id
@@ -149,6 +224,14 @@ pub fn evaluate(
             format!("spec.target port {port} is outside 1-65535"),
         );
     };
+    // A Service target names this namespace by construction; it is checked too, so that
+    // `egress.deny` host patterns apply to it as well.
+    if let Err(refusal) = policy
+        .egress
+        .check_declared(&host, port, Some(ns), Declarer::Tenant)
+    {
+        return reject("EgressDenied", format!("{field}: {refusal}"));
+    }
     let placement = match &spec.placement {
         Some(p) => match SetName::new(&p.business, &p.region) {
             Ok(s) => Some(s),
@@ -156,28 +239,7 @@ pub fn evaluate(
         },
         None => None,
     };
-    if policy.per_namespace > 0 && usage.in_namespace >= policy.per_namespace {
-        return reject(
-            "QuotaExceeded",
-            format!(
-                "namespace {ns} already has {} mappings (quota {})",
-                usage.in_namespace, policy.per_namespace
-            ),
-        );
-    }
     let owner = spec.owner.as_ref().map(|o| o.user_id.clone());
-    if let Some(o) = &owner
-        && policy.per_owner > 0
-        && usage.by_owner >= policy.per_owner
-    {
-        return reject(
-            "QuotaExceeded",
-            format!(
-                "owner {o} already has {} mappings (quota {})",
-                usage.by_owner, policy.per_owner
-            ),
-        );
-    }
     let store_spec = MappingSpec {
         subdomain: full.as_str()[..full.as_str().len() - base.as_str().len() - 1].to_string(),
         base_domain: base,
@@ -190,7 +252,7 @@ pub fn evaluate(
         },
         owner_user_id: owner,
         placement: placement.clone(),
-        source: Some(source_of(ns, name)),
+        source: Some(source_of(&policy.cluster_id, ns, name)),
         expires_at: spec
             .expires_at
             .as_ref()

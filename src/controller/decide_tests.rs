@@ -1,6 +1,6 @@
 //! Table tests for `decide`.
 use super::*;
-use crate::crd::{HTTPDomainMappingSpec, Owner, Target, TunnelTarget};
+use crate::crd::{HTTPDomainMappingSpec, Target, TunnelTarget};
 use kube::api::ObjectMeta;
 
 fn hdm(ns: &str, name: &str, sub: &str, base: &str, target: Target) -> HTTPDomainMapping {
@@ -18,10 +18,29 @@ fn address(host: &str, port: i32) -> Target {
 }
 
 fn policy() -> Policy {
+    let rules = |list: &[&str]| {
+        list.iter()
+            .map(|r| crate::domain::egress::Rule::parse(r).unwrap())
+            .collect()
+    };
     Policy {
         base_domains: vec![Hostname::parse("tunnox.net").unwrap()],
         per_namespace: 2,
         per_owner: 1,
+        // The e2e suite's shape: loopback allowed, yet the proxies' own listeners stay refused.
+        egress: EgressPolicy::new(
+            rules(&["127.0.0.0/8"]),
+            rules(&["*.locked.svc.cluster.local"]),
+            "cluster.local",
+        )
+        .with_own_listeners(
+            [
+                "0.0.0.0:8080".parse().unwrap(),
+                "0.0.0.0:9090".parse().unwrap(),
+            ],
+            [],
+        ),
+        cluster_id: "c1".into(),
     }
 }
 
@@ -31,10 +50,6 @@ fn evaluates_resources() {
     let past = Time(jiff::Timestamp::from_millisecond(now.timestamp_millis() - 1000).unwrap());
     let mut expired = hdm("a", "e", "old", "tunnox.net", address("h", 1));
     expired.spec.expires_at = Some(past);
-    let mut owned = hdm("a", "o", "own", "tunnox.net", address("h", 1));
-    owned.spec.owner = Some(Owner {
-        user_id: "alice".into(),
-    });
     let tunnel = Target {
         service: None,
         address: None,
@@ -45,41 +60,35 @@ fn evaluates_resources() {
             port: 3000,
         }),
     };
-    // (resource, usage, expected phase-ish label, expected detail)
-    let cases: Vec<(HTTPDomainMapping, Usage, &str, &str)> = vec![
+    // (resource, expected phase-ish label, expected detail)
+    let cases: Vec<(HTTPDomainMapping, &str, &str)> = vec![
         (
             hdm("team", "web", "MyApp", "tunnox.net", service("web", 80)),
-            Usage::default(),
             "program",
             "web.team.svc.cluster.local:80",
         ),
         (
             hdm("a", "x", "x", "tunnox.net", address("10.1.2.3", 8080)),
-            Usage::default(),
             "program",
             "10.1.2.3:8080",
         ),
         (
             hdm("a", "x", "x", "evil.com", address("h", 1)),
-            Usage::default(),
             "rejected",
             "BaseDomainNotAllowed",
         ),
         (
             hdm("a", "x", "bad_sub", "tunnox.net", address("h", 1)),
-            Usage::default(),
             "rejected",
             "InvalidDomain",
         ),
         (
             hdm("a", "x", "x", "tunnox.net", address("bad host", 1)),
-            Usage::default(),
             "rejected",
             "InvalidSpec",
         ),
         (
             hdm("a", "x", "x", "tunnox.net", address("h", 0)),
-            Usage::default(),
             "rejected",
             "InvalidTarget",
         ),
@@ -95,47 +104,77 @@ fn evaluates_resources() {
                     tunnel: None,
                 },
             ),
-            Usage::default(),
             "rejected",
             "InvalidTarget",
         ),
+        // Egress: the proxies' admin and HTTP listeners, the metadata address, another
+        // namespace's Service by name, a denied pattern; allowed loopback and own namespace.
         (
-            hdm("a", "x", "x", "tunnox.net", address("h", 1)),
-            Usage {
-                in_namespace: 2,
-                by_owner: 0,
-            },
+            hdm("a", "x", "x", "tunnox.net", address("127.0.0.1", 9090)),
             "rejected",
-            "QuotaExceeded",
+            "EgressDenied",
         ),
         (
-            owned.clone(),
-            Usage {
-                in_namespace: 0,
-                by_owner: 1,
-            },
+            hdm("a", "x", "x", "tunnox.net", address("127.0.0.1", 8080)),
             "rejected",
-            "QuotaExceeded",
+            "EgressDenied",
         ),
         (
-            owned,
-            Usage {
-                in_namespace: 1,
-                by_owner: 0,
-            },
+            hdm("a", "x", "x", "tunnox.net", address("169.254.169.254", 80)),
+            "rejected",
+            "EgressDenied",
+        ),
+        (
+            hdm("a", "x", "x", "tunnox.net", address("[::1]", 9090)),
+            "rejected",
+            "EgressDenied",
+        ),
+        (
+            hdm("a", "x", "x", "tunnox.net", address("::1", 9090)),
+            "rejected",
+            "EgressDenied",
+        ),
+        (
+            hdm(
+                "a",
+                "x",
+                "x",
+                "tunnox.net",
+                address("svc.other-ns.svc.cluster.local", 80),
+            ),
+            "rejected",
+            "EgressDenied",
+        ),
+        (
+            hdm("locked", "x", "x", "tunnox.net", service("db", 5432)),
+            "rejected",
+            "EgressDenied",
+        ),
+        (
+            hdm(
+                "a",
+                "x",
+                "x",
+                "tunnox.net",
+                address("svc.a.svc.cluster.local", 80),
+            ),
             "program",
-            "h:1",
+            "svc.a.svc.cluster.local:80",
         ),
-        (expired, Usage::default(), "expired", "old.tunnox.net"),
+        (
+            hdm("a", "x", "x", "tunnox.net", address("127.0.0.1", 3000)),
+            "program",
+            "127.0.0.1:3000",
+        ),
+        (expired, "expired", "old.tunnox.net"),
         (
             hdm("a", "t", "t", "tunnox.net", tunnel),
-            Usage::default(),
             "pending",
             "TunnelNotServed",
         ),
     ];
-    for (obj, usage, want, detail) in cases {
-        let got = evaluate(&obj, &policy(), usage, now);
+    for (obj, want, detail) in cases {
+        let got = evaluate(&obj, &policy(), now);
         let (label, text) = match &got {
             Verdict::Program(p) => ("program", p.target.clone()),
             Verdict::Hold(Hold::Rejected { reason, .. }) => ("rejected", reason.to_string()),
@@ -153,24 +192,121 @@ fn evaluates_resources() {
 }
 
 #[test]
+fn egress_refusal_names_the_field_and_the_rule() {
+    let cases = [
+        (
+            address("127.0.0.1", 9090),
+            "spec.target.address: 127.0.0.1:9090 is one of the proxy's own listeners",
+        ),
+        (
+            address("169.254.169.254", 80),
+            "spec.target.address: 169.254.169.254:80 is a link-local address",
+        ),
+        (
+            address("web.other.svc.cluster.local", 80),
+            "spec.target.address: web.other.svc.cluster.local:80 names a Service in namespace other",
+        ),
+        (
+            service("db", 5432),
+            "spec.target.service: db.locked.svc.cluster.local:5432 is denied by egress.deny entry *.locked.svc.cluster.local",
+        ),
+    ];
+    for (target, want) in cases {
+        match evaluate(
+            &hdm("locked", "x", "x", "tunnox.net", target),
+            &policy(),
+            Utc::now(),
+        ) {
+            Verdict::Hold(Hold::Rejected {
+                reason: "EgressDenied",
+                message,
+            }) => assert!(message.starts_with(want), "{message}"),
+            other => panic!("{want}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn program_carries_source_and_normalised_domain() {
     let Verdict::Program(plan) = evaluate(
         &hdm("team", "web", "MyApp", "tunnox.net", service("web", 80)),
         &policy(),
-        Usage::default(),
         Utc::now(),
     ) else {
         panic!("expected a plan");
     };
     assert_eq!(plan.full_domain.as_str(), "myapp.tunnox.net");
-    assert_eq!(plan.spec.source.as_deref(), Some("k8s:team/web"));
+    assert_eq!(plan.spec.source.as_deref(), Some("k8s:c1/team/web"));
     assert_eq!(plan.spec.subdomain, "myapp");
     assert_eq!(plan.set, "any");
+}
+
+#[test]
+fn sources_name_the_cluster() {
+    assert_eq!(source_of("c1", "team", "web"), "k8s:c1/team/web");
+    assert_eq!(legacy_source_of("team", "web"), "k8s:team/web");
+    for (source, legacy) in [
+        ("k8s:team/web", true),
+        ("k8s:c1/team/web", false),
+        ("config", false),
+        ("api/x", false),
+    ] {
+        assert_eq!(is_legacy_source(source), legacy, "{source}");
+    }
+    // (source, shown in claimedBy by cluster c1)
+    let cases = [
+        (Some("k8s:c1/team/web"), "team/web"),
+        (Some("k8s:c2/team/web"), "c2/team/web"),
+        (Some("k8s:c10/team/web"), "c10/team/web"),
+        (Some("k8s:team/web"), "team/web"),
+        (Some("k8s:c1/web"), "c1/web"),
+        (Some("config"), "config"),
+        (None, "hdm_x"),
+    ];
+    for (source, want) in cases {
+        assert_eq!(holder_display(source, "hdm_x", "c1"), want, "{source:?}");
+    }
+}
+
+#[test]
+fn resync_deletes_only_this_clusters_orphans() {
+    // (source, suspected last pass, verdict for cluster c1)
+    let cases = [
+        ("k8s:c1/team/web", false, Orphan::Delete),
+        ("k8s:c2/team/web", false, Orphan::Keep),
+        ("k8s:c2/team/web", true, Orphan::Keep),
+        ("k8s:c10/team/web", false, Orphan::Keep),
+        ("k8s:team/web", false, Orphan::Suspect),
+        ("k8s:team/web", true, Orphan::Delete),
+        ("config", false, Orphan::Keep),
+        ("api", true, Orphan::Keep),
+    ];
+    for (source, suspected, want) in cases {
+        assert_eq!(
+            orphan(source, "c1", suspected),
+            want,
+            "{source} {suspected}"
+        );
+    }
+}
+
+#[test]
+fn quota_messages_name_the_setting() {
     assert_eq!(
-        holder_display(plan.spec.source.as_deref(), "hdm_x"),
-        "team/web"
+        quota_message(&QuotaScope::Group("k8s:c1/team".into()), 2, 2, "team"),
+        "namespace team already has 2 mappings (controller.quota.per_namespace: 2)"
     );
-    assert_eq!(holder_display(None, "hdm_x"), "hdm_x");
+    assert_eq!(
+        quota_message(&QuotaScope::Owner("alice".into()), 1, 1, "team"),
+        "owner alice already has 1 mappings (controller.quota.per_owner: 1)"
+    );
+    assert_eq!(
+        policy().quota(),
+        Quota {
+            per_group: 2,
+            per_owner: 1
+        }
+    );
 }
 
 #[test]
@@ -199,7 +335,6 @@ fn status_reports_conditions_and_keeps_transition_times() {
     let plan = match evaluate(
         &hdm("a", "x", "x", "tunnox.net", address("h", 1)),
         &policy(),
-        Usage::default(),
         Utc::now(),
     ) {
         Verdict::Program(p) => p,

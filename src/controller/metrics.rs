@@ -9,6 +9,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub reconciles: IntCounterVec,
     pub outcomes: IntCounterVec,
+    /// Rejections by reason (a fixed set of words from `decide`, e.g. `EgressDenied`).
+    pub rejections: IntCounterVec,
     pub reconcile_seconds: HistogramVec,
     pub mappings: IntGaugeVec,
     pub conflicts: IntCounter,
@@ -28,6 +30,14 @@ impl Metrics {
         let outcomes = IntCounterVec::new(
             Opts::new("outcomes_total", "Reconciles by the phase they decided"),
             &["outcome"],
+        )
+        .expect("valid");
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "rejections_total",
+                "Reconciles that rejected a mapping, by reason",
+            ),
+            &["reason"],
         )
         .expect("valid");
         let reconcile_seconds = HistogramVec::new(
@@ -65,6 +75,7 @@ impl Metrics {
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(outcomes.clone()),
+            Box::new(rejections.clone()),
             Box::new(reconcile_seconds.clone()),
             Box::new(mappings.clone()),
             Box::new(conflicts.clone()),
@@ -76,6 +87,7 @@ impl Metrics {
         Self {
             registry,
             outcomes,
+            rejections,
             reconciles,
             reconcile_seconds,
             mappings,

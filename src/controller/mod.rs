@@ -2,6 +2,7 @@
 //! status, elects one leader among replicas, repairs drift, and serves `/metrics`, `/healthz`,
 //! `/readyz`.
 
+pub mod cluster;
 pub mod decide;
 pub mod leader;
 mod metrics;
@@ -29,6 +30,8 @@ pub enum RunError {
     Kube(#[from] kube::Error),
     #[error("mapping store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    ClusterIdentity(#[from] cluster::IdentityError),
     #[error("leader election stopped")]
     Election,
     #[error("admin server on {addr}: {source}")]
@@ -47,11 +50,35 @@ fn identity(settings: &Settings) -> String {
         .unwrap_or_else(crate::observe::default_identity)
 }
 
+/// The egress policy targets are admitted under: the configured one, with the listeners the
+/// configuration names as the proxies' own (their pod addresses are not known here; the proxy
+/// checks its own again before it connects) and the controller's admin listener.
+fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
+    let c = &settings.config;
+    let advertised = c
+        .proxy
+        .advertise_address
+        .as_deref()
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+    settings.egress.clone().with_own_listeners(
+        [
+            c.proxy.listen,
+            c.proxy.admin_listen,
+            c.controller.admin_listen,
+        ]
+        .into_iter()
+        .chain(advertised),
+        [],
+    )
+}
+
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
     let cfg = settings.config.controller.clone();
     let me = identity(&settings);
     let client = Client::try_default().await?;
+    let cluster_id = cluster::identity(&client, cfg.cluster_id.as_deref()).await?;
+    tracing::info!(cluster_id = %cluster_id, "cluster identity (record sources are k8s:<cluster>/<namespace>/<name>)");
     let store = crate::store::open(settings.store_backend(&me)).await?;
     let metrics = Metrics::new();
     let health = Health::default();
@@ -122,6 +149,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             base_domains: settings.config.http_domain.base_domains.clone(),
             per_namespace: cfg.quota.per_namespace,
             per_owner: cfg.quota.per_owner,
+            egress: egress_policy(&settings),
+            cluster_id,
         },
         metrics: metrics.clone(),
         recorder: Recorder::new(
@@ -134,6 +163,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         wake: wake_tx,
         resync_interval: cfg.resync_interval.get(),
         conflict_retry: cfg.conflict_retry.get(),
+        legacy_orphans: Default::default(),
     });
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
     let wake = futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx));

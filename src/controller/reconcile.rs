@@ -13,11 +13,11 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::decide::{self, Hold, Outcome, Plan, Policy, Usage, Verdict};
+use super::decide::{self, Hold, Outcome, Plan, Policy, Verdict};
 use super::metrics::Metrics;
 use crate::crd::{HTTPDomainMapping, Phase};
 use crate::domain::{Mapping, MappingId};
-use crate::store::{MappingStore, StoreError};
+use crate::store::{MappingStore, Quota, StoreError};
 
 pub const FINALIZER: &str = "tunnox.net/release-domain";
 pub const FIELD_MANAGER: &str = "tunnox-controller";
@@ -33,6 +33,8 @@ pub struct Ctx {
     pub wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
     pub resync_interval: Duration,
     pub conflict_retry: Duration,
+    /// Records in the legacy source form that resync found orphaned on its last pass.
+    pub legacy_orphans: std::sync::Mutex<std::collections::HashSet<MappingId>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,59 +96,51 @@ pub fn error_policy(obj: Arc<HTTPDomainMapping>, err: &Error, _ctx: Arc<Ctx>) ->
     }
 }
 
-fn usage(ctx: &Ctx, me: &HTTPDomainMapping) -> Usage {
-    let mut u = Usage::default();
-    if ctx.policy.per_namespace == 0 && ctx.policy.per_owner == 0 {
-        return u; // no quotas: no walk over the cache
-    }
-    let owner = me.spec.owner.as_ref().map(|o| &o.user_id);
-    for other in ctx.cache.state() {
-        let active = other
-            .status
-            .as_ref()
-            .is_some_and(|s| s.phase == Phase::Active);
-        if !active || other.metadata.uid == me.metadata.uid {
-            continue;
-        }
-        if other.metadata.namespace == me.metadata.namespace {
-            u.in_namespace += 1;
-        }
-        if owner.is_some() && other.spec.owner.as_ref().map(|o| &o.user_id) == owner {
-            u.by_owner += 1;
-        }
-    }
-    u
-}
-
 /// The store record this resource owns, if any: by the id in its status, else by its domain
-/// (adoption when the status was lost), and only if the record names this resource as source.
-async fn find_own(
-    ctx: &Ctx,
-    obj: &HTTPDomainMapping,
-    source: &str,
-) -> Result<Option<Mapping>, Error> {
+/// (adoption when the status was lost), and only if the record names this resource as source —
+/// in this cluster's form, or in the legacy form without a cluster (taken over on the next
+/// write, compare-and-set, so of two clusters only one can).
+async fn find_own(ctx: &Ctx, obj: &HTTPDomainMapping) -> Result<Option<Mapping>, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let source = decide::source_of(&ctx.policy.cluster_id, &ns, &name);
+    let legacy = decide::legacy_source_of(&ns, &name);
+    let mine = |m: &Mapping| {
+        m.source
+            .as_deref()
+            .is_some_and(|s| s == source || s == legacy)
+    };
     if let Some(id) = obj
         .status
         .as_ref()
         .and_then(|s| s.mapping_id.as_deref())
         .and_then(|id| MappingId::parse(id).ok())
         && let Some(m) = ctx.store.get(&id).await?
-        && m.source.as_deref() == Some(source)
+        && mine(&m)
     {
         return Ok(Some(m));
     }
     if let Some(full) = decide::full_domain(obj)
         && let Some(m) = ctx.store.get_by_domain(&full).await?
-        && m.source.as_deref() == Some(source)
+        && mine(&m)
     {
         return Ok(Some(m));
     }
     Ok(None)
 }
 
+/// True when `m` is a record in the legacy source form: another cluster may take it over at
+/// any time, so it is only ever written with compare-and-set.
+fn is_legacy(m: &Mapping) -> bool {
+    m.source.as_deref().is_some_and(decide::is_legacy_source)
+}
+
 async fn release(ctx: &Ctx, obj: &HTTPDomainMapping, m: &Mapping) -> Result<(), Error> {
-    match ctx.store.delete(&m.mapping_id, None).await {
+    let expected = is_legacy(m).then_some(m.version);
+    match ctx.store.delete(&m.mapping_id, expected).await {
         Ok(_) | Err(StoreError::NotFound { .. }) => {}
+        // A legacy record rewritten meanwhile belongs to whoever rewrote it.
+        Err(StoreError::VersionConflict { .. }) if expected.is_some() => return Ok(()),
         Err(e) => return Err(e.into()),
     }
     wake_waiters(ctx, obj, &m.full_domain);
@@ -188,17 +182,8 @@ async fn apply(
     ctx: &Ctx,
     api: &Api<HTTPDomainMapping>,
 ) -> Result<Action, Error> {
-    let now = Utc::now();
-    let ns = obj.namespace().unwrap_or_default();
-    let source = decide::source_of(&ns, &obj.name_any());
-    let own = find_own(ctx, obj, &source).await?;
-    // Quotas limit new claims; a mapping already serving is never rejected by a later count.
-    let usage = if own.is_some() {
-        Usage::default()
-    } else {
-        usage(ctx, obj)
-    };
-    let verdict = decide::evaluate(obj, &ctx.policy, usage, now);
+    let own = find_own(ctx, obj).await?;
+    let verdict = decide::evaluate(obj, &ctx.policy, Utc::now());
     let outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         Verdict::Hold(hold) => {
@@ -212,6 +197,9 @@ async fn apply(
         .outcomes
         .with_label_values(&[outcome.label()])
         .inc();
+    if let Outcome::Held(Hold::Rejected { reason, .. }) = &outcome {
+        ctx.metrics.rejections.with_label_values(&[reason]).inc();
+    }
     write_status(ctx, obj, api, &outcome).await?;
     Ok(next_action(ctx, obj, &outcome))
 }
@@ -231,18 +219,29 @@ async fn program(
                     plan,
                 });
             }
-            let updated = ctx
+            // Quotas limit new claims: a serving mapping is never refused by a later count.
+            match ctx
                 .store
                 .update(&m.mapping_id, plan.spec.clone(), m.version)
-                .await?;
-            return Ok(Outcome::Active {
-                mapping_id: updated.mapping_id.to_string(),
-                version: updated.version,
-                plan,
-            });
+                .await
+            {
+                Ok(updated) => {
+                    return Ok(Outcome::Active {
+                        mapping_id: updated.mapping_id.to_string(),
+                        version: updated.version,
+                        plan,
+                    });
+                }
+                // Another cluster took the legacy record over first: it is theirs now; claim
+                // below, which reports the conflict naming them.
+                Err(StoreError::VersionConflict { .. } | StoreError::NotFound { .. })
+                    if is_legacy(&m) => {}
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            // The domain changed: give up the old one first.
+            release(ctx, obj, &m).await?;
         }
-        // The domain changed: give up the old one first.
-        release(ctx, obj, &m).await?;
     }
     // Mappings that wanted this domain earlier go first (oldest claim wins), unless this one was
     // already serving it (e.g. its record was lost with a flushed Redis): a serving domain does
@@ -270,7 +269,11 @@ async fn program(
         // Make sure the older one tries now rather than at its next retry.
         let _ = ctx.wake.send(ObjectRef::from_obj(&*older));
         let holder = match ctx.store.get_by_domain(&plan.full_domain).await? {
-            Some(h) => decide::holder_display(h.source.as_deref(), h.mapping_id.as_str()),
+            Some(h) => decide::holder_display(
+                h.source.as_deref(),
+                h.mapping_id.as_str(),
+                &ctx.policy.cluster_id,
+            ),
             None => format!(
                 "{}/{} (older, waiting)",
                 older.namespace().unwrap_or_default(),
@@ -280,7 +283,14 @@ async fn program(
         ctx.metrics.conflicts.inc();
         return Ok(Outcome::Conflict { plan, holder });
     }
-    match ctx.store.create(plan.spec.clone()).await {
+    // Quotas limit new claims: a mapping that was serving (its record lost with a flushed
+    // Redis) gets its slot back even if waiters were quicker to count.
+    let quota = if was_serving {
+        Quota::UNLIMITED
+    } else {
+        ctx.policy.quota()
+    };
+    match ctx.store.create_within(plan.spec.clone(), quota).await {
         Ok(m) => {
             publish(
                 ctx,
@@ -303,10 +313,27 @@ async fn program(
         }) => {
             ctx.metrics.conflicts.inc();
             Ok(Outcome::Conflict {
-                holder: decide::holder_display(holder_source.as_deref(), holder.as_str()),
+                holder: decide::holder_display(
+                    holder_source.as_deref(),
+                    holder.as_str(),
+                    &ctx.policy.cluster_id,
+                ),
                 plan,
             })
         }
+        Err(StoreError::QuotaExceeded {
+            scope,
+            count,
+            limit,
+        }) => Ok(Outcome::Held(Hold::Rejected {
+            reason: "QuotaExceeded",
+            message: decide::quota_message(
+                &scope,
+                count,
+                limit,
+                &obj.namespace().unwrap_or_default(),
+            ),
+        })),
         Err(e) => Err(e.into()),
     }
 }
@@ -395,9 +422,7 @@ fn next_action(ctx: &Ctx, obj: &HTTPDomainMapping, outcome: &Outcome) -> Action 
 }
 
 async fn cleanup(obj: &HTTPDomainMapping, ctx: &Ctx) -> Result<Action, Error> {
-    let ns = obj.namespace().unwrap_or_default();
-    let source = decide::source_of(&ns, &obj.name_any());
-    if let Some(m) = find_own(ctx, obj, &source).await? {
+    if let Some(m) = find_own(ctx, obj).await? {
         release(ctx, obj, &m).await?;
     }
     Ok(Action::await_change())

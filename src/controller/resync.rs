@@ -37,9 +37,13 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
     }
     let mut wanted: HashSet<String> = HashSet::new();
     let mut phases: std::collections::HashMap<&'static str, i64> = std::collections::HashMap::new();
+    let cluster = &ctx.policy.cluster_id;
     for obj in &objects {
-        let source = decide::source_of(&obj.namespace().unwrap_or_default(), &obj.name_any());
+        let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+        let source = decide::source_of(cluster, &ns, &name);
+        let legacy = decide::legacy_source_of(&ns, &name);
         wanted.insert(source.clone());
+        wanted.insert(legacy.clone());
         let phase = obj
             .status
             .as_ref()
@@ -47,7 +51,7 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
             .unwrap_or(Phase::Pending);
         *phases.entry(phase_label(phase)).or_default() += 1;
         let id = obj.status.as_ref().and_then(|s| s.mapping_id.as_deref());
-        let intact = match by_source.get(&source) {
+        let intact = match by_source.get(&source).or_else(|| by_source.get(&legacy)) {
             Some(r) => Some(r.mapping_id.as_str()) == id,
             None => false,
         };
@@ -56,11 +60,22 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
             let _ = ctx.wake.send(ObjectRef::from_obj(&**obj));
         }
     }
+    // Only this cluster's records are deleted (decide::orphan); legacy ones after two passes.
+    let suspected =
+        std::mem::take(&mut *ctx.legacy_orphans.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut suspects = HashSet::new();
     for r in &records {
         let Some(source) = r.source.as_deref() else {
             continue;
         };
-        if source.starts_with("k8s:") && !wanted.contains(source) {
+        if wanted.contains(source) {
+            continue;
+        }
+        let verdict = decide::orphan(source, cluster, suspected.contains(&r.mapping_id));
+        if verdict == decide::Orphan::Suspect {
+            suspects.insert(r.mapping_id.clone());
+        }
+        if verdict == decide::Orphan::Delete {
             match ctx.store.delete(&r.mapping_id, Some(r.version)).await {
                 Ok(_) => repairs.orphans += 1,
                 Err(
@@ -71,6 +86,7 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
             }
         }
     }
+    *ctx.legacy_orphans.lock().unwrap_or_else(|e| e.into_inner()) = suspects;
     for phase in ["Pending", "Active", "Conflict", "Rejected", "Expired"] {
         ctx.metrics
             .mappings

@@ -252,7 +252,8 @@ pub struct HTTPDomainMappingStatus {
     pub set: Option<String>,
     #[serde(default)]
     pub phase: Phase,
-    /// `namespace/name` of the mapping holding the domain, when the phase is `Conflict`.
+    /// `namespace/name` of the mapping holding the domain when the phase is `Conflict`;
+    /// `cluster/namespace/name` when the holder is in another cluster sharing the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
     /// Store version at which the record was programmed.

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use super::QuotaScope;
 use crate::domain::{Hostname, MappingId, SpecError};
 
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +12,12 @@ pub enum StoreError {
         domain: Hostname,
         holder: MappingId,
         holder_source: Option<String>,
+    },
+    #[error("quota reached: {scope} already holds {count} mappings (limit {limit})")]
+    QuotaExceeded {
+        scope: QuotaScope,
+        count: u64,
+        limit: usize,
     },
     #[error("mapping {id} not found")]
     NotFound { id: MappingId },
@@ -51,6 +58,7 @@ impl StoreError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::DomainTaken { .. } => "domain_taken",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::NotFound { .. } => "not_found",
             Self::VersionConflict { .. } => "version_conflict",
             Self::Invalid(_) => "invalid",

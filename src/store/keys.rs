@@ -49,6 +49,12 @@ impl Keys {
         format!("{}:index:user:{user_id}", self.prefix)
     }
 
+    /// Mapping ids whose `source` is in `group` (see `source_group`): what a per-namespace
+    /// quota counts.
+    pub fn group(&self, group: &str) -> String {
+        format!("{}:index:group:{group}", self.prefix)
+    }
+
     /// Sorted set of every mapping id (score 0, lexical order = creation order).
     pub fn all(&self) -> String {
         format!("{}:index:all", self.prefix)
@@ -119,6 +125,10 @@ mod tests {
         assert_eq!(k.client("c1"), "tunnox:http_domain:index:client:c1");
         assert_eq!(k.user("u1"), "tunnox:http_domain:index:user:u1");
         assert_eq!(k.all(), "tunnox:http_domain:index:all");
+        assert_eq!(
+            k.group("k8s:c1/team-a"),
+            "tunnox:http_domain:index:group:k8s:c1/team-a"
+        );
         assert_eq!(k.expiry(), "tunnox:http_domain:index:expiry");
         assert_eq!(k.version(), "tunnox:http_domain:version");
         assert_eq!(k.changes(), "tunnox:http_domain:changes");

@@ -15,8 +15,8 @@ use super::persist::{self, Snapshot};
 use super::types::new_epoch;
 use super::{
     AccessDelta, AccessStats, ChangeEvent, ChangeOp, Changes, ListFilter, MappingStore, NodeRecord,
-    NodeRegistry, Page, PageRequest, Position, Rebuilt, StoreError, Subscription,
-    SubscriptionEvent,
+    NodeRegistry, Page, PageRequest, Position, Quota, QuotaScope, Rebuilt, StoreError,
+    Subscription, SubscriptionEvent, source_group,
 };
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
@@ -35,6 +35,8 @@ struct State {
     by_domain: HashMap<Hostname, MappingId>,
     by_client: HashMap<String, BTreeSet<MappingId>>,
     by_user: HashMap<String, BTreeSet<MappingId>>,
+    /// Mapping ids per source group (`source_group`), for quotas.
+    by_group: HashMap<String, BTreeSet<MappingId>>,
     version: u64,
     /// The history this store continues: from its file, else new with the process.
     epoch: String,
@@ -75,15 +77,27 @@ impl State {
                 .or_default()
                 .insert(m.mapping_id.clone());
         }
+        if let Some(g) = m.source.as_deref().and_then(source_group) {
+            self.by_group
+                .entry(g.to_string())
+                .or_default()
+                .insert(m.mapping_id.clone());
+        }
     }
 
     fn unindex(&mut self, m: &Mapping) {
         if self.by_domain.get(&m.full_domain) == Some(&m.mapping_id) {
             self.by_domain.remove(&m.full_domain);
         }
+        let group = m
+            .source
+            .as_deref()
+            .and_then(source_group)
+            .map(str::to_string);
         for (index, key) in [
             (&mut self.by_client, &m.target_client_id),
             (&mut self.by_user, &m.owner_user_id),
+            (&mut self.by_group, &group),
         ] {
             if let Some(key) = key
                 && let Some(set) = index.get_mut(key)
@@ -94,6 +108,43 @@ impl State {
                 }
             }
         }
+    }
+
+    /// The first quota `m` would exceed, checked under the same lock as the claim.
+    fn over_quota(&self, m: &Mapping, quota: Quota) -> Result<(), StoreError> {
+        let checks = [
+            (
+                m.source.as_deref().and_then(source_group).map(|g| {
+                    (
+                        QuotaScope::Group(g.to_string()),
+                        self.by_group.get(g).map_or(0, BTreeSet::len),
+                    )
+                }),
+                quota.per_group,
+            ),
+            (
+                m.owner_user_id.as_ref().map(|u| {
+                    (
+                        QuotaScope::Owner(u.clone()),
+                        self.by_user.get(u).map_or(0, BTreeSet::len),
+                    )
+                }),
+                quota.per_owner,
+            ),
+        ];
+        for (scope, limit) in checks {
+            if let Some((scope, count)) = scope
+                && limit > 0
+                && count >= limit
+            {
+                return Err(StoreError::QuotaExceeded {
+                    scope,
+                    count: count as u64,
+                    limit,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn log(
@@ -332,7 +383,7 @@ async fn saver(inner: Weak<Inner>, every: Duration) {
 
 #[async_trait]
 impl MappingStore for MemoryStore {
-    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError> {
+    async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
         let full = spec.validate()?;
         let now = Utc::now();
         let max_len = self.inner.changes_max_len;
@@ -364,6 +415,7 @@ impl MappingStore for MemoryStore {
                     }
                 }
             }
+            state.over_quota(&mapping, quota)?;
             state.version += 1;
             mapping.version = state.version;
             state.index(&mapping);

@@ -10,6 +10,7 @@ mod keys;
 mod memory;
 mod nodes;
 mod persist;
+mod quota;
 mod redis;
 mod stats;
 mod types;
@@ -25,6 +26,7 @@ pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
 pub use keys::Keys;
 pub use memory::{MemoryStore, PersistOptions};
 pub use nodes::{NodeRecord, NodeRegistry, NodeState};
+pub use quota::{Quota, QuotaScope, source_group};
 pub use redis::{RedisOptions, RedisStore, RedisTls};
 pub use stats::{AccessDelta, AccessStats};
 pub use types::{
@@ -40,7 +42,15 @@ pub use types::{
 pub trait MappingStore: Send + Sync + 'static {
     /// Claims `spec`'s domain and writes a new record. Fails with [`StoreError::DomainTaken`]
     /// naming the holder when the domain is claimed (an expired holder is released first).
-    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError>;
+    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError> {
+        self.create_within(spec, Quota::UNLIMITED).await
+    }
+
+    /// [`MappingStore::create`], counted against `quota` in the same atomic step as the claim:
+    /// fails with [`StoreError::QuotaExceeded`] when the record's source group or owner already
+    /// holds that many records, so concurrent creators never exceed it. The claim is checked
+    /// first (a taken domain is `DomainTaken` whatever the counts).
+    async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError>;
 
     /// Replaces the spec of mapping `id` if its version is still `expected_version`
     /// (compare-and-set); moves the claim when the domain changes.

@@ -1,6 +1,7 @@
 -- KEYS: version, changes, record, domain claim, all index, expiry index, stats,
---       [client index], [user index]
--- ARGV: id, expected version, domain, channel, changes maxlen, has client ('1'/'0'), has user
+--       [client index], [user index], [group index]
+-- ARGV: id, expected version, domain, channel, changes maxlen, has client ('1'/'0'), has user,
+--       has group
 local cur, refusal = current_at(KEYS[3], ARGV[2])
 if not cur then
   return refusal
@@ -19,6 +20,10 @@ if ARGV[6] == '1' then
   k = k + 1
 end
 if ARGV[7] == '1' then
+  redis.call('ZREM', KEYS[k], ARGV[1])
+  k = k + 1
+end
+if ARGV[8] == '1' then
   redis.call('ZREM', KEYS[k], ARGV[1])
 end
 publish(ARGV[4], 'deleted', v, ARGV[1], ARGV[3], '')

@@ -1,8 +1,9 @@
 -- KEYS: version, changes, record, old domain claim, new domain claim, expiry index,
---       [old client index], [new client index], [old user index], [new user index]
+--       [old client index], [new client index], [old user index], [new user index],
+--       [old group index], [new group index]
 -- ARGV: id, expected version, record json (no version), new domain, old domain, channel,
---       changes maxlen, expires ms or '', index flags (4 chars '0'/'1': old client, new client,
---       old user, new user)
+--       changes maxlen, expires ms or '', index flags (6 chars '0'/'1': old client, new client,
+--       old user, new user, old group, new group)
 local cur, refusal = current_at(KEYS[3], ARGV[2])
 if not cur then
   return refusal
@@ -31,7 +32,7 @@ else
 end
 local k = 7
 local flags = ARGV[9]
-for i = 1, 4 do
+for i = 1, #flags do
   if string.sub(flags, i, i) == '1' then
     if i % 2 == 1 then
       redis.call('ZREM', KEYS[k], ARGV[1])

@@ -22,7 +22,7 @@ use scripts::{ScriptReply, Scripts, expiry_arg, flag, parse_entry};
 
 use super::{
     AccessDelta, AccessStats, Changes, Keys, ListFilter, Lookup, MappingStore, Page, PageRequest,
-    Position, Rebuilt, StoreError, Subscription,
+    Position, Quota, QuotaScope, Rebuilt, StoreError, Subscription, source_group,
 };
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
@@ -125,7 +125,11 @@ impl RedisStore {
         }
     }
 
-    async fn try_create(&self, mapping: &Mapping) -> Result<Result<u64, String>, StoreError> {
+    async fn try_create(
+        &self,
+        mapping: &Mapping,
+        quota: Quota,
+    ) -> Result<Result<u64, String>, StoreError> {
         let k = &self.inner.keys;
         let id = mapping.mapping_id.as_str();
         let mut inv = self.inner.scripts.create.prepare_invoke();
@@ -141,6 +145,10 @@ impl RedisStore {
         if let Some(u) = &mapping.owner_user_id {
             inv.key(k.user(u));
         }
+        let group = mapping.source.as_deref().and_then(source_group);
+        if let Some(g) = group {
+            inv.key(k.group(g));
+        }
         inv.arg(id)
             .arg(Self::encode(mapping)?)
             .arg(mapping.full_domain.as_str())
@@ -148,11 +156,29 @@ impl RedisStore {
             .arg(self.inner.opts.changes_max_len)
             .arg(expiry_arg(mapping))
             .arg(flag(mapping.target_client_id.is_some()))
-            .arg(flag(mapping.owner_user_id.is_some()));
+            .arg(flag(mapping.owner_user_id.is_some()))
+            .arg(flag(group.is_some()))
+            .arg(quota.per_group)
+            .arg(quota.per_owner)
+            .arg(format!("{}:mapping:", k.prefix()));
         self.epoch_args(&mut inv);
         match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
             ScriptReply::Ok(v) => Ok(Ok(v)),
             ScriptReply::Taken(holder) => Ok(Err(holder)),
+            ScriptReply::Quota { owner, count } => {
+                let (scope, limit) = match (owner, group) {
+                    (false, Some(g)) => (QuotaScope::Group(g.to_string()), quota.per_group),
+                    _ => (
+                        QuotaScope::Owner(mapping.owner_user_id.clone().unwrap_or_default()),
+                        quota.per_owner,
+                    ),
+                };
+                Err(StoreError::QuotaExceeded {
+                    scope,
+                    count,
+                    limit,
+                })
+            }
             other => Err(other.unexpected("create")),
         }
     }
@@ -160,7 +186,7 @@ impl RedisStore {
 
 #[async_trait]
 impl MappingStore for RedisStore {
-    async fn create(&self, spec: MappingSpec) -> Result<Mapping, StoreError> {
+    async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
         let full = spec.validate()?;
         let mut mapping = Mapping::from_spec(
             MappingId::generate(),
@@ -172,7 +198,7 @@ impl MappingStore for RedisStore {
         // One retry: the first conflict may be an expired holder, released here (FR-4.4).
         let mut retried = false;
         loop {
-            match self.try_create(&mapping).await? {
+            match self.try_create(&mapping, quota).await? {
                 Ok(v) => {
                     mapping.version = v;
                     return Ok(mapping);
@@ -215,6 +241,15 @@ impl MappingStore for RedisStore {
             next.target_client_id.as_deref().map(|c| k.client(c)),
             current.owner_user_id.as_deref().map(|u| k.user(u)),
             next.owner_user_id.as_deref().map(|u| k.user(u)),
+            current
+                .source
+                .as_deref()
+                .and_then(source_group)
+                .map(|g| k.group(g)),
+            next.source
+                .as_deref()
+                .and_then(source_group)
+                .map(|g| k.group(g)),
         ] {
             flags.push_str(flag(key.is_some()));
             if let Some(key) = key {
@@ -243,6 +278,7 @@ impl MappingStore for RedisStore {
                 actual,
             }),
             ScriptReply::Missing => Err(StoreError::NotFound { id: id.clone() }),
+            other => Err(other.unexpected("update")),
         }
     }
 
@@ -461,13 +497,18 @@ impl RedisStore {
         if let Some(u) = &current.owner_user_id {
             inv.key(k.user(u));
         }
+        let group = current.source.as_deref().and_then(source_group);
+        if let Some(g) = group {
+            inv.key(k.group(g));
+        }
         inv.arg(id.as_str())
             .arg(current.version)
             .arg(current.full_domain.as_str())
             .arg(k.events())
             .arg(self.inner.opts.changes_max_len)
             .arg(flag(current.target_client_id.is_some()))
-            .arg(flag(current.owner_user_id.is_some()));
+            .arg(flag(current.owner_user_id.is_some()))
+            .arg(flag(group.is_some()));
         self.epoch_args(&mut inv);
         match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
             ScriptReply::Ok(_) => Ok(current),

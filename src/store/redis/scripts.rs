@@ -60,6 +60,11 @@ pub(super) enum ScriptReply {
     Taken(String),
     Stale(u64),
     Missing,
+    /// A quota is full: the owner's (else the group's) index holds `count` ids.
+    Quota {
+        owner: bool,
+        count: u64,
+    },
 }
 
 impl ScriptReply {
@@ -89,6 +94,13 @@ impl ScriptReply {
             "taken" => Ok(Self::Taken(text()?)),
             "stale" => Ok(Self::Stale(int()?)),
             "missing" => Ok(Self::Missing),
+            "quota" => match (text()?.as_str(), items.get(2)) {
+                (scope @ ("group" | "owner"), Some(Value::Int(n))) => Ok(Self::Quota {
+                    owner: scope == "owner",
+                    count: *n as u64,
+                }),
+                _ => Err(bad(&value)),
+            },
             _ => Err(bad(&value)),
         }
     }
