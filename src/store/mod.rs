@@ -4,6 +4,7 @@
 //! `docs/redis-schema.md`) and [`MemoryStore`] (single-node, optional JSON-file persistence).
 //! Both pass one conformance suite (`tests/store_conformance.rs`).
 
+mod backoff;
 mod error;
 mod follow;
 mod keys;
@@ -19,12 +20,13 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
+pub use backoff::{Backoff, RETRY_FIRST, RETRY_MAX};
 pub use error::StoreError;
 pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
 pub use keys::Keys;
 pub use memory::{MemoryStore, PersistOptions};
 pub use nodes::{NodeRecord, NodeRegistry, NodeState};
-pub use redis::{RedisOptions, RedisStore, RedisTls};
+pub use redis::{RedisOptions, RedisStore, RedisTls, SentinelOptions};
 pub use stats::{AccessDelta, AccessStats};
 pub use types::{
     ChangeEvent, ChangeOp, Changes, ListFilter, Page, PageRequest, Subscription, SubscriptionEvent,

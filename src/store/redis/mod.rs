@@ -2,21 +2,20 @@
 //! indexes, version, change log, publish), so concurrent writers on any node stay consistent.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 mod connect;
 mod feed;
+mod link;
 mod nodes;
 mod scripts;
 mod stats;
 
-pub use connect::{RedisOptions, RedisTls};
-use connect::{client, manager_config};
+pub use connect::{RedisOptions, RedisTls, SentinelOptions};
+use link::{Conn, Link};
 use scripts::{ScriptReply, Scripts, expiry_arg, flag, parse_entry};
 
 use super::{
@@ -32,26 +31,18 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: redis::Client,
-    pool: Vec<ConnectionManager>,
-    next: AtomicUsize,
+    /// The connections, to the configured server or the master the sentinels name.
+    link: Link,
     keys: Keys,
     scripts: Scripts,
     opts: RedisOptions,
 }
 
 impl RedisStore {
-    /// Connects the pool (fails fast when Redis is unreachable or the password is wrong).
+    /// Connects the pool (fails fast when Redis or every sentinel is unreachable, or the
+    /// password is wrong).
     pub async fn connect(opts: RedisOptions) -> Result<Self, StoreError> {
-        let client = client(&opts)?;
-        let mut pool = Vec::with_capacity(opts.pool_size.max(1));
-        for _ in 0..opts.pool_size.max(1) {
-            pool.push(
-                client
-                    .get_connection_manager_with_config(manager_config(&opts))
-                    .await?,
-            );
-        }
+        let link = Link::connect(opts.clone()).await?;
         let keys = Keys::new(
             &opts.root_prefix,
             &opts.prefix,
@@ -59,9 +50,7 @@ impl RedisStore {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
-                pool,
-                next: AtomicUsize::new(0),
+                link,
                 keys,
                 scripts: Scripts::new(),
                 opts,
@@ -73,9 +62,8 @@ impl RedisStore {
         &self.inner.keys
     }
 
-    fn conn(&self) -> ConnectionManager {
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.pool.len();
-        self.inner.pool[i].clone()
+    fn conn(&self) -> Conn {
+        self.inner.link.conn()
     }
 
     fn decode(&self, at: &str, json: &str) -> Result<Mapping, StoreError> {
@@ -144,8 +132,12 @@ impl RedisStore {
             .arg(expiry_arg(mapping))
             .arg(flag(mapping.target_client_id.is_some()))
             .arg(flag(mapping.owner_user_id.is_some()));
-        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
-            ScriptReply::Ok(v) => Ok(Ok(v)),
+        let mut conn = self.conn();
+        match ScriptReply::parse(inv.invoke_async(&mut conn).await?)? {
+            ScriptReply::Ok(v) => {
+                conn.replicated().await?;
+                Ok(Ok(v))
+            }
             ScriptReply::Taken(holder) => Ok(Err(holder)),
             other => Err(other.unexpected("create")),
         }
@@ -224,8 +216,10 @@ impl MappingStore for RedisStore {
             .arg(self.inner.opts.changes_max_len)
             .arg(expiry_arg(&next))
             .arg(flags);
-        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
+        let mut conn = self.conn();
+        match ScriptReply::parse(inv.invoke_async(&mut conn).await?)? {
             ScriptReply::Ok(v) => {
+                conn.replicated().await?;
                 next.version = v;
                 Ok(next)
             }
@@ -371,9 +365,10 @@ impl MappingStore for RedisStore {
     async fn subscribe(&self) -> Result<Subscription, StoreError> {
         let (out, parts) = Subscription::channel(self.inner.opts.subscription_buffer);
         // Subscribe once before returning, so events after this call are not missed.
-        let first = self.open_pubsub().await?;
+        let mut moved = self.inner.link.moved();
+        let first = self.open_pubsub(&mut moved).await?;
         let store = self.clone();
-        let task = tokio::spawn(async move { store.feed(first, out).await });
+        let task = tokio::spawn(async move { store.feed(first, moved, out).await });
         Ok(Subscription::new(parts, task))
     }
 
@@ -445,8 +440,12 @@ impl RedisStore {
             .arg(self.inner.opts.changes_max_len)
             .arg(flag(current.target_client_id.is_some()))
             .arg(flag(current.owner_user_id.is_some()));
-        match ScriptReply::parse(inv.invoke_async(&mut self.conn()).await?)? {
-            ScriptReply::Ok(_) => Ok(current),
+        let mut conn = self.conn();
+        match ScriptReply::parse(inv.invoke_async(&mut conn).await?)? {
+            ScriptReply::Ok(_) => {
+                conn.replicated().await?;
+                Ok(current)
+            }
             ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
                 id: id.clone(),
                 expected: expected_version.unwrap_or(current.version),
