@@ -65,7 +65,14 @@ mod tests {
         let cases: Vec<(Backoff, Vec<Duration>)> = vec![
             (
                 Backoff::new(),
-                vec![ms(100), ms(150), ms(225), ms(337), ms(505), ms(757)],
+                vec![
+                    ms(100),
+                    ms(150),
+                    ms(225),
+                    Duration::from_micros(337_500),
+                    Duration::from_micros(506_250),
+                    Duration::from_micros(759_375),
+                ],
             ),
             (
                 Backoff::capped(ms(300)),
