@@ -326,10 +326,16 @@ fn check_sentinel(r: &crate::config::RedisConfig) -> Result<(), (String, String)
             "is required when storage.redis.sentinel.addrs is set (the name in `sentinel monitor <name> ...`)".into(),
         ));
     }
-    if s.master_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if s.master_name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err((
             at("master_name"),
-            format!("{:?} must not contain spaces or control characters", s.master_name),
+            format!(
+                "{:?} must not contain spaces or control characters",
+                s.master_name
+            ),
         ));
     }
     if s.addrs.is_empty() {

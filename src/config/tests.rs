@@ -245,12 +245,18 @@ fn errors_name_the_field() {
         (
             "storage: {redis: {sentinel: {master_name: m1, addrs: ['redis://:pw@s:1']}}}",
             vec![],
-            vec!["storage.redis.sentinel.addrs[0]", "storage.redis.sentinel.password"],
+            vec![
+                "storage.redis.sentinel.addrs[0]",
+                "storage.redis.sentinel.password",
+            ],
         ),
         (
             "storage: {redis: {sentinel: {master_name: m1, addrs: ['rediss://s:1', 's:2']}}}",
             vec![],
-            vec!["storage.redis.sentinel.addrs[1]", "rediss:// for every sentinel"],
+            vec![
+                "storage.redis.sentinel.addrs[1]",
+                "rediss:// for every sentinel",
+            ],
         ),
         (
             "storage: {redis: {addr: 'r:1', sentinel: {master_name: m1, addrs: ['s:1']}}}",
@@ -265,7 +271,10 @@ fn errors_name_the_field() {
         (
             "storage: {redis: {addr: 'r:1', wait_replicas: 1, wait_timeout: 2s}}",
             vec![],
-            vec!["storage.redis.wait_timeout", "shorter than storage.redis.response_timeout"],
+            vec![
+                "storage.redis.wait_timeout",
+                "shorter than storage.redis.response_timeout",
+            ],
         ),
         (
             "storage: {redis: {addr: 'r:1', wait_replicas: 1, wait_timeout: 0s}}",
@@ -581,7 +590,10 @@ fn sentinel_reaches_the_store_options() {
         other => panic!("expected redis, got {other:?}"),
     }
     // Without sentinels nothing waits and no sentinel is asked.
-    match settings("storage: {redis: {addr: 'r:1'}}").unwrap().store_backend("n") {
+    match settings("storage: {redis: {addr: 'r:1'}}")
+        .unwrap()
+        .store_backend("n")
+    {
         crate::store::StoreBackend::Redis(o) => {
             assert!(o.sentinel.is_none());
             assert_eq!(o.wait_replicas, 0);
@@ -593,7 +605,10 @@ fn sentinel_reaches_the_store_options() {
         "",
         &[
             ("TUNNOX__STORAGE__REDIS__SENTINEL__MASTER_NAME", "mymaster"),
-            ("TUNNOX__STORAGE__REDIS__SENTINEL__ADDRS", "[a:26379, b:26379]"),
+            (
+                "TUNNOX__STORAGE__REDIS__SENTINEL__ADDRS",
+                "[a:26379, b:26379]",
+            ),
         ],
     )
     .unwrap();

@@ -24,7 +24,9 @@ pub enum StoreError {
     Invalid(#[from] SpecError),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("write reached {acked} of {wanted} replicas within {timeout:?} (storage.redis.wait_replicas): not acknowledged, a failover could lose it")]
+    #[error(
+        "write reached {acked} of {wanted} replicas within {timeout:?} (storage.redis.wait_replicas): not acknowledged, a failover could lose it"
+    )]
     Unreplicated {
         acked: u64,
         wanted: u32,

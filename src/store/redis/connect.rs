@@ -165,8 +165,9 @@ pub(super) fn sentinel_client(
         .iter()
         .any(|a| matches!(a, ConnectionAddr::TcpTls { .. }));
     let certs = certificates(&opts.tls)?;
-    let mut b = SentinelClientBuilder::new(addrs, &sentinel.master_name, SentinelServerType::Master)?
-        .set_client_to_redis_db(opts.db);
+    let mut b =
+        SentinelClientBuilder::new(addrs, &sentinel.master_name, SentinelServerType::Master)?
+            .set_client_to_redis_db(opts.db);
     if let Some(pw) = opts.password.as_deref().filter(|p| !p.is_empty()) {
         b = b.set_client_to_redis_password(pw);
     }

@@ -18,7 +18,7 @@ impl RedisStore {
         moved.borrow_and_update();
         let link = &self.inner.link;
         let opened = async {
-            let mut pubsub = link.client().get_async_pubsub().await?;
+            let mut pubsub = link.client()?.get_async_pubsub().await?;
             pubsub.subscribe(self.inner.keys.events()).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };

@@ -1,9 +1,11 @@
 //! Where the store's connections point: the one configured server, or the master the
 //! sentinels name. Behind sentinels, a connection error or a READONLY reply (and, without
 //! either, a periodic check) makes the store ask them again; when the master moved, a new pool
-//! replaces the old one and the change feed is told to subscribe again.
+//! replaces the old one and the change feed is told to subscribe again. Until the sentinels
+//! have confirmed it, a server that failed is not used at all: a dead master restarted from
+//! its own data answers (as a replica, before it resyncs) with writes the new master never had.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -27,8 +29,7 @@ const REDISCOVER_MAX: Duration = Duration::from_secs(1);
 /// True for errors that say this server may no longer be the master: it is unreachable or
 /// silent, or it answers as a replica (READONLY), or as one that lost its master.
 pub(super) fn points_elsewhere(e: &RedisError) -> bool {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
-    {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
         return true;
     }
     match e.kind() {
@@ -47,6 +48,9 @@ struct Pool {
     managers: Vec<ConnectionManager>,
     /// The server's address: tells a moved master from a confirmed one, and names it in logs.
     addr: String,
+    /// Behind sentinels: false from an error that says the server may not be the master until
+    /// the sentinels name it again. Always true for a fixed server.
+    confirmed: AtomicBool,
 }
 
 impl Pool {
@@ -65,6 +69,7 @@ impl Pool {
             client,
             managers,
             addr,
+            confirmed: AtomicBool::new(true),
         })
     }
 }
@@ -88,6 +93,9 @@ impl Shared {
         let addr = client.get_connection_info().addr().to_string();
         let old = self.pool();
         if addr == old.addr {
+            if !old.confirmed.swap(true, Ordering::AcqRel) {
+                tracing::info!(master = %old.addr, "the sentinels confirm the Redis master");
+            }
             return Ok(());
         }
         let pool = Pool::connect(client, &self.opts).await?;
@@ -99,17 +107,29 @@ impl Shared {
 }
 
 /// The sentinels' current master (checked with `ROLE`), within the connect and response
-/// timeouts: an unreachable sentinel must not stall the search.
-async fn ask(sentinel: &mut SentinelClient, opts: &RedisOptions) -> Result<redis::Client, StoreError> {
+/// timeouts: an unreachable sentinel must not stall the search. Errors name the master name
+/// and the sentinels asked.
+async fn ask(
+    sentinel: &mut SentinelClient,
+    opts: &RedisOptions,
+) -> Result<redis::Client, StoreError> {
     let within = opts.connect_timeout + opts.response_timeout;
-    match tokio::time::timeout(within, sentinel.async_get_client()).await {
-        Ok(client) => Ok(client?),
-        Err(_) => Err(RedisError::from((
-            ErrorKind::Io,
-            "no sentinel named a reachable master within storage.redis.connect_timeout + response_timeout",
-        ))
-        .into()),
-    }
+    let (kind, detail) = match tokio::time::timeout(within, sentinel.async_get_client()).await {
+        Ok(Ok(client)) => return Ok(client),
+        Ok(Err(e)) => (e.kind(), e.to_string()),
+        Err(_) => (ErrorKind::Io, format!("no answer within {within:?}")),
+    };
+    let (name, addrs) = opts
+        .sentinel
+        .as_ref()
+        .map(|s| (s.master_name.as_str(), s.addrs.join(", ")))
+        .unwrap_or_default();
+    Err(RedisError::from((
+        kind,
+        "no reachable master",
+        format!("master_name {name:?} through the sentinels {addrs}: {detail}"),
+    ))
+    .into())
 }
 
 /// Asks the sentinels again whenever a connection reports a suspicious error, and every
@@ -188,14 +208,20 @@ impl Link {
         let o = &self.shared.opts;
         Conn {
             manager: pool.managers[i].clone(),
+            pool,
             suspect: self.suspect.clone(),
             wait: (o.wait_replicas > 0).then_some((o.wait_replicas, o.wait_timeout)),
         }
     }
 
-    /// The current server's client, for connections outside the pool (pub/sub).
-    pub(super) fn client(&self) -> redis::Client {
-        self.shared.pool().client.clone()
+    /// The current server's client, for connections outside the pool (pub/sub); an error
+    /// while the server waits for the sentinels' confirmation.
+    pub(super) fn client(&self) -> RedisResult<redis::Client> {
+        let pool = self.shared.pool();
+        if !pool.confirmed.load(Ordering::Acquire) {
+            return Err(unconfirmed(&pool));
+        }
+        Ok(pool.client.clone())
     }
 
     /// Changes whenever the pool moves to another master.
@@ -212,22 +238,38 @@ impl Link {
     }
 }
 
+fn unconfirmed(pool: &Pool) -> RedisError {
+    RedisError::from((
+        ErrorKind::Io,
+        "not used until the sentinels confirm it as the master",
+        format!("Redis at {} failed", pool.addr),
+    ))
+}
+
 /// One pooled connection. Errors that say the server may no longer be the master wake the
-/// rediscovery; the error itself still goes to the caller (a write that failed is not
-/// retried here: it may have been applied).
+/// rediscovery and stop the pool's use until it is confirmed; the error itself still goes to
+/// the caller (a write that failed is not retried here: it may have been applied).
 #[derive(Clone)]
 pub(super) struct Conn {
     manager: ConnectionManager,
+    pool: Arc<Pool>,
     suspect: Option<mpsc::Sender<()>>,
     /// `storage.redis.wait_replicas` and `wait_timeout`, when set.
     wait: Option<(u32, Duration)>,
 }
 
 impl Conn {
+    /// Behind sentinels: the pool's server failed and has not been confirmed since.
+    fn refused(&self) -> Option<RedisError> {
+        (self.suspect.is_some() && !self.pool.confirmed.load(Ordering::Acquire))
+            .then(|| unconfirmed(&self.pool))
+    }
+
     fn observe<T>(&self, result: &RedisResult<T>) {
         if let (Err(e), Some(tx)) = (result, &self.suspect)
             && points_elsewhere(e)
         {
+            self.pool.confirmed.store(false, Ordering::Release);
             let _ = tx.try_send(());
         }
     }
@@ -235,18 +277,25 @@ impl Conn {
     /// After a mutation on this connection: with `storage.redis.wait_replicas` set, waits
     /// (`WAIT`) until that many replicas have every write this connection sent, so a failover
     /// cannot lose an acknowledged mutation. Fewer within the timeout is an error: the caller
-    /// must not report the mutation as done (it may still be lost; a retry finds it applied).
+    /// must not report the mutation as done (a create is taken back; an update or delete
+    /// stays applied, and a retry finds it so).
     pub(super) async fn replicated(&mut self) -> Result<(), StoreError> {
         let Some((wanted, timeout)) = self.wait else {
             return Ok(());
         };
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let acked: u64 = redis::cmd("WAIT")
             .arg(wanted)
             .arg(timeout_ms)
             .query_async(self)
             .await?;
         if acked < u64::from(wanted) {
+            // A master without its replicas may have just been failed over.
+            if let Some(tx) = &self.suspect {
+                let _ = tx.try_send(());
+            }
             return Err(StoreError::Unreplicated {
                 acked,
                 wanted,
@@ -260,6 +309,10 @@ impl Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
+            if let Some(e) = self.refused() {
+                self.observe::<()>(&Err(e.clone()));
+                return Err(e);
+            }
             let result = self.manager.req_packed_command(cmd).await;
             self.observe(&result);
             result
@@ -273,6 +326,10 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
+            if let Some(e) = self.refused() {
+                self.observe::<()>(&Err(e.clone()));
+                return Err(e);
+            }
             let result = self
                 .manager
                 .req_packed_commands(pipeline, offset, count)
@@ -318,20 +375,32 @@ mod tests {
                 server_error("-MASTERDOWN Link with MASTER is down\r\n"),
                 true,
             ),
-            ("loading", server_error("-LOADING Redis is loading\r\n"), true),
+            (
+                "loading",
+                server_error("-LOADING Redis is loading\r\n"),
+                true,
+            ),
             // Answers about the data or the request, from a server that is the master.
             (
                 "wrongtype",
                 server_error("-WRONGTYPE Operation against a key holding the wrong kind\r\n"),
                 false,
             ),
-            ("script", server_error("-ERR user_script:1: boom\r\n"), false),
+            (
+                "script",
+                server_error("-ERR user_script:1: boom\r\n"),
+                false,
+            ),
             (
                 "noreplicas",
                 server_error("-NOREPLICAS Not enough good replicas to write.\r\n"),
                 false,
             ),
-            ("noauth", server_error("-NOAUTH Authentication required.\r\n"), false),
+            (
+                "noauth",
+                server_error("-NOAUTH Authentication required.\r\n"),
+                false,
+            ),
             (
                 "type",
                 RedisError::from((ErrorKind::UnexpectedReturnType, "not a number")),

@@ -135,7 +135,16 @@ impl RedisStore {
         let mut conn = self.conn();
         match ScriptReply::parse(inv.invoke_async(&mut conn).await?)? {
             ScriptReply::Ok(v) => {
-                conn.replicated().await?;
+                if let Err(e) = conn.replicated().await {
+                    // Not acknowledged: take it back, so that no retry or reader adopts a
+                    // record the next failover may lose.
+                    if let Err(undo) = self.delete_once(&mapping.mapping_id, Some(v)).await
+                        && !matches!(undo, StoreError::Unreplicated { .. })
+                    {
+                        tracing::warn!(error = %undo, id = %mapping.mapping_id, "cannot take back an unreplicated create");
+                    }
+                    return Err(e);
+                }
                 Ok(Ok(v))
             }
             ScriptReply::Taken(holder) => Ok(Err(holder)),
