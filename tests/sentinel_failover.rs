@@ -198,7 +198,7 @@ async fn killing_the_master_under_load_fails_no_request_and_loses_no_mapping() {
     stop.store(true, Ordering::Relaxed);
     claimer.await.unwrap();
 
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     let present: std::collections::BTreeSet<String> = RedisStore::connect(options(&group))
         .await
         .unwrap()

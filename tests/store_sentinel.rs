@@ -148,7 +148,7 @@ async fn claims_survive(group: &mut SentinelGroup, fail: impl FnOnce(&mut Sentin
     stop.store(true, Ordering::Relaxed);
     claimer.await.unwrap();
 
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     let first = log
         .first_started_after(t_fail)
         .expect("a claim after the failover");

@@ -110,6 +110,8 @@ pub trait MappingStore: Send + Sync + 'static {
 }
 
 /// Which store a process uses, as decided by the configuration.
+// Built once per process: the size of the Redis variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum StoreBackend {
     Redis(RedisOptions),
