@@ -328,3 +328,36 @@ async fn sentinel_misconfiguration_is_a_clear_error() {
         .unwrap_err();
     assert!(e.to_string().contains(&nobody.to_string()), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_that_never_answers_does_not_hold_the_lookup() {
+    let group = SentinelGroup::start();
+    // Accepts connections, never answers: what a hung sentinel looks like.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let _held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let mut o = options(&group);
+    let s = o.sentinel.as_mut().unwrap();
+    s.addrs.insert(0, silent_addr);
+    o.connect_timeout = Duration::from_millis(300);
+    o.response_timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let store = tokio::time::timeout(Duration::from_secs(10), RedisStore::connect(o))
+        .await
+        .expect("connect hung behind a silent sentinel")
+        .unwrap();
+    store
+        .create(MappingSpec::new("a", "tunnox.net", "127.0.0.1", 1))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -88,8 +88,8 @@ impl Shared {
     }
 
     /// Asks the sentinels for the master; moves the pool there when it is another server.
-    async fn follow_master(&self, sentinel: &mut SentinelClient) -> Result<(), StoreError> {
-        let client = ask(sentinel, &self.opts).await?;
+    async fn follow_master(&self, sentinels: &mut Sentinels) -> Result<(), StoreError> {
+        let client = sentinels.ask().await?;
         let addr = client.get_connection_info().addr().to_string();
         let old = self.pool();
         if addr == old.addr {
@@ -106,37 +106,80 @@ impl Shared {
     }
 }
 
-/// The sentinels' current master (checked with `ROLE`), within the connect and response
-/// timeouts: an unreachable sentinel must not stall the search. Errors name the master name
-/// and the sentinels asked.
-async fn ask(
-    sentinel: &mut SentinelClient,
-    opts: &RedisOptions,
-) -> Result<redis::Client, StoreError> {
-    let within = opts.connect_timeout + opts.response_timeout;
-    let (kind, detail) = match tokio::time::timeout(within, sentinel.async_get_client()).await {
-        Ok(Ok(client)) => return Ok(client),
-        Ok(Err(e)) => (e.kind(), e.to_string()),
-        Err(_) => (ErrorKind::Io, format!("no answer within {within:?}")),
-    };
-    let (name, addrs) = opts
-        .sentinel
-        .as_ref()
-        .map(|s| (s.master_name.as_str(), s.addrs.join(", ")))
-        .unwrap_or_default();
-    Err(RedisError::from((
-        kind,
-        "no reachable master",
-        format!("master_name {name:?} through the sentinels {addrs}: {detail}"),
-    ))
-    .into())
+/// The sentinels, asked for the master (the client checks it with `ROLE`). The client takes
+/// answers in the configured order, so a sentinel that accepts connections but never answers
+/// would hold every lookup: after a lookup that timed out, the next starts one sentinel later.
+struct Sentinels {
+    client: SentinelClient,
+    opts: RedisOptions,
+    first: usize,
+}
+
+impl Sentinels {
+    fn new(opts: &RedisOptions) -> Result<Self, StoreError> {
+        let s = opts.sentinel.as_ref().expect("sentinel options");
+        Ok(Self {
+            client: sentinel_client(opts, s)?,
+            opts: opts.clone(),
+            first: 0,
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.opts
+            .sentinel
+            .as_ref()
+            .map_or(1, |s| s.addrs.len().max(1))
+    }
+
+    /// The current master. Each lookup gets the connect and response timeouts; one that
+    /// timed out is tried again one sentinel later, until each sentinel had its turn first.
+    /// Errors name the master name and the sentinels asked.
+    async fn ask(&mut self) -> Result<redis::Client, StoreError> {
+        let within = self.opts.connect_timeout + self.opts.response_timeout;
+        let mut turns = self.count();
+        let (kind, detail) = loop {
+            turns -= 1;
+            match tokio::time::timeout(within, self.client.async_get_client()).await {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(e)) => break (e.kind(), e.to_string()),
+                Err(_) => {
+                    self.rotate()?;
+                    if turns == 0 {
+                        break (ErrorKind::Io, format!("no answer within {within:?}"));
+                    }
+                    tracing::warn!(timeout = ?within, "a sentinel did not answer; asking the next one first");
+                }
+            }
+        };
+        let (name, addrs) = self
+            .opts
+            .sentinel
+            .as_ref()
+            .map(|s| (s.master_name.as_str(), s.addrs.join(", ")))
+            .unwrap_or_default();
+        Err(RedisError::from((
+            kind,
+            "no reachable master",
+            format!("master_name {name:?} through the sentinels {addrs}: {detail}"),
+        ))
+        .into())
+    }
+
+    fn rotate(&mut self) -> Result<(), StoreError> {
+        self.first = (self.first + 1) % self.count();
+        let mut s = self.opts.sentinel.clone().expect("sentinel options");
+        s.addrs.rotate_left(self.first);
+        self.client = sentinel_client(&self.opts, &s)?;
+        Ok(())
+    }
 }
 
 /// Asks the sentinels again whenever a connection reports a suspicious error, and every
 /// [`RECHECK`]; ends when the store is dropped.
 async fn rediscover(
     shared: Weak<Shared>,
-    mut sentinel: SentinelClient,
+    mut sentinels: Sentinels,
     mut suspicion: mpsc::Receiver<()>,
 ) {
     let mut backoff = Backoff::capped(REDISCOVER_MAX);
@@ -148,7 +191,7 @@ async fn rediscover(
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            let result = shared.follow_master(&mut sentinel).await;
+            let result = shared.follow_master(&mut sentinels).await;
             drop(shared);
             match result {
                 Ok(()) => break,
@@ -180,12 +223,12 @@ impl Link {
             let pool = Pool::connect(direct_client(&opts)?, &opts).await?;
             return Ok(Self::new(pool, None, opts));
         };
-        let mut sentinel = sentinel_client(&opts, &s)?;
-        let pool = Pool::connect(ask(&mut sentinel, &opts).await?, &opts).await?;
+        let mut sentinels = Sentinels::new(&opts)?;
+        let pool = Pool::connect(sentinels.ask().await?, &opts).await?;
         tracing::info!(master = %pool.addr, master_name = %s.master_name, "connected to the Redis master the sentinels name");
         let (tx, rx) = mpsc::channel(1);
         let link = Self::new(pool, Some(tx), opts);
-        tokio::spawn(rediscover(Arc::downgrade(&link.shared), sentinel, rx));
+        tokio::spawn(rediscover(Arc::downgrade(&link.shared), sentinels, rx));
         Ok(link)
     }
 
