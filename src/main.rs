@@ -88,6 +88,7 @@ fn main() -> ExitCode {
             let mut shown = settings.config.clone();
             for pw in [
                 &mut shown.storage.redis.password,
+                &mut shown.storage.redis.sentinel.password,
                 &mut shown.message_broker.redis.password,
             ] {
                 if !pw.is_empty() {

@@ -124,6 +124,14 @@ pub struct RedisConfig {
     pub tls: RedisTlsConfig,
     pub response_timeout: Dur,
     pub connect_timeout: Dur,
+    /// Find the master through Redis Sentinel instead of `addr`, and follow its failovers.
+    pub sentinel: SentinelConfig,
+    /// Mutations wait (`WAIT`) until this many replicas have them before they are reported
+    /// done, so a failover cannot lose them; 0 does not wait (asynchronous replication).
+    pub wait_replicas: u32,
+    /// How long a mutation waits for `wait_replicas`; fewer in time fails the mutation (the
+    /// controller retries). Shorter than `response_timeout`.
+    pub wait_timeout: Dur,
 }
 
 impl Default for RedisConfig {
@@ -137,7 +145,40 @@ impl Default for RedisConfig {
             tls: RedisTlsConfig::default(),
             response_timeout: Dur::secs(2),
             connect_timeout: Dur::secs(2),
+            sentinel: SentinelConfig::default(),
+            wait_replicas: 0,
+            wait_timeout: Dur::millis(500),
         }
+    }
+}
+
+impl RedisConfig {
+    /// Redis is configured, by address or through sentinels.
+    pub fn is_configured(&self) -> bool {
+        !self.addr.is_empty() || self.sentinel.is_set()
+    }
+}
+
+/// Redis Sentinel: the sentinels to ask for the master named `master_name`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the master under. Empty: no sentinel.
+    #[serde(deserialize_with = "lenient_string")]
+    pub master_name: String,
+    /// `host:port`, `redis://host:port` or `rediss://host:port` (TLS) of each sentinel.
+    pub addrs: Vec<String>,
+    /// The sentinels' own password (`requirepass` in sentinel.conf), if they require one; the
+    /// master's is `storage.redis.password`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub password: String,
+    /// TLS to the master the sentinels name (with `storage.redis.tls` material).
+    pub tls: bool,
+}
+
+impl SentinelConfig {
+    pub fn is_set(&self) -> bool {
+        !self.master_name.is_empty() || !self.addrs.is_empty()
     }
 }
 

@@ -7,7 +7,7 @@ use redis::IntoConnectionInfo;
 use super::{BrokerType, CacheType, Config, ConfigError, StorageType};
 use crate::domain::egress::Rule;
 use crate::domain::{Declarer, EgressPolicy, Hostname, MappingSpec};
-use crate::store::{PersistOptions, RedisOptions, RedisTls, StoreBackend};
+use crate::store::{PersistOptions, RedisOptions, RedisTls, SentinelOptions, StoreBackend};
 
 /// Rule 1: storage Redis → message broker.
 pub const AUTO_BROKER: &str =
@@ -23,7 +23,7 @@ pub const AUTO_CACHE: &str =
 /// that fired logs.
 pub fn apply_auto_sharing(cfg: &mut Config) -> Vec<&'static str> {
     let mut fired = Vec::new();
-    let storage_has_redis = !cfg.storage.redis.addr.is_empty();
+    let storage_has_redis = cfg.storage.redis.is_configured();
     if storage_has_redis && matches!(cfg.message_broker.kind, None | Some(BrokerType::Memory)) {
         let b = &mut cfg.message_broker;
         b.kind = Some(BrokerType::Redis);
@@ -35,7 +35,7 @@ pub fn apply_auto_sharing(cfg: &mut Config) -> Vec<&'static str> {
     let broker = &cfg.message_broker;
     if broker.kind == Some(BrokerType::Redis)
         && !broker.redis.addr.is_empty()
-        && cfg.storage.redis.addr.is_empty()
+        && !cfg.storage.redis.is_configured()
     {
         let s = &mut cfg.storage.redis;
         s.addr = broker.redis.addr.clone();
@@ -48,7 +48,7 @@ pub fn apply_auto_sharing(cfg: &mut Config) -> Vec<&'static str> {
             cfg.storage.hybrid.cache_type,
             None | Some(CacheType::Memory)
         )
-        && !cfg.storage.redis.addr.is_empty()
+        && cfg.storage.redis.is_configured()
     {
         cfg.storage.hybrid.cache_type = Some(CacheType::Redis);
         fired.push(AUTO_CACHE);
@@ -82,8 +82,15 @@ impl Settings {
                 .key_prefix
                 .clone()
                 .unwrap_or_else(|| format!("{}:http_domain", r.key_prefix));
+            let sentinel = &r.sentinel;
             StoreBackend::Redis(RedisOptions {
                 url: r.addr.clone(),
+                sentinel: sentinel.is_set().then(|| SentinelOptions {
+                    master_name: sentinel.master_name.clone(),
+                    addrs: sentinel.addrs.clone(),
+                    password: (!sentinel.password.is_empty()).then(|| sentinel.password.clone()),
+                    tls: sentinel.tls,
+                }),
                 password: (!r.password.is_empty()).then(|| r.password.clone()),
                 db: r.db,
                 pool_size: r.pool_size,
@@ -100,6 +107,8 @@ impl Settings {
                 node_id: node_id.to_string(),
                 response_timeout: r.response_timeout.get(),
                 connect_timeout: r.connect_timeout.get(),
+                wait_replicas: r.wait_replicas,
+                wait_timeout: r.wait_timeout.get(),
             })
         } else {
             let h = &c.storage.hybrid;
@@ -125,6 +134,9 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         if !cfg.storage.redis.addr.is_empty() {
             return Err(err("storage.redis.addr", "is set but storage.type is memory (single node, no Redis); use storage.type hybrid or redis".into()));
         }
+        if cfg.storage.redis.sentinel.is_set() {
+            return Err(err("storage.redis.sentinel", "is set but storage.type is memory (single node, no Redis); use storage.type hybrid or redis".into()));
+        }
         if cfg.message_broker.kind == Some(BrokerType::Redis) {
             return Err(err("message_broker.type", "is redis but storage.type is memory (single node, no Redis); use storage.type hybrid or redis".into()));
         }
@@ -132,17 +144,20 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
     let auto_shared = apply_auto_sharing(&mut cfg);
 
     let redis_addr = cfg.storage.redis.addr.clone();
-    if cfg.storage.hybrid.cache_type == Some(CacheType::Redis) && redis_addr.is_empty() {
-        return Err(err("storage.redis.addr", "redis cache enabled (storage.hybrid.cache_type: redis) but storage.redis.addr is not configured".into()));
+    let has_redis = cfg.storage.redis.is_configured();
+    if cfg.storage.hybrid.cache_type == Some(CacheType::Redis) && !has_redis {
+        return Err(err("storage.redis.addr", "redis cache enabled (storage.hybrid.cache_type: redis) but storage.redis.addr is not configured (nor storage.redis.sentinel)".into()));
     }
-    if cfg.storage.kind == StorageType::Redis && redis_addr.is_empty() {
+    if cfg.storage.kind == StorageType::Redis && !has_redis {
         return Err(err(
             "storage.redis.addr",
-            "is required when storage.type is redis".into(),
+            "is required when storage.type is redis (or storage.redis.sentinel)".into(),
         ));
     }
+    // Behind sentinels the broker is the storage's Redis: it has no address of its own.
     if cfg.message_broker.kind == Some(BrokerType::Redis)
         && cfg.message_broker.redis.addr.is_empty()
+        && !cfg.storage.redis.sentinel.is_set()
     {
         return Err(err(
             "message_broker.redis.addr",
@@ -173,6 +188,8 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "cert_file and key_file must be set together".into(),
         ));
     }
+    check_sentinel(r).map_err(|(path, msg)| err(&path, msg))?;
+    check_wait(r).map_err(|(path, msg)| err(path, msg))?;
     let local = &cfg.http_domain.cache.local;
     if local.max_size == 0 {
         return Err(err(
@@ -319,6 +336,101 @@ fn check_redis_addr(addr: &str) -> Result<(), String> {
         .into_connection_info()
         .map(|_| ())
         .map_err(|e| format!("{addr:?} is not a valid Redis address: {e}"))
+}
+
+/// `storage.redis.sentinel`: a master name and at least one sentinel, each a plain address
+/// (credentials go in `password`), all with TLS or none; exclusive with `storage.redis.addr`.
+fn check_sentinel(r: &crate::config::RedisConfig) -> Result<(), (String, String)> {
+    let s = &r.sentinel;
+    if !s.is_set() {
+        return Ok(());
+    }
+    let at = |field: &str| format!("storage.redis.sentinel.{field}");
+    if !r.addr.is_empty() {
+        return Err((
+            "storage.redis.addr".into(),
+            format!(
+                "{:?} is set together with storage.redis.sentinel; with sentinels the master's address comes from them, so leave addr empty",
+                r.addr
+            ),
+        ));
+    }
+    if s.master_name.is_empty() {
+        return Err((
+            at("master_name"),
+            "is required when storage.redis.sentinel.addrs is set (the name in `sentinel monitor <name> ...`)".into(),
+        ));
+    }
+    if s.master_name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err((
+            at("master_name"),
+            format!(
+                "{:?} must not contain spaces or control characters",
+                s.master_name
+            ),
+        ));
+    }
+    if s.addrs.is_empty() {
+        return Err((
+            at("addrs"),
+            "must list at least one sentinel (host:port) when storage.redis.sentinel.master_name is set".into(),
+        ));
+    }
+    let mut first_tls = None;
+    for (i, raw) in s.addrs.iter().enumerate() {
+        let path = format!("storage.redis.sentinel.addrs[{i}]");
+        check_redis_addr(raw).map_err(|m| (path.clone(), m))?;
+        let url = if raw.contains("://") {
+            raw.clone()
+        } else {
+            format!("redis://{raw}")
+        };
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| (path.clone(), format!("{raw:?}: {e}")))?;
+        let settings = info.redis_settings();
+        if settings.password().is_some() || settings.username().is_some() || settings.db() != 0 {
+            return Err((
+                path,
+                format!(
+                    "{raw:?} must be a plain address: put the sentinels' password in storage.redis.sentinel.password and the database in storage.redis.db"
+                ),
+            ));
+        }
+        let tls = url.starts_with("rediss://");
+        match first_tls {
+            None => first_tls = Some(tls),
+            Some(t) if t != tls => {
+                return Err((
+                    path,
+                    format!("{raw:?}: use rediss:// for every sentinel or for none"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// `WAIT` must end before the connection gives up on the reply.
+fn check_wait(r: &crate::config::RedisConfig) -> Result<(), (&'static str, String)> {
+    if r.wait_replicas == 0 {
+        return Ok(());
+    }
+    if r.wait_timeout.get().is_zero() || r.wait_timeout >= r.response_timeout {
+        return Err((
+            "storage.redis.wait_timeout",
+            format!(
+                "{} must be greater than 0 and shorter than storage.redis.response_timeout ({}) when storage.redis.wait_replicas is set",
+                r.wait_timeout, r.response_timeout
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn egress_policy(e: &crate::config::EgressConfig) -> Result<EgressPolicy, (String, String)> {

@@ -78,6 +78,22 @@ fn auto_sharing_rules() {
             "b:2",
             "a:1",
         ),
+        // Sentinels count as Redis: rules 1 and 3 fire, the broker shares them (no address).
+        (
+            "storage: {redis: {sentinel: {master_name: m1, addrs: ['s1:26379', 's2:26379']}}}",
+            vec![AUTO_BROKER, AUTO_CACHE],
+            true,
+            "",
+            "",
+        ),
+        // A broker address does not become the storage's when sentinels name the master.
+        (
+            "storage: {redis: {sentinel: {master_name: m1, addrs: ['s1:26379']}}}\nmessage_broker: {type: redis, redis: {addr: 'mq:6379'}}",
+            vec![AUTO_CACHE],
+            true,
+            "mq:6379",
+            "",
+        ),
         // No Redis anywhere: single node.
         (
             "storage: {hybrid: {cache_type: memory}}",
@@ -231,6 +247,75 @@ fn errors_name_the_field() {
             "storage: {redis: {addr: 'http://x:1'}}",
             vec![],
             vec!["storage.redis.addr", "rediss://"],
+        ),
+        (
+            "storage: {redis: {sentinel: {addrs: ['s:26379']}}}",
+            vec![],
+            vec!["storage.redis.sentinel.master_name", "required"],
+        ),
+        (
+            "storage: {redis: {sentinel: {master_name: m1}}}",
+            vec![],
+            vec!["storage.redis.sentinel.addrs", "at least one sentinel"],
+        ),
+        (
+            "storage: {redis: {sentinel: {master_name: 'my master', addrs: ['s:1']}}}",
+            vec![],
+            vec!["storage.redis.sentinel.master_name", "my master", "spaces"],
+        ),
+        (
+            "storage: {redis: {sentinel: {master_name: m1, addrs: ['s:1', 'http://s:2']}}}",
+            vec![],
+            vec!["storage.redis.sentinel.addrs[1]", "http://s:2"],
+        ),
+        (
+            "storage: {redis: {sentinel: {master_name: m1, addrs: ['s:1', 'redis://s:99999']}}}",
+            vec![],
+            vec!["storage.redis.sentinel.addrs[1]", "s:99999"],
+        ),
+        (
+            "storage: {redis: {sentinel: {master_name: m1, addrs: ['redis://:pw@s:1']}}}",
+            vec![],
+            vec![
+                "storage.redis.sentinel.addrs[0]",
+                "storage.redis.sentinel.password",
+            ],
+        ),
+        (
+            "storage: {redis: {sentinel: {master_name: m1, addrs: ['rediss://s:1', 's:2']}}}",
+            vec![],
+            vec![
+                "storage.redis.sentinel.addrs[1]",
+                "rediss:// for every sentinel",
+            ],
+        ),
+        (
+            "storage: {redis: {addr: 'r:1', sentinel: {master_name: m1, addrs: ['s:1']}}}",
+            vec![],
+            vec!["storage.redis.addr", "together with storage.redis.sentinel"],
+        ),
+        (
+            "storage: {type: memory, redis: {sentinel: {master_name: m1, addrs: ['s:1']}}}",
+            vec![],
+            vec!["storage.redis.sentinel", "storage.type is memory"],
+        ),
+        (
+            "storage: {redis: {addr: 'r:1', wait_replicas: 1, wait_timeout: 2s}}",
+            vec![],
+            vec![
+                "storage.redis.wait_timeout",
+                "shorter than storage.redis.response_timeout",
+            ],
+        ),
+        (
+            "storage: {redis: {addr: 'r:1', wait_replicas: 1, wait_timeout: 0s}}",
+            vec![],
+            vec!["storage.redis.wait_timeout", "greater than 0"],
+        ),
+        (
+            "storage: {redis: {addr: 'r:1', wait_replicas: -1}}",
+            vec![],
+            vec!["storage.redis.wait_replicas"],
         ),
         (
             "storage: {redis: {addr: 'r:1', pool_size: 0}}",
@@ -534,4 +619,52 @@ fn egress_allow_comes_from_the_environment_as_a_list() {
     let s = settings_env("", &[("TUNNOX__EGRESS__ALLOW", "[\"127.0.0.0/8\"]")]).unwrap();
     assert_eq!(s.config.egress.allow, vec!["127.0.0.0/8".to_string()]);
     assert_eq!(s.egress.allow().len(), 1);
+}
+
+#[test]
+fn sentinel_reaches_the_store_options() {
+    let s = settings_env(
+        "storage:\n  redis:\n    password: master-pw\n    wait_replicas: 1\n    wait_timeout: 250ms\n    sentinel: {master_name: m1, addrs: ['10.0.0.1:26379', 'redis://s2:26380'], password: '${SENTINEL_PW}', tls: true}\n",
+        &[("SENTINEL_PW", "s-pw")],
+    )
+    .unwrap();
+    assert!(s.uses_redis);
+    match s.store_backend("n") {
+        crate::store::StoreBackend::Redis(o) => {
+            let sentinel = o.sentinel.expect("sentinel options");
+            assert_eq!(sentinel.master_name, "m1");
+            assert_eq!(sentinel.addrs, ["10.0.0.1:26379", "redis://s2:26380"]);
+            assert_eq!(sentinel.password.as_deref(), Some("s-pw"));
+            assert!(sentinel.tls);
+            assert_eq!(o.password.as_deref(), Some("master-pw"));
+            assert_eq!(o.wait_replicas, 1);
+            assert_eq!(o.wait_timeout, std::time::Duration::from_millis(250));
+        }
+        other => panic!("expected redis, got {other:?}"),
+    }
+    // Without sentinels nothing waits and no sentinel is asked.
+    match settings("storage: {redis: {addr: 'r:1'}}")
+        .unwrap()
+        .store_backend("n")
+    {
+        crate::store::StoreBackend::Redis(o) => {
+            assert!(o.sentinel.is_none());
+            assert_eq!(o.wait_replicas, 0);
+        }
+        other => panic!("expected redis, got {other:?}"),
+    }
+    // The whole section from the environment, as the chart can set it.
+    let s = settings_env(
+        "",
+        &[
+            ("TUNNOX__STORAGE__REDIS__SENTINEL__MASTER_NAME", "mymaster"),
+            (
+                "TUNNOX__STORAGE__REDIS__SENTINEL__ADDRS",
+                "[a:26379, b:26379]",
+            ),
+        ],
+    )
+    .unwrap();
+    assert!(s.uses_redis);
+    assert_eq!(s.config.storage.redis.sentinel.addrs.len(), 2);
 }

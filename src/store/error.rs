@@ -31,6 +31,14 @@ pub enum StoreError {
     Invalid(#[from] SpecError),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error(
+        "write reached {acked} of {wanted} replicas within {timeout:?} (storage.redis.wait_replicas): not acknowledged, a failover could lose it"
+    )]
+    Unreplicated {
+        acked: u64,
+        wanted: u32,
+        timeout: std::time::Duration,
+    },
     #[error("corrupt data at {at}: {detail}")]
     Corrupt { at: String, detail: String },
     #[error("persistence file {}: {detail}", path.display())]
@@ -63,14 +71,16 @@ impl StoreError {
             Self::VersionConflict { .. } => "version_conflict",
             Self::Invalid(_) => "invalid",
             Self::Redis(_) => "redis",
+            Self::Unreplicated { .. } => "unreplicated",
             Self::Corrupt { .. } => "corrupt",
             Self::Persist { .. } => "persist",
         }
     }
 
-    /// True for errors that a retry may cure (the backend was unreachable), as opposed to
-    /// answers about the data (conflict, not found, invalid).
+    /// True for errors that a retry may cure (the backend was unreachable, or a replica too
+    /// slow to confirm a write), as opposed to answers about the data (conflict, not found,
+    /// invalid).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Redis(_))
+        matches!(self, Self::Redis(_) | Self::Unreplicated { .. })
     }
 }

@@ -52,6 +52,7 @@ impl Default for State {
             by_domain: HashMap::new(),
             by_client: HashMap::new(),
             by_user: HashMap::new(),
+            by_group: HashMap::new(),
             version: 0,
             epoch: new_epoch(),
             rebuilt: None,

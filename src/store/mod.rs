@@ -4,6 +4,7 @@
 //! `docs/redis-schema.md`) and [`MemoryStore`] (single-node, optional JSON-file persistence).
 //! Both pass one conformance suite (`tests/store_conformance.rs`).
 
+mod backoff;
 mod error;
 mod follow;
 mod keys;
@@ -20,6 +21,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
+pub use backoff::{Backoff, RETRY_FIRST, RETRY_MAX};
 pub use error::StoreError;
 pub use follow::Break;
 pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
@@ -27,7 +29,7 @@ pub use keys::Keys;
 pub use memory::{MemoryStore, PersistOptions};
 pub use nodes::{NodeRecord, NodeRegistry, NodeState};
 pub use quota::{Quota, QuotaScope, source_group};
-pub use redis::{RedisOptions, RedisStore, RedisTls};
+pub use redis::{RedisOptions, RedisStore, RedisTls, SentinelOptions};
 pub use stats::{AccessDelta, AccessStats};
 pub use types::{
     ChangeEvent, ChangeOp, Changes, ListFilter, Lookup, Page, PageRequest, Position, Rebuilt,
@@ -148,6 +150,8 @@ pub trait MappingStore: Send + Sync + 'static {
 }
 
 /// Which store a process uses, as decided by the configuration.
+// Built once per process: the size of the Redis variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum StoreBackend {
     Redis(RedisOptions),

@@ -2,6 +2,7 @@
 //! free loopback ports, stopped when dropped (even when a test fails).
 #![allow(dead_code, unused_imports)]
 
+pub mod claimer;
 pub mod controlplane;
 pub mod http;
 pub mod process;
@@ -9,4 +10,4 @@ pub mod proxy;
 pub mod redis_server;
 
 pub use controlplane::ControlPlane;
-pub use redis_server::RedisServer;
+pub use redis_server::{RedisServer, SentinelGroup, SentinelSetup};

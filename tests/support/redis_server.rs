@@ -203,6 +203,11 @@ impl RedisServer {
         self.port
     }
 
+    /// False after [`Self::kill`] until a restart.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -232,6 +237,20 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts the server again after [`Self::kill`] as a replica of `master_port` (how a Redis
+    /// pod behind Sentinel restarts: it asks the sentinels for the master and follows it).
+    pub fn restart_as_replica_of(&mut self, master_port: u16) {
+        if let Some(i) = self.extra.iter().position(|a| a == "--replicaof") {
+            self.extra.drain(i..i + 3);
+        }
+        self.extra.extend([
+            "--replicaof".to_string(),
+            "127.0.0.1".to_string(),
+            master_port.to_string(),
+        ]);
+        self.restart();
     }
 
     /// Starts the server again after [`Self::kill`].
@@ -277,4 +296,228 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One `redis-server --sentinel` with its own config file (Sentinel rewrites it).
+struct SentinelProc {
+    port: u16,
+    child: Child,
+}
+
+impl Drop for SentinelProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a [`SentinelGroup`] is started with.
+#[derive(Debug, Clone)]
+pub struct SentinelSetup {
+    pub master_name: String,
+    /// How long a silent master takes to be judged down (`down-after-milliseconds`).
+    pub down_after_ms: u64,
+    /// `requirepass` of the sentinels themselves.
+    pub sentinel_password: Option<String>,
+    /// Extra `redis-server` arguments for both data nodes.
+    pub server_args: Vec<String>,
+}
+
+impl Default for SentinelSetup {
+    fn default() -> Self {
+        Self {
+            master_name: "tunnox-test".into(),
+            down_after_ms: 1000,
+            sentinel_password: None,
+            server_args: Vec::new(),
+        }
+    }
+}
+
+/// 1 master, 1 replica and 3 sentinels (quorum 2) on free loopback ports, each data node in
+/// its own temp dir and the sentinels' configs in another; everything killed on drop.
+pub struct SentinelGroup {
+    pub setup: SentinelSetup,
+    /// The data nodes: index 0 started as the master, 1 as its replica.
+    pub servers: Vec<RedisServer>,
+    sentinels: Vec<SentinelProc>,
+    dir: tempfile::TempDir,
+}
+
+impl SentinelGroup {
+    pub fn start() -> Self {
+        Self::start_with(SentinelSetup::default())
+    }
+
+    pub fn start_with(setup: SentinelSetup) -> Self {
+        let args: Vec<&str> = setup.server_args.iter().map(String::as_str).collect();
+        let master = RedisServer::start_with(&args);
+        let master_port = master.port().to_string();
+        let mut replica_args = args.clone();
+        replica_args.extend(["--replicaof", "127.0.0.1", &master_port]);
+        let replica = RedisServer::start_with(&replica_args);
+        wait_for("replica in sync", || {
+            replica
+                .cli(&["info", "replication"])
+                .contains("master_link_status:up")
+        });
+        let mut group = Self {
+            setup,
+            servers: vec![master, replica],
+            sentinels: Vec::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        for _ in 0..3 {
+            group.start_sentinel(master_port.parse().unwrap());
+        }
+        // A failover needs the sentinels to know the replica and each other (hello messages
+        // every 2 s) and a quorum that can authorise it.
+        wait_for("sentinels know the replica and each other", || {
+            (0..3).all(|i| {
+                group
+                    .sentinel_cli(i, &["sentinel", "ckquorum", &group.setup.master_name])
+                    .starts_with("OK 3 usable")
+                    && group
+                        .sentinel_cli(i, &["sentinel", "replicas", &group.setup.master_name])
+                        .contains(&format!("127.0.0.1:{}", group.servers[1].port()))
+            })
+        });
+        group
+    }
+
+    fn start_sentinel(&mut self, master_port: u16) {
+        let port = free_port();
+        let conf = self.dir.path().join(format!("sentinel-{port}.conf"));
+        let s = &self.setup;
+        let mut text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds {name} {down}\nsentinel failover-timeout {name} 3000\n\
+             sentinel parallel-syncs {name} 1\n",
+            dir = self.dir.path().display(),
+            name = s.master_name,
+            down = s.down_after_ms,
+        );
+        if let Some(pw) = &s.sentinel_password {
+            text.push_str(&format!("requirepass {pw}\nsentinel sentinel-pass {pw}\n"));
+        }
+        std::fs::write(&conf, text).expect("sentinel config");
+        let child = Command::new(redis_binary())
+            .arg(&conf)
+            .arg("--sentinel")
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args([
+                "--logfile",
+                &self
+                    .dir
+                    .path()
+                    .join(format!("sentinel-{port}.log"))
+                    .display()
+                    .to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        self.sentinels.push(SentinelProc { port, child });
+        let i = self.sentinels.len() - 1;
+        wait_for("sentinel answers", || {
+            self.sentinel_cli(i, &["ping"]) == "PONG"
+        });
+    }
+
+    /// `127.0.0.1:port` of each sentinel.
+    pub fn addrs(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect()
+    }
+
+    pub fn master_name(&self) -> &str {
+        &self.setup.master_name
+    }
+
+    /// Runs `redis-cli` against sentinel `i`.
+    pub fn sentinel_cli(&self, i: usize, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.sentinels[i].port.to_string()]);
+        if let Some(pw) = &self.setup.sentinel_password {
+            cmd.args(["-a", pw, "--no-auth-warning"]);
+        }
+        let out = cmd.args(args).output().expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The port the first sentinel that answers names as the master.
+    pub fn master_port(&self) -> u16 {
+        (0..self.sentinels.len())
+            .find_map(|i| {
+                self.sentinel_cli(
+                    i,
+                    &["sentinel", "get-master-addr-by-name", self.master_name()],
+                )
+                .lines()
+                .nth(1)
+                .and_then(|p| p.trim().parse().ok())
+            })
+            .expect("a sentinel names the master")
+    }
+
+    /// The data node that is the master now.
+    pub fn master(&mut self) -> &mut RedisServer {
+        let port = self.master_port();
+        self.servers
+            .iter_mut()
+            .find(|s| s.port() == port)
+            .expect("the master is one of the data nodes")
+    }
+
+    /// SIGKILLs the current master; returns its port.
+    pub fn kill_master(&mut self) -> u16 {
+        let m = self.master();
+        let port = m.port();
+        m.kill();
+        port
+    }
+
+    /// Restarts the killed data node on `port` as a replica of the current master.
+    pub fn restart_as_replica(&mut self, port: u16) {
+        let master = self.master_port();
+        let node = self
+            .servers
+            .iter_mut()
+            .find(|s| s.port() == port)
+            .expect("a data node on that port");
+        node.restart_as_replica_of(master);
+    }
+
+    /// Waits until the sentinels name another master than `old` and it answers as a master.
+    pub fn wait_failover(&self, old: u16, within: Duration) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            let now = self.master_port();
+            if now != old
+                && self
+                    .servers
+                    .iter()
+                    .find(|s| s.port() == now)
+                    .is_some_and(|s| s.cli(&["role"]).starts_with("master"))
+            {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no failover away from port {old} within {within:?}");
+    }
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within 30 s");
 }

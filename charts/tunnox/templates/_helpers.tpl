@@ -60,7 +60,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.redis.bundled -}}
 {{- printf "%s.%s.svc:6379" (include "tunnox.redis.fullname" .) .Release.Namespace -}}
 {{- else -}}
-{{- required "redis.external.addr is required when redis.bundled is false" .Values.redis.external.addr -}}
+{{- required "redis.external.addr (or redis.external.sentinel.masterName) is required when redis.bundled is false" .Values.redis.external.addr -}}
 {{- end -}}
 {{- end -}}
 
@@ -90,6 +90,14 @@ password
     secretKeyRef:
       name: {{ $secret }}
       key: {{ include "tunnox.redis.secretKey" . }}
+{{- end }}
+{{- $sentinel := .Values.redis.external.sentinel | default dict }}
+{{- if and (not .Values.redis.bundled) $sentinel.masterName (($sentinel.passwordSecret | default dict).name) }}
+- name: TUNNOX__STORAGE__REDIS__SENTINEL__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sentinel.passwordSecret.name }}
+      key: {{ $sentinel.passwordSecret.key | default "password" }}
 {{- end }}
 {{- end -}}
 

@@ -1,29 +1,67 @@
-//! The change feed: a pub/sub subscription that reconnects by itself and says when it was down.
-
-use std::time::Duration;
+//! The change feed: a pub/sub subscription that reconnects by itself (to the new master after
+//! a failover) and says when it was down.
 
 use futures::StreamExt;
+use tokio::sync::watch;
 
 use super::RedisStore;
 use crate::store::types::LossySender;
-use crate::store::{ChangeEvent, StoreError, SubscriptionEvent};
+use crate::store::{Backoff, ChangeEvent, StoreError, SubscriptionEvent};
 
 impl RedisStore {
-    pub(super) async fn open_pubsub(&self) -> Result<redis::aio::PubSub, StoreError> {
-        let mut pubsub = self.inner.client.get_async_pubsub().await?;
-        pubsub.subscribe(self.inner.keys.events()).await?;
-        Ok(pubsub)
+    /// Subscribes on the current server. `moved` is marked seen first, so a move to another
+    /// master from now on is noticed.
+    pub(super) async fn open_pubsub(
+        &self,
+        moved: &mut watch::Receiver<u64>,
+    ) -> Result<redis::aio::PubSub, StoreError> {
+        moved.borrow_and_update();
+        let link = &self.inner.link;
+        let opened = async {
+            let mut pubsub = link.client()?.get_async_pubsub().await?;
+            pubsub.subscribe(self.inner.keys.events()).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        // A server that accepts nothing must not hold the feed (it would not look elsewhere).
+        let within = self.inner.opts.connect_timeout + self.inner.opts.response_timeout;
+        match tokio::time::timeout(within, opened).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(e)) => {
+                link.suspect();
+                Err(e.into())
+            }
+            Err(_) => {
+                link.suspect();
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "subscribing took longer than storage.redis.connect_timeout + response_timeout",
+                ))
+                .into())
+            }
+        }
     }
 
-    /// Forwards pub/sub messages until the subscriber goes away; reconnects with backoff
-    /// (100 ms, ×1.5, capped at 5 s) and reports the gap so the subscriber can catch up.
-    pub(super) async fn feed(self, first: redis::aio::PubSub, mut out: LossySender) {
+    /// Forwards pub/sub messages until the subscriber goes away. When the connection ends, or
+    /// the store moved to another master, it subscribes again (with [`Backoff`]) and reports
+    /// the gap so the subscriber can catch up.
+    pub(super) async fn feed(
+        self,
+        first: redis::aio::PubSub,
+        mut moved: watch::Receiver<u64>,
+        mut out: LossySender,
+    ) {
         let mut pubsub = Some(first);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
         loop {
             if let Some(ps) = pubsub.take() {
                 let mut stream = ps.into_on_message();
-                while let Some(msg) = stream.next().await {
+                loop {
+                    let msg = tokio::select! {
+                        msg = stream.next() => msg,
+                        // The old master may still be up (as a replica): leave it.
+                        _ = moved.changed() => None,
+                    };
+                    let Some(msg) = msg else { break };
                     let Ok(payload) = msg.get_payload::<String>() else {
                         continue;
                     };
@@ -36,25 +74,24 @@ impl RedisStore {
                         Err(e) => tracing::warn!(error = %e, "ignoring malformed change event"),
                     }
                 }
+                // Behind sentinels, a lost subscription is a reason to ask where the master is.
+                self.inner.link.suspect();
                 tracing::warn!("change feed disconnected; reconnecting");
                 if !out.send(SubscriptionEvent::Disconnected) {
                     return;
                 }
             }
-            tokio::time::sleep(delay).await;
-            match self.open_pubsub().await {
+            backoff.wait().await;
+            match self.open_pubsub(&mut moved).await {
                 Ok(ps) => {
-                    delay = Duration::from_millis(100);
+                    backoff.reset();
                     pubsub = Some(ps);
                     tracing::info!("change feed reconnected");
                     if !out.send(SubscriptionEvent::Reconnected) {
                         return;
                     }
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "change feed reconnect failed");
-                    delay = (delay.mul_f64(1.5)).min(Duration::from_secs(5));
-                }
+                Err(e) => tracing::debug!(error = %e, "change feed reconnect failed"),
             }
         }
     }

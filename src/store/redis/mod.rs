@@ -2,22 +2,21 @@
 //! indexes, version, change log, publish), so concurrent writers on any node stay consistent.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 mod connect;
 mod epoch;
 mod feed;
+mod link;
 mod nodes;
 mod scripts;
 mod stats;
 
-pub use connect::{RedisOptions, RedisTls};
-use connect::{client, manager_config};
+pub use connect::{RedisOptions, RedisTls, SentinelOptions};
+use link::{Conn, Link};
 use scripts::{ScriptReply, Scripts, expiry_arg, flag, parse_entry};
 
 use super::{
@@ -33,9 +32,8 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: redis::Client,
-    pool: Vec<ConnectionManager>,
-    next: AtomicUsize,
+    /// The connections, to the configured server or the master the sentinels name.
+    link: Link,
     keys: Keys,
     scripts: Scripts,
     opts: RedisOptions,
@@ -45,17 +43,10 @@ struct Inner {
 }
 
 impl RedisStore {
-    /// Connects the pool (fails fast when Redis is unreachable or the password is wrong).
+    /// Connects the pool (fails fast when Redis or every sentinel is unreachable, or the
+    /// password is wrong).
     pub async fn connect(opts: RedisOptions) -> Result<Self, StoreError> {
-        let client = client(&opts)?;
-        let mut pool = Vec::with_capacity(opts.pool_size.max(1));
-        for _ in 0..opts.pool_size.max(1) {
-            pool.push(
-                client
-                    .get_connection_manager_with_config(manager_config(&opts))
-                    .await?,
-            );
-        }
+        let link = Link::connect(opts.clone()).await?;
         let keys = Keys::new(
             &opts.root_prefix,
             &opts.prefix,
@@ -63,9 +54,7 @@ impl RedisStore {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
-                pool,
-                next: AtomicUsize::new(0),
+                link,
                 keys,
                 scripts: Scripts::new(),
                 opts,
@@ -78,9 +67,8 @@ impl RedisStore {
         &self.inner.keys
     }
 
-    fn conn(&self) -> ConnectionManager {
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.pool.len();
-        self.inner.pool[i].clone()
+    fn conn(&self) -> Conn {
+        self.inner.link.conn()
     }
 
     fn decode(&self, at: &str, json: &str) -> Result<Mapping, StoreError> {
@@ -162,8 +150,21 @@ impl RedisStore {
             .arg(quota.per_owner)
             .arg(format!("{}:mapping:", k.prefix()));
         self.epoch_args(&mut inv);
-        match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
-            ScriptReply::Ok(v) => Ok(Ok(v)),
+        let mut conn = self.conn();
+        match self.mutation_reply(inv.invoke_async(&mut conn).await?)? {
+            ScriptReply::Ok(v) => {
+                if let Err(e) = conn.replicated().await {
+                    // Not acknowledged: take it back, so that no retry or reader adopts a
+                    // record the next failover may lose.
+                    if let Err(undo) = self.delete_once(&mapping.mapping_id, Some(v)).await
+                        && !matches!(undo, StoreError::Unreplicated { .. })
+                    {
+                        tracing::warn!(error = %undo, id = %mapping.mapping_id, "cannot take back an unreplicated create");
+                    }
+                    return Err(e);
+                }
+                Ok(Ok(v))
+            }
             ScriptReply::Taken(holder) => Ok(Err(holder)),
             ScriptReply::Quota { owner, count } => {
                 let (scope, limit) = match (owner, group) {
@@ -266,8 +267,10 @@ impl MappingStore for RedisStore {
             .arg(expiry_arg(&next))
             .arg(flags);
         self.epoch_args(&mut inv);
-        match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
+        let mut conn = self.conn();
+        match self.mutation_reply(inv.invoke_async(&mut conn).await?)? {
             ScriptReply::Ok(v) => {
+                conn.replicated().await?;
                 next.version = v;
                 Ok(next)
             }
@@ -430,9 +433,10 @@ impl MappingStore for RedisStore {
     async fn subscribe(&self) -> Result<Subscription, StoreError> {
         let (out, parts) = Subscription::channel(self.inner.opts.subscription_buffer);
         // Subscribe once before returning, so events after this call are not missed.
-        let first = self.open_pubsub().await?;
+        let mut moved = self.inner.link.moved();
+        let first = self.open_pubsub(&mut moved).await?;
         let store = self.clone();
-        let task = tokio::spawn(async move { store.feed(first, out).await });
+        let task = tokio::spawn(async move { store.feed(first, moved, out).await });
         Ok(Subscription::new(parts, task))
     }
 
@@ -510,8 +514,12 @@ impl RedisStore {
             .arg(flag(current.owner_user_id.is_some()))
             .arg(flag(group.is_some()));
         self.epoch_args(&mut inv);
-        match self.mutation_reply(inv.invoke_async(&mut self.conn()).await?)? {
-            ScriptReply::Ok(_) => Ok(current),
+        let mut conn = self.conn();
+        match self.mutation_reply(inv.invoke_async(&mut conn).await?)? {
+            ScriptReply::Ok(_) => {
+                conn.replicated().await?;
+                Ok(current)
+            }
             ScriptReply::Stale(actual) => Err(StoreError::VersionConflict {
                 id: id.clone(),
                 expected: expected_version.unwrap_or(current.version),

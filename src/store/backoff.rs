@@ -1,0 +1,96 @@
+//! The one retry rhythm for everything that waits on the store: 100 ms, then ×1.5 per failure,
+//! capped (5 s unless a caller needs a tighter cap), back to the start after a success.
+
+use std::time::Duration;
+
+/// First delay after a failure.
+pub const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest delay between two attempts.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backoff {
+    /// 100 ms, ×1.5, capped at 5 s.
+    pub fn new() -> Self {
+        Self::capped(RETRY_MAX)
+    }
+
+    /// The same rhythm with another cap (at least [`RETRY_FIRST`]).
+    pub fn capped(max: Duration) -> Self {
+        Self {
+            next: RETRY_FIRST,
+            max: max.max(RETRY_FIRST),
+        }
+    }
+
+    /// The delay to wait now; the one after it is 1.5 times as long, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (now * 3 / 2).min(self.max);
+        now
+    }
+
+    /// After a success: the next failure waits [`RETRY_FIRST`] again.
+    pub fn reset(&mut self) {
+        self.next = RETRY_FIRST;
+    }
+
+    /// Sleeps for [`Self::next_delay`].
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn grows_by_half_up_to_the_cap_and_resets() {
+        let cases: Vec<(Backoff, Vec<Duration>)> = vec![
+            (
+                Backoff::new(),
+                vec![
+                    ms(100),
+                    ms(150),
+                    ms(225),
+                    Duration::from_micros(337_500),
+                    Duration::from_micros(506_250),
+                    Duration::from_micros(759_375),
+                ],
+            ),
+            (
+                Backoff::capped(ms(300)),
+                vec![ms(100), ms(150), ms(225), ms(300), ms(300)],
+            ),
+            // A cap below the first delay cannot make retries faster than the first delay.
+            (Backoff::capped(ms(10)), vec![ms(100), ms(100)]),
+        ];
+        for (mut b, want) in cases {
+            let got: Vec<Duration> = want.iter().map(|_| b.next_delay()).collect();
+            assert_eq!(got, want);
+            b.reset();
+            assert_eq!(b.next_delay(), RETRY_FIRST);
+        }
+        let mut b = Backoff::new();
+        for _ in 0..50 {
+            b.next_delay();
+        }
+        assert_eq!(b.next_delay(), RETRY_MAX);
+    }
+}
