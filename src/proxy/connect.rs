@@ -1,5 +1,5 @@
-//! Every upstream connection, on both HTTP paths: the target name resolved as an absolute name,
-//! every address checked with the egress policy, and the connection made to a checked address
+//! Every upstream connection, on both HTTP paths: the target name resolved (a tenant's as an
+//! absolute name), every address checked with the egress policy, and the connection made to a checked address
 //! (no second lookup, so a name cannot resolve to something else between check and connect).
 
 use std::future::Future;
@@ -57,7 +57,7 @@ async fn connect_unbounded(
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let (name, addrs) = match bare.parse::<IpAddr>() {
         Ok(ip) => (None, vec![SocketAddr::new(ip, port)]),
-        Err(_) => (Some(bare), resolve(bare, port).await?),
+        Err(_) => (Some(bare), resolve(bare, port, who).await?),
     };
     // One refused address refuses the name: a name that also points at the metadata address
     // is not half trusted.
@@ -81,10 +81,12 @@ async fn connect_unbounded(
     }))
 }
 
-/// The addresses of `name`, looked up as an absolute name (a trailing dot), so the resolver's
-/// search list (the proxy's own namespace in a pod) cannot complete it into another name.
+/// The addresses of `name`. A tenant's name is looked up as an absolute name (a trailing dot),
+/// so the resolver's search list (the proxy's own namespace in a pod) cannot complete it into
+/// another name; the operator's own names (single-node file) are looked up as written, as the
+/// operator's resolver configuration intends (`/etc/hosts` names do not match with the dot).
 /// `localhost` and names below it are loopback without a lookup (RFC 6761).
-async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+async fn resolve(name: &str, port: u16, who: Declarer) -> Result<Vec<SocketAddr>, ConnectError> {
     let lower = name.trim_end_matches('.').to_ascii_lowercase();
     if lower == "localhost" || lower.ends_with(".localhost") {
         return Ok(vec![
@@ -92,8 +94,8 @@ async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError>
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
         ]);
     }
-    let absolute = format!("{lower}.");
-    let found = tokio::net::lookup_host((absolute.as_str(), port))
+    let query = lookup_name(&lower, who);
+    let found = tokio::net::lookup_host((query.as_str(), port))
         .await
         .map_err(|source| ConnectError::Resolve {
             name: lower.clone(),
@@ -104,6 +106,14 @@ async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError>
         return Err(ConnectError::NoAddress { name: lower });
     }
     Ok(addrs)
+}
+
+/// What is asked of the resolver for `name` (lower case, no trailing dot).
+fn lookup_name(name: &str, who: Declarer) -> String {
+    match who {
+        Declarer::Tenant => format!("{name}."),
+        Declarer::Operator => name.to_string(),
+    }
 }
 
 /// The general path's connector (under TLS for `https` targets): [`connect`] for one declarer.
@@ -155,6 +165,19 @@ pub fn refusal_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asks_the_resolver_for_absolute_names_for_tenants() {
+        let cases = [
+            ("web.team-b", Declarer::Tenant, "web.team-b."),
+            ("web", Declarer::Tenant, "web."),
+            ("api.example.com", Declarer::Tenant, "api.example.com."),
+            ("myhost", Declarer::Operator, "myhost"),
+        ];
+        for (name, who, want) in cases {
+            assert_eq!(lookup_name(name, who), want, "{name} by {who:?}");
+        }
+    }
 
     #[tokio::test]
     async fn refuses_before_connecting_and_connects_to_what_it_checked() {
