@@ -24,7 +24,7 @@ use tunnox::store::{MappingStore, RedisOptions, RedisStore};
 
 const HOSTS: usize = 1000;
 /// Long enough to cover break → stale → hold → rebuild → fresh with load throughout.
-const LOAD: Duration = Duration::from_secs(24);
+const LOAD: Duration = Duration::from_secs(30);
 
 fn yaml(redis: &RedisServer) -> String {
     format!(
