@@ -24,12 +24,17 @@ use tunnox::store::{MappingStore, RedisOptions, RedisStore};
 
 const HOSTS: usize = 1000;
 /// Long enough to cover break → stale → hold → rebuild → fresh with load throughout.
-const LOAD: Duration = Duration::from_secs(24);
+const LOAD: Duration = Duration::from_secs(30);
 
 fn yaml(redis: &RedisServer) -> String {
+    yaml_with(redis, "")
+}
+
+/// With extra `http_domain.sync` fields (`, rebuild_wait: 3s`).
+fn yaml_with(redis: &RedisServer, sync_extra: &str) -> String {
     format!(
         "storage: {{type: redis, redis: {{addr: \"{}\"}}}}
-http_domain: {{base_domains: [tunnox.net], sync: {{check_interval: 1s}}}}
+http_domain: {{base_domains: [tunnox.net], sync: {{check_interval: 1s{sync_extra}}}}}
 egress: {{allow: [\"127.0.0.0/8\"]}}
 log: {{level: info}}",
         redis.addr()
@@ -282,4 +287,64 @@ fn flush_and_empty_restart_under_load_fail_no_request() {
             "restarted empty"
         );
     });
+}
+
+/// A proxy starting against a store the controller has not rebuilt (a marker for another
+/// epoch) serves what the store holds, ready, reporting `not_rebuilt` until the marker; a
+/// proxy whose controller never comes takes the store after `rebuild_wait`.
+#[test]
+fn cold_start_reports_not_rebuilt_and_rebuild_wait_bounds_staleness() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("one");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store: Arc<dyn MappingStore> = Arc::new(
+        rt.block_on(RedisStore::connect(RedisOptions::new(&redis.addr())))
+            .unwrap(),
+    );
+    let spec = |sub: &str| MappingSpec::new(sub, "tunnox.net", "127.0.0.1", up.port);
+    rt.block_on(store.create(spec("kept"))).unwrap();
+    let e1 = rt.block_on(store.ensure_epoch()).unwrap();
+    assert!(rt.block_on(store.mark_rebuilt(&e1, 1, "ctl")).unwrap());
+    // The history breaks but the marker survives (as after a failover that lost writes).
+    redis.cli(&["SET", "tunnox:http_domain:epoch", "e2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cold = ProxyProc::start(dir.path(), "cold", &yaml(&redis), "").ready();
+    assert_eq!(
+        cold.status("kept.tunnox.net"),
+        200,
+        "serves what the store holds"
+    );
+    let stats = |p: &ProxyProc| -> serde_json::Value {
+        serde_json::from_str(&p.admin_get("/api/v1/stats/system").unwrap().body).unwrap()
+    };
+    assert_eq!(stats(&cold)["sync"]["stale_reason"], "not_rebuilt");
+    assert_eq!(metric(&cold, "tunnox_proxy_sync_stale"), 1.0);
+    assert!(rt.block_on(store.mark_rebuilt("e2", 1, "ctl")).unwrap());
+    eventually(
+        "fresh once the marker comes",
+        Duration::from_secs(5),
+        || metric(&cold, "tunnox_proxy_sync_stale") == 0.0,
+    );
+    assert_eq!(stats(&cold)["sync"]["stale"], false);
+
+    // A controller that never comes: stale for `rebuild_wait`, then the store as it is.
+    let short = yaml_with(&redis, ", rebuild_wait: 3s");
+    let waiting = ProxyProc::start(dir.path(), "waiting", &short, "").ready();
+    assert_eq!(waiting.status("kept.tunnox.net"), 200);
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    eventually("stale after the flush", Duration::from_secs(5), || {
+        metric(&waiting, "tunnox_proxy_sync_stale") == 1.0
+    });
+    assert_eq!(waiting.status("kept.tunnox.net"), 200, "kept while stale");
+    let gave_up = eventually(
+        "the store taken after rebuild_wait",
+        Duration::from_secs(8),
+        || metric(&waiting, "tunnox_proxy_sync_stale") == 0.0,
+    );
+    assert!(gave_up >= Duration::from_secs(1), "waited: {gave_up:?}");
+    assert_eq!(waiting.status("kept.tunnox.net"), 404, "the store as it is");
+    assert!(waiting.log().contains("rebuild_wait"), "{}", waiting.log());
 }

@@ -173,6 +173,61 @@ mod cases {
         );
     }
 
+    /// One epoch per continuous history: kept across writes and restarts (AOF / the file),
+    /// carried by events, lookups and the change log; the marker only at the current epoch.
+    pub async fn epoch_is_one_per_history<F: Fixture>(mut fx: F) {
+        let s = fx.store();
+        let mut sub = s.subscribe().await.unwrap();
+        let m = s.create(spec("ep", 1)).await.unwrap();
+        let epoch = s.ensure_epoch().await.unwrap();
+        assert_eq!(s.ensure_epoch().await.unwrap(), epoch);
+        s.create(spec("ep2", 1)).await.unwrap();
+        let at = s.position().await.unwrap();
+        assert_eq!((at.epoch.as_deref(), at.version), (Some(epoch.as_str()), 2));
+        match tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+        {
+            Some(SubscriptionEvent::Change(e)) => {
+                assert_eq!(e.epoch.as_deref(), Some(epoch.as_str()))
+            }
+            other => panic!("{other:?}"),
+        }
+        match s.changes_since(0, 10).await.unwrap() {
+            Changes::Events {
+                events, epoch: e, ..
+            } => {
+                assert_eq!(e.as_deref(), Some(epoch.as_str()));
+                assert!(
+                    events
+                        .iter()
+                        .all(|ev| ev.epoch.as_deref() == Some(epoch.as_str()))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let found = s.lookup(&m.full_domain).await.unwrap();
+        assert_eq!(found.mapping.as_ref(), Some(&m));
+        assert_eq!(found.position, at);
+        let absent = s.lookup(&host("nope.tunnox.net")).await.unwrap();
+        assert_eq!((absent.mapping, absent.position), (None, at.clone()));
+        // A reader that saw less than the store has is not "backwards".
+        let seen = tunnox::store::Position {
+            epoch: at.epoch.clone(),
+            version: 1,
+        };
+        assert_eq!(s.note_backwards(&seen).await.unwrap(), Some(epoch.clone()));
+        assert!(!s.mark_rebuilt("not-the-epoch", 2, "ctl").await.unwrap());
+        assert!(s.mark_rebuilt(&epoch, 2, "ctl").await.unwrap());
+        fx.restart().await;
+        let s = fx.store();
+        assert_eq!(
+            s.position().await.unwrap(),
+            at,
+            "a restart with data continues"
+        );
+    }
+
     pub async fn tc_1_2_hundred_creates_survive_restart<F: Fixture>(mut fx: F) {
         let mut created = Vec::new();
         for i in 0..100 {
@@ -1188,6 +1243,7 @@ macro_rules! conformance {
 
 conformance!(
     tc_1_1_create_survives_restart,
+    epoch_is_one_per_history,
     tc_1_2_hundred_creates_survive_restart,
     tc_1_3_update_survives_restart,
     tc_1_4_delete_survives_restart,

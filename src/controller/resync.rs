@@ -124,7 +124,14 @@ async fn needs_rebuild(ctx: &Ctx) -> Result<bool, crate::store::StoreError> {
     let Some(epoch) = at.epoch else {
         return Ok(true);
     };
-    Ok(ctx.store.rebuilt().await?.is_none_or(|m| m.epoch != epoch))
+    // An unreadable marker is rewritten by the next pass, never a reason to stop marking.
+    Ok(ctx
+        .store
+        .rebuilt()
+        .await
+        .ok()
+        .flatten()
+        .is_none_or(|m| m.epoch != epoch))
 }
 
 /// A pass, then the marker "rebuilt at this epoch" if it found nothing missing. The epoch is
@@ -135,7 +142,7 @@ pub async fn pass_and_mark(ctx: &Arc<Ctx>, me: &str) -> Result<Repairs, crate::s
     let at = ctx.store.position().await?;
     let repairs = pass(ctx).await?;
     if repairs.missing == 0 && at.epoch.as_deref() == Some(epoch.as_str()) {
-        let before = ctx.store.rebuilt().await?;
+        let before = ctx.store.rebuilt().await.ok().flatten();
         if ctx.store.mark_rebuilt(&epoch, at.version, me).await?
             && before.is_none_or(|m| m.epoch != epoch)
         {
