@@ -153,8 +153,12 @@ async fn killing_the_master_under_load_fails_no_request_and_loses_no_mapping() {
         let promoted = group.wait_failover(old, Duration::from_secs(30));
         // As a Redis pod behind Sentinel restarts: as a replica of the current master.
         group.restart_as_replica(old);
-        promoted
+        (
+            promoted,
+            promoted + group.wait_replica_synced(old, Duration::from_secs(30)),
+        )
     });
+    let (promoted, synced) = promoted;
     let deadline = Instant::now() + Duration::from_secs(30);
     while log.lock().unwrap().acked_after(t_kill) < 20 {
         assert!(
@@ -224,7 +228,7 @@ async fn killing_the_master_under_load_fails_no_request_and_loses_no_mapping() {
         total = (total.0 + req, total.1 + failed);
     }
     eprintln!(
-        "sentinel failover under load: promoted in {promoted:?}; first claim acknowledged on the new master {failover:?} after the kill; \
+        "sentinel failover under load: promoted in {promoted:?}, old node back as an in-sync replica {synced:?} after the kill; first claim acknowledged on the new master {failover:?} after the kill; \
          claims acknowledged before the kill {}, after {}; lost {}; proxies: {} requests, {} failed",
         before.len(),
         log.acked_after(t_kill),

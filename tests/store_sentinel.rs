@@ -35,22 +35,21 @@ async fn connect(group: &SentinelGroup) -> Arc<dyn MappingStore> {
     Arc::new(RedisStore::connect(options(group)).await.unwrap())
 }
 
-/// Follows the store as a proxy does, until `stop`; the table it holds is shared.
+/// Follows the store as a proxy does, until the task is aborted; the table it holds is
+/// shared. (`next` runs to completion: a cancelled call may have consumed an event.)
 fn follow(
     store: Arc<dyn MappingStore>,
     table: Arc<Mutex<HashMap<String, u16>>>,
-    stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (mut follower, all) = Follower::start(store, Duration::from_secs(1))
             .await
             .unwrap();
         apply(&table, vec![SyncUpdate::Reset(all)]);
-        while !stop.load(Ordering::Relaxed) {
-            match tokio::time::timeout(Duration::from_millis(200), follower.next()).await {
-                Ok(Ok(u)) => apply(&table, u),
-                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(_) => {}
+        loop {
+            match follower.next().await {
+                Ok(u) => apply(&table, u),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
     })
@@ -106,7 +105,7 @@ async fn claims_survive(group: &mut SentinelGroup, fail: impl FnOnce(&mut Sentin
     let store = connect(group).await;
     let table = Arc::new(Mutex::new(HashMap::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let follower = follow(connect(group).await, table.clone(), stop.clone());
+    let follower = follow(connect(group).await, table.clone());
     let log = Arc::new(Mutex::new(ClaimLog::default()));
     let claimer = tokio::spawn(claim(
         store.clone(),
@@ -229,12 +228,19 @@ async fn claims_survive(group: &mut SentinelGroup, fail: impl FnOnce(&mut Sentin
 async fn claims_continue_through_a_killed_master_and_none_is_lost() {
     let mut group = SentinelGroup::start();
     claims_survive(&mut group, SentinelGroup::kill_master).await;
-    let old = &group.servers[0];
-    assert!(
-        old.cli(&["role"]).starts_with("slave"),
-        "{}",
-        old.cli(&["role"])
-    );
+    one_master(&group);
+}
+
+/// Exactly one data node is a master, the one the sentinels name (a loaded machine may see a
+/// second failover, back to the restarted node: that is fine, the store follows either way).
+fn one_master(group: &SentinelGroup) {
+    let masters: Vec<u16> = group
+        .servers
+        .iter()
+        .filter(|s| s.cli(&["role"]).starts_with("master"))
+        .map(|s| s.port())
+        .collect();
+    assert_eq!(masters, [group.master_port()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,12 +255,7 @@ async fn a_master_demoted_while_up_sends_writes_to_the_new_one() {
         old
     })
     .await;
-    let old = &group.servers[0];
-    assert!(
-        old.cli(&["role"]).starts_with("slave"),
-        "{}",
-        old.cli(&["role"])
-    );
+    one_master(&group);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

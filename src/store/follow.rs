@@ -198,6 +198,10 @@ impl Follower {
                     self.connected = true;
                     self.catch_up().await
                 }
+                Some(SubscriptionEvent::Replaced) => {
+                    self.connected = true;
+                    self.reload().await
+                }
                 Some(SubscriptionEvent::Lagged) => self.catch_up().await,
                 None => {
                     // The feed ended: subscribe again, then catch up on the gap.
@@ -286,6 +290,20 @@ impl Follower {
             mappings: all,
             cause,
         }])
+    }
+
+    /// Everything again, from the version read first (events racing the load are replayed
+    /// idempotently, as at start).
+    async fn reload(&mut self) -> Result<Vec<SyncUpdate>, StoreError> {
+        let version = self.store.current_version().await?;
+        let all = self.store.list_all().await?;
+        tracing::info!(
+            applied = self.tracker.applied(),
+            version,
+            "the store moved to another server; reloading"
+        );
+        self.tracker.reset(version);
+        Ok(vec![SyncUpdate::Reset(all)])
     }
 
     async fn resolve(&self, e: &ChangeEvent) -> Result<Vec<SyncUpdate>, StoreError> {

@@ -174,6 +174,10 @@ pub enum SubscriptionEvent {
     Disconnected,
     /// The feed is live again: catch up on what was missed while it was down.
     Reconnected,
+    /// The feed is live again on another server (a Sentinel failover): its history may differ
+    /// from what was read before (writes the old master never replicated, versions reused),
+    /// so reload everything.
+    Replaced,
 }
 
 /// A live change feed. Dropping it stops the background task that feeds it.

@@ -480,6 +480,22 @@ impl SentinelGroup {
         port
     }
 
+    /// Waits until the data node on `port` is an in-sync replica; returns the time it took.
+    pub fn wait_replica_synced(&self, port: u16, within: Duration) -> Duration {
+        let node = self.servers.iter().find(|s| s.port() == port).unwrap();
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if node
+                .cli(&["info", "replication"])
+                .contains("master_link_status:up")
+            {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("replica on {port} not in sync within {within:?}");
+    }
+
     /// Restarts the killed data node on `port` as a replica of the current master.
     pub fn restart_as_replica(&mut self, port: u16) {
         let master = self.master_port();

@@ -43,7 +43,7 @@ impl RedisStore {
 
     /// Forwards pub/sub messages until the subscriber goes away. When the connection ends, or
     /// the store moved to another master, it subscribes again (with [`Backoff`]) and reports
-    /// the gap so the subscriber can catch up.
+    /// the gap: `Reconnected` to catch up, `Replaced` (after a move) to reload.
     pub(super) async fn feed(
         self,
         first: redis::aio::PubSub,
@@ -52,6 +52,8 @@ impl RedisStore {
     ) {
         let mut pubsub = Some(first);
         let mut backoff = Backoff::new();
+        // Set when the store moved to another master since the last subscription.
+        let mut replaced = false;
         loop {
             if let Some(ps) = pubsub.take() {
                 let mut stream = ps.into_on_message();
@@ -59,7 +61,10 @@ impl RedisStore {
                     let msg = tokio::select! {
                         msg = stream.next() => msg,
                         // The old master may still be up (as a replica): leave it.
-                        _ = moved.changed() => None,
+                        _ = moved.changed() => {
+                            replaced = true;
+                            None
+                        }
                     };
                     let Some(msg) = msg else { break };
                     let Ok(payload) = msg.get_payload::<String>() else {
@@ -82,12 +87,19 @@ impl RedisStore {
                 }
             }
             backoff.wait().await;
+            // A move while the feed was down counts too.
+            replaced |= moved.has_changed().unwrap_or(false);
             match self.open_pubsub(&mut moved).await {
                 Ok(ps) => {
                     backoff.reset();
                     pubsub = Some(ps);
-                    tracing::info!("change feed reconnected");
-                    if !out.send(SubscriptionEvent::Reconnected) {
+                    tracing::info!(on_another_master = replaced, "change feed reconnected");
+                    let event = if std::mem::take(&mut replaced) {
+                        SubscriptionEvent::Replaced
+                    } else {
+                        SubscriptionEvent::Reconnected
+                    };
+                    if !out.send(event) {
                         return;
                     }
                 }
