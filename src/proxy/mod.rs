@@ -198,6 +198,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             "memory"
         },
         max_entries: local.max_size,
+        guard: crate::observe::guard::AdminGuard::new(
+            settings.admin_token.clone(),
+            cfg.admin_trust_loopback,
+        ),
     });
     let admin_stop = {
         let mut rx = stop_rx.clone();
