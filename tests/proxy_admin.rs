@@ -78,7 +78,10 @@ fn get_changes_nothing_and_loopback_post_drains() {
     }
     assert_eq!(ready(&p), 200, "still ready after refused drains");
     assert_eq!(
-        metric(&p, "tunnox_proxy_admin_refused_total{reason=\"no_credentials\"}"),
+        metric(
+            &p,
+            "tunnox_proxy_admin_refused_total{reason=\"no_credentials\"}"
+        ),
         2
     );
 
@@ -87,7 +90,11 @@ fn get_changes_nothing_and_loopback_post_drains() {
     assert!(r.body.starts_with("drained"), "{r:?}");
     assert_eq!(ready(&p), 503, "not ready once drained");
     assert_eq!(metric(&p, "tunnox_proxy_draining"), 1);
-    assert_eq!(p.status("app.tunnox.net"), 200, "still serving while draining");
+    assert_eq!(
+        p.status("app.tunnox.net"),
+        200,
+        "still serving while draining"
+    );
 }
 
 #[test]
@@ -167,7 +174,10 @@ fn tunnox_drain_fails_clearly() {
         missing.to_str().unwrap(),
     ]);
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("--token-file") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("--token-file") && err.contains("cannot read"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -184,8 +194,5 @@ fn unreadable_token_file_stops_the_proxy_naming_the_field() {
     .unwrap();
     let (code, _, err) = tunnox(&["--config", config.to_str().unwrap(), "check-config"]);
     assert_eq!(code, 64, "{err}");
-    assert!(
-        err.contains("proxy.admin_token_file: cannot read"),
-        "{err}"
-    );
+    assert!(err.contains("proxy.admin_token_file: cannot read"), "{err}");
 }

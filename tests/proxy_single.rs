@@ -221,7 +221,9 @@ fn file_mappings_persist_statistics_and_drain_on_sigterm() {
     });
 
     let post = |path: &str| {
-        let req = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         support::http::raw(p.admin, req.as_bytes(), Duration::from_secs(10)).unwrap()
     };
     let drained = post("/drain?wait=100ms");

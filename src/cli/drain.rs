@@ -28,7 +28,9 @@ pub struct DrainRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
-    #[error("cannot reach the proxy's admin port {addr}: {source} (is `tunnox proxy` running with proxy.admin_listen there? see --admin)")]
+    #[error(
+        "cannot reach the proxy's admin port {addr}: {source} (is `tunnox proxy` running with proxy.admin_listen there? see --admin)"
+    )]
     Connect {
         addr: SocketAddr,
         source: std::io::Error,
@@ -75,8 +77,7 @@ pub fn default_admin(listen: SocketAddr) -> SocketAddr {
 
 /// Parses `--wait` (`15s`, `500ms`, `1m`), at most [`MAX_WAIT`].
 pub fn parse_wait(raw: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(raw)
-        .map_err(|e| format!("{raw:?}: {e} (use e.g. 15s)"))?;
+    let d = humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e} (use e.g. 15s)"))?;
     if d > MAX_WAIT {
         return Err(format!("{raw:?}: at most 10m"));
     }
@@ -127,17 +128,22 @@ fn parse_response(bytes: &[u8]) -> Result<(u16, String), String> {
 /// Sends the request and returns the proxy's answer on 200.
 pub async fn drain(req: &DrainRequest) -> Result<String, DrainError> {
     let addr = req.admin;
-    let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(DrainError::Connect { addr, source }),
-        Err(_) => {
-            return Err(DrainError::Timeout {
-                addr,
-                within: CONNECT_TIMEOUT,
-            });
-        }
-    };
-    let within = req.wait.unwrap_or(Duration::from_secs(5)).max(Duration::from_secs(5)) + ANSWER_SLACK;
+    let mut stream =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(DrainError::Connect { addr, source }),
+            Err(_) => {
+                return Err(DrainError::Timeout {
+                    addr,
+                    within: CONNECT_TIMEOUT,
+                });
+            }
+        };
+    let within = req
+        .wait
+        .unwrap_or(Duration::from_secs(5))
+        .max(Duration::from_secs(5))
+        + ANSWER_SLACK;
     let exchange = async {
         stream.write_all(&request(req)).await?;
         let mut buf = Vec::new();
@@ -197,7 +203,10 @@ mod tests {
             token: Some(AdminToken::new("sekret")),
         };
         let text = String::from_utf8(request(&req)).unwrap();
-        assert!(text.starts_with("POST /drain?wait=15000ms HTTP/1.1\r\n"), "{text}");
+        assert!(
+            text.starts_with("POST /drain?wait=15000ms HTTP/1.1\r\n"),
+            "{text}"
+        );
         assert!(text.contains("\r\nAuthorization: Bearer sekret\r\n"));
         assert!(text.ends_with("\r\n\r\n"));
         let bare = DrainRequest {

@@ -76,7 +76,12 @@ pub fn read_secret(path: &Path, field: &str, origin: &str) -> Result<String, Con
 /// the auto-sharing rules copy it to the message broker.
 pub fn fill_password(cfg: &mut Config, origin: &str) -> Result<(), ConfigError> {
     let redis = &mut cfg.storage.redis;
-    let Some(path) = redis.password_file.clone() else {
+    // Empty means unset, so an environment override can turn a file's setting off.
+    let Some(path) = redis
+        .password_file
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty())
+    else {
         return Ok(());
     };
     if !redis.password.is_empty() {
@@ -97,6 +102,7 @@ pub fn admin_token(cfg: &Config, origin: &str) -> Result<Option<AdminToken>, Con
     cfg.proxy
         .admin_token_file
         .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
         .map(|p| read_secret(p, "proxy.admin_token_file", origin).map(AdminToken))
         .transpose()
 }
@@ -119,7 +125,10 @@ mod tests {
         for (presented, want) in cases {
             assert_eq!(t.matches(presented), *want, "{presented:?}");
         }
-        assert!(!AdminToken::new("").matches(b""), "an empty token matches nothing");
+        assert!(
+            !AdminToken::new("").matches(b""),
+            "an empty token matches nothing"
+        );
         assert_eq!(format!("{t:?}"), "AdminToken(<redacted>)");
     }
 
@@ -151,8 +160,8 @@ mod tests {
                 .message
                 .contains("64 KiB")
         );
-        let missing = read_secret(&dir.path().join("nope"), "storage.redis.password_file", "o")
-            .unwrap_err();
+        let missing =
+            read_secret(&dir.path().join("nope"), "storage.redis.password_file", "o").unwrap_err();
         assert_eq!(missing.path, "storage.redis.password_file");
         assert!(missing.message.contains("cannot read"), "{missing}");
     }
@@ -171,5 +180,11 @@ mod tests {
         both.storage.redis.password = "inline".into();
         let e = fill_password(&mut both, "o").unwrap_err();
         assert_eq!(e.path, "storage.redis.password_file");
+        let mut empty = Config::default();
+        empty.storage.redis.password_file = Some("".into());
+        fill_password(&mut empty, "o").unwrap();
+        assert_eq!(empty.storage.redis.password, "", "empty path = unset");
+        empty.proxy.admin_token_file = Some("".into());
+        assert!(admin_token(&empty, "o").unwrap().is_none());
     }
 }

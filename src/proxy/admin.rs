@@ -88,10 +88,7 @@ async fn drain(
     Query(q): Query<DrainQuery>,
 ) -> Response {
     if let Err(refusal) = admin.ctx.guard.check(peer, &headers) {
-        admin
-            .refused
-            .with_label_values(&[refusal.label()])
-            .inc();
+        admin.refused.with_label_values(&[refusal.label()]).inc();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
