@@ -9,8 +9,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::AdminToken;
 
-/// The proxy's `/drain` accepts at most this wait; checked here too, to fail before sending.
-pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// Time to connect to the admin port (it is local: a refusal is immediate).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time for the answer beyond the requested wait.
@@ -75,14 +73,8 @@ pub fn default_admin(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-/// Parses `--wait` (`15s`, `500ms`, `1m`), at most [`MAX_WAIT`].
-pub fn parse_wait(raw: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e} (use e.g. 15s)"))?;
-    if d > MAX_WAIT {
-        return Err(format!("{raw:?}: at most 10m"));
-    }
-    Ok(d)
-}
+/// Parses `--wait` by the proxy's own rule, so a bad value fails before anything is sent.
+pub use crate::proxy::parse_drain_wait as parse_wait;
 
 /// The request bytes. The token goes in a header, never the URL (URLs end up in logs).
 fn request(req: &DrainRequest) -> Vec<u8> {
@@ -185,14 +177,6 @@ mod tests {
                 want.parse::<SocketAddr>().unwrap()
             );
         }
-    }
-
-    #[test]
-    fn waits() {
-        assert_eq!(parse_wait("15s").unwrap(), Duration::from_secs(15));
-        assert_eq!(parse_wait("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_wait("11m").unwrap_err().contains("at most 10m"));
-        assert!(parse_wait("soon").unwrap_err().contains("\"soon\""));
     }
 
     #[test]

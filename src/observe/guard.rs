@@ -138,14 +138,16 @@ mod tests {
         let pod6: SocketAddr = "[fd00::3]:5000".parse().unwrap();
         let ok = Ok(());
         use Refusal::*;
-        let cases: &[(
-            &str,
+        // (case, configured token, trust loopback, peer, headers, decision)
+        type Case<'a> = (
+            &'a str,
             Option<AdminToken>,
             bool,
             SocketAddr,
-            &[(&str, &str)],
+            &'a [(&'a str, &'a str)],
             Result<(), Refusal>,
-        )] = &[
+        );
+        let cases: &[Case] = &[
             ("loopback trusted", None, true, lo, &[], ok),
             ("ipv6 loopback", None, true, lo6, &[], ok),
             ("mapped loopback", None, true, mapped, &[], ok),

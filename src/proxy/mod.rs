@@ -25,6 +25,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, combinators::BoxBody};
 use tokio::sync::watch;
 
+pub use admin::{MAX_DRAIN_WAIT, parse_wait as parse_drain_wait};
 pub use error::ProxyError;
 
 use crate::config::Settings;
