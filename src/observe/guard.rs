@@ -70,12 +70,13 @@ impl AdminGuard {
 
     /// Allows or refuses a request from `peer` with `headers`.
     ///
-    /// A request that names a proxy hop (`Via`, `Forwarded`, `X-Forwarded-For`) is not
+    /// A request that names a proxy hop (`Via`, `Forwarded`, `X-Forwarded-For`, tunnox's own
+    /// hop count `tunnox-hops`) is not
     /// trusted for arriving over loopback: a proxy on this host relayed it, perhaps one made
     /// to connect here by a hostile mapping (the egress policy refuses that target; this is
     /// the second line).
     pub fn check(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Refusal> {
-        let relayed = ["via", "forwarded", "x-forwarded-for"]
+        let relayed = ["via", "forwarded", "x-forwarded-for", "tunnox-hops"]
             .iter()
             .any(|h| headers.contains_key(*h));
         if self.trust_loopback && is_loopback(peer.ip()) && !relayed {
@@ -237,6 +238,14 @@ mod tests {
                 true,
                 lo,
                 &[("x-forwarded-for", "10.9.9.9")],
+                Err(NoCredentials),
+            ),
+            (
+                "relayed by a tunnox proxy",
+                None,
+                true,
+                lo,
+                &[("tunnox-hops", "1")],
                 Err(NoCredentials),
             ),
             (
