@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test e2e lint bench generate check-generated image run run-smoke help
+.PHONY: all build deps test e2e lint scan bench generate check-generated image run run-smoke help
 
 all: build
 
@@ -29,6 +29,9 @@ lint: ## rustfmt, clippy with warnings as errors, helm lint and template
 	$(CARGO) clippy --locked --all-targets --all-features -- -D warnings
 	$(HELM) lint --strict charts/tunnox
 	$(HELM) template tunnox charts/tunnox --namespace tunnox-system >/dev/null
+
+scan: ## checkov security scan of manifests/install.yaml and production renderings of the chart
+	.ci/scan.sh
 
 bench: deps ## run benchmarks and write docs/benchmarks.md
 	benches/run.sh docs/benchmarks.md

@@ -79,6 +79,17 @@ up() {
     openssl genrsa -out "$dir/pki/sa.key" 2048 2>/dev/null
     openssl rsa -in "$dir/pki/sa.key" -pubout -out "$dir/pki/sa.pub" 2>/dev/null
     echo "$token,admin,admin-uid,system:masters" >"$dir/pki/tokens.csv"
+    # Audit every request made with a ServiceAccount token (method, resource, namespace, name,
+    # status; no bodies): the e2e suite compares the controller's calls with its RBAC.
+    cat >"$dir/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+POLICY
 
     log "starting kube-apiserver on https://127.0.0.1:$api_port"
     setsid "$bin/kube-apiserver" \
@@ -90,6 +101,8 @@ up() {
         --service-account-issuer https://kubernetes.default.svc \
         --service-account-key-file "$dir/pki/sa.pub" \
         --service-account-signing-key-file "$dir/pki/sa.key" \
+        --audit-policy-file "$dir/audit-policy.yaml" --audit-log-path "$dir/audit.log" \
+        --audit-log-format json --audit-log-maxsize 0 \
         --service-cluster-ip-range 10.96.0.0/16 >"$dir/kube-apiserver.log" 2>&1 </dev/null &
     echo $! >"$dir/kube-apiserver.pid"
     wait_for apiserver 60 curl -skf "https://127.0.0.1:$api_port/readyz" ||
@@ -118,6 +131,7 @@ KUBECONFIG=$dir/kubeconfig
 KUBECTL=$bin/kubectl
 HELM=$("$here/install-deps.sh" --print-helm)
 API_SERVER=https://127.0.0.1:$api_port
+AUDIT_LOG=$dir/audit.log
 ENV
     # Wait until the default namespace and RBAC bootstrap roles exist.
     wait_for namespace 60 "$bin/kubectl" --kubeconfig "$dir/kubeconfig" get namespace default ||

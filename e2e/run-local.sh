@@ -73,7 +73,10 @@ pids+=($!)
 step "installing the chart (CRDs, RBAC, configuration)"
 k apply -f crds/tunnox.yaml >/dev/null
 k wait --for=condition=Established crd/httpdomainmappings.tunnox.net crd/tunnelsets.tunnox.net >/dev/null
-"$HELM" install tunnox charts/tunnox --namespace "$ns" --create-namespace --skip-crds >/dev/null
+# The demo page is on loopback, which tenants' mappings may not reach by default (the egress
+# policy, docs/security.md): allow exactly that address.
+"$HELM" install tunnox charts/tunnox --namespace "$ns" --create-namespace --skip-crds \
+    --set "egress.allow[0]=127.0.0.1:$demo_port" >/dev/null
 k -n "$ns" get configmap tunnox -o jsonpath='{.data.config\.yaml}' >"$run_dir/config.yaml"
 token=$(k -n "$ns" create token tunnox-controller --duration=24h)
 sed "s|^\(\s*token:\).*|\1 $token|" "$KUBECONFIG" >"$run_dir/controller.kubeconfig"
@@ -89,7 +92,9 @@ HTML
 python3 -m http.server "$demo_port" --bind 127.0.0.1 --directory "$run_dir/www" >"$run_dir/demo.log" 2>&1 &
 pids+=($!)
 
-common_env=(TUNNOX__STORAGE__REDIS__ADDR="127.0.0.1:$redis_port" POD_NAMESPACE="$ns")
+# This Redis has no password: the chart's password file (a mounted Secret in pods) is unset.
+common_env=(TUNNOX__STORAGE__REDIS__ADDR="127.0.0.1:$redis_port" TUNNOX__STORAGE__REDIS__PASSWORD_FILE=
+    POD_NAMESPACE="$ns")
 step "starting tunnox controller (as the chart's ServiceAccount)"
 env "${common_env[@]}" KUBECONFIG="$run_dir/controller.kubeconfig" POD_NAME=controller-local \
     TUNNOX__CONTROLLER__ADMIN_LISTEN="127.0.0.1:$(free_port)" \

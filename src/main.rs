@@ -1,8 +1,10 @@
 //! The `tunnox` binary: parse the command line, set up logging, run one role.
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +46,21 @@ enum Command {
     Crd,
     /// Validate the configuration, print the auto-sharing decisions and the effective settings.
     CheckConfig,
+    /// Ask the proxy in this pod to drain (POST /drain on its admin port): the preStop hook.
+    Drain(DrainArgs),
+}
+
+#[derive(clap::Args)]
+struct DrainArgs {
+    /// The proxy's admin address; default proxy.admin_listen (over loopback when it is 0.0.0.0).
+    #[arg(long, env = "TUNNOX_DRAIN_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// How long the proxy waits, not ready, before answering; default proxy.drain.propagation_delay.
+    #[arg(long, env = "TUNNOX_DRAIN_WAIT", value_parser = tunnox::cli::drain::parse_wait)]
+    wait: Option<Duration>,
+    /// A file with the admin bearer token; default proxy.admin_token_file.
+    #[arg(long, env = "TUNNOX_DRAIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +119,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Crd => unreachable!("handled before configuration is loaded"),
+        Command::Drain(args) => drain(args, &settings),
         Command::Controller => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -128,6 +146,48 @@ fn main() -> ExitCode {
         Command::Agent => {
             eprintln!("tunnox agent: not implemented yet");
             ExitCode::from(EXIT_NOT_IMPLEMENTED)
+        }
+    }
+}
+
+/// `tunnox drain`: exit 0 once the proxy drained, 1 with the reason when it did not.
+fn drain(args: DrainArgs, settings: &config::Settings) -> ExitCode {
+    let proxy = &settings.config.proxy;
+    let token = match args.token_file {
+        Some(path) => match config::read_secret(&path, "--token-file", "tunnox drain") {
+            Ok(t) => Some(config::AdminToken::new(t)),
+            Err(e) => {
+                eprintln!("tunnox: invalid configuration: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
+        None => settings.admin_token.clone(),
+    };
+    let req = tunnox::cli::drain::DrainRequest {
+        admin: args
+            .admin
+            .unwrap_or_else(|| tunnox::cli::drain::default_admin(proxy.admin_listen)),
+        wait: Some(args.wait.unwrap_or(proxy.drain.propagation_delay.get())),
+        token,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tunnox drain: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tunnox::cli::drain::drain(&req)) {
+        Ok(answer) => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tunnox drain: {e}");
+            ExitCode::FAILURE
         }
     }
 }

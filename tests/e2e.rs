@@ -11,9 +11,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use std::time::Duration;
 
+use serde::Deserialize;
 use support::ControlPlane;
 use support::controlplane::{ok, stderr};
 use support::process::{Role, eventually, free_port, http_get};
+use tunnox::controller::access;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -40,6 +42,8 @@ impl Stack {
             ("TUNNOX__PROXY__SET", "default.default".to_string()),
             ("TUNNOX__PROXY__NODE_ID", name.to_string()),
             ("TUNNOX__STORAGE__REDIS__ADDR", self.redis.addr()),
+            // The test Redis has no password; in pods the file is the mounted Secret.
+            ("TUNNOX__STORAGE__REDIS__PASSWORD_FILE", String::new()),
             ("TUNNOX__PROXY__LISTEN", format!("127.0.0.1:{port}")),
             ("TUNNOX__PROXY__ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
             // The test's upstreams are on loopback, which proxies refuse for tenants.
@@ -78,6 +82,7 @@ impl Stack {
             ("POD_NAME", name.to_string()),
             ("POD_NAMESPACE", NS.to_string()),
             ("TUNNOX__STORAGE__REDIS__ADDR", self.redis.addr()),
+            ("TUNNOX__STORAGE__REDIS__PASSWORD_FILE", String::new()),
             (
                 "TUNNOX__CONTROLLER__ADMIN_LISTEN",
                 format!("127.0.0.1:{admin}"),
@@ -197,6 +202,10 @@ fn main() {
             controller_enforces_quota_atomically,
         ),
         ("two_clusters_share_one_redis", two_clusters_share_one_redis),
+        (
+            "controller_rbac_is_what_it_calls",
+            controller_rbac_is_what_it_calls,
+        ),
     ];
     let stack = setup();
     let (mut passed, mut failed) = (0, 0);
@@ -428,38 +437,72 @@ fn chart_grants_least_privilege(cp: &ControlPlane) {
         }
         text(&cp.kubectl_as(&token, &args)).trim() == "yes"
     };
-    // What the controller needs.
-    for (verb, resource) in [
-        ("watch", "httpdomainmappings.tunnox.net"),
-        ("patch", "httpdomainmappings.tunnox.net/status"),
-        ("update", "httpdomainmappings.tunnox.net/finalizers"),
-        ("list", "tunnelsets.tunnox.net"),
-        ("create", "services"),
-        ("get", "secrets"),
-        ("create", "events.events.k8s.io"),
+    // What the controller calls (src/controller/access.rs; controller_rbac_is_what_it_calls
+    // checks the whole list against the chart and the audit log).
+    for (verb, resource, ns) in [
+        ("watch", "httpdomainmappings.tunnox.net", None),
+        ("list", "httpdomainmappings.tunnox.net", None),
+        ("patch", "httpdomainmappings.tunnox.net", Some("rbac")),
+        ("patch", "httpdomainmappings.tunnox.net/status", None),
+        ("create", "events.events.k8s.io", Some("rbac")),
+        ("get", "namespaces/kube-system", None),
+        ("create", "leases.coordination.k8s.io", Some(NS)),
+        (
+            "update",
+            "leases.coordination.k8s.io/tunnox-controller",
+            Some(NS),
+        ),
     ] {
         assert!(
-            can(verb, resource, None),
+            can(verb, resource, ns),
             "controller should be allowed to {verb} {resource}"
         );
     }
-    assert!(can("update", "leases.coordination.k8s.io", Some(NS)));
-    // What it must not have.
-    for (verb, resource) in [
-        ("delete", "httpdomainmappings.tunnox.net"),
-        ("create", "httpdomainmappings.tunnox.net"),
-        ("create", "secrets"),
-        ("list", "pods"),
-        ("create", "clusterroles.rbac.authorization.k8s.io"),
-        ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
+    // What nothing in the controller calls.
+    for (verb, resource, ns) in [
+        ("delete", "httpdomainmappings.tunnox.net", None),
+        ("create", "httpdomainmappings.tunnox.net", None),
+        ("get", "httpdomainmappings.tunnox.net", None),
+        ("update", "httpdomainmappings.tunnox.net", None),
+        ("update", "httpdomainmappings.tunnox.net/finalizers", None),
+        ("list", "tunnelsets.tunnox.net", None),
+        ("get", "secrets", None),
+        ("list", "secrets", Some(NS)),
+        ("create", "secrets", None),
+        ("create", "services", None),
+        ("list", "services", None),
+        ("create", "events", Some("rbac")),
+        ("get", "namespaces/default", None),
+        ("list", "namespaces", None),
+        ("list", "pods", None),
+        ("create", "clusterroles.rbac.authorization.k8s.io", None),
+        (
+            "delete",
+            "customresourcedefinitions.apiextensions.k8s.io",
+            None,
+        ),
+        (
+            "update",
+            "leases.coordination.k8s.io/another-lease",
+            Some(NS),
+        ),
+        (
+            "delete",
+            "leases.coordination.k8s.io/tunnox-controller",
+            Some(NS),
+        ),
     ] {
         assert!(
-            !can(verb, resource, None),
+            !can(verb, resource, ns),
             "controller must not be allowed to {verb} {resource}"
         );
     }
     assert!(
-        !can("update", "leases.coordination.k8s.io", Some("default")),
+        !can(
+            "update",
+            "leases.coordination.k8s.io/tunnox-controller",
+            Some("default")
+        ),
         "leases only in its own namespace"
     );
     // Real requests with the ServiceAccount's token: an allowed one works, a refused one is 403.
@@ -517,23 +560,81 @@ fn chart_grants_least_privilege(cp: &ControlPlane) {
     let file =
         std::env::temp_dir().join(format!("tunnox-chart-config-{}.yaml", std::process::id()));
     std::fs::write(&file, &config).unwrap();
+    let password = file.with_extension("password");
+    std::fs::write(&password, "from-the-secret\n").unwrap();
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_tunnox"))
         .args(["--config", file.to_str().unwrap(), "check-config"])
-        .env("TUNNOX__STORAGE__REDIS__PASSWORD", "from-the-secret")
+        // The Secret's file, mounted where the chart says in pods.
+        .env(
+            "TUNNOX__STORAGE__REDIS__PASSWORD_FILE",
+            password.to_str().unwrap(),
+        )
         .env("TUNNOX__PROXY__SET", "default.default")
         .env("TUNNOX__PROXY__NODE_ID", "tunnox-proxy-default-default-0")
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&password);
     let printed = ok(check, "tunnox check-config on the chart's configuration");
     assert!(printed.contains("mapping store: redis"), "{printed}");
+    assert!(
+        config.contains("password_file: \"/var/run/secrets/tunnox/redis/password\"")
+            && printed.contains("password: <redacted>"),
+        "the password comes from the Secret's file: {config}\n{printed}"
+    );
+    // Secrets reach tunnox pods as files, never as environment variables.
+    for workload in [
+        "deployment/tunnox-controller",
+        "deployment/tunnox-proxy-default-default",
+        "statefulset/tunnox-redis",
+    ] {
+        let env = cp.kubectl_ok(&[
+            "get",
+            workload,
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[*].env}",
+        ]);
+        assert!(
+            !env.contains("secretKeyRef"),
+            "{workload} takes a Secret as a variable: {env}"
+        );
+    }
+    // The preStop hook drains over loopback inside the container (POST), not an HTTP GET.
+    let pre_stop = cp.kubectl_ok(&[
+        "get",
+        "deployment/tunnox-proxy-default-default",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].lifecycle.preStop}",
+    ]);
+    assert!(
+        pre_stop.contains(r#""exec""#)
+            && pre_stop.contains(r#""drain""#)
+            && !pre_stop.contains("httpGet"),
+        "{pre_stop}"
+    );
+    let policies = cp.kubectl_ok(&["get", "networkpolicy", "-n", NS, "-o", "name"]);
+    for np in ["tunnox-proxy", "tunnox-controller", "tunnox-redis"] {
+        assert!(
+            policies.contains(&format!("networkpolicy.networking.k8s.io/{np}")),
+            "{policies}"
+        );
+    }
     cp.kubectl_ok(&["delete", "hdm", "r", "-n", "rbac"]);
 }
 
 fn chart_refuses_bad_values(cp: &ControlPlane) {
     let chart = format!("{ROOT}/charts/tunnox");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--set", "redis.bundled=false"], "/redis/external/addr"),
+        (
+            &["--set", "proxy.admin.trustLoopback=false"],
+            "proxy.admin.tokenSecret.name is empty",
+        ),
+        (&["--set", "image.digest=latest"], "/image/digest"),
         (&["--set", "baseDomains[0]=Bad_Domain"], "/baseDomains/0"),
         (&["--set", "proxy.sets[0].name=novel"], "/proxy/sets/0/name"),
         (
@@ -1390,4 +1491,206 @@ fn two_clusters_share_one_redis(s: &Stack) {
     });
     no_permission_errors(&ctl_a);
     drop(ctl_b);
+}
+
+/// The controller's permissions as the chart grants them: (scope, group, resource, name or "",
+/// verb), from the rendered ClusterRole and Role bound to its ServiceAccount.
+fn chart_permissions(rendered: &str) -> Vec<access::Permission> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let Ok(v) = serde_yaml::Value::deserialize(doc) else {
+            continue;
+        };
+        let scope = match v["kind"].as_str() {
+            Some("ClusterRole") => access::Scope::Cluster,
+            Some("Role") => access::Scope::OwnNamespace,
+            _ => continue,
+        };
+        let name = v["metadata"]["name"].as_str().unwrap_or_default();
+        if !name.starts_with("tunnox-controller") {
+            continue;
+        }
+        let strings = |x: &serde_yaml::Value| -> Vec<String> {
+            x.as_sequence()
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|i| i.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for rule in v["rules"].as_sequence().cloned().unwrap_or_default() {
+            let mut names = strings(&rule["resourceNames"]);
+            if names.is_empty() {
+                names.push(String::new());
+            }
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for n in &names {
+                        for verb in strings(&rule["verbs"]) {
+                            out.push((scope, group.clone(), resource.clone(), n.clone(), verb));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// One API request of the controller, from the API server's audit log.
+#[derive(Debug)]
+struct Call {
+    verb: String,
+    group: String,
+    resource: String,
+    namespace: String,
+    name: String,
+    code: i64,
+}
+
+/// Requests made with the controller's ServiceAccount token by anything but kubectl since
+/// `since`, one per request (watches are logged when they start).
+fn controller_calls(audit_log: &str, since: chrono::DateTime<chrono::Utc>) -> Vec<Call> {
+    let user = format!("system:serviceaccount:{NS}:tunnox-controller");
+    let text = std::fs::read_to_string(audit_log).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    let mut calls = Vec::new();
+    for line in text.lines() {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let at = e["requestReceivedTimestamp"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        if e["user"]["username"] != user.as_str()
+            || e["userAgent"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("kubectl")
+            || at.is_none_or(|t| t < since)
+            || !seen.insert(e["auditID"].as_str().unwrap_or_default().to_string())
+        {
+            continue;
+        }
+        let o = &e["objectRef"];
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let mut resource = s(&o["resource"]);
+        if let Some(sub) = o["subresource"].as_str() {
+            resource = format!("{resource}/{sub}");
+        }
+        calls.push(Call {
+            verb: s(&e["verb"]),
+            group: s(&o["apiGroup"]),
+            resource,
+            namespace: s(&o["namespace"]),
+            name: s(&o["name"]),
+            code: e["responseStatus"]["code"].as_i64().unwrap_or(0),
+        });
+    }
+    calls
+}
+
+/// RBAC is exactly what the code calls (issue 14): the chart grants the list in
+/// src/controller/access.rs, no more and no less; the controller, run as the chart's
+/// ServiceAccount through a mapping's life (claim, move, move back, delete) and a leader
+/// election from scratch, makes only calls that list names, all allowed, and uses every entry.
+fn controller_rbac_is_what_it_calls(s: &Stack) {
+    let rendered = ok(
+        s.cp.helm(&[
+            "template",
+            "tunnox",
+            &format!("{ROOT}/charts/tunnox"),
+            "--namespace",
+            NS,
+        ]),
+        "helm template",
+    );
+    let granted = chart_permissions(&rendered);
+    let declared = access::permissions(access::GRANTS);
+    let extra: Vec<_> = granted.iter().filter(|p| !declared.contains(p)).collect();
+    let missing: Vec<_> = declared.iter().filter(|p| !granted.contains(p)).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "controller-rbac.yaml differs from src/controller/access.rs:\n  in the chart only: {extra:?}\n  in access.rs only: {missing:?}"
+    );
+
+    let since = chrono::Utc::now() - chrono::Duration::seconds(1);
+    // From scratch, so the Lease is created, read and renewed.
+    s.cp.kubectl_ok(&[
+        "delete",
+        "lease",
+        "tunnox-controller",
+        "-n",
+        NS,
+        "--ignore-not-found",
+    ]);
+    let (mut ctl, _) = s.controller("ctl-rbac");
+    let ns = "rbac-audit";
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    // (Not 8080 or 9090: the chart's proxy ports are the proxies' own, refused as targets.)
+    ok(s.cp.apply(&hdm_yaml(ns, "m", "audit-a", 3001)), "apply");
+    eventually("Active", Duration::from_secs(20), || {
+        s.phase(ns, "m") == "Active"
+    });
+    let claim = |d: &str| s.redis_keys(&format!("tunnox:http_domain:index:domain:{d}.tunnox.net"));
+    // Moving the domain away and back repeats the event "claimed audit-a…": a patch.
+    s.patch(ns, "m", r#"{"spec":{"subdomain":"audit-b"}}"#);
+    eventually("moved", Duration::from_secs(20), || {
+        claim("audit-b").len() == 1 && claim("audit-a").is_empty()
+    });
+    s.patch(ns, "m", r#"{"spec":{"subdomain":"audit-a"}}"#);
+    eventually("moved back", Duration::from_secs(20), || {
+        claim("audit-a").len() == 1 && claim("audit-b").is_empty()
+    });
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "m", "-n", ns, "--timeout=30s"]),
+        "delete (finalizer removed)",
+    );
+    // A few lease renewals (renew interval 1 s).
+    std::thread::sleep(Duration::from_secs(3));
+    ctl.terminate(Duration::from_secs(10));
+    no_permission_errors(&ctl);
+
+    let calls = controller_calls(s.cp.var("AUDIT_LOG"), since);
+    assert!(!calls.is_empty(), "no audited call: is the audit log on?");
+    let mut used = std::collections::BTreeSet::new();
+    let mut unlisted = Vec::new();
+    for c in &calls {
+        assert_ne!(c.code, 403, "forbidden: {c:?}");
+        let hit = declared
+            .iter()
+            .find(|(scope, group, resource, name, verb)| {
+                *group == c.group
+                    && *resource == c.resource
+                    && *verb == c.verb
+                    && (name.is_empty() || *name == c.name)
+                    && match scope {
+                        access::Scope::Cluster => true,
+                        access::Scope::OwnNamespace => c.namespace == NS,
+                    }
+            });
+        match hit {
+            Some(p) => {
+                used.insert(p.clone());
+            }
+            None => unlisted.push(c),
+        }
+    }
+    assert!(
+        unlisted.is_empty(),
+        "calls src/controller/access.rs does not list: {unlisted:?}"
+    );
+    let unused: Vec<_> = declared.iter().filter(|p| !used.contains(*p)).collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never called during a mapping's life and an election: {unused:?}"
+    );
+    eprintln!(
+        "e2e: {} controller calls audited, {} permissions each used",
+        calls.len(),
+        used.len()
+    );
 }

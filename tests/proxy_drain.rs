@@ -178,7 +178,13 @@ fn drain_and_restart_under_load_fails_no_request() {
     std::thread::sleep(Duration::from_millis(1500));
 
     // preStop: /drain flips readiness and waits; keep-alive answers now say Connection: close.
-    let drain = std::thread::spawn(move || support::http::get(aa, "localhost", "/drain?wait=1s"));
+    let drain = std::thread::spawn(move || {
+        raw(
+            aa,
+            b"POST /drain?wait=1s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+    });
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         support::http::get(aa, "localhost", "/readyz")

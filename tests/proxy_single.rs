@@ -222,7 +222,13 @@ fn file_mappings_persist_statistics_and_drain_on_sigterm() {
         })
     });
 
-    let drained = p.admin_get("/drain?wait=100ms").unwrap();
+    let post = |path: &str| {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        support::http::raw(p.admin, req.as_bytes(), Duration::from_secs(10)).unwrap()
+    };
+    let drained = post("/drain?wait=100ms");
     assert_eq!(drained.status, 200);
     assert_eq!(
         p.admin_get("/readyz").unwrap().status,
@@ -231,7 +237,7 @@ fn file_mappings_persist_statistics_and_drain_on_sigterm() {
     );
     let r = get(p.port, "app.tunnox.net", "/").unwrap();
     assert_eq!(r.status, 200, "still serving while draining");
-    assert_eq!(p.admin_get("/drain?wait=forever").unwrap().status, 400);
+    assert_eq!(post("/drain?wait=forever").status, 400);
     assert_eq!(
         p.role.terminate(Duration::from_secs(10)),
         Some(0),

@@ -5,6 +5,7 @@ mod duration;
 mod load;
 mod model;
 mod resolve;
+mod secret;
 
 use std::fmt;
 use std::path::Path;
@@ -13,6 +14,7 @@ pub use duration::Dur;
 pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
 pub use model::*;
 pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sharing, resolve};
+pub use secret::{AdminToken, read_secret};
 
 /// Invalid configuration: where (file, line, field path) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +81,12 @@ pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Settings, Conf
         }
         None => (String::new(), "<defaults>".to_string()),
     };
-    resolve(parse(&text, &origin, env)?, &origin)
+    let mut cfg = parse(&text, &origin, env)?;
+    // Secret files are read here, at the I/O edge; `resolve` stays pure.
+    secret::fill_password(&mut cfg, &origin)?;
+    let mut settings = resolve(cfg, &origin)?;
+    settings.admin_token = secret::admin_token(&settings.config, &origin)?;
+    Ok(settings)
 }
 
 #[cfg(test)]

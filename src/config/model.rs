@@ -116,6 +116,9 @@ pub struct RedisConfig {
     pub addr: String,
     #[serde(deserialize_with = "lenient_string")]
     pub password: String,
+    /// A file holding the password (a mounted Secret), read at start; trailing newlines are
+    /// dropped. Excludes `password`.
+    pub password_file: Option<PathBuf>,
     pub db: i64,
     pub pool_size: usize,
     /// Prefix of every tunnox key. Use a hash tag (`{tunnox}`) on Redis Cluster.
@@ -139,6 +142,7 @@ impl Default for RedisConfig {
         Self {
             addr: String::new(),
             password: String::new(),
+            password_file: None,
             db: 0,
             pool_size: 10,
             key_prefix: "tunnox".into(),
@@ -368,6 +372,12 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     #[serde(deserialize_with = "socket_addr")]
     pub admin_listen: SocketAddr,
+    /// A file holding the bearer token that state-changing admin endpoints (`/drain`) accept
+    /// (a mounted Secret), read at start. Without it only loopback clients may drain.
+    pub admin_token_file: Option<PathBuf>,
+    /// Whether a client connecting over loopback (the preStop hook in the pod) may drain
+    /// without the token. `false`: the token is required from everyone.
+    pub admin_trust_loopback: bool,
     pub set: SetName,
     /// Node id in the registry; default `$POD_NAME`, else the host name.
     pub node_id: Option<String>,
@@ -392,6 +402,8 @@ impl Default for ProxyConfig {
         Self {
             listen: "0.0.0.0:8080".parse().expect("valid"),
             admin_listen: "127.0.0.1:9090".parse().expect("valid"),
+            admin_token_file: None,
+            admin_trust_loopback: true,
             set: SetName::parse("default.default").expect("valid"),
             node_id: None,
             advertise_address: None,

@@ -67,6 +67,8 @@ pub struct Settings {
     pub uses_redis: bool,
     /// `egress` parsed, without any process's own listeners (each role adds its own).
     pub egress: EgressPolicy,
+    /// The admin bearer token, read from `proxy.admin_token_file` by [`super::load`].
+    pub admin_token: Option<super::AdminToken>,
 }
 
 impl Settings {
@@ -298,6 +300,7 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         warnings,
         uses_redis,
         egress,
+        admin_token: None,
     })
 }
 

@@ -2,6 +2,7 @@
 //! status, elects one leader among replicas, repairs drift, and serves `/metrics`, `/healthz`,
 //! `/readyz`.
 
+pub mod access;
 pub mod cluster;
 pub mod decide;
 pub mod leader;

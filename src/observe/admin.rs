@@ -1,4 +1,6 @@
-//! The admin HTTP server every role runs: `/metrics`, `/healthz`, `/readyz`.
+//! The admin HTTP server every role runs: `/metrics`, `/healthz`, `/readyz`. Each connection
+//! carries its peer address (`ConnectInfo`), so a role's state-changing routes can apply
+//! [`super::guard::AdminGuard`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,6 +85,7 @@ pub fn serve_on(
         tracing::info!(%addr, "admin server listening");
     }
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

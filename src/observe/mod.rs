@@ -1,6 +1,7 @@
 //! Observability shared by every role: logging set-up and the admin HTTP server.
 
 pub mod admin;
+pub mod guard;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,15 +1,21 @@
 //! The proxy's routes on the admin port, besides `/metrics`, `/healthz`, `/readyz`:
-//! `/drain` (a Kubernetes preStop hook) and `/api/v1/stats/system` (seed 001's shape).
+//! `POST /drain` (the preStop hook's `tunnox drain`; a loopback client or the bearer token,
+//! see [`AdminGuard`]) and `/api/v1/stats/system` (seed 001's shape, read-only).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
+
+use crate::observe::guard::AdminGuard;
 
 use super::cache::RouteCache;
 use super::drain::Drain;
@@ -26,13 +32,48 @@ pub struct AdminContext {
     /// `memory` or `redis`: where mappings are shared.
     pub cache_type: &'static str,
     pub max_entries: usize,
+    pub guard: AdminGuard,
+}
+
+#[derive(Clone)]
+struct Admin {
+    ctx: AdminContext,
+    /// `tunnox_proxy_admin_refused_total{reason}`.
+    refused: IntCounterVec,
+    /// Unix second of the last refusal logged: a flood of refused requests logs once a second.
+    last_logged: Arc<AtomicU64>,
 }
 
 pub fn routes(ctx: AdminContext) -> Router {
+    let refused = IntCounterVec::new(
+        prometheus::Opts::new(
+            "tunnox_proxy_admin_refused_total",
+            "State-changing admin requests refused, by reason",
+        ),
+        &["reason"],
+    )
+    .expect("valid metric");
+    // The registry is new per process; a second registration would be a programming error.
+    let _ = ctx.metrics.registry.register(Box::new(refused.clone()));
+    let admin = Admin {
+        ctx,
+        refused,
+        last_logged: Arc::new(AtomicU64::new(0)),
+    };
     Router::new()
-        .route("/drain", get(drain).post(drain))
+        // GET (a probe, a crawler, a link) must never change state: only POST drains.
+        .route("/drain", post(drain).fallback(post_only))
         .route("/api/v1/stats/system", get(stats))
-        .with_state(ctx)
+        .with_state(admin)
+}
+
+async fn post_only() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, "POST")],
+        "use POST /drain (tunnox drain); other methods change nothing\n",
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -40,11 +81,42 @@ struct DrainQuery {
     wait: Option<String>,
 }
 
-async fn drain(State(ctx): State<AdminContext>, Query(q): Query<DrainQuery>) -> Response {
+async fn drain(
+    State(admin): State<Admin>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<DrainQuery>,
+) -> Response {
+    if let Err(refusal) = admin.ctx.guard.check(peer, &headers) {
+        admin.refused.with_label_values(&[refusal.label()]).inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if admin.last_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(%peer, reason = refusal.label(), "drain refused");
+        }
+        let mut resp = (refusal.status(), refusal.body()).into_response();
+        if refusal.status() == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        return resp;
+    }
+    let ctx = &admin.ctx;
     let wait = match q.wait.as_deref().map(parse_wait).transpose() {
         Ok(w) => w.unwrap_or(ctx.propagation_delay),
-        Err(msg) => return (StatusCode::BAD_REQUEST, msg).into_response(),
+        Err(msg) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("query parameter wait={msg}\n"),
+            )
+                .into_response();
+        }
     };
+    tracing::info!(%peer, wait = %humantime::format_duration(wait), "drain requested");
     ctx.drain.start();
     // Load balancers need this long to stop sending new connections here.
     tokio::time::sleep(wait).await;
@@ -55,11 +127,15 @@ async fn drain(State(ctx): State<AdminContext>, Query(q): Query<DrainQuery>) -> 
         .into_response()
 }
 
-fn parse_wait(raw: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(raw)
-        .map_err(|e| format!("query parameter wait={raw:?}: {e} (use e.g. 15s)\n"))?;
-    if d > Duration::from_secs(600) {
-        return Err(format!("query parameter wait={raw:?}: at most 10m\n"));
+/// The longest drain wait accepted (a preStop hook beyond this is a mistake).
+pub const MAX_DRAIN_WAIT: Duration = Duration::from_secs(600);
+
+/// A drain wait (`15s`, `500ms`, `1m`), at most [`MAX_DRAIN_WAIT`]; the one rule for `/drain`'s
+/// `wait` and `tunnox drain --wait`. The error quotes the value.
+pub fn parse_wait(raw: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e} (use e.g. 15s)"))?;
+    if d > MAX_DRAIN_WAIT {
+        return Err(format!("{raw:?}: at most 10m"));
     }
     Ok(d)
 }
@@ -97,7 +173,8 @@ struct SyncStats {
     epoch: Option<String>,
 }
 
-async fn stats(State(ctx): State<AdminContext>) -> axum::Json<SystemStats> {
+async fn stats(State(admin): State<Admin>) -> axum::Json<SystemStats> {
+    let ctx = &admin.ctx;
     let m = &ctx.metrics;
     let hits = m.cache_hits.get();
     let misses = m.cache_misses.get();
@@ -137,7 +214,7 @@ mod tests {
     fn parses_wait() {
         assert_eq!(parse_wait("15s").unwrap(), Duration::from_secs(15));
         assert_eq!(parse_wait("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_wait("soon").unwrap_err().contains("wait=\"soon\""));
+        assert!(parse_wait("soon").unwrap_err().contains("\"soon\""));
         assert!(parse_wait("1h").unwrap_err().contains("at most"));
     }
 }

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, combinators::BoxBody};
 use tokio::sync::watch;
 
+pub use admin::{MAX_DRAIN_WAIT, parse_wait as parse_drain_wait};
 pub use error::ProxyError;
 
 use crate::config::Settings;
@@ -223,6 +224,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             "memory"
         },
         max_entries: local.max_size,
+        guard: crate::observe::guard::AdminGuard::new(
+            settings.admin_token.clone(),
+            cfg.admin_trust_loopback,
+        ),
     });
     let admin_stop = {
         let mut rx = stop_rx.clone();

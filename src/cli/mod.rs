@@ -1,0 +1,3 @@
+//! Subcommands that talk to a running tunnox process rather than being one: `tunnox drain`.
+
+pub mod drain;
