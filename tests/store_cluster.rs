@@ -114,7 +114,9 @@ async fn the_hash_tagged_prefix_runs_every_script_on_one_cluster_slot() {
     assert_eq!(found.mapping_id, a.mapping_id);
     assert_eq!(s.list_all().await.unwrap().len(), 2);
     match s.changes_since(0, 100).await.unwrap() {
-        Changes::Events { events, current, .. } => {
+        Changes::Events {
+            events, current, ..
+        } => {
             assert_eq!((events.len(), current), (3, 3));
         }
         other => panic!("{other:?}"),

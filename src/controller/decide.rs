@@ -187,7 +187,7 @@ pub fn evaluate(hdm: &HTTPDomainMapping, policy: &Policy, now: DateTime<Utc>) ->
     let target = &spec.target;
     let (field, host, port, display) = match (&target.service, &target.address, &target.tunnel) {
         (Some(s), None, None) => {
-            let host = format!("{}.{ns}.svc.cluster.local", s.name);
+            let host = format!("{}.{ns}.svc.{}", s.name, policy.egress.cluster_domain());
             let display = format!("{host}:{}", s.port);
             ("spec.target.service", host, s.port, display)
         }

@@ -220,6 +220,11 @@ impl EgressPolicy {
         self
     }
 
+    /// The Kubernetes cluster domain Service names end in (`cluster.local`).
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
+    }
+
     pub fn allow(&self) -> &[Rule] {
         &self.allow
     }
