@@ -23,7 +23,7 @@ const COLD: usize = 10_000;
 fn mapping(ns: &str, name: &str, sub: &str) -> HTTPDomainMapping {
     let mut h = HTTPDomainMapping::new(
         name,
-        HTTPDomainMappingSpec::new(sub, "tunnox.net", Target::address("127.0.0.1", 8080)),
+        HTTPDomainMappingSpec::new(sub, "tunnox.net", Target::address("127.0.0.1", 3000)),
     );
     h.metadata.namespace = Some(ns.into());
     h
@@ -72,7 +72,7 @@ fn main() {
     let config = dir.path().join("config.yaml");
     std::fs::write(
         &config,
-        format!("storage: {{type: redis, redis: {{addr: '{}'}}}}\nhttp_domain: {{base_domains: [tunnox.net]}}\nlog: {{level: warn}}\n", redis.addr()),
+        format!("storage: {{type: redis, redis: {{addr: '{}'}}}}\nhttp_domain: {{base_domains: [tunnox.net]}}\negress: {{allow: ['127.0.0.0/8']}}\nlog: {{level: warn}}\n", redis.addr()),
     )
     .unwrap();
     let mut controller = start_controller(&cp, &config, dir.path(), "bench-1");
