@@ -9,3 +9,4 @@ pub mod domain;
 pub mod observe;
 pub mod proxy;
 pub mod store;
+pub mod tunnel;

@@ -6,6 +6,7 @@ mod load;
 mod model;
 mod resolve;
 mod secret;
+mod tunnel;
 
 use std::fmt;
 use std::path::Path;
@@ -15,6 +16,7 @@ pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
 pub use model::*;
 pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sharing, resolve};
 pub use secret::{AdminToken, read_secret};
+pub use tunnel::{AgentConfig, TunnelClientEntry, TunnelListenerConfig};
 
 /// Invalid configuration: where (file, line, field path) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,6 +52,10 @@ pub struct Config {
     pub egress: EgressConfig,
     /// Single-node only: mappings declared in the file.
     pub mappings: Vec<MappingEntry>,
+    /// Single-node only: the tunnel clients the proxy admits.
+    pub tunnel_clients: Vec<super::TunnelClientEntry>,
+    /// `tunnox agent`.
+    pub agent: super::AgentConfig,
 }
 
 /// The egress policy's operator-set part. Tenants' targets are refused when they are loopback,
@@ -395,6 +399,8 @@ pub struct ProxyConfig {
     pub registry: RegistryConfig,
     /// How often aggregated access statistics are written to the store.
     pub stats_flush_interval: Dur,
+    /// Where `tunnox agent`s connect.
+    pub tunnel: super::TunnelListenerConfig,
 }
 
 impl Default for ProxyConfig {
@@ -414,6 +420,7 @@ impl Default for ProxyConfig {
             drain: DrainConfig::default(),
             registry: RegistryConfig::default(),
             stats_flush_interval: Dur::secs(5),
+            tunnel: super::TunnelListenerConfig::default(),
         }
     }
 }
@@ -611,6 +618,10 @@ impl Default for LogConfig {
 pub struct MappingEntry {
     pub subdomain: String,
     pub base_domain: Hostname,
+    /// A `tunnel_clients` entry whose agent carries the traffic to `target_host:target_port`
+    /// (seed 000's `target_client_id`); absent: the target is reached directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_client_id: Option<String>,
     pub target_host: String,
     pub target_port: u16,
     #[serde(default)]

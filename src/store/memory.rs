@@ -183,6 +183,8 @@ struct Inner {
     node_id: String,
     /// Apart from `state`: registrations are neither persisted nor versioned.
     nodes: std::sync::Mutex<NodeTable>,
+    /// Tunnel sessions and credentials: neither persisted nor versioned.
+    sessions: std::sync::Mutex<super::sessions::SessionTable>,
 }
 
 /// Single-node store. Cheap to clone; the last clone to go saves a pending change.
@@ -266,6 +268,7 @@ impl MemoryStore {
                 subscription_buffer,
                 node_id,
                 nodes: std::sync::Mutex::new(NodeTable::default()),
+                sessions: std::sync::Mutex::new(super::sessions::SessionTable::default()),
             }),
         }
     }
@@ -301,6 +304,13 @@ impl MemoryStore {
                 tracing::error!(error = %e, "could not save mappings; will retry");
             }
         }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, super::sessions::SessionTable> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn nodes(&self) -> std::sync::MutexGuard<'_, NodeTable> {
@@ -650,5 +660,50 @@ impl NodeRegistry for MemoryStore {
 
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         Ok(self.nodes().live(std::time::Instant::now()))
+    }
+}
+
+#[async_trait]
+impl super::TunnelRegistry for MemoryStore {
+    async fn put_session(
+        &self,
+        client_id: &str,
+        record: &super::SessionRecord,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.sessions().put(client_id, record, chrono::Utc::now());
+        Ok(())
+    }
+
+    async fn remove_session(
+        &self,
+        client_id: &str,
+        record: &super::SessionRecord,
+    ) -> Result<bool, StoreError> {
+        Ok(self.sessions().remove(client_id, record))
+    }
+
+    async fn sessions(&self, client_id: &str) -> Result<Vec<super::SessionRecord>, StoreError> {
+        Ok(self.sessions().live(client_id, chrono::Utc::now()))
+    }
+
+    async fn put_credential(
+        &self,
+        cred: &crate::tunnel::credential::ClientCredential,
+    ) -> Result<(), StoreError> {
+        self.sessions().put_credential(cred);
+        Ok(())
+    }
+
+    async fn remove_credential(&self, client_id: &str) -> Result<(), StoreError> {
+        self.sessions().remove_credential(client_id);
+        Ok(())
+    }
+
+    async fn credential(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<crate::tunnel::credential::ClientCredential>, StoreError> {
+        Ok(self.sessions().credential(client_id))
     }
 }

@@ -13,6 +13,7 @@ mod nodes;
 mod persist;
 mod quota;
 mod redis;
+mod sessions;
 mod stats;
 mod types;
 
@@ -30,6 +31,7 @@ pub use memory::{MemoryStore, PersistOptions};
 pub use nodes::{NodeRecord, NodeRegistry, NodeState};
 pub use quota::{Quota, QuotaScope, source_group};
 pub use redis::{RedisOptions, RedisStore, RedisTls, SentinelOptions};
+pub use sessions::{SessionRecord, SessionState, TunnelRegistry};
 pub use stats::{AccessDelta, AccessStats};
 pub use types::{
     ChangeEvent, ChangeOp, Changes, ListFilter, Lookup, Page, PageRequest, Position, Rebuilt,
