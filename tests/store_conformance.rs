@@ -11,8 +11,10 @@ use tunnox::domain::{Hostname, MappingId, MappingSpec, SetName};
 use tunnox::store::{
     AccessDelta, AccessStats, ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore,
     NodeRecord, NodeRegistry, NodeState, PageRequest, PersistOptions, Quota, QuotaScope,
-    RedisOptions, RedisStore, StoreError, SubscriptionEvent,
+    RedisOptions, RedisStore, SessionRecord, SessionState, StoreError, SubscriptionEvent,
+    TunnelRegistry,
 };
+use tunnox::tunnel::credential::{ClientCredential, TokenHash};
 
 #[allow(async_fn_in_trait)]
 pub trait Fixture: Send + Sized {
@@ -23,6 +25,8 @@ pub trait Fixture: Send + Sized {
     fn store(&self) -> Arc<dyn MappingStore>;
     /// The same store seen as the node registry.
     fn registry(&self) -> Arc<dyn NodeRegistry>;
+    /// The same store seen as the tunnel registry.
+    fn tunnels(&self) -> Arc<dyn TunnelRegistry>;
     /// A second, independent handle (separate connections for Redis).
     async fn another(&self) -> Arc<dyn MappingStore>;
     /// Restarts the backing state: Redis crashes and restarts; memory reloads from its file.
@@ -59,6 +63,9 @@ impl Fixture for RedisFx {
         Arc::new(self.store.clone())
     }
     fn registry(&self) -> Arc<dyn NodeRegistry> {
+        Arc::new(self.store.clone())
+    }
+    fn tunnels(&self) -> Arc<dyn TunnelRegistry> {
         Arc::new(self.store.clone())
     }
     async fn another(&self) -> Arc<dyn MappingStore> {
@@ -100,6 +107,9 @@ impl Fixture for MemoryFx {
         Arc::new(self.store.clone())
     }
     fn registry(&self) -> Arc<dyn NodeRegistry> {
+        Arc::new(self.store.clone())
+    }
+    fn tunnels(&self) -> Arc<dyn TunnelRegistry> {
         Arc::new(self.store.clone())
     }
     async fn another(&self) -> Arc<dyn MappingStore> {
@@ -963,6 +973,82 @@ mod cases {
         assert_eq!(fx.store().current_version().await.unwrap(), 0);
     }
 
+    fn session(id: &str, instance: &str, slot: u32, ttl: Duration) -> SessionRecord {
+        let now = Utc::now();
+        SessionRecord {
+            session_id: id.into(),
+            node_id: "proxy-a".into(),
+            node_address: "127.0.0.1:8080".into(),
+            instance: instance.into(),
+            slot,
+            since: now,
+            last_seen: now,
+            expires_at: now + chrono::Duration::from_std(ttl).unwrap(),
+            state: SessionState::Active,
+        }
+    }
+
+    pub async fn tunnel_sessions_replace_coexist_and_expire<F: Fixture>(fx: F) {
+        let t = fx.tunnels();
+        let long = Duration::from_secs(60);
+        let ids = |v: Vec<SessionRecord>| -> Vec<String> {
+            let mut ids: Vec<String> = v.into_iter().map(|r| r.session_id).collect();
+            ids.sort();
+            ids
+        };
+        assert!(t.sessions("laptop").await.unwrap().is_empty());
+        let old = session("s1", "i1", 0, long);
+        t.put_session("laptop", &old, long).await.unwrap();
+        // The same agent session reconnects: its stale record is replaced at once.
+        let new = session("s2", "i1", 0, long);
+        t.put_session("laptop", &new, long).await.unwrap();
+        // Another replica and the agent's second session coexist.
+        t.put_session("laptop", &session("s3", "i2", 0, long), long)
+            .await
+            .unwrap();
+        t.put_session("laptop", &session("s4", "i1", 1, long), long)
+            .await
+            .unwrap();
+        assert_eq!(ids(t.sessions("laptop").await.unwrap()), ["s2", "s3", "s4"]);
+        assert_eq!(
+            t.sessions("laptop")
+                .await
+                .unwrap()
+                .iter()
+                .find(|r| r.session_id == "s2"),
+            Some(&new)
+        );
+        // The old session's close leaves its replacement.
+        assert!(!t.remove_session("laptop", &old).await.unwrap());
+        assert!(t.remove_session("laptop", &new).await.unwrap());
+        assert_eq!(ids(t.sessions("laptop").await.unwrap()), ["s3", "s4"]);
+        // A record past its expiry is not live, and is pruned by the next write.
+        let brief = Duration::from_millis(200);
+        t.put_session("laptop", &session("s5", "i3", 0, brief), long)
+            .await
+            .unwrap();
+        assert_eq!(ids(t.sessions("laptop").await.unwrap()), ["s3", "s4", "s5"]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ids(t.sessions("laptop").await.unwrap()), ["s3", "s4"]);
+        assert!(t.sessions("other").await.unwrap().is_empty());
+
+        assert_eq!(t.credential("laptop").await.unwrap(), None);
+        let cred = ClientCredential {
+            client_id: "laptop".into(),
+            token_sha256: TokenHash::of("t0ken"),
+            placement: Some(SetName::parse("web.eu").unwrap()),
+            source: Some("k8s:team-a/laptop".into()),
+        };
+        t.put_credential(&cred).await.unwrap();
+        let got = t.credential("laptop").await.unwrap().unwrap();
+        assert_eq!(got, cred);
+        assert!(got.token_sha256.verify("t0ken"));
+        t.remove_credential("laptop").await.unwrap();
+        assert_eq!(t.credential("laptop").await.unwrap(), None);
+        // Sessions and credentials are not mappings: no version.
+        assert_eq!(fx.store().current_version().await.unwrap(), 0);
+    }
+
     pub async fn node_registry_expires_without_heartbeat<F: Fixture>(fx: F) {
         let r = fx.registry();
         let short = Duration::from_millis(300);
@@ -1262,6 +1348,7 @@ conformance!(
     follower_converges_after_lag,
     node_registry_register_change_remove,
     node_registry_expires_without_heartbeat,
+    tunnel_sessions_replace_coexist_and_expire,
     access_stats_accumulate_without_versions_or_events,
     access_deltas_for_deleted_mappings_are_dropped,
 );

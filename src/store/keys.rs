@@ -71,6 +71,16 @@ impl Keys {
         format!("{}:stats:{id}", self.prefix)
     }
 
+    /// Hash of a tunnel client's live sessions, one field per agent session (`instance/slot`).
+    pub fn client_sessions(&self, client_id: &str) -> String {
+        format!("{}:client:{client_id}:session", self.root)
+    }
+
+    /// A tunnel client's credential (token hash, placement).
+    pub fn client_auth(&self, client_id: &str) -> String {
+        format!("{}:tunnel:client:{client_id}:auth", self.root)
+    }
+
     /// Hash of one proxy node's registration; expires unless the node heartbeats.
     pub fn node(&self, node_id: &str) -> String {
         format!("{}:node:{node_id}", self.root)

@@ -13,6 +13,7 @@ mod feed;
 mod link;
 mod nodes;
 mod scripts;
+mod sessions;
 mod stats;
 
 pub use connect::{RedisOptions, RedisTls, SentinelOptions};
