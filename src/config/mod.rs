@@ -1,6 +1,7 @@
 //! Configuration: the YAML model, environment overrides, seed 001's auto-sharing rules and
 //! validation. `docs/configuration.md` is the reference.
 
+mod agent;
 mod duration;
 mod load;
 mod model;
@@ -11,12 +12,13 @@ mod tunnel;
 use std::fmt;
 use std::path::Path;
 
+pub use agent::AgentConfig;
 pub use duration::Dur;
 pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
 pub use model::*;
 pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sharing, resolve};
 pub use secret::{AdminToken, read_secret};
-pub use tunnel::{AgentConfig, TunnelClientEntry, TunnelListenerConfig};
+pub use tunnel::{TunnelClientEntry, TunnelListenerConfig};
 
 /// Invalid configuration: where (file, line, field path) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]

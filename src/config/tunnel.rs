@@ -1,6 +1,6 @@
-//! Configuration of tunnels: the proxy's tunnel listener (`proxy.tunnel`), the single-node
-//! proxy's agent credentials (`tunnel_clients`), and `tunnox agent` (`agent`). docs/tunnels.md
-//! and docs/configuration.md are the reference.
+//! Configuration of the proxy's side of tunnels: its tunnel listener (`proxy.tunnel`) and, in
+//! single-node mode, the agents it admits (`tunnel_clients`). docs/tunnels.md and
+//! docs/configuration.md are the reference.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,52 +67,4 @@ pub struct TunnelClientEntry {
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-}
-
-/// `tunnox agent`. Every field also has a flag and an environment variable.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AgentConfig {
-    /// The proxy's tunnel listener, `host:port`.
-    pub server: String,
-    /// TLS server name to verify; default the host of `server`.
-    pub server_name: Option<String>,
-    pub client_id: String,
-    pub token: Option<String>,
-    pub token_file: Option<PathBuf>,
-    /// CA certificate(s) to trust; default the system's roots.
-    pub ca_file: Option<PathBuf>,
-    /// Plain TCP, no TLS (logged as a warning).
-    pub insecure: bool,
-    /// Local targets the agent may reach, `host:port` each; nothing else is served.
-    pub allow: Vec<String>,
-    /// Sessions held at once, to different proxies when the server address spreads them.
-    pub sessions: u32,
-    /// `/metrics` and `/healthz`; `None`: no admin server.
-    pub admin_listen: Option<SocketAddr>,
-    pub connect_timeout: Dur,
-    /// Most concurrent streams served per session.
-    pub max_streams: u32,
-    /// How long a retired session is kept for streams in flight.
-    pub grace_period: Dur,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        Self {
-            server: String::new(),
-            server_name: None,
-            client_id: String::new(),
-            token: None,
-            token_file: None,
-            ca_file: None,
-            insecure: false,
-            allow: Vec::new(),
-            sessions: 1,
-            admin_listen: None,
-            connect_timeout: Dur::secs(5),
-            max_streams: 1000,
-            grace_period: Dur::secs(30),
-        }
-    }
 }

@@ -100,6 +100,7 @@ mod tests {
                 node_id: "n1".into(),
                 heartbeat_interval_ms: 5000,
                 max_streams: 100,
+                peers: vec![],
             };
             accept(&mut p, &ok).await.unwrap();
             // What follows the frame is the HTTP/2 preface, untouched.

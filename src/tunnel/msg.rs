@@ -128,6 +128,11 @@ pub struct AuthOk {
     pub heartbeat_interval_ms: u64,
     /// Most concurrent streams the proxy opens on this session.
     pub max_streams: u32,
+    /// Tunnel addresses of other active proxies that may serve this client: where the agent
+    /// can go when this one disappears without a `ServerShutdown`, and where its other
+    /// sessions (`sessions: N`) can go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
 }
 
 impl Message for AuthOk {
