@@ -11,3 +11,4 @@ pub mod redis_server;
 
 pub use controlplane::ControlPlane;
 pub use redis_server::{RedisServer, SentinelGroup, SentinelSetup};
+pub mod tunnel;

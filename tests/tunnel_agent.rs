@@ -1,0 +1,326 @@
+//! The real `tunnox agent` binary against a minimal in-test proxy side built from
+//! `tunnox::tunnel` (real TLS 1.3 with throwaway certificates, the real handshake, hyper's HTTP/2
+//! client) and real local upstreams on loopback.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use support::process::{Role, free_port};
+use support::tunnel::{Certs, FakeProxy, ProxyOptions, Upstream, count_kind, full, server_tls};
+use tunnox::tunnel::msg::{Kind, Message, ServerShutdown};
+use tunnox::tunnel::{ERROR_HEADER, TARGET_HEADER};
+
+const TOKEN: &str = "good-token";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    certs: Certs,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = Certs::make(dir.path(), "a");
+        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+        Self { dir, certs }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn proxy_opts(&self) -> ProxyOptions {
+        ProxyOptions {
+            tls: Some(server_tls(&self.certs)),
+            token: TOKEN.into(),
+            heartbeat_ms: 500,
+            peers: vec![],
+        }
+    }
+
+    /// Starts the agent; `extra` are more flags.
+    fn agent(&self, servers: &str, allow: &[&str], extra: &[&str], log: &str) -> Role {
+        let token = self.path("token");
+        let ca = self.certs.ca.display().to_string();
+        let mut args = vec![
+            "agent", "--server", servers, "--client-id", "laptop", "--token-file", &token,
+            "--ca-file", &ca,
+        ];
+        for a in allow {
+            args.extend(["--allow", a]);
+        }
+        args.extend(extra);
+        Role::start(&args, &[], &self.dir.path().join(log))
+    }
+}
+
+fn request(method: &str, target: &str, path: &str, body: impl Into<Bytes>) -> http::Request<support::tunnel::Body> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("https://app.example.com{path}"))
+        .header(TARGET_HEADER, target)
+        .body(full(body))
+        .unwrap()
+}
+
+fn lines_with(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwards_five_megabytes_both_ways_and_refuses_unlisted_targets() {
+    let s = Setup::new();
+    let proxy = FakeProxy::start(s.proxy_opts()).await;
+    let up = Upstream::start().await;
+    let other = Upstream::start().await;
+    let admin = free_port();
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let agent = s.agent(&proxy.addr, &[&up.addr], &["--admin-listen", &admin_addr], "agent.log");
+    let (mut send, _control) = proxy.session(1, Duration::from_secs(10)).await;
+
+    // 5 MB up, the same 5 MB back (the upstream echoes), streamed through the session.
+    let payload: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let resp = send
+        .send_request(request("POST", &up.addr, "/echo?x=1", payload.clone()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-seen-host"], "app.example.com");
+    assert!(resp.headers().get(ERROR_HEADER).is_none());
+    let back = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "body changed on the way");
+
+    // Not in the allow-list: 502 not_allowed, and the other service never sees a connection.
+    for target in [other.addr.clone(), other.addr.replace("127.0.0.1", "localhost")] {
+        let resp = send.send_request(request("GET", &target, "/", "")).await.unwrap();
+        assert_eq!(resp.status(), 502);
+        assert_eq!(resp.headers()[&ERROR_HEADER], "not_allowed");
+    }
+    assert_eq!(other.connections.load(Ordering::SeqCst), 0);
+    for target in ["", "nonsense", "127.0.0.1:0"] {
+        let resp = send.send_request(request("GET", target, "/", "")).await.unwrap();
+        assert_eq!(resp.status(), 502, "{target:?}");
+        assert_eq!(resp.headers()[&ERROR_HEADER], "bad_target", "{target:?}");
+    }
+    // Listed but nothing listens there: 502 connect.
+    let closed = format!("127.0.0.1:{}", free_port());
+    drop(agent);
+    let agent = s.agent(&proxy.addr, &[&up.addr, &closed], &["--admin-listen", &admin_addr], "agent2.log");
+    let (mut send, _control) = proxy.session(2, Duration::from_secs(10)).await;
+    let resp = send.send_request(request("GET", &closed, "/", "")).await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()[&ERROR_HEADER], "connect");
+
+    let log = agent.log();
+    assert!(log.contains("session up"), "{log}");
+    let metrics = support::process::http_get(admin, "/metrics");
+    assert!(metrics.contains("tunnox_agent_sessions 1"), "{metrics}");
+    assert!(metrics.contains("tunnox_agent_streams_total{outcome=\"connect\"} 1"), "{metrics}");
+    assert_eq!(support::process::http_get(admin, "/healthz"), "ok\n");
+    let log1 = std::fs::read_to_string(s.dir.path().join("agent.log")).unwrap();
+    assert!(
+        log1.contains("refused a forwarded stream") && log1.contains(&other.addr),
+        "the refusal names the target: {log1}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_echo_through_extended_connect() {
+    let s = Setup::new();
+    let proxy = FakeProxy::start(s.proxy_opts()).await;
+    let ws = Upstream::websocket_echo().await;
+    let _agent = s.agent(&proxy.addr, &[&ws.addr], &[], "agent.log");
+    let (mut send, _control) = proxy.session(1, Duration::from_secs(10)).await;
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri("https://app.example.com/chat")
+        .header(TARGET_HEADER, ws.addr.as_str())
+        .header("sec-websocket-version", "13")
+        .body(support::tunnel::full(""))
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["sec-websocket-accept"], "test-accept");
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for msg in [&b"hello"[..], &b"second message"[..]] {
+        io.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+    assert_eq!(ws.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_token_is_one_line_and_retries_at_the_cap() {
+    let s = Setup::new();
+    let mut opts = s.proxy_opts();
+    opts.token = "another-token".into();
+    let proxy = FakeProxy::start(opts).await;
+    let up = Upstream::start().await;
+    let agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
+    tokio::time::sleep(Duration::from_millis(11_500)).await;
+    let auths: Vec<Instant> = proxy.seen.lock().unwrap().auths.iter().map(|a| a.0).collect();
+    assert!((2..=4).contains(&auths.len()), "{} attempts in 11.5 s", auths.len());
+    for w in auths.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(gap >= Duration::from_millis(3700) && gap <= Duration::from_millis(5300), "{gap:?}");
+    }
+    let log = agent.log();
+    assert_eq!(lines_with(&log, "refused the session"), 1, "{log}");
+    assert_eq!(lines_with(&log, "bad_credentials"), 1, "{log}");
+    assert!(log.contains(&proxy.addr));
+    assert_eq!(proxy.session_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_certificate_and_unreachable_server_are_one_clear_line_each() {
+    let s = Setup::new();
+    let other_ca = Certs::make(s.dir.path(), "b");
+    let mut opts = s.proxy_opts();
+    opts.tls = Some(server_tls(&other_ca));
+    let proxy = FakeProxy::start(opts).await;
+    let up = Upstream::start().await;
+    let agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
+    let closed = format!("127.0.0.1:{}", free_port());
+    let agent2 = s.agent(&closed, &[&up.addr], &[], "agent2.log");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = agent.log();
+    assert_eq!(lines_with(&log, "bad certificate from server"), 1, "{log}");
+    assert!(log.contains("UnknownIssuer") && log.contains(&proxy.addr), "{log}");
+    assert_eq!(proxy.seen.lock().unwrap().auths.len(), 0, "no token sent to an untrusted server");
+    let log2 = agent2.log();
+    assert_eq!(lines_with(&log2, &format!("server {closed} unreachable")), 1, "{log2}");
+    assert!(log2.to_lowercase().contains("connection refused"), "{log2}");
+
+    // Not the protocol: a TLS server that answers Auth with an HTTP response.
+    let cfg = server_tls(&s.certs);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acc = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acc.accept(tcp).await {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tls.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    let agent3 = s.agent(&addr, &[&up.addr], &[], "agent3.log");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log3 = agent3.log();
+    assert_eq!(lines_with(&log3, "does not speak the tunnox tunnel protocol"), 1, "{log3}");
+    assert!(log3.contains("bad frame magic"), "{log3}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_shutdown_moves_make_before_break_and_in_flight_requests_finish() {
+    let s = Setup::new();
+    let p1 = FakeProxy::start(s.proxy_opts()).await;
+    let p2 = FakeProxy::start(s.proxy_opts()).await;
+    let up = Upstream::start().await;
+    let admin = free_port();
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let agent = s.agent(&p1.addr, &[&up.addr], &["--admin-listen", &admin_addr], "agent.log");
+    let (mut send1, control1) = p1.session(1, Duration::from_secs(10)).await;
+
+    // A slow request in flight on the old session.
+    let up_addr = up.addr.clone();
+    let slow = tokio::spawn(async move {
+        let resp = send1.send_request(request("POST", &up_addr, "/slow", "still here")).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, body))
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let shutdown = ServerShutdown {
+        reason: "rolling_update".into(),
+        reconnect_to: Some(p2.addr.clone()),
+        grace_period: 10,
+    };
+    control1.send(shutdown.to_frame()).await.unwrap();
+    let (mut send2, _control2) = p2.session(1, Duration::from_secs(5)).await;
+    let moved = started.elapsed();
+    // Leaving arrives on the old session once the new one is up.
+    support::process::eventually("Leaving on the old session", Duration::from_secs(5), || {
+        count_kind(&p1.seen, Kind::Leaving) == 1
+    });
+    assert_eq!(p1.seen.lock().unwrap().leaving, vec!["moved".to_string()]);
+    let (status, body) = slow.await.unwrap().expect("in-flight request on the old session");
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"still here");
+    // The new session serves.
+    let resp = send2.send_request(request("GET", &up.addr, "/", "")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let log = agent.log();
+    assert!(log.contains("moved to a new session"), "{log}");
+    let metrics = support::process::http_get(admin, "/metrics");
+    assert!(metrics.contains("tunnox_agent_move_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("tunnox_agent_reconnects_total{reason=\"server_shutdown\"} 1"), "{metrics}");
+    println!("agent move time (ServerShutdown sent → new session seen by the proxy): {moved:?}");
+    assert!(moved < Duration::from_millis(300), "{moved:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_sends_leaving_and_exits_zero() {
+    let s = Setup::new();
+    let proxy = FakeProxy::start(s.proxy_opts()).await;
+    let up = Upstream::start().await;
+    let mut agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
+    let (mut send, _control) = proxy.session(1, Duration::from_secs(10)).await;
+    let resp = send.send_request(request("GET", &up.addr, "/", "")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let code = tokio::task::spawn_blocking(move || {
+        let code = agent.terminate(Duration::from_secs(10));
+        (code, agent.log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "{}", code.1);
+    assert_eq!(count_kind(&proxy.seen, Kind::Leaving), 1);
+    assert_eq!(proxy.seen.lock().unwrap().leaving, vec!["agent stopping".to_string()]);
+}
+
+#[test]
+fn invalid_configuration_names_the_field_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "t\n").unwrap();
+    std::fs::write(dir.path().join("empty"), "").unwrap();
+    let token = dir.path().join("token").display().to_string();
+    let empty = dir.path().join("empty").display().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--client-id", "c", "--token-file", &token, "--allow", "localhost:1"], "agent.server: is empty"),
+        (&["--server", "proxy", "--client-id", "c", "--token-file", &token, "--allow", "localhost:1"], "agent.server: \"proxy\" is not host:port"),
+        (&["--server", "p:1", "--token-file", &token, "--allow", "localhost:1"], "agent.client_id: is empty"),
+        (&["--server", "p:1", "--client-id", "c", "--token-file", &empty, "--allow", "localhost:1"], "agent.token_file:"),
+        (&["--server", "p:1", "--client-id", "c", "--token-file", &token], "agent.allow: is empty"),
+        (&["--server", "p:1", "--client-id", "c", "--token-file", &token, "--allow", "3000"], "agent.allow: \"3000\" is not host:port"),
+        (&["--server", "p:1", "--client-id", "c", "--token-file", &token, "--allow", "a:1", "--sessions", "17"], "agent.sessions: 17"),
+    ];
+    for (args, want) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunnox"))
+            .arg("agent")
+            .args(*args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
