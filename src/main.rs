@@ -96,7 +96,11 @@ struct AgentArgs {
 impl AgentArgs {
     /// Flags over the file's `agent:` section.
     fn apply(self, cfg: &mut config::AgentConfig) {
-        let list = |v: Vec<String>| v.iter().flat_map(|s| config::agent::split_list(s)).collect::<Vec<_>>();
+        let list = |v: Vec<String>| {
+            v.iter()
+                .flat_map(|s| config::agent::split_list(s))
+                .collect::<Vec<_>>()
+        };
         if !self.server.is_empty() {
             cfg.server = list(self.server);
         }
@@ -231,10 +235,10 @@ fn main() -> ExitCode {
             report("proxy", runtime.block_on(tunnox::proxy::run(settings)))
         }
         Command::Agent(args) => {
-            let origin = cli
-                .config
-                .as_deref()
-                .map_or_else(|| "flags".to_string(), |p| format!("{} and flags", p.display()));
+            let origin = cli.config.as_deref().map_or_else(
+                || "flags".to_string(),
+                |p| format!("{} and flags", p.display()),
+            );
             agent(args, &settings, &origin)
         }
     }

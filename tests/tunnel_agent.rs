@@ -39,6 +39,7 @@ impl Setup {
             token: TOKEN.into(),
             heartbeat_ms: 500,
             peers: vec![],
+            silent: false,
         }
     }
 
@@ -47,8 +48,15 @@ impl Setup {
         let token = self.path("token");
         let ca = self.certs.ca.display().to_string();
         let mut args = vec![
-            "agent", "--server", servers, "--client-id", "laptop", "--token-file", &token,
-            "--ca-file", &ca,
+            "agent",
+            "--server",
+            servers,
+            "--client-id",
+            "laptop",
+            "--token-file",
+            &token,
+            "--ca-file",
+            &ca,
         ];
         for a in allow {
             args.extend(["--allow", a]);
@@ -58,7 +66,12 @@ impl Setup {
     }
 }
 
-fn request(method: &str, target: &str, path: &str, body: impl Into<Bytes>) -> http::Request<support::tunnel::Body> {
+fn request(
+    method: &str,
+    target: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> http::Request<support::tunnel::Body> {
     http::Request::builder()
         .method(method)
         .uri(format!("https://app.example.com{path}"))
@@ -79,7 +92,12 @@ async fn forwards_five_megabytes_both_ways_and_refuses_unlisted_targets() {
     let other = Upstream::start().await;
     let admin = free_port();
     let admin_addr = format!("127.0.0.1:{admin}");
-    let agent = s.agent(&proxy.addr, &[&up.addr], &["--admin-listen", &admin_addr], "agent.log");
+    let agent = s.agent(
+        &proxy.addr,
+        &[&up.addr],
+        &["--admin-listen", &admin_addr],
+        "agent.log",
+    );
     let (mut send, _control) = proxy.session(1, Duration::from_secs(10)).await;
 
     // 5 MB up, the same 5 MB back (the upstream echoes), streamed through the session.
@@ -96,23 +114,40 @@ async fn forwards_five_megabytes_both_ways_and_refuses_unlisted_targets() {
     assert!(back == payload, "body changed on the way");
 
     // Not in the allow-list: 502 not_allowed, and the other service never sees a connection.
-    for target in [other.addr.clone(), other.addr.replace("127.0.0.1", "localhost")] {
-        let resp = send.send_request(request("GET", &target, "/", "")).await.unwrap();
+    for target in [
+        other.addr.clone(),
+        other.addr.replace("127.0.0.1", "localhost"),
+    ] {
+        let resp = send
+            .send_request(request("GET", &target, "/", ""))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 502);
         assert_eq!(resp.headers()[&ERROR_HEADER], "not_allowed");
     }
     assert_eq!(other.connections.load(Ordering::SeqCst), 0);
     for target in ["", "nonsense", "127.0.0.1:0"] {
-        let resp = send.send_request(request("GET", target, "/", "")).await.unwrap();
+        let resp = send
+            .send_request(request("GET", target, "/", ""))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 502, "{target:?}");
         assert_eq!(resp.headers()[&ERROR_HEADER], "bad_target", "{target:?}");
     }
     // Listed but nothing listens there: 502 connect.
     let closed = format!("127.0.0.1:{}", free_port());
     drop(agent);
-    let agent = s.agent(&proxy.addr, &[&up.addr, &closed], &["--admin-listen", &admin_addr], "agent2.log");
+    let agent = s.agent(
+        &proxy.addr,
+        &[&up.addr, &closed],
+        &["--admin-listen", &admin_addr],
+        "agent2.log",
+    );
     let (mut send, _control) = proxy.session(2, Duration::from_secs(10)).await;
-    let resp = send.send_request(request("GET", &closed, "/", "")).await.unwrap();
+    let resp = send
+        .send_request(request("GET", &closed, "/", ""))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()[&ERROR_HEADER], "connect");
 
@@ -120,7 +155,10 @@ async fn forwards_five_megabytes_both_ways_and_refuses_unlisted_targets() {
     assert!(log.contains("session up"), "{log}");
     let metrics = support::process::http_get(admin, "/metrics");
     assert!(metrics.contains("tunnox_agent_sessions 1"), "{metrics}");
-    assert!(metrics.contains("tunnox_agent_streams_total{outcome=\"connect\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tunnox_agent_streams_total{outcome=\"connect\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(support::process::http_get(admin, "/healthz"), "ok\n");
     let log1 = std::fs::read_to_string(s.dir.path().join("agent.log")).unwrap();
     assert!(
@@ -172,11 +210,25 @@ async fn wrong_token_is_one_line_and_retries_at_the_cap() {
     let up = Upstream::start().await;
     let agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
     tokio::time::sleep(Duration::from_millis(11_500)).await;
-    let auths: Vec<Instant> = proxy.seen.lock().unwrap().auths.iter().map(|a| a.0).collect();
-    assert!((2..=4).contains(&auths.len()), "{} attempts in 11.5 s", auths.len());
+    let auths: Vec<Instant> = proxy
+        .seen
+        .lock()
+        .unwrap()
+        .auths
+        .iter()
+        .map(|a| a.0)
+        .collect();
+    assert!(
+        (2..=4).contains(&auths.len()),
+        "{} attempts in 11.5 s",
+        auths.len()
+    );
     for w in auths.windows(2) {
         let gap = w[1] - w[0];
-        assert!(gap >= Duration::from_millis(3700) && gap <= Duration::from_millis(5300), "{gap:?}");
+        assert!(
+            gap >= Duration::from_millis(3700) && gap <= Duration::from_millis(5300),
+            "{gap:?}"
+        );
     }
     let log = agent.log();
     assert_eq!(lines_with(&log, "refused the session"), 1, "{log}");
@@ -199,10 +251,21 @@ async fn bad_certificate_and_unreachable_server_are_one_clear_line_each() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let log = agent.log();
     assert_eq!(lines_with(&log, "bad certificate from server"), 1, "{log}");
-    assert!(log.contains("UnknownIssuer") && log.contains(&proxy.addr), "{log}");
-    assert_eq!(proxy.seen.lock().unwrap().auths.len(), 0, "no token sent to an untrusted server");
+    assert!(
+        log.contains("UnknownIssuer") && log.contains(&proxy.addr),
+        "{log}"
+    );
+    assert_eq!(
+        proxy.seen.lock().unwrap().auths.len(),
+        0,
+        "no token sent to an untrusted server"
+    );
     let log2 = agent2.log();
-    assert_eq!(lines_with(&log2, &format!("server {closed} unreachable")), 1, "{log2}");
+    assert_eq!(
+        lines_with(&log2, &format!("server {closed} unreachable")),
+        1,
+        "{log2}"
+    );
     assert!(log2.to_lowercase().contains("connection refused"), "{log2}");
 
     // Not the protocol: a TLS server that answers Auth with an HTTP response.
@@ -224,7 +287,11 @@ async fn bad_certificate_and_unreachable_server_are_one_clear_line_each() {
     let agent3 = s.agent(&addr, &[&up.addr], &[], "agent3.log");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let log3 = agent3.log();
-    assert_eq!(lines_with(&log3, "does not speak the tunnox tunnel protocol"), 1, "{log3}");
+    assert_eq!(
+        lines_with(&log3, "does not speak the tunnox tunnel protocol"),
+        1,
+        "{log3}"
+    );
     assert!(log3.contains("bad frame magic"), "{log3}");
 }
 
@@ -236,13 +303,20 @@ async fn server_shutdown_moves_make_before_break_and_in_flight_requests_finish()
     let up = Upstream::start().await;
     let admin = free_port();
     let admin_addr = format!("127.0.0.1:{admin}");
-    let agent = s.agent(&p1.addr, &[&up.addr], &["--admin-listen", &admin_addr], "agent.log");
+    let agent = s.agent(
+        &p1.addr,
+        &[&up.addr],
+        &["--admin-listen", &admin_addr],
+        "agent.log",
+    );
     let (mut send1, control1) = p1.session(1, Duration::from_secs(10)).await;
 
     // A slow request in flight on the old session.
     let up_addr = up.addr.clone();
     let slow = tokio::spawn(async move {
-        let resp = send1.send_request(request("POST", &up_addr, "/slow", "still here")).await?;
+        let resp = send1
+            .send_request(request("POST", &up_addr, "/slow", "still here"))
+            .await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok::<_, hyper::Error>((status, body))
@@ -262,17 +336,29 @@ async fn server_shutdown_moves_make_before_break_and_in_flight_requests_finish()
         count_kind(&p1.seen, Kind::Leaving) == 1
     });
     assert_eq!(p1.seen.lock().unwrap().leaving, vec!["moved".to_string()]);
-    let (status, body) = slow.await.unwrap().expect("in-flight request on the old session");
+    let (status, body) = slow
+        .await
+        .unwrap()
+        .expect("in-flight request on the old session");
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"still here");
     // The new session serves.
-    let resp = send2.send_request(request("GET", &up.addr, "/", "")).await.unwrap();
+    let resp = send2
+        .send_request(request("GET", &up.addr, "/", ""))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let log = agent.log();
     assert!(log.contains("moved to a new session"), "{log}");
     let metrics = support::process::http_get(admin, "/metrics");
-    assert!(metrics.contains("tunnox_agent_move_seconds_count 1"), "{metrics}");
-    assert!(metrics.contains("tunnox_agent_reconnects_total{reason=\"server_shutdown\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tunnox_agent_move_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tunnox_agent_reconnects_total{reason=\"server_shutdown\"} 1"),
+        "{metrics}"
+    );
     println!("agent move time (ServerShutdown sent → new session seen by the proxy): {moved:?}");
     assert!(moved < Duration::from_millis(300), "{moved:?}");
 }
@@ -284,7 +370,10 @@ async fn sigterm_sends_leaving_and_exits_zero() {
     let up = Upstream::start().await;
     let mut agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
     let (mut send, _control) = proxy.session(1, Duration::from_secs(10)).await;
-    let resp = send.send_request(request("GET", &up.addr, "/", "")).await.unwrap();
+    let resp = send
+        .send_request(request("GET", &up.addr, "/", ""))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let code = tokio::task::spawn_blocking(move || {
         let code = agent.terminate(Duration::from_secs(10));
@@ -294,7 +383,10 @@ async fn sigterm_sends_leaving_and_exits_zero() {
     .unwrap();
     assert_eq!(code.0, Some(0), "{}", code.1);
     assert_eq!(count_kind(&proxy.seen, Kind::Leaving), 1);
-    assert_eq!(proxy.seen.lock().unwrap().leaving, vec!["agent stopping".to_string()]);
+    assert_eq!(
+        proxy.seen.lock().unwrap().leaving,
+        vec!["agent stopping".to_string()]
+    );
 }
 
 #[test]
@@ -305,13 +397,93 @@ fn invalid_configuration_names_the_field_and_exits_64() {
     let token = dir.path().join("token").display().to_string();
     let empty = dir.path().join("empty").display().to_string();
     let cases: &[(&[&str], &str)] = &[
-        (&["--client-id", "c", "--token-file", &token, "--allow", "localhost:1"], "agent.server: is empty"),
-        (&["--server", "proxy", "--client-id", "c", "--token-file", &token, "--allow", "localhost:1"], "agent.server: \"proxy\" is not host:port"),
-        (&["--server", "p:1", "--token-file", &token, "--allow", "localhost:1"], "agent.client_id: is empty"),
-        (&["--server", "p:1", "--client-id", "c", "--token-file", &empty, "--allow", "localhost:1"], "agent.token_file:"),
-        (&["--server", "p:1", "--client-id", "c", "--token-file", &token], "agent.allow: is empty"),
-        (&["--server", "p:1", "--client-id", "c", "--token-file", &token, "--allow", "3000"], "agent.allow: \"3000\" is not host:port"),
-        (&["--server", "p:1", "--client-id", "c", "--token-file", &token, "--allow", "a:1", "--sessions", "17"], "agent.sessions: 17"),
+        (
+            &[
+                "--client-id",
+                "c",
+                "--token-file",
+                &token,
+                "--allow",
+                "localhost:1",
+            ],
+            "agent.server: is empty",
+        ),
+        (
+            &[
+                "--server",
+                "proxy",
+                "--client-id",
+                "c",
+                "--token-file",
+                &token,
+                "--allow",
+                "localhost:1",
+            ],
+            "agent.server: \"proxy\" is not host:port",
+        ),
+        (
+            &[
+                "--server",
+                "p:1",
+                "--token-file",
+                &token,
+                "--allow",
+                "localhost:1",
+            ],
+            "agent.client_id: is empty",
+        ),
+        (
+            &[
+                "--server",
+                "p:1",
+                "--client-id",
+                "c",
+                "--token-file",
+                &empty,
+                "--allow",
+                "localhost:1",
+            ],
+            "agent.token_file:",
+        ),
+        (
+            &[
+                "--server",
+                "p:1",
+                "--client-id",
+                "c",
+                "--token-file",
+                &token,
+            ],
+            "agent.allow: is empty",
+        ),
+        (
+            &[
+                "--server",
+                "p:1",
+                "--client-id",
+                "c",
+                "--token-file",
+                &token,
+                "--allow",
+                "3000",
+            ],
+            "agent.allow: \"3000\" is not host:port",
+        ),
+        (
+            &[
+                "--server",
+                "p:1",
+                "--client-id",
+                "c",
+                "--token-file",
+                &token,
+                "--allow",
+                "a:1",
+                "--sessions",
+                "17",
+            ],
+            "agent.sessions: 17",
+        ),
     ];
     for (args, want) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunnox"))
@@ -323,4 +495,113 @@ fn invalid_configuration_names_the_field_and_exits_64() {
         assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_session_is_declared_dead_and_replaced() {
+    let s = Setup::new();
+    let mut opts = s.proxy_opts();
+    opts.silent = true;
+    let proxy = FakeProxy::start(opts).await;
+    let up = Upstream::start().await;
+    let agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
+    proxy.session(1, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    // Two 500 ms intervals without a heartbeat, then a new session (backoff's first delay).
+    proxy.session(2, Duration::from_secs(5)).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "declared dead too early: {took:?}"
+    );
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    let log = agent.log();
+    assert!(
+        log.contains("session lost") && log.contains("heartbeat_timeout"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_spread_over_the_proxies_the_first_one_names() {
+    let s = Setup::new();
+    let p2 = FakeProxy::start(s.proxy_opts()).await;
+    let mut opts = s.proxy_opts();
+    opts.peers = vec![p2.addr.clone(), "not an address".into()];
+    let p1 = FakeProxy::start(opts).await;
+    let up = Upstream::start().await;
+    let _agent = s.agent(&p1.addr, &[&up.addr], &["--sessions", "2"], "agent.log");
+    let (mut a, _) = p1.session(1, Duration::from_secs(10)).await;
+    let (mut b, _) = p2.session(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((p1.session_count(), p2.session_count()), (1, 1));
+    for send in [&mut a, &mut b] {
+        let resp = send
+            .send_request(request("GET", &up.addr, "/", ""))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_file_with_flags_over_it_timeouts_and_plain_connect() {
+    let s = Setup::new();
+    let proxy = FakeProxy::start(s.proxy_opts()).await;
+    let up = Upstream::start().await;
+    let file = s.dir.path().join("agent.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "agent:\n  server: 127.0.0.1:1, 127.0.0.1:2\n  client_id: laptop\n  token_file: {}\n  \
+             ca_file: {}\n  allow: [{}]\n  response_timeout: 500ms\n",
+            s.path("token"),
+            s.certs.ca.display(),
+            up.addr
+        ),
+    )
+    .unwrap();
+    let cfg = file.display().to_string();
+    // The file's servers are wrong; --server wins.
+    let agent = Role::start(
+        &["--config", &cfg, "agent", "--server", &proxy.addr],
+        &[],
+        &s.dir.path().join("agent.log"),
+    );
+    let (mut send, _) = proxy.session(1, Duration::from_secs(10)).await;
+    let resp = send
+        .send_request(request("GET", &up.addr, "/slow", ""))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()[&ERROR_HEADER], "timeout");
+
+    // Plain CONNECT: a raw byte stream to the allowed target (an HTTP/1.1 exchange inside).
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(up.addr.as_str())
+        .header(TARGET_HEADER, up.addr.as_str())
+        .body(full(""))
+        .unwrap();
+    let mut resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(
+        b"POST / HTTP/1.1\r\nhost: raw\r\ncontent-length: 4\r\nconnection: close\r\n\r\nping",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("ping"),
+        "{text}"
+    );
+    assert!(text.contains("x-seen-host: raw"), "{text}");
+    drop(agent);
 }

@@ -84,7 +84,12 @@ mod tests {
 
     #[test]
     fn only_exact_entries_pass() {
-        let list = AllowList::new(&["localhost:3000", "192.168.1.100:8080", "[::1]:9000", "Api.Local:80"]);
+        let list = AllowList::new(&[
+            "localhost:3000",
+            "192.168.1.100:8080",
+            "[::1]:9000",
+            "Api.Local:80",
+        ]);
         let cases: &[(Option<&str>, Result<&str, Refusal>)] = &[
             (Some("localhost:3000"), Ok("localhost:3000")),
             (Some("LOCALHOST:3000"), Ok("localhost:3000")),
@@ -108,7 +113,11 @@ mod tests {
         for (target, want) in cases {
             assert_eq!(list.check(*target), *want, "{target:?}");
         }
-        assert!(AllowList::new::<&str>(&[]).check(Some("localhost:3000")).is_err());
+        assert!(
+            AllowList::new::<&str>(&[])
+                .check(Some("localhost:3000"))
+                .is_err()
+        );
         assert_eq!(Refusal::NotAllowed.label(), "not_allowed");
     }
 }

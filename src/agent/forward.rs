@@ -73,7 +73,10 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip(headers: &mut HeaderMap) {
-    for h in HOP_BY_HOP.iter().chain([&TARGET_HEADER, &CONTROL_HEADER, &ERROR_HEADER]) {
+    for h in HOP_BY_HOP
+        .iter()
+        .chain([&TARGET_HEADER, &CONTROL_HEADER, &ERROR_HEADER])
+    {
         headers.remove(h);
     }
 }
@@ -213,7 +216,12 @@ impl Forwarder {
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = match format!("http://{dial}{pq}").parse() {
             Ok(u) => u,
-            Err(_) => return (Outcome::Refused(Refusal::BadTarget), agent_error(Outcome::Refused(Refusal::BadTarget))),
+            Err(_) => {
+                return (
+                    Outcome::Refused(Refusal::BadTarget),
+                    agent_error(Outcome::Refused(Refusal::BadTarget)),
+                );
+            }
         };
         parts.version = Version::HTTP_11;
         if let Some(h) = host {
@@ -243,7 +251,8 @@ impl Forwarder {
     }
 
     async fn dial(&self, dial: &str) -> Result<tokio::net::TcpStream, Outcome> {
-        match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(dial)).await {
+        match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(dial)).await
+        {
             Err(_) => {
                 tracing::warn!(target = %dial, "local service: connect timed out");
                 Err(Outcome::Timeout)
@@ -284,11 +293,20 @@ impl Forwarder {
         let host = host_of(&parts);
         let mut headers = parts.headers;
         strip(&mut headers);
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
         let mut local = Request::new(empty());
         *local.uri_mut() = match pq.parse() {
             Ok(u) => u,
-            Err(_) => return (Outcome::Refused(Refusal::BadTarget), agent_error(Outcome::Refused(Refusal::BadTarget))),
+            Err(_) => {
+                return (
+                    Outcome::Refused(Refusal::BadTarget),
+                    agent_error(Outcome::Refused(Refusal::BadTarget)),
+                );
+            }
         };
         *local.headers_mut() = headers;
         let h = local.headers_mut();
@@ -300,9 +318,15 @@ impl Forwarder {
             Ok(v) => {
                 h.insert(header::UPGRADE, v);
             }
-            Err(_) => return (Outcome::Refused(Refusal::BadTarget), agent_error(Outcome::Refused(Refusal::BadTarget))),
+            Err(_) => {
+                return (
+                    Outcome::Refused(Refusal::BadTarget),
+                    agent_error(Outcome::Refused(Refusal::BadTarget)),
+                );
+            }
         }
-        if protocol.eq_ignore_ascii_case("websocket") && !h.contains_key(header::SEC_WEBSOCKET_KEY) {
+        if protocol.eq_ignore_ascii_case("websocket") && !h.contains_key(header::SEC_WEBSOCKET_KEY)
+        {
             // RFC 8441 streams carry no key; the local HTTP/1.1 service needs one.
             let key: [u8; 16] = rand::random();
             if let Ok(v) = HeaderValue::from_str(&base64(&key)) {
@@ -311,17 +335,20 @@ impl Forwarder {
             h.entry(header::SEC_WEBSOCKET_VERSION)
                 .or_insert(HeaderValue::from_static("13"));
         }
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(target = %dial, error = %e, "local service: handshake failed");
-                return (Outcome::Upstream, agent_error(Outcome::Upstream));
-            }
-        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(target = %dial, error = %e, "local service: handshake failed");
+                    return (Outcome::Upstream, agent_error(Outcome::Upstream));
+                }
+            };
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        let mut resp = match tokio::time::timeout(self.response_timeout, sender.send_request(local)).await {
+        let mut resp = match tokio::time::timeout(self.response_timeout, sender.send_request(local))
+            .await
+        {
             Err(_) => return (Outcome::Timeout, agent_error(Outcome::Timeout)),
             Ok(Err(e)) => {
                 tracing::warn!(target = %dial, error = %e, "local service: upgrade request failed");
@@ -374,7 +401,11 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

@@ -73,7 +73,9 @@ impl AgentMetrics {
                         "tunnox_agent_move_seconds",
                         "ServerShutdown received until the replacement session is up",
                     )
-                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0]),
+                    .buckets(vec![
+                        0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0,
+                    ]),
                 )
                 .expect("valid"),
             ),

@@ -92,6 +92,8 @@ pub async fn run(cfg: AgentConfig, token: String) -> Result<(), AgentError> {
         held: Mutex::new(vec![None; cfg.sessions as usize]),
         grace: cfg.grace_period.get(),
         health,
+        started: tokio::sync::watch::channel(0).0,
+        stagger: cfg.connect_timeout.get(),
     });
     let slots: Vec<_> = (0..cfg.sessions)
         .map(|i| tokio::spawn(slot::run(shared.clone(), i, stop_rx.clone())))

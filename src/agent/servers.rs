@@ -97,15 +97,33 @@ mod tests {
         assert!(!servers.learn("a:1"));
         assert!(!servers.learn("not an address"));
         assert!(!servers.learn("d"));
-        type Case<'a> = (Option<&'a str>, usize, &'a [&'a str], Option<&'a str>, &'a [&'a str]);
+        type Case<'a> = (
+            Option<&'a str>,
+            usize,
+            &'a [&'a str],
+            Option<&'a str>,
+            &'a [&'a str],
+        );
         let cases: &[Case] = &[
             (None, 0, &[], None, &["a:1", "b:1", "c:1"]),
             (None, 1, &[], None, &["b:1", "c:1", "a:1"]),
             (None, 4, &[], None, &["b:1", "c:1", "a:1"]),
             (None, 0, &["a:1"], None, &["b:1", "c:1", "a:1"]),
             (Some("c:1"), 0, &[], Some("a:1"), &["c:1", "b:1", "a:1"]),
-            (Some("x:9"), 0, &[], Some("a:1"), &["x:9", "b:1", "c:1", "a:1"]),
-            (Some("bad"), 0, &["b:1"], Some("a:1"), &["c:1", "b:1", "a:1"]),
+            (
+                Some("x:9"),
+                0,
+                &[],
+                Some("a:1"),
+                &["x:9", "b:1", "c:1", "a:1"],
+            ),
+            (
+                Some("bad"),
+                0,
+                &["b:1"],
+                Some("a:1"),
+                &["c:1", "b:1", "a:1"],
+            ),
         ];
         for (first, offset, busy, leaving, want) in cases {
             let got = servers.order(*first, *offset, &s(busy), *leaving);

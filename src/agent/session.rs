@@ -20,7 +20,9 @@ use super::metrics::AgentMetrics;
 use crate::config::agent::split_host_port;
 use crate::tunnel::frame::{Decoder, Frame};
 use crate::tunnel::handshake::{self, HandshakeError};
-use crate::tunnel::msg::{self, Auth, AuthErrorCode, AuthOk, Heartbeat, Kind, Leaving, ServerShutdown};
+use crate::tunnel::msg::{
+    self, Auth, AuthErrorCode, AuthOk, Heartbeat, Kind, Leaving, ServerShutdown,
+};
 use crate::tunnel::{CONTROL_HEADER, CONTROL_PATH, HEARTBEAT_MISSES, TARGET_HEADER};
 
 /// The byte stream a session runs on (TLS or plain TCP; a QUIC stream could be another).
@@ -44,7 +46,10 @@ pub struct Dialer {
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("server {addr} unreachable: {source}")]
-    Unreachable { addr: String, source: std::io::Error },
+    Unreachable {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("server {addr} unreachable: no connection within {after:?}")]
     ConnectTimeout { addr: String, after: Duration },
     #[error("bad certificate from server {addr}: {reason}")]
@@ -52,11 +57,19 @@ pub enum DialError {
     #[error("TLS with server {addr} failed: {reason}")]
     Tls { addr: String, reason: String },
     #[error("server {addr} refused the session: {message} ({})", code.label())]
-    Refused { addr: String, code: AuthErrorCode, message: String },
+    Refused {
+        addr: String,
+        code: AuthErrorCode,
+        message: String,
+    },
     #[error("server {addr} does not speak the tunnox tunnel protocol: {reason}")]
     Protocol { addr: String, reason: String },
     #[error("server {addr}: {what} within {after:?}")]
-    Timeout { addr: String, what: &'static str, after: Duration },
+    Timeout {
+        addr: String,
+        what: &'static str,
+        after: Duration,
+    },
     #[error("server name {name:?} for {addr} is not a DNS name or IP address")]
     ServerName { addr: String, name: String },
 }
@@ -173,21 +186,24 @@ struct ControlSetup {
 
 impl Dialer {
     async fn transport(&self, addr: &str) -> Result<Box<dyn Transport>, DialError> {
-        let tcp = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
-            Err(_) => {
-                return Err(DialError::ConnectTimeout {
-                    addr: addr.into(),
-                    after: self.connect_timeout,
-                });
-            }
-            Ok(Err(source)) => {
-                return Err(DialError::Unreachable {
-                    addr: addr.into(),
-                    source,
-                });
-            }
-            Ok(Ok(s)) => s,
-        };
+        let tcp =
+            match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Err(_) => {
+                    return Err(DialError::ConnectTimeout {
+                        addr: addr.into(),
+                        after: self.connect_timeout,
+                    });
+                }
+                Ok(Err(source)) => {
+                    return Err(DialError::Unreachable {
+                        addr: addr.into(),
+                        source,
+                    });
+                }
+                Ok(Ok(s)) => s,
+            };
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else {
             return Ok(Box::new(tcp));
@@ -383,7 +399,10 @@ fn control(req: Request<Incoming>, setup: ControlSetup) -> Response<Body> {
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let out = futures::stream::unfold((outgoing, Some(done_tx)), |(mut rx, mut done)| async move {
         match rx.recv().await {
-            Some(f) => Some((Ok::<_, BoxError>(hyper::body::Frame::data(f.to_bytes())), (rx, done))),
+            Some(f) => Some((
+                Ok::<_, BoxError>(hyper::body::Frame::data(f.to_bytes())),
+                (rx, done),
+            )),
             None => {
                 // Our side is finished (`Leaving` sent): the reader may stop.
                 if let Some(d) = done.take() {
@@ -442,7 +461,9 @@ async fn read_control(
                     },
                     Some(Kind::Heartbeat) => {}
                     // Reserved (ConfigPush) or newer types: heard, ignored.
-                    other => tracing::debug!(kind = frame.kind, known = ?other.map(Kind::name), "control frame ignored"),
+                    other => {
+                        tracing::debug!(kind = frame.kind, known = ?other.map(Kind::name), "control frame ignored")
+                    }
                 },
             }
         }

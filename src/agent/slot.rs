@@ -27,6 +27,11 @@ pub struct Shared {
     pub held: Mutex<Vec<Option<String>>>,
     pub grace: Duration,
     pub health: Health,
+    /// How many slots have had their first session up (or given up waiting): slot `i` starts
+    /// dialling once `i` slots did, so it knows the peers the first sessions learnt and can
+    /// pick a proxy no other slot holds.
+    pub started: watch::Sender<u32>,
+    pub stagger: Duration,
 }
 
 /// `d` shortened by up to a quarter at random, so agents do not retry in lock-step and the cap
@@ -154,6 +159,9 @@ impl Shared {
 /// The slot's life until the agent stops.
 pub async fn run(shared: std::sync::Arc<Shared>, slot: u32, mut stop: watch::Receiver<bool>) {
     let metrics = shared.dialer.metrics.clone();
+    let mut started = shared.started.subscribe();
+    let _ = tokio::time::timeout(shared.stagger, started.wait_for(|n| *n >= slot)).await;
+    let mut first = true;
     let mut backoff = Backoff::new();
     let mut log = RateLimitedLog::default();
     let mut next: Option<Session> = None;
@@ -170,6 +178,9 @@ pub async fn run(shared: std::sync::Arc<Shared>, slot: u32, mut stop: watch::Rec
         };
         shared.set_held(slot, Some(session.addr.clone()));
         metrics.sessions.inc();
+        if std::mem::take(&mut first) {
+            shared.started.send_modify(|n| *n += 1);
+        }
         tracing::info!(
             slot,
             server = %session.addr,
@@ -201,10 +212,8 @@ pub async fn run(shared: std::sync::Arc<Shared>, slot: u32, mut stop: watch::Rec
                     grace_s = msg.grace_period,
                     "server shutting down: opening a new session before leaving"
                 );
-                if let Some(to) = &msg.reconnect_to {
-                    if let Ok(mut s) = shared.servers.lock() {
-                        s.learn(to);
-                    }
+                if let (Some(to), Ok(mut s)) = (&msg.reconnect_to, shared.servers.lock()) {
+                    s.learn(to);
                 }
                 let old_addr = session.addr.clone();
                 let new = shared

@@ -142,13 +142,13 @@ impl AgentConfig {
                 ));
             }
         }
-        if let Some(name) = &self.server_name {
-            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
-                return Err(err(
-                    "agent.server_name",
-                    format!("{name:?} is not a DNS name or IP address"),
-                ));
-            }
+        if let Some(name) = &self.server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return Err(err(
+                "agent.server_name",
+                format!("{name:?} is not a DNS name or IP address"),
+            ));
         }
         if self.client_id.trim().is_empty() {
             return Err(err(
@@ -267,7 +267,8 @@ mod tests {
     #[test]
     fn lists_split_on_commas() {
         assert_eq!(split_list(" a:1, b:2,,c:3 "), vec!["a:1", "b:2", "c:3"]);
-        let cfg: AgentConfig = serde_yaml::from_str("server: a:1,b:2\nallow: [x:1, 'y:2,z:3']").unwrap();
+        let cfg: AgentConfig =
+            serde_yaml::from_str("server: a:1,b:2\nallow: [x:1, 'y:2,z:3']").unwrap();
         assert_eq!(cfg.server, vec!["a:1", "b:2"]);
         assert_eq!(cfg.allow, vec!["x:1", "y:2", "z:3"]);
     }
@@ -282,14 +283,20 @@ mod tests {
                 "agent.server: \"proxy\" is not host:port",
             ),
             (|c| c.client_id = " ".into(), "agent.client_id: is empty"),
-            (
-                |c| c.token = None,
-                "agent.token_file: is not set",
-            ),
+            (|c| c.token = None, "agent.token_file: is not set"),
             (|c| c.token = Some(String::new()), "agent.token: is empty"),
-            (|c| c.sessions = 0, "agent.sessions: 0 is out of range 1..=16"),
-            (|c| c.sessions = 17, "agent.sessions: 17 is out of range 1..=16"),
-            (|c| c.allow.clear(), "agent.allow: is empty: an agent that may reach nothing"),
+            (
+                |c| c.sessions = 0,
+                "agent.sessions: 0 is out of range 1..=16",
+            ),
+            (
+                |c| c.sessions = 17,
+                "agent.sessions: 17 is out of range 1..=16",
+            ),
+            (
+                |c| c.allow.clear(),
+                "agent.allow: is empty: an agent that may reach nothing",
+            ),
             (
                 |c| c.allow.push("3000".into()),
                 "agent.allow: \"3000\" is not host:port",
@@ -319,11 +326,17 @@ mod tests {
         };
         assert_eq!(with(good).read_token("flags").unwrap(), "s3cret");
         let e = with(empty).read_token("flags").unwrap_err().to_string();
-        assert!(e.contains("agent.token_file") && e.contains("is empty"), "{e}");
+        assert!(
+            e.contains("agent.token_file") && e.contains("is empty"),
+            "{e}"
+        );
         let e = with(dir.path().join("missing"))
             .read_token("flags")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("agent.token_file") && e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("agent.token_file") && e.contains("cannot read"),
+            "{e}"
+        );
     }
 }

@@ -50,7 +50,13 @@ impl Certs {
     pub fn make(dir: &Path, name: &str) -> Self {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
         let mut a = vec!["req", "-x509"];
         a.extend(ec);
         a.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj"]);
@@ -59,7 +65,14 @@ impl Certs {
         openssl(&d, &a);
         let mut a = vec!["req"];
         a.extend(ec);
-        a.extend(["-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost"]);
+        a.extend([
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
         openssl(&d, &a);
         std::fs::write(
             d.join("ext"),
@@ -70,8 +83,21 @@ impl Certs {
         openssl(
             &d,
             &[
-                "x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext",
+                "x509",
+                "-req",
+                "-in",
+                "srv.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "srv.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
             ],
         );
         Self {
@@ -118,6 +144,8 @@ pub struct ProxyOptions {
     pub token: String,
     pub heartbeat_ms: u64,
     pub peers: Vec<String>,
+    /// Sends no heartbeats (the agent must declare the session dead).
+    pub silent: bool,
 }
 
 impl FakeProxy {
@@ -158,13 +186,21 @@ impl FakeProxy {
     }
 
     /// Waits for the `n`th session (1-based) and returns its request sender and control sender.
-    pub async fn session(&self, n: usize, within: Duration) -> (SendRequest<Body>, mpsc::Sender<Frame>) {
+    pub async fn session(
+        &self,
+        n: usize,
+        within: Duration,
+    ) -> (SendRequest<Body>, mpsc::Sender<Frame>) {
         let deadline = Instant::now() + within;
         loop {
             if let Some(s) = self.sessions.lock().unwrap().get(n - 1) {
                 return (s.send.clone(), s.control.clone());
             }
-            assert!(Instant::now() < deadline, "no session {n} on {} within {within:?}", self.addr);
+            assert!(
+                Instant::now() < deadline,
+                "no session {n} on {} within {within:?}",
+                self.addr
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -189,7 +225,12 @@ async fn serve<S>(
     let good = auth.token == opts.token;
     seen.lock().unwrap().auths.push((Instant::now(), good));
     if !good {
-        let _ = handshake::refuse(&mut io, AuthErrorCode::BadCredentials, "unknown client or wrong token").await;
+        let _ = handshake::refuse(
+            &mut io,
+            AuthErrorCode::BadCredentials,
+            "unknown client or wrong token",
+        )
+        .await;
         return;
     }
     let ok = AuthOk {
@@ -213,9 +254,14 @@ async fn serve<S>(
     // The control stream: our frames out on the request body, the agent's in on the response.
     let (tx, rx) = mpsc::channel::<Frame>(16);
     let out = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|f| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(f.to_bytes())), rx))
+        rx.recv().await.map(|f| {
+            (
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                    f.to_bytes(),
+                )),
+                rx,
+            )
+        })
     });
     let req = http::Request::builder()
         .method("POST")
@@ -228,17 +274,28 @@ async fn serve<S>(
     };
     // Proxy heartbeats.
     let hb = tx.clone();
+    let silent = opts.silent;
     let interval = Duration::from_millis(opts.heartbeat_ms);
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(interval).await;
-            let f = msg::Heartbeat { timestamp: 0, status: "ok".into() }.to_frame();
+            if silent {
+                continue;
+            }
+            let f = msg::Heartbeat {
+                timestamp: 0,
+                status: "ok".into(),
+            }
+            .to_frame();
             if hb.send(f).await.is_err() {
                 return;
             }
         }
     });
-    sessions.lock().unwrap().push(ProxySession { send, control: tx });
+    sessions
+        .lock()
+        .unwrap()
+        .push(ProxySession { send, control: tx });
     let mut body = resp.into_body();
     let mut dec = Decoder::default();
     while let Some(Ok(f)) = body.frame().await {
@@ -247,10 +304,10 @@ async fn serve<S>(
         while let Ok(Some(frame)) = dec.next_frame() {
             let mut s = seen.lock().unwrap();
             s.control.push(frame.kind);
-            if frame.kind == Kind::Leaving as u8 {
-                if let Ok(l) = msg::decode::<msg::Leaving>(&frame) {
-                    s.leaving.push(l.reason);
-                }
+            if frame.kind == Kind::Leaving as u8
+                && let Ok(l) = msg::decode::<msg::Leaving>(&frame)
+            {
+                s.leaving.push(l.reason);
             }
         }
     }
@@ -282,28 +339,36 @@ impl Upstream {
         let c = connections.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                        let host = req.headers().get("host").cloned();
-                        if req.uri().path() == "/slow" {
-                            tokio::time::sleep(Duration::from_millis(1500)).await;
-                        }
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let mut r = http::Response::new(http_body_util::Full::new(body));
-                        if let Some(h) = host {
-                            r.headers_mut().insert("x-seen-host", h);
-                        }
-                        Ok::<_, hyper::Error>(r)
-                    });
+                    let svc = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            let host = req.headers().get("host").cloned();
+                            if req.uri().path() == "/slow" {
+                                tokio::time::sleep(Duration::from_millis(1500)).await;
+                            }
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let mut r = http::Response::new(http_body_util::Full::new(body));
+                            if let Some(h) = host {
+                                r.headers_mut().insert("x-seen-host", h);
+                            }
+                            Ok::<_, hyper::Error>(r)
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
                 });
             }
         });
-        Self { addr, connections, task }
+        Self {
+            addr,
+            connections,
+            task,
+        }
     }
 
     /// A WebSocket-like upstream: answers an `Upgrade: websocket` request with 101 and a fixed
@@ -316,7 +381,9 @@ impl Upstream {
         let c = connections.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut tcp, _)) = listener.accept().await else { return };
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut head = Vec::new();
@@ -328,8 +395,11 @@ impl Upstream {
                         head.push(b[0]);
                     }
                     let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    if !(text.contains("upgrade: websocket") && text.contains("sec-websocket-key:")) {
-                        let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+                    if !(text.contains("upgrade: websocket") && text.contains("sec-websocket-key:"))
+                    {
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                            .await;
                         return;
                     }
                     let _ = tcp
@@ -340,11 +410,20 @@ impl Upstream {
                 });
             }
         });
-        Self { addr, connections, task }
+        Self {
+            addr,
+            connections,
+            task,
+        }
     }
 }
 
 /// Control frames of `kind` seen by `proxy`.
 pub fn count_kind(seen: &Arc<Mutex<Seen>>, kind: Kind) -> usize {
-    seen.lock().unwrap().control.iter().filter(|k| **k == kind as u8).count()
+    seen.lock()
+        .unwrap()
+        .control
+        .iter()
+        .filter(|k| **k == kind as u8)
+        .count()
 }
