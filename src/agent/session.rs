@@ -338,15 +338,17 @@ impl Dialer {
         });
         // Up means the proxy opened the control stream; it must, within two intervals.
         let wait = interval * HEARTBEAT_MISSES;
-        match tokio::time::timeout(wait, opened_rx).await {
-            Ok(Ok(())) => {}
-            _ => {
-                conn.abort();
-                return Err(DialError::Protocol {
-                    addr: addr.into(),
-                    reason: format!("no control stream within {wait:?} of AuthOk"),
-                });
-            }
+        let reason = match tokio::time::timeout(wait, opened_rx).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some("the connection ended before the control stream opened".to_string()),
+            Err(_) => Some(format!("no control stream within {wait:?} of AuthOk")),
+        };
+        if let Some(reason) = reason {
+            conn.abort();
+            return Err(DialError::Protocol {
+                addr: addr.into(),
+                reason,
+            });
         }
         let hb_tx = out_tx.clone();
         let heartbeat = tokio::spawn(async move {
