@@ -364,7 +364,7 @@ async fn server_shutdown_moves_make_before_break_and_in_flight_requests_finish()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_sends_leaving_and_exits_zero() {
+async fn sigterm_sends_leaving_lets_streams_finish_and_exits_zero() {
     let s = Setup::new();
     let proxy = FakeProxy::start(s.proxy_opts()).await;
     let up = Upstream::start().await;
@@ -375,18 +375,108 @@ async fn sigterm_sends_leaving_and_exits_zero() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let code = tokio::task::spawn_blocking(move || {
+    // The agent heartbeats every interval (500 ms here).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(count_kind(&proxy.seen, Kind::Heartbeat) >= 2);
+    let up_addr = up.addr.clone();
+    let mut send2 = send.clone();
+    let slow = tokio::spawn(async move {
+        let resp = send2
+            .send_request(request("POST", &up_addr, "/slow", "in flight"))
+            .await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, body))
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let (code, log) = tokio::task::spawn_blocking(move || {
         let code = agent.terminate(Duration::from_secs(10));
         (code, agent.log())
     })
     .await
     .unwrap();
-    assert_eq!(code.0, Some(0), "{}", code.1);
+    assert_eq!(code, Some(0), "{log}");
+    let (status, body) = slow.await.unwrap().expect("in-flight request finishes");
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"in flight");
+    assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(count_kind(&proxy.seen, Kind::Leaving), 1);
     assert_eq!(
         proxy.seen.lock().unwrap().leaving,
         vec!["agent stopping".to_string()]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_the_control_stream_ends_the_session_and_the_agent_comes_back() {
+    let s = Setup::new();
+    let proxy = FakeProxy::start(s.proxy_opts()).await;
+    let up = Upstream::start().await;
+    let agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
+    let (_send, control) = proxy.session(1, Duration::from_secs(10)).await;
+    // A ServerShutdown whose body is not JSON; then (new session) a frame over the size limit.
+    control
+        .send(tunnox::tunnel::frame::Frame::new(
+            Kind::ServerShutdown as u8,
+            &b"{not json"[..],
+        ))
+        .await
+        .unwrap();
+    let (mut send, control) = proxy.session(2, Duration::from_secs(5)).await;
+    let resp = send
+        .send_request(request("GET", &up.addr, "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let huge = tunnox::tunnel::frame::Frame::new(Kind::Heartbeat as u8, vec![b'x'; 70_000]);
+    control.send(huge).await.unwrap();
+    proxy.session(3, Duration::from_secs(5)).await;
+    let log = agent.log();
+    assert!(
+        log.contains("protocol_error") && log.contains("ServerShutdown frame"),
+        "{log}"
+    );
+    assert!(log.contains("larger than the 65536-byte limit"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_requests_share_one_session() {
+    let s = Setup::new();
+    let proxy = FakeProxy::start(s.proxy_opts()).await;
+    let up = Upstream::start().await;
+    let _agent = s.agent(&proxy.addr, &[&up.addr], &[], "agent.log");
+    let (send, _control) = proxy.session(1, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut send = send.clone();
+        let target = up.addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let body = format!("request {i}");
+            let resp = send
+                .send_request(request("POST", &target, "/", body.clone()))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(got, body.as_bytes());
+            t.elapsed()
+        }));
+    }
+    let mut times = Vec::new();
+    for t in tasks {
+        times.push(t.await.unwrap());
+    }
+    times.sort();
+    println!(
+        "200 concurrent requests on one session: {:?} in all, p50 {:?}, p99 {:?} (debug build)",
+        started.elapsed(),
+        times[99],
+        times[197]
+    );
+    assert_eq!(proxy.session_count(), 1);
 }
 
 #[test]
