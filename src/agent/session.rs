@@ -25,6 +25,9 @@ use crate::tunnel::msg::{
 };
 use crate::tunnel::{CONTROL_HEADER, CONTROL_PATH, HEARTBEAT_MISSES, TARGET_HEADER};
 
+/// Most header bytes one forwarded stream may carry (the proxy's own request-head limit is 64 KiB).
+const MAX_HEADER_LIST: u32 = 128 * 1024;
+
 /// The byte stream a session runs on (TLS or plain TCP; a QUIC stream could be another).
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
@@ -313,6 +316,8 @@ impl Dialer {
             .adaptive_window(true)
             .enable_connect_protocol()
             .max_concurrent_streams(self.max_streams)
+            // hyper's default is 16 MiB of headers per stream: far more than a request needs.
+            .max_header_list_size(MAX_HEADER_LIST)
             .timer(hyper_util::rt::TokioTimer::new());
         let (stop_tx, stop_rx) = oneshot::channel::<Duration>();
         let conn_events = ev_tx.clone();
@@ -428,10 +433,12 @@ async fn read_control(
 ) {
     let mut decoder = Decoder::default();
     let silence = interval * HEARTBEAT_MISSES;
+    // Only whole frames count as heard: a trickle of partial bytes does not keep a session alive.
+    let mut deadline = tokio::time::Instant::now() + silence;
     let dead = loop {
         let next = tokio::select! {
             _ = &mut done => return,
-            n = tokio::time::timeout(silence, body.frame()) => n,
+            n = tokio::time::timeout_at(deadline, body.frame()) => n,
         };
         let bytes: Bytes = match next {
             Err(_) => break Dead::Silent,
@@ -445,28 +452,30 @@ async fn read_control(
         decoder.push(&bytes);
         let mut bad = None;
         loop {
-            match decoder.next_frame() {
+            let frame = match decoder.next_frame() {
                 Ok(None) => break,
                 Err(e) => {
                     bad = Some(Dead::Protocol(e.to_string()));
                     break;
                 }
-                Ok(Some(frame)) => match Kind::from_u8(frame.kind) {
-                    Some(Kind::ServerShutdown) => match msg::decode::<ServerShutdown>(&frame) {
-                        Ok(s) => {
-                            let _ = events.send(Event::Shutdown(s)).await;
-                        }
-                        Err(e) => {
-                            bad = Some(Dead::Protocol(e.to_string()));
-                            break;
-                        }
-                    },
-                    Some(Kind::Heartbeat) => {}
-                    // Reserved (ConfigPush) or newer types: heard, ignored.
-                    other => {
-                        tracing::debug!(kind = frame.kind, known = ?other.map(Kind::name), "control frame ignored")
+                Ok(Some(frame)) => frame,
+            };
+            deadline = tokio::time::Instant::now() + silence;
+            match Kind::from_u8(frame.kind) {
+                Some(Kind::ServerShutdown) => match msg::decode::<ServerShutdown>(&frame) {
+                    Ok(s) => {
+                        let _ = events.send(Event::Shutdown(s)).await;
+                    }
+                    Err(e) => {
+                        bad = Some(Dead::Protocol(e.to_string()));
+                        break;
                     }
                 },
+                Some(Kind::Heartbeat) => {}
+                // Reserved (ConfigPush) or newer types: heard, ignored.
+                other => {
+                    tracing::debug!(kind = frame.kind, known = ?other.map(Kind::name), "control frame ignored")
+                }
             }
         }
         if let Some(d) = bad {
