@@ -40,6 +40,7 @@ impl Setup {
             heartbeat_ms: 500,
             peers: vec![],
             silent: false,
+            draining: false,
         }
     }
 
@@ -694,4 +695,47 @@ async fn config_file_with_flags_over_it_timeouts_and_plain_connect() {
     );
     assert!(text.contains("x-seen-host: raw"), "{text}");
     drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_reconnect_target_is_skipped_for_a_known_peer() {
+    let s = Setup::new();
+    let mut opts = s.proxy_opts();
+    opts.draining = true;
+    let draining = FakeProxy::start(opts).await;
+    let p3 = FakeProxy::start(s.proxy_opts()).await;
+    let mut opts = s.proxy_opts();
+    opts.peers = vec![p3.addr.clone()];
+    let p1 = FakeProxy::start(opts).await;
+    let up = Upstream::start().await;
+    let agent = s.agent(&p1.addr, &[&up.addr], &[], "agent.log");
+    let (_send, control) = p1.session(1, Duration::from_secs(10)).await;
+    let shutdown = ServerShutdown {
+        reason: "rolling_update".into(),
+        reconnect_to: Some(draining.addr.clone()),
+        grace_period: 5,
+    };
+    control.send(shutdown.to_frame()).await.unwrap();
+    let (mut send, _) = p3.session(1, Duration::from_secs(5)).await;
+    assert_eq!(
+        draining.seen.lock().unwrap().auths.len(),
+        1,
+        "tried first, once"
+    );
+    assert_eq!(draining.session_count(), 0);
+    support::process::eventually("Leaving on p1", Duration::from_secs(5), || {
+        count_kind(&p1.seen, Kind::Leaving) == 1
+    });
+    let resp = send
+        .send_request(request("GET", &up.addr, "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        p1.session_count(),
+        1,
+        "no new session on the draining proxy"
+    );
+    let log = agent.log();
+    assert!(log.contains("(draining)"), "{log}");
 }

@@ -59,7 +59,18 @@ impl RateLimitedLog {
             }
             _ => {
                 self.last.insert(msg.clone(), now);
-                tracing::error!(kind = e.label(), "{msg}");
+                if matches!(
+                    e,
+                    DialError::Refused {
+                        code: AuthErrorCode::Draining,
+                        ..
+                    }
+                ) {
+                    // Expected during a rollout: the next address is tried at once.
+                    tracing::info!(kind = e.label(), "{msg}");
+                } else {
+                    tracing::error!(kind = e.label(), "{msg}");
+                }
             }
         }
     }

@@ -146,6 +146,8 @@ pub struct ProxyOptions {
     pub peers: Vec<String>,
     /// Sends no heartbeats (the agent must declare the session dead).
     pub silent: bool,
+    /// Refuses every session with `AuthError draining`.
+    pub draining: bool,
 }
 
 impl FakeProxy {
@@ -222,8 +224,12 @@ async fn serve<S>(
     let Ok(auth) = handshake::read_auth(&mut io, Duration::from_secs(5)).await else {
         return;
     };
-    let good = auth.token == opts.token;
+    let good = auth.token == opts.token && !opts.draining;
     seen.lock().unwrap().auths.push((Instant::now(), good));
+    if opts.draining {
+        let _ = handshake::refuse(&mut io, AuthErrorCode::Draining, "this proxy is draining").await;
+        return;
+    }
     if !good {
         let _ = handshake::refuse(
             &mut io,
