@@ -174,7 +174,7 @@ impl Drop for Session {
     }
 }
 
-fn jittered_interval(ms: u64) -> Duration {
+fn heartbeat_interval(ms: u64) -> Duration {
     // A hostile or broken proxy could ask for 0 (a busy loop) or a day (no liveness).
     Duration::from_millis(ms.clamp(100, 60_000))
 }
@@ -280,7 +280,7 @@ impl Dialer {
                     reason: other.to_string(),
                 },
             })?;
-        let interval = jittered_interval(ok.heartbeat_interval_ms);
+        let interval = heartbeat_interval(ok.heartbeat_interval_ms);
         let (out_tx, out_rx) = mpsc::channel::<Frame>(16);
         let (ev_tx, ev_rx) = mpsc::channel::<Event>(4);
         let (opened_tx, opened_rx) = oneshot::channel();

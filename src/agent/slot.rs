@@ -145,14 +145,12 @@ impl Shared {
                             .with_label_values(&[e.label()])
                             .inc();
                         log.error(&e);
-                        if let DialError::Refused { code, .. } = &e {
-                            if !code.retryable() {
-                                // A wrong token stays wrong: retry at the cap, not faster.
-                                wait = Some(RETRY_MAX);
-                            }
-                            if *code == AuthErrorCode::Draining {
-                                continue;
-                            }
+                        // A wrong token stays wrong: retry at the cap, not faster. (A proxy
+                        // answering `draining` is simply passed over for the next address.)
+                        if let DialError::Refused { code, .. } = &e
+                            && !code.retryable()
+                        {
+                            wait = Some(RETRY_MAX);
                         }
                     }
                 }
