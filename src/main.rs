@@ -139,7 +139,6 @@ fn agent(args: AgentArgs, settings: &config::Settings, origin: &str) -> ExitCode
     let token = match cfg.validate(origin).and_then(|()| cfg.read_token(origin)) {
         Ok(t) => t,
         Err(e) => {
-            tracing::error!("invalid configuration: {e}");
             eprintln!("tunnox: invalid configuration: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
@@ -202,6 +201,9 @@ fn main() -> ExitCode {
                 if !pw.is_empty() {
                     *pw = "<redacted>".into();
                 }
+            }
+            if let Some(token) = shown.agent.token.as_mut() {
+                *token = "<redacted>".into();
             }
             match serde_yaml::to_string(&shown) {
                 Ok(yaml) => print!("{yaml}"),
