@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use support::fake_proxy::{FakeProxy, ProxyOptions, Upstream, count_kind, full, server_tls};
 use support::process::{Role, free_port};
-use support::tunnel::{Certs, FakeProxy, ProxyOptions, Upstream, count_kind, full, server_tls};
+use support::tunnel::Pki;
 use tunnox::tunnel::msg::{Kind, Message, ServerShutdown};
 use tunnox::tunnel::{ERROR_HEADER, TARGET_HEADER};
 
@@ -18,13 +19,13 @@ const TOKEN: &str = "good-token";
 
 struct Setup {
     dir: tempfile::TempDir,
-    certs: Certs,
+    certs: Pki,
 }
 
 impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let certs = Certs::make(dir.path(), "a");
+        let certs = Pki::new(dir.path(), "a");
         std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
         Self { dir, certs }
     }
@@ -72,7 +73,7 @@ fn request(
     target: &str,
     path: &str,
     body: impl Into<Bytes>,
-) -> http::Request<support::tunnel::Body> {
+) -> http::Request<support::fake_proxy::Body> {
     http::Request::builder()
         .method(method)
         .uri(format!("https://app.example.com{path}"))
@@ -180,7 +181,7 @@ async fn websocket_echo_through_extended_connect() {
         .uri("https://app.example.com/chat")
         .header(TARGET_HEADER, ws.addr.as_str())
         .header("sec-websocket-version", "13")
-        .body(support::tunnel::full(""))
+        .body(support::fake_proxy::full(""))
         .unwrap();
     req.extensions_mut()
         .insert(hyper::ext::Protocol::from_static("websocket"));
@@ -241,7 +242,7 @@ async fn wrong_token_is_one_line_and_retries_at_the_cap() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_certificate_and_unreachable_server_are_one_clear_line_each() {
     let s = Setup::new();
-    let other_ca = Certs::make(s.dir.path(), "b");
+    let other_ca = Pki::new(s.dir.path(), "b");
     let mut opts = s.proxy_opts();
     opts.tls = Some(server_tls(&other_ca));
     let proxy = FakeProxy::start(opts).await;
