@@ -233,7 +233,12 @@ async fn wrong_token_is_one_line_and_retries_at_the_cap() {
         );
     }
     let log = agent.log();
-    assert_eq!(lines_with(&log, "refused the session"), 1, "{log}");
+    assert_eq!(
+        lines_with(&log, "refused the session of client \"laptop\""),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN), "the token is never logged");
     assert_eq!(lines_with(&log, "bad_credentials"), 1, "{log}");
     assert!(log.contains(&proxy.addr));
     assert_eq!(proxy.session_count(), 0);

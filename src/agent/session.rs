@@ -59,9 +59,10 @@ pub enum DialError {
     Certificate { addr: String, reason: String },
     #[error("TLS with server {addr} failed: {reason}")]
     Tls { addr: String, reason: String },
-    #[error("server {addr} refused the session: {message} ({})", code.label())]
+    #[error("server {addr} refused the session of client {client_id:?}: {message} ({})", code.label())]
     Refused {
         addr: String,
+        client_id: String,
         code: AuthErrorCode,
         message: String,
     },
@@ -263,6 +264,7 @@ impl Dialer {
             .map_err(|e| match e {
                 HandshakeError::Refused(r) => DialError::Refused {
                     addr: addr.into(),
+                    client_id: self.client_id.clone(),
                     code: r.code,
                     message: r.message,
                 },
