@@ -26,7 +26,10 @@ const HOST: &str = "app.tunnox.net";
 const CLIENT: &str = "laptop";
 
 struct Node {
+    /// The node id of the running generation (a restarted proxy is a new pod: a new name).
     name: String,
+    index: usize,
+    generation: u32,
     http: u16,
     admin: u16,
     tunnel: u16,
@@ -84,7 +87,9 @@ impl Fleet {
         };
         for i in 0..n {
             let node = Node {
-                name: format!("p{i}"),
+                name: String::new(),
+                index: i,
+                generation: 0,
                 http: free_port(),
                 admin: free_port(),
                 tunnel: free_port(),
@@ -108,6 +113,12 @@ log: {{level: debug}}",
 
     /// Starts node `i` (again) on its ports and waits until it is ready.
     fn boot(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.name = match n.generation {
+            0 => format!("p{}", n.index),
+            g => format!("p{}-{g}", n.index),
+        };
+        n.generation += 1;
         let n = &self.nodes[i];
         let extra = format!(
             "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {}",
@@ -177,6 +188,32 @@ log: {{level: debug}}",
 
 fn agent_log(f: &Fleet) -> String {
     std::fs::read_to_string(f.dir.path().join("agent.log")).unwrap_or_default()
+}
+
+/// Warnings, errors and failed requests from every process's log (every generation), for a
+/// failure message.
+fn trouble(f: &Fleet) -> String {
+    let mut out = String::new();
+    let mut logs: Vec<_> = std::fs::read_dir(f.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for path in logs {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("request failed"))
+        {
+            out.push_str(&format!(
+                "{}: {line}\n",
+                path.file_name().unwrap().to_string_lossy()
+            ));
+        }
+    }
+    out
 }
 
 #[test]
@@ -311,10 +348,11 @@ fn rolling_restart_of_every_proxy_under_load_fails_no_request() {
     );
     assert!(
         failed.is_empty(),
-        "{} requests failed, e.g. {:?}\nagent:\n{}",
+        "{} requests failed, e.g. {:?}\nagent:\n{}\ntrouble:\n{}",
         failed.len(),
         &failed[..failed.len().min(5)],
-        agent_log(&f)
+        agent_log(&f),
+        trouble(&f)
     );
     assert!(
         !report.contains("Non-2xx") && !report.contains("Socket errors"),
