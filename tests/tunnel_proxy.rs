@@ -1,0 +1,322 @@
+//! The real `tunnox proxy` with a TLS tunnel listener, a minimal in-test agent
+//! (`support::tunnel_agent`) and a loopback upstream behind it.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnox::tunnel::handshake::HandshakeError;
+use tunnox::tunnel::msg::AuthErrorCode;
+
+use support::process::free_port;
+use support::proxy::ProxyProc;
+use support::tunnel_agent::{self as agent, Certs};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    certs: Certs,
+    proxy: ProxyProc,
+    tunnel: SocketAddr,
+    upstream: SocketAddr,
+}
+
+async fn single_node() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = agent::make_certs(dir.path());
+    let upstream = agent::upstream().await;
+    let tport = free_port();
+    let up = upstream.port();
+    let yaml = format!(
+        "storage: {{type: memory}}
+http_domain: {{base_domains: [tunnox.net]}}
+egress: {{allow: [\"127.0.0.0/8\"]}}
+tunnel_clients:
+  - {{client_id: laptop, token: s3cret}}
+  - {{client_id: other, token: other-token}}
+mappings:
+  - {{subdomain: app, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: {up}, custom_headers: {{X-Env: dev}}}}
+  - {{subdomain: off, base_domain: tunnox.net, target_client_id: other, target_host: 127.0.0.1, target_port: {up}}}
+  - {{subdomain: denied, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: 1}}"
+    );
+    let extra = format!(
+        "tunnel: {{listen: \"127.0.0.1:{tport}\", cert_file: {}, key_file: {}, heartbeat_interval: 1s, handshake_timeout: 2s}}",
+        certs.cert.display(),
+        certs.key.display()
+    );
+    let proxy =
+        tokio::task::block_in_place(|| ProxyProc::start(dir.path(), "p1", &yaml, &extra).ready());
+    Setup {
+        _dir: dir,
+        certs,
+        proxy,
+        tunnel: SocketAddr::from(([127, 0, 0, 1], tport)),
+        upstream,
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build(HttpConnector::new())
+}
+
+async fn send(
+    c: &Client<HttpConnector, Full<Bytes>>,
+    port: u16,
+    host: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, http::HeaderMap, Bytes) {
+    let req = Request::post(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", host)
+        .header("tunnox-target", "127.0.0.1:22")
+        .header("x-forwarded-for", "192.0.2.9")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+        .await
+        .expect("answered in time")
+        .expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+/// The proxy's log without colour codes.
+fn plain_log(p: &ProxyProc) -> String {
+    let raw = p.log();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn metric(p: &ProxyProc, name: &str) -> String {
+    let m = p.admin_get("/metrics").map(|r| r.body).unwrap_or_default();
+    m.lines()
+        .filter(|l| l.starts_with(name))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_bodies_websockets_and_refusals_through_one_session() {
+    let s = single_node().await;
+    let port = s.proxy.port;
+    let c = client();
+
+    // Offline client: the proxy's own 502 saying so.
+    let (st, _, body) = send(&c, port, "off.tunnox.net", "/echo", vec![]).await;
+    assert_eq!(st, 502);
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("offline"), "{text}");
+
+    let allow = vec![s.upstream.to_string()];
+    let a = agent::connect(
+        s.tunnel,
+        &s.certs.ca,
+        "laptop",
+        "s3cret",
+        "i1",
+        allow.clone(),
+    )
+    .await
+    .expect("agent admitted");
+    assert!(!a.ok.session_id.is_empty());
+    assert_eq!(a.ok.heartbeat_interval_ms, 1000);
+
+    // 5 MB up, echoed back intact; headers as on the direct path, tunnel headers not leaked.
+    let up: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
+    let (st, h, body) = send(&c, port, "app.tunnox.net", "/echo", up.clone()).await;
+    assert_eq!(st, 200);
+    assert_eq!(body.len(), up.len());
+    assert!(body == up, "5 MB echoed intact");
+    assert_eq!(h["x-got-host"], "app.tunnox.net");
+    assert_eq!(h["x-got-xff"], "192.0.2.9, 127.0.0.1");
+    assert_eq!(h["x-got-hops"], "1");
+    assert_eq!(h["x-got-env"], "dev");
+    assert_eq!(
+        h["x-got-tunnox"], "",
+        "no tunnox-* header reaches the service"
+    );
+
+    // 5 MB down.
+    let n = 5 * 1024 * 1024;
+    let (st, _, body) = send(&c, port, "app.tunnox.net", &format!("/big?n={n}"), vec![]).await;
+    assert_eq!(st, 200);
+    assert_eq!(body.len(), n);
+    assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+
+    // 200 concurrent requests share the one session.
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let msg = format!("request {i}").into_bytes();
+            let (st, _, body) = send(&c, port, "app.tunnox.net", "/echo", msg.clone()).await;
+            (st, body == msg)
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (200, true));
+    }
+    assert!(
+        metric(&s.proxy, "tunnox_tunnel_sessions ").ends_with(" 1"),
+        "{}",
+        metric(&s.proxy, "tunnox_tunnel_sessions")
+    );
+
+    // WebSocket through extended CONNECT: 101 with the service's headers, then bytes echo.
+    let mut ws = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: app.tunnox.net\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: abc\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("sec-websocket-accept: for-abc"), "{head}");
+    for round in 0..3 {
+        let m = format!("frame {round}");
+        ws.write_all(m.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; m.len()];
+        tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, m.as_bytes());
+    }
+    drop(ws);
+
+    // A target outside the agent's allow-list: its tunnox-error becomes the proxy's 502.
+    let (st, _, _) = send(&c, port, "denied.tunnox.net", "/echo", vec![]).await;
+    assert_eq!(st, 502);
+    let log = plain_log(&s.proxy);
+    assert!(
+        log.contains("not_allowed") && log.contains("laptop"),
+        "{log}"
+    );
+
+    // Refusals: wrong token, another client's token, unknown client — one answer.
+    for (id, token) in [
+        ("laptop", "wrong"),
+        ("laptop", "other-token"),
+        ("ghost", "s3cret"),
+    ] {
+        let e = agent::connect(s.tunnel, &s.certs.ca, id, token, "x", allow.clone())
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(&e, HandshakeError::Refused(r) if r.code == AuthErrorCode::BadCredentials),
+            "{id}/{token}: {e}"
+        );
+    }
+    // Plain TCP (an HTTP request) and garbage on the TLS listener: closed, logged.
+    // (A record that claims more than arrives is closed at proxy.tunnel.handshake_timeout.)
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0x99, 3, 3, 0, 2, 1, 2][..],
+        &[0x16, 3, 1, 0, 9, 0xff, 0xff, 0, 0, 1, 2][..],
+    ] {
+        let mut t = tokio::net::TcpStream::connect(s.tunnel).await.unwrap();
+        t.write_all(junk).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), t.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert!(
+            n == 0 || buf[0] == 0x15,
+            "no tunnel for a non-TLS peer: {:?}",
+            &buf[..n]
+        );
+    }
+    // TLS, then garbage instead of an Auth frame.
+    {
+        let tls = tunnox::tunnel::tls::client_config(Some(&s.certs.ca)).unwrap();
+        let conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(s.tunnel).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut io = conn.connect(name, tcp).await.unwrap();
+        io.write_all(b"TNOX\x01\xff\xff\xff\xffgarbage")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut buf)).await;
+    }
+    let log = plain_log(&s.proxy);
+    for want in [
+        "tunnel session refused: bad credentials",
+        "client_id=ghost",
+        "TLS handshake failed",
+        "no valid Auth frame",
+    ] {
+        assert!(log.contains(want), "log lacks {want:?}:\n{log}");
+    }
+    assert!(
+        !log.contains("s3cret") && !log.contains("other-token"),
+        "tokens never logged"
+    );
+    // Still healthy, and the session still serves.
+    assert_eq!(s.proxy.admin_get("/readyz").unwrap().status, 200);
+    let (st, _, body) = send(&c, port, "app.tunnox.net", "/echo", b"after".to_vec()).await;
+    assert_eq!((st, &body[..]), (200, &b"after"[..]));
+    assert!(a.is_running());
+
+    // A reconnect of the same agent session replaces it at once.
+    let b = agent::connect(
+        s.tunnel,
+        &s.certs.ca,
+        "laptop",
+        "s3cret",
+        "i1",
+        allow.clone(),
+    )
+    .await
+    .expect("reconnect admitted");
+    assert_ne!(b.ok.session_id, a.ok.session_id);
+    let (st, _, _) = send(&c, port, "app.tunnox.net", "/echo", b"x".to_vec()).await;
+    assert_eq!(st, 200);
+    assert!(
+        metric(
+            &s.proxy,
+            "tunnox_tunnel_session_events_total{outcome=\"replaced\""
+        )
+        .ends_with(" 1"),
+        "{}",
+        metric(&s.proxy, "tunnox_tunnel_session_events_total")
+    );
+
+    // The agent goes silent: two heartbeat intervals later its session is dead and the client
+    // offline.
+    drop(a);
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (st, _, body) = send(&c, port, "app.tunnox.net", "/echo", vec![]).await;
+    assert_eq!(st, 502, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("offline"));
+}
