@@ -118,6 +118,18 @@ fn metric(p: &ProxyProc, name: &str) -> String {
         .join("\n")
 }
 
+/// Waits until `p` holds `n` tunnel sessions (registered after the agent's `AuthOk`).
+async fn sessions_held(p: &ProxyProc, n: usize) {
+    let want = format!("tunnox_tunnel_sessions {n}");
+    for _ in 0..100 {
+        if tokio::task::block_in_place(|| metric(p, "tunnox_tunnel_sessions ")) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{want}: {}", metric(p, "tunnox_tunnel_sessions "));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_bodies_websockets_and_refusals_through_one_session() {
     let s = single_node().await;
@@ -143,6 +155,7 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     .expect("agent admitted");
     assert!(!a.ok.session_id.is_empty());
     assert_eq!(a.ok.heartbeat_interval_ms, 1000);
+    sessions_held(&s.proxy, 1).await;
 
     // 5 MB up, echoed back intact; headers as on the direct path, tunnel headers not leaked.
     let up: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
@@ -319,4 +332,170 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     let (st, _, body) = send(&c, port, "app.tunnox.net", "/echo", vec![]).await;
     assert_eq!(st, 502, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("offline"));
+}
+
+/// Two proxies on one Redis, each with a tunnel listener and the fleet's node token.
+struct TwoNodes {
+    _redis: support::RedisServer,
+    dir: tempfile::TempDir,
+    certs: Certs,
+    a: ProxyProc,
+    b: ProxyProc,
+    ta: SocketAddr,
+    tb: SocketAddr,
+    upstream: SocketAddr,
+}
+
+async fn two_nodes() -> TwoNodes {
+    use tunnox::store::{MappingStore, RedisOptions, RedisStore, TunnelRegistry};
+    use tunnox::tunnel::credential::{ClientCredential, TokenHash};
+    let redis = tokio::task::block_in_place(support::RedisServer::start);
+    let dir = tempfile::tempdir().unwrap();
+    let certs = agent::make_certs(dir.path());
+    let upstream = agent::upstream().await;
+    let store = RedisStore::connect(RedisOptions::new(&redis.addr()))
+        .await
+        .unwrap();
+    // What the controller writes: the token's hash, and a mapping with a tunnel target.
+    store
+        .put_credential(&ClientCredential {
+            client_id: "laptop".into(),
+            token_sha256: TokenHash::of("s3cret"),
+            placement: None,
+            source: Some("k8s:team-a/laptop".into()),
+        })
+        .await
+        .unwrap();
+    let mut spec =
+        tunnox::domain::MappingSpec::new("app", "tunnox.net", "127.0.0.1", upstream.port());
+    spec.target_client_id = Some("laptop".into());
+    store.create(spec).await.unwrap();
+    std::fs::write(dir.path().join("node-token"), "fleet-secret\n").unwrap();
+    let yaml = format!(
+        "storage: {{type: redis, redis: {{addr: \"{}\"}}}}
+http_domain: {{base_domains: [tunnox.net]}}
+egress: {{allow: [\"127.0.0.0/8\"]}}",
+        redis.addr()
+    );
+    let start = |name: &str, tport: u16| {
+        let extra = format!(
+            "drain: {{grace_period: 5s}}, tunnel: {{listen: \"127.0.0.1:{tport}\", cert_file: {}, key_file: {}, heartbeat_interval: 1s, node_token_file: {}}}",
+            certs.cert.display(),
+            certs.key.display(),
+            dir.path().join("node-token").display(),
+        );
+        tokio::task::block_in_place(|| ProxyProc::start(dir.path(), name, &yaml, &extra).ready())
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let a = start("a", pa);
+    let b = start("b", pb);
+    TwoNodes {
+        _redis: redis,
+        dir,
+        certs,
+        a,
+        b,
+        ta: SocketAddr::from(([127, 0, 0, 1], pa)),
+        tb: SocketAddr::from(([127, 0, 0, 1], pb)),
+        upstream,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_node_serves_through_the_holder_and_a_drain_moves_the_agent() {
+    let n = two_nodes().await;
+    let c = client();
+    let allow = vec![n.upstream.to_string()];
+    let a1 = agent::connect(n.ta, &n.certs.ca, "laptop", "s3cret", "i1", allow.clone())
+        .await
+        .expect("admitted by a");
+    assert_eq!(
+        a1.ok.peers,
+        vec![n.tb.to_string()],
+        "AuthOk names the other node"
+    );
+    sessions_held(&n.a, 1).await;
+
+    // Served on a (the holder) and on b (forwarded to a with the node token).
+    for p in [&n.a, &n.b] {
+        let (st, h, body) = send(&c, p.port, "app.tunnox.net", "/echo", b"hello".to_vec()).await;
+        assert_eq!((st, &body[..]), (200, &b"hello"[..]), "via {}", p.port);
+        assert_eq!(
+            h["x-got-tunnox"], "",
+            "the node token never reaches the service"
+        );
+    }
+    assert!(
+        metric(
+            &n.b,
+            "tunnox_tunnel_forwarded_to_peer_total{outcome=\"ok\"}"
+        )
+        .ends_with(" 1"),
+        "{}",
+        metric(&n.b, "tunnox_tunnel_forwarded_to_peer_total")
+    );
+    // A forged node token: 403, logged.
+    let forged = Request::get(format!("http://127.0.0.1:{}/echo", n.a.port))
+        .header("host", "app.tunnox.net")
+        .header("tunnox-node", "guess")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(forged).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(plain_log(&n.a).contains("wrong tunnox-node token"));
+
+    // Drain a: its agent is told to move to b, moves (make-before-break), and leaves a.
+    let drain = Request::post(format!("http://127.0.0.1:{}/drain?wait=1s", n.a.admin))
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), c.request(drain))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut shutdown = None;
+    for _ in 0..50 {
+        if let Some(s) = a1.seen.lock().unwrap().shutdowns.first().cloned() {
+            shutdown = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shutdown = shutdown.expect("ServerShutdown received");
+    assert_eq!(shutdown.reason, "rolling_update");
+    assert_eq!(shutdown.reconnect_to, Some(n.tb.to_string()));
+    assert_eq!(shutdown.grace_period, 5);
+    // A new session to the draining node is refused.
+    let e = agent::connect(n.ta, &n.certs.ca, "laptop", "s3cret", "i2", allow.clone())
+        .await
+        .err()
+        .expect("refused while draining");
+    assert!(
+        matches!(&e, HandshakeError::Refused(r) if r.code == AuthErrorCode::Draining),
+        "{e}"
+    );
+    let a2 = agent::connect(n.tb, &n.certs.ca, "laptop", "s3cret", "i1", allow.clone())
+        .await
+        .expect("admitted by b");
+    sessions_held(&n.b, 1).await;
+    a1.leave();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Requests keep working on both nodes: b serves locally, a sends them to b.
+    for p in [&n.b, &n.a] {
+        let (st, _, body) = send(&c, p.port, "app.tunnox.net", "/echo", b"moved".to_vec()).await;
+        assert_eq!((st, &body[..]), (200, &b"moved"[..]), "via {}", p.port);
+    }
+    assert!(
+        metric(
+            &n.a,
+            "tunnox_tunnel_forwarded_to_peer_total{outcome=\"ok\"}"
+        )
+        .ends_with(" 1"),
+        "a forwards to b once its own session is leaving: {}",
+        metric(&n.a, "tunnox_tunnel_forwarded_to_peer_total")
+    );
+    drop(a1);
+    assert!(a2.is_running());
+    let _ = &n.dir;
 }
