@@ -314,15 +314,21 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     assert_ne!(b.ok.session_id, a.ok.session_id);
     let (st, _, _) = send(&c, port, "app.tunnox.net", "/echo", b"x".to_vec()).await;
     assert_eq!(st, 200);
-    assert!(
-        metric(
-            &s.proxy,
-            "tunnox_tunnel_session_events_total{outcome=\"replaced\""
-        )
-        .ends_with(" 1"),
-        "{}",
-        metric(&s.proxy, "tunnox_tunnel_session_events_total")
-    );
+    let mut replaced = String::new();
+    for _ in 0..100 {
+        replaced = tokio::task::block_in_place(|| {
+            metric(
+                &s.proxy,
+                "tunnox_tunnel_session_events_total{outcome=\"replaced\"",
+            )
+        });
+        if replaced.ends_with(" 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replaced.ends_with(" 1"), "{replaced}");
+    sessions_held(&s.proxy, 1).await;
 
     // The agent goes silent: two heartbeat intervals later its session is dead and the client
     // offline.

@@ -272,7 +272,8 @@ mod tests {
             f(&mut t);
             check_listener(&t).err().map(|e| e.0)
         };
-        let cases: Vec<(&dyn Fn(&mut TunnelListenerConfig), Option<&str>)> = vec![
+        type Edit<'a> = &'a dyn Fn(&mut TunnelListenerConfig);
+        let cases: Vec<(Edit, Option<&str>)> = vec![
             (&|_| {}, None),
             (&|t| t.cert_file = None, Some("proxy.tunnel.cert_file")),
             (&|t| t.key_file = None, Some("proxy.tunnel.key_file")),

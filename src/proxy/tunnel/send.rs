@@ -142,7 +142,7 @@ impl Tunnels {
                         &mut h2,
                         client.host,
                         &path,
-                        &to.authority.to_string(),
+                        to.authority.as_ref(),
                         upgrade.as_ref(),
                     )?;
                     let sent = tokio::time::timeout(

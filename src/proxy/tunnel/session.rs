@@ -20,7 +20,7 @@ use crate::store::SessionRecord;
 pub enum StreamError {
     /// Never started (the session is closing, GOAWAY came first): the request comes back
     /// untouched and may go to another session.
-    NotSent(Request<ProxyBody>),
+    NotSent(Box<Request<ProxyBody>>),
     /// The agent refused the stream before processing it (REFUSED_STREAM): safe to repeat when
     /// the request had no body.
     Refused(String),
@@ -42,12 +42,12 @@ impl Transport for H2Transport {
     async fn open(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, StreamError> {
         let mut send = self.0.clone();
         if send.ready().await.is_err() {
-            return Err(StreamError::NotSent(req));
+            return Err(StreamError::NotSent(Box::new(req)));
         }
         match send.try_send_request(req).await {
             Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
             Err(mut e) => match e.take_message() {
-                Some(req) => Err(StreamError::NotSent(req)),
+                Some(req) => Err(StreamError::NotSent(Box::new(req))),
                 None if refused(e.error()) => Err(StreamError::Refused(chain(e.error()))),
                 None => Err(StreamError::Failed(chain(e.error()))),
             },
@@ -280,7 +280,7 @@ pub(crate) mod tests {
     #[async_trait]
     impl Transport for Dead {
         async fn open(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, StreamError> {
-            Err(StreamError::NotSent(req))
+            Err(StreamError::NotSent(Box::new(req)))
         }
         fn usable(&self) -> bool {
             false
