@@ -452,14 +452,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     crate::observe::shutdown_signal().await;
     tracing::info!("shutting down");
+    if !drain.is_draining() {
+        // No preStop drain came first: agents are told this is a shutdown.
+        tunnels.drain("shutdown").await;
+    }
+    drain.start();
     let shutdown = {
-        // Without a preStop drain first, agents are told this is a shutdown.
         let tunnels = tunnels.clone();
         let grace = cfg.drain.grace_period.get();
         tokio::spawn(async move { tunnels.shutdown(grace).await })
     };
-    tokio::task::yield_now().await;
-    drain.start();
     let _ = serve_stop_tx.send(true);
     let _ = server.await;
     let _ = shutdown.await;
