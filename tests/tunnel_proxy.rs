@@ -132,7 +132,7 @@ async fn sessions_held(p: &ProxyProc, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_bodies_websockets_and_refusals_through_one_session() {
-    let s = single_node().await;
+    let mut s = single_node().await;
     let port = s.proxy.port;
     let c = client();
 
@@ -338,6 +338,47 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     let (st, _, body) = send(&c, port, "app.tunnox.net", "/echo", vec![]).await;
     assert_eq!(st, 502, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("offline"));
+
+    // SIGTERM: the agent is told it is a shutdown (no other node to go to); the proxy waits for
+    // its session, and exits as soon as the agent has gone.
+    let c1 = agent::connect(
+        s.tunnel,
+        &s.certs.ca,
+        "laptop",
+        "s3cret",
+        "i3",
+        allow.clone(),
+    )
+    .await
+    .expect("admitted");
+    sessions_held(&s.proxy, 1).await;
+    let pid = s.proxy.role.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let mut shutdown = None;
+    for _ in 0..50 {
+        if let Some(x) = c1.seen.lock().unwrap().shutdowns.first().cloned() {
+            shutdown = Some(x);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shutdown = shutdown.expect("ServerShutdown on SIGTERM");
+    assert_eq!(shutdown.reason, "shutdown");
+    assert_eq!(shutdown.reconnect_to, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(s.proxy.role.is_running(), "waits for the session");
+    drop(c1);
+    let started = std::time::Instant::now();
+    let code = tokio::task::block_in_place(|| s.proxy.role.terminate(Duration::from_secs(15)));
+    assert_eq!(code, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Two proxies on one Redis, each with a tunnel listener and the fleet's node token.
