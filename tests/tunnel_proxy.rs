@@ -159,7 +159,9 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
 
     // 5 MB up, echoed back intact; headers as on the direct path, tunnel headers not leaked.
     let up: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
+    let started = std::time::Instant::now();
     let (st, h, body) = send(&c, port, "app.tunnox.net", "/echo", up.clone()).await;
+    eprintln!("5 MB up and echoed back: {:?}", started.elapsed());
     assert_eq!(st, 200);
     assert_eq!(body.len(), up.len());
     assert!(body == up, "5 MB echoed intact");
@@ -180,6 +182,7 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
 
     // 200 concurrent requests share the one session.
+    let started = std::time::Instant::now();
     let mut tasks = Vec::new();
     for i in 0..200u32 {
         let c = c.clone();
@@ -192,6 +195,10 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), (200, true));
     }
+    eprintln!(
+        "200 concurrent requests through one session: {:?}",
+        started.elapsed()
+    );
     assert!(
         metric(&s.proxy, "tunnox_tunnel_sessions ").ends_with(" 1"),
         "{}",
@@ -299,6 +306,31 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     let (st, _, body) = send(&c, port, "app.tunnox.net", "/echo", b"after".to_vec()).await;
     assert_eq!((st, &body[..]), (200, &b"after"[..]));
     assert!(a.is_running());
+
+    // An authenticated agent sending garbage on its control stream loses its session; the
+    // other session keeps serving.
+    let g = agent::connect(
+        s.tunnel,
+        &s.certs.ca,
+        "laptop",
+        "s3cret",
+        "g1",
+        allow.clone(),
+    )
+    .await
+    .expect("admitted");
+    sessions_held(&s.proxy, 2).await;
+    g.control
+        .send(Bytes::from_static(b"NOT A FRAME AT ALL"))
+        .await
+        .unwrap();
+    sessions_held(&s.proxy, 1).await;
+    assert!(plain_log(&s.proxy).contains("bad control frame"));
+    for _ in 0..5 {
+        let (st, _, body) = send(&c, port, "app.tunnox.net", "/echo", b"still".to_vec()).await;
+        assert_eq!((st, &body[..]), (200, &b"still"[..]));
+    }
+    drop(g);
 
     // A reconnect of the same agent session replaces it at once.
     let b = agent::connect(
