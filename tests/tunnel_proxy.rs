@@ -423,6 +423,7 @@ struct TwoNodes {
     ta: SocketAddr,
     tb: SocketAddr,
     upstream: SocketAddr,
+    store: tunnox::store::RedisStore,
 }
 
 async fn two_nodes() -> TwoNodes {
@@ -477,6 +478,7 @@ egress: {{allow: [\"127.0.0.0/8\"]}}",
         ta: SocketAddr::from(([127, 0, 0, 1], pa)),
         tb: SocketAddr::from(([127, 0, 0, 1], pb)),
         upstream,
+        store,
     }
 }
 
@@ -574,6 +576,22 @@ async fn another_node_serves_through_the_holder_and_a_drain_moves_the_agent() {
         "a forwards to b once its own session is leaving: {}",
         metric(&n.a, "tunnox_tunnel_forwarded_to_peer_total")
     );
+    // The old session, on the draining node, never writes itself back over its replacement:
+    // sampled across several heartbeats, the store names only b's session for this agent slot.
+    {
+        use tunnox::store::TunnelRegistry;
+        for _ in 0..25 {
+            let recs = n.store.sessions("laptop").await.unwrap();
+            let nodes: Vec<(&str, &str)> = recs
+                .iter()
+                .map(|r| (r.node_id.as_str(), r.session_id.as_str()))
+                .collect();
+            assert_eq!(nodes, vec![("b", a2.ok.session_id.as_str())]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (st, _, _) = send(&c, n.a.port, "app.tunnox.net", "/echo", b"x".to_vec()).await;
+    assert_eq!(st, 200);
     drop(a1);
     assert!(a2.is_running());
     let _ = &n.dir;

@@ -302,7 +302,10 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
             _ = tick.tick() => {
                 let hb = Heartbeat { timestamp: Utc::now().timestamp(), status: String::new() };
                 let _ = session.control.try_send(hb.to_frame().to_bytes());
-                refresh(&t, &session, ttl).await;
+                if !refresh(&t, &session, ttl).await {
+                    tracing::info!(client_id = %client, session = %session_id, "tunnel session superseded by a newer session of its agent");
+                    break "superseded";
+                }
             }
             f = incoming.frame(), if incoming_open => match f {
                 Some(Ok(f)) => {
@@ -337,7 +340,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         }
     }
     tracing::info!(client_id = %client, session = %session_id, outcome, age = ?session.since.elapsed(), "tunnel session ended");
-    if outcome == "retired" {
+    if matches!(outcome, "retired" | "superseded") {
         // Streams in flight finish first (bounded by the grace period).
         let deadline = tokio::time::Instant::now() + s.grace;
         while session.open_streams() > 0 && tokio::time::Instant::now() < deadline {
@@ -370,7 +373,8 @@ async fn read_frames(
                 if session.set_leaving() {
                     tracing::info!(client_id = %session.client_id, session = %session.id, %reason, "tunnel session leaving");
                     session.record.lock().expect("not poisoned").state = SessionState::Leaving;
-                    refresh(t, session, ttl).await;
+                    // Superseded or not, the next heartbeat decides.
+                    let _ = refresh(t, session, ttl).await;
                 }
             }
             other => {
@@ -380,8 +384,21 @@ async fn read_frames(
     }
 }
 
-/// Re-registers the session (its expiry moves on; its state as known now).
-async fn refresh(t: &Tunnels, session: &Session, ttl: Duration) {
+/// Re-registers the session (its expiry moves on; its state as known now). False when a newer
+/// session of the same agent slot has taken its place in the store (the agent reconnected,
+/// maybe to another node): this one is stale and must not write itself back.
+async fn refresh(t: &Tunnels, session: &Session, ttl: Duration) -> bool {
+    let (key, since) = {
+        let r = session.record.lock().expect("not poisoned");
+        (r.key(), r.since)
+    };
+    if let Ok(records) = t.registry.sessions(&session.client_id).await
+        && records
+            .iter()
+            .any(|r| r.key() == key && r.session_id != session.id && r.since > since)
+    {
+        return false;
+    }
     let rec = {
         let mut r = session.record.lock().expect("not poisoned");
         let now = Utc::now();
@@ -395,6 +412,7 @@ async fn refresh(t: &Tunnels, session: &Session, ttl: Duration) {
     if let Err(e) = t.registry.put_session(&session.client_id, &rec, ttl).await {
         tracing::warn!(client_id = %session.client_id, error = %e, "cannot refresh the tunnel session");
     }
+    true
 }
 
 impl Tunnels {
