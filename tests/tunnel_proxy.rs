@@ -47,7 +47,7 @@ mappings:
   - {{subdomain: denied, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: 1}}"
     );
     let extra = format!(
-        "tunnel: {{listen: \"127.0.0.1:{tport}\", cert_file: {}, key_file: {}, heartbeat_interval: 1s, handshake_timeout: 2s}}",
+        "tunnel: {{listen: \"127.0.0.1:{tport}\", cert_file: {}, key_file: {}, heartbeat_interval: 1s, handshake_timeout: 2s, max_sessions_per_client: 2}}",
         certs.cert.display(),
         certs.key.display()
     );
@@ -320,6 +320,22 @@ async fn requests_bodies_websockets_and_refusals_through_one_session() {
     .await
     .expect("admitted");
     sessions_held(&s.proxy, 2).await;
+    // A third of this client's sessions is over max_sessions_per_client: told why.
+    let e = agent::connect(
+        s.tunnel,
+        &s.certs.ca,
+        "laptop",
+        "s3cret",
+        "third",
+        allow.clone(),
+    )
+    .await
+    .err()
+    .expect("over the per-client limit");
+    assert!(
+        matches!(&e, HandshakeError::Refused(r) if r.code == AuthErrorCode::TooManySessions),
+        "{e}"
+    );
     g.control
         .send(Bytes::from_static(b"NOT A FRAME AT ALL"))
         .await

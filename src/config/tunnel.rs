@@ -260,6 +260,43 @@ mod tests {
         assert!(err.1.contains("ghost"), "{err:?}");
     }
 
+    /// The checks run from `resolve` on a whole file, and name the field and the value.
+    #[test]
+    fn a_whole_file_is_checked() {
+        let resolve = |yaml: &str| {
+            let env: Vec<(String, String)> = Vec::new();
+            crate::config::parse(yaml, "t.yaml", &env)
+                .and_then(|c| crate::config::resolve(c, "t.yaml"))
+        };
+        let base = "storage: {type: memory}\nhttp_domain: {base_domains: [tunnox.net]}\n";
+        let ok = format!(
+            "{base}tunnel_clients: [{{client_id: laptop, token: t}}]\nmappings:\n  - {{subdomain: app, base_domain: tunnox.net, target_client_id: laptop, target_host: localhost, target_port: 3000}}\nproxy: {{tunnel: {{listen: \"127.0.0.1:7000\", insecure: true}}}}\n"
+        );
+        let s = resolve(&ok).unwrap();
+        assert_eq!(s.config.tunnel_clients.len(), 1);
+        let cases = [
+            (
+                ok.replace("target_client_id: laptop", "target_client_id: ghost"),
+                "mappings[0].target_client_id",
+                "ghost",
+            ),
+            (
+                ok.replace(", insecure: true", ""),
+                "proxy.tunnel.cert_file",
+                "required",
+            ),
+            (
+                ok.replace("listen: \"127.0.0.1:7000\", ", "heartbeat_interval: 0s, "),
+                "proxy.tunnel.heartbeat_interval",
+                "0s",
+            ),
+        ];
+        for (yaml, field, what) in cases {
+            let e = resolve(&yaml).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(what), "{field}: {e}");
+        }
+    }
+
     #[test]
     fn checks_the_listener() {
         let on = |f: &dyn Fn(&mut TunnelListenerConfig)| {

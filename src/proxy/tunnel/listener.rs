@@ -94,6 +94,13 @@ async fn refuse(t: &Tunnels, io: &mut Box<dyn Io>, code: AuthErrorCode, msg: &st
     .await;
 }
 
+fn limit_name(full: &Full) -> &'static str {
+    match full {
+        Full::Client => "proxy.tunnel.max_sessions_per_client reached",
+        Full::Proxy => "proxy.tunnel.max_sessions reached",
+    }
+}
+
 fn bounded(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
 }
@@ -163,6 +170,18 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
             &mut io,
             AuthErrorCode::Draining,
             "this proxy is draining",
+        )
+        .await;
+        return;
+    }
+    let key = (auth.instance.clone(), auth.slot);
+    if let Err(full) = t.local.check(&client, &key, s.per_client, s.max_sessions) {
+        tracing::warn!(%peer, client_id = %client, limit = limit_name(&full), "tunnel session refused: too many sessions");
+        refuse(
+            &t,
+            &mut io,
+            AuthErrorCode::TooManySessions,
+            limit_name(&full),
         )
         .await;
         return;
@@ -273,10 +292,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         }
         Ok(None) => {}
         Err(full) => {
-            let why = match full {
-                Full::Client => "proxy.tunnel.max_sessions_per_client",
-                Full::Proxy => "proxy.tunnel.max_sessions",
-            };
+            let why = limit_name(&full);
             t.metrics.event("refused", "too_many_sessions");
             tracing::warn!(%peer, client_id = %client, limit = why, "tunnel session refused: too many sessions");
             conn_task.abort();

@@ -223,6 +223,28 @@ impl LocalSessions {
         Ok(replaced)
     }
 
+    /// Whether a session of `client_id` with `key` would be admitted now (checked before
+    /// `AuthOk`, so an agent over a limit is told why; [`LocalSessions::insert`] checks again).
+    pub fn check(
+        &self,
+        client_id: &str,
+        key: &(String, u32),
+        per_client: usize,
+        total: usize,
+    ) -> Result<(), Full> {
+        let t = self.by_client.lock().expect("not poisoned");
+        let all: usize = t.values().map(Vec::len).sum();
+        let list = t.get(client_id).map(Vec::as_slice).unwrap_or_default();
+        let same = list.iter().any(|o| &o.key() == key);
+        if !same && list.len() >= per_client {
+            return Err(Full::Client);
+        }
+        if !same && all >= total {
+            return Err(Full::Proxy);
+        }
+        Ok(())
+    }
+
     /// Takes `session_id` out of the table; true when it was there.
     pub fn remove(&self, client_id: &str, session_id: &str) -> bool {
         let mut t = self.by_client.lock().expect("not poisoned");
@@ -321,6 +343,13 @@ pub(crate) mod tests {
             t.insert(session("c", "s3", "i2", 0), 2, 10).err(),
             Some(Full::Client)
         );
+        assert_eq!(t.check("c", &("i2".into(), 0), 2, 10), Err(Full::Client));
+        assert_eq!(
+            t.check("c", &("i1".into(), 0), 2, 10),
+            Ok(()),
+            "a reconnect fits"
+        );
+        assert_eq!(t.check("d", &("i9".into(), 0), 2, 2), Err(Full::Proxy));
         let replaced = t.insert(session("c", "s4", "i1", 0), 2, 10).unwrap();
         assert_eq!(replaced.map(|s| s.id.clone()).as_deref(), Some("s1"));
         assert_eq!(
