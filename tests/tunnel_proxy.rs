@@ -612,3 +612,45 @@ async fn another_node_serves_through_the_holder_and_a_drain_moves_the_agent() {
     assert!(a2.is_running());
     let _ = &n.dir;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_holder_leaves_a_stale_record_that_routes_nothing() {
+    let mut n = two_nodes().await;
+    let c = client();
+    let allow = vec![n.upstream.to_string()];
+    let a1 = agent::connect(n.ta, &n.certs.ca, "laptop", "s3cret", "i1", allow.clone())
+        .await
+        .expect("admitted by a");
+    sessions_held(&n.a, 1).await;
+    let (st, _, _) = send(&c, n.b.port, "app.tunnox.net", "/echo", b"x".to_vec()).await;
+    assert_eq!(st, 200, "b forwards to a");
+    // SIGKILL: a's session record stays in Redis until its TTL.
+    n.a.role.kill();
+    drop(a1);
+    {
+        use tunnox::store::TunnelRegistry;
+        assert_eq!(
+            n.store.sessions("laptop").await.unwrap().len(),
+            1,
+            "stale record still there"
+        );
+    }
+    // A bodiless request: the unreachable holder is skipped, the client is offline.
+    let started = std::time::Instant::now();
+    let (st, _, body) = send(&c, n.b.port, "app.tunnox.net", "/echo", vec![]).await;
+    assert_eq!(st, 502);
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("offline"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The agent is back on b: served.
+    let _a2 = agent::connect(n.tb, &n.certs.ca, "laptop", "s3cret", "i1", allow.clone())
+        .await
+        .expect("admitted by b");
+    sessions_held(&n.b, 1).await;
+    let (st, _, body) = send(&c, n.b.port, "app.tunnox.net", "/echo", b"back".to_vec()).await;
+    assert_eq!((st, &body[..]), (200, &b"back"[..]));
+}

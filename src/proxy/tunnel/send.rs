@@ -64,7 +64,10 @@ impl Tunnels {
 
         let mut tried: Vec<String> = Vec::new();
         let mut pending = Some(Counted::new(body, self.metrics.bytes_out.clone(), None).boxed());
-        for attempt in 0..2 {
+        // Nodes whose session records turned out stale (their holder unreachable).
+        let mut dead_nodes: Vec<String> = Vec::new();
+        let mut local_retry = false;
+        for _attempt in 0..3 {
             let local: Vec<Arc<Session>> = self
                 .local
                 .of(&client_id)
@@ -80,11 +83,14 @@ impl Tunnels {
                     full: s.open_streams() >= s.max_streams,
                 })
                 .collect();
-            // A retry stays on this node: the request was meant for its sessions.
-            let local_only = from_peer || attempt > 0;
+            // A stream retry stays on this node: the request was meant for its sessions.
+            let local_only = from_peer || local_retry;
             let remote = if choose::needs_store(&views, local_only) {
                 match self.registry.sessions(&client_id).await {
-                    Ok(r) => r,
+                    Ok(mut r) => {
+                        r.retain(|r| !dead_nodes.contains(&r.node_id));
+                        r
+                    }
                     Err(e) => {
                         tracing::warn!(client_id = %client_id, error = %e, "cannot read the client's sessions from the store");
                         Vec::new()
@@ -94,7 +100,7 @@ impl Tunnels {
                 Vec::new()
             };
             match choose::choose(&views, &remote, &self.node_id, Utc::now(), local_only) {
-                Pick::Offline if attempt == 0 => {
+                Pick::Offline if !local_retry => {
                     return Err(ProxyError::TunnelNotConnected(client_id));
                 }
                 Pick::Offline => {
@@ -106,11 +112,36 @@ impl Tunnels {
                 }
                 Pick::Peer { address, node_id } => {
                     let body = pending.take().unwrap_or_else(crate::proxy::empty_body);
-                    let mut out = Request::from_parts(parts, body);
+                    // A bodiless request can go to another holder when this one is gone.
+                    let replayable = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
+                    let mut out = Request::from_parts(parts.clone(), body);
                     if let Some(proto) = &upgrade {
                         out.headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                         out.headers_mut().insert(header::UPGRADE, proto.clone());
+                    }
+                    if replayable {
+                        let sent = self
+                            .to_peer(
+                                out,
+                                &address,
+                                &node_id,
+                                &client_id,
+                                &path,
+                                None,
+                                None,
+                                proxy_metrics,
+                            )
+                            .await;
+                        match sent {
+                            Err((e, true)) => {
+                                tracing::info!(client_id = %client_id, node = %node_id, error = %e, "the node holding the session is unreachable; its record is stale");
+                                dead_nodes.push(node_id);
+                                pending = Some(crate::proxy::empty_body());
+                                continue;
+                            }
+                            other => return other.map_err(|(e, _)| e),
+                        }
                     }
                     return self
                         .to_peer(
@@ -123,13 +154,15 @@ impl Tunnels {
                             upgrade,
                             proxy_metrics,
                         )
-                        .await;
+                        .await
+                        .map_err(|(e, _)| e);
                 }
                 Pick::Local(i) => {
                     let session = local[i].clone();
                     tried.push(session.id.clone());
                     let Some(slot) = session.enter() else {
                         self.metrics.streams.with_label_values(&["busy"]).inc();
+                        local_retry = true;
                         continue;
                     };
                     let body = match upgrade {
@@ -164,12 +197,14 @@ impl Tunnels {
                             if upgrade.is_none() {
                                 pending = Some(back.into_body());
                             }
+                            local_retry = true;
                             continue;
                         }
                         Ok(Err(StreamError::Refused(why))) if replayable => {
                             self.metrics.streams.with_label_values(&["retried"]).inc();
                             tracing::debug!(client_id = %client_id, session = %session.id, %why, "stream refused; trying another");
                             pending = Some(crate::proxy::empty_body());
+                            local_retry = true;
                             continue;
                         }
                         Ok(Err(StreamError::Refused(reason) | StreamError::Failed(reason))) => {
@@ -304,7 +339,7 @@ impl Tunnels {
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         upgrade: Option<HeaderValue>,
         proxy_metrics: &Arc<ProxyMetrics>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, (ProxyError, bool)> {
         let count = |m: &TunnelMetrics, outcome: &str| {
             m.forwarded_to_peer.with_label_values(&[outcome]).inc();
         };
@@ -323,7 +358,7 @@ impl Tunnels {
                 );
             }
             count(&self.metrics, "no_token");
-            return Err(ProxyError::TunnelNotConnected(client_id.to_string()));
+            return Err((ProxyError::TunnelNotConnected(client_id.to_string()), false));
         };
         let own = address == self.node_address
             || address
@@ -331,28 +366,34 @@ impl Tunnels {
                 .is_ok_and(|a| self.own.contains(&a));
         if own {
             count(&self.metrics, "own_address");
-            return Err(fail("the peer's address is one of this proxy's own".into()));
+            return Err((
+                fail("the peer's address is one of this proxy's own".into()),
+                false,
+            ));
         }
         *req.uri_mut() = Uri::builder()
             .scheme("http")
             .authority(address)
             .path_and_query(path.clone())
             .build()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| (fail(e.to_string()), false))?;
         *req.version_mut() = Version::HTTP_11;
         let value = HeaderValue::from_str(token.expose())
-            .map_err(|_| fail("node token is not a header value".into()))?;
+            .map_err(|_| (fail("node token is not a header value".into()), false))?;
         req.headers_mut().insert(NODE_HEADER, value);
         let sent =
             tokio::time::timeout(self.settings.response_timeout, self.peers.request(req)).await;
         let mut resp = match sent {
             Err(_) => {
                 count(&self.metrics, "timeout");
-                return Err(ProxyError::UpstreamTimeout(format!("node {node_id}")));
+                return Err((
+                    ProxyError::UpstreamTimeout(format!("node {node_id}")),
+                    false,
+                ));
             }
             Ok(Err(e)) => {
                 count(&self.metrics, "failed");
-                return Err(fail(chain(&e)));
+                return Err((fail(chain(&e)), e.is_connect()));
             }
             Ok(Ok(r)) => r,
         };
