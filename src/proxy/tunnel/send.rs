@@ -241,42 +241,57 @@ impl Tunnels {
         target: &str,
         upgrade: Option<&HeaderValue>,
     ) -> Result<(), ProxyError> {
-        // The agent sees the host the client asked for; where the stream goes is
-        // `tunnox-target`, set by this proxy only.
-        let authority = host
-            .to_str()
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or(target);
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path.clone())
-            .build()
-            .map_err(|e| ProxyError::Upstream {
-                upstream: target.to_string(),
-                reason: e.to_string(),
-            })?;
-        *req.version_mut() = Version::HTTP_2;
-        let h = req.headers_mut();
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-        h.remove(header::HOST);
-        let value = HeaderValue::from_str(target).map_err(|e| ProxyError::Upstream {
+        h2_request(req, host, path, target, upgrade)
+    }
+}
+
+/// A request already rewritten for forwarding, as one HTTP/2 stream for the agent: `:authority`
+/// the host the client asked for, `tunnox-target` the agent-side target, no connection-specific
+/// headers; an upgrade becomes an extended CONNECT (RFC 8441) with `:protocol` its token.
+fn h2_request(
+    req: &mut Request<ProxyBody>,
+    host: &HeaderValue,
+    path: &PathAndQuery,
+    target: &str,
+    upgrade: Option<&HeaderValue>,
+) -> Result<(), ProxyError> {
+    // The agent sees the host the client asked for; where the stream goes is
+    // `tunnox-target`, set by this proxy only.
+    let authority = host
+        .to_str()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or(target);
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path.clone())
+        .build()
+        .map_err(|e| ProxyError::Upstream {
             upstream: target.to_string(),
             reason: e.to_string(),
         })?;
-        h.insert(TARGET_HEADER, value);
-        if let Some(proto) = upgrade {
-            // RFC 8441: the upgrade becomes an extended CONNECT.
-            *req.method_mut() = Method::CONNECT;
-            let token = proto.to_str().unwrap_or("websocket").to_ascii_lowercase();
-            req.extensions_mut()
-                .insert(hyper::ext::Protocol::from(token.as_str()));
-        }
-        Ok(())
+    *req.version_mut() = Version::HTTP_2;
+    let h = req.headers_mut();
+    h.remove(header::CONNECTION);
+    h.remove(header::UPGRADE);
+    h.remove(header::HOST);
+    let value = HeaderValue::from_str(target).map_err(|e| ProxyError::Upstream {
+        upstream: target.to_string(),
+        reason: e.to_string(),
+    })?;
+    h.insert(TARGET_HEADER, value);
+    if let Some(proto) = upgrade {
+        // RFC 8441: the upgrade becomes an extended CONNECT.
+        *req.method_mut() = Method::CONNECT;
+        let token = proto.to_str().unwrap_or("websocket").to_ascii_lowercase();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from(token.as_str()));
     }
+    Ok(())
+}
 
+impl Tunnels {
     /// The agent's answer, ready for the client.
     fn answer(
         &self,
@@ -422,5 +437,77 @@ impl Tunnels {
             parts,
             body.map_err(Into::into).boxed(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(pairs: &[(&str, &str)]) -> Request<ProxyBody> {
+        let mut r = Request::get("/ignored")
+            .body(crate::proxy::empty_body())
+            .unwrap();
+        for (k, v) in crate::proxy::header_pairs(pairs) {
+            r.headers_mut().append(k, v);
+        }
+        r
+    }
+
+    #[test]
+    fn makes_one_stream_for_the_agent() {
+        let host = HeaderValue::from_static("app.tunnox.net");
+        let path = PathAndQuery::from_static("/a?b=1");
+        let mut r = req(&[
+            ("host", "app.tunnox.net"),
+            ("x-env", "dev"),
+            ("connection", "keep-alive"),
+        ]);
+        h2_request(&mut r, &host, &path, "127.0.0.1:3000", None).unwrap();
+        assert_eq!(r.uri().to_string(), "http://app.tunnox.net/a?b=1");
+        assert_eq!(r.version(), Version::HTTP_2);
+        assert_eq!(r.method(), Method::GET);
+        assert_eq!(r.headers()["tunnox-target"], "127.0.0.1:3000");
+        assert_eq!(r.headers()["x-env"], "dev");
+        for gone in ["host", "connection", "upgrade"] {
+            assert!(!r.headers().contains_key(gone), "{gone}");
+        }
+        assert!(r.extensions().get::<hyper::ext::Protocol>().is_none());
+
+        let ws = HeaderValue::from_static("WebSocket");
+        let mut r = req(&[
+            ("connection", "upgrade"),
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        h2_request(&mut r, &host, &path, "[::1]:8080", Some(&ws)).unwrap();
+        assert_eq!(r.method(), Method::CONNECT);
+        assert_eq!(
+            r.extensions()
+                .get::<hyper::ext::Protocol>()
+                .map(|p| p.as_str()),
+            Some("websocket")
+        );
+        assert_eq!(r.headers()["sec-websocket-key"], "k");
+        assert!(!r.headers().contains_key("upgrade"));
+        assert_eq!(r.headers()["tunnox-target"], "[::1]:8080");
+
+        // A target that is not a header value is an error, never a panic.
+        let mut r = req(&[]);
+        assert!(h2_request(&mut r, &host, &path, "bad\ntarget", None).is_err());
+    }
+
+    #[test]
+    fn reads_only_known_agent_error_labels() {
+        let cases = [
+            ("not_allowed", "not_allowed"),
+            ("connect", "connect"),
+            ("too_many_streams", "too_many_streams"),
+            ("rm -rf", "other"),
+            ("", "other"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(agent_label(&HeaderValue::from_str(v).unwrap()), want, "{v}");
+        }
     }
 }
