@@ -136,6 +136,7 @@ fn node(id: &str) -> NodeRecord {
         set: SetName::parse("web.eu-west").unwrap(),
         address: format!("{id}.pods:8080"),
         admin_address: format!("{id}.pods:9090"),
+        tunnel_address: format!("{id}.pods:7000"),
         state: NodeState::Active,
         applied_version: 0,
         // Sub-second precision: the record must read back exactly as written.
