@@ -326,7 +326,8 @@ mod tests {
         let s_bin = secret(&[("token", &[0xff, 0xfe])]);
         let no_data = Secret::default();
         // (secret, key, Ok(token) or Err((reason, message fragment)))
-        let cases: Vec<(Option<&Secret>, &str, Result<&[u8], (&str, &str)>)> = vec![
+        type Want<'a> = Result<&'a [u8], (&'a str, &'a str)>;
+        let cases: Vec<(Option<&Secret>, &str, Want)> = vec![
             (Some(&s_ok), "token", Ok(b"s3cret")),
             (Some(&s_nl), "token", Ok(b"s3cret")),
             (Some(&s_max), "token", Ok(&max)),
