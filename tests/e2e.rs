@@ -2125,25 +2125,78 @@ fn tunnel_traffic_through_agent(
 ) {
     let dir = s.dir.path().join("tunnel");
     std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("tunnel.crt"), dir.join("tunnel.key"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    ok(made, "openssl: tunnel listener certificate");
+    // A throwaway CA and a loopback server certificate signed by it (rustls refuses a CA
+    // certificate as the server's own).
+    let (ca, cert, key) = (
+        dir.join("ca.crt"),
+        dir.join("tunnel.crt"),
+        dir.join("tunnel.key"),
+    );
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let p = |f: &std::path::Path| f.display().to_string();
+    let ca_key = dir.join("ca.key");
+    let csr = dir.join("tunnel.csr");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for (what, args) in [
+        (
+            "CA",
+            [
+                &["req", "-x509"][..],
+                &ec,
+                &["-days", "1", "-subj", "/CN=tunnox-e2e-ca"],
+            ]
+            .concat()
+            .iter()
+            .map(|a| a.to_string())
+            .chain(["-keyout".into(), p(&ca_key), "-out".into(), p(&ca)])
+            .collect::<Vec<String>>(),
+        ),
+        (
+            "request",
+            [&["req"][..], &ec, &["-subj", "/CN=localhost"]]
+                .concat()
+                .iter()
+                .map(|a| a.to_string())
+                .chain(["-keyout".into(), p(&key), "-out".into(), p(&csr)])
+                .collect(),
+        ),
+        (
+            "certificate",
+            ["x509", "-req", "-days", "1", "-CAcreateserial"]
+                .iter()
+                .map(|a| a.to_string())
+                .chain([
+                    "-in".into(),
+                    p(&csr),
+                    "-CA".into(),
+                    p(&ca),
+                    "-CAkey".into(),
+                    p(&ca_key),
+                    "-extfile".into(),
+                    p(&ext),
+                    "-out".into(),
+                    p(&cert),
+                ])
+                .collect(),
+        ),
+    ] {
+        let made = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap();
+        ok(made, &format!("openssl: tunnel {what}"));
+    }
     let tunnel_port = free_port();
     let port = free_port();
     let admin = free_port();
@@ -2181,7 +2234,7 @@ fn tunnel_traffic_through_agent(
         format!(
             "agent:\n  server: \"127.0.0.1:{tunnel_port}\"\n  server_name: localhost\n  client_id: \"{client}\"\n  token_file: \"{}\"\n  ca_file: \"{}\"\n  allow: [\"127.0.0.1:{}\"]\n",
             token_file.display(),
-            cert.display(),
+            ca.display(),
             upstream.port
         ),
     )
@@ -2191,10 +2244,25 @@ fn tunnel_traffic_through_agent(
         &[],
         &s.dir.path().join("agent.log"),
     );
-    eventually("served through the tunnel", Duration::from_secs(20), || {
-        support::http::get(port, "tun.tunnox.net", "/")
-            .is_some_and(|r| r.status == 200 && r.body == "hello from behind-the-agent\n")
-    });
+    // By hand rather than `eventually`: a failure shows both logs (TLS, auth, allow-list).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = support::http::get(port, "tun.tunnox.net", "/").map(|r| (r.status, r.body));
+        if last
+            .as_ref()
+            .is_some_and(|(st, b)| *st == 200 && b == "hello from behind-the-agent\n")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served through the tunnel within 20 s (last answer {last:?})\n--- proxy log:\n{}\n--- agent log:\n{}",
+            proxy.log(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("e2e: served through the agent's session");
     // The session is registered where other proxies find it.
     assert_eq!(
         s.redis_keys(&format!("tunnox:client:{client}:session"))

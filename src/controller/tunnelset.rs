@@ -124,7 +124,21 @@ fn wake_mappings(ctx: &TsCtx, client_id: &str) {
     }
 }
 
+/// Whether the TunnelSet cache holds the whole list: who holds a client id is decided from it,
+/// and a partial cache would let a newer TunnelSet overwrite an older one's credential. Polled
+/// with a short timeout, not awaited: kube-runtime's readiness wakes only the last task that
+/// polled it (see resync.rs).
+async fn cache_ready(cache: &Store<TunnelSet>) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(50), cache.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
 async fn apply(obj: &TunnelSet, ctx: &TsCtx, api: &Api<TunnelSet>) -> Result<Action, Error> {
+    if !cache_ready(&ctx.cache).await {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let client_id = obj.spec.client_id.clone();
     // The credential of a former client id goes first.
     if let Some(old) = obj.status.as_ref().and_then(|s| s.client_id.as_deref())
