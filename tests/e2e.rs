@@ -1956,13 +1956,7 @@ fn tunnel_set_with_secret_admits_agent_and_serves_mapping(s: &Stack) {
     );
 
     // The part that needs `tunnox agent` and the proxy's tunnel listener.
-    if TUNNEL_TRAFFIC_ENABLED {
-        tunnel_traffic_through_agent(s, client, token, &upstream);
-    } else {
-        eprintln!(
-            "e2e: agent + proxy traffic through the tunnel skipped (TUNNEL_TRAFFIC_ENABLED is false until the agent and the proxy's tunnel listener are merged)"
-        );
-    }
+    tunnel_traffic_through_agent(s, client, token, &upstream);
 
     // The rest with a short recheck (3 s), under a new leader: what was programmed stays.
     ctl.terminate(Duration::from_secs(10));
@@ -2123,13 +2117,6 @@ fn tunnel_set_with_secret_admits_agent_and_serves_mapping(s: &Stack) {
     ctl.terminate(Duration::from_secs(10));
     no_permission_errors(&ctl);
 }
-
-// ---------------------------------------------------------------------------------------------
-// COORDINATOR: set to `true` once the agent (`tunnox agent`) and the proxy's tunnel listener
-// (`proxy.tunnel`) are merged. The code below uses only the configuration contract on main
-// (src/config/tunnel.rs, src/config/agent.rs), so it compiles either way.
-// ---------------------------------------------------------------------------------------------
-const TUNNEL_TRAFFIC_ENABLED: bool = false;
 
 /// Agent + proxy: `tunnox proxy` with the chart's configuration and a TLS tunnel listener,
 /// `tunnox agent` with the TunnelSet's token and an allow-list of the upstream only; `curl`
