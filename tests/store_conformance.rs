@@ -1019,7 +1019,10 @@ mod cases {
                 .find(|r| r.session_id == "s2"),
             Some(&new)
         );
-        // The old session's close leaves its replacement.
+        // The old session's heartbeat does not write it back, and its close leaves its
+        // replacement.
+        assert!(!t.refresh_session("laptop", &old, long).await.unwrap());
+        assert!(t.refresh_session("laptop", &new, long).await.unwrap());
         assert!(!t.remove_session("laptop", &old).await.unwrap());
         assert!(t.remove_session("laptop", &new).await.unwrap());
         assert_eq!(ids(t.sessions("laptop").await.unwrap()), ["s3", "s4"]);

@@ -231,35 +231,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
             )
         })
     });
-    let control_req = Request::post(format!(
-        "http://{}{}",
-        t.node_id_authority(),
-        crate::tunnel::CONTROL_PATH
-    ))
-    .header(crate::tunnel::CONTROL_HEADER, "1")
-    .body(StreamBody::new(out).boxed())
-    .expect("valid request");
     let mut sender = send.clone();
-    let opened = tokio::time::timeout(s.handshake_timeout, async {
-        sender.ready().await?;
-        sender.send_request(control_req).await
-    })
-    .await;
-    let mut incoming = match opened {
-        Ok(Ok(resp)) if resp.status().is_success() => resp.into_body(),
-        other => {
-            let why = match other {
-                Ok(Ok(resp)) => format!("status {}", resp.status()),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "no answer in time".into(),
-            };
-            t.metrics.event("refused", "control_stream");
-            tracing::warn!(%peer, client_id = %client, %why, "tunnel session failed: control stream");
-            conn_task.abort();
-            return;
-        }
-    };
-
     let now = Utc::now();
     let ttl = s.heartbeat * 3;
     let record = SessionRecord {
@@ -302,9 +274,43 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
     t.metrics.sessions.inc();
     t.metrics.event("opened", "");
     tracing::info!(%peer, client_id = %client, session = %session_id, instance = %auth.instance, slot = auth.slot, "tunnel session opened");
+    // Registered before the control stream opens: the agent counts a session as up when that
+    // stream arrives, and then (make-before-break) retires its old one at once, so the new
+    // record must already be where other proxies look.
     if let Err(e) = t.registry.put_session(&client, &record, ttl).await {
         tracing::warn!(client_id = %client, error = %e, "cannot register the tunnel session; retried at the next heartbeat");
     }
+
+    let control_req = Request::post(format!(
+        "http://{}{}",
+        t.node_id_authority(),
+        crate::tunnel::CONTROL_PATH
+    ))
+    .header(crate::tunnel::CONTROL_HEADER, "1")
+    .body(StreamBody::new(out).boxed())
+    .expect("valid request");
+    let opened = tokio::time::timeout(s.handshake_timeout, async {
+        sender.ready().await?;
+        sender.send_request(control_req).await
+    })
+    .await;
+    let mut incoming = match opened {
+        Ok(Ok(resp)) if resp.status().is_success() => resp.into_body(),
+        other => {
+            let why = match other {
+                Ok(Ok(resp)) => format!("status {}", resp.status()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer in time".into(),
+            };
+            t.metrics.event("refused", "control_stream");
+            tracing::warn!(%peer, client_id = %client, %why, "tunnel session failed: control stream");
+            t.local.remove(&client, &session_id);
+            t.metrics.sessions.dec();
+            let _ = t.registry.remove_session(&client, &record).await;
+            conn_task.abort();
+            return;
+        }
+    };
 
     // The control loop.
     let mut tick = tokio::time::interval(s.heartbeat);
@@ -404,17 +410,6 @@ async fn read_frames(
 /// session of the same agent slot has taken its place in the store (the agent reconnected,
 /// maybe to another node): this one is stale and must not write itself back.
 async fn refresh(t: &Tunnels, session: &Session, ttl: Duration) -> bool {
-    let (key, since) = {
-        let r = session.record.lock().expect("not poisoned");
-        (r.key(), r.since)
-    };
-    if let Ok(records) = t.registry.sessions(&session.client_id).await
-        && records
-            .iter()
-            .any(|r| r.key() == key && r.session_id != session.id && r.since > since)
-    {
-        return false;
-    }
     let rec = {
         let mut r = session.record.lock().expect("not poisoned");
         let now = Utc::now();
@@ -425,10 +420,19 @@ async fn refresh(t: &Tunnels, session: &Session, ttl: Duration) -> bool {
         }
         r.clone()
     };
-    if let Err(e) = t.registry.put_session(&session.client_id, &rec, ttl).await {
-        tracing::warn!(client_id = %session.client_id, error = %e, "cannot refresh the tunnel session");
+    // One atomic compare-and-write: a check then a write would let a replacement registered
+    // in between be overwritten (the draining node's `leaving` write hid the new session).
+    match t
+        .registry
+        .refresh_session(&session.client_id, &rec, ttl)
+        .await
+    {
+        Ok(written) => written,
+        Err(e) => {
+            tracing::warn!(client_id = %session.client_id, error = %e, "cannot refresh the tunnel session");
+            true
+        }
     }
-    true
 }
 
 impl Tunnels {

@@ -83,8 +83,10 @@ impl Tunnels {
                     full: s.open_streams() >= s.max_streams,
                 })
                 .collect();
-            // A stream retry stays on this node: the request was meant for its sessions.
-            let local_only = from_peer || local_retry;
+            // Only a request a peer sent here stays on this node. A stream this node's session
+            // refused (its agent is leaving it for a session elsewhere, make-before-break) goes
+            // where the agent went.
+            let local_only = from_peer;
             let remote = if choose::needs_store(&views, local_only) {
                 match self.registry.sessions(&client_id).await {
                     Ok(mut r) => {

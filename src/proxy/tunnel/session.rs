@@ -59,14 +59,18 @@ impl Transport for H2Transport {
     }
 }
 
-/// Whether the agent refused the stream unprocessed (RFC 9113 §8.7: safe to retry).
+/// Whether the agent left the stream unprocessed, so it is safe to send again: refused
+/// (REFUSED_STREAM, RFC 9113 §8.7), or above the last stream id of a graceful GOAWAY
+/// (NO_ERROR, §6.8: the agent retiring the session opened it never).
 fn refused(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-        {
-            return true;
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            let graceful_goaway =
+                h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) || graceful_goaway {
+                return true;
+            }
         }
         cur = err.source();
     }
