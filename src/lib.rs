@@ -7,6 +7,7 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod domain;
+pub mod hop;
 pub mod observe;
 pub mod proxy;
 pub mod store;

@@ -265,6 +265,93 @@ fn every_proxy_serves_a_client_connected_to_one() {
 }
 
 #[test]
+fn headers_websockets_and_two_hundred_concurrent_requests_share_one_session() {
+    let f = Fleet::start(2);
+    let _agent = f.agent(&[0], &[]);
+    eventually("agent session on p0", Duration::from_secs(15), || {
+        f.holder().as_deref() == Some("p0")
+    });
+    eventually("served via p1", Duration::from_secs(10), || {
+        f.status_via(1) == 200
+    });
+    // What the service behind the agent is told, through p1 → p0 → agent.
+    let seen = support::http::get(f.nodes[1].http, HOST, "/headers").unwrap();
+    assert_eq!(seen.status, 200, "{seen:?}");
+    for want in [
+        "host: app.tunnox.net",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-host: app.tunnox.net",
+        "x-forwarded-proto: http",
+    ] {
+        assert!(seen.body.contains(want), "{want:?} not in:\n{}", seen.body);
+    }
+    for gone in ["tunnox-target", "tunnox-node", "tunnox-control"] {
+        assert!(
+            !seen.body.contains(gone),
+            "{gone} reached the service:\n{}",
+            seen.body
+        );
+    }
+    assert_eq!(seen.header("x-upstream"), Some("behind-the-tunnel"));
+    assert_eq!(seen.header("x-hop"), None, "hop-by-hop header passed on");
+
+    // WebSocket-style upgrade on both proxies: 101, then bytes echoed both ways.
+    for node in &f.nodes {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut b).unwrap(),
+                1,
+                "closed during the head: {head:?}"
+            );
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "via {}: {head}",
+            node.name
+        );
+        for msg in ["ping through the tunnel", "and a second frame"] {
+            s.write_all(msg.as_bytes()).unwrap();
+            let mut got = vec![0u8; msg.len()];
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(got, msg.as_bytes(), "via {}", node.name);
+        }
+    }
+
+    // 200 requests at once, each held 300 ms by the service: all answered, over the one session.
+    let port = f.nodes[0].http;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..200)
+        .map(|_| {
+            std::thread::spawn(move || {
+                support::http::get(port, HOST, "/slow?ms=300").map(|r| r.status)
+            })
+        })
+        .collect();
+    let statuses: Vec<Option<u16>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let took = started.elapsed();
+    let ok = statuses.iter().filter(|s| **s == Some(200)).count();
+    assert_eq!(ok, 200, "{statuses:?}");
+    eprintln!("200 concurrent 300 ms requests through one session in {took:?}");
+    // Concurrent, not queued one by one (200 × 300 ms would be a minute).
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert_eq!(f.sessions().len(), 1, "{:?}", f.sessions());
+}
+
+#[test]
 fn rolling_restart_of_every_proxy_under_load_fails_no_request() {
     let mut f = Fleet::start(3);
     let _agent = f.agent(&[0, 1, 2], &[]);

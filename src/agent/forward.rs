@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
@@ -61,22 +61,10 @@ impl Outcome {
     }
 }
 
-/// Headers that describe one HTTP/1.1 hop, never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TE,
-    header::TRAILER,
-];
-
+/// Hop-by-hop headers (`crate::hop`) and the tunnel's own.
 fn strip(headers: &mut HeaderMap) {
-    for h in HOP_BY_HOP
-        .iter()
-        .chain([&TARGET_HEADER, &CONTROL_HEADER, &ERROR_HEADER])
-    {
+    crate::hop::strip(headers);
+    for h in [&TARGET_HEADER, &CONTROL_HEADER, &ERROR_HEADER] {
         headers.remove(h);
     }
 }
