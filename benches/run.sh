@@ -10,6 +10,18 @@ cargo bench --locked --bench store >"$tmp"
 # nginx and wrk (the proxy bench), the API server's etcd (the controller bench): nothing else.
 e2e/install-deps.sh
 cargo bench --locked --bench proxy >>"$tmp"
+# The tunnel bench's peers live outside the clone, never in CI: rathole from the crate registry
+# (pinned; its TCP transport only), installed when missing. frp is used when its binaries are in
+# $peers/frp-<version>/ (built from its repository by whoever runs the bench); without them the
+# frp side is reported as not measured.
+peers="${TUNNOX_PEERS:-$HOME/.cache/tunnox/peers}"
+rathole_version=0.5.0
+if [[ ! -x $peers/rathole-$rathole_version/bin/rathole ]]; then
+    # Without --locked: rathole's lock file pins a `time` that no longer builds on current Rust.
+    CARGO_TARGET_DIR="$peers/rathole-build" cargo install rathole --version "$rathole_version" \
+        --no-default-features --features server,client --root "$peers/rathole-$rathole_version"
+fi
+TUNNOX_PEERS="$peers" cargo bench --locked --bench tunnel >>"$tmp"
 cargo bench --locked --features e2e --bench controller >>"$tmp"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
