@@ -354,7 +354,18 @@ fn main() {
     let script = wrk_script(dir.path());
 
     let frp_version = first_line(Command::new(&peers.frps).arg("--version"));
-    let rathole_version = first_line(Command::new(&peers.rathole).arg("--version"));
+    // `rathole --version` prints a build table; its "Build Version:" line is the version.
+    let rathole_version = Command::new(&peers.rathole)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                l.strip_prefix("Build Version:")
+                    .map(|v| v.trim().to_string())
+            })
+        })
+        .unwrap_or_default();
     let mut measured = Vec::new();
     let mut running: Vec<(usize, Running)> = Vec::new();
     let sides: [(Kind, String); 4] = [
@@ -370,8 +381,7 @@ fn main() {
         (
             Kind::Rathole,
             format!(
-                "rathole {}: TCP tunnel (plain TCP, a connection per visitor) → upstream",
-                rathole_version.trim_start_matches("rathole ")
+                "rathole {rathole_version}: TCP tunnel (plain TCP, a connection per visitor) → upstream"
             ),
         ),
     ];
