@@ -131,6 +131,21 @@ fn wait_through(name: &str, side: &mut Running) {
     }
 }
 
+/// Waits until `port` accepts connections: a client started before its server is listening
+/// gives up (frpc exits when its first login fails).
+fn wait_port(p: &mut Proc, port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        p.check_alive();
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} does not listen on {port} within 30 s",
+            p.name
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A throwaway CA and a certificate for 127.0.0.1 signed by it (e2e/tunnel-cert.sh, openssl).
 fn certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -182,6 +197,7 @@ fn start_tunnox(dir: &Path, upstream: u16, cpu: Option<usize>) -> Running {
         true,
     );
     harness::wait_ready(&mut proxy, admin, Instant::now(), Duration::from_secs(30));
+    wait_port(&mut proxy, tunnel);
     let agent = Proc::spawn(
         "tunnox agent",
         pinned(cpu, bin)
@@ -232,12 +248,13 @@ fn start_frp(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -> Ru
         ),
     )
     .unwrap();
-    let server = Proc::spawn(
+    let mut server = Proc::spawn(
         "frps",
         pinned(cpu, &peers.frps).arg("-c").arg(&frps),
         &dir.join("frps.log"),
         true,
     );
+    wait_port(&mut server, bind);
     let client = Proc::spawn(
         "frpc",
         pinned(cpu, &peers.frpc).arg("-c").arg(&frpc),
@@ -274,7 +291,7 @@ fn start_rathole(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -
         ),
     )
     .unwrap();
-    let server = Proc::spawn(
+    let mut server = Proc::spawn(
         "rathole server",
         pinned(cpu, &peers.rathole)
             .arg("--server")
@@ -283,6 +300,7 @@ fn start_rathole(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -
         &dir.join("server.log"),
         true,
     );
+    wait_port(&mut server, bind);
     let client = Proc::spawn(
         "rathole client",
         pinned(cpu, &peers.rathole)

@@ -384,10 +384,18 @@ pub fn per_request(ticks: u64, requests: f64) -> Duration {
     Duration::from_secs_f64(ticks as f64 / clock_ticks() / requests.max(1.0))
 }
 
-/// Nanoseconds `pids` have run on a CPU.
+/// Nanoseconds `pids` have run on a CPU, all their threads (`/proc/<pid>/schedstat` is the main
+/// thread's alone: a multi-threaded runtime such as Go's or tokio's works in the others).
 pub fn cpu_ns(pids: &[u32]) -> u64 {
     pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/schedstat")).ok())
+        .flat_map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|t| t.path().join("schedstat"))
+        })
+        .filter_map(|path| std::fs::read_to_string(path).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
 }
