@@ -1,6 +1,7 @@
 //! tunnox: Kubernetes-native HTTP domain routing and tunnelling.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod controller;

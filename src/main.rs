@@ -17,8 +17,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit code for invalid configuration (EX_CONFIG-style, as linkerd2-proxy uses 64).
 const EXIT_BAD_CONFIG: u8 = 64;
-/// Exit code for a role that is not built yet.
-const EXIT_NOT_IMPLEMENTED: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -40,8 +38,8 @@ enum Command {
     Controller,
     /// Serve HTTP by Host and carry tunnels (single-node with storage.type memory).
     Proxy,
-    /// Tunnel client beside a private service.
-    Agent,
+    /// Tunnel client beside a private service (docs/agent.md).
+    Agent(AgentArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Validate the configuration, print the auto-sharing decisions and the effective settings.
@@ -61,6 +59,98 @@ struct DrainArgs {
     /// A file with the admin bearer token; default proxy.admin_token_file.
     #[arg(long, env = "TUNNOX_DRAIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+}
+
+/// `tunnox agent` flags; each overrides the `agent:` field of the same name.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Proxy tunnel address(es), host:port; repeat or separate with commas.
+    #[arg(long, env = "TUNNOX_AGENT_SERVER", value_delimiter = ',')]
+    server: Vec<String>,
+    /// Client id this agent authenticates as.
+    #[arg(long, env = "TUNNOX_AGENT_CLIENT_ID")]
+    client_id: Option<String>,
+    /// File holding the client's token.
+    #[arg(long, env = "TUNNOX_AGENT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to verify the proxy with; default the system's roots.
+    #[arg(long, env = "TUNNOX_AGENT_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// TLS name to verify; default the host of the address dialled.
+    #[arg(long, env = "TUNNOX_AGENT_SERVER_NAME")]
+    server_name: Option<String>,
+    /// A local target the agent may forward to, host:port; repeat or separate with commas.
+    #[arg(long, env = "TUNNOX_AGENT_ALLOW", value_delimiter = ',')]
+    allow: Vec<String>,
+    /// Sessions to hold at once (1-16), to different proxies when several are known.
+    #[arg(long, env = "TUNNOX_AGENT_SESSIONS")]
+    sessions: Option<u32>,
+    /// Address for /metrics and /healthz.
+    #[arg(long, env = "TUNNOX_AGENT_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Plain TCP to the proxy, no TLS (tests on loopback only).
+    #[arg(long, env = "TUNNOX_AGENT_INSECURE")]
+    insecure: bool,
+}
+
+impl AgentArgs {
+    /// Flags over the file's `agent:` section.
+    fn apply(self, cfg: &mut config::AgentConfig) {
+        let list = |v: Vec<String>| {
+            v.iter()
+                .flat_map(|s| config::agent::split_list(s))
+                .collect::<Vec<_>>()
+        };
+        if !self.server.is_empty() {
+            cfg.server = list(self.server);
+        }
+        if let Some(v) = self.client_id {
+            cfg.client_id = v;
+        }
+        if let Some(v) = self.token_file {
+            cfg.token_file = Some(v);
+            cfg.token = None;
+        }
+        if let Some(v) = self.ca_file {
+            cfg.ca_file = Some(v);
+        }
+        if let Some(v) = self.server_name {
+            cfg.server_name = Some(v);
+        }
+        if !self.allow.is_empty() {
+            cfg.allow = list(self.allow);
+        }
+        if let Some(v) = self.sessions {
+            cfg.sessions = v;
+        }
+        if let Some(v) = self.admin_listen {
+            cfg.admin_listen = Some(v);
+        }
+        if self.insecure {
+            cfg.insecure = true;
+        }
+    }
+}
+
+/// `tunnox agent`: flags over the file, validated, then run until SIGTERM.
+fn agent(args: AgentArgs, settings: &config::Settings, origin: &str) -> ExitCode {
+    let mut cfg = settings.config.agent.clone();
+    args.apply(&mut cfg);
+    let token = match cfg.validate(origin).and_then(|()| cfg.read_token(origin)) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tunnox: invalid configuration: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tunnox agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    report("agent", runtime.block_on(tunnox::agent::run(cfg, token)))
 }
 
 fn main() -> ExitCode {
@@ -112,6 +202,9 @@ fn main() -> ExitCode {
                     *pw = "<redacted>".into();
                 }
             }
+            if let Some(token) = shown.agent.token.as_mut() {
+                *token = "<redacted>".into();
+            }
             match serde_yaml::to_string(&shown) {
                 Ok(yaml) => print!("{yaml}"),
                 Err(e) => eprintln!("cannot print configuration: {e}"),
@@ -143,9 +236,12 @@ fn main() -> ExitCode {
             };
             report("proxy", runtime.block_on(tunnox::proxy::run(settings)))
         }
-        Command::Agent => {
-            eprintln!("tunnox agent: not implemented yet");
-            ExitCode::from(EXIT_NOT_IMPLEMENTED)
+        Command::Agent(args) => {
+            let origin = cli.config.as_deref().map_or_else(
+                || "flags".to_string(),
+                |p| format!("{} and flags", p.display()),
+            );
+            agent(args, &settings, &origin)
         }
     }
 }

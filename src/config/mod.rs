@@ -1,7 +1,7 @@
 //! Configuration: the YAML model, environment overrides, seed 001's auto-sharing rules and
 //! validation. `docs/configuration.md` is the reference.
 
-mod agent;
+pub mod agent;
 mod duration;
 mod load;
 mod model;

@@ -51,7 +51,9 @@ pub const CONTROL_HEADER: HeaderName = HeaderName::from_static("tunnox-control")
 pub const TARGET_HEADER: HeaderName = HeaderName::from_static("tunnox-target");
 
 /// On a response the agent made itself (not the local service's): why, as a label
-/// (`not_allowed`, `connect`, `timeout`, `bad_target`, `too_many_streams`).
+/// (`not_allowed`, `connect`, `timeout`, `bad_target`, `upstream`: the local service broke the
+/// exchange after connecting; `too_many_streams` is reserved: streams beyond the agent's limit are
+/// refused by HTTP/2 itself, `REFUSED_STREAM`).
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("tunnox-error");
 
 /// Default heartbeat interval (seed 003: 5 s; two misses = dead).

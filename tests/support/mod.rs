@@ -2,12 +2,15 @@
 //! free loopback ports, stopped when dropped (even when a test fails).
 #![allow(dead_code, unused_imports)]
 
+pub mod balancer;
 pub mod claimer;
 pub mod controlplane;
+pub mod fake_proxy;
 pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod redis_server;
+pub mod tunnel;
 
 pub use controlplane::ControlPlane;
 pub use redis_server::{RedisServer, SentinelGroup, SentinelSetup};

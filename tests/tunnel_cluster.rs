@@ -1,0 +1,410 @@
+//! Tunnels across a fleet (issue #15 acceptance): three real `tunnox proxy` processes on one
+//! redis-server with TLS tunnel listeners, one real `tunnox agent` beside a local upstream.
+//! Requests reach the agent through any proxy (node-to-node forwarding); a rolling restart of
+//! all three under load fails no request (make-before-break); a SIGKILLed holder loses the
+//! client only for the reconnect backoff, and its stale session record routes nothing.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::RedisServer;
+use support::balancer::Balancer;
+use support::http::{Upstream, raw};
+use support::process::{Role, eventually, free_port};
+use support::proxy::ProxyProc;
+use support::tunnel::{AgentSpec, Pki, agent, secret_file};
+use tunnox::domain::MappingSpec;
+use tunnox::store::{
+    MappingStore as _, RedisOptions, RedisStore, SessionRecord, SessionState, TunnelRegistry,
+};
+use tunnox::tunnel::credential::{ClientCredential, TokenHash};
+
+const HOST: &str = "app.tunnox.net";
+const CLIENT: &str = "laptop";
+
+struct Node {
+    /// The node id of the running generation (a restarted proxy is a new pod: a new name).
+    name: String,
+    index: usize,
+    generation: u32,
+    http: u16,
+    admin: u16,
+    tunnel: u16,
+    proc: Option<ProxyProc>,
+}
+
+struct Fleet {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    up: Upstream,
+    rt: tokio::runtime::Runtime,
+    store: RedisStore,
+    pki: Pki,
+    node_token: PathBuf,
+    agent_token: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Fleet {
+    /// Redis, an upstream, a credential for `laptop`, a mapping to it, and `n` ready proxies.
+    fn start(n: usize) -> Self {
+        let redis = RedisServer::start();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt
+            .block_on(RedisStore::connect(RedisOptions::new(&redis.addr())))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path(), "fleet");
+        let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
+        let agent_token = secret_file(dir.path(), "agent-token", "agent-secret-0123456789");
+        let up = Upstream::start("behind-the-tunnel");
+        rt.block_on(store.put_credential(&ClientCredential {
+            client_id: CLIENT.into(),
+            token_sha256: TokenHash::of("agent-secret-0123456789"),
+            placement: None,
+            source: Some("test".into()),
+        }))
+        .unwrap();
+        let mut spec = MappingSpec::new("app", "tunnox.net", "127.0.0.1", up.port);
+        spec.target_client_id = Some(CLIENT.into());
+        rt.block_on(store.create(spec)).unwrap();
+        let mut fleet = Self {
+            redis,
+            dir,
+            up,
+            rt,
+            store,
+            pki,
+            node_token,
+            agent_token,
+            nodes: Vec::new(),
+        };
+        for i in 0..n {
+            let node = Node {
+                name: String::new(),
+                index: i,
+                generation: 0,
+                http: free_port(),
+                admin: free_port(),
+                tunnel: free_port(),
+                proc: None,
+            };
+            fleet.nodes.push(node);
+            fleet.boot(i);
+        }
+        fleet
+    }
+
+    fn yaml(&self) -> String {
+        format!(
+            "storage: {{type: redis, redis: {{addr: \"{}\"}}}}
+http_domain: {{base_domains: [tunnox.net], sync: {{check_interval: 1s}}}}
+egress: {{allow: [\"127.0.0.0/8\"]}}
+log: {{level: debug}}",
+            self.redis.addr()
+        )
+    }
+
+    /// Starts node `i` (again) on its ports and waits until it is ready.
+    fn boot(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.name = match n.generation {
+            0 => format!("p{}", n.index),
+            g => format!("p{}-{g}", n.index),
+        };
+        n.generation += 1;
+        let n = &self.nodes[i];
+        let extra = format!(
+            "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {}",
+            self.pki.tunnel_yaml(n.tunnel, &self.node_token)
+        );
+        let p = ProxyProc::start_on(
+            self.dir.path(),
+            &n.name,
+            &self.yaml(),
+            &extra,
+            n.http,
+            n.admin,
+        )
+        .ready();
+        self.nodes[i].proc = Some(p);
+    }
+
+    fn agent(&self, servers: &[usize], extra: &[&str]) -> Role {
+        let ports: Vec<u16> = servers.iter().map(|i| self.nodes[*i].tunnel).collect();
+        agent(
+            self.dir.path(),
+            "agent",
+            &AgentSpec {
+                client_id: CLIENT,
+                token_file: &self.agent_token,
+                ca: &self.pki.ca,
+                servers: &ports,
+                allow: &[format!("127.0.0.1:{}", self.up.port)],
+                extra,
+            },
+        )
+    }
+
+    fn sessions(&self) -> Vec<SessionRecord> {
+        self.rt.block_on(self.store.sessions(CLIENT)).unwrap()
+    }
+
+    /// The node holding the client's active session, if exactly one does.
+    fn holder(&self) -> Option<String> {
+        let active: Vec<SessionRecord> = self
+            .sessions()
+            .into_iter()
+            .filter(|s| s.state == SessionState::Active)
+            .collect();
+        match active.as_slice() {
+            [one] => Some(one.node_id.clone()),
+            _ => None,
+        }
+    }
+
+    fn index_of(&self, node: &str) -> usize {
+        self.nodes.iter().position(|n| n.name == node).unwrap()
+    }
+
+    fn status_via(&self, i: usize) -> u16 {
+        support::http::status(self.nodes[i].http, HOST)
+    }
+
+    fn log(&self, i: usize) -> String {
+        self.nodes[i]
+            .proc
+            .as_ref()
+            .map(ProxyProc::log)
+            .unwrap_or_default()
+    }
+}
+
+fn agent_log(f: &Fleet) -> String {
+    std::fs::read_to_string(f.dir.path().join("agent.log")).unwrap_or_default()
+}
+
+/// Warnings, errors and failed requests from every process's log (every generation), for a
+/// failure message.
+fn trouble(f: &Fleet) -> String {
+    let mut out = String::new();
+    let mut logs: Vec<_> = std::fs::read_dir(f.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for path in logs {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("request failed"))
+        {
+            out.push_str(&format!(
+                "{}: {line}\n",
+                path.file_name().unwrap().to_string_lossy()
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_proxy_serves_a_client_connected_to_one() {
+    let f = Fleet::start(3);
+    let _agent = f.agent(&[0], &[]);
+    eventually("agent session on p0", Duration::from_secs(15), || {
+        f.holder().as_deref() == Some("p0")
+    });
+    for i in 0..3 {
+        eventually(&format!("served via p{i}"), Duration::from_secs(10), || {
+            f.status_via(i) == 200
+        });
+        let r = support::http::get(f.nodes[i].http, HOST, "/").unwrap();
+        assert_eq!(r.status, 200, "via p{i}: {r:?}\n{}", f.log(i));
+        assert_eq!(r.body, "hello from behind-the-tunnel");
+    }
+    // 5 MB up and back down through p2, which forwards to p0, which holds the session.
+    let body: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "30", "-H", &format!("Host: {HOST}")])
+        .args(["--data-binary", "@-", "-o", "-"])
+        .arg(format!("http://127.0.0.1:{}/echo", f.nodes[2].http))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&body)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.stdout == body,
+        "5 MB echoed through p2 → p0 → agent: got {} bytes",
+        out.stdout.len()
+    );
+    // Only proxies may claim to be one: a forged node header is refused.
+    let forged = raw(
+        f.nodes[1].http,
+        format!(
+            "GET / HTTP/1.1\r\nHost: {HOST}\r\ntunnox-node: guess\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(forged.status, 403, "{forged:?}");
+}
+
+#[test]
+fn rolling_restart_of_every_proxy_under_load_fails_no_request() {
+    let mut f = Fleet::start(3);
+    let _agent = f.agent(&[0, 1, 2], &[]);
+    eventually("agent session", Duration::from_secs(15), || {
+        f.holder().is_some()
+    });
+    let http: Vec<u16> = f.nodes.iter().map(|n| n.http).collect();
+    let lb_port = free_port();
+    let lb = Balancer::start(f.dir.path(), lb_port, &http);
+    eventually(
+        "served through the balancer",
+        Duration::from_secs(10),
+        || support::http::status(lb_port, HOST) == 200,
+    );
+
+    let load = std::thread::spawn(move || {
+        Command::new("wrk")
+            .args(["-t1", "-c16", "-d25s", "-H", &format!("Host: {HOST}")])
+            .arg(format!("http://127.0.0.1:{lb_port}/"))
+            .output()
+            .expect("wrk (e2e/install-deps.sh installs it)")
+    });
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut moves = Vec::new();
+    // Drain the holder first, then the others, as a rollout meets them.
+    let first = f.index_of(&f.holder().unwrap());
+    let order = [first, (first + 1) % 3, (first + 2) % 3];
+    for i in order {
+        let admin = f.nodes[i].admin;
+        let held_here = f.holder().as_deref() == Some(f.nodes[i].name.as_str());
+        let t0 = Instant::now();
+        let drain = std::thread::spawn(move || {
+            raw(
+                admin,
+                b"POST /drain?wait=1s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                Duration::from_secs(10),
+            )
+        });
+        if held_here {
+            // Make-before-break: the client's active session moves to another node.
+            let name = f.nodes[i].name.clone();
+            eventually("agent moved", Duration::from_secs(5), || {
+                f.holder().is_some_and(|h| h != name)
+            });
+            moves.push(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| http[j]).collect();
+        lb.set_backends(&others);
+        assert_eq!(drain.join().unwrap().unwrap().status, 200);
+        let mut p = f.nodes[i].proc.take().unwrap();
+        assert_eq!(
+            p.role.terminate(Duration::from_secs(30)),
+            Some(0),
+            "{}",
+            p.log()
+        );
+        f.boot(i);
+        lb.set_backends(&http);
+    }
+    let rollout = started.elapsed();
+    let out = load.join().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let (retried, failed, logged) = lb.retries_and_failures();
+    moves.sort();
+    let pct = |q: f64| moves[((moves.len() - 1) as f64 * q).round() as usize];
+    eprintln!(
+        "{report}\nbalancer log: {logged} requests; rollout {rollout:?}; agent move time over {} move(s): p50 {:?}, p99 {:?}",
+        moves.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+    assert!(!moves.is_empty(), "the agent never had to move");
+    assert!(
+        retried.is_empty(),
+        "{} requests failed on one proxy and were retried on another, e.g. {:?}",
+        retried.len(),
+        &retried[..retried.len().min(5)]
+    );
+    assert!(
+        failed.is_empty(),
+        "{} requests failed, e.g. {:?}\nagent:\n{}\ntrouble:\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        agent_log(&f),
+        trouble(&f)
+    );
+    assert!(
+        !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "{report}"
+    );
+    let requests: u64 = report
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        requests > 1000,
+        "too little load to prove anything: {report}"
+    );
+    assert!(
+        pct(0.99) < Duration::from_millis(2000),
+        "agent moves took {moves:?} (seed 003's goal: under 2 s)"
+    );
+}
+
+#[test]
+fn a_killed_holder_loses_the_client_only_for_the_backoff() {
+    let mut f = Fleet::start(3);
+    // The agent knows only p0; it learns the others from AuthOk's peers.
+    let _agent = f.agent(&[0], &[]);
+    eventually("agent session on p0", Duration::from_secs(15), || {
+        f.holder().as_deref() == Some("p0")
+    });
+    eventually("p1 serves", Duration::from_secs(10), || {
+        f.status_via(1) == 200
+    });
+    let dead = f.rt.block_on(f.store.sessions(CLIENT)).unwrap();
+    f.nodes[0].proc.take().unwrap().role.kill();
+    let killed = Instant::now();
+    let back = eventually(
+        "served again after the kill",
+        Duration::from_secs(10),
+        || f.status_via(1) == 200 && f.status_via(2) == 200,
+    );
+    eprintln!("client reachable again {back:?} after SIGKILL of its proxy");
+    // Reconnect at 100 ms, ×1.5, capped at 5 s: the first attempts land within a few seconds.
+    assert!(killed.elapsed() < Duration::from_secs(8));
+    // The dead node's record was replaced, not left to route.
+    let now = f.sessions();
+    assert!(
+        now.iter().all(|s| s.node_id != "p0"),
+        "stale session of the killed node still listed: {now:?} (before: {dead:?})"
+    );
+    for i in 1..3 {
+        for _ in 0..50 {
+            assert_eq!(f.status_via(i), 200, "via p{i}:\n{}", f.log(i));
+        }
+    }
+}
