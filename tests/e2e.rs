@@ -203,6 +203,10 @@ fn main() {
         ),
         ("two_clusters_share_one_redis", two_clusters_share_one_redis),
         (
+            "tunnel_set_with_secret_admits_agent_and_serves_mapping",
+            tunnel_set_with_secret_admits_agent_and_serves_mapping,
+        ),
+        (
             "controller_rbac_is_what_it_calls",
             controller_rbac_is_what_it_calls,
         ),
@@ -446,6 +450,11 @@ fn chart_grants_least_privilege(cp: &ControlPlane) {
         ("patch", "httpdomainmappings.tunnox.net/status", None),
         ("create", "events.events.k8s.io", Some("rbac")),
         ("get", "namespaces/kube-system", None),
+        ("list", "tunnelsets.tunnox.net", None),
+        ("watch", "tunnelsets.tunnox.net", None),
+        ("patch", "tunnelsets.tunnox.net", Some("rbac")),
+        ("patch", "tunnelsets.tunnox.net/status", None),
+        ("get", "secrets", Some("rbac")),
         ("create", "leases.coordination.k8s.io", Some(NS)),
         (
             "update",
@@ -465,10 +474,16 @@ fn chart_grants_least_privilege(cp: &ControlPlane) {
         ("get", "httpdomainmappings.tunnox.net", None),
         ("update", "httpdomainmappings.tunnox.net", None),
         ("update", "httpdomainmappings.tunnox.net/finalizers", None),
-        ("list", "tunnelsets.tunnox.net", None),
-        ("get", "secrets", None),
+        ("get", "tunnelsets.tunnox.net", None),
+        ("update", "tunnelsets.tunnox.net", None),
+        ("delete", "tunnelsets.tunnox.net", None),
+        ("create", "tunnelsets.tunnox.net", None),
+        // Secrets are read by name only: never enumerated, watched or written.
         ("list", "secrets", Some(NS)),
+        ("list", "secrets", None),
+        ("watch", "secrets", None),
         ("create", "secrets", None),
+        ("update", "secrets", None),
         ("create", "services", None),
         ("list", "services", None),
         ("create", "events", Some("rbac")),
@@ -1649,6 +1664,32 @@ fn controller_rbac_is_what_it_calls(s: &Stack) {
         s.cp.kubectl(&["delete", "hdm", "m", "-n", ns, "--timeout=30s"]),
         "delete (finalizer removed)",
     );
+    // A TunnelSet's life: its Secret read, the credential written, status applied, the
+    // finalizer added and removed.
+    s.cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "audit-token",
+        "-n",
+        ns,
+        "--from-literal=token=audit-secret-token",
+    ]);
+    ok(
+        s.cp.apply(&tunnelset_yaml(ns, "audit", "audit-client", "audit-token")),
+        "apply TunnelSet",
+    );
+    eventually("TunnelSet Accepted", Duration::from_secs(20), || {
+        ts_condition(s, ns, "audit", "Accepted") == "True/CredentialWritten"
+    });
+    ok(
+        s.cp.kubectl(&["delete", "ts", "audit", "-n", ns, "--timeout=30s"]),
+        "delete TunnelSet (finalizer removed)",
+    );
+    assert!(
+        s.redis_keys("tunnox:tunnel:client:audit-client:auth")
+            .is_empty()
+    );
     // A few lease renewals (renew interval 1 s).
     std::thread::sleep(Duration::from_secs(3));
     ctl.terminate(Duration::from_secs(10));
@@ -1692,5 +1733,564 @@ fn controller_rbac_is_what_it_calls(s: &Stack) {
         "e2e: {} controller calls audited, {} permissions each used",
         calls.len(),
         used.len()
+    );
+}
+
+/// A TunnelSet for `client` whose token is in Secret `secret` (key `token`), placed in the
+/// chart's proxy set `default.default`.
+fn tunnelset_yaml(ns: &str, name: &str, client: &str, secret: &str) -> String {
+    format!(
+        "apiVersion: tunnox.net/v1alpha1\nkind: TunnelSet\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec: {{clientId: {client}, auth: {{secretRef: {{name: {secret}}}}}, placement: {{business: default, region: default}}}}\n"
+    )
+}
+
+/// `status/reason` of a TunnelSet's condition, e.g. `True/CredentialWritten`; `/` when absent.
+fn ts_condition(s: &Stack, ns: &str, name: &str, kind: &str) -> String {
+    text(&s.cp.kubectl(&[
+        "get",
+        "ts",
+        name,
+        "-n",
+        ns,
+        "-o",
+        &format!(
+            "jsonpath={{.status.conditions[?(@.type==\"{kind}\")].status}}/{{.status.conditions[?(@.type==\"{kind}\")].reason}}"
+        ),
+    ]))
+    .trim()
+    .to_string()
+}
+
+fn ts_field(s: &Stack, ns: &str, name: &str, jsonpath: &str) -> String {
+    text(&s.cp.kubectl(&[
+        "get",
+        "ts",
+        name,
+        "-n",
+        ns,
+        "-o",
+        &format!("jsonpath={jsonpath}"),
+    ]))
+}
+
+/// The client's credential as stored (`tunnox:tunnel:client:{id}:auth`); empty when absent.
+fn credential_json(s: &Stack, client: &str) -> String {
+    s.redis
+        .cli(&["GET", &format!("tunnox:tunnel:client:{client}:auth")])
+        .trim()
+        .to_string()
+}
+
+/// Issue 15, "Cluster": a TunnelSet's Secret becomes a credential (a hash, never the token) in
+/// Redis, an HTTPDomainMapping with a tunnel target is programmed with the TunnelSet's placement
+/// once the TunnelSet is accepted, a missing Secret shows in the status and is picked up when it
+/// appears (default recheck interval, no change to the TunnelSet), a rotated token replaces the
+/// hash, a second TunnelSet with the same client id is refused naming the holder, and deleting
+/// the TunnelSet removes the credential and parks the mapping.
+fn tunnel_set_with_secret_admits_agent_and_serves_mapping(s: &Stack) {
+    let ns = "e2e-tunnel";
+    let client = "laptop-e2e";
+    let token = "e2e-tunnel-token-4f9c2a";
+    let cluster = cluster_id(&s.cp);
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    let upstream = support::http::Upstream::start("behind-the-agent");
+    // First with the default recheck (controller.resync_interval 30 s): what "picked up within
+    // ~30 s" means for users.
+    let (mut ctl, _) = s.controller_with(
+        "ctl-tunnel",
+        &s.sa_kubeconfig,
+        &[("TUNNOX__CONTROLLER__RESYNC_INTERVAL", "30s".to_string())],
+    );
+    let hdm = format!(
+        "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {{name: tun, namespace: {ns}}}\n\
+         spec: {{subdomain: tun, baseDomain: tunnox.net, placement: {{business: other, region: bj}}, \
+         target: {{tunnel: {{clientId: {client}, host: 127.0.0.1, port: {}}}}}}}\n",
+        upstream.port
+    );
+    // The mapping first: it waits for its client's TunnelSet.
+    ok(s.cp.apply(&hdm), "apply tunnel mapping");
+    let ready = |name: &str| {
+        format!(
+            "{}/{}",
+            s.field(
+                ns,
+                name,
+                "{.status.conditions[?(@.type==\"Ready\")].status}"
+            ),
+            s.field(
+                ns,
+                name,
+                "{.status.conditions[?(@.type==\"Ready\")].reason}"
+            )
+        )
+    };
+    eventually(
+        "mapping Pending TunnelSetNotFound",
+        Duration::from_secs(20),
+        || ready("tun") == "False/TunnelSetNotFound",
+    );
+    assert_eq!(s.phase(ns, "tun"), "Pending");
+    assert!(
+        s.field(
+            ns,
+            "tun",
+            "{.status.conditions[?(@.type==\"Ready\")].message}"
+        )
+        .contains(client)
+    );
+
+    // A TunnelSet whose Secret does not exist yet.
+    ok(
+        s.cp.apply(&tunnelset_yaml(ns, "laptop", client, "laptop-token")),
+        "apply TunnelSet",
+    );
+    eventually(
+        "Accepted=False SecretNotFound",
+        Duration::from_secs(20),
+        || ts_condition(s, ns, "laptop", "Accepted") == "False/SecretNotFound",
+    );
+    let message = ts_field(
+        s,
+        ns,
+        "laptop",
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
+    assert!(
+        message.contains(&format!("Secret {ns}/laptop-token")),
+        "{message}"
+    );
+    assert_eq!(
+        credential_json(s, client),
+        "",
+        "no credential without a Secret"
+    );
+    assert_eq!(ts_condition(s, ns, "laptop", "Online"), "False/NoSession");
+    assert_eq!(s.phase(ns, "tun"), "Pending");
+
+    // The Secret appears: picked up at the next recheck, the TunnelSet untouched.
+    let generation = ts_field(s, ns, "laptop", "{.metadata.generation}");
+    s.cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "laptop-token",
+        "-n",
+        ns,
+        &format!("--from-literal=token={token}"),
+    ]);
+    let took = eventually(
+        "Accepted once the Secret exists",
+        Duration::from_secs(45),
+        || ts_condition(s, ns, "laptop", "Accepted") == "True/CredentialWritten",
+    );
+    eprintln!("e2e: Secret created → TunnelSet Accepted in {took:?}");
+    assert_eq!(
+        ts_field(s, ns, "laptop", "{.metadata.generation}"),
+        generation
+    );
+    assert_eq!(
+        ts_field(s, ns, "laptop", "{.status.set}"),
+        "default.default"
+    );
+    assert_eq!(ts_field(s, ns, "laptop", "{.status.clientId}"), client);
+    let cred: serde_json::Value = serde_json::from_str(&credential_json(s, client)).unwrap();
+    assert_eq!(
+        cred["token_sha256"].as_str(),
+        Some(
+            tunnox::tunnel::credential::TokenHash::of(token)
+                .to_hex()
+                .as_str()
+        )
+    );
+    assert_eq!(cred["client_id"], client);
+    assert_eq!(cred["placement"], "default.default");
+    assert_eq!(
+        cred["source"].as_str(),
+        Some(format!("k8s:{cluster}/{ns}/laptop").as_str())
+    );
+    assert!(
+        !credential_json(s, client).contains(token),
+        "a hash, never the token"
+    );
+
+    // The mapping is woken and programmed: the tunnel target, the TunnelSet's placement.
+    eventually("mapping Active", Duration::from_secs(10), || {
+        s.phase(ns, "tun") == "Active"
+    });
+    assert_eq!(
+        s.field(ns, "tun", "{.status.target}"),
+        format!("tunnel:{client}/127.0.0.1:{}", upstream.port)
+    );
+    assert_eq!(s.field(ns, "tun", "{.status.set}"), "default.default");
+    let accepted = s.field(
+        ns,
+        "tun",
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
+    assert!(
+        accepted.contains("spec.placement other.bj is ignored for a tunnel target"),
+        "{accepted}"
+    );
+    let id = s.field(ns, "tun", "{.status.mappingId}");
+    let record: serde_json::Value = serde_json::from_str(
+        s.redis
+            .cli(&["GET", &format!("tunnox:http_domain:mapping:{id}")])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(record["target_client_id"], client);
+    assert_eq!(record["target_host"], "127.0.0.1");
+    assert_eq!(record["target_port"], upstream.port);
+    assert_eq!(record["placement"], "default.default");
+    assert_eq!(
+        s.redis
+            .cli(&[
+                "ZRANGE",
+                &format!("tunnox:http_domain:index:client:{client}"),
+                "0",
+                "-1"
+            ])
+            .trim(),
+        id
+    );
+
+    // The part that needs `tunnox agent` and the proxy's tunnel listener.
+    tunnel_traffic_through_agent(s, client, token, &upstream);
+
+    // The rest with a short recheck (3 s), under a new leader: what was programmed stays.
+    ctl.terminate(Duration::from_secs(10));
+    no_permission_errors(&ctl);
+    let first_log = ctl.log();
+    let (mut ctl, _) = s.controller("ctl-tunnel-2");
+    eventually("the new controller leads", Duration::from_secs(20), || {
+        ctl.log().contains("leading: reconciling")
+    });
+    // It reconciles everything when it starts: the mapping keeps its record, since the
+    // credential it is programmed by is in Redis, not in the old leader's memory.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s.phase(ns, "tun"), "Active");
+    assert_eq!(s.field(ns, "tun", "{.status.mappingId}"), id);
+    assert_eq!(
+        ts_condition(s, ns, "laptop", "Accepted"),
+        "True/CredentialWritten"
+    );
+
+    // A second TunnelSet with the same client id: refused, naming the holder.
+    ok(
+        s.cp.apply(&tunnelset_yaml(ns, "laptop-dup", client, "laptop-token")),
+        "apply duplicate TunnelSet",
+    );
+    eventually("duplicate refused", Duration::from_secs(20), || {
+        ts_condition(s, ns, "laptop-dup", "Accepted") == "False/ClientIdConflict"
+    });
+    let message = ts_field(
+        s,
+        ns,
+        "laptop-dup",
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
+    assert!(
+        message.contains(&format!("held by TunnelSet {ns}/laptop")),
+        "{message}"
+    );
+    // Its deletion leaves the holder's credential alone.
+    ok(
+        s.cp.kubectl(&["delete", "ts", "laptop-dup", "-n", ns, "--timeout=30s"]),
+        "delete duplicate",
+    );
+    assert_eq!(
+        cred["source"].as_str().unwrap(),
+        serde_json::from_str::<serde_json::Value>(&credential_json(s, client)).unwrap()["source"]
+    );
+
+    // A Secret without the key: refused, naming Secret and key.
+    s.cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "wrong-key",
+        "-n",
+        ns,
+        "--from-literal=password=x",
+    ]);
+    ok(
+        s.cp.apply(&tunnelset_yaml(ns, "badkey", "badkey-e2e", "wrong-key")),
+        "apply TunnelSet with a Secret without the key",
+    );
+    eventually("SecretKeyMissing", Duration::from_secs(20), || {
+        ts_condition(s, ns, "badkey", "Accepted") == "False/SecretKeyMissing"
+    });
+    assert!(
+        ts_field(
+            s,
+            ns,
+            "badkey",
+            "{.status.conditions[?(@.type==\"Accepted\")].message}"
+        )
+        .contains(&format!("Secret {ns}/wrong-key has no key \"token\""))
+    );
+    assert_eq!(credential_json(s, "badkey-e2e"), "");
+    ok(
+        s.cp.kubectl(&["delete", "ts", "badkey", "-n", ns, "--timeout=30s"]),
+        "delete badkey",
+    );
+
+    // A rotated token replaces the hash at the next recheck.
+    let rotated = "e2e-tunnel-token-rotated-77d1";
+    let patch = format!("{{\"stringData\":{{\"token\":\"{rotated}\"}}}}");
+    s.cp.kubectl_ok(&["patch", "secret", "laptop-token", "-n", ns, "-p", &patch]);
+    let want = tunnox::tunnel::credential::TokenHash::of(rotated).to_hex();
+    let took = eventually(
+        "rotated token's hash stored",
+        Duration::from_secs(45),
+        || credential_json(s, client).contains(&want),
+    );
+    eprintln!("e2e: Secret rotated → credential replaced in {took:?} (recheck 3 s)");
+
+    // The Secret deleted: the credential goes (an agent with the old token stops being
+    // admitted) and the mapping parks.
+    s.cp.kubectl_ok(&["delete", "secret", "laptop-token", "-n", ns]);
+    eventually(
+        "credential removed with its Secret",
+        Duration::from_secs(45),
+        || {
+            credential_json(s, client).is_empty()
+                && ts_condition(s, ns, "laptop", "Accepted") == "False/SecretNotFound"
+        },
+    );
+    eventually("mapping parked", Duration::from_secs(10), || {
+        ready("tun") == "False/TunnelSetNotFound"
+    });
+    s.cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "laptop-token",
+        "-n",
+        ns,
+        &format!("--from-literal=token={token}"),
+    ]);
+    eventually("Accepted again", Duration::from_secs(20), || {
+        ts_condition(s, ns, "laptop", "Accepted") == "True/CredentialWritten"
+            && s.phase(ns, "tun") == "Active"
+    });
+
+    // Deleting the TunnelSet removes the credential; the mapping waits again, its record gone.
+    ok(
+        s.cp.kubectl(&["delete", "ts", "laptop", "-n", ns, "--timeout=30s"]),
+        "delete TunnelSet (finalizer removes the credential)",
+    );
+    assert_eq!(
+        credential_json(s, client),
+        "",
+        "credential removed before the TunnelSet went"
+    );
+    eventually("mapping Pending again", Duration::from_secs(10), || {
+        ready("tun") == "False/TunnelSetNotFound"
+    });
+    assert!(
+        s.redis_keys(&format!("tunnox:http_domain:mapping:{id}"))
+            .is_empty(),
+        "record released"
+    );
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "tun", "-n", ns, "--timeout=30s"]),
+        "delete mapping",
+    );
+
+    // The token never reaches status, events or the log.
+    let everything = format!(
+        "{}{}{}",
+        s.cp.kubectl_ok(&["get", "events", "-n", ns, "-o", "yaml"]),
+        s.cp.kubectl_ok(&["get", "ts", "-A", "-o", "yaml"]),
+        first_log + &ctl.log()
+    );
+    for t in [token, rotated] {
+        assert!(!everything.contains(t), "the token {t} leaked");
+    }
+    let events = s.cp.kubectl_ok(&["get", "events", "-n", ns]);
+    assert!(
+        events.contains("SecretNotFound") && events.contains("Accepted"),
+        "{events}"
+    );
+    ctl.terminate(Duration::from_secs(10));
+    no_permission_errors(&ctl);
+}
+
+/// Agent + proxy: `tunnox proxy` with the chart's configuration and a TLS tunnel listener,
+/// `tunnox agent` with the TunnelSet's token and an allow-list of the upstream only; `curl`
+/// (a raw HTTP client) through the proxy with the mapping's Host reaches the upstream behind
+/// the agent. Assumes the mapping `tun.tunnox.net` is Active for `client`.
+fn tunnel_traffic_through_agent(
+    s: &Stack,
+    client: &str,
+    token: &str,
+    upstream: &support::http::Upstream,
+) {
+    let dir = s.dir.path().join("tunnel");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A throwaway CA and a loopback server certificate signed by it (rustls refuses a CA
+    // certificate as the server's own).
+    let (ca, cert, key) = (
+        dir.join("ca.crt"),
+        dir.join("tunnel.crt"),
+        dir.join("tunnel.key"),
+    );
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let p = |f: &std::path::Path| f.display().to_string();
+    let ca_key = dir.join("ca.key");
+    let csr = dir.join("tunnel.csr");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for (what, args) in [
+        (
+            "CA",
+            [
+                &["req", "-x509"][..],
+                &ec,
+                &["-days", "1", "-subj", "/CN=tunnox-e2e-ca"],
+            ]
+            .concat()
+            .iter()
+            .map(|a| a.to_string())
+            .chain(["-keyout".into(), p(&ca_key), "-out".into(), p(&ca)])
+            .collect::<Vec<String>>(),
+        ),
+        (
+            "request",
+            [&["req"][..], &ec, &["-subj", "/CN=localhost"]]
+                .concat()
+                .iter()
+                .map(|a| a.to_string())
+                .chain(["-keyout".into(), p(&key), "-out".into(), p(&csr)])
+                .collect(),
+        ),
+        (
+            "certificate",
+            ["x509", "-req", "-days", "1", "-CAcreateserial"]
+                .iter()
+                .map(|a| a.to_string())
+                .chain([
+                    "-in".into(),
+                    p(&csr),
+                    "-CA".into(),
+                    p(&ca),
+                    "-CAkey".into(),
+                    p(&ca_key),
+                    "-extfile".into(),
+                    p(&ext),
+                    "-out".into(),
+                    p(&cert),
+                ])
+                .collect(),
+        ),
+    ] {
+        let made = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap();
+        ok(made, &format!("openssl: tunnel {what}"));
+    }
+    let tunnel_port = free_port();
+    let port = free_port();
+    let admin = free_port();
+    let env = vec![
+        ("TUNNOX__PROXY__SET", "default.default".to_string()),
+        ("TUNNOX__PROXY__NODE_ID", "proxy-tunnel".to_string()),
+        ("TUNNOX__STORAGE__REDIS__ADDR", s.redis.addr()),
+        ("TUNNOX__STORAGE__REDIS__PASSWORD_FILE", String::new()),
+        ("TUNNOX__PROXY__LISTEN", format!("127.0.0.1:{port}")),
+        ("TUNNOX__PROXY__ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
+        ("TUNNOX__EGRESS__ALLOW", "[\"127.0.0.0/8\"]".to_string()),
+        (
+            "TUNNOX__PROXY__TUNNEL__LISTEN",
+            format!("127.0.0.1:{tunnel_port}"),
+        ),
+        (
+            "TUNNOX__PROXY__TUNNEL__CERT_FILE",
+            cert.display().to_string(),
+        ),
+        ("TUNNOX__PROXY__TUNNEL__KEY_FILE", key.display().to_string()),
+    ];
+    let mut proxy = Role::start(
+        &["--config", s.config.to_str().unwrap(), "proxy"],
+        &env,
+        &s.dir.path().join("proxy-tunnel.log"),
+    );
+    eventually("proxy ready", Duration::from_secs(20), || {
+        support::http::get(admin, "localhost", "/readyz").is_some_and(|r| r.status == 200)
+    });
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let agent_config = dir.join("agent.yaml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "agent:\n  server: \"127.0.0.1:{tunnel_port}\"\n  server_name: localhost\n  client_id: \"{client}\"\n  token_file: \"{}\"\n  ca_file: \"{}\"\n  allow: [\"127.0.0.1:{}\"]\n",
+            token_file.display(),
+            ca.display(),
+            upstream.port
+        ),
+    )
+    .unwrap();
+    let mut agent = Role::start(
+        &["--config", agent_config.to_str().unwrap(), "agent"],
+        &[],
+        &s.dir.path().join("agent.log"),
+    );
+    // By hand rather than `eventually`: a failure shows both logs (TLS, auth, allow-list).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = support::http::get(port, "tun.tunnox.net", "/").map(|r| (r.status, r.body));
+        if last
+            .as_ref()
+            .is_some_and(|(st, b)| *st == 200 && b == "hello from behind-the-agent\n")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served through the tunnel within 20 s (last answer {last:?})\n--- proxy log:\n{}\n--- agent log:\n{}",
+            proxy.log(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("e2e: served through the agent's session");
+    // The session is registered where other proxies find it.
+    assert_eq!(
+        s.redis_keys(&format!("tunnox:client:{client}:session"))
+            .len(),
+        1,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        agent.terminate(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    eventually(
+        "offline once the agent left",
+        Duration::from_secs(10),
+        || support::http::status(port, "tun.tunnox.net") == 502,
+    );
+    assert_eq!(
+        proxy.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        proxy.log()
     );
 }

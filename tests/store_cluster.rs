@@ -138,6 +138,7 @@ async fn the_hash_tagged_prefix_runs_every_script_on_one_cluster_slot() {
         set: SetName::parse("default.default").unwrap(),
         address: "127.0.0.1:1".into(),
         admin_address: "127.0.0.1:2".into(),
+        tunnel_address: String::new(),
         state: NodeState::Active,
         applied_version: 4,
         heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")

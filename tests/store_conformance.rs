@@ -136,6 +136,7 @@ fn node(id: &str) -> NodeRecord {
         set: SetName::parse("web.eu-west").unwrap(),
         address: format!("{id}.pods:8080"),
         admin_address: format!("{id}.pods:9090"),
+        tunnel_address: format!("{id}.pods:7000"),
         state: NodeState::Active,
         applied_version: 0,
         // Sub-second precision: the record must read back exactly as written.
@@ -1018,7 +1019,10 @@ mod cases {
                 .find(|r| r.session_id == "s2"),
             Some(&new)
         );
-        // The old session's close leaves its replacement.
+        // The old session's heartbeat does not write it back, and its close leaves its
+        // replacement.
+        assert!(!t.refresh_session("laptop", &old, long).await.unwrap());
+        assert!(t.refresh_session("laptop", &new, long).await.unwrap());
         assert!(!t.remove_session("laptop", &old).await.unwrap());
         assert!(t.remove_session("laptop", &new).await.unwrap());
         assert_eq!(ids(t.sessions("laptop").await.unwrap()), ["s3", "s4"]);

@@ -526,6 +526,7 @@ fn node(id: &str) -> NodeRecord {
         set: SetName::parse("web.eu-west").unwrap(),
         address: "10.0.0.7:8080".into(),
         admin_address: "10.0.0.7:9090".into(),
+        tunnel_address: "10.0.0.7:7000".into(),
         state: NodeState::Draining,
         applied_version: 17,
         heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.5Z")
@@ -560,6 +561,7 @@ async fn node_registry_key_layout_matches_the_contract() {
         ("set", "web.eu-west"),
         ("address", "10.0.0.7:8080"),
         ("admin_address", "10.0.0.7:9090"),
+        ("tunnel_address", "10.0.0.7:7000"),
         ("state", "draining"),
         ("applied_version", "17"),
         ("heartbeat_at", "2026-01-02T03:04:05.500Z"),

@@ -229,7 +229,7 @@ fn every_proxy_serves_a_client_connected_to_one() {
         });
         let r = support::http::get(f.nodes[i].http, HOST, "/").unwrap();
         assert_eq!(r.status, 200, "via p{i}: {r:?}\n{}", f.log(i));
-        assert_eq!(r.body, "hello from behind-the-tunnel");
+        assert_eq!(r.body, "hello from behind-the-tunnel\n");
     }
     // 5 MB up and back down through p2, which forwards to p0, which holds the session.
     let body: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect();

@@ -34,12 +34,6 @@ pub struct Shared {
     pub stagger: Duration,
 }
 
-/// `d` shortened by up to a quarter at random, so agents do not retry in lock-step and the cap
-/// stays a cap.
-pub fn jitter(d: Duration, r: f64) -> Duration {
-    d.mul_f64(0.75 + 0.25 * r.clamp(0.0, 1.0))
-}
-
 /// Logs a failure once per [`LOG_EVERY`] per distinct message.
 #[derive(Default)]
 struct RateLimitedLog {
@@ -156,7 +150,7 @@ impl Shared {
                 }
             }
             let delay = wait.unwrap_or_else(|| backoff.next_delay());
-            let delay = jitter(delay, rand::random::<f64>());
+            let delay = crate::store::jitter(delay, rand::random::<f64>());
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.wait_for(|s| *s) => return Err(Stopped::Yes),
@@ -268,26 +262,12 @@ pub async fn run(shared: std::sync::Arc<Shared>, slot: u32, mut stop: watch::Rec
                     backoff.reset();
                 }
                 session.abort();
-                let delay = jitter(backoff.next_delay(), rand::random::<f64>());
+                let delay = backoff.next_jittered();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_three_quarters_and_the_delay() {
-        let d = Duration::from_secs(4);
-        assert_eq!(jitter(d, 0.0), Duration::from_secs(3));
-        assert_eq!(jitter(d, 1.0), d);
-        assert_eq!(jitter(d, 7.0), d);
-        assert_eq!(jitter(d, -1.0), Duration::from_secs(3));
     }
 }

@@ -291,6 +291,16 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         StorageType::Hybrid => cfg.storage.hybrid.cache_type == Some(CacheType::Redis),
         StorageType::Memory => false,
     };
+    super::tunnel::check_listener(&cfg.proxy.tunnel)
+        .and_then(|()| {
+            let named: Vec<Option<String>> = cfg
+                .mappings
+                .iter()
+                .map(|m| m.target_client_id.clone())
+                .collect();
+            super::tunnel::check_clients(&cfg.tunnel_clients, uses_redis, &named)
+        })
+        .map_err(|(path, msg)| err(&path, msg))?;
     if uses_redis && !cfg.mappings.is_empty() {
         return Err(err("mappings", "declaring mappings in the file is for single-node mode (no Redis); in a cluster, apply HTTPDomainMapping resources".into()));
     }
@@ -478,8 +488,11 @@ fn check_mappings(cfg: &Config, egress: &EgressPolicy) -> Result<(), (String, St
         let full = spec
             .validate()
             .map_err(|e| (format!("mappings[{i}]"), e.to_string()))?;
-        own.check_declared(&m.target_host, m.target_port, None, Declarer::Operator)
-            .map_err(|e| (at("target_host"), e.to_string()))?;
+        // A tunnel's target is on the agent's side: its own allow-list judges it.
+        if m.target_client_id.is_none() {
+            own.check_declared(&m.target_host, m.target_port, None, Declarer::Operator)
+                .map_err(|e| (at("target_host"), e.to_string()))?;
+        }
         if let Some(first) = seen.insert(full.clone(), i) {
             return Err((
                 at("subdomain"),

@@ -68,3 +68,286 @@ pub struct TunnelClientEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
 }
+
+/// A client id: what agents present and what `tunnox:client:{id}:session` is keyed by.
+pub fn check_client_id(id: &str) -> Result<(), String> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} must be 1-128 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ))
+    }
+}
+
+/// `proxy.tunnel`: what a listener cannot run with, named by field.
+pub fn check_listener(t: &TunnelListenerConfig) -> Result<(), (String, String)> {
+    let at = |f: &str| format!("proxy.tunnel.{f}");
+    if t.listen.is_some() && !t.insecure {
+        for (name, value) in [("cert_file", &t.cert_file), ("key_file", &t.key_file)] {
+            if value.is_none() {
+                return Err((
+                    at(name),
+                    "is required with proxy.tunnel.listen (TLS 1.3), unless proxy.tunnel.insecure"
+                        .into(),
+                ));
+            }
+        }
+    }
+    for (name, d) in [
+        ("heartbeat_interval", t.heartbeat_interval),
+        ("handshake_timeout", t.handshake_timeout),
+    ] {
+        if d.get().is_zero() {
+            return Err((at(name), format!("must be greater than 0, got {d}")));
+        }
+    }
+    for (name, n) in [
+        (
+            "max_streams_per_session",
+            t.max_streams_per_session as usize,
+        ),
+        ("max_sessions_per_client", t.max_sessions_per_client),
+        ("max_sessions", t.max_sessions),
+    ] {
+        if n == 0 {
+            return Err((at(name), "must be at least 1, got 0".into()));
+        }
+    }
+    if let Some(a) = &t.advertise_address {
+        let port_ok = a
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            return Err((at("advertise_address"), format!("{a:?} is not host:port")));
+        }
+    }
+    Ok(())
+}
+
+/// `tunnel_clients` (single-node only) and the mappings that name them.
+pub fn check_clients(
+    clients: &[TunnelClientEntry],
+    uses_redis: bool,
+    mapping_clients: &[Option<String>],
+) -> Result<(), (String, String)> {
+    if uses_redis && !clients.is_empty() {
+        return Err((
+            "tunnel_clients".into(),
+            "is for single-node mode (no Redis); in a cluster, declare TunnelSets with a Secret"
+                .into(),
+        ));
+    }
+    let mut seen = std::collections::HashMap::new();
+    for (i, c) in clients.iter().enumerate() {
+        let at = |f: &str| format!("tunnel_clients[{i}].{f}");
+        check_client_id(&c.client_id).map_err(|m| (at("client_id"), m))?;
+        match (&c.token, &c.token_file) {
+            (Some(_), Some(_)) => {
+                return Err((at("token"), "set token or token_file, not both".into()));
+            }
+            (None, None) => return Err((at("token"), "token or token_file is required".into())),
+            (Some(t), None) if t.trim().is_empty() => {
+                return Err((at("token"), "must not be empty".into()));
+            }
+            _ => {}
+        }
+        if let Some(first) = seen.insert(c.client_id.as_str(), i) {
+            return Err((
+                at("client_id"),
+                format!(
+                    "{} is already declared by tunnel_clients[{first}]",
+                    c.client_id
+                ),
+            ));
+        }
+    }
+    for (i, m) in mapping_clients.iter().enumerate() {
+        if let Some(id) = m
+            && !seen.contains_key(id.as_str())
+        {
+            return Err((
+                format!("mappings[{i}].target_client_id"),
+                format!("{id:?} is not declared in tunnel_clients"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(id: &str, token: Option<&str>, file: Option<&str>) -> TunnelClientEntry {
+        TunnelClientEntry {
+            client_id: id.into(),
+            token: token.map(str::to_string),
+            token_file: file.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn checks_clients_and_the_mappings_naming_them() {
+        let ok = || {
+            vec![
+                client("laptop", Some("t"), None),
+                client("lan-1", None, Some("/f")),
+            ]
+        };
+        type Case = (
+            Vec<TunnelClientEntry>,
+            bool,
+            Vec<Option<String>>,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (ok(), false, vec![None, Some("laptop".into())], None),
+            (ok(), true, vec![], Some("tunnel_clients")),
+            (
+                vec![client("", Some("t"), None)],
+                false,
+                vec![],
+                Some("tunnel_clients[0].client_id"),
+            ),
+            (
+                vec![client("a/b", Some("t"), None)],
+                false,
+                vec![],
+                Some("tunnel_clients[0].client_id"),
+            ),
+            (
+                vec![client("a", Some("t"), Some("/f"))],
+                false,
+                vec![],
+                Some("tunnel_clients[0].token"),
+            ),
+            (
+                vec![client("a", None, None)],
+                false,
+                vec![],
+                Some("tunnel_clients[0].token"),
+            ),
+            (
+                vec![client("a", Some(" "), None)],
+                false,
+                vec![],
+                Some("tunnel_clients[0].token"),
+            ),
+            (
+                vec![client("a", Some("t"), None), client("a", Some("u"), None)],
+                false,
+                vec![],
+                Some("tunnel_clients[1].client_id"),
+            ),
+            (
+                ok(),
+                false,
+                vec![None, Some("ghost".into())],
+                Some("mappings[1].target_client_id"),
+            ),
+        ];
+        for (clients, redis, mappings, want) in cases {
+            let got = check_clients(&clients, redis, &mappings);
+            assert_eq!(got.as_ref().err().map(|e| e.0.as_str()), want, "{got:?}");
+        }
+        let err = check_clients(&ok(), false, &[Some("ghost".into())]).unwrap_err();
+        assert!(err.1.contains("ghost"), "{err:?}");
+    }
+
+    /// The checks run from `resolve` on a whole file, and name the field and the value.
+    #[test]
+    fn a_whole_file_is_checked() {
+        let resolve = |yaml: &str| {
+            let env: Vec<(String, String)> = Vec::new();
+            crate::config::parse(yaml, "t.yaml", &env)
+                .and_then(|c| crate::config::resolve(c, "t.yaml"))
+        };
+        let base = "storage: {type: memory}\nhttp_domain: {base_domains: [tunnox.net]}\n";
+        let ok = format!(
+            "{base}tunnel_clients: [{{client_id: laptop, token: t}}]\nmappings:\n  - {{subdomain: app, base_domain: tunnox.net, target_client_id: laptop, target_host: localhost, target_port: 3000}}\nproxy: {{tunnel: {{listen: \"127.0.0.1:7000\", insecure: true}}}}\n"
+        );
+        let s = resolve(&ok).unwrap();
+        assert_eq!(s.config.tunnel_clients.len(), 1);
+        let cases = [
+            (
+                ok.replace("target_client_id: laptop", "target_client_id: ghost"),
+                "mappings[0].target_client_id",
+                "ghost",
+            ),
+            (
+                ok.replace(", insecure: true", ""),
+                "proxy.tunnel.cert_file",
+                "required",
+            ),
+            (
+                ok.replace("listen: \"127.0.0.1:7000\", ", "heartbeat_interval: 0s, "),
+                "proxy.tunnel.heartbeat_interval",
+                "0s",
+            ),
+        ];
+        for (yaml, field, what) in cases {
+            let e = resolve(&yaml).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(what), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn checks_the_listener() {
+        let on = |f: &dyn Fn(&mut TunnelListenerConfig)| {
+            let mut t = TunnelListenerConfig {
+                listen: Some("127.0.0.1:7000".parse().unwrap()),
+                cert_file: Some("/c".into()),
+                key_file: Some("/k".into()),
+                ..Default::default()
+            };
+            f(&mut t);
+            check_listener(&t).err().map(|e| e.0)
+        };
+        type Edit<'a> = &'a dyn Fn(&mut TunnelListenerConfig);
+        let cases: Vec<(Edit, Option<&str>)> = vec![
+            (&|_| {}, None),
+            (&|t| t.cert_file = None, Some("proxy.tunnel.cert_file")),
+            (&|t| t.key_file = None, Some("proxy.tunnel.key_file")),
+            (
+                &|t| {
+                    t.key_file = None;
+                    t.cert_file = None;
+                    t.insecure = true
+                },
+                None,
+            ),
+            (
+                &|t| t.heartbeat_interval = Dur::secs(0),
+                Some("proxy.tunnel.heartbeat_interval"),
+            ),
+            (
+                &|t| t.handshake_timeout = Dur::secs(0),
+                Some("proxy.tunnel.handshake_timeout"),
+            ),
+            (&|t| t.max_sessions = 0, Some("proxy.tunnel.max_sessions")),
+            (
+                &|t| t.max_streams_per_session = 0,
+                Some("proxy.tunnel.max_streams_per_session"),
+            ),
+            (
+                &|t| t.advertise_address = Some("nohost".into()),
+                Some("proxy.tunnel.advertise_address"),
+            ),
+            (
+                &|t| t.advertise_address = Some("10.0.0.1:7000".into()),
+                None,
+            ),
+        ];
+        for (i, (f, want)) in cases.into_iter().enumerate() {
+            assert_eq!(on(f).as_deref(), want, "case {i}");
+        }
+        // Off: nothing is required.
+        assert!(check_listener(&TunnelListenerConfig::default()).is_ok());
+    }
+}

@@ -57,6 +57,38 @@ pub const GRANTS: &[Grant] = &[
     },
     Grant {
         scope: Scope::Cluster,
+        group: "tunnox.net",
+        resource: "tunnelsets",
+        names: &[],
+        verbs: &["list", "watch"],
+        made_by: "controller/mod.rs: kube-runtime Controller over Api::<TunnelSet>::all (reflector list + watch)",
+    },
+    Grant {
+        scope: Scope::Cluster,
+        group: "tunnox.net",
+        resource: "tunnelsets",
+        names: &[],
+        verbs: &["patch"],
+        made_by: "tunnelset.rs: kube-runtime finalizer() adds and removes tunnox.net/release-credential (JSON patch)",
+    },
+    Grant {
+        scope: Scope::Cluster,
+        group: "tunnox.net",
+        resource: "tunnelsets/status",
+        names: &[],
+        verbs: &["patch"],
+        made_by: "tunnelset.rs write_status: server-side apply on the status subresource",
+    },
+    Grant {
+        scope: Scope::Cluster,
+        group: "",
+        resource: "secrets",
+        names: &[],
+        verbs: &["get"],
+        made_by: "tunnelset.rs decide: reads the Secret a TunnelSet's spec.auth.secretRef names, in the TunnelSet's namespace (get only: no list or watch, so no Secret is read that no TunnelSet names)",
+    },
+    Grant {
+        scope: Scope::Cluster,
         group: "events.k8s.io",
         resource: "events",
         names: &[],
@@ -133,10 +165,11 @@ mod tests {
             "update".into()
         )));
         assert!(
-            !p.iter()
-                .any(|(_, _, r, _, v)| r == "secrets" || r == "services" || v == "delete"),
-            "nothing the code does not call"
+            !p.iter().any(|(_, _, r, _, v)| r == "services"
+                || v == "delete"
+                || (r == "secrets" && v != "get")),
+            "nothing the code does not call; Secrets only read by name"
         );
-        assert_eq!(p.len(), 10);
+        assert_eq!(p.len(), 15);
     }
 }

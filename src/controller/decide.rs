@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{HTTPDomainMapping, HTTPDomainMappingStatus, Phase, TargetScheme};
+use crate::crd::{HTTPDomainMapping, HTTPDomainMappingStatus, Phase, TargetScheme, TunnelTarget};
 use crate::domain::{Declarer, EgressPolicy, Hostname, MappingSpec, Scheme, SetName};
 use crate::store::{Quota, QuotaScope};
 
@@ -40,6 +40,8 @@ pub struct Plan {
     pub full_domain: Hostname,
     pub target: String,
     pub set: String,
+    /// Something the user should know although the mapping is valid (shown in `Accepted`).
+    pub note: Option<String>,
 }
 
 /// Why a mapping is not programmed (and holds no claim).
@@ -148,10 +150,17 @@ pub fn full_domain(hdm: &HTTPDomainMapping) -> Option<Hostname> {
 }
 
 /// Decides what a mapping resource should become.
-pub fn evaluate(hdm: &HTTPDomainMapping, policy: &Policy, now: DateTime<Utc>) -> Verdict {
+///
+/// `tunnel` is the accepted TunnelSet of the client a tunnel target names (looked up by the
+/// caller: its credential in the store); `None` when there is none or the target is no tunnel.
+pub fn evaluate(
+    hdm: &HTTPDomainMapping,
+    policy: &Policy,
+    tunnel: Option<&TunnelClient>,
+    now: DateTime<Utc>,
+) -> Verdict {
     let spec = &hdm.spec;
     let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
-    let name = hdm.metadata.name.as_deref().unwrap_or("");
     let reject = |reason, message: String| Verdict::Hold(Hold::Rejected { reason, message });
 
     let base = match Hostname::parse(&spec.base_domain) {
@@ -197,20 +206,7 @@ pub fn evaluate(hdm: &HTTPDomainMapping, policy: &Policy, now: DateTime<Utc>) ->
             a.port,
             format!("{}:{}", a.host, a.port),
         ),
-        (None, None, Some(t)) => {
-            let who = t
-                .client_id
-                .clone()
-                .or_else(|| t.group.clone())
-                .unwrap_or_default();
-            return Verdict::Hold(Hold::Pending {
-                reason: "TunnelNotServed",
-                message: format!(
-                    "tunnel target {who}/{}:{} waits for TunnelSet reconciliation, which is not built yet",
-                    t.host, t.port
-                ),
-            });
-        }
+        (None, None, Some(t)) => return tunnel_verdict(hdm, policy, t, tunnel, full, base),
         _ => {
             return reject(
                 "InvalidTarget",
@@ -239,28 +235,16 @@ pub fn evaluate(hdm: &HTTPDomainMapping, policy: &Policy, now: DateTime<Utc>) ->
         },
         None => None,
     };
-    let owner = spec.owner.as_ref().map(|o| o.user_id.clone());
-    let store_spec = MappingSpec {
-        subdomain: full.as_str()[..full.as_str().len() - base.as_str().len() - 1].to_string(),
-        base_domain: base,
-        target_client_id: None,
-        target_host: host,
-        target_port: port,
-        target_scheme: match spec.scheme {
-            TargetScheme::Http => Scheme::Http,
-            TargetScheme::Https => Scheme::Https,
-        },
-        owner_user_id: owner,
-        placement: placement.clone(),
-        source: Some(source_of(&policy.cluster_id, ns, name)),
-        expires_at: spec
-            .expires_at
-            .as_ref()
-            .and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond())),
-        description: spec.description.clone(),
-        custom_headers: spec.custom_headers.clone(),
-        enable_https: spec.tls.is_some(),
-    };
+    let store_spec = store_spec(
+        hdm,
+        policy,
+        &full,
+        base,
+        None,
+        host,
+        port,
+        placement.clone(),
+    );
     if let Err(e) = store_spec.validate() {
         return reject("InvalidSpec", e.to_string());
     }
@@ -271,6 +255,150 @@ pub fn evaluate(hdm: &HTTPDomainMapping, policy: &Policy, now: DateTime<Utc>) ->
         set: placement
             .map(|p| p.to_string())
             .unwrap_or_else(|| "any".into()),
+        note: None,
+    }))
+}
+
+/// The accepted TunnelSet of a client, as a tunnel target needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelClient {
+    /// Its placement (the proxy set holding the client's sessions).
+    pub placement: Option<SetName>,
+    /// `namespace/name` of the TunnelSet, for messages.
+    pub holder: String,
+}
+
+/// The record's spec; `validate` is the caller's.
+#[allow(clippy::too_many_arguments)]
+fn store_spec(
+    hdm: &HTTPDomainMapping,
+    policy: &Policy,
+    full: &Hostname,
+    base: Hostname,
+    target_client_id: Option<String>,
+    host: String,
+    port: u16,
+    placement: Option<SetName>,
+) -> MappingSpec {
+    let spec = &hdm.spec;
+    let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
+    let name = hdm.metadata.name.as_deref().unwrap_or("");
+    MappingSpec {
+        subdomain: full.as_str()[..full.as_str().len() - base.as_str().len() - 1].to_string(),
+        base_domain: base,
+        target_client_id,
+        target_host: host,
+        target_port: port,
+        target_scheme: match spec.scheme {
+            TargetScheme::Http => Scheme::Http,
+            TargetScheme::Https => Scheme::Https,
+        },
+        owner_user_id: spec.owner.as_ref().map(|o| o.user_id.clone()),
+        placement,
+        source: Some(source_of(&policy.cluster_id, ns, name)),
+        expires_at: spec
+            .expires_at
+            .as_ref()
+            .and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond())),
+        description: spec.description.clone(),
+        custom_headers: spec.custom_headers.clone(),
+        enable_https: spec.tls.is_some(),
+    }
+}
+
+/// A tunnel target: served once its client's TunnelSet is accepted, with that TunnelSet's
+/// placement. No egress check: `host:port` is reached by the agent from its own network, and
+/// the agent's allow-list is what guards it; only the syntax is checked here.
+fn tunnel_verdict(
+    hdm: &HTTPDomainMapping,
+    policy: &Policy,
+    t: &TunnelTarget,
+    client: Option<&TunnelClient>,
+    full: Hostname,
+    base: Hostname,
+) -> Verdict {
+    let reject = |message: String| {
+        Verdict::Hold(Hold::Rejected {
+            reason: "InvalidTarget",
+            message,
+        })
+    };
+    let host_ok = t.host.parse::<std::net::IpAddr>().is_ok()
+        || Hostname::parse(&t.host).is_ok_and(|h| h.as_str() == t.host);
+    if !host_ok {
+        return reject(format!(
+            "spec.target.tunnel.host {:?} is not a lower-case hostname or an IP address",
+            t.host
+        ));
+    }
+    let Some(port) = u16::try_from(t.port).ok().filter(|p| *p != 0) else {
+        return reject(format!(
+            "spec.target.tunnel.port {} is outside 1-65535",
+            t.port
+        ));
+    };
+    let client_id = match (&t.client_id, &t.group) {
+        (Some(c), None) => c,
+        (None, Some(g)) => {
+            return Verdict::Hold(Hold::Pending {
+                reason: "TunnelGroupsNotServed",
+                message: format!(
+                    "spec.target.tunnel.group {g}: tunnel groups are not served yet; name a clientId"
+                ),
+            });
+        }
+        _ => {
+            return reject(
+                "spec.target.tunnel: exactly one of clientId or group must be set".into(),
+            );
+        }
+    };
+    let Some(client) = client else {
+        return Verdict::Hold(Hold::Pending {
+            reason: "TunnelSetNotFound",
+            message: format!(
+                "no accepted TunnelSet has clientId {client_id}; the mapping is programmed once one is"
+            ),
+        });
+    };
+    let set = client
+        .placement
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "any".into());
+    let note = hdm.spec.placement.as_ref().map(|p| {
+        format!(
+            "spec.placement {}.{} is ignored for a tunnel target: TunnelSet {} places client {client_id} in {set}",
+            p.business, p.region, client.holder
+        )
+    });
+    let store_spec = store_spec(
+        hdm,
+        policy,
+        &full,
+        base,
+        Some(client_id.clone()),
+        t.host.clone(),
+        port,
+        client.placement.clone(),
+    );
+    if let Err(e) = store_spec.validate() {
+        return Verdict::Hold(Hold::Rejected {
+            reason: "InvalidSpec",
+            message: e.to_string(),
+        });
+    }
+    let host = if t.host.contains(':') {
+        format!("[{}]", t.host)
+    } else {
+        t.host.clone()
+    };
+    Verdict::Program(Box::new(Plan {
+        spec: store_spec,
+        full_domain: full,
+        target: format!("tunnel:{client_id}/{host}:{port}"),
+        set,
+        note,
     }))
 }
 
@@ -328,7 +456,7 @@ impl Outcome {
     }
 }
 
-fn condition(
+pub(crate) fn condition(
     kind: &str,
     ok: bool,
     reason: &str,
@@ -351,6 +479,13 @@ fn condition(
         message,
         observed_generation: generation,
         last_transition_time: last,
+    }
+}
+
+fn valid_message(plan: &Plan) -> String {
+    match &plan.note {
+        Some(note) => format!("the mapping is valid; {note}"),
+        None => "the mapping is valid".into(),
     }
 }
 
@@ -384,7 +519,7 @@ pub fn status(
             s.target = Some(plan.target.clone());
             s.set = Some(plan.set.clone());
             (
-                (true, "Valid", "the mapping is valid".to_string()),
+                (true, "Valid", valid_message(plan)),
                 (
                     true,
                     "Programmed",
@@ -398,7 +533,7 @@ pub fn status(
             s.set = Some(plan.set.clone());
             s.claimed_by = Some(holder.clone());
             (
-                (true, "Valid", "the mapping is valid".to_string()),
+                (true, "Valid", valid_message(plan)),
                 (
                     false,
                     "DomainClaimed",

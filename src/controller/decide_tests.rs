@@ -170,11 +170,11 @@ fn evaluates_resources() {
         (
             hdm("a", "t", "t", "tunnox.net", tunnel),
             "pending",
-            "TunnelNotServed",
+            "TunnelSetNotFound",
         ),
     ];
     for (obj, want, detail) in cases {
-        let got = evaluate(&obj, &policy(), now);
+        let got = evaluate(&obj, &policy(), None, now);
         let (label, text) = match &got {
             Verdict::Program(p) => ("program", p.target.clone()),
             Verdict::Hold(Hold::Rejected { reason, .. }) => ("rejected", reason.to_string()),
@@ -215,6 +215,7 @@ fn egress_refusal_names_the_field_and_the_rule() {
         match evaluate(
             &hdm("locked", "x", "x", "tunnox.net", target),
             &policy(),
+            None,
             Utc::now(),
         ) {
             Verdict::Hold(Hold::Rejected {
@@ -231,6 +232,7 @@ fn program_carries_source_and_normalised_domain() {
     let Verdict::Program(plan) = evaluate(
         &hdm("team", "web", "MyApp", "tunnox.net", service("web", 80)),
         &policy(),
+        None,
         Utc::now(),
     ) else {
         panic!("expected a plan");
@@ -335,6 +337,7 @@ fn status_reports_conditions_and_keeps_transition_times() {
     let plan = match evaluate(
         &hdm("a", "x", "x", "tunnox.net", address("h", 1)),
         &policy(),
+        None,
         Utc::now(),
     ) {
         Verdict::Program(p) => p,
@@ -376,4 +379,172 @@ fn status_reports_conditions_and_keeps_transition_times() {
     let r2 = s2.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(r2.status, "True");
     assert_ne!(r2.last_transition_time, ready.last_transition_time);
+}
+
+fn tunnel(client: Option<&str>, group: Option<&str>, host: &str, port: i32) -> Target {
+    Target {
+        service: None,
+        address: None,
+        tunnel: Some(TunnelTarget {
+            client_id: client.map(str::to_string),
+            group: group.map(str::to_string),
+            host: host.into(),
+            port,
+        }),
+    }
+}
+
+#[test]
+fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
+    let client = TunnelClient {
+        placement: Some(SetName::new("novel", "sh").unwrap()),
+        holder: "team/laptop".into(),
+    };
+    let placed = |mut h: HTTPDomainMapping| {
+        h.spec.placement = Some(crate::crd::Placement {
+            business: "other".into(),
+            region: "bj".into(),
+        });
+        h
+    };
+    let t = |target| hdm("a", "t", "t", "tunnox.net", target);
+    // (resource, accepted TunnelSet, outcome label, reason or target, message fragment)
+    let cases: Vec<(HTTPDomainMapping, Option<&TunnelClient>, &str, &str, &str)> = vec![
+        (
+            t(tunnel(Some("laptop"), None, "localhost", 3000)),
+            Some(&client),
+            "program",
+            "tunnel:laptop/localhost:3000",
+            "",
+        ),
+        // No egress check: the agent's allow-list guards what it reaches, so loopback, the
+        // proxies' own ports and private addresses are the agent's business.
+        (
+            t(tunnel(Some("laptop"), None, "127.0.0.1", 9090)),
+            Some(&client),
+            "program",
+            "tunnel:laptop/127.0.0.1:9090",
+            "",
+        ),
+        (
+            t(tunnel(Some("laptop"), None, "::1", 8080)),
+            Some(&client),
+            "program",
+            "tunnel:laptop/[::1]:8080",
+            "",
+        ),
+        (
+            t(tunnel(Some("laptop"), None, "192.168.1.100", 8080)),
+            Some(&client),
+            "program",
+            "tunnel:laptop/192.168.1.100:8080",
+            "",
+        ),
+        (
+            placed(t(tunnel(Some("laptop"), None, "localhost", 3000))),
+            Some(&client),
+            "program",
+            "tunnel:laptop/localhost:3000",
+            "spec.placement other.bj is ignored for a tunnel target: TunnelSet team/laptop places client laptop in novel.sh",
+        ),
+        (
+            t(tunnel(Some("laptop"), None, "localhost", 3000)),
+            None,
+            "pending",
+            "TunnelSetNotFound",
+            "no accepted TunnelSet has clientId laptop",
+        ),
+        (
+            t(tunnel(None, Some("web"), "localhost", 3000)),
+            Some(&client),
+            "pending",
+            "TunnelGroupsNotServed",
+            "spec.target.tunnel.group web",
+        ),
+        (
+            t(tunnel(Some("laptop"), None, "bad host", 3000)),
+            Some(&client),
+            "rejected",
+            "InvalidTarget",
+            "spec.target.tunnel.host \"bad host\"",
+        ),
+        (
+            t(tunnel(Some("laptop"), None, "LocalHost", 3000)),
+            Some(&client),
+            "rejected",
+            "InvalidTarget",
+            "spec.target.tunnel.host \"LocalHost\"",
+        ),
+        (
+            t(tunnel(Some("laptop"), None, "localhost", 0)),
+            Some(&client),
+            "rejected",
+            "InvalidTarget",
+            "spec.target.tunnel.port 0 is outside 1-65535",
+        ),
+        (
+            t(tunnel(Some("laptop"), None, "localhost", 70000)),
+            None,
+            "rejected",
+            "InvalidTarget",
+            "spec.target.tunnel.port 70000",
+        ),
+        (
+            t(tunnel(Some("laptop"), Some("web"), "localhost", 1)),
+            Some(&client),
+            "rejected",
+            "InvalidTarget",
+            "exactly one of clientId or group",
+        ),
+    ];
+    for (obj, client, want, detail, fragment) in cases {
+        let got = evaluate(&obj, &policy(), client, Utc::now());
+        let (label, text, message) = match &got {
+            Verdict::Program(p) => {
+                assert_eq!(p.spec.target_client_id.as_deref(), Some("laptop"));
+                assert_eq!(
+                    p.spec.placement,
+                    client.and_then(|c| c.placement.clone()),
+                    "the TunnelSet's placement"
+                );
+                assert_eq!(p.set, "novel.sh");
+                assert_eq!(p.spec.source.as_deref(), Some("k8s:c1/a/t"));
+                let s = status(
+                    &Outcome::Active {
+                        mapping_id: "hdm_1".into(),
+                        version: 1,
+                        plan: (**p).clone(),
+                    },
+                    Some(1),
+                    None,
+                    Utc::now(),
+                );
+                let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+                assert_eq!(s.target.as_deref(), Some(p.target.as_str()));
+                ("program", p.target.clone(), accepted.message.clone())
+            }
+            Verdict::Hold(Hold::Rejected { reason, message }) => {
+                ("rejected", reason.to_string(), message.clone())
+            }
+            Verdict::Hold(Hold::Pending { reason, message }) => {
+                ("pending", reason.to_string(), message.clone())
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((label, text.as_str()), (want, detail), "{:?}", obj.spec);
+        assert!(message.contains(fragment), "{message}");
+    }
+    // The record carries the tunnel's host and port as the target.
+    let Verdict::Program(p) = evaluate(
+        &t(tunnel(Some("laptop"), None, "localhost", 3000)),
+        &policy(),
+        Some(&client),
+        Utc::now(),
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        (p.spec.target_host.as_str(), p.spec.target_port),
+        ("localhost", 3000)
+    );
 }

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub conflicts: IntCounter,
     pub resync_repairs: IntCounterVec,
     pub leader: prometheus::IntGauge,
+    /// TunnelSet reconciles by result, and by what they decided (`accepted`, `refused`).
+    pub tunnelset_reconciles: IntCounterVec,
+    pub tunnelset_outcomes: IntCounterVec,
 }
 
 impl Metrics {
@@ -72,6 +75,22 @@ impl Metrics {
         let leader =
             prometheus::IntGauge::new("leader", "1 while this process holds the leader lease")
                 .expect("valid");
+        let tunnelset_reconciles = IntCounterVec::new(
+            Opts::new(
+                "tunnelset_reconciles_total",
+                "TunnelSet reconciles by result",
+            ),
+            &["result"],
+        )
+        .expect("valid");
+        let tunnelset_outcomes = IntCounterVec::new(
+            Opts::new(
+                "tunnelset_outcomes_total",
+                "TunnelSet reconciles by what they decided (accepted: credential in the store)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(outcomes.clone()),
@@ -81,6 +100,8 @@ impl Metrics {
             Box::new(conflicts.clone()),
             Box::new(resync_repairs.clone()),
             Box::new(leader.clone()),
+            Box::new(tunnelset_reconciles.clone()),
+            Box::new(tunnelset_outcomes.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -94,6 +115,8 @@ impl Metrics {
             conflicts,
             resync_repairs,
             leader,
+            tunnelset_reconciles,
+            tunnelset_outcomes,
         }
     }
 }

@@ -1,6 +1,6 @@
-//! `tunnox controller`: reconciles HTTPDomainMapping resources into the mapping store and their
-//! status, elects one leader among replicas, repairs drift, and serves `/metrics`, `/healthz`,
-//! `/readyz`.
+//! `tunnox controller`: reconciles HTTPDomainMapping resources into the mapping store and
+//! TunnelSet credentials into the tunnel registry, with their status; elects one leader among
+//! replicas, repairs drift, and serves `/metrics`, `/healthz`, `/readyz`.
 
 pub mod access;
 pub mod cluster;
@@ -9,6 +9,8 @@ pub mod leader;
 mod metrics;
 mod reconcile;
 pub mod resync;
+mod tunnelset;
+pub mod tunnelset_decide;
 
 use std::sync::Arc;
 
@@ -20,8 +22,9 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Settings;
-use crate::crd::HTTPDomainMapping;
+use crate::crd::{HTTPDomainMapping, TunnelSet};
 use crate::observe::admin::{self, Health};
+use crate::store::{MappingStore, StoreBackend, TunnelRegistry};
 pub use metrics::Metrics;
 pub use reconcile::{Ctx, FIELD_MANAGER, FINALIZER};
 
@@ -73,6 +76,32 @@ fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
     )
 }
 
+/// The mapping store and the tunnel registry: one connection serves both.
+async fn open_store(
+    backend: StoreBackend,
+) -> Result<(Arc<dyn MappingStore>, Arc<dyn TunnelRegistry>), crate::store::StoreError> {
+    Ok(match backend {
+        StoreBackend::Redis(opts) => {
+            let s = Arc::new(crate::store::RedisStore::connect(opts).await?);
+            (s.clone(), s)
+        }
+        StoreBackend::Memory {
+            persist,
+            changes_max_len,
+            subscription_buffer,
+            node_id,
+        } => {
+            let s = Arc::new(crate::store::MemoryStore::open(
+                persist,
+                changes_max_len,
+                subscription_buffer,
+                &node_id,
+            )?);
+            (s.clone(), s)
+        }
+    })
+}
+
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
     let cfg = settings.config.controller.clone();
@@ -80,7 +109,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let client = Client::try_default().await?;
     let cluster_id = cluster::identity(&client, cfg.cluster_id.as_deref()).await?;
     tracing::info!(cluster_id = %cluster_id, "cluster identity (record sources are k8s:<cluster>/<namespace>/<name>)");
-    let store = crate::store::open(settings.store_backend(&me)).await?;
+    let (store, registry) = open_store(settings.store_backend(&me)).await?;
     let metrics = Metrics::new();
     let health = Health::default();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -135,16 +164,42 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         }
     }
     metrics.leader.set(1);
-    tracing::info!(identity = %me, "leading: reconciling HTTPDomainMapping");
+    tracing::info!(identity = %me, "leading: reconciling HTTPDomainMapping and TunnelSet");
 
     let api: Api<HTTPDomainMapping> = Api::all(client.clone());
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<HTTPDomainMapping>>();
     let controller = Controller::new(api, watcher::Config::default()).with_config(
         kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)),
     );
+    let ts_controller = Controller::new(
+        Api::<TunnelSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tunnox-controller".into(),
+            instance: Some(me.clone()),
+        },
+    );
+    let (ts_wake_tx, mut ts_wake_rx) = mpsc::unbounded_channel::<ObjectRef<TunnelSet>>();
+    let ts_ctx = Arc::new(tunnelset::TsCtx {
+        client: client.clone(),
+        registry: registry.clone(),
+        cache: ts_controller.store(),
+        mappings: controller.store(),
+        wake_mappings: wake_tx.clone(),
+        wake: ts_wake_tx,
+        cluster_id: cluster_id.clone(),
+        metrics: metrics.clone(),
+        recorder: recorder.clone(),
+        recheck: cfg.resync_interval.get(),
+    });
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         store,
+        registry,
         cache: controller.store(),
         policy: decide::Policy {
             base_domains: settings.config.http_domain.base_domains.clone(),
@@ -154,13 +209,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             cluster_id,
         },
         metrics: metrics.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "tunnox-controller".into(),
-                instance: Some(me.clone()),
-            },
-        ),
+        recorder,
         wake: wake_tx,
         resync_interval: cfg.resync_interval.get(),
         conflict_retry: cfg.conflict_retry.get(),
@@ -168,6 +217,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     });
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
     let wake = futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx));
+    let ts_wake = futures::stream::poll_fn(move |cx| ts_wake_rx.poll_recv(cx));
+    // Both controllers stop together, on a signal or when leadership is lost.
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let graceful = {
         let mut lead = lead_rx.clone();
         async move {
@@ -175,14 +227,26 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 _ = signal => tracing::info!("shutting down"),
                 _ = lead.wait_for(|l| !*l) => tracing::warn!("lost leadership; stopping"),
             }
+            let _ = stopping_tx.send(true);
         }
     };
-    controller
+    let ts_graceful = {
+        let mut rx = stopping_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mappings = controller
         .reconcile_on(wake)
         .graceful_shutdown_on(graceful)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    let tunnelsets = ts_controller
+        .reconcile_on(ts_wake)
+        .graceful_shutdown_on(ts_graceful)
+        .run(tunnelset::reconcile, tunnelset::error_policy, ts_ctx)
+        .for_each(|_| futures::future::ready(()));
+    futures::future::join(mappings, tunnelsets).await;
     resync.abort();
     election.abort();
     metrics.leader.set(0);

@@ -17,7 +17,7 @@ use super::decide::{self, Hold, Outcome, Plan, Policy, Verdict};
 use super::metrics::Metrics;
 use crate::crd::{HTTPDomainMapping, Phase};
 use crate::domain::{Mapping, MappingId};
-use crate::store::{MappingStore, Quota, StoreError};
+use crate::store::{MappingStore, Quota, StoreError, TunnelRegistry};
 
 pub const FINALIZER: &str = "tunnox.net/release-domain";
 pub const FIELD_MANAGER: &str = "tunnox-controller";
@@ -25,6 +25,8 @@ pub const FIELD_MANAGER: &str = "tunnox-controller";
 pub struct Ctx {
     pub client: kube::Client,
     pub store: Arc<dyn MappingStore>,
+    /// Credentials of tunnel clients: a tunnel target is served once its client has one.
+    pub registry: Arc<dyn TunnelRegistry>,
     pub cache: Store<HTTPDomainMapping>,
     pub policy: Policy,
     pub metrics: Metrics,
@@ -135,6 +137,36 @@ fn is_legacy(m: &Mapping) -> bool {
     m.source.as_deref().is_some_and(decide::is_legacy_source)
 }
 
+/// The accepted TunnelSet of the client a tunnel target names: its credential in the store,
+/// written by a TunnelSet of this cluster (the credential, not the TunnelSet's status, is what
+/// proxies admit by, and it is written before the mappings are woken).
+async fn tunnel_client(
+    ctx: &Ctx,
+    obj: &HTTPDomainMapping,
+) -> Result<Option<decide::TunnelClient>, Error> {
+    let Some(client_id) = obj
+        .spec
+        .target
+        .tunnel
+        .as_ref()
+        .and_then(|t| t.client_id.as_deref())
+    else {
+        return Ok(None);
+    };
+    let Some(cred) = ctx.registry.credential(client_id).await? else {
+        return Ok(None);
+    };
+    let prefix = format!("k8s:{}/", ctx.policy.cluster_id);
+    Ok(cred
+        .source
+        .as_deref()
+        .and_then(|s| s.strip_prefix(&prefix))
+        .map(|holder| decide::TunnelClient {
+            placement: cred.placement.clone(),
+            holder: holder.to_string(),
+        }))
+}
+
 async fn release(ctx: &Ctx, obj: &HTTPDomainMapping, m: &Mapping) -> Result<(), Error> {
     let expected = is_legacy(m).then_some(m.version);
     match ctx.store.delete(&m.mapping_id, expected).await {
@@ -183,7 +215,8 @@ async fn apply(
     api: &Api<HTTPDomainMapping>,
 ) -> Result<Action, Error> {
     let own = find_own(ctx, obj).await?;
-    let verdict = decide::evaluate(obj, &ctx.policy, Utc::now());
+    let tunnel = tunnel_client(ctx, obj).await?;
+    let verdict = decide::evaluate(obj, &ctx.policy, tunnel.as_ref(), Utc::now());
     let outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         Verdict::Hold(hold) => {

@@ -141,7 +141,13 @@ pub struct TunnelSetStatus {
     pub endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Accepted` and `Online`.
+    /// The client id whose credential (token hash) this TunnelSet has written to the store;
+    /// absent while it is not `Accepted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// `Accepted` (the credential is in the store; `False` with `SecretNotFound`,
+    /// `SecretKeyMissing`, `InvalidToken`, `ClientIdConflict` or `InvalidPlacement`) and
+    /// `Online` (live sessions as of the last reconcile).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::metrics::ProxyMetrics;
 use crate::observe::admin::Health;
@@ -16,6 +16,8 @@ pub struct Drain {
     metrics: Arc<ProxyMetrics>,
     /// Wakes the registry heartbeat so peers learn at once.
     pub changed: Notify,
+    /// Turns true when draining starts (the tunnel sessions follow it).
+    started: watch::Sender<bool>,
 }
 
 impl Drain {
@@ -26,6 +28,7 @@ impl Drain {
             health,
             metrics,
             changed: Notify::new(),
+            started: watch::channel(false).0,
         }
     }
 
@@ -41,8 +44,14 @@ impl Drain {
             tracing::info!("draining: readiness off, node marked draining");
             self.metrics.draining.set(1);
             self.changed.notify_one();
+            self.started.send_replace(true);
         }
         first
+    }
+
+    /// Resolves to true once draining has started.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.started.subscribe()
     }
 
     /// The cache is warm: ready, unless draining has started.

@@ -32,8 +32,20 @@ pub enum ProxyError {
     OtherSet { host: String, set: SetName },
     #[error("mapping for {0} is not active")]
     Inactive(String),
-    #[error("tunnel client {0} is not connected to this proxy")]
+    #[error("tunnel client {0} has no session on any proxy")]
     TunnelNotConnected(String),
+    #[error("tunnel client {client} answered with its own error {label}")]
+    TunnelAgent { client: String, label: &'static str },
+    #[error("tunnel client {client}: {reason}")]
+    TunnelStream { client: String, reason: String },
+    #[error("forwarding to node {node} (holding the session of {client}) failed: {reason}")]
+    PeerForward {
+        node: String,
+        client: String,
+        reason: String,
+    },
+    #[error("tunnox-node header does not carry this fleet's node token")]
+    NodeAuth,
     #[error("routing store unavailable and {0} is not cached")]
     StoreUnavailable(String),
     #[error("egress policy refused the target of {host}: {refusal}")]
@@ -61,7 +73,11 @@ impl ProxyError {
             | Self::Inactive(_)
             | Self::StoreUnavailable(_)
             | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NodeAuth => StatusCode::FORBIDDEN,
             Self::TunnelNotConnected(_)
+            | Self::TunnelAgent { .. }
+            | Self::TunnelStream { .. }
+            | Self::PeerForward { .. }
             | Self::EgressRefused { .. }
             | Self::UpstreamConnect { .. }
             | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -81,6 +97,10 @@ impl ProxyError {
             Self::OtherSet { .. } => "other_set",
             Self::Inactive(_) => "inactive",
             Self::TunnelNotConnected(_) => "tunnel_not_connected",
+            Self::TunnelAgent { .. } => "tunnel_agent",
+            Self::TunnelStream { .. } => "tunnel_stream",
+            Self::PeerForward { .. } => "peer_forward",
+            Self::NodeAuth => "node_auth",
             Self::StoreUnavailable(_) => "store_unavailable",
             Self::EgressRefused { .. } => "egress_refused",
             Self::UpstreamConnect { .. } => "upstream_connect",
@@ -102,7 +122,11 @@ impl ProxyError {
             Self::OtherBusiness { .. } => "this host is served by another business's proxies",
             Self::OtherSet { .. } => "this host is served by another proxy set",
             Self::Inactive(_) => "the mapping for this host is not active",
-            Self::TunnelNotConnected(_) => "the tunnel client is not connected",
+            Self::TunnelNotConnected(_) => "the tunnel client is offline (no agent connected)",
+            Self::TunnelAgent { .. } => "the tunnel client could not serve the request",
+            Self::TunnelStream { .. } => "the tunnel to the client failed",
+            Self::PeerForward { .. } => "the proxy holding the tunnel could not be reached",
+            Self::NodeAuth => "forbidden",
             Self::StoreUnavailable(_) => "routing store unavailable",
             Self::EgressRefused { .. } => "the mapping's target is refused by the egress policy",
             Self::UpstreamConnect { .. } => "cannot connect to the upstream",
@@ -255,6 +279,14 @@ mod tests {
             ),
             (ProxyError::Inactive("a.b".into()), 503),
             (ProxyError::TunnelNotConnected("c".into()), 502),
+            (
+                ProxyError::TunnelAgent {
+                    client: "c".into(),
+                    label: "not_allowed",
+                },
+                502,
+            ),
+            (ProxyError::NodeAuth, 403),
             (ProxyError::StoreUnavailable("a.b".into()), 503),
             (
                 ProxyError::EgressRefused {

@@ -202,7 +202,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade: x`).
-fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+pub(super) fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     let wants = h
         .get_all(header::CONNECTION)
         .iter()
@@ -217,7 +217,7 @@ fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -231,7 +231,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
-fn rewrite_request_headers(
+pub(super) fn rewrite_request_headers(
     h: &mut HeaderMap,
     client: &ClientInfo<'_>,
     upgrade: Option<&HeaderValue>,
@@ -246,6 +246,10 @@ fn rewrite_request_headers(
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
     strip_hop_by_hop(h);
+    // The tunnel's own headers mean something only when this proxy sets them.
+    for own in super::tunnel::INTERNAL_HEADERS {
+        h.remove(own);
+    }
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -277,7 +281,7 @@ fn rewrite_request_headers(
     }
 }
 
-async fn join_upgraded(
+pub(super) async fn join_upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     idle: Duration,
@@ -340,6 +344,9 @@ mod tests {
                 ("x-env", "client"),
                 ("tunnox-hops", "1"),
                 ("tunnox-hops", "7"),
+                ("tunnox-target", "10.0.0.1:22"),
+                ("tunnox-control", "1"),
+                ("tunnox-node", "guess"),
                 ("accept", "*/*"),
             ],
             &[("x-env", "dev")],
@@ -351,6 +358,9 @@ mod tests {
             "transfer-encoding",
             "proxy-authorization",
             "upgrade",
+            "tunnox-target",
+            "tunnox-control",
+            "tunnox-node",
         ] {
             assert!(!h.contains_key(gone), "{gone} must not be forwarded: {h:?}");
         }

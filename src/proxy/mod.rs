@@ -20,6 +20,7 @@ mod seed;
 mod server;
 mod stats;
 mod sync;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,7 +35,9 @@ pub use error::ProxyError;
 
 use crate::config::Settings;
 use crate::observe::admin::{self as admin_server, Health};
-use crate::store::{MappingStore, MemoryStore, NodeRegistry, RedisStore, StoreBackend, StoreError};
+use crate::store::{
+    MappingStore, MemoryStore, NodeRegistry, RedisStore, StoreBackend, StoreError, TunnelRegistry,
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -68,6 +71,8 @@ pub(crate) fn empty_body() -> ProxyBody {
 pub enum RunError {
     #[error("mapping store: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
     #[error("cannot listen on {addr} ({field}): {source}")]
     Bind {
         field: &'static str,
@@ -98,13 +103,17 @@ fn advertise_address(settings: &Settings, listen: SocketAddr) -> String {
     }
 }
 
-async fn open_store(
-    backend: StoreBackend,
-) -> Result<(Arc<dyn MappingStore>, Arc<dyn NodeRegistry>), StoreError> {
+type Stores = (
+    Arc<dyn MappingStore>,
+    Arc<dyn NodeRegistry>,
+    Arc<dyn TunnelRegistry>,
+);
+
+async fn open_store(backend: StoreBackend) -> Result<Stores, StoreError> {
     Ok(match backend {
         StoreBackend::Redis(opts) => {
             let s = Arc::new(RedisStore::connect(opts).await?);
-            (s.clone(), s)
+            (s.clone(), s.clone(), s)
         }
         StoreBackend::Memory {
             persist,
@@ -118,7 +127,7 @@ async fn open_store(
                 subscription_buffer,
                 &node_id,
             )?);
-            (s.clone(), s)
+            (s.clone(), s.clone(), s)
         }
     })
 }
@@ -129,8 +138,10 @@ fn egress_policy(
     settings: &Settings,
     listen: SocketAddr,
     admin: SocketAddr,
+    tunnel: Option<SocketAddr>,
 ) -> crate::domain::EgressPolicy {
     let mut own = vec![listen, admin];
+    own.extend(tunnel);
     if let Ok(a) = advertise_address(settings, listen).parse::<SocketAddr>() {
         own.push(a);
     }
@@ -143,7 +154,7 @@ fn egress_policy(
 /// Connects to the store, retrying while it is unreachable (the admin server already answers,
 /// not ready). A configuration the store refuses (e.g. a wrong password) is retried too: it may
 /// be fixed without restarting.
-async fn connect(settings: &Settings, me: &str) -> (Arc<dyn MappingStore>, Arc<dyn NodeRegistry>) {
+async fn connect(settings: &Settings, me: &str) -> Stores {
     let mut delay = Duration::from_millis(100);
     loop {
         match open_store(settings.store_backend(me)).await {
@@ -184,7 +195,43 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin_listen);
 
-    let (store, nodes) = connect(&settings, &me).await;
+    // The tunnel listener is bound with the others (a taken port is a start-up error), and its
+    // certificate and secrets are read before anything is served.
+    let tcfg = cfg.tunnel.clone();
+    let tunnel_tls = tunnel_tls(&tcfg)?;
+    let tunnel_listener = match tcfg.listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    field: "proxy.tunnel.listen",
+                    addr,
+                    source,
+                })?,
+        ),
+    };
+    let tunnel_addr = tunnel_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let node_token = match &tcfg.node_token_file {
+        Some(path) => Some(crate::config::AdminToken::new(
+            crate::config::read_secret(path, "proxy.tunnel.node_token_file", "configuration")
+                .map_err(|e| RunError::Config(e.to_string()))?,
+        )),
+        None => {
+            if settings.uses_redis {
+                tracing::warn!(
+                    "proxy.tunnel.node_token_file is not set: requests for tunnel clients whose session is on another node are not forwarded there"
+                );
+            }
+            None
+        }
+    };
+    let credentials = tunnel_credentials(&settings)?;
+
+    let (store, nodes, sessions) = connect(&settings, &me).await;
+    for cred in &credentials {
+        sessions.put_credential(cred).await?;
+    }
     if !settings.uses_redis && !settings.config.mappings.is_empty() {
         let changed = seed::apply(store.as_ref(), &settings.config.mappings).await?;
         tracing::info!(
@@ -258,11 +305,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     );
     tasks.spawn(
         registry::Heartbeat {
-            nodes,
+            nodes: nodes.clone(),
             node_id: me.clone(),
             set: cfg.set.clone(),
             address: advertise_address(&settings, listen),
             admin_address: admin_addr.to_string(),
+            tunnel_address: tunnel_addr
+                .map(|a| tunnel_advertise(&tcfg, a))
+                .unwrap_or_default(),
             every: cfg.registry.heartbeat_interval.get(),
             ttl: cfg.registry.ttl.get(),
             drain: drain.clone(),
@@ -278,7 +328,60 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         stop_rx.clone(),
     ));
 
-    let egress = Arc::new(egress_policy(&settings, listen, admin_addr));
+    let egress = Arc::new(egress_policy(&settings, listen, admin_addr, tunnel_addr));
+    let tunnels = Arc::new(tunnel::Tunnels::new(tunnel::TunnelDeps {
+        registry: sessions,
+        nodes,
+        node_id: me.clone(),
+        node_address: advertise_address(&settings, listen),
+        set: cfg.set.clone(),
+        settings: tunnel::TunnelSettings {
+            heartbeat: tcfg.heartbeat_interval.get(),
+            handshake_timeout: tcfg.handshake_timeout.get(),
+            max_streams: tcfg.max_streams_per_session,
+            per_client: tcfg.max_sessions_per_client,
+            max_sessions: tcfg.max_sessions,
+            grace: cfg.drain.grace_period.get(),
+            response_timeout: cfg.timeouts.upstream_response.get(),
+            connect_timeout: cfg.timeouts.connect.get(),
+            websocket_idle: cfg.timeouts.websocket_idle.get(),
+        },
+        metrics: tunnel::TunnelMetrics::new(&metrics.registry),
+        node_token,
+        own: [Some(listen), Some(admin_addr), tunnel_addr]
+            .into_iter()
+            .flatten()
+            .collect(),
+        pool_max_idle: cfg.limits.upstream_pool_max_idle,
+        pool_idle: cfg.timeouts.upstream_idle.get(),
+    }));
+    if let Some(l) = tunnel_listener {
+        if tunnel_tls.is_none() {
+            tracing::warn!(listen = ?tunnel_addr, "proxy.tunnel.insecure: the tunnel listener speaks plain TCP (tokens travel unencrypted); for tests on loopback only");
+        }
+        tracing::info!(listen = ?tunnel_addr, clients = credentials.len(), "tunnel listener started");
+        tasks.spawn(tunnel::serve(
+            tunnels.clone(),
+            l,
+            tunnel_tls.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    {
+        // /drain (preStop) starts the tunnels' make-before-break.
+        let tunnels = tunnels.clone();
+        let mut started = drain.watch();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let go = tokio::select! {
+                r = started.wait_for(|d| *d) => r.is_ok(),
+                _ = stopped(&mut stop) => false,
+            };
+            if go {
+                tunnels.drain("rolling_update").await;
+            }
+        });
+    }
     let ctx = Arc::new(policy::Ctx {
         cache,
         forwarder: forward::Forwarder::new(
@@ -295,6 +398,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         egress,
         single_node: !settings.uses_redis,
         max_hops: cfg.limits.max_hops,
+        tunnels: tunnels.clone(),
         deadlines: deadline::Deadlines {
             client_write_idle: cfg.timeouts.client_write_idle.get(),
             upstream_read_idle: cfg.timeouts.upstream_read_idle.get(),
@@ -348,13 +452,84 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     crate::observe::shutdown_signal().await;
     tracing::info!("shutting down");
+    if !drain.is_draining() {
+        // No preStop drain came first: agents are told this is a shutdown.
+        tunnels.drain("shutdown").await;
+    }
     drain.start();
+    let shutdown = {
+        let tunnels = tunnels.clone();
+        let grace = cfg.drain.grace_period.get();
+        tokio::spawn(async move { tunnels.shutdown(grace).await })
+    };
     let _ = serve_stop_tx.send(true);
     let _ = server.await;
+    let _ = shutdown.await;
     // In-flight requests are done: write their statistics, leave the registry, stop.
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The tunnel listener's TLS configuration; `None` with `proxy.tunnel.insecure` (or no listener).
+fn tunnel_tls(
+    t: &crate::config::TunnelListenerConfig,
+) -> Result<Option<Arc<rustls::ServerConfig>>, RunError> {
+    if t.listen.is_none() || t.insecure {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) else {
+        return Err(RunError::Config(
+            "proxy.tunnel.cert_file and key_file are required with proxy.tunnel.listen".into(),
+        ));
+    };
+    crate::tunnel::tls::server_config(cert, key)
+        .map(|c| Some(Arc::new(c)))
+        .map_err(|e| RunError::Config(e.to_string()))
+}
+
+/// `host:port` agents are told to dial this node on.
+fn tunnel_advertise(t: &crate::config::TunnelListenerConfig, bound: SocketAddr) -> String {
+    if let Some(a) = &t.advertise_address {
+        return a.clone();
+    }
+    match std::env::var("POD_IP") {
+        Ok(ip) if !ip.is_empty() => {
+            SocketAddr::new(ip.parse().unwrap_or(bound.ip()), bound.port()).to_string()
+        }
+        _ => bound.to_string(),
+    }
+}
+
+/// Single-node: `tunnel_clients` as credentials (the token hashed; a token file read like the
+/// other secret files). A cluster's come from the controller.
+fn tunnel_credentials(
+    settings: &Settings,
+) -> Result<Vec<crate::tunnel::credential::ClientCredential>, RunError> {
+    let mut out = Vec::new();
+    for (i, c) in settings.config.tunnel_clients.iter().enumerate() {
+        let token = match (&c.token, &c.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(path)) => crate::config::read_secret(
+                path,
+                &format!("tunnel_clients[{i}].token_file"),
+                "configuration",
+            )
+            .map_err(|e| RunError::Config(e.to_string()))?,
+            (None, None) => {
+                return Err(RunError::Config(format!(
+                    "tunnel_clients[{i}]: token or token_file is required"
+                )));
+            }
+        };
+        out.push(crate::tunnel::credential::ClientCredential {
+            client_id: c.client_id.clone(),
+            token_sha256: crate::tunnel::credential::TokenHash::of(&token),
+            placement: None,
+            source: Some(seed::SOURCE.into()),
+        });
+    }
+    Ok(out)
 }

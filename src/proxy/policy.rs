@@ -46,6 +46,8 @@ pub struct Ctx {
     pub single_node: bool,
     pub max_hops: u32,
     pub deadlines: Deadlines,
+    /// Tunnel sessions held here, and forwarding to the nodes holding the others.
+    pub tunnels: Arc<super::tunnel::Tunnels>,
 }
 
 /// A request the policy lets through, and where it goes.
@@ -57,6 +59,9 @@ pub struct Admitted {
     pub who: Declarer,
     /// The hop count the upstream receives.
     pub hops: u32,
+    /// `Some(client_id)`: the target is reached through that client's tunnel session
+    /// (`authority` is then the agent-side target).
+    pub tunnel: Option<String>,
 }
 
 /// The hop count a request arrived with: the largest of its `tunnox-hops` values (none: 0).
@@ -92,11 +97,12 @@ impl Ctx {
         }
         let (route, _source) = self.cache.resolve(host).await?;
         route.check_serving(&self.set, || self.healthy.get())?;
-        let (scheme, authority) = match &route.target {
-            Target::Direct { scheme, authority } => (scheme.clone(), authority.clone()),
-            Target::Tunnel { client_id } => {
-                return Err(ProxyError::TunnelNotConnected(client_id.clone()));
-            }
+        let (scheme, authority, tunnel) = match &route.target {
+            Target::Direct { scheme, authority } => (scheme.clone(), authority.clone(), None),
+            Target::Tunnel {
+                client_id,
+                authority,
+            } => (Scheme::HTTP, authority.clone(), Some(client_id.clone())),
             Target::Invalid { reason } => {
                 return Err(ProxyError::Upstream {
                     upstream: host.as_str().to_string(),
@@ -117,6 +123,7 @@ impl Ctx {
             authority,
             who,
             hops: hops + 1,
+            tunnel,
         })
     }
 
@@ -143,7 +150,14 @@ impl Ctx {
                 tracing::warn!(request_id = %id, %peer, error = %e, "request refused by the egress policy");
             }
             // A client can send any hop count: not a warning, but visible.
+            ProxyError::NodeAuth => {
+                tracing::warn!(request_id = %id, %peer, "request with a wrong tunnox-node token refused");
+            }
             ProxyError::LoopDetected { .. }
+            | ProxyError::TunnelNotConnected(_)
+            | ProxyError::TunnelAgent { .. }
+            | ProxyError::TunnelStream { .. }
+            | ProxyError::PeerForward { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamTimeout(_) => {

@@ -32,6 +32,8 @@ pub struct Heartbeat {
     pub set: SetName,
     pub address: String,
     pub admin_address: String,
+    /// Where agents dial this node (empty: no tunnel listener).
+    pub tunnel_address: String,
     pub every: Duration,
     pub ttl: Duration,
     pub drain: Arc<Drain>,
@@ -46,6 +48,7 @@ impl Heartbeat {
             set: self.set.clone(),
             address: self.address.clone(),
             admin_address: self.admin_address.clone(),
+            tunnel_address: self.tunnel_address.clone(),
             state: if self.drain.is_draining() {
                 NodeState::Draining
             } else {
@@ -107,6 +110,7 @@ mod tests {
             set: SetName::parse(set).unwrap(),
             address: "127.0.0.1:1".into(),
             admin_address: "127.0.0.1:2".into(),
+            tunnel_address: String::new(),
             state,
             applied_version: 0,
             heartbeat_at: Utc::now(),

@@ -24,8 +24,12 @@ pub enum Target {
         scheme: UriScheme,
         authority: Authority,
     },
-    /// A service behind a tunnel client.
-    Tunnel { client_id: String },
+    /// A service behind a tunnel client: `authority` is the agent-side `host:port` (sent as
+    /// `tunnox-target`; the agent's allow-list judges it, not this proxy's egress policy).
+    Tunnel {
+        client_id: String,
+        authority: Authority,
+    },
     /// A record that cannot be routed (should have been refused at write time).
     Invalid { reason: String },
 }
@@ -53,8 +57,12 @@ pub struct Route {
 impl Route {
     pub fn from_mapping(m: &Mapping) -> Self {
         let target = match &m.target_client_id {
-            Some(client) => Target::Tunnel {
-                client_id: client.clone(),
+            Some(client) => match direct_target(m) {
+                Target::Direct { authority, .. } => Target::Tunnel {
+                    client_id: client.clone(),
+                    authority,
+                },
+                invalid => invalid,
             },
             None => direct_target(m),
         };
@@ -218,7 +226,8 @@ mod tests {
         assert_eq!(
             Route::from_mapping(&mapping(tunnel)).target,
             Target::Tunnel {
-                client_id: "laptop".into()
+                client_id: "laptop".into(),
+                authority: Authority::from_static("127.0.0.1:80"),
             }
         );
     }

@@ -21,6 +21,7 @@ pub fn spec_of(e: &MappingEntry) -> MappingSpec {
         description: e.description.clone(),
         custom_headers: e.custom_headers.clone(),
         source: Some(SOURCE.into()),
+        target_client_id: e.target_client_id.clone(),
         ..MappingSpec::new(
             &e.subdomain,
             e.base_domain.as_str(),

@@ -311,6 +311,12 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (host, raw_host) = requested_host(&req)?;
+    // Another node of the fleet forwarding a request for a tunnel session held here.
+    let from_peer = match req.headers().get(super::tunnel::NODE_HEADER) {
+        None => false,
+        Some(v) if ctx.tunnels.node_token_matches(v.as_bytes()) => true,
+        Some(_) => return Err(ProxyError::NodeAuth),
+    };
     let hops = policy::parse_hops(req.headers().get_all(HOPS).iter().map(|v| v.as_bytes()))?;
     let admitted = ctx.admit(&host, hops).await?;
     let route = admitted.route.clone();
@@ -328,19 +334,21 @@ async fn route(
         );
         Metered::new(idle, ctx.access.clone(), route.clone(), Side::Request).boxed()
     };
-    let resp = ctx
-        .forwarder
-        .forward(
-            Request::from_parts(parts, body),
-            &admitted,
-            ClientInfo {
-                peer,
-                host: &raw_host,
-                hops: admitted.hops,
-            },
-            &ctx.metrics.upstream_seconds,
-        )
-        .await?;
+    let info = ClientInfo {
+        peer,
+        host: &raw_host,
+        hops: admitted.hops,
+    };
+    let req = Request::from_parts(parts, body);
+    let resp = if admitted.tunnel.is_some() {
+        ctx.tunnels
+            .forward(req, &admitted, info, from_peer, &ctx.metrics)
+            .await?
+    } else {
+        ctx.forwarder
+            .forward(req, &admitted, info, &ctx.metrics.upstream_seconds)
+            .await?
+    };
     Ok(meter_response(ctx, resp, &route))
 }
 

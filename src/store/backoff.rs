@@ -8,6 +8,11 @@ pub const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest delay between two attempts.
 pub const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// `d` shortened by up to a quarter (`r` in 0..=1 picks how much), so the cap stays a cap.
+pub fn jitter(d: Duration, r: f64) -> Duration {
+    d.mul_f64(0.75 + 0.25 * r.clamp(0.0, 1.0))
+}
+
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
@@ -41,6 +46,12 @@ impl Backoff {
         now
     }
 
+    /// [`Self::next_delay`] with [`jitter`]: for many clients retrying one server (agents), so
+    /// they do not come back in lock-step.
+    pub fn next_jittered(&mut self) -> Duration {
+        jitter(self.next_delay(), rand::random::<f64>())
+    }
+
     /// After a success: the next failure waits [`RETRY_FIRST`] again.
     pub fn reset(&mut self) {
         self.next = RETRY_FIRST;
@@ -55,6 +66,15 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_three_quarters_and_the_delay() {
+        let d = Duration::from_secs(4);
+        assert_eq!(jitter(d, 0.0), Duration::from_secs(3));
+        assert_eq!(jitter(d, 1.0), d);
+        assert_eq!(jitter(d, 7.0), d);
+        assert_eq!(jitter(d, -1.0), Duration::from_secs(3));
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

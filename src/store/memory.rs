@@ -675,6 +675,17 @@ impl super::TunnelRegistry for MemoryStore {
         Ok(())
     }
 
+    async fn refresh_session(
+        &self,
+        client_id: &str,
+        record: &super::SessionRecord,
+        _ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .sessions()
+            .refresh(client_id, record, chrono::Utc::now()))
+    }
+
     async fn remove_session(
         &self,
         client_id: &str,

@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
-pub use backoff::{Backoff, RETRY_FIRST, RETRY_MAX};
+pub use backoff::{Backoff, RETRY_FIRST, RETRY_MAX, jitter};
 pub use error::StoreError;
 pub use follow::Break;
 pub use follow::{Follower, Step, SyncUpdate, VersionTracker};

@@ -43,6 +43,10 @@ pub struct NodeRecord {
     pub address: String,
     /// host:port of its admin server
     pub admin_address: String,
+    /// host:port agents dial for a tunnel session (`proxy.tunnel`); empty when it has no
+    /// tunnel listener.
+    #[serde(default)]
+    pub tunnel_address: String,
     pub state: NodeState,
     /// last store version this node applied to its cache
     pub applied_version: u64,
@@ -94,6 +98,7 @@ mod tests {
             set: SetName::parse("web.eu-west").unwrap(),
             address: "10.0.0.1:8080".into(),
             admin_address: "10.0.0.1:9090".into(),
+            tunnel_address: String::new(),
             state: NodeState::Active,
             applied_version: 0,
             heartbeat_at: DateTime::from_timestamp_millis(0).unwrap(),

@@ -70,6 +70,16 @@ pub trait TunnelRegistry: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
+    /// [`TunnelRegistry::put_session`] only while `record`'s field is free or still names
+    /// `record.session_id`: a session's heartbeat or state change never writes itself back over
+    /// a newer session of the same agent slot. False when superseded (nothing written).
+    async fn refresh_session(
+        &self,
+        client_id: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
     /// Removes `record`'s field only while it still names `record.session_id` (a session
     /// closing never removes the replacement that took its key). True when removed.
     async fn remove_session(
@@ -101,6 +111,19 @@ impl SessionTable {
         let fields = self.sessions.entry(client_id.to_string()).or_default();
         fields.retain(|_, r| r.live_at(now));
         fields.insert(record.key(), record.clone());
+    }
+
+    /// [`Self::put`] unless the field names another session; false then.
+    pub fn refresh(&mut self, client_id: &str, record: &SessionRecord, now: DateTime<Utc>) -> bool {
+        let superseded = self
+            .sessions
+            .get(client_id)
+            .and_then(|f| f.get(&record.key()))
+            .is_some_and(|r| r.session_id != record.session_id);
+        if !superseded {
+            self.put(client_id, record, now);
+        }
+        !superseded
     }
 
     pub fn remove(&mut self, client_id: &str, record: &SessionRecord) -> bool {

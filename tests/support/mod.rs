@@ -11,6 +11,7 @@ pub mod process;
 pub mod proxy;
 pub mod redis_server;
 pub mod tunnel;
+pub mod tunnel_agent;
 
 pub use controlplane::ControlPlane;
 pub use redis_server::{RedisServer, SentinelGroup, SentinelSetup};

@@ -26,8 +26,9 @@ use crate::proxy::policy::{Admitted, Ctx};
 pub enum Next {
     KeepAlive,
     Close,
-    /// The general path answers this request (nothing of it was sent anywhere).
-    Handover,
+    /// The general path answers this request (nothing of it was sent anywhere); why, as the
+    /// handovers metric's label.
+    Handover(&'static str),
 }
 
 /// Buffers a connection reuses for each of its requests.
@@ -83,9 +84,11 @@ impl Exchange<'_, '_> {
         let started = Instant::now();
         let _in_flight = InFlight::new(self.ctx);
         let admitted = match self.admit().await {
+            // A tunnel: its session is an HTTP/2 connection the general path holds.
+            Ok(a) if a.tunnel.is_some() => return Next::Handover("tunnel_target"),
             Ok(a) if a.scheme == Scheme::HTTP => a,
             // TLS to the upstream: the general path's client.
-            Ok(_) => return Next::Handover,
+            Ok(_) => return Next::Handover("https_target"),
             Err(e) => return self.refuse(client, io, e, started, stop).await,
         };
         let Admitted {

@@ -38,6 +38,9 @@ pub enum Handover {
     LargeBody,
     /// A `tunnox-hops` value that is not a number (the general path answers 400).
     Hops,
+    /// `tunnox-node`, `tunnox-target` or `tunnox-control`: the general path checks the node
+    /// token (403 when wrong) and removes them.
+    TunnelHeader,
 }
 
 impl Handover {
@@ -55,6 +58,7 @@ impl Handover {
             Self::ContentLength => "content_length",
             Self::LargeBody => "large_body",
             Self::Hops => "hops",
+            Self::TunnelHeader => "tunnel_header",
         }
     }
 }
@@ -93,6 +97,9 @@ enum Kind {
     XForwardedHost,
     /// `tunnox-hops`: the proxy's own, replaced.
     Hops,
+    /// Headers only a proxy of the fleet sets (`tunnox-node`, `tunnox-target`,
+    /// `tunnox-control`).
+    Tunnel,
     Other,
 }
 
@@ -107,6 +114,9 @@ fn kind(name: &str) -> Kind {
         10 if is("connection") => Kind::Connection,
         10 if is("keep-alive") => Kind::HopByHop,
         11 if is("tunnox-hops") => Kind::Hops,
+        11 if is("tunnox-node") => Kind::Tunnel,
+        13 if is("tunnox-target") => Kind::Tunnel,
+        14 if is("tunnox-control") => Kind::Tunnel,
         14 if is("content-length") => Kind::ContentLength,
         15 if is("x-forwarded-for") => Kind::XForwardedFor,
         16 if is("proxy-connection") => Kind::HopByHop,
@@ -180,6 +190,7 @@ pub fn classify_request<'a>(req: &httparse::Request<'_, 'a>) -> Result<RequestHe
             Kind::TransferEncoding => return Err(Handover::TransferEncoding),
             Kind::Upgrade => return Err(Handover::Upgrade),
             Kind::Expect => return Err(Handover::Expect),
+            Kind::Tunnel => return Err(Handover::TunnelHeader),
             _ => {}
         }
     }

@@ -94,6 +94,18 @@ mod table {
                 "GET / HTTP/1.1\r\nHost: a\r\nTunnox-Hops: two\r\n\r\n",
                 Err(Handover::Hops),
             ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nTunnox-Node: x\r\n\r\n",
+                Err(Handover::TunnelHeader),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\ntunnox-target: 10.0.0.1:22\r\n\r\n",
+                Err(Handover::TunnelHeader),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nTUNNOX-CONTROL: 1\r\n\r\n",
+                Err(Handover::TunnelHeader),
+            ),
         ];
         for (raw, want) in cases {
             parse_req(raw, |req| {

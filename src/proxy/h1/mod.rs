@@ -134,7 +134,7 @@ impl FastPath {
                             match exchange.run(client, &mut io, stop).await {
                                 Next::KeepAlive => Some(len),
                                 Next::Close => return Exit::Closed,
-                                Next::Handover => return handover(ctx, "https_target", buf),
+                                Next::Handover(why) => return handover(ctx, why, buf),
                             }
                         } else {
                             // The rest of the body is on its way: each read of it gets the

@@ -19,6 +19,7 @@ fn encode(node: &NodeRecord) -> Vec<(&'static str, String)> {
         ("set", node.set.to_string()),
         ("address", node.address.clone()),
         ("admin_address", node.admin_address.clone()),
+        ("tunnel_address", node.tunnel_address.clone()),
         ("state", node.state.as_str().to_string()),
         ("applied_version", node.applied_version.to_string()),
         // Full precision, so a record reads back exactly as it was written.
@@ -46,6 +47,8 @@ fn decode(fields: &HashMap<String, String>) -> Result<NodeRecord, String> {
         set: SetName::parse(field("set")?).map_err(|e| e.to_string())?,
         address: field("address")?.to_string(),
         admin_address: field("admin_address")?.to_string(),
+        // Written by nodes since tunnels; an older node's record has none.
+        tunnel_address: fields.get("tunnel_address").cloned().unwrap_or_default(),
         state: NodeState::parse(state).ok_or_else(|| format!("unknown state {state:?}"))?,
         applied_version: applied
             .parse()
@@ -161,6 +164,7 @@ mod tests {
             set: SetName::parse("web.eu-west").unwrap(),
             address: "10.0.0.1:8080".into(),
             admin_address: "10.0.0.1:9090".into(),
+            tunnel_address: "10.0.0.1:7000".into(),
             state: NodeState::Draining,
             applied_version: 42,
             heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456789Z")
@@ -183,7 +187,13 @@ mod tests {
         assert_eq!(f["heartbeat_at"], "2026-01-02T03:04:05.123456789Z");
         assert_eq!(f["state"], "draining");
         assert_eq!(f["set"], "web.eu-west");
-        assert_eq!(decode(&f), Ok(n));
+        assert_eq!(decode(&f), Ok(n.clone()));
+        // A node from before tunnels wrote no tunnel address: it has no tunnel listener.
+        let mut old = f.clone();
+        old.remove("tunnel_address");
+        let got = decode(&old).unwrap();
+        assert_eq!(got.tunnel_address, "");
+        assert_eq!(got.admin_address, n.admin_address);
     }
 
     #[test]

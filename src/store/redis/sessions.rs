@@ -12,10 +12,20 @@ use super::RedisStore;
 use crate::store::{SessionRecord, StoreError, TunnelRegistry};
 use crate::tunnel::credential::ClientCredential;
 
-/// KEYS[1] the client's hash; ARGV: field, record JSON, TTL ms, now ms, the record's expiry ms.
-/// Drops fields whose
-/// `expires_at_ms` (kept beside each record in a shadow field `<field>#exp`) has passed.
+/// KEYS[1] the client's hash; ARGV: field, record JSON, TTL ms, now ms, the record's expiry ms,
+/// and a session id that the field must still name (empty: write unconditionally). Drops fields
+/// whose expiry (kept beside each record in a shadow field `<field>#exp`) has passed. Returns 0
+/// when the field names another session (nothing written), else 1.
 const PUT: &str = r"
+if ARGV[6] ~= '' then
+  local v = redis.call('HGET', KEYS[1], ARGV[1])
+  if v then
+    local ok, rec = pcall(cjson.decode, v)
+    if ok and type(rec) == 'table' and rec['session_id'] ~= ARGV[6] then
+      return 0
+    end
+  end
+end
 local now = tonumber(ARGV[4])
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
@@ -49,6 +59,36 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
+impl RedisStore {
+    /// [`PUT`]: unconditionally when `only_if` is empty, else only while the field names
+    /// that session.
+    async fn write_session(
+        &self,
+        client_id: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+        only_if: &str,
+    ) -> Result<bool, StoreError> {
+        let key = self.inner.keys.client_sessions(client_id);
+        let json = serde_json::to_string(record).map_err(|e| StoreError::Corrupt {
+            at: key.clone(),
+            detail: e.to_string(),
+        })?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let written: i64 = redis::Script::new(PUT)
+            .key(&key)
+            .arg(record.key())
+            .arg(json)
+            .arg(millis(ttl))
+            .arg(now)
+            .arg(record.expires_at.timestamp_millis())
+            .arg(only_if)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(written == 1)
+    }
+}
+
 #[async_trait]
 impl TunnelRegistry for RedisStore {
     async fn put_session(
@@ -57,23 +97,19 @@ impl TunnelRegistry for RedisStore {
         record: &SessionRecord,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let key = self.inner.keys.client_sessions(client_id);
-        let json = serde_json::to_string(record).map_err(|e| StoreError::Corrupt {
-            at: key.clone(),
-            detail: e.to_string(),
-        })?;
-        let now = chrono::Utc::now().timestamp_millis();
-        let () = redis::Script::new(PUT)
-            .key(&key)
-            .arg(record.key())
-            .arg(json)
-            .arg(millis(ttl))
-            .arg(now)
-            .arg(record.expires_at.timestamp_millis())
-            .invoke_async::<i64>(&mut self.conn())
+        self.write_session(client_id, record, ttl, "")
             .await
-            .map(|_| ())?;
-        Ok(())
+            .map(|_| ())
+    }
+
+    async fn refresh_session(
+        &self,
+        client_id: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.write_session(client_id, record, ttl, &record.session_id)
+            .await
     }
 
     async fn remove_session(

@@ -1,0 +1,306 @@
+//! The TunnelSet reconciler (this part: auth and placement): reads the token from the
+//! Secret `spec.auth.secretRef` names, writes the client's credential (a token hash, never the
+//! token) to the store, removes it when the TunnelSet goes or stops being valid, and wakes the
+//! HTTPDomainMappings whose tunnel target names the client. The Secret is read with `get` on
+//! every reconcile, which is requeued every `controller.resync_interval`: a Secret created or
+//! rotated later is picked up within that time without a watch on Secrets (docs/controller.md).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::decide::source_of;
+use super::metrics::Metrics;
+use super::reconcile::{Error, FIELD_MANAGER};
+use super::tunnelset_decide::{self as td, Existing, Outcome, Refusal};
+use crate::crd::{HTTPDomainMapping, TunnelSet};
+use crate::store::TunnelRegistry;
+use crate::tunnel::credential::ClientCredential;
+
+/// Removes the client's credential before the TunnelSet goes.
+pub const FINALIZER: &str = "tunnox.net/release-credential";
+
+pub struct TsCtx {
+    pub client: kube::Client,
+    pub registry: Arc<dyn TunnelRegistry>,
+    pub cache: Store<TunnelSet>,
+    pub mappings: Store<HTTPDomainMapping>,
+    pub wake_mappings: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
+    /// Reconciles these next (TunnelSets waiting for a client id that was released).
+    pub wake: mpsc::UnboundedSender<ObjectRef<TunnelSet>>,
+    pub cluster_id: String,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// How often the Secret is read again.
+    pub recheck: Duration,
+}
+
+pub async fn reconcile(obj: Arc<TunnelSet>, ctx: Arc<TsCtx>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<TunnelSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(o) => apply(&o, &ctx, &api).await,
+            Finalizer::Cleanup(o) => cleanup(&o, &ctx).await,
+        }
+    })
+    .await;
+    let (action, label) = match result {
+        Ok(a) => (Ok(a), "ok"),
+        Err(
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e),
+        ) => {
+            let l = e.label();
+            (Err(e), l)
+        }
+        Err(e) => (Err(Error::Finalizer(e.to_string())), "finalizer"),
+    };
+    ctx.metrics
+        .tunnelset_reconciles
+        .with_label_values(&[label])
+        .inc();
+    tracing::debug!(
+        tunnelset_reconcile_seconds = started.elapsed().as_secs_f64(),
+        result = label
+    );
+    action
+}
+
+pub fn error_policy(obj: Arc<TunnelSet>, err: &Error, _ctx: Arc<TsCtx>) -> Action {
+    tracing::warn!(tunnelset = %ObjectRef::from_obj(&*obj), error = %err, "reconcile failed; retrying");
+    match err {
+        Error::Store(e) if e.is_transient() => Action::requeue(Duration::from_secs(2)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+fn source(ctx: &TsCtx, obj: &TunnelSet) -> String {
+    source_of(
+        &ctx.cluster_id,
+        &obj.namespace().unwrap_or_default(),
+        &obj.name_any(),
+    )
+}
+
+/// Removes `client_id`'s credential if this TunnelSet wrote it (another's stays), and wakes
+/// the mappings to that client. Read-then-remove: the store has no compare-on-remove for
+/// credentials, and only the leader writes them.
+async fn release(ctx: &TsCtx, obj: &TunnelSet, client_id: &str) -> Result<(), Error> {
+    let mine = source(ctx, obj);
+    let held = ctx.registry.credential(client_id).await?;
+    if held.is_some_and(|c| c.source.as_deref() == Some(mine.as_str())) {
+        ctx.registry.remove_credential(client_id).await?;
+        tracing::info!(tunnelset = %ObjectRef::from_obj(obj), client_id, "credential removed");
+        wake_mappings(ctx, client_id);
+    }
+    Ok(())
+}
+
+/// Reconcile every mapping whose tunnel target names `client_id`: its credential came or went.
+fn wake_mappings(ctx: &TsCtx, client_id: &str) {
+    for m in ctx.mappings.state() {
+        let wants = m
+            .spec
+            .target
+            .tunnel
+            .as_ref()
+            .and_then(|t| t.client_id.as_deref())
+            == Some(client_id);
+        if wants {
+            let _ = ctx.wake_mappings.send(ObjectRef::from_obj(&*m));
+        }
+    }
+}
+
+/// Whether the TunnelSet cache holds the whole list: who holds a client id is decided from it,
+/// and a partial cache would let a newer TunnelSet overwrite an older one's credential. Polled
+/// with a short timeout, not awaited: kube-runtime's readiness wakes only the last task that
+/// polled it (see resync.rs).
+async fn cache_ready(cache: &Store<TunnelSet>) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(50), cache.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn apply(obj: &TunnelSet, ctx: &TsCtx, api: &Api<TunnelSet>) -> Result<Action, Error> {
+    if !cache_ready(&ctx.cache).await {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let client_id = obj.spec.client_id.clone();
+    // The credential of a former client id goes first.
+    if let Some(old) = obj.status.as_ref().and_then(|s| s.client_id.as_deref())
+        && old != client_id
+    {
+        release(ctx, obj, old).await?;
+    }
+    let outcome = match decide(obj, ctx).await? {
+        Ok(outcome) => outcome,
+        Err((refusal, set)) => {
+            release(ctx, obj, &client_id).await?;
+            Outcome::Refused { refusal, set }
+        }
+    };
+    ctx.metrics
+        .tunnelset_outcomes
+        .with_label_values(&[outcome.label()])
+        .inc();
+    let sessions = ctx.registry.sessions(&client_id).await?;
+    write_status(ctx, obj, api, &outcome, &sessions).await?;
+    // Picks up a Secret created or rotated later, and refreshes `online`.
+    Ok(Action::requeue(ctx.recheck))
+}
+
+type Refused = (Refusal, Option<crate::domain::SetName>);
+
+/// Accepts (writing the credential when it changed) or says why not.
+async fn decide(obj: &TunnelSet, ctx: &TsCtx) -> Result<Result<Outcome, Refused>, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let client_id = &obj.spec.client_id;
+    let set = match td::placement(obj) {
+        Ok(s) => s,
+        Err(r) => return Ok(Err((r, None))),
+    };
+    let refuse = |reason: &'static str, message: String| {
+        Ok(Err((Refusal { reason, message }, Some(set.clone()))))
+    };
+    if let Some(holder) = td::holder_of(obj, ctx.cache.state().iter().map(|a| &**a)) {
+        return refuse(
+            "ClientIdConflict",
+            format!(
+                "clientId {client_id} is held by TunnelSet {}/{} (created earlier); this one takes over when it is deleted",
+                holder.namespace().unwrap_or_default(),
+                holder.name_any()
+            ),
+        );
+    }
+    let secret_ref = &obj.spec.auth.secret_ref;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = secrets.get_opt(&secret_ref.name).await?;
+    let hash = match td::token_hash(secret.as_ref(), &ns, &secret_ref.name, &secret_ref.key) {
+        Ok(h) => h,
+        Err(r) => return Ok(Err((r, Some(set)))),
+    };
+    drop(secret);
+    let mine = source(ctx, obj);
+    let held = ctx.registry.credential(client_id).await?;
+    if let Existing::Foreign(holder) = td::existing(held.as_ref(), &mine, &ctx.cluster_id) {
+        return refuse(
+            "ClientIdConflict",
+            format!("clientId {client_id} is held in the store by {holder}"),
+        );
+    }
+    let cred = ClientCredential {
+        client_id: client_id.clone(),
+        token_sha256: hash,
+        placement: Some(set.clone()),
+        source: Some(mine),
+    };
+    if held.as_ref() != Some(&cred) {
+        ctx.registry.put_credential(&cred).await?;
+        tracing::info!(tunnelset = %ObjectRef::from_obj(obj), client_id = %client_id, set = %set, "credential written");
+        wake_mappings(ctx, client_id);
+    }
+    Ok(Ok(Outcome::Accepted {
+        client_id: client_id.clone(),
+        set,
+    }))
+}
+
+async fn write_status(
+    ctx: &TsCtx,
+    obj: &TunnelSet,
+    api: &Api<TunnelSet>,
+    outcome: &Outcome,
+    sessions: &[crate::store::SessionRecord],
+) -> Result<(), Error> {
+    let previous = obj.status.as_ref();
+    let status = td::status(
+        outcome,
+        obj.metadata.generation,
+        previous,
+        sessions,
+        Utc::now(),
+    );
+    if previous == Some(&status) {
+        return Ok(());
+    }
+    let reason = |s: Option<&crate::crd::TunnelSetStatus>| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"))
+            .map(|c| c.reason.clone())
+    };
+    let changed = reason(previous) != reason(Some(&status));
+    let patch = json!({
+        "apiVersion": TunnelSet::api_version(&()),
+        "kind": TunnelSet::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    if changed {
+        let (type_, reason, note) = match outcome {
+            Outcome::Accepted { client_id, set } => (
+                EventType::Normal,
+                "Accepted",
+                format!("client {client_id} admitted in {set}"),
+            ),
+            Outcome::Refused { refusal, .. } => {
+                (EventType::Warning, refusal.reason, refusal.message.clone())
+            }
+        };
+        publish(&ctx.recorder, obj, type_, reason, note).await;
+    }
+    Ok(())
+}
+
+async fn publish(
+    recorder: &Recorder,
+    obj: &TunnelSet,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::debug!(error = %e, "could not publish event");
+    }
+}
+
+async fn cleanup(obj: &TunnelSet, ctx: &TsCtx) -> Result<Action, Error> {
+    let client_id = &obj.spec.client_id;
+    release(ctx, obj, client_id).await?;
+    if let Some(old) = obj.status.as_ref().and_then(|s| s.client_id.as_deref())
+        && old != client_id
+    {
+        release(ctx, obj, old).await?;
+    }
+    // A TunnelSet waiting for this client id takes it over now.
+    for other in ctx.cache.state() {
+        if other.spec.client_id == *client_id && other.uid() != obj.uid() {
+            let _ = ctx.wake.send(ObjectRef::from_obj(&*other));
+        }
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,53 @@
+//! A body counted into a byte counter as it streams, holding its stream's slot until it ends.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus::IntCounter;
+
+use super::session::StreamSlot;
+use crate::proxy::{BoxError, ProxyBody};
+
+pub struct Counted {
+    inner: ProxyBody,
+    bytes: IntCounter,
+    _slot: Option<StreamSlot>,
+}
+
+impl Counted {
+    pub fn new(inner: ProxyBody, bytes: IntCounter, slot: Option<StreamSlot>) -> Self {
+        Self {
+            inner,
+            bytes,
+            _slot: slot,
+        }
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes.inc_by(d.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,91 @@
+//! Tunnel metrics (`tunnox_tunnel_*`), on the proxy's registry.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct TunnelMetrics {
+    pub sessions: IntGauge,
+    /// Session events: `opened`, `closed`, `dead`, `replaced`, `refused` (with a reason).
+    pub session_events: IntCounterVec,
+    /// Streams by outcome: `ok`, `agent_error`, `failed`, `retried`, `busy`.
+    pub streams: IntCounterVec,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    /// Requests sent to the node holding the client's session.
+    pub forwarded_to_peer: IntCounterVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl TunnelMetrics {
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            sessions: reg(
+                r,
+                IntGauge::new(
+                    "tunnox_tunnel_sessions",
+                    "Agent sessions held by this proxy",
+                )
+                .expect("valid"),
+            ),
+            session_events: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_tunnel_session_events_total",
+                        "Agent session events by outcome (refused ones by reason)",
+                    ),
+                    &["outcome", "reason"],
+                )
+                .expect("valid"),
+            ),
+            streams: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_tunnel_streams_total",
+                        "Streams opened on agent sessions, by outcome",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
+            bytes_in: reg(
+                r,
+                IntCounter::new(
+                    "tunnox_tunnel_received_bytes_total",
+                    "Response body bytes received from agents",
+                )
+                .expect("valid"),
+            ),
+            bytes_out: reg(
+                r,
+                IntCounter::new(
+                    "tunnox_tunnel_sent_bytes_total",
+                    "Request body bytes sent to agents",
+                )
+                .expect("valid"),
+            ),
+            forwarded_to_peer: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_tunnel_forwarded_to_peer_total",
+                        "Requests forwarded to the node holding the client's session, by outcome",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
+        }
+    }
+
+    pub fn event(&self, outcome: &str, reason: &str) {
+        self.session_events
+            .with_label_values(&[outcome, reason])
+            .inc();
+    }
+}

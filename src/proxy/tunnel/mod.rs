@@ -1,0 +1,215 @@
+//! The proxy's side of tunnels (ARCHITECTURE §6, §8; docs/tunnels.md): the TLS listener agents
+//! dial (`listener`), the sessions it holds (`session`), which session carries a request
+//! (`choose`), sending a request down a session or to the node holding one (`send`), and
+//! draining sessions make-before-break.
+
+mod body;
+mod choose;
+mod listener;
+mod metrics;
+mod send;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::HeaderName;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use listener::serve;
+pub use metrics::TunnelMetrics;
+
+use super::ProxyBody;
+use crate::config::AdminToken;
+use crate::domain::SetName;
+use crate::store::{NodeRegistry, NodeState, TunnelRegistry};
+use crate::tunnel::msg::{Message, ServerShutdown};
+use session::LocalSessions;
+
+/// Carries the node token on a request one proxy forwards to the node holding the client's
+/// session. Checked in constant time; never passed to an upstream or an agent.
+pub const NODE_HEADER: HeaderName = HeaderName::from_static("tunnox-node");
+
+/// Headers only this proxy sets: any a client sent is removed before forwarding.
+pub const INTERNAL_HEADERS: [HeaderName; 3] = [
+    crate::tunnel::TARGET_HEADER,
+    crate::tunnel::CONTROL_HEADER,
+    NODE_HEADER,
+];
+
+#[derive(Debug, Clone)]
+pub struct TunnelSettings {
+    pub heartbeat: Duration,
+    pub handshake_timeout: Duration,
+    pub max_streams: u32,
+    pub per_client: usize,
+    pub max_sessions: usize,
+    /// How long sessions keep serving after `ServerShutdown` (`proxy.drain.grace_period`).
+    pub grace: Duration,
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub websocket_idle: Duration,
+}
+
+/// Everything about tunnels one proxy process holds.
+pub struct Tunnels {
+    local: LocalSessions,
+    pub registry: Arc<dyn TunnelRegistry>,
+    nodes: Arc<dyn NodeRegistry>,
+    pub node_id: String,
+    /// This node's HTTP address as peers reach it (`SessionRecord::node_address`).
+    pub node_address: String,
+    set: SetName,
+    pub settings: TunnelSettings,
+    pub metrics: TunnelMetrics,
+    /// The fleet's node token; `None` in cluster mode without `node_token_file`: no forwarding
+    /// to peers and forwarded requests refused.
+    node_token: Option<AdminToken>,
+    /// This process's own listeners: a peer address among them is never dialled.
+    own: Vec<SocketAddr>,
+    peers: Client<HttpConnector, ProxyBody>,
+    draining: AtomicBool,
+    warned_no_token: AtomicBool,
+}
+
+pub struct TunnelDeps {
+    pub registry: Arc<dyn TunnelRegistry>,
+    pub nodes: Arc<dyn NodeRegistry>,
+    pub node_id: String,
+    pub node_address: String,
+    pub set: SetName,
+    pub settings: TunnelSettings,
+    pub metrics: TunnelMetrics,
+    pub node_token: Option<AdminToken>,
+    pub own: Vec<SocketAddr>,
+    pub pool_max_idle: usize,
+    pub pool_idle: Duration,
+}
+
+impl Tunnels {
+    pub fn new(d: TunnelDeps) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(d.settings.connect_timeout));
+        let peers = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(d.pool_idle)
+            .pool_max_idle_per_host(d.pool_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(http);
+        Self {
+            local: LocalSessions::default(),
+            registry: d.registry,
+            nodes: d.nodes,
+            node_id: d.node_id,
+            node_address: d.node_address,
+            set: d.set,
+            settings: d.settings,
+            metrics: d.metrics,
+            node_token: d.node_token,
+            own: d.own,
+            peers,
+            draining: AtomicBool::new(false),
+            warned_no_token: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a `tunnox-node` value is this fleet's node token (constant time).
+    pub fn node_token_matches(&self, presented: &[u8]) -> bool {
+        self.node_token
+            .as_ref()
+            .is_some_and(|t| t.matches(presented))
+    }
+
+    /// Tunnel addresses of the other active nodes of this set (`AuthOk.peers`,
+    /// `ServerShutdown.reconnect_to`).
+    async fn peer_tunnels(&self) -> Vec<String> {
+        match self.nodes.list_nodes().await {
+            Ok(nodes) => nodes
+                .into_iter()
+                .filter(|n| {
+                    n.node_id != self.node_id
+                        && n.state == NodeState::Active
+                        && n.set == self.set
+                        && !n.tunnel_address.is_empty()
+                })
+                .map(|n| n.tunnel_address)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the node registry for tunnel peers");
+                Vec::new()
+            }
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Draining starts: no new sessions; every agent is told to move (to another active node of
+    /// this set when there is one) and its session keeps serving until the agent leaves or
+    /// `grace` ends.
+    pub async fn drain(self: &Arc<Self>, reason: &'static str) {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let reconnect_to = self.peer_tunnels().await.into_iter().next();
+        let sessions = self.local.all();
+        tracing::info!(
+            sessions = sessions.len(),
+            reason,
+            reconnect_to = reconnect_to.as_deref().unwrap_or("-"),
+            "draining tunnel sessions: ServerShutdown sent"
+        );
+        let frame = ServerShutdown {
+            reason: reason.into(),
+            reconnect_to,
+            grace_period: self.settings.grace.as_secs(),
+        }
+        .to_frame()
+        .to_bytes();
+        for s in &sessions {
+            // New requests prefer the agent's replacement session (on another node) once it
+            // is registered; until then this one still serves them.
+            s.set_leaving();
+            let _ = s.control.try_send(frame.clone());
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(me.settings.grace).await;
+            for s in me.local.all() {
+                s.set_leaving();
+                s.retire.notify_one();
+            }
+        });
+    }
+
+    /// SIGTERM: drains (if not yet) and waits, at most `grace`, for every session to end.
+    pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
+        self.drain("shutdown").await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.local.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.local.all();
+        if !left.is_empty() {
+            tracing::warn!(
+                sessions = left.len(),
+                "grace period over; closing tunnel sessions"
+            );
+        }
+        for s in left {
+            s.set_leaving();
+            s.retire.notify_one();
+        }
+        // Give the session tasks a moment to deregister.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.local.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

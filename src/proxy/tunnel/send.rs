@@ -1,0 +1,515 @@
+//! Sending a request through a tunnel: down a local session as one HTTP/2 stream (extended
+//! CONNECT for upgrades), or over HTTP to the node holding the client's session. Header
+//! rewriting is the direct path's (`forward.rs`); only the transport differs.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+
+use super::Tunnels;
+use super::body::Counted;
+use super::choose::{self, LocalView, Pick};
+use super::session::{Session, StreamError, chain};
+use super::{NODE_HEADER, TunnelMetrics};
+use crate::proxy::forward::{
+    ClientInfo, join_upgraded, rewrite_request_headers, strip_hop_by_hop, upgrade_protocol,
+};
+use crate::proxy::metrics::ProxyMetrics;
+use crate::proxy::policy::Admitted;
+use crate::proxy::{ProxyBody, ProxyError};
+use crate::tunnel::{ERROR_HEADER, TARGET_HEADER};
+
+/// The labels an agent may put in `tunnox-error` (anything else counts as `other`).
+fn agent_label(v: &HeaderValue) -> &'static str {
+    match v.as_bytes() {
+        b"not_allowed" => "not_allowed",
+        b"connect" => "connect",
+        b"timeout" => "timeout",
+        b"bad_target" => "bad_target",
+        b"too_many_streams" => "too_many_streams",
+        _ => "other",
+    }
+}
+
+impl Tunnels {
+    /// Sends `req` for the tunnel target `to` (`to.tunnel` is the client id). `from_peer`: it
+    /// came from another node of the fleet, served from local sessions only.
+    pub async fn forward(
+        &self,
+        mut req: Request<ProxyBody>,
+        to: &Admitted,
+        client: ClientInfo<'_>,
+        from_peer: bool,
+        proxy_metrics: &Arc<ProxyMetrics>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let client_id = to.tunnel.clone().unwrap_or_default();
+        let upgrade = upgrade_protocol(req.headers());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        rewrite_request_headers(
+            &mut parts.headers,
+            &client,
+            upgrade.as_ref(),
+            &to.route.headers,
+        );
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        let mut tried: Vec<String> = Vec::new();
+        let mut pending = Some(Counted::new(body, self.metrics.bytes_out.clone(), None).boxed());
+        // Nodes whose session records turned out stale (their holder unreachable).
+        let mut dead_nodes: Vec<String> = Vec::new();
+        let mut local_retry = false;
+        for _attempt in 0..3 {
+            let local: Vec<Arc<Session>> = self
+                .local
+                .of(&client_id)
+                .into_iter()
+                .filter(|s| !tried.contains(&s.id))
+                .collect();
+            let views: Vec<LocalView> = local
+                .iter()
+                .map(|s| LocalView {
+                    leaving: s.is_leaving(),
+                    usable: s.transport.usable(),
+                    open: s.open_streams(),
+                    full: s.open_streams() >= s.max_streams,
+                })
+                .collect();
+            // Only a request a peer sent here stays on this node. A stream this node's session
+            // refused (its agent is leaving it for a session elsewhere, make-before-break) goes
+            // where the agent went.
+            let local_only = from_peer;
+            let remote = if choose::needs_store(&views, local_only) {
+                match self.registry.sessions(&client_id).await {
+                    Ok(mut r) => {
+                        r.retain(|r| !dead_nodes.contains(&r.node_id));
+                        r
+                    }
+                    Err(e) => {
+                        tracing::warn!(client_id = %client_id, error = %e, "cannot read the client's sessions from the store");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            match choose::choose(&views, &remote, &self.node_id, Utc::now(), local_only) {
+                Pick::Offline if !local_retry => {
+                    return Err(ProxyError::TunnelNotConnected(client_id));
+                }
+                Pick::Offline => {
+                    return Err(ProxyError::TunnelStream {
+                        client: client_id,
+                        reason: "the session refused the stream and no other session is open"
+                            .into(),
+                    });
+                }
+                Pick::Peer { address, node_id } => {
+                    let body = pending.take().unwrap_or_else(crate::proxy::empty_body);
+                    // A bodiless request can go to another holder when this one is gone.
+                    let replayable = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
+                    let mut out = Request::from_parts(parts.clone(), body);
+                    if let Some(proto) = &upgrade {
+                        out.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        out.headers_mut().insert(header::UPGRADE, proto.clone());
+                    }
+                    if replayable {
+                        let sent = self
+                            .to_peer(
+                                out,
+                                &address,
+                                &node_id,
+                                &client_id,
+                                &path,
+                                None,
+                                None,
+                                proxy_metrics,
+                            )
+                            .await;
+                        match sent {
+                            Err((e, true)) => {
+                                tracing::info!(client_id = %client_id, node = %node_id, error = %e, "the node holding the session is unreachable; its record is stale");
+                                dead_nodes.push(node_id);
+                                pending = Some(crate::proxy::empty_body());
+                                continue;
+                            }
+                            other => return other.map_err(|(e, _)| e),
+                        }
+                    }
+                    return self
+                        .to_peer(
+                            out,
+                            &address,
+                            &node_id,
+                            &client_id,
+                            &path,
+                            client_upgrade,
+                            upgrade,
+                            proxy_metrics,
+                        )
+                        .await
+                        .map_err(|(e, _)| e);
+                }
+                Pick::Local(i) => {
+                    let session = local[i].clone();
+                    tried.push(session.id.clone());
+                    let Some(slot) = session.enter() else {
+                        self.metrics.streams.with_label_values(&["busy"]).inc();
+                        local_retry = true;
+                        continue;
+                    };
+                    let body = match upgrade {
+                        Some(_) => crate::proxy::empty_body(),
+                        None => pending.take().unwrap_or_else(crate::proxy::empty_body),
+                    };
+                    let replayable = hyper::body::Body::is_end_stream(&body);
+                    let mut h2 = Request::from_parts(parts.clone(), body);
+                    self.to_h2(
+                        &mut h2,
+                        client.host,
+                        &path,
+                        to.authority.as_ref(),
+                        upgrade.as_ref(),
+                    )?;
+                    let sent = tokio::time::timeout(
+                        self.settings.response_timeout,
+                        session.transport.open(h2),
+                    )
+                    .await;
+                    let resp = match sent {
+                        Err(_) => {
+                            self.metrics.streams.with_label_values(&["timeout"]).inc();
+                            return Err(ProxyError::UpstreamTimeout(format!(
+                                "tunnel client {client_id}"
+                            )));
+                        }
+                        Ok(Ok(resp)) => resp,
+                        Ok(Err(StreamError::NotSent(back))) => {
+                            self.metrics.streams.with_label_values(&["retried"]).inc();
+                            tracing::debug!(client_id = %client_id, session = %session.id, "stream not started (session closing); trying another");
+                            if upgrade.is_none() {
+                                pending = Some(back.into_body());
+                            }
+                            local_retry = true;
+                            continue;
+                        }
+                        Ok(Err(StreamError::Refused(why))) if replayable => {
+                            self.metrics.streams.with_label_values(&["retried"]).inc();
+                            tracing::debug!(client_id = %client_id, session = %session.id, %why, "stream refused; trying another");
+                            pending = Some(crate::proxy::empty_body());
+                            local_retry = true;
+                            continue;
+                        }
+                        Ok(Err(StreamError::Refused(reason) | StreamError::Failed(reason))) => {
+                            self.metrics.streams.with_label_values(&["failed"]).inc();
+                            return Err(ProxyError::TunnelStream {
+                                client: client_id,
+                                reason,
+                            });
+                        }
+                    };
+                    return self.answer(
+                        resp,
+                        &client_id,
+                        slot,
+                        client_upgrade,
+                        upgrade,
+                        proxy_metrics,
+                    );
+                }
+            }
+        }
+        Err(ProxyError::TunnelStream {
+            client: client_id,
+            reason: "no session took the stream".into(),
+        })
+    }
+
+    /// Makes a rewritten request one HTTP/2 stream for the agent.
+    fn to_h2(
+        &self,
+        req: &mut Request<ProxyBody>,
+        host: &HeaderValue,
+        path: &PathAndQuery,
+        target: &str,
+        upgrade: Option<&HeaderValue>,
+    ) -> Result<(), ProxyError> {
+        h2_request(req, host, path, target, upgrade)
+    }
+}
+
+/// A request already rewritten for forwarding, as one HTTP/2 stream for the agent: `:authority`
+/// the host the client asked for, `tunnox-target` the agent-side target, no connection-specific
+/// headers; an upgrade becomes an extended CONNECT (RFC 8441) with `:protocol` its token.
+fn h2_request(
+    req: &mut Request<ProxyBody>,
+    host: &HeaderValue,
+    path: &PathAndQuery,
+    target: &str,
+    upgrade: Option<&HeaderValue>,
+) -> Result<(), ProxyError> {
+    // The agent sees the host the client asked for; where the stream goes is
+    // `tunnox-target`, set by this proxy only.
+    let authority = host
+        .to_str()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or(target);
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path.clone())
+        .build()
+        .map_err(|e| ProxyError::Upstream {
+            upstream: target.to_string(),
+            reason: e.to_string(),
+        })?;
+    *req.version_mut() = Version::HTTP_2;
+    let h = req.headers_mut();
+    h.remove(header::CONNECTION);
+    h.remove(header::UPGRADE);
+    h.remove(header::HOST);
+    let value = HeaderValue::from_str(target).map_err(|e| ProxyError::Upstream {
+        upstream: target.to_string(),
+        reason: e.to_string(),
+    })?;
+    h.insert(TARGET_HEADER, value);
+    if let Some(proto) = upgrade {
+        // RFC 8441: the upgrade becomes an extended CONNECT.
+        *req.method_mut() = Method::CONNECT;
+        let token = proto.to_str().unwrap_or("websocket").to_ascii_lowercase();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from(token.as_str()));
+    }
+    Ok(())
+}
+
+impl Tunnels {
+    /// The agent's answer, ready for the client.
+    fn answer(
+        &self,
+        mut resp: Response<ProxyBody>,
+        client_id: &str,
+        slot: super::session::StreamSlot,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        upgrade: Option<HeaderValue>,
+        proxy_metrics: &Arc<ProxyMetrics>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let Some(v) = resp.headers().get(ERROR_HEADER) {
+            let label = agent_label(v);
+            self.metrics
+                .streams
+                .with_label_values(&["agent_error"])
+                .inc();
+            tracing::warn!(client_id, label, session = %slot.session().id, "the tunnel client refused the request");
+            return Err(ProxyError::TunnelAgent {
+                client: client_id.to_string(),
+                label,
+            });
+        }
+        self.metrics.streams.with_label_values(&["ok"]).inc();
+        if let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgrade)
+            && resp.status() == StatusCode::OK
+        {
+            let agent_upgrade = hyper::upgrade::on(&mut resp);
+            let idle = self.settings.websocket_idle;
+            let m = proxy_metrics.clone();
+            tokio::spawn(async move {
+                // The stream stays open (and counted) while the pipe lives.
+                let _slot = slot;
+                join_upgraded(client_upgrade, agent_upgrade, idle, m).await;
+            });
+            let (mut parts, _) = resp.into_parts();
+            parts.status = StatusCode::SWITCHING_PROTOCOLS;
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto);
+            parts.headers.remove(header::CONTENT_LENGTH);
+            return Ok(Response::from_parts(parts, crate::proxy::empty_body()));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = Counted::new(body, self.metrics.bytes_in.clone(), Some(slot));
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// Forwards to the node holding the client's session, with the node token.
+    #[allow(clippy::too_many_arguments)]
+    async fn to_peer(
+        &self,
+        mut req: Request<ProxyBody>,
+        address: &str,
+        node_id: &str,
+        client_id: &str,
+        path: &PathAndQuery,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        upgrade: Option<HeaderValue>,
+        proxy_metrics: &Arc<ProxyMetrics>,
+    ) -> Result<Response<ProxyBody>, (ProxyError, bool)> {
+        let count = |m: &TunnelMetrics, outcome: &str| {
+            m.forwarded_to_peer.with_label_values(&[outcome]).inc();
+        };
+        let fail = |reason: String| ProxyError::PeerForward {
+            node: node_id.to_string(),
+            client: client_id.to_string(),
+            reason,
+        };
+        let Some(token) = &self.node_token else {
+            if !self
+                .warned_no_token
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "a client's session is on another node but proxy.tunnel.node_token_file is not set: not forwarding to peers"
+                );
+            }
+            count(&self.metrics, "no_token");
+            return Err((ProxyError::TunnelNotConnected(client_id.to_string()), false));
+        };
+        let own = address == self.node_address
+            || address
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| self.own.contains(&a));
+        if own {
+            count(&self.metrics, "own_address");
+            return Err((
+                fail("the peer's address is one of this proxy's own".into()),
+                false,
+            ));
+        }
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(address)
+            .path_and_query(path.clone())
+            .build()
+            .map_err(|e| (fail(e.to_string()), false))?;
+        *req.version_mut() = Version::HTTP_11;
+        let value = HeaderValue::from_str(token.expose())
+            .map_err(|_| (fail("node token is not a header value".into()), false))?;
+        req.headers_mut().insert(NODE_HEADER, value);
+        let sent =
+            tokio::time::timeout(self.settings.response_timeout, self.peers.request(req)).await;
+        let mut resp = match sent {
+            Err(_) => {
+                count(&self.metrics, "timeout");
+                return Err((
+                    ProxyError::UpstreamTimeout(format!("node {node_id}")),
+                    false,
+                ));
+            }
+            Ok(Err(e)) => {
+                count(&self.metrics, "failed");
+                return Err((fail(chain(&e)), e.is_connect()));
+            }
+            Ok(Ok(r)) => r,
+        };
+        count(&self.metrics, "ok");
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgrade)
+        {
+            let peer_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(join_upgraded(
+                client_upgrade,
+                peer_upgrade,
+                self.settings.websocket_idle,
+                proxy_metrics.clone(),
+            ));
+            let (mut parts, _) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto);
+            return Ok(Response::from_parts(parts, crate::proxy::empty_body()));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(pairs: &[(&str, &str)]) -> Request<ProxyBody> {
+        let mut r = Request::get("/ignored")
+            .body(crate::proxy::empty_body())
+            .unwrap();
+        for (k, v) in crate::proxy::header_pairs(pairs) {
+            r.headers_mut().append(k, v);
+        }
+        r
+    }
+
+    #[test]
+    fn makes_one_stream_for_the_agent() {
+        let host = HeaderValue::from_static("app.tunnox.net");
+        let path = PathAndQuery::from_static("/a?b=1");
+        let mut r = req(&[
+            ("host", "app.tunnox.net"),
+            ("x-env", "dev"),
+            ("connection", "keep-alive"),
+        ]);
+        h2_request(&mut r, &host, &path, "127.0.0.1:3000", None).unwrap();
+        assert_eq!(r.uri().to_string(), "http://app.tunnox.net/a?b=1");
+        assert_eq!(r.version(), Version::HTTP_2);
+        assert_eq!(r.method(), Method::GET);
+        assert_eq!(r.headers()["tunnox-target"], "127.0.0.1:3000");
+        assert_eq!(r.headers()["x-env"], "dev");
+        for gone in ["host", "connection", "upgrade"] {
+            assert!(!r.headers().contains_key(gone), "{gone}");
+        }
+        assert!(r.extensions().get::<hyper::ext::Protocol>().is_none());
+
+        let ws = HeaderValue::from_static("WebSocket");
+        let mut r = req(&[
+            ("connection", "upgrade"),
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        h2_request(&mut r, &host, &path, "[::1]:8080", Some(&ws)).unwrap();
+        assert_eq!(r.method(), Method::CONNECT);
+        assert_eq!(
+            r.extensions()
+                .get::<hyper::ext::Protocol>()
+                .map(|p| p.as_str()),
+            Some("websocket")
+        );
+        assert_eq!(r.headers()["sec-websocket-key"], "k");
+        assert!(!r.headers().contains_key("upgrade"));
+        assert_eq!(r.headers()["tunnox-target"], "[::1]:8080");
+
+        // A target that is not a header value is an error, never a panic.
+        let mut r = req(&[]);
+        assert!(h2_request(&mut r, &host, &path, "bad\ntarget", None).is_err());
+    }
+
+    #[test]
+    fn reads_only_known_agent_error_labels() {
+        let cases = [
+            ("not_allowed", "not_allowed"),
+            ("connect", "connect"),
+            ("too_many_streams", "too_many_streams"),
+            ("rm -rf", "other"),
+            ("", "other"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(agent_label(&HeaderValue::from_str(v).unwrap()), want, "{v}");
+        }
+    }
+}
