@@ -33,8 +33,8 @@ lint: ## rustfmt, clippy with warnings as errors, helm lint and template
 scan: ## checkov security scan of manifests/install.yaml and production renderings of the chart
 	.ci/scan.sh
 
-bench: deps ## run benchmarks and write docs/benchmarks.md
-	benches/run.sh docs/benchmarks.md
+bench: deps ## run benchmarks and write docs/benchmarks.md (BENCH="tunnel proxy": only those, keeping the other sections)
+	benches/run.sh docs/benchmarks.md $(BENCH)
 
 GENERATED := crds charts/tunnox/crds manifests
 HELM = $$(e2e/install-deps.sh --print-helm)

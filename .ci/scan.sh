@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Scans what users install with checkov: manifests/install.yaml (the chart with its defaults)
 # and the chart rendered as a production install would set it (digests, an admin token Secret,
-# an external Redis, a Prometheus peer). Fails when any check fails. Checks the project skips on
-# purpose are suppressed in the chart itself (checkov.io/skipN annotations) and listed with
-# their reasons in charts/tunnox/README.md.
+# the tunnel listener with its certificate Secret, an external Redis, a Prometheus peer). Fails
+# when any check fails. Checks the project skips on purpose are suppressed in the chart itself
+# (checkov.io/skipN annotations) and listed with their reasons in charts/tunnox/README.md.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,6 +16,7 @@ digest="sha256:$(printf '%064d' 0 | tr 0 a)"
 "$helm" template tunnox charts/tunnox --namespace tunnox-system \
     --set image.digest="$digest" --set redis.image.digest="$digest" \
     --set proxy.admin.tokenSecret.name=tunnox-admin-token \
+    --set tunnel.enabled=true --set tunnel.tls.secretName=tunnox-tunnel-tls \
     --set-json 'networkPolicy.adminFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]' \
     --set-json 'egress.deny=["10.96.0.0/12"]' \
     >"$work/production.yaml"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks `make run` as a newcomer uses it: wait for the "try this" block, run its kubectl and
-# curl commands, press Ctrl-C (SIGINT to the process group), and check nothing is left running.
+# curl commands (the demo page through the proxy, the second page through the agent's tunnel),
+# press Ctrl-C (SIGINT to the process group), and check nothing is left running.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$(mktemp)"
@@ -10,7 +11,7 @@ stop() { # on any exit: never leave the stack running
         kill -INT -- "-$pid" 2>/dev/null || true
         for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     fi
-    rm -f "$out"
+    rm -f "$out" "$out.headers"
 }
 trap stop EXIT
 fail() { echo "run-smoke: FAILED: $*" >&2; cat "$out" >&2; exit 1; }
@@ -37,7 +38,17 @@ grep -q 'demo.tunnox.net.*Active' <<<"$listed" ||
     fail "kubectl get hdm does not show the demo mapping Active"
 curl -fsS -H 'Host: demo.tunnox.net' "$url" | grep -q 'Hello from behind tunnox' ||
     fail "the demo page is not served through the proxy"
-echo "run-smoke: kubectl get hdm and the demo page work; pressing Ctrl-C" >&2
+grep -q 'demo-tunnel.*laptop.tunnox.net.*Active' <<<"$listed" ||
+    fail "kubectl get hdm does not show the tunnel mapping Active"
+# The try-this block's curl through the agent's tunnel, as printed.
+tunnel_url=$(sed -n "s|^  curl -H 'Host: laptop.tunnox.net' \([^ ]*\).*|\1|p" "$out")
+[[ -n $tunnel_url ]] || fail "the try-this block has no curl through the tunnel"
+page=$(curl -sS -D "$out.headers" -H 'Host: laptop.tunnox.net' "$tunnel_url") ||
+    fail "curl through the tunnel failed"
+grep -q 'Hello through the tunnel' <<<"$page" ||
+    fail "the laptop page does not come through the tunnel: $(head -1 "$out.headers") $page"
+rm -f "$out.headers"
+echo "run-smoke: kubectl get hdm, the demo page and the page behind the agent work; pressing Ctrl-C" >&2
 kill -INT -- "-$pid"
 for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
 kill -0 "$pid" 2>/dev/null && fail "make run did not stop within 60 s of Ctrl-C"

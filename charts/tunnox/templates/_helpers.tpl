@@ -224,8 +224,28 @@ Usage: (include "tunnox.proxy.sets" . | fromYaml).sets
 {{- toYaml (dict "businesses" $out) -}}
 {{- end -}}
 
+{{/* The Secret holding the proxies' node token (tunnel.nodeToken), given or generated. */}}
+{{- define "tunnox.tunnel.nodeTokenSecret" -}}
+{{- .Values.tunnel.nodeToken.secretName | default (printf "%s-node-token" (include "tunnox.fullname" .) | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* Where the proxies find the tunnel listener's certificate and the node token (files from
+Secrets, mounted read-only). */}}
+{{- define "tunnox.tunnel.tlsDir" -}}
+/var/run/secrets/tunnox/tunnel-tls
+{{- end -}}
+{{- define "tunnox.tunnel.nodeTokenDir" -}}
+/var/run/secrets/tunnox/node
+{{- end -}}
+
 {{/* Check values the schema cannot express. */}}
 {{- define "tunnox.validate" -}}
+{{- if and .Values.tunnel.enabled (not .Values.tunnel.tls.secretName) (not .Values.tunnel.insecure) -}}
+{{- fail "tunnel.enabled is true but tunnel.tls.secretName is empty: the tunnel listener needs a certificate (a kubernetes.io/tls Secret with tls.crt and tls.key; agents verify it). Set tunnel.tls.secretName, or tunnel.insecure=true for plain TCP on a network you trust" -}}
+{{- end -}}
+{{- if and .Values.tunnel.enabled .Values.tunnel.tls.secretName .Values.tunnel.insecure -}}
+{{- fail "tunnel.insecure is true and tunnel.tls.secretName is set: choose one (the certificate would be ignored)" -}}
+{{- end -}}
 {{- if le (int .Values.proxy.terminationGracePeriodSeconds) (int .Values.proxy.drainSeconds) -}}
 {{- fail (printf "proxy.terminationGracePeriodSeconds (%d) must be longer than proxy.drainSeconds (%d): after the drain, in-flight requests need time to finish" (int .Values.proxy.terminationGracePeriodSeconds) (int .Values.proxy.drainSeconds)) -}}
 {{- end -}}

@@ -1,0 +1,532 @@
+//! Machinery shared by the benchmarks that run real processes (`proxy`, `tunnel`): child
+//! processes stopped on drop, a small blocking HTTP/1.1 client, the nginx upstream, `wrk` runs
+//! with their CPU accounting, and the statistics helpers.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The upstream's answer: 100 bytes.
+pub const BODY: &str = "tunnox-bench upstream response body 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// A child process, stopped when dropped: SIGTERM, then SIGKILL for it and its children (nginx
+/// workers outlive a SIGKILLed master).
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    pub graceful: bool,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path, graceful: bool) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+            graceful,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Panics with the log's tail when the process has exited.
+    pub fn check_alive(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("{} exited ({status}); log tail:\n{tail}", self.name);
+        }
+    }
+
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        let children = self.children();
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        if self.graceful {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        for pid in children {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `program`, run on `cpu` alone (`taskset -c`) when given: taskset execs it, so the child's pid is
+/// the program's.
+pub fn pinned(cpu: Option<usize>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Resident memory of a process in bytes (`VmRSS` of /proc/<pid>/status).
+pub fn rss_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal blocking HTTP/1.1 keep-alive client (verification, polling, /readyz).
+
+pub struct Http {
+    pub port: u16,
+    pub conn: Option<BufReader<TcpStream>>,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Http {
+    pub fn new(port: u16) -> Self {
+        Self { port, conn: None }
+    }
+
+    /// GET `path` with `Host: host`; reconnects once when a kept-alive connection was closed.
+    pub fn get(&mut self, host: &str, path: &str) -> std::io::Result<Answer> {
+        let mut last = None;
+        for _ in 0..2 {
+            if self.conn.is_none() {
+                let s = TcpStream::connect(("127.0.0.1", self.port))?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                self.conn = Some(BufReader::new(s));
+            }
+            match self.exchange(host, path) {
+                Ok(a) => return Ok(a),
+                Err(e) => {
+                    self.conn = None;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("two attempts"))
+    }
+
+    pub fn exchange(&mut self, host: &str, path: &str) -> std::io::Result<Answer> {
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        let r = self.conn.as_mut().expect("connected");
+        r.get_mut()
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
+        let mut line = String::new();
+        let read_line = |r: &mut BufReader<TcpStream>, line: &mut String| {
+            line.clear();
+            match r.read_line(line)? {
+                0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                _ => Ok(()),
+            }
+        };
+        read_line(r, &mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("status line"))?;
+        let (mut length, mut chunked, mut close) = (None, false, false);
+        loop {
+            read_line(r, &mut line)?;
+            let h = line.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let Some((name, value)) = h.split_once(':') else {
+                return Err(bad("header"));
+            };
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse::<usize>().ok(),
+                "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+                "connection" => close = value.eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                read_line(r, &mut line)?;
+                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                    .map_err(|_| bad("chunk size"))?;
+                if size == 0 {
+                    // Trailers, then the blank line.
+                    loop {
+                        read_line(r, &mut line)?;
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + size, 0);
+                r.read_exact(&mut body[start..])?;
+                read_line(r, &mut line)?;
+            }
+        } else if let Some(n) = length {
+            body.resize(n, 0);
+            r.read_exact(&mut body)?;
+        } else {
+            r.read_to_end(&mut body)?;
+            close = true;
+        }
+        if close {
+            self.conn = None;
+        }
+        Ok(Answer { status, body })
+    }
+}
+
+/// Polls `GET /readyz` on `admin` until it answers 200; the time from `since`.
+pub fn wait_ready(p: &mut Proc, admin: u16, since: Instant, within: Duration) -> Duration {
+    let mut http = Http::new(admin);
+    loop {
+        if let Ok(a) = http.get("127.0.0.1", "/readyz")
+            && a.status == 200
+        {
+            return since.elapsed();
+        }
+        p.check_alive();
+        assert!(
+            since.elapsed() < within,
+            "{} not ready within {within:?}",
+            p.name
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until `port` answers HTTP at all.
+pub fn wait_http(p: &mut Proc, port: u16) {
+    let start = Instant::now();
+    let mut http = Http::new(port);
+    while http.get("127.0.0.1", "/").is_err() {
+        p.check_alive();
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} does not answer on {port}",
+            p.name
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+
+pub fn pct<T: Copy>(sorted: &[T], q: f64) -> T {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    pct(&v, 0.5)
+}
+
+pub fn us(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 10.0 {
+        format!("{us:.2} µs")
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 1: tunnox vs nginx under wrk
+
+pub fn nginx_common(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n"
+    )
+}
+
+pub fn nginx_http_common(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "access_log off;\n  client_body_temp_path {d}/client_body;\n  proxy_temp_path {d}/proxy;\n  \
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         keepalive_requests 1000000;\n  keepalive_timeout 300s;\n"
+    )
+}
+
+pub fn start_nginx(name: &str, dir: &Path, conf: String) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    Proc::spawn(
+        name,
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&path)
+            .args(["-g", "daemon off;"]),
+        &dir.join("stdout.log"),
+        true,
+    )
+}
+
+pub fn start_upstream(dir: &Path, port: u16) -> Proc {
+    let conf = format!(
+        "{}http {{\n  {}  default_type text/plain;\n  server {{\n    listen 127.0.0.1:{port};\n    \
+         location / {{ return 200 \"{BODY}\"; }}\n  }}\n}}\n",
+        nginx_common(dir),
+        nginx_http_common(dir)
+    );
+    start_nginx("upstream nginx", dir, conf)
+}
+
+/// wrk's `done` hook: one `BENCH key=value ...` line [`wrk`] parses.
+pub const WRK_DONE: &str = r#"done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH requests=%d duration_us=%d p50_us=%.1f p99_us=%.1f p999_us=%.1f status=%d connect=%d read=%d write=%d timeout=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency:percentile(99.9), e.status, e.connect, e.read, e.write, e.timeout))
+end
+"#;
+
+#[derive(Debug, Clone, Copy)]
+pub struct WrkRun {
+    pub rps: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub p999: Duration,
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+    /// CPU time the proxy's serving processes used per request (/proc/<pid>/schedstat).
+    pub cpu_per_request: Duration,
+    /// The same split into user and kernel time (/proc/<pid>/stat, clock-tick resolution).
+    pub user_per_request: Duration,
+    pub kernel_per_request: Duration,
+}
+
+pub fn per_request(ticks: u64, requests: f64) -> Duration {
+    Duration::from_secs_f64(ticks as f64 / clock_ticks() / requests.max(1.0))
+}
+
+/// Nanoseconds `pids` have run on a CPU, all their threads (`/proc/<pid>/schedstat` is the main
+/// thread's alone: a multi-threaded runtime such as Go's or tokio's works in the others).
+pub fn cpu_ns(pids: &[u32]) -> u64 {
+    pids.iter()
+        .flat_map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|t| t.path().join("schedstat"))
+        })
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// User and kernel CPU time `pids` have used (/proc/<pid>/stat), in clock ticks.
+pub fn cpu_split(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the command (which may hold spaces) start at state, field 3.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((
+                f.get(11)?.parse::<u64>().ok()?,
+                f.get(12)?.parse::<u64>().ok()?,
+            ))
+        })
+        .fold((0, 0), |(u, k), (du, dk)| (u + du, k + dk))
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+pub fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Runs wrk against `port`; `serving` are the processes whose CPU time is charged to it.
+pub fn wrk(
+    port: u16,
+    connections: usize,
+    script: &Path,
+    duration: Duration,
+    serving: &[u32],
+) -> WrkRun {
+    wrk_on(None, port, connections, script, duration, serving)
+}
+
+/// [`wrk`] with wrk pinned to `cpu` (`taskset -c`), away from the processes under test.
+pub fn wrk_on(
+    cpu: Option<usize>,
+    port: u16,
+    connections: usize,
+    script: &Path,
+    duration: Duration,
+    serving: &[u32],
+) -> WrkRun {
+    let cpu_before = cpu_ns(serving);
+    let split_before = cpu_split(serving);
+    let out = pinned(cpu, "wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{}s", duration.as_secs()),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("run wrk (e2e/install-deps.sh installs it)");
+    let cpu = cpu_ns(serving) - cpu_before;
+    let split_after = cpu_split(serving);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "wrk failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("BENCH "))
+        .unwrap_or_else(|| panic!("no summary from wrk:\n{stdout}"));
+    let kv: HashMap<&str, f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k, v.parse().expect("number")))
+        .collect();
+    let micros = |k: &str| Duration::from_secs_f64(kv[k] / 1e6);
+    WrkRun {
+        rps: kv["requests"] / (kv["duration_us"] / 1e6),
+        p50: micros("p50_us"),
+        p99: micros("p99_us"),
+        p999: micros("p999_us"),
+        non_2xx: kv["status"] as u64,
+        socket_errors: (kv["connect"] + kv["read"] + kv["write"] + kv["timeout"]) as u64,
+        cpu_per_request: Duration::from_nanos(cpu / (kv["requests"] as u64).max(1)),
+        user_per_request: per_request(split_after.0 - split_before.0, kv["requests"]),
+        kernel_per_request: per_request(split_after.1 - split_before.1, kv["requests"]),
+    }
+}
+
+pub struct Side {
+    pub runs: Vec<WrkRun>,
+}
+
+impl Side {
+    pub fn rps(&self) -> f64 {
+        median(&self.runs.iter().map(|r| r.rps).collect::<Vec<_>>())
+    }
+    pub fn lat(&self, f: impl Fn(&WrkRun) -> Duration) -> Duration {
+        Duration::from_secs_f64(median(
+            &self
+                .runs
+                .iter()
+                .map(|r| f(r).as_secs_f64())
+                .collect::<Vec<_>>(),
+        ))
+    }
+    pub fn row(&self, name: &str) -> String {
+        let runs: Vec<String> = self.runs.iter().map(|r| format!("{:.0}", r.rps)).collect();
+        format!(
+            "| {name} | {} | **{:.0}** ({}) | {} | **{}** | {} | {:.1} µs | {:.1} / {:.1} µs | {} | {} |",
+            self.runs.len(),
+            self.rps(),
+            runs.join(" / "),
+            ms(self.lat(|r| r.p50)),
+            ms(self.lat(|r| r.p99)),
+            ms(self.lat(|r| r.p999)),
+            self.lat(|r| r.cpu_per_request).as_secs_f64() * 1e6,
+            self.lat(|r| r.user_per_request).as_secs_f64() * 1e6,
+            self.lat(|r| r.kernel_per_request).as_secs_f64() * 1e6,
+            self.runs.iter().map(|r| r.non_2xx).sum::<u64>(),
+            self.runs.iter().map(|r| r.socket_errors).sum::<u64>(),
+        )
+    }
+}
