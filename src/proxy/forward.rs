@@ -178,7 +178,8 @@ fn classify(authority: &Authority, e: &hyper_util::client::legacy::Error) -> Pro
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, one line (`a: b: c`).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

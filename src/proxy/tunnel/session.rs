@@ -77,16 +77,7 @@ fn refused(e: &hyper::Error) -> bool {
     false
 }
 
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+pub(crate) use crate::proxy::forward::error_chain as chain;
 
 /// A live session of one client on this proxy.
 pub struct Session {
