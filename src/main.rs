@@ -91,6 +91,9 @@ struct AgentArgs {
     /// Plain TCP to the proxy, no TLS (tests on loopback only).
     #[arg(long, env = "TUNNOX_AGENT_INSECURE")]
     insecure: bool,
+    /// Runtime threads: 0 = one per CPU, 1 = single-threaded (best on one core).
+    #[arg(long, env = "TUNNOX_AGENT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 impl AgentArgs {
@@ -129,6 +132,9 @@ impl AgentArgs {
         if self.insecure {
             cfg.insecure = true;
         }
+        if let Some(v) = self.worker_threads {
+            cfg.worker_threads = v;
+        }
     }
 }
 
@@ -143,7 +149,7 @@ fn agent(args: AgentArgs, settings: &config::Settings, origin: &str) -> ExitCode
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(cfg.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tunnox agent: cannot start the runtime: {e}");
@@ -227,7 +233,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Proxy => {
-            let runtime = match proxy_runtime(settings.config.proxy.worker_threads) {
+            let runtime = match runtime(settings.config.proxy.worker_threads) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tunnox proxy: cannot start the runtime: {e}");
@@ -289,7 +295,7 @@ fn drain(args: DrainArgs, settings: &config::Settings) -> ExitCode {
 }
 
 /// One thread serves best on one core (no work stealing); otherwise one worker per thread.
-fn proxy_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads == 1 {
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -46,6 +46,8 @@ pub struct AgentConfig {
     /// Longest time a retired session is kept for streams in flight (a `ServerShutdown`'s own
     /// grace period may shorten it).
     pub grace_period: Dur,
+    /// Runtime threads: 0 = one per CPU; 1 = a single-threaded runtime (best on one core).
+    pub worker_threads: usize,
 }
 
 impl Default for AgentConfig {
@@ -65,6 +67,7 @@ impl Default for AgentConfig {
             response_timeout: Dur::secs(60),
             max_streams: 1000,
             grace_period: Dur::secs(30),
+            worker_threads: 0,
         }
     }
 }
@@ -198,6 +201,16 @@ impl AgentConfig {
         }
         if self.max_streams == 0 {
             return Err(err("agent.max_streams", "0: must be at least 1".into()));
+        }
+        if self.worker_threads > super::MAX_WORKER_THREADS {
+            return Err(err(
+                "agent.worker_threads",
+                format!(
+                    "must be 0 (one per CPU) to {}, got {}",
+                    super::MAX_WORKER_THREADS,
+                    self.worker_threads
+                ),
+            ));
         }
         for (path, d) in [
             ("agent.connect_timeout", self.connect_timeout),

@@ -20,6 +20,9 @@ pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sh
 pub use secret::{AdminToken, read_secret};
 pub use tunnel::{TunnelClientEntry, TunnelListenerConfig};
 
+/// Most runtime threads `proxy.worker_threads` and `agent.worker_threads` accept.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// Invalid configuration: where (file, line, field path) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

@@ -566,10 +566,14 @@ fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, Stri
             ),
         ));
     }
-    if p.worker_threads > 1024 {
+    if p.worker_threads > super::MAX_WORKER_THREADS {
         return Err((
             "proxy.worker_threads",
-            format!("must be 0 (one per CPU) to 1024, got {}", p.worker_threads),
+            format!(
+                "must be 0 (one per CPU) to {}, got {}",
+                super::MAX_WORKER_THREADS,
+                p.worker_threads
+            ),
         ));
     }
     Ok(())

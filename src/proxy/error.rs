@@ -44,6 +44,10 @@ pub enum ProxyError {
         client: String,
         reason: String,
     },
+    /// A request another node forwarded here finds no session of the client on this node (the
+    /// record that sent it here went stale, e.g. the agent just moved): that node may retry.
+    #[error("tunnel client {0} has no usable session on this node (forwarded by a peer)")]
+    NotHeldHere(String),
     #[error("tunnox-node header does not carry this fleet's node token")]
     NodeAuth,
     #[error("routing store unavailable and {0} is not cached")]
@@ -72,6 +76,7 @@ impl ProxyError {
             Self::OtherSet { .. }
             | Self::Inactive(_)
             | Self::StoreUnavailable(_)
+            | Self::NotHeldHere(_)
             | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::NodeAuth => StatusCode::FORBIDDEN,
             Self::TunnelNotConnected(_)
@@ -100,6 +105,7 @@ impl ProxyError {
             Self::TunnelAgent { .. } => "tunnel_agent",
             Self::TunnelStream { .. } => "tunnel_stream",
             Self::PeerForward { .. } => "peer_forward",
+            Self::NotHeldHere(_) => "not_held_here",
             Self::NodeAuth => "node_auth",
             Self::StoreUnavailable(_) => "store_unavailable",
             Self::EgressRefused { .. } => "egress_refused",
@@ -126,6 +132,7 @@ impl ProxyError {
             Self::TunnelAgent { .. } => "the tunnel client could not serve the request",
             Self::TunnelStream { .. } => "the tunnel to the client failed",
             Self::PeerForward { .. } => "the proxy holding the tunnel could not be reached",
+            Self::NotHeldHere(_) => "the tunnel client's session is not on this proxy",
             Self::NodeAuth => "forbidden",
             Self::StoreUnavailable(_) => "routing store unavailable",
             Self::EgressRefused { .. } => "the mapping's target is refused by the egress policy",
@@ -150,7 +157,16 @@ impl ProxyError {
 
     /// The response a client sees on the general path.
     pub fn into_response(self, id: &RequestId) -> Response<ProxyBody> {
-        error_response(self.status(), self.body(id), Some(id))
+        let mut resp = error_response(self.status(), self.body(id), Some(id));
+        if matches!(self, Self::NotHeldHere(_)) {
+            // Tells the forwarding node (and only it: a node strips this from agents'
+            // answers) that nothing was sent and the request may go elsewhere.
+            resp.headers_mut().insert(
+                super::tunnel::NOT_HELD_HEADER,
+                HeaderValue::from_static("1"),
+            );
+        }
+        resp
     }
 }
 
@@ -286,6 +302,7 @@ mod tests {
                 },
                 502,
             ),
+            (ProxyError::NotHeldHere("c".into()), 503),
             (ProxyError::NodeAuth, 403),
             (ProxyError::StoreUnavailable("a.b".into()), 503),
             (

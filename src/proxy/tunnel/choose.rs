@@ -75,6 +75,19 @@ pub fn choose(
     }
 }
 
+/// When the choice found nothing: whether the client's sessions look like they are moving, so
+/// that one more store read (issued after what was seen here) may find where the agent went. A
+/// session of this node that refused the stream or is closing, or a record naming this node
+/// that the local table no longer backs.
+pub fn in_flux(
+    local: &[LocalView],
+    remote: &[SessionRecord],
+    me: &str,
+    refused_here: bool,
+) -> bool {
+    refused_here || !local.is_empty() || remote.iter().any(|r| r.node_id == me)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +197,22 @@ mod tests {
             assert_eq!(
                 got, want,
                 "case {i}: {local:?} {remote:?} from_peer={from_peer}"
+            );
+        }
+        let leaving = [l(true, false, 3)];
+        let mine = [r("me", Active, 10)];
+        let theirs = [r("b", Active, -1)];
+        for (local, remote, refused, want) in [
+            (&leaving[..], &[][..], false, true),
+            (&[][..], &mine[..], false, true),
+            (&[][..], &[][..], true, true),
+            (&[][..], &theirs[..], false, false),
+            (&[][..], &[][..], false, false),
+        ] {
+            assert_eq!(
+                in_flux(local, remote, "me", refused),
+                want,
+                "{local:?} {remote:?} {refused}"
             );
         }
         assert!(!needs_store(&[l(false, true, 0)], false));

@@ -34,6 +34,11 @@ use session::LocalSessions;
 /// session. Checked in constant time; never passed to an upstream or an agent.
 pub const NODE_HEADER: HeaderName = HeaderName::from_static("tunnox-node");
 
+/// On a node's answer to a request another node forwarded: this node holds no usable session
+/// of the client and sent nothing on, so the forwarding node may try the client's other
+/// sessions. Removed from every agent's answer, so only a node can set it.
+pub const NOT_HELD_HEADER: HeaderName = HeaderName::from_static("tunnox-not-held");
+
 /// Headers only this proxy sets: any a client sent is removed before forwarding.
 pub const INTERNAL_HEADERS: [HeaderName; 3] = [
     crate::tunnel::TARGET_HEADER,

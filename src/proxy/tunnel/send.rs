@@ -14,7 +14,7 @@ use super::Tunnels;
 use super::body::Counted;
 use super::choose::{self, LocalView, Pick};
 use super::session::{Session, StreamError, chain};
-use super::{NODE_HEADER, TunnelMetrics};
+use super::{NODE_HEADER, NOT_HELD_HEADER, TunnelMetrics};
 use crate::proxy::forward::{
     ClientInfo, join_upgraded, rewrite_request_headers, strip_hop_by_hop, upgrade_protocol,
 };
@@ -67,28 +67,15 @@ impl Tunnels {
         // Nodes whose session records turned out stale (their holder unreachable).
         let mut dead_nodes: Vec<String> = Vec::new();
         let mut local_retry = false;
-        for _attempt in 0..3 {
-            let local: Vec<Arc<Session>> = self
-                .local
-                .of(&client_id)
-                .into_iter()
-                .filter(|s| !tried.contains(&s.id))
-                .collect();
-            let views: Vec<LocalView> = local
-                .iter()
-                .map(|s| LocalView {
-                    leaving: s.is_leaving(),
-                    usable: s.transport.usable(),
-                    open: s.open_streams(),
-                    full: s.open_streams() >= s.max_streams,
-                })
-                .collect();
+        let mut reread = false;
+        for _attempt in 0..4 {
+            let (mut local, mut views) = self.local_views(&client_id, &tried);
             // Only a request a peer sent here stays on this node. A stream this node's session
             // refused (its agent is leaving it for a session elsewhere, make-before-break) goes
             // where the agent went.
             let local_only = from_peer;
             let remote = if choose::needs_store(&views, local_only) {
-                match self.registry.sessions(&client_id).await {
+                let remote = match self.registry.sessions(&client_id).await {
                     Ok(mut r) => {
                         r.retain(|r| !dead_nodes.contains(&r.node_id));
                         r
@@ -97,11 +84,30 @@ impl Tunnels {
                         tracing::warn!(client_id = %client_id, error = %e, "cannot read the client's sessions from the store");
                         Vec::new()
                     }
-                }
+                };
+                // Looked at again after the read: a session of this node registered meanwhile
+                // (its record can replace the one it moved from) is in the local table by now,
+                // as sessions enter it before their record is written.
+                (local, views) = self.local_views(&client_id, &tried);
+                remote
             } else {
                 Vec::new()
             };
-            match choose::choose(&views, &remote, &self.node_id, Utc::now(), local_only) {
+            let pick = choose::choose(&views, &remote, &self.node_id, Utc::now(), local_only);
+            tracing::debug!(client_id = %client_id, ?views, remote = ?remote.iter().map(|r| (&r.node_id, r.state)).collect::<Vec<_>>(), ?dead_nodes, ?pick, from_peer, "tunnel session choice");
+            match pick {
+                // The node that sent it here read a record that has gone stale (the agent
+                // moved): it may try elsewhere, as nothing was sent on.
+                Pick::Offline if from_peer => return Err(ProxyError::NotHeldHere(client_id)),
+                // The client's sessions are moving: one here is closing, or the store still
+                // names this node. A read issued now sees where the agent went (it writes its new
+                // record before it closes the old session), so read once more.
+                Pick::Offline
+                    if !reread && choose::in_flux(&views, &remote, &self.node_id, local_retry) =>
+                {
+                    reread = true;
+                    continue;
+                }
                 Pick::Offline if !local_retry => {
                     return Err(ProxyError::TunnelNotConnected(client_id));
                 }
@@ -137,7 +143,7 @@ impl Tunnels {
                             .await;
                         match sent {
                             Err((e, true)) => {
-                                tracing::info!(client_id = %client_id, node = %node_id, error = %e, "the node holding the session is unreachable; its record is stale");
+                                tracing::info!(client_id = %client_id, node = %node_id, error = %e, "the node named by the session record is unreachable or no longer holds it; trying the client's other sessions");
                                 dead_nodes.push(node_id);
                                 pending = Some(crate::proxy::empty_body());
                                 continue;
@@ -234,6 +240,30 @@ impl Tunnels {
         })
     }
 
+    /// This node's sessions of the client not tried yet, and what the choice needs of each.
+    fn local_views(
+        &self,
+        client_id: &str,
+        tried: &[String],
+    ) -> (Vec<Arc<Session>>, Vec<LocalView>) {
+        let local: Vec<Arc<Session>> = self
+            .local
+            .of(client_id)
+            .into_iter()
+            .filter(|s| !tried.contains(&s.id))
+            .collect();
+        let views = local
+            .iter()
+            .map(|s| LocalView {
+                leaving: s.is_leaving(),
+                usable: s.transport.usable(),
+                open: s.open_streams(),
+                full: s.open_streams() >= s.max_streams,
+            })
+            .collect();
+        (local, views)
+    }
+
     /// Makes a rewritten request one HTTP/2 stream for the agent.
     fn to_h2(
         &self,
@@ -317,6 +347,8 @@ impl Tunnels {
             });
         }
         self.metrics.streams.with_label_values(&["ok"]).inc();
+        // Only a node may say it holds no session; an agent's answer cannot.
+        resp.headers_mut().remove(NOT_HELD_HEADER);
         if let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgrade)
             && resp.status() == StatusCode::OK
         {
@@ -414,6 +446,13 @@ impl Tunnels {
             }
             Ok(Ok(r)) => r,
         };
+        if resp.headers().contains_key(NOT_HELD_HEADER) {
+            count(&self.metrics, "not_held");
+            return Err((
+                fail("the node no longer holds a session of the client".into()),
+                true,
+            ));
+        }
         count(&self.metrics, "ok");
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgrade)
