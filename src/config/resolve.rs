@@ -298,7 +298,21 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
                 .iter()
                 .map(|m| m.target_client_id.clone())
                 .collect();
-            super::tunnel::check_clients(&cfg.tunnel_clients, uses_redis, &named)
+            let own: Vec<u16> = [
+                Some(cfg.proxy.listen.port()),
+                Some(cfg.proxy.admin_listen.port()),
+                cfg.proxy.tunnel.listen.map(|a| a.port()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            super::tunnel::check_clients(
+                &cfg.tunnel_clients,
+                uses_redis,
+                &named,
+                &cfg.proxy.tunnel,
+                &own,
+            )
         })
         .map_err(|(path, msg)| err(&path, msg))?;
     if uses_redis && !cfg.mappings.is_empty() {

@@ -2,7 +2,7 @@
 //! single-node mode, the agents it admits (`tunnel_clients`). docs/tunnels.md and
 //! docs/configuration.md are the reference.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,10 @@ pub struct TunnelListenerConfig {
     pub max_sessions_per_client: usize,
     /// Most sessions on this proxy.
     pub max_sessions: usize,
+    /// Address the tunnels' remote ports listen on; default the IP of `proxy.listen`.
+    pub remote_bind: Option<IpAddr>,
+    /// Lowest and highest remote port a tunnel may ask for.
+    pub remote_port_range: [u16; 2],
 }
 
 impl Default for TunnelListenerConfig {
@@ -53,6 +57,8 @@ impl Default for TunnelListenerConfig {
             max_streams_per_session: 1000,
             max_sessions_per_client: 8,
             max_sessions: 10_000,
+            remote_bind: None,
+            remote_port_range: [1024, 65535],
         }
     }
 }
@@ -67,6 +73,61 @@ pub struct TunnelClientEntry {
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// Services of this client published on remote ports of the proxy (seed 002's `tunnels:`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnels: Vec<TunnelEntry>,
+}
+
+/// `tcp` (built) or `udp` (not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelKind {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// One service a client publishes: connections to `remote_port` on the proxy reach
+/// `local_host:local_port` as the agent sees it (the agent's `allow` list must hold it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelEntry {
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub kind: TunnelKind,
+    pub local_host: String,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Most connections open at once; more are refused (closed at once). Unlimited if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+/// A tunnel name: what `TunnelSet.spec.tunnels[].name` allows (a DNS label).
+fn check_tunnel_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// A local host as the agent will dial it: a hostname or an IP, nothing else.
+fn check_local_host(host: &str) -> Result<(), String> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<IpAddr>().is_ok() || crate::domain::Hostname::parse(host).is_ok() {
+        Ok(())
+    } else {
+        Err(format!("{host:?} is not a hostname or an IP address"))
+    }
 }
 
 /// A client id: what agents present and what `tunnox:client:{id}:session` is keyed by.
@@ -135,6 +196,8 @@ pub fn check_clients(
     clients: &[TunnelClientEntry],
     uses_redis: bool,
     mapping_clients: &[Option<String>],
+    listener: &TunnelListenerConfig,
+    own_ports: &[u16],
 ) -> Result<(), (String, String)> {
     if uses_redis && !clients.is_empty() {
         return Err((
@@ -167,6 +230,7 @@ pub fn check_clients(
             ));
         }
     }
+    check_tunnels(clients, listener, own_ports)?;
     for (i, m) in mapping_clients.iter().enumerate() {
         if let Some(id) = m
             && !seen.contains_key(id.as_str())
@@ -175,6 +239,77 @@ pub fn check_clients(
                 format!("mappings[{i}].target_client_id"),
                 format!("{id:?} is not declared in tunnel_clients"),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// The clients' `tunnels`: well-formed, names unique per client, each remote port taken once,
+/// inside `proxy.tunnel.remote_port_range`, and none of this proxy's own listener ports
+/// (`own_ports`). Tunnels need the tunnel listener; UDP is not built yet.
+fn check_tunnels(
+    clients: &[TunnelClientEntry],
+    listener: &TunnelListenerConfig,
+    own_ports: &[u16],
+) -> Result<(), (String, String)> {
+    let [lo, hi] = listener.remote_port_range;
+    if lo == 0 || lo > hi {
+        return Err((
+            "proxy.tunnel.remote_port_range".into(),
+            format!("[{lo}, {hi}] is not a range of ports: give [lowest, highest], 1-65535"),
+        ));
+    }
+    let mut ports: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
+    for (i, c) in clients.iter().enumerate() {
+        let mut names = std::collections::HashSet::new();
+        for (j, t) in c.tunnels.iter().enumerate() {
+            let here = format!("tunnel_clients[{i}].tunnels[{j}]");
+            let at = |f: &str| format!("{here}.{f}");
+            if listener.listen.is_none() {
+                return Err((
+                    here,
+                    "needs the tunnel listener: set proxy.tunnel.listen".into(),
+                ));
+            }
+            check_tunnel_name(&t.name).map_err(|m| (at("name"), m))?;
+            if !names.insert(t.name.as_str()) {
+                return Err((
+                    at("name"),
+                    format!("{} is already a tunnel of {}", t.name, c.client_id),
+                ));
+            }
+            if t.kind == TunnelKind::Udp {
+                return Err((
+                    at("type"),
+                    "udp is not implemented yet: this release carries tcp tunnels only".into(),
+                ));
+            }
+            check_local_host(&t.local_host).map_err(|m| (at("local_host"), m))?;
+            if t.local_port == 0 {
+                return Err((at("local_port"), "must be 1-65535, got 0".into()));
+            }
+            let p = t.remote_port;
+            if !(lo..=hi).contains(&p) {
+                return Err((
+                    at("remote_port"),
+                    format!("{p} is outside proxy.tunnel.remote_port_range [{lo}, {hi}]"),
+                ));
+            }
+            if own_ports.contains(&p) {
+                return Err((
+                    at("remote_port"),
+                    format!("{p} is one of this proxy's own listener ports"),
+                ));
+            }
+            if let Some(holder) = ports.insert(p, here.clone()) {
+                return Err((
+                    at("remote_port"),
+                    format!("{p} is already taken by {holder}"),
+                ));
+            }
+            if t.max_connections == Some(0) {
+                return Err((at("max_connections"), "must be at least 1, got 0".into()));
+            }
         }
     }
     Ok(())
@@ -189,6 +324,7 @@ mod tests {
             client_id: id.into(),
             token: token.map(str::to_string),
             token_file: file.map(PathBuf::from),
+            tunnels: Vec::new(),
         }
     }
 
@@ -253,11 +389,119 @@ mod tests {
             ),
         ];
         for (clients, redis, mappings, want) in cases {
-            let got = check_clients(&clients, redis, &mappings);
+            let got = check_clients(&clients, redis, &mappings, &Default::default(), &[]);
             assert_eq!(got.as_ref().err().map(|e| e.0.as_str()), want, "{got:?}");
         }
-        let err = check_clients(&ok(), false, &[Some("ghost".into())]).unwrap_err();
+        let err = check_clients(
+            &ok(),
+            false,
+            &[Some("ghost".into())],
+            &Default::default(),
+            &[],
+        )
+        .unwrap_err();
         assert!(err.1.contains("ghost"), "{err:?}");
+    }
+
+    #[test]
+    fn checks_tunnels() {
+        let tcp = |name: &str, remote: u16| TunnelEntry {
+            name: name.into(),
+            kind: TunnelKind::Tcp,
+            local_host: "127.0.0.1".into(),
+            local_port: 22,
+            remote_port: remote,
+            max_connections: None,
+        };
+        let with = |tunnels: Vec<TunnelEntry>| {
+            let mut c = client("laptop", Some("t"), None);
+            c.tunnels = tunnels;
+            c
+        };
+        let on = TunnelListenerConfig {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            insecure: true,
+            ..Default::default()
+        };
+        let edit = |f: &dyn Fn(&mut TunnelEntry)| {
+            let mut t = tcp("ssh", 2222);
+            f(&mut t);
+            vec![with(vec![t])]
+        };
+        type Case = (Vec<TunnelClientEntry>, Option<&'static str>, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                vec![with(vec![tcp("ssh", 2222), tcp("db", 5433)])],
+                None,
+                "",
+            ),
+            (
+                vec![with(vec![tcp("ssh", 2222), tcp("ssh", 2223)])],
+                Some("tunnel_clients[0].tunnels[1].name"),
+                "already",
+            ),
+            (
+                vec![with(vec![tcp("ssh", 2222)]), {
+                    let mut c = with(vec![tcp("web", 2222)]);
+                    c.client_id = "other".into();
+                    c
+                }],
+                Some("tunnel_clients[1].tunnels[0].remote_port"),
+                "tunnel_clients[0].tunnels[0]",
+            ),
+            (
+                edit(&|t| t.name = "SSH".into()),
+                Some("tunnel_clients[0].tunnels[0].name"),
+                "SSH",
+            ),
+            (
+                edit(&|t| t.kind = TunnelKind::Udp),
+                Some("tunnel_clients[0].tunnels[0].type"),
+                "not implemented",
+            ),
+            (
+                edit(&|t| t.local_host = "a b".into()),
+                Some("tunnel_clients[0].tunnels[0].local_host"),
+                "a b",
+            ),
+            (edit(&|t| t.local_host = "[::1]".into()), None, ""),
+            (
+                edit(&|t| t.local_port = 0),
+                Some("tunnel_clients[0].tunnels[0].local_port"),
+                "0",
+            ),
+            (
+                edit(&|t| t.remote_port = 80),
+                Some("tunnel_clients[0].tunnels[0].remote_port"),
+                "80",
+            ),
+            (
+                edit(&|t| t.remote_port = 8080),
+                Some("tunnel_clients[0].tunnels[0].remote_port"),
+                "own",
+            ),
+            (
+                edit(&|t| t.max_connections = Some(0)),
+                Some("tunnel_clients[0].tunnels[0].max_connections"),
+                "0",
+            ),
+        ];
+        for (clients, want, says) in cases {
+            let got = check_clients(&clients, false, &[], &on, &[8080, 9090, 7000]);
+            assert_eq!(got.as_ref().err().map(|e| e.0.as_str()), want, "{got:?}");
+            if let Err((_, msg)) = got {
+                assert!(msg.contains(says), "{msg}");
+            }
+        }
+        // Without the tunnel listener nothing can carry them.
+        let got = check_clients(&edit(&|_| {}), false, &[], &Default::default(), &[]);
+        assert_eq!(got.unwrap_err().0, "tunnel_clients[0].tunnels[0]");
+        let bad_range = TunnelListenerConfig {
+            remote_port_range: [3000, 2000],
+            ..on.clone()
+        };
+        let got = check_clients(&edit(&|_| {}), false, &[], &bad_range, &[]);
+        assert_eq!(got.unwrap_err().0, "proxy.tunnel.remote_port_range");
     }
 
     /// The checks run from `resolve` on a whole file, and name the field and the value.

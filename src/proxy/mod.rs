@@ -367,6 +367,22 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             stop_rx.clone(),
         ));
     }
+    // Single-node: the clients' TCP tunnels listen from the start (a port that cannot be bound
+    // is a start-up error, like the proxy's own listeners).
+    let remote_ports = Arc::new(tunnel::RemotePorts::new(
+        tcfg.remote_bind.unwrap_or(listen.ip()),
+        tunnels.clone(),
+    ));
+    let declared = remote_tunnels(&settings);
+    if !declared.is_empty() {
+        let failed = remote_ports.apply(&declared).await;
+        if let Some((port, source)) = failed.into_iter().next() {
+            let at = remote_tunnel_field(&settings, port);
+            return Err(RunError::Config(format!(
+                "{at}: cannot listen on port {port}: {source}"
+            )));
+        }
+    }
     {
         // /drain (preStop) starts the tunnels' make-before-break.
         let tunnels = tunnels.clone();
@@ -452,6 +468,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     crate::observe::shutdown_signal().await;
     tracing::info!("shutting down");
+    // No new connections on remote ports; those open end with their sessions.
+    remote_ports.close_all();
     if !drain.is_draining() {
         // No preStop drain came first: agents are told this is a shutdown.
         tunnels.drain("shutdown").await;
@@ -501,6 +519,39 @@ fn tunnel_advertise(t: &crate::config::TunnelListenerConfig, bound: SocketAddr) 
         }
         _ => bound.to_string(),
     }
+}
+
+/// Single-node: the `tunnels` of every `tunnel_clients` entry (checked when the file was read).
+fn remote_tunnels(settings: &Settings) -> Vec<tunnel::RemoteTunnel> {
+    let mut out = Vec::new();
+    for c in &settings.config.tunnel_clients {
+        for t in &c.tunnels {
+            let host = &t.local_host;
+            let target = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{}", t.local_port)
+            } else {
+                format!("{host}:{}", t.local_port)
+            };
+            out.push(tunnel::RemoteTunnel {
+                client_id: c.client_id.clone(),
+                name: t.name.clone(),
+                target,
+                port: t.remote_port,
+                max_connections: t.max_connections,
+            });
+        }
+    }
+    out
+}
+
+/// The field declaring remote port `port`, for an error message.
+fn remote_tunnel_field(settings: &Settings, port: u16) -> String {
+    for (i, c) in settings.config.tunnel_clients.iter().enumerate() {
+        if let Some(j) = c.tunnels.iter().position(|t| t.remote_port == port) {
+            return format!("tunnel_clients[{i}].tunnels[{j}].remote_port");
+        }
+    }
+    "tunnel_clients".into()
 }
 
 /// Single-node: `tunnel_clients` as credentials (the token hashed; a token file read like the

@@ -15,10 +15,7 @@ impl Role {
         let file = std::fs::File::create(log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tunnox"));
         cmd.args(args)
-            .env(
-                "RUST_LOG",
-                "info,kube=warn,tower=warn,hyper=warn,tunnox::proxy::tunnel::send=debug",
-            )
+            .env("RUST_LOG", "info,kube=warn,tower=warn,hyper=warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file);

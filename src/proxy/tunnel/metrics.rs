@@ -12,6 +12,13 @@ pub struct TunnelMetrics {
     pub bytes_out: IntCounter,
     /// Requests sent to the node holding the client's session.
     pub forwarded_to_peer: IntCounterVec,
+    /// Connections to remote ports by outcome: `ok`, `offline`, `max_connections`,
+    /// `agent_error`, `stream`; `bind_failed` counts listeners that could not be bound.
+    pub remote_connections: IntCounterVec,
+    /// Remote-port connections being carried now.
+    pub remote_open: IntGauge,
+    /// Bytes carried on remote-port connections: `in` towards the agent, `out` back.
+    pub remote_bytes: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -77,6 +84,36 @@ impl TunnelMetrics {
                         "Requests forwarded to the node holding the client's session, by outcome",
                     ),
                     &["outcome"],
+                )
+                .expect("valid"),
+            ),
+            remote_connections: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_tunnel_remote_connections_total",
+                        "Connections to tunnels' remote ports, by outcome",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
+            remote_open: reg(
+                r,
+                IntGauge::new(
+                    "tunnox_tunnel_remote_connections_open",
+                    "Remote-port connections being carried",
+                )
+                .expect("valid"),
+            ),
+            remote_bytes: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_tunnel_remote_bytes_total",
+                        "Bytes carried on remote-port connections (in = towards the agent), counted when a connection ends",
+                    ),
+                    &["direction"],
                 )
                 .expect("valid"),
             ),

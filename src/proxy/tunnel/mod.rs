@@ -7,6 +7,7 @@ mod body;
 mod choose;
 mod listener;
 mod metrics;
+mod remote;
 mod send;
 mod session;
 
@@ -22,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
+pub use remote::{RemotePorts, RemoteTunnel};
 
 use super::ProxyBody;
 use crate::config::AdminToken;

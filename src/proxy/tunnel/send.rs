@@ -24,7 +24,7 @@ use crate::proxy::{ProxyBody, ProxyError};
 use crate::tunnel::{ERROR_HEADER, TARGET_HEADER};
 
 /// The labels an agent may put in `tunnox-error` (anything else counts as `other`).
-fn agent_label(v: &HeaderValue) -> &'static str {
+pub(super) fn agent_label(v: &HeaderValue) -> &'static str {
     match v.as_bytes() {
         b"not_allowed" => "not_allowed",
         b"connect" => "connect",
@@ -241,7 +241,7 @@ impl Tunnels {
     }
 
     /// This node's sessions of the client not tried yet, and what the choice needs of each.
-    fn local_views(
+    pub(super) fn local_views(
         &self,
         client_id: &str,
         tried: &[String],

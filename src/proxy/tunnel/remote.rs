@@ -1,0 +1,370 @@
+//! Remote ports: TCP listeners on the proxy whose connections reach a client's local service
+//! through its session, each connection one CONNECT stream (no `:protocol`: the agent dials
+//! the target and joins the stream to it). The set of listeners follows what is declared:
+//! [`RemotePorts::apply`] opens, retargets and closes them without touching connections in
+//! flight.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::header::HeaderValue;
+use http::{Method, Request, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::Tunnels;
+use super::choose::{self, Pick};
+use super::session::{StreamError, StreamSlot};
+use crate::tunnel::{ERROR_HEADER, TARGET_HEADER};
+
+/// One published TCP service as the proxy serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteTunnel {
+    pub client_id: String,
+    pub name: String,
+    /// `host:port` as the agent dials it.
+    pub target: String,
+    pub port: u16,
+    pub max_connections: Option<u32>,
+}
+
+/// What [`plan`] decided: listeners to close, to open, and open ones whose tunnel changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub close: Vec<u16>,
+    pub open: Vec<RemoteTunnel>,
+    pub retarget: Vec<RemoteTunnel>,
+}
+
+/// From the listeners open now (by port) to `desired` (ports unique, checked by the caller).
+pub fn plan(current: &HashMap<u16, RemoteTunnel>, desired: &[RemoteTunnel]) -> Plan {
+    let mut p = Plan::default();
+    for d in desired {
+        match current.get(&d.port) {
+            None => p.open.push(d.clone()),
+            Some(c) if c != d => p.retarget.push(d.clone()),
+            Some(_) => {}
+        }
+    }
+    let mut close: Vec<u16> = current
+        .keys()
+        .filter(|port| !desired.iter().any(|d| d.port == **port))
+        .copied()
+        .collect();
+    close.sort_unstable();
+    p.close = close;
+    p
+}
+
+/// Why a connection to a remote port was not carried (a bounded metric label each).
+#[derive(Debug, thiserror::Error)]
+pub enum CarryError {
+    #[error("tunnel client {0} has no session on this proxy")]
+    Offline(String),
+    #[error("tunnel {0} is at its max_connections")]
+    Full(String),
+    #[error("tunnel client {client} refused the connection: {label}")]
+    Agent { client: String, label: String },
+    #[error("tunnel client {client}: {reason}")]
+    Stream { client: String, reason: String },
+}
+
+impl CarryError {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Offline(_) => "offline",
+            Self::Full(_) => "max_connections",
+            Self::Agent { .. } => "agent_error",
+            Self::Stream { .. } => "stream",
+        }
+    }
+}
+
+struct Listening {
+    tunnel: watch::Sender<Arc<RemoteTunnel>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The remote-port listeners of this proxy.
+pub struct RemotePorts {
+    bind: IpAddr,
+    tunnels: Arc<Tunnels>,
+    open: Mutex<HashMap<u16, Listening>>,
+}
+
+impl RemotePorts {
+    pub fn new(bind: IpAddr, tunnels: Arc<Tunnels>) -> Self {
+        Self {
+            bind,
+            tunnels,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes the listeners match `desired`: closes those no longer wanted (their connections
+    /// go on), points kept ones at their new tunnel, binds new ones. Returns the ports that
+    /// could not be bound, with why.
+    pub async fn apply(&self, desired: &[RemoteTunnel]) -> Vec<(u16, std::io::Error)> {
+        let current: HashMap<u16, RemoteTunnel> = self
+            .open
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(p, l)| (*p, (**l.tunnel.borrow()).clone()))
+            .collect();
+        let plan = plan(&current, desired);
+        let mut failed = Vec::new();
+        {
+            let mut open = self.open.lock().expect("not poisoned");
+            for port in &plan.close {
+                open.remove(port);
+                tracing::info!(port, "remote port closed");
+            }
+            for t in &plan.retarget {
+                if let Some(l) = open.get(&t.port) {
+                    let _ = l.tunnel.send(Arc::new(t.clone()));
+                    tracing::info!(port = t.port, client_id = %t.client_id, tunnel = %t.name, target = %t.target, "remote port retargeted");
+                }
+            }
+        }
+        for t in plan.open {
+            let addr = SocketAddr::new(self.bind, t.port);
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, client_id = %t.client_id, tunnel = %t.name, target = %t.target, "remote port listening");
+                    let (tx, rx) = watch::channel(Arc::new(t.clone()));
+                    let task = tokio::spawn(accept(listener, rx, self.tunnels.clone()));
+                    self.open
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(t.port, Listening { tunnel: tx, task });
+                }
+                Err(e) => {
+                    self.tunnels
+                        .metrics
+                        .remote_connections
+                        .with_label_values(&["bind_failed"])
+                        .inc();
+                    tracing::warn!(%addr, client_id = %t.client_id, tunnel = %t.name, error = %e, "remote port cannot be bound");
+                    failed.push((t.port, e));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Closes every listener (connections in flight go on until they end).
+    pub fn close_all(&self) {
+        self.open.lock().expect("not poisoned").clear();
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    tunnel: watch::Receiver<Arc<RemoteTunnel>>,
+    tunnels: Arc<Tunnels>,
+) {
+    // Counts this listener's open connections across retargets.
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "remote port: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let t = tunnel.borrow().clone();
+        let guard = match Admitted::enter(&open, t.max_connections) {
+            Some(g) => g,
+            None => {
+                let e = CarryError::Full(format!("{}/{}", t.client_id, t.name));
+                count(&tunnels, e.label());
+                tracing::warn!(%peer, port = t.port, error = %e, "remote connection refused");
+                continue;
+            }
+        };
+        let tunnels = tunnels.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            carry(&tunnels, &t, tcp, peer).await;
+        });
+    }
+}
+
+fn count(t: &Tunnels, outcome: &str) {
+    t.metrics
+        .remote_connections
+        .with_label_values(&[outcome])
+        .inc();
+}
+
+/// One open connection of a listener, counted until dropped.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Admitted {
+    fn enter(open: &Arc<AtomicUsize>, max: Option<u32>) -> Option<Self> {
+        let max = max.map_or(usize::MAX, |m| m as usize);
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(open.clone()))
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let (stream, _slot) = match tunnels.open_tcp(&t.client_id, &t.target).await {
+        Ok(s) => s,
+        Err(e) => {
+            count(tunnels, e.label());
+            tracing::warn!(%peer, port = t.port, tunnel = %t.name, error = %e, "remote connection not carried");
+            return;
+        }
+    };
+    count(tunnels, "ok");
+    tunnels.metrics.remote_open.inc();
+    let mut stream = TokioIo::new(stream);
+    let (up, down) = match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(%peer, port = t.port, error = %e, "remote connection ended with an error");
+            (0, 0)
+        }
+    };
+    tunnels.metrics.remote_open.dec();
+    tunnels
+        .metrics
+        .remote_bytes
+        .with_label_values(&["in"])
+        .inc_by(up);
+    tunnels
+        .metrics
+        .remote_bytes
+        .with_label_values(&["out"])
+        .inc_by(down);
+}
+
+impl Tunnels {
+    /// Opens a raw byte stream to `target` through one of this node's sessions of `client_id`
+    /// (least open streams first; a session that refuses the stream unprocessed gives way to
+    /// the next).
+    pub async fn open_tcp(
+        &self,
+        client_id: &str,
+        target: &str,
+    ) -> Result<(hyper::upgrade::Upgraded, StreamSlot), CarryError> {
+        let stream_err = |reason: String| CarryError::Stream {
+            client: client_id.to_string(),
+            reason,
+        };
+        let mut tried: Vec<String> = Vec::new();
+        for _attempt in 0..3 {
+            let (local, views) = self.local_views(client_id, &tried);
+            let Pick::Local(i) =
+                choose::choose(&views, &[], &self.node_id, chrono::Utc::now(), true)
+            else {
+                return Err(CarryError::Offline(client_id.to_string()));
+            };
+            let session = local[i].clone();
+            tried.push(session.id.clone());
+            let Some(slot) = session.enter() else {
+                continue;
+            };
+            let mut req = Request::new(crate::proxy::empty_body());
+            *req.method_mut() = Method::CONNECT;
+            *req.version_mut() = Version::HTTP_2;
+            *req.uri_mut() = target
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| stream_err(e.to_string()))?;
+            let value = HeaderValue::from_str(target).map_err(|e| stream_err(e.to_string()))?;
+            req.headers_mut().insert(TARGET_HEADER, value);
+            let sent =
+                tokio::time::timeout(self.settings.response_timeout, session.transport.open(req))
+                    .await;
+            let mut resp = match sent {
+                Err(_) => return Err(stream_err("no answer in time".into())),
+                Ok(Ok(resp)) => resp,
+                Ok(Err(StreamError::NotSent(_) | StreamError::Refused(_))) => continue,
+                Ok(Err(StreamError::Failed(reason))) => return Err(stream_err(reason)),
+            };
+            if let Some(v) = resp.headers().get(ERROR_HEADER) {
+                return Err(CarryError::Agent {
+                    client: client_id.to_string(),
+                    label: super::send::agent_label(v).to_string(),
+                });
+            }
+            if resp.status() != StatusCode::OK {
+                return Err(stream_err(format!("answered {}", resp.status())));
+            }
+            let upgraded = hyper::upgrade::on(&mut resp)
+                .await
+                .map_err(|e| stream_err(super::session::chain(&e)))?;
+            return Ok((upgraded, slot));
+        }
+        Err(stream_err("no session took the stream".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(port: u16, target: &str) -> RemoteTunnel {
+        RemoteTunnel {
+            client_id: "laptop".into(),
+            name: format!("t{port}"),
+            target: target.into(),
+            port,
+            max_connections: None,
+        }
+    }
+
+    #[test]
+    fn plans_opens_retargets_and_closes() {
+        let current: HashMap<u16, RemoteTunnel> = [t(2000, "a:1"), t(2001, "b:1"), t(2002, "c:1")]
+            .into_iter()
+            .map(|t| (t.port, t))
+            .collect();
+        let desired = [t(2001, "b:1"), t(2002, "c:2"), t(2003, "d:1")];
+        let p = plan(&current, &desired);
+        assert_eq!(p.close, vec![2000]);
+        assert_eq!(p.open, vec![t(2003, "d:1")]);
+        assert_eq!(p.retarget, vec![t(2002, "c:2")]);
+        assert_eq!(plan(&current, &[]).close, vec![2000, 2001, 2002]);
+        assert_eq!(plan(&HashMap::new(), &desired).open.len(), 3);
+        let same: Vec<RemoteTunnel> = current.values().cloned().collect();
+        assert_eq!(plan(&current, &same), Plan::default());
+    }
+
+    #[test]
+    fn counts_connections_up_to_the_limit() {
+        let open = Arc::new(AtomicUsize::new(0));
+        let a = Admitted::enter(&open, Some(2)).unwrap();
+        let b = Admitted::enter(&open, Some(2)).unwrap();
+        assert!(Admitted::enter(&open, Some(2)).is_none());
+        drop(a);
+        let _c = Admitted::enter(&open, Some(2)).unwrap();
+        drop(b);
+        assert_eq!(open.load(Ordering::Acquire), 1);
+        assert!(Admitted::enter(&open, None).is_some());
+    }
+}

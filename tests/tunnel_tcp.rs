@@ -1,0 +1,252 @@
+//! TCP tunnels on remote ports (single-node): the real `tunnox proxy` with `tunnel_clients[].
+//! tunnels`, the real `tunnox agent` over TLS 1.3, and a TCP echo service on loopback. Each
+//! connection to a remote port is one stream on the agent's session.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::process::{Role, eventually, free_port};
+use support::proxy::ProxyProc;
+use support::tunnel::{AgentSpec, Pki, agent, secret_file};
+
+/// A TCP echo service: each connection's bytes come back until the client half-closes.
+fn echo() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    token: std::path::PathBuf,
+    proxy: ProxyProc,
+    /// The proxy's tunnel listener.
+    tunnel: u16,
+    echo: u16,
+    /// Remote ports: `ssh` (echo, unlimited), `two` (echo, max 2 connections), `denied` (a
+    /// target the agent does not allow), `nobody` (a client with no agent).
+    ssh: u16,
+    two: u16,
+    denied: u16,
+    nobody: u16,
+}
+
+fn config(echo: u16, ports: [u16; 4]) -> String {
+    let [ssh, two, denied, nobody] = ports;
+    format!(
+        "storage: {{type: memory}}
+http_domain: {{base_domains: [tunnox.net]}}
+tunnel_clients:
+  - client_id: laptop
+    token: agent-secret-0123456789
+    tunnels:
+      - {{name: ssh, local_host: 127.0.0.1, local_port: {echo}, remote_port: {ssh}}}
+      - {{name: two, type: tcp, local_host: 127.0.0.1, local_port: {echo}, remote_port: {two}, max_connections: 2}}
+      - {{name: denied, local_host: 127.0.0.1, local_port: 1, remote_port: {denied}}}
+  - client_id: nobody
+    token: other-secret-0123456789
+    tunnels:
+      - {{name: db, local_host: localhost, local_port: 5432, remote_port: {nobody}}}"
+    )
+}
+
+impl Node {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path(), "tcp");
+        let token = secret_file(dir.path(), "agent-token", "agent-secret-0123456789");
+        let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
+        let echo = echo();
+        let ports = [free_port(), free_port(), free_port(), free_port()];
+        let tunnel = free_port();
+        let proxy = ProxyProc::start(
+            dir.path(),
+            "p",
+            &config(echo, ports),
+            &pki.tunnel_yaml(tunnel, &node_token),
+        )
+        .ready();
+        let [ssh, two, denied, nobody] = ports;
+        Self {
+            dir,
+            pki,
+            token,
+            proxy,
+            tunnel,
+            echo,
+            ssh,
+            two,
+            denied,
+            nobody,
+        }
+    }
+
+    fn agent(&self) -> Role {
+        let a = agent(
+            self.dir.path(),
+            "agent",
+            &AgentSpec {
+                client_id: "laptop",
+                token_file: &self.token,
+                ca: &self.pki.ca,
+                servers: &[self.tunnel],
+                allow: &[format!("127.0.0.1:{}", self.echo)],
+                extra: &[],
+            },
+        );
+        eventually(
+            "agent carries a connection",
+            Duration::from_secs(15),
+            || round_trip(self.ssh, b"ping").as_deref() == Some(&b"ping"[..]),
+        );
+        a
+    }
+
+    fn metric(&self, outcome: &str) -> u64 {
+        let body = self.proxy.admin_get("/metrics").unwrap().body;
+        let prefix = format!("tunnox_tunnel_remote_connections_total{{outcome=\"{outcome}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Sends `data`, half-closes, and reads until the other side closes; `None` on an error.
+fn round_trip(port: u16, data: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(data).ok()?;
+    s.shutdown(Shutdown::Write).ok()?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).ok()?;
+    Some(back)
+}
+
+/// True when the proxy closed the connection without carrying anything.
+fn closed_at_once(port: u16) -> bool {
+    let mut s = connect(port);
+    let _ = s.write_all(b"hello");
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(0) | Err(_))
+}
+
+/// Deterministic bytes for connection `i`.
+fn payload(i: usize, len: usize) -> Vec<u8> {
+    let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn fifty_connections_carry_a_megabyte_each_way_intact() {
+    let n = Node::start();
+    let _agent = n.agent();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..50)
+        .map(|i| {
+            let port = n.ssh;
+            std::thread::spawn(move || {
+                let data = payload(i, 1 << 20);
+                let s = connect(port);
+                let mut w = s.try_clone().unwrap();
+                let sent = data.clone();
+                let writer = std::thread::spawn(move || {
+                    w.write_all(&sent).unwrap();
+                    w.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut back = Vec::with_capacity(data.len());
+                let mut r = s;
+                r.read_to_end(&mut back).unwrap();
+                writer.join().unwrap();
+                assert!(back == data, "connection {i}: {} bytes back", back.len());
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    eprintln!("50 x 1 MiB each way in {:?}", started.elapsed());
+    // One warm-up round trip plus the fifty.
+    assert_eq!(n.metric("ok"), 51, "{}", n.proxy.log());
+}
+
+#[test]
+fn limits_refusals_and_a_port_that_cannot_be_bound() {
+    let n = Node::start();
+    // No agent yet: the client is offline and connections are closed at once.
+    assert!(closed_at_once(n.ssh));
+    assert!(n.metric("offline") >= 1);
+    let _agent = n.agent();
+
+    // max_connections: 2 → the third is refused while two are open; one closing frees a place.
+    let mut a = connect(n.two);
+    let mut b = connect(n.two);
+    for s in [&mut a, &mut b] {
+        s.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).unwrap();
+    }
+    assert!(closed_at_once(n.two));
+    assert_eq!(n.metric("max_connections"), 1);
+    drop(a);
+    eventually("a place frees up", Duration::from_secs(5), || {
+        round_trip(n.two, b"again").as_deref() == Some(&b"again"[..])
+    });
+    drop(b);
+
+    // A target outside the agent's allow list, and a client with no agent.
+    assert!(closed_at_once(n.denied));
+    assert!(n.metric("agent_error") >= 1);
+    assert!(closed_at_once(n.nobody));
+    assert!(n.metric("offline") >= 2);
+    // The proxy is still healthy and still carries connections.
+    assert_eq!(round_trip(n.ssh, b"still").as_deref(), Some(&b"still"[..]));
+
+    // A second proxy whose remote port is taken does not start, and says which field.
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().port();
+    let yaml = config(n.echo, [taken, free_port(), free_port(), free_port()]);
+    let node_token = secret_file(n.dir.path(), "node-token-2", "node-secret-0123456789");
+    let mut second = ProxyProc::start(
+        n.dir.path(),
+        "second",
+        &yaml,
+        &n.pki.tunnel_yaml(free_port(), &node_token),
+    );
+    eventually("the second proxy exits", Duration::from_secs(10), || {
+        !second.role.is_running()
+    });
+    let log = second.log();
+    assert!(
+        log.contains("tunnel_clients[0].tunnels[0].remote_port")
+            && log.contains(&taken.to_string()),
+        "{log}"
+    );
+}
