@@ -19,6 +19,7 @@ use prometheus::IntCounter;
 
 use super::allow::{AllowList, Refusal};
 use super::metrics::AgentMetrics;
+use crate::tunnel::udp::{self, Datagrams, TRANSPORT_HEADER};
 use crate::tunnel::{CONTROL_HEADER, ERROR_HEADER, TARGET_HEADER};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -64,7 +65,12 @@ impl Outcome {
 /// Hop-by-hop headers (`crate::hop`) and the tunnel's own.
 fn strip(headers: &mut HeaderMap) {
     crate::hop::strip(headers);
-    for h in [&TARGET_HEADER, &CONTROL_HEADER, &ERROR_HEADER] {
+    for h in [
+        &TARGET_HEADER,
+        &CONTROL_HEADER,
+        &ERROR_HEADER,
+        &TRANSPORT_HEADER,
+    ] {
         headers.remove(h);
     }
 }
@@ -183,7 +189,9 @@ impl Forwarder {
             }
             Ok(dial) => {
                 let dial = dial.to_string();
-                if req.method() == Method::CONNECT {
+                if req.method() == Method::CONNECT && is_udp(&req) {
+                    self.udp(req, dial).await
+                } else if req.method() == Method::CONNECT {
                     self.connect(req, dial).await
                 } else {
                     self.http(req, dial).await
@@ -366,6 +374,87 @@ impl Forwarder {
         let mut ok = Response::new(empty());
         *ok.headers_mut() = headers;
         (Outcome::Upgraded, ok)
+    }
+}
+
+/// A plain CONNECT asking for a UDP flow (`tunnox-transport: udp`).
+fn is_udp(req: &Request<Incoming>) -> bool {
+    req.extensions().get::<hyper::ext::Protocol>().is_none()
+        && req
+            .headers()
+            .get(TRANSPORT_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"udp"))
+}
+
+/// The local end of a UDP flow: a socket connected to the target.
+struct LocalUdp {
+    socket: tokio::net::UdpSocket,
+    buf: Vec<u8>,
+}
+
+impl Datagrams for LocalUdp {
+    async fn recv(&mut self) -> Option<Bytes> {
+        loop {
+            match self.socket.recv(&mut self.buf).await {
+                Ok(n) => return Some(Bytes::copy_from_slice(&self.buf[..n])),
+                // An ICMP "port unreachable" for an earlier datagram: the flow goes on.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    async fn send(&mut self, datagram: Bytes) {
+        let _ = self.socket.send(&datagram).await;
+    }
+}
+
+/// How long the agent keeps a UDP flow with no datagram: the proxy ends flows at the tunnel's
+/// own idle time; this only bounds a flow whose proxy side vanished without closing it.
+const UDP_IDLE_CAP: Duration = Duration::from_secs(24 * 3600);
+
+impl Forwarder {
+    /// A UDP flow: a socket connected to the target, datagrams framed on the stream.
+    async fn udp(&self, mut req: Request<Incoming>, dial: String) -> (Outcome, Response<Body>) {
+        let h2_side = hyper::upgrade::on(&mut req);
+        let addr = match tokio::net::lookup_host(&dial).await.map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            _ => {
+                tracing::warn!(target = %dial, "local UDP service: cannot resolve");
+                return (Outcome::Connect, agent_error(Outcome::Connect));
+            }
+        };
+        let any: std::net::SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = match tokio::net::UdpSocket::bind(any).await {
+            Ok(s) if s.connect(addr).await.is_ok() => s,
+            _ => {
+                tracing::warn!(target = %dial, "local UDP service: cannot open a socket to it");
+                return (Outcome::Connect, agent_error(Outcome::Connect));
+            }
+        };
+        let bytes = self.metrics.bytes.clone();
+        tokio::spawn(async move {
+            let up = match h2_side.await {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP stream ended before it opened");
+                    return;
+                }
+            };
+            let mut local = LocalUdp {
+                socket,
+                buf: vec![0u8; udp::MAX_DATAGRAM],
+            };
+            let (end, carried) = udp::pump(TokioIo::new(up), &mut local, UDP_IDLE_CAP).await;
+            bytes.with_label_values(&["in"]).inc_by(carried.from_tunnel);
+            bytes.with_label_values(&["out"]).inc_by(carried.to_tunnel);
+            tracing::debug!(target = %dial, ?end, "UDP flow ended");
+        });
+        (Outcome::Upgraded, Response::new(empty()))
     }
 }
 

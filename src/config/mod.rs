@@ -18,7 +18,10 @@ pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
 pub use model::*;
 pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sharing, resolve};
 pub use secret::{AdminToken, read_secret};
-pub use tunnel::{TunnelClientEntry, TunnelListenerConfig};
+pub use tunnel::{
+    DEFAULT_UDP_FLOWS, DEFAULT_UDP_SESSION_TIMEOUT, TunnelClientEntry, TunnelEntry, TunnelKind,
+    TunnelListenerConfig,
+};
 
 /// Most runtime threads `proxy.worker_threads` and `agent.worker_threads` accept.
 pub const MAX_WORKER_THREADS: usize = 1024;

@@ -78,7 +78,7 @@ pub struct TunnelClientEntry {
     pub tunnels: Vec<TunnelEntry>,
 }
 
-/// `tcp` (built) or `udp` (not yet).
+/// `tcp` or `udp`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TunnelKind {
@@ -98,10 +98,21 @@ pub struct TunnelEntry {
     pub local_host: String,
     pub local_port: u16,
     pub remote_port: u16,
-    /// Most connections open at once; more are refused (closed at once). Unlimited if absent.
+    /// Most connections (TCP) or flows (UDP) open at once; more are refused (TCP: closed at
+    /// once; UDP: the datagram is dropped). TCP: unlimited if absent; UDP: 1024 if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// UDP only: a flow with no datagram either way for this long is closed (default 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_session_timeout: Option<Dur>,
 }
+
+/// Flows of a UDP tunnel without `max_connections`: spoofed source addresses must not open
+/// streams without end.
+pub const DEFAULT_UDP_FLOWS: u32 = 1024;
+
+/// A UDP flow's idle time when `udp_session_timeout` is absent.
+pub const DEFAULT_UDP_SESSION_TIMEOUT: Dur = Dur::secs(60);
 
 /// A tunnel name: what `TunnelSet.spec.tunnels[].name` allows (a DNS label).
 fn check_tunnel_name(name: &str) -> Result<(), String> {
@@ -278,11 +289,19 @@ fn check_tunnels(
                     format!("{} is already a tunnel of {}", t.name, c.client_id),
                 ));
             }
-            if t.kind == TunnelKind::Udp {
-                return Err((
-                    at("type"),
-                    "udp is not implemented yet: this release carries tcp tunnels only".into(),
-                ));
+            if let Some(d) = t.udp_session_timeout {
+                if t.kind != TunnelKind::Udp {
+                    return Err((
+                        at("udp_session_timeout"),
+                        "applies to udp tunnels only".into(),
+                    ));
+                }
+                if d.get().is_zero() || d.get() > std::time::Duration::from_secs(86_400) {
+                    return Err((
+                        at("udp_session_timeout"),
+                        format!("must be more than 0s and at most 24h, got {d}"),
+                    ));
+                }
             }
             check_local_host(&t.local_host).map_err(|m| (at("local_host"), m))?;
             if t.local_port == 0 {
@@ -412,6 +431,7 @@ mod tests {
             local_port: 22,
             remote_port: remote,
             max_connections: None,
+            udp_session_timeout: None,
         };
         let with = |tunnels: Vec<TunnelEntry>| {
             let mut c = client("laptop", Some("t"), None);
@@ -454,10 +474,19 @@ mod tests {
                 Some("tunnel_clients[0].tunnels[0].name"),
                 "SSH",
             ),
+            (edit(&|t| t.kind = TunnelKind::Udp), None, ""),
             (
-                edit(&|t| t.kind = TunnelKind::Udp),
-                Some("tunnel_clients[0].tunnels[0].type"),
-                "not implemented",
+                edit(&|t| t.udp_session_timeout = Some(Dur::secs(5))),
+                Some("tunnel_clients[0].tunnels[0].udp_session_timeout"),
+                "udp tunnels only",
+            ),
+            (
+                edit(&|t| {
+                    t.kind = TunnelKind::Udp;
+                    t.udp_session_timeout = Some(Dur::secs(0));
+                }),
+                Some("tunnel_clients[0].tunnels[0].udp_session_timeout"),
+                "0s",
             ),
             (
                 edit(&|t| t.local_host = "a b".into()),

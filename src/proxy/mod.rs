@@ -538,6 +538,11 @@ fn remote_tunnels(settings: &Settings) -> Vec<tunnel::RemoteTunnel> {
                 target,
                 port: t.remote_port,
                 max_connections: t.max_connections,
+                udp_idle: (t.kind == crate::config::TunnelKind::Udp).then(|| {
+                    t.udp_session_timeout
+                        .unwrap_or(crate::config::DEFAULT_UDP_SESSION_TIMEOUT)
+                        .get()
+                }),
             });
         }
     }

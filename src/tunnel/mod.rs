@@ -23,7 +23,9 @@
 //!    target; otherwise it answers 502 with [`ERROR_HEADER`] `not_allowed`. WebSocket and other
 //!    upgrades travel as extended CONNECT (RFC 8441) with `:protocol` set to the `Upgrade` token;
 //!    the agent answers 200 carrying the local service's `101` headers, then the stream is the
-//!    byte pipe. A plain CONNECT (no `:protocol`) is a raw TCP stream to the target (TunnelSet).
+//!    byte pipe. A plain CONNECT (no `:protocol`) is a raw TCP stream to the target (a
+//!    tunnel's remote port); with `tunnox-transport: udp` it is a UDP flow of length-prefixed
+//!    datagrams ([`udp`]).
 //!
 //! Drain: the proxy sends `ServerShutdown {reason, reconnect_to, grace_period}`; the agent dials
 //! a new session first, then sends `Leaving` and shuts its HTTP/2 server down gracefully on the
@@ -34,6 +36,7 @@ pub mod frame;
 pub mod handshake;
 pub mod msg;
 pub mod tls;
+pub mod udp;
 
 use http::HeaderName;
 

@@ -42,10 +42,11 @@ pub const NODE_HEADER: HeaderName = HeaderName::from_static("tunnox-node");
 pub const NOT_HELD_HEADER: HeaderName = HeaderName::from_static("tunnox-not-held");
 
 /// Headers only this proxy sets: any a client sent is removed before forwarding.
-pub const INTERNAL_HEADERS: [HeaderName; 3] = [
+pub const INTERNAL_HEADERS: [HeaderName; 4] = [
     crate::tunnel::TARGET_HEADER,
     crate::tunnel::CONTROL_HEADER,
     NODE_HEADER,
+    crate::tunnel::udp::TRANSPORT_HEADER,
 ];
 
 #[derive(Debug, Clone)]

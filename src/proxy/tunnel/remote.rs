@@ -8,17 +8,20 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Method, Request, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::Tunnels;
 use super::choose::{self, Pick};
 use super::session::{StreamError, StreamSlot};
+use crate::tunnel::udp::{self, Datagrams, TRANSPORT_HEADER};
 use crate::tunnel::{ERROR_HEADER, TARGET_HEADER};
 
 /// One published TCP service as the proxy serves it.
@@ -30,6 +33,8 @@ pub struct RemoteTunnel {
     pub target: String,
     pub port: u16,
     pub max_connections: Option<u32>,
+    /// `Some(idle time of a flow)`: a UDP tunnel; `None`: TCP.
+    pub udp_idle: Option<Duration>,
 }
 
 /// What [`plan`] decided: listeners to close, to open, and open ones whose tunnel changed.
@@ -139,11 +144,18 @@ impl RemotePorts {
         }
         for t in plan.open {
             let addr = SocketAddr::new(self.bind, t.port);
-            match TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    tracing::info!(%addr, client_id = %t.client_id, tunnel = %t.name, target = %t.target, "remote port listening");
-                    let (tx, rx) = watch::channel(Arc::new(t.clone()));
-                    let task = tokio::spawn(accept(listener, rx, self.tunnels.clone()));
+            let (tx, rx) = watch::channel(Arc::new(t.clone()));
+            let bound = match t.udp_idle {
+                None => TcpListener::bind(addr)
+                    .await
+                    .map(|l| tokio::spawn(accept(l, rx, self.tunnels.clone()))),
+                Some(_) => UdpSocket::bind(addr)
+                    .await
+                    .map(|s| tokio::spawn(serve_udp(Arc::new(s), rx, self.tunnels.clone()))),
+            };
+            match bound {
+                Ok(task) => {
+                    tracing::info!(%addr, udp = t.udp_idle.is_some(), client_id = %t.client_id, tunnel = %t.name, target = %t.target, "remote port listening");
                     self.open
                         .lock()
                         .expect("not poisoned")
@@ -232,7 +244,7 @@ impl Drop for Admitted {
 
 async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let (stream, _slot) = match tunnels.open_tcp(&t.client_id, &t.target).await {
+    let (stream, _slot) = match tunnels.open_stream(&t.client_id, &t.target, false).await {
         Ok(s) => s,
         Err(e) => {
             count(tunnels, e.label());
@@ -263,14 +275,139 @@ async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: So
         .inc_by(down);
 }
 
+/// Datagrams of one flow: what the remote port's socket received from the flow's client, and
+/// the socket to answer it from.
+struct Flow {
+    rx: mpsc::Receiver<Bytes>,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+}
+
+impl Datagrams for Flow {
+    async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+
+    async fn send(&mut self, datagram: Bytes) {
+        let _ = self.socket.send_to(&datagram, self.client).await;
+    }
+}
+
+/// Datagrams queued for one flow while its stream opens or is busy; beyond, they are dropped.
+const FLOW_QUEUE: usize = 256;
+
+/// Open flows of a UDP remote port by client address.
+type Flows = HashMap<SocketAddr, mpsc::Sender<Bytes>>;
+
+/// A UDP remote port: each client address is a flow with its own stream, opened on its first
+/// datagram and closed after the tunnel's idle time.
+async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    tunnel: watch::Receiver<Arc<RemoteTunnel>>,
+    tunnels: Arc<Tunnels>,
+) {
+    let mut flows = Flows::new();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<SocketAddr>();
+    let mut buf = vec![0u8; udp::MAX_DATAGRAM];
+    loop {
+        let (n, from) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "remote UDP port: receive failed");
+                    continue;
+                }
+            },
+            Some(gone) = ended_rx.recv() => {
+                if flows.get(&gone).is_some_and(mpsc::Sender::is_closed) {
+                    flows.remove(&gone);
+                }
+                continue;
+            }
+        };
+        let datagram = Bytes::copy_from_slice(&buf[..n]);
+        let datagram = match flows.get(&from).map(|tx| tx.try_send(datagram)) {
+            Some(Ok(())) => continue,
+            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                count(&tunnels, "udp_dropped");
+                continue;
+            }
+            Some(Err(mpsc::error::TrySendError::Closed(d))) => {
+                flows.remove(&from);
+                d
+            }
+            None => Bytes::copy_from_slice(&buf[..n]),
+        };
+        let t = tunnel.borrow().clone();
+        open_flow(&mut flows, from, datagram, &socket, t, &tunnels, &ended_tx);
+    }
+}
+
+fn open_flow(
+    flows: &mut Flows,
+    from: SocketAddr,
+    first: Bytes,
+    socket: &Arc<UdpSocket>,
+    t: Arc<RemoteTunnel>,
+    tunnels: &Arc<Tunnels>,
+    ended: &mpsc::UnboundedSender<SocketAddr>,
+) {
+    let max = t
+        .max_connections
+        .unwrap_or(crate::config::DEFAULT_UDP_FLOWS) as usize;
+    if flows.len() >= max {
+        count(tunnels, "max_connections");
+        tracing::debug!(%from, port = t.port, "UDP flow refused: max_connections");
+        return;
+    }
+    let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+    let _ = tx.try_send(first);
+    flows.insert(from, tx);
+    let idle = t.udp_idle.unwrap_or(Duration::from_secs(60));
+    let mut flow = Flow {
+        rx,
+        socket: socket.clone(),
+        client: from,
+    };
+    let tunnels = tunnels.clone();
+    let ended = ended.clone();
+    tokio::spawn(async move {
+        match tunnels.open_stream(&t.client_id, &t.target, true).await {
+            Ok((stream, _slot)) => {
+                count(&tunnels, "ok");
+                tunnels.metrics.remote_open.inc();
+                let (end, carried) = udp::pump(TokioIo::new(stream), &mut flow, idle).await;
+                tunnels.metrics.remote_open.dec();
+                if end == udp::End::Idle {
+                    count(&tunnels, "udp_idle_closed");
+                }
+                let bytes = &tunnels.metrics.remote_bytes;
+                bytes.with_label_values(&["in"]).inc_by(carried.to_tunnel);
+                bytes
+                    .with_label_values(&["out"])
+                    .inc_by(carried.from_tunnel);
+                tracing::debug!(%from, port = t.port, ?end, "UDP flow ended");
+            }
+            Err(e) => {
+                count(&tunnels, e.label());
+                tracing::warn!(%from, port = t.port, tunnel = %t.name, error = %e, "UDP flow not carried");
+            }
+        }
+        // Closing the receiver marks the flow gone; the next datagram from `from` opens anew.
+        drop(flow);
+        let _ = ended.send(from);
+    });
+}
+
 impl Tunnels {
-    /// Opens a raw byte stream to `target` through one of this node's sessions of `client_id`
-    /// (least open streams first; a session that refuses the stream unprocessed gives way to
-    /// the next).
-    pub async fn open_tcp(
+    /// Opens a raw stream to `target` through one of this node's sessions of `client_id` (least
+    /// open streams first; a session that refuses the stream unprocessed gives way to the
+    /// next): TCP bytes, or with `udp` framed datagrams.
+    pub async fn open_stream(
         &self,
         client_id: &str,
         target: &str,
+        udp: bool,
     ) -> Result<(hyper::upgrade::Upgraded, StreamSlot), CarryError> {
         let stream_err = |reason: String| CarryError::Stream {
             client: client_id.to_string(),
@@ -297,6 +434,10 @@ impl Tunnels {
                 .map_err(|e: http::uri::InvalidUri| stream_err(e.to_string()))?;
             let value = HeaderValue::from_str(target).map_err(|e| stream_err(e.to_string()))?;
             req.headers_mut().insert(TARGET_HEADER, value);
+            if udp {
+                req.headers_mut()
+                    .insert(TRANSPORT_HEADER, HeaderValue::from_static("udp"));
+            }
             let sent =
                 tokio::time::timeout(self.settings.response_timeout, session.transport.open(req))
                     .await;
@@ -335,6 +476,7 @@ mod tests {
             target: target.into(),
             port,
             max_connections: None,
+            udp_idle: None,
         }
     }
 

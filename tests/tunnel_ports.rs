@@ -1,11 +1,12 @@
-//! TCP tunnels on remote ports (single-node): the real `tunnox proxy` with `tunnel_clients[].
-//! tunnels`, the real `tunnox agent` over TLS 1.3, and a TCP echo service on loopback. Each
-//! connection to a remote port is one stream on the agent's session.
+//! TCP and UDP tunnels on remote ports (single-node): the real `tunnox proxy` with
+//! `tunnel_clients[].tunnels`, the real `tunnox agent` over TLS 1.3, and TCP and UDP echo
+//! services on loopback. Each TCP connection and each UDP flow to a remote port is one stream
+//! on the agent's session.
 
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use support::process::{Role, eventually, free_port};
@@ -29,6 +30,19 @@ fn echo() -> u16 {
     port
 }
 
+/// A UDP echo service: every datagram goes back to its sender.
+fn udp_echo() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    port
+}
+
 struct Node {
     dir: tempfile::TempDir,
     pki: Pki,
@@ -37,6 +51,9 @@ struct Node {
     /// The proxy's tunnel listener.
     tunnel: u16,
     echo: u16,
+    udp_echo: u16,
+    /// The UDP remote port (to the UDP echo, flows idle after 1 s).
+    udp: u16,
     /// Remote ports: `ssh` (echo, unlimited), `two` (echo, max 2 connections), `denied` (a
     /// target the agent does not allow), `nobody` (a client with no agent).
     ssh: u16,
@@ -45,8 +62,8 @@ struct Node {
     nobody: u16,
 }
 
-fn config(echo: u16, ports: [u16; 4]) -> String {
-    let [ssh, two, denied, nobody] = ports;
+fn config(echo: u16, udp_echo: u16, ports: [u16; 5]) -> String {
+    let [ssh, two, denied, nobody, udp] = ports;
     format!(
         "storage: {{type: memory}}
 http_domain: {{base_domains: [tunnox.net]}}
@@ -57,6 +74,7 @@ tunnel_clients:
       - {{name: ssh, local_host: 127.0.0.1, local_port: {echo}, remote_port: {ssh}}}
       - {{name: two, type: tcp, local_host: 127.0.0.1, local_port: {echo}, remote_port: {two}, max_connections: 2}}
       - {{name: denied, local_host: 127.0.0.1, local_port: 1, remote_port: {denied}}}
+      - {{name: dns, type: udp, local_host: 127.0.0.1, local_port: {udp_echo}, remote_port: {udp}, udp_session_timeout: 1s}}
   - client_id: nobody
     token: other-secret-0123456789
     tunnels:
@@ -71,16 +89,23 @@ impl Node {
         let token = secret_file(dir.path(), "agent-token", "agent-secret-0123456789");
         let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
         let echo = echo();
-        let ports = [free_port(), free_port(), free_port(), free_port()];
+        let udp_echo = udp_echo();
+        let ports = [
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        ];
         let tunnel = free_port();
         let proxy = ProxyProc::start(
             dir.path(),
             "p",
-            &config(echo, ports),
+            &config(echo, udp_echo, ports),
             &pki.tunnel_yaml(tunnel, &node_token),
         )
         .ready();
-        let [ssh, two, denied, nobody] = ports;
+        let [ssh, two, denied, nobody, udp] = ports;
         Self {
             dir,
             pki,
@@ -88,6 +113,8 @@ impl Node {
             proxy,
             tunnel,
             echo,
+            udp_echo,
+            udp,
             ssh,
             two,
             denied,
@@ -104,7 +131,10 @@ impl Node {
                 token_file: &self.token,
                 ca: &self.pki.ca,
                 servers: &[self.tunnel],
-                allow: &[format!("127.0.0.1:{}", self.echo)],
+                allow: &[
+                    format!("127.0.0.1:{}", self.echo),
+                    format!("127.0.0.1:{}", self.udp_echo),
+                ],
                 extra: &[],
             },
         );
@@ -232,7 +262,11 @@ fn limits_refusals_and_a_port_that_cannot_be_bound() {
     // A second proxy whose remote port is taken does not start, and says which field.
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = held.local_addr().unwrap().port();
-    let yaml = config(n.echo, [taken, free_port(), free_port(), free_port()]);
+    let yaml = config(
+        n.echo,
+        n.udp_echo,
+        [taken, free_port(), free_port(), free_port(), free_port()],
+    );
     let node_token = secret_file(n.dir.path(), "node-token-2", "node-secret-0123456789");
     let mut second = ProxyProc::start(
         n.dir.path(),
@@ -249,4 +283,59 @@ fn limits_refusals_and_a_port_that_cannot_be_bound() {
             && log.contains(&taken.to_string()),
         "{log}"
     );
+}
+
+/// Sends `data` from `s` to the remote port and waits for its echo (UDP may drop: a few tries).
+fn udp_round_trip(s: &UdpSocket, port: u16, data: &[u8]) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..5 {
+        s.send_to(data, ("127.0.0.1", port)).ok()?;
+        if let Ok(n) = s.recv(&mut buf) {
+            return Some(buf[..n].to_vec());
+        }
+    }
+    None
+}
+
+#[test]
+fn udp_flows_carry_datagrams_and_close_when_idle() {
+    let n = Node::start();
+    let _agent = n.agent();
+    let clients: Vec<UdpSocket> = (0..2)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            s
+        })
+        .collect();
+    // Two flows (two client addresses), datagrams of many sizes, each echoed to its own sender.
+    for (c, s) in clients.iter().enumerate() {
+        for i in 0..100 {
+            let d = payload(c * 1000 + i, 1 + (i * 97) % 1400);
+            assert_eq!(
+                udp_round_trip(s, n.udp, &d),
+                Some(d),
+                "flow {c}, datagram {i}"
+            );
+        }
+    }
+    // One large datagram (beyond one HTTP/2 frame) arrives whole.
+    let big = payload(7, 60_000);
+    assert_eq!(udp_round_trip(&clients[0], n.udp, &big), Some(big));
+    assert_eq!(
+        n.metric("ok"),
+        3,
+        "one warm-up TCP connection + two UDP flows"
+    );
+
+    // Idle past udp_session_timeout (1 s): both flows are closed; a new datagram opens a new one.
+    eventually("idle flows closed", Duration::from_secs(5), || {
+        n.metric("udp_idle_closed") == 2
+    });
+    assert_eq!(
+        udp_round_trip(&clients[1], n.udp, b"back again").as_deref(),
+        Some(&b"back again"[..])
+    );
+    assert_eq!(n.metric("ok"), 4);
 }
