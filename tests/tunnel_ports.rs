@@ -52,8 +52,9 @@ struct Node {
     tunnel: u16,
     echo: u16,
     udp_echo: u16,
-    /// The UDP remote port (to the UDP echo, flows idle after 1 s).
+    /// The UDP remote ports (to the UDP echo): flows idle after 1 s; at most 2 flows.
     udp: u16,
+    udp_two: u16,
     /// Remote ports: `ssh` (echo, unlimited), `two` (echo, max 2 connections), `denied` (a
     /// target the agent does not allow), `nobody` (a client with no agent).
     ssh: u16,
@@ -62,8 +63,8 @@ struct Node {
     nobody: u16,
 }
 
-fn config(echo: u16, udp_echo: u16, ports: [u16; 5]) -> String {
-    let [ssh, two, denied, nobody, udp] = ports;
+fn config(echo: u16, udp_echo: u16, ports: [u16; 6]) -> String {
+    let [ssh, two, denied, nobody, udp, udp_two] = ports;
     format!(
         "storage: {{type: memory}}
 http_domain: {{base_domains: [tunnox.net]}}
@@ -75,6 +76,7 @@ tunnel_clients:
       - {{name: two, type: tcp, local_host: 127.0.0.1, local_port: {echo}, remote_port: {two}, max_connections: 2}}
       - {{name: denied, local_host: 127.0.0.1, local_port: 1, remote_port: {denied}}}
       - {{name: dns, type: udp, local_host: 127.0.0.1, local_port: {udp_echo}, remote_port: {udp}, udp_session_timeout: 1s}}
+      - {{name: dns-two, type: udp, local_host: 127.0.0.1, local_port: {udp_echo}, remote_port: {udp_two}, max_connections: 2}}
   - client_id: nobody
     token: other-secret-0123456789
     tunnels:
@@ -90,13 +92,7 @@ impl Node {
         let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
         let echo = echo();
         let udp_echo = udp_echo();
-        let ports = [
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-        ];
+        let ports = [(); 6].map(|()| free_port());
         let tunnel = free_port();
         let proxy = ProxyProc::start(
             dir.path(),
@@ -105,7 +101,7 @@ impl Node {
             &pki.tunnel_yaml(tunnel, &node_token),
         )
         .ready();
-        let [ssh, two, denied, nobody, udp] = ports;
+        let [ssh, two, denied, nobody, udp, udp_two] = ports;
         Self {
             dir,
             pki,
@@ -115,6 +111,7 @@ impl Node {
             echo,
             udp_echo,
             udp,
+            udp_two,
             ssh,
             two,
             denied,
@@ -265,7 +262,14 @@ fn limits_refusals_and_a_port_that_cannot_be_bound() {
     let yaml = config(
         n.echo,
         n.udp_echo,
-        [taken, free_port(), free_port(), free_port(), free_port()],
+        [
+            taken,
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        ],
     );
     let node_token = secret_file(n.dir.path(), "node-token-2", "node-secret-0123456789");
     let mut second = ProxyProc::start(
@@ -338,4 +342,22 @@ fn udp_flows_carry_datagrams_and_close_when_idle() {
         Some(&b"back again"[..])
     );
     assert_eq!(n.metric("ok"), 4);
+
+    // At most 2 flows: a third client address gets nothing back, and is counted.
+    let three: Vec<UdpSocket> = (0..3)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            s
+        })
+        .collect();
+    for s in &three[..2] {
+        assert_eq!(
+            udp_round_trip(s, n.udp_two, b"in").as_deref(),
+            Some(&b"in"[..])
+        );
+    }
+    assert_eq!(udp_round_trip(&three[2], n.udp_two, b"over"), None);
+    assert!(n.metric("max_connections") >= 1);
 }
