@@ -750,3 +750,123 @@ async fn malformed_node_registrations_are_skipped() {
         vec![node("good"), healed]
     );
 }
+
+/// Remote ports of a set: explicit and automatic claims, a conflict naming the holder, stable
+/// automatic ports, freeing what is no longer asked for, release, the version, bind errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_ports_are_claimed_atomically_per_set() {
+    use tunnox::store::{PortClaim, PortOutcome, PortRegistry, PortRequest};
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisOptions::new(&server.addr()))
+        .await
+        .unwrap();
+    let set = SetName::parse("default.default").unwrap();
+    let other_set = SetName::parse("b.r").unwrap();
+    let req = |holder: &str, name: &str, port: u16| PortRequest {
+        port,
+        claim: PortClaim {
+            holder: holder.into(),
+            client_id: format!("{holder}-client"),
+            name: name.into(),
+            target: "127.0.0.1:22".into(),
+            udp: false,
+            max_connections: None,
+            udp_idle_ms: None,
+        },
+    };
+    let range = (20000, 20002);
+    assert_eq!(store.port_version(&set).await.unwrap(), 0);
+    let a = store
+        .claim_ports(&set, "a", &[req("a", "ssh", 2222), req("a", "db", 0)], range)
+        .await
+        .unwrap();
+    assert_eq!(a, vec![PortOutcome::Held(2222), PortOutcome::Held(20000)]);
+    let v1 = store.port_version(&set).await.unwrap();
+    assert!(v1 > 0);
+    // The same claims again change nothing (the version stays).
+    let again = store
+        .claim_ports(&set, "a", &[req("a", "ssh", 2222), req("a", "db", 0)], range)
+        .await
+        .unwrap();
+    assert_eq!(again, a);
+    assert_eq!(store.port_version(&set).await.unwrap(), v1);
+    // b asks for a's port: a conflict naming a; its automatic port skips a's.
+    let b = store
+        .claim_ports(&set, "b", &[req("b", "web", 2222), req("b", "x", 0)], range)
+        .await
+        .unwrap();
+    assert_eq!(
+        b,
+        vec![
+            PortOutcome::Conflict {
+                port: 2222,
+                holder: "a".into()
+            },
+            PortOutcome::Held(20001)
+        ]
+    );
+    // Another set has its own ports.
+    let other = store
+        .claim_ports(&other_set, "b", &[req("b", "web", 2222)], range)
+        .await
+        .unwrap();
+    assert_eq!(other, vec![PortOutcome::Held(2222)]);
+    // c gets the last automatic port; d finds the range exhausted.
+    let c = store
+        .claim_ports(&set, "c", &[req("c", "y", 0)], range)
+        .await
+        .unwrap();
+    assert_eq!(c, vec![PortOutcome::Held(20002)]);
+    let d = store
+        .claim_ports(&set, "d", &[req("d", "z", 0)], range)
+        .await
+        .unwrap();
+    assert_eq!(d, vec![PortOutcome::Exhausted]);
+    // a drops its db tunnel: 20000 is freed, and d takes it.
+    store
+        .claim_ports(&set, "a", &[req("a", "ssh", 2222)], range)
+        .await
+        .unwrap();
+    let d = store
+        .claim_ports(&set, "d", &[req("d", "z", 0)], range)
+        .await
+        .unwrap();
+    assert_eq!(d, vec![PortOutcome::Held(20000)]);
+    // a goes: b takes 2222 over.
+    let before = store.port_version(&set).await.unwrap();
+    store.release_ports(&set, "a").await.unwrap();
+    assert!(store.port_version(&set).await.unwrap() > before);
+    let b = store
+        .claim_ports(&set, "b", &[req("b", "web", 2222), req("b", "x", 0)], range)
+        .await
+        .unwrap();
+    assert_eq!(b, vec![PortOutcome::Held(2222), PortOutcome::Held(20001)]);
+    let table = store.port_table(&set).await.unwrap();
+    let mut held: Vec<(u16, String)> = table
+        .ports
+        .iter()
+        .map(|(p, c)| (*p, c.holder.clone()))
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        vec![
+            (2222, "b".into()),
+            (20000, "d".into()),
+            (20001, "b".into()),
+            (20002, "c".into())
+        ]
+    );
+    assert_eq!(table.version, store.port_version(&set).await.unwrap());
+    // Bind errors per node; cleared when the node listens.
+    store
+        .report_port(&set, 2222, "p1", Some("Address in use"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.port_errors(&set).await.unwrap(),
+        vec![(2222, "p1: Address in use".to_string())]
+    );
+    store.report_port(&set, 2222, "p1", None).await.unwrap();
+    assert!(store.port_errors(&set).await.unwrap().is_empty());
+}

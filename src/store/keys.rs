@@ -81,6 +81,21 @@ impl Keys {
         format!("{}:tunnel:client:{client_id}:auth", self.root)
     }
 
+    /// Hash of a proxy set's claimed remote ports: port → JSON claim.
+    pub fn ports(&self, set: &crate::domain::SetName) -> String {
+        format!("{}:ports:{set}", self.root)
+    }
+
+    /// Counter moved by every change of [`Keys::ports`].
+    pub fn ports_version(&self, set: &crate::domain::SetName) -> String {
+        format!("{}:ports:{set}:version", self.root)
+    }
+
+    /// Hash of remote ports proxies of a set could not listen on: `port/node` → why.
+    pub fn port_errors(&self, set: &crate::domain::SetName) -> String {
+        format!("{}:ports:{set}:errors", self.root)
+    }
+
     /// Hash of one proxy node's registration; expires unless the node heartbeats.
     pub fn node(&self, node_id: &str) -> String {
         format!("{}:node:{node_id}", self.root)

@@ -12,6 +12,7 @@ mod epoch;
 mod feed;
 mod link;
 mod nodes;
+mod ports;
 mod scripts;
 mod sessions;
 mod stats;

@@ -1,0 +1,91 @@
+//! Remote ports of tunnels in a cluster: which TunnelSet holds which port of a proxy set, and
+//! what the port carries. The controller claims and releases (atomically, per TunnelSet); the
+//! proxies of the set read the whole table when its version moves and listen accordingly.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+use crate::domain::SetName;
+
+/// What one claimed port carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortClaim {
+    /// The claiming TunnelSet (`k8s:<cluster>/<ns>/<name>`).
+    pub holder: String,
+    pub client_id: String,
+    /// The tunnel's name in its TunnelSet.
+    pub name: String,
+    /// `host:port` as the agent dials it.
+    pub target: String,
+    #[serde(default)]
+    pub udp: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// UDP: a flow's idle time in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_idle_ms: Option<u64>,
+}
+
+/// One tunnel a TunnelSet asks a port for: `port` 0 means any free port of the range (the one
+/// it already holds under the same tunnel name, if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRequest {
+    pub port: u16,
+    pub claim: PortClaim,
+}
+
+/// What became of one [`PortRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortOutcome {
+    /// Held by the requester on this port.
+    Held(u16),
+    /// Held by another TunnelSet.
+    Conflict { port: u16, holder: String },
+    /// `port` 0 and no free port left in the range.
+    Exhausted,
+}
+
+/// The table of one set, and the version it was read at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortTable {
+    pub version: u64,
+    pub ports: Vec<(u16, PortClaim)>,
+}
+
+#[async_trait]
+pub trait PortRegistry: Send + Sync + 'static {
+    /// In one atomic step: claims every request for `holder` (a port another holder has is a
+    /// conflict, left as it is), then frees the ports `holder` held in `set` that no request
+    /// names any more. Automatic ports come from `range` (inclusive). Returns one outcome per
+    /// request, in order. The set's version moves when anything changed.
+    async fn claim_ports(
+        &self,
+        set: &SetName,
+        holder: &str,
+        requests: &[PortRequest],
+        range: (u16, u16),
+    ) -> Result<Vec<PortOutcome>, StoreError>;
+
+    /// Frees every port `holder` holds in `set`.
+    async fn release_ports(&self, set: &SetName, holder: &str) -> Result<(), StoreError>;
+
+    /// The set's table version (0 when it never had a port).
+    async fn port_version(&self, set: &SetName) -> Result<u64, StoreError>;
+
+    /// The set's whole table.
+    async fn port_table(&self, set: &SetName) -> Result<PortTable, StoreError>;
+
+    /// A proxy says it could not listen on `port` (`None`: it listens now). Kept for a while so
+    /// the holder's status can show it.
+    async fn report_port(
+        &self,
+        set: &SetName,
+        port: u16,
+        node_id: &str,
+        error: Option<&str>,
+    ) -> Result<(), StoreError>;
+
+    /// Ports some proxy of `set` could not listen on: port → "node: why".
+    async fn port_errors(&self, set: &SetName) -> Result<Vec<(u16, String)>, StoreError>;
+}

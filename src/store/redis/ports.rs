@@ -1,0 +1,230 @@
+//! Remote ports of tunnels on Redis (`docs/redis-schema.md`): per proxy set a hash port → JSON
+//! claim, a version counter moved by every change, and a hash of ports proxies could not bind.
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+
+use super::RedisStore;
+use crate::domain::SetName;
+use crate::store::{PortClaim, PortOutcome, PortRegistry, PortRequest, PortTable, StoreError};
+
+/// KEYS: the set's table, its version. ARGV: holder, lowest and highest automatic port, and a
+/// JSON array of `{port, name, record}` (`port` 0: automatic). Explicit requests first, then
+/// automatic ones (the port the holder already has under that name, else the lowest free one);
+/// then the holder's ports no request names are freed. Returns per request `held:<port>`,
+/// `conflict:<port>:<holder>` or `exhausted`; moves the version when anything changed.
+const CLAIM: &str = r"
+local holder = ARGV[1]
+local lo, hi = tonumber(ARGV[2]), tonumber(ARGV[3])
+local reqs = cjson.decode(ARGV[4])
+local all = redis.call('HGETALL', KEYS[1])
+local taken, mine = {}, {}
+for i = 1, #all, 2 do
+  local ok, rec = pcall(cjson.decode, all[i + 1])
+  local port = tonumber(all[i])
+  if port then
+    if ok and type(rec) == 'table' then
+      taken[port] = rec
+      if rec['holder'] == holder then mine[rec['name']] = port end
+    else
+      taken[port] = {holder = '?'}
+    end
+  end
+end
+local out, keep, changed = {}, {}, false
+for pass = 1, 2 do
+  for i, r in ipairs(reqs) do
+    local explicit = r['port'] ~= 0
+    if (pass == 1) == explicit then
+      local port = r['port']
+      if not explicit then
+        port = mine[r['name']]
+        if port and keep[port] then port = nil end
+        if port == nil then
+          for p = lo, hi do
+            if taken[p] == nil and not keep[p] then port = p; break end
+          end
+        end
+      end
+      if port == nil then
+        out[i] = 'exhausted'
+      else
+        local cur = taken[port]
+        if (cur and cur['holder'] ~= holder) or keep[port] then
+          out[i] = 'conflict:' .. port .. ':' .. ((cur and cur['holder']) or holder)
+        else
+          keep[port] = true
+          if redis.call('HGET', KEYS[1], tostring(port)) ~= r['record'] then
+            redis.call('HSET', KEYS[1], tostring(port), r['record'])
+            changed = true
+          end
+          out[i] = 'held:' .. port
+        end
+      end
+    end
+  end
+end
+for port, rec in pairs(taken) do
+  if rec['holder'] == holder and not keep[port] then
+    redis.call('HDEL', KEYS[1], tostring(port))
+    changed = true
+  end
+end
+if changed then redis.call('INCR', KEYS[2]) end
+return out
+";
+
+/// KEYS: the set's table, its version. ARGV: holder. Frees its ports.
+const RELEASE: &str = r"
+local all = redis.call('HGETALL', KEYS[1])
+local changed = false
+for i = 1, #all, 2 do
+  local ok, rec = pcall(cjson.decode, all[i + 1])
+  if ok and type(rec) == 'table' and rec['holder'] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], all[i])
+    changed = true
+  end
+end
+if changed then redis.call('INCR', KEYS[2]) end
+return 0
+";
+
+/// How long a bind error stays unless re-reported.
+const ERROR_TTL_SECS: i64 = 600;
+
+fn parse_outcome(s: &str) -> PortOutcome {
+    let port = |p: &str| p.parse::<u16>().unwrap_or(0);
+    if let Some(p) = s.strip_prefix("held:") {
+        return PortOutcome::Held(port(p));
+    }
+    if let Some(rest) = s.strip_prefix("conflict:") {
+        let (p, holder) = rest.split_once(':').unwrap_or((rest, "?"));
+        return PortOutcome::Conflict {
+            port: port(p),
+            holder: holder.to_string(),
+        };
+    }
+    PortOutcome::Exhausted
+}
+
+#[async_trait]
+impl PortRegistry for RedisStore {
+    async fn claim_ports(
+        &self,
+        set: &SetName,
+        holder: &str,
+        requests: &[PortRequest],
+        range: (u16, u16),
+    ) -> Result<Vec<PortOutcome>, StoreError> {
+        let keys = &self.inner.keys;
+        let mut reqs = Vec::with_capacity(requests.len());
+        for r in requests {
+            let record = serde_json::to_string(&r.claim).map_err(|e| StoreError::Corrupt {
+                at: keys.ports(set),
+                detail: e.to_string(),
+            })?;
+            reqs.push(serde_json::json!({"port": r.port, "name": r.claim.name, "record": record}));
+        }
+        let out: Vec<String> = redis::Script::new(CLAIM)
+            .key(keys.ports(set))
+            .key(keys.ports_version(set))
+            .arg(holder)
+            .arg(range.0)
+            .arg(range.1)
+            .arg(serde_json::Value::Array(reqs).to_string())
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(out.iter().map(|s| parse_outcome(s)).collect())
+    }
+
+    async fn release_ports(&self, set: &SetName, holder: &str) -> Result<(), StoreError> {
+        let keys = &self.inner.keys;
+        let _: i64 = redis::Script::new(RELEASE)
+            .key(keys.ports(set))
+            .key(keys.ports_version(set))
+            .arg(holder)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn port_version(&self, set: &SetName) -> Result<u64, StoreError> {
+        let v: Option<u64> = self.conn().get(self.inner.keys.ports_version(set)).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn port_table(&self, set: &SetName) -> Result<PortTable, StoreError> {
+        let keys = &self.inner.keys;
+        // The version first: a change after it is read moves it again, so nothing is missed.
+        let version = self.port_version(set).await?;
+        let raw: std::collections::BTreeMap<String, String> =
+            self.conn().hgetall(keys.ports(set)).await?;
+        let mut ports = Vec::with_capacity(raw.len());
+        for (field, value) in raw {
+            let port = field.parse::<u16>().ok().filter(|p| *p > 0);
+            match (port, serde_json::from_str::<PortClaim>(&value)) {
+                (Some(p), Ok(c)) => ports.push((p, c)),
+                _ => tracing::warn!(key = %keys.ports(set), %field, "unreadable port claim skipped"),
+            }
+        }
+        Ok(PortTable { version, ports })
+    }
+
+    async fn report_port(
+        &self,
+        set: &SetName,
+        port: u16,
+        node_id: &str,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let key = self.inner.keys.port_errors(set);
+        let field = format!("{port}/{node_id}");
+        let mut conn = self.conn();
+        match error {
+            Some(e) => {
+                let () = redis::pipe()
+                    .atomic()
+                    .hset(&key, &field, e)
+                    .ignore()
+                    .expire(&key, ERROR_TTL_SECS)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+            }
+            None => {
+                let _: i64 = conn.hdel(&key, &field).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn port_errors(&self, set: &SetName) -> Result<Vec<(u16, String)>, StoreError> {
+        let raw: std::collections::BTreeMap<String, String> =
+            self.conn().hgetall(self.inner.keys.port_errors(set)).await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(field, why)| {
+                let (port, node) = field.split_once('/')?;
+                Some((port.parse().ok()?, format!("{node}: {why}")))
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_scripts_answers() {
+        assert_eq!(parse_outcome("held:2222"), PortOutcome::Held(2222));
+        assert_eq!(
+            parse_outcome("conflict:2222:k8s:c/ns/a"),
+            PortOutcome::Conflict {
+                port: 2222,
+                holder: "k8s:c/ns/a".into()
+            }
+        );
+        assert_eq!(parse_outcome("exhausted"), PortOutcome::Exhausted);
+    }
+}
