@@ -207,6 +207,10 @@ fn main() {
             tunnel_set_with_secret_admits_agent_and_serves_mapping,
         ),
         (
+            "tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over",
+            tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over,
+        ),
+        (
             "controller_rbac_is_what_it_calls",
             controller_rbac_is_what_it_calls,
         ),
@@ -2122,14 +2126,11 @@ fn tunnel_set_with_secret_admits_agent_and_serves_mapping(s: &Stack) {
 /// `tunnox agent` with the TunnelSet's token and an allow-list of the upstream only; `curl`
 /// (a raw HTTP client) through the proxy with the mapping's Host reaches the upstream behind
 /// the agent. Assumes the mapping `tun.tunnox.net` is Active for `client`.
-fn tunnel_traffic_through_agent(
-    s: &Stack,
-    client: &str,
-    token: &str,
-    upstream: &support::http::Upstream,
-) {
-    let dir = s.dir.path().join("tunnel");
-    std::fs::create_dir_all(&dir).unwrap();
+/// A throwaway CA and a loopback server certificate signed by it, in `dir`: (ca, cert, key).
+fn tunnel_certs(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
     // A throwaway CA and a loopback server certificate signed by it (rustls refuses a CA
     // certificate as the server's own).
     let (ca, cert, key) = (
@@ -2202,12 +2203,23 @@ fn tunnel_traffic_through_agent(
             .unwrap();
         ok(made, &format!("openssl: tunnel {what}"));
     }
+    (ca, cert, key)
+}
+
+/// A proxy of set default.default with a TLS tunnel listener (the chart's configuration, loopback
+/// addresses): (the process, its HTTP port, its tunnel port).
+fn tunnel_proxy(
+    s: &Stack,
+    name: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> (Role, u16, u16) {
     let tunnel_port = free_port();
     let port = free_port();
     let admin = free_port();
     let env = vec![
         ("TUNNOX__PROXY__SET", "default.default".to_string()),
-        ("TUNNOX__PROXY__NODE_ID", "proxy-tunnel".to_string()),
+        ("TUNNOX__PROXY__NODE_ID", name.to_string()),
         ("TUNNOX__STORAGE__REDIS__ADDR", s.redis.addr()),
         ("TUNNOX__STORAGE__REDIS__PASSWORD_FILE", String::new()),
         ("TUNNOX__PROXY__LISTEN", format!("127.0.0.1:{port}")),
@@ -2223,14 +2235,26 @@ fn tunnel_traffic_through_agent(
         ),
         ("TUNNOX__PROXY__TUNNEL__KEY_FILE", key.display().to_string()),
     ];
-    let mut proxy = Role::start(
+    let proxy = Role::start(
         &["--config", s.config.to_str().unwrap(), "proxy"],
         &env,
-        &s.dir.path().join("proxy-tunnel.log"),
+        &s.dir.path().join(format!("{name}.log")),
     );
     eventually("proxy ready", Duration::from_secs(20), || {
         support::http::get(admin, "localhost", "/readyz").is_some_and(|r| r.status == 200)
     });
+    (proxy, port, tunnel_port)
+}
+
+fn tunnel_traffic_through_agent(
+    s: &Stack,
+    client: &str,
+    token: &str,
+    upstream: &support::http::Upstream,
+) {
+    let dir = s.dir.path().join("tunnel");
+    let (ca, cert, key) = tunnel_certs(&dir);
+    let (mut proxy, port, tunnel_port) = tunnel_proxy(s, "proxy-tunnel", &cert, &key);
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let agent_config = dir.join("agent.yaml");
@@ -2293,4 +2317,197 @@ fn tunnel_traffic_through_agent(
         "{}",
         proxy.log()
     );
+}
+
+/// TunnelSet remote ports in a cluster: the controller claims them in Redis, the proxy of the
+/// set listens, TCP and UDP reach the agent's local services; a second TunnelSet asking for a
+/// held port shows `Conflict` naming the holder and takes the port over when the holder goes.
+fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
+    use std::io::{Read, Write};
+    let ns = "e2e-ports";
+    let token = "e2e-ports-token-31b7";
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    s.cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "ports-token",
+        "-n",
+        ns,
+        &format!("--from-literal=token={token}"),
+    ]);
+    // A TCP echo and a UDP echo on loopback: the agent's local services.
+    let tcp_echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_port = tcp_echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in tcp_echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let mut w = c;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    let udp_echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = udp_echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp_echo.recv_from(&mut buf) {
+            let _ = udp_echo.send_to(&buf[..n], from);
+        }
+    });
+    // Two free ports, and a remote port range holding both.
+    let (a, b) = (free_port(), free_port());
+    let range = format!("[{}, {}]", a.min(b), a.max(b));
+    let (mut ctl, _) = s.controller_with(
+        "ctl-ports",
+        &s.sa_kubeconfig,
+        &[("TUNNOX__CONTROLLER__REMOTE_PORT_RANGE", range)],
+    );
+    let ts = |name: &str, client: &str, tunnels: &str| {
+        format!(
+            "apiVersion: tunnox.net/v1alpha1\nkind: TunnelSet\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{clientId: {client}, auth: {{secretRef: {{name: ports-token}}}}, placement: {{business: default, region: default}}, tunnels: [{tunnels}]}}\n"
+        )
+    };
+    ok(
+        s.cp.apply(&ts(
+            "ports-a",
+            "ports-e2e",
+            &format!(
+                "{{name: echo, localHost: 127.0.0.1, localPort: {tcp_port}, remotePort: {a}}}, \
+                 {{name: dns, type: udp, localHost: 127.0.0.1, localPort: {udp_port}, remotePort: {b}, udpSessionTimeoutSeconds: 5}}, \
+                 {{name: web, localHost: 127.0.0.1, localPort: 80, remotePort: 443}}"
+            ),
+        )),
+        "apply TunnelSet with tunnels",
+    );
+    let tunnel_states = |name: &str| {
+        ts_field(
+            s,
+            ns,
+            name,
+            "{range .status.tunnels[*]}{.name}={.state}:{.remotePort};{end}",
+        )
+    };
+    let want = format!("echo=Listening:{a};dns=Listening:{b};web=Invalid:;");
+    eventually("ports claimed", Duration::from_secs(20), || {
+        tunnel_states("ports-a") == want
+    });
+    assert!(
+        ts_field(s, ns, "ports-a", "{.status.tunnels[2].message}").contains("443"),
+        "a port outside the range is refused, naming it"
+    );
+    assert_eq!(ts_field(s, ns, "ports-a", "{.status.tunnelCount}"), "3");
+    let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default.default"]);
+    assert!(
+        claims.contains(&format!("127.0.0.1:{tcp_port}")),
+        "{claims}"
+    );
+
+    // The proxy of the set listens on the claimed ports; the agent carries the connections.
+    let dir = s.dir.path().join("ports");
+    let (ca, cert, key) = tunnel_certs(&dir);
+    let (proxy, _port, tunnel_port) = tunnel_proxy(s, "proxy-ports", &cert, &key);
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let agent = Role::start(
+        &[
+            "agent",
+            "--server",
+            &format!("127.0.0.1:{tunnel_port}"),
+            "--server-name",
+            "localhost",
+            "--client-id",
+            "ports-e2e",
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--allow",
+            &format!("127.0.0.1:{tcp_port}"),
+            "--allow",
+            &format!("127.0.0.1:{udp_port}"),
+        ],
+        &[],
+        &s.dir.path().join("agent-ports.log"),
+    );
+    let tcp_round_trip = |port: u16| -> Option<Vec<u8>> {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        c.write_all(b"through the tunnel").ok()?;
+        let mut buf = [0u8; 18];
+        c.read_exact(&mut buf).ok()?;
+        Some(buf.to_vec())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tcp_round_trip(a).as_deref() != Some(&b"through the tunnel"[..]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "remote TCP port not served within 20 s\n--- proxy log:\n{}\n--- agent log:\n{}",
+            proxy.log(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut got = None;
+    for _ in 0..10 {
+        udp.send_to(b"datagram", ("127.0.0.1", b)).unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = udp.recv(&mut buf) {
+            got = Some(buf[..n].to_vec());
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"datagram"[..]), "{}", agent.log());
+    eprintln!("e2e: TCP and UDP through TunnelSet remote ports");
+
+    // Another TunnelSet asks for a held port: Conflict naming the holder.
+    ok(
+        s.cp.apply(&ts(
+            "ports-b",
+            "ports-e2e-2",
+            &format!(
+                "{{name: other, localHost: 127.0.0.1, localPort: {tcp_port}, remotePort: {a}}}"
+            ),
+        )),
+        "apply conflicting TunnelSet",
+    );
+    eventually("Conflict", Duration::from_secs(20), || {
+        tunnel_states("ports-b") == format!("other=Conflict:{a};")
+    });
+    let message = ts_field(s, ns, "ports-b", "{.status.tunnels[0].message}");
+    assert!(message.contains(&format!("{ns}/ports-a")), "{message}");
+    // The holder goes: the port is taken over without anyone touching ports-b.
+    ok(
+        s.cp.kubectl(&["delete", "ts", "ports-a", "-n", ns, "--timeout=30s"]),
+        "delete the holder",
+    );
+    let took = eventually("taken over", Duration::from_secs(20), || {
+        tunnel_states("ports-b") == format!("other=Listening:{a};")
+    });
+    eprintln!("e2e: holder deleted → port taken over in {took:?}");
+    let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default.default"]);
+    assert!(!claims.contains("ports-a"), "{claims}");
+    assert!(
+        !claims.contains(&b.to_string()),
+        "the UDP port is freed: {claims}"
+    );
+    ok(
+        s.cp.kubectl(&["delete", "ts", "ports-b", "-n", ns, "--timeout=30s"]),
+        "delete ports-b",
+    );
+    eventually("every port freed", Duration::from_secs(20), || {
+        s.redis
+            .cli(&["HLEN", "tunnox:ports:default.default"])
+            .trim()
+            == "0"
+    });
+    drop(agent);
+    drop(proxy);
+    ctl.terminate(Duration::from_secs(10));
+    no_permission_errors(&ctl);
 }

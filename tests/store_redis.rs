@@ -777,7 +777,12 @@ async fn remote_ports_are_claimed_atomically_per_set() {
     let range = (20000, 20002);
     assert_eq!(store.port_version(&set).await.unwrap(), 0);
     let a = store
-        .claim_ports(&set, "a", &[req("a", "ssh", 2222), req("a", "db", 0)], range)
+        .claim_ports(
+            &set,
+            "a",
+            &[req("a", "ssh", 2222), req("a", "db", 0)],
+            range,
+        )
         .await
         .unwrap();
     assert_eq!(a, vec![PortOutcome::Held(2222), PortOutcome::Held(20000)]);
@@ -785,7 +790,12 @@ async fn remote_ports_are_claimed_atomically_per_set() {
     assert!(v1 > 0);
     // The same claims again change nothing (the version stays).
     let again = store
-        .claim_ports(&set, "a", &[req("a", "ssh", 2222), req("a", "db", 0)], range)
+        .claim_ports(
+            &set,
+            "a",
+            &[req("a", "ssh", 2222), req("a", "db", 0)],
+            range,
+        )
         .await
         .unwrap();
     assert_eq!(again, a);

@@ -559,6 +559,9 @@ pub struct ControllerConfig {
     /// clusters sharing one Redis never take each other's records for their own; default the
     /// uid of the `kube-system` namespace, read at start.
     pub cluster_id: Option<String>,
+    /// Remote ports TunnelSets may claim on their proxy set, inclusive: an explicit
+    /// `remotePort` outside it is refused; `auto` takes the lowest free one.
+    pub remote_port_range: [u16; 2],
 }
 
 impl Default for ControllerConfig {
@@ -575,6 +578,7 @@ impl Default for ControllerConfig {
             concurrency: 16,
             quota: QuotaConfig::default(),
             cluster_id: None,
+            remote_port_range: [20000, 29999],
         }
     }
 }

@@ -270,6 +270,14 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
     if let Some(id) = &ctl.cluster_id {
         check_cluster_id(id).map_err(|m| err("controller.cluster_id", m))?;
     }
+    if let [lo, hi] = ctl.remote_port_range
+        && (lo == 0 || lo > hi)
+    {
+        return Err(err(
+            "controller.remote_port_range",
+            format!("[{lo}, {hi}] is not a range of ports: give [lowest, highest], 1-65535"),
+        ));
+    }
     check_proxy(&cfg.proxy).map_err(|(path, msg)| err(path, msg))?;
     let egress = egress_policy(&cfg.egress).map_err(|(path, msg)| err(&path, msg))?;
     check_mappings(&cfg, &egress).map_err(|(path, msg)| err(&path, msg))?;

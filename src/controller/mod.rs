@@ -11,6 +11,7 @@ mod reconcile;
 pub mod resync;
 mod tunnelset;
 pub mod tunnelset_decide;
+pub mod tunnelset_ports;
 
 use std::sync::Arc;
 
@@ -76,14 +77,19 @@ fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
     )
 }
 
-/// The mapping store and the tunnel registry: one connection serves both.
-async fn open_store(
-    backend: StoreBackend,
-) -> Result<(Arc<dyn MappingStore>, Arc<dyn TunnelRegistry>), crate::store::StoreError> {
+/// The mapping store, the tunnel registry and (Redis only) the remote ports: one connection
+/// serves all.
+type Stores = (
+    Arc<dyn MappingStore>,
+    Arc<dyn TunnelRegistry>,
+    Option<Arc<dyn crate::store::PortRegistry>>,
+);
+
+async fn open_store(backend: StoreBackend) -> Result<Stores, crate::store::StoreError> {
     Ok(match backend {
         StoreBackend::Redis(opts) => {
             let s = Arc::new(crate::store::RedisStore::connect(opts).await?);
-            (s.clone(), s)
+            (s.clone(), s.clone(), Some(s))
         }
         StoreBackend::Memory {
             persist,
@@ -97,7 +103,7 @@ async fn open_store(
                 subscription_buffer,
                 &node_id,
             )?);
-            (s.clone(), s)
+            (s.clone(), s, None)
         }
     })
 }
@@ -109,7 +115,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let client = Client::try_default().await?;
     let cluster_id = cluster::identity(&client, cfg.cluster_id.as_deref()).await?;
     tracing::info!(cluster_id = %cluster_id, "cluster identity (record sources are k8s:<cluster>/<namespace>/<name>)");
-    let (store, registry) = open_store(settings.store_backend(&me)).await?;
+    let (store, registry, ports) = open_store(settings.store_backend(&me)).await?;
     let metrics = Metrics::new();
     let health = Health::default();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -195,6 +201,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         metrics: metrics.clone(),
         recorder: recorder.clone(),
         recheck: cfg.resync_interval.get(),
+        ports,
+        port_range: (cfg.remote_port_range[0], cfg.remote_port_range[1]),
     });
     let ctx = Arc::new(Ctx {
         client: client.clone(),

@@ -23,8 +23,11 @@ use super::decide::source_of;
 use super::metrics::Metrics;
 use super::reconcile::{Error, FIELD_MANAGER};
 use super::tunnelset_decide::{self as td, Existing, Outcome, Refusal};
+use super::tunnelset_ports as tp;
+use crate::crd::TunnelStatus;
 use crate::crd::{HTTPDomainMapping, TunnelSet};
-use crate::store::TunnelRegistry;
+use crate::domain::SetName;
+use crate::store::{PortRegistry, TunnelRegistry};
 use crate::tunnel::credential::ClientCredential;
 
 /// Removes the client's credential before the TunnelSet goes.
@@ -43,6 +46,10 @@ pub struct TsCtx {
     pub recorder: Recorder,
     /// How often the Secret is read again.
     pub recheck: Duration,
+    /// The remote ports of the sets (Redis only; without it tunnels stay `Pending`).
+    pub ports: Option<Arc<dyn PortRegistry>>,
+    /// `controller.remote_port_range`.
+    pub port_range: (u16, u16),
 }
 
 pub async fn reconcile(obj: Arc<TunnelSet>, ctx: Arc<TsCtx>) -> Result<Action, Error> {
@@ -157,13 +164,81 @@ async fn apply(obj: &TunnelSet, ctx: &TsCtx, api: &Api<TunnelSet>) -> Result<Act
         .tunnelset_outcomes
         .with_label_values(&[outcome.label()])
         .inc();
+    let tunnels = ports(ctx, obj, &outcome).await?;
     let sessions = ctx.registry.sessions(&client_id).await?;
-    write_status(ctx, obj, api, &outcome, &sessions).await?;
+    write_status(ctx, obj, api, &outcome, &sessions, tunnels).await?;
     // Picks up a Secret created or rotated later, and refreshes `online`.
     Ok(Action::requeue(ctx.recheck))
 }
 
 type Refused = (Refusal, Option<crate::domain::SetName>);
+
+/// The set a TunnelSet's ports were last claimed in (its status), when it is not `now`.
+fn former_set(obj: &TunnelSet, now: Option<&SetName>) -> Option<SetName> {
+    let old = obj.status.as_ref()?.set.as_deref()?;
+    let old = SetName::parse(old).ok()?;
+    (Some(&old) != now).then_some(old)
+}
+
+/// Claims the remote ports of an accepted TunnelSet in its set (and frees those of a former
+/// set); frees them all when it is refused. Each tunnel's status.
+async fn ports(
+    ctx: &TsCtx,
+    obj: &TunnelSet,
+    outcome: &Outcome,
+) -> Result<Vec<TunnelStatus>, Error> {
+    let Some(registry) = &ctx.ports else {
+        return Ok(obj
+            .spec
+            .tunnels
+            .iter()
+            .map(|t| TunnelStatus {
+                name: t.name.clone(),
+                state: "Pending".into(),
+                message: Some("remote ports need the Redis store".into()),
+                ..TunnelStatus::default()
+            })
+            .collect());
+    };
+    let holder = source(ctx, obj);
+    match outcome {
+        Outcome::Accepted { set, .. } => {
+            if let Some(old) = former_set(obj, Some(set)) {
+                registry.release_ports(&old, &holder).await?;
+            }
+            let (requests, asks) = tp::requests(obj, &holder, ctx.port_range);
+            let outcomes = registry
+                .claim_ports(set, &holder, &requests, ctx.port_range)
+                .await?;
+            let errors = registry.port_errors(set).await?;
+            Ok(tp::statuses(obj, &asks, &outcomes, &errors))
+        }
+        Outcome::Refused { set, .. } => {
+            let mut freed = false;
+            for s in set.iter().cloned().chain(former_set(obj, set.as_ref())) {
+                registry.release_ports(&s, &holder).await?;
+                freed = true;
+            }
+            if freed {
+                wake_conflicted(ctx, obj);
+            }
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Reconciles the other TunnelSets that wait for a port (`Conflict`): ports were freed.
+fn wake_conflicted(ctx: &TsCtx, obj: &TunnelSet) {
+    for other in ctx.cache.state() {
+        let waiting = other
+            .status
+            .as_ref()
+            .is_some_and(|s| s.tunnels.iter().any(|t| t.state == "Conflict"));
+        if waiting && other.uid() != obj.uid() {
+            let _ = ctx.wake.send(ObjectRef::from_obj(&*other));
+        }
+    }
+}
 
 /// Accepts (writing the credential when it changed) or says why not.
 async fn decide(obj: &TunnelSet, ctx: &TsCtx) -> Result<Result<Outcome, Refused>, Error> {
@@ -225,15 +300,18 @@ async fn write_status(
     api: &Api<TunnelSet>,
     outcome: &Outcome,
     sessions: &[crate::store::SessionRecord],
+    tunnels: Vec<TunnelStatus>,
 ) -> Result<(), Error> {
     let previous = obj.status.as_ref();
-    let status = td::status(
+    let mut status = td::status(
         outcome,
         obj.metadata.generation,
         previous,
         sessions,
         Utc::now(),
     );
+    status.tunnel_count = i32::try_from(obj.spec.tunnels.len()).unwrap_or(i32::MAX);
+    status.tunnels = tunnels;
     if previous == Some(&status) {
         return Ok(());
     }
@@ -291,6 +369,17 @@ async fn publish(
 async fn cleanup(obj: &TunnelSet, ctx: &TsCtx) -> Result<Action, Error> {
     let client_id = &obj.spec.client_id;
     release(ctx, obj, client_id).await?;
+    if let Some(registry) = &ctx.ports {
+        let holder = source(ctx, obj);
+        let sets = td::placement(obj)
+            .ok()
+            .into_iter()
+            .chain(former_set(obj, None));
+        for set in sets {
+            registry.release_ports(&set, &holder).await?;
+        }
+        wake_conflicted(ctx, obj);
+    }
     if let Some(old) = obj.status.as_ref().and_then(|s| s.client_id.as_deref())
         && old != client_id
     {

@@ -158,9 +158,14 @@ pub struct TunnelStatus {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_port: Option<i32>,
-    /// `Listening`, `Conflict` (port held elsewhere) or `Pending`.
+    /// `Listening` (claimed; no proxy of the set reported it cannot listen), `Conflict` (held
+    /// by another TunnelSet), `BindFailed`, `Exhausted` (no free port in the range), `Invalid`
+    /// or `Pending`.
     #[serde(default)]
     pub state: String,
+    /// Why, when the state is not `Listening`: the holder, the proxy and its error, the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     #[serde(default)]
     pub connections: i64,
     #[serde(default)]

@@ -107,13 +107,15 @@ type Stores = (
     Arc<dyn MappingStore>,
     Arc<dyn NodeRegistry>,
     Arc<dyn TunnelRegistry>,
+    // Cluster only: the remote ports of tunnels, claimed by the controller.
+    Option<Arc<dyn crate::store::PortRegistry>>,
 );
 
 async fn open_store(backend: StoreBackend) -> Result<Stores, StoreError> {
     Ok(match backend {
         StoreBackend::Redis(opts) => {
             let s = Arc::new(RedisStore::connect(opts).await?);
-            (s.clone(), s.clone(), s)
+            (s.clone(), s.clone(), s.clone(), Some(s))
         }
         StoreBackend::Memory {
             persist,
@@ -127,7 +129,7 @@ async fn open_store(backend: StoreBackend) -> Result<Stores, StoreError> {
                 subscription_buffer,
                 &node_id,
             )?);
-            (s.clone(), s.clone(), s)
+            (s.clone(), s.clone(), s, None)
         }
     })
 }
@@ -228,7 +230,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     };
     let credentials = tunnel_credentials(&settings)?;
 
-    let (store, nodes, sessions) = connect(&settings, &me).await;
+    let (store, nodes, sessions, port_registry) = connect(&settings, &me).await;
     for cred in &credentials {
         sessions.put_credential(cred).await?;
     }
@@ -382,6 +384,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 "{at}: cannot listen on port {port}: {source}"
             )));
         }
+    }
+    if let Some(registry) = port_registry {
+        // Cluster: the set's remote ports as the controller claimed them.
+        tasks.spawn(tunnel::follow_ports(
+            registry,
+            cfg.set.clone(),
+            me.clone(),
+            remote_ports.clone(),
+            stop_rx.clone(),
+        ));
     }
     {
         // /drain (preStop) starts the tunnels' make-before-break.

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
-pub use remote::{RemotePorts, RemoteTunnel};
+pub use remote::{RemotePorts, RemoteTunnel, follow_ports};
 
 use super::ProxyBody;
 use crate::config::AdminToken;

@@ -144,6 +144,17 @@ impl RemotePorts {
         }
         for t in plan.open {
             let addr = SocketAddr::new(self.bind, t.port);
+            if self.tunnels.own.iter().any(|a| a.port() == t.port) {
+                tracing::warn!(%addr, client_id = %t.client_id, tunnel = %t.name, "remote port refused: it is one of this proxy's own ports");
+                failed.push((
+                    t.port,
+                    std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "one of this proxy's own listener ports",
+                    ),
+                ));
+                continue;
+            }
             let (tx, rx) = watch::channel(Arc::new(t.clone()));
             let bound = match t.udp_idle {
                 None => TcpListener::bind(addr)
@@ -178,6 +189,69 @@ impl RemotePorts {
     /// Closes every listener (connections in flight go on until they end).
     pub fn close_all(&self) {
         self.open.lock().expect("not poisoned").clear();
+    }
+}
+
+/// How often a proxy looks at its set's port table version (a change shows within this).
+const PORTS_POLL: Duration = Duration::from_secs(1);
+
+/// What a proxy serves for one claimed port.
+fn remote_of(port: u16, c: &crate::store::PortClaim) -> RemoteTunnel {
+    RemoteTunnel {
+        client_id: c.client_id.clone(),
+        name: c.name.clone(),
+        target: c.target.clone(),
+        port,
+        max_connections: c.max_connections,
+        udp_idle: c.udp.then(|| {
+            Duration::from_millis(
+                c.udp_idle_ms
+                    .unwrap_or(crate::config::DEFAULT_UDP_SESSION_TIMEOUT.get().as_millis() as u64),
+            )
+        }),
+    }
+}
+
+/// Cluster mode: keeps this proxy's remote ports equal to its set's table in the store (read
+/// whole when its version moves, polled every [`PORTS_POLL`]), and reports the ports it cannot
+/// listen on so the TunnelSet's status shows them. Until `stop`.
+pub async fn follow_ports(
+    registry: Arc<dyn crate::store::PortRegistry>,
+    set: crate::domain::SetName,
+    node_id: String,
+    ports: Arc<RemotePorts>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut applied: Option<u64> = None;
+    let mut failing: Vec<u16> = Vec::new();
+    loop {
+        match registry.port_version(&set).await {
+            Ok(v) if applied == Some(v) && failing.is_empty() => {}
+            Ok(_) => match registry.port_table(&set).await {
+                Ok(table) => {
+                    let desired: Vec<RemoteTunnel> =
+                        table.ports.iter().map(|(p, c)| remote_of(*p, c)).collect();
+                    let failed = ports.apply(&desired).await;
+                    let now_failing: Vec<u16> = failed.iter().map(|(p, _)| *p).collect();
+                    for (port, e) in &failed {
+                        let _ = registry
+                            .report_port(&set, *port, &node_id, Some(&e.to_string()))
+                            .await;
+                    }
+                    for port in failing.iter().filter(|p| !now_failing.contains(p)) {
+                        let _ = registry.report_port(&set, *port, &node_id, None).await;
+                    }
+                    failing = now_failing;
+                    applied = Some(table.version);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the set's remote ports"),
+            },
+            Err(e) => tracing::debug!(error = %e, "cannot read the remote ports' version"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PORTS_POLL) => {}
+            _ = crate::proxy::stopped(&mut stop) => return,
+        }
     }
 }
 

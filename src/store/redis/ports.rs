@@ -164,7 +164,9 @@ impl PortRegistry for RedisStore {
             let port = field.parse::<u16>().ok().filter(|p| *p > 0);
             match (port, serde_json::from_str::<PortClaim>(&value)) {
                 (Some(p), Ok(c)) => ports.push((p, c)),
-                _ => tracing::warn!(key = %keys.ports(set), %field, "unreadable port claim skipped"),
+                _ => {
+                    tracing::warn!(key = %keys.ports(set), %field, "unreadable port claim skipped")
+                }
             }
         }
         Ok(PortTable { version, ports })
@@ -199,8 +201,10 @@ impl PortRegistry for RedisStore {
     }
 
     async fn port_errors(&self, set: &SetName) -> Result<Vec<(u16, String)>, StoreError> {
-        let raw: std::collections::BTreeMap<String, String> =
-            self.conn().hgetall(self.inner.keys.port_errors(set)).await?;
+        let raw: std::collections::BTreeMap<String, String> = self
+            .conn()
+            .hgetall(self.inner.keys.port_errors(set))
+            .await?;
         Ok(raw
             .into_iter()
             .filter_map(|(field, why)| {

@@ -1,0 +1,253 @@
+//! Pure deciding for a TunnelSet's remote ports: the port requests its tunnels make (or why a
+//! tunnel cannot ask), and each tunnel's status from what the store answered. No I/O.
+
+use crate::crd::{TunnelProtocol, TunnelSet, TunnelStatus};
+use crate::store::{PortClaim, PortOutcome, PortRequest};
+
+/// Idle time of a UDP flow without `udpSessionTimeoutSeconds`.
+const DEFAULT_UDP_IDLE_MS: u64 = 60_000;
+
+/// `host:port` as the agent dials it (an IPv6 literal in brackets).
+fn target(host: &str, port: i32) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// One tunnel's place in the answer: a request sent to the store (its index among the
+/// requests), or a status decided without asking.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ask {
+    Request(usize),
+    Decided(TunnelStatus),
+}
+
+fn refused(name: &str, message: String) -> TunnelStatus {
+    TunnelStatus {
+        name: name.to_string(),
+        state: "Invalid".into(),
+        message: Some(message),
+        ..TunnelStatus::default()
+    }
+}
+
+/// The requests of `ts`'s tunnels for `holder`, with one [`Ask`] per tunnel in spec order. A
+/// remote port outside `range` is refused here: tenants choose among the ports the operator
+/// set aside, never the proxies' own or privileged ones.
+pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortRequest>, Vec<Ask>) {
+    let mut reqs = Vec::new();
+    let mut asks = Vec::new();
+    for (i, t) in ts.spec.tunnels.iter().enumerate() {
+        let port = match t.remote_port {
+            None => 0,
+            Some(p) => match u16::try_from(p) {
+                Ok(p) if (range.0..=range.1).contains(&p) => p,
+                _ => {
+                    asks.push(Ask::Decided(refused(
+                        &t.name,
+                        format!(
+                            "spec.tunnels[{i}].remotePort {p} is outside the remote port range {}-{} of this installation",
+                            range.0, range.1
+                        ),
+                    )));
+                    continue;
+                }
+            },
+        };
+        let Ok(local_port) = u16::try_from(t.local_port) else {
+            asks.push(Ask::Decided(refused(
+                &t.name,
+                format!("spec.tunnels[{i}].localPort {} is not a port", t.local_port),
+            )));
+            continue;
+        };
+        if local_port == 0 || t.local_host.is_empty() {
+            asks.push(Ask::Decided(refused(
+                &t.name,
+                format!("spec.tunnels[{i}]: localHost and localPort are required"),
+            )));
+            continue;
+        }
+        let udp = t.protocol == TunnelProtocol::Udp;
+        asks.push(Ask::Request(reqs.len()));
+        reqs.push(PortRequest {
+            port,
+            claim: PortClaim {
+                holder: holder.to_string(),
+                client_id: ts.spec.client_id.clone(),
+                name: t.name.clone(),
+                target: target(&t.local_host, i32::from(local_port)),
+                udp,
+                max_connections: t.max_connections.and_then(|m| u32::try_from(m).ok()),
+                udp_idle_ms: udp.then(|| {
+                    t.udp_session_timeout_seconds
+                        .and_then(|s| u64::try_from(s).ok())
+                        .map_or(DEFAULT_UDP_IDLE_MS, |s| s * 1000)
+                }),
+            },
+        });
+    }
+    (reqs, asks)
+}
+
+/// Each tunnel's status: `Listening` on its port, `Conflict` naming the holder, `Exhausted`,
+/// `BindFailed` when a proxy of the set reported it cannot listen there, or what [`requests`]
+/// decided. `errors` are the set's bind errors (port, "node: why").
+pub fn statuses(
+    ts: &TunnelSet,
+    asks: &[Ask],
+    outcomes: &[PortOutcome],
+    errors: &[(u16, String)],
+) -> Vec<TunnelStatus> {
+    ts.spec
+        .tunnels
+        .iter()
+        .zip(asks)
+        .map(|(t, ask)| match ask {
+            Ask::Decided(s) => s.clone(),
+            Ask::Request(i) => {
+                let mut s = TunnelStatus {
+                    name: t.name.clone(),
+                    ..TunnelStatus::default()
+                };
+                match outcomes.get(*i) {
+                    Some(PortOutcome::Held(port)) => {
+                        s.remote_port = Some(i32::from(*port));
+                        let failing: Vec<&str> = errors
+                            .iter()
+                            .filter(|(p, _)| p == port)
+                            .map(|(_, why)| why.as_str())
+                            .collect();
+                        if failing.is_empty() {
+                            s.state = "Listening".into();
+                        } else {
+                            s.state = "BindFailed".into();
+                            s.message = Some(format!(
+                                "port {port} cannot be listened on: {}",
+                                failing.join("; ")
+                            ));
+                        }
+                    }
+                    Some(PortOutcome::Conflict { port, holder }) => {
+                        s.remote_port = Some(i32::from(*port));
+                        s.state = "Conflict".into();
+                        s.message = Some(format!(
+                            "port {port} is held by {holder}; this tunnel takes it over when that one lets it go"
+                        ));
+                    }
+                    Some(PortOutcome::Exhausted) => {
+                        s.state = "Exhausted".into();
+                        s.message = Some("no free port left in the remote port range".into());
+                    }
+                    None => s.state = "Pending".into(),
+                }
+                s
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Placement, SecretKeyRef, Tunnel, TunnelAuth, TunnelSetSpec};
+
+    fn tunnel(name: &str, remote: Option<i32>, udp: bool) -> Tunnel {
+        Tunnel {
+            name: name.into(),
+            protocol: if udp {
+                TunnelProtocol::Udp
+            } else {
+                TunnelProtocol::Tcp
+            },
+            local_host: "::1".into(),
+            local_port: 22,
+            remote_port: remote,
+            group: None,
+            max_connections: Some(5),
+            max_bytes_per_second: None,
+            udp_session_timeout_seconds: None,
+        }
+    }
+
+    fn ts(tunnels: Vec<Tunnel>) -> TunnelSet {
+        TunnelSet::new(
+            "laptop",
+            TunnelSetSpec {
+                client_id: "laptop".into(),
+                auth: TunnelAuth {
+                    secret_ref: SecretKeyRef {
+                        name: "s".into(),
+                        key: "token".into(),
+                    },
+                },
+                placement: Placement {
+                    business: "default".into(),
+                    region: "default".into(),
+                },
+                groups: vec![],
+                tunnels,
+            },
+        )
+    }
+
+    #[test]
+    fn asks_for_ports_in_range_and_reports_each_tunnel() {
+        let t = ts(vec![
+            tunnel("ssh", Some(20022), false),
+            tunnel("dns", None, true),
+            tunnel("web", Some(443), false),
+            tunnel("db", Some(20001), false),
+        ]);
+        let (reqs, asks) = requests(&t, "k8s:c/ns/laptop", (20000, 29999));
+        assert_eq!(reqs.len(), 3);
+        assert_eq!(reqs[0].port, 20022);
+        assert_eq!(reqs[0].claim.target, "[::1]:22");
+        assert_eq!(reqs[0].claim.max_connections, Some(5));
+        assert!(!reqs[0].claim.udp);
+        assert_eq!(reqs[1].port, 0);
+        assert!(reqs[1].claim.udp);
+        assert_eq!(reqs[1].claim.udp_idle_ms, Some(60_000));
+        let Ask::Decided(web) = &asks[2] else {
+            panic!("{asks:?}")
+        };
+        assert_eq!(web.state, "Invalid");
+        assert!(web.message.as_deref().unwrap().contains("443"));
+
+        let outcomes = [
+            PortOutcome::Held(20022),
+            PortOutcome::Held(20000),
+            PortOutcome::Conflict {
+                port: 20001,
+                holder: "k8s:c/other/x".into(),
+            },
+        ];
+        let errors = [(20000, "p1: Address in use".to_string())];
+        let s = statuses(&t, &asks, &outcomes, &errors);
+        let view: Vec<(&str, Option<i32>, &str)> = s
+            .iter()
+            .map(|s| (s.name.as_str(), s.remote_port, s.state.as_str()))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                ("ssh", Some(20022), "Listening"),
+                ("dns", Some(20000), "BindFailed"),
+                ("web", None, "Invalid"),
+                ("db", Some(20001), "Conflict"),
+            ]
+        );
+        assert!(
+            s[1].message
+                .as_deref()
+                .unwrap()
+                .contains("p1: Address in use")
+        );
+        assert!(s[3].message.as_deref().unwrap().contains("k8s:c/other/x"));
+        let exhausted = statuses(&t, &asks, &[PortOutcome::Exhausted], &[]);
+        assert_eq!(exhausted[0].state, "Exhausted");
+        assert_eq!(exhausted[1].state, "Pending");
+    }
+}
