@@ -120,9 +120,17 @@ log: {{level: debug}}",
         };
         n.generation += 1;
         let n = &self.nodes[i];
+        // Each node's remote ports on its own loopback address (one machine, one port number).
+        let tunnel = self.pki.tunnel_yaml(n.tunnel, &self.node_token).replacen(
+            "heartbeat_interval: 1s}",
+            &format!(
+                "heartbeat_interval: 1s, remote_bind: 127.0.0.{}}}",
+                n.index + 1
+            ),
+            1,
+        );
         let extra = format!(
-            "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {}",
-            self.pki.tunnel_yaml(n.tunnel, &self.node_token)
+            "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {tunnel}"
         );
         let p = ProxyProc::start_on(
             self.dir.path(),
@@ -558,4 +566,119 @@ fn a_record_naming_a_node_without_the_session_is_tried_elsewhere() {
     .unwrap();
     assert_eq!(direct.status, 503, "{direct:?}");
     assert_eq!(direct.header("tunnox-not-held"), Some("1"), "{direct:?}");
+}
+
+/// Cluster remote ports (the table the controller writes, here written directly): a connection
+/// to the remote port of a proxy that holds no session of the client is carried through the
+/// node that does; a node-to-node CONNECT needs the node token and a tunnel of the table.
+#[test]
+fn a_remote_port_on_any_proxy_reaches_the_agent_through_the_holder() {
+    use std::io::{Read, Write};
+    use tunnox::store::{PortClaim, PortRegistry as _, PortRequest};
+    let f = Fleet::start(2);
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let mut w = c;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    let uecho = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let uecho_port = uecho.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = uecho.recv_from(&mut buf) {
+            let _ = uecho.send_to(&buf[..n], from);
+        }
+    });
+    let (tcp_port, udp_port) = (free_port(), free_port());
+    let claim = |name: &str, target: u16, udp: bool| PortClaim {
+        holder: "k8s:test/ns/ts".into(),
+        client_id: CLIENT.into(),
+        name: name.into(),
+        target: format!("127.0.0.1:{target}"),
+        udp,
+        max_connections: None,
+        udp_idle_ms: udp.then_some(5000),
+    };
+    let set = tunnox::domain::SetName::parse("default.default").unwrap();
+    f.rt.block_on(f.store.claim_ports(
+        &set,
+        "k8s:test/ns/ts",
+        &[
+            PortRequest {
+                port: tcp_port,
+                claim: claim("echo", echo_port, false),
+            },
+            PortRequest {
+                port: udp_port,
+                claim: claim("dns", uecho_port, true),
+            },
+        ],
+        (1, 65535),
+    ))
+    .unwrap();
+    let allow_tcp = format!("127.0.0.1:{echo_port}");
+    let allow_udp = format!("127.0.0.1:{uecho_port}");
+    let _agent = f.agent(&[1], &["--allow", &allow_tcp, "--allow", &allow_udp]);
+    eventually("agent session on p1", Duration::from_secs(15), || {
+        f.holder().as_deref() == Some("p1")
+    });
+    // p0 (127.0.0.1) holds no session: its remote port goes through p1.
+    let round_trip = |ip: &str| -> Option<Vec<u8>> {
+        let mut c = std::net::TcpStream::connect((ip, tcp_port)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        c.write_all(b"via the holder").ok()?;
+        let mut buf = [0u8; 14];
+        c.read_exact(&mut buf).ok()?;
+        Some(buf.to_vec())
+    };
+    eventually(
+        "served through p0's remote port",
+        Duration::from_secs(10),
+        || round_trip("127.0.0.1").as_deref() == Some(&b"via the holder"[..]),
+    );
+    assert_eq!(
+        round_trip("127.0.0.2").as_deref(),
+        Some(&b"via the holder"[..])
+    );
+    let metrics = support::http::get(f.nodes[0].admin, "localhost", "/metrics")
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains("tunnox_tunnel_forwarded_to_peer_total{outcome=\"ok\"}"),
+        "{metrics}"
+    );
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut got = None;
+    for _ in 0..10 {
+        udp.send_to(b"datagram", ("127.0.0.1", udp_port)).unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = udp.recv(&mut buf) {
+            got = Some(buf[..n].to_vec());
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"datagram"[..]), "{}", trouble(&f));
+
+    // Node-to-node CONNECT: without the token, or for a target no tunnel names, refused.
+    let connect = |token: &str, target: &str| {
+        raw(
+            f.nodes[1].http,
+            format!(
+                "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\ntunnox-node: {token}\r\ntunnox-client: {CLIENT}\r\n\r\n"
+            )
+            .as_bytes(),
+            Duration::from_secs(5),
+        )
+        .map(|r| r.status)
+    };
+    assert_eq!(connect("wrong", &allow_tcp), Some(403));
+    assert_eq!(connect("node-secret-0123456789", "127.0.0.1:22"), Some(403));
 }

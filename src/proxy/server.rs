@@ -310,6 +310,12 @@ async fn route(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() == http::Method::CONNECT
+        && req.headers().contains_key(super::tunnel::NODE_HEADER)
+    {
+        // Another node carrying a remote-port connection to a session held here.
+        return ctx.tunnels.serve_peer_connect(req).await;
+    }
     let (host, raw_host) = requested_host(&req)?;
     // Another node of the fleet forwarding a request for a tunnel session held here.
     let from_peer = match req.headers().get(super::tunnel::NODE_HEADER) {

@@ -7,6 +7,7 @@ mod body;
 mod choose;
 mod listener;
 mod metrics;
+mod peer_stream;
 mod remote;
 mod send;
 mod session;
@@ -42,11 +43,12 @@ pub const NODE_HEADER: HeaderName = HeaderName::from_static("tunnox-node");
 pub const NOT_HELD_HEADER: HeaderName = HeaderName::from_static("tunnox-not-held");
 
 /// Headers only this proxy sets: any a client sent is removed before forwarding.
-pub const INTERNAL_HEADERS: [HeaderName; 4] = [
+pub const INTERNAL_HEADERS: [HeaderName; 5] = [
     crate::tunnel::TARGET_HEADER,
     crate::tunnel::CONTROL_HEADER,
     NODE_HEADER,
     crate::tunnel::udp::TRANSPORT_HEADER,
+    peer_stream::CLIENT_HEADER,
 ];
 
 #[derive(Debug, Clone)]
@@ -82,6 +84,9 @@ pub struct Tunnels {
     peers: Client<HttpConnector, ProxyBody>,
     draining: AtomicBool,
     warned_no_token: AtomicBool,
+    /// (client, target, udp) of every tunnel in this node's remote-port table: what a peer's
+    /// CONNECT may ask this node to carry.
+    carried: std::sync::RwLock<std::collections::HashSet<(String, String, bool)>>,
 }
 
 pub struct TunnelDeps {
@@ -123,7 +128,17 @@ impl Tunnels {
             peers,
             draining: AtomicBool::new(false),
             warned_no_token: AtomicBool::new(false),
+            carried: std::sync::RwLock::default(),
         }
+    }
+
+    /// Whether this node's remote-port table has a tunnel of `client_id` to `target`.
+    pub fn carries(&self, client_id: &str, target: &str, udp: bool) -> bool {
+        self.carried.read().expect("not poisoned").contains(&(
+            client_id.to_string(),
+            target.to_string(),
+            udp,
+        ))
     }
 
     /// Whether a `tunnox-node` value is this fleet's node token (constant time).

@@ -128,6 +128,10 @@ impl RemotePorts {
             .map(|(p, l)| (*p, (**l.tunnel.borrow()).clone()))
             .collect();
         let plan = plan(&current, desired);
+        *self.tunnels.carried.write().expect("not poisoned") = desired
+            .iter()
+            .map(|t| (t.client_id.clone(), t.target.clone(), t.udp_idle.is_some()))
+            .collect();
         let mut failed = Vec::new();
         {
             let mut open = self.open.lock().expect("not poisoned");
@@ -318,7 +322,10 @@ impl Drop for Admitted {
 
 async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let (stream, _slot) = match tunnels.open_stream(&t.client_id, &t.target, false).await {
+    let (stream, _slot) = match tunnels
+        .open_stream(&t.client_id, &t.target, false, false)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             count(tunnels, e.label());
@@ -446,7 +453,10 @@ fn open_flow(
     let tunnels = tunnels.clone();
     let ended = ended.clone();
     tokio::spawn(async move {
-        match tunnels.open_stream(&t.client_id, &t.target, true).await {
+        match tunnels
+            .open_stream(&t.client_id, &t.target, true, false)
+            .await
+        {
             Ok((stream, _slot)) => {
                 count(&tunnels, "ok");
                 tunnels.metrics.remote_open.inc();
@@ -482,7 +492,8 @@ impl Tunnels {
         client_id: &str,
         target: &str,
         udp: bool,
-    ) -> Result<(hyper::upgrade::Upgraded, StreamSlot), CarryError> {
+        local_only: bool,
+    ) -> Result<(hyper::upgrade::Upgraded, Option<StreamSlot>), CarryError> {
         let stream_err = |reason: String| CarryError::Stream {
             client: client_id.to_string(),
             reason,
@@ -493,7 +504,12 @@ impl Tunnels {
             let Pick::Local(i) =
                 choose::choose(&views, &[], &self.node_id, chrono::Utc::now(), true)
             else {
-                return Err(CarryError::Offline(client_id.to_string()));
+                if local_only {
+                    return Err(CarryError::Offline(client_id.to_string()));
+                }
+                // No session here: through the node holding one.
+                let up = self.open_via_peer(client_id, target, udp).await?;
+                return Ok((up, None));
             };
             let session = local[i].clone();
             tried.push(session.id.clone());
@@ -533,7 +549,7 @@ impl Tunnels {
             let upgraded = hyper::upgrade::on(&mut resp)
                 .await
                 .map_err(|e| stream_err(super::session::chain(&e)))?;
-            return Ok((upgraded, slot));
+            return Ok((upgraded, Some(slot)));
         }
         Err(stream_err("no session took the stream".into()))
     }
