@@ -1668,8 +1668,9 @@ fn controller_rbac_is_what_it_calls(s: &Stack) {
         s.cp.kubectl(&["delete", "hdm", "m", "-n", ns, "--timeout=30s"]),
         "delete (finalizer removed)",
     );
-    // A TunnelSet's life: its Secret read, the credential written, status applied, the
-    // finalizer added and removed.
+    // A TunnelSet's life: its Secret read, the credential written, a remote port claimed and
+    // its Service applied, status applied, the finalizer added and removed, the Service
+    // deleted.
     s.cp.kubectl_ok(&[
         "create",
         "secret",
@@ -1679,13 +1680,20 @@ fn controller_rbac_is_what_it_calls(s: &Stack) {
         ns,
         "--from-literal=token=audit-secret-token",
     ]);
-    ok(
-        s.cp.apply(&tunnelset_yaml(ns, "audit", "audit-client", "audit-token")),
-        "apply TunnelSet",
+    let with_tunnel = tunnelset_yaml(ns, "audit", "audit-client", "audit-token").replace(
+        "placement: {business: default, region: default}}",
+        "placement: {business: default, region: default}, tunnels: [{name: ssh, localHost: 127.0.0.1, localPort: 22}]}",
     );
-    eventually("TunnelSet Accepted", Duration::from_secs(20), || {
-        ts_condition(s, ns, "audit", "Accepted") == "True/CredentialWritten"
-    });
+    ok(s.cp.apply(&with_tunnel), "apply TunnelSet");
+    eventually(
+        "TunnelSet Accepted, its Service made",
+        Duration::from_secs(20),
+        || {
+            ts_condition(s, ns, "audit", "Accepted") == "True/CredentialWritten"
+                && ts_field(s, ns, "audit", "{.status.endpoint}")
+                    .starts_with("tunnox-ts-rbac-audit-audit.")
+        },
+    );
     ok(
         s.cp.kubectl(&["delete", "ts", "audit", "-n", ns, "--timeout=30s"]),
         "delete TunnelSet (finalizer removed)",
@@ -1728,6 +1736,20 @@ fn controller_rbac_is_what_it_calls(s: &Stack) {
         unlisted.is_empty(),
         "calls src/controller/access.rs does not list: {unlisted:?}"
     );
+    // Server-side apply of a Service that does not exist yet is authorized as create but
+    // audited as the patch it is.
+    if used
+        .iter()
+        .any(|(_, _, r, _, v)| r == "services" && v == "patch")
+    {
+        used.insert((
+            access::Scope::OwnNamespace,
+            String::new(),
+            "services".into(),
+            String::new(),
+            "create".into(),
+        ));
+    }
     let unused: Vec<_> = declared.iter().filter(|p| !used.contains(*p)).collect();
     assert!(
         unused.is_empty(),
@@ -2391,14 +2413,38 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
         )
     };
     let want = format!("echo=Listening:{a};dns=Listening:{b};web=Invalid:;");
-    eventually("ports claimed", Duration::from_secs(20), || {
-        tunnel_states("ports-a") == want
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tunnel_states("ports-a") != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ports not claimed within 20 s: {}\n--- controller log:\n{}",
+            tunnel_states("ports-a"),
+            ctl.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
         ts_field(s, ns, "ports-a", "{.status.tunnels[2].message}").contains("443"),
         "a port outside the range is refused, naming it"
     );
     assert_eq!(ts_field(s, ns, "ports-a", "{.status.tunnelCount}"), "3");
+    // The Service publishing the held ports on the set's proxy pods, in the release namespace.
+    let svc = "tunnox-ts-e2e-ports-ports-a";
+    eventually("the TunnelSet's Service", Duration::from_secs(20), || {
+        ts_field(s, ns, "ports-a", "{.status.endpoint}") == format!("{svc}.{NS}.svc")
+    });
+    let ports = text(&s.cp.kubectl(&[
+        "get",
+        "svc",
+        svc,
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={range .spec.ports[*]}{.port}/{.protocol};{end}|{.spec.selector.tunnox\\.net/set}|{.metadata.labels.tunnox\\.net/tunnelset-name}",
+    ]))
+    .trim()
+    .to_string();
+    assert_eq!(ports, format!("{a}/TCP;{b}/UDP;|default.default|ports-a"));
     let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default.default"]);
     assert!(
         claims.contains(&format!("127.0.0.1:{tcp_port}")),
@@ -2492,6 +2538,15 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     eprintln!("e2e: holder deleted → port taken over in {took:?}");
     let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default.default"]);
     assert!(!claims.contains("ports-a"), "{claims}");
+    let svc_exists = |name: &str| {
+        s.cp.kubectl(&["get", "svc", name, "-n", NS])
+            .status
+            .success()
+    };
+    assert!(!svc_exists(svc), "the holder's Service is deleted with it");
+    eventually("the new holder's Service", Duration::from_secs(20), || {
+        svc_exists("tunnox-ts-e2e-ports-ports-b")
+    });
     assert!(
         !claims.contains(&b.to_string()),
         "the UDP port is freed: {claims}"
@@ -2500,12 +2555,17 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
         s.cp.kubectl(&["delete", "ts", "ports-b", "-n", ns, "--timeout=30s"]),
         "delete ports-b",
     );
-    eventually("every port freed", Duration::from_secs(20), || {
-        s.redis
-            .cli(&["HLEN", "tunnox:ports:default.default"])
-            .trim()
-            == "0"
-    });
+    eventually(
+        "every port and Service gone",
+        Duration::from_secs(20),
+        || {
+            !svc_exists("tunnox-ts-e2e-ports-ports-b")
+                && s.redis
+                    .cli(&["HLEN", "tunnox:ports:default.default"])
+                    .trim()
+                    == "0"
+        },
+    );
     drop(agent);
     drop(proxy);
     ctl.terminate(Duration::from_secs(10));

@@ -562,6 +562,33 @@ pub struct ControllerConfig {
     /// Remote ports TunnelSets may claim on their proxy set, inclusive: an explicit
     /// `remotePort` outside it is refused; `auto` takes the lowest free one.
     pub remote_port_range: [u16; 2],
+    /// A Service per TunnelSet in the controller's namespace, exposing its claimed remote ports
+    /// on the proxy pods of its set.
+    pub tunnel_service: TunnelServiceConfig,
+}
+
+/// `controller.tunnel_service`: the Service publishing a TunnelSet's remote ports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelServiceConfig {
+    pub enabled: bool,
+    /// `ClusterIP`, `NodePort` or `LoadBalancer`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Labels of the proxy pods (the chart's); the set's `tunnox.net/set` label is added.
+    pub selector: std::collections::BTreeMap<String, String>,
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for TunnelServiceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kind: "ClusterIP".into(),
+            selector: std::collections::BTreeMap::new(),
+            annotations: std::collections::BTreeMap::new(),
+        }
+    }
 }
 
 impl Default for ControllerConfig {
@@ -579,6 +606,7 @@ impl Default for ControllerConfig {
             quota: QuotaConfig::default(),
             cluster_id: None,
             remote_port_range: [20000, 29999],
+            tunnel_service: TunnelServiceConfig::default(),
         }
     }
 }

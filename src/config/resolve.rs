@@ -270,6 +270,20 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
     if let Some(id) = &ctl.cluster_id {
         check_cluster_id(id).map_err(|m| err("controller.cluster_id", m))?;
     }
+    let svc = &ctl.tunnel_service;
+    if !matches!(svc.kind.as_str(), "ClusterIP" | "NodePort" | "LoadBalancer") {
+        return Err(err(
+            "controller.tunnel_service.type",
+            format!("{:?} is not ClusterIP, NodePort or LoadBalancer", svc.kind),
+        ));
+    }
+    if svc.enabled && svc.selector.is_empty() {
+        return Err(err(
+            "controller.tunnel_service.selector",
+            "is empty: give the proxy pods' labels (a Service without a selector reaches nothing)"
+                .into(),
+        ));
+    }
     if let [lo, hi] = ctl.remote_port_range
         && (lo == 0 || lo > hi)
     {

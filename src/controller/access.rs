@@ -119,6 +119,14 @@ pub const GRANTS: &[Grant] = &[
         verbs: &["get", "update"],
         made_by: "leader.rs attempt: reads the Lease, renews or takes it over (replace)",
     },
+    Grant {
+        scope: Scope::OwnNamespace,
+        group: "",
+        resource: "services",
+        names: &[],
+        verbs: &["create", "patch", "delete"],
+        made_by: "tunnelset.rs publish_service / delete_service: a TunnelSet's Service (server-side apply, which needs create for a new one; deleted with the TunnelSet or when it holds no port); with the chart's tunnel.remotePorts.service.enabled (the default)",
+    },
 ];
 
 /// One permission: (scope, group, resource, object name or "" for any, verb).
@@ -165,11 +173,18 @@ mod tests {
             "update".into()
         )));
         assert!(
-            !p.iter().any(|(_, _, r, _, v)| r == "services"
-                || v == "delete"
-                || (r == "secrets" && v != "get")),
+            !p.iter()
+                .any(|(_, _, r, _, v)| (r == "secrets" && v != "get")
+                    || (v == "delete" && r != "services")),
             "nothing the code does not call; Secrets only read by name"
         );
-        assert_eq!(p.len(), 15);
+        assert!(
+            p.iter()
+                .filter(|(_, _, r, _, _)| r == "services")
+                .all(|(s, _, _, _, v)| *s == Scope::OwnNamespace
+                    && matches!(v.as_str(), "create" | "patch" | "delete")),
+            "Services only in the controller's own namespace"
+        );
+        assert_eq!(p.len(), 18);
     }
 }

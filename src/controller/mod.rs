@@ -203,6 +203,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         recheck: cfg.resync_interval.get(),
         ports,
         port_range: (cfg.remote_port_range[0], cfg.remote_port_range[1]),
+        service: cfg.tunnel_service.enabled.then(|| {
+            (
+                cfg.tunnel_service.clone(),
+                std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into()),
+            )
+        }),
     });
     let ctx = Arc::new(Ctx {
         client: client.clone(),

@@ -50,6 +50,9 @@ pub struct TsCtx {
     pub ports: Option<Arc<dyn PortRegistry>>,
     /// `controller.remote_port_range`.
     pub port_range: (u16, u16),
+    /// `controller.tunnel_service` when enabled, and the namespace its Services go in (the
+    /// controller's own).
+    pub service: Option<(crate::config::TunnelServiceConfig, String)>,
 }
 
 pub async fn reconcile(obj: Arc<TunnelSet>, ctx: Arc<TsCtx>) -> Result<Action, Error> {
@@ -165,8 +168,9 @@ async fn apply(obj: &TunnelSet, ctx: &TsCtx, api: &Api<TunnelSet>) -> Result<Act
         .with_label_values(&[outcome.label()])
         .inc();
     let tunnels = ports(ctx, obj, &outcome).await?;
+    let endpoint = publish_service(ctx, obj, &outcome, &tunnels).await?;
     let sessions = ctx.registry.sessions(&client_id).await?;
-    write_status(ctx, obj, api, &outcome, &sessions, tunnels).await?;
+    write_status(ctx, obj, api, &outcome, &sessions, tunnels, endpoint).await?;
     // Picks up a Secret created or rotated later, and refreshes `online`.
     Ok(Action::requeue(ctx.recheck))
 }
@@ -224,6 +228,65 @@ async fn ports(
             }
             Ok(Vec::new())
         }
+    }
+}
+
+/// Applies (server-side) the Service publishing the TunnelSet's held ports, or deletes it when
+/// none is held. Returns where the ports are reached: the load balancer's address once it has
+/// one, else the Service's cluster DNS name.
+async fn publish_service(
+    ctx: &TsCtx,
+    obj: &TunnelSet,
+    outcome: &Outcome,
+    tunnels: &[TunnelStatus],
+) -> Result<Option<String>, Error> {
+    let Some((cfg, namespace)) = &ctx.service else {
+        return Ok(None);
+    };
+    let api: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ctx.client.clone(), namespace);
+    let name = tp::service_name(&obj.namespace().unwrap_or_default(), &obj.name_any());
+    let desired = match outcome {
+        Outcome::Accepted { set, .. } => tp::service(obj, set, tunnels, cfg, namespace),
+        Outcome::Refused { .. } => None,
+    };
+    let Some(desired) = desired else {
+        delete_service(ctx, obj).await?;
+        return Ok(None);
+    };
+    let svc = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await?;
+    let ingress = svc
+        .status
+        .and_then(|s| s.load_balancer)
+        .and_then(|lb| lb.ingress)
+        .and_then(|i| i.into_iter().next())
+        .and_then(|i| i.ip.or(i.hostname));
+    Ok(Some(
+        ingress.unwrap_or_else(|| format!("{name}.{namespace}.svc")),
+    ))
+}
+
+/// Deletes the TunnelSet's Service if there is one.
+async fn delete_service(ctx: &TsCtx, obj: &TunnelSet) -> Result<(), Error> {
+    let Some((_, namespace)) = &ctx.service else {
+        return Ok(());
+    };
+    let api: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ctx.client.clone(), namespace);
+    let name = tp::service_name(&obj.namespace().unwrap_or_default(), &obj.name_any());
+    match api.delete(&name, &Default::default()).await {
+        Ok(_) => {
+            tracing::info!(tunnelset = %ObjectRef::from_obj(obj), service = %name, "Service deleted");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -301,6 +364,7 @@ async fn write_status(
     outcome: &Outcome,
     sessions: &[crate::store::SessionRecord],
     tunnels: Vec<TunnelStatus>,
+    endpoint: Option<String>,
 ) -> Result<(), Error> {
     let previous = obj.status.as_ref();
     let mut status = td::status(
@@ -312,6 +376,7 @@ async fn write_status(
     );
     status.tunnel_count = i32::try_from(obj.spec.tunnels.len()).unwrap_or(i32::MAX);
     status.tunnels = tunnels;
+    status.endpoint = endpoint;
     if previous == Some(&status) {
         return Ok(());
     }
@@ -380,6 +445,7 @@ async fn cleanup(obj: &TunnelSet, ctx: &TsCtx) -> Result<Action, Error> {
         }
         wake_conflicted(ctx, obj);
     }
+    delete_service(ctx, obj).await?;
     if let Some(old) = obj.status.as_ref().and_then(|s| s.client_id.as_deref())
         && old != client_id
     {

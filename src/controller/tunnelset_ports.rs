@@ -149,6 +149,85 @@ pub fn statuses(
         .collect()
 }
 
+/// The Service publishing a TunnelSet's claimed ports: in the controller's namespace (the
+/// proxies' pods are there; a Service selects pods of its own namespace only), so it cannot be
+/// owned by the TunnelSet (no owner references across namespaces): it carries the TunnelSet's
+/// namespace and name as labels and the finalizer deletes it.
+pub fn service_name(ts_namespace: &str, ts_name: &str) -> String {
+    // TunnelSet names may hold dots; a Service name is a DNS label.
+    let name = format!("tunnox-ts-{ts_namespace}-{ts_name}").replace('.', "-");
+    if name.len() <= 63 {
+        return name;
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hex}", name[..54].trim_end_matches('-'))
+}
+
+/// The pod label value of a set (`*` regions are rendered `dr` in labels, as the chart does).
+pub fn set_label(set: &crate::domain::SetName) -> String {
+    let region = if set.is_dr() { "dr" } else { set.region() };
+    format!("{}.{region}", set.business())
+}
+
+/// The Service for `tunnels` (those holding a port), `None` when no port is held.
+pub fn service(
+    ts: &TunnelSet,
+    set: &crate::domain::SetName,
+    tunnels: &[TunnelStatus],
+    cfg: &crate::config::TunnelServiceConfig,
+    namespace: &str,
+) -> Option<serde_json::Value> {
+    let ports: Vec<serde_json::Value> = ts
+        .spec
+        .tunnels
+        .iter()
+        .zip(tunnels)
+        .filter(|(_, s)| matches!(s.state.as_str(), "Listening" | "BindFailed"))
+        .filter_map(|(t, s)| {
+            let port = s.remote_port?;
+            let protocol = match t.protocol {
+                TunnelProtocol::Tcp => "TCP",
+                TunnelProtocol::Udp => "UDP",
+            };
+            Some(serde_json::json!({
+                "name": format!("{}-{port}", &protocol[..1].to_ascii_lowercase()),
+                "port": port,
+                "targetPort": port,
+                "protocol": protocol,
+            }))
+        })
+        .collect();
+    if ports.is_empty() {
+        return None;
+    }
+    let ns = ts.metadata.namespace.clone().unwrap_or_default();
+    let name = ts.metadata.name.clone().unwrap_or_default();
+    let mut selector = cfg.selector.clone();
+    selector.insert("tunnox.net/set".into(), set_label(set));
+    Some(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(&ns, &name),
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": "tunnox-controller",
+                "tunnox.net/tunnelset-namespace": ns,
+                "tunnox.net/tunnelset-name": name,
+                "tunnox.net/set": set_label(set),
+            },
+            "annotations": cfg.annotations,
+        },
+        "spec": {
+            "type": cfg.kind,
+            "selector": selector,
+            "ports": ports,
+        },
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +325,29 @@ mod tests {
                 .contains("p1: Address in use")
         );
         assert!(s[3].message.as_deref().unwrap().contains("k8s:c/other/x"));
+        let cfg = crate::config::TunnelServiceConfig {
+            enabled: true,
+            selector: [("app.kubernetes.io/name".to_string(), "tunnox".to_string())].into(),
+            ..Default::default()
+        };
+        let set = crate::domain::SetName::parse("novel.*").unwrap();
+        let svc = service(&t, &set, &s, &cfg, "tunnox-system").unwrap();
+        assert_eq!(svc["metadata"]["namespace"], "tunnox-system");
+        assert_eq!(svc["metadata"]["name"], "tunnox-ts--laptop");
+        assert_eq!(svc["spec"]["selector"]["tunnox.net/set"], "novel.dr");
+        assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/name"], "tunnox");
+        // Held ports only (Listening, BindFailed): ssh (TCP) and dns (UDP).
+        let ports = svc["spec"]["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 2, "{ports:?}");
+        assert_eq!(ports[0]["port"], 20022);
+        assert_eq!(ports[0]["protocol"], "TCP");
+        assert_eq!(ports[0]["name"], "t-20022");
+        assert_eq!(ports[1]["protocol"], "UDP");
+        assert!(service(&t, &set, &[], &cfg, "x").is_none());
+        // Long names stay within 63 characters and distinct.
+        let long = service_name(&"n".repeat(63), &"a".repeat(63));
+        assert!(long.len() <= 63, "{long}");
+        assert_ne!(long, service_name(&"n".repeat(63), &"b".repeat(63)));
         let exhausted = statuses(&t, &asks, &[PortOutcome::Exhausted], &[]);
         assert_eq!(exhausted[0].state, "Exhausted");
         assert_eq!(exhausted[1].state, "Pending");
