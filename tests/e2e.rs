@@ -2384,7 +2384,11 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     let (mut ctl, _) = s.controller_with(
         "ctl-ports",
         &s.sa_kubeconfig,
-        &[("TUNNOX__CONTROLLER__REMOTE_PORT_RANGE", range)],
+        &[
+            ("TUNNOX__CONTROLLER__REMOTE_PORT_RANGE", range),
+            // Long: what shows within 2 s below comes from the proxies' announcements.
+            ("TUNNOX__CONTROLLER__RESYNC_INTERVAL", "60s".to_string()),
+        ],
     );
     let ts = |name: &str, client: &str, tunnels: &str| {
         format!(
@@ -2457,7 +2461,7 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     let (proxy, _port, tunnel_port) = tunnel_proxy(s, "proxy-ports", &cert, &key);
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let agent = Role::start(
+    let mut agent = Role::start(
         &[
             "agent",
             "--server",
@@ -2510,6 +2514,24 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     }
     assert_eq!(got.as_deref(), Some(&b"datagram"[..]), "{}", agent.log());
     eprintln!("e2e: TCP and UDP through TunnelSet remote ports");
+    // The agent's session shows in status within 2 s, and so does its leaving (event-driven:
+    // the resync is 60 s here).
+    let online = eventually("Online within 2 s", Duration::from_secs(2), || {
+        ts_condition(s, ns, "ports-a", "Online") == "True/SessionsSeen"
+    });
+    assert_eq!(ts_field(s, ns, "ports-a", "{.status.node}"), "proxy-ports");
+    assert_eq!(
+        agent.terminate(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    let offline = eventually("offline within 2 s", Duration::from_secs(2), || {
+        ts_condition(s, ns, "ports-a", "Online") == "False/NoSession"
+    });
+    eprintln!(
+        "e2e: status Online {online:?} after traffic flowed; offline {offline:?} after the agent left"
+    );
 
     // Another TunnelSet asks for a held port: Conflict naming the holder.
     ok(

@@ -231,6 +231,21 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     });
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
     let wake = futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx));
+    // An agent connecting or leaving (announced by its proxy) shows in its TunnelSet's status
+    // at once, not at the next resync.
+    let session_watch = ts_ctx.registry.session_events().map(|mut events| {
+        let cache = ts_ctx.cache.clone();
+        let wake = ts_ctx.wake.clone();
+        tokio::spawn(async move {
+            while let Some(client) = events.recv().await {
+                for ts in cache.state() {
+                    if ts.spec.client_id == client {
+                        let _ = wake.send(ObjectRef::from_obj(&*ts));
+                    }
+                }
+            }
+        })
+    });
     let ts_wake = futures::stream::poll_fn(move |cx| ts_wake_rx.poll_recv(cx));
     // Both controllers stop together, on a signal or when leadership is lost.
     let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -262,6 +277,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .for_each(|_| futures::future::ready(()));
     futures::future::join(mappings, tunnelsets).await;
     resync.abort();
+    if let Some(watch) = session_watch {
+        watch.abort();
+    }
     election.abort();
     metrics.leader.set(0);
     let _ = stop_tx.send(true);

@@ -81,6 +81,11 @@ impl Keys {
         format!("{}:tunnel:client:{client_id}:auth", self.root)
     }
 
+    /// Pub/sub channel of client ids whose tunnel sessions changed.
+    pub fn session_events(&self) -> String {
+        format!("{}:sessions:events", self.root)
+    }
+
     /// Hash of a proxy set's claimed remote ports: port → JSON claim.
     pub fn ports(&self, set: &crate::domain::SetName) -> String {
         format!("{}:ports:{set}", self.root)

@@ -97,6 +97,18 @@ pub trait TunnelRegistry: Send + Sync + 'static {
     async fn remove_credential(&self, client_id: &str) -> Result<(), StoreError>;
 
     async fn credential(&self, client_id: &str) -> Result<Option<ClientCredential>, StoreError>;
+
+    /// Tells whoever follows [`TunnelRegistry::session_events`] that `client_id`'s sessions
+    /// changed (one opened or ended). Best effort: a lost announcement is caught up by the
+    /// controller's periodic resync.
+    async fn announce_session(&self, _client_id: &str) {}
+
+    /// Client ids whose sessions changed, as announced by any proxy, for as long as the
+    /// receiver lives (resubscribing after a lost connection); `None` where the store has no
+    /// such feed (single-node).
+    fn session_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        None
+    }
 }
 
 /// The memory store's registry (single-node): nothing persisted.

@@ -280,6 +280,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
     if let Err(e) = t.registry.put_session(&client, &record, ttl).await {
         tracing::warn!(client_id = %client, error = %e, "cannot register the tunnel session; retried at the next heartbeat");
     }
+    t.registry.announce_session(&client).await;
 
     let control_req = Request::post(format!(
         "http://{}{}",
@@ -356,7 +357,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
     t.metrics.event(outcome, "");
     let rec = session.record.lock().expect("not poisoned").clone();
     match t.registry.remove_session(&client, &rec).await {
-        Ok(_) => {}
+        Ok(_) => t.registry.announce_session(&client).await,
         Err(e) => {
             tracing::warn!(client_id = %client, error = %e, "cannot deregister the tunnel session; it expires")
         }
