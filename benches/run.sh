@@ -4,9 +4,9 @@
 #   benches/run.sh [OUT] [BENCH...]
 #
 # Without BENCH names every benchmark runs and OUT (default docs/benchmarks.md) is rewritten.
-# With names (store, proxy, tunnel, controller) only those run: their sections replace the same
-# sections of OUT, the other sections are kept, and the header says which sections come from
-# which run.
+# With names (store, proxy, tunnel, tunnel_tcp, controller) only those run: their sections
+# replace the same sections of OUT, the other sections are kept, and the header says which
+# sections come from which run.
 set -euo pipefail
 out="${1:-docs/benchmarks.md}"
 shift || true
@@ -22,26 +22,33 @@ wanted() {
     return 1
 }
 for b in "${only[@]}"; do
-    case $b in store | proxy | tunnel | controller) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
+    case $b in store | proxy | tunnel | tunnel_tcp | controller) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
 done
 
 if wanted store; then cargo bench --locked --bench store >>"$tmp"; fi
 # nginx and wrk (the proxy and tunnel benches), the API server's etcd (the controller bench).
 e2e/install-deps.sh
 if wanted proxy; then cargo bench --locked --bench proxy >>"$tmp"; fi
-if wanted tunnel; then
-    # The tunnel bench's peers live outside the clone, never in CI: rathole from the crate
-    # registry (pinned; its TCP transport only), installed when missing. frp is used when its
-    # binaries are in $peers/frp-<version>/ (built from its repository by whoever runs the
-    # bench); without them the frp side is reported as not measured.
-    peers="${TUNNOX_PEERS:-$HOME/.cache/tunnox/peers}"
-    rathole_version=0.5.0
+# The tunnel benches' peers live outside the clone, never in CI: rathole from the crate
+# registry (pinned; its TCP transport only), installed when missing. frp is used when its
+# binaries are in $peers/frp-<version>/ (built from its repository by whoever runs the
+# bench); without them the frp side is reported as not measured.
+peers="${TUNNOX_PEERS:-$HOME/.cache/tunnox/peers}"
+rathole_version=0.5.0
+rathole() {
     if [[ ! -x $peers/rathole-$rathole_version/bin/rathole ]]; then
         # Without --locked: rathole's lock file pins a `time` that no longer builds on current Rust.
         CARGO_TARGET_DIR="$peers/rathole-build" cargo install rathole --version "$rathole_version" \
             --no-default-features --features server,client --root "$peers/rathole-$rathole_version"
     fi
+}
+if wanted tunnel; then
+    rathole
     TUNNOX_PEERS="$peers" cargo bench --locked --bench tunnel >>"$tmp"
+fi
+if wanted tunnel_tcp; then
+    rathole
+    TUNNOX_PEERS="$peers" cargo bench --locked --bench tunnel_tcp >>"$tmp"
 fi
 if wanted controller; then cargo bench --locked --features e2e --bench controller >>"$tmp"; fi
 

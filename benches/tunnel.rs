@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{BODY, Http, Proc, Side, WRK_DONE, mib, ms, pinned, rss_of, start_upstream, wrk_on};
+use harness::{
+    BODY, CLIENT_ID, Http, LOAD_CPU, Peers, Proc, Running, Side, TunnoxSpec, WRK_DONE, catch, cpus,
+    goal, mib, ms, start_upstream, wrk_on,
+};
 use support::process::free_port;
 
 /// Measured runs per side; sides alternate within each round.
@@ -30,88 +33,9 @@ const WARM: Duration = Duration::from_secs(2);
 const MEASURE: Duration = Duration::from_secs(10);
 /// The Host every request carries (the mapping's, frp's `customDomains`).
 const HOST: &str = "t.bench.test";
-const CLIENT_ID: &str = "bench-agent";
-/// Shared secret of every side (tunnox client token, frp `auth.token`, rathole service token).
-const TOKEN: &str = "bench-token-0123456789abcdef0123456789abcdef";
-/// Core of the processes under test and the upstream; `wrk` runs on `LOAD_CPU`.
-const SERVE_CPU: usize = 1;
-const LOAD_CPU: usize = 0;
-/// Peer versions `benches/run.sh` provides.
-const FRP_VERSION: &str = "0.70.1";
-const RATHOLE_VERSION: &str = "0.5.0";
-
-/// Where the peers' binaries are: `$TUNNOX_PEERS` or `~/.cache/tunnox/peers`, outside the
-/// clone (never in CI).
-struct Peers {
-    frps: PathBuf,
-    frpc: PathBuf,
-    rathole: PathBuf,
-}
-
-impl Peers {
-    fn locate() -> Self {
-        let root = std::env::var_os("TUNNOX_PEERS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                    .join(".cache/tunnox/peers")
-            });
-        let frp = root.join(format!("frp-{FRP_VERSION}"));
-        Self {
-            frps: frp.join("frps"),
-            frpc: frp.join("frpc"),
-            rathole: root.join(format!("rathole-{RATHOLE_VERSION}/bin/rathole")),
-        }
-    }
-}
-
-/// The cores to pin to, when there are two or more.
-fn cpus() -> (Option<usize>, Option<usize>) {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if n >= 2 {
-        (Some(SERVE_CPU), Some(LOAD_CPU))
-    } else {
-        (None, None)
-    }
-}
-
-fn first_line(cmd: &mut Command) -> String {
-    cmd.output()
-        .ok()
-        .map(|o| {
-            let mut s = String::from_utf8_lossy(&o.stdout).to_string();
-            s.push_str(&String::from_utf8_lossy(&o.stderr));
-            s.lines().next().unwrap_or("").trim().to_string()
-        })
-        .unwrap_or_default()
-}
 
 // ---------------------------------------------------------------------------------------------
 // The sides
-
-/// One way of reaching the upstream: the port wrk sends to and the processes doing the work
-/// (whose CPU and memory are charged to the side).
-struct Running {
-    port: u16,
-    procs: Vec<Proc>,
-}
-
-impl Running {
-    fn pids(&self) -> Vec<u32> {
-        self.procs.iter().map(Proc::pid).collect()
-    }
-    fn check_alive(&mut self) {
-        for p in &mut self.procs {
-            p.check_alive();
-        }
-    }
-    fn rss(&self) -> u64 {
-        self.procs
-            .iter()
-            .map(|p| rss_of(&p.pid().to_string()))
-            .sum()
-    }
-}
 
 /// Polls `GET /` with [`HOST`] on `port` until the upstream's body comes back (the tunnel is up).
 fn wait_through(name: &str, side: &mut Running) {
@@ -131,189 +55,41 @@ fn wait_through(name: &str, side: &mut Running) {
     }
 }
 
-/// Waits until `port` accepts connections: a client started before its server is listening
-/// gives up (frpc exits when its first login fails).
-fn wait_port(p: &mut Proc, port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        p.check_alive();
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{} does not listen on {port} within 30 s",
-            p.name
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A throwaway CA and a certificate for 127.0.0.1 signed by it (e2e/tunnel-cert.sh, openssl).
-fn certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(root.join("e2e/tunnel-cert.sh"))
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run e2e/tunnel-cert.sh");
-    assert!(status.success(), "e2e/tunnel-cert.sh failed");
-    (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"))
-}
-
 fn start_tunnox(dir: &Path, upstream: u16, cpu: Option<usize>) -> Running {
-    let dir = dir.join("tunnox");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = certificate(&dir);
-    let (port, admin, tunnel) = (free_port(), free_port(), free_port());
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let config = dir.join("proxy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "storage: {{type: memory, hybrid: {{enable_persistent: false}}}}\n\
-             egress: {{allow: [\"127.0.0.0/8\"]}}\n\
-             http_domain: {{base_domains: [bench.test]}}\n\
-             proxy:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin}\"\n  \
-             worker_threads: 1\n  \
-             tunnel: {{listen: \"127.0.0.1:{tunnel}\", cert_file: \"{}\", key_file: \"{}\"}}\n\
-             tunnel_clients:\n  - {{client_id: {CLIENT_ID}, token_file: \"{}\"}}\n\
-             mappings:\n  - {{subdomain: t, base_domain: bench.test, target_client_id: {CLIENT_ID}, \
-             target_host: 127.0.0.1, target_port: {upstream}}}\n\
-             log: {{level: warn}}\n",
-            cert.display(),
-            key.display(),
-            token_file.display()
-        ),
-    )
-    .unwrap();
-    let bin = env!("CARGO_BIN_EXE_tunnox");
-    let mut proxy = Proc::spawn(
-        "tunnox proxy",
-        pinned(cpu, bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("proxy")
-            .env_remove("RUST_LOG"),
-        &dir.join("proxy.log"),
-        true,
+    let mapping = format!(
+        "mappings:\n  - {{subdomain: t, base_domain: bench.test, target_client_id: {CLIENT_ID}, \
+         target_host: 127.0.0.1, target_port: {upstream}}}\n"
     );
-    harness::wait_ready(&mut proxy, admin, Instant::now(), Duration::from_secs(30));
-    wait_port(&mut proxy, tunnel);
-    let agent = Proc::spawn(
-        "tunnox agent",
-        pinned(cpu, bin)
-            .arg("agent")
-            .arg("--server")
-            .arg(format!("127.0.0.1:{tunnel}"))
-            .args(["--client-id", CLIENT_ID])
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--ca-file")
-            .arg(&ca)
-            .arg("--allow")
-            .arg(format!("127.0.0.1:{upstream}"))
-            .env("TUNNOX__LOG__LEVEL", "warn")
-            .env_remove("RUST_LOG"),
-        &dir.join("agent.log"),
-        true,
-    );
-    let mut side = Running {
-        port,
-        procs: vec![proxy, agent],
+    let spec = TunnoxSpec {
+        client: "",
+        extra: &mapping,
+        allow: upstream,
+        agent_args: &[],
     };
+    let mut side = harness::start_tunnox(dir, cpu, &spec);
     wait_through("tunnox", &mut side);
     side
 }
 
 fn start_frp(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -> Running {
-    let dir = dir.join("frp");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (bind, vhost) = (free_port(), free_port());
-    // Everything on loopback; no dashboard, no admin server (both off unless configured).
-    let frps = dir.join("frps.toml");
-    std::fs::write(
-        &frps,
-        format!(
-            "bindAddr = \"127.0.0.1\"\nbindPort = {bind}\nproxyBindAddr = \"127.0.0.1\"\n\
-             vhostHTTPPort = {vhost}\nauth.token = \"{TOKEN}\"\nlog.level = \"warn\"\n"
+    let vhost = free_port();
+    let mut side = harness::start_frp(
+        dir,
+        peers,
+        cpu,
+        &format!("vhostHTTPPort = {vhost}\n"),
+        &format!(
+            "name = \"web\"\ntype = \"http\"\nlocalIP = \"127.0.0.1\"\nlocalPort = {upstream}\n\
+             customDomains = [\"{HOST}\"]\n"
         ),
-    )
-    .unwrap();
-    let frpc = dir.join("frpc.toml");
-    std::fs::write(
-        &frpc,
-        format!(
-            "serverAddr = \"127.0.0.1\"\nserverPort = {bind}\nauth.token = \"{TOKEN}\"\n\
-             log.level = \"warn\"\n\n[[proxies]]\nname = \"web\"\ntype = \"http\"\n\
-             localIP = \"127.0.0.1\"\nlocalPort = {upstream}\ncustomDomains = [\"{HOST}\"]\n"
-        ),
-    )
-    .unwrap();
-    let mut server = Proc::spawn(
-        "frps",
-        pinned(cpu, &peers.frps).arg("-c").arg(&frps),
-        &dir.join("frps.log"),
-        true,
+        vhost,
     );
-    wait_port(&mut server, bind);
-    let client = Proc::spawn(
-        "frpc",
-        pinned(cpu, &peers.frpc).arg("-c").arg(&frpc),
-        &dir.join("frpc.log"),
-        true,
-    );
-    let mut side = Running {
-        port: vhost,
-        procs: vec![server, client],
-    };
     wait_through("frp", &mut side);
     side
 }
 
 fn start_rathole(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -> Running {
-    let dir = dir.join("rathole");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (bind, service) = (free_port(), free_port());
-    let server_conf = dir.join("server.toml");
-    std::fs::write(
-        &server_conf,
-        format!(
-            "[server]\nbind_addr = \"127.0.0.1:{bind}\"\n\n[server.services.web]\n\
-             token = \"{TOKEN}\"\nbind_addr = \"127.0.0.1:{service}\"\n"
-        ),
-    )
-    .unwrap();
-    let client_conf = dir.join("client.toml");
-    std::fs::write(
-        &client_conf,
-        format!(
-            "[client]\nremote_addr = \"127.0.0.1:{bind}\"\n\n[client.services.web]\n\
-             token = \"{TOKEN}\"\nlocal_addr = \"127.0.0.1:{upstream}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut server = Proc::spawn(
-        "rathole server",
-        pinned(cpu, &peers.rathole)
-            .arg("--server")
-            .arg(&server_conf)
-            .env("RUST_LOG", "warn"),
-        &dir.join("server.log"),
-        true,
-    );
-    wait_port(&mut server, bind);
-    let client = Proc::spawn(
-        "rathole client",
-        pinned(cpu, &peers.rathole)
-            .arg("--client")
-            .arg(&client_conf)
-            .env("RUST_LOG", "warn"),
-        &dir.join("client.log"),
-        true,
-    );
-    let mut side = Running {
-        port: service,
-        procs: vec![server, client],
-    };
+    let mut side = harness::start_rathole(dir, peers, cpu, upstream);
     wait_through("rathole", &mut side);
     side
 }
@@ -371,19 +147,8 @@ fn main() {
     harness::wait_http(&mut upstream, upstream_port);
     let script = wrk_script(dir.path());
 
-    let frp_version = first_line(Command::new(&peers.frps).arg("--version"));
-    // `rathole --version` prints a build table; its "Build Version:" line is the version.
-    let rathole_version = Command::new(&peers.rathole)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
-                l.strip_prefix("Build Version:")
-                    .map(|v| v.trim().to_string())
-            })
-        })
-        .unwrap_or_default();
+    let frp_version = peers.frp_version();
+    let rathole_version = peers.rathole_version();
     let mut measured = Vec::new();
     let mut running: Vec<(usize, Running)> = Vec::new();
     let sides: [(Kind, String); 4] = [
@@ -414,17 +179,14 @@ fn main() {
                 procs: Vec::new(),
             }),
             Kind::Tunnox => catch(|| start_tunnox(dir.path(), upstream_port, serve_cpu)),
-            Kind::Frp if !(peers.frps.exists() && peers.frpc.exists()) => Err(format!(
-                "not measured: {} and frpc not found (frp {FRP_VERSION}, built from its repository with \
-                 `-tags frps,noweb` / `-tags frpc,noweb`)",
-                peers.frps.display()
-            )),
-            Kind::Frp => catch(|| start_frp(dir.path(), &peers, upstream_port, serve_cpu)),
-            Kind::Rathole if !peers.rathole.exists() => Err(format!(
-                "not measured: {} not found (`benches/run.sh` installs it)",
-                peers.rathole.display()
-            )),
-            Kind::Rathole => catch(|| start_rathole(dir.path(), &peers, upstream_port, serve_cpu)),
+            Kind::Frp => match peers.frp_missing() {
+                Some(why) => Err(why),
+                None => catch(|| start_frp(dir.path(), &peers, upstream_port, serve_cpu)),
+            },
+            Kind::Rathole => match peers.rathole_missing() {
+                Some(why) => Err(why),
+                None => catch(|| start_rathole(dir.path(), &peers, upstream_port, serve_cpu)),
+            },
         };
         match started {
             Ok(r) => {
@@ -490,27 +252,10 @@ fn pinned_upstream(dir: &Path, port: u16, cpu: Option<usize>) -> Proc {
     p
 }
 
-/// Runs a start-up step; a panic (a side that does not come up) becomes the reason it is not
-/// measured, so the other sides still are.
-fn catch(f: impl FnOnce() -> Running) -> Result<Running, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
-        let msg = e
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panicked".into());
-        format!("not measured: {}", msg.lines().next().unwrap_or(""))
-    })
-}
-
 /// `a - b` in milliseconds with its sign.
 fn signed_ms(a: Duration, b: Duration) -> String {
     let d = a.as_secs_f64() - b.as_secs_f64();
     format!("{}{:.2} ms", if d < 0.0 { "−" } else { "+" }, d.abs() * 1e3)
-}
-
-fn goal(ok: bool) -> &'static str {
-    if ok { "met" } else { "NOT met" }
 }
 
 fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {

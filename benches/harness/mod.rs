@@ -1,6 +1,9 @@
-//! Machinery shared by the benchmarks that run real processes (`proxy`, `tunnel`): child
-//! processes stopped on drop, a small blocking HTTP/1.1 client, the nginx upstream, `wrk` runs
-//! with their CPU accounting, and the statistics helpers.
+//! Machinery shared by the benchmarks that run real processes (`proxy`, `tunnel`, `tunnel_tcp`):
+//! child processes stopped on drop, a small blocking HTTP/1.1 client, the nginx upstream, `wrk`
+//! runs with their CPU accounting, the statistics helpers, and the tunnel sides (tunnox proxy
+//! and agent, frps and frpc, rathole's server and client) with their peers' binaries.
+//!
+//! The benches that include it also include `tests/support` as `support` (for `free_port`).
 
 #![allow(dead_code)]
 
@@ -529,4 +532,361 @@ impl Side {
             self.runs.iter().map(|r| r.socket_errors).sum::<u64>(),
         )
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tunnel sides (`tunnel`, `tunnel_tcp`): tunnox, frp and rathole, each its own processes.
+
+/// Core of the processes under test and the services they reach; the load runs on `LOAD_CPU`.
+pub const SERVE_CPU: usize = 1;
+pub const LOAD_CPU: usize = 0;
+/// Peer versions `benches/run.sh` provides.
+pub const FRP_VERSION: &str = "0.70.1";
+pub const RATHOLE_VERSION: &str = "0.5.0";
+/// The tunnox client id of every tunnel bench.
+pub const CLIENT_ID: &str = "bench-agent";
+/// Shared secret of every side (tunnox client token, frp `auth.token`, rathole service token).
+pub const TOKEN: &str = "bench-token-0123456789abcdef0123456789abcdef";
+
+/// Where the peers' binaries are: `$TUNNOX_PEERS` or `~/.cache/tunnox/peers`, outside the
+/// clone (never in CI).
+pub struct Peers {
+    pub frps: PathBuf,
+    pub frpc: PathBuf,
+    pub rathole: PathBuf,
+}
+
+impl Peers {
+    pub fn locate() -> Self {
+        let root = std::env::var_os("TUNNOX_PEERS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/tunnox/peers")
+            });
+        let frp = root.join(format!("frp-{FRP_VERSION}"));
+        Self {
+            frps: frp.join("frps"),
+            frpc: frp.join("frpc"),
+            rathole: root.join(format!("rathole-{RATHOLE_VERSION}/bin/rathole")),
+        }
+    }
+
+    /// Why the frp side cannot run, if it cannot.
+    pub fn frp_missing(&self) -> Option<String> {
+        (!(self.frps.exists() && self.frpc.exists())).then(|| {
+            format!(
+                "not measured: {} and frpc not found (frp {FRP_VERSION}, built from its repository with \
+                 `-tags frps,noweb` / `-tags frpc,noweb`)",
+                self.frps.display()
+            )
+        })
+    }
+
+    /// Why the rathole side cannot run, if it cannot.
+    pub fn rathole_missing(&self) -> Option<String> {
+        (!self.rathole.exists()).then(|| {
+            format!(
+                "not measured: {} not found (`benches/run.sh` installs it)",
+                self.rathole.display()
+            )
+        })
+    }
+
+    /// `frps --version`.
+    pub fn frp_version(&self) -> String {
+        first_line(Command::new(&self.frps).arg("--version"))
+    }
+
+    /// `rathole --version` prints a build table; its "Build Version:" line is the version.
+    pub fn rathole_version(&self) -> String {
+        Command::new(&self.rathole)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                    l.strip_prefix("Build Version:")
+                        .map(|v| v.trim().to_string())
+                })
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The cores to pin to (serving, load), when there are two or more.
+pub fn cpus() -> (Option<usize>, Option<usize>) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if n >= 2 {
+        (Some(SERVE_CPU), Some(LOAD_CPU))
+    } else {
+        (None, None)
+    }
+}
+
+pub fn first_line(cmd: &mut Command) -> String {
+    cmd.output()
+        .ok()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).to_string();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// One way of reaching the service: the port the load goes to and the processes doing the work
+/// (whose CPU and memory are charged to the side).
+pub struct Running {
+    pub port: u16,
+    pub procs: Vec<Proc>,
+}
+
+impl Running {
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Proc::pid).collect()
+    }
+    pub fn check_alive(&mut self) {
+        for p in &mut self.procs {
+            p.check_alive();
+        }
+    }
+    pub fn rss(&self) -> u64 {
+        self.procs
+            .iter()
+            .map(|p| rss_of(&p.pid().to_string()))
+            .sum()
+    }
+}
+
+/// Waits until `port` accepts connections: a client started before its server is listening
+/// gives up (frpc exits when its first login fails).
+pub fn wait_port(p: &mut Proc, port: u16) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        p.check_alive();
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} does not listen on {port} within 30 s",
+            p.name
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A throwaway CA and a certificate for 127.0.0.1 signed by it (e2e/tunnel-cert.sh, openssl).
+pub fn certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(root.join("e2e/tunnel-cert.sh"))
+        .arg(dir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run e2e/tunnel-cert.sh");
+    assert!(status.success(), "e2e/tunnel-cert.sh failed");
+    (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"))
+}
+
+/// What a tunnox side carries.
+pub struct TunnoxSpec<'a> {
+    /// More keys of the `CLIENT_ID` entry of `tunnel_clients` (flow YAML: `tunnels: [...]`).
+    pub client: &'a str,
+    /// More top-level YAML lines (`mappings:` ...), each ending in a newline.
+    pub extra: &'a str,
+    /// The one target the agent may dial (`--allow 127.0.0.1:<port>`).
+    pub allow: u16,
+    /// More `tunnox agent` arguments.
+    pub agent_args: &'a [&'a str],
+}
+
+/// `tunnox proxy` single-node (`proxy.tunnel` on TLS 1.3 with a throwaway certificate,
+/// `worker_threads: 1`) and `tunnox agent` logged in as [`CLIENT_ID`]; `port` is the proxy's
+/// HTTP listener. The caller waits until its traffic comes through.
+pub fn start_tunnox(dir: &Path, cpu: Option<usize>, spec: &TunnoxSpec) -> Running {
+    let dir = dir.join("tunnox");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = certificate(&dir);
+    let free_port = crate::support::process::free_port;
+    let (port, admin, tunnel) = (free_port(), free_port(), free_port());
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let config = dir.join("proxy.yaml");
+    let client = if spec.client.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", spec.client)
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "storage: {{type: memory, hybrid: {{enable_persistent: false}}}}\n\
+             egress: {{allow: [\"127.0.0.0/8\"]}}\n\
+             http_domain: {{base_domains: [bench.test]}}\n\
+             proxy:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin}\"\n  \
+             worker_threads: 1\n  \
+             tunnel: {{listen: \"127.0.0.1:{tunnel}\", cert_file: \"{}\", key_file: \"{}\"}}\n\
+             tunnel_clients:\n  - {{client_id: {CLIENT_ID}, token_file: \"{}\"{client}}}\n\
+             {}log: {{level: warn}}\n",
+            cert.display(),
+            key.display(),
+            token_file.display(),
+            spec.extra,
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_tunnox");
+    let mut proxy = Proc::spawn(
+        "tunnox proxy",
+        pinned(cpu, bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("proxy")
+            .env_remove("RUST_LOG"),
+        &dir.join("proxy.log"),
+        true,
+    );
+    wait_ready(&mut proxy, admin, Instant::now(), Duration::from_secs(30));
+    wait_port(&mut proxy, tunnel);
+    let agent = Proc::spawn(
+        "tunnox agent",
+        pinned(cpu, bin)
+            .arg("agent")
+            .arg("--server")
+            .arg(format!("127.0.0.1:{tunnel}"))
+            .args(["--client-id", CLIENT_ID])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca-file")
+            .arg(&ca)
+            .arg("--allow")
+            .arg(format!("127.0.0.1:{}", spec.allow))
+            .args(spec.agent_args)
+            .env("TUNNOX__LOG__LEVEL", "warn")
+            .env_remove("RUST_LOG"),
+        &dir.join("agent.log"),
+        true,
+    );
+    Running {
+        port,
+        procs: vec![proxy, agent],
+    }
+}
+
+/// frps on loopback (`frps_extra`: more lines of frps.toml) and frpc with one `[[proxies]]`
+/// entry (`proxy`: its lines); `port` is where the load goes. frp's defaults otherwise: TLS to
+/// frps and yamux. The caller waits until its traffic comes through.
+pub fn start_frp(
+    dir: &Path,
+    peers: &Peers,
+    cpu: Option<usize>,
+    frps_extra: &str,
+    proxy: &str,
+    port: u16,
+) -> Running {
+    let dir = dir.join("frp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bind = crate::support::process::free_port();
+    // Everything on loopback; no dashboard, no admin server (both off unless configured).
+    let frps = dir.join("frps.toml");
+    std::fs::write(
+        &frps,
+        format!(
+            "bindAddr = \"127.0.0.1\"\nbindPort = {bind}\nproxyBindAddr = \"127.0.0.1\"\n\
+             {frps_extra}auth.token = \"{TOKEN}\"\nlog.level = \"warn\"\n"
+        ),
+    )
+    .unwrap();
+    let frpc = dir.join("frpc.toml");
+    std::fs::write(
+        &frpc,
+        format!(
+            "serverAddr = \"127.0.0.1\"\nserverPort = {bind}\nauth.token = \"{TOKEN}\"\n\
+             log.level = \"warn\"\n\n[[proxies]]\n{proxy}"
+        ),
+    )
+    .unwrap();
+    let mut server = Proc::spawn(
+        "frps",
+        pinned(cpu, &peers.frps).arg("-c").arg(&frps),
+        &dir.join("frps.log"),
+        true,
+    );
+    wait_port(&mut server, bind);
+    let client = Proc::spawn(
+        "frpc",
+        pinned(cpu, &peers.frpc).arg("-c").arg(&frpc),
+        &dir.join("frpc.log"),
+        true,
+    );
+    Running {
+        port,
+        procs: vec![server, client],
+    }
+}
+
+/// rathole's server and client with one TCP service to `127.0.0.1:<target>` (rathole's default
+/// transport: plain TCP, one tunnel connection per visitor connection). The caller waits until
+/// its traffic comes through.
+pub fn start_rathole(dir: &Path, peers: &Peers, cpu: Option<usize>, target: u16) -> Running {
+    let dir = dir.join("rathole");
+    std::fs::create_dir_all(&dir).unwrap();
+    let free_port = crate::support::process::free_port;
+    let (bind, service) = (free_port(), free_port());
+    let server_conf = dir.join("server.toml");
+    std::fs::write(
+        &server_conf,
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{bind}\"\n\n[server.services.web]\n\
+             token = \"{TOKEN}\"\nbind_addr = \"127.0.0.1:{service}\"\n"
+        ),
+    )
+    .unwrap();
+    let client_conf = dir.join("client.toml");
+    std::fs::write(
+        &client_conf,
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{bind}\"\n\n[client.services.web]\n\
+             token = \"{TOKEN}\"\nlocal_addr = \"127.0.0.1:{target}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut server = Proc::spawn(
+        "rathole server",
+        pinned(cpu, &peers.rathole)
+            .arg("--server")
+            .arg(&server_conf)
+            .env("RUST_LOG", "warn"),
+        &dir.join("server.log"),
+        true,
+    );
+    wait_port(&mut server, bind);
+    let client = Proc::spawn(
+        "rathole client",
+        pinned(cpu, &peers.rathole)
+            .arg("--client")
+            .arg(&client_conf)
+            .env("RUST_LOG", "warn"),
+        &dir.join("client.log"),
+        true,
+    );
+    Running {
+        port: service,
+        procs: vec![server, client],
+    }
+}
+
+/// Runs a start-up step; a panic (a side that does not come up) becomes the reason it is not
+/// measured, so the other sides still are.
+pub fn catch(f: impl FnOnce() -> Running) -> Result<Running, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_string()))
+            .unwrap_or_else(|| "panicked".into());
+        format!("not measured: {}", msg.lines().next().unwrap_or(""))
+    })
+}
+
+pub fn goal(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
 }
