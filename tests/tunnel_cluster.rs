@@ -682,3 +682,275 @@ fn a_remote_port_on_any_proxy_reaches_the_agent_through_the_holder() {
     assert_eq!(connect("wrong", &allow_tcp), Some(403));
     assert_eq!(connect("node-secret-0123456789", "127.0.0.1:22"), Some(403));
 }
+
+/// A rolling restart of every proxy under TCP load through a remote port: every connection
+/// opened while it happens is carried (a client stops using a node 200 ms after its drain
+/// starts, as a Service's endpoints would); long-lived connections through a restarted node
+/// are counted (they end with their session after the grace period, at most).
+#[test]
+fn rolling_restart_under_tcp_load_fails_no_new_connection() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tunnox::store::{PortClaim, PortRegistry as _, PortRequest};
+    let mut f = Fleet::start(3);
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let mut w = c;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    let port = free_port();
+    let set = tunnox::domain::SetName::parse("default.default").unwrap();
+    f.rt.block_on(f.store.claim_ports(
+        &set,
+        "k8s:test/ns/ts",
+        &[PortRequest {
+            port,
+            claim: PortClaim {
+                holder: "k8s:test/ns/ts".into(),
+                client_id: CLIENT.into(),
+                name: "echo".into(),
+                target: format!("127.0.0.1:{echo_port}"),
+                udp: false,
+                max_connections: None,
+                udp_idle_ms: None,
+            },
+        }],
+        (1, 65535),
+    ))
+    .unwrap();
+    let allow = format!("127.0.0.1:{echo_port}");
+    let _agent = f.agent(&[0, 1, 2], &["--allow", &allow]);
+    eventually("agent session", Duration::from_secs(15), || {
+        f.holder().is_some()
+    });
+    let ip = |i: usize| format!("127.0.0.{}", i + 1);
+    let round_trip = |addr: &str| -> Result<(), String> {
+        let mut c = std::net::TcpStream::connect((addr, port)).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        c.write_all(b"ping").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        (&buf == b"ping")
+            .then_some(())
+            .ok_or_else(|| "wrong echo".into())
+    };
+    for i in 0..3 {
+        eventually(
+            "every node serves the port",
+            Duration::from_secs(10),
+            || round_trip(&ip(i)).is_ok(),
+        );
+    }
+    // Long-lived connections, one per node, pinged until they break.
+    let cut = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let long: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = std::net::TcpStream::connect((ip(i).as_str(), port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let (cut, stop) = (cut.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1];
+                while !stop.load(Ordering::Relaxed) {
+                    if c.write_all(b"x").is_err() || c.read_exact(&mut buf).is_err() {
+                        cut.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    // Short connections, round robin over the nodes in service, two at a time.
+    let in_service = Arc::new(Mutex::new(vec![0usize, 1, 2]));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..2)
+        .map(|w| {
+            let (in_service, failures, done, stop) = (
+                in_service.clone(),
+                failures.clone(),
+                done.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut n = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let nodes = in_service.lock().unwrap().clone();
+                    let i = nodes[n % nodes.len()];
+                    n += 1;
+                    let addr = format!("127.0.0.{}", i + 1);
+                    let r = (|| -> Result<(), String> {
+                        let mut c = std::net::TcpStream::connect((addr.as_str(), port))
+                            .map_err(|e| e.to_string())?;
+                        c.set_read_timeout(Some(Duration::from_secs(5)))
+                            .map_err(|e| e.to_string())?;
+                        c.write_all(b"ping").map_err(|e| e.to_string())?;
+                        let mut buf = [0u8; 4];
+                        c.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                        Ok(())
+                    })();
+                    match r {
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("p{i}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    for i in 0..3 {
+        let admin = f.nodes[i].admin;
+        let drain = std::thread::spawn(move || {
+            raw(
+                admin,
+                b"POST /drain?wait=1s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                Duration::from_secs(10),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        in_service.lock().unwrap().retain(|j| *j != i);
+        assert_eq!(drain.join().unwrap().unwrap().status, 200);
+        let mut p = f.nodes[i].proc.take().unwrap();
+        assert_eq!(
+            p.role.terminate(Duration::from_secs(30)),
+            Some(0),
+            "{}",
+            p.log()
+        );
+        f.boot(i);
+        eventually(
+            "restarted node serves the port",
+            Duration::from_secs(10),
+            || round_trip(&ip(i)).is_ok(),
+        );
+        in_service.lock().unwrap().push(i);
+    }
+    let rollout = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in load.into_iter().chain(long) {
+        let _ = t.join();
+    }
+    let failures = failures.lock().unwrap().clone();
+    eprintln!(
+        "TCP rollout {rollout:?}: {} short connections carried, {} failed; {} of 3 long-lived connections cut",
+        done.load(Ordering::Relaxed),
+        failures.len(),
+        cut.load(Ordering::Relaxed)
+    );
+    assert!(
+        done.load(Ordering::Relaxed) > 100,
+        "too little load to mean anything"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} connections failed, e.g. {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        trouble(&f)
+    );
+}
+
+/// A connection through a remote port whose stream rides the session of a node that drains
+/// and stops: the agent moves to another node, and the connection goes on on the retired
+/// session until it ends by itself (here 4 s later), within the grace period; the node's exit
+/// waits for it.
+#[test]
+fn a_connection_on_a_draining_holder_lives_on_within_the_grace_period() {
+    use std::io::{Read, Write};
+    use tunnox::store::{PortClaim, PortRegistry as _, PortRequest};
+    let mut f = Fleet::start(2);
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let mut w = c;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    let port = free_port();
+    let set = tunnox::domain::SetName::parse("default.default").unwrap();
+    let claim = PortClaim {
+        holder: "k8s:test/ns/ts".into(),
+        client_id: CLIENT.into(),
+        name: "echo".into(),
+        target: format!("127.0.0.1:{echo_port}"),
+        udp: false,
+        max_connections: None,
+        udp_idle_ms: None,
+    };
+    f.rt.block_on(f.store.claim_ports(
+        &set,
+        "k8s:test/ns/ts",
+        &[PortRequest { port, claim }],
+        (1, 65535),
+    ))
+    .unwrap();
+    let allow = format!("127.0.0.1:{echo_port}");
+    let _agent = f.agent(&[0, 1], &["--allow", &allow]);
+    eventually("agent session", Duration::from_secs(15), || {
+        f.holder().is_some()
+    });
+    let holder = f.index_of(&f.holder().unwrap());
+    // Through the other node: its stream rides the holder's session.
+    let entry = format!("127.0.0.{}", (1 - holder) + 1);
+    let mut c = None;
+    eventually("the port serves", Duration::from_secs(10), || {
+        c = std::net::TcpStream::connect((entry.as_str(), port)).ok();
+        c.is_some()
+    });
+    let mut c = c.unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1];
+    c.write_all(b"x").unwrap();
+    c.read_exact(&mut buf).unwrap();
+    let admin = f.nodes[holder].admin;
+    let drained = Instant::now();
+    let drain = std::thread::spawn(move || {
+        raw(
+            admin,
+            b"POST /drain?wait=1s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+    });
+    let pinger = std::thread::spawn(move || {
+        let mut pings = 0;
+        while drained.elapsed() < Duration::from_secs(4) {
+            if c.write_all(b"x").is_err() || c.read_exact(&mut buf).is_err() {
+                return (pings, false);
+            }
+            pings += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (pings, true)
+    });
+    assert_eq!(drain.join().unwrap().unwrap().status, 200);
+    let mut p = f.nodes[holder].proc.take().unwrap();
+    assert_eq!(
+        p.role.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        p.log()
+    );
+    let (pings, whole) = pinger.join().unwrap();
+    eprintln!(
+        "{pings} pings through the retired session; the node's exit took {:?} from the drain",
+        drained.elapsed()
+    );
+    assert!(whole, "cut after {pings} pings\n{}", trouble(&f));
+    assert!(drained.elapsed() >= Duration::from_secs(4));
+}

@@ -272,6 +272,8 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         }
     }
     t.metrics.sessions.inc();
+    // Until this task ends (after a retired session's streams finish): shutdown waits for it.
+    let _live = super::LiveSession::enter(&t);
     t.metrics.event("opened", "");
     tracing::info!(%peer, client_id = %client, session = %session_id, instance = %auth.instance, slot = auth.slot, "tunnel session opened");
     // Registered before the control stream opens: the agent counts a session as up when that

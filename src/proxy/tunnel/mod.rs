@@ -87,6 +87,28 @@ pub struct Tunnels {
     /// (client, target, udp) of every tunnel in this node's remote-port table: what a peer's
     /// CONNECT may ask this node to carry.
     carried: std::sync::RwLock<std::collections::HashSet<(String, String, bool)>>,
+    /// Session tasks still running, including sessions already out of the table that wait for
+    /// their streams (a retired session's long-lived connections): shutdown waits for them.
+    live_sessions: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one running session task until dropped.
+pub(super) struct LiveSession(Arc<Tunnels>);
+
+impl LiveSession {
+    pub(super) fn enter(t: &Arc<Tunnels>) -> Self {
+        t.live_sessions
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(t.clone())
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.0
+            .live_sessions
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 pub struct TunnelDeps {
@@ -129,6 +151,7 @@ impl Tunnels {
             draining: AtomicBool::new(false),
             warned_no_token: AtomicBool::new(false),
             carried: std::sync::RwLock::default(),
+            live_sessions: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -215,7 +238,15 @@ impl Tunnels {
     pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
         self.drain("shutdown").await;
         let deadline = tokio::time::Instant::now() + grace;
-        while !self.local.is_empty() && tokio::time::Instant::now() < deadline {
+        // Sessions in the table, and retired ones whose streams (long-lived connections through
+        // a remote port) are still open: each ends by itself within the grace period.
+        while (!self.local.is_empty()
+            || self
+                .live_sessions
+                .load(std::sync::atomic::Ordering::Acquire)
+                > 0)
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let left = self.local.all();
