@@ -464,7 +464,7 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional(&mut tunnel, &mut local).await {
+    match crate::tunnel::pipe(&mut tunnel, &mut local).await {
         Ok((to_local, to_tunnel)) => {
             bytes.with_label_values(&["in"]).inc_by(to_local);
             bytes.with_label_values(&["out"]).inc_by(to_tunnel);

@@ -64,3 +64,18 @@ pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_se
 
 /// Heartbeats missed before a session is dead.
 pub const HEARTBEAT_MISSES: u32 = 2;
+
+/// Bytes each way are copied through a buffer this large: a raw stream through a tunnel
+/// (remote-port connections, upgrades) moves in few large HTTP/2 frames and TLS records rather
+/// than in tokio's default 8 KiB pieces.
+pub const PIPE_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways between `a` and `b` until both are done (half-closes passed on); returns
+/// the bytes a → b and b → a. The one byte pipe of every tunnel stream.
+pub async fn pipe<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER).await
+}

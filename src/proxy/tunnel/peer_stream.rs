@@ -188,7 +188,7 @@ impl Tunnels {
             let Ok(peer) = from_peer.await else { return };
             let mut a = TokioIo::new(peer);
             let mut b = TokioIo::new(stream);
-            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            let _ = crate::tunnel::pipe(&mut a, &mut b).await;
         });
         Ok(Response::new(crate::proxy::empty_body()))
     }

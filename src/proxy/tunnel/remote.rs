@@ -336,7 +336,7 @@ async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: So
     count(tunnels, "ok");
     tunnels.metrics.remote_open.inc();
     let mut stream = TokioIo::new(stream);
-    let (up, down) = match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
+    let (up, down) = match crate::tunnel::pipe(&mut tcp, &mut stream).await {
         Ok(n) => n,
         Err(e) => {
             tracing::debug!(%peer, port = t.port, error = %e, "remote connection ended with an error");
