@@ -316,6 +316,7 @@ impl Dialer {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .adaptive_window(true)
+            .max_frame_size(crate::tunnel::H2_MAX_FRAME)
             .enable_connect_protocol()
             .max_concurrent_streams(self.max_streams)
             // hyper's default is 16 MiB of headers per stream: far more than a request needs.

@@ -79,3 +79,7 @@ where
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER).await
 }
+
+/// The largest HTTP/2 frame each side accepts on a session: a pipe's 64 KiB read travels as one
+/// DATA frame instead of four.
+pub const H2_MAX_FRAME: u32 = PIPE_BUFFER as u32;

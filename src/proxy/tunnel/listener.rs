@@ -201,6 +201,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
     // No HTTP/2 pings: the control stream's heartbeats are the liveness check.
     h2.timer(TokioTimer::new())
         .adaptive_window(true)
+        .max_frame_size(crate::tunnel::H2_MAX_FRAME)
         .max_concurrent_reset_streams(64)
         .max_header_list_size(64 * 1024);
     let (send, conn) = match tokio::time::timeout(
