@@ -2514,6 +2514,22 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     }
     assert_eq!(got.as_deref(), Some(&b"datagram"[..]), "{}", agent.log());
     eprintln!("e2e: TCP and UDP through TunnelSet remote ports");
+    // A connection's traffic is counted when it ends.
+    eventually(
+        "the TCP connection's traffic",
+        Duration::from_secs(5),
+        || {
+            s.redis
+                .cli(&[
+                    "HGET",
+                    "tunnox:ports:default.default:traffic",
+                    &format!("{a}:bytes_in"),
+                ])
+                .trim()
+                .parse::<u64>()
+                .is_ok_and(|n| n >= 18)
+        },
+    );
     // The agent's session shows in status within 2 s, and so does its leaving (event-driven:
     // the resync is 60 s here).
     let online = eventually("Online within 2 s", Duration::from_secs(2), || {
@@ -2532,6 +2548,35 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     eprintln!(
         "e2e: status Online {online:?} after traffic flowed; offline {offline:?} after the agent left"
     );
+    // What the ports carried: the TCP echo's connections in status (each carried 18 bytes each
+    // way), the UDP flow's (ended with the agent) in the set's traffic.
+    let echo_traffic = ts_field(
+        s,
+        ns,
+        "ports-a",
+        "{.status.tunnels[0].connections}/{.status.tunnels[0].bytesIn}/{.status.tunnels[0].bytesOut}",
+    );
+    let n: Vec<u64> = echo_traffic
+        .split('/')
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    assert!(
+        n[0] >= 1 && n[1] == 18 * n[0] && n[2] == 18 * n[0],
+        "connections/bytesIn/bytesOut {echo_traffic}; in the store: {}",
+        s.redis
+            .cli(&["HGETALL", "tunnox:ports:default.default:traffic"])
+            .replace('\n', " ")
+    );
+    eventually("the UDP flow's traffic", Duration::from_secs(5), || {
+        s.redis
+            .cli(&[
+                "HGET",
+                "tunnox:ports:default.default:traffic",
+                &format!("{b}:bytes_in"),
+            ])
+            .trim()
+            == "8"
+    });
 
     // Another TunnelSet asks for a held port: Conflict naming the holder.
     ok(

@@ -842,10 +842,29 @@ async fn remote_ports_are_claimed_atomically_per_set() {
         .await
         .unwrap();
     assert_eq!(d, vec![PortOutcome::Held(20000)]);
+    // What a port carried adds up, and is forgotten when its holder lets it go.
+    use tunnox::store::PortTraffic;
+    let one = PortTraffic {
+        connections: 1,
+        bytes_in: 10,
+        bytes_out: 20,
+    };
+    store.add_port_traffic(&set, 2222, one).await.unwrap();
+    store.add_port_traffic(&set, 2222, one).await.unwrap();
+    let traffic = store.port_traffic(&set).await.unwrap();
+    assert_eq!(
+        traffic.get(&2222),
+        Some(&PortTraffic {
+            connections: 2,
+            bytes_in: 20,
+            bytes_out: 40
+        })
+    );
     // a goes: b takes 2222 over.
     let before = store.port_version(&set).await.unwrap();
     store.release_ports(&set, "a").await.unwrap();
     assert!(store.port_version(&set).await.unwrap() > before);
+    assert!(!store.port_traffic(&set).await.unwrap().contains_key(&2222));
     let b = store
         .claim_ports(&set, "b", &[req("b", "web", 2222), req("b", "x", 0)], range)
         .await

@@ -222,6 +222,21 @@ fn fifty_connections_carry_a_megabyte_each_way_intact() {
     eprintln!("50 x 1 MiB each way in {:?}", started.elapsed());
     // One warm-up round trip plus the fifty.
     assert_eq!(n.metric("ok"), 51, "{}", n.proxy.log());
+    // Every connection ended on both sides: none is still carried, and their bytes are counted.
+    let gauge = |name: &str| {
+        let body = n.proxy.admin_get("/metrics").unwrap().body;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    };
+    eventually("no connection left open", Duration::from_secs(5), || {
+        gauge("tunnox_tunnel_remote_connections_open") == 0
+    });
+    assert_eq!(
+        gauge("tunnox_tunnel_remote_bytes_total{direction=\"in\"}"),
+        50 * (1 << 20) + 4
+    );
 }
 
 #[test]

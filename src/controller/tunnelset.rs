@@ -215,7 +215,8 @@ async fn ports(
                 .claim_ports(set, &holder, &requests, ctx.port_range)
                 .await?;
             let errors = registry.port_errors(set).await?;
-            Ok(tp::statuses(obj, &asks, &outcomes, &errors))
+            let traffic = registry.port_traffic(set).await?;
+            Ok(tp::statuses(obj, &asks, &outcomes, &errors, &traffic))
         }
         Outcome::Refused { set, .. } => {
             let mut freed = false;

@@ -100,6 +100,7 @@ pub fn statuses(
     asks: &[Ask],
     outcomes: &[PortOutcome],
     errors: &[(u16, String)],
+    traffic: &std::collections::HashMap<u16, crate::store::PortTraffic>,
 ) -> Vec<TunnelStatus> {
     ts.spec
         .tunnels
@@ -115,6 +116,12 @@ pub fn statuses(
                 match outcomes.get(*i) {
                     Some(PortOutcome::Held(port)) => {
                         s.remote_port = Some(i32::from(*port));
+                        if let Some(t) = traffic.get(port) {
+                            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                            s.connections = n(t.connections);
+                            s.bytes_in = n(t.bytes_in);
+                            s.bytes_out = n(t.bytes_out);
+                        }
                         let failing: Vec<&str> = errors
                             .iter()
                             .filter(|(p, _)| p == port)
@@ -304,7 +311,21 @@ mod tests {
             },
         ];
         let errors = [(20000, "p1: Address in use".to_string())];
-        let s = statuses(&t, &asks, &outcomes, &errors);
+        let traffic: std::collections::HashMap<u16, crate::store::PortTraffic> = [(
+            20022,
+            crate::store::PortTraffic {
+                connections: 3,
+                bytes_in: 100,
+                bytes_out: 2000,
+            },
+        )]
+        .into();
+        let s = statuses(&t, &asks, &outcomes, &errors, &traffic);
+        assert_eq!(
+            (s[0].connections, s[0].bytes_in, s[0].bytes_out),
+            (3, 100, 2000)
+        );
+        assert_eq!(s[1].connections, 0);
         let view: Vec<(&str, Option<i32>, &str)> = s
             .iter()
             .map(|s| (s.name.as_str(), s.remote_port, s.state.as_str()))
@@ -348,7 +369,7 @@ mod tests {
         let long = service_name(&"n".repeat(63), &"a".repeat(63));
         assert!(long.len() <= 63, "{long}");
         assert_ne!(long, service_name(&"n".repeat(63), &"b".repeat(63)));
-        let exhausted = statuses(&t, &asks, &[PortOutcome::Exhausted], &[]);
+        let exhausted = statuses(&t, &asks, &[PortOutcome::Exhausted], &[], &traffic);
         assert_eq!(exhausted[0].state, "Exhausted");
         assert_eq!(exhausted[1].state, "Pending");
     }

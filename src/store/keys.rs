@@ -96,6 +96,12 @@ impl Keys {
         format!("{}:ports:{set}:version", self.root)
     }
 
+    /// Hash of what each remote port of a set carried: `port:connections`, `port:bytes_in`,
+    /// `port:bytes_out`.
+    pub fn port_traffic(&self, set: &crate::domain::SetName) -> String {
+        format!("{}:ports:{set}:traffic", self.root)
+    }
+
     /// Hash of remote ports proxies of a set could not listen on: `port/node` → why.
     pub fn port_errors(&self, set: &crate::domain::SetName) -> String {
         format!("{}:ports:{set}:errors", self.root)

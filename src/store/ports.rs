@@ -88,4 +88,27 @@ pub trait PortRegistry: Send + Sync + 'static {
 
     /// Ports some proxy of `set` could not listen on: port → "node: why".
     async fn port_errors(&self, set: &SetName) -> Result<Vec<(u16, String)>, StoreError>;
+
+    /// Adds what one connection (or UDP flow) through `port` carried, when it ended.
+    async fn add_port_traffic(
+        &self,
+        set: &SetName,
+        port: u16,
+        traffic: PortTraffic,
+    ) -> Result<(), StoreError>;
+
+    /// What each port of `set` carried since it was last claimed by a new holder.
+    async fn port_traffic(
+        &self,
+        set: &SetName,
+    ) -> Result<std::collections::HashMap<u16, PortTraffic>, StoreError>;
+}
+
+/// Connections (TCP) or flows (UDP) carried through a remote port, and their bytes: `bytes_in`
+/// towards the agent's service, `bytes_out` back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortTraffic {
+    pub connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }

@@ -90,6 +90,8 @@ pub struct Tunnels {
     /// Session tasks still running, including sessions already out of the table that wait for
     /// their streams (a retired session's long-lived connections): shutdown waits for them.
     live_sessions: std::sync::atomic::AtomicUsize,
+    /// Cluster: where what remote ports carried is added up (the set's traffic in the store).
+    traffic: std::sync::OnceLock<(Arc<dyn crate::store::PortRegistry>, SetName)>,
 }
 
 /// Counts one running session task until dropped.
@@ -152,6 +154,7 @@ impl Tunnels {
             warned_no_token: AtomicBool::new(false),
             carried: std::sync::RwLock::default(),
             live_sessions: std::sync::atomic::AtomicUsize::new(0),
+            traffic: std::sync::OnceLock::new(),
         }
     }
 

@@ -226,6 +226,7 @@ pub async fn follow_ports(
     ports: Arc<RemotePorts>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let _ = ports.tunnels.traffic.set((registry.clone(), set.clone()));
     let mut applied: Option<u64> = None;
     let mut failing: Vec<u16> = Vec::new();
     loop {
@@ -344,16 +345,7 @@ async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: So
         }
     };
     tunnels.metrics.remote_open.dec();
-    tunnels
-        .metrics
-        .remote_bytes
-        .with_label_values(&["in"])
-        .inc_by(up);
-    tunnels
-        .metrics
-        .remote_bytes
-        .with_label_values(&["out"])
-        .inc_by(down);
+    tunnels.carried(t.port, up, down);
 }
 
 /// Datagrams of one flow: what the remote port's socket received from the flow's client, and
@@ -465,11 +457,7 @@ fn open_flow(
                 if end == udp::End::Idle {
                     count(&tunnels, "udp_idle_closed");
                 }
-                let bytes = &tunnels.metrics.remote_bytes;
-                bytes.with_label_values(&["in"]).inc_by(carried.to_tunnel);
-                bytes
-                    .with_label_values(&["out"])
-                    .inc_by(carried.from_tunnel);
+                tunnels.carried(t.port, carried.to_tunnel, carried.from_tunnel);
                 tracing::debug!(%from, port = t.port, ?end, "UDP flow ended");
             }
             Err(e) => {
@@ -484,6 +472,27 @@ fn open_flow(
 }
 
 impl Tunnels {
+    /// Counts what one connection or flow through remote port `port` carried, in the metrics
+    /// and (cluster) in the set's traffic in the store, which the TunnelSet's status shows.
+    fn carried(&self, port: u16, bytes_in: u64, bytes_out: u64) {
+        let bytes = &self.metrics.remote_bytes;
+        bytes.with_label_values(&["in"]).inc_by(bytes_in);
+        bytes.with_label_values(&["out"]).inc_by(bytes_out);
+        if let Some((registry, set)) = self.traffic.get() {
+            let (registry, set) = (registry.clone(), set.clone());
+            tokio::spawn(async move {
+                let traffic = crate::store::PortTraffic {
+                    connections: 1,
+                    bytes_in,
+                    bytes_out,
+                };
+                if let Err(e) = registry.add_port_traffic(&set, port, traffic).await {
+                    tracing::debug!(port, error = %e, "cannot add a remote port's traffic");
+                }
+            });
+        }
+    }
+
     /// Opens a raw stream to `target` through one of this node's sessions of `client_id` (least
     /// open streams first; a session that refuses the stream unprocessed gives way to the
     /// next): TCP bytes, or with `udp` framed datagrams.

@@ -6,9 +6,11 @@ use redis::AsyncCommands;
 
 use super::RedisStore;
 use crate::domain::SetName;
-use crate::store::{PortClaim, PortOutcome, PortRegistry, PortRequest, PortTable, StoreError};
+use crate::store::{
+    PortClaim, PortOutcome, PortRegistry, PortRequest, PortTable, PortTraffic, StoreError,
+};
 
-/// KEYS: the set's table, its version. ARGV: holder, lowest and highest automatic port, and a
+/// KEYS: the set's table, its version, its traffic. ARGV: holder, lowest and highest automatic port, and a
 /// JSON array of `{port, name, record}` (`port` 0: automatic). Explicit requests first, then
 /// automatic ones (the port the holder already has under that name, else the lowest free one);
 /// then the holder's ports no request names are freed. Returns per request `held:<port>`,
@@ -55,6 +57,9 @@ for pass = 1, 2 do
         else
           keep[port] = true
           if redis.call('HGET', KEYS[1], tostring(port)) ~= r['record'] then
+            if cur == nil then
+              redis.call('HDEL', KEYS[3], port .. ':connections', port .. ':bytes_in', port .. ':bytes_out')
+            end
             redis.call('HSET', KEYS[1], tostring(port), r['record'])
             changed = true
           end
@@ -67,6 +72,7 @@ end
 for port, rec in pairs(taken) do
   if rec['holder'] == holder and not keep[port] then
     redis.call('HDEL', KEYS[1], tostring(port))
+    redis.call('HDEL', KEYS[3], port .. ':connections', port .. ':bytes_in', port .. ':bytes_out')
     changed = true
   end
 end
@@ -74,7 +80,8 @@ if changed then redis.call('INCR', KEYS[2]) end
 return out
 ";
 
-/// KEYS: the set's table, its version. ARGV: holder. Frees its ports.
+/// KEYS: the set's table, its version, its traffic. ARGV: holder. Frees its ports (and
+/// forgets what they carried).
 const RELEASE: &str = r"
 local all = redis.call('HGETALL', KEYS[1])
 local changed = false
@@ -82,6 +89,7 @@ for i = 1, #all, 2 do
   local ok, rec = pcall(cjson.decode, all[i + 1])
   if ok and type(rec) == 'table' and rec['holder'] == ARGV[1] then
     redis.call('HDEL', KEYS[1], all[i])
+    redis.call('HDEL', KEYS[3], all[i] .. ':connections', all[i] .. ':bytes_in', all[i] .. ':bytes_out')
     changed = true
   end
 end
@@ -128,6 +136,7 @@ impl PortRegistry for RedisStore {
         let out: Vec<String> = redis::Script::new(CLAIM)
             .key(keys.ports(set))
             .key(keys.ports_version(set))
+            .key(keys.port_traffic(set))
             .arg(holder)
             .arg(range.0)
             .arg(range.1)
@@ -142,6 +151,7 @@ impl PortRegistry for RedisStore {
         let _: i64 = redis::Script::new(RELEASE)
             .key(keys.ports(set))
             .key(keys.ports_version(set))
+            .key(keys.port_traffic(set))
             .arg(holder)
             .invoke_async(&mut self.conn())
             .await?;
@@ -198,6 +208,54 @@ impl PortRegistry for RedisStore {
             }
         }
         Ok(())
+    }
+
+    async fn add_port_traffic(
+        &self,
+        set: &SetName,
+        port: u16,
+        traffic: PortTraffic,
+    ) -> Result<(), StoreError> {
+        let key = self.inner.keys.port_traffic(set);
+        let field = |what: &str| format!("{port}:{what}");
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let () = redis::pipe()
+            .hincr(&key, field("connections"), as_i64(traffic.connections))
+            .ignore()
+            .hincr(&key, field("bytes_in"), as_i64(traffic.bytes_in))
+            .ignore()
+            .hincr(&key, field("bytes_out"), as_i64(traffic.bytes_out))
+            .ignore()
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn port_traffic(
+        &self,
+        set: &SetName,
+    ) -> Result<std::collections::HashMap<u16, PortTraffic>, StoreError> {
+        let raw: std::collections::HashMap<String, u64> = self
+            .conn()
+            .hgetall(self.inner.keys.port_traffic(set))
+            .await?;
+        let mut out: std::collections::HashMap<u16, PortTraffic> = Default::default();
+        for (field, n) in raw {
+            let Some((port, what)) = field.split_once(':') else {
+                continue;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                continue;
+            };
+            let t = out.entry(port).or_default();
+            match what {
+                "connections" => t.connections = n,
+                "bytes_in" => t.bytes_in = n,
+                "bytes_out" => t.bytes_out = n,
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
     async fn port_errors(&self, set: &SetName) -> Result<Vec<(u16, String)>, StoreError> {
