@@ -23,9 +23,11 @@ port_taken() { python3 -c 'import socket,sys; s=socket.socket(); sys.exit(0 if s
 proxy_port="${PROXY_PORT:-8080}"
 demo_port=3000
 laptop_port=3001
+# The TunnelSet demo-laptop's remote port (examples/demo-tunnel.yaml): TCP to the laptop's page.
+remote_port=23001
 ns=tunnox-system
-for p in "$proxy_port" "$demo_port" "$laptop_port"; do
-    port_taken "$p" && die "port $p on 127.0.0.1 is in use (set PROXY_PORT for the proxy; the demos need 3000 and 3001)"
+for p in "$proxy_port" "$demo_port" "$laptop_port" "$remote_port"; do
+    port_taken "$p" && die "port $p on 127.0.0.1 is in use (set PROXY_PORT for the proxy; the demos need 3000, 3001 and 23001)"
 done
 
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tunnox-run-XXXXXX")"
@@ -172,6 +174,10 @@ for _ in $(seq 100); do
     [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: laptop.tunnox.net' "http://127.0.0.1:$proxy_port/") == 200 ]] && break
     sleep 0.2
 done
+for _ in $(seq 100); do
+    [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$remote_port/") == 200 ]] && break
+    sleep 0.2
+done
 k -n default get hdm
 k -n default get tunnelset
 
@@ -185,6 +191,7 @@ Try this (in another terminal):
   kubectl get hdm -A
   curl -H 'Host: demo.tunnox.net' http://127.0.0.1:$proxy_port/
   curl -H 'Host: laptop.tunnox.net' http://127.0.0.1:$proxy_port/     # through the agent's tunnel
+  curl http://127.0.0.1:$remote_port/     # plain TCP: TunnelSet demo-laptop's remote port
   kubectl get tunnelset -A
   kubectl apply -f examples/hdm-address.yaml     # then: kubectl get hdm
   curl http://127.0.0.1:$proxy_admin/api/v1/stats/system

@@ -48,6 +48,12 @@ page=$(curl -sS -D "$out.headers" -H 'Host: laptop.tunnox.net' "$tunnel_url") ||
 grep -q 'Hello through the tunnel' <<<"$page" ||
     fail "the laptop page does not come through the tunnel: $(head -1 "$out.headers") $page"
 rm -f "$out.headers"
+# The try-this block's curl to the TunnelSet's remote port (TCP through the agent).
+remote_url=$(sed -n "s|^  curl \(http://127.0.0.1:[0-9]*/\)     # plain TCP.*|\1|p" "$out")
+[[ -n $remote_url ]] || fail "the try-this block has no curl to the remote port"
+page=$(curl -sS "$remote_url") || fail "curl to the TunnelSet's remote port failed"
+grep -q 'Hello through the tunnel' <<<"$page" ||
+    fail "the laptop page does not come through the remote port: $page"
 echo "run-smoke: kubectl get hdm, the demo page and the page behind the agent work; pressing Ctrl-C" >&2
 kill -INT -- "-$pid"
 for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
