@@ -576,25 +576,8 @@ fn a_remote_port_on_any_proxy_reaches_the_agent_through_the_holder() {
     use std::io::{Read, Write};
     use tunnox::store::{PortClaim, PortRegistry as _, PortRequest};
     let f = Fleet::start(2);
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = c.try_clone().unwrap();
-                let mut w = c;
-                let _ = std::io::copy(&mut r, &mut w);
-            });
-        }
-    });
-    let uecho = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let uecho_port = uecho.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = uecho.recv_from(&mut buf) {
-            let _ = uecho.send_to(&buf[..n], from);
-        }
-    });
+    let echo_port = support::echo::tcp();
+    let uecho_port = support::echo::udp();
     let (tcp_port, udp_port) = (free_port(), free_port());
     let claim = |name: &str, target: u16, udp: bool| PortClaim {
         holder: "k8s:test/ns/ts".into(),
@@ -694,17 +677,7 @@ fn rolling_restart_under_tcp_load_fails_no_new_connection() {
     use std::sync::{Arc, Mutex};
     use tunnox::store::{PortClaim, PortRegistry as _, PortRequest};
     let mut f = Fleet::start(3);
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = c.try_clone().unwrap();
-                let mut w = c;
-                let _ = std::io::copy(&mut r, &mut w);
-            });
-        }
-    });
+    let echo_port = support::echo::tcp();
     let port = free_port();
     let set = tunnox::domain::SetName::parse("default.default").unwrap();
     f.rt.block_on(f.store.claim_ports(
@@ -871,17 +844,7 @@ fn a_connection_on_a_draining_holder_lives_on_within_the_grace_period() {
     use std::io::{Read, Write};
     use tunnox::store::{PortClaim, PortRegistry as _, PortRequest};
     let mut f = Fleet::start(2);
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = c.try_clone().unwrap();
-                let mut w = c;
-                let _ = std::io::copy(&mut r, &mut w);
-            });
-        }
-    });
+    let echo_port = support::echo::tcp();
     let port = free_port();
     let set = tunnox::domain::SetName::parse("default.default").unwrap();
     let claim = PortClaim {

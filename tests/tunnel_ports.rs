@@ -13,36 +13,6 @@ use support::process::{Role, eventually, free_port};
 use support::proxy::ProxyProc;
 use support::tunnel::{AgentSpec, Pki, agent, secret_file};
 
-/// A TCP echo service: each connection's bytes come back until the client half-closes.
-fn echo() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    port
-}
-
-/// A UDP echo service: every datagram goes back to its sender.
-fn udp_echo() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = s.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], from);
-        }
-    });
-    port
-}
-
 struct Node {
     dir: tempfile::TempDir,
     pki: Pki,
@@ -90,8 +60,8 @@ impl Node {
         let pki = Pki::new(dir.path(), "tcp");
         let token = secret_file(dir.path(), "agent-token", "agent-secret-0123456789");
         let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
-        let echo = echo();
-        let udp_echo = udp_echo();
+        let echo = support::echo::tcp();
+        let udp_echo = support::echo::udp();
         let ports = [(); 6].map(|()| free_port());
         let tunnel = free_port();
         let proxy = ProxyProc::start(

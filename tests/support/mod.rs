@@ -5,6 +5,7 @@
 pub mod balancer;
 pub mod claimer;
 pub mod controlplane;
+pub mod echo;
 pub mod fake_proxy;
 pub mod http;
 pub mod process;
