@@ -771,6 +771,7 @@ async fn remote_ports_are_claimed_atomically_per_set() {
             target: "127.0.0.1:22".into(),
             udp: false,
             max_connections: None,
+            max_bytes_per_second: None,
             udp_idle_ms: None,
         },
     };

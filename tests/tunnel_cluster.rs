@@ -586,6 +586,7 @@ fn a_remote_port_on_any_proxy_reaches_the_agent_through_the_holder() {
         target: format!("127.0.0.1:{target}"),
         udp,
         max_connections: None,
+        max_bytes_per_second: None,
         udp_idle_ms: udp.then_some(5000),
     };
     let set = tunnox::domain::SetName::parse("default.default").unwrap();
@@ -692,6 +693,7 @@ fn rolling_restart_under_tcp_load_fails_no_new_connection() {
                 target: format!("127.0.0.1:{echo_port}"),
                 udp: false,
                 max_connections: None,
+                max_bytes_per_second: None,
                 udp_idle_ms: None,
             },
         }],
@@ -854,6 +856,7 @@ fn a_connection_on_a_draining_holder_lives_on_within_the_grace_period() {
         target: format!("127.0.0.1:{echo_port}"),
         udp: false,
         max_connections: None,
+        max_bytes_per_second: None,
         udp_idle_ms: None,
     };
     f.rt.block_on(f.store.claim_ports(

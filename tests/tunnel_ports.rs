@@ -31,10 +31,15 @@ struct Node {
     two: u16,
     denied: u16,
     nobody: u16,
+    /// Echo limited to [`LIMIT`] bytes per second.
+    slow: u16,
 }
 
-fn config(echo: u16, udp_echo: u16, ports: [u16; 6]) -> String {
-    let [ssh, two, denied, nobody, udp, udp_two] = ports;
+/// `max_bytes_per_second` of the `slow` tunnel: 1 MiB/s.
+const LIMIT: u64 = 1 << 20;
+
+fn config(echo: u16, udp_echo: u16, ports: [u16; 7]) -> String {
+    let [ssh, two, denied, nobody, udp, udp_two, slow] = ports;
     format!(
         "storage: {{type: memory}}
 http_domain: {{base_domains: [tunnox.net]}}
@@ -47,6 +52,7 @@ tunnel_clients:
       - {{name: denied, local_host: 127.0.0.1, local_port: 1, remote_port: {denied}}}
       - {{name: dns, type: udp, local_host: 127.0.0.1, local_port: {udp_echo}, remote_port: {udp}, udp_session_timeout: 1s}}
       - {{name: dns-two, type: udp, local_host: 127.0.0.1, local_port: {udp_echo}, remote_port: {udp_two}, max_connections: 2}}
+      - {{name: slow, local_host: 127.0.0.1, local_port: {echo}, remote_port: {slow}, max_bytes_per_second: {LIMIT}}}
   - client_id: nobody
     token: other-secret-0123456789
     tunnels:
@@ -62,7 +68,7 @@ impl Node {
         let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
         let echo = support::echo::tcp();
         let udp_echo = support::echo::udp();
-        let ports = [(); 6].map(|()| free_port());
+        let ports = [(); 7].map(|()| free_port());
         let tunnel = free_port();
         let proxy = ProxyProc::start(
             dir.path(),
@@ -71,7 +77,7 @@ impl Node {
             &pki.tunnel_yaml(tunnel, &node_token),
         )
         .ready();
-        let [ssh, two, denied, nobody, udp, udp_two] = ports;
+        let [ssh, two, denied, nobody, udp, udp_two, slow] = ports;
         Self {
             dir,
             pki,
@@ -86,6 +92,7 @@ impl Node {
             two,
             denied,
             nobody,
+            slow,
         }
     }
 
@@ -254,6 +261,7 @@ fn limits_refusals_and_a_port_that_cannot_be_bound() {
             free_port(),
             free_port(),
             free_port(),
+            free_port(),
         ],
     );
     let node_token = secret_file(n.dir.path(), "node-token-2", "node-secret-0123456789");
@@ -345,4 +353,70 @@ fn udp_flows_carry_datagrams_and_close_when_idle() {
     }
     assert_eq!(udp_round_trip(&three[2], n.udp_two, b"over"), None);
     assert!(n.metric("max_connections") >= 1);
+}
+
+/// `max_bytes_per_second` on the `slow` tunnel (1 MiB/s, both directions and all connections
+/// together): two connections writing as fast as they can to the echo behind it get 1 MiB/s
+/// between them, within 10% over 10 s. The unlimited `ssh` tunnel beside it is not slowed.
+#[test]
+fn a_bandwidth_limit_holds_within_ten_percent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let n = Node::start();
+    let _agent = n.agent();
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        let s = connect(n.slow);
+        let mut w = s.try_clone().unwrap();
+        let stop_w = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let chunk = vec![7u8; 16 * 1024];
+            while !stop_w.load(Ordering::Relaxed) {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown(Shutdown::Write);
+        }));
+        let mut r = s;
+        let got = received.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(k) = r.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                got.fetch_add(k as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    // The bucket's first burst passes; then the rate is measured over 10 s.
+    std::thread::sleep(Duration::from_secs(1));
+    let (t0, r0) = (Instant::now(), received.load(Ordering::Relaxed));
+    std::thread::sleep(Duration::from_secs(10));
+    let (dt, r1) = (t0.elapsed(), received.load(Ordering::Relaxed));
+    // Every echoed byte passed the limit twice: in towards the service, out back.
+    let rate = 2.0 * (r1 - r0) as f64 / dt.as_secs_f64();
+    println!("limited to {LIMIT} B/s: carried {rate:.0} B/s over {dt:?}");
+    let ratio = rate / LIMIT as f64;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "1 MiB/s limit: carried {rate:.0} B/s ({ratio:.3}x)"
+    );
+    // Unlimited beside it: 8 MiB round trip well above the limit's pace.
+    let big = payload(1, 8 << 20);
+    let start = Instant::now();
+    assert_eq!(round_trip(n.ssh, &big).as_deref(), Some(&big[..]));
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "the unlimited tunnel took {:?} for 16 MiB",
+        start.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    drop(threads);
+    let shaped = n.proxy.admin_get("/metrics").unwrap().body;
+    assert!(shaped.contains("tunnox_tunnel_remote_shaped_bytes_total"));
 }

@@ -102,10 +102,19 @@ pub struct TunnelEntry {
     /// once; UDP: the datagram is dropped). TCP: unlimited if absent; UDP: 1024 if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// Bytes per second this tunnel carries on this proxy, both directions and all its
+    /// connections (or flows) together; unlimited if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_second: Option<u64>,
     /// UDP only: a flow with no datagram either way for this long is closed (default 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_session_timeout: Option<Dur>,
 }
+
+/// The smallest bandwidth limit: below, one UDP datagram or TCP read would wait for seconds.
+pub const MIN_BYTES_PER_SECOND: u64 = 1024;
+/// The largest bandwidth limit (a higher value is a typo, not a limit).
+pub const MAX_BYTES_PER_SECOND: u64 = 100 << 30;
 
 /// Flows of a UDP tunnel without `max_connections`: spoofed source addresses must not open
 /// streams without end.
@@ -329,6 +338,16 @@ fn check_tunnels(
             if t.max_connections == Some(0) {
                 return Err((at("max_connections"), "must be at least 1, got 0".into()));
             }
+            if let Some(b) = t.max_bytes_per_second
+                && !(MIN_BYTES_PER_SECOND..=MAX_BYTES_PER_SECOND).contains(&b)
+            {
+                return Err((
+                    at("max_bytes_per_second"),
+                    format!(
+                        "must be {MIN_BYTES_PER_SECOND}-{MAX_BYTES_PER_SECOND} (1 KiB/s to 100 GiB/s), got {b}"
+                    ),
+                ));
+            }
         }
     }
     Ok(())
@@ -431,6 +450,7 @@ mod tests {
             local_port: 22,
             remote_port: remote,
             max_connections: None,
+            max_bytes_per_second: None,
             udp_session_timeout: None,
         };
         let with = |tunnels: Vec<TunnelEntry>| {
@@ -513,6 +533,11 @@ mod tests {
                 edit(&|t| t.max_connections = Some(0)),
                 Some("tunnel_clients[0].tunnels[0].max_connections"),
                 "0",
+            ),
+            (
+                edit(&|t| t.max_bytes_per_second = Some(10)),
+                Some("tunnel_clients[0].tunnels[0].max_bytes_per_second"),
+                "got 10",
             ),
         ];
         for (clients, want, says) in cases {

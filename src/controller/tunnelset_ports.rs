@@ -81,6 +81,7 @@ pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortReq
                 target: target(&t.local_host, i32::from(local_port)),
                 udp,
                 max_connections: t.max_connections.and_then(|m| u32::try_from(m).ok()),
+                max_bytes_per_second: t.max_bytes_per_second.and_then(|b| u64::try_from(b).ok()),
                 udp_idle_ms: udp.then(|| {
                     t.udp_session_timeout_seconds
                         .and_then(|s| u64::try_from(s).ok())

@@ -105,9 +105,10 @@ pub struct Tunnel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_connections: Option<i32>,
-    /// Bandwidth cap in bytes per second; unlimited when omitted.
+    /// Bandwidth cap in bytes per second, both directions and all connections together, on each
+    /// proxy of the set; unlimited when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1024, max = 107374182400_i64))]
     pub max_bytes_per_second: Option<i64>,
     /// Idle time after which a UDP session is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]

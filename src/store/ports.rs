@@ -22,6 +22,9 @@ pub struct PortClaim {
     pub udp: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// Bandwidth per proxy, both directions together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_second: Option<u64>,
     /// UDP: a flow's idle time in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_idle_ms: Option<u64>,

@@ -19,6 +19,8 @@ pub struct TunnelMetrics {
     pub remote_open: IntGauge,
     /// Bytes carried on remote-port connections: `in` towards the agent, `out` back.
     pub remote_bytes: IntCounterVec,
+    /// Bytes carried through remote ports with a bandwidth limit (`max_bytes_per_second`).
+    pub remote_shaped_bytes: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -114,6 +116,14 @@ impl TunnelMetrics {
                         "Bytes carried on remote-port connections (in = towards the agent), counted when a connection ends",
                     ),
                     &["direction"],
+                )
+                .expect("valid"),
+            ),
+            remote_shaped_bytes: reg(
+                r,
+                IntCounter::new(
+                    "tunnox_tunnel_remote_shaped_bytes_total",
+                    "Bytes carried through remote ports with a bandwidth limit (max_bytes_per_second), counted when a connection ends",
                 )
                 .expect("valid"),
             ),

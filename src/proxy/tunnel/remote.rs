@@ -18,6 +18,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+/// A token bucket (async-speed-limit): bytes wait for their share of the rate.
+type Limiter = async_speed_limit::Limiter;
+
 use super::Tunnels;
 use super::choose::{self, Pick};
 use super::session::{StreamError, StreamSlot};
@@ -33,6 +36,8 @@ pub struct RemoteTunnel {
     pub target: String,
     pub port: u16,
     pub max_connections: Option<u32>,
+    /// Bytes per second on this proxy, both directions and all connections together.
+    pub max_bytes_per_second: Option<u64>,
     /// `Some(idle time of a flow)`: a UDP tunnel; `None`: TCP.
     pub udp_idle: Option<Duration>,
 }
@@ -207,6 +212,7 @@ fn remote_of(port: u16, c: &crate::store::PortClaim) -> RemoteTunnel {
         target: c.target.clone(),
         port,
         max_connections: c.max_connections,
+        max_bytes_per_second: c.max_bytes_per_second,
         udp_idle: c.udp.then(|| {
             Duration::from_millis(
                 c.udp_idle_ms
@@ -267,6 +273,7 @@ async fn accept(
 ) {
     // Counts this listener's open connections across retargets.
     let open = Arc::new(AtomicUsize::new(0));
+    let mut shaper = Shaper::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -287,9 +294,10 @@ async fn accept(
             }
         };
         let tunnels = tunnels.clone();
+        let limiter = shaper.limiter(t.max_bytes_per_second);
         tokio::spawn(async move {
             let _guard = guard;
-            carry(&tunnels, &t, tcp, peer).await;
+            carry(&tunnels, &t, tcp, peer, limiter).await;
         });
     }
 }
@@ -299,6 +307,36 @@ fn count(t: &Tunnels, outcome: &str) {
         .remote_connections
         .with_label_values(&[outcome])
         .inc();
+}
+
+/// A bandwidth limit's bucket holds this long's worth of bytes (the largest burst).
+const SHAPER_REFILL: Duration = Duration::from_millis(100);
+/// Least wait once the bucket is empty: short, so small reads are not held for a whole refill.
+const SHAPER_MIN_WAIT: Duration = Duration::from_millis(5);
+
+/// A remote port's bandwidth limit: one token bucket shared by all its connections (or flows)
+/// on this proxy, kept across retargets while the limit stays the same.
+#[derive(Default)]
+struct Shaper(Option<(u64, Limiter)>);
+
+impl Shaper {
+    fn limiter(&mut self, limit: Option<u64>) -> Option<Limiter> {
+        let Some(limit) = limit else {
+            self.0 = None;
+            return None;
+        };
+        match &self.0 {
+            Some((l, limiter)) if *l == limit => Some(limiter.clone()),
+            _ => {
+                let limiter = Limiter::builder(limit as f64)
+                    .refill(SHAPER_REFILL)
+                    .min_wait(SHAPER_MIN_WAIT)
+                    .build();
+                self.0 = Some((limit, limiter.clone()));
+                Some(limiter)
+            }
+        }
+    }
 }
 
 /// One open connection of a listener, counted until dropped.
@@ -321,7 +359,13 @@ impl Drop for Admitted {
     }
 }
 
-async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: SocketAddr) {
+async fn carry(
+    tunnels: &Tunnels,
+    t: &RemoteTunnel,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    limiter: Option<Limiter>,
+) {
     let _ = tcp.set_nodelay(true);
     let (stream, _slot) = match tunnels
         .open_stream(&t.client_id, &t.target, false, false)
@@ -337,7 +381,17 @@ async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: So
     count(tunnels, "ok");
     tunnels.metrics.remote_open.inc();
     let mut stream = TokioIo::new(stream);
-    let (up, down) = match crate::tunnel::pipe(&mut tcp, &mut stream).await {
+    // Shaped on the client's side: both directions draw on the tunnel's one bucket. Each half
+    // is its own limited resource (one resource for both would let a busy direction keep
+    // re-arming the wait the other one is blocked on).
+    let mut client: Box<dyn ClientIo> = match &limiter {
+        Some(l) => {
+            let (r, w) = tcp.into_split();
+            Box::new(tokio::io::join(l.clone().limit(r), l.clone().limit(w)))
+        }
+        None => Box::new(tcp),
+    };
+    let (up, down) = match crate::tunnel::pipe(&mut *client, &mut stream).await {
         Ok(n) => n,
         Err(e) => {
             tracing::debug!(%peer, port = t.port, error = %e, "remote connection ended with an error");
@@ -345,8 +399,14 @@ async fn carry(tunnels: &Tunnels, t: &RemoteTunnel, mut tcp: TcpStream, peer: So
         }
     };
     tunnels.metrics.remote_open.dec();
+    if limiter.is_some() {
+        tunnels.metrics.remote_shaped_bytes.inc_by(up + down);
+    }
     tunnels.carried(t.port, up, down);
 }
+
+trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
 
 /// Datagrams of one flow: what the remote port's socket received from the flow's client, and
 /// the socket to answer it from.
@@ -354,14 +414,23 @@ struct Flow {
     rx: mpsc::Receiver<Bytes>,
     socket: Arc<UdpSocket>,
     client: SocketAddr,
+    /// The port's bandwidth limit: a datagram waits for its bytes either way.
+    limiter: Option<Limiter>,
 }
 
 impl Datagrams for Flow {
     async fn recv(&mut self) -> Option<Bytes> {
-        self.rx.recv().await
+        let d = self.rx.recv().await?;
+        if let Some(l) = &self.limiter {
+            l.consume(d.len()).await;
+        }
+        Some(d)
     }
 
     async fn send(&mut self, datagram: Bytes) {
+        if let Some(l) = &self.limiter {
+            l.consume(datagram.len()).await;
+        }
         let _ = self.socket.send_to(&datagram, self.client).await;
     }
 }
@@ -380,6 +449,7 @@ async fn serve_udp(
     tunnels: Arc<Tunnels>,
 ) {
     let mut flows = Flows::new();
+    let mut shaper = Shaper::default();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<SocketAddr>();
     let mut buf = vec![0u8; udp::MAX_DATAGRAM];
     loop {
@@ -412,19 +482,38 @@ async fn serve_udp(
             None => Bytes::copy_from_slice(&buf[..n]),
         };
         let t = tunnel.borrow().clone();
-        open_flow(&mut flows, from, datagram, &socket, t, &tunnels, &ended_tx);
+        let limiter = shaper.limiter(t.max_bytes_per_second);
+        let flow = NewFlow {
+            from,
+            first: datagram,
+            socket: &socket,
+            limiter,
+        };
+        open_flow(&mut flows, flow, t, &tunnels, &ended_tx);
     }
+}
+
+/// A flow's first datagram and where it came in.
+struct NewFlow<'a> {
+    from: SocketAddr,
+    first: Bytes,
+    socket: &'a Arc<UdpSocket>,
+    limiter: Option<Limiter>,
 }
 
 fn open_flow(
     flows: &mut Flows,
-    from: SocketAddr,
-    first: Bytes,
-    socket: &Arc<UdpSocket>,
+    new: NewFlow<'_>,
     t: Arc<RemoteTunnel>,
     tunnels: &Arc<Tunnels>,
     ended: &mpsc::UnboundedSender<SocketAddr>,
 ) {
+    let NewFlow {
+        from,
+        first,
+        socket,
+        limiter,
+    } = new;
     let max = t
         .max_connections
         .unwrap_or(crate::config::DEFAULT_UDP_FLOWS) as usize;
@@ -437,10 +526,12 @@ fn open_flow(
     let _ = tx.try_send(first);
     flows.insert(from, tx);
     let idle = t.udp_idle.unwrap_or(Duration::from_secs(60));
+    let shaped = limiter.is_some();
     let mut flow = Flow {
         rx,
         socket: socket.clone(),
         client: from,
+        limiter,
     };
     let tunnels = tunnels.clone();
     let ended = ended.clone();
@@ -456,6 +547,10 @@ fn open_flow(
                 tunnels.metrics.remote_open.dec();
                 if end == udp::End::Idle {
                     count(&tunnels, "udp_idle_closed");
+                }
+                if shaped {
+                    let n = carried.to_tunnel + carried.from_tunnel;
+                    tunnels.metrics.remote_shaped_bytes.inc_by(n);
                 }
                 tunnels.carried(t.port, carried.to_tunnel, carried.from_tunnel);
                 tracing::debug!(%from, port = t.port, ?end, "UDP flow ended");
@@ -575,6 +670,7 @@ mod tests {
             target: target.into(),
             port,
             max_connections: None,
+            max_bytes_per_second: None,
             udp_idle: None,
         }
     }
