@@ -94,6 +94,9 @@ struct AgentArgs {
     /// Runtime threads: 0 = one per CPU, 1 = single-threaded (best on one core).
     #[arg(long, env = "TUNNOX_AGENT_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// File where the configuration proxies push is kept, and read back at start.
+    #[arg(long, env = "TUNNOX_AGENT_CONFIG_CACHE")]
+    config_cache: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -134,6 +137,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.worker_threads {
             cfg.worker_threads = v;
+        }
+        if let Some(v) = self.config_cache {
+            cfg.config_cache = Some(v);
         }
     }
 }

@@ -2370,6 +2370,21 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
             });
         }
     });
+    // A second TCP service the echo tunnel is moved to below: it answers in capitals.
+    let upper = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upper_port = upper.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in upper.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
     let udp_echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let udp_port = udp_echo.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -2396,16 +2411,20 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
              spec: {{clientId: {client}, auth: {{secretRef: {{name: ports-token}}}}, placement: {{business: default, region: default}}, tunnels: [{tunnels}]}}\n"
         )
     };
-    ok(
-        s.cp.apply(&ts(
+    // ports-a, its echo tunnel aimed at local port `echo_to`.
+    let ports_a = |echo_to: u16| {
+        ts(
             "ports-a",
             "ports-e2e",
             &format!(
-                "{{name: echo, localHost: 127.0.0.1, localPort: {tcp_port}, remotePort: {a}}}, \
+                "{{name: echo, localHost: 127.0.0.1, localPort: {echo_to}, remotePort: {a}}}, \
                  {{name: dns, type: udp, localHost: 127.0.0.1, localPort: {udp_port}, remotePort: {b}, udpSessionTimeoutSeconds: 5}}, \
                  {{name: web, localHost: 127.0.0.1, localPort: 80, remotePort: 443}}"
             ),
-        )),
+        )
+    };
+    ok(
+        s.cp.apply(&ports_a(tcp_port)),
         "apply TunnelSet with tunnels",
     );
     let tunnel_states = |name: &str| {
@@ -2478,6 +2497,8 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
             &format!("127.0.0.1:{tcp_port}"),
             "--allow",
             &format!("127.0.0.1:{udp_port}"),
+            "--allow",
+            &format!("127.0.0.1:{upper_port}"),
         ],
         &[],
         &s.dir.path().join("agent-ports.log"),
@@ -2514,6 +2535,66 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     }
     assert_eq!(got.as_deref(), Some(&b"datagram"[..]), "{}", agent.log());
     eprintln!("e2e: TCP and UDP through TunnelSet remote ports");
+
+    // Configuration push: the agent acknowledged its tunnels' hash; `get ts -o wide` shows it.
+    let wide = || {
+        text(
+            &s.cp
+                .kubectl(&["get", "ts", "ports-a", "-n", ns, "-o", "wide"]),
+        )
+    };
+    let hash = |s_: &Stack| ts_field(s_, ns, "ports-a", "{.status.configHash}");
+    eventually("the acknowledged hash", Duration::from_secs(5), || {
+        hash(s).starts_with("sha256:")
+    });
+    let first = hash(s);
+    assert!(wide().contains(&first), "{}", wide());
+    // The echo tunnel moves to the capitals service: the agent is pushed the change, the port
+    // serves the new target, and the new hash is acknowledged — no process restarts.
+    ok(s.cp.apply(&ports_a(upper_port)), "move the echo tunnel");
+    let moved = eventually("the moved tunnel serves", Duration::from_secs(10), || {
+        tcp_round_trip(a).as_deref() == Some(&b"THROUGH THE TUNNEL"[..])
+    });
+    let acked = eventually("the new hash acknowledged", Duration::from_secs(5), || {
+        let h = hash(s);
+        h.starts_with("sha256:") && h != first
+    });
+    let second = hash(s);
+    assert!(wide().contains(&second), "{}", wide());
+    eprintln!(
+        "e2e: local port changed → served in {moved:?}, hash {second} acknowledged after {acked:?}"
+    );
+    // A target the agent's allow list does not hold: acknowledged, and the tunnel `Rejected`
+    // with the agent's reason.
+    ok(
+        s.cp.apply(&ports_a(1)),
+        "aim the echo tunnel at a port the agent refuses",
+    );
+    eventually("Rejected by the agent", Duration::from_secs(10), || {
+        tunnel_states("ports-a").starts_with(&format!("echo=Rejected:{a};"))
+    });
+    let message = ts_field(s, ns, "ports-a", "{.status.tunnels[0].message}");
+    assert!(
+        message.contains("127.0.0.1:1 is not in this agent's allow list"),
+        "{message}"
+    );
+    ok(s.cp.apply(&ports_a(tcp_port)), "aim the echo tunnel back");
+    eventually("Listening again", Duration::from_secs(10), || {
+        tunnel_states("ports-a") == want && hash(s) == first
+    });
+    assert!(agent.is_running(), "the agent was not restarted");
+    let sessions_opened = proxy.log().matches("tunnel session opened").count();
+    assert_eq!(
+        sessions_opened,
+        1,
+        "one session throughout:\n{}",
+        proxy.log()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tcp_round_trip(a).as_deref() != Some(&b"through the tunnel"[..]) {
+        assert!(std::time::Instant::now() < deadline, "echo back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // A connection's traffic is counted when it ends.
     eventually(
         "the TCP connection's traffic",

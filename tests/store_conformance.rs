@@ -986,6 +986,7 @@ mod cases {
             last_seen: now,
             expires_at: now + chrono::Duration::from_std(ttl).unwrap(),
             state: SessionState::Active,
+            config: None,
         }
     }
 

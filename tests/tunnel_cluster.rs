@@ -537,6 +537,7 @@ fn a_record_naming_a_node_without_the_session_is_tried_elsewhere() {
         last_seen: now,
         expires_at: now + chrono::Duration::seconds(60),
         state: SessionState::Active,
+        config: None,
     };
     f.rt.block_on(f.store.put_session(CLIENT, &stale, Duration::from_secs(60)))
         .unwrap();

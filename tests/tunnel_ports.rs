@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use support::process::{Role, eventually, free_port};
+use support::process::{Role, eventually, free_port, http_get};
 use support::proxy::ProxyProc;
 use support::tunnel::{AgentSpec, Pki, agent, secret_file};
 
@@ -97,6 +97,10 @@ impl Node {
     }
 
     fn agent(&self) -> Role {
+        self.agent_with(&[])
+    }
+
+    fn agent_with(&self, extra: &[&str]) -> Role {
         let a = agent(
             self.dir.path(),
             "agent",
@@ -109,7 +113,7 @@ impl Node {
                     format!("127.0.0.1:{}", self.echo),
                     format!("127.0.0.1:{}", self.udp_echo),
                 ],
-                extra: &[],
+                extra,
             },
         );
         eventually(
@@ -419,4 +423,79 @@ fn a_bandwidth_limit_holds_within_ten_percent() {
     drop(threads);
     let shaped = n.proxy.admin_get("/metrics").unwrap().body;
     assert!(shaped.contains("tunnox_tunnel_remote_shaped_bytes_total"));
+}
+
+/// Configuration push (single-node): at connect the proxy sends the agent its client's tunnels
+/// and their hash; the agent refuses the one its allow list does not hold (`denied`), answers
+/// with the hash, keeps the configuration in its cache file, and reads it back when it starts
+/// again while no server is reachable.
+#[test]
+fn the_agent_is_pushed_its_tunnels_and_keeps_them_on_disk() {
+    let n = Node::start();
+    let cache = n.dir.path().join("agent-config.json");
+    let cache_arg = cache.display().to_string();
+    let admin = free_port();
+    let admin_arg = format!("127.0.0.1:{admin}");
+    let mut a = n.agent_with(&["--config-cache", &cache_arg, "--admin-listen", &admin_arg]);
+    eventually(
+        "the configuration cache is written",
+        Duration::from_secs(10),
+        || cache.exists(),
+    );
+    let cached: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap();
+    assert_eq!(cached["client_id"], "laptop");
+    let names: Vec<&str> = cached["config"]["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["denied", "dns", "dns-two", "slow", "ssh", "two"]);
+    let hash = cached["config"]["hash"].as_str().unwrap().to_string();
+    assert!(hash.starts_with("sha256:"), "{hash}");
+    let metrics = http_get(admin, "/metrics");
+    for line in [
+        "tunnox_agent_config_tunnels{state=\"rejected\"} 1",
+        "tunnox_agent_config_tunnels{state=\"carried\"} 5",
+        "tunnox_agent_config_pushes_total{outcome=\"applied\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // The proxy heard the answer and names the refused tunnel.
+    eventually("the proxy logs the refusal", Duration::from_secs(5), || {
+        let log = n.proxy.log();
+        log.contains("agent refuses a tunnel") && log.contains("denied")
+    });
+    let proxy_metrics = n.proxy.admin_get("/metrics").unwrap().body;
+    assert!(
+        proxy_metrics.contains(
+            "tunnox_tunnel_session_events_total{outcome=\"config_rejected\",reason=\"\"} 1"
+        ),
+        "{proxy_metrics}"
+    );
+    assert_eq!(a.terminate(Duration::from_secs(10)), Some(0));
+
+    // Started again with no server to reach: the last configuration is read from the cache.
+    let unreachable = free_port();
+    let again = agent(
+        n.dir.path(),
+        "agent-offline",
+        &AgentSpec {
+            client_id: "laptop",
+            token_file: &n.token,
+            ca: &n.pki.ca,
+            servers: &[unreachable],
+            allow: &[format!("127.0.0.1:{}", n.echo)],
+            extra: &["--config-cache", &cache_arg],
+        },
+    );
+    eventually(
+        "the cache is read at start",
+        Duration::from_secs(10),
+        || {
+            let log = again.log();
+            log.contains("last configuration read from the cache") && log.contains(&hash)
+        },
+    );
 }

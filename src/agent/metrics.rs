@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics (`tunnox_agent_*`), on its own registry served by the admin
 //! server. Labels come from `label()` functions, never from peer input.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct AgentMetrics {
@@ -18,6 +18,10 @@ pub struct AgentMetrics {
     pub bytes: IntCounterVec,
     /// `ServerShutdown` received → replacement session up.
     pub move_seconds: Histogram,
+    /// Configuration pushes by outcome: `applied`, `unchanged`, `invalid`.
+    pub config_pushes: IntCounterVec,
+    /// Tunnels of the configuration applied: `carried` or `rejected` (not in the allow-list).
+    pub config_tunnels: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -76,6 +80,22 @@ impl AgentMetrics {
                     .buckets(vec![
                         0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0,
                     ]),
+                )
+                .expect("valid"),
+            ),
+            config_pushes: vec(
+                "tunnox_agent_config_pushes_total",
+                "Configurations pushed by proxies, by outcome (applied, unchanged, invalid)",
+                "outcome",
+            ),
+            config_tunnels: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tunnox_agent_config_tunnels",
+                        "Tunnels of the configuration applied: carried, or rejected (not in the allow list)",
+                    ),
+                    &["state"],
                 )
                 .expect("valid"),
             ),

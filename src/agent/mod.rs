@@ -6,6 +6,7 @@
 pub mod allow;
 pub mod forward;
 pub mod metrics;
+pub mod pushed;
 pub mod servers;
 pub mod session;
 mod slot;
@@ -45,6 +46,12 @@ pub async fn run(cfg: AgentConfig, token: String) -> Result<(), AgentError> {
             cfg.ca_file.as_deref(),
         )?))
     };
+    let pushed = Arc::new(pushed::Pushed::new(
+        &cfg.client_id,
+        allow::AllowList::new(&cfg.allow),
+        cfg.config_cache.clone(),
+        metrics.clone(),
+    ));
     let forwarder = Arc::new(forward::Forwarder::new(
         allow::AllowList::new(&cfg.allow),
         cfg.connect_timeout.get(),
@@ -60,6 +67,7 @@ pub async fn run(cfg: AgentConfig, token: String) -> Result<(), AgentError> {
         connect_timeout: cfg.connect_timeout.get(),
         max_streams: cfg.max_streams,
         forwarder,
+        pushed,
         metrics: metrics.clone(),
     };
     let health = Health::default();

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::forward::{Body, BoxError, Forwarder, empty};
 use super::metrics::AgentMetrics;
 use crate::config::agent::split_host_port;
+use crate::tunnel::config::ConfigPush;
 use crate::tunnel::frame::{Decoder, Frame};
 use crate::tunnel::handshake::{self, HandshakeError};
 use crate::tunnel::msg::{
@@ -42,6 +43,8 @@ pub struct Dialer {
     pub connect_timeout: Duration,
     pub max_streams: u32,
     pub forwarder: Arc<Forwarder>,
+    /// The configuration proxies push (answered on the control stream).
+    pub pushed: Arc<super::pushed::Pushed>,
     pub metrics: AgentMetrics,
 }
 
@@ -183,6 +186,10 @@ fn heartbeat_interval(ms: u64) -> Duration {
 /// What the control-stream handler needs, taken by the first control stream only.
 struct ControlSetup {
     outgoing: mpsc::Receiver<Frame>,
+    /// Frames back to the proxy (a `ConfigAck`). Weak: the control response ends when the
+    /// session's own sender is dropped (after `Leaving`), which this must not prevent.
+    reply: mpsc::WeakSender<Frame>,
+    pushed: Arc<super::pushed::Pushed>,
     events: mpsc::Sender<Event>,
     opened: oneshot::Sender<()>,
     interval: Duration,
@@ -288,6 +295,8 @@ impl Dialer {
         let (opened_tx, opened_rx) = oneshot::channel();
         let setup = Arc::new(Mutex::new(Some(ControlSetup {
             outgoing: out_rx,
+            reply: out_tx.downgrade(),
+            pushed: self.pushed.clone(),
             events: ev_tx.clone(),
             opened: opened_tx,
             interval,
@@ -402,6 +411,8 @@ fn is_control(req: &Request<Incoming>) -> bool {
 fn control(req: Request<Incoming>, setup: ControlSetup) -> Response<Body> {
     let ControlSetup {
         outgoing,
+        reply,
+        pushed,
         events,
         opened,
         interval,
@@ -423,17 +434,32 @@ fn control(req: Request<Incoming>, setup: ControlSetup) -> Response<Body> {
         }
     });
     let body: Body = BodyExt::boxed(StreamBody::new(out));
-    tokio::spawn(read_control(req.into_body(), events, interval, done_rx));
+    let control = Control {
+        events,
+        reply,
+        pushed,
+        interval,
+    };
+    tokio::spawn(read_control(req.into_body(), control, done_rx));
     let _ = opened.send(());
     Response::new(body)
 }
 
-async fn read_control(
-    mut body: Incoming,
+/// What the control stream's reader answers with.
+struct Control {
     events: mpsc::Sender<Event>,
+    reply: mpsc::WeakSender<Frame>,
+    pushed: Arc<super::pushed::Pushed>,
     interval: Duration,
-    mut done: oneshot::Receiver<()>,
-) {
+}
+
+async fn read_control(mut body: Incoming, control: Control, mut done: oneshot::Receiver<()>) {
+    let Control {
+        events,
+        reply,
+        pushed,
+        interval,
+    } = control;
     let mut decoder = Decoder::default();
     let silence = interval * HEARTBEAT_MISSES;
     // Only whole frames count as heard: a trickle of partial bytes does not keep a session alive.
@@ -475,7 +501,24 @@ async fn read_control(
                     }
                 },
                 Some(Kind::Heartbeat) => {}
-                // Reserved (ConfigPush) or newer types: heard, ignored.
+                Some(Kind::ConfigPush) => {
+                    let applied = msg::decode::<ConfigPush>(&frame)
+                        .map_err(|e| e.to_string())
+                        .and_then(|push| pushed.apply(&push));
+                    match applied {
+                        // Dropped when the session is retiring: the next session is pushed anew.
+                        Ok(ack) => {
+                            if let Some(tx) = reply.upgrade() {
+                                let _ = tx.try_send(msg::Message::to_frame(&ack));
+                            }
+                        }
+                        Err(e) => {
+                            bad = Some(Dead::Protocol(e));
+                            break;
+                        }
+                    }
+                }
+                // Newer types: heard, ignored.
                 other => {
                     tracing::debug!(kind = frame.kind, known = ?other.map(Kind::name), "control frame ignored")
                 }

@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub grace_period: Dur,
     /// Runtime threads: 0 = one per CPU; 1 = a single-threaded runtime (best on one core).
     pub worker_threads: usize,
+    /// Where the configuration proxies push is kept (JSON, replaced whole on each change) and
+    /// read back at start; `None`: memory only.
+    pub config_cache: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -68,6 +71,7 @@ impl Default for AgentConfig {
             max_streams: 1000,
             grace_period: Dur::secs(30),
             worker_threads: 0,
+            config_cache: None,
         }
     }
 }

@@ -376,6 +376,8 @@ async fn write_status(
         Utc::now(),
     );
     status.tunnel_count = i32::try_from(obj.spec.tunnels.len()).unwrap_or(i32::MAX);
+    let mut tunnels = tunnels;
+    td::agent_rejections(&mut tunnels, sessions, Utc::now());
     status.tunnels = tunnels;
     status.endpoint = endpoint;
     if previous == Some(&status) {

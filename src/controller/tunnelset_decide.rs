@@ -167,9 +167,9 @@ impl Outcome {
 }
 
 /// The status: `Accepted`, and `online`/`node`/`connectedSince` with an `Online` condition from
-/// the client's live sessions as of this reconcile (polled every `controller.resync_interval`;
-/// event-driven session status is not built yet). The fields the next issue fills (tunnels,
-/// endpoint, config hash) stay as they were.
+/// the client's live sessions as of this reconcile (an agent's coming or going triggers one),
+/// and `configHash`, the configuration its newest live session acknowledged. Tunnels and the
+/// endpoint are the caller's.
 pub fn status(
     outcome: &Outcome,
     generation: Option<i64>,
@@ -237,6 +237,7 @@ pub fn status(
             ),
         )
     };
+    s.config_hash = acknowledged(sessions, now).map(|a| a.hash.clone());
     s.conditions = vec![
         condition(
             "Accepted", accepted.0, accepted.1, accepted.2, generation, &now_t, prev,
@@ -246,6 +247,39 @@ pub fn status(
         ),
     ];
     s
+}
+
+/// The configuration the client's newest live session acknowledged (its agent's latest view).
+fn acknowledged(
+    sessions: &[SessionRecord],
+    now: DateTime<Utc>,
+) -> Option<&crate::tunnel::config::ConfigAck> {
+    sessions
+        .iter()
+        .filter(|r| r.live_at(now) && r.config.is_some())
+        .max_by_key(|r| r.since)
+        .and_then(|r| r.config.as_ref())
+}
+
+/// Marks the tunnels the agent refuses (its newest live session's acknowledgement): a
+/// `Listening` tunnel becomes `Rejected` with the agent's reason; other states say more already.
+pub fn agent_rejections(
+    tunnels: &mut [crate::crd::TunnelStatus],
+    sessions: &[SessionRecord],
+    now: DateTime<Utc>,
+) {
+    let Some(ack) = acknowledged(sessions, now) else {
+        return;
+    };
+    for r in &ack.rejected {
+        if let Some(t) = tunnels
+            .iter_mut()
+            .find(|t| t.name == r.name && t.state == "Listening")
+        {
+            t.state = "Rejected".into();
+            t.message = Some(format!("the agent refuses it: {}", r.reason));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -451,6 +485,7 @@ mod tests {
             last_seen: now,
             expires_at: now + chrono::Duration::seconds(ttl),
             state: Default::default(),
+            config: None,
         };
         let sessions = [
             rec("s1", "n2", now, 15),
@@ -477,5 +512,78 @@ mod tests {
             ("False".into(), "SecretNotFound".into())
         );
         assert_eq!(s3.set.as_deref(), Some("b.r"));
+    }
+
+    #[test]
+    fn the_newest_live_acknowledgement_gives_the_hash_and_the_refusals() {
+        use crate::crd::TunnelStatus;
+        use crate::tunnel::config::{ConfigAck, Rejected};
+        let now = Utc::now();
+        let ack = |hash: &str, refused: &[&str]| ConfigAck {
+            hash: hash.into(),
+            rejected: refused
+                .iter()
+                .map(|n| Rejected {
+                    name: (*n).into(),
+                    reason: "local target localhost:5432 is not in this agent's allow list".into(),
+                })
+                .collect(),
+        };
+        let rec = |id: &str, age: i64, ttl: i64, config: Option<ConfigAck>| SessionRecord {
+            session_id: id.into(),
+            node_id: "n1".into(),
+            node_address: "127.0.0.1:1".into(),
+            instance: id.into(),
+            slot: 0,
+            since: now - chrono::Duration::seconds(age),
+            last_seen: now,
+            expires_at: now + chrono::Duration::seconds(ttl),
+            state: Default::default(),
+            config,
+        };
+        let sessions = [
+            rec("old", 60, 15, Some(ack("sha256:1111111111111111", &[]))),
+            rec(
+                "new",
+                5,
+                15,
+                Some(ack("sha256:2222222222222222", &["db", "dns"])),
+            ),
+            rec("newest-no-ack", 1, 15, None),
+            rec(
+                "expired",
+                0,
+                -1,
+                Some(ack("sha256:3333333333333333", &["ssh"])),
+            ),
+        ];
+        let accepted = Outcome::Accepted {
+            client_id: "laptop".into(),
+            set: SetName::new("b", "r").unwrap(),
+        };
+        let s = status(&accepted, Some(1), None, &sessions, now);
+        assert_eq!(s.config_hash.as_deref(), Some("sha256:2222222222222222"));
+        assert_eq!(status(&accepted, Some(1), None, &[], now).config_hash, None);
+
+        let ts = |name: &str, state: &str| TunnelStatus {
+            name: name.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let mut tunnels = vec![
+            ts("ssh", "Listening"),
+            ts("db", "Listening"),
+            ts("dns", "Conflict"),
+        ];
+        agent_rejections(&mut tunnels, &sessions, now);
+        let states: Vec<&str> = tunnels.iter().map(|t| t.state.as_str()).collect();
+        assert_eq!(states, ["Listening", "Rejected", "Conflict"]);
+        assert!(
+            tunnels[1]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("not in this agent's allow list")
+        );
     }
 }

@@ -46,6 +46,9 @@ pub struct SessionRecord {
     pub expires_at: DateTime<Utc>,
     #[serde(default)]
     pub state: SessionState,
+    /// The configuration the agent acknowledged on this session: hash and refused tunnels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<crate::tunnel::config::ConfigAck>,
 }
 
 impl SessionRecord {
@@ -195,6 +198,7 @@ mod tests {
             last_seen: now,
             expires_at: now + chrono::Duration::seconds(expires_in_s),
             state: SessionState::Active,
+            config: None,
         }
     }
 

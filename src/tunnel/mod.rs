@@ -31,6 +31,7 @@
 //! a new session first, then sends `Leaving` and shuts its HTTP/2 server down gracefully on the
 //! old one (GOAWAY: streams in flight finish, no new ones start).
 
+pub mod config;
 pub mod credential;
 pub mod frame;
 pub mod handshake;

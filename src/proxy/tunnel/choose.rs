@@ -113,6 +113,7 @@ mod tests {
             last_seen: now,
             expires_at: now + chrono::Duration::seconds(expires_in),
             state,
+            config: None,
         }
     }
 

@@ -21,6 +21,7 @@ use super::Tunnels;
 use super::session::{Full, H2Transport, Session};
 use crate::proxy::ProxyBody;
 use crate::store::{SessionRecord, SessionState};
+use crate::tunnel::config::ConfigAck;
 use crate::tunnel::frame::{self, Decoder};
 use crate::tunnel::handshake::{self, HandshakeError};
 use crate::tunnel::msg::{self, Auth, AuthErrorCode, AuthOk, Heartbeat, Kind, Leaving, Message};
@@ -245,6 +246,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         last_seen: now,
         expires_at: now + chrono::Duration::from_std(ttl).unwrap_or_default(),
         state: SessionState::Active,
+        config: None,
     };
     let session = Arc::new(Session::new(
         record.clone(),
@@ -316,6 +318,9 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         }
     };
 
+    // The agent's configuration, then again whenever it changes (`RemotePorts::apply`).
+    t.push_config(&session);
+
     // The control loop.
     let mut tick = tokio::time::interval(s.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -328,6 +333,8 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
             _ = tick.tick() => {
                 let hb = Heartbeat { timestamp: Utc::now().timestamp(), status: String::new() };
                 let _ = session.control.try_send(hb.to_frame().to_bytes());
+                // A push the full queue deferred goes now.
+                t.push_config(&session);
                 if !refresh(&t, &session, ttl).await {
                     tracing::info!(client_id = %client, session = %session_id, "tunnel session superseded by a newer session of its agent");
                     break "superseded";
@@ -392,6 +399,10 @@ async fn read_frames(
         };
         match Kind::from_u8(f.kind) {
             Some(Kind::Heartbeat) => {}
+            Some(Kind::ConfigAck) => match msg::decode::<ConfigAck>(&f) {
+                Ok(ack) => t.acked(session, ack, ttl).await,
+                Err(e) => return Err(e.to_string()),
+            },
             Some(Kind::Leaving) => {
                 let reason = msg::decode::<Leaving>(&f)
                     .map(|l| l.reason)
@@ -413,7 +424,7 @@ async fn read_frames(
 /// Re-registers the session (its expiry moves on; its state as known now). False when a newer
 /// session of the same agent slot has taken its place in the store (the agent reconnected,
 /// maybe to another node): this one is stale and must not write itself back.
-async fn refresh(t: &Tunnels, session: &Session, ttl: Duration) -> bool {
+pub(super) async fn refresh(t: &Tunnels, session: &Session, ttl: Duration) -> bool {
     let rec = {
         let mut r = session.record.lock().expect("not poisoned");
         let now = Utc::now();

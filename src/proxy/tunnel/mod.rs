@@ -8,6 +8,7 @@ mod choose;
 mod listener;
 mod metrics;
 mod peer_stream;
+mod push;
 mod remote;
 mod send;
 mod session;
@@ -87,6 +88,10 @@ pub struct Tunnels {
     /// (client, target, udp) of every tunnel in this node's remote-port table: what a peer's
     /// CONNECT may ask this node to carry.
     carried: std::sync::RwLock<std::collections::HashSet<(String, String, bool)>>,
+    /// Each client's configuration from the same table: what its agents are pushed.
+    configs: std::sync::RwLock<
+        std::collections::HashMap<String, Arc<crate::tunnel::config::ConfigPush>>,
+    >,
     /// Session tasks still running, including sessions already out of the table that wait for
     /// their streams (a retired session's long-lived connections): shutdown waits for them.
     live_sessions: std::sync::atomic::AtomicUsize,
@@ -153,6 +158,7 @@ impl Tunnels {
             draining: AtomicBool::new(false),
             warned_no_token: AtomicBool::new(false),
             carried: std::sync::RwLock::default(),
+            configs: std::sync::RwLock::default(),
             live_sessions: std::sync::atomic::AtomicUsize::new(0),
             traffic: std::sync::OnceLock::new(),
         }

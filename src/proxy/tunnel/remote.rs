@@ -137,6 +137,7 @@ impl RemotePorts {
             .iter()
             .map(|t| (t.client_id.clone(), t.target.clone(), t.udp_idle.is_some()))
             .collect();
+        self.tunnels.set_configs(desired);
         let mut failed = Vec::new();
         {
             let mut open = self.open.lock().expect("not poisoned");

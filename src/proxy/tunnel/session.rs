@@ -100,6 +100,8 @@ pub struct Session {
     pub idle: Notify,
     /// What was registered in the store (compare-on-remove needs it).
     pub record: Mutex<SessionRecord>,
+    /// Hash of the configuration last sent to the agent.
+    pub pushed: Mutex<Option<String>>,
 }
 
 impl Session {
@@ -124,6 +126,7 @@ impl Session {
             retire: Notify::new(),
             idle: Notify::new(),
             record: Mutex::new(record),
+            pushed: Mutex::new(None),
         }
     }
 
@@ -316,6 +319,7 @@ pub(crate) mod tests {
             last_seen: now,
             expires_at: now,
             state: Default::default(),
+            config: None,
         };
         let (tx, _rx) = mpsc::channel(1);
         Arc::new(Session::new(record, client.into(), Box::new(Dead), 2, tx))
