@@ -772,6 +772,9 @@ async fn remote_ports_are_claimed_atomically_per_set() {
             udp: false,
             max_connections: None,
             max_bytes_per_second: None,
+            group: None,
+            balance: None,
+            members: Vec::new(),
             udp_idle_ms: None,
         },
     };
@@ -899,4 +902,114 @@ async fn remote_ports_are_claimed_atomically_per_set() {
     );
     store.report_port(&set, 2222, "p1", None).await.unwrap();
     assert!(store.port_errors(&set).await.unwrap().is_empty());
+}
+
+/// A load-balancing group's port: TunnelSets of one group join it as members (each its own
+/// client and target), a tunnel of no group or of another group is a conflict naming the group,
+/// a member leaving (no longer asking, or released) leaves the others, and the last one frees
+/// the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_shares_its_port_among_its_members() {
+    use tunnox::store::{PortClaim, PortOutcome, PortRegistry, PortRequest};
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisOptions::new(&server.addr()))
+        .await
+        .unwrap();
+    let set = SetName::parse("default.default").unwrap();
+    let req = |holder: &str, group: Option<&str>, port: u16| PortRequest {
+        port,
+        claim: PortClaim {
+            holder: holder.into(),
+            client_id: format!("{holder}-client"),
+            name: "web".into(),
+            target: format!("127.0.0.1:{}", 8000 + holder.len()),
+            udp: false,
+            max_connections: None,
+            max_bytes_per_second: None,
+            group: group.map(Into::into),
+            balance: group.map(|_| tunnox::domain::Balance::LeastConnections),
+            members: Vec::new(),
+            udp_idle_ms: None,
+        },
+    };
+    let range = (20000, 20002);
+    let claim = |holder: &'static str, reqs: Vec<PortRequest>| {
+        let store = store.clone();
+        let set = set.clone();
+        async move { store.claim_ports(&set, holder, &reqs, range).await.unwrap() }
+    };
+    let members = || async {
+        let table = store.port_table(&set).await.unwrap();
+        table.ports.iter().find(|(p, _)| *p == 3000).map(|(_, c)| {
+            let m: Vec<String> = c
+                .members
+                .iter()
+                .map(|m| format!("{}={}", m.client_id, m.target))
+                .collect();
+            (c.holder.clone(), m)
+        })
+    };
+    assert_eq!(
+        claim("a", vec![req("a", Some("ns/g"), 3000)]).await,
+        vec![PortOutcome::Held(3000)]
+    );
+    assert_eq!(
+        claim("bb", vec![req("bb", Some("ns/g"), 3000)]).await,
+        vec![PortOutcome::Held(3000)]
+    );
+    assert_eq!(
+        members().await,
+        Some((
+            "group:ns/g".to_string(),
+            vec![
+                "a-client=127.0.0.1:8001".to_string(),
+                "bb-client=127.0.0.1:8002".to_string()
+            ]
+        ))
+    );
+    // Not in the group, or in another namespace's group of the same name: a conflict.
+    let conflict = PortOutcome::Conflict {
+        port: 3000,
+        holder: "group:ns/g".into(),
+    };
+    assert_eq!(
+        claim("c", vec![req("c", None, 3000)]).await,
+        vec![conflict.clone()]
+    );
+    assert_eq!(
+        claim("c", vec![req("c", Some("other/g"), 3000)]).await,
+        vec![conflict]
+    );
+    // A member's change is its own: bb moves its target, a stays.
+    let v = store.port_version(&set).await.unwrap();
+    let mut moved = req("bb", Some("ns/g"), 3000);
+    moved.claim.target = "127.0.0.1:9999".into();
+    assert_eq!(
+        claim("bb", vec![moved.clone()]).await,
+        vec![PortOutcome::Held(3000)]
+    );
+    assert!(store.port_version(&set).await.unwrap() > v);
+    let v = store.port_version(&set).await.unwrap();
+    assert_eq!(
+        claim("bb", vec![moved]).await,
+        vec![PortOutcome::Held(3000)]
+    );
+    assert_eq!(
+        store.port_version(&set).await.unwrap(),
+        v,
+        "unchanged: no new version"
+    );
+    // a no longer asks: it leaves, bb keeps the port.
+    claim("a", vec![]).await;
+    assert_eq!(
+        members().await.map(|(_, m)| m),
+        Some(vec!["bb-client=127.0.0.1:9999".to_string()])
+    );
+    // The last member released: the port is free for anyone.
+    store.release_ports(&set, "bb").await.unwrap();
+    assert_eq!(members().await, None);
+    assert_eq!(
+        claim("c", vec![req("c", None, 3000)]).await,
+        vec![PortOutcome::Held(3000)]
+    );
 }

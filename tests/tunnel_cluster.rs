@@ -588,6 +588,9 @@ fn a_remote_port_on_any_proxy_reaches_the_agent_through_the_holder() {
         udp,
         max_connections: None,
         max_bytes_per_second: None,
+        group: None,
+        balance: None,
+        members: Vec::new(),
         udp_idle_ms: udp.then_some(5000),
     };
     let set = tunnox::domain::SetName::parse("default.default").unwrap();
@@ -695,6 +698,9 @@ fn rolling_restart_under_tcp_load_fails_no_new_connection() {
                 udp: false,
                 max_connections: None,
                 max_bytes_per_second: None,
+                group: None,
+                balance: None,
+                members: Vec::new(),
                 udp_idle_ms: None,
             },
         }],
@@ -858,6 +864,9 @@ fn a_connection_on_a_draining_holder_lives_on_within_the_grace_period() {
         udp: false,
         max_connections: None,
         max_bytes_per_second: None,
+        group: None,
+        balance: None,
+        members: Vec::new(),
         udp_idle_ms: None,
     };
     f.rt.block_on(f.store.claim_ports(
@@ -920,4 +929,114 @@ fn a_connection_on_a_draining_holder_lives_on_within_the_grace_period() {
     );
     assert!(whole, "cut after {pings} pings\n{}", trouble(&f));
     assert!(drained.elapsed() >= Duration::from_secs(4));
+}
+
+/// A load-balancing group in a cluster (the group record the controller writes, here claimed
+/// directly for two TunnelSets): two clients' agents on different proxies, one group port on
+/// every proxy; connections through either proxy alternate between the members (one of them
+/// always through the other node), and a stopped member leaves the rotation.
+#[test]
+fn a_group_port_on_any_proxy_alternates_between_agents_on_different_nodes() {
+    use std::io::Read;
+    use tunnox::store::{PortClaim, PortRegistry as _, PortRequest, TunnelRegistry as _};
+    let f = Fleet::start(2);
+    let lettered = |letter: u8| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let _ = s.write_all(&[letter]);
+                });
+            }
+        });
+        port
+    };
+    let (a_port, b_port) = (lettered(b'A'), lettered(b'B'));
+    let desk_token = secret_file(f.dir.path(), "desk-token", "desk-secret-0123456789");
+    f.rt.block_on(f.store.put_credential(&ClientCredential {
+        client_id: "desk".into(),
+        token_sha256: TokenHash::of("desk-secret-0123456789"),
+        placement: None,
+        source: Some("test".into()),
+    }))
+    .unwrap();
+    let port = free_port();
+    let set = tunnox::domain::SetName::parse("default.default").unwrap();
+    for (holder, client, target) in [
+        ("k8s:test/ns/a", CLIENT, a_port),
+        ("k8s:test/ns/b", "desk", b_port),
+    ] {
+        let claim = PortClaim {
+            holder: holder.into(),
+            client_id: client.into(),
+            name: "web".into(),
+            target: format!("127.0.0.1:{target}"),
+            udp: false,
+            max_connections: None,
+            max_bytes_per_second: None,
+            group: Some("ns/web".into()),
+            balance: Some(tunnox::domain::Balance::RoundRobin),
+            members: Vec::new(),
+            udp_idle_ms: None,
+        };
+        f.rt.block_on(f.store.claim_ports(
+            &set,
+            holder,
+            &[PortRequest { port, claim }],
+            (1, 65535),
+        ))
+        .unwrap();
+    }
+    let allow_a = format!("127.0.0.1:{a_port}");
+    let _a = f.agent(&[0], &["--allow", &allow_a]);
+    let mut b = agent(
+        f.dir.path(),
+        "agent-desk",
+        &AgentSpec {
+            client_id: "desk",
+            token_file: &desk_token,
+            ca: &f.pki.ca,
+            servers: &[f.nodes[1].tunnel],
+            allow: &[format!("127.0.0.1:{b_port}")],
+            extra: &[],
+        },
+    );
+    let letter = |ip: &str| -> char {
+        let Ok(mut c) = std::net::TcpStream::connect((ip, port)) else {
+            return '-';
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut l = [0u8; 1];
+        match c.read_exact(&mut l) {
+            Ok(()) => l[0] as char,
+            Err(_) => '-',
+        }
+    };
+    let letters = |ip: &str, n: usize| -> String { (0..n).map(|_| letter(ip)).collect() };
+    eventually("both members online", Duration::from_secs(15), || {
+        let desk = f.rt.block_on(f.store.sessions("desk")).unwrap_or_default();
+        !f.sessions().is_empty() && !desk.is_empty() && {
+            let s = letters("127.0.0.1", 4);
+            s.contains('A') && s.contains('B')
+        }
+    });
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let seq = letters(ip, 8);
+        println!("through {ip}: {seq}");
+        assert!(
+            seq.as_bytes().windows(2).all(|w| w[0] != w[1]) && !seq.contains('-'),
+            "round robin through {ip}: {seq}\n{}",
+            trouble(&f)
+        );
+    }
+    assert_eq!(b.terminate(Duration::from_secs(10)), Some(0));
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        assert_eq!(
+            letters(ip, 4),
+            "AAAA",
+            "a stopped member leaves the rotation"
+        );
+    }
 }

@@ -499,3 +499,44 @@ fn the_agent_is_pushed_its_tunnels_and_keeps_them_on_disk() {
         },
     );
 }
+
+/// One connection whose client stops reading must not stall the others on the same agent
+/// session: its stream may hold at most its own window of the session, not all of it (with
+/// adaptive HTTP/2 windows one stream could take the whole connection window, and every other
+/// stream then waited).
+#[test]
+fn a_client_that_stops_reading_does_not_stall_the_session() {
+    let n = Node::start();
+    let _agent = n.agent();
+    // Four connections push 16 MiB each to the echo and never read what comes back.
+    let stalled: Vec<std::thread::JoinHandle<()>> = (0..4)
+        .map(|_| {
+            let mut s = connect(n.ssh);
+            std::thread::spawn(move || {
+                let chunk = vec![1u8; 64 * 1024];
+                for _ in 0..256 {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(20));
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let big = payload(2, 4 << 20);
+    let start = Instant::now();
+    let back = round_trip(n.ssh, &big);
+    let took = start.elapsed();
+    assert!(
+        back.as_deref() == Some(&big[..]),
+        "4 MiB round trip beside four stalled connections: {} bytes back after {took:?}",
+        back.map_or(0, |b| b.len())
+    );
+    println!("4 MiB round trip beside four stalled connections: {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the session stalled: {took:?}"
+    );
+    drop(stalled);
+}

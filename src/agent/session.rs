@@ -324,7 +324,8 @@ impl Dialer {
         });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
-            .adaptive_window(true)
+            .initial_stream_window_size(crate::tunnel::H2_STREAM_WINDOW)
+            .initial_connection_window_size(crate::tunnel::H2_CONNECTION_WINDOW)
             .max_frame_size(crate::tunnel::H2_MAX_FRAME)
             .enable_connect_protocol()
             .max_concurrent_streams(self.max_streams)

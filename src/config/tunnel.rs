@@ -106,6 +106,13 @@ pub struct TunnelEntry {
     /// connections (or flows) together; unlimited if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes_per_second: Option<u64>,
+    /// A load-balancing group: tunnels of several clients with the same group and
+    /// `remote_port` share the port, connections spread over the members whose agents are up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// How the group spreads connections: `round_robin` (default) or `least_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<crate::domain::Balance>,
     /// UDP only: a flow with no datagram either way for this long is closed (default 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_session_timeout: Option<Dur>,
@@ -279,7 +286,9 @@ fn check_tunnels(
             format!("[{lo}, {hi}] is not a range of ports: give [lowest, highest], 1-65535"),
         ));
     }
-    let mut ports: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
+    // Port → (the entry that declared it first, its group, its type, its client).
+    type Taken<'a> = (String, Option<&'a str>, TunnelKind, usize);
+    let mut ports: std::collections::HashMap<u16, Taken<'_>> = std::collections::HashMap::new();
     for (i, c) in clients.iter().enumerate() {
         let mut names = std::collections::HashSet::new();
         for (j, t) in c.tunnels.iter().enumerate() {
@@ -329,11 +338,33 @@ fn check_tunnels(
                     format!("{p} is one of this proxy's own listener ports"),
                 ));
             }
-            if let Some(holder) = ports.insert(p, here.clone()) {
-                return Err((
-                    at("remote_port"),
-                    format!("{p} is already taken by {holder}"),
-                ));
+            if let Some(g) = &t.group {
+                check_tunnel_name(g).map_err(|m| (at("group"), m))?;
+            } else if t.balance.is_some() {
+                return Err((at("balance"), "applies to tunnels in a group only".into()));
+            }
+            let group = t.group.as_deref();
+            match ports.get(&p) {
+                None => {
+                    ports.insert(p, (here.clone(), group, t.kind, i));
+                }
+                // Another client's member of the same group: it joins the port.
+                Some((_, Some(g), kind, client))
+                    if group == Some(*g) && *kind == t.kind && *client != i => {}
+                Some((holder, g, _, _)) => {
+                    let why = match (g, group) {
+                        (Some(g), Some(mine)) if *g == mine => {
+                            " (a group's members are tunnels of different clients, of one type)"
+                                .to_string()
+                        }
+                        (Some(g), _) => format!(" (group {g})"),
+                        _ => String::new(),
+                    };
+                    return Err((
+                        at("remote_port"),
+                        format!("{p} is already taken by {holder}{why}"),
+                    ));
+                }
             }
             if t.max_connections == Some(0) {
                 return Err((at("max_connections"), "must be at least 1, got 0".into()));
@@ -451,6 +482,8 @@ mod tests {
             remote_port: remote,
             max_connections: None,
             max_bytes_per_second: None,
+            group: None,
+            balance: None,
             udp_session_timeout: None,
         };
         let with = |tunnels: Vec<TunnelEntry>| {
@@ -469,11 +502,76 @@ mod tests {
             vec![with(vec![t])]
         };
         type Case = (Vec<TunnelClientEntry>, Option<&'static str>, &'static str);
+        let grouped = |name: &str, group: Option<&str>| {
+            let mut t = tcp(name, 2222);
+            t.group = group.map(Into::into);
+            t
+        };
+        let other = |tunnels: Vec<TunnelEntry>| {
+            let mut c = with(tunnels);
+            c.client_id = "other".into();
+            c
+        };
         let cases: Vec<Case> = vec![
             (
                 vec![with(vec![tcp("ssh", 2222), tcp("db", 5433)])],
                 None,
                 "",
+            ),
+            // Two clients' tunnels of one group share the port.
+            (
+                vec![
+                    with(vec![grouped("web", Some("web"))]),
+                    other(vec![grouped("web", Some("web"))]),
+                ],
+                None,
+                "",
+            ),
+            (
+                vec![
+                    with(vec![grouped("web", Some("web"))]),
+                    other(vec![grouped("web", Some("api"))]),
+                ],
+                Some("tunnel_clients[1].tunnels[0].remote_port"),
+                "(group web)",
+            ),
+            (
+                vec![
+                    with(vec![grouped("web", Some("web"))]),
+                    other(vec![grouped("web", None)]),
+                ],
+                Some("tunnel_clients[1].tunnels[0].remote_port"),
+                "(group web)",
+            ),
+            (
+                vec![with(vec![
+                    grouped("web", Some("web")),
+                    grouped("web2", Some("web")),
+                ])],
+                Some("tunnel_clients[0].tunnels[1].remote_port"),
+                "different clients",
+            ),
+            (
+                vec![
+                    with(vec![grouped("web", Some("web"))]),
+                    other(vec![{
+                        let mut t = grouped("web", Some("web"));
+                        t.kind = TunnelKind::Udp;
+                        t
+                    }]),
+                ],
+                Some("tunnel_clients[1].tunnels[0].remote_port"),
+                "of one type",
+            ),
+            (
+                edit(&|t| t.group = Some("Web Group".into())),
+                Some("tunnel_clients[0].tunnels[0].group"),
+                "Web Group",
+            ),
+            (
+                edit(&|t| t.balance = Some(crate::domain::Balance::LeastConnections)),
+                Some("tunnel_clients[0].tunnels[0].balance"),
+                "group only",
             ),
             (
                 vec![with(vec![tcp("ssh", 2222), tcp("ssh", 2223)])],

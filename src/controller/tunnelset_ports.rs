@@ -70,6 +70,15 @@ pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortReq
             )));
             continue;
         }
+        if t.group.is_some() && port == 0 {
+            asks.push(Ask::Decided(refused(
+                &t.name,
+                format!(
+                    "spec.tunnels[{i}].group needs an explicit remotePort: a group's members meet on one port"
+                ),
+            )));
+            continue;
+        }
         let udp = t.protocol == TunnelProtocol::Udp;
         asks.push(Ask::Request(reqs.len()));
         reqs.push(PortRequest {
@@ -87,6 +96,15 @@ pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortReq
                         .and_then(|s| u64::try_from(s).ok())
                         .map_or(DEFAULT_UDP_IDLE_MS, |s| s * 1000)
                 }),
+                // Namespaced: a TunnelSet joins only its own namespace's groups.
+                group: t.group.as_ref().map(|g| {
+                    format!(
+                        "{}/{g}",
+                        ts.metadata.namespace.as_deref().unwrap_or_default()
+                    )
+                }),
+                balance: t.group.as_ref().map(|_| t.balance.unwrap_or_default()),
+                members: Vec::new(),
             },
         });
     }
@@ -253,6 +271,7 @@ mod tests {
             local_port: 22,
             remote_port: remote,
             group: None,
+            balance: None,
             max_connections: Some(5),
             max_bytes_per_second: None,
             udp_session_timeout_seconds: None,
@@ -278,6 +297,36 @@ mod tests {
                 tunnels,
             },
         )
+    }
+
+    #[test]
+    fn a_grouped_tunnel_names_its_namespaced_group_and_needs_a_port() {
+        let mut web = tunnel("web", Some(20080), false);
+        web.group = Some("web".into());
+        let mut auto = tunnel("api", None, false);
+        auto.group = Some("web".into());
+        let mut t = ts(vec![web, auto, tunnel("ssh", Some(20022), false)]);
+        t.metadata.namespace = Some("team-a".into());
+        let (reqs, asks) = requests(&t, "k8s:c/team-a/laptop", (20000, 29999));
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[0].claim.group.as_deref(), Some("team-a/web"));
+        assert_eq!(
+            reqs[0].claim.balance,
+            Some(crate::domain::Balance::RoundRobin)
+        );
+        assert_eq!(reqs[1].claim.group, None);
+        assert_eq!(reqs[1].claim.balance, None);
+        let Ask::Decided(api) = &asks[1] else {
+            panic!("{asks:?}")
+        };
+        assert_eq!(api.state, "Invalid");
+        assert!(
+            api.message
+                .as_deref()
+                .unwrap()
+                .contains("spec.tunnels[1].group needs an explicit remotePort"),
+            "{api:?}"
+        );
     }
 
     #[test]

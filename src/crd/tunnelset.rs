@@ -82,6 +82,7 @@ pub enum TunnelProtocol {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.udpSessionTimeoutSeconds) || self.type == 'udp'").message("udpSessionTimeoutSeconds applies to udp tunnels only"))]
+#[x_kube(validation = Rule::new("!has(self.balance) || has(self.group)").message("balance applies to tunnels in a group only"))]
 pub struct Tunnel {
     /// Unique within the TunnelSet.
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
@@ -97,10 +98,15 @@ pub struct Tunnel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub remote_port: Option<i32>,
-    /// Load-balancing group this tunnel belongs to.
+    /// Load-balancing group this tunnel belongs to: tunnels of TunnelSets in this namespace
+    /// with the same group and `remotePort` (required) share the port; connections are spread
+    /// over the members whose agents are online.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
     pub group: Option<String>,
+    /// How a group spreads connections: `roundRobin` (default) or `leastConnections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<crate::domain::Balance>,
     /// Most concurrent connections (TCP) or sessions (UDP); unlimited when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]

@@ -1,11 +1,13 @@
 //! Pure domain types shared by every role: hostnames, mapping records, ids and set names.
 
+pub mod balance;
 pub mod egress;
 mod hostname;
 mod ids;
 mod mapping;
 mod set;
 
+pub use balance::Balance;
 pub use egress::{Declarer, EgressPolicy, Refusal};
 pub use hostname::{Hostname, HostnameError, MAX_HOSTNAME_LEN, MAX_LABEL_LEN};
 pub use ids::{MappingId, MappingIdError};

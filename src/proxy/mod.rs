@@ -533,9 +533,11 @@ fn tunnel_advertise(t: &crate::config::TunnelListenerConfig, bound: SocketAddr) 
     }
 }
 
-/// Single-node: the `tunnels` of every `tunnel_clients` entry (checked when the file was read).
+/// Single-node: the `tunnels` of every `tunnel_clients` entry (checked when the file was read);
+/// the tunnels of one `group` share their port, each client's a member (the group's `balance`
+/// and limits are those of its first entry).
 fn remote_tunnels(settings: &Settings) -> Vec<tunnel::RemoteTunnel> {
-    let mut out = Vec::new();
+    let mut out: Vec<tunnel::RemoteTunnel> = Vec::new();
     for c in &settings.config.tunnel_clients {
         for t in &c.tunnels {
             let host = &t.local_host;
@@ -544,10 +546,19 @@ fn remote_tunnels(settings: &Settings) -> Vec<tunnel::RemoteTunnel> {
             } else {
                 format!("{host}:{}", t.local_port)
             };
-            out.push(tunnel::RemoteTunnel {
+            let backend = tunnel::Backend {
                 client_id: c.client_id.clone(),
                 name: t.name.clone(),
                 target,
+            };
+            if let Some(joined) = out.iter_mut().find(|o| o.port == t.remote_port) {
+                joined.backends.push(backend);
+                continue;
+            }
+            out.push(tunnel::RemoteTunnel {
+                name: t.group.clone().unwrap_or_else(|| t.name.clone()),
+                backends: vec![backend],
+                balance: t.balance.unwrap_or_default(),
                 port: t.remote_port,
                 max_connections: t.max_connections,
                 max_bytes_per_second: t.max_bytes_per_second,

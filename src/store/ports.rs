@@ -28,6 +28,25 @@ pub struct PortClaim {
     /// UDP: a flow's idle time in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_idle_ms: Option<u64>,
+    /// A load-balancing group (`<namespace>/<group>`): TunnelSets of one namespace naming the same
+    /// group and port share the port, each a member of the record (`holder` is then
+    /// `group:<group>`, the limits and `balance` those of the member written last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<crate::domain::Balance>,
+    /// A group's members, in holder order (empty for a tunnel of its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<GroupMember>,
+}
+
+/// One TunnelSet's tunnel in a group's port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub holder: String,
+    pub client_id: String,
+    pub name: String,
+    pub target: String,
 }
 
 /// One tunnel a TunnelSet asks a port for: `port` 0 means any free port of the range (the one

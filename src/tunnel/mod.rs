@@ -12,7 +12,8 @@
 //!    An unauthenticated peer never gets HTTP/2 state on the proxy.
 //! 3. **HTTP/2 with the roles reversed**: the proxy is the HTTP/2 *client* (it sends the
 //!    connection preface right after `AuthOk`), the agent the HTTP/2 *server* (extended CONNECT
-//!    enabled, adaptive flow-control windows). Every forwarded request is one stream.
+//!    enabled, fixed flow-control windows: [`H2_STREAM_WINDOW`], [`H2_CONNECTION_WINDOW`]).
+//!    Every forwarded request is one stream.
 //! 4. **The control stream**: the proxy's first stream, `POST` [`CONTROL_PATH`] with the header
 //!    [`CONTROL_HEADER`] and no [`TARGET_HEADER`]. Its request body carries frames proxy → agent
 //!    (heartbeat, `ServerShutdown`), its response body frames agent → proxy (heartbeat,
@@ -80,6 +81,16 @@ where
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, PIPE_BUFFER, PIPE_BUFFER).await
 }
+
+/// Flow-control window of one stream on a session: what a stream whose reader stopped (a slow
+/// client, a bandwidth limit) can hold of the session. Fixed, not adaptive: with adaptive
+/// windows one stream's window grew to the whole connection's, and one client that stopped
+/// reading stalled every other stream of the session.
+pub const H2_STREAM_WINDOW: u32 = 1 << 20;
+
+/// Flow-control window of a whole session: 128 streams at their full window before the others
+/// wait (and the most a session buffers for readers that stopped).
+pub const H2_CONNECTION_WINDOW: u32 = 128 << 20;
 
 /// The largest HTTP/2 frame each side accepts on a session: a pipe's 64 KiB read travels as one
 /// DATA frame instead of four.

@@ -201,7 +201,8 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
     let mut h2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     // No HTTP/2 pings: the control stream's heartbeats are the liveness check.
     h2.timer(TokioTimer::new())
-        .adaptive_window(true)
+        .initial_stream_window_size(crate::tunnel::H2_STREAM_WINDOW)
+        .initial_connection_window_size(crate::tunnel::H2_CONNECTION_WINDOW)
         .max_frame_size(crate::tunnel::H2_MAX_FRAME)
         .max_concurrent_reset_streams(64)
         .max_header_list_size(64 * 1024);

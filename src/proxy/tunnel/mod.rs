@@ -12,6 +12,7 @@ mod push;
 mod remote;
 mod send;
 mod session;
+mod spread;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
-pub use remote::{RemotePorts, RemoteTunnel, follow_ports};
+pub use remote::{Backend, RemotePorts, RemoteTunnel, follow_ports};
 
 use super::ProxyBody;
 use crate::config::AdminToken;

@@ -17,18 +17,21 @@ use crate::tunnel::msg::Message;
 pub fn configs_of(desired: &[RemoteTunnel]) -> HashMap<String, Arc<ConfigPush>> {
     let mut by_client: HashMap<String, Vec<PushedTunnel>> = HashMap::new();
     for t in desired {
-        by_client
-            .entry(t.client_id.clone())
-            .or_default()
-            .push(PushedTunnel {
-                name: t.name.clone(),
-                transport: if t.udp_idle.is_some() {
-                    Transport::Udp
-                } else {
-                    Transport::Tcp
-                },
-                target: t.target.clone(),
-            });
+        let transport = if t.udp_idle.is_some() {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        };
+        for b in &t.backends {
+            by_client
+                .entry(b.client_id.clone())
+                .or_default()
+                .push(PushedTunnel {
+                    name: b.name.clone(),
+                    transport,
+                    target: b.target.clone(),
+                });
+        }
     }
     by_client
         .into_iter()
@@ -133,9 +136,13 @@ mod tests {
 
     fn t(client: &str, name: &str, port: u16, udp: bool) -> RemoteTunnel {
         RemoteTunnel {
-            client_id: client.into(),
             name: name.into(),
-            target: format!("127.0.0.1:{port}"),
+            backends: vec![super::super::Backend {
+                client_id: client.into(),
+                name: name.into(),
+                target: format!("127.0.0.1:{port}"),
+            }],
+            balance: Default::default(),
             port: 20_000 + port,
             max_connections: None,
             max_bytes_per_second: None,
@@ -169,7 +176,7 @@ mod tests {
         assert_eq!(configs_of(&limited)["laptop"].hash, c["laptop"].hash);
         // A moved local port does.
         let mut moved = table.clone();
-        moved[0].target = "127.0.0.1:2222".into();
+        moved[0].backends[0].target = "127.0.0.1:2222".into();
         assert_ne!(configs_of(&moved)["laptop"].hash, c["laptop"].hash);
     }
 }

@@ -24,22 +24,35 @@ type Limiter = async_speed_limit::Limiter;
 use super::Tunnels;
 use super::choose::{self, Pick};
 use super::session::{StreamError, StreamSlot};
+pub use super::spread::Backend;
+use super::spread::Spread;
+use crate::domain::Balance;
 use crate::tunnel::udp::{self, Datagrams, TRANSPORT_HEADER};
 use crate::tunnel::{ERROR_HEADER, TARGET_HEADER};
 
-/// One published TCP service as the proxy serves it.
+/// One published TCP or UDP service as the proxy serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteTunnel {
-    pub client_id: String,
+    /// The tunnel's name, or its group's (`<namespace>/<group>`).
     pub name: String,
-    /// `host:port` as the agent dials it.
-    pub target: String,
+    /// Who carries its connections: one client's tunnel, or a group's members (at least one).
+    pub backends: Vec<Backend>,
+    /// How a group spreads connections over `backends`.
+    pub balance: Balance,
     pub port: u16,
     pub max_connections: Option<u32>,
     /// Bytes per second on this proxy, both directions and all connections together.
     pub max_bytes_per_second: Option<u64>,
     /// `Some(idle time of a flow)`: a UDP tunnel; `None`: TCP.
     pub udp_idle: Option<Duration>,
+}
+
+impl RemoteTunnel {
+    /// The clients carrying it, for logs (`laptop` or `a,b`).
+    pub fn clients(&self) -> String {
+        let ids: Vec<&str> = self.backends.iter().map(|b| b.client_id.as_str()).collect();
+        ids.join(",")
+    }
 }
 
 /// What [`plan`] decided: listeners to close, to open, and open ones whose tunnel changed.
@@ -135,7 +148,12 @@ impl RemotePorts {
         let plan = plan(&current, desired);
         *self.tunnels.carried.write().expect("not poisoned") = desired
             .iter()
-            .map(|t| (t.client_id.clone(), t.target.clone(), t.udp_idle.is_some()))
+            .flat_map(|t| {
+                let udp = t.udp_idle.is_some();
+                t.backends
+                    .iter()
+                    .map(move |b| (b.client_id.clone(), b.target.clone(), udp))
+            })
             .collect();
         self.tunnels.set_configs(desired);
         let mut failed = Vec::new();
@@ -148,14 +166,14 @@ impl RemotePorts {
             for t in &plan.retarget {
                 if let Some(l) = open.get(&t.port) {
                     let _ = l.tunnel.send(Arc::new(t.clone()));
-                    tracing::info!(port = t.port, client_id = %t.client_id, tunnel = %t.name, target = %t.target, "remote port retargeted");
+                    tracing::info!(port = t.port, clients = %t.clients(), tunnel = %t.name, "remote port retargeted");
                 }
             }
         }
         for t in plan.open {
             let addr = SocketAddr::new(self.bind, t.port);
             if self.tunnels.own.iter().any(|a| a.port() == t.port) {
-                tracing::warn!(%addr, client_id = %t.client_id, tunnel = %t.name, "remote port refused: it is one of this proxy's own ports");
+                tracing::warn!(%addr, clients = %t.clients(), tunnel = %t.name, "remote port refused: it is one of this proxy's own ports");
                 failed.push((
                     t.port,
                     std::io::Error::new(
@@ -176,7 +194,7 @@ impl RemotePorts {
             };
             match bound {
                 Ok(task) => {
-                    tracing::info!(%addr, udp = t.udp_idle.is_some(), client_id = %t.client_id, tunnel = %t.name, target = %t.target, "remote port listening");
+                    tracing::info!(%addr, udp = t.udp_idle.is_some(), clients = %t.clients(), tunnel = %t.name, "remote port listening");
                     self.open
                         .lock()
                         .expect("not poisoned")
@@ -188,7 +206,7 @@ impl RemotePorts {
                         .remote_connections
                         .with_label_values(&["bind_failed"])
                         .inc();
-                    tracing::warn!(%addr, client_id = %t.client_id, tunnel = %t.name, error = %e, "remote port cannot be bound");
+                    tracing::warn!(%addr, clients = %t.clients(), tunnel = %t.name, error = %e, "remote port cannot be bound");
                     failed.push((t.port, e));
                 }
             }
@@ -205,12 +223,28 @@ impl RemotePorts {
 /// How often a proxy looks at its set's port table version (a change shows within this).
 const PORTS_POLL: Duration = Duration::from_secs(1);
 
-/// What a proxy serves for one claimed port.
+/// What a proxy serves for one claimed port: the claim's tunnel, or its group's members.
 fn remote_of(port: u16, c: &crate::store::PortClaim) -> RemoteTunnel {
+    let backends = if c.members.is_empty() {
+        vec![Backend {
+            client_id: c.client_id.clone(),
+            name: c.name.clone(),
+            target: c.target.clone(),
+        }]
+    } else {
+        c.members
+            .iter()
+            .map(|m| Backend {
+                client_id: m.client_id.clone(),
+                name: m.name.clone(),
+                target: m.target.clone(),
+            })
+            .collect()
+    };
     RemoteTunnel {
-        client_id: c.client_id.clone(),
-        name: c.name.clone(),
-        target: c.target.clone(),
+        name: c.group.clone().unwrap_or_else(|| c.name.clone()),
+        backends,
+        balance: c.balance.unwrap_or_default(),
         port,
         max_connections: c.max_connections,
         max_bytes_per_second: c.max_bytes_per_second,
@@ -275,6 +309,7 @@ async fn accept(
     // Counts this listener's open connections across retargets.
     let open = Arc::new(AtomicUsize::new(0));
     let mut shaper = Shaper::default();
+    let spread = Arc::new(Spread::default());
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -288,7 +323,7 @@ async fn accept(
         let guard = match Admitted::enter(&open, t.max_connections) {
             Some(g) => g,
             None => {
-                let e = CarryError::Full(format!("{}/{}", t.client_id, t.name));
+                let e = CarryError::Full(format!("{}/{}", t.clients(), t.name));
                 count(&tunnels, e.label());
                 tracing::warn!(%peer, port = t.port, error = %e, "remote connection refused");
                 continue;
@@ -296,9 +331,10 @@ async fn accept(
         };
         let tunnels = tunnels.clone();
         let limiter = shaper.limiter(t.max_bytes_per_second);
+        let spread = spread.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            carry(&tunnels, &t, tcp, peer, limiter).await;
+            carry(&tunnels, &t, tcp, peer, limiter, &spread).await;
         });
     }
 }
@@ -366,13 +402,11 @@ async fn carry(
     tcp: TcpStream,
     peer: SocketAddr,
     limiter: Option<Limiter>,
+    spread: &Arc<Spread>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let (stream, _slot) = match tunnels
-        .open_stream(&t.client_id, &t.target, false, false)
-        .await
-    {
-        Ok(s) => s,
+    let (stream, _slot, _carrying) = match spread.open(tunnels, t, false).await {
+        Ok(o) => (o.stream, o.slot, o.carrying),
         Err(e) => {
             count(tunnels, e.label());
             tracing::warn!(%peer, port = t.port, tunnel = %t.name, error = %e, "remote connection not carried");
@@ -451,6 +485,7 @@ async fn serve_udp(
 ) {
     let mut flows = Flows::new();
     let mut shaper = Shaper::default();
+    let spread = Arc::new(Spread::default());
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<SocketAddr>();
     let mut buf = vec![0u8; udp::MAX_DATAGRAM];
     loop {
@@ -489,6 +524,7 @@ async fn serve_udp(
             first: datagram,
             socket: &socket,
             limiter,
+            spread: spread.clone(),
         };
         open_flow(&mut flows, flow, t, &tunnels, &ended_tx);
     }
@@ -500,6 +536,7 @@ struct NewFlow<'a> {
     first: Bytes,
     socket: &'a Arc<UdpSocket>,
     limiter: Option<Limiter>,
+    spread: Arc<Spread>,
 }
 
 fn open_flow(
@@ -514,6 +551,7 @@ fn open_flow(
         first,
         socket,
         limiter,
+        spread,
     } = new;
     let max = t
         .max_connections
@@ -537,11 +575,14 @@ fn open_flow(
     let tunnels = tunnels.clone();
     let ended = ended.clone();
     tokio::spawn(async move {
-        match tunnels
-            .open_stream(&t.client_id, &t.target, true, false)
-            .await
-        {
-            Ok((stream, _slot)) => {
+        match spread.open(&tunnels, &t, true).await {
+            Ok(opened) => {
+                let super::spread::Opened {
+                    stream,
+                    slot: _slot,
+                    carrying: _carrying,
+                    ..
+                } = opened;
                 count(&tunnels, "ok");
                 tunnels.metrics.remote_open.inc();
                 let (end, carried) = udp::pump(TokioIo::new(stream), &mut flow, idle).await;
@@ -666,9 +707,13 @@ mod tests {
 
     fn t(port: u16, target: &str) -> RemoteTunnel {
         RemoteTunnel {
-            client_id: "laptop".into(),
             name: format!("t{port}"),
-            target: target.into(),
+            backends: vec![Backend {
+                client_id: "laptop".into(),
+                name: format!("t{port}"),
+                target: target.into(),
+            }],
+            balance: Balance::RoundRobin,
             port,
             max_connections: None,
             max_bytes_per_second: None,

@@ -10,10 +10,62 @@ use crate::store::{
     PortClaim, PortOutcome, PortRegistry, PortRequest, PortTable, PortTraffic, StoreError,
 };
 
-/// KEYS: the set's table, its version, its traffic. ARGV: holder, lowest and highest automatic port, and a
-/// JSON array of `{port, name, record}` (`port` 0: automatic). Explicit requests first, then
-/// automatic ones (the port the holder already has under that name, else the lowest free one);
-/// then the holder's ports no request names are freed. Returns per request `held:<port>`,
+/// Lua shared by [`CLAIM`] and [`RELEASE`]: `canon(v)` a text of `v` with its keys sorted (to
+/// compare records); `members_without(rec, holder)` is a group record's
+/// members other than `holder`'s; `forget(port)` drops what a port carried; `drop_member`
+/// takes `holder` out of the group record at `port`, freeing the port with its last member.
+const COMMON: &str = r"
+local function canon(v)
+  if type(v) ~= 'table' then return cjson.encode(v) end
+  local keys = {}
+  for k in pairs(v) do table.insert(keys, tostring(k)) end
+  table.sort(keys)
+  local parts = {}
+  for _, k in ipairs(keys) do
+    local val = v[k]
+    if val == nil then val = v[tonumber(k)] end
+    table.insert(parts, k .. '=' .. canon(val))
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+local function members_without(rec, holder)
+  local out = {}
+  if type(rec['members']) == 'table' then
+    for _, m in ipairs(rec['members']) do
+      if m['holder'] ~= holder then table.insert(out, m) end
+    end
+  end
+  return out
+end
+local function forget(port)
+  redis.call('HDEL', KEYS[3], port .. ':connections', port .. ':bytes_in', port .. ':bytes_out')
+end
+local function is_member(rec, holder)
+  if type(rec['members']) ~= 'table' then return false end
+  for _, m in ipairs(rec['members']) do
+    if m['holder'] == holder then return true end
+  end
+  return false
+end
+local function drop_member(port, rec, holder)
+  local rest = members_without(rec, holder)
+  if #rest == 0 then
+    redis.call('HDEL', KEYS[1], tostring(port))
+    forget(port)
+  else
+    rec['members'] = rest
+    redis.call('HSET', KEYS[1], tostring(port), cjson.encode(rec))
+  end
+end
+";
+
+/// KEYS: the set's table, its version, its traffic. ARGV: holder, lowest and highest automatic
+/// port, and a JSON array of `{port, name, record, group?}` (`port` 0: automatic). Explicit
+/// requests first, then automatic ones (the port the holder already has under that name, else
+/// the lowest free one); then the holder's ports no request names are freed. A request with a
+/// `group` joins the group's record at its port (free, or held by the same group): the record's
+/// holder is `group:<group>` and `members` lists each TunnelSet's tunnel; leaving takes the
+/// member out, and the last one frees the port. Returns per request `held:<port>`,
 /// `conflict:<port>:<holder>` or `exhausted`; moves the version when anything changed.
 const CLAIM: &str = r"
 local holder = ARGV[1]
@@ -52,14 +104,35 @@ for pass = 1, 2 do
         out[i] = 'exhausted'
       else
         local cur = taken[port]
-        if (cur and cur['holder'] ~= holder) or keep[port] then
+        local group = r['group']
+        if group then
+          local gholder = 'group:' .. group
+          if keep[port] or (cur and cur['holder'] ~= gholder) then
+            out[i] = 'conflict:' .. port .. ':' .. ((cur and cur['holder']) or holder)
+          else
+            local rec = cjson.decode(r['record'])
+            local members = {}
+            if cur then members = members_without(cur, holder) end
+            table.insert(members, {holder = holder, client_id = rec['client_id'], name = rec['name'], target = rec['target']})
+            table.sort(members, function(a, b) return a['holder'] < b['holder'] end)
+            rec['holder'] = gholder
+            rec['members'] = members
+            keep[port] = true
+            -- cjson's key order is not stable: compare the records, not their text.
+            if cur == nil or canon(cur) ~= canon(rec) then
+              if cur == nil then forget(port) end
+              redis.call('HSET', KEYS[1], tostring(port), cjson.encode(rec))
+              changed = true
+            end
+            taken[port] = rec
+            out[i] = 'held:' .. port
+          end
+        elseif (cur and cur['holder'] ~= holder) or keep[port] then
           out[i] = 'conflict:' .. port .. ':' .. ((cur and cur['holder']) or holder)
         else
           keep[port] = true
           if redis.call('HGET', KEYS[1], tostring(port)) ~= r['record'] then
-            if cur == nil then
-              redis.call('HDEL', KEYS[3], port .. ':connections', port .. ':bytes_in', port .. ':bytes_out')
-            end
+            if cur == nil then forget(port) end
             redis.call('HSET', KEYS[1], tostring(port), r['record'])
             changed = true
           end
@@ -70,10 +143,15 @@ for pass = 1, 2 do
   end
 end
 for port, rec in pairs(taken) do
-  if rec['holder'] == holder and not keep[port] then
-    redis.call('HDEL', KEYS[1], tostring(port))
-    redis.call('HDEL', KEYS[3], port .. ':connections', port .. ':bytes_in', port .. ':bytes_out')
-    changed = true
+  if not keep[port] then
+    if rec['holder'] == holder then
+      redis.call('HDEL', KEYS[1], tostring(port))
+      forget(port)
+      changed = true
+    elseif is_member(rec, holder) then
+      drop_member(port, rec, holder)
+      changed = true
+    end
   end
 end
 if changed then redis.call('INCR', KEYS[2]) end
@@ -81,16 +159,21 @@ return out
 ";
 
 /// KEYS: the set's table, its version, its traffic. ARGV: holder. Frees its ports (and
-/// forgets what they carried).
+/// forgets what they carried) and leaves the groups it is a member of.
 const RELEASE: &str = r"
 local all = redis.call('HGETALL', KEYS[1])
 local changed = false
 for i = 1, #all, 2 do
   local ok, rec = pcall(cjson.decode, all[i + 1])
-  if ok and type(rec) == 'table' and rec['holder'] == ARGV[1] then
-    redis.call('HDEL', KEYS[1], all[i])
-    redis.call('HDEL', KEYS[3], all[i] .. ':connections', all[i] .. ':bytes_in', all[i] .. ':bytes_out')
-    changed = true
+  if ok and type(rec) == 'table' then
+    if rec['holder'] == ARGV[1] then
+      redis.call('HDEL', KEYS[1], all[i])
+      forget(all[i])
+      changed = true
+    elseif is_member(rec, ARGV[1]) then
+      drop_member(all[i], rec, ARGV[1])
+      changed = true
+    end
   end
 end
 if changed then redis.call('INCR', KEYS[2]) end
@@ -131,9 +214,14 @@ impl PortRegistry for RedisStore {
                 at: keys.ports(set),
                 detail: e.to_string(),
             })?;
-            reqs.push(serde_json::json!({"port": r.port, "name": r.claim.name, "record": record}));
+            let mut req =
+                serde_json::json!({"port": r.port, "name": r.claim.name, "record": record});
+            if let Some(g) = &r.claim.group {
+                req["group"] = serde_json::Value::String(g.clone());
+            }
+            reqs.push(req);
         }
-        let out: Vec<String> = redis::Script::new(CLAIM)
+        let out: Vec<String> = redis::Script::new(&format!("{COMMON}{CLAIM}"))
             .key(keys.ports(set))
             .key(keys.ports_version(set))
             .key(keys.port_traffic(set))
@@ -148,7 +236,7 @@ impl PortRegistry for RedisStore {
 
     async fn release_ports(&self, set: &SetName, holder: &str) -> Result<(), StoreError> {
         let keys = &self.inner.keys;
-        let _: i64 = redis::Script::new(RELEASE)
+        let _: i64 = redis::Script::new(&format!("{COMMON}{RELEASE}"))
             .key(keys.ports(set))
             .key(keys.ports_version(set))
             .key(keys.port_traffic(set))

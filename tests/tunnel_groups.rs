@@ -1,0 +1,200 @@
+//! Load-balancing groups (single-node): two tunnel clients, each behind its own real `tunnox
+//! agent`, publish a service in one group on one remote port. Each service answers a connection
+//! with its letter, so the test sees which member carried it: round robin alternates, least
+//! connections fills the emptier member, a stopped agent leaves the rotation within the
+//! heartbeat window (1 s here: two misses) and a started one rejoins.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::process::{Role, eventually, free_port};
+use support::proxy::ProxyProc;
+use support::tunnel::{AgentSpec, Pki, agent, secret_file};
+
+/// A service that writes `letter` to each connection, then waits for the client to close.
+fn lettered(letter: u8) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = s.write_all(&[letter]);
+                let mut sink = [0u8; 64];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                let _ = s.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+struct Group {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    _proxy: ProxyProc,
+    tunnel: u16,
+    services: [u16; 2],
+    /// The round-robin group's port and the least-connections group's.
+    rr: u16,
+    lc: u16,
+}
+
+impl Group {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path(), "groups");
+        let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
+        let services = [lettered(b'A'), lettered(b'B')];
+        let (rr, lc, tunnel) = (free_port(), free_port(), free_port());
+        let client = |id: &str, service: u16| {
+            format!(
+                "  - client_id: {id}
+    token: {id}-secret-0123456789
+    tunnels:
+      - {{name: web, local_host: 127.0.0.1, local_port: {service}, remote_port: {rr}, group: web}}
+      - {{name: busy, local_host: 127.0.0.1, local_port: {service}, remote_port: {lc}, group: busy, balance: least_connections}}
+"
+            )
+        };
+        let config = format!(
+            "storage: {{type: memory}}\nhttp_domain: {{base_domains: [tunnox.net]}}\ntunnel_clients:\n{}{}",
+            client("a", services[0]),
+            client("b", services[1])
+        );
+        let proxy = ProxyProc::start(
+            dir.path(),
+            "p",
+            &config,
+            &pki.tunnel_yaml(tunnel, &node_token),
+        )
+        .ready();
+        Self {
+            dir,
+            pki,
+            _proxy: proxy,
+            tunnel,
+            services,
+            rr,
+            lc,
+        }
+    }
+
+    /// The agent of client `a` (member 0) or `b` (member 1).
+    fn agent(&self, member: usize) -> Role {
+        let id = ["a", "b"][member];
+        let token = secret_file(
+            self.dir.path(),
+            &format!("{id}-token"),
+            &format!("{id}-secret-0123456789"),
+        );
+        agent(
+            self.dir.path(),
+            &format!("agent-{id}"),
+            &AgentSpec {
+                client_id: id,
+                token_file: &token,
+                ca: &self.pki.ca,
+                servers: &[self.tunnel],
+                allow: &[format!("127.0.0.1:{}", self.services[member])],
+                extra: &[],
+            },
+        )
+    }
+}
+
+/// Connects to `port` and reads the member's letter; the connection stays open while the
+/// stream is kept. `None` when nobody answered.
+fn open(port: u16) -> Option<(u8, TcpStream)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut letter = [0u8; 1];
+    s.read_exact(&mut letter).ok()?;
+    Some((letter[0], s))
+}
+
+/// The letters of `n` connections opened one after another, each closed before the next.
+fn letters(port: u16, n: usize) -> String {
+    (0..n)
+        .map(|_| open(port).map_or('-', |(l, _)| l as char))
+        .collect()
+}
+
+#[test]
+fn a_group_balances_fails_over_and_rejoins() {
+    let g = Group::start();
+    let _a = g.agent(0);
+    let mut b = g.agent(1);
+    eventually("both members carry", Duration::from_secs(15), || {
+        let seen = letters(g.rr, 4);
+        seen.contains('A') && seen.contains('B')
+    });
+
+    // Round robin: connections alternate.
+    let seq = letters(g.rr, 8);
+    println!("round robin: {seq}");
+    assert!(
+        seq.as_bytes().windows(2).all(|w| w[0] != w[1]) && !seq.contains('-'),
+        "round robin alternates: {seq}"
+    );
+
+    // Least connections: four held connections spread two and two; once A's two close, the
+    // next two both go to A (round robin would send one to B).
+    let held: Vec<(u8, TcpStream)> = (0..4).map(|_| open(g.lc).unwrap()).collect();
+    let on = |l: u8| held.iter().filter(|(x, _)| *x == l).count();
+    assert_eq!(
+        (on(b'A'), on(b'B')),
+        (2, 2),
+        "least connections spreads evenly"
+    );
+    let (mut on_a, on_b): (Vec<_>, Vec<_>) = held.into_iter().partition(|(l, _)| *l == b'A');
+    on_a.clear();
+    // A's connections end through the agent before the proxy counts them closed.
+    std::thread::sleep(Duration::from_millis(500));
+    let next: String = (0..2)
+        .map(|_| open(g.lc).unwrap())
+        .map(|(l, s)| {
+            on_a.push((l, s));
+            l as char
+        })
+        .collect();
+    assert_eq!(next, "AA", "least connections goes to the emptier member");
+    drop(on_a);
+    drop(on_b);
+
+    // Stop B: every connection goes to A at once (its session leaves).
+    assert_eq!(b.terminate(Duration::from_secs(10)), Some(0));
+    let seq = letters(g.rr, 6);
+    assert_eq!(seq, "AAAAAA", "a stopped member leaves the rotation");
+
+    // B back: it rejoins and connections alternate again.
+    let mut b = g.agent(1);
+    let rejoined = eventually("B rejoins", Duration::from_secs(15), || {
+        letters(g.rr, 2).contains('B')
+    });
+    let seq = letters(g.rr, 6);
+    println!("rejoined after {rejoined:?}: {seq}");
+    assert!(
+        seq.as_bytes().windows(2).all(|w| w[0] != w[1]),
+        "alternating again: {seq}"
+    );
+
+    // Killed without a word (SIGKILL): it leaves the rotation within the heartbeat window
+    // (two missed 1 s heartbeats); connections meanwhile wait for it to be declared dead,
+    // then go to A — none is lost.
+    b.kill();
+    let started = Instant::now();
+    let seq = letters(g.rr, 6);
+    let took = started.elapsed();
+    println!("after SIGKILL: {seq} in {took:?}");
+    assert_eq!(
+        seq, "AAAAAA",
+        "no connection lost while the dead member leaves"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "within the heartbeat window: {took:?}"
+    );
+}
