@@ -211,6 +211,10 @@ fn main() {
             tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over,
         ),
         (
+            "tunnel_set_group_spreads_connections_over_its_agents",
+            tunnel_set_group_spreads_connections_over_its_agents,
+        ),
+        (
             "controller_rbac_is_what_it_calls",
             controller_rbac_is_what_it_calls,
         ),
@@ -2715,6 +2719,169 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
         },
     );
     drop(agent);
+    drop(proxy);
+    ctl.terminate(Duration::from_secs(10));
+    no_permission_errors(&ctl);
+}
+
+/// A load-balancing group through the controller: two TunnelSets of one namespace naming group
+/// `web` on one port are both `Listening` and their agents take turns; a TunnelSet of another
+/// namespace naming `web` is another group and gets `Conflict`; deleting one member leaves the
+/// port to the other.
+fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
+    use std::io::Read;
+    let (ns, other_ns) = ("e2e-group", "e2e-group-other");
+    let token = "e2e-group-token-7c41";
+    for n in [ns, other_ns] {
+        s.cp.kubectl_ok(&["create", "namespace", n]);
+        s.cp.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "group-token",
+            "-n",
+            n,
+            &format!("--from-literal=token={token}"),
+        ]);
+    }
+    // Each member's service answers a connection with its letter.
+    let lettered = |letter: u8| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                use std::io::Write;
+                let _ = c.write_all(&[letter]);
+            }
+        });
+        port
+    };
+    let services = [lettered(b'A'), lettered(b'B')];
+    let port = free_port();
+    let (mut ctl, _) = s.controller_with(
+        "ctl-group",
+        &s.sa_kubeconfig,
+        &[(
+            "TUNNOX__CONTROLLER__REMOTE_PORT_RANGE",
+            format!("[{port}, {port}]"),
+        )],
+    );
+    let member = |namespace: &str, name: &str, client: &str, local: u16| {
+        format!(
+            "apiVersion: tunnox.net/v1alpha1\nkind: TunnelSet\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+             spec: {{clientId: {client}, auth: {{secretRef: {{name: group-token}}}}, placement: {{business: default, region: default}}, \
+             tunnels: [{{name: web, localHost: 127.0.0.1, localPort: {local}, remotePort: {port}, group: web}}]}}\n"
+        )
+    };
+    ok(
+        s.cp.apply(&member(ns, "web-1", "group-e2e-1", services[0])),
+        "apply web-1",
+    );
+    ok(
+        s.cp.apply(&member(ns, "web-2", "group-e2e-2", services[1])),
+        "apply web-2",
+    );
+    let state = |n: &str, name: &str| {
+        ts_field(
+            s,
+            n,
+            name,
+            "{range .status.tunnels[*]}{.state}:{.remotePort}{end}",
+        )
+    };
+    let listening = format!("Listening:{port}");
+    eventually("both members Listening", Duration::from_secs(20), || {
+        state(ns, "web-1") == listening && state(ns, "web-2") == listening
+    });
+    // Same group name, another namespace: another group, refused.
+    ok(
+        s.cp.apply(&member(other_ns, "web-x", "group-e2e-x", services[0])),
+        "apply web-x",
+    );
+    eventually(
+        "Conflict in the other namespace",
+        Duration::from_secs(20),
+        || state(other_ns, "web-x") == format!("Conflict:{port}"),
+    );
+    let message = ts_field(s, other_ns, "web-x", "{.status.tunnels[0].message}");
+    assert!(message.contains("group:e2e-group/web"), "{message}");
+
+    let dir = s.dir.path().join("group");
+    let (ca, cert, key) = tunnel_certs(&dir);
+    let (proxy, _port, tunnel_port) = tunnel_proxy(s, "proxy-group", &cert, &key);
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let agents: Vec<Role> = [("group-e2e-1", services[0]), ("group-e2e-2", services[1])]
+        .iter()
+        .map(|(client, local)| {
+            Role::start(
+                &[
+                    "agent",
+                    "--server",
+                    &format!("127.0.0.1:{tunnel_port}"),
+                    "--server-name",
+                    "localhost",
+                    "--client-id",
+                    client,
+                    "--token-file",
+                    token_file.to_str().unwrap(),
+                    "--ca-file",
+                    ca.to_str().unwrap(),
+                    "--allow",
+                    &format!("127.0.0.1:{local}"),
+                ],
+                &[],
+                &s.dir.path().join(format!("agent-{client}.log")),
+            )
+        })
+        .collect();
+    let letter = || -> char {
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return '-';
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut l = [0u8; 1];
+        match c.read_exact(&mut l) {
+            Ok(()) => l[0] as char,
+            Err(_) => '-',
+        }
+    };
+    let letters = |n: usize| -> String { (0..n).map(|_| letter()).collect() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = letters(4);
+        if seen.contains('A') && seen.contains('B') {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both members not serving within 20 s: {seen}\n--- proxy log:\n{}",
+            proxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seq = letters(8);
+    assert!(
+        seq.as_bytes().windows(2).all(|w| w[0] != w[1]) && !seq.contains('-'),
+        "round robin: {seq}"
+    );
+    eprintln!("e2e: group of two TunnelSets: {seq}");
+    // One member deleted: the other keeps the port and takes every connection.
+    ok(
+        s.cp.kubectl(&["delete", "ts", "web-1", "-n", ns, "--timeout=30s"]),
+        "delete web-1",
+    );
+    eventually("only web-2 serves", Duration::from_secs(10), || {
+        letters(4) == "BBBB"
+    });
+    assert_eq!(state(ns, "web-2"), listening);
+    for (n, name) in [(ns, "web-2"), (other_ns, "web-x")] {
+        ok(
+            s.cp.kubectl(&["delete", "ts", name, "-n", n, "--timeout=30s"]),
+            "delete TunnelSets",
+        );
+    }
+    drop(agents);
     drop(proxy);
     ctl.terminate(Duration::from_secs(10));
     no_permission_errors(&ctl);
