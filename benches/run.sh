@@ -4,7 +4,7 @@
 #   benches/run.sh [OUT] [BENCH...]
 #
 # Without BENCH names every benchmark runs and OUT (default docs/benchmarks.md) is rewritten.
-# With names (store, proxy, tunnel, tunnel_tcp, controller) only those run: their sections
+# With names (store, proxy, tunnel, tunnel_tcp, tunnel_udp, controller) only those run: their sections
 # replace the same sections of OUT, the other sections are kept, and the header says which
 # sections come from which run.
 set -euo pipefail
@@ -22,7 +22,7 @@ wanted() {
     return 1
 }
 for b in "${only[@]}"; do
-    case $b in store | proxy | tunnel | tunnel_tcp | controller) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
+    case $b in store | proxy | tunnel | tunnel_tcp | tunnel_udp | controller) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
 done
 
 if wanted store; then cargo bench --locked --bench store >>"$tmp"; fi
@@ -49,6 +49,9 @@ fi
 if wanted tunnel_tcp; then
     rathole
     TUNNOX_PEERS="$peers" cargo bench --locked --bench tunnel_tcp >>"$tmp"
+fi
+if wanted tunnel_udp; then
+    TUNNOX_PEERS="$peers" cargo bench --locked --bench tunnel_udp >>"$tmp"
 fi
 if wanted controller; then cargo bench --locked --features e2e --bench controller >>"$tmp"; fi
 

@@ -987,6 +987,7 @@ mod cases {
             expires_at: now + chrono::Duration::from_std(ttl).unwrap(),
             state: SessionState::Active,
             config: None,
+            unhealthy: Vec::new(),
         }
     }
 

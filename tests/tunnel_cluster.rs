@@ -538,6 +538,7 @@ fn a_record_naming_a_node_without_the_session_is_tried_elsewhere() {
         expires_at: now + chrono::Duration::seconds(60),
         state: SessionState::Active,
         config: None,
+        unhealthy: Vec::new(),
     };
     f.rt.block_on(f.store.put_session(CLIENT, &stale, Duration::from_secs(60)))
         .unwrap();
@@ -588,6 +589,7 @@ fn a_remote_port_on_any_proxy_reaches_the_agent_through_the_holder() {
         udp,
         max_connections: None,
         max_bytes_per_second: None,
+        health_check: None,
         group: None,
         balance: None,
         members: Vec::new(),
@@ -698,6 +700,7 @@ fn rolling_restart_under_tcp_load_fails_no_new_connection() {
                 udp: false,
                 max_connections: None,
                 max_bytes_per_second: None,
+                health_check: None,
                 group: None,
                 balance: None,
                 members: Vec::new(),
@@ -864,6 +867,7 @@ fn a_connection_on_a_draining_holder_lives_on_within_the_grace_period() {
         udp: false,
         max_connections: None,
         max_bytes_per_second: None,
+        health_check: None,
         group: None,
         balance: None,
         members: Vec::new(),
@@ -976,6 +980,7 @@ fn a_group_port_on_any_proxy_alternates_between_agents_on_different_nodes() {
             udp: false,
             max_connections: None,
             max_bytes_per_second: None,
+            health_check: None,
             group: Some("ns/web".into()),
             balance: Some(tunnox::domain::Balance::RoundRobin),
             members: Vec::new(),

@@ -8,6 +8,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::process::{Role, eventually, free_port};
@@ -31,15 +33,69 @@ fn lettered(letter: u8) -> u16 {
     port
 }
 
+/// An HTTP service: `GET /health` answers 200 while `up`, 503 otherwise; any other request
+/// answers with `letter` as its body. One request per connection.
+fn http_service(letter: u8, up: Arc<AtomicBool>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let up = up.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && matches!(s.read(&mut b), Ok(1)) {
+                    head.push(b[0]);
+                }
+                let health = head.starts_with(b"GET /health ");
+                let (status, body) = match (health, up.load(Ordering::Relaxed)) {
+                    (true, true) => ("200 OK", "ok".to_string()),
+                    (true, false) => ("503 Service Unavailable", "down".to_string()),
+                    (false, _) => ("200 OK", (letter as char).to_string()),
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+/// The body of `GET /` through `port`: the member's letter, `-` when nobody answered.
+fn fetch(port: u16) -> char {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return '-';
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return '-';
+    }
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    match all.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) if all.len() > i + 4 => all[i + 4] as char,
+        _ => '-',
+    }
+}
+
 struct Group {
     dir: tempfile::TempDir,
     pki: Pki,
     _proxy: ProxyProc,
     tunnel: u16,
     services: [u16; 2],
-    /// The round-robin group's port and the least-connections group's.
+    /// HTTP services of the members, whose `/health` follows `up`.
+    http: [u16; 2],
+    up: [Arc<AtomicBool>; 2],
+    /// The round-robin group's port, the least-connections group's, and the health-checked one's.
     rr: u16,
     lc: u16,
+    hc: u16,
 }
 
 impl Group {
@@ -48,21 +104,27 @@ impl Group {
         let pki = Pki::new(dir.path(), "groups");
         let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
         let services = [lettered(b'A'), lettered(b'B')];
-        let (rr, lc, tunnel) = (free_port(), free_port(), free_port());
-        let client = |id: &str, service: u16| {
+        let up = [(); 2].map(|()| Arc::new(AtomicBool::new(true)));
+        let http = [
+            http_service(b'A', up[0].clone()),
+            http_service(b'B', up[1].clone()),
+        ];
+        let (rr, lc, hc, tunnel) = (free_port(), free_port(), free_port(), free_port());
+        let client = |id: &str, service: u16, http: u16| {
             format!(
                 "  - client_id: {id}
     token: {id}-secret-0123456789
     tunnels:
       - {{name: web, local_host: 127.0.0.1, local_port: {service}, remote_port: {rr}, group: web}}
       - {{name: busy, local_host: 127.0.0.1, local_port: {service}, remote_port: {lc}, group: busy, balance: least_connections}}
+      - {{name: checked, local_host: 127.0.0.1, local_port: {http}, remote_port: {hc}, group: checked, health_check: {{type: http, path: /health, interval: 1s, timeout: 500ms, max_failed: 1}}}}
 "
             )
         };
         let config = format!(
             "storage: {{type: memory}}\nhttp_domain: {{base_domains: [tunnox.net]}}\ntunnel_clients:\n{}{}",
-            client("a", services[0]),
-            client("b", services[1])
+            client("a", services[0], http[0]),
+            client("b", services[1], http[1])
         );
         let proxy = ProxyProc::start(
             dir.path(),
@@ -77,8 +139,11 @@ impl Group {
             _proxy: proxy,
             tunnel,
             services,
+            http,
+            up,
             rr,
             lc,
+            hc,
         }
     }
 
@@ -98,7 +163,10 @@ impl Group {
                 token_file: &token,
                 ca: &self.pki.ca,
                 servers: &[self.tunnel],
-                allow: &[format!("127.0.0.1:{}", self.services[member])],
+                allow: &[
+                    format!("127.0.0.1:{}", self.services[member]),
+                    format!("127.0.0.1:{}", self.http[member]),
+                ],
                 extra: &[],
             },
         )
@@ -197,4 +265,32 @@ fn a_group_balances_fails_over_and_rejoins() {
         took < Duration::from_secs(6),
         "within the heartbeat window: {took:?}"
     );
+}
+
+/// Health checks (`health_check: {type: http, path: /health, interval: 1s, max_failed: 1}`):
+/// the agents probe their services; while B's `/health` answers 503, B's agent reports it down
+/// and every connection goes to A, though B's agent and its service are up; once it answers
+/// 200 again B is back in the rotation.
+#[test]
+fn a_member_whose_health_check_fails_leaves_the_rotation_until_it_passes() {
+    let g = Group::start();
+    let _a = g.agent(0);
+    let _b = g.agent(1);
+    let both = |n: usize| -> String { (0..n).map(|_| fetch(g.hc)).collect() };
+    eventually("both members serve", Duration::from_secs(15), || {
+        let s = both(4);
+        s.contains('A') && s.contains('B')
+    });
+    g.up[1].store(false, Ordering::Relaxed);
+    let left = eventually("B leaves the rotation", Duration::from_secs(5), || {
+        both(4) == "AAAA"
+    });
+    let seq = both(6);
+    println!("B's check failing: {seq} (out after {left:?})");
+    assert_eq!(seq, "AAAAAA", "an unhealthy member takes no connection");
+    g.up[1].store(true, Ordering::Relaxed);
+    let back = eventually("B back", Duration::from_secs(5), || both(4).contains('B'));
+    let seq = both(6);
+    println!("B's check passing again after {back:?}: {seq}");
+    assert!(seq.as_bytes().windows(2).all(|w| w[0] != w[1]), "{seq}");
 }

@@ -5,6 +5,7 @@
 
 pub mod allow;
 pub mod forward;
+pub mod health;
 pub mod metrics;
 pub mod pushed;
 pub mod servers;

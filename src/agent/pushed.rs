@@ -56,6 +56,8 @@ pub struct Pushed {
     cache: Option<PathBuf>,
     current: Mutex<Option<ConfigAck>>,
     metrics: AgentMetrics,
+    /// The health checks of the tunnels carried.
+    checks: super::health::Checks,
 }
 
 impl Pushed {
@@ -72,6 +74,7 @@ impl Pushed {
             cache,
             current: Mutex::new(None),
             metrics,
+            checks: super::health::Checks::default(),
         };
         if let Some(path) = &p.cache {
             match read_cache(path, client_id) {
@@ -79,6 +82,7 @@ impl Pushed {
                     let ack = judge(&push, &p.allow);
                     tracing::info!(path = %path.display(), hash = %push.hash, tunnels = push.tunnels.len(), rejected = ack.rejected.len(), "last configuration read from the cache");
                     p.show(&push, &ack);
+                    p.check(&push, &ack);
                     *p.current.lock().expect("not poisoned") = Some(ack);
                 }
                 Ok(None) => {}
@@ -130,6 +134,7 @@ impl Pushed {
             tracing::warn!(tunnel = %r.name, reason = %r.reason, "tunnel refused");
         }
         self.show(push, &ack);
+        self.check(push, &ack);
         if let Some(path) = &self.cache
             && let Err(e) = write_cache(path, &self.client_id, push)
         {
@@ -137,6 +142,33 @@ impl Pushed {
         }
         *current = Some(ack.clone());
         Ok(ack)
+    }
+
+    /// What the health checks found down, for a session to report.
+    pub fn health(
+        &self,
+    ) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<super::health::Down>> {
+        self.checks.subscribe()
+    }
+
+    /// Runs the checks of the tunnels carried (not those refused).
+    fn check(&self, push: &ConfigPush, ack: &ConfigAck) {
+        let checks = push
+            .tunnels
+            .iter()
+            .filter(|t| !ack.rejected.iter().any(|r| r.name == t.name))
+            .filter_map(|t| {
+                let c = t.health_check.clone()?;
+                match c.problem() {
+                    None => Some((t.name.clone(), t.target.clone(), c)),
+                    Some((field, why)) => {
+                        tracing::warn!(tunnel = %t.name, field, %why, "health check not run");
+                        None
+                    }
+                }
+            })
+            .collect();
+        self.checks.replace(checks);
     }
 
     fn show(&self, push: &ConfigPush, ack: &ConfigAck) {
@@ -199,6 +231,7 @@ mod tests {
             name: name.into(),
             transport: Transport::Tcp,
             target: target.into(),
+            health_check: None,
         }
     }
 

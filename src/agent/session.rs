@@ -368,6 +368,10 @@ impl Dialer {
                 reason,
             });
         }
+        tokio::spawn(super::health::report(
+            out_tx.downgrade(),
+            self.pushed.health(),
+        ));
         let hb_tx = out_tx.clone();
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);

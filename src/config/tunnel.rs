@@ -113,9 +113,48 @@ pub struct TunnelEntry {
     /// How the group spreads connections: `round_robin` (default) or `least_connections`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<crate::domain::Balance>,
+    /// Probed by the agent next to the service; while it fails the tunnel takes no new
+    /// connections (its group's other members carry them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckEntry>,
     /// UDP only: a flow with no datagram either way for this long is closed (default 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_session_timeout: Option<Dur>,
+}
+
+/// `health_check` of a tunnel in the configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckEntry {
+    #[serde(rename = "type")]
+    pub kind: crate::domain::CheckKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failed: Option<u32>,
+}
+
+impl HealthCheckEntry {
+    /// The check as proxies push it, defaults filled in.
+    pub fn to_check(&self) -> crate::domain::HealthCheck {
+        use crate::domain::health;
+        let ms = |d: Option<Dur>, default: u64| {
+            d.map_or(default, |d| {
+                u64::try_from(d.get().as_millis()).unwrap_or(u64::MAX)
+            })
+        };
+        crate::domain::HealthCheck {
+            kind: self.kind,
+            path: self.path.clone(),
+            interval_ms: ms(self.interval, health::DEFAULT_INTERVAL_MS),
+            timeout_ms: ms(self.timeout, health::DEFAULT_TIMEOUT_MS),
+            max_failed: self.max_failed.unwrap_or(health::DEFAULT_MAX_FAILED),
+        }
+    }
 }
 
 /// The smallest bandwidth limit: below, one UDP datagram or TCP read would wait for seconds.
@@ -369,6 +408,10 @@ fn check_tunnels(
             if t.max_connections == Some(0) {
                 return Err((at("max_connections"), "must be at least 1, got 0".into()));
             }
+            if let Some((field, why)) = t.health_check.as_ref().and_then(|h| h.to_check().problem())
+            {
+                return Err((at(&format!("health_check.{field}")), why));
+            }
             if let Some(b) = t.max_bytes_per_second
                 && !(MIN_BYTES_PER_SECOND..=MAX_BYTES_PER_SECOND).contains(&b)
             {
@@ -484,6 +527,7 @@ mod tests {
             max_bytes_per_second: None,
             group: None,
             balance: None,
+            health_check: None,
             udp_session_timeout: None,
         };
         let with = |tunnels: Vec<TunnelEntry>| {

@@ -377,7 +377,7 @@ async fn write_status(
     );
     status.tunnel_count = i32::try_from(obj.spec.tunnels.len()).unwrap_or(i32::MAX);
     let mut tunnels = tunnels;
-    td::agent_rejections(&mut tunnels, sessions, Utc::now());
+    td::agent_states(&mut tunnels, sessions, Utc::now());
     status.tunnels = tunnels;
     status.endpoint = endpoint;
     if previous == Some(&status) {

@@ -249,35 +249,54 @@ pub fn status(
     s
 }
 
-/// The configuration the client's newest live session acknowledged (its agent's latest view).
-fn acknowledged(
-    sessions: &[SessionRecord],
-    now: DateTime<Utc>,
-) -> Option<&crate::tunnel::config::ConfigAck> {
+/// The client's newest live session that acknowledged a configuration: its agent's latest view.
+fn newest_acknowledging(sessions: &[SessionRecord], now: DateTime<Utc>) -> Option<&SessionRecord> {
     sessions
         .iter()
         .filter(|r| r.live_at(now) && r.config.is_some())
         .max_by_key(|r| r.since)
-        .and_then(|r| r.config.as_ref())
 }
 
-/// Marks the tunnels the agent refuses (its newest live session's acknowledgement): a
-/// `Listening` tunnel becomes `Rejected` with the agent's reason; other states say more already.
-pub fn agent_rejections(
+fn listening<'a>(
+    tunnels: &'a mut [crate::crd::TunnelStatus],
+    name: &str,
+) -> Option<&'a mut crate::crd::TunnelStatus> {
+    tunnels
+        .iter_mut()
+        .find(|t| t.name == name && t.state == "Listening")
+}
+
+/// The configuration the client's newest live session acknowledged.
+fn acknowledged(
+    sessions: &[SessionRecord],
+    now: DateTime<Utc>,
+) -> Option<&crate::tunnel::config::ConfigAck> {
+    newest_acknowledging(sessions, now).and_then(|r| r.config.as_ref())
+}
+
+/// What the agent says of its tunnels (its newest live session): a `Listening` tunnel it
+/// refuses becomes `Rejected` with its reason, one whose health check fails `Unhealthy`; other
+/// states say more already.
+pub fn agent_states(
     tunnels: &mut [crate::crd::TunnelStatus],
     sessions: &[SessionRecord],
     now: DateTime<Utc>,
 ) {
-    let Some(ack) = acknowledged(sessions, now) else {
+    let Some(rec) = newest_acknowledging(sessions, now) else {
         return;
     };
-    for r in &ack.rejected {
-        if let Some(t) = tunnels
-            .iter_mut()
-            .find(|t| t.name == r.name && t.state == "Listening")
-        {
+    let refused = rec.config.iter().flat_map(|c| &c.rejected);
+    for r in refused {
+        if let Some(t) = listening(tunnels, &r.name) {
             t.state = "Rejected".into();
             t.message = Some(format!("the agent refuses it: {}", r.reason));
+        }
+    }
+    for name in &rec.unhealthy {
+        if let Some(t) = listening(tunnels, name) {
+            t.state = "Unhealthy".into();
+            t.message =
+                Some("its health check fails on the agent: it takes no new connections".into());
         }
     }
 }
@@ -486,6 +505,7 @@ mod tests {
             expires_at: now + chrono::Duration::seconds(ttl),
             state: Default::default(),
             config: None,
+            unhealthy: Vec::new(),
         };
         let sessions = [
             rec("s1", "n2", now, 15),
@@ -540,6 +560,7 @@ mod tests {
             expires_at: now + chrono::Duration::seconds(ttl),
             state: Default::default(),
             config,
+            unhealthy: Vec::new(),
         };
         let sessions = [
             rec("old", 60, 15, Some(ack("sha256:1111111111111111", &[]))),
@@ -574,10 +595,13 @@ mod tests {
             ts("ssh", "Listening"),
             ts("db", "Listening"),
             ts("dns", "Conflict"),
+            ts("web", "Listening"),
         ];
-        agent_rejections(&mut tunnels, &sessions, now);
+        let mut sessions = sessions;
+        sessions[1].unhealthy = vec!["web".into()];
+        agent_states(&mut tunnels, &sessions, now);
         let states: Vec<&str> = tunnels.iter().map(|t| t.state.as_str()).collect();
-        assert_eq!(states, ["Listening", "Rejected", "Conflict"]);
+        assert_eq!(states, ["Listening", "Rejected", "Conflict", "Unhealthy"]);
         assert!(
             tunnels[1]
                 .message

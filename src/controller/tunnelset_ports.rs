@@ -79,6 +79,20 @@ pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortReq
             )));
             continue;
         }
+        let health_check = t.health_check.as_ref().map(|h| h.to_check());
+        if let Some((field, why)) = health_check.as_ref().and_then(|h| h.problem()) {
+            let field = match field {
+                "interval" => "intervalSeconds",
+                "timeout" => "timeoutSeconds",
+                "max_failed" => "maxFailed",
+                other => other,
+            };
+            asks.push(Ask::Decided(refused(
+                &t.name,
+                format!("spec.tunnels[{i}].healthCheck.{field}: {why}"),
+            )));
+            continue;
+        }
         let udp = t.protocol == TunnelProtocol::Udp;
         asks.push(Ask::Request(reqs.len()));
         reqs.push(PortRequest {
@@ -105,6 +119,7 @@ pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortReq
                 }),
                 balance: t.group.as_ref().map(|_| t.balance.unwrap_or_default()),
                 members: Vec::new(),
+                health_check,
             },
         });
     }
@@ -274,6 +289,7 @@ mod tests {
             balance: None,
             max_connections: Some(5),
             max_bytes_per_second: None,
+            health_check: None,
             udp_session_timeout_seconds: None,
         }
     }

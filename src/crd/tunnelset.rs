@@ -116,10 +116,61 @@ pub struct Tunnel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 107374182400_i64))]
     pub max_bytes_per_second: Option<i64>,
+    /// Probed by the agent next to the service (frp's `healthCheck`): while it fails, this
+    /// tunnel takes no new connections and its group's other members carry them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<TunnelHealthCheck>,
     /// Idle time after which a UDP session is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub udp_session_timeout_seconds: Option<i32>,
+}
+
+/// A health check of a tunnel's local service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.path) || self.type == 'http'").message("path applies to http checks only"))]
+pub struct TunnelHealthCheck {
+    /// `tcp` (a connection) or `http` (`GET path` answered 2xx or 3xx).
+    #[serde(rename = "type")]
+    pub kind: crate::domain::CheckKind,
+    /// HTTP: the path asked for (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/[!-~]{0,1023}$"))]
+    pub path: Option<String>,
+    /// Seconds between probes (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub interval_seconds: Option<i32>,
+    /// Seconds a probe may take (default 3, at most the interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: Option<i32>,
+    /// Failures in a row before the service counts as down (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_failed: Option<i32>,
+}
+
+impl TunnelHealthCheck {
+    /// The check as proxies push it, defaults filled in.
+    pub fn to_check(&self) -> crate::domain::HealthCheck {
+        use crate::domain::health;
+        let secs = |v: Option<i32>, d: u64| {
+            v.and_then(|s| u64::try_from(s).ok())
+                .map_or(d, |s| s * 1000)
+        };
+        crate::domain::HealthCheck {
+            kind: self.kind,
+            path: self.path.clone(),
+            interval_ms: secs(self.interval_seconds, health::DEFAULT_INTERVAL_MS),
+            timeout_ms: secs(self.timeout_seconds, health::DEFAULT_TIMEOUT_MS),
+            max_failed: self
+                .max_failed
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(health::DEFAULT_MAX_FAILED),
+        }
+    }
 }
 
 /// Runtime state of the client's session and tunnels.
@@ -165,7 +216,8 @@ pub struct TunnelStatus {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_port: Option<i32>,
-    /// `Listening` (claimed; no proxy of the set reported it cannot listen), `Conflict` (held
+    /// `Listening` (claimed; no proxy of the set reported it cannot listen), `Rejected` (the
+    /// agent refuses it), `Unhealthy` (its health check fails), `Conflict` (held
     /// by another TunnelSet), `BindFailed`, `Exhausted` (no free port in the range), `Invalid`
     /// or `Pending`.
     #[serde(default)]

@@ -2,6 +2,7 @@
 
 pub mod balance;
 pub mod egress;
+pub mod health;
 mod hostname;
 mod ids;
 mod mapping;
@@ -9,6 +10,7 @@ mod set;
 
 pub use balance::Balance;
 pub use egress::{Declarer, EgressPolicy, Refusal};
+pub use health::{CheckKind, HealthCheck};
 pub use hostname::{Hostname, HostnameError, MAX_HOSTNAME_LEN, MAX_LABEL_LEN};
 pub use ids::{MappingId, MappingIdError};
 pub use mapping::{Mapping, MappingSpec, MappingStatus, RESERVED_HEADERS, Scheme, SpecError};

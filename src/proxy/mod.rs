@@ -562,6 +562,7 @@ fn remote_tunnels(settings: &Settings) -> Vec<tunnel::RemoteTunnel> {
                 port: t.remote_port,
                 max_connections: t.max_connections,
                 max_bytes_per_second: t.max_bytes_per_second,
+                health_check: t.health_check.as_ref().map(|h| h.to_check()),
                 udp_idle: (t.kind == crate::config::TunnelKind::Udp).then(|| {
                     t.udp_session_timeout
                         .unwrap_or(crate::config::DEFAULT_UDP_SESSION_TIMEOUT)

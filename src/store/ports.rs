@@ -35,6 +35,9 @@ pub struct PortClaim {
     pub group: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<crate::domain::Balance>,
+    /// Probed by the agent of each member; a failing member is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::domain::HealthCheck>,
     /// A group's members, in holder order (empty for a tunnel of its own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<GroupMember>,

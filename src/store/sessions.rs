@@ -49,6 +49,9 @@ pub struct SessionRecord {
     /// The configuration the agent acknowledged on this session: hash and refused tunnels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<crate::tunnel::config::ConfigAck>,
+    /// Tunnels (names) whose health check fails on the agent of this session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unhealthy: Vec<String>,
 }
 
 impl SessionRecord {
@@ -199,6 +202,7 @@ mod tests {
             expires_at: now + chrono::Duration::seconds(expires_in_s),
             state: SessionState::Active,
             config: None,
+            unhealthy: Vec::new(),
         }
     }
 

@@ -28,6 +28,9 @@ pub struct PushedTunnel {
     pub transport: Transport,
     /// `host:port` the agent dials.
     pub target: String,
+    /// Probed by the agent; a failing one takes the tunnel out of its group's rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::domain::HealthCheck>,
 }
 
 /// proxy → agent: every tunnel of the client, sorted by name, and their hash.
@@ -109,11 +112,7 @@ impl ConfigAck {
             ));
         }
         for r in &mut self.rejected {
-            let name_ok = (1..=63).contains(&r.name.len())
-                && r.name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !name_ok {
+            if !tunnel_name(&r.name) {
                 return Err(format!(
                     "ConfigAck names tunnel {:?}, not a tunnel name",
                     cut(&r.name, 70)
@@ -126,6 +125,61 @@ impl ConfigAck {
         }
         Ok(self)
     }
+}
+
+/// A tunnel whose health check fails on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Down {
+    pub name: String,
+    pub target: String,
+}
+
+/// agent → proxy: every tunnel whose health check fails now (the whole set, on every change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Health {
+    #[serde(default)]
+    pub down: Vec<Down>,
+}
+
+impl Message for Health {
+    const KIND: Kind = Kind::Health;
+}
+
+impl Health {
+    /// What an agent sent, bounded: at most [`MAX_TUNNELS`] entries, tunnel names, targets of
+    /// at most 300 bytes. Otherwise why not.
+    pub fn bounded(self) -> Result<Self, String> {
+        if self.down.len() > MAX_TUNNELS {
+            return Err(format!(
+                "Health names {} tunnels, more than {MAX_TUNNELS}",
+                self.down.len()
+            ));
+        }
+        for d in &self.down {
+            if !tunnel_name(&d.name) {
+                return Err(format!(
+                    "Health names tunnel {:?}, not a tunnel name",
+                    cut(&d.name, 70)
+                ));
+            }
+            if d.target.is_empty()
+                || d.target.len() > 300
+                || !d.target.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "Health names target {:?}, not host:port",
+                    cut(&d.target, 70)
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
+fn tunnel_name(n: &str) -> bool {
+    (1..=63).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary.
@@ -149,6 +203,7 @@ mod tests {
             name: name.into(),
             transport: Transport::Tcp,
             target: target.into(),
+            health_check: None,
         }
     }
 
@@ -228,5 +283,31 @@ mod tests {
         .unwrap();
         assert!(long.rejected[0].reason.len() <= MAX_REASON);
         assert!(!long.rejected[0].reason.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn a_health_report_is_bounded() {
+        let d = |name: &str, target: &str| Down {
+            name: name.into(),
+            target: target.into(),
+        };
+        assert!(
+            Health {
+                down: vec![d("web", "127.0.0.1:80")]
+            }
+            .bounded()
+            .is_ok()
+        );
+        assert!(Health::default().bounded().is_ok());
+        for (bad, says) in [
+            (vec![d("Web", "127.0.0.1:80")], "not a tunnel name"),
+            (vec![d("web", "")], "not host:port"),
+            (vec![d("web", &"x".repeat(301))], "not host:port"),
+            (vec![d("web", "a b:1")], "not host:port"),
+            (vec![d("web", "a:1"); MAX_TUNNELS + 1], "more than 256"),
+        ] {
+            let e = Health { down: bad }.bounded().unwrap_err();
+            assert!(e.contains(says) && e.len() < 200, "{e}");
+        }
     }
 }

@@ -17,15 +17,17 @@ pub enum Kind {
     AuthError = 3,
     /// Either way on the control stream, every heartbeat interval.
     Heartbeat = 4,
-    /// proxy → agent: the client's tunnels and their hash (TunnelSet; reserved).
+    /// proxy → agent: the client's tunnels and their hash (`crate::tunnel::config`).
     ConfigPush = 6,
-    /// agent → proxy: the configuration hash applied (TunnelSet; reserved).
+    /// agent → proxy: the configuration hash applied and the tunnels refused.
     ConfigAck = 7,
     /// proxy → agent: this node is going away (seed 003 command 8).
     ServerShutdown = 8,
     /// agent → proxy: this session is being retired (its replacement is up): open no new
     /// streams on it.
     Leaving = 9,
+    /// agent → proxy: the tunnels whose health check fails now (the whole set).
+    Health = 10,
 }
 
 impl Kind {
@@ -39,6 +41,7 @@ impl Kind {
             7 => Self::ConfigAck,
             8 => Self::ServerShutdown,
             9 => Self::Leaving,
+            10 => Self::Health,
             _ => return None,
         })
     }
@@ -53,6 +56,7 @@ impl Kind {
             Self::ConfigAck => "ConfigAck",
             Self::ServerShutdown => "ServerShutdown",
             Self::Leaving => "Leaving",
+            Self::Health => "Health",
         }
     }
 }

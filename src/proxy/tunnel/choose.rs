@@ -114,6 +114,7 @@ mod tests {
             expires_at: now + chrono::Duration::seconds(expires_in),
             state,
             config: None,
+            unhealthy: Vec::new(),
         }
     }
 

@@ -21,7 +21,7 @@ use super::Tunnels;
 use super::session::{Full, H2Transport, Session};
 use crate::proxy::ProxyBody;
 use crate::store::{SessionRecord, SessionState};
-use crate::tunnel::config::ConfigAck;
+use crate::tunnel::config::{ConfigAck, Health};
 use crate::tunnel::frame::{self, Decoder};
 use crate::tunnel::handshake::{self, HandshakeError};
 use crate::tunnel::msg::{self, Auth, AuthErrorCode, AuthOk, Heartbeat, Kind, Leaving, Message};
@@ -248,6 +248,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         expires_at: now + chrono::Duration::from_std(ttl).unwrap_or_default(),
         state: SessionState::Active,
         config: None,
+        unhealthy: Vec::new(),
     };
     let session = Arc::new(Session::new(
         record.clone(),
@@ -402,6 +403,10 @@ async fn read_frames(
             Some(Kind::Heartbeat) => {}
             Some(Kind::ConfigAck) => match msg::decode::<ConfigAck>(&f) {
                 Ok(ack) => t.acked(session, ack, ttl).await,
+                Err(e) => return Err(e.to_string()),
+            },
+            Some(Kind::Health) => match msg::decode::<Health>(&f) {
+                Ok(report) => t.health(session, report, ttl).await,
                 Err(e) => return Err(e.to_string()),
             },
             Some(Kind::Leaving) => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::Tunnels;
 use super::remote::RemoteTunnel;
 use super::session::Session;
-use crate::tunnel::config::{ConfigAck, ConfigPush, PushedTunnel, Transport};
+use crate::tunnel::config::{ConfigAck, ConfigPush, Health, PushedTunnel, Transport};
 use crate::tunnel::msg::Message;
 
 /// Each client's configuration from the remote-port table.
@@ -30,6 +30,7 @@ pub fn configs_of(desired: &[RemoteTunnel]) -> HashMap<String, Arc<ConfigPush>> 
                     name: b.name.clone(),
                     transport,
                     target: b.target.clone(),
+                    health_check: t.health_check.clone(),
                 });
         }
     }
@@ -130,6 +131,40 @@ impl Tunnels {
     }
 }
 
+impl Tunnels {
+    /// The agent reports which tunnels' health checks fail: streams to those targets are not
+    /// opened on this session any more (a group's other members take them); the names go into
+    /// the session's record so the TunnelSet shows them.
+    pub(super) async fn health(&self, session: &Session, report: Health, ttl: Duration) {
+        let report = match report.bounded() {
+            Ok(r) => r,
+            Err(why) => {
+                self.metrics.event("health_invalid", "");
+                tracing::warn!(client_id = %session.client_id, session = %session.id, %why, "health report ignored");
+                return;
+            }
+        };
+        let targets: std::collections::HashSet<String> =
+            report.down.iter().map(|d| d.target.clone()).collect();
+        let mut names: Vec<String> = report.down.iter().map(|d| d.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        self.metrics.event("health_report", "");
+        tracing::info!(client_id = %session.client_id, session = %session.id, down = %names.join(","), "agent health report");
+        *session.down.write().expect("not poisoned") = targets;
+        {
+            let mut rec = session.record.lock().expect("not poisoned");
+            if rec.unhealthy == names {
+                return;
+            }
+            rec.unhealthy = names;
+        }
+        if super::listener::refresh(self, session, ttl).await {
+            self.registry.announce_session(&session.client_id).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +181,7 @@ mod tests {
             port: 20_000 + port,
             max_connections: None,
             max_bytes_per_second: None,
+            health_check: None,
             udp_idle: udp.then(|| Duration::from_secs(60)),
         }
     }

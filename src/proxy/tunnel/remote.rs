@@ -45,6 +45,8 @@ pub struct RemoteTunnel {
     pub max_bytes_per_second: Option<u64>,
     /// `Some(idle time of a flow)`: a UDP tunnel; `None`: TCP.
     pub udp_idle: Option<Duration>,
+    /// What the agents carrying it probe (pushed to them with their configuration).
+    pub health_check: Option<crate::domain::HealthCheck>,
 }
 
 impl RemoteTunnel {
@@ -90,6 +92,8 @@ pub enum CarryError {
     Offline(String),
     #[error("tunnel {0} is at its max_connections")]
     Full(String),
+    #[error("the health check of {target} fails on tunnel client {client}'s agent")]
+    Unhealthy { client: String, target: String },
     #[error("tunnel client {client} refused the connection: {label}")]
     Agent { client: String, label: String },
     #[error("tunnel client {client}: {reason}")]
@@ -101,6 +105,7 @@ impl CarryError {
         match self {
             Self::Offline(_) => "offline",
             Self::Full(_) => "max_connections",
+            Self::Unhealthy { .. } => "unhealthy",
             Self::Agent { .. } => "agent_error",
             Self::Stream { .. } => "stream",
         }
@@ -248,6 +253,7 @@ fn remote_of(port: u16, c: &crate::store::PortClaim) -> RemoteTunnel {
         port,
         max_connections: c.max_connections,
         max_bytes_per_second: c.max_bytes_per_second,
+        health_check: c.health_check.clone(),
         udp_idle: c.udp.then(|| {
             Duration::from_millis(
                 c.udp_idle_ms
@@ -644,7 +650,20 @@ impl Tunnels {
             client: client_id.to_string(),
             reason,
         };
-        let mut tried: Vec<String> = Vec::new();
+        // Sessions whose agent reports the target down are not tried; when every session here
+        // is such, the connection goes to another member of the group (or is refused).
+        let here = self.local.of(client_id);
+        let mut tried: Vec<String> = here
+            .iter()
+            .filter(|s| s.is_down(target))
+            .map(|s| s.id.clone())
+            .collect();
+        if !here.is_empty() && tried.len() == here.len() {
+            return Err(CarryError::Unhealthy {
+                client: client_id.to_string(),
+                target: target.to_string(),
+            });
+        }
         for _attempt in 0..3 {
             let (local, views) = self.local_views(client_id, &tried);
             let Pick::Local(i) =
@@ -717,6 +736,7 @@ mod tests {
             port,
             max_connections: None,
             max_bytes_per_second: None,
+            health_check: None,
             udp_idle: None,
         }
     }

@@ -102,6 +102,8 @@ pub struct Session {
     pub record: Mutex<SessionRecord>,
     /// Hash of the configuration last sent to the agent.
     pub pushed: Mutex<Option<String>>,
+    /// Targets whose health check fails on the agent: no new streams to them on this session.
+    pub down: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 impl Session {
@@ -127,7 +129,13 @@ impl Session {
             idle: Notify::new(),
             record: Mutex::new(record),
             pushed: Mutex::new(None),
+            down: std::sync::RwLock::default(),
         }
+    }
+
+    /// Whether the agent reports `target`'s health check failing.
+    pub fn is_down(&self, target: &str) -> bool {
+        self.down.read().expect("not poisoned").contains(target)
     }
 
     pub fn is_leaving(&self) -> bool {
@@ -320,6 +328,7 @@ pub(crate) mod tests {
             expires_at: now,
             state: Default::default(),
             config: None,
+            unhealthy: Vec::new(),
         };
         let (tx, _rx) = mpsc::channel(1);
         Arc::new(Session::new(record, client.into(), Box::new(Dead), 2, tx))
