@@ -30,7 +30,8 @@ if wanted store; then cargo bench --locked --bench store >>"$tmp"; fi
 e2e/install-deps.sh
 if wanted proxy; then cargo bench --locked --bench proxy >>"$tmp"; fi
 # The tunnel benches' peers live outside the clone, never in CI: rathole from the crate
-# registry (pinned; its TCP transport only), installed when missing. frp is used when its
+# registry (pinned; plain TCP, and a second build with its Noise transport), installed when
+# missing. frp is used when its
 # binaries are in $peers/frp-<version>/ (built from its repository by whoever runs the
 # bench); without them the frp side is reported as not measured.
 peers="${TUNNOX_PEERS:-$HOME/.cache/tunnox/peers}"
@@ -40,6 +41,11 @@ rathole() {
         # Without --locked: rathole's lock file pins a `time` that no longer builds on current Rust.
         CARGO_TARGET_DIR="$peers/rathole-build" cargo install rathole --version "$rathole_version" \
             --no-default-features --features server,client --root "$peers/rathole-$rathole_version"
+    fi
+    # The same rathole with its Noise transport: encrypted, as tunnox's and frp's tunnels are.
+    if [[ ! -x $peers/rathole-$rathole_version-noise/bin/rathole ]]; then
+        CARGO_TARGET_DIR="$peers/rathole-build" cargo install rathole --version "$rathole_version" \
+            --no-default-features --features server,client,noise --root "$peers/rathole-$rathole_version-noise"
     fi
 }
 if wanted tunnel; then

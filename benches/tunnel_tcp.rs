@@ -13,7 +13,7 @@
 //!   message, read its echo, close, and start again, for [`MEASURE`].
 //!
 //! Prints a Markdown section on stdout (`make bench BENCH=tunnel_tcp` puts it into
-//! docs/benchmarks.md). `cargo bench --bench tunnel_tcp -- direct tunnox frp rathole` runs only
+//! docs/benchmarks.md). `cargo bench --bench tunnel_tcp -- direct tunnox frp rathole rathole-noise` runs only
 //! the sides named.
 
 mod harness;
@@ -314,6 +314,7 @@ enum Kind {
     Direct,
     Tunnox,
     Rathole,
+    RatholeNoise,
     Frp,
 }
 
@@ -323,6 +324,7 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::Tunnox => "tunnox",
             Kind::Rathole => "rathole",
+            Kind::RatholeNoise => "rathole-noise",
             Kind::Frp => "frp",
         }
     }
@@ -361,6 +363,12 @@ fn start_tunnox(dir: &Path, service: u16, cpu: Option<usize>) -> Running {
     let mut side = harness::start_tunnox(dir, cpu, &spec);
     side.port = remote;
     wait_through("tunnox", &mut side);
+    side
+}
+
+fn start_rathole_noise(dir: &Path, peers: &Peers, service: u16, cpu: Option<usize>) -> Running {
+    let mut side = harness::start_rathole_noise(dir, peers, cpu, service);
+    wait_through("rathole-noise", &mut side);
     side
 }
 
@@ -447,7 +455,7 @@ fn main() {
     let service_port = free_port();
     let service = start_service(dir.path(), service_port, serve_cpu);
 
-    let sides: [(Kind, String); 4] = [
+    let sides: [(Kind, String); 5] = [
         (Kind::Direct, "direct: client → service".into()),
         (
             Kind::Tunnox,
@@ -459,6 +467,14 @@ fn main() {
             Kind::Rathole,
             format!(
                 "rathole {}: TCP service (plain TCP, a tunnel connection per visitor) → service",
+                peers.rathole_version()
+            ),
+        ),
+        (
+            Kind::RatholeNoise,
+            format!(
+                "rathole {} with `transport.type = \"noise\"` (Noise_NK_25519_ChaChaPoly_BLAKE2s: \
+                 encrypted, as tunnox's and frp's are) → service",
                 peers.rathole_version()
             ),
         ),
@@ -486,6 +502,10 @@ fn main() {
             Kind::Rathole => match peers.rathole_missing() {
                 Some(why) => Err(why),
                 None => catch(|| start_rathole(dir.path(), &peers, service_port, serve_cpu)),
+            },
+            Kind::RatholeNoise => match peers.rathole_noise_missing() {
+                Some(why) => Err(why),
+                None => catch(|| start_rathole_noise(dir.path(), &peers, service_port, serve_cpu)),
             },
             Kind::Frp => match peers.frp_missing() {
                 Some(why) => Err(why),
@@ -573,13 +593,15 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
     };
     println!(
         "One TCP service (the bench's own binary, a single-threaded tokio server on loopback) \
-         reached four ways, each its own processes on this machine: directly; through a tunnox \
+         reached five ways, each its own processes on this machine: directly; through a tunnox \
          TCP tunnel (`tunnox proxy` single-node, `proxy.tunnel` on TLS 1.3 with a throwaway \
          certificate, `worker_threads: 1`, `tunnel_clients[].tunnels` with a `remote_port`; \
          `tunnox agent --worker-threads 1 --allow 127.0.0.1:<service>`: each connection to the \
          remote port is one HTTP/2 CONNECT stream on the agent's session); through a rathole TCP \
          service (rathole's default transport: plain TCP, no encryption, one tunnel connection \
-         per visitor connection); through an frp TCP proxy (`type = \"tcp\"`, `remotePort`, \
+         per visitor connection); through the same rathole with its Noise transport \
+         (`Noise_NK_25519_ChaChaPoly_BLAKE2s`: encrypted, as tunnox's TLS and frp's are); \
+         through an frp TCP proxy (`type = \"tcp\"`, `remotePort`, \
          frp's defaults: TLS to frps and yamux). {pinning}. Throughput: one connection carries \
          {} MiB to the service (up: from connect to the service's acknowledgement of the last \
          byte) and one carries {} MiB from it (down: connect to the last byte), {}-KiB reads and \
@@ -694,13 +716,16 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
     let down = |r: &Results| r.down_mbps();
     let conns = |r: &Results| r.conns_per_sec();
     println!(
-        "Ratios (medians): throughput up tunnox / rathole **{}**, tunnox / frp {}, tunnox / \
-         direct {}; throughput down tunnox / rathole **{}**, tunnox / frp {}, tunnox / direct {}; \
+        "Ratios (medians): throughput up tunnox / rathole **{}**, tunnox / encrypted rathole \
+         (noise) **{}**, tunnox / frp {}, tunnox / direct {}; throughput down tunnox / rathole \
+         **{}**, tunnox / encrypted rathole **{}**, tunnox / frp {}, tunnox / direct {}; \
          connections/s tunnox / frp **{}**, tunnox / rathole {}, tunnox / direct {}.\n",
         fmt(ratio(Kind::Tunnox, Kind::Rathole, up)),
+        fmt(ratio(Kind::Tunnox, Kind::RatholeNoise, up)),
         fmt(ratio(Kind::Tunnox, Kind::Frp, up)),
         fmt(ratio(Kind::Tunnox, Kind::Direct, up)),
         fmt(ratio(Kind::Tunnox, Kind::Rathole, down)),
+        fmt(ratio(Kind::Tunnox, Kind::RatholeNoise, down)),
         fmt(ratio(Kind::Tunnox, Kind::Frp, down)),
         fmt(ratio(Kind::Tunnox, Kind::Direct, down)),
         fmt(ratio(Kind::Tunnox, Kind::Frp, conns)),
@@ -709,10 +734,12 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
     );
     let judged = |r: Option<f64>, at_least: f64| r.map_or("not measured", |r| goal(r >= at_least));
     println!(
-        "Goals: tunnox's one-stream throughput ≥ rathole's: up **{}**, down **{}**; tunnox's \
-         connections/s ≥ 2× frp's: **{}**.\n",
+        "Goals: tunnox's one-stream throughput ≥ rathole's: up **{}**, down **{}** (≥ encrypted \
+         rathole's: up **{}**, down **{}**); tunnox's connections/s ≥ 2× frp's: **{}**.\n",
         judged(ratio(Kind::Tunnox, Kind::Rathole, up), 1.0),
         judged(ratio(Kind::Tunnox, Kind::Rathole, down), 1.0),
+        judged(ratio(Kind::Tunnox, Kind::RatholeNoise, up), 1.0),
+        judged(ratio(Kind::Tunnox, Kind::RatholeNoise, down), 1.0),
         judged(ratio(Kind::Tunnox, Kind::Frp, conns), 2.0),
     );
 }

@@ -1001,11 +1001,43 @@ async fn a_group_shares_its_port_among_its_members() {
         v,
         "unchanged: no new version"
     );
+    // Every member's reconcile writes the same record: the group's settings are its first
+    // member's, whatever order the members are reconciled in.
+    for _ in 0..2 {
+        claim("a", vec![req("a", Some("ns/g"), 3000)]).await;
+        let mut again = req("bb", Some("ns/g"), 3000);
+        again.claim.target = "127.0.0.1:9999".into();
+        again.claim.max_connections = Some(7);
+        claim("bb", vec![again]).await;
+    }
+    assert_eq!(
+        store.port_version(&set).await.unwrap(),
+        v,
+        "members do not flap the record"
+    );
+    // A UDP tunnel cannot join a TCP group's port.
+    let mut udp = req("c", Some("ns/g"), 3000);
+    udp.claim.udp = true;
+    assert!(matches!(
+        claim("c", vec![udp]).await[..],
+        [PortOutcome::Conflict { port: 3000, .. }]
+    ));
     // a no longer asks: it leaves, bb keeps the port.
     claim("a", vec![]).await;
     assert_eq!(
         members().await.map(|(_, m)| m),
         Some(vec!["bb-client=127.0.0.1:9999".to_string()])
+    );
+    // The last member turns its tunnel into one of no group on the same port: it keeps it.
+    assert_eq!(
+        claim("bb", vec![req("bb", None, 3000)]).await,
+        vec![PortOutcome::Held(3000)]
+    );
+    assert_eq!(members().await.map(|(h, _)| h), Some("bb".to_string()));
+    // And back into the group.
+    assert_eq!(
+        claim("bb", vec![req("bb", Some("ns/g"), 3000)]).await,
+        vec![PortOutcome::Held(3000)]
     );
     // The last member released: the port is free for anyone.
     store.release_ports(&set, "bb").await.unwrap();

@@ -554,6 +554,8 @@ pub struct Peers {
     pub frps: PathBuf,
     pub frpc: PathBuf,
     pub rathole: PathBuf,
+    /// rathole built with its Noise transport (encrypted, as tunnox's TLS and frp's are).
+    pub rathole_noise: PathBuf,
 }
 
 impl Peers {
@@ -569,6 +571,7 @@ impl Peers {
             frps: frp.join("frps"),
             frpc: frp.join("frpc"),
             rathole: root.join(format!("rathole-{RATHOLE_VERSION}/bin/rathole")),
+            rathole_noise: root.join(format!("rathole-{RATHOLE_VERSION}-noise/bin/rathole")),
         }
     }
 
@@ -589,6 +592,16 @@ impl Peers {
             format!(
                 "not measured: {} not found (`benches/run.sh` installs it)",
                 self.rathole.display()
+            )
+        })
+    }
+
+    /// Why the encrypted rathole side cannot run, if it cannot.
+    pub fn rathole_noise_missing(&self) -> Option<String> {
+        (!self.rathole_noise.exists()).then(|| {
+            format!(
+                "not measured: {} not found (`benches/run.sh` installs it)",
+                self.rathole_noise.display()
             )
         })
     }
@@ -827,15 +840,62 @@ pub fn start_frp(
 /// transport: plain TCP, one tunnel connection per visitor connection). The caller waits until
 /// its traffic comes through.
 pub fn start_rathole(dir: &Path, peers: &Peers, cpu: Option<usize>, target: u16) -> Running {
-    let dir = dir.join("rathole");
+    start_rathole_with(dir, &peers.rathole, cpu, target, false)
+}
+
+/// rathole with its Noise transport (`Noise_NK_25519_ChaChaPoly_BLAKE2s`, a key pair from
+/// `rathole --genkey`): encrypted like tunnox's TLS 1.3 and frp's TLS.
+pub fn start_rathole_noise(dir: &Path, peers: &Peers, cpu: Option<usize>, target: u16) -> Running {
+    start_rathole_with(dir, &peers.rathole_noise, cpu, target, true)
+}
+
+fn start_rathole_with(
+    dir: &Path,
+    bin: &Path,
+    cpu: Option<usize>,
+    target: u16,
+    noise: bool,
+) -> Running {
+    let dir = dir.join(if noise { "rathole-noise" } else { "rathole" });
     std::fs::create_dir_all(&dir).unwrap();
     let free_port = crate::support::process::free_port;
     let (bind, service) = (free_port(), free_port());
+    let (server_transport, client_transport) = if noise {
+        let keys = Command::new(bin)
+            .arg("--genkey")
+            .output()
+            .expect("rathole --genkey");
+        let text = String::from_utf8_lossy(&keys.stdout).to_string();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let after = |label: &str| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(label))
+                .and_then(|i| lines.get(i + 1))
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| panic!("rathole --genkey: no {label} in {text:?}"))
+        };
+        let (private, public) = (after("Private Key"), after("Public Key"));
+        (
+            format!(
+                "[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n\n"
+            ),
+            format!(
+                "[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n\n"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let server_conf = dir.join("server.toml");
     std::fs::write(
         &server_conf,
         format!(
-            "[server]\nbind_addr = \"127.0.0.1:{bind}\"\n\n[server.services.web]\n\
+            "[server]\nbind_addr = \"127.0.0.1:{bind}\"\n\n{server_transport}[server.services.web]\n\
              token = \"{TOKEN}\"\nbind_addr = \"127.0.0.1:{service}\"\n"
         ),
     )
@@ -844,14 +904,14 @@ pub fn start_rathole(dir: &Path, peers: &Peers, cpu: Option<usize>, target: u16)
     std::fs::write(
         &client_conf,
         format!(
-            "[client]\nremote_addr = \"127.0.0.1:{bind}\"\n\n[client.services.web]\n\
+            "[client]\nremote_addr = \"127.0.0.1:{bind}\"\n\n{client_transport}[client.services.web]\n\
              token = \"{TOKEN}\"\nlocal_addr = \"127.0.0.1:{target}\"\n"
         ),
     )
     .unwrap();
     let mut server = Proc::spawn(
         "rathole server",
-        pinned(cpu, &peers.rathole)
+        pinned(cpu, bin)
             .arg("--server")
             .arg(&server_conf)
             .env("RUST_LOG", "warn"),
@@ -861,7 +921,7 @@ pub fn start_rathole(dir: &Path, peers: &Peers, cpu: Option<usize>, target: u16)
     wait_port(&mut server, bind);
     let client = Proc::spawn(
         "rathole client",
-        pinned(cpu, &peers.rathole)
+        pinned(cpu, bin)
             .arg("--client")
             .arg(&client_conf)
             .env("RUST_LOG", "warn"),

@@ -3,7 +3,7 @@
 //! HTTP `GET` every interval; the set of tunnels found down goes to the proxies on every
 //! session's control stream, which then give their connections to the group's other members.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,44 +19,66 @@ use crate::tunnel::msg::Message;
 
 pub use crate::tunnel::config::{Down, Health};
 
+/// One check to run: the tunnel as the proxy names it (`down`), the address to probe (the
+/// allow-list entry its target matched: the agent never dials anything else), and the check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Planned {
+    pub down: Down,
+    pub dial: String,
+    pub check: HealthCheck,
+}
+
 /// The checks running now, and what they found.
 pub struct Checks {
     down: watch::Sender<BTreeSet<Down>>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    tasks: Mutex<HashMap<Planned, JoinHandle<()>>>,
 }
 
 impl Default for Checks {
     fn default() -> Self {
         Self {
             down: watch::channel(BTreeSet::new()).0,
-            tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Drop for Checks {
     fn drop(&mut self) {
-        for t in self.tasks.lock().expect("not poisoned").drain(..) {
+        for (_, t) in self.tasks.lock().expect("not poisoned").drain() {
             t.abort();
         }
     }
 }
 
 impl Checks {
-    /// Stops the checks running and starts `checks` (name, target, check), every service up
-    /// until found down. Outside a runtime (unit tests) nothing is started.
-    pub fn replace(&self, checks: Vec<(String, String, HealthCheck)>) {
+    /// Runs exactly `checks`: those already running go on with what they found (a new
+    /// configuration does not bring a down member back), the others stop and are forgotten,
+    /// new ones start with their service up. Outside a runtime (unit tests) nothing starts.
+    pub fn replace(&self, checks: Vec<Planned>) {
         let mut tasks = self.tasks.lock().expect("not poisoned");
-        for t in tasks.drain(..) {
-            t.abort();
-        }
-        self.down.send_replace(BTreeSet::new());
+        tasks.retain(|planned, task| {
+            let keep = checks.contains(planned);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        self.down.send_if_modified(|set| {
+            let before = set.len();
+            set.retain(|d| tasks.keys().any(|p| &p.down == d));
+            set.len() != before
+        });
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        for (name, target, check) in checks {
-            tracing::info!(tunnel = %name, %target, kind = ?check.kind, interval_ms = check.interval_ms, "health check started");
-            tasks.push(rt.spawn(run(Down { name, target }, check, self.down.clone())));
+        for planned in checks {
+            if tasks.contains_key(&planned) {
+                continue;
+            }
+            tracing::info!(tunnel = %planned.down.name, target = %planned.dial, kind = ?planned.check.kind, interval_ms = planned.check.interval_ms, "health check started");
+            let task = rt.spawn(run(planned.clone(), self.down.clone()));
+            tasks.insert(planned, task);
         }
     }
 
@@ -65,13 +87,18 @@ impl Checks {
     }
 }
 
-async fn run(tunnel: Down, check: HealthCheck, down: watch::Sender<BTreeSet<Down>>) {
+async fn run(planned: Planned, down: watch::Sender<BTreeSet<Down>>) {
+    let Planned {
+        down: tunnel,
+        dial,
+        check,
+    } = planned;
     let mut verdict = Verdict::default();
     let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = probe(&tunnel.target, &check).await;
+        let result = probe(&dial, &check).await;
         if let Some(up) = verdict.record(result.is_ok(), check.max_failed) {
             if up {
                 tracing::info!(tunnel = %tunnel.name, target = %tunnel.target, "health check passes again");
@@ -136,13 +163,21 @@ pub async fn report(out: mpsc::WeakSender<Frame>, mut down: watch::Receiver<BTre
             let msg = Health {
                 down: now.iter().cloned().collect(),
             };
-            if tx.send(msg.to_frame()).await.is_err() {
+            let sent_in_time =
+                tokio::time::timeout(Duration::from_secs(2), tx.send(msg.to_frame())).await;
+            if !matches!(sent_in_time, Ok(Ok(()))) {
                 return;
             }
         }
         sent = Some(now);
-        if down.changed().await.is_err() {
-            return;
+        // Wakes at a change, and now and then to end once the session is gone.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), down.changed()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return,
+                Err(_) if out.upgrade().is_none() => return,
+                Err(_) => {}
+            }
         }
     }
 }

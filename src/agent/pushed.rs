@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::allow::{AllowList, Refusal};
+use super::health::{Down, Planned};
 use super::metrics::AgentMetrics;
 use crate::tunnel::config::{ConfigAck, ConfigPush, Rejected};
 
@@ -153,22 +154,7 @@ impl Pushed {
 
     /// Runs the checks of the tunnels carried (not those refused).
     fn check(&self, push: &ConfigPush, ack: &ConfigAck) {
-        let checks = push
-            .tunnels
-            .iter()
-            .filter(|t| !ack.rejected.iter().any(|r| r.name == t.name))
-            .filter_map(|t| {
-                let c = t.health_check.clone()?;
-                match c.problem() {
-                    None => Some((t.name.clone(), t.target.clone(), c)),
-                    Some((field, why)) => {
-                        tracing::warn!(tunnel = %t.name, field, %why, "health check not run");
-                        None
-                    }
-                }
-            })
-            .collect();
-        self.checks.replace(checks);
+        self.checks.replace(planned_checks(push, ack, &self.allow));
     }
 
     fn show(&self, push: &ConfigPush, ack: &ConfigAck) {
@@ -178,6 +164,31 @@ impl Pushed {
             .set((push.tunnels.len() - rejected.min(push.tunnels.len())) as i64);
         g.with_label_values(&["rejected"]).set(rejected as i64);
     }
+}
+
+/// The health checks to run for `push`: only tunnels the allow-list admits (a refused one is
+/// never probed, whatever its name), each probing the allow-list entry its target matched.
+pub fn planned_checks(push: &ConfigPush, ack: &ConfigAck, allow: &AllowList) -> Vec<Planned> {
+    push.tunnels
+        .iter()
+        .filter(|t| !ack.rejected.iter().any(|r| r.name == t.name))
+        .filter_map(|t| {
+            let check = t.health_check.clone()?;
+            if let Some((field, why)) = check.problem() {
+                tracing::warn!(tunnel = %t.name, field, %why, "health check not run");
+                return None;
+            }
+            let dial = allow.check(Some(&t.target)).ok()?.to_string();
+            Some(Planned {
+                down: Down {
+                    name: t.name.clone(),
+                    target: t.target.clone(),
+                },
+                dial,
+                check,
+            })
+        })
+        .collect()
 }
 
 fn read_cache(path: &Path, client_id: &str) -> Result<Option<ConfigPush>, String> {
@@ -291,5 +302,43 @@ mod tests {
         std::fs::write(&path, "{not json").unwrap();
         let broken = Pushed::new("laptop", allow(), Some(path), AgentMetrics::new());
         assert_eq!(broken.hash(), None, "a broken cache is ignored, not fatal");
+    }
+
+    #[test]
+    fn only_admitted_tunnels_are_health_checked_at_their_allowed_address() {
+        use crate::domain::{CheckKind, HealthCheck};
+        let check = HealthCheck {
+            kind: CheckKind::Tcp,
+            path: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            max_failed: 2,
+        };
+        let checked = |name: &str, target: &str| PushedTunnel {
+            health_check: Some(check.clone()),
+            ..t(name, target)
+        };
+        let allow = AllowList::new(&["LocalHost:22", "127.0.0.1:80"]);
+        let push = ConfigPush::new(vec![
+            checked("ssh", "localhost:22"),
+            checked("evil", "10.0.0.1:22"),
+            // The same name twice, once refused: neither is probed.
+            checked("dup", "127.0.0.1:80"),
+            checked("dup", "10.0.0.2:80"),
+            t("plain", "127.0.0.1:80"),
+        ]);
+        let ack = judge(&push, &allow);
+        let planned = planned_checks(&push, &ack, &allow);
+        let got: Vec<(&str, &str, &str)> = planned
+            .iter()
+            .map(|p| {
+                (
+                    p.down.name.as_str(),
+                    p.down.target.as_str(),
+                    p.dial.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(got, [("ssh", "localhost:22", "LocalHost:22")]);
     }
 }

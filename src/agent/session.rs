@@ -514,7 +514,12 @@ async fn read_control(mut body: Incoming, control: Control, mut done: oneshot::R
                         // Dropped when the session is retiring: the next session is pushed anew.
                         Ok(ack) => {
                             if let Some(tx) = reply.upgrade() {
-                                let _ = tx.try_send(msg::Message::to_frame(&ack));
+                                // Waits for room (a full queue would lose the answer and the
+                                // proxy would not push the same hash again), but not forever.
+                                let frame = msg::Message::to_frame(&ack);
+                                let _ =
+                                    tokio::time::timeout(Duration::from_secs(2), tx.send(frame))
+                                        .await;
                             }
                         }
                         Err(e) => {

@@ -19,8 +19,8 @@ pub use model::*;
 pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sharing, resolve};
 pub use secret::{AdminToken, read_secret};
 pub use tunnel::{
-    DEFAULT_UDP_FLOWS, DEFAULT_UDP_SESSION_TIMEOUT, TunnelClientEntry, TunnelEntry, TunnelKind,
-    TunnelListenerConfig,
+    DEFAULT_UDP_FLOWS, DEFAULT_UDP_SESSION_TIMEOUT, MAX_BYTES_PER_SECOND, MIN_BYTES_PER_SECOND,
+    TunnelClientEntry, TunnelEntry, TunnelKind, TunnelListenerConfig,
 };
 
 /// Most runtime threads `proxy.worker_threads` and `agent.worker_threads` accept.

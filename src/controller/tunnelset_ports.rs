@@ -79,6 +79,20 @@ pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortReq
             )));
             continue;
         }
+        let rate = crate::config::MIN_BYTES_PER_SECOND..=crate::config::MAX_BYTES_PER_SECOND;
+        if let Some(b) = t.max_bytes_per_second
+            && !u64::try_from(b).is_ok_and(|b| rate.contains(&b))
+        {
+            asks.push(Ask::Decided(refused(
+                &t.name,
+                format!(
+                    "spec.tunnels[{i}].maxBytesPerSecond {b} must be {}-{}",
+                    rate.start(),
+                    rate.end()
+                ),
+            )));
+            continue;
+        }
         let health_check = t.health_check.as_ref().map(|h| h.to_check());
         if let Some((field, why)) = health_check.as_ref().and_then(|h| h.problem()) {
             let field = match field {

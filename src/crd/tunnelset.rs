@@ -136,7 +136,7 @@ pub struct TunnelHealthCheck {
     pub kind: crate::domain::CheckKind,
     /// HTTP: the path asked for (default `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^/[!-~]{0,1023}$"))]
+    #[schemars(regex(pattern = r"^/[!-~]*$"), length(max = 1024))]
     pub path: Option<String>,
     /// Seconds between probes (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]

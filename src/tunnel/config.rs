@@ -11,7 +11,10 @@ use super::msg::{Kind, Message};
 /// Most tunnels one push carries (a TunnelSet holds at most 256).
 pub const MAX_TUNNELS: usize = 256;
 /// Longest reason an agent may give for refusing a tunnel; longer ones are cut.
-pub const MAX_REASON: usize = 256;
+pub const MAX_REASON: usize = 200;
+/// Refusals kept from one acknowledgement (the rest only in the agent's log): the session's
+/// record, rewritten at every heartbeat, stays small.
+pub const MAX_KEPT_REFUSALS: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,6 +114,7 @@ impl ConfigAck {
                 self.rejected.len()
             ));
         }
+        self.rejected.truncate(MAX_KEPT_REFUSALS);
         for r in &mut self.rejected {
             if !tunnel_name(&r.name) {
                 return Err(format!(

@@ -88,9 +88,10 @@ where
 /// reading stalled every other stream of the session.
 pub const H2_STREAM_WINDOW: u32 = 1 << 20;
 
-/// Flow-control window of a whole session: 128 streams at their full window before the others
-/// wait (and the most a session buffers for readers that stopped).
-pub const H2_CONNECTION_WINDOW: u32 = 128 << 20;
+/// Flow-control window of a whole session: 32 streams at their full window before the others
+/// wait, and the most a session buffers for readers that stopped (hyper's adaptive windows
+/// stopped at 16 MiB).
+pub const H2_CONNECTION_WINDOW: u32 = 32 << 20;
 
 /// The largest HTTP/2 frame each side accepts on a session: a pipe's 64 KiB read travels as one
 /// DATA frame instead of four.

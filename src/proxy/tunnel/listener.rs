@@ -341,6 +341,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
                     tracing::info!(client_id = %client, session = %session_id, "tunnel session superseded by a newer session of its agent");
                     break "superseded";
                 }
+                t.flush_report(&session).await;
             }
             f = incoming.frame(), if incoming_open => match f {
                 Some(Ok(f)) => {

@@ -13,6 +13,9 @@ use super::session::Session;
 use crate::tunnel::config::{ConfigAck, ConfigPush, Health, PushedTunnel, Transport};
 use crate::tunnel::msg::Message;
 
+/// Least time between two writes of a session's record for what its agent reports.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
 /// Each client's configuration from the remote-port table.
 pub fn configs_of(desired: &[RemoteTunnel]) -> HashMap<String, Arc<ConfigPush>> {
     let mut by_client: HashMap<String, Vec<PushedTunnel>> = HashMap::new();
@@ -82,7 +85,15 @@ impl Tunnels {
         }
         let frame = push.to_frame();
         if !frame.fits() {
-            tracing::error!(client_id = %session.client_id, tunnels = push.tunnels.len(), "configuration too large for one frame; not pushed");
+            tracing::error!(
+                client_id = %session.client_id,
+                tunnels = push.tunnels.len(),
+                bytes = frame.body.len(),
+                limit = crate::tunnel::frame::MAX_FRAME,
+                "configuration too large for one frame; not pushed"
+            );
+            // Not tried again (and not logged again) until the configuration changes.
+            *last = Some(push.hash.clone());
             return;
         }
         match session.control.try_send(frame.to_bytes()) {
@@ -105,10 +116,24 @@ impl Tunnels {
             Ok(a) => a,
             Err(why) => {
                 self.metrics.event("config_ack_invalid", "");
-                tracing::warn!(client_id = %session.client_id, session = %session.id, %why, "configuration acknowledgement ignored");
+                tracing::debug!(client_id = %session.client_id, session = %session.id, %why, "configuration acknowledgement ignored");
                 return;
             }
         };
+        // Only the hash this proxy pushed last is believed: an agent cannot show another.
+        let pushed = session.pushed.lock().expect("not poisoned").clone();
+        if pushed.as_deref() != Some(ack.hash.as_str()) {
+            self.metrics.event("config_ack_stale", "");
+            tracing::debug!(client_id = %session.client_id, hash = %ack.hash, "acknowledgement of a configuration not pushed last: ignored");
+            return;
+        }
+        {
+            let mut rec = session.record.lock().expect("not poisoned");
+            if rec.config.as_ref() == Some(&ack) {
+                return;
+            }
+            rec.config = Some(ack.clone());
+        }
         let outcome = if ack.rejected.is_empty() {
             "config_applied"
         } else {
@@ -118,14 +143,36 @@ impl Tunnels {
         for r in &ack.rejected {
             tracing::warn!(client_id = %session.client_id, tunnel = %r.name, reason = %r.reason, "agent refuses a tunnel");
         }
+        self.report(session, ttl).await;
+    }
+
+    /// Writes the session's record and announces its client — at most once per
+    /// [`REPORT_EVERY`]: what an agent says more often waits for the session's next heartbeat
+    /// ([`Tunnels::flush_report`]), so a chatty agent cannot flood the store or the controller.
+    async fn report(&self, session: &Session, ttl: Duration) {
         {
-            let mut rec = session.record.lock().expect("not poisoned");
-            if rec.config.as_ref() == Some(&ack) {
+            let mut last = session.reported.lock().expect("not poisoned");
+            if last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
+                session
+                    .report_pending
+                    .store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
-            rec.config = Some(ack);
+            *last = Some(std::time::Instant::now());
         }
         if super::listener::refresh(self, session, ttl).await {
+            self.registry.announce_session(&session.client_id).await;
+        }
+    }
+
+    /// At a heartbeat (whose refresh has just written the record): announces a report that
+    /// [`Tunnels::report`] held back.
+    pub(super) async fn flush_report(&self, session: &Session) {
+        if session
+            .report_pending
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            *session.reported.lock().expect("not poisoned") = Some(std::time::Instant::now());
             self.registry.announce_session(&session.client_id).await;
         }
     }
@@ -149,19 +196,17 @@ impl Tunnels {
         let mut names: Vec<String> = report.down.iter().map(|d| d.name.clone()).collect();
         names.sort();
         names.dedup();
-        self.metrics.event("health_report", "");
-        tracing::info!(client_id = %session.client_id, session = %session.id, down = %names.join(","), "agent health report");
         *session.down.write().expect("not poisoned") = targets;
         {
             let mut rec = session.record.lock().expect("not poisoned");
             if rec.unhealthy == names {
                 return;
             }
-            rec.unhealthy = names;
+            rec.unhealthy = names.clone();
         }
-        if super::listener::refresh(self, session, ttl).await {
-            self.registry.announce_session(&session.client_id).await;
-        }
+        self.metrics.event("health_report", "");
+        tracing::info!(client_id = %session.client_id, session = %session.id, down = %names.join(","), "agent health report");
+        self.report(session, ttl).await;
     }
 }
 

@@ -252,7 +252,13 @@ fn remote_of(port: u16, c: &crate::store::PortClaim) -> RemoteTunnel {
         balance: c.balance.unwrap_or_default(),
         port,
         max_connections: c.max_connections,
-        max_bytes_per_second: c.max_bytes_per_second,
+        // Bounded again: a record in the store is input too.
+        max_bytes_per_second: c.max_bytes_per_second.map(|b| {
+            b.clamp(
+                crate::config::MIN_BYTES_PER_SECOND,
+                crate::config::MAX_BYTES_PER_SECOND,
+            )
+        }),
         health_check: c.health_check.clone(),
         udp_idle: c.udp.then(|| {
             Duration::from_millis(
@@ -329,7 +335,11 @@ async fn accept(
         let guard = match Admitted::enter(&open, t.max_connections) {
             Some(g) => g,
             None => {
-                let e = CarryError::Full(format!("{}/{}", t.clients(), t.name));
+                let e = CarryError::Full(if t.backends.len() > 1 {
+                    format!("group {}", t.name)
+                } else {
+                    format!("{}/{}", t.clients(), t.name)
+                });
                 count(&tunnels, e.label());
                 tracing::warn!(%peer, port = t.port, error = %e, "remote connection refused");
                 continue;

@@ -104,6 +104,10 @@ pub struct Session {
     pub pushed: Mutex<Option<String>>,
     /// Targets whose health check fails on the agent: no new streams to them on this session.
     pub down: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// When what the agent reports (acknowledgement, health) was last written to the store,
+    /// and whether a later report waits for the next heartbeat.
+    pub reported: Mutex<Option<Instant>>,
+    pub report_pending: AtomicBool,
 }
 
 impl Session {
@@ -130,6 +134,8 @@ impl Session {
             record: Mutex::new(record),
             pushed: Mutex::new(None),
             down: std::sync::RwLock::default(),
+            reported: Mutex::new(None),
+            report_pending: AtomicBool::new(false),
         }
     }
 

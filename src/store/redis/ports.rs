@@ -107,16 +107,28 @@ for pass = 1, 2 do
         local group = r['group']
         if group then
           local gholder = 'group:' .. group
-          if keep[port] or (cur and cur['holder'] ~= gholder) then
+          local mine = r['record'] and cjson.decode(r['record'])
+          local ours = cur and cur['holder'] == gholder
+          -- The holder's own ungrouped claim on this port becomes the group's.
+          local own = cur and cur['holder'] == holder
+          if keep[port] or (cur and not ours and not own)
+            or (ours and (cur['udp'] == true) ~= (mine['udp'] == true)) then
             out[i] = 'conflict:' .. port .. ':' .. ((cur and cur['holder']) or holder)
           else
-            local rec = cjson.decode(r['record'])
             local members = {}
-            if cur then members = members_without(cur, holder) end
-            table.insert(members, {holder = holder, client_id = rec['client_id'], name = rec['name'], target = rec['target']})
+            if ours then members = members_without(cur, holder) end
+            table.insert(members, {holder = holder, client_id = mine['client_id'], name = mine['name'], target = mine['target']})
             table.sort(members, function(a, b) return a['holder'] < b['holder'] end)
-            rec['holder'] = gholder
-            rec['members'] = members
+            -- The group's settings are its first member's (in holder order): the others copy
+            -- them, so every member's reconcile writes the same record.
+            local base = mine
+            if ours and members[1]['holder'] ~= holder then base = cur end
+            local rec = {
+              holder = gholder, group = group, client_id = '', name = group, target = '',
+              udp = base['udp'], max_connections = base['max_connections'],
+              max_bytes_per_second = base['max_bytes_per_second'], udp_idle_ms = base['udp_idle_ms'],
+              balance = base['balance'], health_check = base['health_check'], members = members,
+            }
             keep[port] = true
             -- cjson's key order is not stable: compare the records, not their text.
             if cur == nil or canon(cur) ~= canon(rec) then
@@ -127,7 +139,9 @@ for pass = 1, 2 do
             taken[port] = rec
             out[i] = 'held:' .. port
           end
-        elseif (cur and cur['holder'] ~= holder) or keep[port] then
+        elseif keep[port] or (cur and cur['holder'] ~= holder
+            and not (cur['holder'] == 'group:' .. tostring(cur['group'])
+              and #members_without(cur, holder) == 0)) then
           out[i] = 'conflict:' .. port .. ':' .. ((cur and cur['holder']) or holder)
         else
           keep[port] = true
