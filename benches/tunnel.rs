@@ -65,6 +65,7 @@ fn start_tunnox(dir: &Path, upstream: u16, cpu: Option<usize>) -> Running {
         extra: &mapping,
         allow: upstream,
         agent_args: &[],
+        insecure: false,
     };
     let mut side = harness::start_tunnox(dir, cpu, &spec);
     wait_through("tunnox", &mut side);

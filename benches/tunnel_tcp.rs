@@ -13,7 +13,7 @@
 //!   message, read its echo, close, and start again, for [`MEASURE`].
 //!
 //! Prints a Markdown section on stdout (`make bench BENCH=tunnel_tcp` puts it into
-//! docs/benchmarks.md). `cargo bench --bench tunnel_tcp -- direct tunnox frp rathole rathole-noise` runs only
+//! docs/benchmarks.md). `cargo bench --bench tunnel_tcp -- direct tunnox tunnox-plain frp rathole rathole-noise` runs only
 //! the sides named.
 
 mod harness;
@@ -313,6 +313,7 @@ fn connections(port: u16, duration: Duration, pids: &[u32]) -> ConnRun {
 enum Kind {
     Direct,
     Tunnox,
+    TunnoxPlain,
     Rathole,
     RatholeNoise,
     Frp,
@@ -323,6 +324,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Tunnox => "tunnox",
+            Kind::TunnoxPlain => "tunnox-plain",
             Kind::Rathole => "rathole",
             Kind::RatholeNoise => "rathole-noise",
             Kind::Frp => "frp",
@@ -349,7 +351,7 @@ fn wait_through(name: &str, side: &mut Running) {
     }
 }
 
-fn start_tunnox(dir: &Path, service: u16, cpu: Option<usize>) -> Running {
+fn start_tunnox(dir: &Path, service: u16, cpu: Option<usize>, insecure: bool) -> Running {
     let remote = free_port();
     let tunnels = format!(
         "tunnels: [{{name: tcp, local_host: 127.0.0.1, local_port: {service}, remote_port: {remote}}}]"
@@ -359,6 +361,7 @@ fn start_tunnox(dir: &Path, service: u16, cpu: Option<usize>) -> Running {
         extra: "",
         allow: service,
         agent_args: &["--worker-threads", "1"],
+        insecure,
     };
     let mut side = harness::start_tunnox(dir, cpu, &spec);
     side.port = remote;
@@ -455,12 +458,18 @@ fn main() {
     let service_port = free_port();
     let service = start_service(dir.path(), service_port, serve_cpu);
 
-    let sides: [(Kind, String); 5] = [
+    let sides: [(Kind, String); 6] = [
         (Kind::Direct, "direct: client → service".into()),
         (
             Kind::Tunnox,
             "tunnox: remote port on the proxy → one HTTP/2 CONNECT stream on the agent's TLS 1.3 \
              session → agent → service"
+                .into(),
+        ),
+        (
+            Kind::TunnoxPlain,
+            "tunnox with `proxy.tunnel.insecure` / `agent --insecure`: the same, the session on \
+             plain TCP (unencrypted, as rathole's default is)"
                 .into(),
         ),
         (
@@ -498,7 +507,8 @@ fn main() {
                 port: service_port,
                 procs: Vec::new(),
             }),
-            Kind::Tunnox => catch(|| start_tunnox(dir.path(), service_port, serve_cpu)),
+            Kind::Tunnox => catch(|| start_tunnox(dir.path(), service_port, serve_cpu, false)),
+            Kind::TunnoxPlain => catch(|| start_tunnox(dir.path(), service_port, serve_cpu, true)),
             Kind::Rathole => match peers.rathole_missing() {
                 Some(why) => Err(why),
                 None => catch(|| start_rathole(dir.path(), &peers, service_port, serve_cpu)),
@@ -593,11 +603,13 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
     };
     println!(
         "One TCP service (the bench's own binary, a single-threaded tokio server on loopback) \
-         reached five ways, each its own processes on this machine: directly; through a tunnox \
+         reached six ways, each its own processes on this machine: directly; through a tunnox \
          TCP tunnel (`tunnox proxy` single-node, `proxy.tunnel` on TLS 1.3 with a throwaway \
          certificate, `worker_threads: 1`, `tunnel_clients[].tunnels` with a `remote_port`; \
          `tunnox agent --worker-threads 1 --allow 127.0.0.1:<service>`: each connection to the \
-         remote port is one HTTP/2 CONNECT stream on the agent's session); through a rathole TCP \
+         remote port is one HTTP/2 CONNECT stream on the agent's session); the same with the session \
+         on plain TCP (`insecure` on both sides: unencrypted, like rathole's default); through a \
+         rathole TCP \
          service (rathole's default transport: plain TCP, no encryption, one tunnel connection \
          per visitor connection); through the same rathole with its Noise transport \
          (`Noise_NK_25519_ChaChaPoly_BLAKE2s`: encrypted, as tunnox's TLS and frp's are); \
@@ -734,12 +746,20 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
     );
     let judged = |r: Option<f64>, at_least: f64| r.map_or("not measured", |r| goal(r >= at_least));
     println!(
+        "Like for like, unencrypted tunnox / unencrypted rathole: up **{}**, down **{}**.\n",
+        fmt(ratio(Kind::TunnoxPlain, Kind::Rathole, up)),
+        fmt(ratio(Kind::TunnoxPlain, Kind::Rathole, down)),
+    );
+    println!(
         "Goals: tunnox's one-stream throughput ≥ rathole's: up **{}**, down **{}** (≥ encrypted \
-         rathole's: up **{}**, down **{}**); tunnox's connections/s ≥ 2× frp's: **{}**.\n",
+         rathole's: up **{}**, down **{}**; unencrypted tunnox ≥ unencrypted rathole: up **{}**, \
+         down **{}**); tunnox's connections/s ≥ 2× frp's: **{}**.\n",
         judged(ratio(Kind::Tunnox, Kind::Rathole, up), 1.0),
         judged(ratio(Kind::Tunnox, Kind::Rathole, down), 1.0),
         judged(ratio(Kind::Tunnox, Kind::RatholeNoise, up), 1.0),
         judged(ratio(Kind::Tunnox, Kind::RatholeNoise, down), 1.0),
+        judged(ratio(Kind::TunnoxPlain, Kind::Rathole, up), 1.0),
+        judged(ratio(Kind::TunnoxPlain, Kind::Rathole, down), 1.0),
         judged(ratio(Kind::Tunnox, Kind::Frp, conns), 2.0),
     );
 }

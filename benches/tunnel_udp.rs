@@ -225,6 +225,7 @@ fn start_tunnox(dir: &Path, service: u16, cpu: Option<usize>) -> Running {
         extra: "",
         allow: service,
         agent_args: &["--worker-threads", "1"],
+        insecure: false,
     };
     let mut side = harness::start_tunnox(dir, cpu, &spec);
     side.port = remote;

@@ -709,13 +709,20 @@ pub struct TunnoxSpec<'a> {
     pub allow: u16,
     /// More `tunnox agent` arguments.
     pub agent_args: &'a [&'a str],
+    /// The session on plain TCP (`proxy.tunnel.insecure`, `agent --insecure`): no TLS, for a
+    /// comparison with peers that do not encrypt either.
+    pub insecure: bool,
 }
 
 /// `tunnox proxy` single-node (`proxy.tunnel` on TLS 1.3 with a throwaway certificate,
 /// `worker_threads: 1`) and `tunnox agent` logged in as [`CLIENT_ID`]; `port` is the proxy's
 /// HTTP listener. The caller waits until its traffic comes through.
 pub fn start_tunnox(dir: &Path, cpu: Option<usize>, spec: &TunnoxSpec) -> Running {
-    let dir = dir.join("tunnox");
+    let dir = dir.join(if spec.insecure {
+        "tunnox-plain"
+    } else {
+        "tunnox"
+    });
     std::fs::create_dir_all(&dir).unwrap();
     let (ca, cert, key) = certificate(&dir);
     let free_port = crate::support::process::free_port;
@@ -736,11 +743,12 @@ pub fn start_tunnox(dir: &Path, cpu: Option<usize>, spec: &TunnoxSpec) -> Runnin
              http_domain: {{base_domains: [bench.test]}}\n\
              proxy:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin}\"\n  \
              worker_threads: 1\n  \
-             tunnel: {{listen: \"127.0.0.1:{tunnel}\", cert_file: \"{}\", key_file: \"{}\"}}\n\
+             tunnel: {{listen: \"127.0.0.1:{tunnel}\", cert_file: \"{}\", key_file: \"{}\", insecure: {}}}\n\
              tunnel_clients:\n  - {{client_id: {CLIENT_ID}, token_file: \"{}\"{client}}}\n\
              {}log: {{level: warn}}\n",
             cert.display(),
             key.display(),
+            spec.insecure,
             token_file.display(),
             spec.extra,
         ),
@@ -773,6 +781,11 @@ pub fn start_tunnox(dir: &Path, cpu: Option<usize>, spec: &TunnoxSpec) -> Runnin
             .arg("--allow")
             .arg(format!("127.0.0.1:{}", spec.allow))
             .args(spec.agent_args)
+            .args(if spec.insecure {
+                &["--insecure"][..]
+            } else {
+                &[][..]
+            })
             .env("TUNNOX__LOG__LEVEL", "warn")
             .env_remove("RUST_LOG"),
         &dir.join("agent.log"),
