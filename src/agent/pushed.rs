@@ -218,32 +218,24 @@ fn read_cache(path: &Path, client_id: &str) -> Result<Option<ConfigPush>, String
     Ok(Some(cached.config))
 }
 
-/// Written whole to a temporary file beside `path`, then renamed over it: a crash leaves the
-/// old cache or the new one, never half of one.
-fn write_cache(path: &Path, client_id: &str, push: &ConfigPush) -> std::io::Result<()> {
+/// Written whole and atomically (the store's `write_atomic`: temp file, fsync, rename): a crash
+/// leaves the old cache or the new one, never half of one.
+fn write_cache(path: &Path, client_id: &str, push: &ConfigPush) -> Result<(), String> {
     let body = serde_json::to_vec_pretty(&Cached {
         client_id: client_id.to_string(),
         config: push.clone(),
-    })?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, body)?;
-    std::fs::rename(&tmp, path)
+    })
+    .map_err(|e| e.to_string())?;
+    crate::store::persist::write_atomic(path, &body).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::config::{PushedTunnel, Transport};
+    use crate::tunnel::config::PushedTunnel;
 
     fn t(name: &str, target: &str) -> PushedTunnel {
-        PushedTunnel {
-            name: name.into(),
-            transport: Transport::Tcp,
-            target: target.into(),
-            health_check: None,
-        }
+        PushedTunnel::tcp(name, target)
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod follow;
 mod keys;
 mod memory;
 mod nodes;
-mod persist;
+pub(crate) mod persist;
 mod ports;
 mod quota;
 mod redis;

@@ -36,6 +36,19 @@ pub struct PushedTunnel {
     pub health_check: Option<crate::domain::HealthCheck>,
 }
 
+#[cfg(test)]
+impl PushedTunnel {
+    /// A TCP tunnel without a health check (tests).
+    pub fn tcp(name: &str, target: &str) -> Self {
+        Self {
+            name: name.into(),
+            transport: Transport::Tcp,
+            target: target.into(),
+            health_check: None,
+        }
+    }
+}
+
 /// proxy → agent: every tunnel of the client, sorted by name, and their hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigPush {
@@ -203,12 +216,7 @@ mod tests {
     use super::*;
 
     fn t(name: &str, target: &str) -> PushedTunnel {
-        PushedTunnel {
-            name: name.into(),
-            transport: Transport::Tcp,
-            target: target.into(),
-            health_check: None,
-        }
+        PushedTunnel::tcp(name, target)
     }
 
     #[test]
