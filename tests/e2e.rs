@@ -168,6 +168,9 @@ fn main() {
         ("install_manifest_matches_the_chart", |s| {
             install_manifest_matches_the_chart(&s.cp)
         }),
+        ("examples_are_valid_resources", |s| {
+            examples_are_valid_resources(&s.cp)
+        }),
         (
             "controller_programs_and_cleans_up_100_mappings",
             controller_programs_and_cleans_up_100_mappings,
@@ -2770,7 +2773,7 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
         format!(
             "apiVersion: tunnox.net/v1alpha1\nkind: TunnelSet\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
              spec: {{clientId: {client}, auth: {{secretRef: {{name: group-token}}}}, placement: {{business: default, region: default}}, \
-             tunnels: [{{name: web, localHost: 127.0.0.1, localPort: {local}, remotePort: {port}, group: web}}]}}\n"
+             groups: [site], tunnels: [{{name: web, localHost: 127.0.0.1, localPort: {local}, remotePort: {port}, group: web}}]}}\n"
         )
     };
     ok(
@@ -2808,7 +2811,19 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
 
     let dir = s.dir.path().join("group");
     let (ca, cert, key) = tunnel_certs(&dir);
-    let (proxy, _port, tunnel_port) = tunnel_proxy(s, "proxy-group", &cert, &key);
+    let (proxy, http_port, tunnel_port) = tunnel_proxy(s, "proxy-group", &cert, &key);
+    // An HTTP mapping to the group `site` both TunnelSets list in spec.groups.
+    let upstream = support::http::Upstream::start("site-behind-a-group");
+    let admins = [free_port(), free_port()];
+    ok(
+        s.cp.apply(&format!(
+            "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {{name: site, namespace: {ns}}}\n\
+             spec: {{subdomain: site, baseDomain: tunnox.net, \
+             target: {{tunnel: {{group: site, host: 127.0.0.1, port: {}}}}}}}\n",
+            upstream.port
+        )),
+        "apply group mapping",
+    );
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let agents: Vec<Role> = [("group-e2e-1", services[0]), ("group-e2e-2", services[1])]
@@ -2829,6 +2844,10 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
                     ca.to_str().unwrap(),
                     "--allow",
                     &format!("127.0.0.1:{local}"),
+                    "--allow",
+                    &format!("127.0.0.1:{}", upstream.port),
+                    "--admin-listen",
+                    &format!("127.0.0.1:{}", admins[usize::from(*local == services[1])]),
                 ],
                 &[],
                 &s.dir.path().join(format!("agent-{client}.log")),
@@ -2866,6 +2885,34 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
         "round robin: {seq}"
     );
     eprintln!("e2e: group of two TunnelSets: {seq}");
+    // The HTTP mapping to the group: Active with both members, requests alternate (each
+    // agent counts what it forwarded).
+    eventually("group mapping Active", Duration::from_secs(20), || {
+        s.phase(ns, "site") == "Active"
+    });
+    assert_eq!(
+        s.field(ns, "site", "{.status.target}"),
+        format!("tunnel-group:site(2)/127.0.0.1:{}", upstream.port)
+    );
+    let forwarded = |admin: u16| -> u64 {
+        support::process::http_get(admin, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("tunnox_agent_streams_total{outcome=\"ok\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let site = || support::http::status(http_port, "site.tunnox.net");
+    eventually("the group mapping serves", Duration::from_secs(20), || {
+        site() == 200
+    });
+    let before = admins.map(forwarded);
+    for _ in 0..10 {
+        assert_eq!(site(), 200);
+    }
+    let after = admins.map(forwarded);
+    let split = (after[0] - before[0], after[1] - before[1]);
+    eprintln!("e2e: HTTP mapping to a group of two TunnelSets: {split:?}");
+    assert_eq!(split, (5, 5), "round robin over the group's members");
     // One member deleted: the other keeps the port and takes every connection.
     ok(
         s.cp.kubectl(&["delete", "ts", "web-1", "-n", ns, "--timeout=30s"]),
@@ -2875,6 +2922,50 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
         letters(4) == "BBBB"
     });
     assert_eq!(state(ns, "web-2"), listening);
+    // The group mapping follows the membership: one member left, every request goes to it.
+    eventually(
+        "group mapping has one member",
+        Duration::from_secs(20),
+        || {
+            s.field(ns, "site", "{.status.target}")
+                == format!("tunnel-group:site(1)/127.0.0.1:{}", upstream.port)
+        },
+    );
+    let before = forwarded(admins[1]);
+    for _ in 0..4 {
+        assert_eq!(site(), 200);
+    }
+    assert_eq!(forwarded(admins[1]) - before, 4);
+    // The last member gone: the mapping waits for one (and no longer routes).
+    ok(
+        s.cp.kubectl(&[
+            "patch",
+            "ts",
+            "web-2",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            "{\"spec\":{\"groups\":[]}}",
+        ]),
+        "web-2 leaves the group",
+    );
+    eventually("group mapping Pending", Duration::from_secs(20), || {
+        s.field(
+            ns,
+            "site",
+            "{.status.conditions[?(@.type==\"Ready\")].reason}",
+        ) == "TunnelGroupEmpty"
+    });
+    eventually(
+        "no route for the emptied group",
+        Duration::from_secs(10),
+        || site() == 404,
+    );
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "site", "-n", ns, "--timeout=30s"]),
+        "delete group mapping",
+    );
     for (n, name) in [(ns, "web-2"), (other_ns, "web-x")] {
         ok(
             s.cp.kubectl(&["delete", "ts", name, "-n", n, "--timeout=30s"]),
@@ -2885,4 +2976,34 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
     drop(proxy);
     ctl.terminate(Duration::from_secs(10));
     no_permission_errors(&ctl);
+}
+
+/// Every resource in `examples/` is one the API server accepts (server-side dry run: the CRD
+/// schemas and CEL rules judge it, nothing is stored). Files without a tunnox.net resource
+/// (single-node configuration) are skipped.
+fn examples_are_valid_resources(cp: &ControlPlane) {
+    // The namespaces the examples name (others go to `default`).
+    for ns in ["shop", "it"] {
+        let _ = cp.kubectl(&["create", "namespace", ns]);
+    }
+    let mut checked = 0;
+    let mut files: Vec<_> = std::fs::read_dir(format!("{ROOT}/examples"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        if !text.contains("apiVersion: tunnox.net/") {
+            continue;
+        }
+        ok(
+            cp.kubectl(&["apply", "--dry-run=server", "-f", path.to_str().unwrap()]),
+            &format!("{} is accepted", path.display()),
+        );
+        checked += 1;
+    }
+    eprintln!("e2e: {checked} example files accepted by the API server");
+    assert!(checked >= 5, "the examples were found: {checked}");
 }

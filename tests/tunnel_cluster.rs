@@ -1045,3 +1045,81 @@ fn a_group_port_on_any_proxy_alternates_between_agents_on_different_nodes() {
         );
     }
 }
+
+/// An HTTP mapping to a group (`target_group`, as the controller writes it for
+/// `spec.target.tunnel.group`) whose members' agents are both on node 1: requests through
+/// node 0 alternate between them, each forwarded to node 1 naming the member node 0 chose;
+/// requests through node 1 alternate too. Each agent counts what it forwarded.
+#[test]
+fn an_http_group_mapping_reaches_members_on_another_node() {
+    use tunnox::domain::{Balance, TargetGroup};
+    let f = Fleet::start(2);
+    let desk_token = secret_file(f.dir.path(), "desk-token", "desk-secret-0123456789");
+    f.rt.block_on(f.store.put_credential(&ClientCredential {
+        client_id: "desk".into(),
+        token_sha256: TokenHash::of("desk-secret-0123456789"),
+        placement: None,
+        source: Some("test".into()),
+    }))
+    .unwrap();
+    let mut spec = MappingSpec::new("grp", "tunnox.net", "127.0.0.1", f.up.port);
+    spec.target_group = Some(TargetGroup {
+        name: "ns/site".into(),
+        clients: vec!["desk".into(), CLIENT.into()],
+        balance: Balance::RoundRobin,
+    });
+    f.rt.block_on(f.store.create(spec)).unwrap();
+    let admins = [free_port(), free_port()];
+    let laptop_admin = format!("127.0.0.1:{}", admins[0]);
+    let _laptop = f.agent(&[1], &["--admin-listen", &laptop_admin]);
+    let desk_admin = format!("127.0.0.1:{}", admins[1]);
+    let _desk = agent(
+        f.dir.path(),
+        "agent-desk",
+        &AgentSpec {
+            client_id: "desk",
+            token_file: &desk_token,
+            ca: &f.pki.ca,
+            servers: &[f.nodes[1].tunnel],
+            allow: &[format!("127.0.0.1:{}", f.up.port)],
+            extra: &["--admin-listen", &desk_admin],
+        },
+    );
+    let forwarded = |admin: u16| -> u64 {
+        support::process::http_get(admin, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("tunnox_agent_streams_total{outcome=\"ok\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let status = |i: usize| support::http::status(f.nodes[i].http, "grp.tunnox.net");
+    eventually("both members online", Duration::from_secs(15), || {
+        let desk = f.rt.block_on(f.store.sessions("desk")).unwrap_or_default();
+        !f.sessions().is_empty() && !desk.is_empty() && status(0) == 200
+    });
+    let to_peer = || -> u64 {
+        support::http::get(f.nodes[0].admin, "localhost", "/metrics")
+            .map(|r| r.body)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("tunnox_tunnel_forwarded_to_peer_total{outcome=\"ok\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let peer_before = to_peer();
+    for via in [0, 1] {
+        let before = admins.map(forwarded);
+        for _ in 0..10 {
+            assert_eq!(status(via), 200, "through node {via}\n{}", trouble(&f));
+        }
+        let after = admins.map(forwarded);
+        let split = (after[0] - before[0], after[1] - before[1]);
+        println!("through node {via}: laptop {} desk {}", split.0, split.1);
+        assert_eq!(split, (5, 5), "round robin through node {via}");
+    }
+    assert_eq!(
+        to_peer() - peer_before,
+        10,
+        "node 0 forwarded each of its requests to node 1"
+    );
+}

@@ -294,3 +294,182 @@ fn a_member_whose_health_check_fails_leaves_the_rotation_until_it_passes() {
     println!("B's check passing again after {back:?}: {seq}");
     assert!(seq.as_bytes().windows(2).all(|w| w[0] != w[1]), "{seq}");
 }
+
+/// An HTTP service that answers every request 200; `/slow` after 1.5 s.
+fn http_upstream() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && matches!(s.read(&mut b), Ok(1)) {
+                    head.push(b[0]);
+                }
+                if head.starts_with(b"GET /slow ") {
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    port
+}
+
+/// How many requests the agent whose admin server is on `admin` forwarded successfully.
+fn served(admin: u16) -> u64 {
+    support::process::http_get(admin, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("tunnox_agent_streams_total{outcome=\"ok\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `HTTPDomainMapping.spec.target.tunnel.group` in single-node form (`target_group`): one
+/// domain served by every client listing the group. Each agent counts the requests it
+/// forwarded (its `/metrics`), so the test sees who carried each one: round robin alternates,
+/// least connections avoids the member busy with a slow request, a stopped member leaves the
+/// rotation at once and a started one rejoins.
+#[test]
+fn an_http_mapping_to_a_group_balances_fails_over_and_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "groups");
+    let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
+    let upstream = http_upstream();
+    let tunnel = free_port();
+    let config = format!(
+        "storage: {{type: memory}}
+http_domain: {{base_domains: [tunnox.net]}}
+tunnel_clients:
+  - {{client_id: a, token: a-secret-0123456789, groups: [site]}}
+  - {{client_id: b, token: b-secret-0123456789, groups: [site]}}
+mappings:
+  - {{subdomain: rr, base_domain: tunnox.net, target_group: site, target_host: 127.0.0.1, target_port: {upstream}}}
+  - {{subdomain: lc, base_domain: tunnox.net, target_group: site, balance: least_connections, target_host: 127.0.0.1, target_port: {upstream}}}
+"
+    );
+    let proxy = ProxyProc::start(
+        dir.path(),
+        "p",
+        &config,
+        &pki.tunnel_yaml(tunnel, &node_token),
+    )
+    .ready();
+    let admins = [free_port(), free_port()];
+    let start = |member: usize| {
+        let id = ["a", "b"][member];
+        let token = secret_file(
+            dir.path(),
+            &format!("{id}-token"),
+            &format!("{id}-secret-0123456789"),
+        );
+        let admin = format!("127.0.0.1:{}", admins[member]);
+        agent(
+            dir.path(),
+            &format!("agent-{id}"),
+            &AgentSpec {
+                client_id: id,
+                token_file: &token,
+                ca: &pki.ca,
+                servers: &[tunnel],
+                allow: &[format!("127.0.0.1:{upstream}")],
+                extra: &["--admin-listen", &admin],
+            },
+        )
+    };
+    let get =
+        |host: &str, path: &str| support::http::get(proxy.port, host, path).map_or(0, |r| r.status);
+    // (requests forwarded by a, by b)
+    let counts = || (served(admins[0]), served(admins[1]));
+
+    // No member connected: 502 naming nobody's address.
+    assert_eq!(get("rr.tunnox.net", "/"), 502);
+    let _a = start(0);
+    let mut b = start(1);
+    eventually("both members serve", Duration::from_secs(15), || {
+        let before = counts();
+        let ok = (0..4).all(|_| get("rr.tunnox.net", "/") == 200);
+        let after = counts();
+        ok && after.0 > before.0 && after.1 > before.1
+    });
+
+    // Round robin: ten requests, five each.
+    let before = counts();
+    for _ in 0..10 {
+        assert_eq!(get("rr.tunnox.net", "/"), 200);
+    }
+    let after = counts();
+    println!(
+        "round robin: a {} b {}",
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (5, 5),
+        "round robin alternates"
+    );
+
+    // Least connections: while one member carries a slow request, quick ones go to the other.
+    let before = counts();
+    let slow = std::thread::spawn({
+        let port = proxy.port;
+        move || support::http::get(port, "lc.tunnox.net", "/slow").map_or(0, |r| r.status)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..4 {
+        assert_eq!(get("lc.tunnox.net", "/"), 200);
+    }
+    let quick = counts();
+    assert_eq!(slow.join().unwrap(), 200);
+    let after = counts();
+    let quick = (quick.0 - before.0, quick.1 - before.1);
+    let slow_on = (after.0 - before.0 - quick.0, after.1 - before.1 - quick.1);
+    println!("least connections: quick {quick:?}, slow {slow_on:?}");
+    assert!(
+        (quick == (4, 0) && slow_on == (0, 1)) || (quick == (0, 4) && slow_on == (1, 0)),
+        "the quick requests avoid the busy member: quick {quick:?}, slow {slow_on:?}"
+    );
+
+    // Stop b: every request goes to a, none fails.
+    assert_eq!(b.terminate(Duration::from_secs(10)), Some(0));
+    let before = counts();
+    for _ in 0..6 {
+        assert_eq!(
+            get("rr.tunnox.net", "/"),
+            200,
+            "a stopped member is skipped"
+        );
+    }
+    assert_eq!(counts().0 - before.0, 6);
+
+    // b back: it rejoins.
+    b = start(1);
+    let rejoined = eventually("b rejoins", Duration::from_secs(15), || {
+        let before = counts().1;
+        (0..2).all(|_| get("rr.tunnox.net", "/") == 200) && counts().1 > before
+    });
+    println!("b rejoined after {rejoined:?}");
+
+    // Killed without a word: requests keep succeeding (a serves them) while its session is
+    // declared dead within the heartbeat window.
+    b.kill();
+    let started = Instant::now();
+    for _ in 0..6 {
+        assert_eq!(
+            get("rr.tunnox.net", "/"),
+            200,
+            "no request lost to the dead member"
+        );
+    }
+    println!("after SIGKILL: 6 requests in {:?}", started.elapsed());
+
+    let metrics = proxy.admin_get("/metrics").unwrap().body;
+    assert!(
+        metrics.contains("tunnox_tunnel_group_members_total{outcome=\"chosen\"}"),
+        "{metrics}"
+    );
+}

@@ -20,7 +20,7 @@ pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sh
 pub use secret::{AdminToken, read_secret};
 pub use tunnel::{
     DEFAULT_UDP_FLOWS, DEFAULT_UDP_SESSION_TIMEOUT, MAX_BYTES_PER_SECOND, MIN_BYTES_PER_SECOND,
-    TunnelClientEntry, TunnelEntry, TunnelKind, TunnelListenerConfig,
+    TunnelClientEntry, TunnelEntry, TunnelKind, TunnelListenerConfig, group_members,
 };
 
 /// Most runtime threads `proxy.worker_threads` and `agent.worker_threads` accept.

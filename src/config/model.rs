@@ -654,6 +654,13 @@ pub struct MappingEntry {
     /// (seed 000's `target_client_id`); absent: the target is reached directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_client_id: Option<String>,
+    /// A load-balancing group instead of one client: the `tunnel_clients` entries that list it
+    /// in their `groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_group: Option<String>,
+    /// How a group spreads requests: `round_robin` (default) or `least_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<crate::domain::Balance>,
     pub target_host: String,
     pub target_port: u16,
     #[serde(default)]

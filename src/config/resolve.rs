@@ -336,6 +336,7 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
                 &own,
             )
         })
+        .and_then(|()| super::tunnel::check_group_targets(&cfg.tunnel_clients, &cfg.mappings))
         .map_err(|(path, msg)| err(&path, msg))?;
     if uses_redis && !cfg.mappings.is_empty() {
         return Err(err("mappings", "declaring mappings in the file is for single-node mode (no Redis); in a cluster, apply HTTPDomainMapping resources".into()));
@@ -525,7 +526,7 @@ fn check_mappings(cfg: &Config, egress: &EgressPolicy) -> Result<(), (String, St
             .validate()
             .map_err(|e| (format!("mappings[{i}]"), e.to_string()))?;
         // A tunnel's target is on the agent's side: its own allow-list judges it.
-        if m.target_client_id.is_none() {
+        if m.target_client_id.is_none() && m.target_group.is_none() {
             own.check_declared(&m.target_host, m.target_port, None, Declarer::Operator)
                 .map_err(|e| (at("target_host"), e.to_string()))?;
         }

@@ -76,6 +76,21 @@ pub struct TunnelClientEntry {
     /// Services of this client published on remote ports of the proxy (seed 002's `tunnels:`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tunnels: Vec<TunnelEntry>,
+    /// Load-balancing groups this client serves for mappings (`mappings[].target_group`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+/// The members of group `name` among `clients`: their ids, sorted.
+pub fn group_members(clients: &[TunnelClientEntry], name: &str) -> Vec<String> {
+    let mut ids: Vec<String> = clients
+        .iter()
+        .filter(|c| c.groups.iter().any(|g| g == name))
+        .map(|c| c.client_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// `tcp` or `udp`.
@@ -196,21 +211,7 @@ fn check_local_host(host: &str) -> Result<(), String> {
     }
 }
 
-/// A client id: what agents present and what `tunnox:client:{id}:session` is keyed by.
-pub fn check_client_id(id: &str) -> Result<(), String> {
-    let ok = (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{id:?} must be 1-128 letters, digits, '-', '_' or '.', starting with a letter or digit"
-        ))
-    }
-}
+pub use crate::domain::check_client_id;
 
 /// `proxy.tunnel`: what a listener cannot run with, named by field.
 pub fn check_listener(t: &TunnelListenerConfig) -> Result<(), (String, String)> {
@@ -304,6 +305,63 @@ pub fn check_clients(
             return Err((
                 format!("mappings[{i}].target_client_id"),
                 format!("{id:?} is not declared in tunnel_clients"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Groups: each client's `groups` well-formed, and each mapping's `target_group` served by at
+/// least one client (and at most [`MAX_GROUP_MEMBERS`](crate::domain::MAX_GROUP_MEMBERS)),
+/// never beside `target_client_id`; `balance` only with a group.
+pub fn check_group_targets(
+    clients: &[TunnelClientEntry],
+    mappings: &[super::MappingEntry],
+) -> Result<(), (String, String)> {
+    for (i, c) in clients.iter().enumerate() {
+        if c.groups.len() > 32 {
+            return Err((
+                format!("tunnel_clients[{i}].groups"),
+                format!("has {} groups; at most 32", c.groups.len()),
+            ));
+        }
+        for (j, g) in c.groups.iter().enumerate() {
+            let at = format!("tunnel_clients[{i}].groups[{j}]");
+            check_tunnel_name(g).map_err(|m| (at.clone(), m))?;
+            if c.groups[..j].contains(g) {
+                return Err((at, format!("{g:?} is listed twice")));
+            }
+        }
+    }
+    for (i, m) in mappings.iter().enumerate() {
+        let at = |f: &str| format!("mappings[{i}].{f}");
+        let Some(g) = &m.target_group else {
+            if m.balance.is_some() {
+                return Err((at("balance"), "applies to a target_group only".into()));
+            }
+            continue;
+        };
+        if m.target_client_id.is_some() {
+            return Err((
+                at("target_group"),
+                "set target_client_id or target_group, not both".into(),
+            ));
+        }
+        let members = group_members(clients, g);
+        if members.is_empty() {
+            return Err((
+                at("target_group"),
+                format!("{g:?} is not in the groups of any tunnel_clients entry"),
+            ));
+        }
+        if members.len() > crate::domain::MAX_GROUP_MEMBERS {
+            return Err((
+                at("target_group"),
+                format!(
+                    "{g:?} has {} members; at most {}",
+                    members.len(),
+                    crate::domain::MAX_GROUP_MEMBERS
+                ),
             ));
         }
     }
@@ -437,6 +495,7 @@ mod tests {
             token: token.map(str::to_string),
             token_file: file.map(PathBuf::from),
             tunnels: Vec::new(),
+            groups: Vec::new(),
         }
     }
 
@@ -729,6 +788,48 @@ mod tests {
                 ok.replace("listen: \"127.0.0.1:7000\", ", "heartbeat_interval: 0s, "),
                 "proxy.tunnel.heartbeat_interval",
                 "0s",
+            ),
+        ];
+        for (yaml, field, what) in cases {
+            let e = resolve(&yaml).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(what), "{field}: {e}");
+        }
+
+        // Group targets: served by the clients listing the group.
+        let group = format!(
+            "{base}tunnel_clients: [{{client_id: a, token: t, groups: [site]}}, {{client_id: b, token: t, groups: [site, other]}}]\nmappings:\n  - {{subdomain: app, base_domain: tunnox.net, target_group: site, balance: least_connections, target_host: localhost, target_port: 3000}}\nproxy: {{tunnel: {{listen: \"127.0.0.1:7000\", insecure: true}}}}\n"
+        );
+        let s = resolve(&group).unwrap();
+        assert_eq!(group_members(&s.config.tunnel_clients, "site"), ["a", "b"]);
+        assert_eq!(group_members(&s.config.tunnel_clients, "other"), ["b"]);
+        let cases = [
+            (
+                group.replace("target_group: site", "target_group: nobody"),
+                "mappings[0].target_group",
+                "\"nobody\" is not in the groups",
+            ),
+            (
+                group.replace(
+                    "target_group: site",
+                    "target_group: site, target_client_id: a",
+                ),
+                "mappings[0].target_group",
+                "not both",
+            ),
+            (
+                group.replace("target_group: site, ", ""),
+                "mappings[0].balance",
+                "target_group only",
+            ),
+            (
+                group.replace("groups: [site, other]", "groups: [site, Site]"),
+                "tunnel_clients[1].groups[1]",
+                "\"Site\"",
+            ),
+            (
+                group.replace("groups: [site, other]", "groups: [site, site]"),
+                "tunnel_clients[1].groups[1]",
+                "twice",
             ),
         ];
         for (yaml, field, what) in cases {

@@ -5,7 +5,9 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{HTTPDomainMapping, HTTPDomainMappingStatus, Phase, TargetScheme, TunnelTarget};
-use crate::domain::{Declarer, EgressPolicy, Hostname, MappingSpec, Scheme, SetName};
+use crate::domain::{
+    Declarer, EgressPolicy, Hostname, MAX_GROUP_MEMBERS, MappingSpec, Scheme, SetName, TargetGroup,
+};
 use crate::store::{Quota, QuotaScope};
 
 /// What the controller enforces beyond the schema.
@@ -151,12 +153,13 @@ pub fn full_domain(hdm: &HTTPDomainMapping) -> Option<Hostname> {
 
 /// Decides what a mapping resource should become.
 ///
-/// `tunnel` is the accepted TunnelSet of the client a tunnel target names (looked up by the
-/// caller: its credential in the store); `None` when there is none or the target is no tunnel.
+/// `members` are the accepted TunnelSets a tunnel target reaches (looked up by the caller: the
+/// client's credential in the store, or a group's members in the mapping's namespace); empty
+/// when there is none or the target is no tunnel.
 pub fn evaluate(
     hdm: &HTTPDomainMapping,
     policy: &Policy,
-    tunnel: Option<&TunnelClient>,
+    members: &[TunnelClient],
     now: DateTime<Utc>,
 ) -> Verdict {
     let spec = &hdm.spec;
@@ -206,7 +209,7 @@ pub fn evaluate(
             a.port,
             format!("{}:{}", a.host, a.port),
         ),
-        (None, None, Some(t)) => return tunnel_verdict(hdm, policy, t, tunnel, full, base),
+        (None, None, Some(t)) => return tunnel_verdict(hdm, policy, t, members, full, base),
         _ => {
             return reject(
                 "InvalidTarget",
@@ -241,6 +244,7 @@ pub fn evaluate(
         &full,
         base,
         None,
+        None,
         host,
         port,
         placement.clone(),
@@ -262,6 +266,7 @@ pub fn evaluate(
 /// The accepted TunnelSet of a client, as a tunnel target needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TunnelClient {
+    pub client_id: String,
     /// Its placement (the proxy set holding the client's sessions).
     pub placement: Option<SetName>,
     /// `namespace/name` of the TunnelSet, for messages.
@@ -276,6 +281,7 @@ fn store_spec(
     full: &Hostname,
     base: Hostname,
     target_client_id: Option<String>,
+    target_group: Option<TargetGroup>,
     host: String,
     port: u16,
     placement: Option<SetName>,
@@ -287,6 +293,7 @@ fn store_spec(
         subdomain: full.as_str()[..full.as_str().len() - base.as_str().len() - 1].to_string(),
         base_domain: base,
         target_client_id,
+        target_group,
         target_host: host,
         target_port: port,
         target_scheme: match spec.scheme {
@@ -307,13 +314,15 @@ fn store_spec(
 }
 
 /// A tunnel target: served once its client's TunnelSet is accepted, with that TunnelSet's
-/// placement. No egress check: `host:port` is reached by the agent from its own network, and
-/// the agent's allow-list is what guards it; only the syntax is checked here.
+/// placement; a group target once one TunnelSet of the mapping's namespace serving the group is,
+/// with its members' placement when they share one. No egress check: `host:port` is reached by
+/// the agent from its own network, and the agent's allow-list is what guards it; only the syntax
+/// is checked here.
 fn tunnel_verdict(
     hdm: &HTTPDomainMapping,
     policy: &Policy,
     t: &TunnelTarget,
-    client: Option<&TunnelClient>,
+    members: &[TunnelClient],
     full: Hostname,
     base: Hostname,
 ) -> Verdict {
@@ -337,15 +346,86 @@ fn tunnel_verdict(
             t.port
         ));
     };
-    let client_id = match (&t.client_id, &t.group) {
-        (Some(c), None) => c,
+    let host = if t.host.contains(':') {
+        format!("[{}]", t.host)
+    } else {
+        t.host.clone()
+    };
+    let ignored = |what: String| {
+        hdm.spec.placement.as_ref().map(|p| {
+            format!(
+                "spec.placement {}.{} is ignored for a tunnel target: {what}",
+                p.business, p.region
+            )
+        })
+    };
+    let (client_id, group, placement, target, note) = match (&t.client_id, &t.group) {
+        (Some(client_id), None) => {
+            if t.balance.is_some() {
+                return reject("spec.target.tunnel.balance applies to a group only".into());
+            }
+            let Some(client) = members.iter().find(|m| &m.client_id == client_id) else {
+                return Verdict::Hold(Hold::Pending {
+                    reason: "TunnelSetNotFound",
+                    message: format!(
+                        "no accepted TunnelSet has clientId {client_id}; the mapping is programmed once one is"
+                    ),
+                });
+            };
+            let set = set_label(client.placement.as_ref());
+            (
+                Some(client_id.clone()),
+                None,
+                client.placement.clone(),
+                format!("tunnel:{client_id}/{host}:{port}"),
+                ignored(format!(
+                    "TunnelSet {} places client {client_id} in {set}",
+                    client.holder
+                )),
+            )
+        }
         (None, Some(g)) => {
-            return Verdict::Hold(Hold::Pending {
-                reason: "TunnelGroupsNotServed",
-                message: format!(
-                    "spec.target.tunnel.group {g}: tunnel groups are not served yet; name a clientId"
-                ),
-            });
+            let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
+            if members.is_empty() {
+                return Verdict::Hold(Hold::Pending {
+                    reason: "TunnelGroupEmpty",
+                    message: format!(
+                        "no accepted TunnelSet in namespace {ns} lists group {g} in spec.groups; the mapping is programmed once one does"
+                    ),
+                });
+            }
+            if members.len() > MAX_GROUP_MEMBERS {
+                return Verdict::Hold(Hold::Rejected {
+                    reason: "TunnelGroupTooLarge",
+                    message: format!(
+                        "group {g} has {} members in namespace {ns}; at most {MAX_GROUP_MEMBERS}",
+                        members.len()
+                    ),
+                });
+            }
+            let mut clients: Vec<String> = members.iter().map(|m| m.client_id.clone()).collect();
+            clients.sort();
+            clients.dedup();
+            // One set serves the group when its members agree; otherwise any proxy may take the
+            // request and forwards it to the node holding the chosen member's session.
+            let first = members[0].placement.clone();
+            let shared = members.iter().all(|m| m.placement == first);
+            let placement = if shared { first } else { None };
+            let n = clients.len();
+            (
+                None,
+                Some(TargetGroup {
+                    name: format!("{ns}/{g}"),
+                    clients,
+                    balance: t.balance.unwrap_or_default(),
+                }),
+                placement.clone(),
+                format!("tunnel-group:{g}({n})/{host}:{port}"),
+                ignored(format!(
+                    "group {g} is served where its members are ({})",
+                    set_label(placement.as_ref())
+                )),
+            )
         }
         _ => {
             return reject(
@@ -353,34 +433,17 @@ fn tunnel_verdict(
             );
         }
     };
-    let Some(client) = client else {
-        return Verdict::Hold(Hold::Pending {
-            reason: "TunnelSetNotFound",
-            message: format!(
-                "no accepted TunnelSet has clientId {client_id}; the mapping is programmed once one is"
-            ),
-        });
-    };
-    let set = client
-        .placement
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_else(|| "any".into());
-    let note = hdm.spec.placement.as_ref().map(|p| {
-        format!(
-            "spec.placement {}.{} is ignored for a tunnel target: TunnelSet {} places client {client_id} in {set}",
-            p.business, p.region, client.holder
-        )
-    });
+    let set = set_label(placement.as_ref());
     let store_spec = store_spec(
         hdm,
         policy,
         &full,
         base,
-        Some(client_id.clone()),
+        client_id,
+        group,
         t.host.clone(),
         port,
-        client.placement.clone(),
+        placement,
     );
     if let Err(e) = store_spec.validate() {
         return Verdict::Hold(Hold::Rejected {
@@ -388,18 +451,19 @@ fn tunnel_verdict(
             message: e.to_string(),
         });
     }
-    let host = if t.host.contains(':') {
-        format!("[{}]", t.host)
-    } else {
-        t.host.clone()
-    };
     Verdict::Program(Box::new(Plan {
         spec: store_spec,
         full_domain: full,
-        target: format!("tunnel:{client_id}/{host}:{port}"),
+        target,
         set,
         note,
     }))
+}
+
+fn set_label(placement: Option<&SetName>) -> String {
+    placement
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "any".into())
 }
 
 /// Among mappings that want one domain and do not hold it, the oldest goes first: true when

@@ -58,6 +58,7 @@ fn evaluates_resources() {
             group: None,
             host: "localhost".into(),
             port: 3000,
+            balance: None,
         }),
     };
     // (resource, expected phase-ish label, expected detail)
@@ -174,7 +175,7 @@ fn evaluates_resources() {
         ),
     ];
     for (obj, want, detail) in cases {
-        let got = evaluate(&obj, &policy(), None, now);
+        let got = evaluate(&obj, &policy(), &[], now);
         let (label, text) = match &got {
             Verdict::Program(p) => ("program", p.target.clone()),
             Verdict::Hold(Hold::Rejected { reason, .. }) => ("rejected", reason.to_string()),
@@ -215,7 +216,7 @@ fn egress_refusal_names_the_field_and_the_rule() {
         match evaluate(
             &hdm("locked", "x", "x", "tunnox.net", target),
             &policy(),
-            None,
+            &[],
             Utc::now(),
         ) {
             Verdict::Hold(Hold::Rejected {
@@ -232,7 +233,7 @@ fn program_carries_source_and_normalised_domain() {
     let Verdict::Program(plan) = evaluate(
         &hdm("team", "web", "MyApp", "tunnox.net", service("web", 80)),
         &policy(),
-        None,
+        &[],
         Utc::now(),
     ) else {
         panic!("expected a plan");
@@ -337,7 +338,7 @@ fn status_reports_conditions_and_keeps_transition_times() {
     let plan = match evaluate(
         &hdm("a", "x", "x", "tunnox.net", address("h", 1)),
         &policy(),
-        None,
+        &[],
         Utc::now(),
     ) {
         Verdict::Program(p) => p,
@@ -390,6 +391,7 @@ fn tunnel(client: Option<&str>, group: Option<&str>, host: &str, port: i32) -> T
             group: group.map(str::to_string),
             host: host.into(),
             port,
+            balance: None,
         }),
     }
 }
@@ -397,6 +399,7 @@ fn tunnel(client: Option<&str>, group: Option<&str>, host: &str, port: i32) -> T
 #[test]
 fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
     let client = TunnelClient {
+        client_id: "laptop".into(),
         placement: Some(SetName::new("novel", "sh").unwrap()),
         holder: "team/laptop".into(),
     };
@@ -455,13 +458,6 @@ fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
             "no accepted TunnelSet has clientId laptop",
         ),
         (
-            t(tunnel(None, Some("web"), "localhost", 3000)),
-            Some(&client),
-            "pending",
-            "TunnelGroupsNotServed",
-            "spec.target.tunnel.group web",
-        ),
-        (
             t(tunnel(Some("laptop"), None, "bad host", 3000)),
             Some(&client),
             "rejected",
@@ -498,7 +494,8 @@ fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
         ),
     ];
     for (obj, client, want, detail, fragment) in cases {
-        let got = evaluate(&obj, &policy(), client, Utc::now());
+        let members: Vec<TunnelClient> = client.into_iter().cloned().collect();
+        let got = evaluate(&obj, &policy(), &members, Utc::now());
         let (label, text, message) = match &got {
             Verdict::Program(p) => {
                 assert_eq!(p.spec.target_client_id.as_deref(), Some("laptop"));
@@ -538,7 +535,7 @@ fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
     let Verdict::Program(p) = evaluate(
         &t(tunnel(Some("laptop"), None, "localhost", 3000)),
         &policy(),
-        Some(&client),
+        std::slice::from_ref(&client),
         Utc::now(),
     ) else {
         panic!()
@@ -547,4 +544,71 @@ fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
         (p.spec.target_host.as_str(), p.spec.target_port),
         ("localhost", 3000)
     );
+}
+
+#[test]
+fn group_targets_list_their_members_and_share_a_placement_only_when_they_agree() {
+    let member = |id: &str, set: &str| TunnelClient {
+        client_id: id.into(),
+        placement: Some(SetName::parse(set).unwrap()),
+        holder: format!("a/{id}"),
+    };
+    let mut target = tunnel(None, Some("web"), "localhost", 8080);
+    target.tunnel.as_mut().unwrap().balance = Some(crate::domain::Balance::LeastConnections);
+    let obj = hdm("a", "t", "t", "tunnox.net", target);
+    // (members, want set, want note)
+    let cases: Vec<(Vec<TunnelClient>, &str)> = vec![
+        (
+            vec![member("b", "novel.sh"), member("a", "novel.sh")],
+            "novel.sh",
+        ),
+        (
+            vec![member("b", "novel.sh"), member("a", "novel.bj")],
+            "any",
+        ),
+    ];
+    for (members, want_set) in cases {
+        let Verdict::Program(p) = evaluate(&obj, &policy(), &members, Utc::now()) else {
+            panic!("{members:?}");
+        };
+        let g = p.spec.target_group.as_ref().expect("a group record");
+        assert_eq!(g.name, "a/web");
+        assert_eq!(g.clients, ["a", "b"], "sorted");
+        assert_eq!(g.balance, crate::domain::Balance::LeastConnections);
+        assert_eq!(p.spec.target_client_id, None);
+        assert_eq!(p.set, want_set);
+        assert_eq!(p.target, "tunnel-group:web(2)/localhost:8080");
+    }
+    match evaluate(&obj, &policy(), &[], Utc::now()) {
+        Verdict::Hold(Hold::Pending { reason, message }) => {
+            assert_eq!(reason, "TunnelGroupEmpty");
+            assert!(message.contains("namespace a lists group web"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let crowd: Vec<TunnelClient> = (0..=crate::domain::MAX_GROUP_MEMBERS)
+        .map(|i| member(&format!("c{i:03}"), "novel.sh"))
+        .collect();
+    assert!(matches!(
+        evaluate(&obj, &policy(), &crowd, Utc::now()),
+        Verdict::Hold(Hold::Rejected {
+            reason: "TunnelGroupTooLarge",
+            ..
+        })
+    ));
+    // balance without a group is refused (the API server refuses it too).
+    let mut single = tunnel(Some("laptop"), None, "localhost", 8080);
+    single.tunnel.as_mut().unwrap().balance = Some(crate::domain::Balance::RoundRobin);
+    assert!(matches!(
+        evaluate(
+            &hdm("a", "t", "t", "tunnox.net", single),
+            &policy(),
+            &[member("laptop", "novel.sh")],
+            Utc::now()
+        ),
+        Verdict::Hold(Hold::Rejected {
+            reason: "InvalidTarget",
+            ..
+        })
+    ));
 }

@@ -209,12 +209,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into()),
             )
         }),
+        groups_seen: Default::default(),
     });
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         store,
         registry,
         cache: controller.store(),
+        tunnelsets: ts_ctx.cache.clone(),
         policy: decide::Policy {
             base_domains: settings.config.http_domain.base_domains.clone(),
             per_namespace: cfg.quota.per_namespace,

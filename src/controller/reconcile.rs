@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::decide::{self, Hold, Outcome, Plan, Policy, Verdict};
 use super::metrics::Metrics;
-use crate::crd::{HTTPDomainMapping, Phase};
+use crate::crd::{HTTPDomainMapping, Phase, TunnelSet};
 use crate::domain::{Mapping, MappingId};
 use crate::store::{MappingStore, Quota, StoreError, TunnelRegistry};
 
@@ -28,6 +28,8 @@ pub struct Ctx {
     /// Credentials of tunnel clients: a tunnel target is served once its client has one.
     pub registry: Arc<dyn TunnelRegistry>,
     pub cache: Store<HTTPDomainMapping>,
+    /// TunnelSets, for the members of a group target.
+    pub tunnelsets: Store<TunnelSet>,
     pub policy: Policy,
     pub metrics: Metrics,
     pub recorder: Recorder,
@@ -137,34 +139,61 @@ fn is_legacy(m: &Mapping) -> bool {
     m.source.as_deref().is_some_and(decide::is_legacy_source)
 }
 
-/// The accepted TunnelSet of the client a tunnel target names: its credential in the store,
-/// written by a TunnelSet of this cluster (the credential, not the TunnelSet's status, is what
-/// proxies admit by, and it is written before the mappings are woken).
-async fn tunnel_client(
+/// The accepted TunnelSets a tunnel target reaches: the named client's, or the members of a
+/// group (the TunnelSets of the mapping's namespace listing it in `spec.groups`). Accepted means
+/// the client's credential is in the store, written by that TunnelSet of this cluster (the
+/// credential, not the TunnelSet's status, is what proxies admit by, and it is written before
+/// the mappings are woken).
+async fn tunnel_members(
     ctx: &Ctx,
     obj: &HTTPDomainMapping,
-) -> Result<Option<decide::TunnelClient>, Error> {
-    let Some(client_id) = obj
-        .spec
-        .target
-        .tunnel
-        .as_ref()
-        .and_then(|t| t.client_id.as_deref())
-    else {
-        return Ok(None);
+) -> Result<Vec<decide::TunnelClient>, Error> {
+    let Some(t) = obj.spec.target.tunnel.as_ref() else {
+        return Ok(Vec::new());
     };
-    let Some(cred) = ctx.registry.credential(client_id).await? else {
-        return Ok(None);
+    let candidates: Vec<String> = match (&t.client_id, &t.group) {
+        (Some(c), _) => vec![c.clone()],
+        (None, Some(g)) => {
+            let ns = obj.namespace().unwrap_or_default();
+            let mut ids: Vec<String> = ctx
+                .tunnelsets
+                .state()
+                .iter()
+                .filter(|ts| {
+                    ts.namespace().as_deref() == Some(ns.as_str())
+                        && ts.metadata.deletion_timestamp.is_none()
+                        && ts.spec.groups.contains(g)
+                })
+                .map(|ts| ts.spec.client_id.clone())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            // One more than a group may have: enough to refuse it with the count's cause.
+            ids.truncate(crate::domain::MAX_GROUP_MEMBERS + 1);
+            ids
+        }
+        (None, None) => return Ok(Vec::new()),
     };
     let prefix = format!("k8s:{}/", ctx.policy.cluster_id);
-    Ok(cred
-        .source
-        .as_deref()
-        .and_then(|s| s.strip_prefix(&prefix))
-        .map(|holder| decide::TunnelClient {
+    let mut members = Vec::new();
+    for client_id in candidates {
+        let Some(cred) = ctx.registry.credential(&client_id).await? else {
+            continue;
+        };
+        let Some(holder) = cred.source.as_deref().and_then(|s| s.strip_prefix(&prefix)) else {
+            continue;
+        };
+        // A group admits only its own namespace's TunnelSets, however a client id is held.
+        if t.group.is_some() && holder.split('/').next() != obj.namespace().as_deref() {
+            continue;
+        }
+        members.push(decide::TunnelClient {
+            client_id,
             placement: cred.placement.clone(),
             holder: holder.to_string(),
-        }))
+        });
+    }
+    Ok(members)
 }
 
 async fn release(ctx: &Ctx, obj: &HTTPDomainMapping, m: &Mapping) -> Result<(), Error> {
@@ -215,8 +244,8 @@ async fn apply(
     api: &Api<HTTPDomainMapping>,
 ) -> Result<Action, Error> {
     let own = find_own(ctx, obj).await?;
-    let tunnel = tunnel_client(ctx, obj).await?;
-    let verdict = decide::evaluate(obj, &ctx.policy, tunnel.as_ref(), Utc::now());
+    let members = tunnel_members(ctx, obj).await?;
+    let verdict = decide::evaluate(obj, &ctx.policy, &members, Utc::now());
     let outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         Verdict::Hold(hold) => {

@@ -53,6 +53,9 @@ pub struct TsCtx {
     /// `controller.tunnel_service` when enabled, and the namespace its Services go in (the
     /// controller's own).
     pub service: Option<(crate::config::TunnelServiceConfig, String)>,
+    /// Each TunnelSet's `spec.groups` when last reconciled: a change wakes the group mappings
+    /// of its namespace.
+    pub groups_seen: std::sync::Mutex<std::collections::HashMap<ObjectRef<TunnelSet>, Vec<String>>>,
 }
 
 pub async fn reconcile(obj: Arc<TunnelSet>, ctx: Arc<TsCtx>) -> Result<Action, Error> {
@@ -113,24 +116,59 @@ async fn release(ctx: &TsCtx, obj: &TunnelSet, client_id: &str) -> Result<(), Er
     if held.is_some_and(|c| c.source.as_deref() == Some(mine.as_str())) {
         ctx.registry.remove_credential(client_id).await?;
         tracing::info!(tunnelset = %ObjectRef::from_obj(obj), client_id, "credential removed");
-        wake_mappings(ctx, client_id);
+        wake_mappings(ctx, obj, client_id);
     }
     Ok(())
 }
 
-/// Reconcile every mapping whose tunnel target names `client_id`: its credential came or went.
-fn wake_mappings(ctx: &TsCtx, client_id: &str) {
+/// Reconcile every mapping whose tunnel target names `client_id`, or one of `obj`'s groups in
+/// its namespace: the client's credential came or went.
+fn wake_mappings(ctx: &TsCtx, obj: &TunnelSet, client_id: &str) {
+    wake_targets(ctx, obj, Some(client_id), &obj.spec.groups);
+}
+
+/// Reconcile the mappings that target `client_id`, or a group in `groups` of `obj`'s namespace.
+fn wake_targets(ctx: &TsCtx, obj: &TunnelSet, client_id: Option<&str>, groups: &[String]) {
+    let ns = obj.namespace();
     for m in ctx.mappings.state() {
-        let wants = m
-            .spec
-            .target
-            .tunnel
-            .as_ref()
-            .and_then(|t| t.client_id.as_deref())
-            == Some(client_id);
+        let Some(t) = m.spec.target.tunnel.as_ref() else {
+            continue;
+        };
+        let wants = match (&t.client_id, &t.group) {
+            (Some(c), _) => Some(c.as_str()) == client_id,
+            (None, Some(g)) => groups.contains(g) && m.namespace() == ns,
+            (None, None) => false,
+        };
         if wants {
             let _ = ctx.wake_mappings.send(ObjectRef::from_obj(&*m));
         }
+    }
+}
+
+/// Wakes the group mappings whose membership `obj`'s `spec.groups` changed since this
+/// controller last saw it (all of its groups at its first sight, e.g. after a restart).
+fn wake_changed_groups(ctx: &TsCtx, obj: &TunnelSet, now: Option<&[String]>) {
+    let key = ObjectRef::from_obj(obj);
+    let before = {
+        let mut seen = ctx.groups_seen.lock().expect("not poisoned");
+        match now {
+            Some(groups) => seen.insert(key, groups.to_vec()),
+            None => seen.remove(&key),
+        }
+    };
+    let now = now.unwrap_or_default();
+    if before.as_deref() == Some(now) {
+        return;
+    }
+    let before = before.unwrap_or_default();
+    let changed: Vec<String> = before
+        .iter()
+        .chain(now)
+        .filter(|g| before.contains(g) != now.contains(g) || before.is_empty())
+        .cloned()
+        .collect();
+    if !changed.is_empty() {
+        wake_targets(ctx, obj, None, &changed);
     }
 }
 
@@ -167,6 +205,7 @@ async fn apply(obj: &TunnelSet, ctx: &TsCtx, api: &Api<TunnelSet>) -> Result<Act
         .tunnelset_outcomes
         .with_label_values(&[outcome.label()])
         .inc();
+    wake_changed_groups(ctx, obj, Some(&obj.spec.groups));
     let tunnels = ports(ctx, obj, &outcome).await?;
     let endpoint = publish_service(ctx, obj, &outcome, &tunnels).await?;
     let sessions = ctx.registry.sessions(&client_id).await?;
@@ -350,7 +389,7 @@ async fn decide(obj: &TunnelSet, ctx: &TsCtx) -> Result<Result<Outcome, Refused>
     if held.as_ref() != Some(&cred) {
         ctx.registry.put_credential(&cred).await?;
         tracing::info!(tunnelset = %ObjectRef::from_obj(obj), client_id = %client_id, set = %set, "credential written");
-        wake_mappings(ctx, client_id);
+        wake_mappings(ctx, obj, client_id);
     }
     Ok(Ok(Outcome::Accepted {
         client_id: client_id.clone(),
@@ -454,6 +493,7 @@ async fn cleanup(obj: &TunnelSet, ctx: &TsCtx) -> Result<Action, Error> {
     {
         release(ctx, obj, old).await?;
     }
+    wake_changed_groups(ctx, obj, None);
     // A TunnelSet waiting for this client id takes it over now.
     for other in ctx.cache.state() {
         if other.spec.client_id == *client_id && other.uid() != obj.uid() {

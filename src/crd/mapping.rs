@@ -194,15 +194,21 @@ pub struct AddressTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.clientId) != has(self.group)").message("exactly one of clientId or group must be set"))]
+#[x_kube(validation = Rule::new("!has(self.balance) || has(self.group)").message("balance applies to a group only"))]
 pub struct TunnelTarget {
     /// Tunnel client (its TunnelSet's `clientId`) that carries the traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-zA-Z0-9]([-_.a-zA-Z0-9]{0,126}[a-zA-Z0-9])?$"))]
     pub client_id: Option<String>,
-    /// A load-balancing group served by several clients.
+    /// A load-balancing group: the clients whose TunnelSet in this namespace lists it in
+    /// `spec.groups`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
     pub group: Option<String>,
+    /// How a group spreads requests: `roundRobin` (default) or `leastConnections` (fewest
+    /// requests in flight through this proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<crate::domain::Balance>,
     /// Host as seen from the agent, e.g. `localhost`.
     #[schemars(length(min = 1, max = 253))]
     pub host: String,

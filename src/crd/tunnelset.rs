@@ -52,9 +52,10 @@ pub struct TunnelSetSpec {
     pub auth: TunnelAuth,
     /// Proxy set serving this client (the business's DR set takes over when it is down).
     pub placement: Placement,
-    /// Load-balancing groups this client serves.
+    /// Load-balancing groups this client serves for HTTP mappings in this namespace
+    /// (`HTTPDomainMapping.spec.target.tunnel.group`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")), extend("x-kubernetes-list-type" = "set"))]
     pub groups: Vec<String>,
     /// Services published through the tunnel; names are unique (a list-map keyed by name, which
     /// the API server enforces).

@@ -65,6 +65,22 @@ impl<'de> Deserialize<'de> for MappingId {
     }
 }
 
+/// A client id: what agents present and what `tunnox:client:{id}:session` is keyed by.
+pub fn check_client_id(id: &str) -> Result<(), String> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} must be 1-128 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Hostname, HostnameError, MappingId, SetName};
+use super::{Balance, Hostname, HostnameError, MappingId, SetName, check_client_id};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -36,6 +36,9 @@ pub struct MappingSpec {
     /// Tunnel client that carries the traffic; `None` for a directly reachable target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_client_id: Option<String>,
+    /// A load-balancing group of tunnel clients that carries the traffic instead of one client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_group: Option<TargetGroup>,
     pub target_host: String,
     pub target_port: u16,
     #[serde(default)]
@@ -58,6 +61,43 @@ pub struct MappingSpec {
     pub enable_https: bool,
 }
 
+/// The most members a group target lists: the proxy tries them in turn for one request.
+pub const MAX_GROUP_MEMBERS: usize = 64;
+
+/// A load-balancing group of tunnel clients, resolved to its members when the record is written
+/// (the writer rewrites the record when membership changes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetGroup {
+    /// The group's name as declared, e.g. `team-a/web` (namespaced) or `web` (single-node).
+    pub name: String,
+    /// Client ids of the members, sorted, without duplicates.
+    pub clients: Vec<String>,
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+impl TargetGroup {
+    fn validate(&self) -> Result<(), String> {
+        if self.clients.is_empty() {
+            return Err("has no members".into());
+        }
+        if self.clients.len() > MAX_GROUP_MEMBERS {
+            return Err(format!(
+                "has {} members; at most {MAX_GROUP_MEMBERS}",
+                self.clients.len()
+            ));
+        }
+        for c in &self.clients {
+            check_client_id(c).map_err(|e| format!("member {e}"))?;
+        }
+        if !self.clients.windows(2).all(|w| w[0] < w[1]) {
+            return Err("members must be sorted and distinct".into());
+        }
+        Ok(())
+    }
+}
+
 /// Why a spec cannot become a mapping. Names the field and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -70,6 +110,10 @@ pub enum SpecError {
     TargetHost { value: String },
     #[error("target_port must be 1-65535, got 0")]
     TargetPort,
+    #[error("target_client_id and target_group cannot both be set")]
+    ClientAndGroup,
+    #[error("target_group {name:?}: {problem}")]
+    TargetGroup { name: String, problem: String },
     #[error("custom_headers: {name:?} is not a valid header name")]
     HeaderName { name: String },
     #[error("custom_headers: value of {name:?} contains a control character")]
@@ -102,6 +146,7 @@ impl MappingSpec {
             subdomain: subdomain.to_string(),
             base_domain: Hostname::parse(base_domain).expect("valid base domain"),
             target_client_id: None,
+            target_group: None,
             target_host: host.to_string(),
             target_port: port,
             target_scheme: Scheme::Http,
@@ -133,6 +178,15 @@ impl MappingSpec {
         if self.target_port == 0 {
             return Err(SpecError::TargetPort);
         }
+        if let Some(g) = &self.target_group {
+            if self.target_client_id.is_some() {
+                return Err(SpecError::ClientAndGroup);
+            }
+            g.validate().map_err(|problem| SpecError::TargetGroup {
+                name: g.name.clone(),
+                problem,
+            })?;
+        }
         for (name, value) in &self.custom_headers {
             let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
             if name.is_empty() || !name.bytes().all(token) {
@@ -159,6 +213,8 @@ pub struct Mapping {
     pub full_domain: Hostname,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_group: Option<TargetGroup>,
     pub target_host: String,
     pub target_port: u16,
     #[serde(default)]
@@ -211,6 +267,7 @@ impl Mapping {
             base_domain: spec.base_domain,
             full_domain,
             target_client_id: spec.target_client_id,
+            target_group: spec.target_group,
             target_host: spec.target_host,
             target_port: spec.target_port,
             target_scheme: spec.target_scheme,
@@ -258,6 +315,7 @@ impl Mapping {
             subdomain: self.subdomain.clone(),
             base_domain: self.base_domain.clone(),
             target_client_id: self.target_client_id.clone(),
+            target_group: self.target_group.clone(),
             target_host: self.target_host.clone(),
             target_port: self.target_port,
             target_scheme: self.target_scheme,
@@ -321,6 +379,51 @@ mod tests {
                     ..MappingSpec::new("a", "tunnox.net", "::1", 1)
                 },
                 "custom_headers: \"Transfer-Encoding\" cannot be set",
+            ),
+            (
+                MappingSpec {
+                    target_client_id: Some("a".into()),
+                    target_group: Some(TargetGroup {
+                        name: "ns/g".into(),
+                        clients: vec!["a".into()],
+                        balance: Balance::RoundRobin,
+                    }),
+                    ..MappingSpec::new("a", "tunnox.net", "::1", 1)
+                },
+                "target_client_id and target_group cannot both be set",
+            ),
+            (
+                MappingSpec {
+                    target_group: Some(TargetGroup {
+                        name: "ns/g".into(),
+                        clients: vec![],
+                        balance: Balance::RoundRobin,
+                    }),
+                    ..MappingSpec::new("a", "tunnox.net", "::1", 1)
+                },
+                "target_group \"ns/g\": has no members",
+            ),
+            (
+                MappingSpec {
+                    target_group: Some(TargetGroup {
+                        name: "ns/g".into(),
+                        clients: vec!["b".into(), "a".into()],
+                        balance: Balance::RoundRobin,
+                    }),
+                    ..MappingSpec::new("a", "tunnox.net", "::1", 1)
+                },
+                "members must be sorted and distinct",
+            ),
+            (
+                MappingSpec {
+                    target_group: Some(TargetGroup {
+                        name: "ns/g".into(),
+                        clients: vec!["a b".into()],
+                        balance: Balance::RoundRobin,
+                    }),
+                    ..MappingSpec::new("a", "tunnox.net", "::1", 1)
+                },
+                "target_group \"ns/g\": member \"a b\"",
             ),
             (
                 MappingSpec {

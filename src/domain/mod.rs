@@ -12,6 +12,9 @@ pub use balance::Balance;
 pub use egress::{Declarer, EgressPolicy, Refusal};
 pub use health::{CheckKind, HealthCheck};
 pub use hostname::{Hostname, HostnameError, MAX_HOSTNAME_LEN, MAX_LABEL_LEN};
-pub use ids::{MappingId, MappingIdError};
-pub use mapping::{Mapping, MappingSpec, MappingStatus, RESERVED_HEADERS, Scheme, SpecError};
+pub use ids::{MappingId, MappingIdError, check_client_id};
+pub use mapping::{
+    MAX_GROUP_MEMBERS, Mapping, MappingSpec, MappingStatus, RESERVED_HEADERS, Scheme, SpecError,
+    TargetGroup,
+};
 pub use set::{DR_REGION, SetName, SetNameError, serving_set};

@@ -34,6 +34,8 @@ pub enum ProxyError {
     Inactive(String),
     #[error("tunnel client {0} has no session on any proxy")]
     TunnelNotConnected(String),
+    #[error("no member of tunnel group {0} has a session on any proxy")]
+    TunnelGroupOffline(String),
     #[error("tunnel client {client} answered with its own error {label}")]
     TunnelAgent { client: String, label: &'static str },
     #[error("tunnel client {client}: {reason}")]
@@ -80,6 +82,7 @@ impl ProxyError {
             | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::NodeAuth => StatusCode::FORBIDDEN,
             Self::TunnelNotConnected(_)
+            | Self::TunnelGroupOffline(_)
             | Self::TunnelAgent { .. }
             | Self::TunnelStream { .. }
             | Self::PeerForward { .. }
@@ -102,6 +105,7 @@ impl ProxyError {
             Self::OtherSet { .. } => "other_set",
             Self::Inactive(_) => "inactive",
             Self::TunnelNotConnected(_) => "tunnel_not_connected",
+            Self::TunnelGroupOffline(_) => "tunnel_group_offline",
             Self::TunnelAgent { .. } => "tunnel_agent",
             Self::TunnelStream { .. } => "tunnel_stream",
             Self::PeerForward { .. } => "peer_forward",
@@ -129,6 +133,7 @@ impl ProxyError {
             Self::OtherSet { .. } => "this host is served by another proxy set",
             Self::Inactive(_) => "the mapping for this host is not active",
             Self::TunnelNotConnected(_) => "the tunnel client is offline (no agent connected)",
+            Self::TunnelGroupOffline(_) => "every tunnel client of the group is offline",
             Self::TunnelAgent { .. } => "the tunnel client could not serve the request",
             Self::TunnelStream { .. } => "the tunnel to the client failed",
             Self::PeerForward { .. } => "the proxy holding the tunnel could not be reached",
@@ -295,6 +300,7 @@ mod tests {
             ),
             (ProxyError::Inactive("a.b".into()), 503),
             (ProxyError::TunnelNotConnected("c".into()), 502),
+            (ProxyError::TunnelGroupOffline("ns/g".into()), 502),
             (
                 ProxyError::TunnelAgent {
                     client: "c".into(),

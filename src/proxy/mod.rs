@@ -235,7 +235,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         sessions.put_credential(cred).await?;
     }
     if !settings.uses_redis && !settings.config.mappings.is_empty() {
-        let changed = seed::apply(store.as_ref(), &settings.config.mappings).await?;
+        let changed = seed::apply(
+            store.as_ref(),
+            &settings.config.mappings,
+            &settings.config.tunnel_clients,
+        )
+        .await?;
         tracing::info!(
             declared = settings.config.mappings.len(),
             changed,

@@ -18,7 +18,7 @@ use super::forward::Forwarder;
 use super::h1::FastPath;
 use super::metrics::ProxyMetrics;
 use super::registry::HealthySets;
-use super::route::{Route, Target};
+use super::route::{GroupRoute, Route, Target};
 use super::stats::AccessLog;
 use crate::domain::{Declarer, EgressPolicy, Hostname, SetName};
 
@@ -59,9 +59,17 @@ pub struct Admitted {
     pub who: Declarer,
     /// The hop count the upstream receives.
     pub hops: u32,
-    /// `Some(client_id)`: the target is reached through that client's tunnel session
-    /// (`authority` is then the agent-side target).
-    pub tunnel: Option<String>,
+    /// `Some`: the target is reached through a tunnel session (`authority` is then the
+    /// agent-side target).
+    pub tunnel: Option<Via>,
+}
+
+/// Which tunnel client carries a request.
+#[derive(Debug, Clone)]
+pub enum Via {
+    Client(String),
+    /// A member of the group, chosen when the request is sent.
+    Group(Arc<GroupRoute>),
 }
 
 /// The hop count a request arrived with: the largest of its `tunnox-hops` values (none: 0).
@@ -102,7 +110,16 @@ impl Ctx {
             Target::Tunnel {
                 client_id,
                 authority,
-            } => (Scheme::HTTP, authority.clone(), Some(client_id.clone())),
+            } => (
+                Scheme::HTTP,
+                authority.clone(),
+                Some(Via::Client(client_id.clone())),
+            ),
+            Target::TunnelGroup { group, authority } => (
+                Scheme::HTTP,
+                authority.clone(),
+                Some(Via::Group(group.clone())),
+            ),
             Target::Invalid { reason } => {
                 return Err(ProxyError::Upstream {
                     upstream: host.as_str().to_string(),
@@ -155,6 +172,7 @@ impl Ctx {
             }
             ProxyError::LoopDetected { .. }
             | ProxyError::TunnelNotConnected(_)
+            | ProxyError::TunnelGroupOffline(_)
             | ProxyError::TunnelAgent { .. }
             | ProxyError::TunnelStream { .. }
             | ProxyError::PeerForward { .. }

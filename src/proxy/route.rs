@@ -2,15 +2,16 @@
 //! whether this proxy serves it (ARCHITECTURE §7), and whether the egress policy lets its
 //! declared target through (decided once per route).
 
-use std::sync::OnceLock;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock};
 
 use http::uri::{Authority, Scheme as UriScheme};
 use http::{HeaderName, HeaderValue};
 
 use super::ProxyError;
 use crate::domain::{
-    Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, RESERVED_HEADERS, Refusal,
-    Scheme, SetName, serving_set,
+    Balance, Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, RESERVED_HEADERS,
+    Refusal, Scheme, SetName, TargetGroup, serving_set,
 };
 
 /// The `source` of mappings declared in a single-node configuration file.
@@ -30,9 +31,44 @@ pub enum Target {
         client_id: String,
         authority: Authority,
     },
+    /// A service behind each member of a load-balancing group of tunnel clients.
+    TunnelGroup {
+        group: Arc<GroupRoute>,
+        authority: Authority,
+    },
     /// A record that cannot be routed (should have been refused at write time).
     Invalid { reason: String },
 }
+
+/// A group target's members and how requests are spread over them; the turn counter lives as
+/// long as the route (a new version of the mapping starts it again).
+#[derive(Debug)]
+pub struct GroupRoute {
+    pub name: String,
+    pub clients: Vec<String>,
+    pub balance: Balance,
+    pub turn: AtomicUsize,
+}
+
+impl GroupRoute {
+    pub fn new(g: &TargetGroup) -> Self {
+        Self {
+            name: g.name.clone(),
+            clients: g.clients.clone(),
+            balance: g.balance,
+            turn: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Equal when they route alike: the turn counter is state, not identity.
+impl PartialEq for GroupRoute {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.clients, self.balance) == (&other.name, &other.clients, other.balance)
+    }
+}
+
+impl Eq for GroupRoute {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -56,15 +92,26 @@ pub struct Route {
 
 impl Route {
     pub fn from_mapping(m: &Mapping) -> Self {
-        let target = match &m.target_client_id {
-            Some(client) => match direct_target(m) {
-                Target::Direct { authority, .. } => Target::Tunnel {
-                    client_id: client.clone(),
-                    authority,
-                },
-                invalid => invalid,
+        let target = match (&m.target_client_id, &m.target_group, direct_target(m)) {
+            (_, _, invalid @ Target::Invalid { .. }) => invalid,
+            (Some(_), Some(_), _) => Target::Invalid {
+                reason: "the record names both a tunnel client and a group".into(),
             },
-            None => direct_target(m),
+            (Some(client), None, Target::Direct { authority, .. }) => Target::Tunnel {
+                client_id: client.clone(),
+                authority,
+            },
+            (None, Some(g), Target::Direct { authority, .. }) if !g.clients.is_empty() => {
+                Target::TunnelGroup {
+                    group: Arc::new(GroupRoute::new(g)),
+                    authority,
+                }
+            }
+            (None, Some(g), _) => Target::Invalid {
+                reason: format!("tunnel group {} has no members", g.name),
+            },
+            (None, None, direct) => direct,
+            (_, _, other) => other,
         };
         let headers = m
             .custom_headers
@@ -107,7 +154,9 @@ impl Route {
                     self.namespace.as_deref(),
                     who,
                 ),
-                Target::Tunnel { .. } | Target::Invalid { .. } => Ok(()),
+                Target::Tunnel { .. } | Target::TunnelGroup { .. } | Target::Invalid { .. } => {
+                    Ok(())
+                }
             })
             .as_ref()
             .map(|_| ())
@@ -230,6 +279,33 @@ mod tests {
                 authority: Authority::from_static("127.0.0.1:80"),
             }
         );
+        let mut group = MappingSpec::new("a", "tunnox.net", "localhost", 3000);
+        group.target_group = Some(TargetGroup {
+            name: "team/web".into(),
+            clients: vec!["a".into(), "b".into()],
+            balance: Balance::LeastConnections,
+        });
+        let mut m = mapping(group);
+        match &Route::from_mapping(&m).target {
+            Target::TunnelGroup { group, authority } => {
+                assert_eq!(group.clients, ["a", "b"]);
+                assert_eq!(group.balance, Balance::LeastConnections);
+                assert_eq!(authority.as_str(), "localhost:3000");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Records the store refuses to write are still not routed somewhere.
+        m.target_client_id = Some("a".into());
+        assert!(matches!(
+            Route::from_mapping(&m).target,
+            Target::Invalid { .. }
+        ));
+        m.target_client_id = None;
+        m.target_group.as_mut().unwrap().clients.clear();
+        assert!(matches!(
+            Route::from_mapping(&m).target,
+            Target::Invalid { .. }
+        ));
     }
 
     #[test]

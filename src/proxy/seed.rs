@@ -1,8 +1,8 @@
 //! Single-node mode: the `mappings:` list of the configuration file is the declaration; the
 //! memory store (and its JSON file) is brought in line with it at start.
 
-use crate::config::MappingEntry;
-use crate::domain::{Mapping, MappingSpec};
+use crate::config::{MappingEntry, TunnelClientEntry, group_members};
+use crate::domain::{Mapping, MappingSpec, TargetGroup};
 use crate::store::{MappingStore, StoreError};
 
 /// `source` of mappings declared in the file: only these are updated or removed here.
@@ -15,8 +15,14 @@ pub enum Action {
     Delete(Box<Mapping>),
 }
 
-pub fn spec_of(e: &MappingEntry) -> MappingSpec {
+/// The record a file entry declares; a group target lists the `clients` serving the group.
+pub fn spec_of(e: &MappingEntry, clients: &[TunnelClientEntry]) -> MappingSpec {
     MappingSpec {
+        target_group: e.target_group.as_ref().map(|g| TargetGroup {
+            name: g.clone(),
+            clients: group_members(clients, g),
+            balance: e.balance.unwrap_or_default(),
+        }),
         target_scheme: e.target_scheme,
         description: e.description.clone(),
         custom_headers: e.custom_headers.clone(),
@@ -68,8 +74,9 @@ pub fn plan(declared: &[MappingSpec], existing: &[Mapping]) -> (Vec<Action>, Vec
 pub async fn apply(
     store: &dyn MappingStore,
     entries: &[MappingEntry],
+    clients: &[TunnelClientEntry],
 ) -> Result<usize, StoreError> {
-    let declared: Vec<MappingSpec> = entries.iter().map(spec_of).collect();
+    let declared: Vec<MappingSpec> = entries.iter().map(|e| spec_of(e, clients)).collect();
     let existing = store.list_all().await?;
     let (actions, refused) = plan(&declared, &existing);
     for r in refused {

@@ -22,7 +22,7 @@ use super::error::{RequestId, X_REQUEST_ID};
 use super::forward::ClientInfo;
 use super::h1::{Exit, Rewind};
 use super::metrics::ProxyMetrics;
-use super::policy::{self, Ctx, HOPS};
+use super::policy::{self, Ctx, HOPS, Via};
 use super::stats::{Metered, Side};
 use super::{ProxyBody, ProxyError};
 use crate::domain::Hostname;
@@ -346,16 +346,53 @@ async fn route(
         hops: admitted.hops,
     };
     let req = Request::from_parts(parts, body);
-    let resp = if admitted.tunnel.is_some() {
-        ctx.tunnels
-            .forward(req, &admitted, info, from_peer, &ctx.metrics)
-            .await?
-    } else {
-        ctx.forwarder
-            .forward(req, &admitted, info, &ctx.metrics.upstream_seconds)
-            .await?
+    let (resp, member) = match &admitted.tunnel {
+        None => (
+            ctx.forwarder
+                .forward(req, &admitted, info, &ctx.metrics.upstream_seconds)
+                .await?,
+            None,
+        ),
+        Some(Via::Client(client_id)) => (
+            ctx.tunnels
+                .forward(
+                    req,
+                    &admitted,
+                    client_id.clone(),
+                    info,
+                    from_peer,
+                    &ctx.metrics,
+                )
+                .await?,
+            None,
+        ),
+        Some(Via::Group(group)) => {
+            let named = req
+                .headers()
+                .get(super::tunnel::peer_stream::CLIENT_HEADER)
+                .filter(|_| from_peer)
+                .and_then(|v| v.to_str().ok());
+            let member = ctx.tunnels.member(group, named, from_peer).await?;
+            let resp = ctx
+                .tunnels
+                .forward(
+                    req,
+                    &admitted,
+                    member.client_id.clone(),
+                    info,
+                    from_peer,
+                    &ctx.metrics,
+                )
+                .await?;
+            (resp, Some(member.carrying))
+        }
     };
-    Ok(meter_response(ctx, resp, &route))
+    let resp = meter_response(ctx, resp, &route);
+    // A group member counts the request as in flight until its answer has been read.
+    Ok(match member {
+        Some(carrying) => resp.map(|b| super::tunnel::Holding::new(b, carrying).boxed()),
+        None => resp,
+    })
 }
 
 fn meter_response(

@@ -1,4 +1,5 @@
-//! A body counted into a byte counter as it streams, holding its stream's slot until it ends.
+//! A body counted into a byte counter as it streams, holding its stream's slot until it ends;
+//! a body that holds any guard until it ends.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -41,6 +42,41 @@ impl Body for Counted {
             self.bytes.inc_by(d.len() as u64);
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body that keeps `guard` alive until the body is dropped (read to its end or abandoned).
+pub struct Holding<G> {
+    inner: ProxyBody,
+    _guard: G,
+}
+
+impl<G> Holding<G> {
+    pub fn new(inner: ProxyBody, guard: G) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> Body for Holding<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -21,6 +21,8 @@ pub struct TunnelMetrics {
     pub remote_bytes: IntCounterVec,
     /// Bytes carried through remote ports with a bandwidth limit (`max_bytes_per_second`).
     pub remote_shaped_bytes: IntCounter,
+    /// HTTP group targets: `chosen` per request, `offline_skipped` per member passed over.
+    pub group_members: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -32,6 +34,17 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
 impl TunnelMetrics {
     pub fn new(r: &Registry) -> Self {
         Self {
+            group_members: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_tunnel_group_members_total",
+                        "Members of HTTP group targets: chosen for a request, or skipped as offline",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
             sessions: reg(
                 r,
                 IntGauge::new(

@@ -5,9 +5,10 @@
 
 mod body;
 mod choose;
+pub mod group;
 mod listener;
 mod metrics;
-mod peer_stream;
+pub(crate) mod peer_stream;
 mod push;
 mod remote;
 mod send;
@@ -24,6 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+pub use body::Holding;
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
 pub use remote::{Backend, RemotePorts, RemoteTunnel, follow_ports};
@@ -98,6 +100,9 @@ pub struct Tunnels {
     live_sessions: std::sync::atomic::AtomicUsize,
     /// Cluster: where what remote ports carried is added up (the set's traffic in the store).
     traffic: std::sync::OnceLock<(Arc<dyn crate::store::PortRegistry>, SetName)>,
+    /// Requests in flight through this node per member of HTTP group targets (least
+    /// connections).
+    group_load: Arc<spread::Spread<String>>,
 }
 
 /// Counts one running session task until dropped.
@@ -162,6 +167,7 @@ impl Tunnels {
             configs: std::sync::RwLock::default(),
             live_sessions: std::sync::atomic::AtomicUsize::new(0),
             traffic: std::sync::OnceLock::new(),
+            group_load: Arc::default(),
         }
     }
 

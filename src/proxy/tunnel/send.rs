@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use super::Tunnels;
 use super::body::Counted;
 use super::choose::{self, LocalView, Pick};
+use super::peer_stream::CLIENT_HEADER;
 use super::session::{Session, StreamError, chain};
 use super::{NODE_HEADER, NOT_HELD_HEADER, TunnelMetrics};
 use crate::proxy::forward::{
@@ -36,17 +37,17 @@ pub(super) fn agent_label(v: &HeaderValue) -> &'static str {
 }
 
 impl Tunnels {
-    /// Sends `req` for the tunnel target `to` (`to.tunnel` is the client id). `from_peer`: it
+    /// Sends `req` for the tunnel target `to` through `client_id`'s sessions. `from_peer`: it
     /// came from another node of the fleet, served from local sessions only.
     pub async fn forward(
         &self,
         mut req: Request<ProxyBody>,
         to: &Admitted,
+        client_id: String,
         client: ClientInfo<'_>,
         from_peer: bool,
         proxy_metrics: &Arc<ProxyMetrics>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let client_id = to.tunnel.clone().unwrap_or_default();
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -430,6 +431,10 @@ impl Tunnels {
         let value = HeaderValue::from_str(token.expose())
             .map_err(|_| (fail("node token is not a header value".into()), false))?;
         req.headers_mut().insert(NODE_HEADER, value);
+        // The member a group target chose here is the one the peer serves.
+        let client_value = HeaderValue::from_str(client_id)
+            .map_err(|_| (fail("client id is not a header value".into()), false))?;
+        req.headers_mut().insert(CLIENT_HEADER, client_value);
         let sent =
             tokio::time::timeout(self.settings.response_timeout, self.peers.request(req)).await;
         let mut resp = match sent {

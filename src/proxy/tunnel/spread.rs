@@ -4,13 +4,14 @@
 //! has been sent to any member before one accepts, so trying the next is always safe.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::Tunnels;
 use super::remote::{CarryError, RemoteTunnel};
 use super::session::StreamSlot;
-use crate::domain::balance;
+use crate::domain::{Balance, balance};
 
 /// One agent-side service a remote port reaches: a tunnel of one client.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -23,20 +24,29 @@ pub struct Backend {
 }
 
 /// One listener's balancing state, kept across retargets: the turn counter and the
-/// connections (or flows) each backend carries now through this proxy.
-#[derive(Default)]
-pub struct Spread {
+/// connections (or flows) each backend carries now through this proxy. Keyed by [`Backend`]
+/// for remote ports, by client id for HTTP group targets.
+pub struct Spread<K: Eq + Hash = Backend> {
     turn: AtomicUsize,
-    open: Mutex<HashMap<Backend, usize>>,
+    open: Mutex<HashMap<K, usize>>,
+}
+
+impl<K: Eq + Hash> Default for Spread<K> {
+    fn default() -> Self {
+        Self {
+            turn: AtomicUsize::new(0),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// Counts one connection on a backend until dropped.
-pub struct Carrying {
-    spread: Arc<Spread>,
-    backend: Backend,
+pub struct Carrying<K: Eq + Hash = Backend> {
+    spread: Arc<Spread<K>>,
+    backend: K,
 }
 
-impl Drop for Carrying {
+impl<K: Eq + Hash> Drop for Carrying<K> {
     fn drop(&mut self) {
         let mut open = self.spread.open.lock().expect("not poisoned");
         if let Some(n) = open.get_mut(&self.backend) {
@@ -55,28 +65,35 @@ pub struct Opened {
     pub carrying: Carrying,
 }
 
-impl Spread {
-    fn order(&self, t: &RemoteTunnel) -> Vec<usize> {
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let open = self.open.lock().expect("not poisoned");
-        let counts: Vec<usize> = t
-            .backends
+impl<K: Eq + Hash + Clone> Spread<K> {
+    /// The order in which one connection tries `keys`: `turn` moves once per connection.
+    pub fn order_of(&self, balance: Balance, turn: &AtomicUsize, keys: &[K]) -> Vec<usize> {
+        let turn = turn.fetch_add(1, Ordering::Relaxed);
+        let open = self.spread_open();
+        let counts: Vec<usize> = keys
             .iter()
-            .map(|b| open.get(b).copied().unwrap_or(0))
+            .map(|k| open.get(k).copied().unwrap_or(0))
             .collect();
-        balance::order(t.balance, turn, &counts)
+        balance::order(balance, turn, &counts)
     }
 
-    fn enter(self: &Arc<Self>, b: &Backend) -> Carrying {
-        *self.spread_open().entry(b.clone()).or_insert(0) += 1;
+    /// Counts one connection on `k` until the guard drops.
+    pub fn enter(self: &Arc<Self>, k: &K) -> Carrying<K> {
+        *self.spread_open().entry(k.clone()).or_insert(0) += 1;
         Carrying {
             spread: self.clone(),
-            backend: b.clone(),
+            backend: k.clone(),
         }
     }
 
-    fn spread_open(&self) -> std::sync::MutexGuard<'_, HashMap<Backend, usize>> {
+    fn spread_open(&self) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
         self.open.lock().expect("not poisoned")
+    }
+}
+
+impl Spread {
+    fn order(&self, t: &RemoteTunnel) -> Vec<usize> {
+        self.order_of(t.balance, &self.turn, &t.backends)
     }
 
     /// Opens a stream (TCP bytes, or with `udp` framed datagrams) to the first backend of `t`
