@@ -2808,6 +2808,31 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
     );
     let message = ts_field(s, other_ns, "web-x", "{.status.tunnels[0].message}");
     assert!(message.contains("group:e2e-group/web"), "{message}");
+    // A mapping naming another namespace's client never uses its agent.
+    ok(
+        s.cp.apply(&format!(
+            "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {{name: stranger, namespace: {ns}}}\n\
+             spec: {{subdomain: stranger, baseDomain: tunnox.net, \
+             target: {{tunnel: {{clientId: group-e2e-x, host: 127.0.0.1, port: 80}}}}}}\n"
+        )),
+        "apply cross-namespace mapping",
+    );
+    eventually(
+        "Pending TunnelSetInOtherNamespace",
+        Duration::from_secs(20),
+        || {
+            s.field(
+                ns,
+                "stranger",
+                "{.status.conditions[?(@.type==\"Ready\")].reason}",
+            ) == "TunnelSetInOtherNamespace"
+        },
+    );
+    assert_eq!(s.phase(ns, "stranger"), "Pending");
+    ok(
+        s.cp.kubectl(&["delete", "hdm", "stranger", "-n", ns, "--timeout=30s"]),
+        "delete cross-namespace mapping",
+    );
 
     let dir = s.dir.path().join("group");
     let (ca, cert, key) = tunnel_certs(&dir);

@@ -1047,13 +1047,15 @@ fn a_group_port_on_any_proxy_alternates_between_agents_on_different_nodes() {
 }
 
 /// An HTTP mapping to a group (`target_group`, as the controller writes it for
-/// `spec.target.tunnel.group`) whose members' agents are both on node 1: requests through
-/// node 0 alternate between them, each forwarded to node 1 naming the member node 0 chose;
-/// requests through node 1 alternate too. Each agent counts what it forwarded.
+/// `spec.target.tunnel.group`) with one member's agent on each node: requests through either
+/// node alternate between the members, the remote one's forwarded to its node naming the
+/// member chosen. Each agent counts what it forwarded. Then the node holding one member dies
+/// (SIGKILL: its session records outlive it until they expire): every request through the other
+/// node still succeeds, the dead member's share going to the live one.
 #[test]
 fn an_http_group_mapping_reaches_members_on_another_node() {
     use tunnox::domain::{Balance, TargetGroup};
-    let f = Fleet::start(2);
+    let mut f = Fleet::start(2);
     let desk_token = secret_file(f.dir.path(), "desk-token", "desk-secret-0123456789");
     f.rt.block_on(f.store.put_credential(&ClientCredential {
         client_id: "desk".into(),
@@ -1080,7 +1082,7 @@ fn an_http_group_mapping_reaches_members_on_another_node() {
             client_id: "desk",
             token_file: &desk_token,
             ca: &f.pki.ca,
-            servers: &[f.nodes[1].tunnel],
+            servers: &[f.nodes[0].tunnel],
             allow: &[format!("127.0.0.1:{}", f.up.port)],
             extra: &["--admin-listen", &desk_admin],
         },
@@ -1092,12 +1094,12 @@ fn an_http_group_mapping_reaches_members_on_another_node() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     };
-    let status = |i: usize| support::http::status(f.nodes[i].http, "grp.tunnox.net");
+    let status = |f: &Fleet, i: usize| support::http::status(f.nodes[i].http, "grp.tunnox.net");
     eventually("both members online", Duration::from_secs(15), || {
         let desk = f.rt.block_on(f.store.sessions("desk")).unwrap_or_default();
-        !f.sessions().is_empty() && !desk.is_empty() && status(0) == 200
+        !f.sessions().is_empty() && !desk.is_empty() && status(&f, 0) == 200
     });
-    let to_peer = || -> u64 {
+    let to_peer = |f: &Fleet| -> u64 {
         support::http::get(f.nodes[0].admin, "localhost", "/metrics")
             .map(|r| r.body)
             .unwrap_or_default()
@@ -1106,20 +1108,35 @@ fn an_http_group_mapping_reaches_members_on_another_node() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     };
-    let peer_before = to_peer();
     for via in [0, 1] {
+        let peer_before = to_peer(&f);
         let before = admins.map(forwarded);
         for _ in 0..10 {
-            assert_eq!(status(via), 200, "through node {via}\n{}", trouble(&f));
+            assert_eq!(status(&f, via), 200, "through node {via}\n{}", trouble(&f));
         }
         let after = admins.map(forwarded);
         let split = (after[0] - before[0], after[1] - before[1]);
         println!("through node {via}: laptop {} desk {}", split.0, split.1);
         assert_eq!(split, (5, 5), "round robin through node {via}");
+        if via == 0 {
+            assert_eq!(
+                to_peer(&f) - peer_before,
+                5,
+                "node 0 forwarded laptop's share to node 1"
+            );
+        }
     }
-    assert_eq!(
-        to_peer() - peer_before,
-        10,
-        "node 0 forwarded each of its requests to node 1"
+
+    // Node 1 dies with laptop's session: its record stays until it expires, yet no request
+    // through node 0 fails (laptop's turn goes to desk once laptop cannot take it).
+    f.nodes[1].proc.as_mut().unwrap().role.kill();
+    let before = forwarded(admins[1]);
+    let statuses: Vec<u16> = (0..10).map(|_| status(&f, 0)).collect();
+    println!("node 1 killed: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every request served by the live member: {statuses:?}\n{}",
+        trouble(&f)
     );
+    assert_eq!(forwarded(admins[1]) - before, 10);
 }

@@ -359,6 +359,10 @@ fn tunnel_verdict(
             )
         })
     };
+    let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
+    // A tunnel reaches into its agent's network: only mappings of the TunnelSet's own namespace
+    // may send traffic through it.
+    let own_namespace = |m: &&TunnelClient| m.holder.split('/').next() == Some(ns);
     let (client_id, group, placement, target, note) = match (&t.client_id, &t.group) {
         (Some(client_id), None) => {
             if t.balance.is_some() {
@@ -372,6 +376,15 @@ fn tunnel_verdict(
                     ),
                 });
             };
+            if !own_namespace(&client) {
+                return Verdict::Hold(Hold::Pending {
+                    reason: "TunnelSetInOtherNamespace",
+                    message: format!(
+                        "clientId {client_id} is held by TunnelSet {}; a mapping reaches only the tunnel clients of its own namespace {ns}",
+                        client.holder
+                    ),
+                });
+            }
             let set = set_label(client.placement.as_ref());
             (
                 Some(client_id.clone()),
@@ -385,7 +398,7 @@ fn tunnel_verdict(
             )
         }
         (None, Some(g)) => {
-            let ns = hdm.metadata.namespace.as_deref().unwrap_or("default");
+            let members: Vec<&TunnelClient> = members.iter().filter(own_namespace).collect();
             if members.is_empty() {
                 return Verdict::Hold(Hold::Pending {
                     reason: "TunnelGroupEmpty",

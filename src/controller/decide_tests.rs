@@ -401,7 +401,11 @@ fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
     let client = TunnelClient {
         client_id: "laptop".into(),
         placement: Some(SetName::new("novel", "sh").unwrap()),
+        holder: "a/laptop".into(),
+    };
+    let elsewhere = TunnelClient {
         holder: "team/laptop".into(),
+        ..client.clone()
     };
     let placed = |mut h: HTTPDomainMapping| {
         h.spec.placement = Some(crate::crd::Placement {
@@ -448,7 +452,7 @@ fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
             Some(&client),
             "program",
             "tunnel:laptop/localhost:3000",
-            "spec.placement other.bj is ignored for a tunnel target: TunnelSet team/laptop places client laptop in novel.sh",
+            "spec.placement other.bj is ignored for a tunnel target: TunnelSet a/laptop places client laptop in novel.sh",
         ),
         (
             t(tunnel(Some("laptop"), None, "localhost", 3000)),
@@ -456,6 +460,14 @@ fn tunnel_targets_wait_for_their_tunnelset_and_take_its_placement() {
             "pending",
             "TunnelSetNotFound",
             "no accepted TunnelSet has clientId laptop",
+        ),
+        // Another namespace's agent is not this mapping's to use.
+        (
+            t(tunnel(Some("laptop"), None, "localhost", 3000)),
+            Some(&elsewhere),
+            "pending",
+            "TunnelSetInOtherNamespace",
+            "held by TunnelSet team/laptop; a mapping reaches only the tunnel clients of its own namespace a",
         ),
         (
             t(tunnel(Some("laptop"), None, "bad host", 3000)),

@@ -139,11 +139,17 @@ fn is_legacy(m: &Mapping) -> bool {
     m.source.as_deref().is_some_and(decide::is_legacy_source)
 }
 
+/// The most TunnelSets listing one group whose credentials one reconcile reads: more than a
+/// group may have, few enough that a tenant listing a group everywhere cannot make each
+/// reconcile of its mapping cost thousands of store reads.
+const MAX_GROUP_CANDIDATES: usize = 4 * crate::domain::MAX_GROUP_MEMBERS;
+
 /// The accepted TunnelSets a tunnel target reaches: the named client's, or the members of a
 /// group (the TunnelSets of the mapping's namespace listing it in `spec.groups`). Accepted means
-/// the client's credential is in the store, written by that TunnelSet of this cluster (the
+/// the client's credential is in the store, written by that very TunnelSet of this cluster (the
 /// credential, not the TunnelSet's status, is what proxies admit by, and it is written before
-/// the mappings are woken).
+/// the mappings are woken). Whether a named client's TunnelSet is in the mapping's namespace is
+/// decided by [`decide::evaluate`] from its `holder`.
 async fn tunnel_members(
     ctx: &Ctx,
     obj: &HTTPDomainMapping,
@@ -151,11 +157,12 @@ async fn tunnel_members(
     let Some(t) = obj.spec.target.tunnel.as_ref() else {
         return Ok(Vec::new());
     };
-    let candidates: Vec<String> = match (&t.client_id, &t.group) {
-        (Some(c), _) => vec![c.clone()],
+    let ns = obj.namespace().unwrap_or_default();
+    // (client id, the TunnelSet that must hold its credential; `None`: whichever does).
+    let candidates: Vec<(String, Option<String>)> = match (&t.client_id, &t.group) {
+        (Some(c), _) => vec![(c.clone(), None)],
         (None, Some(g)) => {
-            let ns = obj.namespace().unwrap_or_default();
-            let mut ids: Vec<String> = ctx
+            let mut listing: Vec<(String, Option<String>)> = ctx
                 .tunnelsets
                 .state()
                 .iter()
@@ -164,27 +171,36 @@ async fn tunnel_members(
                         && ts.metadata.deletion_timestamp.is_none()
                         && ts.spec.groups.contains(g)
                 })
-                .map(|ts| ts.spec.client_id.clone())
+                .map(|ts| {
+                    (
+                        ts.spec.client_id.clone(),
+                        Some(format!("{ns}/{}", ts.name_any())),
+                    )
+                })
                 .collect();
-            ids.sort();
-            ids.dedup();
-            // One more than a group may have: enough to refuse it with the count's cause.
-            ids.truncate(crate::domain::MAX_GROUP_MEMBERS + 1);
-            ids
+            listing.sort();
+            if listing.len() > MAX_GROUP_CANDIDATES {
+                tracing::warn!(mapping = %ObjectRef::from_obj(obj), group = %g, listing = listing.len(), "more TunnelSets list the group than are read; the first {MAX_GROUP_CANDIDATES} by client id are considered");
+                listing.truncate(MAX_GROUP_CANDIDATES);
+            }
+            listing
         }
         (None, None) => return Ok(Vec::new()),
     };
     let prefix = format!("k8s:{}/", ctx.policy.cluster_id);
-    let mut members = Vec::new();
-    for client_id in candidates {
+    let mut members: Vec<decide::TunnelClient> = Vec::new();
+    for (client_id, lister) in candidates {
         let Some(cred) = ctx.registry.credential(&client_id).await? else {
             continue;
         };
         let Some(holder) = cred.source.as_deref().and_then(|s| s.strip_prefix(&prefix)) else {
             continue;
         };
-        // A group admits only its own namespace's TunnelSets, however a client id is held.
-        if t.group.is_some() && holder.split('/').next() != obj.namespace().as_deref() {
+        // A group member is the TunnelSet that lists the group, not another one holding the
+        // same client id.
+        if lister.as_deref().is_some_and(|l| l != holder)
+            || members.iter().any(|m| m.client_id == client_id)
+        {
             continue;
         }
         members.push(decide::TunnelClient {
@@ -243,6 +259,17 @@ async fn apply(
     ctx: &Ctx,
     api: &Api<HTTPDomainMapping>,
 ) -> Result<Action, Error> {
+    // A group's members come from the TunnelSet cache: read only once it holds the whole list,
+    // or a restart would see an empty group and give up its domain.
+    let group = obj
+        .spec
+        .target
+        .tunnel
+        .as_ref()
+        .is_some_and(|t| t.group.is_some());
+    if group && !super::tunnelset::cache_ready(&ctx.tunnelsets).await {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let own = find_own(ctx, obj).await?;
     let members = tunnel_members(ctx, obj).await?;
     let verdict = decide::evaluate(obj, &ctx.policy, &members, Utc::now());

@@ -121,14 +121,16 @@ async fn release(ctx: &TsCtx, obj: &TunnelSet, client_id: &str) -> Result<(), Er
     Ok(())
 }
 
-/// Reconcile every mapping whose tunnel target names `client_id`, or one of `obj`'s groups in
-/// its namespace: the client's credential came or went.
+/// Reconcile every mapping whose tunnel target names `client_id`, and every group mapping: the
+/// client's credential came or went (a group record of any namespace may list the client id,
+/// and who holds it decides whether it still belongs there). Credentials change rarely.
 fn wake_mappings(ctx: &TsCtx, obj: &TunnelSet, client_id: &str) {
-    wake_targets(ctx, obj, Some(client_id), &obj.spec.groups);
+    wake_targets(ctx, obj, Some(client_id), None);
 }
 
-/// Reconcile the mappings that target `client_id`, or a group in `groups` of `obj`'s namespace.
-fn wake_targets(ctx: &TsCtx, obj: &TunnelSet, client_id: Option<&str>, groups: &[String]) {
+/// Reconcile the mappings that target `client_id`, and the group mappings of a group in
+/// `groups` of `obj`'s namespace (`None`: of every group, in every namespace).
+fn wake_targets(ctx: &TsCtx, obj: &TunnelSet, client_id: Option<&str>, groups: Option<&[String]>) {
     let ns = obj.namespace();
     for m in ctx.mappings.state() {
         let Some(t) = m.spec.target.tunnel.as_ref() else {
@@ -136,7 +138,9 @@ fn wake_targets(ctx: &TsCtx, obj: &TunnelSet, client_id: Option<&str>, groups: &
         };
         let wants = match (&t.client_id, &t.group) {
             (Some(c), _) => Some(c.as_str()) == client_id,
-            (None, Some(g)) => groups.contains(g) && m.namespace() == ns,
+            (None, Some(g)) => {
+                groups.is_none_or(|groups| groups.contains(g) && m.namespace() == ns)
+            }
             (None, None) => false,
         };
         if wants {
@@ -157,18 +161,16 @@ fn wake_changed_groups(ctx: &TsCtx, obj: &TunnelSet, now: Option<&[String]>) {
         }
     };
     let now = now.unwrap_or_default();
-    if before.as_deref() == Some(now) {
-        return;
-    }
+    let first_sight = before.is_none();
     let before = before.unwrap_or_default();
     let changed: Vec<String> = before
         .iter()
         .chain(now)
-        .filter(|g| before.contains(g) != now.contains(g) || before.is_empty())
+        .filter(|g| first_sight || before.contains(g) != now.contains(g))
         .cloned()
         .collect();
     if !changed.is_empty() {
-        wake_targets(ctx, obj, None, &changed);
+        wake_targets(ctx, obj, None, Some(&changed));
     }
 }
 
@@ -176,7 +178,7 @@ fn wake_changed_groups(ctx: &TsCtx, obj: &TunnelSet, now: Option<&[String]>) {
 /// and a partial cache would let a newer TunnelSet overwrite an older one's credential. Polled
 /// with a short timeout, not awaited: kube-runtime's readiness wakes only the last task that
 /// polled it (see resync.rs).
-async fn cache_ready(cache: &Store<TunnelSet>) -> bool {
+pub(super) async fn cache_ready(cache: &Store<TunnelSet>) -> bool {
     matches!(
         tokio::time::timeout(Duration::from_millis(50), cache.wait_until_ready()).await,
         Ok(Ok(()))

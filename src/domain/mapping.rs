@@ -66,8 +66,9 @@ pub const MAX_GROUP_MEMBERS: usize = 64;
 
 /// A load-balancing group of tunnel clients, resolved to its members when the record is written
 /// (the writer rewrites the record when membership changes).
+/// Unknown fields are ignored when read, so that a field added later does not make older
+/// proxies refuse the record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TargetGroup {
     /// The group's name as declared, e.g. `team-a/web` (namespaced) or `web` (single-node).
     pub name: String,

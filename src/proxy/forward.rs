@@ -46,6 +46,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// What the caller knows about the client side of a request.
+#[derive(Clone, Copy)]
 pub struct ClientInfo<'a> {
     pub peer: SocketAddr,
     /// The `Host` (or `:authority`) exactly as the client sent it.

@@ -56,9 +56,16 @@ impl GroupRoute {
             name: g.name.clone(),
             clients: g.clients.clone(),
             balance: g.balance,
-            turn: AtomicUsize::new(0),
+            // A route is rebuilt whenever it is loaded again (cache expiry, a new version):
+            // starting each at a random member keeps one member from taking every first turn.
+            turn: AtomicUsize::new(random_start()),
         }
     }
+}
+
+fn random_start() -> usize {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now()) as usize
 }
 
 /// Equal when they route alike: the turn counter is state, not identity.

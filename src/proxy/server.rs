@@ -346,14 +346,13 @@ async fn route(
         hops: admitted.hops,
     };
     let req = Request::from_parts(parts, body);
-    let (resp, member) = match &admitted.tunnel {
-        None => (
+    let resp = match &admitted.tunnel {
+        None => {
             ctx.forwarder
                 .forward(req, &admitted, info, &ctx.metrics.upstream_seconds)
-                .await?,
-            None,
-        ),
-        Some(Via::Client(client_id)) => (
+                .await?
+        }
+        Some(Via::Client(client_id)) => {
             ctx.tunnels
                 .forward(
                     req,
@@ -362,37 +361,77 @@ async fn route(
                     info,
                     from_peer,
                     &ctx.metrics,
+                    None,
                 )
-                .await?,
-            None,
-        ),
-        Some(Via::Group(group)) => {
-            let named = req
-                .headers()
-                .get(super::tunnel::peer_stream::CLIENT_HEADER)
-                .filter(|_| from_peer)
-                .and_then(|v| v.to_str().ok());
-            let member = ctx.tunnels.member(group, named, from_peer).await?;
-            let resp = ctx
-                .tunnels
-                .forward(
-                    req,
-                    &admitted,
-                    member.client_id.clone(),
-                    info,
-                    from_peer,
-                    &ctx.metrics,
-                )
-                .await?;
-            (resp, Some(member.carrying))
+                .await?
         }
+        Some(Via::Group(group)) => to_group(ctx, req, &admitted, group, info, from_peer).await?,
     };
-    let resp = meter_response(ctx, resp, &route);
-    // A group member counts the request as in flight until its answer has been read.
-    Ok(match member {
-        Some(carrying) => resp.map(|b| super::tunnel::Holding::new(b, carrying).boxed()),
-        None => resp,
-    })
+    Ok(meter_response(ctx, resp, &route))
+}
+
+/// Sends a request for a group target to the member the group's rule picks; a bodiless request
+/// that member could not take (it had no session after all: nothing was sent) goes to the
+/// next, up to [`MAX_MEMBER_TRIES`](super::tunnel::group::MAX_MEMBER_TRIES) members.
+async fn to_group(
+    ctx: &Ctx,
+    mut req: Request<ProxyBody>,
+    admitted: &policy::Admitted,
+    group: &super::route::GroupRoute,
+    info: ClientInfo<'_>,
+    from_peer: bool,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let named = req
+        .headers()
+        .get(super::tunnel::peer_stream::CLIENT_HEADER)
+        .filter(|_| from_peer)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let replay = (!from_peer
+        && hyper::body::Body::is_end_stream(req.body())
+        && super::forward::upgrade_protocol(req.headers()).is_none())
+    .then(|| {
+        // What is sent again: the head (extensions stay with the first attempt).
+        let mut head = Request::new(());
+        *head.method_mut() = req.method().clone();
+        *head.uri_mut() = req.uri().clone();
+        *head.version_mut() = req.version();
+        *head.headers_mut() = req.headers().clone();
+        head.into_parts().0
+    });
+    let mut tried: Vec<String> = Vec::new();
+    loop {
+        let member = ctx
+            .tunnels
+            .member(group, named.as_deref(), from_peer, &tried)
+            .await?;
+        let client_id = member.client_id.clone();
+        // The member counts the request as in flight until its answer is read (or its
+        // upgraded stream closes).
+        let hold: super::tunnel::Hold = Some(Box::new(member.carrying));
+        let sent = ctx
+            .tunnels
+            .forward(
+                req,
+                admitted,
+                client_id.clone(),
+                info,
+                from_peer,
+                &ctx.metrics,
+                hold,
+            )
+            .await;
+        match (sent, &replay) {
+            (Err(ProxyError::TunnelNotConnected(_) | ProxyError::NotHeldHere(_)), Some(parts))
+                if tried.len() + 1 < super::tunnel::group::MAX_MEMBER_TRIES =>
+            {
+                ctx.tunnels.member_failed(&client_id);
+                tried.push(client_id);
+                req = Request::from_parts(parts.clone(), super::empty_body());
+            }
+            (sent, _) => return sent,
+        }
+    }
 }
 
 fn meter_response(

@@ -53,6 +53,10 @@ impl Body for Counted {
     }
 }
 
+/// Something a response keeps alive until it is done (its body read, or its upgraded stream
+/// closed): a group member's in-flight count.
+pub type Hold = Option<Box<dyn Send + Sync>>;
+
 /// A body that keeps `guard` alive until the body is dropped (read to its end or abandoned).
 pub struct Holding<G> {
     inner: ProxyBody,

@@ -56,9 +56,9 @@ pub fn choose(
     }
     if !from_peer {
         let elsewhere = |state: SessionState| {
-            remote.iter().find(|r| {
-                r.node_id != me && r.live_at(now) && r.state == state && !r.node_address.is_empty()
-            })
+            remote
+                .iter()
+                .find(|r| r.state == state && reachable_elsewhere(r, me, now))
         };
         if let Some(r) =
             elsewhere(SessionState::Active).or_else(|| elsewhere(SessionState::Leaving))
@@ -73,6 +73,12 @@ pub fn choose(
         Some(i) => Pick::Local(i),
         None => Pick::Offline,
     }
+}
+
+/// Whether a request may be sent to the node a record names: another node's, live, with an
+/// address (a record naming this node that the local table does not back is stale).
+pub fn reachable_elsewhere(r: &SessionRecord, me: &str, now: DateTime<Utc>) -> bool {
+    r.node_id != me && r.live_at(now) && !r.node_address.is_empty()
 }
 
 /// When the choice found nothing: whether the client's sessions look like they are moving, so

@@ -21,7 +21,8 @@ pub struct TunnelMetrics {
     pub remote_bytes: IntCounterVec,
     /// Bytes carried through remote ports with a bandwidth limit (`max_bytes_per_second`).
     pub remote_shaped_bytes: IntCounter,
-    /// HTTP group targets: `chosen` per request, `offline_skipped` per member passed over.
+    /// HTTP group targets: `chosen` per request, `offline_skipped` per member passed over,
+    /// `next_after_failure` per member that could not take a request it was sent.
     pub group_members: IntCounterVec,
 }
 

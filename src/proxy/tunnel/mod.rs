@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use body::Holding;
+pub use body::Hold;
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
 pub use remote::{Backend, RemotePorts, RemoteTunnel, follow_ports};
@@ -103,6 +103,8 @@ pub struct Tunnels {
     /// Requests in flight through this node per member of HTTP group targets (least
     /// connections).
     group_load: Arc<spread::Spread<String>>,
+    /// Whether group members have sessions on other nodes, as the store said a moment ago.
+    presence: group::Presence,
 }
 
 /// Counts one running session task until dropped.
@@ -168,6 +170,7 @@ impl Tunnels {
             live_sessions: std::sync::atomic::AtomicUsize::new(0),
             traffic: std::sync::OnceLock::new(),
             group_load: Arc::default(),
+            presence: Default::default(),
         }
     }
 

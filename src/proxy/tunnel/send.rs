@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 
 use super::Tunnels;
-use super::body::Counted;
+use super::body::{Counted, Hold, Holding};
 use super::choose::{self, LocalView, Pick};
 use super::peer_stream::CLIENT_HEADER;
 use super::session::{Session, StreamError, chain};
@@ -38,7 +38,9 @@ pub(super) fn agent_label(v: &HeaderValue) -> &'static str {
 
 impl Tunnels {
     /// Sends `req` for the tunnel target `to` through `client_id`'s sessions. `from_peer`: it
-    /// came from another node of the fleet, served from local sessions only.
+    /// came from another node of the fleet, served from local sessions only. `hold` lives as
+    /// long as the response (its body, or its upgraded stream).
+    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
         mut req: Request<ProxyBody>,
@@ -47,6 +49,7 @@ impl Tunnels {
         client: ClientInfo<'_>,
         from_peer: bool,
         proxy_metrics: &Arc<ProxyMetrics>,
+        mut hold: Hold,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -140,6 +143,7 @@ impl Tunnels {
                                 None,
                                 None,
                                 proxy_metrics,
+                                &mut hold,
                             )
                             .await;
                         match sent {
@@ -162,6 +166,7 @@ impl Tunnels {
                             client_upgrade,
                             upgrade,
                             proxy_metrics,
+                            &mut hold,
                         )
                         .await
                         .map_err(|(e, _)| e);
@@ -231,6 +236,7 @@ impl Tunnels {
                         client_upgrade,
                         upgrade,
                         proxy_metrics,
+                        hold,
                     );
                 }
             }
@@ -326,6 +332,7 @@ fn h2_request(
 
 impl Tunnels {
     /// The agent's answer, ready for the client.
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &self,
         mut resp: Response<ProxyBody>,
@@ -334,6 +341,7 @@ impl Tunnels {
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         upgrade: Option<HeaderValue>,
         proxy_metrics: &Arc<ProxyMetrics>,
+        hold: Hold,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if let Some(v) = resp.headers().get(ERROR_HEADER) {
             let label = agent_label(v);
@@ -359,6 +367,7 @@ impl Tunnels {
             tokio::spawn(async move {
                 // The stream stays open (and counted) while the pipe lives.
                 let _slot = slot;
+                let _hold = hold;
                 join_upgraded(client_upgrade, agent_upgrade, idle, m).await;
             });
             let (mut parts, _) = resp.into_parts();
@@ -373,8 +382,8 @@ impl Tunnels {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = Counted::new(body, self.metrics.bytes_in.clone(), Some(slot));
-        Ok(Response::from_parts(parts, body.boxed()))
+        let body = Counted::new(body, self.metrics.bytes_in.clone(), Some(slot)).boxed();
+        Ok(Response::from_parts(parts, held(body, hold)))
     }
 
     /// Forwards to the node holding the client's session, with the node token.
@@ -389,6 +398,7 @@ impl Tunnels {
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         upgrade: Option<HeaderValue>,
         proxy_metrics: &Arc<ProxyMetrics>,
+        hold: &mut Hold,
     ) -> Result<Response<ProxyBody>, (ProxyError, bool)> {
         let count = |m: &TunnelMetrics, outcome: &str| {
             m.forwarded_to_peer.with_label_values(&[outcome]).inc();
@@ -463,12 +473,15 @@ impl Tunnels {
             && let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgrade)
         {
             let peer_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(join_upgraded(
-                client_upgrade,
-                peer_upgrade,
+            let (idle, m, hold) = (
                 self.settings.websocket_idle,
                 proxy_metrics.clone(),
-            ));
+                hold.take(),
+            );
+            tokio::spawn(async move {
+                let _hold = hold;
+                join_upgraded(client_upgrade, peer_upgrade, idle, m).await;
+            });
             let (mut parts, _) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             parts
@@ -481,8 +494,16 @@ impl Tunnels {
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
             parts,
-            body.map_err(Into::into).boxed(),
+            held(body.map_err(Into::into).boxed(), hold.take()),
         ))
+    }
+}
+
+/// `body`, keeping `hold` alive until it is done.
+fn held(body: ProxyBody, hold: Hold) -> ProxyBody {
+    match hold {
+        Some(h) => Holding::new(body, h).boxed(),
+        None => body,
     }
 }
 
