@@ -2919,13 +2919,8 @@ fn tunnel_set_group_spreads_connections_over_its_agents(s: &Stack) {
         s.field(ns, "site", "{.status.target}"),
         format!("tunnel-group:site(2)/127.0.0.1:{}", upstream.port)
     );
-    let forwarded = |admin: u16| -> u64 {
-        support::process::http_get(admin, "/metrics")
-            .lines()
-            .find_map(|l| l.strip_prefix("tunnox_agent_streams_total{outcome=\"ok\"} "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let forwarded =
+        |admin: u16| support::process::metric(admin, "tunnox_agent_streams_total{outcome=\"ok\"}");
     let site = || support::http::status(http_port, "site.tunnox.net");
     eventually("the group mapping serves", Duration::from_secs(20), || {
         site() == 200

@@ -1087,26 +1087,18 @@ fn an_http_group_mapping_reaches_members_on_another_node() {
             extra: &["--admin-listen", &desk_admin],
         },
     );
-    let forwarded = |admin: u16| -> u64 {
-        support::process::http_get(admin, "/metrics")
-            .lines()
-            .find_map(|l| l.strip_prefix("tunnox_agent_streams_total{outcome=\"ok\"} "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let forwarded =
+        |admin: u16| support::process::metric(admin, "tunnox_agent_streams_total{outcome=\"ok\"}");
     let status = |f: &Fleet, i: usize| support::http::status(f.nodes[i].http, "grp.tunnox.net");
     eventually("both members online", Duration::from_secs(15), || {
         let desk = f.rt.block_on(f.store.sessions("desk")).unwrap_or_default();
         !f.sessions().is_empty() && !desk.is_empty() && status(&f, 0) == 200
     });
-    let to_peer = |f: &Fleet| -> u64 {
-        support::http::get(f.nodes[0].admin, "localhost", "/metrics")
-            .map(|r| r.body)
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("tunnox_tunnel_forwarded_to_peer_total{outcome=\"ok\"} "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
+    let to_peer = |f: &Fleet| {
+        support::process::metric(
+            f.nodes[0].admin,
+            "tunnox_tunnel_forwarded_to_peer_total{outcome=\"ok\"}",
+        )
     };
     for via in [0, 1] {
         let peer_before = to_peer(&f);

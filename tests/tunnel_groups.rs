@@ -321,11 +321,7 @@ fn http_upstream() -> u16 {
 
 /// How many requests the agent whose admin server is on `admin` forwarded successfully.
 fn served(admin: u16) -> u64 {
-    support::process::http_get(admin, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix("tunnox_agent_streams_total{outcome=\"ok\"} "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    support::process::metric(admin, "tunnox_agent_streams_total{outcome=\"ok\"}")
 }
 
 /// `HTTPDomainMapping.spec.target.tunnel.group` in single-node form (`target_group`): one

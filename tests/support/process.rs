@@ -108,3 +108,13 @@ pub fn http_get(port: u16, path: &str) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
 }
+
+/// The value of the Prometheus sample `sample` (name and labels, exactly as exposed, e.g.
+/// `tunnox_agent_streams_total{outcome="ok"}`) at `http://127.0.0.1:port/metrics`; 0 when absent.
+pub fn metric(port: u16, sample: &str) -> u64 {
+    http_get(port, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
