@@ -401,6 +401,10 @@ pub struct ProxyConfig {
     pub stats_flush_interval: Dur,
     /// Where `tunnox agent`s connect.
     pub tunnel: super::TunnelListenerConfig,
+    /// The HTTPS listener, e.g. `0.0.0.0:8443`; `None`: none.
+    pub tls_listen: Option<SocketAddr>,
+    /// What the HTTPS listener serves besides the mappings' own certificates.
+    pub tls: super::ProxyTlsConfig,
 }
 
 impl Default for ProxyConfig {
@@ -421,6 +425,8 @@ impl Default for ProxyConfig {
             registry: RegistryConfig::default(),
             stats_flush_interval: Dur::secs(5),
             tunnel: super::TunnelListenerConfig::default(),
+            tls_listen: None,
+            tls: super::ProxyTlsConfig::default(),
         }
     }
 }
@@ -669,4 +675,7 @@ pub struct MappingEntry {
     pub description: String,
     #[serde(default)]
     pub custom_headers: std::collections::BTreeMap<String, String>,
+    /// HTTPS for this domain on `proxy.tls_listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::MappingTlsEntry>,
 }

@@ -294,9 +294,9 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
     }
     check_proxy(&cfg.proxy).map_err(|(path, msg)| err(path, msg))?;
     let egress = egress_policy(&cfg.egress).map_err(|(path, msg)| err(&path, msg))?;
-    check_mappings(&cfg, &egress).map_err(|(path, msg)| err(&path, msg))?;
-
     let mut warnings = Vec::new();
+    check_mappings(&cfg, &egress, &mut warnings).map_err(|(path, msg)| err(&path, msg))?;
+
     if cfg.http_domain.cache.shared.is_some() {
         warnings.push(
             "http_domain.cache.shared has no effect: the Redis store is the shared layer"
@@ -506,7 +506,11 @@ fn egress_policy(e: &crate::config::EgressConfig) -> Result<EgressPolicy, (Strin
 
 /// The file's mappings are the operator's own (they may reach loopback) but never the proxy's
 /// own listeners.
-fn check_mappings(cfg: &Config, egress: &EgressPolicy) -> Result<(), (String, String)> {
+fn check_mappings(
+    cfg: &Config,
+    egress: &EgressPolicy,
+    warnings: &mut Vec<String>,
+) -> Result<(), (String, String)> {
     let own = egress
         .clone()
         .with_own_listeners([cfg.proxy.listen, cfg.proxy.admin_listen], []);
@@ -536,12 +540,60 @@ fn check_mappings(cfg: &Config, egress: &EgressPolicy) -> Result<(), (String, St
                 format!("{full} is already declared by mappings[{first}]"),
             ));
         }
+        if let Some(t) = &m.tls {
+            check_mapping_cert(cfg, t, &full, &at("tls"), warnings)?;
+        }
+    }
+    Ok(())
+}
+
+/// A mapping's certificate files: they load, the key matches, the certificate covers the
+/// domain; an expired one is a warning (the proxy still starts: its other mappings work, and
+/// the file may be replaced while it runs).
+fn check_mapping_cert(
+    cfg: &Config,
+    t: &crate::config::MappingTlsEntry,
+    full: &Hostname,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), (String, String)> {
+    if cfg.proxy.tls_listen.is_none() {
+        return Err((
+            at.into(),
+            "needs the HTTPS listener: set proxy.tls_listen".into(),
+        ));
+    }
+    let cert = crate::cert::Cert::from_files(&t.cert_file, &t.key_file)
+        .map_err(|e| (at.to_string(), e))?;
+    if !cert.covers(full.as_str()) {
+        return Err((
+            format!("{at}.cert_file"),
+            format!(
+                "the certificate is for [{}], not {full}",
+                cert.names.join(", ")
+            ),
+        ));
+    }
+    if cert.expired(chrono::Utc::now()) {
+        warnings.push(format!(
+            "{at}.cert_file: the certificate for {full} expired at {}",
+            cert.not_after
+        ));
     }
     Ok(())
 }
 
 /// Limits a proxy cannot run with, named by field.
 fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, String)> {
+    if p.tls.redirect_port == 0 {
+        return Err(("proxy.tls.redirect_port", "must be 1-65535, got 0".into()));
+    }
+    if p.tls.reload_interval.get().is_zero() {
+        return Err((
+            "proxy.tls.reload_interval",
+            "must be positive, got 0s".into(),
+        ));
+    }
     let positive = [
         ("proxy.timeouts.connect", p.timeouts.connect),
         ("proxy.timeouts.request_header", p.timeouts.request_header),

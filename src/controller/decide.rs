@@ -310,6 +310,8 @@ fn store_spec(
         description: spec.description.clone(),
         custom_headers: spec.custom_headers.clone(),
         enable_https: spec.tls.is_some(),
+        // Certificates from Secrets reach the store with the next part of the HTTPS work.
+        tls: None,
     }
 }
 

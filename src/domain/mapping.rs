@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Balance, Hostname, HostnameError, MappingId, SetName, check_client_id};
+use super::{Balance, Hostname, HostnameError, MappingId, MappingTls, SetName, check_client_id};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +59,9 @@ pub struct MappingSpec {
     pub custom_headers: BTreeMap<String, String>,
     #[serde(default)]
     pub enable_https: bool,
+    /// HTTPS: the certificate's source and the redirect of plain requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MappingTls>,
 }
 
 /// The most members a group target lists: the proxy tries them in turn for one request.
@@ -115,6 +118,8 @@ pub enum SpecError {
     ClientAndGroup,
     #[error("target_group {name:?}: {problem}")]
     TargetGroup { name: String, problem: String },
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("custom_headers: {name:?} is not a valid header name")]
     HeaderName { name: String },
     #[error("custom_headers: value of {name:?} contains a control character")]
@@ -158,6 +163,7 @@ impl MappingSpec {
             description: String::new(),
             custom_headers: BTreeMap::new(),
             enable_https: false,
+            tls: None,
         }
     }
 
@@ -187,6 +193,9 @@ impl MappingSpec {
                 name: g.name.clone(),
                 problem,
             })?;
+        }
+        if let Some(t) = &self.tls {
+            t.validate().map_err(SpecError::Tls)?;
         }
         for (name, value) in &self.custom_headers {
             let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
@@ -242,6 +251,8 @@ pub struct Mapping {
     pub custom_headers: BTreeMap<String, String>,
     #[serde(default)]
     pub enable_https: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MappingTls>,
     #[serde(default)]
     pub access_count: u64,
     #[serde(default)]
@@ -284,6 +295,7 @@ impl Mapping {
             description: spec.description,
             custom_headers: spec.custom_headers,
             enable_https: spec.enable_https,
+            tls: spec.tls,
             access_count: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -327,6 +339,7 @@ impl Mapping {
             description: self.description.clone(),
             custom_headers: self.custom_headers.clone(),
             enable_https: self.enable_https,
+            tls: self.tls.clone(),
         }
     }
 

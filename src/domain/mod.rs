@@ -7,6 +7,7 @@ mod hostname;
 mod ids;
 mod mapping;
 mod set;
+pub mod tls;
 
 pub use balance::Balance;
 pub use egress::{Declarer, EgressPolicy, Refusal};
@@ -18,3 +19,4 @@ pub use mapping::{
     TargetGroup,
 };
 pub use set::{DR_REGION, SetName, SetNameError, serving_set};
+pub use tls::{CertSource, MappingTls};

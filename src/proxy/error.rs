@@ -64,6 +64,11 @@ pub enum ProxyError {
     UpstreamTimeout(String),
     #[error("proxy is shutting down")]
     ShuttingDown,
+    /// Not an error: the mapping redirects plain HTTP to HTTPS.
+    #[error("redirected to {location}")]
+    RedirectToHttps { location: String },
+    #[error("request for {host} on a TLS connection for {sni}")]
+    Misdirected { sni: String, host: String },
 }
 
 impl ProxyError {
@@ -74,7 +79,10 @@ impl ProxyError {
             }
             Self::LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             Self::UnknownHost(_) => StatusCode::NOT_FOUND,
-            Self::OtherBusiness { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Self::OtherBusiness { .. } | Self::Misdirected { .. } => {
+                StatusCode::MISDIRECTED_REQUEST
+            }
+            Self::RedirectToHttps { .. } => StatusCode::PERMANENT_REDIRECT,
             Self::OtherSet { .. }
             | Self::Inactive(_)
             | Self::StoreUnavailable(_)
@@ -117,6 +125,8 @@ impl ProxyError {
             Self::Upstream { .. } => "upstream",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::ShuttingDown => "shutting_down",
+            Self::RedirectToHttps { .. } => "redirect_https",
+            Self::Misdirected { .. } => "misdirected",
         }
     }
 
@@ -145,6 +155,10 @@ impl ProxyError {
             Self::Upstream { .. } => "the upstream failed",
             Self::UpstreamTimeout(_) => "the upstream did not answer in time",
             Self::ShuttingDown => "the proxy is shutting down",
+            Self::RedirectToHttps { .. } => "this host is served over HTTPS",
+            Self::Misdirected { .. } => {
+                "this connection is for another host: open a new one for this host"
+            }
         }
     }
 
@@ -163,6 +177,11 @@ impl ProxyError {
     /// The response a client sees on the general path.
     pub fn into_response(self, id: &RequestId) -> Response<ProxyBody> {
         let mut resp = error_response(self.status(), self.body(id), Some(id));
+        if let Self::RedirectToHttps { location } = &self
+            && let Ok(v) = HeaderValue::from_str(location)
+        {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
         if matches!(self, Self::NotHeldHere(_)) {
             // Tells the forwarding node (and only it: a node strips this from agents'
             // answers) that nothing was sent and the request may go elsewhere.
@@ -301,6 +320,19 @@ mod tests {
             (ProxyError::Inactive("a.b".into()), 503),
             (ProxyError::TunnelNotConnected("c".into()), 502),
             (ProxyError::TunnelGroupOffline("ns/g".into()), 502),
+            (
+                ProxyError::RedirectToHttps {
+                    location: "https://a.b/".into(),
+                },
+                308,
+            ),
+            (
+                ProxyError::Misdirected {
+                    sni: "a.b".into(),
+                    host: "c.d".into(),
+                },
+                421,
+            ),
             (
                 ProxyError::TunnelAgent {
                     client: "c".into(),

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::connect::{EgressConnector, refusal_in};
 use super::deadline::join_with_idle;
 use super::metrics::ProxyMetrics;
-use super::policy::{Admitted, FORWARDED_PROTO, HOPS};
+use super::policy::{Admitted, HOPS};
 use super::{ProxyBody, ProxyError};
 use crate::domain::{Declarer, EgressPolicy};
 
@@ -53,6 +53,8 @@ pub struct ClientInfo<'a> {
     pub host: &'a HeaderValue,
     /// The hop count the upstream is told.
     pub hops: u32,
+    /// `X-Forwarded-Proto`: `http` or `https`, as the client reached this proxy.
+    pub proto: &'static str,
 }
 
 impl Forwarder {
@@ -248,7 +250,7 @@ pub(super) fn rewrite_request_headers(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(FORWARDED_PROTO));
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
     h.insert(HOPS, HeaderValue::from(client.hops));
     h.insert(X_FORWARDED_HOST, client.host.clone());
     // The upstream sees the host the client asked for (HTTP/2 clients send no Host header).
@@ -299,6 +301,7 @@ mod tests {
             peer: "10.1.2.3:5555".parse().unwrap(),
             host: &host,
             hops: 2,
+            proto: "http",
         };
         let upgrade = upgrade_protocol(&h);
         let extra = crate::proxy::header_pairs(extra);

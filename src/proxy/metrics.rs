@@ -18,6 +18,9 @@ pub struct ProxyMetrics {
     pub connections_refused: IntCounter,
     /// Requests the HTTP/1.1 fast path handed to the general path, by reason.
     pub handovers: IntCounterVec,
+    /// TLS handshakes on the HTTPS listener by outcome: `ok`, `no_certificate`,
+    /// `client_hello`, `handshake`, `timeout`.
+    pub tls_handshakes: IntCounterVec,
     pub request_seconds: Histogram,
     pub upstream_seconds: Histogram,
     pub lookup_seconds: HistogramVec,
@@ -141,6 +144,17 @@ impl ProxyMetrics {
             connections_refused: counter(
                 "connections_refused_total",
                 "Client connections closed at once because proxy.limits.max_connections were open",
+            ),
+            tls_handshakes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_proxy_tls_handshakes_total",
+                        "TLS handshakes on the HTTPS listener, by outcome",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
             ),
             handovers: reg(
                 &r,

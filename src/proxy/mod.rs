@@ -20,6 +20,7 @@ mod seed;
 mod server;
 mod stats;
 mod sync;
+mod tls;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -196,6 +197,21 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             source,
         })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin_listen);
+    // The HTTPS listener and the certificates it serves besides the mappings' own.
+    let https = match cfg.tls_listen {
+        None => None,
+        Some(addr) => {
+            let certs = tls::Certs::new(&cfg.tls).map_err(RunError::Config)?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    field: "proxy.tls_listen",
+                    addr,
+                    source,
+                })?;
+            Some((l, Arc::new(certs)))
+        }
+    };
 
     // The tunnel listener is bound with the others (a taken port is a start-up error), and its
     // certificate and secrets are read before anything is served.
@@ -432,6 +448,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         single_node: !settings.uses_redis,
         max_hops: cfg.limits.max_hops,
         tunnels: tunnels.clone(),
+        https_port: cfg.tls.redirect_port,
         deadlines: deadline::Deadlines {
             client_write_idle: cfg.timeouts.client_write_idle.get(),
             upstream_read_idle: cfg.timeouts.upstream_read_idle.get(),
@@ -470,17 +487,43 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     tracing::info!(%listen, admin = %admin_addr, node = %me, set = %cfg.set, "proxy listening");
 
     let (serve_stop_tx, serve_stop_rx) = watch::channel(false);
+    let server_settings = server::ServerSettings {
+        max_header_bytes: cfg.limits.max_header_bytes,
+        max_headers: cfg.limits.max_headers,
+        header_timeout: cfg.timeouts.request_header.get(),
+        grace_period: cfg.drain.grace_period.get(),
+        max_connections: cfg.limits.max_connections,
+    };
+    let https_server = https.map(|(l, certs)| {
+        tracing::info!(listen = %l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "HTTPS listening");
+        {
+            // Operator certificate files are checked for changes.
+            let certs = certs.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(certs.reload_interval());
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => certs.reload_operator(),
+                        _ = stopped(&mut stop) => return,
+                    }
+                }
+            });
+        }
+        tokio::spawn(server::serve(
+            l,
+            ctx.clone(),
+            server_settings,
+            serve_stop_rx.clone(),
+            Some(certs),
+        ))
+    });
     let server = tokio::spawn(server::serve(
         listener,
         ctx,
-        server::ServerSettings {
-            max_header_bytes: cfg.limits.max_header_bytes,
-            max_headers: cfg.limits.max_headers,
-            header_timeout: cfg.timeouts.request_header.get(),
-            grace_period: cfg.drain.grace_period.get(),
-            max_connections: cfg.limits.max_connections,
-        },
+        server_settings,
         serve_stop_rx,
+        None,
     ));
 
     crate::observe::shutdown_signal().await;
@@ -499,6 +542,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     };
     let _ = serve_stop_tx.send(true);
     let _ = server.await;
+    if let Some(s) = https_server {
+        let _ = s.await;
+    }
     let _ = shutdown.await;
     // In-flight requests are done: write their statistics, leave the registry, stop.
     let _ = stop_tx.send(true);

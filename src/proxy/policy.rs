@@ -48,6 +48,8 @@ pub struct Ctx {
     pub deadlines: Deadlines,
     /// Tunnel sessions held here, and forwarding to the nodes holding the others.
     pub tunnels: Arc<super::tunnel::Tunnels>,
+    /// `proxy.tls.redirect_port`: where redirected plain requests are sent.
+    pub https_port: u16,
 }
 
 /// A request the policy lets through, and where it goes.
@@ -93,6 +95,15 @@ pub fn requested_host(raw: &[u8]) -> Result<Hostname, ProxyError> {
 }
 
 impl Ctx {
+    /// The HTTPS URL a plain request for `host` is redirected to (port 443 left out).
+    pub fn https_location(&self, host: &Hostname, uri: &http::Uri) -> String {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        match self.https_port {
+            443 => format!("https://{host}{path}"),
+            port => format!("https://{host}:{port}{path}"),
+        }
+    }
+
     /// Decides whether a request for `host` that passed `hops` proxies of this fleet is
     /// forwarded, and where.
     pub async fn admit(&self, host: &Hostname, hops: u32) -> Result<Admitted, ProxyError> {

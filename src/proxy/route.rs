@@ -10,8 +10,8 @@ use http::{HeaderName, HeaderValue};
 
 use super::ProxyError;
 use crate::domain::{
-    Balance, Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, RESERVED_HEADERS,
-    Refusal, Scheme, SetName, TargetGroup, serving_set,
+    Balance, Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, MappingTls,
+    RESERVED_HEADERS, Refusal, Scheme, SetName, TargetGroup, serving_set,
 };
 
 /// The `source` of mappings declared in a single-node configuration file.
@@ -93,6 +93,8 @@ pub struct Route {
     /// Declared in a single-node configuration file (the operator's own, when the proxy runs
     /// without Redis).
     pub from_config: bool,
+    /// HTTPS settings: the certificate's source, the redirect of plain requests.
+    pub tls: Option<MappingTls>,
     /// The egress policy's verdict on the declared target, decided at the first request.
     declared: OnceLock<Result<(), Refusal>>,
 }
@@ -146,8 +148,14 @@ impl Route {
                 .and_then(source_namespace)
                 .map(str::to_string),
             from_config: m.source.as_deref() == Some(CONFIG_SOURCE),
+            tls: m.tls.clone(),
             declared: OnceLock::new(),
         }
+    }
+
+    /// Whether plain HTTP requests for this route are redirected to HTTPS.
+    pub fn redirects_http(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.redirect_http)
     }
 
     /// Whether `policy` lets the declared target through for `who` (literal addresses are

@@ -2,7 +2,7 @@
 //! memory store (and its JSON file) is brought in line with it at start.
 
 use crate::config::{MappingEntry, TunnelClientEntry, group_members};
-use crate::domain::{Mapping, MappingSpec, TargetGroup};
+use crate::domain::{CertSource, Mapping, MappingSpec, MappingTls, TargetGroup};
 use crate::store::{MappingStore, StoreError};
 
 /// `source` of mappings declared in the file: only these are updated or removed here.
@@ -18,6 +18,14 @@ pub enum Action {
 /// The record a file entry declares; a group target lists the `clients` serving the group.
 pub fn spec_of(e: &MappingEntry, clients: &[TunnelClientEntry]) -> MappingSpec {
     MappingSpec {
+        enable_https: e.tls.is_some(),
+        tls: e.tls.as_ref().map(|t| MappingTls {
+            redirect_http: t.redirect_http,
+            cert: CertSource::Files {
+                cert_file: t.cert_file.display().to_string(),
+                key_file: t.key_file.display().to_string(),
+            },
+        }),
         target_group: e.target_group.as_ref().map(|g| TargetGroup {
             name: g.clone(),
             clients: group_members(clients, g),

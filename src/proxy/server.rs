@@ -37,13 +37,25 @@ pub struct ServerSettings {
     pub max_connections: usize,
 }
 
+/// What the request handlers know of the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// Over TLS (the HTTPS listener).
+    pub secure: bool,
+    /// The name the client sent in its TLS handshake (SNI), if any.
+    pub sni: Option<Hostname>,
+}
+
 /// Serves `listener` until `stop`; then stops accepting and gives open connections
 /// `grace_period` to finish (HTTP/1 keep-alive answers `Connection: close`, HTTP/2 gets GOAWAY).
+/// With `tls`, every connection starts with a TLS handshake (the HTTPS listener).
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
     s: ServerSettings,
     mut stop: watch::Receiver<bool>,
+    tls: Option<Arc<super::tls::Certs>>,
 ) {
     let handover = Arc::new(Handover::new(&s));
     // Every connection task holds a watcher: shutting down waits for all of them.
@@ -64,8 +76,28 @@ pub async fn serve(
         let handover = handover.clone();
         let watcher = graceful.watcher();
         let mut stop = conn_stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             ctx.metrics.active_connections.inc();
+            if let Some(certs) = tls {
+                let _watcher = watcher;
+                if let Some((io, conn)) =
+                    super::tls::accept(&ctx, &certs, stream, peer, s.header_timeout).await
+                {
+                    let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let streams = OpenStreams::default();
+                    let service =
+                        connection_service(ctx.clone(), conn, h2.then(|| streams.clone()));
+                    let served =
+                        Box::pin(handover.serve(&ctx, io, h2, service, streams, &mut stop));
+                    if let Err(e) = served.await {
+                        tracing::debug!(%peer, error = %e, "TLS connection ended with an error");
+                    }
+                }
+                ctx.metrics.active_connections.dec();
+                drop(slot);
+                return;
+            }
             // Each phase in its own allocation, made when it starts: the task itself stays
             // small, and a connection on the fast path never holds room for hyper's state
             // (what an idle connection costs bounds the memory at `max_connections`).
@@ -74,29 +106,18 @@ pub async fn serve(
                 None => Exit::Handover(sniff(&mut stream, s.header_timeout).await),
             };
             if let Exit::Handover(read) = exit {
-                let ctx2 = ctx.clone();
                 let streams = OpenStreams::default();
-                // Only HTTP/2 needs to know when its streams end (for `http2_idle`).
-                let open = read.starts_with(H2_PREFACE_START).then(|| streams.clone());
-                let service = service_fn(move |req| {
-                    let ctx = ctx2.clone();
-                    let guard = open.as_ref().map(OpenStreams::enter);
-                    async move {
-                        let resp = handle(&ctx, peer, req).await;
-                        let resp = match guard {
-                            Some(guard) => {
-                                let (parts, body) = resp.into_parts();
-                                Response::from_parts(parts, Guarded::new(body, guard).boxed())
-                            }
-                            None => resp,
-                        };
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
+                let h2 = read.starts_with(H2_PREFACE_START);
+                let conn = Conn {
+                    peer,
+                    secure: false,
+                    sni: None,
+                };
+                let service = connection_service(ctx.clone(), conn, h2.then(|| streams.clone()));
                 // Held until the connection ends: shutting down waits for it.
                 let _watcher = watcher;
                 let io = Rewind::new(read, stream);
-                let served = Box::pin(handover.serve(&ctx, io, service, streams, &mut stop));
+                let served = Box::pin(handover.serve(&ctx, io, h2, service, streams, &mut stop));
                 if let Err(e) = served.await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
@@ -133,6 +154,38 @@ pub async fn serve(
             tracing::warn!(open = ctx.metrics.active_connections.get(), "grace period over; closing the rest");
         }
     }
+}
+
+/// The hyper service of one connection. `open`: HTTP/2 only, which needs to know when its
+/// streams end (for `http2_idle`).
+fn connection_service(
+    ctx: Arc<Ctx>,
+    conn: Conn,
+    open: Option<OpenStreams>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send,
+> + Send
++ 'static {
+    let conn = Arc::new(conn);
+    service_fn(move |req| {
+        let ctx = ctx.clone();
+        let conn = conn.clone();
+        let guard = open.as_ref().map(OpenStreams::enter);
+        async move {
+            let resp = handle(&ctx, &conn, req).await;
+            let resp = match guard {
+                Some(guard) => {
+                    let (parts, body) = resp.into_parts();
+                    Response::from_parts(parts, Guarded::new(body, guard).boxed())
+                }
+                None => resp,
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    })
 }
 
 /// The start of the HTTP/2 connection preface: enough to tell it from an HTTP/1 request line.
@@ -183,10 +236,11 @@ impl Handover {
 
     /// Serves until the connection ends; when `stop` turns, the connection is asked to finish
     /// (the request in hand is answered, with `Connection: close` on HTTP/1, GOAWAY on HTTP/2).
-    async fn serve<S>(
+    async fn serve<S, I>(
         &self,
         ctx: &Ctx,
-        io: Rewind<tokio::net::TcpStream>,
+        io: I,
+        h2: bool,
         service: S,
         streams: OpenStreams,
         stop: &mut watch::Receiver<bool>,
@@ -199,8 +253,8 @@ impl Handover {
             > + Send
             + 'static,
         S::Future: Send + 'static,
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let h2 = io.replayed().starts_with(H2_PREFACE_START);
         let d = &ctx.deadlines;
         let io = TokioIo::new(WriteIdle::new(io, d.client_write_idle, ctx.metrics.clone()));
         if h2 {
@@ -264,14 +318,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+    let peer = conn.peer;
     let started = Instant::now();
     ctx.metrics.active_requests.inc();
     let _in_flight = InFlight(&ctx.metrics);
     let http1 = req.version() < Version::HTTP_2;
     // Kept only in case the proxy answers itself (no copy of the value otherwise).
     let client_id = req.headers().get(X_REQUEST_ID).cloned();
-    let mut resp = match route(ctx, peer, req).await {
+    let mut resp = match route(ctx, conn, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let id = RequestId::from_header(client_id.as_ref().map(HeaderValue::as_bytes));
@@ -307,9 +362,10 @@ fn requested_host(req: &Request<Incoming>) -> Result<(Hostname, HeaderValue), Pr
 
 async fn route(
     ctx: &Ctx,
-    peer: SocketAddr,
+    conn: &Conn,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let peer = conn.peer;
     if req.method() == http::Method::CONNECT
         && req.headers().contains_key(super::tunnel::NODE_HEADER)
     {
@@ -317,6 +373,17 @@ async fn route(
         return ctx.tunnels.serve_peer_connect(req).await;
     }
     let (host, raw_host) = requested_host(&req)?;
+    // A connection is for the name its handshake was for: a request for another name (a
+    // client reusing the connection for a host the certificate also covers) is told to open
+    // its own.
+    if let Some(sni) = &conn.sni
+        && *sni != host
+    {
+        return Err(ProxyError::Misdirected {
+            sni: sni.as_str().to_string(),
+            host: host.as_str().to_string(),
+        });
+    }
     // Another node of the fleet forwarding a request for a tunnel session held here.
     let from_peer = match req.headers().get(super::tunnel::NODE_HEADER) {
         None => false,
@@ -326,6 +393,11 @@ async fn route(
     let hops = policy::parse_hops(req.headers().get_all(HOPS).iter().map(|v| v.as_bytes()))?;
     let admitted = ctx.admit(&host, hops).await?;
     let route = admitted.route.clone();
+    if !conn.secure && route.redirects_http() {
+        return Err(ProxyError::RedirectToHttps {
+            location: ctx.https_location(&host, req.uri()),
+        });
+    }
     let (parts, body) = req.into_parts();
     let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
         body.map_err(Into::into).boxed()
@@ -344,6 +416,7 @@ async fn route(
         peer,
         host: &raw_host,
         hops: admitted.hops,
+        proto: if conn.secure { "https" } else { "http" },
     };
     let req = Request::from_parts(parts, body);
     let resp = match &admitted.tunnel {

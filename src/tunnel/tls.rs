@@ -51,7 +51,7 @@ pub fn load_key(path: &Path, field: &'static str) -> Result<PrivateKeyDer<'stati
 
 /// ring's suites with AES-128-GCM first (TLS 1.3's mandatory suite; fewer rounds per byte than
 /// AES-256-GCM, which stays allowed): both sides offer it first, so sessions use it.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);

@@ -9,6 +9,7 @@ use super::process::Role;
 /// A CA and a server certificate it signed, as PEM files in `dir`.
 pub struct Pki {
     pub ca: PathBuf,
+    pub ca_key: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
@@ -91,7 +92,62 @@ impl Pki {
             "-extfile",
             &s(&ext),
         ]);
-        Self { ca, cert, key }
+        Self {
+            ca,
+            ca_key,
+            cert,
+            key,
+        }
+    }
+
+    /// A new ECDSA P-256 server certificate signed by this CA, with subject `CN=cn` and the
+    /// subject alternative names `sans` (e.g. `DNS:a.tunnox.net`), as `dir/<file>.pem` and
+    /// `dir/<file>.key`.
+    pub fn issue(&self, dir: &Path, file: &str, cn: &str, sans: &str) -> (PathBuf, PathBuf) {
+        let (key, csr, cert, ext) = (
+            dir.join(format!("{file}.key")),
+            dir.join(format!("{file}.csr")),
+            dir.join(format!("{file}.pem")),
+            dir.join(format!("{file}.cnf")),
+        );
+        let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &s(&key),
+            "-out",
+            &s(&csr),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        std::fs::write(
+            &ext,
+            format!("subjectAltName={sans}\nextendedKeyUsage=serverAuth\n"),
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &s(&csr),
+            "-CA",
+            &s(&self.ca),
+            "-CAkey",
+            &s(&self.ca_key),
+            "-CAcreateserial",
+            "-out",
+            &s(&cert),
+            "-days",
+            "2",
+            "-extfile",
+            &s(&ext),
+        ]);
+        (cert, key)
     }
 
     /// The `proxy.tunnel` flow map for a listener on `port` with this certificate.

@@ -86,6 +86,8 @@ impl Exchange<'_, '_> {
         let admitted = match self.admit().await {
             // A tunnel: its session is an HTTP/2 connection the general path holds.
             Ok(a) if a.tunnel.is_some() => return Next::Handover("tunnel_target"),
+            // Answered by the general path, with its `Location`.
+            Ok(a) if a.route.redirects_http() => return Next::Handover("redirect_https"),
             Ok(a) if a.scheme == Scheme::HTTP => a,
             // TLS to the upstream: the general path's client.
             Ok(_) => return Next::Handover("https_target"),

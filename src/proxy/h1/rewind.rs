@@ -17,11 +17,6 @@ impl<T> Rewind<T> {
     pub fn new(pre: Bytes, inner: T) -> Self {
         Self { pre, inner }
     }
-
-    /// The bytes put back in front, not yet read again.
-    pub fn replayed(&self) -> &[u8] {
-        &self.pre
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
