@@ -10,6 +10,21 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+/// Why PEM text is not a usable certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate PEM: {0}")]
+    Pem(String),
+    #[error("holds no PEM certificate")]
+    NoCertificate,
+    #[error("certificate: {0}")]
+    X509(String),
+    #[error("key: {0}")]
+    Key(String),
+    #[error("the key does not match the certificate")]
+    KeyMismatch,
+}
+
 /// A certificate chain with its key, and what was read from the first certificate.
 #[derive(Debug)]
 pub struct Cert {
@@ -22,21 +37,20 @@ pub struct Cert {
 
 impl Cert {
     /// From PEM text: the chain (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1).
-    pub fn from_pem(chain: &[u8], key: &[u8]) -> Result<Self, String> {
+    pub fn from_pem(chain: &[u8], key: &[u8]) -> Result<Self, CertError> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("certificate PEM: {e}"))?;
+            .map_err(|e| CertError::Pem(e.to_string()))?;
         let Some(leaf) = chain.first() else {
-            return Err("holds no PEM certificate".into());
+            return Err(CertError::NoCertificate);
         };
-        let (names, not_after, issuer) = describe(leaf)?;
-        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("key PEM: {e}"))?;
+        let (names, not_after, issuer) = describe(leaf).map_err(CertError::X509)?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| CertError::Key(format!("PEM: {e}")))?;
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| format!("key: unsupported ({e})"))?;
+            .map_err(|e| CertError::Key(format!("unsupported ({e})")))?;
         let certified = CertifiedKey::new(chain, signer);
-        certified
-            .keys_match()
-            .map_err(|_| "the key does not match the certificate".to_string())?;
+        certified.keys_match().map_err(|_| CertError::KeyMismatch)?;
         Ok(Self {
             key: Arc::new(certified),
             names,
@@ -73,8 +87,8 @@ impl Cert {
 /// The leaf's DNS names, expiry and issuer.
 fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, DateTime<Utc>, String), String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, x) = X509Certificate::from_der(leaf.as_ref())
-        .map_err(|e| format!("certificate: not X.509 ({e})"))?;
+    let (_, x) =
+        X509Certificate::from_der(leaf.as_ref()).map_err(|e| format!("not X.509 ({e})"))?;
     let names = x
         .subject_alternative_name()
         .ok()
@@ -91,6 +105,123 @@ fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, DateTime<Utc>, St
         })
         .unwrap_or_default();
     let not_after = DateTime::from_timestamp(x.validity().not_after.timestamp(), 0)
-        .ok_or("certificate: expiry out of range")?;
+        .ok_or("expiry out of range")?;
     Ok((names, not_after, x.issuer().to_string()))
+}
+
+/// The key that seals certificate keys in the store: the controller seals what it reads from
+/// Secrets, proxies open it; Redis holds no private key in the clear. Derived (SHA-256) from
+/// the text of a file both mount from one Secret (e.g. `openssl rand -hex 32`).
+#[derive(Clone)]
+pub struct StoreKey(Arc<ring::aead::LessSafeKey>);
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKey(..)")
+    }
+}
+
+/// Fewer characters than this is not a key worth the name.
+const MIN_STORE_KEY_CHARS: usize = 32;
+
+impl StoreKey {
+    /// The key in `http_domain.tls_store_key_file`, if set; an error names the field.
+    pub fn from_config(path: Option<&Path>) -> Result<Option<Self>, String> {
+        let Some(path) = path else {
+            return Ok(None);
+        };
+        const FIELD: &str = "http_domain.tls_store_key_file";
+        let text =
+            crate::config::read_secret(path, FIELD, "configuration").map_err(|e| e.to_string())?;
+        Self::from_secret(&text)
+            .map(Some)
+            .map_err(|e| format!("{FIELD} ({}): {e}", path.display()))
+    }
+
+    pub fn from_secret(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.len() < MIN_STORE_KEY_CHARS {
+            return Err(format!(
+                "holds {} characters; at least {MIN_STORE_KEY_CHARS} (e.g. openssl rand -hex 32)",
+                text.len()
+            ));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, digest.as_ref())
+            .map_err(|_| "cannot make a key".to_string())?;
+        Ok(Self(Arc::new(ring::aead::LessSafeKey::new(unbound))))
+    }
+
+    /// `plain` sealed for `domain` (which must be given again to open it: a sealed key moved to
+    /// another domain's record does not open): base64 of nonce ‖ ciphertext ‖ tag.
+    pub fn seal(&self, domain: &str, plain: &[u8]) -> Result<String, String> {
+        use base64::Engine;
+        use ring::rand::SecureRandom;
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        ring::rand::SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "no randomness".to_string())?;
+        let mut buf = plain.to_vec();
+        self.0
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(domain.as_bytes()),
+                &mut buf,
+            )
+            .map_err(|_| "sealing failed".to_string())?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buf);
+        Ok(base64::engine::general_purpose::STANDARD.encode(out))
+    }
+
+    /// What [`StoreKey::seal`] sealed for `domain`; an error when the key, the domain or the
+    /// bytes differ.
+    pub fn open(&self, domain: &str, sealed: &str) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| "not base64".to_string())?;
+        if raw.len() < ring::aead::NONCE_LEN + ring::aead::AES_256_GCM.tag_len() {
+            return Err("too short".into());
+        }
+        let (nonce, rest) = raw.split_at(ring::aead::NONCE_LEN);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| "bad nonce".to_string())?;
+        let mut buf = rest.to_vec();
+        let plain = self
+            .0
+            .open_in_place(nonce, ring::aead::Aad::from(domain.as_bytes()), &mut buf)
+            .map_err(|_| {
+                "does not open with this key for this domain (another key, or altered)".to_string()
+            })?;
+        Ok(plain.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_key_opens_only_with_its_key_and_domain() {
+        let k = StoreKey::from_secret(&"k".repeat(40)).unwrap();
+        let other = StoreKey::from_secret(&"o".repeat(40)).unwrap();
+        let sealed = k.seal("a.tunnox.net", b"secret key").unwrap();
+        assert_eq!(k.open("a.tunnox.net", &sealed).unwrap(), b"secret key");
+        assert!(
+            k.open("b.tunnox.net", &sealed).is_err(),
+            "moved to another domain"
+        );
+        assert!(other.open("a.tunnox.net", &sealed).is_err(), "another key");
+        let mut altered = sealed.into_bytes();
+        let last = altered.len() - 3;
+        altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+        assert!(
+            k.open("a.tunnox.net", std::str::from_utf8(&altered).unwrap())
+                .is_err()
+        );
+        assert!(k.open("a.tunnox.net", "!!").is_err());
+        assert!(k.open("a.tunnox.net", "").is_err());
+        assert!(StoreKey::from_secret("short").is_err());
+    }
 }

@@ -286,6 +286,10 @@ pub struct HttpDomainConfig {
     pub sync: SyncConfig,
     /// Seed 000's distributed lock. Accepted for compatibility; claims are atomic, no lock is taken.
     pub lock: Option<serde_yaml::Value>,
+    /// Cluster: a file (mounted from one Secret) whose text seals certificate keys in the store:
+    /// the controller seals the keys it reads from Secrets, proxies open them. Without it the
+    /// controller publishes no certificate and proxies serve none from the store.
+    pub tls_store_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for HttpDomainConfig {
@@ -297,6 +301,7 @@ impl Default for HttpDomainConfig {
             persistence: PersistenceConfig::default(),
             sync: SyncConfig::default(),
             lock: None,
+            tls_store_key_file: None,
         }
     }
 }
@@ -552,6 +557,10 @@ pub struct ControllerConfig {
     /// How often the leader renews (and a standby retries).
     pub renew_interval: Dur,
     /// How often every mapping is compared with Redis and repaired (anti-entropy).
+    /// How often a mapping with `spec.tls` reads its Secret again: a renewed certificate
+    /// reaches new handshakes within about this long (one Secret read per TLS mapping per
+    /// interval; the controller is granted `get`, not `list`/`watch`, on Secrets).
+    pub tls_recheck_interval: Dur,
     pub resync_interval: Dur,
     /// How often a mapping in `Conflict` checks again, besides being woken when the holder goes.
     pub conflict_retry: Dur,
@@ -607,6 +616,7 @@ impl Default for ControllerConfig {
             lease_duration: Dur::secs(15),
             renew_interval: Dur::secs(5),
             resync_interval: Dur::secs(30),
+            tls_recheck_interval: Dur::secs(5),
             conflict_retry: Dur::secs(10),
             concurrency: 16,
             quota: QuotaConfig::default(),

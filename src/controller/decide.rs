@@ -44,6 +44,8 @@ pub struct Plan {
     pub set: String,
     /// Something the user should know although the mapping is valid (shown in `Accepted`).
     pub note: Option<String>,
+    /// With `spec.tls`: the certificate's state (the record's `tls` is in `spec`).
+    pub certificate: Option<super::certificate::CertState>,
 }
 
 /// Why a mapping is not programmed (and holds no claim).
@@ -260,6 +262,7 @@ pub fn evaluate(
             .map(|p| p.to_string())
             .unwrap_or_else(|| "any".into()),
         note: None,
+        certificate: None,
     }))
 }
 
@@ -472,6 +475,7 @@ fn tunnel_verdict(
         target,
         set,
         note,
+        certificate: None,
     }))
 }
 
@@ -649,6 +653,54 @@ pub fn status(
         ),
         condition("Ready", ready.0, ready.1, ready.2, generation, &now, prev),
     ];
+    let cert = match outcome {
+        Outcome::Active { plan, .. } | Outcome::Conflict { plan, .. } => plan.certificate.as_ref(),
+        Outcome::Held(_) => None,
+    };
+    if let Some(cert) = cert {
+        use super::certificate::CertState;
+        let time = |t: &DateTime<Utc>| {
+            jiff::Timestamp::from_millisecond(t.timestamp_millis())
+                .ok()
+                .map(Time)
+        };
+        let (ok, reason, message, status) = match cert {
+            CertState::Ready {
+                not_after,
+                issuer,
+                names,
+            } => (
+                true,
+                "Ready",
+                format!("served until {not_after}, issued by {issuer}"),
+                crate::crd::CertificateStatus {
+                    state: "Ready".into(),
+                    not_after: time(not_after),
+                    issuer: Some(issuer.clone()),
+                    names: names.clone(),
+                },
+            ),
+            CertState::NotReady { reason, message } => (
+                false,
+                *reason,
+                message.clone(),
+                crate::crd::CertificateStatus {
+                    state: (*reason).to_string(),
+                    ..Default::default()
+                },
+            ),
+        };
+        s.conditions.push(condition(
+            "CertificateReady",
+            ok,
+            reason,
+            message,
+            generation,
+            &now,
+            prev,
+        ));
+        s.certificate = Some(status);
+    }
     s
 }
 

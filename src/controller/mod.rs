@@ -3,6 +3,7 @@
 //! replicas, repairs drift, and serves `/metrics`, `/healthz`, `/readyz`.
 
 pub mod access;
+pub mod certificate;
 pub mod cluster;
 pub mod decide;
 pub mod leader;
@@ -39,6 +40,8 @@ pub enum RunError {
     ClusterIdentity(#[from] cluster::IdentityError),
     #[error("leader election stopped")]
     Election,
+    #[error("{0}")]
+    Config(String),
     #[error("admin server on {addr}: {source}")]
     Admin {
         addr: std::net::SocketAddr,
@@ -112,6 +115,10 @@ async fn open_store(backend: StoreBackend) -> Result<Stores, crate::store::Store
 pub async fn run(settings: Settings) -> Result<(), RunError> {
     let cfg = settings.config.controller.clone();
     let me = identity(&settings);
+    let store_key = crate::cert::StoreKey::from_config(
+        settings.config.http_domain.tls_store_key_file.as_deref(),
+    )
+    .map_err(RunError::Config)?;
     let client = Client::try_default().await?;
     let cluster_id = cluster::identity(&client, cfg.cluster_id.as_deref()).await?;
     tracing::info!(cluster_id = %cluster_id, "cluster identity (record sources are k8s:<cluster>/<namespace>/<name>)");
@@ -217,6 +224,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         registry,
         cache: controller.store(),
         tunnelsets: ts_ctx.cache.clone(),
+        store_key: store_key.clone(),
+        tls_recheck: cfg.tls_recheck_interval.get(),
         policy: decide::Policy {
             base_domains: settings.config.http_domain.base_domains.clone(),
             per_namespace: cfg.quota.per_namespace,

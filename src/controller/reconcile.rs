@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use super::decide::{self, Hold, Outcome, Plan, Policy, Verdict};
 use super::metrics::Metrics;
 use crate::crd::{HTTPDomainMapping, Phase, TunnelSet};
-use crate::domain::{Mapping, MappingId};
+use crate::domain::{CertSource, Mapping, MappingId};
 use crate::store::{MappingStore, Quota, StoreError, TunnelRegistry};
+use k8s_openapi::api::core::v1::Secret;
 
 pub const FINALIZER: &str = "tunnox.net/release-domain";
 pub const FIELD_MANAGER: &str = "tunnox-controller";
@@ -30,6 +31,10 @@ pub struct Ctx {
     pub cache: Store<HTTPDomainMapping>,
     /// TunnelSets, for the members of a group target.
     pub tunnelsets: Store<TunnelSet>,
+    /// Seals the keys of certificates from Secrets for the store (`http_domain.tls_store_key_file`).
+    pub store_key: Option<crate::cert::StoreKey>,
+    /// How often a mapping with `spec.tls` reads its Secret again.
+    pub tls_recheck: Duration,
     pub policy: Policy,
     pub metrics: Metrics,
     pub recorder: Recorder,
@@ -212,6 +217,61 @@ async fn tunnel_members(
     Ok(members)
 }
 
+/// Decides the certificate of a mapping with `spec.tls` into `plan` (its record's `tls`, the
+/// state for status). A key sealed into the current record for the same certificate is kept,
+/// so an unchanged Secret writes nothing (sealing draws a new nonce each time).
+async fn certificate(
+    ctx: &Ctx,
+    obj: &HTTPDomainMapping,
+    tls: &crate::crd::MappingTls,
+    plan: &mut Plan,
+    own: Option<&Mapping>,
+) -> Result<(), Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let secret = match (&tls.mode, &tls.secret_name) {
+        (crate::crd::TlsMode::Secret, Some(name)) if ctx.store_key.is_some() => {
+            Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(name)
+                .await?
+        }
+        _ => None,
+    };
+    let (mut record, state) = super::certificate::decide(
+        tls,
+        &ns,
+        secret.as_ref(),
+        &plan.full_domain,
+        ctx.store_key.as_ref(),
+        Utc::now(),
+    );
+    if let (Some(key), Some(new), Some(old)) = (
+        ctx.store_key.as_ref(),
+        record.as_mut(),
+        own.and_then(|m| m.tls.as_ref()),
+    ) && let (
+        CertSource::Sealed {
+            chain_pem,
+            key_sealed,
+        },
+        CertSource::Sealed {
+            chain_pem: old_chain,
+            key_sealed: old_sealed,
+        },
+    ) = (&mut new.cert, &old.cert)
+        && chain_pem == old_chain
+    {
+        let domain = plan.full_domain.as_str();
+        let same = key.open(domain, key_sealed).ok() == key.open(domain, old_sealed).ok();
+        if same {
+            *key_sealed = old_sealed.clone();
+        }
+    }
+    plan.spec.enable_https = true;
+    plan.spec.tls = record;
+    plan.certificate = Some(state);
+    Ok(())
+}
+
 async fn release(ctx: &Ctx, obj: &HTTPDomainMapping, m: &Mapping) -> Result<(), Error> {
     let expected = is_legacy(m).then_some(m.version);
     match ctx.store.delete(&m.mapping_id, expected).await {
@@ -272,7 +332,10 @@ async fn apply(
     }
     let own = find_own(ctx, obj).await?;
     let members = tunnel_members(ctx, obj).await?;
-    let verdict = decide::evaluate(obj, &ctx.policy, &members, Utc::now());
+    let mut verdict = decide::evaluate(obj, &ctx.policy, &members, Utc::now());
+    if let (Verdict::Program(plan), Some(tls)) = (&mut verdict, &obj.spec.tls) {
+        certificate(ctx, obj, tls, plan, own.as_ref()).await?;
+    }
     let outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         Verdict::Hold(hold) => {
@@ -493,6 +556,10 @@ fn next_action(ctx: &Ctx, obj: &HTTPDomainMapping, outcome: &Outcome) -> Action 
         Duration::from_millis(ms.max(0) as u64 + 50)
     });
     let base = match outcome {
+        // A Secret replaced (a renewal) reaches the proxies within `tls_recheck`.
+        Outcome::Active { .. } if obj.spec.tls.is_some() => {
+            Some(ctx.resync_interval.min(ctx.tls_recheck))
+        }
         Outcome::Active { .. } => Some(ctx.resync_interval),
         Outcome::Conflict { .. } => Some(ctx.conflict_retry),
         Outcome::Held(Hold::Pending { .. }) => Some(Duration::from_secs(30)),

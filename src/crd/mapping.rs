@@ -66,6 +66,13 @@ use super::common::{Phase, Placement};
         type_ = "integer",
         json_path = ".status.version",
         priority = 1
+    ),
+    printcolumn(
+        name = "TLS",
+        type_ = "string",
+        json_path = ".status.certificate.state",
+        priority = 1,
+        description = "Ready, or why the certificate is not served"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -232,12 +239,44 @@ pub struct Owner {
     pub user_id: String,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'secret' || has(self.secretName)").message("mode secret needs secretName"))]
 pub struct MappingTls {
-    /// Secret (type kubernetes.io/tls) with the certificate for the domain.
+    /// Where the certificate comes from: `secret` (default: `secretName`) or `acme` (issued).
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Secret (type kubernetes.io/tls, in this namespace) with the certificate for the domain,
+    /// e.g. one cert-manager writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"))]
-    pub secret_name: String,
+    pub secret_name: Option<String>,
+    /// Plain HTTP requests are answered `308` to the same URL over HTTPS.
+    #[serde(default, rename = "redirectHTTP")]
+    pub redirect_http: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Secret,
+    Acme,
+}
+
+/// The certificate the proxies serve for the domain, as the controller last checked it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    /// `Ready`, or why not (the `CertificateReady` condition's reason).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// DNS names the certificate covers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
 }
 
 /// What the controller did with the mapping.
@@ -274,6 +313,9 @@ pub struct HTTPDomainMappingStatus {
     /// Access statistics, flushed periodically by the proxies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<AccessStats>,
+    /// With `spec.tls`: the certificate served, or why none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]

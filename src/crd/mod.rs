@@ -12,8 +12,9 @@ use kube::CustomResourceExt;
 
 pub use common::{HOSTNAME_PATTERN, LABEL_PATTERN, Phase, Placement, SecretKeyRef};
 pub use mapping::{
-    AccessStats, AddressTarget, HTTPDomainMapping, HTTPDomainMappingSpec, HTTPDomainMappingStatus,
-    MappingTls, Owner, ServiceTarget, Target, TargetScheme, TunnelTarget,
+    AccessStats, AddressTarget, CertificateStatus, HTTPDomainMapping, HTTPDomainMappingSpec,
+    HTTPDomainMappingStatus, MappingTls, Owner, ServiceTarget, Target, TargetScheme, TlsMode,
+    TunnelTarget,
 };
 pub use tunnelset::{
     Tunnel, TunnelAuth, TunnelProtocol, TunnelSet, TunnelSetSpec, TunnelSetStatus, TunnelStatus,

@@ -201,7 +201,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let https = match cfg.tls_listen {
         None => None,
         Some(addr) => {
-            let certs = tls::Certs::new(&cfg.tls).map_err(RunError::Config)?;
+            let store_key = crate::cert::StoreKey::from_config(
+                settings.config.http_domain.tls_store_key_file.as_deref(),
+            )
+            .map_err(RunError::Config)?;
+            let certs = tls::Certs::new(&cfg.tls, store_key).map_err(RunError::Config)?;
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| RunError::Bind {

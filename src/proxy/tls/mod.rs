@@ -24,7 +24,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::policy::Ctx;
 use super::server::Conn;
-use crate::cert::Cert;
+use crate::cert::{Cert, StoreKey};
 use crate::config::{CertFiles, ProxyTlsConfig};
 use crate::domain::{CertSource, Declarer, Hostname};
 use config::Shared;
@@ -95,12 +95,19 @@ pub struct Certs {
     operator_stamps: Mutex<Vec<Option<(SystemTime, SystemTime)>>>,
     /// Mapping certificates from files (single-node), by (cert_file, key_file).
     files: Mutex<HashMap<(PathBuf, PathBuf), Loaded>>,
+    /// Opens the mapping certificates the controller sealed into the store (cluster).
+    store_key: Option<StoreKey>,
+    /// Those certificates opened, by domain, with the sealed key they were opened from.
+    sealed: quick_cache::sync::Cache<Hostname, (Arc<str>, Arc<ServerConfig>)>,
 }
+
+/// Sealed certificates kept opened: beyond this, the least used are opened again when needed.
+const MAX_OPENED: usize = 16 * 1024;
 
 impl Certs {
     /// Loads the operator's certificates; an unreadable or mismatched one is an error naming
     /// its field.
-    pub fn new(cfg: &ProxyTlsConfig) -> Result<Self, String> {
+    pub fn new(cfg: &ProxyTlsConfig, store_key: Option<StoreKey>) -> Result<Self, String> {
         let shared = Shared::new()?;
         let operator = Operator::load(cfg, &shared)?;
         let certs = Self {
@@ -109,6 +116,8 @@ impl Certs {
             operator: RwLock::new(Arc::new(operator)),
             operator_stamps: Mutex::new(Vec::new()),
             files: Mutex::new(HashMap::new()),
+            store_key,
+            sealed: quick_cache::sync::Cache::new(MAX_OPENED),
         };
         *certs.operator_stamps.lock().expect("not poisoned") = certs.operator_file_stamps();
         Ok(certs)
@@ -195,6 +204,38 @@ impl Certs {
         }
     }
 
+    /// The configuration for a certificate the controller sealed for `domain`; `None` without
+    /// the store key, or when it does not open or load (logged: the record is the controller's,
+    /// and the handshake falls back to the operator's certificates).
+    pub fn for_sealed(
+        &self,
+        domain: &Hostname,
+        chain_pem: &str,
+        key_sealed: &str,
+    ) -> Option<Arc<ServerConfig>> {
+        if let Some((seen, config)) = self.sealed.get(domain)
+            && &*seen == key_sealed
+        {
+            return Some(config);
+        }
+        let key = self.store_key.as_ref()?;
+        let opened = key
+            .open(domain.as_str(), key_sealed)
+            .and_then(|pem| Cert::from_pem(chain_pem.as_bytes(), &pem).map_err(|e| e.to_string()))
+            .and_then(|cert| self.shared.config(&cert));
+        match opened {
+            Ok(config) => {
+                self.sealed
+                    .insert(domain.clone(), (Arc::from(key_sealed), config.clone()));
+                Some(config)
+            }
+            Err(e) => {
+                tracing::warn!(%domain, error = %e, "the certificate in the store does not open; not served");
+                None
+            }
+        }
+    }
+
     /// The operator's certificate for `name`, else the default.
     pub fn fallback(&self, name: Option<&Hostname>) -> Option<Arc<ServerConfig>> {
         let op = self.operator.read().expect("not poisoned").clone();
@@ -275,6 +316,14 @@ async fn choose(ctx: &Ctx, certs: &Certs, sni: Option<&Hostname>) -> Option<Arc<
                 }
             }
             CertSource::Files { .. } => {}
+            CertSource::Sealed {
+                chain_pem,
+                key_sealed,
+            } => {
+                if let Some(c) = certs.for_sealed(&route.host, chain_pem, key_sealed) {
+                    return Some(c);
+                }
+            }
         }
     }
     certs.fallback(sni)
