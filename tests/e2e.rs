@@ -3060,7 +3060,11 @@ fn https_certificates_from_secrets(s: &Stack) {
         "TUNNOX__HTTP_DOMAIN__TLS_STORE_KEY_FILE",
         store_key.display().to_string(),
     );
-    let (mut ctl, _) = s.controller_with("ctl-https", &s.sa_kubeconfig, &[key_env.clone()]);
+    let (mut ctl, _) = s.controller_with(
+        "ctl-https",
+        &s.sa_kubeconfig,
+        std::slice::from_ref(&key_env),
+    );
     let upstream = support::http::Upstream::start("secure-site");
     let tls_secret = |name: &str, cert: &std::path::Path, key: &std::path::Path| {
         let yaml = s.cp.kubectl_ok(&[
