@@ -253,3 +253,25 @@ Secrets, mounted read-only). */}}
 {{- fail "proxy.admin.trustLoopback is false but proxy.admin.tokenSecret.name is empty: the preStop hook could not drain; set a token Secret" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The store key's volume mount (controller and proxies), when HTTPS is on. */}}
+{{- define "tunnox.https.storeKeyMount" -}}
+{{- if .Values.https.enabled -}}
+- name: tls-store-key
+  mountPath: /var/run/secrets/tunnox/tls-store
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* The store key's volume: the Secret https.storeKeySecret names (required with HTTPS). */}}
+{{- define "tunnox.https.storeKeyVolume" -}}
+{{- if .Values.https.enabled -}}
+- name: tls-store-key
+  secret:
+    secretName: {{ required "https.storeKeySecret.name is required with https.enabled" .Values.https.storeKeySecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.https.storeKeySecret.key | default "key" }}
+        path: key
+{{- end -}}
+{{- end -}}
