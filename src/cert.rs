@@ -38,15 +38,16 @@ pub struct Cert {
 impl Cert {
     /// From PEM text: the chain (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1).
     pub fn from_pem(chain: &[u8], key: &[u8]) -> Result<Self, CertError> {
+        // PEM errors quote the offending text, which may be a key: never passed on.
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
             .collect::<Result<_, _>>()
-            .map_err(|e| CertError::Pem(e.to_string()))?;
+            .map_err(|_| CertError::Pem("malformed".into()))?;
         let Some(leaf) = chain.first() else {
             return Err(CertError::NoCertificate);
         };
         let (names, not_after, issuer) = describe(leaf).map_err(CertError::X509)?;
-        let key =
-            PrivateKeyDer::from_pem_slice(key).map_err(|e| CertError::Key(format!("PEM: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|_| CertError::Key("no well-formed PEM private key".into()))?;
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| CertError::Key(format!("unsupported ({e})")))?;
         let certified = CertifiedKey::new(chain, signer);
@@ -65,6 +66,23 @@ impl Cert {
         let (chain, key) = (read(cert_file)?, read(key_file)?);
         Self::from_pem(&chain, &key)
             .map_err(|e| format!("{} / {}: {e}", cert_file.display(), key_file.display()))
+    }
+
+    /// The chain as PEM, re-encoded from the parsed certificates: only certificates, whatever
+    /// else (a key, say) the text it was read from held.
+    pub fn chain_pem(&self) -> String {
+        use base64::Engine;
+        let mut out = String::new();
+        for c in &self.key.cert {
+            out.push_str("-----BEGIN CERTIFICATE-----\n");
+            let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+            for line in b64.as_bytes().chunks(64) {
+                out.push_str(std::str::from_utf8(line).unwrap_or_default());
+                out.push('\n');
+            }
+            out.push_str("-----END CERTIFICATE-----\n");
+        }
+        out
     }
 
     /// Whether the certificate is valid for `name` (exact or wildcard, as clients judge it).

@@ -556,11 +556,11 @@ pub struct ControllerConfig {
     pub lease_duration: Dur,
     /// How often the leader renews (and a standby retries).
     pub renew_interval: Dur,
-    /// How often every mapping is compared with Redis and repaired (anti-entropy).
     /// How often a mapping with `spec.tls` reads its Secret again: a renewed certificate
     /// reaches new handshakes within about this long (one Secret read per TLS mapping per
     /// interval; the controller is granted `get`, not `list`/`watch`, on Secrets).
     pub tls_recheck_interval: Dur,
+    /// How often every mapping is compared with Redis and repaired (anti-entropy).
     pub resync_interval: Dur,
     /// How often a mapping in `Conflict` checks again, besides being woken when the holder goes.
     pub conflict_retry: Dur,

@@ -258,6 +258,12 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    if ctl.tls_recheck_interval.get().is_zero() {
+        return Err(err(
+            "controller.tls_recheck_interval",
+            "must be greater than 0".into(),
+        ));
+    }
     if ctl.concurrency == 0 {
         return Err(err("controller.concurrency", "must be at least 1".into()));
     }

@@ -11,6 +11,10 @@ use crate::cert::{Cert, CertError, StoreKey};
 use crate::crd::{MappingTls as TlsSpec, TlsMode};
 use crate::domain::{CertSource, Hostname, MappingTls};
 
+/// The largest `tls.key` accepted: an RSA 8192 key in PEM is about 6.5 KiB; sealed and in
+/// base64 this stays under the record's limit.
+pub const MAX_KEY_PEM: usize = 10 * 1024;
+
 /// The Secret type whose certificates are served.
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
 
@@ -87,6 +91,15 @@ pub fn decide(
             format!("Secret {ns}/{name} lacks tls.crt or tls.key"),
         );
     };
+    if pem.len() > MAX_KEY_PEM {
+        return not_ready(
+            "CertificateInvalid",
+            format!(
+                "Secret {ns}/{name}: tls.key is {} bytes, more than {MAX_KEY_PEM}",
+                pem.len()
+            ),
+        );
+    }
     if chain.len() > crate::domain::tls::MAX_CHAIN_PEM {
         return not_ready(
             "CertificateInvalid",
@@ -127,15 +140,8 @@ pub fn decide(
             ),
         );
     }
-    let chain_pem = match std::str::from_utf8(chain) {
-        Ok(s) => s.to_string(),
-        Err(_) => {
-            return not_ready(
-                "CertificateInvalid",
-                format!("Secret {ns}/{name}: tls.crt is not text"),
-            );
-        }
-    };
+    // Only the parsed certificates: a key bundled into tls.crt never reaches the store.
+    let chain_pem = cert.chain_pem();
     let key_sealed = match key.seal(full.as_str(), pem) {
         Ok(s) => s,
         Err(e) => return not_ready("SealFailed", format!("sealing the key failed: {e}")),
@@ -263,6 +269,34 @@ mod tests {
                 "CertificateExpired",
             ),
         ];
+        // A key bundled into tls.crt passes, and never reaches the record.
+        let bundle = format!("{good}{good_key}");
+        let huge = format!("{good_key}{}", " ".repeat(MAX_KEY_PEM));
+        let one_line = good_key.replace('\n', "\\n");
+        let cases: Vec<_> = cases
+            .into_iter()
+            .chain([
+                (
+                    s.clone(),
+                    Some(tls(&good_key, &bundle)),
+                    Some(&key),
+                    "Ready",
+                ),
+                (
+                    s.clone(),
+                    Some(tls(&huge, &good)),
+                    Some(&key),
+                    "CertificateInvalid",
+                ),
+                (
+                    s.clone(),
+                    Some(tls(&one_line, &good)),
+                    Some(&key),
+                    "CertificateInvalid",
+                ),
+            ])
+            .collect();
+        let key_line = good_key.lines().nth(1).unwrap().to_string();
         for (spec, secret, store_key, want) in cases {
             let (record, state) =
                 decide(&spec, "team", secret.as_ref(), &full, store_key, Utc::now());
@@ -271,6 +305,13 @@ mod tests {
                 CertState::NotReady { reason, .. } => reason,
             };
             assert_eq!(got, want, "{state:?}");
+            if let CertState::NotReady { message, .. } = &state {
+                // Never a key's text (or its bytes) in a message anyone may read.
+                assert!(
+                    !message.contains(&key_line[..20]) && !message.contains("[45,"),
+                    "{message}"
+                );
+            }
             match (record, want) {
                 (Some(r), "Ready") => {
                     assert!(r.redirect_http);
@@ -282,6 +323,7 @@ mod tests {
                         panic!("sealed");
                     };
                     assert!(chain_pem.contains("BEGIN CERTIFICATE"));
+                    assert!(!chain_pem.contains("PRIVATE KEY"), "no key in the chain");
                     assert!(
                         !key_sealed.contains("PRIVATE KEY"),
                         "sealed, not in the clear"

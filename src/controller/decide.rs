@@ -654,8 +654,9 @@ pub fn status(
         condition("Ready", ready.0, ready.1, ready.2, generation, &now, prev),
     ];
     let cert = match outcome {
-        Outcome::Active { plan, .. } | Outcome::Conflict { plan, .. } => plan.certificate.as_ref(),
-        Outcome::Held(_) => None,
+        // Only what is served: a mapping in Conflict serves nothing.
+        Outcome::Active { plan, .. } => plan.certificate.as_ref(),
+        Outcome::Conflict { .. } | Outcome::Held(_) => None,
     };
     if let Some(cert) = cert {
         use super::certificate::CertState;

@@ -205,6 +205,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 settings.config.http_domain.tls_store_key_file.as_deref(),
             )
             .map_err(RunError::Config)?;
+            if settings.uses_redis && store_key.is_none() {
+                tracing::warn!(
+                    "proxy.tls_listen without http_domain.tls_store_key_file: certificates from Secrets (spec.tls) cannot be opened; only proxy.tls certificates are served"
+                );
+            }
             let certs = tls::Certs::new(&cfg.tls, store_key).map_err(RunError::Config)?;
             let l = tokio::net::TcpListener::bind(addr)
                 .await

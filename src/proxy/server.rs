@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::deadline::{self, Guarded, IdleBody, OpenStreams, WriteIdle};
 use super::error::{RequestId, X_REQUEST_ID};
-use super::forward::ClientInfo;
+use super::forward::{ClientInfo, X_FORWARDED_PROTO};
 use super::h1::{Exit, Rewind};
 use super::metrics::ProxyMetrics;
 use super::policy::{self, Ctx, HOPS, Via};
@@ -393,7 +393,15 @@ async fn route(
     let hops = policy::parse_hops(req.headers().get_all(HOPS).iter().map(|v| v.as_bytes()))?;
     let admitted = ctx.admit(&host, hops).await?;
     let route = admitted.route.clone();
-    if !conn.secure && route.redirects_http() {
+    // A peer's request came over HTTPS to that peer when it says so (the node token is
+    // checked): it is neither redirected again nor told it was plain.
+    let secure = conn.secure
+        || (from_peer
+            && req
+                .headers()
+                .get(X_FORWARDED_PROTO)
+                .is_some_and(|v| v.as_bytes() == b"https"));
+    if !secure && !from_peer && route.redirects_http() {
         return Err(ProxyError::RedirectToHttps {
             location: ctx.https_location(&host, req.uri()),
         });
@@ -416,7 +424,7 @@ async fn route(
         peer,
         host: &raw_host,
         hops: admitted.hops,
-        proto: if conn.secure { "https" } else { "http" },
+        proto: if secure { "https" } else { "http" },
     };
     let req = Request::from_parts(parts, body);
     let resp = match &admitted.tunnel {

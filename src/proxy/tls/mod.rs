@@ -99,6 +99,8 @@ pub struct Certs {
     store_key: Option<StoreKey>,
     /// Those certificates opened, by domain, with the sealed key they were opened from.
     sealed: quick_cache::sync::Cache<Hostname, (Arc<str>, Arc<ServerConfig>)>,
+    /// Sealed keys that did not open (logged once each, not at every handshake).
+    unopened: quick_cache::sync::Cache<Hostname, Arc<str>>,
 }
 
 /// Sealed certificates kept opened: beyond this, the least used are opened again when needed.
@@ -118,6 +120,7 @@ impl Certs {
             files: Mutex::new(HashMap::new()),
             store_key,
             sealed: quick_cache::sync::Cache::new(MAX_OPENED),
+            unopened: quick_cache::sync::Cache::new(MAX_OPENED),
         };
         *certs.operator_stamps.lock().expect("not poisoned") = certs.operator_file_stamps();
         Ok(certs)
@@ -218,7 +221,18 @@ impl Certs {
         {
             return Some(config);
         }
-        let key = self.store_key.as_ref()?;
+        if self
+            .unopened
+            .get(domain)
+            .is_some_and(|seen| &*seen == key_sealed)
+        {
+            return None;
+        }
+        let Some(key) = self.store_key.as_ref() else {
+            self.unopened.insert(domain.clone(), Arc::from(key_sealed));
+            tracing::warn!(%domain, "the store has a certificate for this domain but the proxy has no http_domain.tls_store_key_file: not served");
+            return None;
+        };
         let opened = key
             .open(domain.as_str(), key_sealed)
             .and_then(|pem| Cert::from_pem(chain_pem.as_bytes(), &pem).map_err(|e| e.to_string()))
@@ -230,6 +244,7 @@ impl Certs {
                 Some(config)
             }
             Err(e) => {
+                self.unopened.insert(domain.clone(), Arc::from(key_sealed));
                 tracing::warn!(%domain, error = %e, "the certificate in the store does not open; not served");
                 None
             }
