@@ -29,16 +29,11 @@ fn openssl(args: &[&str]) {
 impl Pki {
     /// ECDSA P-256 CA `prefix-ca.pem` and a server certificate for `localhost` and `127.0.0.1`.
     pub fn new(dir: &Path, prefix: &str) -> Self {
-        let p = |s: &str| dir.join(format!("{prefix}-{s}"));
-        let s = |p: &PathBuf| p.to_str().unwrap().to_string();
-        let (ca, ca_key, key, csr, cert, ext) = (
-            p("ca.pem"),
-            p("ca.key"),
-            p("key.pem"),
-            p("csr.pem"),
-            p("cert.pem"),
-            p("ext.cnf"),
+        let (ca, ca_key) = (
+            dir.join(format!("{prefix}-ca.pem")),
+            dir.join(format!("{prefix}-ca.key")),
         );
+        let s = |p: &PathBuf| p.to_str().unwrap().to_string();
         openssl(&[
             "req",
             "-x509",
@@ -56,48 +51,19 @@ impl Pki {
             "-subj",
             &format!("/CN={prefix} test CA"),
         ]);
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &s(&key),
-            "-out",
-            &s(&csr),
-            "-subj",
-            "/CN=localhost",
-        ]);
-        std::fs::write(
-            &ext,
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &s(&csr),
-            "-CA",
-            &s(&ca),
-            "-CAkey",
-            &s(&ca_key),
-            "-CAcreateserial",
-            "-out",
-            &s(&cert),
-            "-days",
-            "2",
-            "-extfile",
-            &s(&ext),
-        ]);
-        Self {
+        let mut pki = Self {
             ca,
             ca_key,
-            cert,
-            key,
-        }
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        };
+        (pki.cert, pki.key) = pki.issue(
+            dir,
+            &format!("{prefix}-server"),
+            "localhost",
+            "DNS:localhost,IP:127.0.0.1",
+        );
+        pki
     }
 
     /// A new ECDSA P-256 server certificate signed by this CA, with subject `CN=cn` and the
