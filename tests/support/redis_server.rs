@@ -493,7 +493,12 @@ impl SentinelGroup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("replica on {port} not in sync within {within:?}");
+        // What the node and the sentinels say, for whoever reads the failure.
+        panic!(
+            "replica on {port} not in sync within {within:?}\n--- its replication info:\n{}\n--- the sentinels name the master on port {}",
+            node.cli(&["info", "replication"]),
+            self.master_port()
+        );
     }
 
     /// Restarts the killed data node on `port` as a replica of the current master.
