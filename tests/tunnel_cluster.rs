@@ -23,6 +23,8 @@ use tunnox::store::{
 use tunnox::tunnel::credential::{ClientCredential, TokenHash};
 
 const HOST: &str = "app.tunnox.net";
+/// The text of an HTTPS fleet's store key file.
+const STORE_KEY_TEXT: &str = "cluster-test-store-key-0123456789abcdef0123";
 const CLIENT: &str = "laptop";
 
 struct Node {
@@ -33,6 +35,8 @@ struct Node {
     http: u16,
     admin: u16,
     tunnel: u16,
+    /// The HTTPS listener's port (used with `Fleet::start_https`).
+    https: u16,
     proc: Option<ProxyProc>,
 }
 
@@ -46,11 +50,22 @@ struct Fleet {
     node_token: PathBuf,
     agent_token: PathBuf,
     nodes: Vec<Node>,
+    /// The store key file every node opens sealed certificates with (HTTPS fleets only).
+    store_key: Option<PathBuf>,
 }
 
 impl Fleet {
     /// Redis, an upstream, a credential for `laptop`, a mapping to it, and `n` ready proxies.
     fn start(n: usize) -> Self {
+        Self::start_with(n, false)
+    }
+
+    /// A fleet whose nodes also listen for HTTPS, sharing a store key.
+    fn start_https(n: usize) -> Self {
+        Self::start_with(n, true)
+    }
+
+    fn start_with(n: usize, https: bool) -> Self {
         let redis = RedisServer::start();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -84,7 +99,11 @@ impl Fleet {
             node_token,
             agent_token,
             nodes: Vec::new(),
+            store_key: None,
         };
+        if https {
+            fleet.store_key = Some(secret_file(fleet.dir.path(), "store-key", STORE_KEY_TEXT));
+        }
         for i in 0..n {
             let node = Node {
                 name: String::new(),
@@ -93,6 +112,7 @@ impl Fleet {
                 http: free_port(),
                 admin: free_port(),
                 tunnel: free_port(),
+                https: free_port(),
                 proc: None,
             };
             fleet.nodes.push(node);
@@ -102,9 +122,14 @@ impl Fleet {
     }
 
     fn yaml(&self) -> String {
+        let key = self
+            .store_key
+            .as_ref()
+            .map(|k| format!(", tls_store_key_file: \"{}\"", k.display()))
+            .unwrap_or_default();
         format!(
             "storage: {{type: redis, redis: {{addr: \"{}\"}}}}
-http_domain: {{base_domains: [tunnox.net], sync: {{check_interval: 1s}}}}
+http_domain: {{base_domains: [tunnox.net], sync: {{check_interval: 1s}}{key}}}
 egress: {{allow: [\"127.0.0.0/8\"]}}
 log: {{level: debug}}",
             self.redis.addr()
@@ -129,8 +154,12 @@ log: {{level: debug}}",
             ),
             1,
         );
+        let https = match &self.store_key {
+            Some(_) => format!(", tls_listen: \"127.0.0.1:{}\"", n.https),
+            None => String::new(),
+        };
         let extra = format!(
-            "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {tunnel}"
+            "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {tunnel}{https}"
         );
         let p = ProxyProc::start_on(
             self.dir.path(),
@@ -1131,4 +1160,80 @@ fn an_http_group_mapping_reaches_members_on_another_node() {
         trouble(&f)
     );
     assert_eq!(forwarded(admins[1]) - before, 10);
+}
+
+/// HTTPS through a tunnel whose session is on another node: node 0 terminates TLS with the
+/// certificate the controller would seal into the record, and forwards over the fleet's plain
+/// HTTP to node 1, which holds the agent's session. Node 1 must neither redirect the request
+/// again (the mapping has `redirect_http`: a 308 loop) nor tell the upstream it came over HTTP.
+#[test]
+fn https_to_a_tunnel_held_by_another_node_is_not_redirected_again() {
+    use tunnox::domain::{CertSource, MappingTls};
+    let f = Fleet::start_https(2);
+    let (cert, key) = f
+        .pki
+        .issue(f.dir.path(), "sec", "sec.tunnox.net", "DNS:sec.tunnox.net");
+    let store_key = tunnox::cert::StoreKey::from_secret(STORE_KEY_TEXT).unwrap();
+    let mut spec = MappingSpec::new("sec", "tunnox.net", "127.0.0.1", f.up.port);
+    spec.target_client_id = Some(CLIENT.into());
+    spec.enable_https = true;
+    spec.tls = Some(MappingTls {
+        redirect_http: true,
+        cert: CertSource::Sealed {
+            chain_pem: std::fs::read_to_string(&cert).unwrap(),
+            key_sealed: store_key
+                .seal("sec.tunnox.net", &std::fs::read(&key).unwrap())
+                .unwrap(),
+        },
+    });
+    f.rt.block_on(f.store.create(spec)).unwrap();
+    let _agent = f.agent(&[1], &[]);
+    eventually("agent session on p1", Duration::from_secs(15), || {
+        f.holder().as_deref() == Some("p1")
+    });
+    let https = |i: usize| -> (String, String) {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "--cacert",
+                f.pki.ca.to_str().unwrap(),
+            ])
+            .args([
+                "--resolve",
+                &format!("sec.tunnox.net:{}:127.0.0.1", f.nodes[i].https),
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(format!(
+                "https://sec.tunnox.net:{}/headers",
+                f.nodes[i].https
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    };
+    eventually(
+        "served over HTTPS through p1",
+        Duration::from_secs(10),
+        || https(1).0 == "200",
+    );
+    // Through p0: TLS ends there, the session is on p1.
+    let (code, body) = https(0);
+    assert_eq!(
+        code,
+        "200",
+        "not redirected again by the holder: {body}\n{}",
+        trouble(&f)
+    );
+    assert!(
+        body.contains("x-forwarded-proto: https"),
+        "the upstream is told the client used HTTPS: {body}"
+    );
+    // Plain HTTP is still redirected, by whichever node takes it.
+    let plain = support::http::get(f.nodes[0].http, "sec.tunnox.net", "/").unwrap();
+    assert_eq!(plain.status, 308);
 }
