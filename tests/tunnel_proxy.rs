@@ -622,6 +622,17 @@ async fn a_killed_holder_leaves_a_stale_record_that_routes_nothing() {
         .await
         .expect("admitted by a");
     sessions_held(&n.a, 1).await;
+    // b finds a through the session's record, written just after the session enters a's
+    // table: wait for the record too.
+    {
+        use tunnox::store::TunnelRegistry;
+        for _ in 0..100 {
+            if !n.store.sessions("laptop").await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let (st, _, _) = send(&c, n.b.port, "app.tunnox.net", "/echo", b"x".to_vec()).await;
     assert_eq!(st, 200, "b forwards to a");
     // SIGKILL: a's session record stays in Redis until its TTL.
