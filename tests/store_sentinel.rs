@@ -228,19 +228,27 @@ async fn claims_survive(group: &mut SentinelGroup, fail: impl FnOnce(&mut Sentin
 async fn claims_continue_through_a_killed_master_and_none_is_lost() {
     let mut group = SentinelGroup::start();
     claims_survive(&mut group, SentinelGroup::kill_master).await;
-    one_master(&group);
+    one_master(&group).await;
 }
 
 /// Exactly one data node is a master, the one the sentinels name (a loaded machine may see a
 /// second failover, back to the restarted node: that is fine, the store follows either way).
-fn one_master(group: &SentinelGroup) {
-    let masters: Vec<u16> = group
-        .servers
-        .iter()
-        .filter(|s| s.cli(&["role"]).starts_with("master"))
-        .map(|s| s.port())
-        .collect();
-    assert_eq!(masters, [group.master_port()]);
+/// A demoted master that stayed up is told to replicate only after the sentinels have seen it
+/// report the wrong role for a while (Redis waits 4 publish periods, 8 s), so this waits for it.
+async fn one_master(group: &SentinelGroup) {
+    let masters = || -> Vec<u16> {
+        group
+            .servers
+            .iter()
+            .filter(|s| s.cli(&["role"]).starts_with("master"))
+            .map(|s| s.port())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while masters() != [group.master_port()] && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(masters(), [group.master_port()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +263,7 @@ async fn a_master_demoted_while_up_sends_writes_to_the_new_one() {
         old
     })
     .await;
-    one_master(&group);
+    one_master(&group).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
