@@ -31,6 +31,7 @@ pub struct Cert {
     pub key: Arc<CertifiedKey>,
     /// DNS names of its subject alternative names, lower case (`*.` for wildcards).
     pub names: Vec<String>,
+    pub not_before: DateTime<Utc>,
     pub not_after: DateTime<Utc>,
     pub issuer: String,
 }
@@ -45,7 +46,12 @@ impl Cert {
         let Some(leaf) = chain.first() else {
             return Err(CertError::NoCertificate);
         };
-        let (names, not_after, issuer) = describe(leaf).map_err(CertError::X509)?;
+        let Described {
+            names,
+            not_before,
+            not_after,
+            issuer,
+        } = describe(leaf).map_err(CertError::X509)?;
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|_| CertError::Key("no well-formed PEM private key".into()))?;
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)
@@ -55,6 +61,7 @@ impl Cert {
         Ok(Self {
             key: Arc::new(certified),
             names,
+            not_before,
             not_after,
             issuer,
         })
@@ -102,8 +109,15 @@ impl Cert {
     }
 }
 
-/// The leaf's DNS names, expiry and issuer.
-fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, DateTime<Utc>, String), String> {
+struct Described {
+    names: Vec<String>,
+    not_before: DateTime<Utc>,
+    not_after: DateTime<Utc>,
+    issuer: String,
+}
+
+/// The leaf's DNS names, validity and issuer.
+fn describe(leaf: &CertificateDer<'_>) -> Result<Described, String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, x) =
         X509Certificate::from_der(leaf.as_ref()).map_err(|e| format!("not X.509 ({e})"))?;
@@ -122,9 +136,15 @@ fn describe(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, DateTime<Utc>, St
                 .collect()
         })
         .unwrap_or_default();
-    let not_after = DateTime::from_timestamp(x.validity().not_after.timestamp(), 0)
-        .ok_or("expiry out of range")?;
-    Ok((names, not_after, x.issuer().to_string()))
+    let time = |t: x509_parser::time::ASN1Time| {
+        DateTime::from_timestamp(t.timestamp(), 0).ok_or("validity out of range")
+    };
+    Ok(Described {
+        names,
+        not_before: time(x.validity().not_before)?,
+        not_after: time(x.validity().not_after)?,
+        issuer: x.issuer().to_string(),
+    })
 }
 
 /// The key that seals certificate keys in the store: the controller seals what it reads from

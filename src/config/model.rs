@@ -580,6 +580,50 @@ pub struct ControllerConfig {
     /// A Service per TunnelSet in the controller's namespace, exposing its claimed remote ports
     /// on the proxy pods of its set.
     pub tunnel_service: TunnelServiceConfig,
+    /// Certificates issued through ACME for mappings with `spec.tls.mode: acme`; off unless
+    /// a directory is named.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `controller.acme`: the ACME server the leader orders certificates from (HTTP-01, answered
+/// by every proxy from the store).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeConfig {
+    /// The directory URL, e.g. Let's Encrypt's production or staging directory.
+    pub directory_url: String,
+    /// The account's contact (`mailto:` is added).
+    pub email: Option<String>,
+    /// A PEM file of CA certificates to trust for the directory's own TLS (a private ACME
+    /// server); default the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Namespace of the account Secret and of the issued certificates' Secrets; default
+    /// `$POD_NAMESPACE`, else `default`.
+    pub namespace: Option<String>,
+    /// The Secret holding the account's credentials (created at first use).
+    pub account_secret: String,
+    /// How long a challenge answer stays in the store.
+    pub challenge_ttl: Dur,
+    /// How long one order may take, from creation to the downloaded certificate.
+    pub order_timeout: Dur,
+    /// The longest wait between two failed attempts for a domain (they start at 1 minute and
+    /// double; a CA's `Retry-After` is honoured when longer).
+    pub retry_max: Dur,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        Self {
+            directory_url: String::new(),
+            email: None,
+            ca_file: None,
+            namespace: None,
+            account_secret: "tunnox-acme-account".into(),
+            challenge_ttl: Dur::secs(600),
+            order_timeout: Dur::secs(120),
+            retry_max: Dur::secs(3600),
+        }
+    }
 }
 
 /// `controller.tunnel_service`: the Service publishing a TunnelSet's remote ports.
@@ -623,6 +667,7 @@ impl Default for ControllerConfig {
             cluster_id: None,
             remote_port_range: [20000, 29999],
             tunnel_service: TunnelServiceConfig::default(),
+            acme: None,
         }
     }
 }

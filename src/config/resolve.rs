@@ -273,6 +273,14 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    if let Some(acme) = &ctl.acme {
+        check_acme(acme).map_err(|(field, m)| err(field, m))?;
+        // The proxies answer HTTP-01 challenges from the store; ordering is not built yet.
+        return Err(err(
+            "controller.acme",
+            "ordering certificates through ACME is not implemented yet; use spec.tls.mode secret with a Secret (e.g. from cert-manager)".into(),
+        ));
+    }
     if let Some(id) = &ctl.cluster_id {
         check_cluster_id(id).map_err(|m| err("controller.cluster_id", m))?;
     }
@@ -670,6 +678,64 @@ fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, Stri
                 p.worker_threads
             ),
         ));
+    }
+    Ok(())
+}
+
+/// `controller.acme`: an `https://` directory (plain `http://` only on loopback), positive
+/// durations, a Secret name Kubernetes accepts.
+fn check_acme(acme: &super::model::AcmeConfig) -> Result<(), (&'static str, String)> {
+    let url = acme.directory_url.as_str();
+    let parsed = url.parse::<http::Uri>().ok();
+    let loopback_http = parsed.as_ref().is_some_and(|u| {
+        u.scheme_str() == Some("http")
+            && u.host().is_some_and(|h| {
+                h == "localhost"
+                    || h.trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            })
+    });
+    if !(parsed
+        .as_ref()
+        .is_some_and(|u| u.scheme_str() == Some("https") && u.host().is_some())
+        || loopback_http)
+    {
+        return Err((
+            "controller.acme.directory_url",
+            format!("{url:?} is not an https:// URL"),
+        ));
+    }
+    if let Some(email) = &acme.email
+        && (email.len() > 254
+            || email.split('@').count() != 2
+            || email.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err((
+            "controller.acme.email",
+            format!("{email:?} is not an email address"),
+        ));
+    }
+    let name = &acme.account_secret;
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Err((
+            "controller.acme.account_secret",
+            format!("{name:?} is not a Secret name (lowercase letters, digits, '-', '.')"),
+        ));
+    }
+    for (field, d) in [
+        ("controller.acme.challenge_ttl", acme.challenge_ttl),
+        ("controller.acme.order_timeout", acme.order_timeout),
+        ("controller.acme.retry_max", acme.retry_max),
+    ] {
+        if d.get() < std::time::Duration::from_secs(1) {
+            return Err((field, "must be at least 1s".into()));
+        }
     }
     Ok(())
 }

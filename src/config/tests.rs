@@ -412,6 +412,32 @@ fn errors_name_the_field() {
             vec![],
             vec!["controller.cluster_id"],
         ),
+        (
+            "controller: {acme: {directory_url: 'http://acme.example/dir'}}",
+            vec![],
+            vec!["controller.acme.directory_url", "acme.example", "https://"],
+        ),
+        (
+            "controller: {acme: {directory_url: 'https://acme.example/dir', email: 'a b@c'}}",
+            vec![],
+            vec!["controller.acme.email", "a b@c"],
+        ),
+        (
+            "controller: {acme: {directory_url: 'https://acme.example/dir', account_secret: 'Acme_1'}}",
+            vec![],
+            vec!["controller.acme.account_secret", "Acme_1"],
+        ),
+        (
+            "controller: {acme: {directory_url: 'https://acme.example/dir', order_timeout: 0s}}",
+            vec![],
+            vec!["controller.acme.order_timeout", "at least 1s"],
+        ),
+        // Well formed, and refused until ordering is built.
+        (
+            "controller: {acme: {directory_url: 'http://127.0.0.1:14000/dir', email: ops@example.com}}",
+            vec![],
+            vec!["controller.acme", "not implemented yet"],
+        ),
     ];
     for (yaml, vars, wants) in cases {
         let e = settings_env(yaml, &vars)

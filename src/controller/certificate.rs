@@ -22,9 +22,12 @@ pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
 #[derive(Debug, Clone, PartialEq)]
 pub enum CertState {
     Ready {
+        not_before: DateTime<Utc>,
         not_after: DateTime<Utc>,
         issuer: String,
         names: Vec<String>,
+        /// ACME: what became of a renewal under way or failed (the certificate is still good).
+        renewal: Option<String>,
     },
     NotReady {
         reason: &'static str,
@@ -47,8 +50,8 @@ pub fn decide(
     let name = match (spec.mode, &spec.secret_name) {
         (TlsMode::Acme, _) => {
             return not_ready(
-                "AcmeNotBuilt",
-                "spec.tls.mode acme: issuing certificates through ACME is not built yet; use mode secret with a Secret (e.g. from cert-manager)".into(),
+                "AcmeNotConfigured",
+                "spec.tls.mode acme: the controller has no controller.acme (an ACME directory to order from); use mode secret with a Secret (e.g. from cert-manager)".into(),
             );
         }
         (TlsMode::Secret, None) => {
@@ -59,23 +62,46 @@ pub fn decide(
         }
         (TlsMode::Secret, Some(n)) => n,
     };
-    let Some(key) = key else {
-        return not_ready(
-            "StoreKeyMissing",
-            "the controller has no http_domain.tls_store_key_file: certificates cannot be published to the proxies".into(),
-        );
-    };
     let Some(secret) = secret else {
+        if key.is_none() {
+            return not_ready("StoreKeyMissing", STORE_KEY_MISSING.into());
+        }
         return not_ready(
             "SecretNotFound",
             format!("Secret {ns}/{name} (spec.tls.secretName) does not exist"),
         );
     };
+    from_secret(
+        secret,
+        &format!("Secret {ns}/{name}"),
+        full,
+        key,
+        spec.redirect_http,
+        now,
+    )
+}
+
+const STORE_KEY_MISSING: &str = "the controller has no http_domain.tls_store_key_file: certificates cannot be published to the proxies";
+
+/// The record's `tls` and the state for the certificate in `secret` (`at` names it in
+/// messages): what `mode: secret` and `mode: acme` (its issued Secret) share.
+pub fn from_secret(
+    secret: &Secret,
+    at: &str,
+    full: &Hostname,
+    key: Option<&StoreKey>,
+    redirect_http: bool,
+    now: DateTime<Utc>,
+) -> (Option<MappingTls>, CertState) {
+    let not_ready = |reason, message: String| (None, CertState::NotReady { reason, message });
+    let Some(key) = key else {
+        return not_ready("StoreKeyMissing", STORE_KEY_MISSING.into());
+    };
     let kind = secret.type_.as_deref().unwrap_or("Opaque");
     if kind != TLS_SECRET_TYPE {
         return not_ready(
             "SecretWrongType",
-            format!("Secret {ns}/{name} is of type {kind}, not {TLS_SECRET_TYPE}"),
+            format!("{at} is of type {kind}, not {TLS_SECRET_TYPE}"),
         );
     }
     let field = |k: &str| {
@@ -86,16 +112,13 @@ pub fn decide(
             .map(|b| b.0.as_slice())
     };
     let (Some(chain), Some(pem)) = (field("tls.crt"), field("tls.key")) else {
-        return not_ready(
-            "SecretIncomplete",
-            format!("Secret {ns}/{name} lacks tls.crt or tls.key"),
-        );
+        return not_ready("SecretIncomplete", format!("{at} lacks tls.crt or tls.key"));
     };
     if pem.len() > MAX_KEY_PEM {
         return not_ready(
             "CertificateInvalid",
             format!(
-                "Secret {ns}/{name}: tls.key is {} bytes, more than {MAX_KEY_PEM}",
+                "{at}: tls.key is {} bytes, more than {MAX_KEY_PEM}",
                 pem.len()
             ),
         );
@@ -104,7 +127,7 @@ pub fn decide(
         return not_ready(
             "CertificateInvalid",
             format!(
-                "Secret {ns}/{name}: tls.crt is {} bytes, more than {}",
+                "{at}: tls.crt is {} bytes, more than {}",
                 chain.len(),
                 crate::domain::tls::MAX_CHAIN_PEM
             ),
@@ -115,18 +138,18 @@ pub fn decide(
         Err(CertError::KeyMismatch) => {
             return not_ready(
                 "KeyMismatch",
-                format!("Secret {ns}/{name}: tls.key does not match the certificate in tls.crt"),
+                format!("{at}: tls.key does not match the certificate in tls.crt"),
             );
         }
         Err(e) => {
-            return not_ready("CertificateInvalid", format!("Secret {ns}/{name}: {e}"));
+            return not_ready("CertificateInvalid", format!("{at}: {e}"));
         }
     };
     if !cert.covers(full.as_str()) {
         return not_ready(
             "NameMismatch",
             format!(
-                "Secret {ns}/{name}: the certificate is for [{}], not {full}",
+                "{at}: the certificate is for [{}], not {full}",
                 cert.names.join(", ")
             ),
         );
@@ -134,10 +157,7 @@ pub fn decide(
     if cert.expired(now) {
         return not_ready(
             "CertificateExpired",
-            format!(
-                "Secret {ns}/{name}: the certificate expired at {}",
-                cert.not_after
-            ),
+            format!("{at}: the certificate expired at {}", cert.not_after),
         );
     }
     // Only the parsed certificates: a key bundled into tls.crt never reaches the store.
@@ -148,16 +168,18 @@ pub fn decide(
     };
     (
         Some(MappingTls {
-            redirect_http: spec.redirect_http,
+            redirect_http,
             cert: CertSource::Sealed {
                 chain_pem,
                 key_sealed,
             },
         }),
         CertState::Ready {
+            not_before: cert.not_before,
             not_after: cert.not_after,
             issuer: cert.issuer,
             names: cert.names,
+            renewal: None,
         },
     )
 }
@@ -215,7 +237,12 @@ mod tests {
         let cases: Vec<(TlsSpec, Option<Secret>, Option<&StoreKey>, &str)> = vec![
             (s.clone(), Some(tls(&good_key, &good)), Some(&key), "Ready"),
             (s.clone(), Some(tls(&wild_key, &wild)), Some(&key), "Ready"),
-            (spec(TlsMode::Acme, None), None, Some(&key), "AcmeNotBuilt"),
+            (
+                spec(TlsMode::Acme, None),
+                None,
+                Some(&key),
+                "AcmeNotConfigured",
+            ),
             (
                 spec(TlsMode::Secret, None),
                 None,

@@ -670,10 +670,15 @@ pub fn status(
                 not_after,
                 issuer,
                 names,
+                renewal,
+                ..
             } => (
                 true,
                 "Ready",
-                format!("served until {not_after}, issued by {issuer}"),
+                match renewal {
+                    None => format!("served until {not_after}, issued by {issuer}"),
+                    Some(r) => format!("served until {not_after}, issued by {issuer}; {r}"),
+                },
                 crate::crd::CertificateStatus {
                     state: "Ready".into(),
                     not_after: time(not_after),

@@ -26,7 +26,6 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Settings;
 use crate::crd::{HTTPDomainMapping, TunnelSet};
 use crate::observe::admin::{self, Health};
-use crate::store::{MappingStore, StoreBackend, TunnelRegistry};
 pub use metrics::Metrics;
 pub use reconcile::{Ctx, FIELD_MANAGER, FINALIZER};
 
@@ -80,37 +79,6 @@ fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
     )
 }
 
-/// The mapping store, the tunnel registry and (Redis only) the remote ports: one connection
-/// serves all.
-type Stores = (
-    Arc<dyn MappingStore>,
-    Arc<dyn TunnelRegistry>,
-    Option<Arc<dyn crate::store::PortRegistry>>,
-);
-
-async fn open_store(backend: StoreBackend) -> Result<Stores, crate::store::StoreError> {
-    Ok(match backend {
-        StoreBackend::Redis(opts) => {
-            let s = Arc::new(crate::store::RedisStore::connect(opts).await?);
-            (s.clone(), s.clone(), Some(s))
-        }
-        StoreBackend::Memory {
-            persist,
-            changes_max_len,
-            subscription_buffer,
-            node_id,
-        } => {
-            let s = Arc::new(crate::store::MemoryStore::open(
-                persist,
-                changes_max_len,
-                subscription_buffer,
-                &node_id,
-            )?);
-            (s.clone(), s, None)
-        }
-    })
-}
-
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
     let cfg = settings.config.controller.clone();
@@ -122,7 +90,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let client = Client::try_default().await?;
     let cluster_id = cluster::identity(&client, cfg.cluster_id.as_deref()).await?;
     tracing::info!(cluster_id = %cluster_id, "cluster identity (record sources are k8s:<cluster>/<namespace>/<name>)");
-    let (store, registry, ports) = open_store(settings.store_backend(&me)).await?;
+    let crate::store::Stores {
+        mappings: store,
+        sessions: registry,
+        ports,
+        ..
+    } = crate::store::open_all(settings.store_backend(&me)).await?;
     let metrics = Metrics::new();
     let health = Health::default();
     let (stop_tx, stop_rx) = watch::channel(false);

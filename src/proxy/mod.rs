@@ -3,6 +3,7 @@
 //!
 //! Single-node (`storage.type: memory`): no Redis; mappings come from the file's `mappings:`.
 
+mod acme;
 mod admin;
 pub mod cache;
 mod connect;
@@ -36,9 +37,7 @@ pub use error::ProxyError;
 
 use crate::config::Settings;
 use crate::observe::admin::{self as admin_server, Health};
-use crate::store::{
-    MappingStore, MemoryStore, NodeRegistry, RedisStore, StoreBackend, StoreError, TunnelRegistry,
-};
+use crate::store::StoreError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -104,37 +103,6 @@ fn advertise_address(settings: &Settings, listen: SocketAddr) -> String {
     }
 }
 
-type Stores = (
-    Arc<dyn MappingStore>,
-    Arc<dyn NodeRegistry>,
-    Arc<dyn TunnelRegistry>,
-    // Cluster only: the remote ports of tunnels, claimed by the controller.
-    Option<Arc<dyn crate::store::PortRegistry>>,
-);
-
-async fn open_store(backend: StoreBackend) -> Result<Stores, StoreError> {
-    Ok(match backend {
-        StoreBackend::Redis(opts) => {
-            let s = Arc::new(RedisStore::connect(opts).await?);
-            (s.clone(), s.clone(), s.clone(), Some(s))
-        }
-        StoreBackend::Memory {
-            persist,
-            changes_max_len,
-            subscription_buffer,
-            node_id,
-        } => {
-            let s = Arc::new(MemoryStore::open(
-                persist,
-                changes_max_len,
-                subscription_buffer,
-                &node_id,
-            )?);
-            (s.clone(), s.clone(), s, None)
-        }
-    })
-}
-
 /// `egress` plus what this process listens on: its listeners (as bound) and the address peers
 /// reach it on are never targets, whatever `egress.allow` says.
 fn egress_policy(
@@ -157,10 +125,10 @@ fn egress_policy(
 /// Connects to the store, retrying while it is unreachable (the admin server already answers,
 /// not ready). A configuration the store refuses (e.g. a wrong password) is retried too: it may
 /// be fixed without restarting.
-async fn connect(settings: &Settings, me: &str) -> Stores {
+async fn connect(settings: &Settings, me: &str) -> crate::store::Stores {
     let mut delay = Duration::from_millis(100);
     loop {
-        match open_store(settings.store_backend(me)).await {
+        match crate::store::open_all(settings.store_backend(me)).await {
             Ok(s) => return s,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot open the mapping store");
@@ -255,7 +223,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     };
     let credentials = tunnel_credentials(&settings)?;
 
-    let (store, nodes, sessions, port_registry) = connect(&settings, &me).await;
+    let stores = connect(&settings, &me).await;
+    let crate::store::Stores {
+        mappings: store,
+        nodes,
+        sessions,
+        ports: port_registry,
+        challenges,
+    } = stores;
     for cred in &credentials {
         sessions.put_credential(cred).await?;
     }
@@ -458,6 +433,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         max_hops: cfg.limits.max_hops,
         tunnels: tunnels.clone(),
         https_port: cfg.tls.redirect_port,
+        challenges: Arc::new(acme::Challenges::new(challenges)),
         deadlines: deadline::Deadlines {
             client_write_idle: cfg.timeouts.client_write_idle.get(),
             upstream_read_idle: cfg.timeouts.upstream_read_idle.get(),

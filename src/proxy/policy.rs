@@ -50,6 +50,8 @@ pub struct Ctx {
     pub tunnels: Arc<super::tunnel::Tunnels>,
     /// `proxy.tls.redirect_port`: where redirected plain requests are sent.
     pub https_port: u16,
+    /// ACME HTTP-01 answers, asked for on any Host.
+    pub challenges: Arc<super::acme::Challenges>,
 }
 
 /// A request the policy lets through, and where it goes.

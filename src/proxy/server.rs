@@ -372,6 +372,12 @@ async fn route(
         // Another node carrying a remote-port connection to a session held here.
         return ctx.tunnels.serve_peer_connect(req).await;
     }
+    // A CA validating a domain: answered on any Host, before routing and redirects.
+    if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        && let Some(token) = super::acme::challenge_token(req.uri().path())
+    {
+        return ctx.challenges.answer(token).await;
+    }
     let (host, raw_host) = requested_host(&req)?;
     // A connection is for the name its handshake was for: a request for another name (a
     // client reusing the connection for a host the certificate also covers) is told to open

@@ -15,6 +15,7 @@ pub fn jitter(d: Duration, r: f64) -> Duration {
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    first: Duration,
     next: Duration,
     max: Duration,
 }
@@ -33,9 +34,15 @@ impl Backoff {
 
     /// The same rhythm with another cap (at least [`RETRY_FIRST`]).
     pub fn capped(max: Duration) -> Self {
+        Self::between(RETRY_FIRST, max)
+    }
+
+    /// The same ×1.5 rhythm from `first` (for slow, rate-limited work such as ACME orders).
+    pub fn between(first: Duration, max: Duration) -> Self {
         Self {
-            next: RETRY_FIRST,
-            max: max.max(RETRY_FIRST),
+            first,
+            next: first,
+            max: max.max(first),
         }
     }
 
@@ -52,9 +59,9 @@ impl Backoff {
         jitter(self.next_delay(), rand::random::<f64>())
     }
 
-    /// After a success: the next failure waits [`RETRY_FIRST`] again.
+    /// After a success: the next failure waits the first delay again.
     pub fn reset(&mut self) {
-        self.next = RETRY_FIRST;
+        self.next = self.first;
     }
 
     /// Sleeps for [`Self::next_delay`].
@@ -98,6 +105,10 @@ mod tests {
                 Backoff::capped(ms(300)),
                 vec![ms(100), ms(150), ms(225), ms(300), ms(300)],
             ),
+            (
+                Backoff::between(ms(1000), ms(2000)),
+                vec![ms(1000), ms(1500), ms(2000), ms(2000)],
+            ),
             // A cap below the first delay cannot make retries faster than the first delay.
             (Backoff::capped(ms(10)), vec![ms(100), ms(100)]),
         ];
@@ -105,7 +116,7 @@ mod tests {
             let got: Vec<Duration> = want.iter().map(|_| b.next_delay()).collect();
             assert_eq!(got, want);
             b.reset();
-            assert_eq!(b.next_delay(), RETRY_FIRST);
+            assert_eq!(b.next_delay(), want[0], "back to the first delay");
         }
         let mut b = Backoff::new();
         for _ in 0..50 {

@@ -29,6 +29,8 @@ pub enum StoreError {
     },
     #[error("invalid mapping: {0}")]
     Invalid(#[from] SpecError),
+    #[error("{0}")]
+    InvalidChallenge(String),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error(
@@ -70,6 +72,7 @@ impl StoreError {
             Self::NotFound { .. } => "not_found",
             Self::VersionConflict { .. } => "version_conflict",
             Self::Invalid(_) => "invalid",
+            Self::InvalidChallenge(_) => "invalid_challenge",
             Self::Redis(_) => "redis",
             Self::Unreplicated { .. } => "unreplicated",
             Self::Corrupt { .. } => "corrupt",

@@ -77,6 +77,11 @@ impl Keys {
     }
 
     /// A tunnel client's credential (token hash, placement).
+    /// An ACME HTTP-01 answer, with a TTL.
+    pub fn acme_challenge(&self, token: &str) -> String {
+        format!("{}:acme:challenge:{token}", self.root)
+    }
+
     pub fn client_auth(&self, client_id: &str) -> String {
         format!("{}:tunnel:client:{client_id}:auth", self.root)
     }

@@ -185,6 +185,8 @@ struct Inner {
     nodes: std::sync::Mutex<NodeTable>,
     /// Tunnel sessions and credentials: neither persisted nor versioned.
     sessions: std::sync::Mutex<super::sessions::SessionTable>,
+    /// ACME answers: neither persisted nor versioned.
+    challenges: std::sync::Mutex<super::challenges::ChallengeTable>,
 }
 
 /// Single-node store. Cheap to clone; the last clone to go saves a pending change.
@@ -269,6 +271,7 @@ impl MemoryStore {
                 node_id,
                 nodes: std::sync::Mutex::new(NodeTable::default()),
                 sessions: std::sync::Mutex::new(super::sessions::SessionTable::default()),
+                challenges: Default::default(),
             }),
         }
     }
@@ -716,5 +719,38 @@ impl super::TunnelRegistry for MemoryStore {
         client_id: &str,
     ) -> Result<Option<crate::tunnel::credential::ClientCredential>, StoreError> {
         Ok(self.sessions().credential(client_id))
+    }
+}
+
+#[async_trait]
+impl super::ChallengeStore for MemoryStore {
+    async fn put_challenge(
+        &self,
+        token: &str,
+        key_authorization: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        super::challenges::check_put(token, key_authorization)?;
+        self.inner.challenges.lock().unwrap().put(
+            token,
+            key_authorization,
+            ttl,
+            std::time::Instant::now(),
+        );
+        Ok(())
+    }
+
+    async fn challenge(&self, token: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .inner
+            .challenges
+            .lock()
+            .unwrap()
+            .get(token, std::time::Instant::now()))
+    }
+
+    async fn remove_challenge(&self, token: &str) -> Result<(), StoreError> {
+        self.inner.challenges.lock().unwrap().remove(token);
+        Ok(())
     }
 }

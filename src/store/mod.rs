@@ -5,6 +5,7 @@
 //! Both pass one conformance suite (`tests/store_conformance.rs`).
 
 mod backoff;
+mod challenges;
 mod error;
 mod follow;
 mod keys;
@@ -24,6 +25,7 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Hostname, Mapping, MappingId, MappingSpec};
 
 pub use backoff::{Backoff, RETRY_FIRST, RETRY_MAX, jitter};
+pub use challenges::{CHALLENGE_PATH, ChallengeStore, is_token};
 pub use error::StoreError;
 pub use follow::Break;
 pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
@@ -182,5 +184,52 @@ pub async fn open(backend: StoreBackend) -> Result<std::sync::Arc<dyn MappingSto
             subscription_buffer,
             &node_id,
         )?),
+    })
+}
+
+/// Every part of one store, over one connection.
+#[derive(Clone)]
+pub struct Stores {
+    pub mappings: std::sync::Arc<dyn MappingStore>,
+    pub nodes: std::sync::Arc<dyn NodeRegistry>,
+    pub sessions: std::sync::Arc<dyn TunnelRegistry>,
+    /// Redis only: the remote ports of tunnels, claimed by the controller.
+    pub ports: Option<std::sync::Arc<dyn PortRegistry>>,
+    pub challenges: std::sync::Arc<dyn ChallengeStore>,
+}
+
+/// Opens the configured store with all its parts.
+pub async fn open_all(backend: StoreBackend) -> Result<Stores, StoreError> {
+    Ok(match backend {
+        StoreBackend::Redis(opts) => {
+            let s = std::sync::Arc::new(RedisStore::connect(opts).await?);
+            Stores {
+                mappings: s.clone(),
+                nodes: s.clone(),
+                sessions: s.clone(),
+                ports: Some(s.clone()),
+                challenges: s,
+            }
+        }
+        StoreBackend::Memory {
+            persist,
+            changes_max_len,
+            subscription_buffer,
+            node_id,
+        } => {
+            let s = std::sync::Arc::new(MemoryStore::open(
+                persist,
+                changes_max_len,
+                subscription_buffer,
+                &node_id,
+            )?);
+            Stores {
+                mappings: s.clone(),
+                nodes: s.clone(),
+                sessions: s.clone(),
+                ports: None,
+                challenges: s,
+            }
+        }
     })
 }

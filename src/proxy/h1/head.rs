@@ -41,6 +41,8 @@ pub enum Handover {
     /// `tunnox-node`, `tunnox-target` or `tunnox-control`: the general path checks the node
     /// token (403 when wrong) and removes them.
     TunnelHeader,
+    /// An ACME HTTP-01 challenge, answered from the store by the general path.
+    AcmeChallenge,
 }
 
 impl Handover {
@@ -59,6 +61,7 @@ impl Handover {
             Self::LargeBody => "large_body",
             Self::Hops => "hops",
             Self::TunnelHeader => "tunnel_header",
+            Self::AcmeChallenge => "acme_challenge",
         }
     }
 }
@@ -165,6 +168,9 @@ pub fn classify_request<'a>(req: &httparse::Request<'_, 'a>) -> Result<RequestHe
         || http::uri::PathAndQuery::try_from(path).is_err()
     {
         return Err(Handover::RequestTarget);
+    }
+    if path.starts_with(crate::store::CHALLENGE_PATH) {
+        return Err(Handover::AcmeChallenge);
     }
     if req.method == Some("CONNECT") {
         return Err(Handover::Method);

@@ -35,6 +35,10 @@ mod table {
             ),
             ("GET / HTTP/1.1\r\n\r\n", Err(Handover::Host)),
             (
+                "GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: a\r\n\r\n",
+                Err(Handover::AcmeChallenge),
+            ),
+            (
                 "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
                 Err(Handover::Host),
             ),

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 
+mod challenges;
 mod connect;
 mod epoch;
 mod feed;
