@@ -87,6 +87,21 @@ pub fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool)
     panic!("{what}: not within {within:?}");
 }
 
+/// Polls `check` every 50 ms until it returns true (true) or `within` passes (false): for a
+/// count that settles just after the event a test caused, asserted exactly afterwards.
+pub fn settles(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if start.elapsed() >= within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
