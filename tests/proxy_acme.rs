@@ -1,6 +1,6 @@
 //! ACME HTTP-01 answers: every `tunnox proxy` sharing a real redis-server serves the store's
 //! challenge answers at `/.well-known/acme-challenge/<token>` on any Host, before Host
-//! routing, and nothing else there.
+//! routing; a token it does not hold is routed to the tenant's upstream as usual.
 
 mod support;
 
@@ -62,7 +62,8 @@ fn every_proxy_answers_http01_challenges_from_the_store_on_any_host() {
             assert_eq!(r.header("content-type"), Some("text/plain"));
             assert_eq!(r.header("x-upstream"), None, "not the upstream's");
         }
-        // Not a token, or not one the store holds: 404 from the proxy, never the upstream.
+        // Not a token, or not one the store holds: the tenant's own (cert-manager behind the
+        // proxy), routed to its upstream like any other path.
         for bad in ["nope", "a.b", "%2e%2e", "", &"a".repeat(200)] {
             let r = get(
                 p.port,
@@ -70,9 +71,18 @@ fn every_proxy_answers_http01_challenges_from_the_store_on_any_host() {
                 &format!("/.well-known/acme-challenge/{bad}"),
             )
             .expect("an answer");
-            assert_eq!(r.status, 404, "{bad}: {r:?}");
-            assert_eq!(r.header("x-upstream"), None, "{bad}");
+            assert_eq!(r.header("x-upstream"), Some("one"), "{bad}: {r:?}");
         }
+        let r = get(
+            p.port,
+            "not-mapped.example",
+            "/.well-known/acme-challenge/nope",
+        )
+        .unwrap();
+        assert_eq!(
+            r.status, 404,
+            "an unmapped host without an answer: no mapping"
+        );
         // Everything else on the host still goes to its upstream.
         let r = get(p.port, "app.tunnox.net", "/.well-known/other").unwrap();
         assert_eq!(r.header("x-upstream"), Some("one"));
@@ -86,7 +96,12 @@ fn every_proxy_answers_http01_challenges_from_the_store_on_any_host() {
     );
     // Removed (or expired): no answer any more.
     rt.block_on(store.remove_challenge(token)).unwrap();
-    assert_eq!(get(fast.port, "app.tunnox.net", &path).unwrap().status, 404);
+    assert_eq!(
+        get(fast.port, "app.tunnox.net", &path)
+            .unwrap()
+            .header("x-upstream"),
+        Some("one")
+    );
     rt.block_on(store.put_challenge(token, &answer, Duration::from_secs(1)))
         .unwrap();
     assert_eq!(get(general.port, "x.example", &path).unwrap().status, 200);

@@ -733,8 +733,10 @@ fn check_acme(acme: &super::model::AcmeConfig) -> Result<(), (&'static str, Stri
         ("controller.acme.order_timeout", acme.order_timeout),
         ("controller.acme.retry_max", acme.retry_max),
     ] {
-        if d.get() < std::time::Duration::from_secs(1) {
-            return Err((field, "must be at least 1s".into()));
+        if d.get() < std::time::Duration::from_secs(1)
+            || d.get() > std::time::Duration::from_secs(86_400)
+        {
+            return Err((field, "must be between 1s and 24h".into()));
         }
     }
     Ok(())

@@ -430,7 +430,7 @@ fn errors_name_the_field() {
         (
             "controller: {acme: {directory_url: 'https://acme.example/dir', order_timeout: 0s}}",
             vec![],
-            vec!["controller.acme.order_timeout", "at least 1s"],
+            vec!["controller.acme.order_timeout", "between 1s and 24h"],
         ),
         // Well formed, and refused until ordering is built.
         (

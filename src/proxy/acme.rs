@@ -1,7 +1,8 @@
 //! ACME HTTP-01 answers: `GET /.well-known/acme-challenge/<token>` on any Host, before Host
-//! routing and before any HTTPS redirect, from the store's challenge answers
-//! (`docs/https.md`). A token that is not a CA's shape is never looked up, and lookups in
-//! flight are bounded, so a flood of such requests costs the store little.
+//! routing and before any HTTPS redirect, when the store holds an answer for the token
+//! (`docs/https.md`); otherwise the request is routed as usual. A token that is not a CA's
+//! shape is never looked up, and lookups in flight are bounded, so a flood of such requests
+//! costs the store little.
 
 use std::sync::Arc;
 
@@ -11,10 +12,9 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 
 use super::ProxyBody;
-use super::ProxyError;
 use crate::store::{CHALLENGE_PATH, ChallengeStore, is_token};
 
-/// Store lookups in flight at once; more are answered 503 (a CA retries).
+/// Store lookups in flight at once; more are routed as usual (a CA retries).
 pub const MAX_LOOKUPS: usize = 32;
 
 pub struct Challenges {
@@ -35,22 +35,25 @@ impl Challenges {
         }
     }
 
-    /// The answer to `token`: the key authorization as `text/plain`, 404 when there is none.
-    pub async fn answer(&self, token: &str) -> Result<Response<ProxyBody>, ProxyError> {
-        let shown = || token.chars().take(64).collect::<String>();
+    /// The answer to `token`: the key authorization as `text/plain`. `None` when this proxy
+    /// has no answer for it (not a token, none stored, too many lookups, the store
+    /// unreachable): the request is then routed like any other, so a tenant solving its own
+    /// HTTP-01 challenges behind the proxy (cert-manager) still reaches its upstream.
+    pub async fn answer(&self, token: &str) -> Option<Response<ProxyBody>> {
         if !is_token(token) {
-            return Err(ProxyError::NoChallenge(shown()));
+            return None;
         }
-        let _slot = self
-            .lookups
-            .try_acquire()
-            .map_err(|_| ProxyError::ChallengesBusy)?;
-        let answer = self
-            .store
-            .challenge(token)
-            .await
-            .map_err(|e| ProxyError::StoreUnavailable(format!("ACME challenge {token}: {e}")))?
-            .ok_or_else(|| ProxyError::NoChallenge(shown()))?;
+        let Ok(_slot) = self.lookups.try_acquire() else {
+            tracing::debug!("too many ACME challenge lookups at once; routing the request");
+            return None;
+        };
+        let answer = match self.store.challenge(token).await {
+            Ok(a) => a?,
+            Err(e) => {
+                tracing::debug!(token, error = %e, "ACME challenge lookup failed; routing the request");
+                return None;
+            }
+        };
         let mut resp = Response::new(
             Full::new(Bytes::from(answer))
                 .map_err(|never| match never {})
@@ -59,7 +62,7 @@ impl Challenges {
         *resp.status_mut() = StatusCode::OK;
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        Ok(resp)
+        Some(resp)
     }
 }
 

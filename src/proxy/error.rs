@@ -65,10 +65,6 @@ pub enum ProxyError {
     #[error("proxy is shutting down")]
     ShuttingDown,
     /// Not an error: the mapping redirects plain HTTP to HTTPS.
-    #[error("no ACME challenge answer for token {0}")]
-    NoChallenge(String),
-    #[error("too many ACME challenge lookups at once")]
-    ChallengesBusy,
     #[error("redirected to {location}")]
     RedirectToHttps { location: String },
     #[error("request for {host} on a TLS connection for {sni}")]
@@ -82,7 +78,7 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             Self::LoopDetected { .. } => StatusCode::LOOP_DETECTED,
-            Self::UnknownHost(_) | Self::NoChallenge(_) => StatusCode::NOT_FOUND,
+            Self::UnknownHost(_) => StatusCode::NOT_FOUND,
             Self::OtherBusiness { .. } | Self::Misdirected { .. } => {
                 StatusCode::MISDIRECTED_REQUEST
             }
@@ -90,7 +86,6 @@ impl ProxyError {
             Self::OtherSet { .. }
             | Self::Inactive(_)
             | Self::StoreUnavailable(_)
-            | Self::ChallengesBusy
             | Self::NotHeldHere(_)
             | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::NodeAuth => StatusCode::FORBIDDEN,
@@ -132,8 +127,6 @@ impl ProxyError {
             Self::ShuttingDown => "shutting_down",
             Self::RedirectToHttps { .. } => "redirect_https",
             Self::Misdirected { .. } => "misdirected",
-            Self::NoChallenge(_) => "no_challenge",
-            Self::ChallengesBusy => "challenges_busy",
         }
     }
 
@@ -163,8 +156,6 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => "the upstream did not answer in time",
             Self::ShuttingDown => "the proxy is shutting down",
             Self::RedirectToHttps { .. } => "this host is served over HTTPS",
-            Self::NoChallenge(_) => "no such ACME challenge",
-            Self::ChallengesBusy => "too many ACME challenge lookups: try again",
             Self::Misdirected { .. } => {
                 "this connection is for another host: open a new one for this host"
             }

@@ -372,11 +372,13 @@ async fn route(
         // Another node carrying a remote-port connection to a session held here.
         return ctx.tunnels.serve_peer_connect(req).await;
     }
-    // A CA validating a domain: answered on any Host, before routing and redirects.
+    // A CA validating a domain for tunnox: answered on any Host, before routing and
+    // redirects. A token the store does not hold is the tenant's own: routed as usual.
     if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
         && let Some(token) = super::acme::challenge_token(req.uri().path())
+        && let Some(answer) = ctx.challenges.answer(token).await
     {
-        return ctx.challenges.answer(token).await;
+        return Ok(answer);
     }
     let (host, raw_host) = requested_host(&req)?;
     // A connection is for the name its handshake was for: a request for another name (a

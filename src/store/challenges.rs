@@ -83,10 +83,12 @@ impl ChallengeTable {
         {
             self.answers.remove(&oldest);
         }
-        self.answers.insert(
-            token.to_string(),
-            (key_authorization.to_string(), now + ttl),
-        );
+        // A TTL beyond what an Instant holds is cut to a year.
+        let until = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365));
+        self.answers
+            .insert(token.to_string(), (key_authorization.to_string(), until));
     }
 
     pub fn get(&self, token: &str, now: Instant) -> Option<String> {
