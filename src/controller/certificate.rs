@@ -26,8 +26,6 @@ pub enum CertState {
         not_after: DateTime<Utc>,
         issuer: String,
         names: Vec<String>,
-        /// ACME: what became of a renewal under way or failed (the certificate is still good).
-        renewal: Option<String>,
     },
     NotReady {
         reason: &'static str,
@@ -179,7 +177,6 @@ pub fn from_secret(
             not_after: cert.not_after,
             issuer: cert.issuer,
             names: cert.names,
-            renewal: None,
         },
     )
 }

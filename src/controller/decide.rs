@@ -670,15 +670,11 @@ pub fn status(
                 not_after,
                 issuer,
                 names,
-                renewal,
                 ..
             } => (
                 true,
                 "Ready",
-                match renewal {
-                    None => format!("served until {not_after}, issued by {issuer}"),
-                    Some(r) => format!("served until {not_after}, issued by {issuer}; {r}"),
-                },
+                format!("served until {not_after}, issued by {issuer}"),
                 crate::crd::CertificateStatus {
                     state: "Ready".into(),
                     not_after: time(not_after),

@@ -169,24 +169,6 @@ pub enum StoreBackend {
     },
 }
 
-/// Opens the configured store.
-pub async fn open(backend: StoreBackend) -> Result<std::sync::Arc<dyn MappingStore>, StoreError> {
-    Ok(match backend {
-        StoreBackend::Redis(opts) => std::sync::Arc::new(RedisStore::connect(opts).await?),
-        StoreBackend::Memory {
-            persist,
-            changes_max_len,
-            subscription_buffer,
-            node_id,
-        } => std::sync::Arc::new(MemoryStore::open(
-            persist,
-            changes_max_len,
-            subscription_buffer,
-            &node_id,
-        )?),
-    })
-}
-
 /// Every part of one store, over one connection.
 #[derive(Clone)]
 pub struct Stores {
