@@ -1,6 +1,7 @@
 //! tunnox: Kubernetes-native HTTP domain routing and tunnelling.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod agent;
 pub mod cert;
 pub mod cli;

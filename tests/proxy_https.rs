@@ -7,13 +7,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use support::http::Upstream;
+use support::http::{TlsConnection, Upstream};
 use support::process::{eventually, free_port};
 use support::proxy::ProxyProc;
 use support::tunnel::Pki;
@@ -183,57 +181,11 @@ fn https_requests_negotiate_http2_redirect_plain_ones_and_refuse_other_hosts() {
     assert_eq!(get("a.tunnox.net").status, 200);
 }
 
-/// A client on one TLS connection (HTTP/1.1 keep-alive) with the test CA.
-struct KeptConnection(rustls::StreamOwned<rustls::ClientConnection, TcpStream>);
-
-impl KeptConnection {
-    fn open(s: &Site, host: &str) -> Self {
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(&s.pki.ca).unwrap();
-        use rustls::pki_types::pem::PemObject;
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        let tcp = TcpStream::connect(("127.0.0.1", s.https)).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        Self(rustls::StreamOwned::new(conn, tcp))
-    }
-
-    /// GET / on this connection: the status.
-    fn get(&mut self, host: &str) -> u16 {
-        write!(self.0, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            self.0.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let len: usize = text
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        self.0.read_exact(&mut body).unwrap();
-        text[9..12].parse().unwrap()
-    }
-}
-
 #[test]
 fn a_replaced_certificate_serves_new_handshakes_and_open_connections_keep_theirs() {
     let s = start();
-    let mut kept = KeptConnection::open(&s, "a.tunnox.net");
-    assert_eq!(kept.get("a.tunnox.net"), 200);
+    let mut kept = TlsConnection::open(s.https, "a.tunnox.net", &s.pki.ca).unwrap();
+    assert_eq!(kept.get("a.tunnox.net").unwrap(), 200);
     assert!(served_subject(s.https, Some("a.tunnox.net")).contains("CN=a.tunnox.net"));
     // Replaced in place, as cert-manager or an operator would.
     let (cert, key) = s
@@ -249,7 +201,7 @@ fn a_replaced_certificate_serves_new_handshakes_and_open_connections_keep_theirs
     println!("rotated certificate served after {took:?}");
     for _ in 0..3 {
         assert_eq!(
-            kept.get("a.tunnox.net"),
+            kept.get("a.tunnox.net").unwrap(),
             200,
             "the open connection keeps working"
         );

@@ -275,11 +275,6 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
     }
     if let Some(acme) = &ctl.acme {
         check_acme(acme).map_err(|(field, m)| err(field, m))?;
-        // The proxies answer HTTP-01 challenges from the store; ordering is not built yet.
-        return Err(err(
-            "controller.acme",
-            "ordering certificates through ACME is not implemented yet; use spec.tls.mode secret with a Secret (e.g. from cert-manager)".into(),
-        ));
     }
     if let Some(id) = &ctl.cluster_id {
         check_cluster_id(id).map_err(|m| err("controller.cluster_id", m))?;

@@ -432,12 +432,6 @@ fn errors_name_the_field() {
             vec![],
             vec!["controller.acme.order_timeout", "between 1s and 24h"],
         ),
-        // Well formed, and refused until ordering is built.
-        (
-            "controller: {acme: {directory_url: 'http://127.0.0.1:14000/dir', email: ops@example.com}}",
-            vec![],
-            vec!["controller.acme", "not implemented yet"],
-        ),
     ];
     for (yaml, vars, wants) in cases {
         let e = settings_env(yaml, &vars)
@@ -451,6 +445,20 @@ fn errors_name_the_field() {
             );
         }
     }
+}
+
+#[test]
+fn a_well_formed_acme_section_is_taken() {
+    let s = settings_env(
+        "controller: {acme: {directory_url: 'http://127.0.0.1:14000/dir', email: ops@example.com, retry_max: 10m}}",
+        &[],
+    )
+    .unwrap();
+    let acme = s.config.controller.acme.unwrap();
+    assert_eq!(acme.directory_url, "http://127.0.0.1:14000/dir");
+    assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
+    assert_eq!(acme.retry_max.get(), std::time::Duration::from_secs(600));
+    assert_eq!(acme.account_secret, "tunnox-acme-account");
 }
 
 #[test]

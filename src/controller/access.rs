@@ -129,6 +129,17 @@ pub const GRANTS: &[Grant] = &[
     },
 ];
 
+/// What the controller calls in addition with ACME configured (the chart's
+/// `https.acme.directoryUrl`, which renders `controller.acme`).
+pub const ACME_GRANTS: &[Grant] = &[Grant {
+    scope: Scope::OwnNamespace,
+    group: "",
+    resource: "secrets",
+    names: &[],
+    verbs: &["create", "patch"],
+    made_by: "issuer.rs apply_secret: the ACME account's credentials and each issued certificate, by server-side apply (create for a new one, patch to renew); read by the ClusterRole's get",
+}];
+
 /// One permission: (scope, group, resource, object name or "" for any, verb).
 pub type Permission = (Scope, String, String, String, String);
 

@@ -79,7 +79,7 @@ pub fn decide(
     )
 }
 
-const STORE_KEY_MISSING: &str = "the controller has no http_domain.tls_store_key_file: certificates cannot be published to the proxies";
+pub(crate) const STORE_KEY_MISSING: &str = "the controller has no http_domain.tls_store_key_file: certificates cannot be published to the proxies";
 
 /// The record's `tls` and the state for the certificate in `secret` (`at` names it in
 /// messages): what `mode: secret` and `mode: acme` (its issued Secret) share.

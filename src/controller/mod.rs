@@ -6,6 +6,7 @@ pub mod access;
 pub mod certificate;
 pub mod cluster;
 pub mod decide;
+pub mod issuer;
 pub mod leader;
 mod metrics;
 mod reconcile;
@@ -94,6 +95,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         mappings: store,
         sessions: registry,
         ports,
+        challenges,
         ..
     } = crate::store::open_all(settings.store_backend(&me)).await?;
     let metrics = Metrics::new();
@@ -191,7 +193,25 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         }),
         groups_seen: Default::default(),
     });
+    let issuer = cfg.acme.clone().map(|acme| {
+        let namespace = acme
+            .namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        tracing::info!(directory = %acme.directory_url, namespace = %namespace, "ACME: certificates for spec.tls.mode acme are ordered here");
+        Arc::new(issuer::Issuer::new(
+            acme,
+            namespace,
+            client.clone(),
+            challenges.clone(),
+            wake_tx.clone(),
+            recorder.clone(),
+            metrics.clone(),
+        ))
+    });
     let ctx = Arc::new(Ctx {
+        issuer,
         client: client.clone(),
         store,
         registry,

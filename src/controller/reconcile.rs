@@ -13,10 +13,12 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::certificate::CertState;
 use super::decide::{self, Hold, Outcome, Plan, Policy, Verdict};
 use super::metrics::Metrics;
+use crate::acme::schedule::Need;
 use crate::crd::{HTTPDomainMapping, Phase, TunnelSet};
-use crate::domain::{CertSource, Mapping, MappingId};
+use crate::domain::{CertSource, Mapping, MappingId, MappingTls};
 use crate::store::{MappingStore, Quota, StoreError, TunnelRegistry};
 use k8s_openapi::api::core::v1::Secret;
 
@@ -33,6 +35,8 @@ pub struct Ctx {
     pub tunnelsets: Store<TunnelSet>,
     /// Seals the keys of certificates from Secrets for the store (`http_domain.tls_store_key_file`).
     pub store_key: Option<crate::cert::StoreKey>,
+    /// Orders certificates for `spec.tls.mode: acme` (`controller.acme`; `None`: not configured).
+    pub issuer: Option<Arc<super::issuer::Issuer>>,
     /// How often a mapping with `spec.tls` reads its Secret again.
     pub tls_recheck: Duration,
     pub policy: Policy,
@@ -219,31 +223,41 @@ async fn tunnel_members(
 
 /// Decides the certificate of a mapping with `spec.tls` into `plan` (its record's `tls`, the
 /// state for status). A key sealed into the current record for the same certificate is kept,
-/// so an unchanged Secret writes nothing (sealing draws a new nonce each time).
+/// so an unchanged Secret writes nothing (sealing draws a new nonce each time). With
+/// `mode: acme`, says whether a certificate should be ordered (once the domain is claimed).
 async fn certificate(
     ctx: &Ctx,
     obj: &HTTPDomainMapping,
     tls: &crate::crd::MappingTls,
     plan: &mut Plan,
     own: Option<&Mapping>,
-) -> Result<(), Error> {
+) -> Result<Option<Need>, Error> {
     let ns = obj.namespace().unwrap_or_default();
-    let secret = match (&tls.mode, &tls.secret_name) {
-        (crate::crd::TlsMode::Secret, Some(name)) if ctx.store_key.is_some() => {
-            Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-                .get_opt(name)
-                .await?
+    let now = Utc::now();
+    let (mut record, state, need) = match (&tls.mode, &ctx.issuer) {
+        (crate::crd::TlsMode::Acme, Some(issuer)) => {
+            acme_certificate(ctx, issuer, obj, &plan.full_domain, tls.redirect_http, now).await?
         }
-        _ => None,
+        _ => {
+            let secret = match (&tls.mode, &tls.secret_name) {
+                (crate::crd::TlsMode::Secret, Some(name)) if ctx.store_key.is_some() => {
+                    Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                        .get_opt(name)
+                        .await?
+                }
+                _ => None,
+            };
+            let (record, state) = super::certificate::decide(
+                tls,
+                &ns,
+                secret.as_ref(),
+                &plan.full_domain,
+                ctx.store_key.as_ref(),
+                now,
+            );
+            (record, state, None)
+        }
     };
-    let (mut record, state) = super::certificate::decide(
-        tls,
-        &ns,
-        secret.as_ref(),
-        &plan.full_domain,
-        ctx.store_key.as_ref(),
-        Utc::now(),
-    );
     if let (Some(key), Some(new), Some(old)) = (
         ctx.store_key.as_ref(),
         record.as_mut(),
@@ -269,7 +283,92 @@ async fn certificate(
     plan.spec.enable_https = true;
     plan.spec.tls = record;
     plan.certificate = Some(state);
-    Ok(())
+    Ok(need)
+}
+
+/// `mode: acme`: the certificate issued for `full` (its Secret in the issuer's namespace) and
+/// whether to order one.
+async fn acme_certificate(
+    ctx: &Ctx,
+    issuer: &super::issuer::Issuer,
+    obj: &HTTPDomainMapping,
+    full: &crate::domain::Hostname,
+    redirect_http: bool,
+    now: chrono::DateTime<Utc>,
+) -> Result<(Option<MappingTls>, CertState, Option<Need>), Error> {
+    if ctx.store_key.is_none() {
+        // Nothing ordered that could not be served.
+        return Ok((
+            None,
+            CertState::NotReady {
+                reason: "StoreKeyMissing",
+                message: super::certificate::STORE_KEY_MISSING.into(),
+            },
+            None,
+        ));
+    }
+    let domain = full.as_str();
+    let secret = issuer.issued(domain).await?;
+    let (record, state) = match &secret {
+        Some(s) => super::certificate::from_secret(
+            s,
+            &format!(
+                "Secret {}/{}",
+                issuer.namespace(),
+                super::issuer::secret_name(domain)
+            ),
+            full,
+            ctx.store_key.as_ref(),
+            redirect_http,
+            now,
+        ),
+        None => (
+            None,
+            CertState::NotReady {
+                reason: "Issuing",
+                message: format!("no certificate has been issued for {domain} yet"),
+            },
+        ),
+    };
+    let asked = obj
+        .annotations()
+        .get(crate::acme::schedule::RENEW_ANNOTATION)
+        .map(String::as_str);
+    let need = super::issuer::assess(secret.as_ref(), Some(&state), asked, now);
+    Ok((record, state, need))
+}
+
+/// With `mode: acme` and a domain claimed: orders its certificate when `need`s be, and shows
+/// the order's progress while no certificate is served.
+fn order_certificate(ctx: &Ctx, obj: &HTTPDomainMapping, need: Need, outcome: &mut Outcome) {
+    let (Some(issuer), Outcome::Active { plan, .. }) = (&ctx.issuer, outcome) else {
+        return;
+    };
+    let asked = obj
+        .annotations()
+        .get(crate::acme::schedule::RENEW_ANNOTATION)
+        .cloned();
+    let progress = issuer.start(plan.full_domain.as_str(), need, asked, obj);
+    if need != Need::Issue {
+        // The issued certificate is served meanwhile; a failed renewal shows in Events.
+        return;
+    }
+    plan.certificate = Some(match progress {
+        super::issuer::Progress::Running => CertState::NotReady {
+            reason: "Issuing",
+            message: format!(
+                "ordering a certificate for {} (HTTP-01, answered by the proxies)",
+                plan.full_domain
+            ),
+        },
+        super::issuer::Progress::Failed { message, retry_in } => CertState::NotReady {
+            reason: "IssuanceFailed",
+            message: format!(
+                "{message}; next attempt in {}",
+                humantime::format_duration(Duration::from_secs(retry_in.as_secs().max(1)))
+            ),
+        },
+    });
 }
 
 async fn release(ctx: &Ctx, obj: &HTTPDomainMapping, m: &Mapping) -> Result<(), Error> {
@@ -333,10 +432,11 @@ async fn apply(
     let own = find_own(ctx, obj).await?;
     let members = tunnel_members(ctx, obj).await?;
     let mut verdict = decide::evaluate(obj, &ctx.policy, &members, Utc::now());
+    let mut order = None;
     if let (Verdict::Program(plan), Some(tls)) = (&mut verdict, &obj.spec.tls) {
-        certificate(ctx, obj, tls, plan, own.as_ref()).await?;
+        order = certificate(ctx, obj, tls, plan, own.as_ref()).await?;
     }
-    let outcome = match verdict {
+    let mut outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         Verdict::Hold(hold) => {
             if let Some(m) = &own {
@@ -345,6 +445,9 @@ async fn apply(
             Outcome::Held(hold)
         }
     };
+    if let Some(need) = order {
+        order_certificate(ctx, obj, need, &mut outcome);
+    }
     ctx.metrics
         .outcomes
         .with_label_values(&[outcome.label()])

@@ -243,7 +243,9 @@ pub struct Owner {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'secret' || has(self.secretName)").message("mode secret needs secretName"))]
 pub struct MappingTls {
-    /// Where the certificate comes from: `secret` (default: `secretName`) or `acme` (issued).
+    /// Where the certificate comes from: `secret` (default: `secretName`) or `acme` (ordered
+    /// by the controller from its ACME server, HTTP-01, renewed before expiry; annotate
+    /// `tunnox.net/renew-certificate` with a new value to renew now).
     #[serde(default)]
     pub mode: TlsMode,
     /// Secret (type kubernetes.io/tls, in this namespace) with the certificate for the domain,

@@ -235,3 +235,69 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// A client on one TLS connection (HTTP/1.1 keep-alive) to 127.0.0.1:`port`, trusting `ca`.
+pub struct TlsConnection(rustls::StreamOwned<rustls::ClientConnection, TcpStream>);
+
+impl TlsConnection {
+    pub fn open(port: u16, host: &str, ca: &std::path::Path) -> std::io::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&std::fs::read(ca)?) {
+            roots
+                .add(c.map_err(std::io::Error::other)?)
+                .map_err(std::io::Error::other)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(std::io::Error::other)?;
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+            .map_err(std::io::Error::other)?;
+        let tcp = TcpStream::connect(("127.0.0.1", port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        // The handshake now, so a certificate refused is an error of `open`.
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        Ok(Self(stream))
+    }
+
+    /// The first certificate the server presented (DER).
+    pub fn peer_leaf(&self) -> Vec<u8> {
+        self.0
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// GET / on this connection: the status.
+    pub fn get(&mut self, host: &str) -> std::io::Result<u16> {
+        write!(self.0, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            self.0.read_exact(&mut b)?;
+            head.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let len: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body)?;
+        text.get(9..12)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not a status line: {text}")))
+    }
+}

@@ -8,6 +8,7 @@ pub mod controlplane;
 pub mod echo;
 pub mod fake_proxy;
 pub mod http;
+pub mod pebble;
 pub mod process;
 pub mod proxy;
 pub mod redis_server;

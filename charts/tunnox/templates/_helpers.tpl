@@ -249,6 +249,9 @@ Secrets, mounted read-only). */}}
 {{- if le (int .Values.proxy.terminationGracePeriodSeconds) (int .Values.proxy.drainSeconds) -}}
 {{- fail (printf "proxy.terminationGracePeriodSeconds (%d) must be longer than proxy.drainSeconds (%d): after the drain, in-flight requests need time to finish" (int .Values.proxy.terminationGracePeriodSeconds) (int .Values.proxy.drainSeconds)) -}}
 {{- end -}}
+{{- if and .Values.https.acme.directoryUrl (not .Values.https.enabled) -}}
+{{- fail "https.acme.directoryUrl is set but https.enabled is false: issued certificates are served by the HTTPS listener and sealed with https.storeKeySecret; enable HTTPS" -}}
+{{- end -}}
 {{- if and (not .Values.proxy.admin.trustLoopback) (not .Values.proxy.admin.tokenSecret.name) -}}
 {{- fail "proxy.admin.trustLoopback is false but proxy.admin.tokenSecret.name is empty: the preStop hook could not drain; set a token Secret" -}}
 {{- end -}}

@@ -1,0 +1,498 @@
+//! `spec.tls.mode: acme` in the cluster (`docs/https.md`): the leader orders each domain's
+//! certificate from `controller.acme` in the background and keeps it in a Secret of its own
+//! namespace (`tunnox-acme-<hash of the domain>`, type `kubernetes.io/tls`), which the
+//! reconciler then serves like a tenant's Secret. One order per domain at a time, a few at once
+//! overall; a failed domain waits (1 minute, ×1.5, up to `retry_max`; a CA's rate limit waits
+//! `retry_max`) before it is tried again; the mappings asking are woken when an order ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource};
+use serde_json::json;
+use sha2::Digest;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::certificate::CertState;
+use super::metrics::Metrics;
+use super::reconcile::FIELD_MANAGER;
+use crate::acme::schedule::{self, Need};
+use crate::acme::{AcmeError, Orders};
+use crate::config::AcmeConfig;
+use crate::crd::HTTPDomainMapping;
+use crate::store::{Backoff, ChallengeStore};
+
+/// On an issued Secret: the domain it is for (checked before it is served).
+pub const DOMAIN_ANNOTATION: &str = "tunnox.net/domain";
+/// On an issued Secret: when to order its successor (RFC 3339).
+pub const RENEW_AT_ANNOTATION: &str = "tunnox.net/renew-at";
+/// On an issued Secret: the mapping's [`schedule::RENEW_ANNOTATION`] value it answered.
+pub const RENEWED_FOR_ANNOTATION: &str = "tunnox.net/renewed-for";
+/// The account Secret's key holding its credentials (JSON, with the account's private key).
+const CREDENTIALS_KEY: &str = "credentials.json";
+/// Orders in flight at once (each holds a challenge answer and polls the CA).
+const MAX_CONCURRENT_ORDERS: usize = 4;
+/// Mappings woken when one domain's order ends (several may name one domain: one serves it).
+const MAX_WAITERS: usize = 16;
+/// The first wait after a failed order.
+const RETRY_FIRST: Duration = Duration::from_secs(60);
+
+/// The Secret a domain's issued certificate is kept in.
+pub fn secret_name(domain: &str) -> String {
+    let digest = sha2::Sha256::digest(domain.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("tunnox-acme-{hex}")
+}
+
+/// Whether the issued Secret `secret` needs a new order, given the certificate `state` read
+/// from it (`None`: there is no such Secret) and the mapping's renewal annotation `asked`.
+pub fn assess(
+    secret: Option<&Secret>,
+    state: Option<&CertState>,
+    asked: Option<&str>,
+    now: DateTime<Utc>,
+) -> Option<Need> {
+    let annotation = |k: &str| {
+        secret
+            .and_then(|s| s.metadata.annotations.as_ref())
+            .and_then(|a| a.get(k))
+            .map(String::as_str)
+    };
+    let (usable, lifetime) = match state {
+        Some(CertState::Ready {
+            not_before,
+            not_after,
+            ..
+        }) => (true, Some((*not_before, *not_after))),
+        _ => (false, None),
+    };
+    let renew_at = annotation(RENEW_AT_ANNOTATION)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.to_utc())
+        .or_else(|| lifetime.map(|(nb, na)| schedule::renew_at(nb, na, None, 0.0)));
+    schedule::need(
+        now,
+        usable,
+        renew_at,
+        annotation(RENEWED_FOR_ANNOTATION),
+        asked,
+    )
+}
+
+/// Where a domain's order stands, for status when no certificate is served yet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    Running,
+    Failed { message: String, retry_in: Duration },
+}
+
+#[derive(Default)]
+struct Job {
+    running: bool,
+    backoff: Option<Backoff>,
+    retry_at: Option<Instant>,
+    error: Option<String>,
+    waiters: Vec<ObjectRef<HTTPDomainMapping>>,
+}
+
+pub struct Issuer {
+    cfg: AcmeConfig,
+    /// Where the account and the issued Secrets live.
+    namespace: String,
+    client: kube::Client,
+    challenges: Arc<dyn ChallengeStore>,
+    account: tokio::sync::Mutex<Option<Orders>>,
+    jobs: Mutex<HashMap<String, Job>>,
+    slots: Semaphore,
+    wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
+    recorder: Recorder,
+    metrics: Metrics,
+}
+
+impl Issuer {
+    pub fn new(
+        cfg: AcmeConfig,
+        namespace: String,
+        client: kube::Client,
+        challenges: Arc<dyn ChallengeStore>,
+        wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
+        recorder: Recorder,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            cfg,
+            namespace,
+            client,
+            challenges,
+            account: tokio::sync::Mutex::new(None),
+            jobs: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(MAX_CONCURRENT_ORDERS),
+            wake,
+            recorder,
+            metrics,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The Secret holding `domain`'s issued certificate, if there is one for it.
+    pub async fn issued(&self, domain: &str) -> Result<Option<Secret>, kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let secret = api.get_opt(&secret_name(domain)).await?;
+        // A Secret of that name for another domain (or not ours) is not served.
+        Ok(secret.filter(|s| {
+            s.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DOMAIN_ANNOTATION))
+                .is_some_and(|d| d == domain)
+        }))
+    }
+
+    /// Starts an order for `domain` for `mapping` unless one runs, or the last one failed and
+    /// its pause has not passed; says where it stands.
+    pub fn start(
+        self: &Arc<Self>,
+        domain: &str,
+        need: Need,
+        asked: Option<String>,
+        mapping: &HTTPDomainMapping,
+    ) -> Progress {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let job = jobs.entry(domain.to_string()).or_default();
+        let me = ObjectRef::from_obj(mapping);
+        if !job.waiters.contains(&me) && job.waiters.len() < MAX_WAITERS {
+            job.waiters.push(me);
+        }
+        if job.running {
+            return Progress::Running;
+        }
+        let now = Instant::now();
+        if let Some(at) = job.retry_at
+            && now < at
+        {
+            return Progress::Failed {
+                message: job.error.clone().unwrap_or_default(),
+                retry_in: at - now,
+            };
+        }
+        job.running = true;
+        let reference = mapping.object_ref(&());
+        tokio::spawn(self.clone().run(domain.to_string(), need, asked, reference));
+        Progress::Running
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        domain: String,
+        need: Need,
+        asked: Option<String>,
+        reference: ObjectReference,
+    ) {
+        let _slot = self.slots.acquire().await;
+        tracing::info!(domain = %domain, reason = need.as_str(), directory = %self.cfg.directory_url, "ordering a certificate");
+        self.publish(
+            &reference,
+            EventType::Normal,
+            "Issuing",
+            format!(
+                "ordering a certificate for {domain} from {} ({})",
+                self.cfg.directory_url,
+                need.as_str()
+            ),
+        )
+        .await;
+        let started = Instant::now();
+        let result = self.order(&domain, asked.as_deref()).await;
+        let waiters = {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let job = jobs.entry(domain.clone()).or_default();
+            job.running = false;
+            let waiters = std::mem::take(&mut job.waiters);
+            match &result {
+                Ok(_) => {
+                    jobs.remove(&domain);
+                }
+                Err(e) => {
+                    let retry_max = self.cfg.retry_max.get();
+                    let backoff = job
+                        .backoff
+                        .get_or_insert_with(|| Backoff::between(RETRY_FIRST, retry_max));
+                    let pause = match e {
+                        AcmeError::RateLimited(_) => retry_max,
+                        _ => backoff.next_delay(),
+                    };
+                    job.retry_at = Some(Instant::now() + pause);
+                    job.error = Some(e.to_string());
+                }
+            }
+            waiters
+        };
+        let label = match &result {
+            Ok(_) => "issued",
+            Err(e) => e.label(),
+        };
+        self.metrics.acme_orders.with_label_values(&[label]).inc();
+        self.metrics
+            .acme_order_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok((not_after, renew_at)) => {
+                tracing::info!(domain = %domain, %not_after, %renew_at, took = ?started.elapsed(), "certificate issued");
+                self.publish(
+                    &reference,
+                    EventType::Normal,
+                    "Issued",
+                    format!("issued a certificate for {domain}, valid until {not_after}, renewed from {renew_at}"),
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(domain = %domain, error = %e, "ordering a certificate failed");
+                self.publish(
+                    &reference,
+                    EventType::Warning,
+                    "IssuanceFailed",
+                    format!("ordering a certificate for {domain} failed: {e}"),
+                )
+                .await;
+            }
+        }
+        for w in waiters {
+            let _ = self.wake.send(w);
+        }
+    }
+
+    /// One order: the account, the certificate, its renewal time, the Secret written.
+    async fn order(
+        &self,
+        domain: &str,
+        asked: Option<&str>,
+    ) -> Result<(DateTime<Utc>, DateTime<Utc>), AcmeError> {
+        let orders = self.orders().await?;
+        let issued = orders.issue(domain).await?;
+        let cert =
+            crate::cert::Cert::from_pem(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
+                .map_err(|e| {
+                    AcmeError::Failed(format!("the CA's certificate for {domain}: {e}"))
+                })?;
+        let window = orders.renewal_window(&issued.chain_pem).await;
+        let renew_at = schedule::renew_at(
+            cert.not_before,
+            cert.not_after,
+            window,
+            rand::random::<f64>(),
+        );
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(DOMAIN_ANNOTATION.into(), json!(domain));
+        annotations.insert(RENEW_AT_ANNOTATION.into(), json!(renew_at.to_rfc3339()));
+        if let Some(a) = asked {
+            annotations.insert(RENEWED_FOR_ANNOTATION.into(), json!(a));
+        }
+        let secret = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": secret_name(domain),
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "tunnox", "tunnox.net/acme": "certificate"},
+                "annotations": annotations,
+            },
+            "type": super::certificate::TLS_SECRET_TYPE,
+            "data": {"tls.crt": b64(&issued.chain_pem), "tls.key": b64(&issued.key_pem)},
+        });
+        self.apply_secret(&secret_name(domain), &secret)
+            .await
+            .map_err(|e| {
+                AcmeError::Failed(format!(
+                    "writing Secret {}/{}: {e}",
+                    self.namespace,
+                    secret_name(domain)
+                ))
+            })?;
+        Ok((cert.not_after, renew_at))
+    }
+
+    async fn apply_secret(
+        &self,
+        name: &str,
+        secret: &serde_json::Value,
+    ) -> Result<(), kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(secret),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The account, restored from its Secret or created into it on first use (again when the
+    /// directory changed).
+    async fn orders(&self) -> Result<Orders, AcmeError> {
+        let mut account = self.account.lock().await;
+        if let Some(o) = account.as_ref() {
+            return Ok(o.clone());
+        }
+        let cfg = &self.cfg;
+        let timeout = cfg.order_timeout.get();
+        let http = || crate::acme::http_client(cfg.ca_file.as_deref()).map_err(AcmeError::Failed);
+        let at = format!("Secret {}/{}", self.namespace, cfg.account_secret);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let stored = api
+            .get_opt(&cfg.account_secret)
+            .await
+            .map_err(|e| AcmeError::Failed(format!("reading {at}: {e}")))?
+            .and_then(|s| s.data)
+            .and_then(|mut d| d.remove(CREDENTIALS_KEY))
+            .and_then(|b| String::from_utf8(b.0).ok())
+            .filter(|c| {
+                crate::acme::credentials_directory(c).as_deref() == Some(&cfg.directory_url)
+            });
+        let restored = match stored {
+            Some(c) => crate::acme::restore_account(&c, http()?, timeout)
+                .await
+                .map_err(|e| AcmeError::Failed(format!("the account in {at}: {e}")))?,
+            None => {
+                let (acct, creds) = crate::acme::create_account(
+                    &cfg.directory_url,
+                    cfg.email.as_deref(),
+                    http()?,
+                    timeout,
+                )
+                .await?;
+                let secret = json!({
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {
+                        "name": cfg.account_secret,
+                        "namespace": self.namespace,
+                        "labels": {"app.kubernetes.io/managed-by": "tunnox", "tunnox.net/acme": "account"},
+                    },
+                    "type": "Opaque",
+                    "data": {CREDENTIALS_KEY: base64::engine::general_purpose::STANDARD.encode(creds.as_bytes())},
+                });
+                self.apply_secret(&cfg.account_secret, &secret)
+                    .await
+                    .map_err(|e| AcmeError::Failed(format!("writing {at}: {e}")))?;
+                tracing::info!(directory = %cfg.directory_url, secret = %at, "created an ACME account");
+                acct
+            }
+        };
+        let orders = Orders {
+            account: restored,
+            challenges: self.challenges.clone(),
+            challenge_ttl: cfg.challenge_ttl.get(),
+            timeout,
+        };
+        *account = Some(orders.clone());
+        Ok(orders)
+    }
+
+    async fn publish(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Certificate".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, reference).await {
+            tracing::debug!(error = %e, "could not publish event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn secret_names_are_stable_valid_and_distinct() {
+        let a = secret_name("a.tunnox.net");
+        assert_eq!(a, secret_name("a.tunnox.net"));
+        assert_ne!(a, secret_name("b.tunnox.net"));
+        assert_eq!(a.len(), "tunnox-acme-".len() + 16);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        );
+    }
+
+    #[test]
+    fn assesses_from_the_secret_and_the_mapping() {
+        let now = Utc::now();
+        let ready = |nb: DateTime<Utc>, na: DateTime<Utc>| CertState::Ready {
+            not_before: nb,
+            not_after: na,
+            issuer: "CA".into(),
+            names: vec!["a.tunnox.net".into()],
+        };
+        let secret = |pairs: &[(&str, String)]| Secret {
+            metadata: kube::api::ObjectMeta {
+                annotations: Some(
+                    pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect::<BTreeMap<_, _>>(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let day = chrono::TimeDelta::days(1);
+        let fresh = ready(now - day, now + day * 89);
+        let old = ready(now - day * 80, now + day * 10);
+        let broken = CertState::NotReady {
+            reason: "CertificateExpired",
+            message: String::new(),
+        };
+        let later = secret(&[(RENEW_AT_ANNOTATION, (now + day).to_rfc3339())]);
+        let due = secret(&[(RENEW_AT_ANNOTATION, (now - day).to_rfc3339())]);
+        let asked = secret(&[
+            (RENEW_AT_ANNOTATION, (now + day).to_rfc3339()),
+            (RENEWED_FOR_ANNOTATION, "7".into()),
+        ]);
+        let plain = secret(&[]);
+        type Case<'a> = (
+            Option<&'a Secret>,
+            Option<&'a CertState>,
+            Option<&'a str>,
+            Option<Need>,
+        );
+        let cases: Vec<Case> = vec![
+            (None, None, None, Some(Need::Issue)),
+            (Some(&later), Some(&broken), None, Some(Need::Issue)),
+            (Some(&later), Some(&fresh), None, None),
+            (Some(&due), Some(&fresh), None, Some(Need::Due)),
+            // No annotation: two thirds of the lifetime.
+            (Some(&plain), Some(&fresh), None, None),
+            (Some(&plain), Some(&old), None, Some(Need::Due)),
+            (Some(&asked), Some(&fresh), Some("7"), None),
+            (Some(&asked), Some(&fresh), Some("8"), Some(Need::Asked)),
+            (Some(&later), Some(&fresh), Some("1"), Some(Need::Asked)),
+        ];
+        for (s, state, ask, want) in cases {
+            assert_eq!(assess(s, state, ask, now), want, "{state:?} {ask:?}");
+        }
+    }
+}
