@@ -733,4 +733,39 @@ pub struct MappingEntry {
     /// HTTPS for this domain on `proxy.tls_listen`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<super::MappingTlsEntry>,
+    /// How the proxy speaks to the target: `http1` (default), `h2c` (HTTP/2 without TLS, e.g.
+    /// a gRPC server) or `h2` (HTTP/2 over TLS).
+    #[serde(default)]
+    pub target_protocol: crate::domain::Protocol,
+    /// TLS to the target (`target_scheme: https` or `target_protocol: h2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_tls: Option<TargetTlsEntry>,
+}
+
+/// A file mapping's `target_tls`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetTlsEntry {
+    /// PEM CA certificates to verify the target with instead of the public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Do not verify the target's certificate at all.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+impl MappingEntry {
+    /// The record's `upstream`, the CA read from its file (an unreadable file gives an empty
+    /// bundle, which the record's check refuses: never the public roots instead).
+    pub fn upstream(&self) -> crate::domain::Upstream {
+        let tls = self.target_tls.clone().unwrap_or_default();
+        crate::domain::Upstream {
+            protocol: self.target_protocol,
+            ca_pem: tls
+                .ca_file
+                .as_ref()
+                .map(|f| std::fs::read_to_string(f).unwrap_or_default()),
+            insecure_skip_verify: tls.insecure_skip_verify,
+        }
+    }
 }

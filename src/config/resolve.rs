@@ -535,6 +535,20 @@ fn check_mappings(
         let mut spec = MappingSpec::new("x", m.base_domain.as_str(), &m.target_host, m.target_port);
         spec.subdomain = m.subdomain.clone();
         spec.custom_headers = m.custom_headers.clone();
+        spec.target_scheme = m.target_scheme;
+        spec.target_client_id = m.target_client_id.clone();
+        if let Some(f) = m.target_tls.as_ref().and_then(|t| t.ca_file.as_ref())
+            && let Err(e) = std::fs::read_to_string(f)
+        {
+            return Err((at("target_tls.ca_file"), format!("{}: {e}", f.display())));
+        }
+        spec.upstream = m.upstream();
+        if m.target_group.is_some() && !spec.upstream.is_default() {
+            return Err((
+                at("target_protocol"),
+                "protocol and CA settings apply to direct targets, not to tunnels".into(),
+            ));
+        }
         let full = spec
             .validate()
             .map_err(|e| (format!("mappings[{i}]"), e.to_string()))?;

@@ -85,7 +85,7 @@ pub const GRANTS: &[Grant] = &[
         resource: "secrets",
         names: &[],
         verbs: &["get"],
-        made_by: "tunnelset.rs decide: reads the Secret a TunnelSet's spec.auth.secretRef names, in the TunnelSet's namespace; reconcile.rs certificate: the Secret an HTTPDomainMapping's spec.tls.secretName names, in its namespace (get only: no list or watch, so no Secret is read that no resource names)",
+        made_by: "tunnelset.rs decide: reads the Secret a TunnelSet's spec.auth.secretRef names, in the TunnelSet's namespace; reconcile.rs certificate: the Secret an HTTPDomainMapping's spec.tls.secretName names, in its namespace; reconcile.rs target_ca: the Secret spec.target.tls.caSecretName names; issuer.rs: the ACME account and issued certificates' Secrets (get only: no list or watch, so no Secret is read that no resource names)",
     },
     Grant {
         scope: Scope::Cluster,

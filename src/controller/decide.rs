@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{HTTPDomainMapping, HTTPDomainMappingStatus, Phase, TargetScheme, TunnelTarget};
+use crate::domain::Upstream;
 use crate::domain::{
     Declarer, EgressPolicy, Hostname, MAX_GROUP_MEMBERS, MappingSpec, Scheme, SetName, TargetGroup,
 };
@@ -254,6 +255,18 @@ pub fn evaluate(
     if let Err(e) = store_spec.validate() {
         return reject("InvalidSpec", e.to_string());
     }
+    let tls_target = store_spec.target_scheme == Scheme::Https
+        || store_spec.upstream.protocol == crate::domain::Protocol::H2;
+    let target_tls = target.tls.clone().unwrap_or_default();
+    if target_tls.ca_secret_name.is_some() && !tls_target {
+        return reject(
+            "InvalidTarget",
+            "spec.target.tls.caSecretName applies to TLS targets (spec.scheme https or spec.target.protocol h2)".into(),
+        );
+    }
+    let note = target_tls.insecure_skip_verify.then(|| {
+        "spec.target.tls.insecureSkipVerify: the target's certificate is not verified".to_string()
+    });
     Verdict::Program(Box::new(Plan {
         spec: store_spec,
         full_domain: full,
@@ -261,7 +274,7 @@ pub fn evaluate(
         set: placement
             .map(|p| p.to_string())
             .unwrap_or_else(|| "any".into()),
-        note: None,
+        note,
         certificate: None,
     }))
 }
@@ -313,8 +326,18 @@ fn store_spec(
         description: spec.description.clone(),
         custom_headers: spec.custom_headers.clone(),
         enable_https: spec.tls.is_some(),
-        // Certificates from Secrets reach the store with the next part of the HTTPS work.
+        // The certificate is decided by the reconciler (it reads the Secret).
         tls: None,
+        // The CA (from a Secret) is the reconciler's too.
+        upstream: Upstream {
+            protocol: spec.target.protocol.unwrap_or_default(),
+            ca_pem: None,
+            insecure_skip_verify: spec
+                .target
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.insecure_skip_verify),
+        },
     }
 }
 

@@ -51,6 +51,8 @@ fn evaluates_resources() {
     let mut expired = hdm("a", "e", "old", "tunnox.net", address("h", 1));
     expired.spec.expires_at = Some(past);
     let tunnel = Target {
+        protocol: None,
+        tls: None,
         service: None,
         address: None,
         tunnel: Some(TunnelTarget {
@@ -100,6 +102,8 @@ fn evaluates_resources() {
                 "x",
                 "tunnox.net",
                 Target {
+                    protocol: None,
+                    tls: None,
                     service: None,
                     address: None,
                     tunnel: None,
@@ -384,6 +388,8 @@ fn status_reports_conditions_and_keeps_transition_times() {
 
 fn tunnel(client: Option<&str>, group: Option<&str>, host: &str, port: i32) -> Target {
     Target {
+        protocol: None,
+        tls: None,
         service: None,
         address: None,
         tunnel: Some(TunnelTarget {
@@ -623,4 +629,103 @@ fn group_targets_list_their_members_and_share_a_placement_only_when_they_agree()
             ..
         })
     ));
+}
+
+#[test]
+fn target_protocol_and_tls_reach_the_record_or_are_refused_by_field() {
+    use crate::crd::TargetTls;
+    use crate::domain::Protocol;
+    let with = |protocol: Option<Protocol>,
+                https: bool,
+                ca: Option<&str>,
+                insecure: bool,
+                target: Target| {
+        let mut t = target;
+        t.protocol = protocol;
+        t.tls = (ca.is_some() || insecure).then(|| TargetTls {
+            ca_secret_name: ca.map(str::to_string),
+            insecure_skip_verify: insecure,
+        });
+        let mut m = hdm("team", "g", "g", "tunnox.net", t);
+        if https {
+            m.spec.scheme = TargetScheme::Https;
+        }
+        let laptop = [TunnelClient {
+            client_id: "laptop".into(),
+            placement: None,
+            holder: "team/laptop".into(),
+        }];
+        evaluate(&m, &policy(), &laptop, Utc::now())
+    };
+    let addr = || address("127.0.0.1", 50051);
+    // (verdict, wanted: Ok(protocol, note) or Err(message part))
+    type Want = Result<(Protocol, bool), &'static str>;
+    let cases: Vec<(Verdict, Want)> = vec![
+        (
+            with(None, false, None, false, addr()),
+            Ok((Protocol::Http1, false)),
+        ),
+        (
+            with(Some(Protocol::H2c), false, None, false, addr()),
+            Ok((Protocol::H2c, false)),
+        ),
+        (
+            with(Some(Protocol::H2), false, Some("ca"), false, addr()),
+            Ok((Protocol::H2, false)),
+        ),
+        (
+            with(Some(Protocol::H2), false, None, true, addr()),
+            Ok((Protocol::H2, true)),
+        ),
+        (
+            with(None, true, None, true, addr()),
+            Ok((Protocol::Http1, true)),
+        ),
+        (
+            with(Some(Protocol::H2c), true, None, false, addr()),
+            Err("h2c is HTTP/2 without TLS"),
+        ),
+        (
+            with(None, false, Some("ca"), false, addr()),
+            Err("spec.target.tls.caSecretName applies to TLS targets"),
+        ),
+        (
+            with(Some(Protocol::H2c), false, None, true, addr()),
+            Err("applies to TLS targets"),
+        ),
+        (
+            with(
+                Some(Protocol::H2c),
+                false,
+                None,
+                false,
+                tunnel(Some("laptop"), None, "localhost", 50051),
+            ),
+            Err("apply to direct targets"),
+        ),
+    ];
+    for (verdict, want) in cases {
+        match (verdict, want) {
+            (Verdict::Program(plan), Ok((protocol, note))) => {
+                assert_eq!(plan.spec.upstream.protocol, protocol);
+                assert_eq!(
+                    plan.spec.upstream.ca_pem, None,
+                    "the reconciler reads the CA"
+                );
+                assert_eq!(
+                    plan.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("insecureSkipVerify")),
+                    note
+                );
+            }
+            (Verdict::Hold(Hold::Rejected { message, .. }), Err(part)) => {
+                assert!(message.contains(part), "{message}")
+            }
+            (Verdict::Hold(Hold::Pending { message, .. }), Err(part)) => {
+                assert!(message.contains(part), "{message}")
+            }
+            (other, want) => panic!("{want:?}: {other:?}"),
+        }
+    }
 }

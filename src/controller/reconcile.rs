@@ -371,6 +371,55 @@ fn order_certificate(ctx: &Ctx, obj: &HTTPDomainMapping, need: Need, outcome: &m
     });
 }
 
+/// `spec.target.tls.caSecretName`: the CA bundle (`ca.crt` of that Secret in the mapping's
+/// namespace) the proxies verify the target with, into the record; `Some`: why the mapping
+/// waits instead (read again at the next retry).
+async fn target_ca(
+    ctx: &Ctx,
+    obj: &HTTPDomainMapping,
+    plan: &mut Plan,
+) -> Result<Option<Hold>, Error> {
+    let Some(name) = obj
+        .spec
+        .target
+        .tls
+        .as_ref()
+        .and_then(|t| t.ca_secret_name.as_ref())
+    else {
+        return Ok(None);
+    };
+    let ns = obj.namespace().unwrap_or_default();
+    let pending = |reason, message| Some(Hold::Pending { reason, message });
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(name)
+        .await?;
+    let Some(secret) = secret else {
+        return Ok(pending(
+            "TargetCANotFound",
+            format!("Secret {ns}/{name} (spec.target.tls.caSecretName) does not exist"),
+        ));
+    };
+    let Some(pem) = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca.crt"))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    else {
+        return Ok(pending(
+            "TargetCAInvalid",
+            format!("Secret {ns}/{name} has no key ca.crt"),
+        ));
+    };
+    plan.spec.upstream.ca_pem = Some(pem);
+    if let Err(e) = plan.spec.validate() {
+        return Ok(pending(
+            "TargetCAInvalid",
+            format!("Secret {ns}/{name} ca.crt: {e}"),
+        ));
+    }
+    Ok(None)
+}
+
 async fn release(ctx: &Ctx, obj: &HTTPDomainMapping, m: &Mapping) -> Result<(), Error> {
     let expected = is_legacy(m).then_some(m.version);
     match ctx.store.delete(&m.mapping_id, expected).await {
@@ -432,6 +481,11 @@ async fn apply(
     let own = find_own(ctx, obj).await?;
     let members = tunnel_members(ctx, obj).await?;
     let mut verdict = decide::evaluate(obj, &ctx.policy, &members, Utc::now());
+    if let Verdict::Program(plan) = &mut verdict
+        && let Some(hold) = target_ca(ctx, obj, plan).await?
+    {
+        verdict = Verdict::Hold(hold);
+    }
     let mut order = None;
     if let (Verdict::Program(plan), Some(tls)) = (&mut verdict, &obj.spec.tls) {
         order = certificate(ctx, obj, tls, plan, own.as_ref()).await?;

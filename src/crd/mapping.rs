@@ -140,6 +140,8 @@ impl HTTPDomainMappingSpec {
 impl Target {
     pub fn service(name: &str, port: i32) -> Self {
         Self {
+            protocol: None,
+            tls: None,
             service: Some(ServiceTarget {
                 name: name.into(),
                 port,
@@ -151,6 +153,8 @@ impl Target {
 
     pub fn address(host: &str, port: i32) -> Self {
         Self {
+            protocol: None,
+            tls: None,
             service: None,
             address: Some(AddressTarget {
                 host: host.into(),
@@ -175,6 +179,28 @@ pub struct Target {
     /// A service behind a `tunnox agent` (its TunnelSet supplies credentials and placement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelTarget>,
+    /// How the proxies speak to a service or address target: `http1` (default), `h2c`
+    /// (HTTP/2 without TLS, e.g. a gRPC server's plain port) or `h2` (HTTP/2 over TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<crate::domain::Protocol>,
+    /// TLS to the target (`spec.scheme: https` or `protocol: h2`): verified with the public
+    /// roots unless a CA is named here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TargetTls>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.caSecretName) && self.insecureSkipVerify)").message("caSecretName and insecureSkipVerify exclude each other"))]
+pub struct TargetTls {
+    /// A Secret in this namespace whose `ca.crt` holds the CA certificates (PEM) the target's
+    /// certificate is verified with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"))]
+    pub ca_secret_name: Option<String>,
+    /// Do not verify the target's certificate at all (shown in the `Accepted` condition).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

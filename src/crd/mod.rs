@@ -13,8 +13,8 @@ use kube::CustomResourceExt;
 pub use common::{HOSTNAME_PATTERN, LABEL_PATTERN, Phase, Placement, SecretKeyRef};
 pub use mapping::{
     AccessStats, AddressTarget, CertificateStatus, HTTPDomainMapping, HTTPDomainMappingSpec,
-    HTTPDomainMappingStatus, MappingTls, Owner, ServiceTarget, Target, TargetScheme, TlsMode,
-    TunnelTarget,
+    HTTPDomainMappingStatus, MappingTls, Owner, ServiceTarget, Target, TargetScheme, TargetTls,
+    TlsMode, TunnelTarget,
 };
 pub use tunnelset::{
     Tunnel, TunnelAuth, TunnelProtocol, TunnelSet, TunnelSetSpec, TunnelSetStatus, TunnelStatus,

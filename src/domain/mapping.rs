@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Balance, Hostname, HostnameError, MappingId, MappingTls, SetName, check_client_id};
+use super::{
+    Balance, Hostname, HostnameError, MappingId, MappingTls, SetName, Upstream, check_client_id,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,6 +64,9 @@ pub struct MappingSpec {
     /// HTTPS: the certificate's source and the redirect of plain requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MappingTls>,
+    /// How the proxies speak to a direct target (HTTP/2, a CA); default HTTP/1.1.
+    #[serde(default, skip_serializing_if = "Upstream::is_default")]
+    pub upstream: Upstream,
 }
 
 /// The most members a group target lists: the proxy tries them in turn for one request.
@@ -120,6 +125,8 @@ pub enum SpecError {
     TargetGroup { name: String, problem: String },
     #[error("tls: {0}")]
     Tls(String),
+    #[error("upstream: {0}")]
+    Upstream(String),
     #[error("custom_headers: {name:?} is not a valid header name")]
     HeaderName { name: String },
     #[error("custom_headers: value of {name:?} contains a control character")]
@@ -164,6 +171,7 @@ impl MappingSpec {
             custom_headers: BTreeMap::new(),
             enable_https: false,
             tls: None,
+            upstream: Upstream::default(),
         }
     }
 
@@ -196,6 +204,16 @@ impl MappingSpec {
         }
         if let Some(t) = &self.tls {
             t.validate().map_err(SpecError::Tls)?;
+        }
+        self.upstream
+            .validate(self.target_scheme == Scheme::Https)
+            .map_err(SpecError::Upstream)?;
+        if !self.upstream.is_default()
+            && (self.target_client_id.is_some() || self.target_group.is_some())
+        {
+            return Err(SpecError::Upstream(
+                "protocol and CA settings apply to direct targets, not to tunnels".into(),
+            ));
         }
         for (name, value) in &self.custom_headers {
             let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
@@ -253,6 +271,8 @@ pub struct Mapping {
     pub enable_https: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MappingTls>,
+    #[serde(default, skip_serializing_if = "Upstream::is_default")]
+    pub upstream: Upstream,
     #[serde(default)]
     pub access_count: u64,
     #[serde(default)]
@@ -296,6 +316,7 @@ impl Mapping {
             custom_headers: spec.custom_headers,
             enable_https: spec.enable_https,
             tls: spec.tls,
+            upstream: spec.upstream,
             access_count: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -340,6 +361,7 @@ impl Mapping {
             custom_headers: self.custom_headers.clone(),
             enable_https: self.enable_https,
             tls: self.tls.clone(),
+            upstream: self.upstream.clone(),
         }
     }
 

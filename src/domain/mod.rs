@@ -8,6 +8,7 @@ mod ids;
 mod mapping;
 mod set;
 pub mod tls;
+pub mod upstream;
 
 pub use balance::Balance;
 pub use egress::{Declarer, EgressPolicy, Refusal};
@@ -20,3 +21,4 @@ pub use mapping::{
 };
 pub use set::{DR_REGION, SetName, SetNameError, serving_set};
 pub use tls::{CertSource, MappingTls};
+pub use upstream::{Protocol, Upstream};

@@ -9,17 +9,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
-use super::connect::{EgressConnector, refusal_in};
+use super::connect::refusal_in;
 use super::deadline::join_with_idle;
 use super::metrics::ProxyMetrics;
 use super::policy::{Admitted, HOPS};
 use super::{ProxyBody, ProxyError};
-use crate::domain::{Declarer, EgressPolicy};
-
-type Connector = hyper_rustls::HttpsConnector<EgressConnector>;
+use crate::domain::EgressPolicy;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardSettings {
@@ -34,8 +31,7 @@ pub struct ForwardSettings {
 /// declarer (a connection checked for the operator is never reused for a tenant).
 #[derive(Clone)]
 pub struct Forwarder {
-    tenant: Client<Connector, ProxyBody>,
-    operator: Client<Connector, ProxyBody>,
+    clients: super::upstream::Clients,
     response_timeout: Duration,
     websocket_idle: Duration,
     metrics: Arc<ProxyMetrics>,
@@ -59,26 +55,8 @@ pub struct ClientInfo<'a> {
 
 impl Forwarder {
     pub fn new(s: ForwardSettings, policy: Arc<EgressPolicy>, metrics: Arc<ProxyMetrics>) -> Self {
-        let client = |who| {
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_webpki_roots()
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(EgressConnector {
-                    policy: policy.clone(),
-                    who,
-                    timeout: s.connect_timeout,
-                });
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(s.idle_timeout)
-                .pool_max_idle_per_host(s.max_idle_per_host)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .build(connector)
-        };
         Self {
-            tenant: client(Declarer::Tenant),
-            operator: client(Declarer::Operator),
+            clients: super::upstream::Clients::new(s, policy),
             response_timeout: s.response_timeout,
             websocket_idle: s.websocket_idle,
             metrics,
@@ -96,6 +74,14 @@ impl Forwarder {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (scheme, authority, extra) = (&to.scheme, &to.authority, &to.route.headers[..]);
         let upgrade = upgrade_protocol(req.headers());
+        let via = to.route.upstream.as_deref();
+        let http2 = via.is_some_and(|v| v.protocol.is_http2());
+        if http2 && upgrade.is_some() {
+            return Err(ProxyError::Upstream {
+                upstream: authority.to_string(),
+                reason: "an upgrade (WebSocket) needs the target protocol http1".into(),
+            });
+        }
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let path = parts
@@ -112,15 +98,16 @@ impl Forwarder {
                 upstream: authority.to_string(),
                 reason: e.to_string(),
             })?;
-        parts.version = Version::HTTP_11;
+        parts.version = if http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         rewrite_request_headers(&mut parts.headers, &client, upgrade.as_ref(), extra);
         let out = Request::from_parts(parts, body);
 
         let started = Instant::now();
-        let client = match to.who {
-            Declarer::Tenant => &self.tenant,
-            Declarer::Operator => &self.operator,
-        };
+        let client = self.clients.get(to.who, via);
         let sent = tokio::time::timeout(self.response_timeout, client.request(out)).await;
         upstream_seconds.observe(started.elapsed().as_secs_f64());
         let mut resp = match sent {

@@ -23,6 +23,7 @@ mod stats;
 mod sync;
 mod tls;
 mod tunnel;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -95,13 +95,24 @@ pub struct Route {
     pub from_config: bool,
     /// HTTPS settings: the certificate's source, the redirect of plain requests.
     pub tls: Option<MappingTls>,
+    /// How a direct target is spoken to when not HTTP/1.1 with the public roots.
+    pub upstream: Option<Arc<super::upstream::UpstreamRoute>>,
     /// The egress policy's verdict on the declared target, decided at the first request.
     declared: OnceLock<Result<(), Refusal>>,
 }
 
 impl Route {
     pub fn from_mapping(m: &Mapping) -> Self {
-        let target = match (&m.target_client_id, &m.target_group, direct_target(m)) {
+        let (upstream, direct) = match super::upstream::UpstreamRoute::build(&m.upstream) {
+            Ok(u) => (u.map(Arc::new), direct_target(m)),
+            Err(e) => (
+                None,
+                Target::Invalid {
+                    reason: format!("upstream: {e}"),
+                },
+            ),
+        };
+        let target = match (&m.target_client_id, &m.target_group, direct) {
             (_, _, invalid @ Target::Invalid { .. }) => invalid,
             (Some(_), Some(_), _) => Target::Invalid {
                 reason: "the record names both a tunnel client and a group".into(),
@@ -149,6 +160,7 @@ impl Route {
                 .map(str::to_string),
             from_config: m.source.as_deref() == Some(CONFIG_SOURCE),
             tls: m.tls.clone(),
+            upstream,
             declared: OnceLock::new(),
         }
     }
@@ -228,9 +240,10 @@ fn direct_target(m: &Mapping) -> Target {
         Ok(v6) => format!("[{v6}]"),
         Err(_) => m.target_host.clone(),
     };
-    let scheme = match m.target_scheme {
-        Scheme::Http => UriScheme::HTTP,
-        Scheme::Https => UriScheme::HTTPS,
+    let scheme = match (m.target_scheme, m.upstream.protocol) {
+        // HTTP/2 over TLS whatever the scheme says.
+        (_, crate::domain::Protocol::H2) | (Scheme::Https, _) => UriScheme::HTTPS,
+        (Scheme::Http, _) => UriScheme::HTTP,
     };
     match Authority::try_from(format!("{host}:{}", m.target_port)) {
         Ok(authority) => Target::Direct { scheme, authority },

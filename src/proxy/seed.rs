@@ -32,6 +32,7 @@ pub fn spec_of(e: &MappingEntry, clients: &[TunnelClientEntry]) -> MappingSpec {
             balance: e.balance.unwrap_or_default(),
         }),
         target_scheme: e.target_scheme,
+        upstream: e.upstream(),
         description: e.description.clone(),
         custom_headers: e.custom_headers.clone(),
         source: Some(SOURCE.into()),

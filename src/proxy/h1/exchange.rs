@@ -88,6 +88,8 @@ impl Exchange<'_, '_> {
             Ok(a) if a.tunnel.is_some() => return Next::Handover("tunnel_target"),
             // Answered by the general path, with its `Location`.
             Ok(a) if a.route.redirects_http() => return Next::Handover("redirect_https"),
+            // HTTP/2 or a mapping's own TLS trust: the general path's clients.
+            Ok(a) if a.route.upstream.is_some() => return Next::Handover("upstream_protocol"),
             Ok(a) if a.scheme == Scheme::HTTP => a,
             // TLS to the upstream: the general path's client.
             Ok(_) => return Next::Handover("https_target"),
