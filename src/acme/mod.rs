@@ -45,7 +45,8 @@ impl AcmeError {
     }
 }
 
-fn short(s: &str) -> String {
+/// `s`, cut to what status and Events carry.
+pub fn short(s: &str) -> String {
     if s.len() <= MAX_DETAIL {
         return s.to_string();
     }

@@ -31,9 +31,8 @@ pub const RENEW_ANNOTATION: &str = "tunnox.net/renew-certificate";
 
 /// When to renew a certificate valid from `not_before` to `not_after`: inside the CA's
 /// suggested window (ARI, RFC 9773) when it gives one, at `pick` (0..=1) of the way through it
-/// so that many certificates do not renew at once; else at two thirds of the lifetime. A
-/// window the certificate has already passed, or that ends after expiry, is clamped to the
-/// lifetime.
+/// so that many certificates do not renew at once; else at two thirds of the lifetime. Never in
+/// the certificate's first hour, never in the last tenth of its lifetime.
 pub fn renew_at(
     not_before: DateTime<Utc>,
     not_after: DateTime<Utc>,
@@ -42,35 +41,59 @@ pub fn renew_at(
 ) -> DateTime<Utc> {
     let lifetime = (not_after - not_before).max(chrono::TimeDelta::zero());
     let default = not_before + lifetime * 2 / 3;
-    let Some((start, end)) = window else {
-        return default;
+    let at = match window {
+        Some((start, end)) if start <= end => {
+            let span = (end - start).num_milliseconds() as f64 * pick.clamp(0.0, 1.0);
+            start + chrono::TimeDelta::milliseconds(span as i64)
+        }
+        _ => default,
     };
-    if end < start {
-        return default;
-    }
-    let span = (end - start).num_milliseconds() as f64 * pick.clamp(0.0, 1.0);
-    let at = start + chrono::TimeDelta::milliseconds(span as i64);
-    at.min(not_after)
+    // Not in the first hour (a window already past would order again at once, and again),
+    // and with a tenth of the lifetime left for retries before expiry.
+    let earliest = not_before + (lifetime / 2).min(chrono::TimeDelta::hours(1));
+    let latest = not_after - lifetime / 10;
+    at.min(latest).max(earliest)
 }
 
-/// Whether to order now. `usable`: the issued certificate is served (valid, for this name);
-/// `renew_at`: its renewal time; `renewed_for`: the annotation value its order answered;
-/// `asked`: the mapping's annotation value now.
+/// What is known of a domain's issued certificate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Issued<'a> {
+    /// It is served (valid, for this name).
+    pub usable: bool,
+    /// When it was issued (`None`: no certificate of ours).
+    pub issued_at: Option<DateTime<Utc>>,
+    pub renew_at: Option<DateTime<Utc>>,
+    /// The renewal request it answered ([`request_id`] of the annotation's value).
+    pub renewed_for: Option<&'a str>,
+}
+
+/// How a renewal request (the annotation's value, which the tenant chooses and may make long)
+/// is recorded: a short digest.
+pub fn request_id(asked: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(asked.as_bytes());
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether to order now. `asked`: the mapping's [`RENEW_ANNOTATION`] now. A request or an
+/// unusable certificate waits `min_interval` after the last issuance, so that no tenant can
+/// make the controller order again and again.
 pub fn need(
     now: DateTime<Utc>,
-    usable: bool,
-    renew_at: Option<DateTime<Utc>>,
-    renewed_for: Option<&str>,
+    issued: Issued<'_>,
     asked: Option<&str>,
+    min_interval: chrono::TimeDelta,
 ) -> Option<Need> {
-    if !usable {
-        return Some(Need::Issue);
+    let recent = issued.issued_at.is_some_and(|t| now < t + min_interval);
+    if !issued.usable {
+        return (!recent).then_some(Need::Issue);
     }
     if let Some(asked) = asked.filter(|a| !a.is_empty())
-        && renewed_for != Some(asked)
+        && issued.renewed_for != Some(request_id(asked).as_str())
     {
-        return Some(Need::Asked);
+        return (!recent).then_some(Need::Asked);
     }
+    let renew_at = issued.renew_at;
     match renew_at {
         Some(at) if now < at => None,
         _ => Some(Need::Due),
@@ -96,11 +119,17 @@ mod tests {
             (w, 0.5, t("2026-03-02T00:00:00Z")),
             (w, 1.0, t("2026-03-03T00:00:00Z")),
             (w, 7.0, t("2026-03-03T00:00:00Z")),
-            // A window ending after expiry: never later than expiry.
+            // A window ending after expiry: a tenth of the lifetime (9 days) left.
             (
                 Some((t("2026-03-31T00:00:00Z"), t("2026-05-01T00:00:00Z"))),
                 1.0,
-                na,
+                t("2026-03-23T00:00:00Z"),
+            ),
+            // A window already past: not in the first hour.
+            (
+                Some((t("2025-01-01T00:00:00Z"), t("2025-01-02T00:00:00Z"))),
+                0.5,
+                t("2026-01-01T01:00:00Z"),
             ),
             // A window backwards: ignored.
             (
@@ -115,27 +144,47 @@ mod tests {
     }
 
     #[test]
-    fn orders_when_unusable_asked_or_due() {
+    fn orders_when_unusable_asked_or_due_but_not_again_at_once() {
         let now = t("2026-02-01T00:00:00Z");
         let later = Some(t("2026-03-01T00:00:00Z"));
         let past = Some(t("2026-01-15T00:00:00Z"));
+        let long_ago = Some(t("2026-01-01T00:00:00Z"));
+        let just_now = Some(t("2026-01-31T23:30:00Z"));
+        let one = request_id("1");
+        let hour = chrono::TimeDelta::hours(1);
+        // (usable, issued_at, renew_at, renewed_for, asked, want)
         let cases = [
-            (false, later, None, None, Some(Need::Issue)),
-            (true, later, None, None, None),
-            (true, past, None, None, Some(Need::Due)),
-            (true, None, None, None, Some(Need::Due)),
-            (true, later, None, Some("1"), Some(Need::Asked)),
-            (true, later, Some("1"), Some("1"), None),
-            (true, later, Some("1"), Some("2"), Some(Need::Asked)),
-            (true, later, Some("1"), Some(""), None),
-            (false, later, Some("1"), Some("1"), Some(Need::Issue)),
+            (false, None, None, None, None, Some(Need::Issue)),
+            (false, long_ago, later, None, None, Some(Need::Issue)),
+            // Unusable but issued half an hour ago: wait.
+            (false, just_now, later, None, None, None),
+            (true, long_ago, later, None, None, None),
+            (true, long_ago, past, None, None, Some(Need::Due)),
+            (true, long_ago, None, None, None, Some(Need::Due)),
+            (true, long_ago, later, None, Some("1"), Some(Need::Asked)),
+            (true, long_ago, later, Some(one.as_str()), Some("1"), None),
+            (
+                true,
+                long_ago,
+                later,
+                Some(one.as_str()),
+                Some("2"),
+                Some(Need::Asked),
+            ),
+            (true, long_ago, later, Some(one.as_str()), Some(""), None),
+            // Asked again right after an issuance: wait.
+            (true, just_now, later, Some(one.as_str()), Some("2"), None),
         ];
-        for (usable, at, renewed_for, asked, want) in cases {
-            assert_eq!(
-                need(now, usable, at, renewed_for, asked),
-                want,
-                "{usable} {at:?} {renewed_for:?} {asked:?}"
-            );
+        for (usable, issued_at, renew_at, renewed_for, asked, want) in cases {
+            let issued = Issued {
+                usable,
+                issued_at,
+                renew_at,
+                renewed_for,
+            };
+            assert_eq!(need(now, issued, asked, hour), want, "{issued:?} {asked:?}");
         }
+        assert_eq!(request_id("1").len(), 16);
+        assert_ne!(request_id("1"), request_id("2"));
     }
 }

@@ -606,9 +606,15 @@ pub struct AcmeConfig {
     pub challenge_ttl: Dur,
     /// How long one order may take, from creation to the downloaded certificate.
     pub order_timeout: Dur,
-    /// The longest wait between two failed attempts for a domain (they start at 1 minute and
-    /// double; a CA's `Retry-After` is honoured when longer).
+    /// The longest wait between two failed attempts for a domain (they start at 1 minute,
+    /// ×1.5 each; a CA's rate limit waits this long at once).
     pub retry_max: Dur,
+    /// The least time between two orders for one domain: a renewal asked for by annotation,
+    /// or a certificate the controller cannot serve, waits this long after the last issuance.
+    pub min_reorder_interval: Dur,
+    /// Orders started per hour at most, all domains together (the CA's limits are per
+    /// account and per registered domain: one tenant must not spend them for all).
+    pub max_orders_per_hour: u32,
 }
 
 impl Default for AcmeConfig {
@@ -622,6 +628,8 @@ impl Default for AcmeConfig {
             challenge_ttl: Dur::secs(600),
             order_timeout: Dur::secs(120),
             retry_max: Dur::secs(3600),
+            min_reorder_interval: Dur::secs(3600),
+            max_orders_per_hour: 100,
         }
     }
 }

@@ -741,12 +741,22 @@ fn check_acme(acme: &super::model::AcmeConfig) -> Result<(), (&'static str, Stri
         ("controller.acme.challenge_ttl", acme.challenge_ttl),
         ("controller.acme.order_timeout", acme.order_timeout),
         ("controller.acme.retry_max", acme.retry_max),
+        (
+            "controller.acme.min_reorder_interval",
+            acme.min_reorder_interval,
+        ),
     ] {
         if d.get() < std::time::Duration::from_secs(1)
             || d.get() > std::time::Duration::from_secs(86_400)
         {
             return Err((field, "must be between 1s and 24h".into()));
         }
+    }
+    if !(1..=10_000).contains(&acme.max_orders_per_hour) {
+        return Err((
+            "controller.acme.max_orders_per_hour",
+            format!("{} is not between 1 and 10000", acme.max_orders_per_hour),
+        ));
     }
     Ok(())
 }

@@ -26,6 +26,8 @@ pub enum CertState {
         not_after: DateTime<Utc>,
         issuer: String,
         names: Vec<String>,
+        /// Something to know although it is served (a renewal failing).
+        note: Option<String>,
     },
     NotReady {
         reason: &'static str,
@@ -177,6 +179,7 @@ pub fn from_secret(
             not_after: cert.not_after,
             issuer: cert.issuer,
             names: cert.names,
+            note: None,
         },
     )
 }

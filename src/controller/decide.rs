@@ -693,11 +693,15 @@ pub fn status(
                 not_after,
                 issuer,
                 names,
+                note,
                 ..
             } => (
                 true,
                 "Ready",
-                format!("served until {not_after}, issued by {issuer}"),
+                match note {
+                    Some(n) => format!("served until {not_after}, issued by {issuer}; {n}"),
+                    None => format!("served until {not_after}, issued by {issuer}"),
+                },
                 crate::crd::CertificateStatus {
                     state: "Ready".into(),
                     not_after: time(not_after),

@@ -33,8 +33,16 @@ use crate::store::{Backoff, ChallengeStore};
 pub const DOMAIN_ANNOTATION: &str = "tunnox.net/domain";
 /// On an issued Secret: when to order its successor (RFC 3339).
 pub const RENEW_AT_ANNOTATION: &str = "tunnox.net/renew-at";
-/// On an issued Secret: the mapping's [`schedule::RENEW_ANNOTATION`] value it answered.
+/// On an issued Secret: the renewal request it answered ([`schedule::request_id`] of the
+/// mapping's [`schedule::RENEW_ANNOTATION`]).
 pub const RENEWED_FOR_ANNOTATION: &str = "tunnox.net/renewed-for";
+/// On an issued Secret: when it was issued (RFC 3339).
+pub const ISSUED_AT_ANNOTATION: &str = "tunnox.net/issued-at";
+/// After an order succeeds, a new one for the domain waits this long (or `min_reorder_interval`
+/// when shorter): a reconcile that read the Secret before it was written must not order again.
+const AFTER_SUCCESS: Duration = Duration::from_secs(120);
+/// Past this many domains remembered, finished ones are forgotten.
+const MAX_JOBS: usize = 4096;
 /// The account Secret's key holding its credentials (JSON, with the account's private key).
 const CREDENTIALS_KEY: &str = "credentials.json";
 /// Orders in flight at once (each holds a challenge answer and polls the CA).
@@ -57,6 +65,7 @@ pub fn assess(
     secret: Option<&Secret>,
     state: Option<&CertState>,
     asked: Option<&str>,
+    min_interval: Duration,
     now: DateTime<Utc>,
 ) -> Option<Need> {
     let annotation = |k: &str| {
@@ -73,17 +82,21 @@ pub fn assess(
         }) => (true, Some((*not_before, *not_after))),
         _ => (false, None),
     };
-    let renew_at = annotation(RENEW_AT_ANNOTATION)
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.to_utc())
+    let time = |k: &str| {
+        annotation(k)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.to_utc())
+    };
+    let renew_at = time(RENEW_AT_ANNOTATION)
         .or_else(|| lifetime.map(|(nb, na)| schedule::renew_at(nb, na, None, 0.0)));
-    schedule::need(
-        now,
+    let issued = schedule::Issued {
         usable,
+        issued_at: time(ISSUED_AT_ANNOTATION),
         renew_at,
-        annotation(RENEWED_FOR_ANNOTATION),
-        asked,
-    )
+        renewed_for: annotation(RENEWED_FOR_ANNOTATION),
+    };
+    let min = chrono::TimeDelta::from_std(min_interval).unwrap_or(chrono::TimeDelta::hours(1));
+    schedule::need(now, issued, asked, min)
 }
 
 /// Where a domain's order stands, for status when no certificate is served yet.
@@ -96,6 +109,7 @@ pub enum Progress {
 #[derive(Default)]
 struct Job {
     running: bool,
+    done_at: Option<Instant>,
     backoff: Option<Backoff>,
     retry_at: Option<Instant>,
     error: Option<String>,
@@ -111,32 +125,44 @@ pub struct Issuer {
     account: tokio::sync::Mutex<Option<Orders>>,
     jobs: Mutex<HashMap<String, Job>>,
     slots: Semaphore,
+    /// Start times of the orders of the last hour (`max_orders_per_hour`).
+    started: Mutex<std::collections::VecDeque<Instant>>,
+    /// Whether a domain is still held by the mapping asking, checked when its order starts.
+    mappings: Arc<dyn crate::store::MappingStore>,
     wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
     recorder: Recorder,
     metrics: Metrics,
 }
 
+/// What an [`Issuer`] works with.
+pub struct IssuerParts {
+    pub cfg: AcmeConfig,
+    /// Where the account and the issued Secrets live.
+    pub namespace: String,
+    pub client: kube::Client,
+    pub challenges: Arc<dyn ChallengeStore>,
+    pub mappings: Arc<dyn crate::store::MappingStore>,
+    /// Wakes the mappings waiting for an order.
+    pub wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
 impl Issuer {
-    pub fn new(
-        cfg: AcmeConfig,
-        namespace: String,
-        client: kube::Client,
-        challenges: Arc<dyn ChallengeStore>,
-        wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
-        recorder: Recorder,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(p: IssuerParts) -> Self {
         Self {
-            cfg,
-            namespace,
-            client,
-            challenges,
+            cfg: p.cfg,
+            namespace: p.namespace,
+            client: p.client,
+            challenges: p.challenges,
             account: tokio::sync::Mutex::new(None),
             jobs: Mutex::new(HashMap::new()),
             slots: Semaphore::new(MAX_CONCURRENT_ORDERS),
-            wake,
-            recorder,
-            metrics,
+            started: Mutex::new(std::collections::VecDeque::new()),
+            mappings: p.mappings,
+            wake: p.wake,
+            recorder: p.recorder,
+            metrics: p.metrics,
         }
     }
 
@@ -160,23 +186,41 @@ impl Issuer {
 
     /// Starts an order for `domain` for `mapping` unless one runs, or the last one failed and
     /// its pause has not passed; says where it stands.
+    /// The least time between two orders for one domain.
+    pub fn min_reorder_interval(&self) -> Duration {
+        self.cfg.min_reorder_interval.get()
+    }
+
+    /// Starts an order for `domain` for `mapping` (whose store records carry `source`) unless
+    /// one runs, one just succeeded, or the last one failed and its pause has not passed; says
+    /// where it stands.
     pub fn start(
         self: &Arc<Self>,
         domain: &str,
         need: Need,
         asked: Option<String>,
+        source: String,
         mapping: &HTTPDomainMapping,
     ) -> Progress {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if jobs.len() >= MAX_JOBS {
+            let now = Instant::now();
+            jobs.retain(|_, j| {
+                j.running
+                    || j.retry_at.is_some_and(|at| at > now)
+                    || j.done_at.is_some_and(|at| now < at + AFTER_SUCCESS)
+            });
+        }
         let job = jobs.entry(domain.to_string()).or_default();
         let me = ObjectRef::from_obj(mapping);
         if !job.waiters.contains(&me) && job.waiters.len() < MAX_WAITERS {
             job.waiters.push(me);
         }
-        if job.running {
+        let now = Instant::now();
+        let settle = AFTER_SUCCESS.min(self.cfg.min_reorder_interval.get());
+        if job.running || job.done_at.is_some_and(|at| now < at + settle) {
             return Progress::Running;
         }
-        let now = Instant::now();
         if let Some(at) = job.retry_at
             && now < at
         {
@@ -187,8 +231,42 @@ impl Issuer {
         }
         job.running = true;
         let reference = mapping.object_ref(&());
-        tokio::spawn(self.clone().run(domain.to_string(), need, asked, reference));
+        tokio::spawn(
+            self.clone()
+                .run(domain.to_string(), need, asked, source, reference),
+        );
         Progress::Running
+    }
+
+    /// Whether `domain` is still held by the mapping whose records carry `source`.
+    async fn still_held(&self, domain: &str, source: &str) -> Result<bool, AcmeError> {
+        let Ok(host) = crate::domain::Hostname::parse(domain) else {
+            return Ok(false);
+        };
+        Ok(self
+            .mappings
+            .get_by_domain(&host)
+            .await?
+            .is_some_and(|m| m.source.as_deref() == Some(source)))
+    }
+
+    /// Counts an order against `max_orders_per_hour`; `Err`: when the budget allows the next.
+    fn spend(&self) -> Result<(), Duration> {
+        let hour = Duration::from_secs(3600);
+        let now = Instant::now();
+        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+        while started
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= hour)
+        {
+            started.pop_front();
+        }
+        if started.len() >= self.cfg.max_orders_per_hour as usize {
+            let oldest = started.front().copied().unwrap_or(now);
+            return Err((oldest + hour).saturating_duration_since(now));
+        }
+        started.push_back(now);
+        Ok(())
     }
 
     async fn run(
@@ -196,9 +274,39 @@ impl Issuer {
         domain: String,
         need: Need,
         asked: Option<String>,
+        source: String,
         reference: ObjectReference,
     ) {
         let _slot = self.slots.acquire().await;
+        // Queued behind other orders: the domain may have moved on meanwhile.
+        match self.still_held(&domain, &source).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(domain = %domain, "the domain is no longer held by the mapping that asked; no order");
+                let waiters = {
+                    let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+                    jobs.remove(&domain).map(|j| j.waiters).unwrap_or_default()
+                };
+                for w in waiters {
+                    let _ = self.wake.send(w);
+                }
+                return;
+            }
+            Err(e) => {
+                self.finish(&domain, Err(e), Instant::now(), &reference)
+                    .await;
+                return;
+            }
+        }
+        if let Err(wait) = self.spend() {
+            let e = AcmeError::Failed(format!(
+                "this controller's ACME budget of {} orders per hour (controller.acme.max_orders_per_hour) is spent",
+                self.cfg.max_orders_per_hour
+            ));
+            self.finish_after(&domain, Err(e), Instant::now(), &reference, Some(wait))
+                .await;
+            return;
+        }
         tracing::info!(domain = %domain, reason = need.as_str(), directory = %self.cfg.directory_url, "ordering a certificate");
         self.publish(
             &reference,
@@ -213,6 +321,31 @@ impl Issuer {
         .await;
         let started = Instant::now();
         let result = self.order(&domain, asked.as_deref()).await;
+        self.finish(&domain, result, started, &reference).await;
+    }
+
+    async fn finish(
+        &self,
+        domain: &str,
+        result: Result<(DateTime<Utc>, DateTime<Utc>), AcmeError>,
+        started: Instant,
+        reference: &ObjectReference,
+    ) {
+        self.finish_after(domain, result, started, reference, None)
+            .await
+    }
+
+    /// Records how an order ended (`pause`: wait at least this long before the next),
+    /// tells the mappings waiting, and publishes the Event.
+    async fn finish_after(
+        &self,
+        domain: &str,
+        result: Result<(DateTime<Utc>, DateTime<Utc>), AcmeError>,
+        started: Instant,
+        reference: &ObjectReference,
+        pause: Option<Duration>,
+    ) {
+        let domain = domain.to_string();
         let waiters = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
             let job = jobs.entry(domain.clone()).or_default();
@@ -220,19 +353,23 @@ impl Issuer {
             let waiters = std::mem::take(&mut job.waiters);
             match &result {
                 Ok(_) => {
-                    jobs.remove(&domain);
+                    *job = Job {
+                        done_at: Some(Instant::now()),
+                        ..Job::default()
+                    };
                 }
                 Err(e) => {
                     let retry_max = self.cfg.retry_max.get();
                     let backoff = job
                         .backoff
                         .get_or_insert_with(|| Backoff::between(RETRY_FIRST, retry_max));
-                    let pause = match e {
+                    let wait = match e {
                         AcmeError::RateLimited(_) => retry_max,
                         _ => backoff.next_delay(),
-                    };
-                    job.retry_at = Some(Instant::now() + pause);
-                    job.error = Some(e.to_string());
+                    }
+                    .max(pause.unwrap_or_default());
+                    job.retry_at = Some(Instant::now() + wait);
+                    job.error = Some(crate::acme::short(&e.to_string()));
                 }
             }
             waiters
@@ -249,7 +386,7 @@ impl Issuer {
             Ok((not_after, renew_at)) => {
                 tracing::info!(domain = %domain, %not_after, %renew_at, took = ?started.elapsed(), "certificate issued");
                 self.publish(
-                    &reference,
+                    reference,
                     EventType::Normal,
                     "Issued",
                     format!("issued a certificate for {domain}, valid until {not_after}, renewed from {renew_at}"),
@@ -259,7 +396,7 @@ impl Issuer {
             Err(e) => {
                 tracing::warn!(domain = %domain, error = %e, "ordering a certificate failed");
                 self.publish(
-                    &reference,
+                    reference,
                     EventType::Warning,
                     "IssuanceFailed",
                     format!("ordering a certificate for {domain} failed: {e}"),
@@ -280,11 +417,21 @@ impl Issuer {
     ) -> Result<(DateTime<Utc>, DateTime<Utc>), AcmeError> {
         let orders = self.orders().await?;
         let issued = orders.issue(domain).await?;
+        // What the reconciler would refuse is not written (it would order again and again).
+        let bad =
+            |why: String| AcmeError::Failed(format!("the CA's certificate for {domain}: {why}"));
         let cert =
             crate::cert::Cert::from_pem(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
-                .map_err(|e| {
-                    AcmeError::Failed(format!("the CA's certificate for {domain}: {e}"))
-                })?;
+                .map_err(|e| bad(e.to_string()))?;
+        if !cert.covers(domain) {
+            return Err(bad(format!("it is for [{}]", cert.names.join(", "))));
+        }
+        let chain_pem = cert.chain_pem();
+        if chain_pem.len() > crate::domain::tls::MAX_CHAIN_PEM
+            || issued.key_pem.len() > super::certificate::MAX_KEY_PEM
+        {
+            return Err(bad("the chain or key is larger than the store takes".into()));
+        }
         let window = orders.renewal_window(&issued.chain_pem).await;
         let renew_at = schedule::renew_at(
             cert.not_before,
@@ -296,8 +443,12 @@ impl Issuer {
         let mut annotations = serde_json::Map::new();
         annotations.insert(DOMAIN_ANNOTATION.into(), json!(domain));
         annotations.insert(RENEW_AT_ANNOTATION.into(), json!(renew_at.to_rfc3339()));
-        if let Some(a) = asked {
-            annotations.insert(RENEWED_FOR_ANNOTATION.into(), json!(a));
+        annotations.insert(ISSUED_AT_ANNOTATION.into(), json!(Utc::now().to_rfc3339()));
+        if let Some(a) = asked.filter(|a| !a.is_empty()) {
+            annotations.insert(
+                RENEWED_FOR_ANNOTATION.into(),
+                json!(schedule::request_id(a)),
+            );
         }
         let secret = json!({
             "apiVersion": "v1",
@@ -309,8 +460,24 @@ impl Issuer {
                 "annotations": annotations,
             },
             "type": super::certificate::TLS_SECRET_TYPE,
-            "data": {"tls.crt": b64(&issued.chain_pem), "tls.key": b64(&issued.key_pem)},
+            "data": {"tls.crt": b64(&chain_pem), "tls.key": b64(&issued.key_pem)},
         });
+        // A Secret of that name for another domain (a hash collision) is not overwritten.
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        if let Ok(Some(existing)) = api.get_opt(&secret_name(domain)).await
+            && existing
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DOMAIN_ANNOTATION))
+                .is_some_and(|d| d != domain)
+        {
+            return Err(AcmeError::Failed(format!(
+                "Secret {}/{} holds another domain's certificate",
+                self.namespace,
+                secret_name(domain)
+            )));
+        }
         self.apply_secret(&secret_name(domain), &secret)
             .await
             .map_err(|e| {
@@ -446,6 +613,7 @@ mod tests {
             not_after: na,
             issuer: "CA".into(),
             names: vec!["a.tunnox.net".into()],
+            note: None,
         };
         let secret = |pairs: &[(&str, String)]| Secret {
             metadata: kube::api::ObjectMeta {
@@ -470,7 +638,15 @@ mod tests {
         let due = secret(&[(RENEW_AT_ANNOTATION, (now - day).to_rfc3339())]);
         let asked = secret(&[
             (RENEW_AT_ANNOTATION, (now + day).to_rfc3339()),
-            (RENEWED_FOR_ANNOTATION, "7".into()),
+            (RENEWED_FOR_ANNOTATION, schedule::request_id("7")),
+        ]);
+        // Issued a minute ago: a request or a broken certificate waits.
+        let fresh_issue = secret(&[
+            (RENEW_AT_ANNOTATION, (now + day).to_rfc3339()),
+            (
+                ISSUED_AT_ANNOTATION,
+                (now - chrono::TimeDelta::minutes(1)).to_rfc3339(),
+            ),
         ]);
         let plain = secret(&[]);
         type Case<'a> = (
@@ -490,9 +666,15 @@ mod tests {
             (Some(&asked), Some(&fresh), Some("7"), None),
             (Some(&asked), Some(&fresh), Some("8"), Some(Need::Asked)),
             (Some(&later), Some(&fresh), Some("1"), Some(Need::Asked)),
+            (Some(&fresh_issue), Some(&fresh), Some("1"), None),
+            (Some(&fresh_issue), Some(&broken), None, None),
         ];
         for (s, state, ask, want) in cases {
-            assert_eq!(assess(s, state, ask, now), want, "{state:?} {ask:?}");
+            assert_eq!(
+                assess(s, state, ask, Duration::from_secs(3600), now),
+                want,
+                "{state:?} {ask:?}"
+            );
         }
     }
 }

@@ -200,15 +200,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "default".into());
         tracing::info!(directory = %acme.directory_url, namespace = %namespace, "ACME: certificates for spec.tls.mode acme are ordered here");
-        Arc::new(issuer::Issuer::new(
-            acme,
+        Arc::new(issuer::Issuer::new(issuer::IssuerParts {
+            cfg: acme,
             namespace,
-            client.clone(),
-            challenges.clone(),
-            wake_tx.clone(),
-            recorder.clone(),
-            metrics.clone(),
-        ))
+            client: client.clone(),
+            challenges: challenges.clone(),
+            mappings: store.clone(),
+            wake: wake_tx.clone(),
+            recorder: recorder.clone(),
+            metrics: metrics.clone(),
+        }))
     });
     let ctx = Arc::new(Ctx {
         issuer,

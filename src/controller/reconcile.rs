@@ -334,7 +334,13 @@ async fn acme_certificate(
         .annotations()
         .get(crate::acme::schedule::RENEW_ANNOTATION)
         .map(String::as_str);
-    let need = super::issuer::assess(secret.as_ref(), Some(&state), asked, now);
+    let need = super::issuer::assess(
+        secret.as_ref(),
+        Some(&state),
+        asked,
+        issuer.min_reorder_interval(),
+        now,
+    );
     Ok((record, state, need))
 }
 
@@ -348,9 +354,20 @@ fn order_certificate(ctx: &Ctx, obj: &HTTPDomainMapping, need: Need, outcome: &m
         .annotations()
         .get(crate::acme::schedule::RENEW_ANNOTATION)
         .cloned();
-    let progress = issuer.start(plan.full_domain.as_str(), need, asked, obj);
+    let source = plan.spec.source.clone().unwrap_or_default();
+    let progress = issuer.start(plan.full_domain.as_str(), need, asked, source, obj);
     if need != Need::Issue {
-        // The issued certificate is served meanwhile; a failed renewal shows in Events.
+        // The issued certificate is served meanwhile; a failing renewal shows with it.
+        if let (
+            super::issuer::Progress::Failed { message, retry_in },
+            Some(CertState::Ready { note, .. }),
+        ) = (progress, plan.certificate.as_mut())
+        {
+            *note = Some(format!(
+                "renewal failing: {message}; next attempt in {}",
+                humantime::format_duration(Duration::from_secs(retry_in.as_secs().max(1)))
+            ));
+        }
         return;
     }
     plan.certificate = Some(match progress {
