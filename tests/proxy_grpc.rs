@@ -186,6 +186,19 @@ mappings:
         "the proxy says why: {}",
         proxy.log()
     );
+    // A WebSocket upgrade cannot ride HTTP/2 to the target: refused, not half done.
+    let port = proxy.port;
+    let upgrade = tokio::task::spawn_blocking(move || {
+        support::http::raw(
+            port,
+            b"GET / HTTP/1.1\r\nHost: plain.tunnox.net\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            Duration::from_secs(5),
+        )
+    })
+    .await
+    .unwrap()
+    .expect("an answer");
+    assert_eq!(upgrade.status, 502);
     // HTTP/1.1 to a gRPC server cannot work: the default protocol is refused by it, not
     // silently passed.
     let mut c = client(proxy.port, "http1.tunnox.net", None).await;

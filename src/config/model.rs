@@ -762,6 +762,21 @@ pub struct TargetTlsEntry {
     pub insecure_skip_verify: bool,
 }
 
+/// A CA bundle file, refused past [`crate::domain::upstream::MAX_CA_PEM`] without reading
+/// further.
+pub fn read_ca(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let max = crate::domain::upstream::MAX_CA_PEM;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max as u64 + 1).read_to_string(&mut text))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() > max {
+        return Err(format!("{}: more than {max} bytes", path.display()));
+    }
+    Ok(text)
+}
+
 impl MappingEntry {
     /// The record's `upstream`, the CA read from its file (an unreadable file gives an empty
     /// bundle, which the record's check refuses: never the public roots instead).
@@ -769,10 +784,7 @@ impl MappingEntry {
         let tls = self.target_tls.clone().unwrap_or_default();
         crate::domain::Upstream {
             protocol: self.target_protocol,
-            ca_pem: tls
-                .ca_file
-                .as_ref()
-                .map(|f| std::fs::read_to_string(f).unwrap_or_default()),
+            ca_pem: tls.ca_file.as_ref().map(|f| read_ca(f).unwrap_or_default()),
             insecure_skip_verify: tls.insecure_skip_verify,
         }
     }

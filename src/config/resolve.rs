@@ -538,9 +538,9 @@ fn check_mappings(
         spec.target_scheme = m.target_scheme;
         spec.target_client_id = m.target_client_id.clone();
         if let Some(f) = m.target_tls.as_ref().and_then(|t| t.ca_file.as_ref())
-            && let Err(e) = std::fs::read_to_string(f)
+            && let Err(e) = super::model::read_ca(f)
         {
-            return Err((at("target_tls.ca_file"), format!("{}: {e}", f.display())));
+            return Err((at("target_tls.ca_file"), e));
         }
         spec.upstream = m.upstream();
         if m.target_group.is_some() && !spec.upstream.is_default() {

@@ -212,6 +212,12 @@ pub fn evaluate(
             a.port,
             format!("{}:{}", a.host, a.port),
         ),
+        (None, None, Some(_)) if target.tls.is_some() || target.protocol.is_some() => {
+            return reject(
+                "InvalidTarget",
+                "spec.target.protocol and spec.target.tls apply to service and address targets, not to tunnels".into(),
+            );
+        }
         (None, None, Some(t)) => return tunnel_verdict(hdm, policy, t, members, full, base),
         _ => {
             return reject(

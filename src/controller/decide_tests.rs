@@ -701,7 +701,7 @@ fn target_protocol_and_tls_reach_the_record_or_are_refused_by_field() {
                 false,
                 tunnel(Some("laptop"), None, "localhost", 50051),
             ),
-            Err("apply to direct targets"),
+            Err("not to tunnels"),
         ),
     ];
     for (verdict, want) in cases {

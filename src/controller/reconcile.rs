@@ -389,9 +389,35 @@ fn order_certificate(ctx: &Ctx, obj: &HTTPDomainMapping, need: Need, outcome: &m
 }
 
 /// `spec.target.tls.caSecretName`: the CA bundle (`ca.crt` of that Secret in the mapping's
-/// namespace) the proxies verify the target with, into the record; `Some`: why the mapping
-/// waits instead (read again at the next retry).
+/// namespace) the proxies verify the target with, into the record. When it cannot be read, a
+/// serving mapping keeps its last good bundle (and says so); `Some`: why a new one waits
+/// instead (read again at the next retry).
 async fn target_ca(
+    ctx: &Ctx,
+    obj: &HTTPDomainMapping,
+    plan: &mut Plan,
+    own: Option<&Mapping>,
+) -> Result<Option<Hold>, Error> {
+    let hold = read_target_ca(ctx, obj, plan).await?;
+    let last_good = own
+        .filter(|m| m.full_domain == plan.full_domain)
+        .and_then(|m| m.upstream.ca_pem.clone());
+    match (hold, last_good) {
+        (None, _) => Ok(None),
+        (Some(Hold::Pending { message, .. }), Some(pem)) => {
+            plan.spec.upstream.ca_pem = Some(pem);
+            let kept = format!("{message}; the last good CA bundle is kept");
+            plan.note = Some(match plan.note.take() {
+                Some(n) => format!("{n}; {kept}"),
+                None => kept,
+            });
+            Ok(None)
+        }
+        (hold, _) => Ok(hold),
+    }
+}
+
+async fn read_target_ca(
     ctx: &Ctx,
     obj: &HTTPDomainMapping,
     plan: &mut Plan,
@@ -499,7 +525,7 @@ async fn apply(
     let members = tunnel_members(ctx, obj).await?;
     let mut verdict = decide::evaluate(obj, &ctx.policy, &members, Utc::now());
     if let Verdict::Program(plan) = &mut verdict
-        && let Some(hold) = target_ca(ctx, obj, plan).await?
+        && let Some(hold) = target_ca(ctx, obj, plan, own.as_ref()).await?
     {
         verdict = Verdict::Hold(hold);
     }

@@ -104,6 +104,11 @@ impl Forwarder {
             Version::HTTP_11
         };
         rewrite_request_headers(&mut parts.headers, &client, upgrade.as_ref(), extra);
+        if http2 {
+            // HTTP/2 names the target in `:authority` (the upstream's address); a `Host` that
+            // disagrees is malformed (RFC 9113 8.3.1). The client's host is in X-Forwarded-Host.
+            parts.headers.remove(header::HOST);
+        }
         let out = Request::from_parts(parts, body);
 
         let started = Instant::now();

@@ -1,11 +1,12 @@
-//! The upstream clients of the general path, one per way of speaking to a target: HTTP/1.1
-//! with the public roots (every mapping without `upstream`), HTTP/2 without TLS (`h2c`), HTTP/2
-//! over TLS (`h2`), and either with a mapping's own trust (a CA bundle, or no verification).
-//! Connections are pooled per client, so a connection verified for one trust setting is never
-//! reused for another, and per declarer (tenant or operator), as before.
+//! The upstream clients of the general path: two shared ones for HTTP/1.1 with the public roots
+//! (every mapping without `upstream`; one per declarer, tenant or operator), and one per route
+//! for anything else (HTTP/2 without TLS `h2c`, HTTP/2 over TLS `h2`, a mapping's own trust: a
+//! CA bundle or no verification). A route's client lives as long as the route, so its
+//! connections are never shared with another mapping: a connection verified for one trust
+//! setting is never reused for another, and a mapping whose clients hold an HTTP/2 connection's
+//! streams (or stop reading) starves only itself.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -23,9 +24,9 @@ use crate::domain::{Declarer, EgressPolicy, Protocol, Upstream};
 pub type Connector = hyper_rustls::HttpsConnector<EgressConnector>;
 pub type UpstreamClient = Client<Connector, ProxyBody>;
 
-/// Most clients with a mapping's own trust kept at once (each holds its own pool); past it,
-/// they are all dropped and built again as requests come.
-const MAX_CLIENTS: usize = 256;
+/// The most header bytes (fields and trailers) an HTTP/2 upstream may send in one block
+/// (hyper's default, 16 KiB, refuses large cookies or `grpc-status-details-bin`).
+const MAX_H2_HEADER_LIST: u32 = 64 * 1024;
 
 /// A route's way of reaching its target, built once per record version.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub struct UpstreamRoute {
     pub protocol: Protocol,
     /// `None`: the public roots.
     trust: Option<Trust>,
+    /// Built at the route's first request (a route has one declarer).
+    client: OnceLock<UpstreamClient>,
 }
 
 struct Trust {
@@ -96,6 +99,7 @@ impl UpstreamRoute {
         Ok(Some(Self {
             protocol: u.protocol,
             trust,
+            client: OnceLock::new(),
         }))
     }
 }
@@ -150,14 +154,11 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-type Key = (bool, Protocol, Option<[u8; 32]>);
-
-/// Every upstream client: the two defaults built at start, the others on first use.
+/// The two shared clients, and what a route's own client is built with.
 #[derive(Clone)]
 pub struct Clients {
     tenant: UpstreamClient,
     operator: UpstreamClient,
-    others: Arc<Mutex<HashMap<Key, UpstreamClient>>>,
     settings: ForwardSettings,
     policy: Arc<EgressPolicy>,
 }
@@ -173,7 +174,6 @@ impl Clients {
                 Protocol::Http1,
                 None,
             ),
-            others: Arc::default(),
             settings,
             policy,
         }
@@ -187,27 +187,17 @@ impl Clients {
                 Declarer::Operator => self.operator.clone(),
             };
         };
-        let key = (
-            who == Declarer::Tenant,
-            via.protocol,
-            via.trust.as_ref().map(|t| t.id),
-        );
-        let mut others = self.others.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = others.get(&key) {
-            return c.clone();
-        }
-        if others.len() >= MAX_CLIENTS {
-            others.clear();
-        }
-        let client = build(
-            &self.settings,
-            &self.policy,
-            who,
-            via.protocol,
-            via.trust.as_ref().map(|t| (*t.config).clone()),
-        );
-        others.insert(key, client.clone());
-        client
+        via.client
+            .get_or_init(|| {
+                build(
+                    &self.settings,
+                    &self.policy,
+                    who,
+                    via.protocol,
+                    via.trust.as_ref().map(|t| (*t.config).clone()),
+                )
+            })
+            .clone()
     }
 }
 
@@ -242,6 +232,9 @@ fn build(
     if protocol.is_http2() {
         client
             .http2_only(true)
+            .http2_max_header_list_size(MAX_H2_HEADER_LIST)
+            // One connection carries every stream: keep it between requests.
+            .pool_max_idle_per_host(s.max_idle_per_host.max(1))
             .http2_keep_alive_interval(std::time::Duration::from_secs(30))
             .http2_keep_alive_while_idle(false);
     }
