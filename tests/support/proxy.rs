@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::process::{Role, eventually, free_port};
+use super::process::{Role, free_port};
 
 pub struct ProxyProc {
     pub port: u16,
@@ -12,6 +12,9 @@ pub struct ProxyProc {
     pub role: Role,
     pub config: PathBuf,
     pub dir: PathBuf,
+    /// How it was started, to start it again on other ports when the free ports it was given
+    /// were taken meanwhile by a test running beside it (`None`: the caller chose the ports).
+    again: Option<(String, String, String)>,
 }
 
 impl ProxyProc {
@@ -21,7 +24,9 @@ impl ProxyProc {
     pub fn start(dir: &Path, name: &str, yaml: &str, proxy_extra: &str) -> Self {
         let port = free_port();
         let admin = free_port();
-        Self::start_on(dir, name, yaml, proxy_extra, port, admin)
+        let mut p = Self::start_on(dir, name, yaml, proxy_extra, port, admin);
+        p.again = Some((name.into(), yaml.into(), proxy_extra.into()));
+        p
     }
 
     pub fn start_on(
@@ -53,15 +58,36 @@ impl ProxyProc {
             role,
             config,
             dir: dir.to_path_buf(),
+            again: None,
         }
     }
 
-    /// Waits for `/readyz` to answer 200.
-    pub fn ready(self) -> Self {
-        eventually("proxy ready", Duration::from_secs(20), || {
-            self.admin_get("/readyz").is_some_and(|r| r.status == 200)
-        });
-        self
+    /// Waits for `/readyz` to answer 200. A proxy that exited because one of its free ports
+    /// was taken meanwhile (another test bound it between the pick and the start) is started
+    /// again on new ones.
+    pub fn ready(mut self) -> Self {
+        for _ in 0..3 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                if self.admin_get("/readyz").is_some_and(|r| r.status == 200) {
+                    return self;
+                }
+                if !self.role.is_running() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let taken = self.log().contains("in use");
+            match (&self.again, taken && !self.role.is_running()) {
+                (Some((name, yaml, extra)), true) => {
+                    let (name, yaml, extra) = (name.clone(), yaml.clone(), extra.clone());
+                    let dir = self.dir.clone();
+                    self = Self::start(&dir, &name, &yaml, &extra);
+                }
+                _ => break,
+            }
+        }
+        panic!("proxy ready: not within 20s; its log:\n{}", self.log());
     }
 
     pub fn admin_get(&self, path: &str) -> Option<super::http::Reply> {
