@@ -460,8 +460,9 @@ async fn route(
 }
 
 /// Sends a request for a group target to the member the group's rule picks; a bodiless request
-/// that member could not take (it had no session after all: nothing was sent) goes to the
-/// next, up to [`MAX_MEMBER_TRIES`](super::tunnel::group::MAX_MEMBER_TRIES) members.
+/// that member could not take (it had no session after all: nothing was sent), or an idempotent
+/// bodiless one whose stream failed with the member's session, goes to the next, up to
+/// [`MAX_MEMBER_TRIES`](super::tunnel::group::MAX_MEMBER_TRIES) members.
 async fn to_group(
     ctx: &Ctx,
     mut req: Request<ProxyBody>,
@@ -510,9 +511,19 @@ async fn to_group(
                 hold,
             )
             .await;
+        let next = match &sent {
+            // Nothing was sent.
+            Err(ProxyError::TunnelNotConnected(_) | ProxyError::NotHeldHere(_)) => true,
+            // The member's session died under the request (a member killed before its session
+            // is declared dead): an idempotent request goes to the next member.
+            Err(ProxyError::TunnelStream { .. }) => {
+                replay.as_ref().is_some_and(|p| p.method.is_idempotent())
+            }
+            _ => false,
+        };
         match (sent, &replay) {
-            (Err(ProxyError::TunnelNotConnected(_) | ProxyError::NotHeldHere(_)), Some(parts))
-                if tried.len() + 1 < super::tunnel::group::MAX_MEMBER_TRIES =>
+            (Err(_), Some(parts))
+                if next && tried.len() + 1 < super::tunnel::group::MAX_MEMBER_TRIES =>
             {
                 ctx.tunnels.member_failed(&client_id);
                 tried.push(client_id);
