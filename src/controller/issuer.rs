@@ -13,7 +13,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource};
 use serde_json::json;
@@ -574,16 +574,15 @@ impl Issuer {
         reason: &str,
         note: String,
     ) {
-        let event = Event {
+        super::publish_event(
+            &self.recorder,
+            reference,
+            "Certificate",
             type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Certificate".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, reference).await {
-            tracing::debug!(error = %e, "could not publish event");
-        }
+            reason,
+            note,
+        )
+        .await
     }
 }
 

@@ -49,6 +49,27 @@ pub enum RunError {
     },
 }
 
+/// Publishes one Event about `about` (failures only logged: an Event is never worth a retry).
+pub(crate) async fn publish_event(
+    recorder: &Recorder,
+    about: &k8s_openapi::api::core::v1::ObjectReference,
+    action: &str,
+    type_: kube::runtime::events::EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = kube::runtime::events::Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, about).await {
+        tracing::debug!(error = %e, "could not publish event");
+    }
+}
+
 fn identity(settings: &Settings) -> String {
     settings
         .config

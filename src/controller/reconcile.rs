@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
@@ -493,16 +493,15 @@ fn wake_waiters(ctx: &Ctx, me: &HTTPDomainMapping, domain: &crate::domain::Hostn
 }
 
 async fn publish(ctx: &Ctx, obj: &HTTPDomainMapping, type_: EventType, reason: &str, note: String) {
-    let event = Event {
+    super::publish_event(
+        &ctx.recorder,
+        &obj.object_ref(&()),
+        "Reconcile",
         type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        tracing::debug!(error = %e, "could not publish event");
-    }
+        reason,
+        note,
+    )
+    .await
 }
 
 async fn apply(

@@ -12,7 +12,7 @@ use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
@@ -463,16 +463,15 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
+    super::publish_event(
+        recorder,
+        &obj.object_ref(&()),
+        "Reconcile",
         type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
-        tracing::debug!(error = %e, "could not publish event");
-    }
+        reason,
+        note,
+    )
+    .await
 }
 
 async fn cleanup(obj: &TunnelSet, ctx: &TsCtx) -> Result<Action, Error> {
