@@ -4,7 +4,7 @@
 #   benches/run.sh [OUT] [BENCH...]
 #
 # Without BENCH names every benchmark runs and OUT (default docs/benchmarks.md) is rewritten.
-# With names (store, proxy, tunnel, tunnel_tcp, tunnel_udp, controller) only those run: their sections
+# With names (store, proxy, https, tunnel, tunnel_tcp, tunnel_udp, controller) only those run: their sections
 # replace the same sections of OUT, the other sections are kept, and the header says which
 # sections come from which run.
 set -euo pipefail
@@ -22,13 +22,14 @@ wanted() {
     return 1
 }
 for b in "${only[@]}"; do
-    case $b in store | proxy | tunnel | tunnel_tcp | tunnel_udp | controller) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
+    case $b in store | proxy | https | tunnel | tunnel_tcp | tunnel_udp | controller) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
 done
 
 if wanted store; then cargo bench --locked --bench store >>"$tmp"; fi
 # nginx and wrk (the proxy and tunnel benches), the API server's etcd (the controller bench).
 e2e/install-deps.sh
 if wanted proxy; then cargo bench --locked --bench proxy >>"$tmp"; fi
+if wanted https; then cargo bench --locked --bench https >>"$tmp"; fi
 # The tunnel benches' peers live outside the clone, never in CI: rathole from the crate
 # registry (pinned; plain TCP, and a second build with its Noise transport), installed when
 # missing. frp is used when its

@@ -3444,32 +3444,7 @@ fn https_certificates_from_acme(s: &Stack) {
 
     // A renewal asked for by annotation, under load: kept connections and new handshakes.
     let before = first.peer_leaf();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (stop, roots) = (stop.clone(), roots.clone());
-        std::thread::spawn(move || {
-            let (mut done, mut failed) = (0u32, Vec::new());
-            let mut kept = support::http::TlsConnection::open(https, host, &roots).unwrap();
-            let mut leaves = std::collections::HashSet::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match kept.get(host) {
-                    Ok(200) => done += 1,
-                    other => failed.push(format!("kept: {other:?}")),
-                }
-                match support::http::TlsConnection::open(https, host, &roots)
-                    .and_then(|mut c| c.get(host).map(|code| (code, c.peer_leaf())))
-                {
-                    Ok((200, leaf)) => {
-                        done += 1;
-                        leaves.insert(leaf);
-                    }
-                    other => failed.push(format!("new: {:?}", other.map(|(c, _)| c))),
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            (done, failed, leaves.len())
-        })
-    };
+    let load = support::http::TlsLoad::start(https, host, &roots);
     std::thread::sleep(Duration::from_secs(1));
     s.cp.kubectl_ok(&[
         "annotate",
@@ -3488,8 +3463,7 @@ fn https_certificates_from_acme(s: &Stack) {
         },
     );
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (done, failed, leaves) = load.join().unwrap();
+    let (done, failed, leaves) = load.stop();
     eprintln!(
         "e2e: ACME renewal served {took:?} after the annotation; {done} requests under load, {} failed, {leaves} certificates seen",
         failed.len()

@@ -452,6 +452,19 @@ pub fn wrk_on(
     duration: Duration,
     serving: &[u32],
 ) -> WrkRun {
+    let url = format!("http://127.0.0.1:{port}/");
+    wrk_url(cpu, &url, connections, script, duration, serving)
+}
+
+/// [`wrk_on`] against any URL (`https://` too).
+pub fn wrk_url(
+    cpu: Option<usize>,
+    url: &str,
+    connections: usize,
+    script: &Path,
+    duration: Duration,
+    serving: &[u32],
+) -> WrkRun {
     let cpu_before = cpu_ns(serving);
     let split_before = cpu_split(serving);
     let out = pinned(cpu, "wrk")
@@ -463,7 +476,7 @@ pub fn wrk_on(
             "-s",
         ])
         .arg(script)
-        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg(url)
         .output()
         .expect("run wrk (e2e/install-deps.sh installs it)");
     let cpu = cpu_ns(serving) - cpu_before;

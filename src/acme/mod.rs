@@ -1,8 +1,10 @@
 //! ACME (RFC 8555) orders answered through HTTP-01 (`docs/https.md`): an account restored from
 //! (or created into) its stored credentials, and one order per domain whose challenge answers
 //! go to the store, where every proxy answers them. Nothing here knows Kubernetes: the
-//! controller keeps the account and the certificates in Secrets ([`crate::controller`]).
+//! controller keeps the account and the certificates in Secrets ([`crate::controller`]), a
+//! single-node proxy in files ([`files`]).
 
+pub mod files;
 pub mod schedule;
 
 use std::path::Path;
@@ -15,7 +17,16 @@ use instant_acme::{
     RetryPolicy,
 };
 
-use crate::store::{ChallengeStore, StoreError};
+use crate::cert::Cert;
+use crate::config::AcmeConfig;
+use crate::store::{Backoff, ChallengeStore, StoreError};
+
+/// The first wait after a failed order; each next one is 1.5 times as long, up to
+/// `retry_max`.
+pub const RETRY_FIRST: Duration = Duration::from_secs(60);
+/// The longest private key PEM taken from a CA (or a Secret): a P-256 or RSA-4096 key is far
+/// smaller.
+pub const MAX_KEY_PEM: usize = 10 * 1024;
 
 /// The longest message kept from a CA's error (it reaches status and Events).
 const MAX_DETAIL: usize = 400;
@@ -34,6 +45,15 @@ pub enum AcmeError {
 }
 
 impl AcmeError {
+    /// How long to wait before ordering for the domain again: the next step of `backoff`, or
+    /// `retry_max` at once for a CA's rate limit.
+    pub fn retry_in(&self, backoff: &mut Backoff, retry_max: Duration) -> Duration {
+        match self {
+            Self::RateLimited(_) => retry_max,
+            _ => backoff.next_delay(),
+        }
+    }
+
     /// A bounded word for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -125,6 +145,55 @@ pub async fn restore_account(
     .await
 }
 
+/// Where an account's credentials (JSON holding its private key) are kept: a Secret in the
+/// cluster, a file in single-node mode.
+#[async_trait::async_trait]
+pub trait AccountStore: Send + Sync {
+    /// Where, for messages (`Secret ns/name`, `file /path`).
+    fn describe(&self) -> String;
+    /// The credentials kept, if any.
+    async fn load(&self) -> Result<Option<String>, String>;
+    async fn save(&self, credentials: &str) -> Result<(), String>;
+}
+
+/// The account `cfg` orders with: restored from `store` when it holds credentials for the same
+/// directory, else created there (again when the directory changed).
+pub async fn account(
+    cfg: &AcmeConfig,
+    store: &dyn AccountStore,
+    challenges: Arc<dyn ChallengeStore>,
+) -> Result<Orders, AcmeError> {
+    let timeout = cfg.order_timeout.get();
+    let http = || http_client(cfg.ca_file.as_deref()).map_err(AcmeError::Failed);
+    let at = store.describe();
+    let stored = store
+        .load()
+        .await
+        .map_err(|e| AcmeError::Failed(format!("reading {at}: {e}")))?
+        .filter(|c| credentials_directory(c).as_deref() == Some(&cfg.directory_url));
+    let account = match stored {
+        Some(c) => restore_account(&c, http()?, timeout)
+            .await
+            .map_err(|e| AcmeError::Failed(format!("the account in {at}: {e}")))?,
+        None => {
+            let (account, creds) =
+                create_account(&cfg.directory_url, cfg.email.as_deref(), http()?, timeout).await?;
+            store
+                .save(&creds)
+                .await
+                .map_err(|e| AcmeError::Failed(format!("writing {at}: {e}")))?;
+            tracing::info!(directory = %cfg.directory_url, kept_in = %at, "created an ACME account");
+            account
+        }
+    };
+    Ok(Orders {
+        account,
+        challenges,
+        challenge_ttl: cfg.challenge_ttl.get(),
+        timeout,
+    })
+}
+
 /// A new account on `directory_url` (terms of service agreed), and its credentials as JSON to
 /// keep: they hold the account's private key.
 pub async fn create_account(
@@ -184,6 +253,26 @@ impl std::fmt::Debug for Issued {
     }
 }
 
+/// A certificate issued and checked: it loads, its key matches, it covers the domain, it fits
+/// what the store carries; with the time to order its successor.
+pub struct Certificate {
+    pub cert: Cert,
+    /// The chain as served (PEM).
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub renew_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificate")
+            .field("names", &self.cert.names)
+            .field("not_after", &self.cert.not_after)
+            .field("renew_at", &self.renew_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Orders certificates for one account, answering HTTP-01 through `challenges`.
 #[derive(Clone)]
 pub struct Orders {
@@ -208,6 +297,38 @@ impl Orders {
             }
         }
         result
+    }
+
+    /// [`Self::issue`], then the checks a server would refuse it for (what is not served would
+    /// be ordered again and again), and its renewal time: inside the CA's suggested window
+    /// (ARI) when it offers one.
+    pub async fn certificate(&self, domain: &str) -> Result<Certificate, AcmeError> {
+        let issued = self.issue(domain).await?;
+        let bad =
+            |why: String| AcmeError::Failed(format!("the CA's certificate for {domain}: {why}"));
+        let cert = Cert::from_pem(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        if !cert.covers(domain) {
+            return Err(bad(format!("it is for [{}]", cert.names.join(", "))));
+        }
+        let chain_pem = cert.chain_pem();
+        if chain_pem.len() > crate::domain::tls::MAX_CHAIN_PEM || issued.key_pem.len() > MAX_KEY_PEM
+        {
+            return Err(bad("the chain or key is larger than the store takes".into()));
+        }
+        let window = self.renewal_window(&issued.chain_pem).await;
+        let renew_at = schedule::renew_at(
+            cert.not_before,
+            cert.not_after,
+            window,
+            rand::random::<f64>(),
+        );
+        Ok(Certificate {
+            cert,
+            chain_pem,
+            key_pem: issued.key_pem,
+            renew_at,
+        })
     }
 
     async fn order(
@@ -302,5 +423,55 @@ impl Orders {
             DateTime::<Utc>::from_timestamp(window.start.unix_timestamp(), 0)?,
             DateTime::<Utc>::from_timestamp(window.end.unix_timestamp(), 0)?,
         ))
+    }
+}
+
+/// The ACME metrics of whoever orders (`tunnox_controller_acme_*`, `tunnox_proxy_acme_*`).
+#[derive(Clone)]
+pub struct AcmeMetrics {
+    /// Orders by result: `issued`, or [`AcmeError::label`].
+    pub orders: prometheus::IntCounterVec,
+    pub order_seconds: prometheus::Histogram,
+}
+
+impl AcmeMetrics {
+    /// The metrics, registered in `registry` with names starting `prefix` (empty when the
+    /// registry adds its own).
+    pub fn register(registry: &prometheus::Registry, prefix: &str) -> Self {
+        let orders = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                format!("{prefix}acme_orders_total"),
+                "ACME certificate orders by result",
+            ),
+            &["result"],
+        )
+        .expect("valid");
+        let order_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                format!("{prefix}acme_order_duration_seconds"),
+                "Time from an ACME order's start to its certificate kept, or its failure",
+            )
+            .buckets(vec![0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(orders.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(order_seconds.clone()))
+            .expect("unique metric");
+        Self {
+            orders,
+            order_seconds,
+        }
+    }
+
+    pub fn observe(&self, result: &Result<impl Sized, AcmeError>, took: Duration) {
+        let label = match result {
+            Ok(_) => "issued",
+            Err(e) => e.label(),
+        };
+        self.orders.with_label_values(&[label]).inc();
+        self.order_seconds.observe(took.as_secs_f64());
     }
 }

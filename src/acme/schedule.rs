@@ -100,6 +100,41 @@ pub fn need(
     }
 }
 
+/// At most `per_hour` orders started in any hour, all domains together (a CA's limits are per
+/// account and per registered domain: one tenant must not spend them for all).
+#[derive(Debug)]
+pub struct Budget {
+    per_hour: usize,
+    started: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl Budget {
+    pub fn new(per_hour: u32) -> Self {
+        Self {
+            per_hour: per_hour as usize,
+            started: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Counts an order started at `now`; `Err`: how long until the budget allows the next.
+    pub fn spend(&mut self, now: std::time::Instant) -> Result<(), std::time::Duration> {
+        let hour = std::time::Duration::from_secs(3600);
+        while self
+            .started
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= hour)
+        {
+            self.started.pop_front();
+        }
+        if self.started.len() >= self.per_hour {
+            let oldest = self.started.front().copied().unwrap_or(now);
+            return Err((oldest + hour).saturating_duration_since(now));
+        }
+        self.started.push_back(now);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +221,20 @@ mod tests {
         }
         assert_eq!(request_id("1").len(), 16);
         assert_ne!(request_id("1"), request_id("2"));
+    }
+
+    #[test]
+    fn the_budget_allows_so_many_orders_in_any_hour() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut b = Budget::new(2);
+        assert_eq!(b.spend(s(0)), Ok(()));
+        assert_eq!(b.spend(s(10)), Ok(()));
+        assert_eq!(b.spend(s(20)), Err(Duration::from_secs(3580)));
+        assert_eq!(b.spend(s(3599)), Err(Duration::from_secs(1)));
+        assert_eq!(b.spend(s(3600)), Ok(()), "the first left the hour");
+        assert_eq!(b.spend(s(3605)), Err(Duration::from_secs(5)));
+        assert_eq!(b.spend(s(3610)), Ok(()));
     }
 }

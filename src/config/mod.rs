@@ -19,7 +19,7 @@ pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
 pub use model::*;
 pub use resolve::{AUTO_BROKER, AUTO_CACHE, AUTO_STORAGE, Settings, apply_auto_sharing, resolve};
 pub use secret::{AdminToken, read_secret};
-pub use tls::{CertFiles, MappingTlsEntry, ProxyTlsConfig};
+pub use tls::{CertFiles, MappingCert, MappingTlsEntry, ProxyTlsConfig};
 pub use tunnel::{
     DEFAULT_UDP_FLOWS, DEFAULT_UDP_SESSION_TIMEOUT, MAX_BYTES_PER_SECOND, MIN_BYTES_PER_SECOND,
     TunnelClientEntry, TunnelEntry, TunnelKind, TunnelListenerConfig, group_members,

@@ -410,6 +410,9 @@ pub struct ProxyConfig {
     pub tls_listen: Option<SocketAddr>,
     /// What the HTTPS listener serves besides the mappings' own certificates.
     pub tls: super::ProxyTlsConfig,
+    /// Single-node: the ACME server certificates are ordered from for mappings with
+    /// `tls: {acme: true}`, kept as files in its `state_dir`.
+    pub acme: Option<AcmeConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -432,6 +435,7 @@ impl Default for ProxyConfig {
             tunnel: super::TunnelListenerConfig::default(),
             tls_listen: None,
             tls: super::ProxyTlsConfig::default(),
+            acme: None,
         }
     }
 }
@@ -585,8 +589,8 @@ pub struct ControllerConfig {
     pub acme: Option<AcmeConfig>,
 }
 
-/// `controller.acme`: the ACME server the leader orders certificates from (HTTP-01, answered
-/// by every proxy from the store).
+/// `controller.acme` (the ACME server the leader orders certificates from) or, single-node,
+/// `proxy.acme`: HTTP-01 challenges answered by every proxy from the store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AcmeConfig {
@@ -597,11 +601,17 @@ pub struct AcmeConfig {
     /// A PEM file of CA certificates to trust for the directory's own TLS (a private ACME
     /// server); default the system roots.
     pub ca_file: Option<std::path::PathBuf>,
-    /// Namespace of the account Secret and of the issued certificates' Secrets; default
-    /// `$POD_NAMESPACE`, else `default`.
+    /// Controller: namespace of the account Secret and of the issued certificates' Secrets;
+    /// default `$POD_NAMESPACE`, else `default`.
     pub namespace: Option<String>,
-    /// The Secret holding the account's credentials (created at first use).
+    /// Controller: the Secret holding the account's credentials (created at first use).
     pub account_secret: String,
+    /// Single-node: the directory holding the account (`account-<hash>.json`) and the issued
+    /// certificates (`<domain>.crt`, `<domain>.key`, `<domain>.json`); default `data/acme`.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Single-node: how often the certificates in `state_dir` are checked (one removed or
+    /// damaged is ordered again); default 1m.
+    pub check_interval: Option<Dur>,
     /// How long a challenge answer stays in the store.
     pub challenge_ttl: Dur,
     /// How long one order may take, from creation to the downloaded certificate.
@@ -625,12 +635,29 @@ impl Default for AcmeConfig {
             ca_file: None,
             namespace: None,
             account_secret: "tunnox-acme-account".into(),
+            state_dir: None,
+            check_interval: None,
             challenge_ttl: Dur::secs(600),
             order_timeout: Dur::secs(120),
             retry_max: Dur::secs(3600),
             min_reorder_interval: Dur::secs(3600),
             max_orders_per_hour: 100,
         }
+    }
+}
+
+impl AcmeConfig {
+    /// Single-node: where the account and the certificates are kept.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from("data/acme"))
+    }
+
+    /// Single-node: how often the certificates are checked.
+    pub fn check_interval(&self) -> std::time::Duration {
+        self.check_interval
+            .map_or(std::time::Duration::from_secs(60), |d| d.get())
     }
 }
 

@@ -274,7 +274,7 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         ));
     }
     if let Some(acme) = &ctl.acme {
-        check_acme(acme).map_err(|(field, m)| err(field, m))?;
+        check_acme(acme, AcmeRole::Controller).map_err(|(field, m)| err(&field, m))?;
     }
     if let Some(id) = &ctl.cluster_id {
         check_cluster_id(id).map_err(|m| err("controller.cluster_id", m))?;
@@ -347,6 +347,15 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         })
         .and_then(|()| super::tunnel::check_group_targets(&cfg.tunnel_clients, &cfg.mappings))
         .map_err(|(path, msg)| err(&path, msg))?;
+    if let Some(acme) = &cfg.proxy.acme {
+        if uses_redis {
+            return Err(err(
+                "proxy.acme",
+                "is for single-node mode (no Redis); in a cluster, set controller.acme".into(),
+            ));
+        }
+        check_acme(acme, AcmeRole::Proxy).map_err(|(field, m)| err(&field, m))?;
+    }
     if uses_redis && !cfg.mappings.is_empty() {
         return Err(err("mappings", "declaring mappings in the file is for single-node mode (no Redis); in a cluster, apply HTTPDomainMapping resources".into()));
     }
@@ -570,9 +579,9 @@ fn check_mappings(
     Ok(())
 }
 
-/// A mapping's certificate files: they load, the key matches, the certificate covers the
-/// domain; an expired one is a warning (the proxy still starts: its other mappings work, and
-/// the file may be replaced while it runs).
+/// A mapping's certificate: from `proxy.acme`, which must be set, or from files that load,
+/// whose key matches and whose certificate covers the domain; an expired one is a warning (the
+/// proxy still starts: its other mappings work, and the file may be replaced while it runs).
 fn check_mapping_cert(
     cfg: &Config,
     t: &crate::config::MappingTlsEntry,
@@ -586,8 +595,21 @@ fn check_mapping_cert(
             "needs the HTTPS listener: set proxy.tls_listen".into(),
         ));
     }
-    let cert = crate::cert::Cert::from_files(&t.cert_file, &t.key_file)
-        .map_err(|e| (at.to_string(), e))?;
+    let (cert_file, key_file) = match t.cert().map_err(|(f, m)| (format!("{at}.{f}"), m))? {
+        crate::config::MappingCert::Files {
+            cert_file,
+            key_file,
+        } => (cert_file, key_file),
+        crate::config::MappingCert::Acme if cfg.proxy.acme.is_none() => {
+            return Err((
+                format!("{at}.acme"),
+                "needs an ACME server: set proxy.acme.directory_url".into(),
+            ));
+        }
+        crate::config::MappingCert::Acme => return Ok(()),
+    };
+    let cert =
+        crate::cert::Cert::from_files(cert_file, key_file).map_err(|e| (at.to_string(), e))?;
     if !cert.covers(full.as_str()) {
         return Err((
             format!("{at}.cert_file"),
@@ -691,9 +713,27 @@ fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, Stri
     Ok(())
 }
 
-/// `controller.acme`: an `https://` directory (plain `http://` only on loopback), positive
-/// durations, a Secret name Kubernetes accepts.
-fn check_acme(acme: &super::model::AcmeConfig) -> Result<(), (&'static str, String)> {
+/// Who orders with an ACME section: its fields are named from it, and the other's own fields
+/// are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcmeRole {
+    /// `controller.acme`: the account and certificates in Secrets.
+    Controller,
+    /// `proxy.acme` (single-node): in files.
+    Proxy,
+}
+
+/// An ACME section: an `https://` directory (plain `http://` only on loopback), positive
+/// durations, and for the controller a Secret name Kubernetes accepts.
+pub(crate) fn check_acme(
+    acme: &super::model::AcmeConfig,
+    role: AcmeRole,
+) -> Result<(), (String, String)> {
+    let section = match role {
+        AcmeRole::Controller => "controller.acme",
+        AcmeRole::Proxy => "proxy.acme",
+    };
+    let field = |f: &str| format!("{section}.{f}");
     let url = acme.directory_url.as_str();
     let parsed = url.parse::<http::Uri>().ok();
     let loopback_http = parsed.as_ref().is_some_and(|u| {
@@ -711,7 +751,7 @@ fn check_acme(acme: &super::model::AcmeConfig) -> Result<(), (&'static str, Stri
         || loopback_http)
     {
         return Err((
-            "controller.acme.directory_url",
+            field("directory_url"),
             format!("{url:?} is not an https:// URL"),
         ));
     }
@@ -720,41 +760,65 @@ fn check_acme(acme: &super::model::AcmeConfig) -> Result<(), (&'static str, Stri
             || email.split('@').count() != 2
             || email.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
-        return Err((
-            "controller.acme.email",
-            format!("{email:?} is not an email address"),
-        ));
+        return Err((field("email"), format!("{email:?} is not an email address")));
     }
-    let name = &acme.account_secret;
-    if name.is_empty()
-        || name.len() > 253
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    let secret = &acme.account_secret;
+    if role == AcmeRole::Controller
+        && (secret.is_empty()
+            || secret.len() > 253
+            || !secret
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'))
     {
         return Err((
-            "controller.acme.account_secret",
-            format!("{name:?} is not a Secret name (lowercase letters, digits, '-', '.')"),
+            field("account_secret"),
+            format!("{secret:?} is not a Secret name (lowercase letters, digits, '-', '.')"),
         ));
     }
-    for (field, d) in [
-        ("controller.acme.challenge_ttl", acme.challenge_ttl),
-        ("controller.acme.order_timeout", acme.order_timeout),
-        ("controller.acme.retry_max", acme.retry_max),
-        (
-            "controller.acme.min_reorder_interval",
-            acme.min_reorder_interval,
-        ),
+    let refused: &[(&str, bool)] = match role {
+        AcmeRole::Controller => &[
+            ("state_dir", acme.state_dir.is_some()),
+            ("check_interval", acme.check_interval.is_some()),
+        ],
+        AcmeRole::Proxy => &[
+            ("namespace", acme.namespace.is_some()),
+            (
+                "account_secret",
+                acme.account_secret != super::model::AcmeConfig::default().account_secret,
+            ),
+        ],
+    };
+    if let Some((name, _)) = refused.iter().find(|(_, set)| *set) {
+        let (other, keeps) = match role {
+            AcmeRole::Controller => ("proxy.acme", "files"),
+            AcmeRole::Proxy => ("controller.acme", "Secrets"),
+        };
+        return Err((
+            field(name),
+            format!("is for {other} only (which keeps the account and certificates in {keeps})"),
+        ));
+    }
+    if let Some(d) = acme.check_interval
+        && (d.get() < std::time::Duration::from_secs(1)
+            || d.get() > std::time::Duration::from_secs(86_400))
+    {
+        return Err((field("check_interval"), "must be between 1s and 24h".into()));
+    }
+    for (name, d) in [
+        ("challenge_ttl", acme.challenge_ttl),
+        ("order_timeout", acme.order_timeout),
+        ("retry_max", acme.retry_max),
+        ("min_reorder_interval", acme.min_reorder_interval),
     ] {
         if d.get() < std::time::Duration::from_secs(1)
             || d.get() > std::time::Duration::from_secs(86_400)
         {
-            return Err((field, "must be between 1s and 24h".into()));
+            return Err((field(name), "must be between 1s and 24h".into()));
         }
     }
     if !(1..=10_000).contains(&acme.max_orders_per_hour) {
         return Err((
-            "controller.acme.max_orders_per_hour",
+            field("max_orders_per_hour"),
             format!("{} is not between 1 and 10000", acme.max_orders_per_hour),
         ));
     }

@@ -432,6 +432,51 @@ fn errors_name_the_field() {
             vec![],
             vec!["controller.acme.order_timeout", "between 1s and 24h"],
         ),
+        (
+            "controller: {acme: {directory_url: 'https://acme.example/dir', state_dir: /x}}",
+            vec![],
+            vec!["controller.acme.state_dir", "proxy.acme only"],
+        ),
+        (
+            "proxy: {acme: {directory_url: 'https://acme.example/dir', namespace: x}}",
+            vec![],
+            vec!["proxy.acme.namespace", "controller.acme only"],
+        ),
+        (
+            "proxy: {acme: {directory_url: 'https://acme.example/dir', check_interval: 0s}}",
+            vec![],
+            vec!["proxy.acme.check_interval", "between 1s and 24h"],
+        ),
+        (
+            "proxy: {acme: {directory_url: 'ftp://acme.example/dir'}}",
+            vec![],
+            vec!["proxy.acme.directory_url", "ftp://"],
+        ),
+        (
+            "storage: {type: redis, redis: {addr: '127.0.0.1:6379'}}\nproxy: {acme: {directory_url: 'https://acme.example/dir'}}",
+            vec![],
+            vec!["proxy.acme", "single-node", "controller.acme"],
+        ),
+        (
+            "proxy: {tls_listen: '127.0.0.1:8443'}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 80, tls: {acme: true}}\n",
+            vec![],
+            vec!["mappings[0].tls.acme", "proxy.acme.directory_url"],
+        ),
+        (
+            "proxy: {tls_listen: '127.0.0.1:8443', acme: {directory_url: 'https://acme.example/dir'}}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 80, tls: {acme: true, cert_file: /a, key_file: /b}}\n",
+            vec![],
+            vec!["mappings[0].tls.acme", "not both"],
+        ),
+        (
+            "proxy: {tls_listen: '127.0.0.1:8443'}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 80, tls: {cert_file: /a}}\n",
+            vec![],
+            vec!["mappings[0].tls.key_file", "missing"],
+        ),
+        (
+            "proxy: {tls_listen: '127.0.0.1:8443'}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 80, tls: {redirect_http: true}}\n",
+            vec![],
+            vec!["mappings[0].tls.cert_file", "acme: true"],
+        ),
     ];
     for (yaml, vars, wants) in cases {
         let e = settings_env(yaml, &vars)
@@ -459,6 +504,26 @@ fn a_well_formed_acme_section_is_taken() {
     assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
     assert_eq!(acme.retry_max.get(), std::time::Duration::from_secs(600));
     assert_eq!(acme.account_secret, "tunnox-acme-account");
+}
+
+#[test]
+fn a_single_node_acme_mapping_is_served_from_its_files_in_the_state_dir() {
+    let s = settings_env(
+        "proxy: {tls_listen: '127.0.0.1:8443', acme: {directory_url: 'https://acme.example/dir'}}\nmappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 80, tls: {acme: true}}\n",
+        &[],
+    )
+    .unwrap();
+    let acme = s.config.proxy.acme.as_ref().unwrap();
+    assert_eq!(acme.state_dir(), std::path::Path::new("data/acme"));
+    assert_eq!(acme.check_interval(), std::time::Duration::from_secs(60));
+    let spec = crate::proxy::seed::spec_of(&s.config.mappings[0], &[], Some(&acme.state_dir()));
+    assert_eq!(
+        spec.tls.unwrap().cert,
+        crate::domain::CertSource::Files {
+            cert_file: "data/acme/a.tunnox.net.crt".into(),
+            key_file: "data/acme/a.tunnox.net.key".into(),
+        }
+    );
 }
 
 #[test]

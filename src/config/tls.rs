@@ -1,7 +1,7 @@
 //! HTTPS settings of the configuration file: the proxy's `tls:` section (operator certificates,
 //! the default one, the redirect port) and a mapping's `tls:` (single-node).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,12 +43,51 @@ impl Default for ProxyTlsConfig {
     }
 }
 
-/// `mappings[].tls` (single-node): the domain's certificate and the redirect of plain requests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `mappings[].tls` (single-node): the domain's certificate, from files (`cert_file` and
+/// `key_file`) or ordered through `proxy.acme` (`acme: true`), and the redirect of plain
+/// requests.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingTlsEntry {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acme: bool,
     #[serde(default)]
     pub redirect_http: bool,
+}
+
+/// Where a single-node mapping's certificate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MappingCert<'a> {
+    Files {
+        cert_file: &'a Path,
+        key_file: &'a Path,
+    },
+    Acme,
+}
+
+impl MappingTlsEntry {
+    /// Its certificate's source; `Err` (field, message) unless exactly one is given.
+    pub fn cert(&self) -> Result<MappingCert<'_>, (&'static str, String)> {
+        match (&self.cert_file, &self.key_file, self.acme) {
+            (Some(cert_file), Some(key_file), false) => Ok(MappingCert::Files {
+                cert_file,
+                key_file,
+            }),
+            (None, None, true) => Ok(MappingCert::Acme),
+            (Some(_), _, true) | (_, Some(_), true) => Err((
+                "acme",
+                "give cert_file and key_file, or acme: true, not both".into(),
+            )),
+            (Some(_), None, false) => Err(("key_file", "is missing (cert_file is given)".into())),
+            (None, Some(_), false) => Err(("cert_file", "is missing (key_file is given)".into())),
+            (None, None, false) => Err((
+                "cert_file",
+                "is missing: give cert_file and key_file, or acme: true".into(),
+            )),
+        }
+    }
 }

@@ -13,7 +13,7 @@ use crate::domain::{CertSource, Hostname, MappingTls};
 
 /// The largest `tls.key` accepted: an RSA 8192 key in PEM is about 6.5 KiB; sealed and in
 /// base64 this stays under the record's limit.
-pub const MAX_KEY_PEM: usize = 10 * 1024;
+pub use crate::acme::MAX_KEY_PEM;
 
 /// The Secret type whose certificates are served.
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";

@@ -24,7 +24,7 @@ use super::certificate::CertState;
 use super::metrics::Metrics;
 use super::reconcile::FIELD_MANAGER;
 use crate::acme::schedule::{self, Need};
-use crate::acme::{AcmeError, Orders};
+use crate::acme::{AccountStore, AcmeError, Orders, RETRY_FIRST};
 use crate::config::AcmeConfig;
 use crate::crd::HTTPDomainMapping;
 use crate::store::{Backoff, ChallengeStore};
@@ -46,11 +46,9 @@ const MAX_JOBS: usize = 4096;
 /// The account Secret's key holding its credentials (JSON, with the account's private key).
 const CREDENTIALS_KEY: &str = "credentials.json";
 /// Orders in flight at once (each holds a challenge answer and polls the CA).
-const MAX_CONCURRENT_ORDERS: usize = 4;
+pub const MAX_CONCURRENT_ORDERS: usize = 4;
 /// Mappings woken when one domain's order ends (several may name one domain: one serves it).
 const MAX_WAITERS: usize = 16;
-/// The first wait after a failed order.
-const RETRY_FIRST: Duration = Duration::from_secs(60);
 
 /// The Secret a domain's issued certificate is kept in.
 pub fn secret_name(domain: &str) -> String {
@@ -125,8 +123,8 @@ pub struct Issuer {
     account: tokio::sync::Mutex<Option<Orders>>,
     jobs: Mutex<HashMap<String, Job>>,
     slots: Semaphore,
-    /// Start times of the orders of the last hour (`max_orders_per_hour`).
-    started: Mutex<std::collections::VecDeque<Instant>>,
+    /// Orders of the last hour (`max_orders_per_hour`).
+    budget: Mutex<schedule::Budget>,
     /// Whether a domain is still held by the mapping asking, checked when its order starts.
     mappings: Arc<dyn crate::store::MappingStore>,
     wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
@@ -151,6 +149,7 @@ pub struct IssuerParts {
 impl Issuer {
     pub fn new(p: IssuerParts) -> Self {
         Self {
+            budget: Mutex::new(schedule::Budget::new(p.cfg.max_orders_per_hour)),
             cfg: p.cfg,
             namespace: p.namespace,
             client: p.client,
@@ -158,7 +157,7 @@ impl Issuer {
             account: tokio::sync::Mutex::new(None),
             jobs: Mutex::new(HashMap::new()),
             slots: Semaphore::new(MAX_CONCURRENT_ORDERS),
-            started: Mutex::new(std::collections::VecDeque::new()),
+
             mappings: p.mappings,
             wake: p.wake,
             recorder: p.recorder,
@@ -250,25 +249,6 @@ impl Issuer {
             .is_some_and(|m| m.source.as_deref() == Some(source)))
     }
 
-    /// Counts an order against `max_orders_per_hour`; `Err`: when the budget allows the next.
-    fn spend(&self) -> Result<(), Duration> {
-        let hour = Duration::from_secs(3600);
-        let now = Instant::now();
-        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
-        while started
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= hour)
-        {
-            started.pop_front();
-        }
-        if started.len() >= self.cfg.max_orders_per_hour as usize {
-            let oldest = started.front().copied().unwrap_or(now);
-            return Err((oldest + hour).saturating_duration_since(now));
-        }
-        started.push_back(now);
-        Ok(())
-    }
-
     async fn run(
         self: Arc<Self>,
         domain: String,
@@ -298,7 +278,12 @@ impl Issuer {
                 return;
             }
         }
-        if let Err(wait) = self.spend() {
+        let spent = self
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spend(Instant::now());
+        if let Err(wait) = spent {
             let e = AcmeError::Failed(format!(
                 "this controller's ACME budget of {} orders per hour (controller.acme.max_orders_per_hour) is spent",
                 self.cfg.max_orders_per_hour
@@ -363,25 +348,16 @@ impl Issuer {
                     let backoff = job
                         .backoff
                         .get_or_insert_with(|| Backoff::between(RETRY_FIRST, retry_max));
-                    let wait = match e {
-                        AcmeError::RateLimited(_) => retry_max,
-                        _ => backoff.next_delay(),
-                    }
-                    .max(pause.unwrap_or_default());
+                    let wait = e
+                        .retry_in(backoff, retry_max)
+                        .max(pause.unwrap_or_default());
                     job.retry_at = Some(Instant::now() + wait);
                     job.error = Some(crate::acme::short(&e.to_string()));
                 }
             }
             waiters
         };
-        let label = match &result {
-            Ok(_) => "issued",
-            Err(e) => e.label(),
-        };
-        self.metrics.acme_orders.with_label_values(&[label]).inc();
-        self.metrics
-            .acme_order_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.acme.observe(&result, started.elapsed());
         match result {
             Ok((not_after, renew_at)) => {
                 tracing::info!(domain = %domain, %not_after, %renew_at, took = ?started.elapsed(), "certificate issued");
@@ -416,29 +392,8 @@ impl Issuer {
         asked: Option<&str>,
     ) -> Result<(DateTime<Utc>, DateTime<Utc>), AcmeError> {
         let orders = self.orders().await?;
-        let issued = orders.issue(domain).await?;
-        // What the reconciler would refuse is not written (it would order again and again).
-        let bad =
-            |why: String| AcmeError::Failed(format!("the CA's certificate for {domain}: {why}"));
-        let cert =
-            crate::cert::Cert::from_pem(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
-                .map_err(|e| bad(e.to_string()))?;
-        if !cert.covers(domain) {
-            return Err(bad(format!("it is for [{}]", cert.names.join(", "))));
-        }
-        let chain_pem = cert.chain_pem();
-        if chain_pem.len() > crate::domain::tls::MAX_CHAIN_PEM
-            || issued.key_pem.len() > super::certificate::MAX_KEY_PEM
-        {
-            return Err(bad("the chain or key is larger than the store takes".into()));
-        }
-        let window = orders.renewal_window(&issued.chain_pem).await;
-        let renew_at = schedule::renew_at(
-            cert.not_before,
-            cert.not_after,
-            window,
-            rand::random::<f64>(),
-        );
+        let issued = orders.certificate(domain).await?;
+        let renew_at = issued.renew_at;
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
         let mut annotations = serde_json::Map::new();
         annotations.insert(DOMAIN_ANNOTATION.into(), json!(domain));
@@ -460,7 +415,7 @@ impl Issuer {
                 "annotations": annotations,
             },
             "type": super::certificate::TLS_SECRET_TYPE,
-            "data": {"tls.crt": b64(&chain_pem), "tls.key": b64(&issued.key_pem)},
+            "data": {"tls.crt": b64(&issued.chain_pem), "tls.key": b64(&issued.key_pem)},
         });
         // A Secret of that name for another domain (a hash collision) is not overwritten.
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
@@ -487,7 +442,7 @@ impl Issuer {
                     secret_name(domain)
                 ))
             })?;
-        Ok((cert.not_after, renew_at))
+        Ok((issued.cert.not_after, renew_at))
     }
 
     async fn apply_secret(
@@ -512,57 +467,12 @@ impl Issuer {
         if let Some(o) = account.as_ref() {
             return Ok(o.clone());
         }
-        let cfg = &self.cfg;
-        let timeout = cfg.order_timeout.get();
-        let http = || crate::acme::http_client(cfg.ca_file.as_deref()).map_err(AcmeError::Failed);
-        let at = format!("Secret {}/{}", self.namespace, cfg.account_secret);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let stored = api
-            .get_opt(&cfg.account_secret)
-            .await
-            .map_err(|e| AcmeError::Failed(format!("reading {at}: {e}")))?
-            .and_then(|s| s.data)
-            .and_then(|mut d| d.remove(CREDENTIALS_KEY))
-            .and_then(|b| String::from_utf8(b.0).ok())
-            .filter(|c| {
-                crate::acme::credentials_directory(c).as_deref() == Some(&cfg.directory_url)
-            });
-        let restored = match stored {
-            Some(c) => crate::acme::restore_account(&c, http()?, timeout)
-                .await
-                .map_err(|e| AcmeError::Failed(format!("the account in {at}: {e}")))?,
-            None => {
-                let (acct, creds) = crate::acme::create_account(
-                    &cfg.directory_url,
-                    cfg.email.as_deref(),
-                    http()?,
-                    timeout,
-                )
-                .await?;
-                let secret = json!({
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {
-                        "name": cfg.account_secret,
-                        "namespace": self.namespace,
-                        "labels": {"app.kubernetes.io/managed-by": "tunnox", "tunnox.net/acme": "account"},
-                    },
-                    "type": "Opaque",
-                    "data": {CREDENTIALS_KEY: base64::engine::general_purpose::STANDARD.encode(creds.as_bytes())},
-                });
-                self.apply_secret(&cfg.account_secret, &secret)
-                    .await
-                    .map_err(|e| AcmeError::Failed(format!("writing {at}: {e}")))?;
-                tracing::info!(directory = %cfg.directory_url, secret = %at, "created an ACME account");
-                acct
-            }
+        let store = SecretAccount {
+            api: Api::namespaced(self.client.clone(), &self.namespace),
+            namespace: self.namespace.clone(),
+            name: self.cfg.account_secret.clone(),
         };
-        let orders = Orders {
-            account: restored,
-            challenges: self.challenges.clone(),
-            challenge_ttl: cfg.challenge_ttl.get(),
-            timeout,
-        };
+        let orders = crate::acme::account(&self.cfg, &store, self.challenges.clone()).await?;
         *account = Some(orders.clone());
         Ok(orders)
     }
@@ -583,6 +493,55 @@ impl Issuer {
             note,
         )
         .await
+    }
+}
+
+/// The account's credentials in a Secret of the controller's namespace.
+struct SecretAccount {
+    api: Api<Secret>,
+    namespace: String,
+    name: String,
+}
+
+#[async_trait::async_trait]
+impl AccountStore for SecretAccount {
+    fn describe(&self) -> String {
+        format!("Secret {}/{}", self.namespace, self.name)
+    }
+
+    async fn load(&self) -> Result<Option<String>, String> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(secret
+            .and_then(|s| s.data)
+            .and_then(|mut d| d.remove(CREDENTIALS_KEY))
+            .and_then(|b| String::from_utf8(b.0).ok()))
+    }
+
+    async fn save(&self, credentials: &str) -> Result<(), String> {
+        let secret = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "tunnox", "tunnox.net/acme": "account"},
+            },
+            "type": "Opaque",
+            "data": {CREDENTIALS_KEY: base64::engine::general_purpose::STANDARD.encode(credentials.as_bytes())},
+        });
+        self.api
+            .patch(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 

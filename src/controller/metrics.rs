@@ -20,8 +20,7 @@ pub struct Metrics {
     pub tunnelset_reconciles: IntCounterVec,
     pub tunnelset_outcomes: IntCounterVec,
     /// ACME orders by result (`issued`, `failed`, `rate_limited`, `timeout`, `store`).
-    pub acme_orders: IntCounterVec,
-    pub acme_order_seconds: prometheus::Histogram,
+    pub acme: crate::acme::AcmeMetrics,
 }
 
 impl Metrics {
@@ -94,19 +93,6 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid");
-        let acme_orders = IntCounterVec::new(
-            Opts::new("acme_orders_total", "ACME certificate orders by result"),
-            &["result"],
-        )
-        .expect("valid");
-        let acme_order_seconds = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "acme_order_duration_seconds",
-                "Time from an ACME order's start to its Secret written, or its failure",
-            )
-            .buckets(vec![0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
-        )
-        .expect("valid");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(outcomes.clone()),
@@ -118,11 +104,10 @@ impl Metrics {
             Box::new(leader.clone()),
             Box::new(tunnelset_reconciles.clone()),
             Box::new(tunnelset_outcomes.clone()),
-            Box::new(acme_orders.clone()),
-            Box::new(acme_order_seconds.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
+        let acme = crate::acme::AcmeMetrics::register(&registry, "");
         Self {
             registry,
             outcomes,
@@ -135,8 +120,7 @@ impl Metrics {
             leader,
             tunnelset_reconciles,
             tunnelset_outcomes,
-            acme_orders,
-            acme_order_seconds,
+            acme,
         }
     }
 }

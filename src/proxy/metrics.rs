@@ -49,6 +49,8 @@ pub struct ProxyMetrics {
     pub active_requests: IntGauge,
     pub draining: IntGauge,
     pub stats_flush_errors: IntCounter,
+    /// Single-node ACME orders (`proxy.acme`).
+    pub acme: crate::acme::AcmeMetrics,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -105,7 +107,9 @@ impl ProxyMetrics {
             )
             .expect("valid"),
         );
+        let acme = crate::acme::AcmeMetrics::register(&r, "tunnox_proxy_");
         Self {
+            acme,
             requests,
             classes,
             errors: reg(

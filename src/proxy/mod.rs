@@ -17,7 +17,7 @@ pub mod metrics;
 mod policy;
 mod registry;
 pub mod route;
-mod seed;
+pub(crate) mod seed;
 mod server;
 mod stats;
 mod sync;
@@ -235,11 +235,17 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     for cred in &credentials {
         sessions.put_credential(cred).await?;
     }
+    // Single-node ACME: certificates ordered into files the mappings are served from.
+    let acme_dir = match &cfg.acme {
+        Some(a) if !settings.uses_redis => Some(a.state_dir()),
+        _ => None,
+    };
     if !settings.uses_redis && !settings.config.mappings.is_empty() {
         let changed = seed::apply(
             store.as_ref(),
             &settings.config.mappings,
             &settings.config.tunnel_clients,
+            acme_dir.as_deref(),
         )
         .await?;
         tracing::info!(
@@ -434,7 +440,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         max_hops: cfg.limits.max_hops,
         tunnels: tunnels.clone(),
         https_port: cfg.tls.redirect_port,
-        challenges: Arc::new(acme::Challenges::new(challenges)),
+        challenges: Arc::new(acme::Challenges::new(challenges.clone())),
         deadlines: deadline::Deadlines {
             client_write_idle: cfg.timeouts.client_write_idle.get(),
             upstream_read_idle: cfg.timeouts.upstream_read_idle.get(),
@@ -471,6 +477,19 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         });
     }
     tracing::info!(%listen, admin = %admin_addr, node = %me, set = %cfg.set, "proxy listening");
+    let acme_domains = seed::acme_domains(&settings.config.mappings);
+    if let (Some(acme), false) = (&cfg.acme, settings.uses_redis || acme_domains.is_empty()) {
+        tracing::info!(domains = acme_domains.len(), directory = %acme.directory_url, state_dir = %acme.state_dir().display(), "ordering certificates through ACME");
+        tasks.spawn(
+            crate::acme::files::FileIssuer {
+                cfg: acme.clone(),
+                domains: acme_domains,
+                challenges,
+                metrics: metrics.acme.clone(),
+            }
+            .run(stop_rx.clone()),
+        );
+    }
 
     let (serve_stop_tx, serve_stop_rx) = watch::channel(false);
     let server_settings = server::ServerSettings {

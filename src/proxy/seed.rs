@@ -1,7 +1,9 @@
 //! Single-node mode: the `mappings:` list of the configuration file is the declaration; the
 //! memory store (and its JSON file) is brought in line with it at start.
 
-use crate::config::{MappingEntry, TunnelClientEntry, group_members};
+use std::path::Path;
+
+use crate::config::{MappingCert, MappingEntry, TunnelClientEntry, group_members};
 use crate::domain::{CertSource, Mapping, MappingSpec, MappingTls, TargetGroup};
 use crate::store::{MappingStore, StoreError};
 
@@ -15,17 +17,15 @@ pub enum Action {
     Delete(Box<Mapping>),
 }
 
-/// The record a file entry declares; a group target lists the `clients` serving the group.
-pub fn spec_of(e: &MappingEntry, clients: &[TunnelClientEntry]) -> MappingSpec {
-    MappingSpec {
+/// The record a file entry declares; a group target lists the `clients` serving the group; a
+/// certificate ordered through ACME is served from its files in `acme_dir`.
+pub fn spec_of(
+    e: &MappingEntry,
+    clients: &[TunnelClientEntry],
+    acme_dir: Option<&Path>,
+) -> MappingSpec {
+    let mut spec = MappingSpec {
         enable_https: e.tls.is_some(),
-        tls: e.tls.as_ref().map(|t| MappingTls {
-            redirect_http: t.redirect_http,
-            cert: CertSource::Files {
-                cert_file: t.cert_file.display().to_string(),
-                key_file: t.key_file.display().to_string(),
-            },
-        }),
         target_group: e.target_group.as_ref().map(|g| TargetGroup {
             name: g.clone(),
             clients: group_members(clients, g),
@@ -43,7 +43,41 @@ pub fn spec_of(e: &MappingEntry, clients: &[TunnelClientEntry]) -> MappingSpec {
             &e.target_host,
             e.target_port,
         )
-    }
+    };
+    let domain = spec.validate().ok();
+    spec.tls = e.tls.as_ref().and_then(|t| {
+        let (cert_file, key_file) = match t.cert().ok()? {
+            MappingCert::Files {
+                cert_file,
+                key_file,
+            } => (cert_file.to_path_buf(), key_file.to_path_buf()),
+            MappingCert::Acme => {
+                let files = crate::acme::files::CertPaths::new(acme_dir?, domain.as_ref()?);
+                (files.cert, files.key)
+            }
+        };
+        Some(MappingTls {
+            redirect_http: t.redirect_http,
+            cert: CertSource::Files {
+                cert_file: cert_file.display().to_string(),
+                key_file: key_file.display().to_string(),
+            },
+        })
+    });
+    spec
+}
+
+/// The domains of the entries whose certificate is ordered through ACME (`tls: {acme: true}`).
+pub fn acme_domains(entries: &[MappingEntry]) -> Vec<crate::domain::Hostname> {
+    entries
+        .iter()
+        .filter(|e| {
+            e.tls
+                .as_ref()
+                .is_some_and(|t| t.cert() == Ok(MappingCert::Acme))
+        })
+        .filter_map(|e| spec_of(e, &[], None).validate().ok())
+        .collect()
 }
 
 /// What to do so the store holds exactly the declared mappings. Mappings from other sources are
@@ -84,8 +118,12 @@ pub async fn apply(
     store: &dyn MappingStore,
     entries: &[MappingEntry],
     clients: &[TunnelClientEntry],
+    acme_dir: Option<&Path>,
 ) -> Result<usize, StoreError> {
-    let declared: Vec<MappingSpec> = entries.iter().map(|e| spec_of(e, clients)).collect();
+    let declared: Vec<MappingSpec> = entries
+        .iter()
+        .map(|e| spec_of(e, clients, acme_dir))
+        .collect();
     let existing = store.list_all().await?;
     let (actions, refused) = plan(&declared, &existing);
     for r in refused {

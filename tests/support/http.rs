@@ -301,3 +301,46 @@ impl TlsConnection {
             .ok_or_else(|| std::io::Error::other(format!("not a status line: {text}")))
     }
 }
+
+/// HTTPS requests to `host` until stopped, each turn one on a kept connection and one on a new
+/// one (a full handshake): for a certificate replaced under load.
+pub struct TlsLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    worker: std::thread::JoinHandle<(u32, Vec<String>, usize)>,
+}
+
+impl TlsLoad {
+    pub fn start(port: u16, host: &str, ca: &std::path::Path) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, host, ca) = (stop.clone(), host.to_string(), ca.to_path_buf());
+        let worker = std::thread::spawn(move || {
+            let (mut done, mut failed) = (0u32, Vec::new());
+            let mut kept = TlsConnection::open(port, &host, &ca).unwrap();
+            let mut leaves = std::collections::HashSet::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match kept.get(&host) {
+                    Ok(200) => done += 1,
+                    other => failed.push(format!("kept: {other:?}")),
+                }
+                match TlsConnection::open(port, &host, &ca)
+                    .and_then(|mut c| c.get(&host).map(|code| (code, c.peer_leaf())))
+                {
+                    Ok((200, leaf)) => {
+                        done += 1;
+                        leaves.insert(leaf);
+                    }
+                    other => failed.push(format!("new: {:?}", other.map(|(c, _)| c))),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (done, failed, leaves.len())
+        });
+        Self { stop, worker }
+    }
+
+    /// Stops; (requests answered 200, failures, distinct certificates seen on new connections).
+    pub fn stop(self) -> (u32, Vec<String>, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.worker.join().unwrap()
+    }
+}

@@ -29,9 +29,10 @@ use crate::config::{CertFiles, ProxyTlsConfig};
 use crate::domain::{CertSource, Declarer, Hostname};
 use config::Shared;
 
-/// A certificate loaded from files, with what tells a change of them.
+/// A certificate loaded from files (`None`: they never loaded), with what tells a change of
+/// them.
 struct Loaded {
-    config: Arc<ServerConfig>,
+    config: Option<Arc<ServerConfig>>,
     stamp: Option<(SystemTime, SystemTime)>,
     checked: Instant,
 }
@@ -161,7 +162,9 @@ impl Certs {
     }
 
     /// The configuration for a mapping certificate in files, loaded again when the files
-    /// changed (checked at most every reload interval). `None` when it never loaded.
+    /// changed (checked at most every reload interval). `None` when it never loaded (missing
+    /// files, e.g. an ACME certificate not yet issued): logged once per change of the files,
+    /// not at every handshake.
     pub fn for_files(&self, cert_file: &Path, key_file: &Path) -> Option<Arc<ServerConfig>> {
         let key = (cert_file.to_path_buf(), key_file.to_path_buf());
         let interval = self.reload_interval();
@@ -170,7 +173,7 @@ impl Certs {
             if let Some(l) = files.get(&key)
                 && l.checked.elapsed() < interval
             {
-                return Some(l.config.clone());
+                return l.config.clone();
             }
         }
         let now = stamp(cert_file, key_file);
@@ -179,19 +182,19 @@ impl Certs {
             && l.stamp == now
         {
             l.checked = Instant::now();
-            return Some(l.config.clone());
+            return l.config.clone();
         }
         let loaded = Cert::from_files(cert_file, key_file)
             .and_then(|cert| Ok((self.shared.config(&cert)?, cert)));
         match loaded {
             Ok((config, cert)) => {
-                if files.contains_key(&key) {
+                if files.get(&key).is_some_and(|l| l.config.is_some()) {
                     tracing::info!(cert_file = %cert_file.display(), not_after = %cert.not_after, "mapping certificate reloaded");
                 }
                 files.insert(
                     key,
                     Loaded {
-                        config: config.clone(),
+                        config: Some(config.clone()),
                         stamp: now,
                         checked: Instant::now(),
                     },
@@ -199,10 +202,17 @@ impl Certs {
                 Some(config)
             }
             Err(e) => {
-                tracing::error!(error = %e, "mapping certificate does not load; keeping the previous one if any");
-                let l = files.get_mut(&key)?;
-                l.checked = Instant::now();
-                Some(l.config.clone())
+                let previous = files.get(&key).and_then(|l| l.config.clone());
+                tracing::error!(error = %e, cert_file = %cert_file.display(), kept_previous = previous.is_some(), "mapping certificate does not load; looked at again when its files change");
+                files.insert(
+                    key,
+                    Loaded {
+                        config: previous.clone(),
+                        stamp: now,
+                        checked: Instant::now(),
+                    },
+                );
+                previous
             }
         }
     }
