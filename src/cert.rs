@@ -67,9 +67,9 @@ impl Cert {
         })
     }
 
-    /// From two PEM files; errors name the file.
+    /// From two PEM files ([`read_small_file`]); errors name the file.
     pub fn from_files(cert_file: &Path, key_file: &Path) -> Result<Self, String> {
-        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let read = |p: &Path| read_small_file(p).map_err(|e| format!("{}: {e}", p.display()));
         let (chain, key) = (read(cert_file)?, read(key_file)?);
         Self::from_pem(&chain, &key)
             .map_err(|e| format!("{} / {}: {e}", cert_file.display(), key_file.display()))
@@ -161,6 +161,33 @@ impl std::fmt::Debug for StoreKey {
 
 /// Fewer characters than this is not a key worth the name.
 const MIN_STORE_KEY_CHARS: usize = 32;
+
+/// The largest certificate, key or credentials file read (a chain of a dozen certificates is
+/// far smaller).
+pub const MAX_SMALL_FILE: u64 = 256 * 1024;
+
+/// Reads a certificate, key or credentials file: a regular file (a symlink to one is fine, as
+/// Kubernetes mounts Secrets) of at most [`MAX_SMALL_FILE`] bytes. A FIFO or a device is
+/// refused without blocking on it, a larger file without reading it all.
+pub fn read_small_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut buf = Vec::new();
+    file.take(MAX_SMALL_FILE + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_SMALL_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_SMALL_FILE} bytes"
+        )));
+    }
+    Ok(buf)
+}
 
 impl StoreKey {
     /// The key in `http_domain.tls_store_key_file`, if set; an error names the field.

@@ -29,8 +29,6 @@ use crate::store::{Backoff, ChallengeStore};
 
 /// Orders in flight at once (each holds a challenge answer and polls the CA).
 const MAX_CONCURRENT_ORDERS: usize = 4;
-/// The largest file read back from `state_dir` (credentials, a key, a chain, metadata).
-const MAX_FILE: u64 = 64 * 1024;
 
 /// A domain's files in `state_dir`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,36 +82,54 @@ pub fn assess(
 }
 
 fn read_bounded(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
-    use std::io::Read;
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut buf = Vec::new();
-    file.take(MAX_FILE + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > MAX_FILE {
-        return Err(std::io::Error::other(format!(
-            "{} is larger than {MAX_FILE} bytes",
-            path.display()
-        )));
+    match crate::cert::read_small_file(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
-    Ok(Some(buf))
 }
 
-/// Writes `bytes` to `path` as a whole: a temporary file beside it (mode `0600`), then a
-/// rename.
+/// Writes `bytes` to `path` as a whole: a new temporary file beside it (mode `0600`, never
+/// through a symlink, a name nobody could have prepared), flushed, renamed over `path`, and the
+/// directory flushed. A failed write leaves `path` as it was and no temporary file.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// `state_dir`, created `0700` if missing; an existing one is made `0700` (it holds private
+/// keys). `Err`: it cannot be used.
+fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// The account's credentials in `state_dir`, one file per directory URL.
@@ -171,13 +187,12 @@ impl FileIssuer {
     /// after its backoff), until `stop`.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let dir = self.cfg.state_dir();
-        if let Err(e) = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-        {
-            tracing::error!(dir = %dir.display(), error = %e, "proxy.acme.state_dir cannot be created; no certificate is ordered");
-            return;
+        while let Err(e) = prepare_dir(&dir) {
+            tracing::error!(dir = %dir.display(), error = %e, retry_in = ?self.cfg.check_interval(), "proxy.acme.state_dir cannot be used; no certificate is ordered");
+            tokio::select! {
+                () = tokio::time::sleep(self.cfg.check_interval()) => {}
+                () = crate::proxy::stopped(&mut stop) => return,
+            }
         }
         let now = Instant::now();
         let mut tended: Vec<Tended> = self
@@ -234,7 +249,8 @@ impl FileIssuer {
             Some(o) => o.clone(),
             None => {
                 let store = FileAccount::new(dir, &self.cfg.directory_url);
-                match super::account(&self.cfg, &store, self.challenges.clone()).await {
+                let ca = "proxy.acme.ca_file";
+                match super::account(&self.cfg, ca, &store, self.challenges.clone()).await {
                     Ok(o) => orders.insert(o).clone(),
                     Err(e) => {
                         tracing::warn!(error = %e, directory = %self.cfg.directory_url, "no ACME account; certificates are not ordered");
@@ -396,9 +412,30 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(!path.with_extension("tmp").exists());
-        std::fs::write(&path, vec![b'x'; MAX_FILE as usize + 1]).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+        // Into a directory that is not there: an error, nothing left behind.
+        assert!(write_private(&dir.path().join("none/x.key"), b"k").is_err());
+        let big = crate::cert::MAX_SMALL_FILE as usize + 1;
+        std::fs::write(&path, vec![b'x'; big]).unwrap();
         assert!(read_bounded(&path).is_err(), "a huge file is refused");
         assert!(read_bounded(&dir.path().join("none")).unwrap().is_none());
+        // A FIFO is refused at once, not waited on.
+        let fifo = dir.path().join("fifo.key");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(read_bounded(&fifo).is_err());
+        // A directory open to others is closed.
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_dir(&state).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 }

@@ -94,18 +94,20 @@ impl From<instant_acme::Error> for AcmeError {
 
 /// The HTTP client an account talks to its CA with: the CAs in `ca_file` (a private ACME
 /// server), else the public roots built in.
-pub fn http_client(ca_file: Option<&Path>) -> Result<Box<dyn instant_acme::HttpClient>, String> {
+pub fn http_client(
+    ca_file: Option<&Path>,
+    field: &'static str,
+) -> Result<Box<dyn instant_acme::HttpClient>, String> {
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = match ca_file {
         Some(path) => {
             let mut roots = rustls::RootCertStore::empty();
-            let certs = crate::tunnel::tls::load_certs(path, "controller.acme.ca_file")
-                .map_err(|e| e.to_string())?;
+            let certs = crate::tunnel::tls::load_certs(path, field).map_err(|e| e.to_string())?;
             for cert in certs {
                 roots
                     .add(cert)
-                    .map_err(|e| format!("controller.acme.ca_file {}: {e}", path.display()))?;
+                    .map_err(|e| format!("{field} {}: {e}", path.display()))?;
             }
             let cfg = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
@@ -157,14 +159,16 @@ pub trait AccountStore: Send + Sync {
 }
 
 /// The account `cfg` orders with: restored from `store` when it holds credentials for the same
-/// directory, else created there (again when the directory changed).
+/// directory, else created there (again when the directory changed). `ca_field`: where
+/// `cfg.ca_file` was given, for errors.
 pub async fn account(
     cfg: &AcmeConfig,
+    ca_field: &'static str,
     store: &dyn AccountStore,
     challenges: Arc<dyn ChallengeStore>,
 ) -> Result<Orders, AcmeError> {
     let timeout = cfg.order_timeout.get();
-    let http = || http_client(cfg.ca_file.as_deref()).map_err(AcmeError::Failed);
+    let http = || http_client(cfg.ca_file.as_deref(), ca_field).map_err(AcmeError::Failed);
     let at = store.describe();
     let stored = store
         .load()

@@ -84,7 +84,11 @@ pub fn need(
     asked: Option<&str>,
     min_interval: chrono::TimeDelta,
 ) -> Option<Need> {
-    let recent = issued.issued_at.is_some_and(|t| now < t + min_interval);
+    // An issuance time in the future (a clock ahead, an edited record) does not hold orders
+    // back; no arithmetic that a far date could overflow.
+    let recent = issued
+        .issued_at
+        .is_some_and(|t| t <= now && now - t < min_interval);
     if !issued.usable {
         return (!recent).then_some(Need::Issue);
     }
@@ -221,6 +225,27 @@ mod tests {
         }
         assert_eq!(request_id("1").len(), 16);
         assert_ne!(request_id("1"), request_id("2"));
+    }
+
+    #[test]
+    fn an_issuance_time_in_the_future_does_not_hold_orders_back() {
+        let now = t("2026-02-01T00:00:00Z");
+        let hour = chrono::TimeDelta::hours(1);
+        for issued_at in [
+            t("2026-02-01T00:30:00Z"),
+            DateTime::<Utc>::MAX_UTC,
+            DateTime::<Utc>::MIN_UTC,
+        ] {
+            let issued = Issued {
+                issued_at: Some(issued_at),
+                ..Issued::default()
+            };
+            assert_eq!(
+                need(now, issued, None, hour),
+                Some(Need::Issue),
+                "{issued_at}"
+            );
+        }
     }
 
     #[test]

@@ -798,6 +798,14 @@ pub(crate) fn check_acme(
             format!("is for {other} only (which keeps the account and certificates in {keeps})"),
         ));
     }
+    if let Some(f) = &acme.ca_file {
+        let ca_field = match role {
+            AcmeRole::Controller => "controller.acme.ca_file",
+            AcmeRole::Proxy => "proxy.acme.ca_file",
+        };
+        crate::tunnel::tls::load_certs(f, ca_field)
+            .map_err(|e| (field("ca_file"), e.to_string()))?;
+    }
     if let Some(d) = acme.check_interval
         && (d.get() < std::time::Duration::from_secs(1)
             || d.get() > std::time::Duration::from_secs(86_400))

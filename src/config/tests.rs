@@ -767,3 +767,15 @@ fn sentinel_reaches_the_store_options() {
     assert!(s.uses_redis);
     assert_eq!(s.config.storage.redis.sentinel.addrs.len(), 2);
 }
+
+#[test]
+fn a_group_mapping_with_acme_is_ordered_for() {
+    let s = settings_env(
+        "tunnel_clients:\n  - {client_id: a, token: a-secret-0123456789, groups: [site]}\nproxy: {tls_listen: '127.0.0.1:8443', tunnel: {listen: '127.0.0.1:7000', insecure: true}, acme: {directory_url: 'https://acme.example/dir'}}\nmappings:\n  - {subdomain: g, base_domain: tunnox.net, target_group: site, target_host: 127.0.0.1, target_port: 80, tls: {acme: true}}\n  - {subdomain: f, base_domain: tunnox.net, target_host: 127.0.0.1, target_port: 80}\n",
+        &[],
+    )
+    .unwrap();
+    let domains = crate::proxy::seed::acme_domains(&s.config.mappings, &s.config.tunnel_clients);
+    let names: Vec<&str> = domains.iter().map(|d| d.as_str()).collect();
+    assert_eq!(names, ["g.tunnox.net"]);
+}

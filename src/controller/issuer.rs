@@ -472,7 +472,13 @@ impl Issuer {
             namespace: self.namespace.clone(),
             name: self.cfg.account_secret.clone(),
         };
-        let orders = crate::acme::account(&self.cfg, &store, self.challenges.clone()).await?;
+        let orders = crate::acme::account(
+            &self.cfg,
+            "controller.acme.ca_file",
+            &store,
+            self.challenges.clone(),
+        )
+        .await?;
         *account = Some(orders.clone());
         Ok(orders)
     }

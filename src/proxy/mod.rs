@@ -477,7 +477,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         });
     }
     tracing::info!(%listen, admin = %admin_addr, node = %me, set = %cfg.set, "proxy listening");
-    let acme_domains = seed::acme_domains(&settings.config.mappings);
+    let acme_domains =
+        seed::acme_domains(&settings.config.mappings, &settings.config.tunnel_clients);
     if let (Some(acme), false) = (&cfg.acme, settings.uses_redis || acme_domains.is_empty()) {
         tracing::info!(domains = acme_domains.len(), directory = %acme.directory_url, state_dir = %acme.state_dir().display(), "ordering certificates through ACME");
         tasks.spawn(

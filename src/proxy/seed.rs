@@ -68,7 +68,10 @@ pub fn spec_of(
 }
 
 /// The domains of the entries whose certificate is ordered through ACME (`tls: {acme: true}`).
-pub fn acme_domains(entries: &[MappingEntry]) -> Vec<crate::domain::Hostname> {
+pub fn acme_domains(
+    entries: &[MappingEntry],
+    clients: &[TunnelClientEntry],
+) -> Vec<crate::domain::Hostname> {
     entries
         .iter()
         .filter(|e| {
@@ -76,7 +79,7 @@ pub fn acme_domains(entries: &[MappingEntry]) -> Vec<crate::domain::Hostname> {
                 .as_ref()
                 .is_some_and(|t| t.cert() == Ok(MappingCert::Acme))
         })
-        .filter_map(|e| spec_of(e, &[], None).validate().ok())
+        .filter_map(|e| spec_of(e, clients, None).validate().ok())
         .collect()
 }
 

@@ -33,12 +33,27 @@ use config::Shared;
 /// them.
 struct Loaded {
     config: Option<Arc<ServerConfig>>,
-    stamp: Option<(SystemTime, SystemTime)>,
+    /// The last load failed: tried again every reload interval (logged when the files change).
+    failed: bool,
+    stamp: Option<(FileStamp, FileStamp)>,
     checked: Instant,
 }
 
-fn stamp(cert_file: &Path, key_file: &Path) -> Option<(SystemTime, SystemTime)> {
-    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+/// What tells a change of a file: its modification and change times, size and inode (a
+/// `chmod`, or a copy keeping the modification time, changes one of them).
+type FileStamp = (SystemTime, i64, u64, u64);
+
+fn stamp(cert_file: &Path, key_file: &Path) -> Option<(FileStamp, FileStamp)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((
+            m.modified().ok()?,
+            m.ctime_nsec() + m.ctime() * 1_000_000_000,
+            m.len(),
+            m.ino(),
+        ))
+    };
     Some((m(cert_file)?, m(key_file)?))
 }
 
@@ -93,7 +108,7 @@ pub struct Certs {
     shared: Shared,
     cfg: ProxyTlsConfig,
     operator: RwLock<Arc<Operator>>,
-    operator_stamps: Mutex<Vec<Option<(SystemTime, SystemTime)>>>,
+    operator_stamps: Mutex<Vec<Option<(FileStamp, FileStamp)>>>,
     /// Mapping certificates from files (single-node), by (cert_file, key_file).
     files: Mutex<HashMap<(PathBuf, PathBuf), Loaded>>,
     /// Opens the mapping certificates the controller sealed into the store (cluster).
@@ -131,7 +146,7 @@ impl Certs {
         self.cfg.certificates.iter().chain(self.cfg.default.iter())
     }
 
-    fn operator_file_stamps(&self) -> Vec<Option<(SystemTime, SystemTime)>> {
+    fn operator_file_stamps(&self) -> Vec<Option<(FileStamp, FileStamp)>> {
         self.operator_files()
             .map(|f| stamp(&f.cert_file, &f.key_file))
             .collect()
@@ -180,10 +195,12 @@ impl Certs {
         let mut files = self.files.lock().expect("not poisoned");
         if let Some(l) = files.get_mut(&key)
             && l.stamp == now
+            && !l.failed
         {
             l.checked = Instant::now();
             return l.config.clone();
         }
+        let seen = files.get(&key).is_some_and(|l| l.stamp == now);
         let loaded = Cert::from_files(cert_file, key_file)
             .and_then(|cert| Ok((self.shared.config(&cert)?, cert)));
         match loaded {
@@ -195,6 +212,7 @@ impl Certs {
                     key,
                     Loaded {
                         config: Some(config.clone()),
+                        failed: false,
                         stamp: now,
                         checked: Instant::now(),
                     },
@@ -203,11 +221,14 @@ impl Certs {
             }
             Err(e) => {
                 let previous = files.get(&key).and_then(|l| l.config.clone());
-                tracing::error!(error = %e, cert_file = %cert_file.display(), kept_previous = previous.is_some(), "mapping certificate does not load; looked at again when its files change");
+                if !seen {
+                    tracing::error!(error = %e, cert_file = %cert_file.display(), kept_previous = previous.is_some(), "mapping certificate does not load; tried again every reload interval");
+                }
                 files.insert(
                     key,
                     Loaded {
                         config: previous.clone(),
+                        failed: true,
                         stamp: now,
                         checked: Instant::now(),
                     },
