@@ -29,7 +29,7 @@ use support::process::free_port;
 /// The mapped host the certificate is for.
 const HOST: &str = "h0.bench.test";
 /// Measured runs per side, alternating nginx / tunnox.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 const WARM: Duration = Duration::from_secs(2);
 const MEASURE: Duration = Duration::from_secs(10);
 /// Connections the handshake client keeps opening at once.

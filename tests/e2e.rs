@@ -3216,8 +3216,11 @@ fn https_certificates_from_secrets(s: &Stack) {
     };
     assert_eq!(subject("a.tunnox.net"), "subject=CN=a.tunnox.net");
 
-    // Renewal: the Secret replaced, new handshakes get the new certificate.
+    // Renewal: the Secret replaced, new handshakes get the new certificate, while requests
+    // keep flowing over kept connections and new ones.
     let (a2_cert, a2_key) = pki.issue(&dir, "a2", "a.tunnox.net renewed", "DNS:a.tunnox.net");
+    let load = support::http::TlsLoad::start(https, "a.tunnox.net", &pki.ca);
+    std::thread::sleep(Duration::from_millis(500));
     tls_secret("a-cert", &a2_cert, &a2_key);
     let started = std::time::Instant::now();
     eventually(
@@ -3225,9 +3228,18 @@ fn https_certificates_from_secrets(s: &Stack) {
         Duration::from_secs(15),
         || subject("a.tunnox.net") == "subject=CN=a.tunnox.net renewed",
     );
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (done, failed, leaves) = load.stop();
     eprintln!(
-        "e2e: a replaced Secret served {:?} after it was applied (tls_recheck_interval 5 s)",
-        started.elapsed()
+        "e2e: a replaced Secret served {took:?} after it was applied (tls_recheck_interval 5 s); {done} requests under load, {} failed",
+        failed.len()
+    );
+    assert!(took < Duration::from_secs(5), "served within 5 s: {took:?}");
+    assert!(failed.is_empty(), "failed during the rotation: {failed:?}");
+    assert!(
+        done > 20 && leaves == 2,
+        "{done} requests, {leaves} certificates"
     );
     assert_eq!(curl("a.tunnox.net").0, "200");
 
@@ -3258,10 +3270,25 @@ fn https_certificates_from_secrets(s: &Stack) {
     }
     ok(s.cp.apply(&mapping("c", "c-cert")), "apply mapping c");
     ok(s.cp.apply(&mapping("d", "nothing-here")), "apply mapping d");
+    // A certificate that expired (2020-2021).
+    let expired = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["e.tunnox.net".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (dir.join("expired.crt"), dir.join("expired.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    };
+    tls_secret("e-cert", &expired.0, &expired.1);
+    ok(s.cp.apply(&mapping("e", "e-cert")), "apply mapping e");
     for (name, want) in [
         ("b", "False/SecretWrongType"),
         ("c", "False/KeyMismatch"),
         ("d", "False/SecretNotFound"),
+        ("e", "False/CertificateExpired"),
     ] {
         eventually(&format!("{name} {want}"), Duration::from_secs(20), || {
             cert_ready(name) == want
@@ -3275,9 +3302,11 @@ fn https_certificates_from_secrets(s: &Stack) {
         "no certificate for c: no handshake"
     );
     assert_eq!(curl("a.tunnox.net").0, "200", "a unaffected");
-    eprintln!("e2e: broken Secrets reported: SecretWrongType, KeyMismatch, SecretNotFound");
+    eprintln!(
+        "e2e: broken Secrets reported: SecretWrongType, KeyMismatch, SecretNotFound, CertificateExpired"
+    );
 
-    for name in ["a", "b", "c", "d"] {
+    for name in ["a", "b", "c", "d", "e"] {
         ok(
             s.cp.kubectl(&["delete", "hdm", name, "-n", ns, "--timeout=30s"]),
             "delete mapping",

@@ -3,7 +3,7 @@
 //! bug, would): targets that are the proxy's own ports, the metadata address, loopback by
 //! another spelling, another namespace's Service → 502 without a connection; a mapping whose
 //! target leads back into the fleet → 508 after `max_hops`, with a bounded number of connections.
-//! Both HTTP paths (fast path on and off).
+//! Both HTTP paths (fast path on and off), and mappings with their own HTTP/2 client (h2c, h2).
 
 mod support;
 
@@ -17,7 +17,7 @@ use support::RedisServer;
 use support::http::{Upstream, get};
 use support::process::free_port;
 use support::proxy::ProxyProc;
-use tunnox::domain::MappingSpec;
+use tunnox::domain::{MappingSpec, Protocol};
 use tunnox::store::{MappingStore, RedisOptions, RedisStore};
 
 fn cluster_yaml(redis: &RedisServer) -> String {
@@ -109,11 +109,35 @@ fn planted_records_to_forbidden_targets_get_502_and_no_connection() {
     });
     let v4 = Counting::bind("127.0.0.1:0");
     let v6 = Counting::bind("[::1]:0");
-    let plant = |sub: &str, host: &str, port: u16, source: Option<&str>| {
+    let plant_with = |sub: &str, host: &str, port: u16, source: Option<&str>, p: Protocol| {
         let mut spec = MappingSpec::new(sub, "tunnox.net", host, port);
         spec.source = source.map(str::to_string);
+        if p != Protocol::Http1 {
+            spec.upstream = tunnox::domain::Upstream {
+                protocol: p,
+                ..Default::default()
+            };
+        }
         rt.block_on(store.create(spec)).unwrap();
     };
+    let plant = |sub: &str, host: &str, port: u16, source: Option<&str>| {
+        plant_with(sub, host, port, source, Protocol::Http1)
+    };
+    // The same rules through a mapping's own HTTP/2 client (its own pool and connector).
+    plant_with(
+        "h2c-v6",
+        "::1",
+        v6.port,
+        Some("k8s:team-a/a"),
+        Protocol::H2c,
+    );
+    plant_with(
+        "h2-meta",
+        "169.254.169.254",
+        443,
+        Some("k8s:team-a/b"),
+        Protocol::H2,
+    );
     plant("ok", "127.0.0.1", up.port, Some("k8s:team-a/ok"));
     plant("meta", "169.254.169.254", 80, Some("k8s:team-a/meta"));
     plant("v6", "::1", v6.port, Some("k8s:team-a/v6"));
@@ -136,6 +160,13 @@ fn planted_records_to_forbidden_targets_get_502_and_no_connection() {
         plant(&format!("self-{name}"), "127.0.0.1", port, None);
         plant(&format!("self-any-{name}"), "0.0.0.0", port, None);
         plant(&format!("self-v6-{name}"), "::ffff:127.0.0.1", port, None);
+        plant_with(
+            &format!("h2c-admin-{name}"),
+            "127.0.0.1",
+            admin,
+            None,
+            Protocol::H2c,
+        );
         proxies.push((
             name,
             ProxyProc::start_on(dir.path(), name, &yaml, extra, port, admin).ready(),
@@ -155,6 +186,9 @@ fn planted_records_to_forbidden_targets_get_502_and_no_connection() {
             ("localhost".to_string(), "reserved"),
             ("claims-config".to_string(), "reserved"),
             ("other-ns".to_string(), "other_namespace"),
+            (format!("h2c-admin-{name}"), "own_listener"),
+            ("h2c-v6".to_string(), "reserved"),
+            ("h2-meta".to_string(), "reserved"),
         ];
         for (sub, _) in &cases {
             let host = format!("{sub}.tunnox.net");
