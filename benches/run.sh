@@ -65,6 +65,8 @@ if wanted controller; then cargo bench --locked --features e2e --bench controlle
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 now=$(date -u +%Y-%m-%dT%H:%MZ)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+machine="$(nproc) cores, ${cpu:-unknown CPU}, $(free -g | awk '/Mem:/ {print $2}') GiB"
+# A partial re-run keeps the machine the other sections were measured on and names its own.
 header() {
     echo "# Benchmarks"
     echo
@@ -75,7 +77,7 @@ header() {
     echo "- date: $1"
     echo "- commit: $2"
     if [[ -n ${3:-} ]]; then echo "$3"; fi
-    echo "- machine: $(nproc) cores, ${cpu:-unknown CPU}, $(free -g | awk '/Mem:/ {print $2}') GiB"
+    echo "- machine: ${4:-$machine}"
     echo "- $(rustc --version)"
     echo "- $(redis-server --version | cut -d' ' -f1-3)"
     echo "- $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
@@ -89,12 +91,13 @@ else
     # Keep the other sections (and the date and commit they were measured at).
     old_date=$(sed -n 's/^- date: //p' "$out" | head -1)
     old_commit=$(sed -n 's/^- commit: //p' "$out" | head -1)
+    old_machine=$(sed -n 's/^- machine: //p' "$out" | head -1)
     titles=$(grep '^## ' "$tmp" | sed 's/^## //; s/ (issue:.*//' | paste -sd, - | sed 's/,/, /g')
     reruns=$(grep '^- re-run on ' "$out" || true)
     reruns="${reruns:+$reruns
-}- re-run on $now at commit $commit: $titles"
+}- re-run on $now at commit $commit ($machine): $titles"
     {
-        header "$old_date" "$old_commit" "$reruns"
+        header "$old_date" "$old_commit" "$reruns" "${old_machine:-$machine}"
         python3 - "$out" "$tmp" <<'PY'
 import re, sys
 def sections(text):
