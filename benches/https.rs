@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{
-    BODY, Proc, Side, WRK_DONE, WrkRun, cpu_ns, cpu_split, nginx_common, nginx_http_common,
-    per_request, pinned, rss_of, wait_port, wait_ready,
+    BODY, Proc, Side, WrkRun, nginx_common, nginx_http_common, pinned, rss_of, wait_port,
+    wait_ready,
 };
 use support::process::free_port;
 
@@ -270,28 +270,18 @@ fn start_tunnox(dir: &Path, cpu: Option<usize>, https: u16, upstream: u16, pki: 
 /// One handshake run against `port`: the client's line, with the server's CPU per handshake.
 fn handshakes(cpu: Option<usize>, port: u16, ca: &Path, secs: u64, serving: &[u32]) -> WrkRun {
     let exe = std::env::current_exe().expect("this bench's path");
-    let cpu_before = cpu_ns(serving);
-    let split_before = cpu_split(serving);
-    let out = pinned(cpu, exe)
-        .arg(CLIENT_FLAG)
-        .arg(port.to_string())
-        .arg(ca)
-        .arg(HANDSHAKE_CONCURRENCY.to_string())
-        .arg(secs.to_string())
-        .output()
-        .expect("run the handshake client");
-    let cpu_used = cpu_ns(serving) - cpu_before;
-    let split_after = cpu_split(serving);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "handshake client failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let m = harness::run_load(
+        pinned(cpu, exe)
+            .arg(CLIENT_FLAG)
+            .arg(port.to_string())
+            .arg(ca)
+            .arg(HANDSHAKE_CONCURRENCY.to_string())
+            .arg(secs.to_string()),
+        "the handshake client",
+        "HS ",
+        serving,
     );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("HS "))
-        .unwrap_or_else(|| panic!("no summary from the handshake client:\n{stdout}"));
+    let line = &m.line;
     let field = |k: &str| -> f64 {
         line.split_whitespace()
             .find_map(|p| p.strip_prefix(&format!("{k}=")))
@@ -304,6 +294,7 @@ fn handshakes(cpu: Option<usize>, port: u16, ca: &Path, secs: u64, serving: &[u3
         eprintln!("https bench: handshake errors: {line}");
     }
     let micros = |k: &str| Duration::from_secs_f64(field(k) / 1e6);
+    let (cpu_per_request, user_per_request, kernel_per_request) = m.per_request(requests);
     WrkRun {
         rps: requests / field("seconds"),
         p50: micros("p50_us"),
@@ -311,20 +302,10 @@ fn handshakes(cpu: Option<usize>, port: u16, ca: &Path, secs: u64, serving: &[u3
         p999: micros("p999_us"),
         non_2xx: 0,
         socket_errors: errors,
-        cpu_per_request: Duration::from_nanos(cpu_used / (requests as u64).max(1)),
-        user_per_request: per_request(split_after.0 - split_before.0, requests),
-        kernel_per_request: per_request(split_after.1 - split_before.1, requests),
+        cpu_per_request,
+        user_per_request,
+        kernel_per_request,
     }
-}
-
-fn wrk_script(dir: &Path) -> PathBuf {
-    let path = dir.join("https.lua");
-    std::fs::write(
-        &path,
-        format!("wrk.headers[\"Host\"] = \"{HOST}\"\n{WRK_DONE}"),
-    )
-    .unwrap();
-    path
 }
 
 struct Sides {
@@ -390,7 +371,7 @@ fn main() {
     }
     let nginx_serving = nginx.children();
     let tunnox_serving = vec![tunnox.pid()];
-    let script = wrk_script(dir.path());
+    let script = harness::host_script(dir.path(), HOST);
     let wrk = |port: u16, secs: Duration, serving: &[u32]| {
         harness::wrk_url(
             load,

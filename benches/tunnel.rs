@@ -15,13 +15,13 @@ mod harness;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::{
-    BODY, CLIENT_ID, Http, LOAD_CPU, Peers, Proc, Running, Side, TunnoxSpec, WRK_DONE, catch, cpus,
-    goal, mib, ms, start_upstream, wrk_on,
+    BODY, CLIENT_ID, Http, LOAD_CPU, Peers, Proc, Running, Side, TunnoxSpec, catch, cpus, goal,
+    mib, ms, start_upstream, wrk_on,
 };
 use support::process::free_port;
 
@@ -95,16 +95,6 @@ fn start_rathole(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -
     side
 }
 
-fn wrk_script(dir: &Path) -> PathBuf {
-    let path = dir.join("tunnel.lua");
-    std::fs::write(
-        &path,
-        format!("wrk.headers[\"Host\"] = \"{HOST}\"\n{WRK_DONE}"),
-    )
-    .unwrap();
-    path
-}
-
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, PartialEq)]
@@ -146,7 +136,7 @@ fn main() {
     let upstream_port = free_port();
     let mut upstream = pinned_upstream(dir.path(), upstream_port, serve_cpu);
     harness::wait_http(&mut upstream, upstream_port);
-    let script = wrk_script(dir.path());
+    let script = harness::host_script(dir.path(), HOST);
 
     let frp_version = peers.frp_version();
     let rathole_version = peers.rathole_version();

@@ -456,6 +456,66 @@ pub fn wrk_on(
     wrk_url(cpu, &url, connections, script, duration, serving)
 }
 
+/// What a load generator printed, and what the serving processes spent meanwhile.
+pub struct Measured {
+    /// The load generator's summary line (it starts with the prefix asked for).
+    pub line: String,
+    /// CPU time of the serving processes, ns (`/proc/<pid>/task/*/schedstat`).
+    pub cpu_ns: u64,
+    /// The same as user and kernel clock ticks (`/proc/<pid>/stat`).
+    pub user_ticks: u64,
+    pub kernel_ticks: u64,
+}
+
+impl Measured {
+    /// CPU time, user and kernel time per one of `requests`.
+    pub fn per_request(&self, requests: f64) -> (Duration, Duration, Duration) {
+        (
+            Duration::from_nanos(self.cpu_ns / (requests as u64).max(1)),
+            per_request(self.user_ticks, requests),
+            per_request(self.kernel_ticks, requests),
+        )
+    }
+}
+
+/// Runs the load generator `cmd` (`what`, for messages) to its end and takes its summary line,
+/// the one starting with `prefix`; charges the CPU `serving` used meanwhile to it.
+pub fn run_load(cmd: &mut Command, what: &str, prefix: &str, serving: &[u32]) -> Measured {
+    let cpu_before = cpu_ns(serving);
+    let split_before = cpu_split(serving);
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let cpu = cpu_ns(serving) - cpu_before;
+    let split_after = cpu_split(serving);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no summary from {what}:\n{stdout}"))
+        .to_string();
+    Measured {
+        line,
+        cpu_ns: cpu,
+        user_ticks: split_after.0 - split_before.0,
+        kernel_ticks: split_after.1 - split_before.1,
+    }
+}
+
+/// A wrk script sending `Host: host` with every request, with [`WRK_DONE`].
+pub fn host_script(dir: &Path, host: &str) -> PathBuf {
+    let path = dir.join("host.lua");
+    std::fs::write(
+        &path,
+        format!("wrk.headers[\"Host\"] = \"{host}\"\n{WRK_DONE}"),
+    )
+    .unwrap();
+    path
+}
+
 /// [`wrk_on`] against any URL (`https://` too).
 pub fn wrk_url(
     cpu: Option<usize>,
@@ -465,39 +525,30 @@ pub fn wrk_url(
     duration: Duration,
     serving: &[u32],
 ) -> WrkRun {
-    let cpu_before = cpu_ns(serving);
-    let split_before = cpu_split(serving);
-    let out = pinned(cpu, "wrk")
-        .args([
-            "-t1",
-            &format!("-c{connections}"),
-            &format!("-d{}s", duration.as_secs()),
-            "--latency",
-            "-s",
-        ])
-        .arg(script)
-        .arg(url)
-        .output()
-        .expect("run wrk (e2e/install-deps.sh installs it)");
-    let cpu = cpu_ns(serving) - cpu_before;
-    let split_after = cpu_split(serving);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "wrk failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let m = run_load(
+        pinned(cpu, "wrk")
+            .args([
+                "-t1",
+                &format!("-c{connections}"),
+                &format!("-d{}s", duration.as_secs()),
+                "--latency",
+                "-s",
+            ])
+            .arg(script)
+            .arg(url),
+        "wrk (e2e/install-deps.sh installs it)",
+        "BENCH ",
+        serving,
     );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("BENCH "))
-        .unwrap_or_else(|| panic!("no summary from wrk:\n{stdout}"));
-    let kv: HashMap<&str, f64> = line
+    let kv: HashMap<&str, f64> = m
+        .line
         .split_whitespace()
         .skip(1)
         .filter_map(|p| p.split_once('='))
         .map(|(k, v)| (k, v.parse().expect("number")))
         .collect();
     let micros = |k: &str| Duration::from_secs_f64(kv[k] / 1e6);
+    let (cpu_per_request, user_per_request, kernel_per_request) = m.per_request(kv["requests"]);
     WrkRun {
         rps: kv["requests"] / (kv["duration_us"] / 1e6),
         p50: micros("p50_us"),
@@ -505,9 +556,9 @@ pub fn wrk_url(
         p999: micros("p999_us"),
         non_2xx: kv["status"] as u64,
         socket_errors: (kv["connect"] + kv["read"] + kv["write"] + kv["timeout"]) as u64,
-        cpu_per_request: Duration::from_nanos(cpu / (kv["requests"] as u64).max(1)),
-        user_per_request: per_request(split_after.0 - split_before.0, kv["requests"]),
-        kernel_per_request: per_request(split_after.1 - split_before.1, kv["requests"]),
+        cpu_per_request,
+        user_per_request,
+        kernel_per_request,
     }
 }
 
