@@ -1011,7 +1011,18 @@ fn controller_leader_election(s: &Stack) {
     eventually("first leads", Duration::from_secs(15), || leader_of(p1));
     let (second, p2) = s.controller("ctl-two");
     std::thread::sleep(Duration::from_secs(3));
-    assert!(leader_of(p1) && !leader_of(p2), "exactly one leader");
+    let (one, two) = (leader_of(p1), leader_of(p2));
+    assert!(
+        one && !two,
+        "exactly one leader: ctl-one leads {one}, ctl-two leads {two}; lease {}\nctl-one log:\n{}\nctl-two log:\n{}",
+        String::from_utf8_lossy(
+            &s.cp
+                .kubectl(&["get", "lease", "-n", NS, "-o", "yaml"])
+                .stdout
+        ),
+        first.log(),
+        second.log()
+    );
     assert_eq!(http_get(p2, "/readyz").trim(), "ok", "a standby is ready");
     s.cp.kubectl_ok(&["create", "namespace", "lead"]);
     ok(s.cp.apply(&hdm_yaml("lead", "a", "lead-a", 1)), "apply");

@@ -207,3 +207,87 @@ fn a_replaced_certificate_serves_new_handshakes_and_open_connections_keep_theirs
         );
     }
 }
+
+/// The proxy's `tunnox_proxy_handovers_total` by reason.
+fn handovers(s: &Site) -> std::collections::BTreeMap<String, u64> {
+    let metrics = s.proxy.admin_get("/metrics").unwrap().body;
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("tunnox_proxy_handovers_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, n) = l.split_once("\"} ")?;
+            Some((reason.to_string(), n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn http1_over_tls_takes_the_fast_path_and_hands_over_what_it_does_not_take() {
+    let s = start();
+    let before = handovers(&s);
+    // Two requests on one kept-alive TLS connection: both answered, one connection, and the
+    // upstream told HTTPS (a client's own claim replaced).
+    let out = Command::new("curl")
+        .args(["-sS", "--http1.1", "--max-time", "5", "--cacert"])
+        .arg(&s.pki.ca)
+        .args(["--resolve", &format!("a.tunnox.net:{}:127.0.0.1", s.https)])
+        .args([
+            "-H",
+            "X-Forwarded-Proto: http",
+            "-w",
+            "|%{http_code} %{num_connects}\n",
+        ])
+        .arg(format!("https://a.tunnox.net:{}/headers", s.https))
+        .arg(format!("https://a.tunnox.net:{}/headers", s.https))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        text.matches("x-forwarded-proto: https\n").count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains("x-forwarded-proto: http\n"), "{text}");
+    assert!(
+        text.contains("|200 1\n") && text.contains("|200 0\n"),
+        "{text}"
+    );
+    // A mapping that redirects plain HTTP is served over HTTPS, not redirected again.
+    let (code, tail, body) = curl(&s, "b.tunnox.net", &["--http1.1"]);
+    assert_eq!((code, tail.as_str()), (0, "1.1 200"), "{body}");
+    // Another host on a's connection: 421 from the fast path too.
+    let (code, tail, _) = curl(
+        &s,
+        "a.tunnox.net",
+        &["--http1.1", "-H", "Host: c.tunnox.net"],
+    );
+    assert_eq!((code, tail.as_str()), (0, "1.1 421"));
+    // A small upload is relayed on the fast path.
+    let (code, tail, body) = curl(&s, "a.tunnox.net", &["--http1.1", "-d", "hello"]);
+    assert_eq!((code, tail.as_str()), (0, "1.1 200"), "{body}");
+    assert!(body.contains("content-length: 5"), "{body}");
+    assert_eq!(
+        handovers(&s),
+        before,
+        "every request above stayed on the fast path"
+    );
+
+    // A streamed upload is not the fast path's: handed over with the bytes already decrypted,
+    // and the general path answers it as if it had read the connection from the start.
+    let big = "x".repeat(100_000);
+    let out = Command::new("curl")
+        .args(["-sS", "--http1.1", "--max-time", "5", "--cacert"])
+        .arg(&s.pki.ca)
+        .args(["--resolve", &format!("a.tunnox.net:{}:127.0.0.1", s.https)])
+        .args(["-H", "Transfer-Encoding: chunked", "--data-binary", &big])
+        .arg(format!("https://a.tunnox.net:{}/echo", s.https))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), big);
+    let after = handovers(&s);
+    assert_eq!(
+        after.get("transfer_encoding").copied().unwrap_or(0),
+        before.get("transfer_encoding").copied().unwrap_or(0) + 1,
+        "{after:?}"
+    );
+}

@@ -73,9 +73,20 @@ fn micro_now() -> MicroTime {
 pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_renewed = tokio::time::Instant::now();
+    // Keep leading only well inside the lease (two thirds of it, like client-go's renew deadline),
+    // so we stop before a contender may take over.
+    let deadline = cfg.duration * 2 / 3;
     loop {
-        // A hung request must not keep us "leading": bound each attempt by the renew interval.
-        let result = match tokio::time::timeout(cfg.renew, attempt(&api, &cfg)).await {
+        // A hung request must not keep us "leading", yet a slow API server must not cost the lease
+        // while the renew deadline still allows: a leader's attempt may take until that deadline.
+        let budget = if *leading.borrow() {
+            deadline
+                .saturating_sub(last_renewed.elapsed())
+                .max(cfg.renew)
+        } else {
+            cfg.renew
+        };
+        let result = match tokio::time::timeout(budget, attempt(&api, &cfg)).await {
             Ok(r) => r,
             Err(_) => Err(kube::Error::Service("lease request timed out".into())),
         };
@@ -89,9 +100,7 @@ pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lease update failed");
-                // Keep leading only well inside the lease (two thirds of it, like client-go's renew
-                // deadline), so we stop before a contender may take over.
-                was && last_renewed.elapsed() < cfg.duration * 2 / 3
+                was && last_renewed.elapsed() < deadline
             }
         };
         if now != was {

@@ -26,9 +26,6 @@ use crate::domain::{Declarer, EgressPolicy, Hostname, SetName};
 /// request arriving with `proxy.limits.max_hops` or more is a loop (508).
 pub const HOPS: HeaderName = HeaderName::from_static("tunnox-hops");
 
-/// `X-Forwarded-Proto`: the listener is plain HTTP.
-pub const FORWARDED_PROTO: &str = "http";
-
 /// Everything a request needs.
 pub struct Ctx {
     pub cache: Arc<RouteCache>,
@@ -94,6 +91,19 @@ pub fn parse_hops<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Result<u32,
 pub fn requested_host(raw: &[u8]) -> Result<Hostname, ProxyError> {
     let text = std::str::from_utf8(raw).map_err(|_| ProxyError::HostNotText)?;
     Hostname::from_host_header(text).map_err(ProxyError::BadHost)
+}
+
+/// A TLS connection is for the name its handshake was for: a request for another name (a
+/// client reusing the connection for a host the certificate also covers) is told to open its
+/// own (421).
+pub fn same_name(sni: Option<&Hostname>, host: &Hostname) -> Result<(), ProxyError> {
+    match sni {
+        Some(sni) if sni != host => Err(ProxyError::Misdirected {
+            sni: sni.as_str().to_string(),
+            host: host.as_str().to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl Ctx {

@@ -79,47 +79,38 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             ctx.metrics.active_connections.inc();
-            if let Some(certs) = tls {
-                let _watcher = watcher;
-                if let Some((io, conn)) =
-                    super::tls::accept(&ctx, &certs, stream, peer, s.header_timeout).await
-                {
-                    let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let streams = OpenStreams::default();
-                    let service =
-                        connection_service(ctx.clone(), conn, h2.then(|| streams.clone()));
-                    let served =
-                        Box::pin(handover.serve(&ctx, io, h2, service, streams, &mut stop));
-                    if let Err(e) = served.await {
-                        tracing::debug!(%peer, error = %e, "TLS connection ended with an error");
+            // Held until the connection ends: shutting down waits for it.
+            let _watcher = watcher;
+            match tls {
+                Some(certs) => {
+                    let accepted =
+                        super::tls::accept(&ctx, &certs, stream, peer, s.header_timeout).await;
+                    if let Some((io, conn)) = accepted {
+                        // ALPN `h2` goes to hyper's HTTP/2 server; HTTP/1.1 starts on the fast
+                        // path as over plain TCP.
+                        let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let fast = ctx.fast.as_ref().filter(|_| !h2);
+                        serve_conn(&ctx, &handover, fast, io, conn, h2, &mut stop).await;
                     }
                 }
-                ctx.metrics.active_connections.dec();
-                drop(slot);
-                return;
-            }
-            // Each phase in its own allocation, made when it starts: the task itself stays
-            // small, and a connection on the fast path never holds room for hyper's state
-            // (what an idle connection costs bounds the memory at `max_connections`).
-            let exit = match &ctx.fast {
-                Some(fast) => Box::pin(fast.serve(&ctx, &mut stream, peer, &mut stop)).await,
-                None => Exit::Handover(sniff(&mut stream, s.header_timeout).await),
-            };
-            if let Exit::Handover(read) = exit {
-                let streams = OpenStreams::default();
-                let h2 = read.starts_with(H2_PREFACE_START);
-                let conn = Conn {
-                    peer,
-                    secure: false,
-                    sni: None,
-                };
-                let service = connection_service(ctx.clone(), conn, h2.then(|| streams.clone()));
-                // Held until the connection ends: shutting down waits for it.
-                let _watcher = watcher;
-                let io = Rewind::new(read, stream);
-                let served = Box::pin(handover.serve(&ctx, io, h2, service, streams, &mut stop));
-                if let Err(e) = served.await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                None => {
+                    let conn = Conn {
+                        peer,
+                        secure: false,
+                        sni: None,
+                    };
+                    match &ctx.fast {
+                        Some(fast) => {
+                            serve_conn(&ctx, &handover, Some(fast), stream, conn, false, &mut stop)
+                                .await;
+                        }
+                        None => {
+                            let read = sniff(&mut stream, s.header_timeout).await;
+                            let h2 = read.starts_with(H2_PREFACE_START);
+                            let io = Rewind::new(read, stream);
+                            general(&ctx, &handover, io, conn, h2, &mut stop).await;
+                        }
+                    }
                 }
             }
             ctx.metrics.active_connections.dec();
@@ -153,6 +144,52 @@ pub async fn serve(
         _ = tokio::time::sleep(s.grace_period) => {
             tracing::warn!(open = ctx.metrics.active_connections.get(), "grace period over; closing the rest");
         }
+    }
+}
+
+/// Serves a connection: on the fast path first when there is one (each phase in its own
+/// allocation, made when it starts: the task itself stays small, and a connection on the fast
+/// path never holds room for hyper's state — what an idle connection costs bounds the memory at
+/// `max_connections`), then on the general path with the bytes the fast path read.
+async fn serve_conn<C>(
+    ctx: &Arc<Ctx>,
+    handover: &Handover,
+    fast: Option<&super::h1::FastPath>,
+    mut io: C,
+    conn: Conn,
+    h2: bool,
+    stop: &mut watch::Receiver<bool>,
+) where
+    C: super::h1::ClientStream + 'static,
+{
+    let read = match fast {
+        Some(fast) => match Box::pin(fast.serve(ctx, &mut io, &conn, stop)).await {
+            Exit::Closed => return,
+            Exit::Handover(read) => read,
+        },
+        None => Bytes::new(),
+    };
+    let h2 = h2 || read.starts_with(H2_PREFACE_START);
+    general(ctx, handover, Rewind::new(read, io), conn, h2, stop).await;
+}
+
+/// Serves a connection on hyper's HTTP/1.1 or HTTP/2 server until it ends.
+async fn general<I>(
+    ctx: &Arc<Ctx>,
+    handover: &Handover,
+    io: I,
+    conn: Conn,
+    h2: bool,
+    stop: &mut watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
+    let streams = OpenStreams::default();
+    let service = connection_service(ctx.clone(), conn, h2.then(|| streams.clone()));
+    let served = Box::pin(handover.serve(ctx, io, h2, service, streams, stop));
+    if let Err(e) = served.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -381,17 +418,7 @@ async fn route(
         return Ok(answer);
     }
     let (host, raw_host) = requested_host(&req)?;
-    // A connection is for the name its handshake was for: a request for another name (a
-    // client reusing the connection for a host the certificate also covers) is told to open
-    // its own.
-    if let Some(sni) = &conn.sni
-        && *sni != host
-    {
-        return Err(ProxyError::Misdirected {
-            sni: sni.as_str().to_string(),
-            host: host.as_str().to_string(),
-        });
-    }
+    policy::same_name(conn.sni.as_ref(), &host)?;
     // Another node of the fleet forwarding a request for a tunnel session held here.
     let from_peer = match req.headers().get(super::tunnel::NODE_HEADER) {
         None => false,

@@ -15,12 +15,13 @@ use tokio::time::timeout;
 
 use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, RequestHead};
-use super::{FastPath, MAX_FAST_HEADERS, READ_CHUNK};
+use super::{ClientStream, FastPath, MAX_FAST_HEADERS, READ_CHUNK};
 use crate::domain::Declarer;
 use crate::proxy::ProxyError;
 use crate::proxy::deadline::Kind;
 use crate::proxy::error::{OWN_HEADERS, RequestId, X_REQUEST_ID};
-use crate::proxy::policy::{Admitted, Ctx};
+use crate::proxy::policy::{self, Admitted, Ctx};
+use crate::proxy::server::Conn;
 
 /// What the connection does after a request.
 pub enum Next {
@@ -43,6 +44,7 @@ pub struct Buffers {
 pub struct Exchange<'a, 'b> {
     pub fast: &'a FastPath,
     pub ctx: &'a Ctx,
+    pub conn: &'a Conn,
     pub peer_ip: &'a str,
     pub req: &'a httparse::Request<'a, 'b>,
     pub head: &'a RequestHead<'b>,
@@ -75,9 +77,9 @@ struct Answered {
 struct Broken;
 
 impl Exchange<'_, '_> {
-    pub async fn run(
+    pub async fn run<C: ClientStream>(
         self,
-        client: &mut TcpStream,
+        client: &mut C,
         io: &mut Buffers,
         stop: &watch::Receiver<bool>,
     ) -> Next {
@@ -87,7 +89,9 @@ impl Exchange<'_, '_> {
             // A tunnel: its session is an HTTP/2 connection the general path holds.
             Ok(a) if a.tunnel.is_some() => return Next::Handover("tunnel_target"),
             // Answered by the general path, with its `Location`.
-            Ok(a) if a.route.redirects_http() => return Next::Handover("redirect_https"),
+            Ok(a) if !self.conn.secure && a.route.redirects_http() => {
+                return Next::Handover("redirect_https");
+            }
             // HTTP/2 or a mapping's own TLS trust: the general path's clients.
             Ok(a) if a.route.upstream.is_some() => return Next::Handover("upstream_protocol"),
             Ok(a) if a.scheme == Scheme::HTTP => a,
@@ -110,6 +114,7 @@ impl Exchange<'_, '_> {
             self.req,
             self.head,
             self.peer_ip,
+            if self.conn.secure { "https" } else { "http" },
             hops,
             &route.headers,
         );
@@ -122,7 +127,7 @@ impl Exchange<'_, '_> {
         let answered = tokio::select! {
             biased;
             answered = self.send(target, who, io, deadline) => answered,
-            () = gone(client) => {
+            () = gone(client.tcp()) => {
                 tracing::debug!(peer = self.peer_ip, target, "client left before the answer");
                 return Next::Close;
             }
@@ -164,7 +169,8 @@ impl Exchange<'_, '_> {
     }
 
     async fn admit(&self) -> Result<Admitted, ProxyError> {
-        let host = crate::proxy::policy::requested_host(self.head.host)?;
+        let host = policy::requested_host(self.head.host)?;
+        policy::same_name(self.conn.sni.as_ref(), &host)?;
         self.ctx.admit(&host, self.head.hops).await
     }
 
@@ -243,9 +249,9 @@ impl Exchange<'_, '_> {
     /// Relays the response whose head is in `io.upstream`: its head (rewritten), then its body
     /// as it arrives. Returns the status, the body bytes sent (`None` when the client could not
     /// be answered to the end), and whether the client connection stays open.
-    async fn relay(
+    async fn relay<C: ClientStream>(
         &self,
-        client: &mut TcpStream,
+        client: &mut C,
         mut upstream: TcpStream,
         mut head_len: usize,
         io: &mut Buffers,
@@ -311,9 +317,9 @@ impl Exchange<'_, '_> {
     }
 
     /// Answers with the proxy's own error response.
-    async fn refuse(
+    async fn refuse<C: ClientStream>(
         &self,
-        client: &mut TcpStream,
+        client: &mut C,
         io: &mut Buffers,
         e: ProxyError,
         started: Instant,
@@ -404,8 +410,8 @@ async fn read_head(upstream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<O
 
 /// Relays a response body framed by `framing`; `io.out` holds the client's head, sent with the
 /// body's first bytes. Returns the body bytes relayed.
-async fn relay_body(
-    client: &mut TcpStream,
+async fn relay_body<C: ClientStream>(
+    client: &mut C,
     upstream: &mut TcpStream,
     io: &mut Buffers,
     framing: Framing,
@@ -483,7 +489,7 @@ impl Idle<'_> {
 
 /// Writes to the client; one that takes nothing for `client_write_idle` is given up on. The
 /// timer is only armed when the write has to wait.
-async fn send(client: &mut TcpStream, out: &[u8], idle: &Idle<'_>) -> Result<(), Broken> {
+async fn send<C: ClientStream>(client: &mut C, out: &[u8], idle: &Idle<'_>) -> Result<(), Broken> {
     match timeout(idle.client_write, client.write_all(out)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Broken),

@@ -6,7 +6,7 @@
 
 use http::{HeaderName, HeaderValue};
 
-use crate::proxy::policy::{FORWARDED_PROTO, HOPS};
+use crate::proxy::policy::HOPS;
 
 /// Request bodies up to this size are read whole before forwarding; larger ones (and chunked
 /// uploads) stream through the general path.
@@ -247,6 +247,7 @@ pub fn write_request_head(
     req: &httparse::Request<'_, '_>,
     head: &RequestHead<'_>,
     peer_ip: &str,
+    proto: &str,
     hops: u32,
     extra: &[(HeaderName, HeaderValue)],
 ) {
@@ -294,7 +295,7 @@ pub fn write_request_head(
         out.extend_from_slice(b"\r\n");
     }
     if !overridden("x-forwarded-proto") {
-        push_header(out, b"x-forwarded-proto", FORWARDED_PROTO.as_bytes());
+        push_header(out, b"x-forwarded-proto", proto.as_bytes());
     }
     if !overridden("x-forwarded-host") {
         push_header(out, b"x-forwarded-host", head.host);

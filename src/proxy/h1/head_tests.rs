@@ -120,13 +120,29 @@ mod table {
     }
 
     fn rewrite(raw: &str, extra: &[(&str, &str)]) -> String {
+        rewrite_from("http", raw, extra)
+    }
+
+    /// `raw` rewritten as received on a listener speaking `proto`.
+    fn rewrite_from(proto: &str, raw: &str, extra: &[(&str, &str)]) -> String {
         let extra = crate::proxy::header_pairs(extra);
         let mut out = Vec::new();
         parse_req(raw, |req| {
             let head = classify_request(req).unwrap();
-            write_request_head(&mut out, req, &head, "10.1.2.3", 1, &extra);
+            write_request_head(&mut out, req, &head, "10.1.2.3", proto, 1, &extra);
         });
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_request_over_tls_is_forwarded_as_https() {
+        // A client's own `X-Forwarded-Proto` never survives: the listener says what it was.
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: http\r\n\r\n";
+        assert_eq!(
+            rewrite_from("https", raw, &[]),
+            "GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: a\r\ntunnox-hops: 1\r\n\r\n"
+        );
     }
 
     #[test]
@@ -340,7 +356,7 @@ mod fuzz {
                 && let Ok(head) = classify_request(&req)
             {
                 let mut out = Vec::new();
-                write_request_head(&mut out, &req, &head, "127.0.0.1", 1, &[]);
+                write_request_head(&mut out, &req, &head, "127.0.0.1", "http", 1, &[]);
                 let mut again = [httparse::EMPTY_HEADER; 64];
                 let mut parsed = httparse::Request::new(&mut again);
                 prop_assert!(parsed.parse(&out).unwrap().is_complete());

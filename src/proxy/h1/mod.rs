@@ -1,4 +1,4 @@
-//! The HTTP/1.1 fast path: plain keep-alive requests (no upgrade, no `Expect`, a body of at most
+//! The HTTP/1.1 fast path: plain keep-alive requests, over TCP or TLS, (no upgrade, no `Expect`, a body of at most
 //! [`head::MAX_BUFFERED_BODY`] bytes by `Content-Length`) to plain-HTTP upstreams are parsed with
 //! httparse and relayed in the connection's own task over a pooled upstream connection, response
 //! bodies passed on as they come (with their length or chunks). Everything else — HTTP/2,
@@ -12,11 +12,10 @@ mod head;
 mod pool;
 mod rewind;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -24,7 +23,32 @@ use tokio::time::Instant;
 use self::exchange::Next;
 pub use self::rewind::Rewind;
 use super::policy::Ctx;
+use super::server::Conn;
 use crate::domain::Declarer;
+
+/// A client connection the fast path serves: plain TCP, or TLS over TCP.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The TCP connection underneath: watched (never read) for the client leaving while the
+    /// upstream thinks.
+    fn tcp(&self) -> &TcpStream;
+    /// Whether a new connection may wait for the socket to be readable before it gets a buffer.
+    /// Not over TLS: the handshake may already have brought the request's plaintext in.
+    const WAITS_ON_SOCKET: bool;
+}
+
+impl ClientStream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+    const WAITS_ON_SOCKET: bool = true;
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+    const WAITS_ON_SOCKET: bool = false;
+}
 
 /// Headers parsed per request on the fast path; a request with more goes to the general path
 /// (which applies `proxy.limits.max_headers`).
@@ -90,14 +114,14 @@ impl FastPath {
     }
 
     /// Serves requests from `client` until it closes, or until one needs the general path.
-    pub async fn serve(
+    pub async fn serve<C: ClientStream>(
         &self,
         ctx: &Ctx,
-        client: &mut TcpStream,
-        peer: SocketAddr,
+        client: &mut C,
+        conn: &Conn,
         stop: &mut watch::Receiver<bool>,
     ) -> Exit {
-        let peer_ip = peer.ip().to_string();
+        let peer_ip = conn.peer.ip().to_string();
         // Allocated when the first bytes arrive: an idle connection holds no buffer.
         let mut buf = BytesMut::new();
         let mut io = exchange::Buffers::default();
@@ -126,6 +150,7 @@ impl FastPath {
                             let exchange = exchange::Exchange {
                                 fast: self,
                                 ctx,
+                                conn,
                                 peer_ip: &peer_ip,
                                 req: &req,
                                 head: &head,
@@ -175,8 +200,8 @@ fn handover(ctx: &Ctx, reason: &'static str, read: BytesMut) -> Exit {
 
 /// Reads more of a request into `buf`: until `deadline`, and, between requests when `idle_stops`,
 /// until `stop`. False when nothing more will come (closed, timed out, stopped, failed).
-async fn read_more(
-    client: &mut TcpStream,
+async fn read_more<C: ClientStream>(
+    client: &mut C,
     buf: &mut BytesMut,
     deadline: Instant,
     stop: &mut watch::Receiver<bool>,
@@ -187,9 +212,9 @@ async fn read_more(
         return false;
     }
     let read = tokio::time::timeout_at(deadline, async {
-        if buf.capacity() == 0 {
+        if C::WAITS_ON_SOCKET && buf.capacity() == 0 {
             // A new connection: no buffer until it has something to say.
-            client.readable().await?;
+            client.tcp().readable().await?;
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_CHUNK);
