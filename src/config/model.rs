@@ -495,6 +495,17 @@ pub struct ProxyLimits {
     pub max_hops: u32,
     /// Open client connections on the listener; more are closed at once.
     pub max_connections: usize,
+    /// Requests of one mapping in flight at once on this proxy; more get 503 with
+    /// `Retry-After` (0: no limit).
+    pub mapping_concurrency: u32,
+    /// Requests of one mapping per second on this proxy (`mapping_burst` at once); more get
+    /// 503 with `Retry-After` (0: no rate limit).
+    pub mapping_rate: f64,
+    /// Requests of one mapping accepted at once under `mapping_rate`.
+    pub mapping_burst: u32,
+    /// Requests in flight to upstreams at once on this proxy (each holds one upstream
+    /// connection over HTTP/1.1); more get 503 with `Retry-After` (0: no limit).
+    pub upstream_requests: usize,
 }
 
 impl Default for ProxyLimits {
@@ -505,6 +516,10 @@ impl Default for ProxyLimits {
             upstream_pool_max_idle: 64,
             max_hops: 3,
             max_connections: 10_000,
+            mapping_concurrency: 1_000,
+            mapping_rate: 0.0,
+            mapping_burst: 100,
+            upstream_requests: 0,
         }
     }
 }

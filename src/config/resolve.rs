@@ -691,6 +691,16 @@ fn check_proxy(p: &crate::config::ProxyConfig) -> Result<(), (&'static str, Stri
     if p.limits.max_connections == 0 {
         return Err(("proxy.limits.max_connections", "must be at least 1".into()));
     }
+    let rate = p.limits.mapping_rate;
+    if !(rate.is_finite() && (0.0..=1e9).contains(&rate)) {
+        return Err((
+            "proxy.limits.mapping_rate",
+            format!("must be requests per second from 0 (no limit) to 1e9, got {rate}"),
+        ));
+    }
+    if p.limits.mapping_burst == 0 {
+        return Err(("proxy.limits.mapping_burst", "must be at least 1".into()));
+    }
     if p.registry.ttl <= p.registry.heartbeat_interval {
         return Err((
             "proxy.registry.ttl",

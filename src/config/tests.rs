@@ -177,6 +177,21 @@ fn errors_name_the_field() {
             vec!["proxy.limits.max_connections", "at least 1"],
         ),
         (
+            "proxy: {limits: {mapping_rate: -1}}",
+            vec![],
+            vec!["proxy.limits.mapping_rate", "got -1"],
+        ),
+        (
+            "proxy: {limits: {mapping_rate: .nan}}",
+            vec![],
+            vec!["proxy.limits.mapping_rate", "NaN"],
+        ),
+        (
+            "proxy: {limits: {mapping_burst: 0}}",
+            vec![],
+            vec!["proxy.limits.mapping_burst", "at least 1"],
+        ),
+        (
             "proxy: {listen: 'nowhere'}",
             vec![],
             vec!["proxy.listen", "nowhere"],

@@ -19,6 +19,6 @@ pub use mapping::{
     MAX_GROUP_MEMBERS, Mapping, MappingSpec, MappingStatus, RESERVED_HEADERS, Scheme, SpecError,
     TargetGroup,
 };
-pub use set::{DR_REGION, SetName, SetNameError, serving_set};
+pub use set::{DR_REGION, Decision, SetName, SetNameError, decide, serving_set};
 pub use tls::{CertSource, MappingTls};
 pub use upstream::{Protocol, Upstream};

@@ -84,6 +84,47 @@ pub fn serving_set<'a>(
     has(&dr).then_some(dr)
 }
 
+/// Where something placed on `placement` goes from a proxy of set `me`: an HTTP request, a
+/// connection on a remote port, or an agent connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// This proxy serves it.
+    Here,
+    /// A node of this other set of the same business serves it: forward it there, once.
+    Forward(SetName),
+    /// Another business's: never served or forwarded here (421).
+    OtherBusiness,
+    /// Neither the home set nor the business's DR set has a healthy node (503).
+    Unserved,
+}
+
+/// The one placement rule for requests, tunnel connections and agents (ARCHITECTURE §7,
+/// docs/sets.md). `healthy`: the sets with an active node, this proxy's own counted in (it is
+/// answering). `forwarded`: another node of the fleet already decided and sent it here — served
+/// here whatever this node's view, so nothing moves twice when two nodes' views of the registry
+/// differ for a heartbeat. No placement: served by every proxy.
+pub fn decide(
+    placement: Option<&SetName>,
+    me: &SetName,
+    healthy: &[SetName],
+    forwarded: bool,
+) -> Decision {
+    let Some(placement) = placement else {
+        return Decision::Here;
+    };
+    if placement.business() != me.business() {
+        return Decision::OtherBusiness;
+    }
+    if forwarded {
+        return Decision::Here;
+    }
+    match serving_set(placement, healthy.iter().chain(std::iter::once(me))) {
+        Some(set) if &set == me => Decision::Here,
+        Some(set) => Decision::Forward(set),
+        None => Decision::Unserved,
+    }
+}
+
 impl fmt::Display for SetName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.business, self.region)
@@ -144,6 +185,84 @@ mod tests {
             "a.s h",
         ] {
             assert!(SetName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn decides_where_a_placement_is_served() {
+        use Decision::*;
+        let fwd = |s: &str| Forward(set(s));
+        // (placement, me, healthy others, forwarded, want)
+        type Case<'a> = (Option<&'a str>, &'a str, &'a [&'a str], bool, Decision);
+        let cases: &[Case] = &[
+            (None, "novel.sh", &[], false, Here),
+            (None, "ams.sh", &["novel.sh"], false, Here),
+            (Some("novel.sh"), "novel.sh", &[], false, Here),
+            (Some("novel.sh"), "novel.sh", &["novel.*"], false, Here),
+            // Another region of the business: forwarded home, or to DR when home is down.
+            (
+                Some("novel.sh"),
+                "novel.sz",
+                &["novel.sh", "novel.*"],
+                false,
+                fwd("novel.sh"),
+            ),
+            (
+                Some("novel.sh"),
+                "novel.sz",
+                &["novel.*"],
+                false,
+                fwd("novel.*"),
+            ),
+            (Some("novel.sh"), "novel.sz", &[], false, Unserved),
+            // The DR set serves only while home is down, and sends traffic home when it is back.
+            (Some("novel.sh"), "novel.*", &[], false, Here),
+            (Some("novel.sh"), "novel.*", &["novel.sz"], false, Here),
+            (
+                Some("novel.sh"),
+                "novel.*",
+                &["novel.sh"],
+                false,
+                fwd("novel.sh"),
+            ),
+            // Never another business, forwarded or not.
+            (
+                Some("novel.sh"),
+                "ams.sh",
+                &["novel.sh"],
+                false,
+                OtherBusiness,
+            ),
+            (
+                Some("novel.sh"),
+                "ams.sh",
+                &["novel.sh"],
+                true,
+                OtherBusiness,
+            ),
+            (Some("novel.*"), "ams.*", &[], false, OtherBusiness),
+            // Forwarded once by a node of the business: served, whatever this node sees.
+            (Some("novel.sh"), "novel.*", &["novel.sh"], true, Here),
+            (Some("novel.sh"), "novel.sz", &["novel.sh"], true, Here),
+            // Placed on the DR set itself.
+            (Some("novel.*"), "novel.*", &[], false, Here),
+            (
+                Some("novel.*"),
+                "novel.sh",
+                &["novel.*"],
+                false,
+                fwd("novel.*"),
+            ),
+            (Some("novel.*"), "novel.sh", &[], false, Unserved),
+        ];
+        for (placement, me, healthy, forwarded, want) in cases {
+            let placement = placement.map(set);
+            let healthy: Vec<SetName> = healthy.iter().map(|s| set(s)).collect();
+            let got = decide(placement.as_ref(), &set(me), &healthy, *forwarded);
+            assert_eq!(
+                &got, want,
+                "placement {placement:?} on {me} with {healthy:?}, forwarded {forwarded}"
+            );
         }
     }
 

@@ -28,8 +28,16 @@ pub enum ProxyError {
     UnknownHost(String),
     #[error("{host} is served by business {business}, not by this proxy's")]
     OtherBusiness { host: String, business: String },
-    #[error("{host} is placed on set {set}, which this proxy does not serve")]
-    OtherSet { host: String, set: SetName },
+    #[error(
+        "{host} is placed on set {placement}: neither it nor its business's DR set has a healthy node"
+    )]
+    Unserved { host: String, placement: SetName },
+    #[error("forwarding {host} to a node of set {set} failed: {reason}")]
+    SetForward {
+        host: String,
+        set: SetName,
+        reason: String,
+    },
     #[error("mapping for {0} is not active")]
     Inactive(String),
     #[error("tunnel client {0} has no session on any proxy")]
@@ -69,6 +77,11 @@ pub enum ProxyError {
     RedirectToHttps { location: String },
     #[error("request for {host} on a TLS connection for {sni}")]
     Misdirected { sni: String, host: String },
+    #[error("request for {host} refused: {over}")]
+    OverLimit {
+        host: String,
+        over: super::limits::Over,
+    },
 }
 
 impl ProxyError {
@@ -83,7 +96,8 @@ impl ProxyError {
                 StatusCode::MISDIRECTED_REQUEST
             }
             Self::RedirectToHttps { .. } => StatusCode::PERMANENT_REDIRECT,
-            Self::OtherSet { .. }
+            Self::Unserved { .. }
+            | Self::OverLimit { .. }
             | Self::Inactive(_)
             | Self::StoreUnavailable(_)
             | Self::NotHeldHere(_)
@@ -94,6 +108,7 @@ impl ProxyError {
             | Self::TunnelAgent { .. }
             | Self::TunnelStream { .. }
             | Self::PeerForward { .. }
+            | Self::SetForward { .. }
             | Self::EgressRefused { .. }
             | Self::UpstreamConnect { .. }
             | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -110,7 +125,8 @@ impl ProxyError {
             Self::LoopDetected { .. } => "loop_detected",
             Self::UnknownHost(_) => "unknown_host",
             Self::OtherBusiness { .. } => "other_business",
-            Self::OtherSet { .. } => "other_set",
+            Self::Unserved { .. } => "unserved",
+            Self::SetForward { .. } => "set_forward",
             Self::Inactive(_) => "inactive",
             Self::TunnelNotConnected(_) => "tunnel_not_connected",
             Self::TunnelGroupOffline(_) => "tunnel_group_offline",
@@ -127,6 +143,7 @@ impl ProxyError {
             Self::ShuttingDown => "shutting_down",
             Self::RedirectToHttps { .. } => "redirect_https",
             Self::Misdirected { .. } => "misdirected",
+            Self::OverLimit { .. } => "over_limit",
         }
     }
 
@@ -140,7 +157,8 @@ impl ProxyError {
             Self::LoopDetected { .. } => "request loop: too many hops through this proxy fleet",
             Self::UnknownHost(_) => "no mapping for this host",
             Self::OtherBusiness { .. } => "this host is served by another business's proxies",
-            Self::OtherSet { .. } => "this host is served by another proxy set",
+            Self::Unserved { .. } => "no proxy set serves this host now",
+            Self::SetForward { .. } => "the proxy set serving this host could not be reached",
             Self::Inactive(_) => "the mapping for this host is not active",
             Self::TunnelNotConnected(_) => "the tunnel client is offline (no agent connected)",
             Self::TunnelGroupOffline(_) => "every tunnel client of the group is offline",
@@ -159,6 +177,15 @@ impl ProxyError {
             Self::Misdirected { .. } => {
                 "this connection is for another host: open a new one for this host"
             }
+            Self::OverLimit { .. } => "too many requests for this host right now: retry later",
+        }
+    }
+
+    /// `Retry-After` seconds, for a refusal that passes.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::OverLimit { over, .. } => Some(over.retry_after()),
+            _ => None,
         }
     }
 
@@ -181,6 +208,10 @@ impl ProxyError {
             && let Ok(v) = HeaderValue::from_str(location)
         {
             resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if matches!(self, Self::NotHeldHere(_)) {
             // Tells the forwarding node (and only it: a node strips this from agents'
@@ -311,11 +342,19 @@ mod tests {
                 421,
             ),
             (
-                ProxyError::OtherSet {
+                ProxyError::Unserved {
                     host: "a.b".into(),
-                    set: SetName::parse("x.y").unwrap(),
+                    placement: SetName::parse("x.y").unwrap(),
                 },
                 503,
+            ),
+            (
+                ProxyError::SetForward {
+                    host: "a.b".into(),
+                    set: SetName::parse("x.y").unwrap(),
+                    reason: "10.0.0.1:8080 refused".into(),
+                },
+                502,
             ),
             (ProxyError::Inactive("a.b".into()), 503),
             (ProxyError::TunnelNotConnected("c".into()), 502),

@@ -18,6 +18,10 @@ pub struct ProxyMetrics {
     pub connections_refused: IntCounter,
     /// Requests the HTTP/1.1 fast path handed to the general path, by reason.
     pub handovers: IntCounterVec,
+    /// Requests forwarded to a node of the set serving them, by that set and outcome.
+    pub set_forwards: IntCounterVec,
+    /// Requests refused over an isolation limit, by limit.
+    pub limited: IntCounterVec,
     /// TLS handshakes on the HTTPS listener by outcome: `ok`, `no_certificate`,
     /// `client_hello`, `handshake`, `timeout`.
     pub tls_handshakes: IntCounterVec,
@@ -168,6 +172,28 @@ impl ProxyMetrics {
                         "Connections the HTTP/1.1 fast path handed to the general path, by reason",
                     ),
                     &["reason"],
+                )
+                .expect("valid"),
+            ),
+            limited: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_proxy_limited_total",
+                        "Requests answered 503 over an isolation limit, by limit (mapping_concurrency, mapping_rate, upstream_requests)",
+                    ),
+                    &["limit"],
+                )
+                .expect("valid"),
+            ),
+            set_forwards: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_proxy_set_forwards_total",
+                        "Requests forwarded to a node of the proxy set serving them, by set and outcome (ok, failed, timeout, no_token, own_address, no_node)",
+                    ),
+                    &["set", "outcome"],
                 )
                 .expect("valid"),
             ),

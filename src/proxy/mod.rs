@@ -13,12 +13,14 @@ mod error;
 mod forward;
 mod freshness;
 pub(crate) mod h1;
+mod limits;
 pub mod metrics;
 mod policy;
 mod registry;
 pub mod route;
 pub(crate) mod seed;
 mod server;
+mod sets;
 mod stats;
 mod sync;
 mod tls;
@@ -441,6 +443,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         tunnels: tunnels.clone(),
         https_port: cfg.tls.redirect_port,
         challenges: Arc::new(acme::Challenges::new(challenges.clone())),
+        limits: limits::Limits::new(limits::LimitSettings {
+            mapping_concurrency: cfg.limits.mapping_concurrency,
+            mapping_rate: (cfg.limits.mapping_rate > 0.0).then_some(limits::Rate {
+                per_second: cfg.limits.mapping_rate,
+                burst: cfg.limits.mapping_burst,
+            }),
+            upstream_requests: cfg.limits.upstream_requests,
+        }),
         deadlines: deadline::Deadlines {
             client_write_idle: cfg.timeouts.client_write_idle.get(),
             upstream_read_idle: cfg.timeouts.upstream_read_idle.get(),

@@ -49,6 +49,8 @@ pub struct Ctx {
     pub https_port: u16,
     /// ACME HTTP-01 answers, asked for on any Host.
     pub challenges: Arc<super::acme::Challenges>,
+    /// Per-mapping and per-proxy isolation limits.
+    pub limits: super::limits::Limits,
 }
 
 /// A request the policy lets through, and where it goes.
@@ -63,6 +65,12 @@ pub struct Admitted {
     /// `Some`: the target is reached through a tunnel session (`authority` is then the
     /// agent-side target).
     pub tunnel: Option<Via>,
+    /// `Some`: another set of the business serves the route; the request goes to one of its
+    /// nodes instead (docs/sets.md).
+    pub to_set: Option<SetName>,
+    /// The request's places under the isolation limits, held until its response is done
+    /// (`None` for a request forwarded to another set: the serving node counts it).
+    pub permit: Option<super::limits::Permit>,
 }
 
 /// Which tunnel client carries a request.
@@ -117,8 +125,13 @@ impl Ctx {
     }
 
     /// Decides whether a request for `host` that passed `hops` proxies of this fleet is
-    /// forwarded, and where.
-    pub async fn admit(&self, host: &Hostname, hops: u32) -> Result<Admitted, ProxyError> {
+    /// forwarded, and where. `from_set`: a node of another set sent it here (it is served here).
+    pub async fn admit(
+        &self,
+        host: &Hostname,
+        hops: u32,
+        from_set: bool,
+    ) -> Result<Admitted, ProxyError> {
         // First: a loop costs no lookup.
         if hops >= self.max_hops {
             return Err(ProxyError::LoopDetected {
@@ -127,7 +140,7 @@ impl Ctx {
             });
         }
         let (route, _source) = self.cache.resolve(host).await?;
-        route.check_serving(&self.set, || self.healthy.get())?;
+        let to_set = route.placement(&self.set, || self.healthy.get(), from_set)?;
         let (scheme, authority, tunnel) = match &route.target {
             Target::Direct { scheme, authority } => (scheme.clone(), authority.clone(), None),
             Target::Tunnel {
@@ -157,6 +170,23 @@ impl Ctx {
                 host: host.as_str().to_string(),
                 refusal: refusal.clone(),
             })?;
+        let permit = match to_set {
+            Some(_) => None,
+            None => Some(
+                self.limits
+                    .admit(route.mapping_id.as_str())
+                    .map_err(|over| {
+                        self.metrics
+                            .limited
+                            .with_label_values(&[over.label()])
+                            .inc();
+                        ProxyError::OverLimit {
+                            host: host.as_str().to_string(),
+                            over,
+                        }
+                    })?,
+            ),
+        };
         Ok(Admitted {
             route,
             scheme,
@@ -164,6 +194,8 @@ impl Ctx {
             who,
             hops: hops + 1,
             tunnel,
+            to_set,
+            permit,
         })
     }
 

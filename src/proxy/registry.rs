@@ -1,6 +1,7 @@
 //! This node in the registry (`<root>:node:{id}`): a heartbeat with its set, addresses, state
 //! and applied version; and the sets that currently have a healthy node, for placement.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -12,17 +13,49 @@ use super::sync::SyncState;
 use crate::domain::SetName;
 use crate::store::{NodeRecord, NodeRegistry, NodeState};
 
-/// Sets with at least one active node, refreshed with every heartbeat.
+/// The fleet as the last heartbeat read it: the sets with at least one active node, and those
+/// nodes (where requests for another set are forwarded).
+/// The healthy sets and their active nodes.
+type Seen = (Arc<[SetName]>, Arc<[NodeRecord]>);
+
 #[derive(Default)]
-pub struct HealthySets(RwLock<Arc<[SetName]>>);
+pub struct HealthySets {
+    seen: RwLock<Seen>,
+    /// Where the next forward starts in a set's nodes (round robin).
+    next: AtomicUsize,
+}
 
 impl HealthySets {
     pub fn get(&self) -> Arc<[SetName]> {
-        self.0.read().expect("not poisoned").clone()
+        self.seen.read().expect("not poisoned").0.clone()
     }
 
-    fn set(&self, sets: Vec<SetName>) {
-        *self.0.write().expect("not poisoned") = sets.into();
+    /// The active nodes of `set`, ordered by id.
+    pub fn nodes_of(&self, set: &SetName) -> Vec<NodeRecord> {
+        let nodes = self.seen.read().expect("not poisoned").1.clone();
+        nodes.iter().filter(|n| &n.set == set).cloned().collect()
+    }
+
+    /// The active nodes of `set` but `me`, in the order to try them: each call starts one
+    /// further along (round robin), the rest follow as fallbacks.
+    pub fn rotation(&self, set: &SetName, me: &str) -> Vec<NodeRecord> {
+        let mut nodes = self.nodes_of(set);
+        nodes.retain(|n| n.node_id != me);
+        if !nodes.is_empty() {
+            let first = self.next.fetch_add(1, Ordering::Relaxed) % nodes.len();
+            nodes.rotate_left(first);
+        }
+        nodes
+    }
+
+    fn set(&self, nodes: &[NodeRecord]) {
+        let mut active: Vec<NodeRecord> = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Active)
+            .cloned()
+            .collect();
+        active.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        *self.seen.write().expect("not poisoned") = (healthy_sets(nodes).into(), active.into());
     }
 }
 
@@ -65,7 +98,7 @@ impl Heartbeat {
             return;
         }
         match self.nodes.list_nodes().await {
-            Ok(nodes) => self.healthy.set(healthy_sets(&nodes)),
+            Ok(nodes) => self.healthy.set(&nodes),
             Err(e) => tracing::warn!(error = %e, "cannot read the node registry"),
         }
     }
@@ -124,5 +157,29 @@ mod tests {
         ];
         let got: Vec<String> = healthy_sets(&nodes).iter().map(|s| s.to_string()).collect();
         assert_eq!(got, vec!["game.sh", "novel.sh"]);
+        let fleet = HealthySets::default();
+        fleet.set(&nodes);
+        let ids = |set: &str| -> Vec<String> {
+            let set = SetName::parse(set).unwrap();
+            fleet
+                .nodes_of(&set)
+                .into_iter()
+                .map(|n| n.node_id)
+                .collect()
+        };
+        assert_eq!(ids("game.sh"), ["d", "e"]);
+        assert_eq!(ids("novel.sh"), ["a"]);
+        assert!(ids("novel.sz").is_empty());
+        // Round robin over a set's other nodes, each call starting one further.
+        let game = SetName::parse("game.sh").unwrap();
+        let firsts: Vec<String> = (0..4)
+            .map(|_| fleet.rotation(&game, "x")[0].node_id.clone())
+            .collect();
+        assert_eq!(firsts, ["d", "e", "d", "e"]);
+        assert_eq!(
+            fleet.rotation(&game, "d").len(),
+            1,
+            "never this node itself"
+        );
     }
 }

@@ -10,8 +10,8 @@ use http::{HeaderName, HeaderValue};
 
 use super::ProxyError;
 use crate::domain::{
-    Balance, Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus, MappingTls,
-    RESERVED_HEADERS, Refusal, Scheme, SetName, TargetGroup, serving_set,
+    Balance, Decision, Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus,
+    MappingTls, RESERVED_HEADERS, Refusal, Scheme, SetName, TargetGroup, decide,
 };
 
 /// The `source` of mappings declared in a single-node configuration file.
@@ -189,35 +189,33 @@ impl Route {
             .map(|_| ())
     }
 
-    /// Whether a proxy of set `me` serves this route, given the sets with a healthy node (asked
-    /// for only when the route has a placement: most do not).
-    pub fn check_serving<H: AsRef<[SetName]>>(
+    /// Where a proxy of set `me` sends this route's request (`domain::decide`): `None` to serve
+    /// it here, or the set to forward it to. `healthy`: the sets with a healthy node, asked for
+    /// only when the route has a placement (most do not); `forwarded`: a node of the fleet sent
+    /// it here.
+    pub fn placement<H: AsRef<[SetName]>>(
         &self,
         me: &SetName,
         healthy: impl FnOnce() -> H,
-    ) -> Result<(), ProxyError> {
+        forwarded: bool,
+    ) -> Result<Option<SetName>, ProxyError> {
         let host = || self.host.as_str().to_string();
         if !self.active {
             return Err(ProxyError::Inactive(host()));
         }
         let Some(placement) = &self.placement else {
-            return Ok(());
+            return Ok(None);
         };
-        if placement.business() != me.business() {
-            return Err(ProxyError::OtherBusiness {
+        match decide(Some(placement), me, healthy().as_ref(), forwarded) {
+            Decision::Here => Ok(None),
+            Decision::Forward(set) => Ok(Some(set)),
+            Decision::OtherBusiness => Err(ProxyError::OtherBusiness {
                 host: host(),
                 business: placement.business().to_string(),
-            });
-        }
-        // This proxy counts itself healthy: it is answering.
-        let healthy = healthy();
-        let with_me = healthy.as_ref().iter().chain(std::iter::once(me));
-        match serving_set(placement, with_me) {
-            Some(set) if &set == me => Ok(()),
-            Some(set) => Err(ProxyError::OtherSet { host: host(), set }),
-            None => Err(ProxyError::OtherSet {
+            }),
+            Decision::Unserved => Err(ProxyError::Unserved {
                 host: host(),
-                set: placement.clone(),
+                placement: placement.clone(),
             }),
         }
     }
@@ -392,31 +390,58 @@ mod tests {
 
     #[test]
     fn decides_who_serves() {
-        let me = set("novel.sh");
-        // (placement, healthy sets other than me, my set, want status or 0 for served)
-        let cases: Vec<(Option<&str>, Vec<&str>, &str, u16)> = vec![
-            (None, vec![], "novel.sh", 0),
-            (Some("novel.sh"), vec![], "novel.sh", 0),
-            (Some("game.sh"), vec!["game.sh"], "novel.sh", 421),
-            (Some("novel.sz"), vec!["novel.sz"], "novel.sh", 503),
+        // (placement, healthy sets other than me, my set, forwarded, want: a set to forward
+        // to, "" for here, or the refusal's status)
+        type Case<'a> = (
+            Option<&'a str>,
+            Vec<&'a str>,
+            &'a str,
+            bool,
+            Result<&'a str, u16>,
+        );
+        let cases: Vec<Case> = vec![
+            (None, vec![], "novel.sh", false, Ok("")),
+            (Some("novel.sh"), vec![], "novel.sh", false, Ok("")),
+            (
+                Some("game.sh"),
+                vec!["game.sh"],
+                "novel.sh",
+                false,
+                Err(421),
+            ),
+            (
+                Some("novel.sz"),
+                vec!["novel.sz"],
+                "novel.sh",
+                false,
+                Ok("novel.sz"),
+            ),
+            (Some("novel.sz"), vec!["novel.sz"], "novel.sh", true, Ok("")),
             // Home set down: the DR set serves.
-            (Some("novel.sz"), vec![], "novel.*", 0),
-            // Home set up: the DR set does not.
-            (Some("novel.sz"), vec!["novel.sz"], "novel.*", 503),
+            (Some("novel.sz"), vec![], "novel.*", false, Ok("")),
+            // Home set up: the DR set sends it home.
+            (
+                Some("novel.sz"),
+                vec!["novel.sz"],
+                "novel.*",
+                false,
+                Ok("novel.sz"),
+            ),
             // Never another region of the business.
-            (Some("novel.sz"), vec![], "novel.sh", 503),
+            (Some("novel.sz"), vec![], "novel.sh", false, Err(503)),
         ];
-        for (placement, healthy, mine, want) in cases {
+        for (placement, healthy, mine, forwarded, want) in cases {
             let mut spec = MappingSpec::new("a", "tunnox.net", "127.0.0.1", 80);
             spec.placement = placement.map(set);
             let r = Route::from_mapping(&mapping(spec));
             let healthy: Vec<SetName> = healthy.into_iter().map(set).collect();
-            let got = match r.check_serving(&set(mine), || &healthy) {
-                Ok(()) => 0,
-                Err(e) => e.status().as_u16(),
-            };
+            let got = r
+                .placement(&set(mine), || &healthy, forwarded)
+                .map(|to| to.map(|s| s.to_string()).unwrap_or_default())
+                .map_err(|e| e.status().as_u16());
             assert_eq!(
-                got, want,
+                got,
+                want.map(str::to_string),
                 "placement {placement:?} on {mine} with {healthy:?}"
             );
         }
@@ -424,7 +449,7 @@ mod tests {
         inactive.status = MappingStatus::Inactive;
         assert_eq!(
             Route::from_mapping(&inactive)
-                .check_serving(&me, Vec::new)
+                .placement(&set("novel.sh"), Vec::new, false)
                 .unwrap_err()
                 .status(),
             503

@@ -419,14 +419,19 @@ async fn route(
     }
     let (host, raw_host) = requested_host(&req)?;
     policy::same_name(conn.sni.as_ref(), &host)?;
-    // Another node of the fleet forwarding a request for a tunnel session held here.
+    // Another node of the fleet forwarding a request: for a tunnel session held here, or (with
+    // its set named) for a mapping this node's set serves.
     let from_peer = match req.headers().get(super::tunnel::NODE_HEADER) {
         None => false,
         Some(v) if ctx.tunnels.node_token_matches(v.as_bytes()) => true,
         Some(_) => return Err(ProxyError::NodeAuth),
     };
+    let from_set = req.headers().contains_key(super::tunnel::FROM_SET_HEADER);
+    if from_set && !from_peer {
+        return Err(ProxyError::NodeAuth);
+    }
     let hops = policy::parse_hops(req.headers().get_all(HOPS).iter().map(|v| v.as_bytes()))?;
-    let admitted = ctx.admit(&host, hops).await?;
+    let admitted = ctx.admit(&host, hops, from_set).await?;
     let route = admitted.route.clone();
     // A peer's request came over HTTPS to that peer when it says so (the node token is
     // checked): it is neither redirected again nor told it was plain.
@@ -445,15 +450,18 @@ async fn route(
     let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
         body.map_err(Into::into).boxed()
     } else {
-        // Counted as it streams; recorded when the upload ends. A client that stops sending
-        // it is not waited for beyond `request_body_idle`.
+        // Counted as it streams (by the node that serves it); recorded when the upload ends.
+        // A client that stops sending it is not waited for beyond `request_body_idle`.
         let idle = IdleBody::new(
             body,
             ctx.deadlines.request_body_idle,
             deadline::Kind::RequestBody,
             ctx.metrics.clone(),
         );
-        Metered::new(idle, ctx.access.clone(), route.clone(), Side::Request).boxed()
+        match admitted.to_set {
+            Some(_) => idle.boxed(),
+            None => Metered::new(idle, ctx.access.clone(), route.clone(), Side::Request).boxed(),
+        }
     };
     let info = ClientInfo {
         peer,
@@ -462,6 +470,13 @@ async fn route(
         proto: if secure { "https" } else { "http" },
     };
     let req = Request::from_parts(parts, body);
+    if let Some(set) = &admitted.to_set {
+        // Counted by the node that serves it.
+        return super::sets::forward(ctx, req, &admitted, set, info).await;
+    }
+    // A request a peer sent for a session held here is served from local sessions only; one
+    // another set sent here is this node's to route like any other.
+    let from_peer = from_peer && !from_set;
     let resp = match &admitted.tunnel {
         None => {
             ctx.forwarder
@@ -483,7 +498,7 @@ async fn route(
         }
         Some(Via::Group(group)) => to_group(ctx, req, &admitted, group, info, from_peer).await?,
     };
-    Ok(meter_response(ctx, resp, &route))
+    Ok(meter_response(ctx, resp, &route, admitted.permit))
 }
 
 /// Sends a request for a group target to the member the group's rule picks; a bodiless request
@@ -561,10 +576,13 @@ async fn to_group(
     }
 }
 
+/// The response as the client gets it: its body metered, and `permit` (the request's places
+/// under the isolation limits) held until the body is done.
 fn meter_response(
     ctx: &Ctx,
     resp: Response<ProxyBody>,
     route: &Arc<super::route::Route>,
+    permit: Option<super::limits::Permit>,
 ) -> Response<ProxyBody> {
     let (parts, body) = resp.into_parts();
     let idle = IdleBody::new(
@@ -573,6 +591,10 @@ fn meter_response(
         deadline::Kind::UpstreamRead,
         ctx.metrics.clone(),
     );
-    let metered = Metered::new(idle, ctx.access.clone(), route.clone(), Side::Response);
-    Response::from_parts(parts, metered.boxed())
+    let metered = Metered::new(idle, ctx.access.clone(), route.clone(), Side::Response).boxed();
+    let body = match permit {
+        Some(p) => super::tunnel::Holding::new(metered, p).boxed(),
+        None => metered,
+    };
+    Response::from_parts(parts, body)
 }

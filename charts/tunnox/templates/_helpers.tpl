@@ -206,7 +206,7 @@ Usage: (include "tunnox.proxy.sets" . | fromYaml).sets
 {{- if gt (len $deployName) 63 -}}
 {{- fail (printf "proxy.sets[%d].name %q: resource name %q is longer than 63 characters; shorten the set name or set fullnameOverride" $i $s.name $deployName) -}}
 {{- end -}}
-{{- $out = append $out (dict "deployName" $deployName "serviceName" (printf "%s-proxy-%s" (include "tunnox.fullname" $) $business) "name" $s.name "business" $business "region" $region "regionSlug" $regionSlug "setLabel" $setLabel "slug" (printf "%s-%s" $business $regionSlug) "replicas" $replicas "resources" ($s.resources | default $.Values.proxy.resources | default dict)) -}}
+{{- $out = append $out (dict "deployName" $deployName "serviceName" (printf "%s-proxy-%s" (include "tunnox.fullname" $) $business) "name" $s.name "business" $business "region" $region "regionSlug" $regionSlug "setLabel" $setLabel "slug" (printf "%s-%s" $business $regionSlug) "replicas" $replicas "resources" ($s.resources | default $.Values.proxy.resources | default dict) "limits" ($s.limits | default dict)) -}}
 {{- end -}}
 {{- toYaml (dict "sets" $out) -}}
 {{- end -}}

@@ -86,6 +86,8 @@ impl Exchange<'_, '_> {
         let started = Instant::now();
         let _in_flight = InFlight::new(self.ctx);
         let admitted = match self.admit().await {
+            // Another set's node serves it: the general path's node-to-node client.
+            Ok(a) if a.to_set.is_some() => return Next::Handover("other_set"),
             // A tunnel: its session is an HTTP/2 connection the general path holds.
             Ok(a) if a.tunnel.is_some() => return Next::Handover("tunnel_target"),
             // Answered by the general path, with its `Location`.
@@ -104,6 +106,8 @@ impl Exchange<'_, '_> {
             authority,
             who,
             hops,
+            // Held until the response is relayed.
+            permit: _permit,
             ..
         } = admitted;
         let target = authority.as_str();
@@ -171,7 +175,7 @@ impl Exchange<'_, '_> {
     async fn admit(&self) -> Result<Admitted, ProxyError> {
         let host = policy::requested_host(self.head.host)?;
         policy::same_name(self.conn.sni.as_ref(), &host)?;
-        self.ctx.admit(&host, self.head.hops).await
+        self.ctx.admit(&host, self.head.hops, false).await
     }
 
     /// Sends `io.out` to `target` and reads the response head into `io.upstream`. A pooled
@@ -338,7 +342,13 @@ impl Exchange<'_, '_> {
         let status = e.status();
         let body = e.body(&id);
         io.out.clear();
-        write_own_response(&mut io.out, status, &body, &id, !self.head.is_head, close);
+        let own = OwnResponse {
+            status,
+            body: &body,
+            id: &id,
+            retry_after: e.retry_after(),
+        };
+        write_own_response(&mut io.out, &own, !self.head.is_head, close);
         let written = client.write_all(&io.out).await;
         self.finish(status, started);
         if written.is_err() || close {
@@ -531,15 +541,21 @@ mod date {
 }
 
 /// A response the proxy produces itself, with the general path's headers.
-fn write_own_response(
-    out: &mut Vec<u8>,
+struct OwnResponse<'a> {
     status: StatusCode,
-    body: &str,
-    id: &RequestId,
-    with_body: bool,
-    close: bool,
-) {
+    body: &'a str,
+    id: &'a RequestId,
+    retry_after: Option<u32>,
+}
+
+fn write_own_response(out: &mut Vec<u8>, r: &OwnResponse<'_>, with_body: bool, close: bool) {
     use std::io::Write;
+    let OwnResponse {
+        status,
+        body,
+        id,
+        retry_after,
+    } = *r;
     let _ = write!(
         out,
         "HTTP/1.1 {} {}\r\n",
@@ -550,6 +566,9 @@ fn write_own_response(
         let _ = write!(out, "{name}: {value}\r\n");
     }
     let _ = write!(out, "{X_REQUEST_ID}: {id}\r\n");
+    if let Some(secs) = retry_after {
+        let _ = write!(out, "retry-after: {secs}\r\n");
+    }
     head::push_length(out, body.len() as u64);
     if close {
         out.extend_from_slice(b"connection: close\r\n");

@@ -38,8 +38,8 @@ pub enum Handover {
     LargeBody,
     /// A `tunnox-hops` value that is not a number (the general path answers 400).
     Hops,
-    /// `tunnox-node`, `tunnox-target` or `tunnox-control`: the general path checks the node
-    /// token (403 when wrong) and removes them.
+    /// A header only a proxy of the fleet sets (`tunnel::INTERNAL_HEADERS`): the general path
+    /// checks the node token (403 when wrong) and removes them.
     TunnelHeader,
     /// An ACME HTTP-01 challenge, answered from the store by the general path.
     AcmeChallenge,
@@ -100,8 +100,7 @@ enum Kind {
     XForwardedHost,
     /// `tunnox-hops`: the proxy's own, replaced.
     Hops,
-    /// Headers only a proxy of the fleet sets (`tunnox-node`, `tunnox-target`,
-    /// `tunnox-control`).
+    /// Headers only a proxy of the fleet sets (`tunnel::INTERNAL_HEADERS`).
     Tunnel,
     Other,
 }
@@ -119,11 +118,14 @@ fn kind(name: &str) -> Kind {
         11 if is("tunnox-hops") => Kind::Hops,
         11 if is("tunnox-node") => Kind::Tunnel,
         13 if is("tunnox-target") => Kind::Tunnel,
+        13 if is("tunnox-client") => Kind::Tunnel,
         14 if is("tunnox-control") => Kind::Tunnel,
         14 if is("content-length") => Kind::ContentLength,
         15 if is("x-forwarded-for") => Kind::XForwardedFor,
+        15 if is("tunnox-from-set") => Kind::Tunnel,
         16 if is("proxy-connection") => Kind::HopByHop,
         16 if is("x-forwarded-host") => Kind::XForwardedHost,
+        16 if is("tunnox-transport") => Kind::Tunnel,
         17 if is("transfer-encoding") => Kind::TransferEncoding,
         17 if is("x-forwarded-proto") => Kind::XForwardedProto,
         18 if is("proxy-authenticate") => Kind::HopByHop,

@@ -119,6 +119,23 @@ mod table {
         }
     }
 
+    #[test]
+    fn every_internal_header_goes_to_the_general_path() {
+        for name in crate::proxy::tunnel::INTERNAL_HEADERS {
+            let raw = format!(
+                "GET / HTTP/1.1\r\nHost: a\r\n{}: 1\r\n\r\n",
+                name.as_str().to_uppercase()
+            );
+            parse_req(&raw, |req| {
+                assert_eq!(
+                    classify_request(req).err(),
+                    Some(Handover::TunnelHeader),
+                    "{name}"
+                );
+            });
+        }
+    }
+
     fn rewrite(raw: &str, extra: &[(&str, &str)]) -> String {
         rewrite_from("http", raw, extra)
     }

@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use body::Hold;
+pub use body::{Hold, Holding};
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
 pub use remote::{Backend, RemotePorts, RemoteTunnel, follow_ports};
@@ -46,13 +46,18 @@ pub const NODE_HEADER: HeaderName = HeaderName::from_static("tunnox-node");
 /// sessions. Removed from every agent's answer, so only a node can set it.
 pub const NOT_HELD_HEADER: HeaderName = HeaderName::from_static("tunnox-not-held");
 
+/// On a request a node of another set of the business forwarded here (with the node token): the
+/// sender's set. Served here, never forwarded again (docs/sets.md).
+pub const FROM_SET_HEADER: HeaderName = HeaderName::from_static("tunnox-from-set");
+
 /// Headers only this proxy sets: any a client sent is removed before forwarding.
-pub const INTERNAL_HEADERS: [HeaderName; 5] = [
+pub const INTERNAL_HEADERS: [HeaderName; 6] = [
     crate::tunnel::TARGET_HEADER,
     crate::tunnel::CONTROL_HEADER,
     NODE_HEADER,
     crate::tunnel::udp::TRANSPORT_HEADER,
     peer_stream::CLIENT_HEADER,
+    FROM_SET_HEADER,
 ];
 
 #[derive(Debug, Clone)]

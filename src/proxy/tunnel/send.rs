@@ -15,7 +15,7 @@ use super::body::{Counted, Hold, Holding};
 use super::choose::{self, LocalView, Pick};
 use super::peer_stream::CLIENT_HEADER;
 use super::session::{Session, StreamError, chain};
-use super::{NODE_HEADER, NOT_HELD_HEADER, TunnelMetrics};
+use super::{NODE_HEADER, NOT_HELD_HEADER};
 use crate::proxy::forward::{
     ClientInfo, join_upgraded, rewrite_request_headers, strip_hop_by_hop, upgrade_protocol,
 };
@@ -400,32 +400,68 @@ impl Tunnels {
         proxy_metrics: &Arc<ProxyMetrics>,
         hold: &mut Hold,
     ) -> Result<Response<ProxyBody>, (ProxyError, bool)> {
-        let count = |m: &TunnelMetrics, outcome: &str| {
-            m.forwarded_to_peer.with_label_values(&[outcome]).inc();
+        let count = |outcome: &str| {
+            self.metrics
+                .forwarded_to_peer
+                .with_label_values(&[outcome])
+                .inc();
         };
         let fail = |reason: String| ProxyError::PeerForward {
             node: node_id.to_string(),
             client: client_id.to_string(),
             reason,
         };
+        // The member a group target chose here is the one the peer serves.
+        let client_value = HeaderValue::from_str(client_id)
+            .map_err(|_| (fail("client id is not a header value".into()), false))?;
+        req.headers_mut().insert(CLIENT_HEADER, client_value);
+        let not_connected = || ProxyError::TunnelNotConnected(client_id.to_string());
+        let resp = self
+            .send_to_node(req, address, path, &count, &fail, &not_connected)
+            .await?;
+        if resp.headers().contains_key(NOT_HELD_HEADER) {
+            count("not_held");
+            return Err((
+                fail("the node no longer holds a session of the client".into()),
+                true,
+            ));
+        }
+        count("ok");
+        Ok(self.node_answer(resp, client_upgrade, upgrade, proxy_metrics, hold))
+    }
+
+    /// Sends `req` to the node at `address` with the node token: the one transport of every
+    /// node-to-node request (a client's session held there, a set serving there). `count`
+    /// counts an outcome; `fail` makes the error of a failure; `no_token` the error when this
+    /// node has no node token. The error's flag: the request never reached the node, so it may
+    /// go elsewhere.
+    pub(crate) async fn send_to_node(
+        &self,
+        mut req: Request<ProxyBody>,
+        address: &str,
+        path: &PathAndQuery,
+        count: &(dyn Fn(&str) + Sync),
+        fail: &(dyn Fn(String) -> ProxyError + Sync),
+        no_token: &(dyn Fn() -> ProxyError + Sync),
+    ) -> Result<Response<hyper::body::Incoming>, (ProxyError, bool)> {
         let Some(token) = &self.node_token else {
             if !self
                 .warned_no_token
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
             {
                 tracing::warn!(
-                    "a client's session is on another node but proxy.tunnel.node_token_file is not set: not forwarding to peers"
+                    "a request is for another node of the fleet but proxy.tunnel.node_token_file is not set: not forwarding to peers"
                 );
             }
-            count(&self.metrics, "no_token");
-            return Err((ProxyError::TunnelNotConnected(client_id.to_string()), false));
+            count("no_token");
+            return Err((no_token(), false));
         };
         let own = address == self.node_address
             || address
                 .parse::<std::net::SocketAddr>()
                 .is_ok_and(|a| self.own.contains(&a));
         if own {
-            count(&self.metrics, "own_address");
+            count("own_address");
             return Err((
                 fail("the peer's address is one of this proxy's own".into()),
                 false,
@@ -441,34 +477,34 @@ impl Tunnels {
         let value = HeaderValue::from_str(token.expose())
             .map_err(|_| (fail("node token is not a header value".into()), false))?;
         req.headers_mut().insert(NODE_HEADER, value);
-        // The member a group target chose here is the one the peer serves.
-        let client_value = HeaderValue::from_str(client_id)
-            .map_err(|_| (fail("client id is not a header value".into()), false))?;
-        req.headers_mut().insert(CLIENT_HEADER, client_value);
         let sent =
             tokio::time::timeout(self.settings.response_timeout, self.peers.request(req)).await;
-        let mut resp = match sent {
+        match sent {
             Err(_) => {
-                count(&self.metrics, "timeout");
-                return Err((
-                    ProxyError::UpstreamTimeout(format!("node {node_id}")),
+                count("timeout");
+                Err((
+                    ProxyError::UpstreamTimeout(format!("node {address}")),
                     false,
-                ));
+                ))
             }
             Ok(Err(e)) => {
-                count(&self.metrics, "failed");
-                return Err((fail(chain(&e)), e.is_connect()));
+                count("failed");
+                Err((fail(chain(&e)), e.is_connect()))
             }
-            Ok(Ok(r)) => r,
-        };
-        if resp.headers().contains_key(NOT_HELD_HEADER) {
-            count(&self.metrics, "not_held");
-            return Err((
-                fail("the node no longer holds a session of the client".into()),
-                true,
-            ));
+            Ok(Ok(r)) => Ok(r),
         }
-        count(&self.metrics, "ok");
+    }
+
+    /// A node's answer, as the client gets it: an upgrade joined to the client's connection,
+    /// or the response with `hold` kept until its body is done.
+    pub(crate) fn node_answer(
+        &self,
+        mut resp: Response<hyper::body::Incoming>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        upgrade: Option<HeaderValue>,
+        proxy_metrics: &Arc<ProxyMetrics>,
+        hold: &mut Hold,
+    ) -> Response<ProxyBody> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(client_upgrade), Some(proto)) = (client_upgrade, upgrade)
         {
@@ -488,14 +524,11 @@ impl Tunnels {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, proto);
-            return Ok(Response::from_parts(parts, crate::proxy::empty_body()));
+            return Response::from_parts(parts, crate::proxy::empty_body());
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            held(body.map_err(Into::into).boxed(), hold.take()),
-        ))
+        Response::from_parts(parts, held(body.map_err(Into::into).boxed(), hold.take()))
     }
 }
 
