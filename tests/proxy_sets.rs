@@ -184,6 +184,7 @@ fn a_placed_mapping_is_served_by_its_set_then_its_dr_set_then_nobody_and_goes_ho
     }
     check(&s, &["sh", "sz", "dr"], (200, Some("sh")));
     check(&s, &["ams"], (421, None));
+    forwarded_requests_keep_what_the_client_sent(&s);
 
     // Home set gone (killed: it leaves the registry when its record expires): the DR set.
     s.stop("sh");
@@ -224,4 +225,59 @@ fn a_placed_mapping_is_served_by_its_set_then_its_dr_set_then_nobody_and_goes_ho
         .sum();
     assert!(forwarded >= 3, "sz forwarded to novel.sh {forwarded} times");
     assert!(s.served("sh") > 0);
+}
+
+/// Through `sz` (forwarded to `sh`): an upload arrives whole with the client's headers, the
+/// upstream is told the client's address first, a WebSocket is joined end to end, and a client
+/// that forges the forwarding marker is refused on both HTTP paths.
+fn forwarded_requests_keep_what_the_client_sent(s: &Sets) {
+    use std::io::{Read, Write};
+    let sz = s.nodes[s.by_name("sz")].http;
+    let body = "x".repeat(20_000);
+    let upload = format!(
+        "POST /echo HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {}\r\nX-Mine: kept\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let r = support::http::raw(sz, upload.as_bytes(), Duration::from_secs(5)).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, body.len()), "{}", s.logs());
+    let r = support::http::get(sz, HOST, "/headers").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.contains("x-forwarded-for: 127.0.0.1, 127.0.0.1\n"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("tunnox-hops: 2\n"), "{}", r.body);
+    assert!(
+        !r.body.contains("tunnox-from-set"),
+        "internal headers never reach an upstream: {}",
+        r.body
+    );
+    assert!(!r.body.contains("tunnox-node"), "{}", r.body);
+
+    let mut ws = std::net::TcpStream::connect(("127.0.0.1", sz)).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        ws,
+        "GET /ws HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    .unwrap();
+    let head = support::http::read_reply(&mut ws).unwrap();
+    assert_eq!(head.status, 101);
+    ws.write_all(b"ping through two sets").unwrap();
+    let mut echoed = [0u8; 21];
+    ws.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping through two sets");
+
+    // The marker without the node token, or with a wrong one: 403, on the fast path (which
+    // hands such heads over) and on the general path (HTTP/1.0 goes there directly).
+    for version in ["1.1", "1.0"] {
+        for token in ["", "tunnox-node: guess\r\n"] {
+            let forged = format!(
+                "GET / HTTP/{version}\r\nHost: {HOST}\r\ntunnox-from-set: novel.sh\r\n{token}Connection: close\r\n\r\n"
+            );
+            let r = support::http::raw(sz, forged.as_bytes(), Duration::from_secs(5)).unwrap();
+            assert_eq!(r.status, 403, "HTTP/{version} {token:?}");
+        }
+    }
 }

@@ -68,8 +68,8 @@ pub struct Admitted {
     /// `Some`: another set of the business serves the route; the request goes to one of its
     /// nodes instead (docs/sets.md).
     pub to_set: Option<SetName>,
-    /// The request's places under the isolation limits, held until its response is done
-    /// (`None` for a request forwarded to another set: the serving node counts it).
+    /// The request's places under the isolation limits (`Ctx::hold_places`), held until its
+    /// response is done.
     pub permit: Option<super::limits::Permit>,
 }
 
@@ -170,23 +170,6 @@ impl Ctx {
                 host: host.as_str().to_string(),
                 refusal: refusal.clone(),
             })?;
-        let permit = match to_set {
-            Some(_) => None,
-            None => Some(
-                self.limits
-                    .admit(route.mapping_id.as_str())
-                    .map_err(|over| {
-                        self.metrics
-                            .limited
-                            .with_label_values(&[over.label()])
-                            .inc();
-                        ProxyError::OverLimit {
-                            host: host.as_str().to_string(),
-                            over,
-                        }
-                    })?,
-            ),
-        };
         Ok(Admitted {
             route,
             scheme,
@@ -195,8 +178,30 @@ impl Ctx {
             hops: hops + 1,
             tunnel,
             to_set,
-            permit,
+            permit: None,
         })
+    }
+
+    /// Takes the request's places under the isolation limits, held in `admitted` until it is
+    /// dropped; called by each HTTP path once it serves the request itself (not for a request
+    /// handed to the other path or forwarded to another set, which is counted where it is
+    /// served).
+    pub fn hold_places(&self, admitted: &mut Admitted) -> Result<(), ProxyError> {
+        let permit = self
+            .limits
+            .admit(admitted.route.mapping_id.as_str())
+            .map_err(|over| {
+                self.metrics
+                    .limited
+                    .with_label_values(&[over.label()])
+                    .inc();
+                ProxyError::OverLimit {
+                    host: admitted.route.host.as_str().to_string(),
+                    over,
+                }
+            })?;
+        admitted.permit = Some(permit);
+        Ok(())
     }
 
     /// The operator declared a route only in single-node mode and only in the file; every

@@ -474,6 +474,8 @@ async fn route(
         // Counted by the node that serves it.
         return super::sets::forward(ctx, req, &admitted, set, info).await;
     }
+    let mut admitted = admitted;
+    ctx.hold_places(&mut admitted)?;
     // A request a peer sent for a session held here is served from local sessions only; one
     // another set sent here is this node's to route like any other.
     let from_peer = from_peer && !from_set;

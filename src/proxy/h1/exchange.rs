@@ -101,6 +101,10 @@ impl Exchange<'_, '_> {
             Ok(_) => return Next::Handover("https_target"),
             Err(e) => return self.refuse(client, io, e, started, stop).await,
         };
+        let mut admitted = admitted;
+        if let Err(e) = self.ctx.hold_places(&mut admitted) {
+            return self.refuse(client, io, e, started, stop).await;
+        }
         let Admitted {
             route,
             authority,
