@@ -168,6 +168,9 @@ fn main() {
         ("chart_grants_least_privilege", |s| {
             chart_grants_least_privilege(&s.cp)
         }),
+        ("chart_installs_four_proxy_sets", |s| {
+            chart_installs_four_proxy_sets(&s.cp)
+        }),
         ("chart_refuses_bad_values", |s| {
             chart_refuses_bad_values(&s.cp)
         }),
@@ -661,6 +664,102 @@ fn chart_grants_least_privilege(cp: &ControlPlane) {
         );
     }
     cp.kubectl_ok(&["delete", "hdm", "r", "-n", "rbac"]);
+}
+
+/// The chart with four sets of two businesses (issue #18): installed into the real API server
+/// as a second release, one Deployment per set started with its set name and limits, one
+/// PodDisruptionBudget per set, one Service per business selecting all of its sets' pods.
+fn chart_installs_four_proxy_sets(cp: &ControlPlane) {
+    let ns = "sets";
+    let values = "proxy:\n  sets:\n        \x20   - {name: novel.sh, replicas: 3, limits: {mappingConcurrency: 500, upstreamRequests: 4000}}\n        \x20   - {name: novel.sz}\n        \x20   - {name: \"novel.*\", replicas: 1}\n        \x20   - {name: ams.sh, limits: {maxConnections: 2000, mappingRate: 50, mappingBurst: 10}}\n";
+    let file = std::env::temp_dir().join(format!("tunnox-sets-{}.yaml", std::process::id()));
+    std::fs::write(&file, values).unwrap();
+    ok(
+        cp.helm(&[
+            "install",
+            "sets",
+            &format!("{ROOT}/charts/tunnox"),
+            "--namespace",
+            ns,
+            "--create-namespace",
+            "--skip-crds",
+            "-f",
+            file.to_str().unwrap(),
+        ]),
+        "helm install with four sets",
+    );
+    let _ = std::fs::remove_file(&file);
+    // name, set, replicas, the limits' environment
+    let want = [
+        (
+            "sets-tunnox-proxy-novel-sh",
+            "novel.sh",
+            "3",
+            "TUNNOX__PROXY__LIMITS__UPSTREAM_REQUESTS=4000 TUNNOX__PROXY__LIMITS__MAPPING_CONCURRENCY=500",
+        ),
+        ("sets-tunnox-proxy-novel-sz", "novel.sz", "2", ""),
+        ("sets-tunnox-proxy-novel-dr", "novel.*", "1", ""),
+        (
+            "sets-tunnox-proxy-ams-sh",
+            "ams.sh",
+            "2",
+            "TUNNOX__PROXY__LIMITS__MAX_CONNECTIONS=2000 TUNNOX__PROXY__LIMITS__MAPPING_RATE=50 TUNNOX__PROXY__LIMITS__MAPPING_BURST=10",
+        ),
+    ];
+    let deployments = cp.kubectl_ok(&[
+        "get",
+        "deployments",
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/component=proxy",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.spec.replicas}{range .spec.template.spec.containers[0].env[*]} {.name}={.value}{end}{\"\\n\"}{end}",
+    ]);
+    let lines: Vec<&str> = deployments.lines().collect();
+    assert_eq!(lines.len(), 4, "{deployments}");
+    for (name, set, replicas, limits) in want {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no Deployment {name}: {deployments}"));
+        assert!(line.starts_with(&format!("{name} {replicas} ")), "{line}");
+        assert!(
+            line.contains(&format!(" TUNNOX__PROXY__SET={set} ")),
+            "{line}"
+        );
+        let got: Vec<&str> = line
+            .split(' ')
+            .filter(|kv| kv.starts_with("TUNNOX__PROXY__LIMITS__"))
+            .collect();
+        assert_eq!(got.join(" "), limits, "{name}");
+    }
+    let pdbs = cp.kubectl_ok(&["get", "pdb", "-n", ns, "-o", "name"]);
+    assert_eq!(pdbs.lines().count(), 4, "{pdbs}");
+    let services = cp.kubectl_ok(&[
+        "get",
+        "services",
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/component=proxy",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.spec.selector}{\"\\n\"}{end}",
+    ]);
+    let mut names: Vec<&str> = services
+        .lines()
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["sets-tunnox-proxy-ams", "sets-tunnox-proxy-novel"],
+        "one Service per business: {services}"
+    );
+    ok(
+        cp.helm(&["uninstall", "sets", "--namespace", ns, "--wait"]),
+        "helm uninstall",
+    );
 }
 
 fn chart_refuses_bad_values(cp: &ControlPlane) {

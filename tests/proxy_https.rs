@@ -266,6 +266,34 @@ fn http1_over_tls_takes_the_fast_path_and_hands_over_what_it_does_not_take() {
     let (code, tail, body) = curl(&s, "a.tunnox.net", &["--http1.1", "-d", "hello"]);
     assert_eq!((code, tail.as_str()), (0, "1.1 200"), "{body}");
     assert!(body.contains("content-length: 5"), "{body}");
+    // A response larger than the socket buffers to a client that reads slowly: every byte
+    // arrives (over TLS the last records must be flushed, not left in the session).
+    let payload: String = (0..60_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http1.1",
+            "--max-time",
+            "10",
+            "--limit-rate",
+            "40k",
+            "--cacert",
+        ])
+        .arg(&s.pki.ca)
+        .args(["--resolve", &format!("a.tunnox.net:{}:127.0.0.1", s.https)])
+        .args(["--data-binary", &payload])
+        .arg(format!("https://a.tunnox.net:{}/echo", s.https))
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout == payload.as_bytes(),
+        "got {} of {} bytes: {}",
+        out.stdout.len(),
+        payload.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         handovers(&s),
         before,

@@ -52,6 +52,8 @@ struct Fleet {
     nodes: Vec<Node>,
     /// The store key file every node opens sealed certificates with (HTTPS fleets only).
     store_key: Option<PathBuf>,
+    /// Each node's proxy set, by index (none: the default set).
+    sets: Vec<&'static str>,
 }
 
 impl Fleet {
@@ -66,6 +68,11 @@ impl Fleet {
     }
 
     fn start_with(n: usize, https: bool) -> Self {
+        Self::start_placed(n, https, &[], None)
+    }
+
+    /// A fleet whose node `i` runs in set `sets[i]`, the mapping placed on `placement`.
+    fn start_placed(n: usize, https: bool, sets: &[&'static str], placement: Option<&str>) -> Self {
         let redis = RedisServer::start();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -88,6 +95,7 @@ impl Fleet {
         .unwrap();
         let mut spec = MappingSpec::new("app", "tunnox.net", "127.0.0.1", up.port);
         spec.target_client_id = Some(CLIENT.into());
+        spec.placement = placement.map(|p| tunnox::domain::SetName::parse(p).unwrap());
         rt.block_on(store.create(spec)).unwrap();
         let mut fleet = Self {
             redis,
@@ -100,6 +108,7 @@ impl Fleet {
             agent_token,
             nodes: Vec::new(),
             store_key: None,
+            sets: sets.to_vec(),
         };
         if https {
             fleet.store_key = Some(secret_file(fleet.dir.path(), "store-key", STORE_KEY_TEXT));
@@ -158,8 +167,12 @@ log: {{level: debug}}",
             Some(_) => format!(", tls_listen: \"127.0.0.1:{}\"", n.https),
             None => String::new(),
         };
+        let set = match self.sets.get(i) {
+            Some(set) => format!(", set: \"{set}\""),
+            None => String::new(),
+        };
         let extra = format!(
-            "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {tunnel}{https}"
+            "registry: {{heartbeat_interval: 500ms, ttl: 3s}}, drain: {{propagation_delay: 1s, grace_period: 10s}}, {tunnel}{https}{set}"
         );
         let p = ProxyProc::start_on(
             self.dir.path(),
@@ -299,6 +312,28 @@ fn every_proxy_serves_a_client_connected_to_one() {
     )
     .unwrap();
     assert_eq!(forged.status, 403, "{forged:?}");
+}
+
+/// A mapping placed on `novel.sh` whose agent is connected to a `novel.sz` node (agents do not
+/// choose their set yet): `novel.sz` forwards the request to `novel.sh`, which relays it to the
+/// session back on `novel.sz` — served, not bounced between the sets until the hop limit.
+#[test]
+fn a_placed_tunnel_mapping_reaches_an_agent_on_another_set() {
+    let f = Fleet::start_placed(2, false, &["novel.sh", "novel.sz"], Some("novel.sh"));
+    let _agent = f.agent(&[1], &[]);
+    eventually("agent session on p1", Duration::from_secs(15), || {
+        f.holder().as_deref() == Some("p1")
+    });
+    for i in [1, 0, 1] {
+        eventually(&format!("served via p{i}"), Duration::from_secs(10), || {
+            f.status_via(i) == 200
+        });
+        let r = support::http::get(f.nodes[i].http, HOST, "/headers").unwrap();
+        assert_eq!(r.status, 200, "via p{i}: {r:?}\n{}", trouble(&f));
+    }
+    // Entered at p1 (novel.sz): p1 → p0 (the serving set) → p1 (the session) → agent.
+    let r = support::http::get(f.nodes[1].http, HOST, "/headers").unwrap();
+    assert!(r.body.contains("tunnox-hops: 3"), "{}", r.body);
 }
 
 #[test]

@@ -101,7 +101,8 @@ impl Bucket {
         let cap = f64::from(rate.burst.max(1));
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate.per_second).min(cap);
-        self.at = now;
+        // A request that read the clock before another took the bucket must not move it back.
+        self.at = self.at.max(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Ok(());
@@ -174,9 +175,8 @@ impl Limits {
         };
         let now = Instant::now();
         if self.per_mapping() {
-            let gate = self.gate(mapping, now);
+            let (gate, was) = self.enter(mapping, now);
             let max = self.settings.mapping_concurrency;
-            let was = gate.in_flight.fetch_add(1, Ordering::AcqRel);
             permit.gate = Some(gate.clone());
             if max > 0 && was >= max {
                 return Err(Over::Concurrency { max });
@@ -185,7 +185,9 @@ impl Limits {
                 let mut bucket = gate.bucket.lock().expect("not poisoned");
                 let b = bucket.get_or_insert_with(|| Bucket::full(rate, now));
                 if let Err(wait) = b.take(rate, now) {
-                    let retry_after = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX) + 1;
+                    let retry_after = u32::try_from(wait.as_secs())
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(1);
                     return Err(Over::Rate { retry_after });
                 }
             }
@@ -201,7 +203,9 @@ impl Limits {
         Ok(permit)
     }
 
-    fn gate(&self, mapping: &str, now: Instant) -> Arc<Gate> {
+    /// The mapping's gate, with this request counted in it (under the lock, so the sweep never
+    /// forgets a gate a request is entering), and the count before it.
+    fn enter(&self, mapping: &str, now: Instant) -> (Arc<Gate>, u32) {
         let mut guard = self.gates.lock().expect("not poisoned");
         let (gates, swept) = &mut *guard;
         if now.saturating_duration_since(*swept) >= SWEEP_EVERY {
@@ -215,15 +219,19 @@ impl Limits {
                     }
             });
         }
-        if let Some(g) = gates.get(mapping) {
-            return g.clone();
-        }
-        let g = Arc::new(Gate {
-            in_flight: AtomicU32::new(0),
-            bucket: Mutex::new(None),
-        });
-        gates.insert(mapping.into(), g.clone());
-        g
+        let g = match gates.get(mapping) {
+            Some(g) => g.clone(),
+            None => {
+                let g = Arc::new(Gate {
+                    in_flight: AtomicU32::new(0),
+                    bucket: Mutex::new(None),
+                });
+                gates.insert(mapping.into(), g.clone());
+                g
+            }
+        };
+        let was = g.in_flight.fetch_add(1, Ordering::AcqRel);
+        (g, was)
     }
 
     /// Mappings with a gate now (for tests and the sweep's bound).

@@ -191,7 +191,7 @@ impl ProxyMetrics {
                 IntCounterVec::new(
                     Opts::new(
                         "tunnox_proxy_set_forwards_total",
-                        "Requests forwarded to a node of the proxy set serving them, by set and outcome (ok, failed, timeout, no_token, own_address, no_node)",
+                        "Requests forwarded to a node of the proxy set serving them, by set and outcome (ok, failed, timeout, no_token, own_address, bad_address, no_node)",
                     ),
                     &["set", "outcome"],
                 )

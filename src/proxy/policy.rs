@@ -125,12 +125,13 @@ impl Ctx {
     }
 
     /// Decides whether a request for `host` that passed `hops` proxies of this fleet is
-    /// forwarded, and where. `from_set`: a node of another set sent it here (it is served here).
+    /// forwarded, and where. `placed`: a node of the fleet sent it here (it is not forwarded to
+    /// another set again).
     pub async fn admit(
         &self,
         host: &Hostname,
         hops: u32,
-        from_set: bool,
+        placed: bool,
     ) -> Result<Admitted, ProxyError> {
         // First: a loop costs no lookup.
         if hops >= self.max_hops {
@@ -140,7 +141,7 @@ impl Ctx {
             });
         }
         let (route, _source) = self.cache.resolve(host).await?;
-        let to_set = route.placement(&self.set, || self.healthy.get(), from_set)?;
+        let to_set = route.placement(&self.set, || self.healthy.get(), placed)?;
         let (scheme, authority, tunnel) = match &route.target {
             Target::Direct { scheme, authority } => (scheme.clone(), authority.clone(), None),
             Target::Tunnel {

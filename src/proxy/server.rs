@@ -147,6 +147,9 @@ pub async fn serve(
     }
 }
 
+/// How long a closing connection may take to send what is buffered (and close_notify).
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
 /// Serves a connection: on the fast path first when there is one (each phase in its own
 /// allocation, made when it starts: the task itself stays small, and a connection on the fast
 /// path never holds room for hyper's state — what an idle connection costs bounds the memory at
@@ -164,7 +167,14 @@ async fn serve_conn<C>(
 {
     let read = match fast {
         Some(fast) => match Box::pin(fast.serve(ctx, &mut io, &conn, stop)).await {
-            Exit::Closed => return,
+            Exit::Closed => {
+                // What is still buffered goes out, and a TLS client gets close_notify (so a
+                // body that ends at the close is not taken for a cut one).
+                let _ =
+                    tokio::time::timeout(CLOSE_WITHIN, tokio::io::AsyncWriteExt::shutdown(&mut io))
+                        .await;
+                return;
+            }
             Exit::Handover(read) => read,
         },
         None => Bytes::new(),
@@ -431,7 +441,9 @@ async fn route(
         return Err(ProxyError::NodeAuth);
     }
     let hops = policy::parse_hops(req.headers().get_all(HOPS).iter().map(|v| v.as_bytes()))?;
-    let admitted = ctx.admit(&host, hops, from_set).await?;
+    // Any request with a valid node token was already placed by a node of the fleet (sent here
+    // for this node's set, or for a session held here): it is never forwarded to a set again.
+    let admitted = ctx.admit(&host, hops, from_peer).await?;
     let route = admitted.route.clone();
     // A peer's request came over HTTPS to that peer when it says so (the node token is
     // checked): it is neither redirected again nor told it was plain.
@@ -474,11 +486,14 @@ async fn route(
         // Counted by the node that serves it.
         return super::sets::forward(ctx, req, &admitted, set, info).await;
     }
-    let mut admitted = admitted;
-    ctx.hold_places(&mut admitted)?;
-    // A request a peer sent for a session held here is served from local sessions only; one
-    // another set sent here is this node's to route like any other.
+    // A request a peer sent for a session held here is served from local sessions only, and
+    // holds its places on that peer already; one another set sent here is this node's to route
+    // and count like any other.
     let from_peer = from_peer && !from_set;
+    let mut admitted = admitted;
+    if !from_peer {
+        ctx.hold_places(&mut admitted)?;
+    }
     let resp = match &admitted.tunnel {
         None => {
             ctx.forwarder

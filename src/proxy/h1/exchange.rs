@@ -135,7 +135,7 @@ impl Exchange<'_, '_> {
         let answered = tokio::select! {
             biased;
             answered = self.send(target, who, io, deadline) => answered,
-            () = gone(client.tcp()) => {
+            () = gone(client.tcp(), C::ALERT_IS_GOODBYE) => {
                 tracing::debug!(peer = self.peer_ip, target, "client left before the answer");
                 return Next::Close;
             }
@@ -353,7 +353,11 @@ impl Exchange<'_, '_> {
             retry_after: e.retry_after(),
         };
         write_own_response(&mut io.out, &own, !self.head.is_head, close);
-        let written = client.write_all(&io.out).await;
+        let written = match client.write_all(&io.out).await {
+            // Over TLS the record may still sit in the session's buffer: send it now.
+            Ok(()) => client.flush().await,
+            e => e,
+        };
         self.finish(status, started);
         if written.is_err() || close {
             Next::Close
@@ -372,11 +376,15 @@ impl Exchange<'_, '_> {
 }
 
 /// Resolves when the client closes its side (or the connection breaks); a client that sends
-/// more (a pipelined request) is still there.
-async fn gone(client: &TcpStream) {
+/// more (a pipelined request) is still there. `alert_is_goodbye`: over TLS, a client closing
+/// cleanly sends an alert record (close_notify) before its FIN.
+async fn gone(client: &TcpStream, alert_is_goodbye: bool) {
+    /// The content type of a TLS alert record.
+    const ALERT: u8 = 0x15;
     let mut byte = [0u8; 1];
     match client.peek(&mut byte).await {
         Ok(0) | Err(_) => {}
+        Ok(_) if alert_is_goodbye && byte[0] == ALERT => {}
         Ok(_) => std::future::pending().await,
     }
 }
@@ -504,7 +512,13 @@ impl Idle<'_> {
 /// Writes to the client; one that takes nothing for `client_write_idle` is given up on. The
 /// timer is only armed when the write has to wait.
 async fn send<C: ClientStream>(client: &mut C, out: &[u8], idle: &Idle<'_>) -> Result<(), Broken> {
-    match timeout(idle.client_write, client.write_all(out)).await {
+    // Flushed too: over TLS a written record may still sit in the session's buffer, and nothing
+    // else sends it before the next request (a no-op over TCP).
+    let write = async {
+        client.write_all(out).await?;
+        client.flush().await
+    };
+    match timeout(idle.client_write, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Broken),
         Err(_) => Err(idle.expired(Kind::ClientWrite)),

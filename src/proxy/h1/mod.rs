@@ -34,6 +34,9 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// Whether a new connection may wait for the socket to be readable before it gets a buffer.
     /// Not over TLS: the handshake may already have brought the request's plaintext in.
     const WAITS_ON_SOCKET: bool;
+    /// Whether an alert record arriving while the upstream thinks means the client left (TLS:
+    /// close_notify).
+    const ALERT_IS_GOODBYE: bool;
 }
 
 impl ClientStream for TcpStream {
@@ -41,6 +44,7 @@ impl ClientStream for TcpStream {
         self
     }
     const WAITS_ON_SOCKET: bool = true;
+    const ALERT_IS_GOODBYE: bool = false;
 }
 
 impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
@@ -48,6 +52,7 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
         self.get_ref().0
     }
     const WAITS_ON_SOCKET: bool = false;
+    const ALERT_IS_GOODBYE: bool = true;
 }
 
 /// Headers parsed per request on the fast path; a request with more goes to the general path

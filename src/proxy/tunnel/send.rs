@@ -461,11 +461,16 @@ impl Tunnels {
                 .parse::<std::net::SocketAddr>()
                 .is_ok_and(|a| self.own.contains(&a));
         if own {
+            // A stale record (its address reused by this pod): another node may still serve.
             count("own_address");
             return Err((
                 fail("the peer's address is one of this proxy's own".into()),
-                false,
+                true,
             ));
+        }
+        if let Err(why) = peer_address_ok(address) {
+            count("bad_address");
+            return Err((fail(why), true));
         }
         *req.uri_mut() = Uri::builder()
             .scheme("http")
@@ -532,6 +537,24 @@ impl Tunnels {
     }
 }
 
+/// A node address from the registry is written by proxies of the fleet; one that names no
+/// peer a proxy could be (a hostname, an unspecified, link-local, multicast or broadcast
+/// address) is never sent the node token or a client's request.
+fn peer_address_ok(address: &str) -> Result<(), String> {
+    let addr: std::net::SocketAddr = address
+        .parse()
+        .map_err(|_| format!("node address {address:?} is not an IP address and port"))?;
+    let ip = addr.ip();
+    let link_local = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if ip.is_unspecified() || ip.is_multicast() || link_local || addr.port() == 0 {
+        return Err(format!("node address {address} cannot be a peer"));
+    }
+    Ok(())
+}
+
 /// `body`, keeping `hold` alive until it is done.
 fn held(body: ProxyBody, hold: Hold) -> ProxyBody {
     match hold {
@@ -595,6 +618,26 @@ mod tests {
         // A target that is not a header value is an error, never a panic.
         let mut r = req(&[]);
         assert!(h2_request(&mut r, &host, &path, "bad\ntarget", None).is_err());
+    }
+
+    #[test]
+    fn only_addresses_a_peer_could_have_are_dialled() {
+        for ok in ["10.1.2.3:8080", "127.0.0.1:8080", "[fd00::1]:8080"] {
+            assert!(peer_address_ok(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "metadata.internal:80",
+            "169.254.169.254:80",
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "[fe80::1]:8080",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "10.1.2.3:0",
+            "",
+        ] {
+            assert!(peer_address_ok(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
