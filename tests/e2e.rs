@@ -742,7 +742,7 @@ fn chart_installs_four_proxy_sets(cp: &ControlPlane) {
         "-n",
         ns,
         "-l",
-        "app.kubernetes.io/component=proxy",
+        "app.kubernetes.io/component=proxy,tunnox.net/business",
         "-o",
         "jsonpath={range .items[*]}{.metadata.name} {.spec.selector}{\"\\n\"}{end}",
     ]);
@@ -755,6 +755,13 @@ fn chart_installs_four_proxy_sets(cp: &ControlPlane) {
         names,
         ["sets-tunnox-proxy-ams", "sets-tunnox-proxy-novel"],
         "one Service per business: {services}"
+    );
+    // Each selects its business's pods, of every set (no region in the selector).
+    assert!(
+        services
+            .lines()
+            .all(|l| l.contains("\"tunnox.net/business\"") && !l.contains("tunnox.net/set")),
+        "{services}"
     );
     ok(
         cp.helm(&["uninstall", "sets", "--namespace", ns, "--wait"]),
