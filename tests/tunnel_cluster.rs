@@ -68,11 +68,18 @@ impl Fleet {
     }
 
     fn start_with(n: usize, https: bool) -> Self {
-        Self::start_placed(n, https, &[], None)
+        Self::start_placed(n, https, &[], None, false)
     }
 
-    /// A fleet whose node `i` runs in set `sets[i]`, the mapping placed on `placement`.
-    fn start_placed(n: usize, https: bool, sets: &[&'static str], placement: Option<&str>) -> Self {
+    /// A fleet whose node `i` runs in set `sets[i]`, the mapping placed on `placement`, and
+    /// the client too when `agent_placed` (as its TunnelSet's placement would).
+    fn start_placed(
+        n: usize,
+        https: bool,
+        sets: &[&'static str],
+        placement: Option<&str>,
+        agent_placed: bool,
+    ) -> Self {
         let redis = RedisServer::start();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -86,12 +93,16 @@ impl Fleet {
         let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
         let agent_token = secret_file(dir.path(), "agent-token", "agent-secret-0123456789");
         let up = Upstream::start("behind-the-tunnel");
-        rt.block_on(store.put_credential(&ClientCredential {
-            client_id: CLIENT.into(),
-            token_sha256: TokenHash::of("agent-secret-0123456789"),
-            placement: None,
-            source: Some("test".into()),
-        }))
+        rt.block_on(
+            store.put_credential(&ClientCredential {
+                client_id: CLIENT.into(),
+                token_sha256: TokenHash::of("agent-secret-0123456789"),
+                placement: placement
+                    .filter(|_| agent_placed)
+                    .map(|p| tunnox::domain::SetName::parse(p).unwrap()),
+                source: Some("test".into()),
+            }),
+        )
         .unwrap();
         let mut spec = MappingSpec::new("app", "tunnox.net", "127.0.0.1", up.port);
         spec.target_client_id = Some(CLIENT.into());
@@ -319,7 +330,7 @@ fn every_proxy_serves_a_client_connected_to_one() {
 /// session back on `novel.sz` — served, not bounced between the sets until the hop limit.
 #[test]
 fn a_placed_tunnel_mapping_reaches_an_agent_on_another_set() {
-    let f = Fleet::start_placed(2, false, &["novel.sh", "novel.sz"], Some("novel.sh"));
+    let f = Fleet::start_placed(2, false, &["novel.sh", "novel.sz"], Some("novel.sh"), false);
     let _agent = f.agent(&[1], &[]);
     eventually("agent session on p1", Duration::from_secs(15), || {
         f.holder().as_deref() == Some("p1")
@@ -334,6 +345,60 @@ fn a_placed_tunnel_mapping_reaches_an_agent_on_another_set() {
     // Entered at p1 (novel.sz): p1 → p0 (the serving set) → p1 (the session) → agent.
     let r = support::http::get(f.nodes[1].http, HOST, "/headers").unwrap();
     assert!(r.body.contains("tunnox-hops: 3"), "{}", r.body);
+}
+
+/// Issue #18's sequence for an agent placed on `novel.sh` (sets `novel.sh`, `novel.sz`,
+/// `novel.*`, `ams.sh`, one proxy each), given only the addresses of the wrong sets: refused
+/// there with the address of its home set, it connects home; home killed → the DR set; the DR
+/// set killed too → any proxy of its business; home back → it moves home, make-before-break.
+/// Never to `ams.sh`; HTTP through every `novel` proxy reaches it whenever home or DR serves.
+#[test]
+fn a_placed_agent_connects_home_falls_back_to_dr_and_moves_back() {
+    let sets = ["novel.sh", "novel.sz", "novel.*", "ams.sh"];
+    let mut f = Fleet::start_placed(4, false, &sets, Some("novel.sh"), true);
+    let _agent = f.agent(&[1, 3], &[]);
+    let on = |f: &Fleet, want: &str, within: u64| {
+        let took = eventually(
+            &format!("agent on {want}"),
+            Duration::from_secs(within),
+            || f.holder().is_some_and(|h| h.starts_with(want)),
+        );
+        println!("agent on {want} after {took:?}");
+    };
+    let served = |f: &Fleet, via: &[usize]| {
+        for &i in via {
+            eventually(&format!("served via p{i}"), Duration::from_secs(10), || {
+                f.status_via(i) == 200
+            });
+        }
+    };
+    on(&f, "p0", 15);
+    served(&f, &[0, 1, 2]);
+    assert_eq!(f.status_via(3), 421, "another business");
+
+    f.nodes[0].proc.take().unwrap().role.kill();
+    on(&f, "p2", 20);
+    served(&f, &[1, 2]);
+
+    f.nodes[2].proc.take().unwrap().role.kill();
+    on(&f, "p1", 20);
+
+    f.boot(2);
+    f.boot(0);
+    // Home is back: the proxy holding the agent sends it home; the agent opens its new session
+    // before it leaves the old one.
+    on(&f, "p0", 20);
+    served(&f, &[0, 1, 2]);
+    let log = agent_log(&f);
+    assert!(log.contains("moved to a new session"), "{log}");
+    assert!(
+        log.contains("other_set"),
+        "refused by proxies of other sets: {log}"
+    );
+    assert!(
+        !f.log(3).contains("tunnel session opened"),
+        "never on ams.sh"
+    );
 }
 
 #[test]

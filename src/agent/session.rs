@@ -68,6 +68,8 @@ pub enum DialError {
         client_id: String,
         code: AuthErrorCode,
         message: String,
+        /// Where the proxy says to dial instead (`other_set`).
+        reconnect_to: Option<String>,
     },
     #[error("server {addr} does not speak the tunnox tunnel protocol: {reason}")]
     Protocol { addr: String, reason: String },
@@ -274,6 +276,7 @@ impl Dialer {
                     client_id: self.client_id.clone(),
                     code: r.code,
                     message: r.message,
+                    reconnect_to: r.reconnect_to,
                 },
                 HandshakeError::Timeout(after) => DialError::Timeout {
                     addr: addr.into(),

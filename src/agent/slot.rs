@@ -56,11 +56,12 @@ impl RateLimitedLog {
                 if matches!(
                     e,
                     DialError::Refused {
-                        code: AuthErrorCode::Draining,
+                        code: AuthErrorCode::Draining | AuthErrorCode::OtherSet,
                         ..
                     }
                 ) {
-                    // Expected during a rollout: the next address is tried at once.
+                    // Expected during a rollout, or when the address reached a proxy of another
+                    // set: the next address (or the one named) is tried at once.
                     tracing::info!(kind = e.label(), "{msg}");
                 } else {
                     tracing::error!(kind = e.label(), "{msg}");
@@ -114,8 +115,12 @@ impl Shared {
                 .lock()
                 .map(|s| s.order(first, slot as usize, &self.busy(slot), leaving))
                 .unwrap_or_default();
+            let mut order: std::collections::VecDeque<String> = order.into();
+            let mut tried: Vec<String> = Vec::new();
             let mut wait = None;
-            for addr in &order {
+            while let Some(addr) = order.pop_front() {
+                let addr = &addr;
+                tried.push(addr.clone());
                 if *stop.borrow() {
                     return Err(Stopped::Yes);
                 }
@@ -139,6 +144,20 @@ impl Shared {
                             .with_label_values(&[e.label()])
                             .inc();
                         log.error(&e);
+                        // A proxy of another set names one of the client's serving set: that
+                        // one next (once a round, so two proxies cannot bounce the agent).
+                        if let DialError::Refused {
+                            reconnect_to: Some(to),
+                            ..
+                        } = &e
+                            && !tried.contains(to)
+                        {
+                            if let Ok(mut servers) = self.servers.lock() {
+                                servers.learn(to);
+                            }
+                            order.retain(|a| a != to);
+                            order.push_front(to.clone());
+                        }
                         // A wrong token stays wrong: retry at the cap, not faster. (A proxy
                         // answering `draining` is simply passed over for the next address.)
                         if let DialError::Refused { code, .. } = &e

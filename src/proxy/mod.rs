@@ -346,6 +346,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     let egress = Arc::new(egress_policy(&settings, listen, admin_addr, tunnel_addr));
     let tunnels = Arc::new(tunnel::Tunnels::new(tunnel::TunnelDeps {
+        healthy: healthy.clone(),
         registry: sessions,
         nodes,
         node_id: me.clone(),
@@ -380,6 +381,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             tunnels.clone(),
             l,
             tunnel_tls.clone(),
+            stop_rx.clone(),
+        ));
+        // Agents of another set move there once the registry shows it serving them.
+        tasks.spawn(tunnel::send_home_every(
+            tunnels.clone(),
+            cfg.registry.heartbeat_interval.get(),
             stop_rx.clone(),
         ));
     }

@@ -67,10 +67,12 @@ pub async fn refuse<S: AsyncWrite + Unpin>(
     io: &mut S,
     code: AuthErrorCode,
     message: impl Into<String>,
+    reconnect_to: Option<String>,
 ) -> std::io::Result<()> {
     let e = AuthError {
         code,
         message: message.into(),
+        reconnect_to,
     };
     frame::write_frame(io, &e.to_frame()).await
 }
@@ -126,7 +128,7 @@ mod tests {
         let (mut a, mut p) = tokio::io::duplex(1024);
         tokio::spawn(async move {
             let _ = read_auth(&mut p, Duration::from_secs(1)).await;
-            refuse(&mut p, AuthErrorCode::BadCredentials, "wrong token")
+            refuse(&mut p, AuthErrorCode::BadCredentials, "wrong token", None)
                 .await
                 .unwrap();
         });

@@ -148,6 +148,9 @@ impl Message for AuthOk {
 pub struct AuthError {
     pub code: AuthErrorCode,
     pub message: String,
+    /// `other_set`: a tunnel listener of the set that serves the client, to dial next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_to: Option<String>,
 }
 
 impl Message for AuthError {
@@ -167,6 +170,9 @@ pub enum AuthErrorCode {
     BadRequest,
     /// The proxy cannot check credentials now (store unreachable).
     Unavailable,
+    /// The client is placed on another proxy set (its home set, or its business's DR set while
+    /// home is down), or on another business: `reconnect_to` names where, when known.
+    OtherSet,
 }
 
 impl AuthErrorCode {
@@ -177,6 +183,7 @@ impl AuthErrorCode {
             Self::TooManySessions => "too_many_sessions",
             Self::BadRequest => "bad_request",
             Self::Unavailable => "unavailable",
+            Self::OtherSet => "other_set",
         }
     }
 

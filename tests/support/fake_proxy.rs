@@ -145,7 +145,13 @@ async fn serve<S>(
     let good = auth.token == opts.token && !opts.draining;
     seen.lock().unwrap().auths.push((Instant::now(), good));
     if opts.draining {
-        let _ = handshake::refuse(&mut io, AuthErrorCode::Draining, "this proxy is draining").await;
+        let _ = handshake::refuse(
+            &mut io,
+            AuthErrorCode::Draining,
+            "this proxy is draining",
+            None,
+        )
+        .await;
         return;
     }
     if !good {
@@ -153,6 +159,7 @@ async fn serve<S>(
             &mut io,
             AuthErrorCode::BadCredentials,
             "unknown client or wrong token",
+            None,
         )
         .await;
         return;

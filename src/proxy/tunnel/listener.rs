@@ -87,10 +87,21 @@ pub async fn serve(
 
 /// Refuses with `code` (a frame the agent reads), logs and counts it.
 async fn refuse(t: &Tunnels, io: &mut Box<dyn Io>, code: AuthErrorCode, msg: &str) {
+    refuse_to(t, io, code, msg, None).await;
+}
+
+/// [`refuse`], naming where the agent should dial instead.
+async fn refuse_to(
+    t: &Tunnels,
+    io: &mut Box<dyn Io>,
+    code: AuthErrorCode,
+    msg: &str,
+    reconnect_to: Option<String>,
+) {
     t.metrics.event("refused", code.label());
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
-        handshake::refuse(io, code, msg.to_string()),
+        handshake::refuse(io, code, msg.to_string(), reconnect_to),
     )
     .await;
 }
@@ -153,7 +164,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         }
     };
     // One answer for an unknown client and a wrong token: no probing for client ids.
-    if !cred.is_some_and(|c| c.token_sha256.verify(&auth.token)) {
+    let Some(cred) = cred.filter(|c| c.token_sha256.verify(&auth.token)) else {
         tracing::warn!(%peer, client_id = %client, "tunnel session refused: bad credentials");
         refuse(
             &t,
@@ -162,6 +173,12 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
             "unknown client or wrong token",
         )
         .await;
+        return;
+    };
+    // The client's home set, else its business's DR set, by the one placement rule.
+    if let Err((why, to)) = t.placed(cred.placement.as_ref()) {
+        tracing::info!(%peer, client_id = %client, reconnect_to = to.as_deref().unwrap_or("-"), "tunnel session refused: {why}");
+        refuse_to(&t, &mut io, AuthErrorCode::OtherSet, &why, to).await;
         return;
     }
     if t.is_draining() {
@@ -257,6 +274,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         s.max_streams as usize,
         ctl_tx,
     ));
+    session.set_placement(cred.placement.clone());
     match t
         .local
         .insert(session.clone(), s.per_client, s.max_sessions)

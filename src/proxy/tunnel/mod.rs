@@ -110,6 +110,24 @@ pub struct Tunnels {
     group_load: Arc<spread::Spread<String>>,
     /// Whether group members have sessions on other nodes, as the store said a moment ago.
     presence: group::Presence,
+    /// The fleet as the last heartbeat saw it: where agents of other sets belong.
+    healthy: Arc<crate::proxy::registry::HealthySets>,
+}
+
+/// Calls [`Tunnels::send_home`] every `every` (the registry's heartbeat) until `stop`.
+pub async fn send_home_every(
+    t: Arc<Tunnels>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => t.send_home(),
+            _ = crate::proxy::stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// Counts one running session task until dropped.
@@ -132,6 +150,7 @@ impl Drop for LiveSession {
 }
 
 pub struct TunnelDeps {
+    pub healthy: Arc<crate::proxy::registry::HealthySets>,
     pub registry: Arc<dyn TunnelRegistry>,
     pub nodes: Arc<dyn NodeRegistry>,
     pub node_id: String,
@@ -176,6 +195,7 @@ impl Tunnels {
             traffic: std::sync::OnceLock::new(),
             group_load: Arc::default(),
             presence: Default::default(),
+            healthy: d.healthy,
         }
     }
 
@@ -213,6 +233,74 @@ impl Tunnels {
                 tracing::warn!(error = %e, "cannot read the node registry for tunnel peers");
                 Vec::new()
             }
+        }
+    }
+
+    /// Whether an agent placed on `placement` belongs on this node (`domain::decide`): its
+    /// home set, else its business's DR set while home has no healthy node. An agent of a set
+    /// that nobody serves now is kept here, in its business, until one does. Refused: why, and
+    /// a tunnel listener of the serving set when one is known.
+    pub fn placed(&self, placement: Option<&SetName>) -> Result<(), (String, Option<String>)> {
+        use crate::domain::{Decision, decide};
+        match decide(placement, &self.set, &self.healthy.get(), false) {
+            Decision::Here | Decision::Unserved => Ok(()),
+            Decision::Forward(set) => Err((
+                format!(
+                    "the client is placed on {}: set {set} serves it, not {}",
+                    placement.map(ToString::to_string).unwrap_or_default(),
+                    self.set
+                ),
+                self.tunnel_of(&set),
+            )),
+            Decision::OtherBusiness => Err((
+                format!(
+                    "the client is placed on {}, another business than this proxy's {}",
+                    placement.map(ToString::to_string).unwrap_or_default(),
+                    self.set
+                ),
+                None,
+            )),
+        }
+    }
+
+    /// A tunnel listener of an active node of `set` (round robin).
+    fn tunnel_of(&self, set: &SetName) -> Option<String> {
+        self.healthy
+            .rotation(set, &self.node_id)
+            .into_iter()
+            .find(|n| !n.tunnel_address.is_empty())
+            .map(|n| n.tunnel_address)
+    }
+
+    /// Tells each agent whose session is here but belongs to another set now (its home set came
+    /// back, or home is down and this node is not of the DR set) to move there: `ServerShutdown`
+    /// naming a node of that set; the agent opens its new session before it leaves this one
+    /// (make-before-break). Called after every heartbeat.
+    pub fn send_home(&self) {
+        if self.is_draining() {
+            return;
+        }
+        for s in self.local.all() {
+            let Some(placement) = s.placement() else {
+                continue;
+            };
+            if s.is_leaving() {
+                continue;
+            }
+            let Err((why, Some(to))) = self.placed(Some(placement)) else {
+                continue;
+            };
+            tracing::info!(client_id = %s.client_id, session = %s.id, reconnect_to = %to, "moving an agent to its serving set: {why}");
+            let frame = ServerShutdown {
+                reason: why,
+                reconnect_to: Some(to),
+                grace_period: self.settings.grace.as_secs(),
+            }
+            .to_frame()
+            .to_bytes();
+            s.set_leaving();
+            self.metrics.event("sent_home", "");
+            let _ = s.control.try_send(frame);
         }
     }
 

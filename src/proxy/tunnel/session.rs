@@ -13,6 +13,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use tokio::sync::{Notify, mpsc};
 
+use crate::domain::SetName;
 use crate::proxy::ProxyBody;
 use crate::store::SessionRecord;
 
@@ -108,6 +109,8 @@ pub struct Session {
     /// and whether a later report waits for the next heartbeat.
     pub reported: Mutex<Option<Instant>>,
     pub report_pending: AtomicBool,
+    /// The client's home set when it authenticated (`None`: any set).
+    placement: std::sync::OnceLock<SetName>,
 }
 
 impl Session {
@@ -136,7 +139,19 @@ impl Session {
             down: std::sync::RwLock::default(),
             reported: Mutex::new(None),
             report_pending: AtomicBool::new(false),
+            placement: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the client's home set (once, at authentication).
+    pub fn set_placement(&self, placement: Option<SetName>) {
+        if let Some(p) = placement {
+            let _ = self.placement.set(p);
+        }
+    }
+
+    pub fn placement(&self) -> Option<&SetName> {
+        self.placement.get()
     }
 
     /// Whether the agent reports `target`'s health check failing.
