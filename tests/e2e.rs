@@ -206,6 +206,10 @@ fn main() {
             proxy_serves_what_kubectl_applies,
         ),
         (
+            "mapping_status_names_the_serving_set",
+            mapping_status_names_the_serving_set,
+        ),
+        (
             "controller_refuses_egress_at_admission",
             controller_refuses_egress_at_admission,
         ),
@@ -1272,6 +1276,68 @@ fn proxy_serves_what_kubectl_applies(s: &Stack) {
         "{}",
         proxy.log()
     );
+    controller.terminate(Duration::from_secs(10));
+    no_permission_errors(&controller);
+}
+
+/// A mapping placed on `novel.sh` (issue #18): its status names the set serving it, from the
+/// proxies' registry, and follows as sets come and go — the DR set (`ServedByHome=False`,
+/// `DisasterRecovery`), home (`True`), nothing (`NoHealthySet`).
+fn mapping_status_names_the_serving_set(s: &Stack) {
+    let ns = "e2e-placed";
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    let (mut controller, _) = s.controller("ctl-placed");
+    ok(
+        s.cp.apply(&format!(
+            "apiVersion: tunnox.net/v1alpha1\nkind: HTTPDomainMapping\nmetadata: {{name: placed, namespace: {ns}}}\n\
+             spec: {{subdomain: placed, baseDomain: tunnox.net, placement: {{business: novel, region: sh}}, target: {{address: {{host: 127.0.0.1, port: 9}}}}}}\n"
+        )),
+        "apply a placed mapping",
+    );
+    let shown = |want_set: &str, want_reason: &str| {
+        let took = eventually(
+            &format!("servingSet {want_set:?}, ServedByHome {want_reason}"),
+            Duration::from_secs(20),
+            || {
+                s.field(ns, "placed", "{.status.servingSet}") == want_set
+                    && s.field(
+                        ns,
+                        "placed",
+                        "{.status.conditions[?(@.type==\"ServedByHome\")].reason}",
+                    ) == want_reason
+            },
+        );
+        eprintln!("e2e: status shows {want_reason} ({want_set:?}) {took:?} after the change");
+    };
+    let proxy = |name: &str, set: &str| {
+        s.proxy_with(
+            name,
+            &[
+                ("TUNNOX__PROXY__SET", set.to_string()),
+                (
+                    "TUNNOX__PROXY__REGISTRY__HEARTBEAT_INTERVAL",
+                    "500ms".into(),
+                ),
+                ("TUNNOX__PROXY__REGISTRY__TTL", "3s".into()),
+                ("TUNNOX__PROXY__DRAIN__PROPAGATION_DELAY", "0s".into()),
+            ],
+        )
+        .0
+    };
+    // No proxy of the business yet.
+    shown("", "NoHealthySet");
+    assert_eq!(s.field(ns, "placed", "{.status.set}"), "novel.sh");
+    let mut dr = proxy("placed-dr", "novel.*");
+    shown("novel.*", "DisasterRecovery");
+    let mut home = proxy("placed-sh", "novel.sh");
+    shown("novel.sh", "HomeSetHealthy");
+    let listed = s.cp.kubectl_ok(&["get", "hdm", "-n", ns, "-o", "wide"]);
+    assert!(listed.contains("SERVING"), "{listed}");
+    home.terminate(Duration::from_secs(30));
+    shown("novel.*", "DisasterRecovery");
+    dr.terminate(Duration::from_secs(30));
+    shown("", "NoHealthySet");
+    s.cp.kubectl_ok(&["delete", "hdm", "placed", "-n", ns, "--wait=true"]);
     controller.terminate(Duration::from_secs(10));
     no_permission_errors(&controller);
 }

@@ -739,6 +739,76 @@ pub fn status(
     s
 }
 
+/// For a placed mapping or TunnelSet, given the sets with a healthy proxy (`None`: the
+/// registry was not read yet): the set serving it now, and the `ServedByHome` condition —
+/// True at home; False with `DisasterRecovery` while the DR set serves it, or `NoHealthySet`
+/// while nothing does (its requests get 503). `None` without a placement.
+pub fn serving(
+    placement: Option<&SetName>,
+    healthy: Option<&[SetName]>,
+) -> Option<(Option<SetName>, bool, &'static str, String)> {
+    let (placement, healthy) = (placement?, healthy?);
+    let serving = crate::domain::serving_set(placement, healthy.iter());
+    Some(match &serving {
+        Some(set) if set == placement => (
+            serving.clone(),
+            true,
+            "HomeSetHealthy",
+            format!("served by its home set {placement}"),
+        ),
+        Some(set) => (
+            serving.clone(),
+            false,
+            "DisasterRecovery",
+            format!("{placement} has no healthy proxy: served by the DR set {set}"),
+        ),
+        None => (
+            None,
+            false,
+            "NoHealthySet",
+            format!(
+                "neither {placement} nor {} has a healthy proxy: requests get 503",
+                placement.dr()
+            ),
+        ),
+    })
+}
+
+/// Adds [`serving`]'s answer to a mapping's status (kept as it was when the registry is unread).
+pub fn add_serving(
+    s: &mut HTTPDomainMappingStatus,
+    placement: Option<&SetName>,
+    healthy: Option<&[SetName]>,
+    previous: Option<&HTTPDomainMappingStatus>,
+    now: DateTime<Utc>,
+) {
+    let prev: &[Condition] = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    let Some((set, ok, reason, message)) = serving(placement, healthy) else {
+        if placement.is_some() {
+            // Not read yet: what was shown stays.
+            s.serving_set = previous.and_then(|p| p.serving_set.clone());
+            s.conditions
+                .extend(prev.iter().filter(|c| c.type_ == "ServedByHome").cloned());
+        }
+        return;
+    };
+    let now = Time(
+        jiff::Timestamp::from_millisecond(now.timestamp_millis())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+    );
+    s.serving_set = set.map(|s| s.to_string());
+    let generation = s.observed_generation;
+    s.conditions.push(condition(
+        "ServedByHome",
+        ok,
+        reason,
+        message,
+        generation,
+        &now,
+        prev,
+    ));
+}
+
 #[cfg(test)]
 #[path = "decide_tests.rs"]
 mod tests;

@@ -729,3 +729,59 @@ fn target_protocol_and_tls_reach_the_record_or_are_refused_by_field() {
         }
     }
 }
+
+#[test]
+fn status_names_the_set_serving_a_placed_mapping() {
+    let set = |s: &str| SetName::parse(s).unwrap();
+    let home = set("novel.sh");
+    // (healthy sets, want serving set, ServedByHome, reason)
+    let cases: &[(&[&str], Option<&str>, bool, &str)] = &[
+        (
+            &["novel.sh", "novel.*"],
+            Some("novel.sh"),
+            true,
+            "HomeSetHealthy",
+        ),
+        (
+            &["novel.*", "novel.sz"],
+            Some("novel.*"),
+            false,
+            "DisasterRecovery",
+        ),
+        (&["novel.sz", "ams.sh"], None, false, "NoHealthySet"),
+        (&[], None, false, "NoHealthySet"),
+    ];
+    for (healthy, want, ok, reason) in cases {
+        let healthy: Vec<SetName> = healthy.iter().map(|s| set(s)).collect();
+        let mut s = HTTPDomainMappingStatus::default();
+        add_serving(&mut s, Some(&home), Some(&healthy), None, Utc::now());
+        assert_eq!(s.serving_set.as_deref(), *want, "{healthy:?}");
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ServedByHome")
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            (if *ok { "True" } else { "False" }, *reason),
+            "{healthy:?}: {}",
+            c.message
+        );
+    }
+    // No placement: nothing added. Registry not read yet: what was shown stays.
+    let mut s = HTTPDomainMappingStatus::default();
+    add_serving(&mut s, None, Some(&[home.clone()]), None, Utc::now());
+    assert_eq!(s, HTTPDomainMappingStatus::default());
+    let mut shown = HTTPDomainMappingStatus::default();
+    add_serving(
+        &mut shown,
+        Some(&home),
+        Some(&[home.clone()]),
+        None,
+        Utc::now(),
+    );
+    let mut s = HTTPDomainMappingStatus::default();
+    add_serving(&mut s, Some(&home), None, Some(&shown), Utc::now());
+    assert_eq!(s.serving_set.as_deref(), Some("novel.sh"));
+    assert_eq!(s.conditions, shown.conditions);
+}

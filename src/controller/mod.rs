@@ -6,6 +6,7 @@ pub mod access;
 pub mod certificate;
 pub mod cluster;
 pub mod decide;
+pub mod fleet;
 pub mod issuer;
 pub mod leader;
 mod metrics;
@@ -101,6 +102,9 @@ fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
     )
 }
 
+/// How often the leader reads the node registry for the serving sets in status.
+const FLEET_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
     let cfg = settings.config.controller.clone();
@@ -117,7 +121,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         sessions: registry,
         ports,
         challenges,
-        ..
+        nodes,
     } = crate::store::open_all(settings.store_backend(&me)).await?;
     let metrics = Metrics::new();
     let health = Health::default();
@@ -254,8 +258,31 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         resync_interval: cfg.resync_interval.get(),
         conflict_retry: cfg.conflict_retry.get(),
         legacy_orphans: Default::default(),
+        fleet: Arc::default(),
     });
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
+    // A set gaining or losing its last healthy proxy shows in the placed mappings' status.
+    let fleet_watch = tokio::spawn(fleet::follow(
+        ctx.fleet.clone(),
+        nodes,
+        FLEET_EVERY,
+        {
+            let ctx = ctx.clone();
+            move || {
+                for m in ctx.cache.state() {
+                    let placed = m
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.set.as_deref())
+                        .is_some_and(|s| s != "any");
+                    if placed {
+                        let _ = ctx.wake.send(ObjectRef::from_obj(&*m));
+                    }
+                }
+            }
+        },
+        stop_rx.clone(),
+    ));
     let wake = futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx));
     // An agent connecting or leaving (announced by its proxy) shows in its TunnelSet's status
     // at once, not at the next resync.
@@ -303,6 +330,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .for_each(|_| futures::future::ready(()));
     futures::future::join(mappings, tunnelsets).await;
     resync.abort();
+    fleet_watch.abort();
     if let Some(watch) = session_watch {
         watch.abort();
     }

@@ -46,6 +46,8 @@ pub struct Ctx {
     pub wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
     pub resync_interval: Duration,
     pub conflict_retry: Duration,
+    /// The proxy sets with a healthy node (for `status.servingSet`).
+    pub fleet: Arc<super::fleet::Fleet>,
     /// Records in the legacy source form that resync found orphaned on its last pass.
     pub legacy_orphans: std::sync::Mutex<std::collections::HashSet<MappingId>>,
 }
@@ -696,7 +698,16 @@ async fn write_status(
     outcome: &Outcome,
 ) -> Result<(), Error> {
     let previous = obj.status.as_ref();
-    let status = decide::status(outcome, obj.metadata.generation, previous, Utc::now());
+    let now = Utc::now();
+    let mut status = decide::status(outcome, obj.metadata.generation, previous, now);
+    let placement = match outcome {
+        Outcome::Active { plan, .. } | Outcome::Conflict { plan, .. } => {
+            plan.spec.placement.as_ref()
+        }
+        Outcome::Held(_) => None,
+    };
+    let healthy = ctx.fleet.get();
+    decide::add_serving(&mut status, placement, healthy.as_deref(), previous, now);
     // `stats` belong to the proxies: compare and apply without them.
     let unchanged = previous.is_some_and(|p| {
         let mut p = p.clone();

@@ -40,7 +40,7 @@ use super::common::{Phase, Placement};
         name = "Set",
         type_ = "string",
         json_path = ".status.set",
-        description = "Proxy set serving it"
+        description = "Proxy set it is placed on"
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
@@ -66,6 +66,13 @@ use super::common::{Phase, Placement};
         type_ = "integer",
         json_path = ".status.version",
         priority = 1
+    ),
+    printcolumn(
+        name = "Serving",
+        type_ = "string",
+        json_path = ".status.servingSet",
+        priority = 1,
+        description = "Proxy set serving it now (home, or DR while home is down)"
     ),
     printcolumn(
         name = "TLS",
@@ -320,9 +327,14 @@ pub struct HTTPDomainMappingStatus {
     /// Resolved target, e.g. `web.team-a.svc.cluster.local:80` or `tunnel:laptop/localhost:3000`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    /// Proxy set serving the mapping.
+    /// Proxy set the mapping is placed on (`any`: every set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set: Option<String>,
+    /// A placed mapping: the set serving it now, from the proxies' registry — its home set, or
+    /// its business's DR set while home has no healthy proxy; absent when none serves it
+    /// (condition `ServedByHome`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_set: Option<String>,
     #[serde(default)]
     pub phase: Phase,
     /// `namespace/name` of the mapping holding the domain when the phase is `Conflict`;

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::drain::Drain;
 use super::sync::SyncState;
 use crate::domain::SetName;
-use crate::store::{NodeRecord, NodeRegistry, NodeState};
+use crate::store::{NodeRecord, NodeRegistry, NodeState, healthy_sets};
 
 /// The fleet as the last heartbeat read it: the sets with at least one active node, and those
 /// nodes (where requests for another set are forwarded).
@@ -118,18 +118,6 @@ impl Heartbeat {
             tracing::warn!(error = %e, "cannot remove this node from the registry; it expires");
         }
     }
-}
-
-/// The sets with at least one active (not draining) node.
-pub fn healthy_sets(nodes: &[NodeRecord]) -> Vec<SetName> {
-    let mut sets: Vec<SetName> = nodes
-        .iter()
-        .filter(|n| n.state == NodeState::Active)
-        .map(|n| n.set.clone())
-        .collect();
-    sets.sort_by_key(|s| s.to_string());
-    sets.dedup();
-    sets
 }
 
 #[cfg(test)]

@@ -53,6 +53,18 @@ pub struct NodeRecord {
     pub heartbeat_at: DateTime<Utc>,
 }
 
+/// The sets with at least one active (not draining) node, sorted.
+pub fn healthy_sets(nodes: &[NodeRecord]) -> Vec<SetName> {
+    let mut sets: Vec<SetName> = nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Active)
+        .map(|n| n.set.clone())
+        .collect();
+    sets.sort();
+    sets.dedup();
+    sets
+}
+
 /// Where proxy nodes register. A registration lives for its time-to-live, so a node that dies
 /// without removing itself disappears by itself.
 #[async_trait]
