@@ -1294,6 +1294,27 @@ fn mapping_status_names_the_serving_set(s: &Stack) {
         )),
         "apply a placed mapping",
     );
+    // A TunnelSet placed on the same set (its Secret need not exist: the placement is shown).
+    ok(
+        s.cp.apply(
+            &tunnelset_yaml(ns, "placed-ts", "placed-client", "placed-token").replace(
+                "business: default, region: default",
+                "business: novel, region: sh",
+            ),
+        ),
+        "apply a placed TunnelSet",
+    );
+    let ts_field = |jsonpath: &str| {
+        text(&s.cp.kubectl(&[
+            "get",
+            "ts",
+            "placed-ts",
+            "-n",
+            ns,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ]))
+    };
     let shown = |want_set: &str, want_reason: &str| {
         let took = eventually(
             &format!("servingSet {want_set:?}, ServedByHome {want_reason}"),
@@ -1305,6 +1326,9 @@ fn mapping_status_names_the_serving_set(s: &Stack) {
                         "placed",
                         "{.status.conditions[?(@.type==\"ServedByHome\")].reason}",
                     ) == want_reason
+                    && ts_field("{.status.servingSet}") == want_set
+                    && ts_field("{.status.conditions[?(@.type==\"ServedByHome\")].reason}")
+                        == want_reason
             },
         );
         eprintln!("e2e: status shows {want_reason} ({want_set:?}) {took:?} after the change");

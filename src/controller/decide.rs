@@ -782,13 +782,38 @@ pub fn add_serving(
     previous: Option<&HTTPDomainMappingStatus>,
     now: DateTime<Utc>,
 ) {
-    let prev: &[Condition] = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    let generation = s.observed_generation;
+    let shown = previous.map(|p| (p.serving_set.as_deref(), p.conditions.as_slice()));
+    serving_into(
+        (&mut s.serving_set, &mut s.conditions),
+        generation,
+        placement,
+        healthy,
+        shown,
+        now,
+    );
+}
+
+/// [`serving`]'s answer into a status's `servingSet` and conditions, for mappings and
+/// TunnelSets alike; `shown`: what the previous status showed (kept while the registry is
+/// unread).
+pub fn serving_into(
+    (serving_set, conditions): (&mut Option<String>, &mut Vec<Condition>),
+    generation: Option<i64>,
+    placement: Option<&SetName>,
+    healthy: Option<&[SetName]>,
+    shown: Option<(Option<&str>, &[Condition])>,
+    now: DateTime<Utc>,
+) {
+    const KIND: &str = "ServedByHome";
+    conditions.retain(|c| c.type_ != KIND);
+    let prev: &[Condition] = shown.map(|(_, c)| c).unwrap_or(&[]);
     let Some((set, ok, reason, message)) = serving(placement, healthy) else {
+        *serving_set = None;
         if placement.is_some() {
             // Not read yet: what was shown stays.
-            s.serving_set = previous.and_then(|p| p.serving_set.clone());
-            s.conditions
-                .extend(prev.iter().filter(|c| c.type_ == "ServedByHome").cloned());
+            *serving_set = shown.and_then(|(s, _)| s).map(str::to_string);
+            conditions.extend(prev.iter().filter(|c| c.type_ == KIND).cloned());
         }
         return;
     };
@@ -796,17 +821,8 @@ pub fn add_serving(
         jiff::Timestamp::from_millisecond(now.timestamp_millis())
             .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
     );
-    s.serving_set = set.map(|s| s.to_string());
-    let generation = s.observed_generation;
-    s.conditions.push(condition(
-        "ServedByHome",
-        ok,
-        reason,
-        message,
-        generation,
-        &now,
-        prev,
-    ));
+    *serving_set = set.map(|s| s.to_string());
+    conditions.push(condition(KIND, ok, reason, message, generation, &now, prev));
 }
 
 #[cfg(test)]

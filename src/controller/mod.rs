@@ -197,7 +197,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         },
     );
     let (ts_wake_tx, mut ts_wake_rx) = mpsc::unbounded_channel::<ObjectRef<TunnelSet>>();
+    let fleet_view = Arc::new(fleet::Fleet::default());
     let ts_ctx = Arc::new(tunnelset::TsCtx {
+        fleet: fleet_view.clone(),
         client: client.clone(),
         registry: registry.clone(),
         cache: ts_controller.store(),
@@ -258,7 +260,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         resync_interval: cfg.resync_interval.get(),
         conflict_retry: cfg.conflict_retry.get(),
         legacy_orphans: Default::default(),
-        fleet: Arc::default(),
+        fleet: fleet_view,
     });
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
     // A set gaining or losing its last healthy proxy shows in the placed mappings' status.
@@ -267,7 +269,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         nodes,
         FLEET_EVERY,
         {
-            let ctx = ctx.clone();
+            let (ctx, ts_ctx) = (ctx.clone(), ts_ctx.clone());
             move || {
                 for m in ctx.cache.state() {
                     let placed = m
@@ -277,6 +279,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                         .is_some_and(|s| s != "any");
                     if placed {
                         let _ = ctx.wake.send(ObjectRef::from_obj(&*m));
+                    }
+                }
+                for ts in ts_ctx.cache.state() {
+                    if ts.status.as_ref().is_some_and(|s| s.set.is_some()) {
+                        let _ = ts_ctx.wake.send(ObjectRef::from_obj(&*ts));
                     }
                 }
             }

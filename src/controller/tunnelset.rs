@@ -35,6 +35,8 @@ pub const FINALIZER: &str = "tunnox.net/release-credential";
 
 pub struct TsCtx {
     pub client: kube::Client,
+    /// The proxy sets with a healthy node (for `status.servingSet`).
+    pub fleet: Arc<super::fleet::Fleet>,
     pub registry: Arc<dyn TunnelRegistry>,
     pub cache: Store<TunnelSet>,
     pub mappings: Store<HTTPDomainMapping>,
@@ -417,6 +419,20 @@ async fn write_status(
         Utc::now(),
     );
     status.tunnel_count = i32::try_from(obj.spec.tunnels.len()).unwrap_or(i32::MAX);
+    let placement = status
+        .set
+        .as_deref()
+        .and_then(|s| crate::domain::SetName::parse(s).ok());
+    let healthy = ctx.fleet.get();
+    let generation = status.observed_generation;
+    super::decide::serving_into(
+        (&mut status.serving_set, &mut status.conditions),
+        generation,
+        placement.as_ref(),
+        healthy.as_deref(),
+        previous.map(|p| (p.serving_set.as_deref(), p.conditions.as_slice())),
+        Utc::now(),
+    );
     let mut tunnels = tunnels;
     td::agent_states(&mut tunnels, sessions, Utc::now());
     status.tunnels = tunnels;

@@ -37,6 +37,12 @@ use super::common::{Placement, SecretKeyRef};
         priority = 1
     ),
     printcolumn(
+        name = "Serving",
+        type_ = "string",
+        json_path = ".status.servingSet",
+        priority = 1
+    ),
+    printcolumn(
         name = "Config-Hash",
         type_ = "string",
         json_path = ".status.configHash",
@@ -183,9 +189,14 @@ pub struct TunnelSetStatus {
     /// Proxy node holding the client's session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// Proxy set serving the client (the DR set while the home set is down).
+    /// Proxy set the client is placed on (its home set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set: Option<String>,
+    /// The set serving the client now, from the proxies' registry: its home set, or its
+    /// business's DR set while home has no healthy proxy; absent when none does (condition
+    /// `ServedByHome`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_set: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected_since: Option<Time>,
     /// Configuration hash the client acknowledged.
