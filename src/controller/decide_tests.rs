@@ -770,13 +770,19 @@ fn status_names_the_set_serving_a_placed_mapping() {
     }
     // No placement: nothing added. Registry not read yet: what was shown stays.
     let mut s = HTTPDomainMappingStatus::default();
-    add_serving(&mut s, None, Some(&[home.clone()]), None, Utc::now());
+    add_serving(
+        &mut s,
+        None,
+        Some(std::slice::from_ref(&home)),
+        None,
+        Utc::now(),
+    );
     assert_eq!(s, HTTPDomainMappingStatus::default());
     let mut shown = HTTPDomainMappingStatus::default();
     add_serving(
         &mut shown,
         Some(&home),
-        Some(&[home.clone()]),
+        Some(std::slice::from_ref(&home)),
         None,
         Utc::now(),
     );
