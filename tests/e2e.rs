@@ -1294,7 +1294,16 @@ fn mapping_status_names_the_serving_set(s: &Stack) {
         )),
         "apply a placed mapping",
     );
-    // A TunnelSet placed on the same set (its Secret need not exist: the placement is shown).
+    // A TunnelSet placed on the same set (admitted: only an admitted client is served).
+    s.cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "placed-token",
+        "-n",
+        ns,
+        "--from-literal=token=placed-secret-token",
+    ]);
     ok(
         s.cp.apply(
             &tunnelset_yaml(ns, "placed-ts", "placed-client", "placed-token").replace(

@@ -259,7 +259,14 @@ impl Dialer {
     }
 
     /// Dials `addr` as slot `slot` and returns once the session is up.
-    pub async fn open(&self, addr: &str, slot: u32) -> Result<Session, DialError> {
+    /// Opens a session on `addr`. `unreachable`: addresses proxies sent it to this round that
+    /// it could not reach.
+    pub async fn open(
+        &self,
+        addr: &str,
+        slot: u32,
+        unreachable: &[String],
+    ) -> Result<Session, DialError> {
         let mut io = self.transport(addr).await?;
         let auth = Auth {
             client_id: self.client_id.clone(),
@@ -267,6 +274,7 @@ impl Dialer {
             instance: self.instance.clone(),
             slot,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            unreachable: unreachable.to_vec(),
         };
         let ok = handshake::agent_hello(&mut io, &auth, self.connect_timeout)
             .await

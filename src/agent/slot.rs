@@ -17,6 +17,8 @@ use crate::tunnel::msg::AuthErrorCode;
 /// A session must live this long before a failure restarts the backoff at its first delay
 /// (a proxy that accepts and drops at once is not hammered).
 const STABLE_AFTER: Duration = Duration::from_secs(5);
+/// Redirects to another proxy set followed in one round of dialling.
+const MAX_REDIRECTS: usize = 4;
 /// The same failure is logged at most this often (a wrong token retries forever).
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -117,6 +119,10 @@ impl Shared {
                 .unwrap_or_default();
             let mut order: std::collections::VecDeque<String> = order.into();
             let mut tried: Vec<String> = Vec::new();
+            // Addresses proxies sent this slot to this round, and those of them it could not
+            // reach (told to the next proxies, which offer others or take the agent).
+            let mut redirected: Vec<String> = Vec::new();
+            let mut unreachable: Vec<String> = Vec::new();
             let mut wait = None;
             while let Some(addr) = order.pop_front() {
                 let addr = &addr;
@@ -125,7 +131,7 @@ impl Shared {
                     return Err(Stopped::Yes);
                 }
                 let attempt = tokio::select! {
-                    r = self.dialer.open(addr, slot) => r,
+                    r = self.dialer.open(addr, slot, &unreachable) => r,
                     _ = stop.wait_for(|s| *s) => return Err(Stopped::Yes),
                 };
                 match attempt {
@@ -144,17 +150,36 @@ impl Shared {
                             .with_label_values(&[e.label()])
                             .inc();
                         log.error(&e);
+                        let other_set = matches!(
+                            e,
+                            DialError::Refused {
+                                code: AuthErrorCode::OtherSet,
+                                ..
+                            }
+                        );
+                        if redirected.contains(addr) && !other_set {
+                            unreachable.push(addr.clone());
+                            // Asked again with what failed: the proxy that sent us there may
+                            // name another node, or take the agent itself.
+                            for a in tried.iter().rev() {
+                                if a != addr && !order.contains(a) && !redirected.contains(a) {
+                                    order.push_front(a.clone());
+                                    break;
+                                }
+                            }
+                        }
                         // A proxy of another set names one of the client's serving set: that
-                        // one next (once a round, so two proxies cannot bounce the agent).
+                        // one next (each address once a round, and a few redirects at most, so
+                        // proxies cannot bounce the agent).
                         if let DialError::Refused {
                             reconnect_to: Some(to),
                             ..
                         } = &e
                             && !tried.contains(to)
+                            && redirected.len() < MAX_REDIRECTS
+                            && crate::config::agent::split_host_port(to).is_some()
                         {
-                            if let Ok(mut servers) = self.servers.lock() {
-                                servers.learn(to);
-                            }
+                            redirected.push(to.clone());
                             order.retain(|a| a != to);
                             order.push_front(to.clone());
                         }

@@ -21,23 +21,40 @@ impl Fleet {
         self.healthy.read().expect("not poisoned").clone()
     }
 
-    /// Records what the registry says; true when it changed.
-    fn update(&self, sets: Vec<SetName>) -> bool {
+    /// Records what the registry says; what it said before when that changed.
+    fn update(&self, sets: Vec<SetName>) -> Option<Option<Arc<[SetName]>>> {
         let mut held = self.healthy.write().expect("not poisoned");
         if held.as_deref() == Some(sets.as_slice()) {
-            return false;
+            return None;
         }
-        *held = Some(sets.into());
-        true
+        Some(held.replace(sets.into()))
     }
 }
 
-/// Reads the registry every `every` until `stop`; calls `changed` when the healthy sets change.
+/// Whether the set serving `placement` (a status's `set`) differs between two views of the
+/// healthy sets; an unread view (`None`) differs from any.
+pub fn serving_changed(
+    placement: Option<&str>,
+    before: Option<&[SetName]>,
+    after: &[SetName],
+) -> bool {
+    let Some(placement) = placement.and_then(|p| SetName::parse(p).ok()) else {
+        return false;
+    };
+    let Some(before) = before else {
+        return true;
+    };
+    crate::domain::serving_set(&placement, before.iter())
+        != crate::domain::serving_set(&placement, after.iter())
+}
+
+/// Reads the registry every `every` until `stop`; calls `changed(before, after)` when the
+/// healthy sets change.
 pub async fn follow(
     fleet: Arc<Fleet>,
     nodes: Arc<dyn NodeRegistry>,
     every: Duration,
-    changed: impl Fn() + Send,
+    changed: impl Fn(Option<&[SetName]>, &[SetName]) + Send,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -49,14 +66,38 @@ pub async fn follow(
         }
         match nodes.list_nodes().await {
             Ok(list) => {
-                if fleet.update(healthy_sets(&list)) {
-                    tracing::info!(healthy = ?fleet.get().unwrap_or_default(), "proxy sets with a healthy node changed");
-                    changed();
+                let now = healthy_sets(&list);
+                if let Some(before) = fleet.update(now.clone()) {
+                    tracing::info!(healthy = ?now, "proxy sets with a healthy node changed");
+                    changed(before.as_deref(), &now);
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the node registry; serving sets in status wait")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_placements_whose_serving_set_moved_are_woken() {
+        let sets =
+            |v: &[&str]| -> Vec<SetName> { v.iter().map(|s| SetName::parse(s).unwrap()).collect() };
+        let before = sets(&["novel.sh", "novel.*", "ams.sh"]);
+        let after = sets(&["novel.*", "ams.sh", "ams.sz"]);
+        assert!(serving_changed(Some("novel.sh"), Some(&before), &after));
+        assert!(
+            !serving_changed(Some("novel.sz"), Some(&before), &after),
+            "DR before and after"
+        );
+        assert!(!serving_changed(Some("ams.sh"), Some(&before), &after));
+        assert!(serving_changed(Some("ams.sz"), Some(&before), &after));
+        assert!(!serving_changed(Some("any"), Some(&before), &after));
+        assert!(!serving_changed(None, Some(&before), &after));
+        assert!(serving_changed(Some("ams.sh"), None, &after), "first read");
     }
 }

@@ -270,19 +270,17 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         FLEET_EVERY,
         {
             let (ctx, ts_ctx) = (ctx.clone(), ts_ctx.clone());
-            move || {
+            // Only the resources whose serving set moved.
+            move |before: Option<&[crate::domain::SetName]>, after: &[crate::domain::SetName]| {
                 for m in ctx.cache.state() {
-                    let placed = m
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.set.as_deref())
-                        .is_some_and(|s| s != "any");
-                    if placed {
+                    let set = m.status.as_ref().and_then(|s| s.set.as_deref());
+                    if fleet::serving_changed(set, before, after) {
                         let _ = ctx.wake.send(ObjectRef::from_obj(&*m));
                     }
                 }
                 for ts in ts_ctx.cache.state() {
-                    if ts.status.as_ref().is_some_and(|s| s.set.is_some()) {
+                    let set = ts.status.as_ref().and_then(|s| s.set.as_deref());
+                    if fleet::serving_changed(set, before, after) {
                         let _ = ts_ctx.wake.send(ObjectRef::from_obj(&*ts));
                     }
                 }

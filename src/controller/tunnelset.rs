@@ -419,10 +419,11 @@ async fn write_status(
         Utc::now(),
     );
     status.tunnel_count = i32::try_from(obj.spec.tunnels.len()).unwrap_or(i32::MAX);
-    let placement = status
-        .set
-        .as_deref()
-        .and_then(|s| crate::domain::SetName::parse(s).ok());
+    // Only an admitted client is served anywhere.
+    let placement = match outcome {
+        Outcome::Accepted { set, .. } => Some(set.clone()),
+        Outcome::Refused { .. } => None,
+    };
     let healthy = ctx.fleet.get();
     let generation = status.observed_generation;
     super::decide::serving_into(

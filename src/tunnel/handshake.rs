@@ -88,6 +88,7 @@ mod tests {
             instance: "i".into(),
             slot: 0,
             version: String::new(),
+            unreachable: Vec::new(),
         }
     }
 

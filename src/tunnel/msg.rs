@@ -107,7 +107,15 @@ pub struct Auth {
     pub slot: u32,
     #[serde(default)]
     pub version: String,
+    /// Addresses proxies sent the agent to this round (its serving set) that it could not
+    /// reach: not offered again, and when no other is known a proxy of its business takes it
+    /// (docs/sets.md "Agents"). At most [`MAX_UNREACHABLE`] are read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
 }
+
+/// The most `Auth.unreachable` addresses a proxy reads (more are ignored).
+pub const MAX_UNREACHABLE: usize = 8;
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +125,7 @@ impl std::fmt::Debug for Auth {
             .field("instance", &self.instance)
             .field("slot", &self.slot)
             .field("version", &self.version)
+            .field("unreachable", &self.unreachable)
             .finish()
     }
 }
@@ -173,6 +182,9 @@ pub enum AuthErrorCode {
     /// The client is placed on another proxy set (its home set, or its business's DR set while
     /// home is down), or on another business: `reconnect_to` names where, when known.
     OtherSet,
+    /// A code this agent does not know (a newer proxy's): treated as retryable.
+    #[serde(other)]
+    Unknown,
 }
 
 impl AuthErrorCode {
@@ -184,6 +196,7 @@ impl AuthErrorCode {
             Self::BadRequest => "bad_request",
             Self::Unavailable => "unavailable",
             Self::OtherSet => "other_set",
+            Self::Unknown => "unknown",
         }
     }
 
@@ -244,6 +257,7 @@ mod tests {
             instance: "i1".into(),
             slot: 0,
             version: "0.1.0".into(),
+            unreachable: Vec::new(),
         };
         let f = auth.to_frame();
         assert_eq!(f.kind, 1);

@@ -166,6 +166,7 @@ pub async fn connect(
         instance: instance.into(),
         slot: 0,
         version: "test".into(),
+        unreachable: Vec::new(),
     };
     let ok = handshake::agent_hello(&mut io, &auth, Duration::from_secs(5)).await?;
     let seen = Arc::new(Mutex::new(Seen::default()));

@@ -176,7 +176,15 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         return;
     };
     // The client's home set, else its business's DR set, by the one placement rule.
-    if let Err((why, to)) = t.placed(cred.placement.as_ref()) {
+    // What the agent could not reach, bounded (every input is hostile).
+    let unreachable: Vec<String> = auth
+        .unreachable
+        .iter()
+        .filter(|a| a.len() <= 255)
+        .take(msg::MAX_UNREACHABLE)
+        .cloned()
+        .collect();
+    if let Err((why, to)) = t.placed(cred.placement.as_ref(), &unreachable) {
         tracing::info!(%peer, client_id = %client, reconnect_to = to.as_deref().unwrap_or("-"), "tunnel session refused: {why}");
         refuse_to(&t, &mut io, AuthErrorCode::OtherSet, &why, to).await;
         return;
@@ -274,7 +282,7 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         s.max_streams as usize,
         ctl_tx,
     ));
-    session.set_placement(cred.placement.clone());
+    session.set_placement(cred.placement.clone(), unreachable);
     match t
         .local
         .insert(session.clone(), s.per_client, s.max_sessions)

@@ -114,6 +114,29 @@ pub struct Tunnels {
     healthy: Arc<crate::proxy::registry::HealthySets>,
 }
 
+/// How long the addresses an agent could not reach are not offered to its session again.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(300);
+
+/// Whether a node's tunnel address may be given to an agent: `host:port`, of sane length, not an
+/// unspecified, link-local or multicast IP.
+fn tunnel_address_ok(addr: &str) -> bool {
+    let Some((host, port)) = crate::config::agent::split_host_port(addr) else {
+        return false;
+    };
+    if addr.len() > 255 || port == 0 {
+        return false;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => {
+            !(v4.is_unspecified() || v4.is_link_local() || v4.is_multicast() || v4.is_broadcast())
+        }
+        Ok(std::net::IpAddr::V6(v6)) => {
+            !(v6.is_unspecified() || v6.is_unicast_link_local() || v6.is_multicast())
+        }
+        Err(_) => true,
+    }
+}
+
 /// Calls [`Tunnels::send_home`] every `every` (the registry's heartbeat) until `stop`.
 pub async fn send_home_every(
     t: Arc<Tunnels>,
@@ -240,18 +263,28 @@ impl Tunnels {
     /// home set, else its business's DR set while home has no healthy node. An agent of a set
     /// that nobody serves now is kept here, in its business, until one does. Refused: why, and
     /// a tunnel listener of the serving set when one is known.
-    pub fn placed(&self, placement: Option<&SetName>) -> Result<(), (String, Option<String>)> {
+    /// `unreachable`: addresses of the serving set the agent could not reach (the registry
+    /// may name a node that is gone, or one the agent cannot route to): another is offered, and
+    /// when there is none a proxy of its business takes the agent.
+    pub fn placed(
+        &self,
+        placement: Option<&SetName>,
+        unreachable: &[String],
+    ) -> Result<(), (String, Option<String>)> {
         use crate::domain::{Decision, decide};
         match decide(placement, &self.set, &self.healthy.get(), false) {
             Decision::Here | Decision::Unserved => Ok(()),
-            Decision::Forward(set) => Err((
-                format!(
-                    "the client is placed on {}: set {set} serves it, not {}",
-                    placement.map(ToString::to_string).unwrap_or_default(),
-                    self.set
-                ),
-                self.tunnel_of(&set),
-            )),
+            Decision::Forward(set) => match self.tunnel_of(&set, unreachable) {
+                None if !unreachable.is_empty() => Ok(()),
+                to => Err((
+                    format!(
+                        "the client is placed on {}: set {set} serves it, not {}",
+                        placement.map(ToString::to_string).unwrap_or_default(),
+                        self.set
+                    ),
+                    to,
+                )),
+            },
             Decision::OtherBusiness => Err((
                 format!(
                     "the client is placed on {}, another business than this proxy's {}",
@@ -263,12 +296,15 @@ impl Tunnels {
         }
     }
 
-    /// A tunnel listener of an active node of `set` (round robin).
-    fn tunnel_of(&self, set: &SetName) -> Option<String> {
+    /// A tunnel listener of an active node of `set` (round robin) whose address an agent may
+    /// be sent to, other than `unreachable`.
+    fn tunnel_of(&self, set: &SetName, unreachable: &[String]) -> Option<String> {
         self.healthy
             .rotation(set, &self.node_id)
             .into_iter()
-            .find(|n| !n.tunnel_address.is_empty())
+            .find(|n| {
+                tunnel_address_ok(&n.tunnel_address) && !unreachable.contains(&n.tunnel_address)
+            })
             .map(|n| n.tunnel_address)
     }
 
@@ -287,20 +323,29 @@ impl Tunnels {
             if s.is_leaving() {
                 continue;
             }
-            let Err((why, Some(to))) = self.placed(Some(placement)) else {
+            // What its agent could not reach is not offered again for a while; with nothing
+            // else to offer, the session stays.
+            let unreachable = if s.since.elapsed() < UNREACHABLE_FOR {
+                s.unreachable()
+            } else {
+                &[]
+            };
+            let Err((why, Some(to))) = self.placed(Some(placement), unreachable) else {
                 continue;
             };
-            tracing::info!(client_id = %s.client_id, session = %s.id, reconnect_to = %to, "moving an agent to its serving set: {why}");
             let frame = ServerShutdown {
-                reason: why,
-                reconnect_to: Some(to),
+                reason: why.clone(),
+                reconnect_to: Some(to.clone()),
                 grace_period: self.settings.grace.as_secs(),
             }
             .to_frame()
             .to_bytes();
-            s.set_leaving();
-            self.metrics.event("sent_home", "");
-            let _ = s.control.try_send(frame);
+            // Leaving only once the agent is told (a full control channel: next heartbeat).
+            if s.control.try_send(frame).is_ok() {
+                tracing::info!(client_id = %s.client_id, session = %s.id, reconnect_to = %to, "moving an agent to its serving set: {why}");
+                s.set_leaving();
+                self.metrics.event("sent_home", "");
+            }
         }
     }
 
@@ -376,6 +421,35 @@ impl Tunnels {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while !self.local.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::tunnel_address_ok;
+
+    #[test]
+    fn only_plausible_tunnel_listeners_are_handed_to_agents() {
+        for ok in [
+            "10.0.0.7:7000",
+            "tunnel-0.tunnox.example:443",
+            "[fd00::7]:7000",
+            "127.0.0.1:7000",
+        ] {
+            assert!(tunnel_address_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "10.0.0.7",
+            "0.0.0.0:7000",
+            "169.254.169.254:80",
+            "[fe80::1]:7000",
+            "224.0.0.1:7000",
+            "10.0.0.7:0",
+            &format!("{}:7000", "a".repeat(300)),
+        ] {
+            assert!(!tunnel_address_ok(bad), "{bad}");
         }
     }
 }

@@ -111,6 +111,8 @@ pub struct Session {
     pub report_pending: AtomicBool,
     /// The client's home set when it authenticated (`None`: any set).
     placement: std::sync::OnceLock<SetName>,
+    /// Addresses of its serving set the agent could not reach when it connected.
+    unreachable: std::sync::OnceLock<Vec<String>>,
 }
 
 impl Session {
@@ -140,14 +142,20 @@ impl Session {
             reported: Mutex::new(None),
             report_pending: AtomicBool::new(false),
             placement: std::sync::OnceLock::new(),
+            unreachable: std::sync::OnceLock::new(),
         }
     }
 
-    /// Records the client's home set (once, at authentication).
-    pub fn set_placement(&self, placement: Option<SetName>) {
+    /// Records the client's home set and what its agent could not reach (at authentication).
+    pub fn set_placement(&self, placement: Option<SetName>, unreachable: Vec<String>) {
         if let Some(p) = placement {
             let _ = self.placement.set(p);
         }
+        let _ = self.unreachable.set(unreachable);
+    }
+
+    pub fn unreachable(&self) -> &[String] {
+        self.unreachable.get().map_or(&[], Vec::as_slice)
     }
 
     pub fn placement(&self) -> Option<&SetName> {
