@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 use support::http::{Upstream, read_reply};
 use support::proxy::ProxyProc;
 
-fn metric(p: &ProxyProc, name: &str) -> u64 {
-    let m = p.admin_get("/metrics").map(|r| r.body).unwrap_or_default();
-    m.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Pins every thread of process `pid` to CPU `cpu` (when the machine has two or more).
 fn pin(pid: u32, cpu: usize) {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
@@ -162,8 +154,8 @@ fn a_flooded_mapping_is_limited_and_the_others_keep_their_latency() {
         "the flood was refused: {report}"
     );
     assert!(
-        metric(
-            &here,
+        support::process::metric(
+            here.admin,
             "tunnox_proxy_limited_total{limit=\"mapping_concurrency\"}"
         ) > 0,
         "counted"
@@ -185,8 +177,8 @@ fn a_flooded_mapping_is_limited_and_the_others_keep_their_latency() {
         "without the per-mapping limit the flood starves the calm mapping"
     );
     assert!(
-        metric(
-            &unlimited,
+        support::process::metric(
+            unlimited.admin,
             "tunnox_proxy_limited_total{limit=\"upstream_requests\"}"
         ) > 0,
         "counted"

@@ -13,8 +13,12 @@ use super::tunnel::FROM_SET_HEADER;
 use super::{ProxyBody, ProxyError};
 use crate::domain::SetName;
 
-/// Sends `req` (for `admitted`, whose route another set serves) to a node of `set`: each in
-/// turn while one cannot be reached and the request can be sent again (no body, no upgrade).
+/// Nodes of the serving set one request is offered to, at most.
+const MAX_TRIES: usize = 4;
+
+/// Sends `req` (for `admitted`, whose route another set serves) to a node of `set`: the next
+/// (at most [`MAX_TRIES`]) while one cannot be reached and the request can be sent again (no
+/// body, no upgrade).
 pub async fn forward(
     ctx: &Ctx,
     mut req: Request<ProxyBody>,
@@ -58,7 +62,7 @@ pub async fn forward(
     let mut body = Some(body);
     let no_token = || failed("proxy.tunnel.node_token_file is not set".into());
     let mut last = None;
-    for node in &nodes {
+    for node in nodes.iter().take(MAX_TRIES) {
         let sent_body = match body.take() {
             Some(b) => b,
             None => super::empty_body(),
@@ -82,7 +86,8 @@ pub async fn forward(
                 ));
             }
             Err((e, true)) if replayable => {
-                tracing::info!(set = %set, node = %node.node_id, error = %e, "a node of the serving set is unreachable; trying the next");
+                // Per request while the registry still names it: counted, logged at debug.
+                tracing::debug!(set = %set, node = %node.node_id, error = %e, "a node of the serving set is unreachable; trying the next");
                 last = Some(e);
             }
             Err((e, _)) => return Err(e),

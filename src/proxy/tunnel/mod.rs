@@ -123,18 +123,18 @@ fn tunnel_address_ok(addr: &str) -> bool {
     let Some((host, port)) = crate::config::agent::split_host_port(addr) else {
         return false;
     };
-    if addr.len() > 255 || port == 0 {
-        return false;
-    }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) => {
-            !(v4.is_unspecified() || v4.is_link_local() || v4.is_multicast() || v4.is_broadcast())
-        }
-        Ok(std::net::IpAddr::V6(v6)) => {
-            !(v6.is_unspecified() || v6.is_unicast_link_local() || v6.is_multicast())
-        }
-        Err(_) => true,
-    }
+    addr.len() <= 255 && port != 0 && !host.parse().is_ok_and(never_a_node)
+}
+
+/// An address no node of the fleet listens on: unspecified, link-local (cloud metadata),
+/// multicast or broadcast. Node records come from the store: such an address in one is never
+/// dialled by a proxy nor handed to an agent.
+fn never_a_node(ip: std::net::IpAddr) -> bool {
+    let link_local = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    ip.is_unspecified() || ip.is_multicast() || link_local
 }
 
 /// Calls [`Tunnels::send_home`] every `every` (the registry's heartbeat) until `stop`.

@@ -544,12 +544,7 @@ fn peer_address_ok(address: &str) -> Result<(), String> {
     let addr: std::net::SocketAddr = address
         .parse()
         .map_err(|_| format!("node address {address:?} is not an IP address and port"))?;
-    let ip = addr.ip();
-    let link_local = match ip {
-        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
-        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
-    };
-    if ip.is_unspecified() || ip.is_multicast() || link_local || addr.port() == 0 {
+    if super::never_a_node(addr.ip()) || addr.port() == 0 {
         return Err(format!("node address {address} cannot be a peer"));
     }
     Ok(())
