@@ -751,10 +751,11 @@ async fn malformed_node_registrations_are_skipped() {
     );
 }
 
-/// Remote ports of a set: explicit and automatic claims, a conflict naming the holder, stable
-/// automatic ports, freeing what is no longer asked for, release, the version, bind errors.
+/// Remote ports of a business: explicit and automatic claims, a conflict naming the holder (also
+/// from another set of the business), stable automatic ports, freeing what is no longer asked
+/// for, release, the version, bind errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_ports_are_claimed_atomically_per_set() {
+async fn remote_ports_are_claimed_atomically_per_business() {
     use tunnox::store::{PortClaim, PortOutcome, PortRegistry, PortRequest};
     let server = support::RedisServer::start();
     let store = RedisStore::connect(RedisOptions::new(&server.addr()))
@@ -766,6 +767,7 @@ async fn remote_ports_are_claimed_atomically_per_set() {
         port,
         claim: PortClaim {
             holder: holder.into(),
+            set: None,
             client_id: format!("{holder}-client"),
             name: name.into(),
             target: "127.0.0.1:22".into(),
@@ -820,12 +822,30 @@ async fn remote_ports_are_claimed_atomically_per_set() {
             PortOutcome::Held(20001)
         ]
     );
-    // Another set has its own ports.
+    // Another business has its own ports.
     let other = store
         .claim_ports(&other_set, "b", &[req("b", "web", 2222)], range)
         .await
         .unwrap();
     assert_eq!(other, vec![PortOutcome::Held(2222)]);
+    // Another set of the same business shares its port space (its DR set can take any over).
+    let sz = SetName::parse("default.sz").unwrap();
+    let e = store
+        .claim_ports(&sz, "e", &[req("e", "web", 2222)], range)
+        .await
+        .unwrap();
+    assert_eq!(
+        e,
+        vec![PortOutcome::Conflict {
+            port: 2222,
+            holder: "a".into()
+        }]
+    );
+    assert_eq!(
+        store.port_table(&sz).await.unwrap(),
+        store.port_table(&set).await.unwrap(),
+        "one table"
+    );
     // c gets the last automatic port; d finds the range exhausted.
     let c = store
         .claim_ports(&set, "c", &[req("c", "y", 0)], range)
@@ -921,6 +941,7 @@ async fn a_group_shares_its_port_among_its_members() {
         port,
         claim: PortClaim {
             holder: holder.into(),
+            set: None,
             client_id: format!("{holder}-client"),
             name: "web".into(),
             target: format!("127.0.0.1:{}", 8000 + holder.len()),

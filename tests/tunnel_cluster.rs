@@ -353,10 +353,64 @@ fn a_placed_tunnel_mapping_reaches_an_agent_on_another_set() {
 /// set killed too → any proxy of its business; home back → it moves home, make-before-break.
 /// Never to `ams.sh`; HTTP through every `novel` proxy reaches it whenever home or DR serves.
 #[test]
-fn a_placed_agent_connects_home_falls_back_to_dr_and_moves_back() {
+fn a_placed_agent_and_its_remote_port_go_home_fall_back_to_dr_and_move_back() {
+    use std::io::{Read, Write};
+    use tunnox::store::{PortClaim, PortRegistry as _, PortRequest};
     let sets = ["novel.sh", "novel.sz", "novel.*", "ams.sh"];
     let mut f = Fleet::start_placed(4, false, &sets, Some("novel.sh"), true);
-    let _agent = f.agent(&[1, 3], &[]);
+    // A TCP remote port of the client's TunnelSet, placed on novel.sh as the controller claims
+    // it: in the business's port space.
+    let echo = support::echo::tcp();
+    let port = free_port();
+    let home = tunnox::domain::SetName::parse("novel.sh").unwrap();
+    let claim = PortClaim {
+        holder: "k8s:test/ns/ts".into(),
+        set: Some(home.clone()),
+        client_id: CLIENT.into(),
+        name: "ssh".into(),
+        target: format!("127.0.0.1:{echo}"),
+        udp: false,
+        max_connections: None,
+        max_bytes_per_second: None,
+        health_check: None,
+        group: None,
+        balance: None,
+        members: Vec::new(),
+        udp_idle_ms: None,
+    };
+    let held = f
+        .rt
+        .block_on(f.store.claim_ports(
+            &home,
+            "k8s:test/ns/ts",
+            &[PortRequest { port, claim }],
+            (1, 65535),
+        ))
+        .unwrap();
+    assert_eq!(held, [tunnox::store::PortOutcome::Held(port)]);
+    let allow = format!("127.0.0.1:{echo}");
+    let _agent = f.agent(&[1, 3], &["--allow", &allow]);
+    // Node i listens on 127.0.0.(i+1).
+    let echoes = |i: usize| -> bool {
+        let ip = format!("127.0.0.{}", i + 1);
+        let Ok(mut c) = std::net::TcpStream::connect((ip.as_str(), port)) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut buf = [0u8; 4];
+        c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"ping"
+    };
+    let listens = |i: usize| {
+        std::net::TcpStream::connect((format!("127.0.0.{}", i + 1).as_str(), port)).is_ok()
+    };
+    let port_on = |i: usize, others: &[usize]| {
+        let took = eventually(
+            &format!("remote port served by p{i} only"),
+            Duration::from_secs(15),
+            || echoes(i) && others.iter().all(|&o| !listens(o)),
+        );
+        println!("remote port on p{i} after {took:?}");
+    };
     let on = |f: &Fleet, want: &str, within: u64| {
         let took = eventually(
             &format!("agent on {want}"),
@@ -375,20 +429,26 @@ fn a_placed_agent_connects_home_falls_back_to_dr_and_moves_back() {
     on(&f, "p0", 15);
     served(&f, &[0, 1, 2]);
     assert_eq!(f.status_via(3), 421, "another business");
+    port_on(0, &[1, 2, 3]);
 
+    // novel.sh down: the DR set takes the agent, the mapping and the remote port over.
     f.nodes[0].proc.take().unwrap().role.kill();
     on(&f, "p2", 20);
     served(&f, &[1, 2]);
+    port_on(2, &[1, 3]);
 
+    // No set of the placement left: novel.sz never listens on it.
     f.nodes[2].proc.take().unwrap().role.kill();
     on(&f, "p1", 20);
+    eventually("nobody listens", Duration::from_secs(5), || !listens(1));
 
     f.boot(2);
     f.boot(0);
     // Home is back: the proxy holding the agent sends it home; the agent opens its new session
-    // before it leaves the old one.
+    // before it leaves the old one. The DR set closes the port again.
     on(&f, "p0", 20);
     served(&f, &[0, 1, 2]);
+    port_on(0, &[1, 2, 3]);
     let log = agent_log(&f);
     assert!(log.contains("moved to a new session"), "{log}");
     assert!(
@@ -712,6 +772,7 @@ fn a_remote_port_on_any_proxy_reaches_the_agent_through_the_holder() {
     let (tcp_port, udp_port) = (free_port(), free_port());
     let claim = |name: &str, target: u16, udp: bool| PortClaim {
         holder: "k8s:test/ns/ts".into(),
+        set: None,
         client_id: CLIENT.into(),
         name: name.into(),
         target: format!("127.0.0.1:{target}"),
@@ -823,6 +884,7 @@ fn rolling_restart_under_tcp_load_fails_no_new_connection() {
             port,
             claim: PortClaim {
                 holder: "k8s:test/ns/ts".into(),
+                set: None,
                 client_id: CLIENT.into(),
                 name: "echo".into(),
                 target: format!("127.0.0.1:{echo_port}"),
@@ -990,6 +1052,7 @@ fn a_connection_on_a_draining_holder_lives_on_within_the_grace_period() {
     let set = tunnox::domain::SetName::parse("default.default").unwrap();
     let claim = PortClaim {
         holder: "k8s:test/ns/ts".into(),
+        set: None,
         client_id: CLIENT.into(),
         name: "echo".into(),
         target: format!("127.0.0.1:{echo_port}"),
@@ -1103,6 +1166,7 @@ fn a_group_port_on_any_proxy_alternates_between_agents_on_different_nodes() {
     ] {
         let claim = PortClaim {
             holder: holder.into(),
+            set: None,
             client_id: client.into(),
             name: "web".into(),
             target: format!("127.0.0.1:{target}"),

@@ -250,10 +250,12 @@ async fn ports(
     let holder = source(ctx, obj);
     match outcome {
         Outcome::Accepted { set, .. } => {
-            if let Some(old) = former_set(obj, Some(set)) {
+            // Another business's port space; within one business the claims below move with it.
+            if let Some(old) = former_set(obj, Some(set)).filter(|o| o.business() != set.business())
+            {
                 registry.release_ports(&old, &holder).await?;
             }
-            let (requests, asks) = tp::requests(obj, &holder, ctx.port_range);
+            let (requests, asks) = tp::requests(obj, set, &holder, ctx.port_range);
             let outcomes = registry
                 .claim_ports(set, &holder, &requests, ctx.port_range)
                 .await?;
@@ -291,7 +293,12 @@ async fn publish_service(
         Api::namespaced(ctx.client.clone(), namespace);
     let name = tp::service_name(&obj.namespace().unwrap_or_default(), &obj.name_any());
     let desired = match outcome {
-        Outcome::Accepted { set, .. } => tp::service(obj, set, tunnels, cfg, namespace),
+        Outcome::Accepted { set, .. } => {
+            // The pods of the set serving it now: its home set, or the DR set while the home set
+            // has no healthy proxy (the fleet follower wakes this reconcile when that changes).
+            let serving = tp::service_set(set, ctx.fleet.get().as_deref());
+            tp::service(obj, &serving, tunnels, cfg, namespace)
+        }
         Outcome::Refused { .. } => None,
     };
     let Some(desired) = desired else {

@@ -2,6 +2,7 @@
 //! tunnel cannot ask), and each tunnel's status from what the store answered. No I/O.
 
 use crate::crd::{TunnelProtocol, TunnelSet, TunnelStatus};
+use crate::domain::SetName;
 use crate::store::{PortClaim, PortOutcome, PortRequest};
 
 /// Idle time of a UDP flow without `udpSessionTimeoutSeconds`.
@@ -36,7 +37,12 @@ fn refused(name: &str, message: String) -> TunnelStatus {
 /// The requests of `ts`'s tunnels for `holder`, with one [`Ask`] per tunnel in spec order. A
 /// remote port outside `range` is refused here: tenants choose among the ports the operator
 /// set aside, never the proxies' own or privileged ones.
-pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortRequest>, Vec<Ask>) {
+pub fn requests(
+    ts: &TunnelSet,
+    set: &SetName,
+    holder: &str,
+    range: (u16, u16),
+) -> (Vec<PortRequest>, Vec<Ask>) {
     let mut reqs = Vec::new();
     let mut asks = Vec::new();
     for (i, t) in ts.spec.tunnels.iter().enumerate() {
@@ -113,6 +119,7 @@ pub fn requests(ts: &TunnelSet, holder: &str, range: (u16, u16)) -> (Vec<PortReq
             port,
             claim: PortClaim {
                 holder: holder.to_string(),
+                set: Some(set.clone()),
                 client_id: ts.spec.client_id.clone(),
                 name: t.name.clone(),
                 target: target(&t.local_host, i32::from(local_port)),
@@ -226,7 +233,17 @@ pub fn set_label(set: &crate::domain::SetName) -> String {
     format!("{}.{region}", set.business())
 }
 
-/// The Service for `tunnels` (those holding a port), `None` when no port is held.
+/// The set whose proxy pods a TunnelSet placed on `home` is published on: the set serving it
+/// (home, else the business's DR set), home when none does or the fleet is not known yet (the
+/// Service then has no ready endpoint either way).
+pub fn service_set(home: &SetName, healthy: Option<&[SetName]>) -> SetName {
+    healthy
+        .and_then(|h| crate::domain::serving_set(home, h.iter()))
+        .unwrap_or_else(|| home.clone())
+}
+
+/// The Service for `tunnels` (those holding a port), `None` when no port is held; it selects
+/// the proxy pods of `set`, the set serving the TunnelSet now.
 pub fn service(
     ts: &TunnelSet,
     set: &crate::domain::SetName,
@@ -330,6 +347,27 @@ mod tests {
     }
 
     #[test]
+    fn the_service_follows_the_serving_set() {
+        let set = |s: &str| SetName::parse(s).unwrap();
+        let home = set("novel.sh");
+        let cases: [(Option<&[&str]>, &str); 5] = [
+            (None, "novel.sh"),
+            (Some(&["novel.sh", "novel.*"]), "novel.sh"),
+            (Some(&["novel.sz", "novel.*"]), "novel.*"),
+            (Some(&["novel.sz", "ams.*"]), "novel.sh"),
+            (Some(&[]), "novel.sh"),
+        ];
+        for (healthy, want) in cases {
+            let healthy: Option<Vec<SetName>> = healthy.map(|h| h.iter().map(|s| set(s)).collect());
+            assert_eq!(
+                service_set(&home, healthy.as_deref()),
+                set(want),
+                "{healthy:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_grouped_tunnel_names_its_namespaced_group_and_needs_a_port() {
         let mut web = tunnel("web", Some(20080), false);
         web.group = Some("web".into());
@@ -337,7 +375,8 @@ mod tests {
         auto.group = Some("web".into());
         let mut t = ts(vec![web, auto, tunnel("ssh", Some(20022), false)]);
         t.metadata.namespace = Some("team-a".into());
-        let (reqs, asks) = requests(&t, "k8s:c/team-a/laptop", (20000, 29999));
+        let set = SetName::parse("novel.sh").unwrap();
+        let (reqs, asks) = requests(&t, &set, "k8s:c/team-a/laptop", (20000, 29999));
         assert_eq!(reqs.len(), 2);
         assert_eq!(reqs[0].claim.group.as_deref(), Some("team-a/web"));
         assert_eq!(
@@ -367,7 +406,9 @@ mod tests {
             tunnel("web", Some(443), false),
             tunnel("db", Some(20001), false),
         ]);
-        let (reqs, asks) = requests(&t, "k8s:c/ns/laptop", (20000, 29999));
+        let set = SetName::parse("novel.sh").unwrap();
+        let (reqs, asks) = requests(&t, &set, "k8s:c/ns/laptop", (20000, 29999));
+        assert!(reqs.iter().all(|r| r.claim.set.as_ref() == Some(&set)), "placed on its set");
         assert_eq!(reqs.len(), 3);
         assert_eq!(reqs[0].port, 20022);
         assert_eq!(reqs[0].claim.target, "[::1]:22");

@@ -91,25 +91,26 @@ impl Keys {
         format!("{}:sessions:events", self.root)
     }
 
-    /// Hash of a proxy set's claimed remote ports: port → JSON claim.
+    /// Hash of the claimed remote ports of `set`'s business (one port space per business):
+    /// port → JSON claim.
     pub fn ports(&self, set: &crate::domain::SetName) -> String {
-        format!("{}:ports:{set}", self.root)
+        format!("{}:ports:{}", self.root, set.business())
     }
 
     /// Counter moved by every change of [`Keys::ports`].
     pub fn ports_version(&self, set: &crate::domain::SetName) -> String {
-        format!("{}:ports:{set}:version", self.root)
+        format!("{}:ports:{}:version", self.root, set.business())
     }
 
-    /// Hash of what each remote port of a set carried: `port:connections`, `port:bytes_in`,
-    /// `port:bytes_out`.
+    /// Hash of what each remote port of a business carried: `port:connections`,
+    /// `port:bytes_in`, `port:bytes_out`.
     pub fn port_traffic(&self, set: &crate::domain::SetName) -> String {
-        format!("{}:ports:{set}:traffic", self.root)
+        format!("{}:ports:{}:traffic", self.root, set.business())
     }
 
-    /// Hash of remote ports proxies of a set could not listen on: `port/node` → why.
+    /// Hash of remote ports proxies of a business could not listen on: `port/node` → why.
     pub fn port_errors(&self, set: &crate::domain::SetName) -> String {
-        format!("{}:ports:{set}:errors", self.root)
+        format!("{}:ports:{}:errors", self.root, set.business())
     }
 
     /// Hash of one proxy node's registration; expires unless the node heartbeats.

@@ -1,6 +1,8 @@
-//! Remote ports of tunnels in a cluster: which TunnelSet holds which port of a proxy set, and
-//! what the port carries. The controller claims and releases (atomically, per TunnelSet); the
-//! proxies of the set read the whole table when its version moves and listen accordingly.
+//! Remote ports of tunnels in a cluster: which TunnelSet holds which port of a business, and
+//! what the port carries. One port space per business (not per set): the business's DR set can
+//! then take over any set's ports without a clash (docs/sets.md "Remote ports"). The controller
+//! claims and releases (atomically, per TunnelSet); the proxies of the business read the whole
+//! table when its version moves and listen on the ports their set serves now.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,10 @@ use crate::domain::SetName;
 pub struct PortClaim {
     /// The claiming TunnelSet (`k8s:<cluster>/<ns>/<name>`).
     pub holder: String,
+    /// The TunnelSet's home set: proxies of this set listen on the port, or of the business's
+    /// DR set while this one has no healthy node. `None`: every proxy of the business.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<SetName>,
     pub client_id: String,
     /// The tunnel's name in its TunnelSet.
     pub name: String,
@@ -71,7 +77,7 @@ pub enum PortOutcome {
     Exhausted,
 }
 
-/// The table of one set, and the version it was read at.
+/// The table of one business, and the version it was read at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PortTable {
     pub version: u64,
@@ -81,9 +87,10 @@ pub struct PortTable {
 #[async_trait]
 pub trait PortRegistry: Send + Sync + 'static {
     /// In one atomic step: claims every request for `holder` (a port another holder has is a
-    /// conflict, left as it is), then frees the ports `holder` held in `set` that no request
-    /// names any more. Automatic ports come from `range` (inclusive). Returns one outcome per
-    /// request, in order. The set's version moves when anything changed.
+    /// conflict, left as it is), then frees the ports `holder` held in `set`'s business that no
+    /// request names any more. Automatic ports come from `range` (inclusive). Returns one
+    /// outcome per request, in order. The table's version moves when anything changed. Every
+    /// method names a set and works on the table of the set's business.
     async fn claim_ports(
         &self,
         set: &SetName,
@@ -92,7 +99,7 @@ pub trait PortRegistry: Send + Sync + 'static {
         range: (u16, u16),
     ) -> Result<Vec<PortOutcome>, StoreError>;
 
-    /// Frees every port `holder` holds in `set`.
+    /// Frees every port `holder` holds in `set`'s business.
     async fn release_ports(&self, set: &SetName, holder: &str) -> Result<(), StoreError>;
 
     /// The set's table version (0 when it never had a port).

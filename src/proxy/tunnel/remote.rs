@@ -26,7 +26,8 @@ use super::choose::{self, Pick};
 use super::session::{StreamError, StreamSlot};
 pub use super::spread::Backend;
 use super::spread::Spread;
-use crate::domain::Balance;
+use crate::domain::{Balance, Decision, SetName, decide};
+use crate::store::PortClaim;
 use crate::tunnel::udp::{self, Datagrams, TRANSPORT_HEADER};
 use crate::tunnel::{ERROR_HEADER, TARGET_HEADER};
 
@@ -269,42 +270,67 @@ fn remote_of(port: u16, c: &crate::store::PortClaim) -> RemoteTunnel {
     }
 }
 
-/// Cluster mode: keeps this proxy's remote ports equal to its set's table in the store (read
-/// whole when its version moves, polled every [`PORTS_POLL`]), and reports the ports it cannot
-/// listen on so the TunnelSet's status shows them. Until `stop`.
+/// The claims of a business's table that proxies of set `me` listen on now: those whose home
+/// set it is, and, while a home set has no healthy node, those of the business's DR set — the
+/// placement rule every request and agent follows (`domain::set::decide`).
+pub fn served<'a>(
+    claims: &'a [(u16, PortClaim)],
+    me: &SetName,
+    healthy: &'a [SetName],
+) -> impl Iterator<Item = &'a (u16, PortClaim)> {
+    claims
+        .iter()
+        .filter(move |(_, c)| decide(c.set.as_ref(), me, healthy, false) == Decision::Here)
+}
+
+/// Cluster mode: keeps this proxy's remote ports equal to the claims of its business's table in
+/// the store that its set serves now ([`served`]; the table read whole when its version moves,
+/// both looked at every [`PORTS_POLL`]), and reports the ports it cannot listen on so the
+/// TunnelSet's status shows them. Until `stop`.
 pub async fn follow_ports(
     registry: Arc<dyn crate::store::PortRegistry>,
-    set: crate::domain::SetName,
+    set: SetName,
     node_id: String,
     ports: Arc<RemotePorts>,
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = ports.tunnels.traffic.set((registry.clone(), set.clone()));
-    let mut applied: Option<u64> = None;
+    let mut table: Option<crate::store::PortTable> = None;
+    // The table's version and the ports served, as last applied.
+    let mut applied: Option<(u64, Vec<u16>)> = None;
     let mut failing: Vec<u16> = Vec::new();
     loop {
         match registry.port_version(&set).await {
-            Ok(v) if applied == Some(v) && failing.is_empty() => {}
+            Ok(v) if table.as_ref().is_some_and(|t| t.version == v) => {}
             Ok(_) => match registry.port_table(&set).await {
-                Ok(table) => {
-                    let desired: Vec<RemoteTunnel> =
-                        table.ports.iter().map(|(p, c)| remote_of(*p, c)).collect();
-                    let failed = ports.apply(&desired).await;
-                    let now_failing: Vec<u16> = failed.iter().map(|(p, _)| *p).collect();
-                    for (port, e) in &failed {
-                        let _ = registry
-                            .report_port(&set, *port, &node_id, Some(&e.to_string()))
-                            .await;
-                    }
-                    for port in failing.iter().filter(|p| !now_failing.contains(p)) {
-                        let _ = registry.report_port(&set, *port, &node_id, None).await;
-                    }
-                    failing = now_failing;
-                    applied = Some(table.version);
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot read the set's remote ports"),
+                Ok(t) => table = Some(t),
+                Err(e) => tracing::warn!(error = %e, "cannot read the business's remote ports"),
             },
             Err(e) => tracing::debug!(error = %e, "cannot read the remote ports' version"),
+        }
+        if let Some(t) = &table {
+            let healthy = ports.tunnels.healthy.get();
+            let desired: Vec<RemoteTunnel> = served(&t.ports, &set, &healthy)
+                .map(|(p, c)| remote_of(*p, c))
+                .collect();
+            let now = (t.version, desired.iter().map(|d| d.port).collect());
+            if applied.as_ref() != Some(&now) || !failing.is_empty() {
+                if applied.as_ref().is_some_and(|(_, was)| was != &now.1) {
+                    tracing::info!(ports = ?now.1, "the remote ports this set serves changed");
+                }
+                let failed = ports.apply(&desired).await;
+                let now_failing: Vec<u16> = failed.iter().map(|(p, _)| *p).collect();
+                for (port, e) in &failed {
+                    let _ = registry
+                        .report_port(&set, *port, &node_id, Some(&e.to_string()))
+                        .await;
+                }
+                for port in failing.iter().filter(|p| !now_failing.contains(p)) {
+                    let _ = registry.report_port(&set, *port, &node_id, None).await;
+                }
+                failing = now_failing;
+                applied = Some(now);
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(PORTS_POLL) => {}
@@ -766,6 +792,51 @@ mod tests {
         assert_eq!(plan(&HashMap::new(), &desired).open.len(), 3);
         let same: Vec<RemoteTunnel> = current.values().cloned().collect();
         assert_eq!(plan(&current, &same), Plan::default());
+    }
+
+    #[test]
+    fn a_set_serves_its_own_ports_and_its_business_dr_sets_ports_while_they_are_down() {
+        let set = |s: &str| SetName::parse(s).unwrap();
+        let claim = |home: Option<&str>| PortClaim {
+            holder: "k8s:c/ns/x".into(),
+            set: home.map(set),
+            client_id: "x".into(),
+            name: "t".into(),
+            target: "127.0.0.1:22".into(),
+            udp: false,
+            max_connections: None,
+            max_bytes_per_second: None,
+            udp_idle_ms: None,
+            group: None,
+            balance: None,
+            health_check: None,
+            members: Vec::new(),
+        };
+        let table = vec![
+            (2000, claim(Some("novel.sh"))),
+            (2001, claim(Some("novel.sz"))),
+            (2002, claim(Some("novel.*"))),
+            (2003, claim(None)),
+        ];
+        let ports = |me: &str, healthy: &[&str]| {
+            let healthy: Vec<SetName> = healthy.iter().map(|h| set(h)).collect();
+            served(&table, &set(me), &healthy)
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>()
+        };
+        let all = ["novel.sh", "novel.sz", "novel.*"];
+        // Each set its own (and the unplaced ones everywhere).
+        assert_eq!(ports("novel.sh", &all), [2000, 2003]);
+        assert_eq!(ports("novel.sz", &all), [2001, 2003]);
+        assert_eq!(ports("novel.*", &all), [2002, 2003]);
+        // novel.sh has no healthy node: the DR set takes its ports over, novel.sz does not.
+        let sh_down = ["novel.sz", "novel.*"];
+        assert_eq!(ports("novel.*", &sh_down), [2000, 2002, 2003]);
+        assert_eq!(ports("novel.sz", &sh_down), [2001, 2003]);
+        // A home set's own proxies keep listening whatever their view of the registry.
+        assert_eq!(ports("novel.sh", &[]), [2000, 2003]);
+        // Nobody else's business.
+        assert_eq!(ports("ams.sh", &all), [2003]);
     }
 
     #[test]

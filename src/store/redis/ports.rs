@@ -111,8 +111,10 @@ for pass = 1, 2 do
           local ours = cur and cur['holder'] == gholder
           -- The holder's own ungrouped claim on this port becomes the group's.
           local own = cur and cur['holder'] == holder
+          -- A group lives in one set: its port moves to the DR set as one.
           if keep[port] or (cur and not ours and not own)
-            or (ours and (cur['udp'] == true) ~= (mine['udp'] == true)) then
+            or (ours and (cur['udp'] == true) ~= (mine['udp'] == true))
+            or (ours and cur['set'] ~= mine['set']) then
             out[i] = 'conflict:' .. port .. ':' .. ((cur and cur['holder']) or holder)
           else
             local members = {}
@@ -125,6 +127,7 @@ for pass = 1, 2 do
             if ours and members[1]['holder'] ~= holder then base = cur end
             local rec = {
               holder = gholder, group = group, client_id = '', name = group, target = '',
+              set = mine['set'],
               udp = base['udp'], max_connections = base['max_connections'],
               max_bytes_per_second = base['max_bytes_per_second'], udp_idle_ms = base['udp_idle_ms'],
               balance = base['balance'], health_check = base['health_check'], members = members,
