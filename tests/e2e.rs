@@ -2742,7 +2742,7 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
     .trim()
     .to_string();
     assert_eq!(ports, format!("{a}/TCP;{b}/UDP;|default.default|ports-a"));
-    let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default.default"]);
+    let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default"]);
     assert!(
         claims.contains(&format!("127.0.0.1:{tcp_port}")),
         "{claims}"
@@ -2877,7 +2877,7 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
             s.redis
                 .cli(&[
                     "HGET",
-                    "tunnox:ports:default.default:traffic",
+                    "tunnox:ports:default:traffic",
                     &format!("{a}:bytes_in"),
                 ])
                 .trim()
@@ -2919,14 +2919,14 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
         n[0] >= 1 && n[1] == 18 * n[0] && n[2] == 18 * n[0],
         "connections/bytesIn/bytesOut {echo_traffic}; in the store: {}",
         s.redis
-            .cli(&["HGETALL", "tunnox:ports:default.default:traffic"])
+            .cli(&["HGETALL", "tunnox:ports:default:traffic"])
             .replace('\n', " ")
     );
     eventually("the UDP flow's traffic", Duration::from_secs(5), || {
         s.redis
             .cli(&[
                 "HGET",
-                "tunnox:ports:default.default:traffic",
+                "tunnox:ports:default:traffic",
                 &format!("{b}:bytes_in"),
             ])
             .trim()
@@ -2958,7 +2958,7 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
         tunnel_states("ports-b") == format!("other=Listening:{a};")
     });
     eprintln!("e2e: holder deleted → port taken over in {took:?}");
-    let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default.default"]);
+    let claims = s.redis.cli(&["HGETALL", "tunnox:ports:default"]);
     assert!(!claims.contains("ports-a"), "{claims}");
     let svc_exists = |name: &str| {
         s.cp.kubectl(&["get", "svc", name, "-n", NS])
@@ -2983,7 +2983,7 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
         || {
             !svc_exists("tunnox-ts-e2e-ports-ports-b")
                 && s.redis
-                    .cli(&["HLEN", "tunnox:ports:default.default"])
+                    .cli(&["HLEN", "tunnox:ports:default"])
                     .trim()
                     == "0"
         },
