@@ -1,6 +1,7 @@
 //! The HTTP/1.1 fast path: plain keep-alive requests, over TCP or TLS, (no upgrade, no `Expect`, a body of at most
 //! [`head::MAX_BUFFERED_BODY`] bytes by `Content-Length`) to plain-HTTP upstreams are parsed with
-//! httparse and relayed in the connection's own task over a pooled upstream connection, response
+//! httparse and relayed in the connection's own task over a pooled upstream connection (or, for a
+//! tunnel client, a pooled raw stream through its session: `upstream.rs`), response
 //! bodies passed on as they come (with their length or chunks). Everything else — HTTP/2,
 //! WebSocket, streamed uploads, `https` targets, heads the fast path does not like — is handed,
 //! with the bytes already read, to the general hyper path (`server.rs`), which answers it as if
@@ -11,6 +12,7 @@ mod exchange;
 mod head;
 mod pool;
 mod rewind;
+mod upstream;
 
 use std::time::Duration;
 
@@ -105,13 +107,20 @@ impl FastPath {
         }
     }
 
-    /// Closes idle upstream connections past their time, every `every`, until `stop`.
-    pub async fn sweep_pool(&self, every: Duration, mut stop: watch::Receiver<bool>) {
+    /// Closes idle upstream connections and parked tunnel streams past their time, every
+    /// `every`, until `stop`.
+    pub async fn sweep_pool(
+        &self,
+        tunnels: &crate::proxy::tunnel::Tunnels,
+        every: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {
                     self.tenant_pool.sweep();
                     self.operator_pool.sweep();
+                    tunnels.sweep_parked(self.settings.pool_idle_timeout);
                 }
                 _ = super::stopped(&mut stop) => return,
             }

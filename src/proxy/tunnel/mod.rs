@@ -5,6 +5,7 @@
 
 mod body;
 mod choose;
+mod fast;
 pub mod group;
 mod listener;
 mod metrics;
@@ -26,6 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use body::{Hold, Holding};
+pub use fast::FastStream;
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
 pub use remote::{Backend, RemotePorts, RemoteTunnel, follow_ports};
