@@ -312,13 +312,17 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
     };
     println!(
         "One upstream (nginx, `worker_processes 1`, `return 200` with a {}-byte body, keep-alive) \
-         reached four ways, each its own processes on this machine: directly; through tunnox \
+         reached seven ways, each its own processes on this machine: directly; through tunnox \
          (`tunnox proxy` single-node with `proxy.tunnel` on TLS 1.3 with a throwaway certificate, \
          `tunnel_clients` and a mapping with `target_client_id`, `worker_threads: 1`; `tunnox agent \
-         --allow 127.0.0.1:<upstream>`); through frp (frps `vhostHTTPPort`, frpc `type = \"http\"` \
-         with `customDomains`, frp's defaults: TLS to frps and yamux multiplexing); through \
-         rathole (a TCP service carrying the same HTTP, rathole's default TCP transport: no \
-         encryption, one tunnel connection per visitor connection). {pinning}. `wrk -t1 \
+         --allow 127.0.0.1:<upstream>`; the proxy's fast path writes each request on a raw stream \
+         parked on the agent's session, docs/tunnels.md \"HTTP on the fast path\"); the same with \
+         the session on plain TCP (`insecure`); the same HTTP through a tunnox TCP tunnel (a \
+         remote port: bytes only, no HTTP handling on the proxy); through frp (frps \
+         `vhostHTTPPort`, frpc `type = \"http\"` with `customDomains`, frp's defaults: TLS to frps \
+         and yamux multiplexing); through rathole (a TCP service carrying the same HTTP, \
+         rathole's default TCP transport: no encryption, one tunnel connection per visitor \
+         connection); through rathole with its Noise transport (encrypted). {pinning}. `wrk -t1 \
          -c{CONNECTIONS} -d{}s --latency` with `Host: {HOST}`, {} s of warm-up before each run; \
          the sides alternate, ×{RUNS}; medians. Every side answered the upstream's body before it \
          was measured. CPU per request is that of the side's own processes (not the upstream's); \
@@ -404,6 +408,12 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
             let noisy = direct_p99.is_some_and(|d| d > p99);
             let vs_rathole = ratio(Kind::Tunnox, Kind::Rathole);
             let vs_frp = ratio(Kind::Tunnox, Kind::Frp);
+            println!(
+                "Like for like: encrypted tunnox / encrypted rathole (Noise) **{}**; unencrypted \
+                 tunnox / unencrypted rathole **{}**.\n",
+                fmt(ratio(Kind::Tunnox, Kind::RatholeNoise)),
+                fmt(ratio(Kind::TunnoxPlain, Kind::Rathole)),
+            );
             println!(
                 "Goals: tunnox ≥ rathole's requests/s: **{}**; ≥ 10× frp's: **{}**; p99 < 2 ms: \
                  **{}** ({}); added p99 vs direct < 1 ms: **{}** ({}).{}\n",

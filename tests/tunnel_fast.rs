@@ -22,6 +22,8 @@ struct Node {
     proxy: ProxyProc,
     tunnel: u16,
     upstream: Upstream,
+    /// A second service of the same agent (mapping `other`).
+    other: Upstream,
 }
 
 impl Node {
@@ -31,7 +33,8 @@ impl Node {
         let token = secret_file(dir.path(), "agent-token", "agent-secret-0123456789");
         let node_token = secret_file(dir.path(), "node-token", "node-secret-0123456789");
         let upstream = Upstream::start("laptop-service");
-        let up = upstream.port;
+        let other = Upstream::start("other-service");
+        let (up, op) = (upstream.port, other.port);
         let tunnel = free_port();
         let yaml = format!(
             "storage: {{type: memory}}
@@ -39,7 +42,8 @@ http_domain: {{base_domains: [tunnox.net]}}
 tunnel_clients:
   - {{client_id: laptop, token: agent-secret-0123456789}}
 mappings:
-  - {{subdomain: app, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: {up}, custom_headers: {{X-Env: dev}}}}"
+  - {{subdomain: app, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: {up}, custom_headers: {{X-Env: dev}}}}
+  - {{subdomain: other, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: {op}}}"
         );
         let proxy =
             ProxyProc::start(dir.path(), "p", &yaml, &pki.tunnel_yaml(tunnel, &node_token))
@@ -51,6 +55,7 @@ mappings:
             proxy,
             tunnel,
             upstream,
+            other,
         }
     }
 
@@ -63,10 +68,42 @@ mappings:
                 token_file: &self.token,
                 ca: &self.pki.ca,
                 servers: &[self.tunnel],
-                allow: &[format!("127.0.0.1:{}", self.upstream.port)],
+                allow: &[
+                    format!("127.0.0.1:{}", self.upstream.port),
+                    format!("127.0.0.1:{}", self.other.port),
+                ],
                 extra: &[],
             },
         );
+        self.up(a)
+    }
+
+    /// The agent with `agent.max_streams` from a configuration file.
+    fn agent_with_max_streams(&self, max: u32) -> Role {
+        let file = self.dir.path().join("agent.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "agent:\n  server: 127.0.0.1:{}\n  client_id: laptop\n  token_file: {}\n  \
+                 ca_file: {}\n  allow: [127.0.0.1:{}, 127.0.0.1:{}]\n  max_streams: {max}\n",
+                self.tunnel,
+                self.token.display(),
+                self.pki.ca.display(),
+                self.upstream.port,
+                self.other.port,
+            ),
+        )
+        .unwrap();
+        let cfg = file.display().to_string();
+        let a = Role::start(
+            &["--config", &cfg, "agent"],
+            &[],
+            &self.dir.path().join("agent.log"),
+        );
+        self.up(a)
+    }
+
+    fn up(&self, a: Role) -> Role {
         eventually(
             "the agent's service answers through the proxy",
             Duration::from_secs(15),
@@ -91,8 +128,12 @@ impl Conn {
     }
 
     fn send(&mut self, method: &str, path: &str, body: &str) -> Reply {
+        self.send_to("app.tunnox.net", method, path, body)
+    }
+
+    fn send_to(&mut self, host: &str, method: &str, path: &str, body: &str) -> Reply {
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: app.tunnox.net\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         self.0.write_all(req.as_bytes()).unwrap();
@@ -187,4 +228,37 @@ fn plain_requests_ride_parked_streams_and_a_leaving_agent_takes_them_down() {
     let r = c.send("GET", "/", "");
     assert_eq!(r.status, 502, "{r:?}");
     assert!(r.body.contains("offline"), "{}", r.body);
+}
+
+/// Parked streams never keep a stream from opening: the agent's own limit (`agent.max_streams`,
+/// told at authentication) bounds the session, a quarter of it may be parked, and a parked
+/// stream gives way to a new one.
+#[test]
+fn parked_streams_give_way_within_the_agents_stream_limit() {
+    let node = Node::start();
+    let _agent = node.agent_with_max_streams(8);
+    // Eight slow requests at once to `app`: eight streams, all of the agent's.
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let port = node.proxy.port;
+            std::thread::spawn(move || Conn::open(port).send("GET", "/slow?ms=300", "").status)
+        })
+        .collect();
+    for t in slow {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    // Now another service of the agent: its stream opens at once (kept open, the eight idle
+    // streams would hold every place the agent has and it would wait for the response timeout).
+    for i in 0..3 {
+        let started = Instant::now();
+        let mut c = Conn::open(node.proxy.port);
+        let r = c.send_to("other.tunnox.net", "GET", "/", "");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-upstream"), Some("other-service"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "request {i} to another target waited {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -78,8 +78,9 @@ struct Answered {
 enum Failed {
     /// The proxy answers with this error.
     Refuse(ProxyError),
-    /// Nothing was sent that may not be sent again: the general path takes the request (why, as
-    /// the handovers metric's label).
+    /// The general path takes the request (why, as the handovers metric's label). Nothing of it
+    /// was sent, or it was sent on a reused stream that broke before any answer and is safe to
+    /// repeat (idempotent), as a retry would be.
     Handover(&'static str),
 }
 
@@ -265,12 +266,16 @@ impl Exchange<'_, '_> {
     /// A new connection (or stream) to `dest`. A tunnel client without a session here that
     /// takes a stream now goes to the general path, which knows where else to look.
     async fn open(&self, dest: Dest<'_>) -> Result<Upstream, Failed> {
+        use crate::proxy::tunnel::NoStream;
         match dest {
             Dest::Direct { target, who } => Ok(Upstream::Tcp(self.connect(target, who).await?)),
-            Dest::Tunnel { client, target } => match self.ctx.tunnels.open_fast(client, target).await {
-                Some(s) => Ok(Upstream::Tunnel(s)),
-                None => Err(Failed::Handover("tunnel_elsewhere")),
-            },
+            Dest::Tunnel { client, target } => {
+                match self.ctx.tunnels.open_fast(client, target).await {
+                    Ok(s) => Ok(Upstream::Tunnel(s)),
+                    Err(NoStream::Elsewhere) => Err(Failed::Handover("tunnel_elsewhere")),
+                    Err(NoStream::Failed(e)) => Err(Failed::Refuse(e)),
+                }
+            }
         }
     }
 
@@ -281,8 +286,9 @@ impl Exchange<'_, '_> {
             (Dest::Direct { target, who }, Upstream::Tcp(s)) => {
                 self.fast.pool(who).put(target, s, suspect);
             }
-            // A parked stream is always looked at before reuse.
-            (Dest::Tunnel { target, .. }, Upstream::Tunnel(s)) => s.park(target, max),
+            // Bytes an agent's service wrongly sent after a bodiless response may still be on
+            // their way through the session, where no peek sees them: not reused.
+            (Dest::Tunnel { target, .. }, Upstream::Tunnel(s)) if !suspect => s.park(target, max),
             _ => {}
         }
     }

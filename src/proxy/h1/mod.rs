@@ -61,6 +61,8 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
 /// (which applies `proxy.limits.max_headers`).
 const MAX_FAST_HEADERS: usize = 128;
 const READ_CHUNK: usize = 8 * 1024;
+/// How often parked tunnel streams are looked at (`FastPath::sweep_pool`).
+const PARKED_SWEEP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct FastSettings {
@@ -115,12 +117,19 @@ impl FastPath {
         every: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
+        let mut tick = tokio::time::interval(PARKED_SWEEP);
+        let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => {
-                    self.tenant_pool.sweep();
-                    self.operator_pool.sweep();
+                _ = tick.tick() => {
+                    // Parked tunnel streams every second: one its agent closed, or that has
+                    // something to say (holding the session's flow-control window), goes soon.
                     tunnels.sweep_parked(self.settings.pool_idle_timeout);
+                    if last.elapsed() >= every {
+                        last = tokio::time::Instant::now();
+                        self.tenant_pool.sweep();
+                        self.operator_pool.sweep();
+                    }
                 }
                 _ = super::stopped(&mut stop) => return,
             }

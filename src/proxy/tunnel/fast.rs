@@ -13,7 +13,19 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Tunnels;
+use super::remote::CarryError;
 use super::session::{RawStream, Session, StreamSlot};
+use crate::proxy::ProxyError;
+
+/// Why no raw stream was opened.
+pub enum NoStream {
+    /// No session here takes a new stream to the target now (none, all leaving, the agent
+    /// reports the target down): nothing was sent, and the general path decides — the node
+    /// holding another session, or the error.
+    Elsewhere,
+    /// The session here could not open it: the proxy's error response.
+    Failed(ProxyError),
+}
 
 /// One raw stream to a target through an agent's session, counted open on it while it lives.
 pub struct FastStream {
@@ -48,22 +60,39 @@ impl Tunnels {
         Some(FastStream { io, slot })
     }
 
-    /// A new raw stream to `target` on one of this node's sessions of `client_id`; `None` when
-    /// none here takes it now (nothing was sent: the general path then decides — another
-    /// session, the node holding one, or the error).
-    pub async fn open_fast(&self, client_id: &str, target: &str) -> Option<FastStream> {
+    /// A new raw stream to `target` on one of this node's sessions of `client_id` that takes
+    /// new streams. A session that is leaving is not used: the agent's replacement may be on
+    /// another node, which the general path finds.
+    pub async fn open_fast(&self, client_id: &str, target: &str) -> Result<FastStream, NoStream> {
+        let here = self.local.of(client_id);
+        if !here
+            .iter()
+            .any(|s| !s.is_leaving() && !s.is_down(target) && s.transport.usable())
+        {
+            return Err(NoStream::Elsewhere);
+        }
+        drop(here);
         match self.open_stream(client_id, target, false, true).await {
             Ok((up, Some(slot))) => {
                 self.metrics.fast_streams.with_label_values(&["opened"]).inc();
-                Some(FastStream {
+                Ok(FastStream {
                     io: Box::new(TokioIo::new(up)),
                     slot,
                 })
             }
-            Ok((_, None)) => None,
-            Err(e) => {
-                tracing::debug!(client_id, target, error = %e, "no raw stream for the fast path");
-                None
+            Ok((_, None)) | Err(CarryError::Offline(_) | CarryError::Unhealthy { .. }) => {
+                Err(NoStream::Elsewhere)
+            }
+            // The agent answered for its side (not allowed, cannot connect, ...), as it would
+            // have on the general path.
+            Err(CarryError::Agent { client, label }) => {
+                Err(NoStream::Failed(ProxyError::TunnelAgent { client, label }))
+            }
+            Err(e @ (CarryError::Stream { .. } | CarryError::Full(_))) => {
+                Err(NoStream::Failed(ProxyError::TunnelStream {
+                    client: client_id.to_string(),
+                    reason: e.to_string(),
+                }))
             }
         }
     }

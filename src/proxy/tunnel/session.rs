@@ -215,18 +215,17 @@ impl Session {
     }
 
     /// Keeps `io`, the stream `slot` counts, for the next request to `target` (still counted
-    /// open); at most `max` per session, the oldest closes. A session taking no new streams
-    /// keeps none: the stream closes.
+    /// open); at most `max` per session and a quarter of its `max_streams`, the oldest closes.
+    /// A session taking no new streams keeps none: the stream closes.
     pub fn park(slot: StreamSlot, target: &str, io: RawStream, max: usize) {
-        let s = slot.0.clone();
+        let max = max.min(slot.session().max_streams / 4);
         let evicted = {
+            let s = slot.session();
             let mut parked = s.parked.lock().expect("not poisoned");
             // Read under the lock: `set_leaving` sets the flag, then empties the list.
             if max == 0 || s.is_leaving() {
                 return;
             }
-            // The entry's count; the slot's own goes when it drops below.
-            s.open.fetch_add(1, Ordering::AcqRel);
             parked.push(Parked {
                 target: target.into(),
                 io,
@@ -238,8 +237,28 @@ impl Session {
                 Vec::new()
             }
         };
-        drop(slot);
+        // The slot's count passes to the entry.
+        let s = slot.keep_count();
         s.close_parked(evicted);
+    }
+
+    /// Closes the longest parked stream, if any: a new stream needs its place.
+    fn evict_parked(&self) -> bool {
+        let oldest = {
+            let mut parked = self.parked.lock().expect("not poisoned");
+            if parked.is_empty() {
+                return false;
+            }
+            vec![parked.remove(0)]
+        };
+        self.close_parked(oldest);
+        true
+    }
+
+    /// Streams open and in use: parked ones are not (they give way to a new one).
+    pub fn busy_streams(&self) -> usize {
+        let parked = self.parked.lock().expect("not poisoned").len();
+        self.open_streams().saturating_sub(parked)
     }
 
     /// The most recently parked stream to `target` that still looks open; the stale ones met
@@ -266,7 +285,7 @@ impl Session {
         };
         self.close_parked(stale);
         // The entry's count passes to the slot.
-        found.map(|p| (StreamSlot(self.clone()), p.io))
+        found.map(|p| (StreamSlot(Some(self.clone())), p.io))
     }
 
     /// Closes parked streams idle past `idle_timeout` or closed by the agent.
@@ -299,18 +318,23 @@ impl Session {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Counts a stream as open until the guard drops; `None` at `max_streams`.
+    /// Counts a stream as open until the guard drops; `None` at `max_streams` (a parked stream
+    /// is closed to make room first).
     pub fn enter(self: &Arc<Self>) -> Option<StreamSlot> {
         let mut cur = self.open.load(Ordering::Acquire);
         loop {
             if cur >= self.max_streams {
-                return None;
+                if !self.evict_parked() {
+                    return None;
+                }
+                cur = self.open.load(Ordering::Acquire);
+                continue;
             }
             match self
                 .open
                 .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Some(StreamSlot(self.clone())),
+                Ok(_) => return Some(StreamSlot(Some(self.clone()))),
                 Err(now) => cur = now,
             }
         }
@@ -321,18 +345,26 @@ impl Session {
     }
 }
 
-/// One open stream on a session (the request and its response body).
-pub struct StreamSlot(Arc<Session>);
+/// One open stream on a session (the request and its response body). Always `Some` but in
+/// [`StreamSlot::keep_count`].
+pub struct StreamSlot(Option<Arc<Session>>);
 
 impl StreamSlot {
     pub fn session(&self) -> &Arc<Session> {
-        &self.0
+        self.0.as_ref().expect("a slot holds its session")
+    }
+
+    /// The session, its count of this stream left in place (a parked entry holds it now).
+    fn keep_count(mut self) -> Arc<Session> {
+        self.0.take().expect("a slot holds its session")
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.release(1);
+        if let Some(s) = &self.0 {
+            s.release(1);
+        }
     }
 }
 
@@ -462,6 +494,16 @@ pub(crate) mod tests {
     }
 
     pub fn session(client: &str, id: &str, instance: &str, slot: u32) -> Arc<Session> {
+        session_with(client, id, instance, slot, 2)
+    }
+
+    fn session_with(
+        client: &str,
+        id: &str,
+        instance: &str,
+        slot: u32,
+        max_streams: usize,
+    ) -> Arc<Session> {
         let now = chrono::Utc::now();
         let record = SessionRecord {
             session_id: id.into(),
@@ -477,7 +519,13 @@ pub(crate) mod tests {
             unhealthy: Vec::new(),
         };
         let (tx, _rx) = mpsc::channel(1);
-        Arc::new(Session::new(record, client.into(), Box::new(Dead), 2, tx))
+        Arc::new(Session::new(
+            record,
+            client.into(),
+            Box::new(Dead),
+            max_streams,
+            tx,
+        ))
     }
 
     #[test]
@@ -532,7 +580,8 @@ pub(crate) mod tests {
     async fn parked_streams_stay_counted_until_they_close_and_only_open_ones_come_back() {
         use tokio::io::AsyncWriteExt;
         let minute = Duration::from_secs(60);
-        let s = session("c", "s1", "i1", 0);
+        // At most 16 / 4 = 4 parked.
+        let s = session_with("c", "s1", "i1", 0, 16);
         let (io, _far) = stream();
         Session::park(s.enter().unwrap(), "t:1", io, 4);
         assert_eq!((s.open_streams(), parked(&s)), (1, 1), "parked: still open");
@@ -573,6 +622,24 @@ pub(crate) mod tests {
         assert_eq!((s.open_streams(), parked(&s)), (0, 0));
         let (io, _far) = stream();
         Session::park(s.enter().unwrap(), "t:1", io, 1);
+
+        // A new stream at the session's limit closes a parked one to make room; parked ones are
+        // not busy.
+        let slots: Vec<StreamSlot> = (0..15).map(|_| s.enter().unwrap()).collect();
+        assert_eq!((s.open_streams(), s.busy_streams()), (16, 15));
+        let last = s.enter().expect("the parked stream gave way");
+        assert_eq!((s.open_streams(), parked(&s)), (16, 0));
+        assert!(s.enter().is_none(), "nothing left to give way");
+        drop(slots);
+        drop(last);
+        assert_eq!(s.open_streams(), 0);
+        let mut fars = Vec::new();
+        for _ in 0..6 {
+            let (io, far) = stream();
+            fars.push(far);
+            Session::park(s.enter().unwrap(), "t:1", io, 64);
+        }
+        assert_eq!((s.open_streams(), parked(&s)), (4, 4), "a quarter of max_streams");
 
         // Leaving closes them all and parks none after.
         assert!(s.set_leaving());
