@@ -55,7 +55,7 @@ fn wait_through(name: &str, side: &mut Running) {
     }
 }
 
-fn start_tunnox(dir: &Path, upstream: u16, cpu: Option<usize>) -> Running {
+fn start_tunnox(dir: &Path, upstream: u16, cpu: Option<usize>, insecure: bool) -> Running {
     let mapping = format!(
         "mappings:\n  - {{subdomain: t, base_domain: bench.test, target_client_id: {CLIENT_ID}, \
          target_host: 127.0.0.1, target_port: {upstream}}}\n"
@@ -65,10 +65,30 @@ fn start_tunnox(dir: &Path, upstream: u16, cpu: Option<usize>) -> Running {
         extra: &mapping,
         allow: upstream,
         agent_args: &[],
-        insecure: false,
+        insecure,
     };
     let mut side = harness::start_tunnox(dir, cpu, &spec);
     wait_through("tunnox", &mut side);
+    side
+}
+
+/// The same HTTP carried by a tunnox TCP tunnel (a remote port, one HTTP/2 CONNECT stream per
+/// connection): what the proxy's HTTP path adds on top of carrying bytes.
+fn start_tunnox_tcp(dir: &Path, upstream: u16, cpu: Option<usize>) -> Running {
+    let remote = free_port();
+    let tunnels = format!(
+        "tunnels: [{{name: web, local_host: 127.0.0.1, local_port: {upstream}, remote_port: {remote}}}]"
+    );
+    let spec = TunnoxSpec {
+        client: &tunnels,
+        extra: "",
+        allow: upstream,
+        agent_args: &[],
+        insecure: false,
+    };
+    let mut side = harness::start_tunnox(&dir.join("tcp"), cpu, &spec);
+    side.port = remote;
+    wait_through("tunnox-tcp", &mut side);
     side
 }
 
@@ -95,14 +115,23 @@ fn start_rathole(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -
     side
 }
 
+fn start_rathole_noise(dir: &Path, peers: &Peers, upstream: u16, cpu: Option<usize>) -> Running {
+    let mut side = harness::start_rathole_noise(dir, peers, cpu, upstream);
+    wait_through("rathole-noise", &mut side);
+    side
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Direct,
     Tunnox,
+    TunnoxPlain,
+    TunnoxTcp,
     Frp,
     Rathole,
+    RatholeNoise,
 }
 
 impl Kind {
@@ -110,6 +139,9 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Tunnox => "tunnox",
+            Kind::TunnoxPlain => "tunnox-plain",
+            Kind::TunnoxTcp => "tunnox-tcp",
+            Kind::RatholeNoise => "rathole-noise",
             Kind::Frp => "frp",
             Kind::Rathole => "rathole",
         }
@@ -142,11 +174,19 @@ fn main() {
     let rathole_version = peers.rathole_version();
     let mut measured = Vec::new();
     let mut running: Vec<(usize, Running)> = Vec::new();
-    let sides: [(Kind, String); 4] = [
+    let sides: [(Kind, String); 7] = [
         (Kind::Direct, "direct: wrk → upstream".into()),
         (
             Kind::Tunnox,
             "tunnox proxy → tunnel (TLS 1.3, HTTP/2) → tunnox agent → upstream".into(),
+        ),
+        (
+            Kind::TunnoxPlain,
+            "tunnox with `proxy.tunnel.insecure` / `agent --insecure`: the same, the session on plain TCP (unencrypted, as rathole's default is)".into(),
+        ),
+        (
+            Kind::TunnoxTcp,
+            "tunnox TCP tunnel (a remote port; TLS 1.3, a CONNECT stream per connection) → tunnox agent → upstream".into(),
         ),
         (
             Kind::Frp,
@@ -156,6 +196,12 @@ fn main() {
             Kind::Rathole,
             format!(
                 "rathole {rathole_version}: TCP tunnel (plain TCP, a connection per visitor) → upstream"
+            ),
+        ),
+        (
+            Kind::RatholeNoise,
+            format!(
+                "rathole {rathole_version} with `transport.type = \"noise\"` (Noise_NK_25519_ChaChaPoly_BLAKE2s: encrypted, as tunnox's and frp's are) → upstream"
             ),
         ),
     ];
@@ -169,7 +215,9 @@ fn main() {
                 port: upstream_port,
                 procs: Vec::new(),
             }),
-            Kind::Tunnox => catch(|| start_tunnox(dir.path(), upstream_port, serve_cpu)),
+            Kind::Tunnox => catch(|| start_tunnox(dir.path(), upstream_port, serve_cpu, false)),
+            Kind::TunnoxPlain => catch(|| start_tunnox(dir.path(), upstream_port, serve_cpu, true)),
+            Kind::TunnoxTcp => catch(|| start_tunnox_tcp(dir.path(), upstream_port, serve_cpu)),
             Kind::Frp => match peers.frp_missing() {
                 Some(why) => Err(why),
                 None => catch(|| start_frp(dir.path(), &peers, upstream_port, serve_cpu)),
@@ -177,6 +225,10 @@ fn main() {
             Kind::Rathole => match peers.rathole_missing() {
                 Some(why) => Err(why),
                 None => catch(|| start_rathole(dir.path(), &peers, upstream_port, serve_cpu)),
+            },
+            Kind::RatholeNoise => match peers.rathole_noise_missing() {
+                Some(why) => Err(why),
+                None => catch(|| start_rathole_noise(dir.path(), &peers, upstream_port, serve_cpu)),
             },
         };
         match started {
@@ -260,13 +312,17 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
     };
     println!(
         "One upstream (nginx, `worker_processes 1`, `return 200` with a {}-byte body, keep-alive) \
-         reached four ways, each its own processes on this machine: directly; through tunnox \
+         reached seven ways, each its own processes on this machine: directly; through tunnox \
          (`tunnox proxy` single-node with `proxy.tunnel` on TLS 1.3 with a throwaway certificate, \
          `tunnel_clients` and a mapping with `target_client_id`, `worker_threads: 1`; `tunnox agent \
-         --allow 127.0.0.1:<upstream>`); through frp (frps `vhostHTTPPort`, frpc `type = \"http\"` \
-         with `customDomains`, frp's defaults: TLS to frps and yamux multiplexing); through \
-         rathole (a TCP service carrying the same HTTP, rathole's default TCP transport: no \
-         encryption, one tunnel connection per visitor connection). {pinning}. `wrk -t1 \
+         --allow 127.0.0.1:<upstream>`; the proxy's fast path writes each request on a raw stream \
+         parked on the agent's session, docs/tunnels.md \"HTTP on the fast path\"); the same with \
+         the session on plain TCP (`insecure`); the same HTTP through a tunnox TCP tunnel (a \
+         remote port: bytes only, no HTTP handling on the proxy); through frp (frps \
+         `vhostHTTPPort`, frpc `type = \"http\"` with `customDomains`, frp's defaults: TLS to frps \
+         and yamux multiplexing); through rathole (a TCP service carrying the same HTTP, \
+         rathole's default TCP transport: no encryption, one tunnel connection per visitor \
+         connection); through rathole with its Noise transport (encrypted). {pinning}. `wrk -t1 \
          -c{CONNECTIONS} -d{}s --latency` with `Host: {HOST}`, {} s of warm-up before each run; \
          the sides alternate, ×{RUNS}; medians. Every side answered the upstream's body before it \
          was measured. CPU per request is that of the side's own processes (not the upstream's); \
@@ -352,6 +408,12 @@ fn report(measured: &[Measured], serve_cpu: Option<usize>, took: Duration) {
             let noisy = direct_p99.is_some_and(|d| d > p99);
             let vs_rathole = ratio(Kind::Tunnox, Kind::Rathole);
             let vs_frp = ratio(Kind::Tunnox, Kind::Frp);
+            println!(
+                "Like for like: encrypted tunnox / encrypted rathole (Noise) **{}**; unencrypted \
+                 tunnox / unencrypted rathole **{}**.\n",
+                fmt(ratio(Kind::Tunnox, Kind::RatholeNoise)),
+                fmt(ratio(Kind::TunnoxPlain, Kind::Rathole)),
+            );
             println!(
                 "Goals: tunnox ≥ rathole's requests/s: **{}**; ≥ 10× frp's: **{}**; p99 < 2 ms: \
                  **{}** ({}); added p99 vs direct < 1 ms: **{}** ({}).{}\n",

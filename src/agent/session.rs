@@ -275,6 +275,7 @@ impl Dialer {
             slot,
             version: env!("CARGO_PKG_VERSION").to_string(),
             unreachable: unreachable.to_vec(),
+            max_streams: Some(self.max_streams),
         };
         let ok = handshake::agent_hello(&mut io, &auth, self.connect_timeout)
             .await

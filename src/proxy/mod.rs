@@ -489,7 +489,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         let stop = stop_rx.clone();
         tasks.spawn(async move {
             if let Some(fast) = &ctx.fast {
-                fast.sweep_pool(every, stop).await;
+                fast.sweep_pool(&ctx.tunnels, every, stop).await;
             }
         });
     }

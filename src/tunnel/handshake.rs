@@ -89,6 +89,7 @@ mod tests {
             slot: 0,
             version: String::new(),
             unreachable: Vec::new(),
+            max_streams: None,
         }
     }
 

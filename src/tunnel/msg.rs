@@ -112,6 +112,10 @@ pub struct Auth {
     /// (docs/sets.md "Agents"). At most [`MAX_UNREACHABLE`] are read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable: Vec<String>,
+    /// The most streams the agent serves at once on this session (its HTTP/2
+    /// `max_concurrent_streams`): the proxy opens no more than that, its own limit counted in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u32>,
 }
 
 /// The most `Auth.unreachable` addresses a proxy reads (more are ignored).
@@ -126,6 +130,7 @@ impl std::fmt::Debug for Auth {
             .field("slot", &self.slot)
             .field("version", &self.version)
             .field("unreachable", &self.unreachable)
+            .field("max_streams", &self.max_streams)
             .finish()
     }
 }
@@ -258,6 +263,7 @@ mod tests {
             slot: 0,
             version: "0.1.0".into(),
             unreachable: Vec::new(),
+            max_streams: Some(1000),
         };
         let f = auth.to_frame();
         assert_eq!(f.kind, 1);

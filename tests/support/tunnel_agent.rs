@@ -167,6 +167,7 @@ pub async fn connect(
         slot: 0,
         version: "test".into(),
         unreachable: Vec::new(),
+        max_streams: None,
     };
     let ok = handshake::agent_hello(&mut io, &auth, Duration::from_secs(5)).await?;
     let seen = Arc::new(Mutex::new(Seen::default()));

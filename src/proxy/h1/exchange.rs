@@ -15,12 +15,13 @@ use tokio::time::timeout;
 
 use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, RequestHead};
+use super::upstream::{Dest, Upstream};
 use super::{ClientStream, FastPath, MAX_FAST_HEADERS, READ_CHUNK};
 use crate::domain::Declarer;
 use crate::proxy::ProxyError;
 use crate::proxy::deadline::Kind;
 use crate::proxy::error::{OWN_HEADERS, RequestId, X_REQUEST_ID};
-use crate::proxy::policy::{self, Admitted, Ctx};
+use crate::proxy::policy::{self, Admitted, Ctx, Via};
 use crate::proxy::server::Conn;
 
 /// What the connection does after a request.
@@ -69,8 +70,24 @@ impl Drop for InFlight<'_> {
 
 /// An upstream connection with a request sent on it and its response head read.
 struct Answered {
-    upstream: TcpStream,
+    upstream: Upstream,
     head_len: usize,
+}
+
+/// Why a request got no response head.
+enum Failed {
+    /// The proxy answers with this error.
+    Refuse(ProxyError),
+    /// The general path takes the request (why, as the handovers metric's label). Nothing of it
+    /// was sent, or it was sent on a reused stream that broke before any answer and is safe to
+    /// repeat (idempotent), as a retry would be.
+    Handover(&'static str),
+}
+
+impl From<ProxyError> for Failed {
+    fn from(e: ProxyError) -> Self {
+        Failed::Refuse(e)
+    }
 }
 
 /// Why relaying a response stopped early: the client cannot be answered any more.
@@ -88,8 +105,10 @@ impl Exchange<'_, '_> {
         let admitted = match self.admit().await {
             // Another set's node serves it: the general path's node-to-node client.
             Ok(a) if a.to_set.is_some() => return Next::Handover("other_set"),
-            // A tunnel: its session is an HTTP/2 connection the general path holds.
-            Ok(a) if a.tunnel.is_some() => return Next::Handover("tunnel_target"),
+            // A group's member is chosen by the general path.
+            Ok(a) if matches!(a.tunnel, Some(Via::Group(_))) => {
+                return Next::Handover("tunnel_group");
+            }
             // Answered by the general path, with its `Location`.
             Ok(a) if !self.conn.secure && a.route.redirects_http() => {
                 return Next::Handover("redirect_https");
@@ -110,11 +129,16 @@ impl Exchange<'_, '_> {
             authority,
             who,
             hops,
+            tunnel,
             // Held until the response is relayed.
             permit: _permit,
             ..
         } = admitted;
         let target = authority.as_str();
+        let dest = match &tunnel {
+            Some(Via::Client(client)) => Dest::Tunnel { client, target },
+            _ => Dest::Direct { target, who },
+        };
 
         io.out.clear();
         head::write_request_head(
@@ -134,7 +158,7 @@ impl Exchange<'_, '_> {
         // connection is closed, as the general path does).
         let answered = tokio::select! {
             biased;
-            answered = self.send(target, who, io, deadline) => answered,
+            answered = self.send(dest, io, deadline) => answered,
             () = gone(client.tcp(), C::ALERT_IS_GOODBYE) => {
                 tracing::debug!(peer = self.peer_ip, target, "client left before the answer");
                 return Next::Close;
@@ -146,18 +170,12 @@ impl Exchange<'_, '_> {
             .observe(sent_at.elapsed().as_secs_f64());
         let Answered { upstream, head_len } = match answered {
             Ok(a) => a,
-            Err(e) => return self.refuse(client, io, e, started, stop).await,
+            Err(Failed::Refuse(e)) => return self.refuse(client, io, e, started, stop).await,
+            Err(Failed::Handover(why)) => return Next::Handover(why),
         };
         let close = self.head.close || self.ctx.drain.is_draining() || *stop.borrow();
         let relayed = self
-            .relay(
-                client,
-                upstream,
-                head_len,
-                io,
-                close,
-                (target, who, deadline),
-            )
+            .relay(client, upstream, head_len, io, close, (dest, deadline))
             .await;
         let (status, bytes_out, keep_alive) = match relayed {
             Ok(r) => r,
@@ -169,6 +187,12 @@ impl Exchange<'_, '_> {
             self.body.len() as u64,
             bytes_out.unwrap_or(0),
         );
+        if let Dest::Tunnel { .. } = dest {
+            // As the general path counts a tunnel stream's bodies: out to the agent, in back.
+            let m = &self.ctx.tunnels.metrics;
+            m.bytes_out.inc_by(self.body.len() as u64);
+            m.bytes_in.inc_by(bytes_out.unwrap_or(0));
+        }
         self.finish(status, started);
         match (bytes_out, keep_alive) {
             (Some(_), true) => Next::KeepAlive,
@@ -182,26 +206,21 @@ impl Exchange<'_, '_> {
         self.ctx.admit(&host, self.head.hops, false).await
     }
 
-    /// Sends `io.out` to `target` and reads the response head into `io.upstream`. A pooled
-    /// connection the upstream closed meanwhile is replaced once when the request is safe to
-    /// repeat (nothing came back, the method is idempotent).
+    /// Sends `io.out` to `dest` and reads the response head into `io.upstream`. A pooled
+    /// connection (or parked stream) the other side closed meanwhile is replaced once when the
+    /// request is safe to repeat (nothing came back, the method is idempotent).
     async fn send(
         &self,
-        target: &str,
-        who: Declarer,
+        dest: Dest<'_>,
         io: &mut Buffers,
         deadline: tokio::time::Instant,
-    ) -> Result<Answered, ProxyError> {
-        let fail = |reason: String| ProxyError::Upstream {
-            upstream: target.to_string(),
-            reason,
-        };
-        let mut pooled = self.fast.pool(who).take(target);
+    ) -> Result<Answered, Failed> {
+        let mut pooled = self.pooled(dest);
         loop {
             let reused = pooled.is_some();
             let mut upstream = match pooled.take() {
                 Some(s) => s,
-                None => self.connect(target, who).await?,
+                None => self.open(dest).await?,
             };
             io.upstream.clear();
             let exchanged = tokio::time::timeout_at(
@@ -210,18 +229,67 @@ impl Exchange<'_, '_> {
             )
             .await;
             match exchanged {
-                Err(_) => return Err(ProxyError::UpstreamTimeout(target.to_string())),
+                Err(_) => {
+                    return Err(ProxyError::UpstreamTimeout(dest.target().to_string()).into());
+                }
                 Ok(Ok(Some(head_len))) => return Ok(Answered { upstream, head_len }),
                 Ok(Ok(None)) | Ok(Err(_))
                     if reused && io.upstream.is_empty() && self.idempotent() =>
                 {
-                    tracing::debug!(target, "pooled upstream connection was closed; retrying");
+                    tracing::debug!(
+                        target = dest.target(),
+                        "pooled upstream connection was closed; retrying"
+                    );
                 }
                 Ok(Ok(None)) => {
-                    return Err(fail("closed the connection without a response".into()));
+                    return Err(dest
+                        .broken("closed the connection without a response".into())
+                        .into());
                 }
-                Ok(Err(e)) => return Err(fail(e.to_string())),
+                Ok(Err(e)) => return Err(dest.broken(e.to_string()).into()),
             }
+        }
+    }
+
+    /// An idle connection (or parked stream) to `dest`, if one is kept.
+    fn pooled(&self, dest: Dest<'_>) -> Option<Upstream> {
+        match dest {
+            Dest::Direct { target, who } => self.fast.pool(who).take(target).map(Upstream::Tcp),
+            Dest::Tunnel { client, target } => self
+                .ctx
+                .tunnels
+                .take_parked(client, target, self.fast.settings.pool_idle_timeout)
+                .map(Upstream::Tunnel),
+        }
+    }
+
+    /// A new connection (or stream) to `dest`. A tunnel client without a session here that
+    /// takes a stream now goes to the general path, which knows where else to look.
+    async fn open(&self, dest: Dest<'_>) -> Result<Upstream, Failed> {
+        use crate::proxy::tunnel::NoStream;
+        match dest {
+            Dest::Direct { target, who } => Ok(Upstream::Tcp(self.connect(target, who).await?)),
+            Dest::Tunnel { client, target } => {
+                match self.ctx.tunnels.open_fast(client, target).await {
+                    Ok(s) => Ok(Upstream::Tunnel(s)),
+                    Err(NoStream::Elsewhere) => Err(Failed::Handover("tunnel_elsewhere")),
+                    Err(NoStream::Failed(e)) => Err(Failed::Refuse(e)),
+                }
+            }
+        }
+    }
+
+    /// Keeps `upstream` for the next request to `dest`.
+    fn keep(&self, dest: Dest<'_>, upstream: Upstream, suspect: bool) {
+        let max = self.fast.settings.pool_max_idle;
+        match (dest, upstream) {
+            (Dest::Direct { target, who }, Upstream::Tcp(s)) => {
+                self.fast.pool(who).put(target, s, suspect);
+            }
+            // Bytes an agent's service wrongly sent after a bodiless response may still be on
+            // their way through the session, where no peek sees them: not reused.
+            (Dest::Tunnel { target, .. }, Upstream::Tunnel(s)) if !suspect => s.park(target, max),
+            _ => {}
         }
     }
 
@@ -260,16 +328,13 @@ impl Exchange<'_, '_> {
     async fn relay<C: ClientStream>(
         &self,
         client: &mut C,
-        mut upstream: TcpStream,
+        mut upstream: Upstream,
         mut head_len: usize,
         io: &mut Buffers,
         close: bool,
-        (target, who, deadline): (&str, Declarer, tokio::time::Instant),
+        (dest, deadline): (Dest<'_>, tokio::time::Instant),
     ) -> Result<(StatusCode, Option<u64>, bool), ProxyError> {
-        let fail = |reason: &str| ProxyError::Upstream {
-            upstream: target.to_string(),
-            reason: reason.to_string(),
-        };
+        let fail = |reason: &str| dest.broken(reason.to_string());
         // Interim (1xx) responses are dropped, as the general path's client does; the final
         // one follows.
         let (status, framing, upstream_closes, client_closes) = loop {
@@ -301,7 +366,7 @@ impl Exchange<'_, '_> {
                 tokio::time::timeout_at(deadline, read_head(&mut upstream, &mut io.upstream));
             head_len = match next.await {
                 Ok(Ok(Some(n))) => n,
-                Err(_) => return Err(ProxyError::UpstreamTimeout(target.to_string())),
+                Err(_) => return Err(ProxyError::UpstreamTimeout(dest.target().to_string())),
                 Ok(_) => return Err(fail("no final response after an interim one")),
             };
         };
@@ -319,7 +384,7 @@ impl Exchange<'_, '_> {
             // After a bodiless response, bytes an upstream wrongly sent as a body may still be
             // on their way: the pool looks before reusing the connection.
             let suspect = framing == Framing::None;
-            self.fast.pool(who).put(target, upstream, suspect);
+            self.keep(dest, upstream, suspect);
         }
         Ok((status, sent, !client_closes))
     }
@@ -392,18 +457,20 @@ async fn gone(client: &TcpStream, alert_is_goodbye: bool) {
 /// Writes `out` to the upstream, then reads until a response head is complete; `None` when the
 /// upstream closed first.
 async fn exchange_head(
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     out: &[u8],
     buf: &mut BytesMut,
 ) -> io::Result<Option<usize>> {
     upstream.write_all(out).await?;
+    // A no-op on TCP; a tunnel stream's frames are sent by its session.
+    upstream.flush().await?;
     read_head(upstream, buf).await
 }
 
 /// The most an upstream's response head may take.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-async fn read_head(upstream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+async fn read_head(upstream: &mut Upstream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
     loop {
         if !buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
@@ -434,7 +501,7 @@ async fn read_head(upstream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<O
 /// body's first bytes. Returns the body bytes relayed.
 async fn relay_body<C: ClientStream>(
     client: &mut C,
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     io: &mut Buffers,
     framing: Framing,
     idle: &Idle<'_>,
@@ -527,7 +594,7 @@ async fn send<C: ClientStream>(client: &mut C, out: &[u8], idle: &Idle<'_>) -> R
 
 /// Reads more of a body; the upstream closing early, or sending nothing for
 /// `upstream_read_idle`, breaks the response.
-async fn fill(upstream: &mut TcpStream, buf: &mut BytesMut, idle: &Idle<'_>) -> Result<(), Broken> {
+async fn fill(upstream: &mut Upstream, buf: &mut BytesMut, idle: &Idle<'_>) -> Result<(), Broken> {
     buf.reserve(READ_CHUNK);
     match timeout(idle.upstream_read, upstream.read_buf(buf)).await {
         Ok(Ok(0) | Err(_)) => Err(Broken),

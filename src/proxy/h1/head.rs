@@ -117,6 +117,7 @@ fn kind(name: &str) -> Kind {
         10 if is("keep-alive") => Kind::HopByHop,
         11 if is("tunnox-hops") => Kind::Hops,
         11 if is("tunnox-node") => Kind::Tunnel,
+        12 if is("tunnox-error") => Kind::Tunnel,
         13 if is("tunnox-target") => Kind::Tunnel,
         13 if is("tunnox-client") => Kind::Tunnel,
         14 if is("tunnox-control") => Kind::Tunnel,

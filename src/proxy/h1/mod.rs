@@ -1,6 +1,7 @@
 //! The HTTP/1.1 fast path: plain keep-alive requests, over TCP or TLS, (no upgrade, no `Expect`, a body of at most
 //! [`head::MAX_BUFFERED_BODY`] bytes by `Content-Length`) to plain-HTTP upstreams are parsed with
-//! httparse and relayed in the connection's own task over a pooled upstream connection, response
+//! httparse and relayed in the connection's own task over a pooled upstream connection (or, for a
+//! tunnel client, a pooled raw stream through its session: `upstream.rs`), response
 //! bodies passed on as they come (with their length or chunks). Everything else — HTTP/2,
 //! WebSocket, streamed uploads, `https` targets, heads the fast path does not like — is handed,
 //! with the bytes already read, to the general hyper path (`server.rs`), which answers it as if
@@ -11,6 +12,7 @@ mod exchange;
 mod head;
 mod pool;
 mod rewind;
+mod upstream;
 
 use std::time::Duration;
 
@@ -59,6 +61,8 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
 /// (which applies `proxy.limits.max_headers`).
 const MAX_FAST_HEADERS: usize = 128;
 const READ_CHUNK: usize = 8 * 1024;
+/// How often parked tunnel streams are looked at (`FastPath::sweep_pool`).
+const PARKED_SWEEP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct FastSettings {
@@ -105,13 +109,27 @@ impl FastPath {
         }
     }
 
-    /// Closes idle upstream connections past their time, every `every`, until `stop`.
-    pub async fn sweep_pool(&self, every: Duration, mut stop: watch::Receiver<bool>) {
+    /// Closes idle upstream connections and parked tunnel streams past their time, every
+    /// `every`, until `stop`.
+    pub async fn sweep_pool(
+        &self,
+        tunnels: &crate::proxy::tunnel::Tunnels,
+        every: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(PARKED_SWEEP);
+        let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => {
-                    self.tenant_pool.sweep();
-                    self.operator_pool.sweep();
+                _ = tick.tick() => {
+                    // Parked tunnel streams every second: one its agent closed, or that has
+                    // something to say (holding the session's flow-control window), goes soon.
+                    tunnels.sweep_parked(self.settings.pool_idle_timeout);
+                    if last.elapsed() >= every {
+                        last = tokio::time::Instant::now();
+                        self.tenant_pool.sweep();
+                        self.operator_pool.sweep();
+                    }
                 }
                 _ = super::stopped(&mut stop) => return,
             }

@@ -24,6 +24,9 @@ pub struct TunnelMetrics {
     /// HTTP group targets: `chosen` per request, `offline_skipped` per member passed over,
     /// `next_after_failure` per member that could not take a request it was sent.
     pub group_members: IntCounterVec,
+    /// Raw streams the HTTP/1.1 fast path sent requests on: `opened`, or `reused` (parked
+    /// after an earlier response).
+    pub fast_streams: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -35,6 +38,17 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
 impl TunnelMetrics {
     pub fn new(r: &Registry) -> Self {
         Self {
+            fast_streams: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tunnox_tunnel_fast_streams_total",
+                        "Raw streams the HTTP/1.1 fast path sent requests to tunnel clients on, opened or reused",
+                    ),
+                    &["how"],
+                )
+                .expect("valid"),
+            ),
             group_members: reg(
                 r,
                 IntCounterVec::new(

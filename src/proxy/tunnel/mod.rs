@@ -5,6 +5,7 @@
 
 mod body;
 mod choose;
+mod fast;
 pub mod group;
 mod listener;
 mod metrics;
@@ -26,6 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use body::{Hold, Holding};
+pub use fast::{FastStream, NoStream};
 pub use listener::serve;
 pub use metrics::TunnelMetrics;
 pub use remote::{Backend, RemotePorts, RemoteTunnel, follow_ports};
@@ -51,9 +53,10 @@ pub const NOT_HELD_HEADER: HeaderName = HeaderName::from_static("tunnox-not-held
 pub const FROM_SET_HEADER: HeaderName = HeaderName::from_static("tunnox-from-set");
 
 /// Headers only this proxy sets: any a client sent is removed before forwarding.
-pub const INTERNAL_HEADERS: [HeaderName; 6] = [
+pub const INTERNAL_HEADERS: [HeaderName; 7] = [
     crate::tunnel::TARGET_HEADER,
     crate::tunnel::CONTROL_HEADER,
+    crate::tunnel::ERROR_HEADER,
     NODE_HEADER,
     crate::tunnel::udp::TRANSPORT_HEADER,
     peer_stream::CLIENT_HEADER,

@@ -96,7 +96,7 @@ pub enum CarryError {
     #[error("the health check of {target} fails on tunnel client {client}'s agent")]
     Unhealthy { client: String, target: String },
     #[error("tunnel client {client} refused the connection: {label}")]
-    Agent { client: String, label: String },
+    Agent { client: String, label: &'static str },
     #[error("tunnel client {client}: {reason}")]
     Stream { client: String, reason: String },
 }
@@ -741,7 +741,7 @@ impl Tunnels {
             if let Some(v) = resp.headers().get(ERROR_HEADER) {
                 return Err(CarryError::Agent {
                     client: client_id.to_string(),
-                    label: super::send::agent_label(v).to_string(),
+                    label: super::send::agent_label(v),
                 });
             }
             if resp.status() != StatusCode::OK {

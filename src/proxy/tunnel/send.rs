@@ -264,8 +264,9 @@ impl Tunnels {
             .map(|s| LocalView {
                 leaving: s.is_leaving(),
                 usable: s.transport.usable(),
-                open: s.open_streams(),
-                full: s.open_streams() >= s.max_streams,
+                // Parked streams give way to a new one (`Session::enter`).
+                open: s.busy_streams(),
+                full: s.busy_streams() >= s.max_streams,
             })
             .collect();
         (local, views)

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -113,6 +113,39 @@ pub struct Session {
     placement: std::sync::OnceLock<SetName>,
     /// Addresses of its serving set the agent could not reach when it connected.
     unreachable: std::sync::OnceLock<Vec<String>>,
+    /// Idle raw streams kept for the fast path's next request to their target; each still
+    /// counted open (the agent holds it open too).
+    parked: Mutex<Vec<Parked>>,
+}
+
+/// A raw stream through a session (a plain CONNECT's upgraded stream), as bytes.
+pub trait RawIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> RawIo for T {}
+pub type RawStream = Box<dyn RawIo>;
+
+/// An idle raw stream to `target` (`fast.rs`).
+pub struct Parked {
+    target: Box<str>,
+    io: RawStream,
+    since: Instant,
+}
+
+impl Parked {
+    /// Whether the stream still looks open and unused: an idle stream has nothing to say, so
+    /// anything readable (bytes, its end, a reset) means the agent or its service closed it.
+    /// Reads the state the stream already has; never waits.
+    fn still_open(&mut self, now: Instant, idle_timeout: Duration) -> bool {
+        use tokio::io::AsyncRead;
+        if now.duration_since(self.since) >= idle_timeout {
+            return false;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        std::pin::Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
+    }
 }
 
 impl Session {
@@ -143,6 +176,7 @@ impl Session {
             report_pending: AtomicBool::new(false),
             placement: std::sync::OnceLock::new(),
             unreachable: std::sync::OnceLock::new(),
+            parked: Mutex::default(),
         }
     }
 
@@ -171,27 +205,136 @@ impl Session {
         self.leaving.load(Ordering::Acquire)
     }
 
-    /// Marks the session as taking no new streams; true when it was not already.
+    /// Marks the session as taking no new streams (its parked ones close); true when it was
+    /// not already.
     pub fn set_leaving(&self) -> bool {
-        !self.leaving.swap(true, Ordering::AcqRel)
+        let first = !self.leaving.swap(true, Ordering::AcqRel);
+        let parked = std::mem::take(&mut *self.parked.lock().expect("not poisoned"));
+        self.close_parked(parked);
+        first
+    }
+
+    /// Keeps `io`, the stream `slot` counts, for the next request to `target` (still counted
+    /// open); at most `max` per session and a quarter of its `max_streams`, the oldest closes.
+    /// A session taking no new streams keeps none: the stream closes.
+    pub fn park(slot: StreamSlot, target: &str, io: RawStream, max: usize) {
+        let max = max.min(slot.session().max_streams / 4);
+        let evicted = {
+            let s = slot.session();
+            let mut parked = s.parked.lock().expect("not poisoned");
+            // Read under the lock: `set_leaving` sets the flag, then empties the list.
+            if max == 0 || s.is_leaving() {
+                return;
+            }
+            parked.push(Parked {
+                target: target.into(),
+                io,
+                since: Instant::now(),
+            });
+            if parked.len() > max {
+                vec![parked.remove(0)]
+            } else {
+                Vec::new()
+            }
+        };
+        // The slot's count passes to the entry.
+        let s = slot.keep_count();
+        s.close_parked(evicted);
+    }
+
+    /// Closes the longest parked stream, if any: a new stream needs its place.
+    fn evict_parked(&self) -> bool {
+        let oldest = {
+            let mut parked = self.parked.lock().expect("not poisoned");
+            if parked.is_empty() {
+                return false;
+            }
+            vec![parked.remove(0)]
+        };
+        self.close_parked(oldest);
+        true
+    }
+
+    /// Streams open and in use: parked ones are not (they give way to a new one).
+    pub fn busy_streams(&self) -> usize {
+        let parked = self.parked.lock().expect("not poisoned").len();
+        self.open_streams().saturating_sub(parked)
+    }
+
+    /// The most recently parked stream to `target` that still looks open; the stale ones met
+    /// on the way close.
+    pub fn unpark(
+        self: &Arc<Self>,
+        target: &str,
+        idle_timeout: Duration,
+    ) -> Option<(StreamSlot, RawStream)> {
+        let now = Instant::now();
+        let mut stale = Vec::new();
+        let found = {
+            let mut parked = self.parked.lock().expect("not poisoned");
+            let mut found = None;
+            while let Some(i) = parked.iter().rposition(|p| &*p.target == target) {
+                let mut p = parked.remove(i);
+                if p.still_open(now, idle_timeout) {
+                    found = Some(p);
+                    break;
+                }
+                stale.push(p);
+            }
+            found
+        };
+        self.close_parked(stale);
+        // The entry's count passes to the slot.
+        found.map(|p| (StreamSlot(Some(self.clone())), p.io))
+    }
+
+    /// Closes parked streams idle past `idle_timeout` or closed by the agent.
+    pub fn sweep_parked(&self, idle_timeout: Duration) {
+        let now = Instant::now();
+        let stale: Vec<Parked> = self
+            .parked
+            .lock()
+            .expect("not poisoned")
+            .extract_if(.., |p| !p.still_open(now, idle_timeout))
+            .collect();
+        self.close_parked(stale);
+    }
+
+    /// Closes streams taken out of the parked list (outside its lock) and stops counting them.
+    fn close_parked(&self, gone: Vec<Parked>) {
+        let n = gone.len();
+        drop(gone);
+        self.release(n);
+    }
+
+    /// `n` streams are no longer open.
+    fn release(&self, n: usize) {
+        if n > 0 && self.open.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
     }
 
     pub fn open_streams(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Counts a stream as open until the guard drops; `None` at `max_streams`.
+    /// Counts a stream as open until the guard drops; `None` at `max_streams` (a parked stream
+    /// is closed to make room first).
     pub fn enter(self: &Arc<Self>) -> Option<StreamSlot> {
         let mut cur = self.open.load(Ordering::Acquire);
         loop {
             if cur >= self.max_streams {
-                return None;
+                if !self.evict_parked() {
+                    return None;
+                }
+                cur = self.open.load(Ordering::Acquire);
+                continue;
             }
             match self
                 .open
                 .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Some(StreamSlot(self.clone())),
+                Ok(_) => return Some(StreamSlot(Some(self.clone()))),
                 Err(now) => cur = now,
             }
         }
@@ -202,19 +345,25 @@ impl Session {
     }
 }
 
-/// One open stream on a session (the request and its response body).
-pub struct StreamSlot(Arc<Session>);
+/// One open stream on a session (the request and its response body). Always `Some` but in
+/// [`StreamSlot::keep_count`].
+pub struct StreamSlot(Option<Arc<Session>>);
 
 impl StreamSlot {
     pub fn session(&self) -> &Arc<Session> {
-        &self.0
+        self.0.as_ref().expect("a slot holds its session")
+    }
+
+    /// The session, its count of this stream left in place (a parked entry holds it now).
+    fn keep_count(mut self) -> Arc<Session> {
+        self.0.take().expect("a slot holds its session")
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
+        if let Some(s) = &self.0 {
+            s.release(1);
         }
     }
 }
@@ -345,6 +494,16 @@ pub(crate) mod tests {
     }
 
     pub fn session(client: &str, id: &str, instance: &str, slot: u32) -> Arc<Session> {
+        session_with(client, id, instance, slot, 2)
+    }
+
+    fn session_with(
+        client: &str,
+        id: &str,
+        instance: &str,
+        slot: u32,
+        max_streams: usize,
+    ) -> Arc<Session> {
         let now = chrono::Utc::now();
         let record = SessionRecord {
             session_id: id.into(),
@@ -360,7 +519,13 @@ pub(crate) mod tests {
             unhealthy: Vec::new(),
         };
         let (tx, _rx) = mpsc::channel(1);
-        Arc::new(Session::new(record, client.into(), Box::new(Dead), 2, tx))
+        Arc::new(Session::new(
+            record,
+            client.into(),
+            Box::new(Dead),
+            max_streams,
+            tx,
+        ))
     }
 
     #[test]
@@ -399,6 +564,89 @@ pub(crate) mod tests {
         assert!(!t.remove("c", "s1"), "the replaced one is gone already");
         assert!(t.remove("c", "s2"));
         assert_eq!(t.len(), 1);
+    }
+
+    /// A raw stream over an in-memory pipe; the other end returned.
+    fn stream() -> (RawStream, tokio::io::DuplexStream) {
+        let (a, b) = tokio::io::duplex(1024);
+        (Box::new(a), b)
+    }
+
+    fn parked(s: &Session) -> usize {
+        s.parked.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn parked_streams_stay_counted_until_they_close_and_only_open_ones_come_back() {
+        use tokio::io::AsyncWriteExt;
+        let minute = Duration::from_secs(60);
+        // At most 16 / 4 = 4 parked.
+        let s = session_with("c", "s1", "i1", 0, 16);
+        let (io, _far) = stream();
+        Session::park(s.enter().unwrap(), "t:1", io, 4);
+        assert_eq!((s.open_streams(), parked(&s)), (1, 1), "parked: still open");
+        assert!(s.unpark("other:1", minute).is_none(), "another target's");
+        let (slot, _io) = s.unpark("t:1", minute).expect("taken again");
+        assert_eq!((s.open_streams(), parked(&s)), (1, 0));
+        drop(slot);
+        assert_eq!(s.open_streams(), 0);
+
+        // Closed by the far side, or with something to say: not handed out, and released.
+        let (io, far) = stream();
+        Session::park(s.enter().unwrap(), "t:1", io, 4);
+        drop(far);
+        let (io, mut far) = stream();
+        Session::park(s.enter().unwrap(), "t:1", io, 4);
+        far.write_all(b"stray").await.unwrap();
+        assert!(s.unpark("t:1", minute).is_none());
+        assert_eq!((s.open_streams(), parked(&s)), (0, 0));
+
+        // Past the idle timeout.
+        let (io, _far) = stream();
+        Session::park(s.enter().unwrap(), "t:1", io, 4);
+        assert!(s.unpark("t:1", Duration::ZERO).is_none());
+        assert_eq!(s.open_streams(), 0);
+
+        // At most `max` per session, the oldest closes; a sweep closes closed ones.
+        let mut fars = Vec::new();
+        for _ in 0..2 {
+            let (io, far) = stream();
+            fars.push(far);
+            Session::park(s.enter().unwrap(), "t:1", io, 1);
+        }
+        assert_eq!((s.open_streams(), parked(&s)), (1, 1));
+        s.sweep_parked(minute);
+        assert_eq!((s.open_streams(), parked(&s)), (1, 1), "still open");
+        fars.pop();
+        s.sweep_parked(minute);
+        assert_eq!((s.open_streams(), parked(&s)), (0, 0));
+        let (io, _far) = stream();
+        Session::park(s.enter().unwrap(), "t:1", io, 1);
+
+        // A new stream at the session's limit closes a parked one to make room; parked ones are
+        // not busy.
+        let slots: Vec<StreamSlot> = (0..15).map(|_| s.enter().unwrap()).collect();
+        assert_eq!((s.open_streams(), s.busy_streams()), (16, 15));
+        let last = s.enter().expect("the parked stream gave way");
+        assert_eq!((s.open_streams(), parked(&s)), (16, 0));
+        assert!(s.enter().is_none(), "nothing left to give way");
+        drop(slots);
+        drop(last);
+        assert_eq!(s.open_streams(), 0);
+        let mut fars = Vec::new();
+        for _ in 0..6 {
+            let (io, far) = stream();
+            fars.push(far);
+            Session::park(s.enter().unwrap(), "t:1", io, 64);
+        }
+        assert_eq!((s.open_streams(), parked(&s)), (4, 4), "a quarter of max_streams");
+
+        // Leaving closes them all and parks none after.
+        assert!(s.set_leaving());
+        assert_eq!((s.open_streams(), parked(&s)), (0, 0));
+        let (io, _far) = stream();
+        Session::park(s.enter().unwrap(), "t:1", io, 2);
+        assert_eq!((s.open_streams(), parked(&s)), (0, 0));
     }
 
     #[test]
