@@ -4,7 +4,7 @@
 #   benches/run.sh [OUT] [BENCH...]
 #
 # Without BENCH names every benchmark runs and OUT (default docs/benchmarks.md) is rewritten.
-# With names (store, proxy, https, tunnel, tunnel_tcp, tunnel_udp, controller) only those run: their sections
+# With names (store, proxy, https, tunnel, tunnel_tcp, tunnel_udp, controller, scale) only those run: their sections
 # replace the same sections of OUT, the other sections are kept, and the header says which
 # sections come from which run.
 set -euo pipefail
@@ -22,7 +22,7 @@ wanted() {
     return 1
 }
 for b in "${only[@]}"; do
-    case $b in store | proxy | https | tunnel | tunnel_tcp | tunnel_udp | controller) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
+    case $b in store | proxy | https | tunnel | tunnel_tcp | tunnel_udp | controller | scale) ;; *) echo "unknown benchmark: $b" >&2; exit 2 ;; esac
 done
 
 if wanted store; then cargo bench --locked --bench store >>"$tmp"; fi
@@ -61,6 +61,7 @@ if wanted tunnel_udp; then
     TUNNOX_PEERS="$peers" cargo bench --locked --bench tunnel_udp >>"$tmp"
 fi
 if wanted controller; then cargo bench --locked --features e2e --bench controller >>"$tmp"; fi
+if wanted scale; then cargo bench --locked --bench scale >>"$tmp"; fi
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 now=$(date -u +%Y-%m-%dT%H:%MZ)

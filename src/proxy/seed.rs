@@ -89,13 +89,17 @@ pub fn plan(declared: &[MappingSpec], existing: &[Mapping]) -> (Vec<Action>, Vec
     let mut actions = Vec::new();
     let mut refused = Vec::new();
     let mut wanted = std::collections::HashSet::new();
+    // By domain: a restart with 100 000 mappings in the file and the same in the store looked
+    // each one up in a list (15 s).
+    let by_domain: std::collections::HashMap<&crate::domain::Hostname, &Mapping> =
+        existing.iter().map(|m| (&m.full_domain, m)).collect();
     for spec in declared {
         let Ok(domain) = spec.validate() else {
             refused.push(format!("{}.{}: invalid", spec.subdomain, spec.base_domain));
             continue;
         };
         wanted.insert(domain.clone());
-        match existing.iter().find(|m| m.full_domain == domain) {
+        match by_domain.get(&domain).copied() {
             None => actions.push(Action::Create(spec.clone())),
             Some(m) if m.source.as_deref() != Some(SOURCE) => refused.push(format!(
                 "{domain}: already held by mapping {} (source {})",

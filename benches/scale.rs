@@ -1,0 +1,114 @@
+//! Scale benchmark (issue: scale): a single-node `tunnox proxy` with 100 000 mappings declared
+//! in its configuration file and kept in its JSON file — the first start (an empty JSON file),
+//! then restarts with the same mappings already in it: time from spawn to `/readyz`, and RSS
+//! once ready. Prints a Markdown section on stdout (`make bench` collects it).
+
+mod harness;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use harness::{Http, Proc, median, mib, ms, pinned, rss_of, wait_ready};
+use support::process::free_port;
+
+const MAPPINGS: usize = 100_000;
+/// Restarts measured after the first start.
+const RESTARTS: usize = 3;
+const DOMAIN: &str = "bench.test";
+
+fn config(dir: &Path, port: u16, admin: u16) -> std::path::PathBuf {
+    let data = dir.join("tunnox-data.json");
+    let mut yaml = format!(
+        "storage: {{type: memory, hybrid: {{enable_persistent: true, json: {{file_path: \"{}\"}}}}}}\n\
+         http_domain:\n  base_domains: [{DOMAIN}]\n\
+         proxy:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin}\"\n  worker_threads: 1\n\
+         log: {{level: warn}}\nmappings:\n",
+        data.display()
+    );
+    for i in 0..MAPPINGS {
+        yaml.push_str(&format!(
+            "  - {{subdomain: h{i}, base_domain: {DOMAIN}, target_host: 127.0.0.1, target_port: 9}}\n"
+        ));
+    }
+    let path = dir.join("proxy.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+struct Start {
+    ready: Duration,
+    rss: u64,
+}
+
+/// Starts the proxy, waits for `/readyz`, checks the last mapping is routed (a 502 from the
+/// closed target port, not a 404), reads its RSS and stops it (SIGTERM: the JSON file is
+/// complete).
+fn start(dir: &Path, config: &Path, port: u16, admin: u16, cpu: Option<usize>, n: usize) -> Start {
+    let since = Instant::now();
+    let mut cmd = pinned(cpu, env!("CARGO_BIN_EXE_tunnox"));
+    cmd.arg("-c").arg(config).arg("proxy").env_remove("RUST_LOG");
+    let mut p = Proc::spawn(
+        "tunnox proxy",
+        &mut cmd,
+        &dir.join(format!("proxy-{n}.log")),
+        true,
+    );
+    let ready = wait_ready(&mut p, admin, since, Duration::from_secs(120));
+    let last = format!("h{}.{DOMAIN}", MAPPINGS - 1);
+    let a = Http::new(port).get(&last, "/").expect("a response");
+    assert_eq!(a.status, 502, "{last} is routed (to a closed port)");
+    let rss = rss_of(&p.pid().to_string());
+    p.stop();
+    Start { ready, rss }
+}
+
+fn main() {
+    let started = Instant::now();
+    let (serve_cpu, _) = harness::cpus();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (port, admin) = (free_port(), free_port());
+    let config = config(dir.path(), port, admin);
+    let first = start(dir.path(), &config, port, admin, serve_cpu, 0);
+    let file = std::fs::metadata(dir.path().join("tunnox-data.json")).map_or(0, |m| m.len());
+    let restarts: Vec<Start> = (1..=RESTARTS)
+        .map(|n| start(dir.path(), &config, port, admin, serve_cpu, n))
+        .collect();
+    let secs: Vec<f64> = restarts.iter().map(|s| s.ready.as_secs_f64()).collect();
+    let rss: Vec<f64> = restarts.iter().map(|s| s.rss as f64).collect();
+    let restart = Duration::from_secs_f64(median(&secs));
+    let cpu = match serve_cpu {
+        Some(c) => format!("on core {c} (`taskset`)"),
+        None => "unpinned (one core)".into(),
+    };
+    println!("## Scale (issue: scale)\n");
+    println!(
+        "A single-node `tunnox proxy` ({cpu}, `worker_threads: 1`) with {MAPPINGS} mappings declared \
+         in its configuration file and kept in its JSON file (`storage.hybrid`, {} once written). The \
+         first start finds the JSON file empty and creates every mapping; each restart finds them all \
+         there already and changes nothing. Time from spawn to `/readyz` 200; RSS once ready; the last \
+         mapping is checked to be routed each time. Restarts ×{RESTARTS}, median. The run took {:.0} s.\n",
+        mib(file),
+        started.elapsed().as_secs_f64()
+    );
+    println!("| start | ready after | RSS |");
+    println!("|---|---|---|");
+    println!("| first (empty JSON file) | {} | {} |", ms(first.ready), mib(first.rss));
+    println!(
+        "| restart (the same {MAPPINGS} in the file) | **{}** ({}) | {} |",
+        ms(restart),
+        secs.iter()
+            .map(|s| format!("{:.2} s", s))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        mib(median(&rss) as u64)
+    );
+    println!();
+    println!(
+        "Goal (issue: scale): a restart with the same 100 000 mappings ready in under 1 s: **{}**; \
+         RSS under 40 MB: **{}**.\n",
+        harness::goal(restart < Duration::from_secs(1)),
+        harness::goal(median(&rss) < 40e6)
+    );
+}
