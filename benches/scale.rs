@@ -48,7 +48,10 @@ struct Start {
 fn start(dir: &Path, config: &Path, port: u16, admin: u16, cpu: Option<usize>, n: usize) -> Start {
     let since = Instant::now();
     let mut cmd = pinned(cpu, env!("CARGO_BIN_EXE_tunnox"));
-    cmd.arg("-c").arg(config).arg("proxy").env_remove("RUST_LOG");
+    cmd.arg("-c")
+        .arg(config)
+        .arg("proxy")
+        .env_remove("RUST_LOG");
     let mut p = Proc::spawn(
         "tunnox proxy",
         &mut cmd,
@@ -94,7 +97,11 @@ fn main() {
     );
     println!("| start | ready after | RSS |");
     println!("|---|---|---|");
-    println!("| first (empty JSON file) | {} | {} |", ms(first.ready), mib(first.rss));
+    println!(
+        "| first (empty JSON file) | {} | {} |",
+        ms(first.ready),
+        mib(first.rss)
+    );
     println!(
         "| restart (the same {MAPPINGS} in the file) | **{}** ({}) | {} |",
         ms(restart),

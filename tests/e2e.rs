@@ -2982,10 +2982,7 @@ fn tunnel_set_remote_ports_reach_the_agent_and_conflicts_take_over(s: &Stack) {
         Duration::from_secs(20),
         || {
             !svc_exists("tunnox-ts-e2e-ports-ports-b")
-                && s.redis
-                    .cli(&["HLEN", "tunnox:ports:default"])
-                    .trim()
-                    == "0"
+                && s.redis.cli(&["HLEN", "tunnox:ports:default"]).trim() == "0"
         },
     );
     drop(agent);

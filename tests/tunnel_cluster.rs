@@ -378,9 +378,8 @@ fn a_placed_agent_and_its_remote_port_go_home_fall_back_to_dr_and_move_back() {
         members: Vec::new(),
         udp_idle_ms: None,
     };
-    let held = f
-        .rt
-        .block_on(f.store.claim_ports(
+    let held =
+        f.rt.block_on(f.store.claim_ports(
             &home,
             "k8s:test/ns/ts",
             &[PortRequest { port, claim }],

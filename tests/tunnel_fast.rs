@@ -45,9 +45,13 @@ mappings:
   - {{subdomain: app, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: {up}, custom_headers: {{X-Env: dev}}}}
   - {{subdomain: other, base_domain: tunnox.net, target_client_id: laptop, target_host: 127.0.0.1, target_port: {op}}}"
         );
-        let proxy =
-            ProxyProc::start(dir.path(), "p", &yaml, &pki.tunnel_yaml(tunnel, &node_token))
-                .ready();
+        let proxy = ProxyProc::start(
+            dir.path(),
+            "p",
+            &yaml,
+            &pki.tunnel_yaml(tunnel, &node_token),
+        )
+        .ready();
         Self {
             dir,
             pki,
@@ -147,7 +151,8 @@ fn plain_requests_ride_parked_streams_and_a_leaving_agent_takes_them_down() {
     let mut agent = node.agent();
     let opened = |n: &Node| n.metric("tunnox_tunnel_fast_streams_total{how=\"opened\"}");
     let reused = |n: &Node| n.metric("tunnox_tunnel_fast_streams_total{how=\"reused\"}");
-    let elsewhere = |n: &Node| n.metric("tunnox_proxy_handovers_total{reason=\"tunnel_elsewhere\"}");
+    let elsewhere =
+        |n: &Node| n.metric("tunnox_proxy_handovers_total{reason=\"tunnel_elsewhere\"}");
     let (opened_before, reused_before) = (opened(&node), reused(&node));
     let elsewhere_before = elsewhere(&node);
 
@@ -162,7 +167,11 @@ fn plain_requests_ride_parked_streams_and_a_leaving_agent_takes_them_down() {
         };
         assert_eq!(r.status, 200, "request {i}: {r:?}");
         assert_eq!(r.header("x-upstream"), Some("laptop-service"));
-        assert_eq!(r.header("x-hop"), None, "hop-by-hop headers are not passed on");
+        assert_eq!(
+            r.header("x-hop"),
+            None,
+            "hop-by-hop headers are not passed on"
+        );
         match i % 3 {
             0 => {
                 // What the service was sent: the direct path's headers, nothing of the tunnel.
@@ -193,7 +202,11 @@ fn plain_requests_ride_parked_streams_and_a_leaving_agent_takes_them_down() {
         "reused for every other request: {}",
         handovers()
     );
-    assert_eq!(elsewhere(&node), elsewhere_before, "none handed to the general path");
+    assert_eq!(
+        elsewhere(&node),
+        elsewhere_before,
+        "none handed to the general path"
+    );
 
     // Two connections at once: two streams; both parked afterwards and reused.
     let mut d = Conn::open(node.proxy.port);
@@ -208,7 +221,11 @@ fn plain_requests_ride_parked_streams_and_a_leaving_agent_takes_them_down() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(d.send("GET", "/", "").status, 200);
     assert_eq!(slow.join().unwrap(), 200);
-    assert_eq!(opened(&node) - opened_mid, 1, "the second stream, for the slow one");
+    assert_eq!(
+        opened(&node) - opened_mid,
+        1,
+        "the second stream, for the slow one"
+    );
 
     // SIGTERM: the agent says Leaving; the proxy closes the parked streams at once, so the
     // agent's GOAWAY finishes at once. Kept open, they would hold the session until the proxy

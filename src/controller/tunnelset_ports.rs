@@ -408,7 +408,10 @@ mod tests {
         ]);
         let set = SetName::parse("novel.sh").unwrap();
         let (reqs, asks) = requests(&t, &set, "k8s:c/ns/laptop", (20000, 29999));
-        assert!(reqs.iter().all(|r| r.claim.set.as_ref() == Some(&set)), "placed on its set");
+        assert!(
+            reqs.iter().all(|r| r.claim.set.as_ref() == Some(&set)),
+            "placed on its set"
+        );
         assert_eq!(reqs.len(), 3);
         assert_eq!(reqs[0].port, 20022);
         assert_eq!(reqs[0].claim.target, "[::1]:22");

@@ -56,7 +56,10 @@ impl Tunnels {
             .filter(|s| !s.is_leaving() && !s.is_down(target) && s.transport.usable())
             .find_map(|s| s.unpark(target, idle_timeout));
         let (slot, io) = found?;
-        self.metrics.fast_streams.with_label_values(&["reused"]).inc();
+        self.metrics
+            .fast_streams
+            .with_label_values(&["reused"])
+            .inc();
         Some(FastStream { io, slot })
     }
 
@@ -74,7 +77,10 @@ impl Tunnels {
         drop(here);
         match self.open_stream(client_id, target, false, true).await {
             Ok((up, Some(slot))) => {
-                self.metrics.fast_streams.with_label_values(&["opened"]).inc();
+                self.metrics
+                    .fast_streams
+                    .with_label_values(&["opened"])
+                    .inc();
                 Ok(FastStream {
                     io: Box::new(TokioIo::new(up)),
                     slot,

@@ -280,7 +280,8 @@ async fn session(t: Arc<Tunnels>, mut io: Box<dyn Io>, peer: SocketAddr) {
         client.clone(),
         Box::new(H2Transport(send)),
         // The agent's own limit too: a stream beyond it would wait inside HTTP/2.
-        s.max_streams.min(auth.max_streams.unwrap_or(u32::MAX).max(1)) as usize,
+        s.max_streams
+            .min(auth.max_streams.unwrap_or(u32::MAX).max(1)) as usize,
         ctl_tx,
     ));
     session.set_placement(cred.placement.clone(), unreachable);

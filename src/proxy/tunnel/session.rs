@@ -639,7 +639,11 @@ pub(crate) mod tests {
             fars.push(far);
             Session::park(s.enter().unwrap(), "t:1", io, 64);
         }
-        assert_eq!((s.open_streams(), parked(&s)), (4, 4), "a quarter of max_streams");
+        assert_eq!(
+            (s.open_streams(), parked(&s)),
+            (4, 4),
+            "a quarter of max_streams"
+        );
 
         // Leaving closes them all and parks none after.
         assert!(s.set_leaving());
