@@ -106,12 +106,14 @@ mappings:
         "{FLOOD} connections in {took:?}: {open} held, {refused} refused; RSS {baseline} KiB → \
          {at_cap} KiB ({per_connection} bytes per held connection)"
     );
-    // The bound: 24 KiB per held connection (measured about 16 KiB with the debug build the
-    // tests run: the connection's task and its fast-path state, socket registration, allocator
-    // slack); the 5 001 refused connections cost nothing that stays.
+    // The bound: 32 KiB per held connection (with the debug build the tests run: the
+    // connection's task and its fast-path state, socket registration, allocator slack). Measured
+    // 16 KiB when this test was written, 23–24 KiB on 2026-12-01 both before and after tunnel
+    // requests joined the fast path (a bound of 24 failed a CI run at 24.2); the 5 001 refused
+    // connections cost nothing that stays.
     assert!(
-        at_cap < baseline + CAP * 24,
-        "RSS grew by more than 24 KiB per held connection: {baseline} → {at_cap} KiB"
+        at_cap < baseline + CAP * 32,
+        "RSS grew by more than 32 KiB per held connection: {baseline} → {at_cap} KiB"
     );
 
     // The proxy still serves the connection it had.

@@ -500,20 +500,27 @@ impl MappingStore for MemoryStore {
     }
 
     async fn list(&self, filter: &ListFilter, page: PageRequest) -> Result<Page, StoreError> {
+        use std::ops::Bound;
         let limit = page.limit.max(1);
-        let after = |id: &MappingId| page.after.as_ref().is_none_or(|a| id > a);
+        // Straight to the page (a scan from the first id made listing everything quadratic).
+        let from = (
+            page.after
+                .as_ref()
+                .map_or(Bound::Unbounded, Bound::Excluded),
+            Bound::Unbounded,
+        );
         Ok(self.read(|s| {
             let ids: Vec<&MappingId> = match filter {
-                ListFilter::All => s.by_id.keys().filter(|id| after(id)).take(limit).collect(),
+                ListFilter::All => s.by_id.range(from).map(|(id, _)| id).take(limit).collect(),
                 ListFilter::Client(c) => s
                     .by_client
                     .get(c)
-                    .map(|set| set.iter().filter(|id| after(id)).take(limit).collect())
+                    .map(|set| set.range(from).take(limit).collect())
                     .unwrap_or_default(),
                 ListFilter::User(u) => s
                     .by_user
                     .get(u)
-                    .map(|set| set.iter().filter(|id| after(id)).take(limit).collect())
+                    .map(|set| set.range(from).take(limit).collect())
                     .unwrap_or_default(),
             };
             let next = (ids.len() == limit).then(|| ids[limit - 1].clone());

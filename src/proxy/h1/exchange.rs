@@ -270,7 +270,9 @@ impl Exchange<'_, '_> {
         match dest {
             Dest::Direct { target, who } => Ok(Upstream::Tcp(self.connect(target, who).await?)),
             Dest::Tunnel { client, target } => {
-                match self.ctx.tunnels.open_fast(client, target).await {
+                // Boxed: opening a stream is rare (parked ones are reused), and its state would
+                // otherwise grow every connection's task, idle ones included.
+                match Box::pin(self.ctx.tunnels.open_fast(client, target)).await {
                     Ok(s) => Ok(Upstream::Tunnel(s)),
                     Err(NoStream::Elsewhere) => Err(Failed::Handover("tunnel_elsewhere")),
                     Err(NoStream::Failed(e)) => Err(Failed::Refuse(e)),
