@@ -143,7 +143,7 @@ async fn connect(settings: &Settings, me: &str) -> crate::store::Stores {
 }
 
 /// Runs until SIGTERM/SIGINT, then drains and returns.
-pub async fn run(settings: Settings) -> Result<(), RunError> {
+pub async fn run(mut settings: Settings) -> Result<(), RunError> {
     let cfg = settings.config.proxy.clone();
     let me = node_id(&settings);
     let metrics = Arc::new(metrics::ProxyMetrics::new());
@@ -242,20 +242,25 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         Some(a) if !settings.uses_redis => Some(a.state_dir()),
         _ => None,
     };
-    if !settings.uses_redis && !settings.config.mappings.is_empty() {
+    // The declared list is needed only until the store holds it: not kept for the process's
+    // life (about 375 bytes a mapping).
+    let declared = std::mem::take(&mut settings.config.mappings);
+    let acme_domains = seed::acme_domains(&declared, &settings.config.tunnel_clients);
+    if !settings.uses_redis && !declared.is_empty() {
         let changed = seed::apply(
             store.as_ref(),
-            &settings.config.mappings,
+            &declared,
             &settings.config.tunnel_clients,
             acme_dir.as_deref(),
         )
         .await?;
         tracing::info!(
-            declared = settings.config.mappings.len(),
+            declared = declared.len(),
             changed,
             "mappings from the configuration file applied"
         );
     }
+    drop(declared);
 
     let local = &settings.config.http_domain.cache.local;
     let cache_settings = cache::CacheSettings {
@@ -494,8 +499,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         });
     }
     tracing::info!(%listen, admin = %admin_addr, node = %me, set = %cfg.set, "proxy listening");
-    let acme_domains =
-        seed::acme_domains(&settings.config.mappings, &settings.config.tunnel_clients);
     if let (Some(acme), false) = (&cfg.acme, settings.uses_redis || acme_domains.is_empty()) {
         tracing::info!(domains = acme_domains.len(), directory = %acme.directory_url, state_dir = %acme.state_dir().display(), "ordering certificates through ACME");
         tasks.spawn(

@@ -31,7 +31,9 @@ pub struct PersistOptions {
 }
 
 struct State {
-    by_id: BTreeMap<MappingId, Mapping>,
+    /// Boxed: a `Mapping` is ~500 bytes, and B-tree nodes hold their values inline (half-full
+    /// nodes kept twice that per mapping).
+    by_id: BTreeMap<MappingId, Box<Mapping>>,
     by_domain: HashMap<Hostname, MappingId>,
     by_client: HashMap<String, BTreeSet<MappingId>>,
     by_user: HashMap<String, BTreeSet<MappingId>>,
@@ -232,7 +234,7 @@ impl MemoryStore {
                     )));
                 }
                 state.index(&m);
-                state.by_id.insert(m.mapping_id.clone(), m);
+                state.by_id.insert(m.mapping_id.clone(), Box::new(m));
             }
             tracing::info!(file = %p.path.display(), mappings = state.by_id.len(), version = state.version, "loaded mappings");
         }
@@ -339,7 +341,7 @@ impl MemoryStore {
         state.unindex(&removed);
         state.version += 1;
         let event = state.log(max_len, ChangeOp::Deleted, &removed, None);
-        Ok((removed, event))
+        Ok((*removed, event))
     }
 }
 
@@ -364,7 +366,7 @@ impl Inner {
             let snap = Snapshot::new(
                 state.version,
                 state.epoch.clone(),
-                state.by_id.values().cloned().collect(),
+                state.by_id.values().map(|m| Mapping::clone(m)).collect(),
             );
             serde_json::to_vec(&snap).expect("mappings always serialise")
         };
@@ -435,7 +437,7 @@ impl MappingStore for MemoryStore {
             state.index(&mapping);
             state
                 .by_id
-                .insert(mapping.mapping_id.clone(), mapping.clone());
+                .insert(mapping.mapping_id.clone(), Box::new(mapping.clone()));
             let event = state.log(max_len, ChangeOp::Created, &mapping, None);
             Ok((mapping, event))
         })
@@ -468,7 +470,7 @@ impl MappingStore for MemoryStore {
             state.version += 1;
             next.version = state.version;
             state.index(&next);
-            state.by_id.insert(id.clone(), next.clone());
+            state.by_id.insert(id.clone(), Box::new(next.clone()));
             let moved = (current.full_domain != full).then_some(current.full_domain);
             let event = state.log(max_len, ChangeOp::Updated, &next, moved);
             Ok((next, event))
@@ -485,7 +487,7 @@ impl MappingStore for MemoryStore {
     }
 
     async fn get(&self, id: &MappingId) -> Result<Option<Mapping>, StoreError> {
-        Ok(self.read(|s| s.by_id.get(id).cloned()))
+        Ok(self.read(|s| s.by_id.get(id).map(|m| Mapping::clone(m))))
     }
 
     async fn get_by_domain(&self, domain: &Hostname) -> Result<Option<Mapping>, StoreError> {
@@ -495,7 +497,7 @@ impl MappingStore for MemoryStore {
                 .get(domain)
                 .and_then(|id| s.by_id.get(id))
                 .filter(|m| !m.is_expired(now))
-                .cloned()
+                .map(|m| Mapping::clone(m))
         }))
     }
 
@@ -527,7 +529,7 @@ impl MappingStore for MemoryStore {
             Page {
                 items: ids
                     .into_iter()
-                    .filter_map(|id| s.by_id.get(id).cloned())
+                    .filter_map(|id| s.by_id.get(id).map(|m| Mapping::clone(m)))
                     .collect(),
                 next,
             }
@@ -647,7 +649,12 @@ impl MappingStore for MemoryStore {
     }
 
     async fn access_stats(&self, id: &MappingId) -> Result<AccessStats, StoreError> {
-        Ok(self.read(|s| s.by_id.get(id).map(AccessStats::of).unwrap_or_default()))
+        Ok(self.read(|s| {
+            s.by_id
+                .get(id)
+                .map(|m| AccessStats::of(m))
+                .unwrap_or_default()
+        }))
     }
 }
 
