@@ -291,6 +291,7 @@ impl Exchange<'_, '_> {
             // Bytes an agent's service wrongly sent after a bodiless response may still be on
             // their way through the session, where no peek sees them: not reused.
             (Dest::Tunnel { target, .. }, Upstream::Tunnel(s)) if !suspect => s.park(target, max),
+            // Dropped: the connection or stream closes.
             _ => {}
         }
     }

@@ -261,12 +261,15 @@ impl Tunnels {
             .collect();
         let views = local
             .iter()
-            .map(|s| LocalView {
-                leaving: s.is_leaving(),
-                usable: s.transport.usable(),
+            .map(|s| {
                 // Parked streams give way to a new one (`Session::enter`).
-                open: s.busy_streams(),
-                full: s.busy_streams() >= s.max_streams,
+                let busy = s.busy_streams();
+                LocalView {
+                    leaving: s.is_leaving(),
+                    usable: s.transport.usable(),
+                    open: busy,
+                    full: busy >= s.max_streams,
+                }
             })
             .collect();
         (local, views)
