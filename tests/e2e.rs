@@ -354,7 +354,7 @@ fn crds_show_columns_and_explain(cp: &ControlPlane) {
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "DOMAIN", "TARGET", "SET", "PHASE", "AGE"],
+        ["NAME", "DOMAIN", "TARGET", "SET", "PHASE", "PROXIES", "AGE"],
         "{table}"
     );
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();

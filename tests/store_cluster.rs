@@ -141,6 +141,7 @@ async fn the_hash_tagged_prefix_runs_every_script_on_one_cluster_slot() {
         tunnel_address: String::new(),
         state: NodeState::Active,
         applied_version: 4,
+        epoch: String::new(),
         heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
             .unwrap()
             .with_timezone(&Utc),

@@ -139,6 +139,7 @@ fn node(id: &str) -> NodeRecord {
         tunnel_address: format!("{id}.pods:7000"),
         state: NodeState::Active,
         applied_version: 0,
+        epoch: String::new(),
         // Sub-second precision: the record must read back exactly as written.
         heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456789Z")
             .unwrap()

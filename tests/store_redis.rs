@@ -529,6 +529,7 @@ fn node(id: &str) -> NodeRecord {
         tunnel_address: "10.0.0.7:7000".into(),
         state: NodeState::Draining,
         applied_version: 17,
+        epoch: String::new(),
         heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.5Z")
             .unwrap()
             .with_timezone(&Utc),

@@ -774,6 +774,110 @@ pub fn serving(
     })
 }
 
+/// The most lagging proxies a `Ready` message names (the count says the rest).
+const NAMED_BEHIND: usize = 5;
+
+/// For a programmed (`Active`) mapping: `Ready` and `proxies` from the tally of its version
+/// against the healthy proxies of its serving set (docs/controller.md "Ready means served").
+/// `Ready` stays as [`status`] decided it only when all of them, at least one, applied it. A
+/// mapping that was served keeps the count it showed, so the fleet growing or shrinking writes
+/// no status. `tally` `None` (the registry unread): what was shown stays.
+pub fn add_served(
+    s: &mut HTTPDomainMappingStatus,
+    tally: Option<&super::served::Tally>,
+    previous: Option<&HTTPDomainMappingStatus>,
+    now: DateTime<Utc>,
+) {
+    if s.phase != Phase::Active {
+        return;
+    }
+    let ready_before = |p: &HTTPDomainMappingStatus| {
+        p.phase == Phase::Active
+            && p.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    };
+    let was_served = previous.filter(|p| ready_before(p));
+    let domain = s.full_domain.as_deref().unwrap_or_default();
+    let version = s.version.unwrap_or_default();
+    let (reason, message) = match tally {
+        None => {
+            s.proxies = previous.and_then(|p| p.proxies.clone());
+            if was_served.is_some() {
+                return;
+            }
+            (
+                "ProxiesUnknown",
+                format!(
+                    "{domain} is programmed (version {version}); the node registry was not read yet"
+                ),
+            )
+        }
+        Some(t) if t.complete() => {
+            s.proxies = match was_served.filter(|p| p.proxies.is_some()) {
+                Some(p) => p.proxies.clone(),
+                None => Some(t.shown()),
+            };
+            return;
+        }
+        Some(t) => {
+            s.proxies = Some(t.shown());
+            behind(t, domain, version)
+        }
+    };
+    let now = Time(
+        jiff::Timestamp::from_millisecond(now.timestamp_millis())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+    );
+    let prev: &[Condition] = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    let ready = condition(
+        "Ready",
+        false,
+        reason,
+        message,
+        s.observed_generation,
+        &now,
+        prev,
+    );
+    for c in s.conditions.iter_mut().filter(|c| c.type_ == "Ready") {
+        *c = ready.clone();
+    }
+}
+
+/// `Ready`'s reason and message while some healthy proxy has not applied a version, or none is
+/// registered.
+fn behind(t: &super::served::Tally, domain: &str, version: i64) -> (&'static str, String) {
+    if t.total == 0 {
+        return (
+            "NoHealthyProxy",
+            format!(
+                "{domain} is programmed (version {version}) but no healthy proxy is registered to serve it"
+            ),
+        );
+    }
+    let scope = match &t.scope {
+        Some(set) => format!("proxies of {set}"),
+        None => "proxies".to_string(),
+    };
+    let mut names: Vec<String> = t
+        .behind
+        .iter()
+        .take(NAMED_BEHIND)
+        .map(|(node, at)| format!("{node} (at version {at})"))
+        .collect();
+    if t.behind.len() > NAMED_BEHIND {
+        names.push(format!("{} more", t.behind.len() - NAMED_BEHIND));
+    }
+    (
+        "ProxiesBehind",
+        format!(
+            "{domain} is programmed (version {version}) and applied by {} {scope}; waiting for {}",
+            t.shown(),
+            names.join(", ")
+        ),
+    )
+}
+
 /// Adds [`serving`]'s answer to a mapping's status (kept as it was when the registry is unread).
 pub fn add_serving(
     s: &mut HTTPDomainMappingStatus,

@@ -791,3 +791,116 @@ fn status_names_the_set_serving_a_placed_mapping() {
     assert_eq!(s.serving_set.as_deref(), Some("novel.sh"));
     assert_eq!(s.conditions, shown.conditions);
 }
+
+#[test]
+fn ready_means_every_healthy_proxy_applied_the_version() {
+    use crate::controller::served::Tally;
+    let plan = match evaluate(
+        &hdm("a", "x", "x", "tunnox.net", address("h", 1)),
+        &policy(),
+        &[],
+        Utc::now(),
+    ) {
+        Verdict::Program(p) => p,
+        other => panic!("{other:?}"),
+    };
+    let active = Outcome::Active {
+        mapping_id: "hdm_1".into(),
+        version: 9,
+        plan: *plan,
+    };
+    let tally = |served, total, behind: &[(&str, u64)]| Tally {
+        scope: None,
+        served,
+        total,
+        behind: behind.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+    };
+    let decided = |t: Option<&Tally>, previous: Option<&HTTPDomainMappingStatus>| {
+        let mut s = status(&active, Some(1), previous, Utc::now());
+        add_served(&mut s, t, previous, Utc::now());
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        (
+            ready.status.clone(),
+            ready.reason.clone(),
+            ready.message.clone(),
+            s.proxies.clone(),
+            s,
+        )
+    };
+    // (tally, status, reason, proxies, words the message holds)
+    let cases: Vec<(Option<Tally>, &str, &str, Option<&str>, Vec<&str>)> = vec![
+        (
+            Some(tally(3, 3, &[])),
+            "True",
+            "Programmed",
+            Some("3/3"),
+            vec![],
+        ),
+        (
+            Some(tally(2, 3, &[("proxy-c", 7)])),
+            "False",
+            "ProxiesBehind",
+            Some("2/3"),
+            vec!["version 9", "2/3", "proxy-c (at version 7)"],
+        ),
+        (
+            Some(tally(0, 0, &[])),
+            "False",
+            "NoHealthyProxy",
+            Some("0/0"),
+            vec!["no healthy proxy"],
+        ),
+        (None, "False", "ProxiesUnknown", None, vec!["not read yet"]),
+    ];
+    for (t, want_status, want_reason, want_proxies, words) in cases {
+        let (st, reason, message, proxies, _) = decided(t.as_ref(), None);
+        assert_eq!(
+            (st.as_str(), reason.as_str(), proxies.as_deref()),
+            (want_status, want_reason, want_proxies),
+            "{t:?}: {message}"
+        );
+        for w in words {
+            assert!(message.contains(w), "{t:?}: {message} lacks {w:?}");
+        }
+    }
+    // Many behind: five named, the rest counted.
+    let many: Vec<(String, u64)> = (0..8).map(|i| (format!("p{i}"), 1)).collect();
+    let t = Tally {
+        behind: many,
+        ..tally(0, 8, &[])
+    };
+    let (_, _, message, ..) = decided(Some(&t), None);
+    assert!(message.contains("p4 (at version 1), 3 more"), "{message}");
+    assert!(!message.contains("p5"), "{message}");
+
+    // Served once: the count it showed stays while the fleet changes (no status write), and an
+    // unread registry keeps what was shown.
+    let (.., served) = decided(Some(&tally(3, 3, &[])), None);
+    let (st, _, _, proxies, again) = decided(Some(&tally(4, 4, &[])), Some(&served));
+    assert_eq!((st.as_str(), proxies.as_deref()), ("True", Some("3/3")));
+    assert_eq!(again, served, "nothing to write");
+    let (st, _, _, proxies, _) = decided(None, Some(&served));
+    assert_eq!((st.as_str(), proxies.as_deref()), ("True", Some("3/3")));
+    // Behind after being served (a newer version): not Ready, counted anew.
+    let (st, reason, _, proxies, behind) =
+        decided(Some(&tally(1, 3, &[("a", 8), ("b", 8)])), Some(&served));
+    assert_eq!(
+        (st.as_str(), reason.as_str(), proxies.as_deref()),
+        ("False", "ProxiesBehind", Some("1/3"))
+    );
+    // ...and served again: the new count is shown.
+    let (st, _, _, proxies, _) = decided(Some(&tally(3, 3, &[])), Some(&behind));
+    assert_eq!((st.as_str(), proxies.as_deref()), ("True", Some("3/3")));
+
+    // Other phases carry no count.
+    let conflict = Outcome::Conflict {
+        plan: match &active {
+            Outcome::Active { plan, .. } => plan.clone(),
+            _ => unreachable!(),
+        },
+        holder: "b/y".into(),
+    };
+    let mut s = status(&conflict, Some(1), None, Utc::now());
+    add_served(&mut s, Some(&tally(0, 3, &[])), None, Utc::now());
+    assert_eq!(s.proxies, None);
+}

@@ -48,11 +48,12 @@ pub fn serving_changed(
         != crate::domain::serving_set(&placement, after.iter())
 }
 
-/// Reads the registry every `every` until `stop`; calls `changed(before, after)` when the
-/// healthy sets change.
+/// Reads the registry every `every` until `stop`: gives every read to `served` (versions the
+/// proxies applied), and calls `changed(before, after)` when the healthy sets change.
 pub async fn follow(
     fleet: Arc<Fleet>,
     nodes: Arc<dyn NodeRegistry>,
+    served: Arc<super::served::Served>,
     every: Duration,
     changed: impl Fn(Option<&[SetName]>, &[SetName]) + Send,
     mut stop: watch::Receiver<bool>,
@@ -66,6 +67,7 @@ pub async fn follow(
         }
         match nodes.list_nodes().await {
             Ok(list) => {
+                served.refresh(&list);
                 let now = healthy_sets(&list);
                 if let Some(before) = fleet.update(now.clone()) {
                     tracing::info!(healthy = ?now, "proxy sets with a healthy node changed");

@@ -12,6 +12,7 @@ pub mod leader;
 mod metrics;
 mod reconcile;
 pub mod resync;
+pub mod served;
 mod tunnelset;
 pub mod tunnelset_decide;
 pub mod tunnelset_ports;
@@ -238,6 +239,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             metrics: metrics.clone(),
         }))
     });
+    let served = Arc::new(served::Served::new(wake_tx.clone(), &metrics.registry));
+    // Proxies announce each version they apply: `Ready` follows within milliseconds.
+    let applied_watch = nodes.applied_events().map(|mut events| {
+        let served = served.clone();
+        tokio::spawn(async move {
+            while let Some(a) = events.recv().await {
+                served.observe(&a);
+            }
+        })
+    });
     let ctx = Arc::new(Ctx {
         issuer,
         client: client.clone(),
@@ -261,12 +272,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         conflict_retry: cfg.conflict_retry.get(),
         legacy_orphans: Default::default(),
         fleet: fleet_view,
+        served: served.clone(),
     });
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
     // A set gaining or losing its last healthy proxy shows in the placed mappings' status.
     let fleet_watch = tokio::spawn(fleet::follow(
         ctx.fleet.clone(),
         nodes,
+        served,
         FLEET_EVERY,
         {
             let (ctx, ts_ctx) = (ctx.clone(), ts_ctx.clone());
@@ -336,7 +349,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     futures::future::join(mappings, tunnelsets).await;
     resync.abort();
     fleet_watch.abort();
-    if let Some(watch) = session_watch {
+    for watch in [session_watch, applied_watch].into_iter().flatten() {
         watch.abort();
     }
     election.abort();

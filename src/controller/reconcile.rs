@@ -48,6 +48,8 @@ pub struct Ctx {
     pub conflict_retry: Duration,
     /// The proxy sets with a healthy node (for `status.servingSet`).
     pub fleet: Arc<super::fleet::Fleet>,
+    /// Which proxies applied which version: `Ready` means served.
+    pub served: Arc<super::served::Served>,
     /// Records in the legacy source form that resync found orphaned on its last pass.
     pub legacy_orphans: std::sync::Mutex<std::collections::HashSet<MappingId>>,
 }
@@ -553,8 +555,36 @@ async fn apply(
     if let Outcome::Held(Hold::Rejected { reason, .. }) = &outcome {
         ctx.metrics.rejections.with_label_values(&[reason]).inc();
     }
-    write_status(ctx, obj, api, &outcome).await?;
+    let served = served(ctx, obj, &outcome).await;
+    write_status(ctx, obj, api, &outcome, served.as_ref()).await?;
     Ok(next_action(ctx, obj, &outcome))
+}
+
+/// How long a reconcile that just programmed a version waits for the proxies to apply it
+/// before it writes status (usually milliseconds: they announce it at once), so that one status
+/// write says `Ready`. A proxy lagging for [`super::served::LAGGING_AFTER`] is not waited for.
+const SETTLE_WITHIN: Duration = Duration::from_millis(500);
+
+/// For a programmed mapping: the tally of its version, once the proxies applied it or
+/// [`SETTLE_WITHIN`] passed; while not served, the mapping is woken when it is.
+async fn served(
+    ctx: &Ctx,
+    obj: &HTTPDomainMapping,
+    outcome: &Outcome,
+) -> Option<super::served::Tally> {
+    let me = ObjectRef::from_obj(obj);
+    let Outcome::Active { version, plan, .. } = outcome else {
+        ctx.served.forget(&me);
+        return None;
+    };
+    let placement = plan.spec.placement.as_ref();
+    let tally = ctx.served.settle(placement, *version, SETTLE_WITHIN).await;
+    if tally.as_ref().is_some_and(super::served::Tally::complete) {
+        ctx.served.forget(&me);
+    } else {
+        ctx.served.wait_for(me, placement.cloned(), *version);
+    }
+    tally
 }
 
 async fn program(
@@ -696,6 +726,7 @@ async fn write_status(
     obj: &HTTPDomainMapping,
     api: &Api<HTTPDomainMapping>,
     outcome: &Outcome,
+    served: Option<&super::served::Tally>,
 ) -> Result<(), Error> {
     let previous = obj.status.as_ref();
     let now = Utc::now();
@@ -708,6 +739,7 @@ async fn write_status(
     };
     let healthy = ctx.fleet.get();
     decide::add_serving(&mut status, placement, healthy.as_deref(), previous, now);
+    decide::add_served(&mut status, served, previous, now);
     // `stats` belong to the proxies: compare and apply without them.
     let unchanged = previous.is_some_and(|p| {
         let mut p = p.clone();
@@ -788,6 +820,7 @@ fn next_action(ctx: &Ctx, obj: &HTTPDomainMapping, outcome: &Outcome) -> Action 
 }
 
 async fn cleanup(obj: &HTTPDomainMapping, ctx: &Ctx) -> Result<Action, Error> {
+    ctx.served.forget(&ObjectRef::from_obj(obj));
     if let Some(m) = find_own(ctx, obj).await? {
         release(ctx, obj, &m).await?;
     }

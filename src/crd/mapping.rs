@@ -44,6 +44,12 @@ use super::common::{Phase, Placement};
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
+        name = "Proxies",
+        type_ = "string",
+        json_path = ".status.proxies",
+        description = "Healthy proxies of the serving set that applied this version, of all of them"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -337,6 +343,11 @@ pub struct HTTPDomainMappingStatus {
     pub serving_set: Option<String>,
     #[serde(default)]
     pub phase: Phase,
+    /// `N/M` while `Active`: N of the M healthy proxies of the serving set have applied
+    /// `version` (`Ready` is True only at M/M, with M > 0). Written when the mapping becomes
+    /// served or while it is not; a served mapping keeps its count as the fleet grows or shrinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<String>,
     /// `namespace/name` of the mapping holding the domain when the phase is `Conflict`;
     /// `cluster/namespace/name` when the holder is in another cluster sharing the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -88,6 +88,7 @@ impl Heartbeat {
                 NodeState::Active
             },
             applied_version: self.sync.applied(),
+            epoch: self.sync.detail().epoch.unwrap_or_default(),
             heartbeat_at: Utc::now(),
         }
     }
@@ -103,7 +104,19 @@ impl Heartbeat {
         }
     }
 
+    /// Announces the version just applied, so `Ready` does not wait for the next heartbeat.
+    async fn announce(&self) {
+        let applied = crate::store::Applied {
+            node_id: self.node_id.clone(),
+            set: self.set.clone(),
+            epoch: self.sync.detail().epoch.unwrap_or_default(),
+            applied: self.sync.applied(),
+        };
+        self.nodes.announce_applied(&applied).await;
+    }
+
     /// Beats every `every` (and at once when draining starts) until `stop`; then leaves.
+    /// Announces each newly applied version in between.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,6 +124,7 @@ impl Heartbeat {
             tokio::select! {
                 _ = tick.tick() => self.beat().await,
                 _ = self.drain.changed.notified() => self.beat().await,
+                _ = self.sync.advanced.notified() => self.announce().await,
                 _ = super::stopped(&mut stop) => break,
             }
         }
@@ -134,6 +148,7 @@ mod tests {
             tunnel_address: String::new(),
             state,
             applied_version: 0,
+            epoch: String::new(),
             heartbeat_at: Utc::now(),
         };
         let nodes = [

@@ -23,6 +23,8 @@ pub struct SyncState {
     applied: AtomicU64,
     warm: std::sync::atomic::AtomicBool,
     detail: std::sync::Mutex<Detail>,
+    /// Notified when the applied version moves (the heartbeat announces it at once).
+    pub advanced: tokio::sync::Notify,
 }
 
 /// The history followed and, when stale, why.
@@ -290,7 +292,10 @@ impl CacheSync {
 
     fn record(&self, f: &Follower, last_ok: &std::sync::Mutex<Instant>, catch_ups: &mut u64) {
         let applied = f.applied();
-        self.state.applied.store(applied, Ordering::Release);
+        if self.state.applied.swap(applied, Ordering::AcqRel) != applied {
+            // One stored permit: announcements coalesce while one is on its way.
+            self.state.advanced.notify_one();
+        }
         self.metrics.sync_version.set(applied as i64);
         self.metrics.sync_connected.set(i64::from(f.connected()));
         self.metrics

@@ -118,6 +118,11 @@ impl Keys {
         format!("{}:node:{node_id}", self.root)
     }
 
+    /// Pub/sub channel of applied versions announced by nodes (JSON [`crate::store::Applied`]).
+    pub fn applied_events(&self) -> String {
+        format!("{}:nodes:applied", self.root)
+    }
+
     /// Set of registered node ids: the index that lets listing avoid `KEYS`.
     pub fn nodes(&self) -> String {
         format!("{}:nodes", self.root)
@@ -183,6 +188,7 @@ mod tests {
         );
         assert_eq!(k.node("proxy-1"), "tunnox:node:proxy-1");
         assert_eq!(k.nodes(), "tunnox:nodes");
+        assert_eq!(k.applied_events(), "tunnox:nodes:applied");
         assert_eq!(Keys::new("r", "p", Some("chan")).events(), "chan");
         // The root is independent of the mapping prefix, even when the latter is overridden.
         let custom = Keys::new("{t}", "other:maps", None);

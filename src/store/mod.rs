@@ -31,7 +31,7 @@ pub use follow::Break;
 pub use follow::{Follower, Step, SyncUpdate, VersionTracker};
 pub use keys::Keys;
 pub use memory::{MemoryStore, PersistOptions};
-pub use nodes::{NodeRecord, NodeRegistry, NodeState, healthy_sets};
+pub use nodes::{Applied, NodeRecord, NodeRegistry, NodeState, healthy_sets};
 pub use ports::{PortClaim, PortOutcome, PortRegistry, PortRequest, PortTable, PortTraffic};
 pub use quota::{Quota, QuotaScope, source_group};
 pub use redis::{RedisOptions, RedisStore, RedisTls, SentinelOptions};

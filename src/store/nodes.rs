@@ -50,6 +50,10 @@ pub struct NodeRecord {
     pub state: NodeState,
     /// last store version this node applied to its cache
     pub applied_version: u64,
+    /// The store epoch that version belongs to (empty: not known yet, or a node from before
+    /// epochs were announced).
+    #[serde(default)]
+    pub epoch: String,
     pub heartbeat_at: DateTime<Utc>,
 }
 
@@ -74,6 +78,41 @@ pub trait NodeRegistry: Send + Sync + 'static {
     async fn remove_node(&self, node_id: &str) -> Result<(), StoreError>;
     /// Live nodes (expired ones are not returned), sorted by node_id.
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+
+    /// Tells whoever follows [`NodeRegistry::applied_events`] that a node applied a new
+    /// version, at once rather than with its next heartbeat. Best effort: a lost announcement
+    /// is caught up from the registry.
+    async fn announce_applied(&self, _applied: &Applied) {}
+
+    /// Announced versions, from every node, for as long as the receiver lives (subscribing
+    /// again after a lost connection); `None` where the store has no such feed (single-node).
+    fn applied_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Applied>> {
+        None
+    }
+}
+
+/// A node's announcement that it applied `applied` of the store's history `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub node_id: String,
+    pub set: SetName,
+    pub epoch: String,
+    pub applied: u64,
+}
+
+impl Applied {
+    /// The longest announcement read: node ids, set names and epochs are short, so anything
+    /// longer was not written by a node.
+    pub const MAX_LEN: usize = 512;
+
+    /// An announcement from its wire form (JSON); `None` when it is not one (too long,
+    /// malformed, a set name that does not parse).
+    pub fn parse(raw: &[u8]) -> Option<Self> {
+        if raw.len() > Self::MAX_LEN {
+            return None;
+        }
+        serde_json::from_slice(raw).ok()
+    }
 }
 
 /// The memory store's registry: records with their expiry instants, never persisted (a
@@ -113,6 +152,7 @@ mod tests {
             tunnel_address: String::new(),
             state: NodeState::Active,
             applied_version: 0,
+            epoch: String::new(),
             heartbeat_at: DateTime::from_timestamp_millis(0).unwrap(),
         }
     }

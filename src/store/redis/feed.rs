@@ -9,6 +9,44 @@ use crate::store::types::LossySender;
 use crate::store::{Backoff, ChangeEvent, StoreError, SubscriptionEvent};
 
 impl RedisStore {
+    /// Forwards each message of `channel` that `parse` accepts to `tx` until it closes;
+    /// subscribes again (with [`Backoff`]) whenever the subscription is lost. For best-effort
+    /// announcements whose loss a periodic read makes good (session changes, applied versions).
+    pub(super) async fn follow_channel<T: Send + 'static>(
+        self,
+        channel: String,
+        parse: fn(&[u8]) -> Option<T>,
+        tx: tokio::sync::mpsc::UnboundedSender<T>,
+    ) {
+        let mut backoff = Backoff::new();
+        loop {
+            let subscribed = async {
+                let mut ps = self.inner.link.client()?.get_async_pubsub().await?;
+                ps.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            match subscribed.await {
+                Ok(ps) => {
+                    backoff.reset();
+                    let mut stream = ps.into_on_message();
+                    while let Some(msg) = stream.next().await {
+                        if let Some(item) = parse(msg.get_payload_bytes())
+                            && tx.send(item).is_err()
+                        {
+                            return;
+                        }
+                    }
+                    tracing::debug!(%channel, "subscription lost; subscribing again");
+                }
+                Err(e) => tracing::debug!(%channel, error = %e, "cannot subscribe"),
+            }
+            if tx.is_closed() {
+                return;
+            }
+            backoff.wait().await;
+        }
+    }
+
     /// Subscribes on the current server. `moved` is marked seen first, so a move to another
     /// master from now on is noticed.
     pub(super) async fn open_pubsub(

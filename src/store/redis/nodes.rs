@@ -10,7 +10,7 @@ use redis::{AsyncCommands, Value};
 
 use super::RedisStore;
 use crate::domain::SetName;
-use crate::store::{NodeRecord, NodeRegistry, NodeState, StoreError};
+use crate::store::{Applied, NodeRecord, NodeRegistry, NodeState, StoreError};
 
 /// The hash fields of a registration (the contract in `docs/redis-schema.md`).
 fn encode(node: &NodeRecord) -> Vec<(&'static str, String)> {
@@ -22,6 +22,7 @@ fn encode(node: &NodeRecord) -> Vec<(&'static str, String)> {
         ("tunnel_address", node.tunnel_address.clone()),
         ("state", node.state.as_str().to_string()),
         ("applied_version", node.applied_version.to_string()),
+        ("epoch", node.epoch.clone()),
         // Full precision, so a record reads back exactly as it was written.
         (
             "heartbeat_at",
@@ -53,6 +54,8 @@ fn decode(fields: &HashMap<String, String>) -> Result<NodeRecord, String> {
         applied_version: applied
             .parse()
             .map_err(|_| format!("applied_version {applied:?} is not a version"))?,
+        // Written by nodes since `Ready` means served; an older node's record has none.
+        epoch: fields.get("epoch").cloned().unwrap_or_default(),
         heartbeat_at: DateTime::parse_from_rfc3339(heartbeat)
             .map_err(|e| format!("heartbeat_at {heartbeat:?}: {e}"))?
             .with_timezone(&Utc),
@@ -152,6 +155,29 @@ impl NodeRegistry for RedisStore {
         }
         Ok(nodes)
     }
+
+    async fn announce_applied(&self, applied: &Applied) {
+        let Ok(json) = serde_json::to_string(applied) else {
+            return;
+        };
+        let published: Result<i64, _> = self
+            .conn()
+            .publish(self.inner.keys.applied_events(), json)
+            .await;
+        if let Err(e) = published {
+            tracing::debug!(error = %e, "cannot announce the applied version");
+        }
+    }
+
+    fn applied_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Applied>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(self.clone().follow_channel(
+            self.inner.keys.applied_events(),
+            Applied::parse,
+            tx,
+        ));
+        Some(rx)
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +193,7 @@ mod tests {
             tunnel_address: "10.0.0.1:7000".into(),
             state: NodeState::Draining,
             applied_version: 42,
+            epoch: String::new(),
             heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456789Z")
                 .unwrap()
                 .with_timezone(&Utc),

@@ -89,44 +89,6 @@ impl RedisStore {
     }
 }
 
-impl RedisStore {
-    /// Forwards announced client ids to `tx` until it closes; subscribes again (with
-    /// [`crate::store::Backoff`]) whenever the subscription is lost.
-    async fn follow_session_events(self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
-        use futures::StreamExt;
-        let mut backoff = crate::store::Backoff::new();
-        let channel = self.inner.keys.session_events();
-        loop {
-            let subscribed = async {
-                let mut ps = self.inner.link.client()?.get_async_pubsub().await?;
-                ps.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(ps)
-            };
-            match subscribed.await {
-                Ok(ps) => {
-                    backoff.reset();
-                    let mut stream = ps.into_on_message();
-                    while let Some(msg) = stream.next().await {
-                        let Ok(client) = msg.get_payload::<String>() else {
-                            continue;
-                        };
-                        // Client ids are short; anything else is not an announcement.
-                        if client.len() <= 128 && tx.send(client).is_err() {
-                            return;
-                        }
-                    }
-                    tracing::debug!("session events: subscription lost; subscribing again");
-                }
-                Err(e) => tracing::debug!(error = %e, "session events: cannot subscribe"),
-            }
-            if tx.is_closed() {
-                return;
-            }
-            backoff.wait().await;
-        }
-    }
-}
-
 #[async_trait]
 impl TunnelRegistry for RedisStore {
     async fn put_session(
@@ -216,7 +178,17 @@ impl TunnelRegistry for RedisStore {
 
     fn session_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(self.clone().follow_session_events(tx));
+        // Client ids are short; anything else is not an announcement.
+        let parse = |raw: &[u8]| {
+            std::str::from_utf8(raw)
+                .ok()
+                .filter(|c| c.len() <= 128)
+                .map(str::to_string)
+        };
+        tokio::spawn(
+            self.clone()
+                .follow_channel(self.inner.keys.session_events(), parse, tx),
+        );
         Some(rx)
     }
 

@@ -1,0 +1,557 @@
+//! Which proxies serve a mapping's version, so that `Ready` means served (docs/controller.md
+//! "Ready means served"): a programmed mapping is `Ready` only once every healthy proxy of its
+//! serving set has applied its store version.
+//!
+//! Proxies announce each version they apply at once on pub/sub, and with every heartbeat in
+//! the node registry. The leader keeps what both say here, tallies a mapping's version against
+//! it, and wakes the mappings that wait for a proxy when it catches up or leaves the registry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kube::runtime::reflector::ObjectRef;
+use prometheus::{IntGaugeVec, Opts, Registry};
+use tokio::sync::{mpsc, watch};
+
+use crate::crd::HTTPDomainMapping;
+use crate::domain::SetName;
+use crate::store::{Applied, NodeRecord, NodeState};
+
+/// A proxy behind for longer than this without advancing is lagging: it is named in status and
+/// metrics, and reconciles stop waiting for it.
+pub const LAGGING_AFTER: Duration = Duration::from_secs(1);
+
+/// What the leader knows of one registered proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub set: SetName,
+    /// Active (not draining): a healthy proxy that must have applied a version.
+    pub active: bool,
+    pub epoch: String,
+    pub applied: u64,
+    /// Since when it is below the newest version the controller programmed.
+    pub behind_since: Option<Instant>,
+}
+
+impl NodeView {
+    /// Takes what a node says it applied: a higher version of the same history, or any version
+    /// of another history (the store was replaced). A stale read of the registry, older than an
+    /// announcement already taken, changes nothing. True when the version moved.
+    pub fn take(&mut self, epoch: &str, applied: u64) -> bool {
+        if self.epoch != epoch {
+            self.epoch = epoch.to_string();
+            self.applied = applied;
+            return true;
+        }
+        if applied > self.applied {
+            self.applied = applied;
+            return true;
+        }
+        false
+    }
+}
+
+/// A mapping's version against the proxies that must serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    /// The set serving the mapping (`None`: an unplaced mapping, served by every set).
+    pub scope: Option<SetName>,
+    /// Healthy proxies of the scope that applied the version.
+    pub served: usize,
+    pub total: usize,
+    /// Those that did not, by name, with the version they are at.
+    pub behind: Vec<(String, u64)>,
+}
+
+impl Tally {
+    /// Served by every healthy proxy of its scope, and there is at least one.
+    pub fn complete(&self) -> bool {
+        self.total > 0 && self.served == self.total
+    }
+
+    /// `N/M`, as `status.proxies` shows it.
+    pub fn shown(&self) -> String {
+        format!("{}/{}", self.served, self.total)
+    }
+}
+
+/// The tally of `version` for a mapping placed on `placement` (`None`: unplaced): its serving
+/// set is decided from the active nodes as proxies decide it (home, else the business's DR set).
+pub fn tally(
+    nodes: &BTreeMap<String, NodeView>,
+    placement: Option<&SetName>,
+    version: u64,
+) -> Tally {
+    let active = || nodes.iter().filter(|(_, n)| n.active);
+    let scope = placement.and_then(|p| {
+        let healthy: Vec<&SetName> = active().map(|(_, n)| &n.set).collect();
+        crate::domain::serving_set(p, healthy.iter().copied())
+    });
+    let mut t = Tally {
+        scope: scope.clone(),
+        served: 0,
+        total: 0,
+        behind: Vec::new(),
+    };
+    if placement.is_some() && scope.is_none() {
+        return t;
+    }
+    for (id, n) in active().filter(|(_, n)| scope.as_ref().is_none_or(|s| &n.set == s)) {
+        t.total += 1;
+        if n.applied >= version {
+            t.served += 1;
+        } else {
+            t.behind.push((id.clone(), n.applied));
+        }
+    }
+    t
+}
+
+/// A mapping whose version some proxy has not applied yet.
+struct Waiter {
+    placement: Option<SetName>,
+    version: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// `None` until the registry was read once.
+    nodes: Option<BTreeMap<String, NodeView>>,
+    waiting: HashMap<ObjectRef<HTTPDomainMapping>, Waiter>,
+    /// The newest version the controller programmed: a node below it is behind.
+    wanted: u64,
+}
+
+impl Inner {
+    /// Marks who is behind `wanted` (since when), and wakes the waiters now served.
+    fn settle(&mut self, now: Instant, wake: &mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>) {
+        let Some(nodes) = &mut self.nodes else {
+            return;
+        };
+        for n in nodes.values_mut() {
+            if n.applied >= self.wanted {
+                n.behind_since = None;
+            } else if n.behind_since.is_none() {
+                n.behind_since = Some(now);
+            }
+        }
+        self.waiting.retain(|obj, w| {
+            let done = tally(nodes, w.placement.as_ref(), w.version).complete();
+            if done {
+                let _ = wake.send(obj.clone());
+            }
+            !done
+        });
+    }
+}
+
+/// The fleet's applied versions, as the leader sees them.
+pub struct Served {
+    inner: Mutex<Inner>,
+    /// Moves on every change, for [`Served::settle`] to wait on.
+    changed: watch::Sender<u64>,
+    wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
+    metrics: ServedMetrics,
+}
+
+impl Served {
+    pub fn new(
+        wake: mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>,
+        registry: &Registry,
+    ) -> Self {
+        Self {
+            inner: Mutex::default(),
+            changed: watch::channel(0).0,
+            wake,
+            metrics: ServedMetrics::register(registry),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Inner)) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        f(&mut inner);
+        inner.settle(Instant::now(), &self.wake);
+        self.metrics.show(inner.nodes.as_ref());
+        drop(inner);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// The registry as read: nodes gone from it are forgotten, new ones added, each one's
+    /// version taken by [`NodeView::take`].
+    pub fn refresh(&self, list: &[NodeRecord]) {
+        self.update(|inner| {
+            let old = inner.nodes.take().unwrap_or_default();
+            let mut nodes = BTreeMap::new();
+            for r in list {
+                let mut view = old.get(&r.node_id).cloned().unwrap_or(NodeView {
+                    set: r.set.clone(),
+                    active: false,
+                    epoch: r.epoch.clone(),
+                    applied: r.applied_version,
+                    behind_since: None,
+                });
+                view.set = r.set.clone();
+                view.active = r.state == NodeState::Active;
+                view.take(&r.epoch, r.applied_version);
+                nodes.insert(r.node_id.clone(), view);
+            }
+            inner.nodes = Some(nodes);
+        });
+    }
+
+    /// A node's announcement. A node not registered yet is taken as active until the registry
+    /// says otherwise; before the registry was read, announcements wait for it.
+    pub fn observe(&self, a: &Applied) {
+        self.update(|inner| {
+            let Some(nodes) = &mut inner.nodes else {
+                return;
+            };
+            nodes
+                .entry(a.node_id.clone())
+                .and_modify(|n| {
+                    n.take(&a.epoch, a.applied);
+                })
+                .or_insert_with(|| NodeView {
+                    set: a.set.clone(),
+                    active: true,
+                    epoch: a.epoch.clone(),
+                    applied: a.applied,
+                    behind_since: None,
+                });
+        });
+    }
+
+    /// The tally of `version` now; `None` until the registry was read.
+    pub fn tally(&self, placement: Option<&SetName>, version: u64) -> Option<Tally> {
+        let inner = self.inner.lock().expect("not poisoned");
+        inner
+            .nodes
+            .as_ref()
+            .map(|nodes| tally(nodes, placement, version))
+    }
+
+    /// The tally of a version just programmed, once every proxy of its scope applied it, or
+    /// after `within`, or as soon as a proxy it waits for is lagging (a frozen proxy must not
+    /// hold up every reconcile). Waits for the first registry read, too.
+    pub async fn settle(
+        &self,
+        placement: Option<&SetName>,
+        version: u64,
+        within: Duration,
+    ) -> Option<Tally> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut changes = self.changed.subscribe();
+        {
+            let mut inner = self.inner.lock().expect("not poisoned");
+            if version > inner.wanted {
+                inner.wanted = version;
+                inner.settle(Instant::now(), &self.wake);
+            }
+        }
+        loop {
+            changes.borrow_and_update();
+            let (t, lagging) = {
+                let inner = self.inner.lock().expect("not poisoned");
+                match &inner.nodes {
+                    None => (None, false),
+                    Some(nodes) => {
+                        let t = tally(nodes, placement, version);
+                        let lagging = t.behind.iter().any(|(id, _)| {
+                            nodes
+                                .get(id)
+                                .and_then(|n| n.behind_since)
+                                .is_some_and(|s| s.elapsed() >= LAGGING_AFTER)
+                        });
+                        (Some(t), lagging)
+                    }
+                }
+            };
+            let done = t.as_ref().is_some_and(|t| t.complete() || t.total == 0);
+            if done || lagging {
+                return t;
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return t;
+            }
+        }
+    }
+
+    /// Wakes `obj` when every proxy of its scope has applied `version` (a later call for the
+    /// same mapping replaces this one); [`Served::forget`] when it no longer waits.
+    pub fn wait_for(
+        &self,
+        obj: ObjectRef<HTTPDomainMapping>,
+        placement: Option<SetName>,
+        version: u64,
+    ) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        inner.waiting.insert(obj, Waiter { placement, version });
+    }
+
+    pub fn forget(&self, obj: &ObjectRef<HTTPDomainMapping>) {
+        self.inner.lock().expect("not poisoned").waiting.remove(obj);
+    }
+}
+
+/// `tunnox_controller_proxy_applied_version{node}` and `..._proxy_behind_seconds{node}`: one
+/// series per registered proxy (bounded by the fleet), removed when it leaves the registry.
+struct ServedMetrics {
+    applied: IntGaugeVec,
+    behind: prometheus::GaugeVec,
+    shown: Mutex<Vec<String>>,
+}
+
+impl ServedMetrics {
+    fn register(registry: &Registry) -> Self {
+        let applied = IntGaugeVec::new(
+            Opts::new(
+                "proxy_applied_version",
+                "Store version each registered proxy has applied to its routing table",
+            ),
+            &["node"],
+        )
+        .expect("valid");
+        let behind = prometheus::GaugeVec::new(
+            Opts::new(
+                "proxy_behind_seconds",
+                "How long each proxy has been below the newest version the controller programmed (0: caught up)",
+            ),
+            &["node"],
+        )
+        .expect("valid");
+        for c in [
+            Box::new(applied.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(behind.clone()),
+        ] {
+            // A second `Served` on one registry (tests) shares the series.
+            let _ = registry.register(c);
+        }
+        Self {
+            applied,
+            behind,
+            shown: Mutex::default(),
+        }
+    }
+
+    fn show(&self, nodes: Option<&BTreeMap<String, NodeView>>) {
+        let Some(nodes) = nodes else {
+            return;
+        };
+        let mut shown = self.shown.lock().expect("not poisoned");
+        for gone in shown.iter().filter(|id| !nodes.contains_key(*id)) {
+            let _ = self.applied.remove_label_values(&[gone]);
+            let _ = self.behind.remove_label_values(&[gone]);
+        }
+        *shown = nodes.keys().cloned().collect();
+        for (id, n) in nodes {
+            self.applied
+                .with_label_values(&[id])
+                .set(i64::try_from(n.applied).unwrap_or(i64::MAX));
+            self.behind
+                .with_label_values(&[id])
+                .set(n.behind_since.map_or(0.0, |s| s.elapsed().as_secs_f64()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(s: &str) -> SetName {
+        SetName::parse(s).unwrap()
+    }
+
+    fn view(s: &str, active: bool, applied: u64) -> NodeView {
+        NodeView {
+            set: set(s),
+            active,
+            epoch: "e1".into(),
+            applied,
+            behind_since: None,
+        }
+    }
+
+    #[test]
+    fn a_version_is_tallied_against_the_healthy_proxies_of_its_serving_set() {
+        let nodes: BTreeMap<String, NodeView> = [
+            ("a", view("novel.sh", true, 10)),
+            ("b", view("novel.sh", true, 7)),
+            ("c", view("novel.sh", false, 1)), // draining: not counted
+            ("d", view("novel.sz", true, 3)),
+            ("e", view("game.sh", true, 10)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        // (placement, version, scope, served, total, behind)
+        type Case = (
+            Option<&'static str>,
+            u64,
+            Option<&'static str>,
+            usize,
+            usize,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (Some("novel.sh"), 7, Some("novel.sh"), 2, 2, vec![]),
+            (Some("novel.sh"), 8, Some("novel.sh"), 1, 2, vec!["b"]),
+            // novel.bj has no node: its business's DR set novel.* has none either.
+            (Some("novel.bj"), 1, None, 0, 0, vec![]),
+            (Some("novel.sz"), 3, Some("novel.sz"), 1, 1, vec![]),
+            (Some("game.sh"), 11, Some("game.sh"), 0, 1, vec!["e"]),
+            // Unplaced: every healthy proxy of every set.
+            (None, 7, None, 3, 4, vec!["d"]),
+            (None, 11, None, 0, 4, vec!["a", "b", "d", "e"]),
+        ];
+        for (placement, version, scope, served, total, behind) in cases {
+            let t = tally(&nodes, placement.map(set).as_ref(), version);
+            let what = format!("{placement:?} at {version}: {t:?}");
+            assert_eq!(t.scope, scope.map(set), "{what}");
+            assert_eq!((t.served, t.total), (served, total), "{what}");
+            let names: Vec<&str> = t.behind.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, behind, "{what}");
+            assert_eq!(t.complete(), total > 0 && served == total, "{what}");
+        }
+        let dr = BTreeMap::from([("z".to_string(), view("novel.*", true, 5))]);
+        let t = tally(&dr, Some(&set("novel.sh")), 5);
+        assert_eq!(
+            (t.scope.clone(), t.served, t.total),
+            (Some(set("novel.*")), 1, 1),
+            "DR set"
+        );
+        assert_eq!(t.shown(), "1/1");
+    }
+
+    #[test]
+    fn a_stale_registry_read_never_moves_a_node_back_but_a_new_history_does() {
+        let mut n = view("novel.sh", true, 10);
+        assert!(!n.take("e1", 9), "older read of the same history");
+        assert_eq!(n.applied, 10);
+        assert!(n.take("e1", 12));
+        assert_eq!(n.applied, 12);
+        assert!(n.take("e2", 3), "the store was replaced");
+        assert_eq!((n.epoch.as_str(), n.applied), ("e2", 3));
+    }
+
+    fn record(id: &str, state: NodeState, applied: u64) -> NodeRecord {
+        NodeRecord {
+            node_id: id.into(),
+            set: set("default.default"),
+            address: "127.0.0.1:1".into(),
+            admin_address: "127.0.0.1:2".into(),
+            tunnel_address: String::new(),
+            state,
+            applied_version: applied,
+            epoch: "e1".into(),
+            heartbeat_at: chrono::Utc::now(),
+        }
+    }
+
+    fn announce(id: &str, applied: u64) -> Applied {
+        Applied {
+            node_id: id.into(),
+            set: set("default.default"),
+            epoch: "e1".into(),
+            applied,
+        }
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_the_last_proxy_applies_or_leaves() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let served = Served::new(tx, &Registry::new());
+        let obj = ObjectRef::<HTTPDomainMapping>::new("m").within("ns");
+        assert_eq!(served.tally(None, 1), None, "unread registry");
+        served.observe(&announce("a", 5));
+        assert_eq!(
+            served.tally(None, 1),
+            None,
+            "announcements wait for the registry"
+        );
+        served.refresh(&[
+            record("a", NodeState::Active, 5),
+            record("b", NodeState::Active, 5),
+            record("c", NodeState::Active, 5),
+        ]);
+        served.wait_for(obj.clone(), None, 6);
+        served.observe(&announce("a", 6));
+        served.observe(&announce("b", 7));
+        assert!(rx.try_recv().is_err(), "c has not applied 6");
+        assert_eq!(served.tally(None, 6).unwrap().shown(), "2/3");
+        served.observe(&announce("c", 6));
+        assert_eq!(rx.try_recv().unwrap(), obj);
+        assert!(served.tally(None, 6).unwrap().complete());
+
+        // A proxy that leaves the registry (expired, or drained) no longer holds anything up.
+        served.wait_for(obj.clone(), None, 8);
+        served.observe(&announce("a", 8));
+        served.observe(&announce("b", 8));
+        assert!(rx.try_recv().is_err());
+        served.refresh(&[
+            record("a", NodeState::Active, 8),
+            record("b", NodeState::Active, 8),
+        ]);
+        assert_eq!(rx.try_recv().unwrap(), obj);
+
+        // A draining proxy does not count; a forgotten waiter is not woken.
+        served.wait_for(obj.clone(), None, 9);
+        served.forget(&obj);
+        served.refresh(&[
+            record("a", NodeState::Active, 9),
+            record("b", NodeState::Draining, 8),
+        ]);
+        assert!(rx.try_recv().is_err());
+        assert!(served.tally(None, 9).unwrap().complete());
+    }
+
+    #[tokio::test]
+    async fn settle_returns_when_served_and_stops_waiting_for_a_lagging_proxy() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let served = std::sync::Arc::new(Served::new(tx, &Registry::new()));
+        served.refresh(&[
+            record("a", NodeState::Active, 1),
+            record("b", NodeState::Active, 1),
+        ]);
+        let waiting = {
+            let s = served.clone();
+            tokio::spawn(async move { s.settle(None, 2, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        served.observe(&announce("a", 2));
+        served.observe(&announce("b", 2));
+        let t = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("settles as soon as both applied")
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.shown(), "2/2");
+
+        // b stops advancing: the first settle waits for it up to `within`; once b is behind for
+        // LAGGING_AFTER, settles return at once with b named.
+        let started = Instant::now();
+        let t = served
+            .settle(None, 3, Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(t.shown(), "0/2");
+        served.observe(&announce("a", 3));
+        tokio::time::sleep(LAGGING_AFTER).await;
+        let started = Instant::now();
+        let t = served
+            .settle(None, 3, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(t.behind, vec![("b".to_string(), 2)]);
+    }
+}
