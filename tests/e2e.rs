@@ -210,6 +210,10 @@ fn main() {
             mapping_status_names_the_serving_set,
         ),
         (
+            "ready_means_served_by_every_proxy",
+            ready_means_served_by_every_proxy,
+        ),
+        (
             "controller_refuses_egress_at_admission",
             controller_refuses_egress_at_admission,
         ),
@@ -1276,6 +1280,166 @@ fn proxy_serves_what_kubectl_applies(s: &Stack) {
         "{}",
         proxy.log()
     );
+    controller.terminate(Duration::from_secs(10));
+    no_permission_errors(&controller);
+}
+
+/// `Ready` means served (issue #19): after `kubectl wait --for=condition=Ready` a request
+/// through any of three proxies answers from the new mapping, 200 times in a row. A proxy frozen
+/// with SIGSTOP holds mappings applied meanwhile at `2/3`, named in `Ready`'s message and in the
+/// controller's metrics; SIGCONT brings them to `3/3` and `Ready`.
+fn ready_means_served_by_every_proxy(s: &Stack) {
+    let ns = "e2e-ready";
+    s.cp.kubectl_ok(&["create", "namespace", ns]);
+    // Every registered proxy of the set counts: earlier scenarios' must have left.
+    eventually(
+        "no proxy of an earlier scenario registered",
+        Duration::from_secs(30),
+        || s.redis_keys("tunnox:node:*").is_empty(),
+    );
+    let upstream = support::http::Upstream::start("e2e-ready");
+    let (mut controller, admin) = s.controller("ctl-ready");
+    let proxies: Vec<(Role, u16)> = (0..3)
+        .map(|i| s.proxy(&format!("proxy-ready-{i}")))
+        .collect();
+    let served = |port: u16, name: &str| {
+        support::http::get(port, &format!("{name}.tunnox.net"), "/")
+            .is_some_and(|r| r.status == 200 && r.body == "hello from e2e-ready\n")
+    };
+    let wait_ready = |name: &str| {
+        ok(
+            s.cp.kubectl(&[
+                "wait",
+                "--for=condition=Ready",
+                &format!("hdm/{name}"),
+                "-n",
+                ns,
+                "--timeout=30s",
+            ]),
+            &format!("kubectl wait Ready {name}"),
+        )
+    };
+    let n = 200;
+    let mut took = Vec::with_capacity(n);
+    let mut misses = Vec::new();
+    for i in 0..n {
+        let name = format!("r{i}");
+        let started = std::time::Instant::now();
+        ok(
+            s.cp.apply(&hdm_yaml(ns, &name, &name, upstream.port)),
+            "apply",
+        );
+        wait_ready(&name);
+        took.push(started.elapsed());
+        for (p, (_, port)) in proxies.iter().enumerate() {
+            if !served(*port, &name) {
+                misses.push(format!("{name} through proxy-ready-{p}"));
+            }
+        }
+    }
+    took.sort();
+    let pct = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    eprintln!(
+        "e2e: apply → Ready, {n} mappings, 3 proxies (kubectl apply and kubectl wait included): p50 {:?}, p99 {:?}, max {:?}; requests right after Ready that missed: {}",
+        pct(0.5),
+        pct(0.99),
+        took[took.len() - 1],
+        misses.len()
+    );
+    assert!(misses.is_empty(), "missed after Ready: {misses:?}");
+    assert_eq!(s.field(ns, "r0", "{.status.proxies}"), "3/3");
+    let listed = s.cp.kubectl_ok(&["get", "hdm", "r0", "-n", ns]);
+    assert!(
+        listed.contains("PROXIES") && listed.contains("3/3"),
+        "{listed}"
+    );
+
+    // Freeze one proxy: what is applied meanwhile is served by the other two, and says so.
+    let frozen = &proxies[2].0;
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &frozen.pid().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    let names = ["f0", "f1", "f2"];
+    for name in names {
+        ok(
+            s.cp.apply(&hdm_yaml(ns, name, name, upstream.port)),
+            "apply while frozen",
+        );
+    }
+    let ready = |name: &str| {
+        (
+            s.field(ns, name, "{.status.proxies}"),
+            s.field(
+                ns,
+                name,
+                "{.status.conditions[?(@.type==\"Ready\")].status}",
+            ),
+        )
+    };
+    // Well within the registry TTL (15 s): the frozen proxy is still a registered, healthy one.
+    eventually(
+        "2/3 while one proxy is frozen",
+        Duration::from_secs(8),
+        || {
+            names
+                .iter()
+                .all(|n| ready(n) == ("2/3".to_string(), "False".to_string()))
+        },
+    );
+    let message = s.field(
+        ns,
+        "f2",
+        "{.status.conditions[?(@.type==\"Ready\")].message}",
+    );
+    assert!(
+        message.contains("proxy-ready-2") && message.contains("2/3"),
+        "{message}"
+    );
+    let metrics = http_get(admin, "/metrics");
+    let behind = metrics
+        .lines()
+        .find(|l| l.starts_with("tunnox_controller_proxy_behind_seconds{node=\"proxy-ready-2\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(behind.is_some_and(|b| b > 0.0), "{metrics}");
+    for name in names {
+        assert!(
+            served(proxies[0].1, name) && served(proxies[1].1, name),
+            "{name}"
+        );
+    }
+    signal("-CONT");
+    let back = eventually("3/3 once it runs again", Duration::from_secs(10), || {
+        names
+            .iter()
+            .all(|n| ready(n) == ("3/3".to_string(), "True".to_string()))
+    });
+    eprintln!("e2e: the thawed proxy caught up and the mappings became Ready within {back:?}");
+    for name in names {
+        assert!(
+            served(proxies[2].1, name),
+            "{name} through the thawed proxy"
+        );
+    }
+    // Released while the controller runs (finalizers), so later scenarios do not meet them.
+    s.cp.kubectl_ok(&[
+        "delete",
+        "hdm",
+        "--all",
+        "-n",
+        ns,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    for (mut p, _) in proxies {
+        p.terminate(Duration::from_secs(30));
+    }
     controller.terminate(Duration::from_secs(10));
     no_permission_errors(&controller);
 }
