@@ -675,14 +675,18 @@ async fn program(
     };
     match ctx.store.create_within(plan.spec.clone(), quota).await {
         Ok(m) => {
-            publish(
-                ctx,
-                obj,
-                EventType::Normal,
-                "Claimed",
-                format!("claimed {}", plan.full_domain),
-            )
-            .await;
+            // A record restored (lost with a flushed Redis) is no news to the user, and an
+            // Event per mapping would double the API writes of a cold start.
+            if !was_serving {
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    "Claimed",
+                    format!("claimed {}", plan.full_domain),
+                )
+                .await;
+            }
             Ok(Outcome::Active {
                 mapping_id: m.mapping_id.to_string(),
                 version: m.version,

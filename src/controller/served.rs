@@ -108,41 +108,83 @@ pub fn tally(
     t
 }
 
-/// A mapping whose version some proxy has not applied yet.
-struct Waiter {
-    placement: Option<SetName>,
-    version: u64,
+/// The highest version every healthy proxy serving `placement` has applied; `None` while no
+/// healthy proxy serves it. A mapping of that placement at or below it is served.
+pub fn served_up_to(
+    nodes: &BTreeMap<String, NodeView>,
+    placement: Option<&SetName>,
+) -> Option<u64> {
+    let t = tally(nodes, placement, 0);
+    if t.total == 0 {
+        return None;
+    }
+    nodes
+        .values()
+        .filter(|n| n.active && t.scope.as_ref().is_none_or(|s| &n.set == s))
+        .map(|n| n.applied)
+        .min()
 }
+
+type Mappings = std::collections::HashSet<ObjectRef<HTTPDomainMapping>>;
 
 #[derive(Default)]
 struct Inner {
     /// `None` until the registry was read once.
     nodes: Option<BTreeMap<String, NodeView>>,
-    waiting: HashMap<ObjectRef<HTTPDomainMapping>, Waiter>,
+    /// Mappings not served yet, by placement, then by the version they wait for: one look per
+    /// placement finds every waiter now served (those at or below [`served_up_to`]).
+    waiting: HashMap<Option<SetName>, BTreeMap<u64, Mappings>>,
+    /// What each waiting mapping waits for (to replace or forget it).
+    waits_for: HashMap<ObjectRef<HTTPDomainMapping>, (Option<SetName>, u64)>,
     /// The newest version the controller programmed: a node below it is behind.
     wanted: u64,
 }
 
 impl Inner {
-    /// Marks who is behind `wanted` (since when), and wakes the waiters now served.
-    fn settle(&mut self, now: Instant, wake: &mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>) {
-        let Some(nodes) = &mut self.nodes else {
-            return;
-        };
-        for n in nodes.values_mut() {
+    /// Marks who is behind `wanted` (since when).
+    fn mark_behind(&mut self, now: Instant) {
+        for n in self.nodes.iter_mut().flat_map(|n| n.values_mut()) {
             if n.applied >= self.wanted {
                 n.behind_since = None;
             } else if n.behind_since.is_none() {
                 n.behind_since = Some(now);
             }
         }
-        self.waiting.retain(|obj, w| {
-            let done = tally(nodes, w.placement.as_ref(), w.version).complete();
-            if done {
-                let _ = wake.send(obj.clone());
+    }
+
+    /// Wakes the waiters now served.
+    fn wake_served(&mut self, wake: &mpsc::UnboundedSender<ObjectRef<HTTPDomainMapping>>) {
+        let Some(nodes) = &self.nodes else {
+            return;
+        };
+        for (placement, by_version) in &mut self.waiting {
+            let Some(up_to) = served_up_to(nodes, placement.as_ref()) else {
+                continue;
+            };
+            let later = by_version.split_off(&(up_to + 1));
+            for obj in std::mem::replace(by_version, later).into_values().flatten() {
+                self.waits_for.remove(&obj);
+                let _ = wake.send(obj);
             }
-            !done
-        });
+        }
+        self.waiting.retain(|_, by_version| !by_version.is_empty());
+    }
+
+    fn forget(&mut self, obj: &ObjectRef<HTTPDomainMapping>) {
+        let Some((placement, version)) = self.waits_for.remove(obj) else {
+            return;
+        };
+        if let Some(by_version) = self.waiting.get_mut(&placement) {
+            if let Some(objs) = by_version.get_mut(&version) {
+                objs.remove(obj);
+                if objs.is_empty() {
+                    by_version.remove(&version);
+                }
+            }
+            if by_version.is_empty() {
+                self.waiting.remove(&placement);
+            }
+        }
     }
 }
 
@@ -171,7 +213,8 @@ impl Served {
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         let mut inner = self.inner.lock().expect("not poisoned");
         f(&mut inner);
-        inner.settle(Instant::now(), &self.wake);
+        inner.mark_behind(Instant::now());
+        inner.wake_served(&self.wake);
         self.metrics.show(inner.nodes.as_ref());
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
@@ -246,7 +289,7 @@ impl Served {
             let mut inner = self.inner.lock().expect("not poisoned");
             if version > inner.wanted {
                 inner.wanted = version;
-                inner.settle(Instant::now(), &self.wake);
+                inner.mark_behind(Instant::now());
             }
         }
         loop {
@@ -289,11 +332,26 @@ impl Served {
         version: u64,
     ) {
         let mut inner = self.inner.lock().expect("not poisoned");
-        inner.waiting.insert(obj, Waiter { placement, version });
+        inner.forget(&obj);
+        inner
+            .waiting
+            .entry(placement.clone())
+            .or_default()
+            .entry(version)
+            .or_default()
+            .insert(obj.clone());
+        inner.waits_for.insert(obj, (placement, version));
+        // Served meanwhile (between the caller's tally and now): woken at once.
+        inner.wake_served(&self.wake);
     }
 
     pub fn forget(&self, obj: &ObjectRef<HTTPDomainMapping>) {
-        self.inner.lock().expect("not poisoned").waiting.remove(obj);
+        self.inner.lock().expect("not poisoned").forget(obj);
+    }
+
+    /// How many mappings wait for a proxy.
+    pub fn waiting(&self) -> usize {
+        self.inner.lock().expect("not poisoned").waits_for.len()
     }
 }
 
@@ -417,6 +475,14 @@ mod tests {
             assert_eq!(names, behind, "{what}");
             assert_eq!(t.complete(), total > 0 && served == total, "{what}");
         }
+        // The version every proxy of a placement has applied.
+        assert_eq!(served_up_to(&nodes, Some(&set("novel.sh"))), Some(7));
+        assert_eq!(served_up_to(&nodes, None), Some(3));
+        assert_eq!(
+            served_up_to(&nodes, Some(&set("novel.bj"))),
+            None,
+            "no proxy"
+        );
         let dr = BTreeMap::from([("z".to_string(), view("novel.*", true, 5))]);
         let t = tally(&dr, Some(&set("novel.sh")), 5);
         assert_eq!(
@@ -479,13 +545,27 @@ mod tests {
             record("c", NodeState::Active, 5),
         ]);
         served.wait_for(obj.clone(), None, 6);
+        // Another mapping waits for a later version: woken only when that one is applied.
+        let later = ObjectRef::<HTTPDomainMapping>::new("later").within("ns");
+        served.wait_for(later.clone(), None, 7);
+        assert_eq!(served.waiting(), 2);
         served.observe(&announce("a", 6));
         served.observe(&announce("b", 7));
         assert!(rx.try_recv().is_err(), "c has not applied 6");
         assert_eq!(served.tally(None, 6).unwrap().shown(), "2/3");
         served.observe(&announce("c", 6));
         assert_eq!(rx.try_recv().unwrap(), obj);
+        assert!(rx.try_recv().is_err(), "7 is not applied by a and c");
         assert!(served.tally(None, 6).unwrap().complete());
+        served.observe(&announce("a", 7));
+        served.observe(&announce("c", 7));
+        assert_eq!(rx.try_recv().unwrap(), later);
+        assert_eq!(served.waiting(), 0);
+        // Waiting again replaces what a mapping waited for; served already: woken at once.
+        served.wait_for(obj.clone(), None, 100);
+        served.wait_for(obj.clone(), None, 7);
+        assert_eq!(rx.try_recv().unwrap(), obj);
+        assert_eq!(served.waiting(), 0);
 
         // A proxy that leaves the registry (expired, or drained) no longer holds anything up.
         served.wait_for(obj.clone(), None, 8);
@@ -501,6 +581,7 @@ mod tests {
         // A draining proxy does not count; a forgotten waiter is not woken.
         served.wait_for(obj.clone(), None, 9);
         served.forget(&obj);
+        assert_eq!(served.waiting(), 0);
         served.refresh(&[
             record("a", NodeState::Active, 9),
             record("b", NodeState::Draining, 8),
