@@ -827,8 +827,15 @@ fn ready_means_every_healthy_proxy_applied_the_version() {
             s,
         )
     };
-    // (tally, status, reason, proxies, words the message holds)
-    let cases: Vec<(Option<Tally>, &str, &str, Option<&str>, Vec<&str>)> = vec![
+    /// (tally, status, reason, proxies, words the message holds)
+    type Case = (
+        Option<Tally>,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        Vec<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
         (
             Some(tally(3, 3, &[])),
             "True",
