@@ -529,7 +529,7 @@ fn node(id: &str) -> NodeRecord {
         tunnel_address: "10.0.0.7:7000".into(),
         state: NodeState::Draining,
         applied_version: 17,
-        epoch: String::new(),
+        epoch: "e7".into(),
         heartbeat_at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05.5Z")
             .unwrap()
             .with_timezone(&Utc),
@@ -565,6 +565,7 @@ async fn node_registry_key_layout_matches_the_contract() {
         ("tunnel_address", "10.0.0.7:7000"),
         ("state", "draining"),
         ("applied_version", "17"),
+        ("epoch", "e7"),
         ("heartbeat_at", "2026-01-02T03:04:05.500Z"),
     ]
     .into_iter()
