@@ -56,7 +56,10 @@ mod tests {
             .filter(|c| c.priority.unwrap_or(0) == 0)
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(columns, ["Domain", "Target", "Set", "Phase", "Proxies", "Age"]);
+        assert_eq!(
+            columns,
+            ["Domain", "Target", "Set", "Phase", "Proxies", "Age"]
+        );
         let ts = TunnelSet::crd();
         assert_eq!(ts.spec.names.short_names, Some(vec!["ts".to_string()]));
         let yaml = definitions_yaml().unwrap();

@@ -32,7 +32,8 @@ pub enum Cached {
     Unknown,
 }
 
-#[derive(Debug)]
+/// Held by value (a clone is a reference count and a copy), not behind another `Arc`.
+#[derive(Debug, Clone)]
 struct Entry {
     route: Arc<Route>,
     loaded_at: Instant,
@@ -72,7 +73,7 @@ enum Loaded {
 type Shared = Option<Result<Loaded, String>>;
 
 pub struct RouteCache {
-    routes: quick_cache::sync::Cache<Hostname, Arc<Entry>>,
+    routes: quick_cache::sync::Cache<Hostname, Entry>,
     unknown: quick_cache::sync::Cache<Hostname, Instant>,
     settings: CacheSettings,
     /// Bumped by every sync update: a load that raced one is not trusted (see `load`).
@@ -324,10 +325,10 @@ impl RouteCache {
         self.unknown.remove(&host);
         self.routes.insert(
             host,
-            Arc::new(Entry {
+            Entry {
                 route,
                 loaded_at: Instant::now(),
-            }),
+            },
         );
     }
 

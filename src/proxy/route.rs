@@ -83,22 +83,23 @@ pub struct Route {
     pub host: Hostname,
     pub target: Target,
     /// The mapping's custom headers, validated.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub placement: Option<SetName>,
+    pub headers: Box<[(HeaderName, HeaderValue)]>,
+    // Rare or large fields are boxed: a table holds millions of routes (issue: scale).
+    pub placement: Option<Box<SetName>>,
     pub active: bool,
     pub version: u64,
     /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
     /// rule on other namespaces' Services.
-    pub namespace: Option<String>,
+    pub namespace: Option<Box<str>>,
     /// Declared in a single-node configuration file (the operator's own, when the proxy runs
     /// without Redis).
     pub from_config: bool,
     /// HTTPS settings: the certificate's source, the redirect of plain requests.
-    pub tls: Option<MappingTls>,
+    pub tls: Option<Box<MappingTls>>,
     /// How a direct target is spoken to when not HTTP/1.1 with the public roots.
     pub upstream: Option<Arc<super::upstream::UpstreamRoute>>,
     /// The egress policy's verdict on the declared target, decided at the first request.
-    declared: OnceLock<Result<(), Refusal>>,
+    declared: OnceLock<Result<(), Box<Refusal>>>,
 }
 
 impl Route {
@@ -150,16 +151,16 @@ impl Route {
             host: m.full_domain.clone(),
             target,
             headers,
-            placement: m.placement.clone(),
+            placement: m.placement.clone().map(Box::new),
             active: m.status == MappingStatus::Active,
             version: m.version,
             namespace: m
                 .source
                 .as_deref()
                 .and_then(source_namespace)
-                .map(str::to_string),
+                .map(Box::from),
             from_config: m.source.as_deref() == Some(CONFIG_SOURCE),
-            tls: m.tls.clone(),
+            tls: m.tls.clone().map(Box::new),
             upstream,
             declared: OnceLock::new(),
         }
@@ -175,18 +176,21 @@ impl Route {
     pub fn check_declared(&self, policy: &EgressPolicy, who: Declarer) -> Result<(), &Refusal> {
         self.declared
             .get_or_init(|| match &self.target {
-                Target::Direct { authority, .. } => policy.check_declared(
-                    authority.host(),
-                    authority.port_u16().unwrap_or(80),
-                    self.namespace.as_deref(),
-                    who,
-                ),
+                Target::Direct { authority, .. } => policy
+                    .check_declared(
+                        authority.host(),
+                        authority.port_u16().unwrap_or(80),
+                        self.namespace.as_deref(),
+                        who,
+                    )
+                    .map_err(Box::new),
                 Target::Tunnel { .. } | Target::TunnelGroup { .. } | Target::Invalid { .. } => {
                     Ok(())
                 }
             })
             .as_ref()
             .map(|_| ())
+            .map_err(|r| &**r)
     }
 
     /// Where a proxy of set `me` sends this route's request (`domain::decide`): `None` to serve
@@ -206,6 +210,7 @@ impl Route {
         let Some(placement) = &self.placement else {
             return Ok(None);
         };
+        let placement: &SetName = placement;
         match decide(Some(placement), me, healthy().as_ref(), forwarded) {
             Decision::Here => Ok(None),
             Decision::Forward(set) => Ok(Some(set)),

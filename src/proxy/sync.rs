@@ -99,8 +99,17 @@ impl CacheSync {
     async fn follow(&self, last_ok: &std::sync::Mutex<Instant>) {
         let mut delay = RETRY_FIRST;
         let started = Instant::now();
-        let (mut follower, all) = loop {
-            match Follower::start(self.store.clone(), self.check_every).await {
+        // The first load streams into the table page by page: a large store is never held as
+        // a full list beside it (issue: scale). Whatever an earlier attempt left is cleared.
+        let mut count;
+        let mut follower = loop {
+            self.cache.replace(&[]);
+            count = 0;
+            let paged = Follower::start_paged(self.store.clone(), self.check_every, |page| {
+                count += page.len();
+                self.cache.overlay(&page);
+            });
+            match paged.await {
                 Ok(ok) => break ok,
                 Err(e) => {
                     self.metrics.sync_errors.inc();
@@ -112,15 +121,8 @@ impl CacheSync {
         };
         follower.wake_on(self.cache.history_changed.clone());
         let mut table = Table::default();
-        let count = all.len();
         let marker = self.marker().await;
-        self.full_load(
-            &mut table,
-            &mut follower,
-            Reload::Cold,
-            all,
-            marker.as_ref(),
-        );
+        self.cold_loaded(&mut table, &mut follower, count, marker.as_ref());
         let mut catch_ups = 0;
         self.record(&follower, last_ok, &mut catch_ups);
         self.state.warm.store(true, Ordering::Release);
@@ -191,6 +193,25 @@ impl CacheSync {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the rebuilt marker");
                 None
+            }
+        }
+    }
+
+    /// The first load, already streamed into the table: a cold table takes everything listed
+    /// whatever `freshness::judge` decides, so only fresh or stale is left to settle.
+    fn cold_loaded(
+        &self,
+        table: &mut Table,
+        follower: &mut Follower,
+        count: usize,
+        marker: Option<&Rebuilt>,
+    ) {
+        let at = follower.position();
+        table.entries = count;
+        match freshness::judge(Reload::Cold, 0, count, &at, marker) {
+            Decision::Switch => self.go_fresh(table, follower, at),
+            Decision::SwitchStale(stale) | Decision::Keep(stale) => {
+                self.go_stale(table, follower, stale)
             }
         }
     }

@@ -116,25 +116,48 @@ impl Follower {
         store: Arc<dyn MappingStore>,
         check_every: Duration,
     ) -> Result<(Self, Vec<Mapping>), StoreError> {
+        let mut all = Vec::new();
+        let follower = Self::start_paged(store, check_every, |page| all.extend(page)).await?;
+        Ok((follower, all))
+    }
+
+    /// [`Follower::start`] handing the current state over page by page, as it is read, so a
+    /// large store is never held twice (the caller's table and a full list). Returns how many
+    /// mappings were handed over.
+    pub async fn start_paged(
+        store: Arc<dyn MappingStore>,
+        check_every: Duration,
+        mut page: impl FnMut(Vec<Mapping>),
+    ) -> Result<Self, StoreError> {
         let subscription = store.subscribe().await?;
         let position = store.position().await?;
-        let all = store.list_all().await?;
+        let mut after = None;
+        loop {
+            let p = store
+                .list(
+                    &crate::store::ListFilter::All,
+                    crate::store::PageRequest { after, limit: PAGE },
+                )
+                .await?;
+            page(p.items);
+            match p.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
         let mut check = tokio::time::interval(check_every);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         check.tick().await;
-        Ok((
-            Self {
-                store,
-                subscription,
-                tracker: VersionTracker::new(position.version),
-                epoch: position.epoch,
-                check,
-                wake: None,
-                connected: true,
-                catch_ups: 0,
-            },
-            all,
-        ))
+        Ok(Self {
+            store,
+            subscription,
+            tracker: VersionTracker::new(position.version),
+            epoch: position.epoch,
+            check,
+            wake: None,
+            connected: true,
+            catch_ups: 0,
+        })
     }
 
     pub fn applied(&self) -> u64 {
