@@ -120,6 +120,13 @@ fn certificates(tls: &RedisTls) -> Result<Option<redis::TlsCertificates>, StoreE
     }))
 }
 
+/// TCP settings of every connection to Redis: `TCP_NODELAY`, so a small command is never held
+/// back by Nagle's algorithm waiting for the server's delayed ACK (up to 40 ms; measured as 40–50
+/// ms on `Ready` before this was set). The client's default leaves it off.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 /// A client for the one server named by `url`: plain `host:port` means `redis://`.
 pub(super) fn direct_client(opts: &RedisOptions) -> Result<redis::Client, StoreError> {
     let url = if opts.url.contains("://") {
@@ -132,7 +139,9 @@ pub(super) fn direct_client(opts: &RedisOptions) -> Result<redis::Client, StoreE
     if let Some(pw) = opts.password.as_deref().filter(|p| !p.is_empty()) {
         settings = settings.set_password(pw);
     }
-    let info = info.set_redis_settings(settings);
+    let info = info
+        .set_redis_settings(settings)
+        .set_tcp_settings(tcp_settings());
     Ok(match certificates(&opts.tls)? {
         None => redis::Client::open(info)?,
         Some(certs) => redis::Client::build_with_tls(info, certs)?,
@@ -167,7 +176,9 @@ pub(super) fn sentinel_client(
     let certs = certificates(&opts.tls)?;
     let mut b =
         SentinelClientBuilder::new(addrs, &sentinel.master_name, SentinelServerType::Master)?
-            .set_client_to_redis_db(opts.db);
+            .set_client_to_redis_db(opts.db)
+            .set_client_to_redis_tcp_settings(tcp_settings())
+            .set_client_to_sentinel_tcp_settings(tcp_settings());
     if let Some(pw) = opts.password.as_deref().filter(|p| !p.is_empty()) {
         b = b.set_client_to_redis_password(pw);
     }
