@@ -496,16 +496,17 @@ fn wake_waiters(ctx: &Ctx, me: &HTTPDomainMapping, domain: &crate::domain::Hostn
     }
 }
 
+/// Records an Event in the background: an Event is best effort, and waiting for its API write
+/// would delay the status write that follows (and `Ready` with it).
 async fn publish(ctx: &Ctx, obj: &HTTPDomainMapping, type_: EventType, reason: &str, note: String) {
-    super::publish_event(
-        &ctx.recorder,
-        &obj.object_ref(&()),
-        "Reconcile",
-        type_,
-        reason,
-        note,
-    )
-    .await
+    let (recorder, about, reason) = (
+        ctx.recorder.clone(),
+        obj.object_ref(&()),
+        reason.to_string(),
+    );
+    tokio::spawn(async move {
+        super::publish_event(&recorder, &about, "Reconcile", type_, &reason, note).await
+    });
 }
 
 async fn apply(

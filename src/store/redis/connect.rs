@@ -121,8 +121,8 @@ fn certificates(tls: &RedisTls) -> Result<Option<redis::TlsCertificates>, StoreE
 }
 
 /// TCP settings of every connection to Redis: `TCP_NODELAY`, so a small command is never held
-/// back by Nagle's algorithm waiting for the server's delayed ACK (up to 40 ms; measured as 40–50
-/// ms on `Ready` before this was set). The client's default leaves it off.
+/// back by Nagle's algorithm waiting for the server's delayed ACK (up to 40 ms). The client's
+/// default leaves it off; Redis sets it on its side.
 fn tcp_settings() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
