@@ -12,6 +12,8 @@ pub struct Metrics {
     /// Rejections by reason (a fixed set of words from `decide`, e.g. `EgressDenied`).
     pub rejections: IntCounterVec,
     pub reconcile_seconds: HistogramVec,
+    /// How long reconciles waited for the proxies to apply a version they programmed.
+    pub served_wait_seconds: prometheus::Histogram,
     pub mappings: IntGaugeVec,
     pub conflicts: IntCounter,
     pub resync_repairs: IntCounterVec,
@@ -56,6 +58,16 @@ impl Metrics {
             &["result"],
         )
         .expect("valid");
+        let served_wait_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "served_wait_seconds",
+                "Time a reconcile waited for every proxy to apply the version it programmed",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+        )
+        .expect("valid");
         let mappings = IntGaugeVec::new(
             Opts::new("mappings", "Mappings by phase, as of the last resync"),
             &["phase"],
@@ -98,6 +110,7 @@ impl Metrics {
             Box::new(outcomes.clone()),
             Box::new(rejections.clone()),
             Box::new(reconcile_seconds.clone()),
+            Box::new(served_wait_seconds.clone()),
             Box::new(mappings.clone()),
             Box::new(conflicts.clone()),
             Box::new(resync_repairs.clone()),
@@ -114,6 +127,7 @@ impl Metrics {
             rejections,
             reconciles,
             reconcile_seconds,
+            served_wait_seconds,
             mappings,
             conflicts,
             resync_repairs,

@@ -579,7 +579,11 @@ async fn served(
         return None;
     };
     let placement = plan.spec.placement.as_ref();
+    let started = Instant::now();
     let tally = ctx.served.settle(placement, *version, SETTLE_WITHIN).await;
+    ctx.metrics
+        .served_wait_seconds
+        .observe(started.elapsed().as_secs_f64());
     if tally.as_ref().is_some_and(super::served::Tally::complete) {
         ctx.served.forget(&me);
     } else {
