@@ -260,7 +260,8 @@ fn main() {
         );
         println!();
         println!(
-            "`Ready` is set once every healthy proxy announced the version (docs/controller.md \"Ready means served\");              3 `tunnox proxy` processes (`worker_threads: 1`) follow the same Redis. Goal p99 < 50 ms: **{}**.\n",
+            "`Ready` is set once every healthy proxy announced the version (docs/controller.md \"Ready means served\"); \
+             3 `tunnox proxy` processes (`worker_threads: 1`) follow the same Redis. Goal p99 < 50 ms: **{}**.\n",
             if pct(&ready, 0.99) < Duration::from_millis(50) { "met" } else { "not met" }
         );
         println!("The controller's waits for the proxies in that run (`served_wait_seconds`): {waited}.\n");
@@ -282,7 +283,7 @@ fn main() {
         );
         println!(
             "Restart with nothing changed: the controller stopped and started again over the same {expected} mappings: \
-             every one reconciled **{:.1} s** after the start (leader election included); {status_writes} mappings written \
+             every one reconciled **{:.1} s** after the start (the stopped leader released its lease); {status_writes} mappings written \
              (resourceVersion moved), {redis_written} Redis writes (its `rdb_changes_since_last_save`). \
              Linear extrapolation to 100 000: {:.0} s (goal < 15 s, 0 writes: **{}**).\n",
             restart.as_secs_f64(),

@@ -111,6 +111,35 @@ pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>)
     }
 }
 
+/// Gives the lease up on a clean shutdown, if we still hold it, so a successor (the restarted
+/// process, or a standby) takes over at its next attempt instead of after `lease_duration`.
+/// Best effort, with the renew interval as its budget: an unreleased lease simply expires.
+pub async fn release(client: Client, cfg: &LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let released = async {
+        let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+            return Ok::<bool, kube::Error>(false);
+        };
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        spec.acquire_time = None;
+        lease.spec = Some(spec);
+        // resourceVersion from our read: a contender that took over meanwhile keeps it.
+        api.replace(&cfg.name, &PostParams::default(), &lease).await?;
+        Ok(true)
+    };
+    match tokio::time::timeout(cfg.renew, released).await {
+        Ok(Ok(true)) => tracing::info!(lease = %cfg.name, "lease released"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot release the lease; it expires"),
+        Err(_) => tracing::warn!("releasing the lease timed out; it expires"),
+    }
+}
+
 async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
     let current = api.get_opt(&cfg.name).await?;
     let now_ms = jiff::Timestamp::now().as_millisecond();

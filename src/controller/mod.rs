@@ -159,7 +159,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         renew: cfg.renew_interval.get(),
     };
     tracing::info!(identity = %me, lease = %lease.name, namespace = %lease.namespace, "waiting for leadership");
-    let election = tokio::spawn(leader::run(client.clone(), lease, lead_tx));
+    let election = tokio::spawn(leader::run(client.clone(), lease.clone(), lead_tx));
 
     let mut signal = Box::pin(crate::observe::shutdown_signal());
     // Standby until we lead (or are told to stop).
@@ -353,6 +353,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         watch.abort();
     }
     election.abort();
+    if *lead_rx.borrow() {
+        // A clean stop: the successor need not wait for the lease to expire.
+        leader::release(client.clone(), &lease).await;
+    }
     metrics.leader.set(0);
     let _ = stop_tx.send(true);
     let _ = admin.await;
