@@ -791,8 +791,10 @@ pub fn add_served(
     if s.phase != Phase::Active {
         return;
     }
+    // Served before at this very version (a new version is tallied anew).
     let ready_before = |p: &HTTPDomainMappingStatus| {
         p.phase == Phase::Active
+            && p.version == s.version
             && p.conditions
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True")

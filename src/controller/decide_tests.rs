@@ -895,6 +895,11 @@ fn ready_means_every_healthy_proxy_applied_the_version() {
         (st.as_str(), reason.as_str(), proxies.as_deref()),
         ("False", "ProxiesBehind", Some("1/3"))
     );
+    // An unread registry keeps Ready only for the version that was served.
+    let mut edited = served.clone();
+    edited.version = Some(8);
+    let (st, reason, ..) = decided(None, Some(&edited));
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "ProxiesUnknown"));
     // ...and served again: the new count is shown.
     let (st, _, _, proxies, _) = decided(Some(&tally(3, 3, &[])), Some(&behind));
     assert_eq!((st.as_str(), proxies.as_deref()), ("True", Some("3/3")));

@@ -49,10 +49,11 @@ pub fn serving_changed(
 }
 
 /// Reads the registry every `every` until `stop`: gives every read to `served` (versions the
-/// proxies applied), and calls `changed(before, after)` when the healthy sets change.
+/// proxies applied, with the store's epoch), and calls `changed(before, after)` when the healthy sets change.
 pub async fn follow(
     fleet: Arc<Fleet>,
     nodes: Arc<dyn NodeRegistry>,
+    store: Arc<dyn crate::store::MappingStore>,
     served: Arc<super::served::Served>,
     every: Duration,
     changed: impl Fn(Option<&[SetName]>, &[SetName]) + Send,
@@ -67,7 +68,9 @@ pub async fn follow(
         }
         match nodes.list_nodes().await {
             Ok(list) => {
-                served.refresh(&list);
+                // The store's epoch: a proxy following another history has not applied ours.
+                let epoch = store.position().await.ok().and_then(|p| p.epoch);
+                served.refresh(&list, epoch);
                 let now = healthy_sets(&list);
                 if let Some(before) = fleet.update(now.clone()) {
                     tracing::info!(healthy = ?now, "proxy sets with a healthy node changed");

@@ -129,7 +129,8 @@ pub async fn release(client: Client, cfg: &LeaseConfig) {
         spec.acquire_time = None;
         lease.spec = Some(spec);
         // resourceVersion from our read: a contender that took over meanwhile keeps it.
-        api.replace(&cfg.name, &PostParams::default(), &lease).await?;
+        api.replace(&cfg.name, &PostParams::default(), &lease)
+            .await?;
         Ok(true)
     };
     match tokio::time::timeout(cfg.renew, released).await {

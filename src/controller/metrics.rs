@@ -14,6 +14,8 @@ pub struct Metrics {
     pub reconcile_seconds: HistogramVec,
     /// How long reconciles waited for the proxies to apply a version they programmed.
     pub served_wait_seconds: prometheus::Histogram,
+    /// How long a mapping's status write (server-side apply) took.
+    pub status_write_seconds: prometheus::Histogram,
     pub mappings: IntGaugeVec,
     pub conflicts: IntCounter,
     pub resync_repairs: IntCounterVec,
@@ -68,6 +70,16 @@ impl Metrics {
             ]),
         )
         .expect("valid");
+        let status_write_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "status_write_seconds",
+                "Time one mapping status write (server-side apply through the API server) took",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid");
         let mappings = IntGaugeVec::new(
             Opts::new("mappings", "Mappings by phase, as of the last resync"),
             &["phase"],
@@ -111,6 +123,7 @@ impl Metrics {
             Box::new(rejections.clone()),
             Box::new(reconcile_seconds.clone()),
             Box::new(served_wait_seconds.clone()),
+            Box::new(status_write_seconds.clone()),
             Box::new(mappings.clone()),
             Box::new(conflicts.clone()),
             Box::new(resync_repairs.clone()),
@@ -128,6 +141,7 @@ impl Metrics {
             reconciles,
             reconcile_seconds,
             served_wait_seconds,
+            status_write_seconds,
             mappings,
             conflicts,
             resync_repairs,

@@ -279,6 +279,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let fleet_watch = tokio::spawn(fleet::follow(
         ctx.fleet.clone(),
         nodes,
+        ctx.store.clone(),
         served,
         FLEET_EVERY,
         {

@@ -496,16 +496,30 @@ fn wake_waiters(ctx: &Ctx, me: &HTTPDomainMapping, domain: &crate::domain::Hostn
     }
 }
 
+/// Events being recorded in the background at most; more are dropped (and logged) while the
+/// API server is that slow.
+static EVENTS_IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(64);
+/// How long one Event may take to record.
+const EVENT_WITHIN: Duration = Duration::from_secs(10);
+
 /// Records an Event in the background: an Event is best effort, and waiting for its API write
-/// would delay the status write that follows (and `Ready` with it).
+/// would delay the status write that follows (and `Ready` with it). Bounded in number and time.
 async fn publish(ctx: &Ctx, obj: &HTTPDomainMapping, type_: EventType, reason: &str, note: String) {
+    let Ok(permit) = EVENTS_IN_FLIGHT.try_acquire() else {
+        tracing::debug!(mapping = %ObjectRef::from_obj(obj), reason, "too many Events in flight; this one is dropped");
+        return;
+    };
     let (recorder, about, reason) = (
         ctx.recorder.clone(),
         obj.object_ref(&()),
         reason.to_string(),
     );
     tokio::spawn(async move {
-        super::publish_event(&recorder, &about, "Reconcile", type_, &reason, note).await
+        let _permit = permit;
+        let recorded = super::publish_event(&recorder, &about, "Reconcile", type_, &reason, note);
+        if tokio::time::timeout(EVENT_WITHIN, recorded).await.is_err() {
+            tracing::debug!(reason, "recording an Event timed out");
+        }
     });
 }
 
@@ -764,12 +778,16 @@ async fn write_status(
         "kind": HTTPDomainMapping::kind(&()),
         "status": status,
     });
+    let started = Instant::now();
     api.patch_status(
         &obj.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
     .await?;
+    ctx.metrics
+        .status_write_seconds
+        .observe(started.elapsed().as_secs_f64());
     if phase_changed {
         match outcome {
             Outcome::Conflict { holder, plan } => {

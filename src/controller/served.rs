@@ -28,27 +28,51 @@ pub struct NodeView {
     pub set: SetName,
     /// Active (not draining): a healthy proxy that must have applied a version.
     pub active: bool,
+    /// The store epoch its table follows; empty until its first load is done (warming).
     pub epoch: String,
     pub applied: u64,
-    /// Since when it is below the newest version the controller programmed.
+    /// Its epoch is the store's (or the store's is not known): its versions compare with ours.
+    pub current: bool,
+    /// Since when it is below the newest version the controller programmed without advancing.
     pub behind_since: Option<Instant>,
 }
 
 impl NodeView {
+    fn new(set: SetName, active: bool) -> Self {
+        Self {
+            set,
+            active,
+            epoch: String::new(),
+            applied: 0,
+            current: false,
+            behind_since: None,
+        }
+    }
+
+    /// Healthy: active, and warm (a proxy still loading its table takes no traffic yet).
+    pub fn healthy(&self) -> bool {
+        self.active && !self.epoch.is_empty()
+    }
+
     /// Takes what a node says it applied: a higher version of the same history, or any version
-    /// of another history (the store was replaced). A stale read of the registry, older than an
-    /// announcement already taken, changes nothing. True when the version moved.
+    /// of another history (the store was replaced); an empty epoch (not warm) never replaces a
+    /// known one. A stale read of the registry, older than an announcement already taken,
+    /// changes nothing. True when the version moved; then it is no longer lagging.
     pub fn take(&mut self, epoch: &str, applied: u64) -> bool {
-        if self.epoch != epoch {
+        let moved = if self.epoch != epoch && !epoch.is_empty() {
             self.epoch = epoch.to_string();
             self.applied = applied;
-            return true;
-        }
-        if applied > self.applied {
+            true
+        } else if self.epoch == epoch && applied > self.applied {
             self.applied = applied;
-            return true;
+            true
+        } else {
+            false
+        };
+        if moved {
+            self.behind_since = None;
         }
-        false
+        moved
     }
 }
 
@@ -83,7 +107,7 @@ pub fn tally(
     placement: Option<&SetName>,
     version: u64,
 ) -> Tally {
-    let active = || nodes.iter().filter(|(_, n)| n.active);
+    let active = || nodes.iter().filter(|(_, n)| n.healthy());
     let scope = placement.and_then(|p| {
         let healthy: Vec<&SetName> = active().map(|(_, n)| &n.set).collect();
         crate::domain::serving_set(p, healthy.iter().copied())
@@ -99,7 +123,7 @@ pub fn tally(
     }
     for (id, n) in active().filter(|(_, n)| scope.as_ref().is_none_or(|s| &n.set == s)) {
         t.total += 1;
-        if n.applied >= version {
+        if n.current && n.applied >= version {
             t.served += 1;
         } else {
             t.behind.push((id.clone(), n.applied));
@@ -115,12 +139,13 @@ pub fn served_up_to(
     placement: Option<&SetName>,
 ) -> Option<u64> {
     let t = tally(nodes, placement, 0);
-    if t.total == 0 {
+    if t.total == 0 || t.served < t.total {
+        // None, or one follows another history: nothing is served by all of them.
         return None;
     }
     nodes
         .values()
-        .filter(|n| n.active && t.scope.as_ref().is_none_or(|s| &n.set == s))
+        .filter(|n| n.healthy() && t.scope.as_ref().is_none_or(|s| &n.set == s))
         .map(|n| n.applied)
         .min()
 }
@@ -138,13 +163,23 @@ struct Inner {
     waits_for: HashMap<ObjectRef<HTTPDomainMapping>, (Option<SetName>, u64)>,
     /// The newest version the controller programmed: a node below it is behind.
     wanted: u64,
+    /// The store's epoch, as last read (`None`: not known; every node's versions count).
+    epoch: Option<String>,
 }
 
 impl Inner {
+    /// Which nodes follow the store's history.
+    fn mark_current(&mut self) {
+        let epoch = self.epoch.as_deref();
+        for n in self.nodes.iter_mut().flat_map(|n| n.values_mut()) {
+            n.current = epoch.is_none_or(|e| e == n.epoch);
+        }
+    }
+
     /// Marks who is behind `wanted` (since when).
     fn mark_behind(&mut self, now: Instant) {
         for n in self.nodes.iter_mut().flat_map(|n| n.values_mut()) {
-            if n.applied >= self.wanted {
+            if n.current && n.applied >= self.wanted {
                 n.behind_since = None;
             } else if n.behind_since.is_none() {
                 n.behind_since = Some(now);
@@ -210,30 +245,35 @@ impl Served {
         }
     }
 
-    fn update(&self, f: impl FnOnce(&mut Inner)) {
+    /// Applies `f`, then settles who is current and behind and wakes the waiters served;
+    /// returns what `f` returned.
+    fn update<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
         let mut inner = self.inner.lock().expect("not poisoned");
-        f(&mut inner);
+        let r = f(&mut inner);
+        inner.mark_current();
         inner.mark_behind(Instant::now());
         inner.wake_served(&self.wake);
-        self.metrics.show(inner.nodes.as_ref());
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
+        r
     }
 
-    /// The registry as read: nodes gone from it are forgotten, new ones added, each one's
-    /// version taken by [`NodeView::take`].
-    pub fn refresh(&self, list: &[NodeRecord]) {
+    /// The registry as read, with the store's epoch (`None`: unknown): nodes gone from it are
+    /// forgotten, new ones added, each one's version taken by [`NodeView::take`].
+    pub fn refresh(&self, list: &[NodeRecord], epoch: Option<String>) {
         self.update(|inner| {
+            if epoch.is_some() && inner.epoch != epoch {
+                // Another history: versions start over.
+                inner.wanted = 0;
+                inner.epoch = epoch;
+            }
             let old = inner.nodes.take().unwrap_or_default();
             let mut nodes = BTreeMap::new();
             for r in list {
-                let mut view = old.get(&r.node_id).cloned().unwrap_or(NodeView {
-                    set: r.set.clone(),
-                    active: false,
-                    epoch: r.epoch.clone(),
-                    applied: r.applied_version,
-                    behind_since: None,
-                });
+                let mut view = old
+                    .get(&r.node_id)
+                    .cloned()
+                    .unwrap_or_else(|| NodeView::new(r.set.clone(), false));
                 view.set = r.set.clone();
                 view.active = r.state == NodeState::Active;
                 view.take(&r.epoch, r.applied_version);
@@ -241,28 +281,24 @@ impl Served {
             }
             inner.nodes = Some(nodes);
         });
+        let inner = self.inner.lock().expect("not poisoned");
+        self.metrics.show(inner.nodes.as_ref());
     }
 
-    /// A node's announcement. A node not registered yet is taken as active until the registry
-    /// says otherwise; before the registry was read, announcements wait for it.
+    /// A node's announcement. Only nodes of the last registry read are taken (a node registers
+    /// before it announces): an announcement of a node that left, or of no node at all, changes
+    /// nothing.
     pub fn observe(&self, a: &Applied) {
-        self.update(|inner| {
-            let Some(nodes) = &mut inner.nodes else {
-                return;
-            };
-            nodes
-                .entry(a.node_id.clone())
-                .and_modify(|n| {
-                    n.take(&a.epoch, a.applied);
-                })
-                .or_insert_with(|| NodeView {
-                    set: a.set.clone(),
-                    active: true,
-                    epoch: a.epoch.clone(),
-                    applied: a.applied,
-                    behind_since: None,
-                });
+        let moved = self.update(|inner| {
+            inner
+                .nodes
+                .as_mut()
+                .and_then(|nodes| nodes.get_mut(&a.node_id))
+                .is_some_and(|n| n.take(&a.epoch, a.applied))
         });
+        if moved {
+            self.metrics.applied(&a.node_id, a.applied);
+        }
     }
 
     /// The tally of `version` now; `None` until the registry was read.
@@ -395,6 +431,13 @@ impl ServedMetrics {
         }
     }
 
+    /// One node's version, as announced (the rest are shown with each registry read).
+    fn applied(&self, node: &str, applied: u64) {
+        if let Ok(g) = self.applied.get_metric_with_label_values(&[node]) {
+            g.set(i64::try_from(applied).unwrap_or(i64::MAX));
+        }
+    }
+
     fn show(&self, nodes: Option<&BTreeMap<String, NodeView>>) {
         let Some(nodes) = nodes else {
             return;
@@ -426,11 +469,10 @@ mod tests {
 
     fn view(s: &str, active: bool, applied: u64) -> NodeView {
         NodeView {
-            set: set(s),
-            active,
             epoch: "e1".into(),
             applied,
-            behind_since: None,
+            current: true,
+            ..NodeView::new(set(s), active)
         }
     }
 
@@ -483,6 +525,27 @@ mod tests {
             None,
             "no proxy"
         );
+        // A proxy still warming is not counted; one following another history is behind.
+        let mut mixed = nodes.clone();
+        mixed.insert(
+            "w".into(),
+            NodeView {
+                epoch: String::new(),
+                ..view("novel.sh", true, 0)
+            },
+        );
+        mixed.insert(
+            "o".into(),
+            NodeView {
+                epoch: "e0".into(),
+                current: false,
+                ..view("novel.sh", true, 99)
+            },
+        );
+        let t = tally(&mixed, Some(&set("novel.sh")), 7);
+        assert_eq!((t.served, t.total), (2, 3), "{t:?}");
+        assert_eq!(t.behind, vec![("o".to_string(), 99)]);
+        assert_eq!(served_up_to(&mixed, Some(&set("novel.sh"))), None);
         let dr = BTreeMap::from([("z".to_string(), view("novel.*", true, 5))]);
         let t = tally(&dr, Some(&set("novel.sh")), 5);
         assert_eq!(
@@ -502,6 +565,14 @@ mod tests {
         assert_eq!(n.applied, 12);
         assert!(n.take("e2", 3), "the store was replaced");
         assert_eq!((n.epoch.as_str(), n.applied), ("e2", 3));
+        assert!(
+            !n.take("", 0),
+            "a warming node's empty epoch never replaces a known one"
+        );
+        assert_eq!((n.epoch.as_str(), n.applied), ("e2", 3));
+        n.behind_since = Some(Instant::now());
+        assert!(n.take("e2", 4));
+        assert_eq!(n.behind_since, None, "advancing is not lagging");
     }
 
     fn record(id: &str, state: NodeState, applied: u64) -> NodeRecord {
@@ -539,11 +610,20 @@ mod tests {
             None,
             "announcements wait for the registry"
         );
-        served.refresh(&[
-            record("a", NodeState::Active, 5),
-            record("b", NodeState::Active, 5),
-            record("c", NodeState::Active, 5),
-        ]);
+        served.refresh(
+            &[
+                record("a", NodeState::Active, 5),
+                record("b", NodeState::Active, 5),
+                record("c", NodeState::Active, 5),
+            ],
+            Some("e1".into()),
+        );
+        served.observe(&announce("nobody", 9));
+        assert_eq!(
+            served.tally(None, 5).unwrap().total,
+            3,
+            "an announcement of an unregistered node adds nothing"
+        );
         served.wait_for(obj.clone(), None, 6);
         // Another mapping waits for a later version: woken only when that one is applied.
         let later = ObjectRef::<HTTPDomainMapping>::new("later").within("ns");
@@ -572,20 +652,26 @@ mod tests {
         served.observe(&announce("a", 8));
         served.observe(&announce("b", 8));
         assert!(rx.try_recv().is_err());
-        served.refresh(&[
-            record("a", NodeState::Active, 8),
-            record("b", NodeState::Active, 8),
-        ]);
+        served.refresh(
+            &[
+                record("a", NodeState::Active, 8),
+                record("b", NodeState::Active, 8),
+            ],
+            Some("e1".into()),
+        );
         assert_eq!(rx.try_recv().unwrap(), obj);
 
         // A draining proxy does not count; a forgotten waiter is not woken.
         served.wait_for(obj.clone(), None, 9);
         served.forget(&obj);
         assert_eq!(served.waiting(), 0);
-        served.refresh(&[
-            record("a", NodeState::Active, 9),
-            record("b", NodeState::Draining, 8),
-        ]);
+        served.refresh(
+            &[
+                record("a", NodeState::Active, 9),
+                record("b", NodeState::Draining, 8),
+            ],
+            Some("e1".into()),
+        );
         assert!(rx.try_recv().is_err());
         assert!(served.tally(None, 9).unwrap().complete());
     }
@@ -594,10 +680,13 @@ mod tests {
     async fn settle_returns_when_served_and_stops_waiting_for_a_lagging_proxy() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let served = std::sync::Arc::new(Served::new(tx, &Registry::new()));
-        served.refresh(&[
-            record("a", NodeState::Active, 1),
-            record("b", NodeState::Active, 1),
-        ]);
+        served.refresh(
+            &[
+                record("a", NodeState::Active, 1),
+                record("b", NodeState::Active, 1),
+            ],
+            Some("e1".into()),
+        );
         let waiting = {
             let s = served.clone();
             tokio::spawn(async move { s.settle(None, 2, Duration::from_secs(30)).await })

@@ -76,6 +76,7 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     fn record(&self) -> NodeRecord {
+        let (epoch, applied) = self.sync.applied_at();
         NodeRecord {
             node_id: self.node_id.clone(),
             set: self.set.clone(),
@@ -87,8 +88,8 @@ impl Heartbeat {
             } else {
                 NodeState::Active
             },
-            applied_version: self.sync.applied(),
-            epoch: self.sync.detail().epoch.unwrap_or_default(),
+            applied_version: applied,
+            epoch,
             heartbeat_at: Utc::now(),
         }
     }
@@ -106,11 +107,12 @@ impl Heartbeat {
 
     /// Announces the version just applied, so `Ready` does not wait for the next heartbeat.
     async fn announce(&self) {
+        let (epoch, applied) = self.sync.applied_at();
         let applied = crate::store::Applied {
             node_id: self.node_id.clone(),
             set: self.set.clone(),
-            epoch: self.sync.detail().epoch.unwrap_or_default(),
-            applied: self.sync.applied(),
+            epoch,
+            applied,
         };
         self.nodes.announce_applied(&applied).await;
     }

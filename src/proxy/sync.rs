@@ -23,7 +23,10 @@ pub struct SyncState {
     applied: AtomicU64,
     warm: std::sync::atomic::AtomicBool,
     detail: std::sync::Mutex<Detail>,
-    /// Notified when the applied version moves (the heartbeat announces it at once).
+    /// The store epoch and version the table applied, set together (an announcement never
+    /// pairs one history's epoch with another's version).
+    applied_at: std::sync::Mutex<(String, u64)>,
+    /// Notified when that moves (the heartbeat announces it at once).
     pub advanced: tokio::sync::Notify,
 }
 
@@ -37,6 +40,14 @@ pub struct Detail {
 impl SyncState {
     pub fn applied(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
+    }
+
+    /// The epoch and version applied, read together; the epoch is empty until the first load.
+    pub fn applied_at(&self) -> (String, u64) {
+        self.applied_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_warm(&self) -> bool {
@@ -313,7 +324,17 @@ impl CacheSync {
 
     fn record(&self, f: &Follower, last_ok: &std::sync::Mutex<Instant>, catch_ups: &mut u64) {
         let applied = f.applied();
-        if self.state.applied.swap(applied, Ordering::AcqRel) != applied {
+        self.state.applied.store(applied, Ordering::Release);
+        let at = (f.position().epoch.unwrap_or_default(), applied);
+        let moved = {
+            let mut held = self
+                .state
+                .applied_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *held, at.clone()) != at
+        };
+        if moved {
             // One stored permit: announcements coalesce while one is on its way.
             self.state.advanced.notify_one();
         }
