@@ -1324,6 +1324,16 @@ fn ready_means_served_by_every_proxy(s: &Stack) {
             &format!("kubectl wait Ready {name}"),
         )
     };
+    // The controller counts a proxy once its registry read shows it warm (every 2 s).
+    eventually(
+        "the controller knows 3 healthy proxies",
+        Duration::from_secs(20),
+        || {
+            http_get(admin, "/metrics")
+                .lines()
+                .any(|l| l == "tunnox_controller_proxies_healthy 3")
+        },
+    );
     let n = 200;
     let mut took = Vec::with_capacity(n);
     let mut misses = Vec::new();

@@ -394,6 +394,8 @@ impl Served {
 /// `tunnox_controller_proxy_applied_version{node}` and `..._proxy_behind_seconds{node}`: one
 /// series per registered proxy (bounded by the fleet), removed when it leaves the registry.
 struct ServedMetrics {
+    /// Healthy proxies known (active and warm): those a mapping's `Ready` waits for.
+    healthy: prometheus::IntGauge,
     applied: IntGaugeVec,
     behind: prometheus::GaugeVec,
     shown: Mutex<Vec<String>>,
@@ -417,14 +419,21 @@ impl ServedMetrics {
             &["node"],
         )
         .expect("valid");
+        let healthy = prometheus::IntGauge::new(
+            "proxies_healthy",
+            "Registered proxies that are active and warm: those Ready waits for",
+        )
+        .expect("valid");
         for c in [
-            Box::new(applied.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(healthy.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(applied.clone()),
             Box::new(behind.clone()),
         ] {
-            // A second `Served` on one registry (tests) shares the series.
+            // Once per registry: a second `Served` on the same one (unit tests) stays unregistered.
             let _ = registry.register(c);
         }
         Self {
+            healthy,
             applied,
             behind,
             shown: Mutex::default(),
@@ -448,6 +457,8 @@ impl ServedMetrics {
             let _ = self.behind.remove_label_values(&[gone]);
         }
         *shown = nodes.keys().cloned().collect();
+        self.healthy
+            .set(nodes.values().filter(|n| n.healthy()).count() as i64);
         for (id, n) in nodes {
             self.applied
                 .with_label_values(&[id])

@@ -122,11 +122,25 @@ impl Heartbeat {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The epoch the registry holds for this node: when the table's changes (warm-up done,
+        // another history) the record is written again at once, so the controller counts this
+        // node as warm without waiting for the next heartbeat.
+        let mut registered = String::new();
         loop {
             tokio::select! {
-                _ = tick.tick() => self.beat().await,
+                _ = tick.tick() => {
+                    registered = self.sync.applied_at().0;
+                    self.beat().await;
+                }
                 _ = self.drain.changed.notified() => self.beat().await,
-                _ = self.sync.advanced.notified() => self.announce().await,
+                _ = self.sync.advanced.notified() => {
+                    let epoch = self.sync.applied_at().0;
+                    if epoch != registered {
+                        registered = epoch;
+                        self.beat().await;
+                    }
+                    self.announce().await;
+                }
                 _ = super::stopped(&mut stop) => break,
             }
         }
