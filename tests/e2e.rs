@@ -1417,12 +1417,20 @@ fn ready_means_served_by_every_proxy(s: &Stack) {
         message.contains("proxy-ready-2") && message.contains("2/3"),
         "{message}"
     );
-    let metrics = http_get(admin, "/metrics");
-    let behind = metrics
-        .lines()
-        .find(|l| l.starts_with("tunnox_controller_proxy_behind_seconds{node=\"proxy-ready-2\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-    assert!(behind.is_some_and(|b| b > 0.0), "{metrics}");
+    // The per-node gauges are refreshed with each registry read (every 2 s).
+    eventually(
+        "the metric names the frozen proxy",
+        Duration::from_secs(8),
+        || {
+            http_get(admin, "/metrics")
+                .lines()
+                .find(|l| {
+                    l.starts_with("tunnox_controller_proxy_behind_seconds{node=\"proxy-ready-2\"}")
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .is_some_and(|b| b > 0.0)
+        },
+    );
     for name in names {
         assert!(
             served(proxies[0].1, name) && served(proxies[1].1, name),
