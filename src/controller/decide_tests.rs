@@ -337,9 +337,9 @@ fn oldest_waits_first() {
     assert!(!waits_behind(&at(1000, "a", "x"), &at(1000, "b", "x")));
 }
 
-#[test]
-fn status_reports_conditions_and_keeps_transition_times() {
-    let plan = match evaluate(
+/// The plan of a plain valid mapping `a/x` (x.tunnox.net → h:1).
+fn programmed_plan() -> Box<Plan> {
+    match evaluate(
         &hdm("a", "x", "x", "tunnox.net", address("h", 1)),
         &policy(),
         &[],
@@ -347,7 +347,12 @@ fn status_reports_conditions_and_keeps_transition_times() {
     ) {
         Verdict::Program(p) => p,
         other => panic!("{other:?}"),
-    };
+    }
+}
+
+#[test]
+fn status_reports_conditions_and_keeps_transition_times() {
+    let plan = programmed_plan();
     let t0 = Utc::now() - chrono::Duration::seconds(60);
     let conflict = Outcome::Conflict {
         plan: (*plan).clone(),
@@ -795,15 +800,7 @@ fn status_names_the_set_serving_a_placed_mapping() {
 #[test]
 fn ready_means_every_healthy_proxy_applied_the_version() {
     use crate::controller::served::Tally;
-    let plan = match evaluate(
-        &hdm("a", "x", "x", "tunnox.net", address("h", 1)),
-        &policy(),
-        &[],
-        Utc::now(),
-    ) {
-        Verdict::Program(p) => p,
-        other => panic!("{other:?}"),
-    };
+    let plan = programmed_plan();
     let active = Outcome::Active {
         mapping_id: "hdm_1".into(),
         version: 9,
