@@ -121,6 +121,7 @@ async fn claims_survive(group: &mut SentinelGroup, fail: impl FnOnce(&mut Sentin
     )
     .await;
 
+    let failovers_before = group.failovers();
     let old = fail(group);
     // Taken once the failure happened (the kill has returned): claims acknowledged until
     // here were made on the old master.
@@ -158,13 +159,20 @@ async fn claims_survive(group: &mut SentinelGroup, fail: impl FnOnce(&mut Sentin
     for (_, k) in &log.errors {
         *kinds.entry(k).or_default() += 1;
     }
+    // A loaded machine may see the sentinels fail over a second time (judging the promoted
+    // master down for a second); each failover they decide gets the same bound.
+    let failovers = group.failovers().saturating_sub(failovers_before).max(1);
     eprintln!(
         "failover: sentinels promoted port {} in {promoted:?}; first claim acknowledged on the new master {failover:?} after the failure; \
-         {before} claims acknowledged before, {} after; {failed_attempts} attempts failed meanwhile ({kinds:?})",
+         {before} claims acknowledged before, {} after; {failed_attempts} attempts failed meanwhile ({kinds:?}); {} failover(s)",
         group.master_port(),
         log.acks.len() - before,
+        failovers,
     );
-    assert!(failover < Duration::from_secs(20), "{failover:?}");
+    assert!(
+        failover < Duration::from_secs(20) * failovers as u32,
+        "{failover:?} for {failovers} failover(s)"
+    );
 
     // 0 lost: every acknowledged claim is in the store, read fresh from the new master.
     let fresh = connect(group).await;

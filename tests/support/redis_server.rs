@@ -463,6 +463,22 @@ impl SentinelGroup {
             .expect("a sentinel names the master")
     }
 
+    /// How many failovers the sentinels have made for the master: its `config-epoch`, the
+    /// highest any sentinel reports (one that lagged a switch reports less).
+    pub fn failovers(&self) -> u64 {
+        (0..self.sentinels.len())
+            .filter_map(|i| {
+                let out = self.sentinel_cli(i, &["sentinel", "master", self.master_name()]);
+                let lines: Vec<&str> = out.lines().map(str::trim).collect();
+                lines
+                    .chunks(2)
+                    .find(|kv| kv[0] == "config-epoch")
+                    .and_then(|kv| kv.get(1)?.parse().ok())
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The data node that is the master now.
     pub fn master(&mut self) -> &mut RedisServer {
         let port = self.master_port();
