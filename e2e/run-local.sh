@@ -57,9 +57,11 @@ trap cleanup EXIT
 
 step "installing what is missing (etcd, redis-server, helm, ...)"
 e2e/install-deps.sh
-step "building tunnox (release)"
-cargo build --release --locked
-bin="${CARGO_TARGET_DIR:-$root/target}/release/tunnox"
+# TUNNOX_PROFILE=dev runs the debug build (CI's smoke test: that build is already there).
+profile="${TUNNOX_PROFILE:-release}"
+step "building tunnox ($profile)"
+cargo build --locked --profile "$profile"
+bin="${CARGO_TARGET_DIR:-$root/target}/$([[ $profile == dev ]] && echo debug || echo "$profile")/tunnox"
 step "building kube-apiserver and kubectl (cached after the first time; ~8 minutes then)"
 e2e/build-controlplane.sh >/dev/null
 

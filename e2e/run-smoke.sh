@@ -19,7 +19,7 @@ fail() { echo "run-smoke: FAILED: $*" >&2; cat "$out" >&2; exit 1; }
 # Job control: the stack gets its own process group and, unlike a plain background job, does
 # not start with SIGINT ignored, so Ctrl-C can be simulated with SIGINT to that group.
 # Build first: the 15 minutes below are for the stack to come up, not for a cold release build.
-(cd "$root" && cargo build --release --locked)
+(cd "$root" && cargo build --locked --profile "${TUNNOX_PROFILE:-release}")
 set -m
 "$root/e2e/run-local.sh" >"$out" 2>&1 &
 pid=$!

@@ -12,7 +12,7 @@ use tunnox::store::{
     AccessDelta, AccessStats, ChangeOp, Changes, Follower, ListFilter, MappingStore, MemoryStore,
     NodeRecord, NodeRegistry, NodeState, PageRequest, PersistOptions, Quota, QuotaScope,
     RedisOptions, RedisStore, SessionRecord, SessionState, StoreError, SubscriptionEvent,
-    TunnelRegistry,
+    SyncUpdate, TunnelRegistry,
 };
 use tunnox::tunnel::credential::{ClientCredential, TokenHash};
 
@@ -183,6 +183,91 @@ mod cases {
             s.get_by_domain(&host("test.tunnox.net")).await.unwrap(),
             Some(created)
         );
+    }
+
+    /// A lost record written again with the id and version its resource names: only ahead of
+    /// the store (the log stays in order) and with a free id; refusals write nothing.
+    pub async fn restore_keeps_id_and_version_in_log_order<F: Fixture>(mut fx: F) {
+        let s = fx.store();
+        s.create(spec("r1", 1)).await.unwrap();
+        let (mut follower, _) = Follower::start(s.clone(), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let id = MappingId::generate();
+        let restored = s
+            .restore_within(spec("r2", 2), Quota::UNLIMITED, id.clone(), 10)
+            .await
+            .unwrap();
+        assert_eq!((&restored.mapping_id, restored.version), (&id, 10));
+        assert_eq!(s.current_version().await.unwrap(), 10);
+        let behind = s
+            .restore_within(spec("r3", 3), Quota::UNLIMITED, MappingId::generate(), 7)
+            .await;
+        assert!(
+            matches!(
+                behind,
+                Err(StoreError::VersionConflict {
+                    expected: 7,
+                    actual: 10,
+                    ..
+                })
+            ),
+            "{behind:?}"
+        );
+        let same_id = s
+            .restore_within(spec("r4", 4), Quota::UNLIMITED, id.clone(), 20)
+            .await;
+        assert!(
+            matches!(
+                same_id,
+                Err(StoreError::VersionConflict {
+                    expected: 20,
+                    actual: 10,
+                    ..
+                })
+            ),
+            "{same_id:?}"
+        );
+        let taken = s
+            .restore_within(spec("r1", 5), Quota::UNLIMITED, MappingId::generate(), 30)
+            .await;
+        assert!(
+            matches!(taken, Err(StoreError::DomainTaken { .. })),
+            "{taken:?}"
+        );
+        for refused in ["r3.tunnox.net", "r4.tunnox.net"] {
+            assert!(s.is_available(&host(refused)).await.unwrap(), "{refused}");
+        }
+        assert_eq!(
+            s.current_version().await.unwrap(),
+            10,
+            "refusals write nothing"
+        );
+        assert_eq!(s.create(spec("r5", 5)).await.unwrap().version, 11);
+        match s.changes_since(1, 10).await.unwrap() {
+            Changes::Events { events, .. } => assert_eq!(
+                events.iter().map(|e| e.version).collect::<Vec<_>>(),
+                [10, 11]
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A follower at 1 takes 10 (which follows 1) and 11 as they come: no reload.
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let updates = tokio::time::timeout(Duration::from_secs(5), follower.next())
+                .await
+                .expect("the follower hears both changes")
+                .unwrap();
+            for u in updates {
+                match u {
+                    SyncUpdate::Upsert(m) => seen.push(m.version),
+                    other => panic!("a reload instead of the next change: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(seen, [10, 11]);
+        fx.restart().await;
+        assert_eq!(fx.store().get(&id).await.unwrap(), Some(restored));
     }
 
     /// One epoch per continuous history: kept across writes and restarts (AOF / the file),
@@ -1337,6 +1422,7 @@ macro_rules! conformance {
 conformance!(
     tc_1_1_create_survives_restart,
     epoch_is_one_per_history,
+    restore_keeps_id_and_version_in_log_order,
     tc_1_2_hundred_creates_survive_restart,
     tc_1_3_update_survives_restart,
     tc_1_4_delete_survives_restart,

@@ -35,10 +35,11 @@ impl VersionTracker {
         self.applied
     }
 
-    pub fn step(&self, version: u64) -> Step {
+    /// `follows`: the version the change follows ([`ChangeEvent::follows`]).
+    pub fn step(&self, version: u64, follows: u64) -> Step {
         match version {
             v if v <= self.applied => Step::Skip,
-            v if v == self.applied + 1 => Step::Apply,
+            _ if follows == self.applied => Step::Apply,
             _ => Step::CatchUp,
         }
     }
@@ -204,7 +205,7 @@ impl Follower {
                 // A change of another epoch: the history broke; the log read tells how.
                 Some(SubscriptionEvent::Change(e))
                     if e.epoch.is_some() && e.epoch != self.epoch => self.catch_up().await,
-                Some(SubscriptionEvent::Change(e)) => match self.tracker.step(e.version) {
+                Some(SubscriptionEvent::Change(e)) => match self.tracker.step(e.version, e.follows()) {
                     Step::Skip => Ok(Vec::new()),
                     Step::Apply => {
                         let updates = self.resolve(&e).await?;
@@ -373,16 +374,19 @@ mod tests {
 
     #[test]
     fn tracker_steps() {
+        // (applied, incoming version, the version it follows, step)
         let cases = [
-            (5, 3, Step::Skip),
-            (5, 5, Step::Skip),
-            (5, 6, Step::Apply),
-            (5, 8, Step::CatchUp),
-            (0, 1, Step::Apply),
+            (5, 3, 2, Step::Skip),
+            (5, 5, 4, Step::Skip),
+            (5, 6, 5, Step::Apply),
+            (5, 8, 7, Step::CatchUp),
+            (0, 1, 0, Step::Apply),
+            (5, 9, 5, Step::Apply),   // a restore that skipped 6..8
+            (5, 9, 6, Step::CatchUp), // ... after 6, which this reader has not seen
         ];
-        for (applied, incoming, want) in cases {
+        for (applied, incoming, follows, want) in cases {
             assert_eq!(
-                VersionTracker::new(applied).step(incoming),
+                VersionTracker::new(applied).step(incoming, follows),
                 want,
                 "applied {applied} incoming {incoming}"
             );

@@ -156,6 +156,7 @@ impl State {
         op: ChangeOp,
         m: &Mapping,
         previous_domain: Option<Hostname>,
+        after: Option<u64>,
     ) -> ChangeEvent {
         let event = ChangeEvent {
             op,
@@ -164,6 +165,7 @@ impl State {
             full_domain: m.full_domain.clone(),
             previous_domain,
             epoch: Some(self.epoch.clone()),
+            after,
         };
         self.changes.push_back(event.clone());
         while self.changes.len() > max_len {
@@ -340,7 +342,7 @@ impl MemoryStore {
         let removed = state.by_id.remove(id).expect("checked above");
         state.unindex(&removed);
         state.version += 1;
-        let event = state.log(max_len, ChangeOp::Deleted, &removed, None);
+        let event = state.log(max_len, ChangeOp::Deleted, &removed, None, None);
         Ok((*removed, event))
     }
 }
@@ -397,19 +399,20 @@ async fn saver(inner: Weak<Inner>, every: Duration) {
     }
 }
 
-#[async_trait]
-impl MappingStore for MemoryStore {
-    async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
+impl MemoryStore {
+    /// A create with the given id; `at`: restore at that version (see
+    /// [`MappingStore::restore_within`]).
+    fn create_as(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        id: MappingId,
+        at: Option<u64>,
+    ) -> Result<Mapping, StoreError> {
         let full = spec.validate()?;
         let now = Utc::now();
         let max_len = self.inner.changes_max_len;
-        let mut mapping = Mapping::from_spec(
-            MappingId::generate(),
-            spec,
-            full.clone(),
-            &self.inner.node_id,
-            now,
-        );
+        let mut mapping = Mapping::from_spec(id, spec, full.clone(), &self.inner.node_id, now);
         self.write(|state| {
             if let Some(holder_id) = state.by_domain.get(&full).cloned() {
                 match state.by_id.get(&holder_id) {
@@ -432,15 +435,50 @@ impl MappingStore for MemoryStore {
                 }
             }
             state.over_quota(&mapping, quota)?;
-            state.version += 1;
+            if let Some(want) = at {
+                // As the Redis script: only ahead of the store, and only with a free id.
+                let actual = match state.by_id.get(&mapping.mapping_id) {
+                    Some(existing) => Some(existing.version),
+                    None => (want <= state.version).then_some(state.version),
+                };
+                if let Some(actual) = actual {
+                    return Err(StoreError::VersionConflict {
+                        id: mapping.mapping_id.clone(),
+                        expected: want,
+                        actual,
+                    });
+                }
+            }
+            // A restore ahead of the next version skips the ones between.
+            let after = at
+                .filter(|want| *want > state.version + 1)
+                .map(|_| state.version);
+            state.version = at.unwrap_or(state.version + 1);
             mapping.version = state.version;
             state.index(&mapping);
             state
                 .by_id
                 .insert(mapping.mapping_id.clone(), Box::new(mapping.clone()));
-            let event = state.log(max_len, ChangeOp::Created, &mapping, None);
+            let event = state.log(max_len, ChangeOp::Created, &mapping, None, after);
             Ok((mapping, event))
         })
+    }
+}
+
+#[async_trait]
+impl MappingStore for MemoryStore {
+    async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
+        self.create_as(spec, quota, MappingId::generate(), None)
+    }
+
+    async fn restore_within(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        id: MappingId,
+        version: u64,
+    ) -> Result<Mapping, StoreError> {
+        self.create_as(spec, quota, id, Some(version))
     }
 
     async fn update(
@@ -472,7 +510,7 @@ impl MappingStore for MemoryStore {
             state.index(&next);
             state.by_id.insert(id.clone(), Box::new(next.clone()));
             let moved = (current.full_domain != full).then_some(current.full_domain);
-            let event = state.log(max_len, ChangeOp::Updated, &next, moved);
+            let event = state.log(max_len, ChangeOp::Updated, &next, moved, None);
             Ok((next, event))
         })
     }

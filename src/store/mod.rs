@@ -60,6 +60,20 @@ pub trait MappingStore: Send + Sync + 'static {
     /// first (a taken domain is `DomainTaken` whatever the counts).
     async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError>;
 
+    /// [`MappingStore::create_within`] for a record the store lost (a flushed or replaced
+    /// Redis), written again with the id and the version its resource's status names, so that
+    /// the status stays true without a write. Only while the store has not reached `version`
+    /// (the change log stays in version order) and no record has the id; otherwise
+    /// [`StoreError::VersionConflict`] with the store's version (or that record's), and the
+    /// caller creates the record anew.
+    async fn restore_within(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        id: MappingId,
+        version: u64,
+    ) -> Result<Mapping, StoreError>;
+
     /// Replaces the spec of mapping `id` if its version is still `expected_version`
     /// (compare-and-set); moves the claim when the domain changes.
     async fn update(

@@ -55,6 +55,17 @@ pub struct ChangeEvent {
     /// version `v` of one epoch is never mistaken for version `v` of another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<String>,
+    /// The version this change follows when it is not `version - 1`: a restored record skips
+    /// the versions between (they never existed in this history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+}
+
+impl ChangeEvent {
+    /// The version a reader must have applied for this change to be the next one.
+    pub fn follows(&self) -> u64 {
+        self.after.unwrap_or(self.version.saturating_sub(1))
+    }
 }
 
 /// Where a store's history stands: its epoch (a random id that changes whenever the history is
@@ -99,8 +110,9 @@ pub enum Changes {
 
 impl Changes {
     /// Decides whether a log read answers "changes since `since`" or proves the log no longer
-    /// reaches back that far. Versions are contiguous (one log entry per increment), so the
-    /// first entry must be `since + 1`. A store whose version is below `since` went backwards
+    /// reaches back that far. Each entry follows the one before (one entry per increment; a
+    /// restored record's names the version it follows, the ones between never existed), so
+    /// the first must follow `since`. A store whose version is below `since` went backwards
     /// (flushed or replaced): the reader must reload.
     pub fn decide(
         since: u64,
@@ -116,7 +128,7 @@ impl Changes {
             };
         }
         match events.first() {
-            Some(first) if since < current && first.version == since + 1 => Self::Events {
+            Some(first) if since < current && first.follows() == since => Self::Events {
                 events,
                 current,
                 epoch,
@@ -263,6 +275,7 @@ mod tests {
             full_domain: Hostname::parse("a.b").unwrap(),
             previous_domain: None,
             epoch: None,
+            after: None,
         }
     }
 
@@ -275,14 +288,19 @@ mod tests {
             (5, 8, vec![7, 8], None),       // 6 was trimmed
             (5, 8, vec![], None),           // everything trimmed
             (0, 3, vec![1, 2], Some(2)),    // partial page
+            (5, 9, vec![9], Some(1)),       // a restore at 9 that skipped 6..8 (follows 5)
+            (6, 9, vec![9], None),          // ... a reader at 6 cannot be: 6 never existed
         ];
         for (since, current, versions, want) in cases {
-            let got = Changes::decide(
-                since,
-                current,
-                None,
-                versions.iter().copied().map(ev).collect(),
-            );
+            let events = versions
+                .iter()
+                .map(|&v| ChangeEvent {
+                    // The restore in the cases above follows 5.
+                    after: (v == 9).then_some(5),
+                    ..ev(v)
+                })
+                .collect();
+            let got = Changes::decide(since, current, None, events);
             match (got, want) {
                 (Changes::Events { events, .. }, Some(n)) => assert_eq!(events.len(), n),
                 (Changes::Trimmed { current: c, .. }, None) => assert_eq!(c, current),

@@ -6,6 +6,8 @@
 -- is created when absent (a flushed or emptied store) and replaced when the client proves the
 -- history went backwards (it saw a version at this epoch that the store no longer reaches).
 local EPOCH = nil
+-- Set by a restore that skips versions: the version its change follows (log field 'a').
+local AFTER = nil
 
 local function ensure_epoch(next_version)
   local key = KEYS[#KEYS]
@@ -27,6 +29,10 @@ local function log_change(version_key, changes_key, maxlen, op, id, domain, prev
     fields[#fields + 1] = 'prev'
     fields[#fields + 1] = prev
   end
+  if AFTER then
+    fields[#fields + 1] = 'a'
+    fields[#fields + 1] = AFTER
+  end
   local added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
   if type(added) == 'table' and added.err then
     -- The counter fell behind the log (its key alone was lost): continue after the log.
@@ -40,6 +46,11 @@ local function log_change(version_key, changes_key, maxlen, op, id, domain, prev
       end
     end
     fields[2] = v
+    if AFTER then -- continuing after the log: nothing is skipped
+      AFTER = nil
+      fields[#fields] = nil
+      fields[#fields] = nil
+    end
     added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
     if type(added) == 'table' and added.err then
       error({err = 'tunnox: cannot append to ' .. changes_key .. ': ' .. added.err})
@@ -56,6 +67,7 @@ end
 local function publish(channel, op, v, id, domain, prev)
   local event = {type = op, version = v, mapping_id = id, full_domain = domain, epoch = EPOCH}
   if prev ~= '' then event.previous_domain = prev end
+  if AFTER then event.after = AFTER end
   redis.call('PUBLISH', channel, cjson.encode(event))
 end
 

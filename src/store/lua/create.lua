@@ -2,7 +2,8 @@
 --       [user index], [group index]
 -- ARGV: id, record json (no version), domain, channel, changes maxlen, expires ms or '',
 --       has client ('1'/'0'), has user ('1'/'0'), has group ('1'/'0'), group quota, owner quota
---       (0 = unlimited), record key prefix (`<prefix>:mapping:`)
+--       (0 = unlimited), record key prefix (`<prefix>:mapping:`), version to restore at
+--       ('' = the next one)
 local holder = redis.call('GET', KEYS[3])
 if holder then
   return {'taken', holder}
@@ -42,6 +43,24 @@ if user_key then
   if n then return {'quota', 'owner', n} end
 end
 
+-- A restore (a record the store lost, written again at the version its resource's status
+-- names) only while the store has not reached that version, so the log stays in version
+-- order, and only with an id no record has.
+if ARGV[13] ~= '' then
+  local want = tonumber(ARGV[13])
+  local existing = redis.call('GET', KEYS[4])
+  if existing then
+    return {'stale', cjson.decode(existing).version or 0}
+  end
+  local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if want <= now then
+    return {'stale', now}
+  end
+  if want > now + 1 then
+    AFTER = now
+    redis.call('SET', KEYS[1], want - 1)
+  end
+end
 local v = log_change(KEYS[1], KEYS[2], ARGV[5], 'created', ARGV[1], ARGV[3], '')
 redis.call('SET', KEYS[3], ARGV[1])
 redis.call('SET', KEYS[4], with_version(ARGV[2], v))

@@ -116,10 +116,44 @@ impl RedisStore {
         }
     }
 
+    /// A create with the given id; `at`: restore at that version (see
+    /// [`MappingStore::restore_within`]).
+    async fn create_as(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        id: MappingId,
+        at: Option<u64>,
+    ) -> Result<Mapping, StoreError> {
+        let full = spec.validate()?;
+        let mut mapping =
+            Mapping::from_spec(id, spec, full.clone(), &self.inner.opts.node_id, Utc::now());
+        // One retry: the first conflict may be an expired holder, released here (FR-4.4).
+        let mut retried = false;
+        loop {
+            match self.try_create(&mapping, quota, at).await? {
+                Ok(v) => {
+                    mapping.version = v;
+                    return Ok(mapping);
+                }
+                Err(holder) => {
+                    let err = self.holder_error(full.clone(), holder).await;
+                    if retried || !self.release_if_expired(&err).await? {
+                        return Err(err);
+                    }
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Runs the create script: `Ok(Ok(version))`, `Ok(Err(holder))` when the domain is taken.
+    /// `at`: restore at that version (see [`MappingStore::restore_within`]).
     async fn try_create(
         &self,
         mapping: &Mapping,
         quota: Quota,
+        at: Option<u64>,
     ) -> Result<Result<u64, String>, StoreError> {
         let k = &self.inner.keys;
         let id = mapping.mapping_id.as_str();
@@ -151,10 +185,16 @@ impl RedisStore {
             .arg(flag(group.is_some()))
             .arg(quota.per_group)
             .arg(quota.per_owner)
-            .arg(format!("{}:mapping:", k.prefix()));
+            .arg(format!("{}:mapping:", k.prefix()))
+            .arg(at.map(|v| v.to_string()).unwrap_or_default());
         self.epoch_args(&mut inv);
         let mut conn = self.conn();
         match self.mutation_reply(inv.invoke_async(&mut conn).await?)? {
+            ScriptReply::Stale(actual) if at.is_some() => Err(StoreError::VersionConflict {
+                id: mapping.mapping_id.clone(),
+                expected: at.unwrap_or_default(),
+                actual,
+            }),
             ScriptReply::Ok(v) => {
                 if let Err(e) = conn.replicated().await {
                     // Not acknowledged: take it back, so that no retry or reader adopts a
@@ -191,31 +231,18 @@ impl RedisStore {
 #[async_trait]
 impl MappingStore for RedisStore {
     async fn create_within(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
-        let full = spec.validate()?;
-        let mut mapping = Mapping::from_spec(
-            MappingId::generate(),
-            spec,
-            full.clone(),
-            &self.inner.opts.node_id,
-            Utc::now(),
-        );
-        // One retry: the first conflict may be an expired holder, released here (FR-4.4).
-        let mut retried = false;
-        loop {
-            match self.try_create(&mapping, quota).await? {
-                Ok(v) => {
-                    mapping.version = v;
-                    return Ok(mapping);
-                }
-                Err(holder) => {
-                    let err = self.holder_error(full.clone(), holder).await;
-                    if retried || !self.release_if_expired(&err).await? {
-                        return Err(err);
-                    }
-                    retried = true;
-                }
-            }
-        }
+        self.create_as(spec, quota, MappingId::generate(), None)
+            .await
+    }
+
+    async fn restore_within(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        id: MappingId,
+        version: u64,
+    ) -> Result<Mapping, StoreError> {
+        self.create_as(spec, quota, id, Some(version)).await
     }
 
     async fn update(

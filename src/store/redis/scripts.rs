@@ -141,5 +141,6 @@ pub(super) fn parse_entry(id: &str, fields: &[(String, String)]) -> Option<Chang
         full_domain: Hostname::parse(field("domain")?).ok()?,
         previous_domain: field("prev").and_then(|p| Hostname::parse(p).ok()),
         epoch: field("e").map(str::to_string),
+        after: field("a").and_then(|a| a.parse().ok()),
     })
 }
