@@ -1601,8 +1601,86 @@ fn controller_restart_with_nothing_changed_writes_nothing(s: &Stack) {
     assert_eq!(after.1, before.1, "Events recorded");
     assert_eq!(after.2, before.2, "Redis writes");
     assert_eq!(active(), n);
-    second.terminate(Duration::from_secs(30));
+    assert_eq!(second.terminate(Duration::from_secs(30)), Some(0));
     no_permission_errors(&second);
+
+    // The store lost (Redis flushed) and a controller starting over it: every record comes
+    // back with the id and version its status names, so no status is written (issue #19).
+    assert_eq!(s.redis.cli(&["FLUSHALL"]), "OK");
+    let before = (versions(), events());
+    let (mut third, admin) = s.controller_with("ctl-restart-3", &s.sa_kubeconfig, &defaults);
+    let restarted = std::time::Instant::now();
+    let records = || {
+        s.redis
+            .cli(&["ZCARD", "tunnox:http_domain:index:all"])
+            .parse::<usize>()
+            .unwrap_or(0)
+    };
+    eventually(
+        &format!("{n} records back in the flushed store"),
+        Duration::from_secs(300),
+        || records() >= n,
+    );
+    let took = restarted.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = (versions(), events());
+    let moved = before
+        .0
+        .lines()
+        .zip(after.0.lines())
+        .filter(|(b, a)| b != a)
+        .count();
+    let metrics = http_get(admin, "/metrics");
+    eprintln!(
+        "e2e: {}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("tunnox_controller_restores_total")
+                || l.starts_with("tunnox_controller_outcomes_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let restored = metrics
+        .lines()
+        .find(|l| l.starts_with("tunnox_controller_restores_total{outcome=\"restored\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0) as usize;
+    eprintln!(
+        "e2e: flushed store, {n} mappings: all records back {took:?} after the controller started; \
+         {restored} restored as their status names them, {moved} mappings written, {} Events",
+        after.1 - before.1
+    );
+    assert_eq!(moved, 0, "status written while restoring");
+    assert_eq!(after.1, before.1, "Events recorded");
+    assert_eq!(
+        restored, n,
+        "restored with the id and version their status names"
+    );
+    // Spot checks: the record under each domain is the one the status names, at its version.
+    for i in [0, n / 2, n - 1] {
+        let status = s.cp.kubectl_ok(&[
+            "get",
+            "hdm",
+            &format!("m{i}"),
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.mappingId} {.status.version}",
+        ]);
+        let id = s.redis.cli(&[
+            "GET",
+            &format!("tunnox:http_domain:index:domain:m{i}.tunnox.net"),
+        ]);
+        let record = s
+            .redis
+            .cli(&["GET", &format!("tunnox:http_domain:mapping:{id}")]);
+        let version =
+            serde_json::from_str::<serde_json::Value>(&record).expect("a record")["version"]
+                .to_string();
+        assert_eq!(status, format!("{id} {version}"), "m{i}");
+    }
+    third.terminate(Duration::from_secs(30));
+    no_permission_errors(&third);
 }
 
 /// A mapping placed on `novel.sh` (issue #18): its status names the set serving it, from the

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub mappings: IntGaugeVec,
     pub conflicts: IntCounter,
     pub resync_repairs: IntCounterVec,
+    /// Lost records written again by outcome (`restored`, `given_up`, or the store's error label).
+    pub restores: IntCounterVec,
     pub leader: prometheus::IntGauge,
     /// TunnelSet reconciles by result, and by what they decided (`accepted`, `refused`).
     pub tunnelset_reconciles: IntCounterVec,
@@ -98,6 +100,14 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid");
+        let restores = IntCounterVec::new(
+            Opts::new(
+                "restores_total",
+                "Records lost with the store written again with the id and version their status names, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
         let leader =
             prometheus::IntGauge::new("leader", "1 while this process holds the leader lease")
                 .expect("valid");
@@ -127,6 +137,7 @@ impl Metrics {
             Box::new(mappings.clone()),
             Box::new(conflicts.clone()),
             Box::new(resync_repairs.clone()),
+            Box::new(restores.clone()),
             Box::new(leader.clone()),
             Box::new(tunnelset_reconciles.clone()),
             Box::new(tunnelset_outcomes.clone()),
@@ -145,6 +156,7 @@ impl Metrics {
             mappings,
             conflicts,
             resync_repairs,
+            restores,
             leader,
             tunnelset_reconciles,
             tunnelset_outcomes,

@@ -11,6 +11,7 @@ pub mod issuer;
 pub mod leader;
 mod metrics;
 mod reconcile;
+pub mod restore;
 pub mod resync;
 pub mod served;
 mod tunnelset;
@@ -273,8 +274,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         legacy_orphans: Default::default(),
         fleet: fleet_view,
         served: served.clone(),
+        restorer: Default::default(),
     });
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
+    let restorer = tokio::spawn(ctx.restorer.clone().run(
+        ctx.store.clone(),
+        ctx.wake.clone(),
+        metrics.clone(),
+    ));
     // A set gaining or losing its last healthy proxy shows in the placed mappings' status.
     let fleet_watch = tokio::spawn(fleet::follow(
         ctx.fleet.clone(),
@@ -349,6 +356,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .for_each(|_| futures::future::ready(()));
     futures::future::join(mappings, tunnelsets).await;
     resync.abort();
+    restorer.abort();
     fleet_watch.abort();
     for watch in [session_watch, applied_watch].into_iter().flatten() {
         watch.abort();

@@ -50,6 +50,8 @@ pub struct Ctx {
     pub fleet: Arc<super::fleet::Fleet>,
     /// Which proxies applied which version: `Ready` means served.
     pub served: Arc<super::served::Served>,
+    /// Records lost with the store, written again as their status names them.
+    pub restorer: Arc<super::restore::Restorer>,
     /// Records in the legacy source form that resync found orphaned on its last pass.
     pub legacy_orphans: std::sync::Mutex<std::collections::HashSet<MappingId>>,
 }
@@ -551,6 +553,20 @@ async fn apply(
     if let (Verdict::Program(plan), Some(tls)) = (&mut verdict, &obj.spec.tls) {
         order = certificate(ctx, obj, tls, plan, own.as_ref()).await?;
     }
+    // A record lost with the store comes back as the status names it: nothing to write here.
+    if own.is_none()
+        && let Verdict::Program(plan) = &verdict
+    {
+        use super::restore::HandIn;
+        match hand_in_restore(ctx, obj, plan) {
+            HandIn::Taken => {
+                ctx.metrics.outcomes.with_label_values(&["restoring"]).inc();
+                return Ok(Action::requeue(RESTORE_RECHECK));
+            }
+            HandIn::NotYet => return Ok(Action::requeue(Duration::from_secs(1))),
+            HandIn::Refused => {}
+        }
+    }
     let mut outcome = match verdict {
         Verdict::Program(plan) => program(ctx, obj, *plan, own).await?,
         Verdict::Hold(hold) => {
@@ -573,6 +589,40 @@ async fn apply(
     let served = served(ctx, obj, &outcome).await;
     write_status(ctx, obj, api, &outcome, served.as_ref()).await?;
     Ok(next_action(ctx, obj, &outcome))
+}
+
+/// When a mapping handed to the restorer is looked at again if nothing wakes it sooner (the
+/// restorer wakes it once its record is written, refused or given up).
+const RESTORE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Hands the record of a mapping that was serving, and whose record the store lost, to the
+/// restorer when its status names an id and a version the restorer expects and the plan
+/// keeps its domain. Refused: program it as usual.
+fn hand_in_restore(ctx: &Ctx, obj: &HTTPDomainMapping, plan: &Plan) -> super::restore::HandIn {
+    use super::restore::HandIn;
+    let Some(status) = obj.status.as_ref().filter(|s| s.phase == Phase::Active) else {
+        return HandIn::Refused;
+    };
+    let (Some(id), Some(version)) = (
+        status
+            .mapping_id
+            .as_deref()
+            .and_then(|id| MappingId::parse(id).ok()),
+        status.version.and_then(|v| u64::try_from(v).ok()),
+    ) else {
+        return HandIn::Refused;
+    };
+    if status.full_domain.as_deref() != Some(plan.full_domain.as_str()) {
+        return HandIn::Refused;
+    }
+    ctx.restorer.hand_in(
+        version,
+        super::restore::Pending {
+            resource: ObjectRef::from_obj(obj),
+            id,
+            spec: plan.spec.clone(),
+        },
+    )
 }
 
 /// How long a reconcile that just programmed a version waits for the proxies to apply it

@@ -25,6 +25,8 @@ pub struct Repairs {
 
 /// One pass. The cache must be synced (the caller waits for it).
 pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
+    // Read first: a record restored meanwhile is above it, never a reason to expect less.
+    let store_at = ctx.store.current_version().await?;
     let records = ctx.store.list_all().await?;
     let objects = ctx.cache.state();
     let mut repairs = Repairs::default();
@@ -37,6 +39,8 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
     }
     let mut wanted: HashSet<String> = HashSet::new();
     let mut phases: std::collections::HashMap<&'static str, i64> = std::collections::HashMap::new();
+    let mut restorable = Vec::new();
+    let mut wakes = Vec::new();
     let cluster = &ctx.policy.cluster_id;
     for obj in &objects {
         let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
@@ -51,14 +55,27 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
             .unwrap_or(Phase::Pending);
         *phases.entry(phase_label(phase)).or_default() += 1;
         let id = obj.status.as_ref().and_then(|s| s.mapping_id.as_deref());
-        let intact = match by_source.get(&source).or_else(|| by_source.get(&legacy)) {
-            Some(r) => Some(r.mapping_id.as_str()) == id,
-            None => false,
-        };
-        if phase == Phase::Active && !intact {
-            repairs.missing += 1;
-            let _ = ctx.wake.send(ObjectRef::from_obj(&**obj));
+        let record = by_source.get(&source).or_else(|| by_source.get(&legacy));
+        let intact = record.is_some_and(|r| Some(r.mapping_id.as_str()) == id);
+        let restorable_at = restorable_version(obj, store_at).filter(|_| record.is_none());
+        if phase == Phase::Active
+            && let Some(v) = restorable_at
+        {
+            restorable.push((v, ObjectRef::from_obj(&**obj)));
         }
+        // One handed in to the restorer waits for its turn: waking it again changes nothing.
+        if phase == Phase::Active
+            && !intact
+            && !restorable_at.is_some_and(|v| ctx.restorer.is_handed_in(v))
+        {
+            repairs.missing += 1;
+            wakes.push(ObjectRef::from_obj(&**obj));
+        }
+    }
+    // What can come back as its status names it is expected before anything is woken.
+    ctx.restorer.expect(restorable);
+    for w in wakes {
+        let _ = ctx.wake.send(w);
     }
     // Only this cluster's records are deleted (decide::orphan); legacy ones after two passes.
     let suspected =
@@ -102,6 +119,15 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
         .with_label_values(&["orphan"])
         .inc_by(repairs.orphans as u64);
     Ok(repairs)
+}
+
+/// The version a programmed resource's lost record can be restored at: the one its status
+/// names, with the id, when the store has not reached it (see `super::restore`).
+fn restorable_version(obj: &crate::crd::HTTPDomainMapping, store_at: u64) -> Option<u64> {
+    let status = obj.status.as_ref()?;
+    crate::domain::MappingId::parse(status.mapping_id.as_deref()?).ok()?;
+    let v = u64::try_from(status.version?).ok()?;
+    (v > store_at).then_some(v)
 }
 
 fn phase_label(p: Phase) -> &'static str {
