@@ -266,8 +266,55 @@ mod cases {
             }
         }
         assert_eq!(seen, [10, 11]);
+        // Nothing absurd: the cap keeps versions exact in Lua and printable as integers.
+        let huge = s
+            .restore_within(
+                spec("r6", 6),
+                Quota::UNLIMITED,
+                MappingId::generate(),
+                tunnox::store::MAX_RESTORE_VERSION + 1,
+            )
+            .await;
+        assert!(
+            matches!(huge, Err(StoreError::VersionConflict { .. })),
+            "{huge:?}"
+        );
+        // A history the controller marked rebuilt is complete: a record missing from it was
+        // lost with writes, which only a new epoch tells the readers.
+        let epoch = s.ensure_epoch().await.unwrap();
+        assert!(s.mark_rebuilt(&epoch, 11, "test").await.unwrap());
+        let marked = s
+            .restore_within(spec("r7", 7), Quota::UNLIMITED, MappingId::generate(), 50)
+            .await;
+        assert!(
+            matches!(marked, Err(StoreError::VersionConflict { .. })),
+            "{marked:?}"
+        );
+        assert_eq!(
+            s.current_version().await.unwrap(),
+            11,
+            "refusals write nothing"
+        );
         fx.restart().await;
         assert_eq!(fx.store().get(&id).await.unwrap(), Some(restored));
+    }
+
+    /// Versions past 10^14 (where Lua prints numbers with an exponent) stay exact integers in
+    /// the log: the store stays writable.
+    pub async fn restore_at_a_large_version_keeps_the_store_writable<F: Fixture>(fx: F) {
+        let s = fx.store();
+        let big = 100_000_000_000_000;
+        let r = s
+            .restore_within(spec("big", 1), Quota::UNLIMITED, MappingId::generate(), big)
+            .await
+            .unwrap();
+        assert_eq!(r.version, big);
+        let next = s.create(spec("next", 1)).await.unwrap();
+        assert_eq!(next.version, big + 1);
+        match s.changes_since(big, 10).await.unwrap() {
+            Changes::Events { events, .. } => assert_eq!(events[0].version, big + 1),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// One epoch per continuous history: kept across writes and restarts (AOF / the file),
@@ -1423,6 +1470,7 @@ conformance!(
     tc_1_1_create_survives_restart,
     epoch_is_one_per_history,
     restore_keeps_id_and_version_in_log_order,
+    restore_at_a_large_version_keeps_the_store_writable,
     tc_1_2_hundred_creates_survive_restart,
     tc_1_3_update_survives_restart,
     tc_1_4_delete_survives_restart,

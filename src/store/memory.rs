@@ -436,10 +436,16 @@ impl MemoryStore {
             }
             state.over_quota(&mapping, quota)?;
             if let Some(want) = at {
-                // As the Redis script: only ahead of the store, and only with a free id.
+                // As the Redis script: only into a history being rebuilt, only ahead of the
+                // store, only below the cap, and only with a free id.
+                let marked = state
+                    .rebuilt
+                    .as_ref()
+                    .is_some_and(|m| m.epoch == state.epoch);
                 let actual = match state.by_id.get(&mapping.mapping_id) {
                     Some(existing) => Some(existing.version),
-                    None => (want <= state.version).then_some(state.version),
+                    None => (want <= state.version || want > super::MAX_RESTORE_VERSION || marked)
+                        .then_some(state.version),
                 };
                 if let Some(actual) = actual {
                     return Err(StoreError::VersionConflict {

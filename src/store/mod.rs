@@ -42,6 +42,10 @@ pub use types::{
     Subscription, SubscriptionEvent,
 };
 
+/// The highest version a record can be restored at (exact as a Lua number; a resource's status
+/// is not trusted to stay below it).
+pub const MAX_RESTORE_VERSION: u64 = 1 << 52;
+
 /// Everything the control plane and the data plane need from shared routing state.
 ///
 /// Versions: every mutation increments one store-wide counter; the new value is both the
@@ -62,10 +66,11 @@ pub trait MappingStore: Send + Sync + 'static {
 
     /// [`MappingStore::create_within`] for a record the store lost (a flushed or replaced
     /// Redis), written again with the id and the version its resource's status names, so that
-    /// the status stays true without a write. Only while the store has not reached `version`
-    /// (the change log stays in version order) and no record has the id; otherwise
-    /// [`StoreError::VersionConflict`] with the store's version (or that record's), and the
-    /// caller creates the record anew.
+    /// the status stays true without a write. Only into a history being rebuilt (no rebuilt
+    /// marker at the current epoch), only while the store has not reached `version` (the change
+    /// log stays in version order), only up to [`MAX_RESTORE_VERSION`], and only with an id no
+    /// record or index names; otherwise [`StoreError::VersionConflict`] with the store's
+    /// version (or that record's), and the caller creates the record anew.
     async fn restore_within(
         &self,
         spec: MappingSpec,

@@ -33,7 +33,7 @@ local function log_change(version_key, changes_key, maxlen, op, id, domain, prev
     fields[#fields + 1] = 'a'
     fields[#fields + 1] = AFTER
   end
-  local added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
+  local added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, string.format('0-%d', v), unpack(fields))
   if type(added) == 'table' and added.err then
     -- The counter fell behind the log (its key alone was lost): continue after the log.
     local ok, info = pcall(redis.call, 'XINFO', 'STREAM', changes_key)
@@ -51,7 +51,7 @@ local function log_change(version_key, changes_key, maxlen, op, id, domain, prev
       fields[#fields] = nil
       fields[#fields] = nil
     end
-    added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, '0-' .. v, unpack(fields))
+    added = redis.pcall('XADD', changes_key, 'MAXLEN', '~', maxlen, string.format('0-%d', v), unpack(fields))
     if type(added) == 'table' and added.err then
       error({err = 'tunnox: cannot append to ' .. changes_key .. ': ' .. added.err})
     end

@@ -1,5 +1,5 @@
 -- KEYS: version, changes, domain claim, record, all index, expiry index, [client index],
---       [user index], [group index]
+--       [user index], [group index], [rebuilt marker: a restore only]
 -- ARGV: id, record json (no version), domain, channel, changes maxlen, expires ms or '',
 --       has client ('1'/'0'), has user ('1'/'0'), has group ('1'/'0'), group quota, owner quota
 --       (0 = unlimited), record key prefix (`<prefix>:mapping:`), version to restore at
@@ -44,22 +44,36 @@ if user_key then
 end
 
 -- A restore (a record the store lost, written again at the version its resource's status
--- names) only while the store has not reached that version, so the log stays in version
--- order, and only with an id no record has.
+-- names): only into a history being rebuilt (no marker of the controller at this epoch: a
+-- history marked complete that lacks records lost writes, and only a new epoch says so),
+-- only with an id nothing refers to, only ahead of the store (of its counter and of its log),
+-- and only below 2^52 (exact as a Lua number, printed with %d).
 if ARGV[13] ~= '' then
   local want = tonumber(ARGV[13])
+  local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[2])
+  if ok then
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        local last = tonumber(string.match(info[i + 1], '^0%-(%d+)$')) or 0
+        if last > now then now = last end
+      end
+    end
+  end
   local existing = redis.call('GET', KEYS[4])
   if existing then
     return {'stale', cjson.decode(existing).version or 0}
   end
-  local now = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if want <= now then
+  local marked = redis.call('HGET', KEYS[#KEYS - 1], 'epoch')
+  if (not want) or want <= now or want > 4503599627370496
+      or redis.call('ZSCORE', KEYS[5], ARGV[1])
+      or (marked and marked == redis.call('GET', KEYS[#KEYS])) then
     return {'stale', now}
   end
   if want > now + 1 then
     AFTER = now
-    redis.call('SET', KEYS[1], want - 1)
   end
+  redis.call('SET', KEYS[1], want - 1)
 end
 local v = log_change(KEYS[1], KEYS[2], ARGV[5], 'created', ARGV[1], ARGV[3], '')
 redis.call('SET', KEYS[3], ARGV[1])

@@ -174,6 +174,9 @@ impl RedisStore {
         if let Some(g) = group {
             inv.key(k.group(g));
         }
+        if at.is_some() {
+            inv.key(k.rebuilt());
+        }
         inv.arg(id)
             .arg(Self::encode(mapping)?)
             .arg(mapping.full_domain.as_str())
