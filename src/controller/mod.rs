@@ -279,6 +279,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
     let restorer = tokio::spawn(ctx.restorer.clone().run(
         ctx.store.clone(),
+        ctx.cache.clone(),
         ctx.wake.clone(),
         metrics.clone(),
     ));

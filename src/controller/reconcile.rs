@@ -554,17 +554,21 @@ async fn apply(
         order = certificate(ctx, obj, tls, plan, own.as_ref()).await?;
     }
     // A record lost with the store comes back as the status names it: nothing to write here.
-    if own.is_none()
-        && let Verdict::Program(plan) = &verdict
-    {
-        use super::restore::HandIn;
-        match hand_in_restore(ctx, obj, plan) {
-            HandIn::Taken => {
-                ctx.metrics.outcomes.with_label_values(&["restoring"]).inc();
-                return Ok(Action::requeue(RESTORE_RECHECK));
+    // Anything else: nothing of it is restored any more; a write in flight is waited for.
+    let handed_in = match (&own, &verdict) {
+        (None, Verdict::Program(plan)) => hand_in_restore(ctx, obj, plan),
+        _ => super::restore::HandIn::Refused,
+    };
+    match handed_in {
+        super::restore::HandIn::Taken => {
+            ctx.metrics.outcomes.with_label_values(&["restoring"]).inc();
+            return Ok(Action::requeue(RESTORE_RECHECK));
+        }
+        super::restore::HandIn::NotYet => return Ok(Action::requeue(Duration::from_secs(1))),
+        super::restore::HandIn::Refused => {
+            if ctx.restorer.forget(&ObjectRef::from_obj(obj)) {
+                return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            HandIn::NotYet => return Ok(Action::requeue(Duration::from_secs(1))),
-            HandIn::Refused => {}
         }
     }
     let mut outcome = match verdict {
@@ -619,6 +623,7 @@ fn hand_in_restore(ctx: &Ctx, obj: &HTTPDomainMapping, plan: &Plan) -> super::re
         version,
         super::restore::Pending {
             resource: ObjectRef::from_obj(obj),
+            uid: obj.metadata.uid.clone(),
             id,
             spec: plan.spec.clone(),
         },
@@ -898,6 +903,10 @@ fn next_action(ctx: &Ctx, obj: &HTTPDomainMapping, outcome: &Outcome) -> Action 
 
 async fn cleanup(obj: &HTTPDomainMapping, ctx: &Ctx) -> Result<Action, Error> {
     ctx.served.forget(&ObjectRef::from_obj(obj));
+    // A restore of its record in flight lands first, then is released below.
+    if ctx.restorer.forget(&ObjectRef::from_obj(obj)) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     if let Some(m) = find_own(ctx, obj).await? {
         release(ctx, obj, &m).await?;
     }

@@ -26,7 +26,8 @@ pub struct Repairs {
 /// One pass. The cache must be synced (the caller waits for it).
 pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
     // Read first: a record restored meanwhile is above it, never a reason to expect less.
-    let store_at = ctx.store.current_version().await?;
+    let at = ctx.store.position().await?;
+    let store_at = at.version;
     let records = ctx.store.list_all().await?;
     let objects = ctx.cache.state();
     let mut repairs = Repairs::default();
@@ -63,17 +64,17 @@ pub async fn pass(ctx: &Arc<Ctx>) -> Result<Repairs, crate::store::StoreError> {
         {
             restorable.push((v, ObjectRef::from_obj(&**obj)));
         }
-        // One handed in to the restorer waits for its turn: waking it again changes nothing.
-        if phase == Phase::Active
-            && !intact
-            && !restorable_at.is_some_and(|v| ctx.restorer.is_handed_in(v))
-        {
+        // Missing until written (no marker before that), but one handed in to the restorer
+        // waits for its turn: waking it again changes nothing.
+        if phase == Phase::Active && !intact {
             repairs.missing += 1;
-            wakes.push(ObjectRef::from_obj(&**obj));
+            if !restorable_at.is_some_and(|v| ctx.restorer.is_handed_in(v)) {
+                wakes.push(ObjectRef::from_obj(&**obj));
+            }
         }
     }
     // What can come back as its status names it is expected before anything is woken.
-    ctx.restorer.expect(restorable);
+    ctx.restorer.expect(at.epoch.as_deref(), restorable);
     for w in wakes {
         let _ = ctx.wake.send(w);
     }
@@ -127,7 +128,10 @@ fn restorable_version(obj: &crate::crd::HTTPDomainMapping, store_at: u64) -> Opt
     let status = obj.status.as_ref()?;
     crate::domain::MappingId::parse(status.mapping_id.as_deref()?).ok()?;
     let v = u64::try_from(status.version?).ok()?;
-    (v > store_at).then_some(v)
+    (v > store_at
+        && v <= crate::store::MAX_RESTORE_VERSION
+        && obj.metadata.deletion_timestamp.is_none())
+    .then_some(v)
 }
 
 fn phase_label(p: Phase) -> &'static str {
