@@ -268,11 +268,24 @@ fn main() {
         let (rv_before, writes_before) = (versions().await, redis_writes(&redis));
         let restarted = Instant::now();
         let (mut third, admin) = start_controller(&cp, &config, dir.path(), "bench-3");
+        // TUNNOX_BENCH_PERF=<file>: a CPU profile of this controller's restart (perf record).
+        let mut perf = std::env::var("TUNNOX_BENCH_PERF").ok().map(|out| {
+            std::process::Command::new("perf")
+                .args(["record", "-F", "999", "-g", "-o", &out, "-p", &third.pid().to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
         while reconciles(admin) < expected {
             assert!(restarted.elapsed() < Duration::from_secs(600), "restart stuck at {}/{expected}", reconciles(admin));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let restart = restarted.elapsed();
+        if let Some(p) = perf.as_mut() {
+            let _ = std::process::Command::new("kill").args(["-INT", &p.id().to_string()]).status();
+            let _ = p.wait();
+        }
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (rv_after, writes_after) = (versions().await, redis_writes(&redis));
         let status_writes = moved(&rv_before, &rv_after);

@@ -519,7 +519,8 @@ mod tests {
             o
         };
         assert!(still_wanted(&obj(&|_| {}), 10, &p));
-        let cases: [(&str, &dyn Fn(&mut HTTPDomainMapping)); 5] = [
+        type Edit<'a> = &'a dyn Fn(&mut HTTPDomainMapping);
+        let cases: [(&str, Edit); 5] = [
             ("another object of that name", &|o| {
                 o.metadata.uid = Some("uid-b".into())
             }),

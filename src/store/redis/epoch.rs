@@ -66,7 +66,9 @@ impl RedisStore {
         let mapping = match json {
             Some(json) => {
                 let m = self.decode(&k.domain(domain), &json)?;
-                (!m.is_expired(Utc::now())).then_some(m)
+                // A claim naming a record of another domain (the claim outlived its record,
+                // whose id was then used again) is not this domain's record.
+                (!m.is_expired(Utc::now()) && m.full_domain == *domain).then_some(m)
             }
             None => None,
         };
