@@ -105,6 +105,10 @@ fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
 }
 
 /// How often the leader reads the node registry for the serving sets in status.
+/// Objects per page of the initial list: no reconcile starts before the whole list is in, and
+/// pages are fetched one after another (kube's default of 500 made 21 round trips for 10 401
+/// mappings, each a read from etcd).
+const LIST_PAGE: u32 = 5_000;
 const FLEET_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
@@ -183,9 +187,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     let api: Api<HTTPDomainMapping> = Api::all(client.clone());
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<HTTPDomainMapping>>();
-    let controller = Controller::new(api, watcher::Config::default()).with_config(
-        kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)),
-    );
+    let controller = Controller::new(api, watcher::Config::default().page_size(LIST_PAGE))
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)),
+        );
     let ts_controller = Controller::new(
         Api::<TunnelSet>::all(client.clone()),
         watcher::Config::default(),

@@ -564,7 +564,7 @@ async fn apply(
             ctx.metrics.outcomes.with_label_values(&["restoring"]).inc();
             return Ok(Action::requeue(RESTORE_RECHECK));
         }
-        super::restore::HandIn::NotYet => return Ok(Action::requeue(Duration::from_secs(1))),
+        super::restore::HandIn::NotYet => return Ok(Action::requeue(Duration::from_millis(250))),
         super::restore::HandIn::Refused => {
             if ctx.restorer.forget(&ObjectRef::from_obj(obj)) {
                 return Ok(Action::requeue(Duration::from_secs(1)));
@@ -707,21 +707,21 @@ async fn program(
         .status
         .as_ref()
         .is_some_and(|s| s.phase == Phase::Active);
-    let older = ctx
-        .cache
-        .state()
-        .into_iter()
-        .filter(|_| !was_serving)
-        .find(|other| {
-            other
-                .status
-                .as_ref()
-                .is_some_and(|s| s.phase == Phase::Conflict)
-                && other.metadata.deletion_timestamp.is_none()
-                && other.metadata.uid != obj.metadata.uid
-                && decide::waits_behind(obj, other)
-                && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
-        });
+    // (`find` under the cache's lock: no clone of every object per reconcile.)
+    let older = (!was_serving)
+        .then(|| {
+            ctx.cache.find(|other| {
+                other
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == Phase::Conflict)
+                    && other.metadata.deletion_timestamp.is_none()
+                    && other.metadata.uid != obj.metadata.uid
+                    && decide::waits_behind(obj, other)
+                    && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
+            })
+        })
+        .flatten();
     if let Some(older) = older {
         // Make sure the older one tries now rather than at its next retry.
         let _ = ctx.wake.send(ObjectRef::from_obj(&*older));

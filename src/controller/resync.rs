@@ -195,10 +195,11 @@ pub async fn run(ctx: Arc<Ctx>, me: String) {
     // Never compare against a cache that did not sync: everything would look orphaned.
     // kube-runtime's readiness (one oneshot behind a mutex) wakes only the task that polled it
     // last, and the controller's own runner polls it too: a single await here could wait
-    // forever (it did: resync never ran). Look again every second instead.
+    // forever (it did: resync never ran). Look again every 50 ms instead (a restore after a
+    // lost store waits for this first pass).
     loop {
         match tokio::time::timeout(
-            std::time::Duration::from_secs(1),
+            std::time::Duration::from_millis(50),
             ctx.cache.wait_until_ready(),
         )
         .await
