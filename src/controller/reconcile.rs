@@ -564,7 +564,9 @@ async fn apply(
             ctx.metrics.outcomes.with_label_values(&["restoring"]).inc();
             return Ok(Action::requeue(RESTORE_RECHECK));
         }
-        super::restore::HandIn::NotYet => return Ok(Action::requeue(Duration::from_millis(250))),
+        // The first pass wakes every mapping whose record is missing: no timer needed (a short
+        // one would make every such mapping a hot loop until then).
+        super::restore::HandIn::NotYet => return Ok(Action::requeue(RESTORE_RECHECK)),
         super::restore::HandIn::Refused => {
             if ctx.restorer.forget(&ObjectRef::from_obj(obj)) {
                 return Ok(Action::requeue(Duration::from_secs(1)));
