@@ -142,7 +142,38 @@ fn spawn_tunnox(
         &dir.join(format!("{name}.log")),
         false,
     );
+    // TUNNOX_BENCH_PERF=<name>:<file>: a CPU profile of that process until it is ready.
+    let perf = std::env::var("TUNNOX_BENCH_PERF")
+        .ok()
+        .and_then(|v| {
+            v.split_once(':')
+                .map(|(n, f)| (n.to_string(), f.to_string()))
+        })
+        .filter(|(n, _)| n == name)
+        .map(|(_, out)| {
+            std::process::Command::new("perf")
+                .args([
+                    "record",
+                    "-F",
+                    "999",
+                    "-g",
+                    "-o",
+                    &out,
+                    "-p",
+                    &p.pid().to_string(),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
     let ready = wait_ready(&mut p, admin, start, within);
+    if let Some(mut perf) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
     (p, ready)
 }
 
@@ -542,6 +573,8 @@ struct Warmup {
     populate: Duration,
     ready: Duration,
     rss: u64,
+    /// RSS 3 s after ready (what the warm-up's passing buffers leave).
+    settled: u64,
 }
 
 fn warmup(
@@ -557,12 +590,15 @@ fn warmup(
         .expect("ZCARD");
     let p = start_redis_proxy(dir, name, &redis.addr());
     // The cache is filled by the time /readyz answers 200.
+    let rss = rss_of(&p.proc.pid().to_string());
+    std::thread::sleep(Duration::from_secs(3));
     Warmup {
         mappings,
         created,
         populate,
         ready: p.ready_after,
-        rss: rss_of(&p.proc.pid().to_string()),
+        rss,
+        settled: rss_of(&p.proc.pid().to_string()),
     }
 }
 
@@ -587,9 +623,13 @@ fn redis_mode(dir: &Path, upstream_port: u16) -> RedisResults {
         o.node_id = "bench".into();
         Arc::new(RedisStore::connect(o).await.expect("connect to Redis"))
     });
+    let empty = warmup(dir, "warmup-empty", &redis, 0, Duration::ZERO);
     let first = rt.block_on(populate(&store, 0..WARMUP_SMALL, upstream_port));
-    let mut warmups = vec![warmup(dir, "warmup-small", &redis, WARMUP_SMALL, first)];
-    assert_eq!(warmups[0].mappings, WARMUP_SMALL, "records in Redis");
+    let mut warmups = vec![
+        empty,
+        warmup(dir, "warmup-small", &redis, WARMUP_SMALL, first),
+    ];
+    assert_eq!(warmups[1].mappings, WARMUP_SMALL, "records in Redis");
 
     let mut proxies: Vec<RedisProxy> = (0..PROXIES)
         .map(|i| start_redis_proxy(dir, &format!("node-{i}"), &addr))
@@ -609,7 +649,7 @@ fn redis_mode(dir: &Path, upstream_port: u16) -> RedisResults {
     };
     let rest = rt.block_on(populate(&store, WARMUP_SMALL..large, upstream_port));
     warmups.push(warmup(dir, "warmup-large", &redis, large, first + rest));
-    assert_eq!(warmups[1].mappings, large + CHANGES, "records in Redis");
+    assert_eq!(warmups[2].mappings, large + CHANGES, "records in Redis");
     RedisResults {
         propagation,
         warmups,
@@ -852,7 +892,9 @@ fn report_redis(rd: &RedisResults) {
     println!(
         "Redis populated with `store.create` from this process, {IN_FLIGHT} in flight; then one \
          `tunnox proxy` (`worker_threads: 1`, cache `max_size` {}) starts: time from spawning the \
-         process to `/readyz` answering 200 (the route cache then holds every mapping), and its RSS then.\n",
+         process to `/readyz` answering 200 (the route cache then holds every mapping), its RSS then \
+         and 3 s later (settled); per mapping: settled RSS minus that of a proxy started on an \
+         empty Redis, over the mappings.\n",
         WARMUP_LARGE + WARMUP_LARGE / 10
     );
     if rd.large < WARMUP_LARGE {
@@ -864,19 +906,27 @@ fn report_redis(rd: &RedisResults) {
         );
     }
     println!(
-        "| mappings in Redis | created (creates/s) | start → ready | RSS when ready | RSS per mapping |"
+        "| mappings in Redis | created (creates/s) | start → ready | RSS when ready | RSS settled | per mapping |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
+    let idle = rd.warmups[0].settled;
     for w in &rd.warmups {
+        let per_mapping = match w.mappings {
+            0 => "—".to_string(),
+            n => format!(
+                "{:.0} bytes",
+                w.settled.saturating_sub(idle) as f64 / n as f64
+            ),
+        };
         println!(
-            "| {} | {} in {:.1} s ({:.0}/s) | **{:.2} s** | {} | {:.0} bytes |",
+            "| {} | {} in {:.1} s ({:.0}/s) | **{:.2} s** | {} | **{}** | {per_mapping} |",
             w.mappings,
             w.created,
             w.populate.as_secs_f64(),
-            w.created as f64 / w.populate.as_secs_f64(),
+            w.created as f64 / w.populate.as_secs_f64().max(1e-9),
             w.ready.as_secs_f64(),
             mib(w.rss),
-            w.rss as f64 / w.mappings as f64
+            mib(w.settled),
         );
     }
     println!();

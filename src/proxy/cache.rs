@@ -36,7 +36,75 @@ pub enum Cached {
 #[derive(Debug, Clone)]
 struct Entry {
     route: Arc<Route>,
-    loaded_at: Instant,
+    /// Microseconds from the clock base of [`Routes`] (8 bytes where an `Instant` takes 16).
+    loaded_at: u64,
+}
+
+/// The routes held, keyed by a 64-bit hash of their host under a key random to this process:
+/// the host is held once, in its route, not again as the key (a million routes saved 40 bytes
+/// each: issue: scale, docs/proxy.md "Route memory"). Two hosts of one hash (about one chance in
+/// 10^7 among a million hosts, and not choosable from outside) only take turns in the cache: a
+/// route is returned only for its own host.
+struct Routes<S = std::hash::RandomState> {
+    cache: quick_cache::sync::Cache<u64, Entry>,
+    hasher: S,
+    base: Instant,
+}
+
+impl Routes {
+    fn new(capacity: usize) -> Self {
+        Self::with_hasher(capacity, std::hash::RandomState::new())
+    }
+}
+
+impl<S: std::hash::BuildHasher> Routes<S> {
+    fn with_hasher(capacity: usize, hasher: S) -> Self {
+        Self {
+            cache: quick_cache::sync::Cache::new(capacity),
+            hasher,
+            base: Instant::now(),
+        }
+    }
+
+    fn key(&self, host: &Hostname) -> u64 {
+        self.hasher.hash_one(host.as_str())
+    }
+
+    /// `host`'s route and when it was loaded.
+    fn get(&self, host: &Hostname) -> Option<(Arc<Route>, Instant)> {
+        let e = self.cache.get(&self.key(host))?;
+        (e.route.host == *host).then(|| (e.route, self.base + Duration::from_micros(e.loaded_at)))
+    }
+
+    fn insert(&self, route: Arc<Route>, now: Instant) {
+        let loaded_at = now.saturating_duration_since(self.base).as_micros() as u64;
+        self.cache
+            .insert(self.key(&route.host), Entry { route, loaded_at });
+    }
+
+    fn remove(&self, host: &Hostname) {
+        self.cache
+            .remove_if(&self.key(host), |e| e.route.host == *host);
+    }
+
+    /// Removes `host`'s route if it is `mapping_id`'s.
+    fn remove_mapping(&self, host: &Hostname, mapping_id: &crate::domain::MappingId) {
+        self.cache.remove_if(&self.key(host), |e| {
+            e.route.host == *host && e.route.mapping_id == *mapping_id
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    fn clear(&self) {
+        self.cache.clear();
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +141,7 @@ enum Loaded {
 type Shared = Option<Result<Loaded, String>>;
 
 pub struct RouteCache {
-    routes: quick_cache::sync::Cache<Hostname, Entry>,
+    routes: Routes,
     unknown: quick_cache::sync::Cache<Hostname, Instant>,
     settings: CacheSettings,
     /// Bumped by every sync update: a load that raced one is not trusted (see `load`).
@@ -112,7 +180,7 @@ impl RouteCache {
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
         Self {
-            routes: quick_cache::sync::Cache::new(settings.max_entries.max(1)),
+            routes: Routes::new(settings.max_entries.max(1)),
             unknown: quick_cache::sync::Cache::new(settings.negative_max_entries.max(1)),
             settings,
             generation: AtomicU64::new(0),
@@ -141,10 +209,10 @@ impl RouteCache {
     /// The cached answer for `host` if it is still fresh; never touches the store.
     pub fn get_fresh(&self, host: &Hostname) -> Option<Cached> {
         let now = Instant::now();
-        if let Some(e) = self.routes.get(host)
-            && fresh(e.loaded_at, self.settings.ttl, now)
+        if let Some((route, loaded_at)) = self.routes.get(host)
+            && fresh(loaded_at, self.settings.ttl, now)
         {
-            return Some(Cached::Found(e.route.clone()));
+            return Some(Cached::Found(route));
         }
         self.unknown
             .get(host)
@@ -174,13 +242,13 @@ impl RouteCache {
         let started = Instant::now();
         let mut expired = None;
         if self.settings.enabled {
-            if let Some(entry) = self.routes.get(host) {
-                if fresh(entry.loaded_at, self.settings.ttl, started) {
+            if let Some((route, loaded_at)) = self.routes.get(host) {
+                if fresh(loaded_at, self.settings.ttl, started) {
                     self.metrics.cache_hits.inc();
                     self.observe(Source::Cache, started);
-                    return Ok((entry.route.clone(), Source::Cache));
+                    return Ok((route, Source::Cache));
                 }
-                expired = Some(entry);
+                expired = Some(route);
             } else if let Some(at) = self.unknown.get(host)
                 && fresh(at, self.settings.negative_ttl, started)
             {
@@ -198,10 +266,10 @@ impl RouteCache {
             }
             Ok(Loaded::Unknown) => Err(ProxyError::UnknownHost(host.as_str().to_string())),
             Err(e) => match expired {
-                Some(entry) => {
+                Some(route) => {
                     tracing::debug!(%host, error = %e, "store unreachable; serving an expired entry");
                     self.metrics.cache_stale_served.inc();
-                    Ok((entry.route.clone(), Source::Stale))
+                    Ok((route, Source::Stale))
                 }
                 None => {
                     tracing::warn!(%host, error = %e, "store unreachable and host not cached");
@@ -297,7 +365,7 @@ impl RouteCache {
         let value = match lookup.mapping {
             Some(m) => Loaded::Found(Arc::new(Route::from_mapping(&m))),
             None if stale => match self.routes.get(host) {
-                Some(e) => Loaded::Kept(e.route.clone()),
+                Some((route, _)) => Loaded::Kept(route),
                 None => Loaded::Unknown,
             },
             None => Loaded::Unknown,
@@ -306,7 +374,7 @@ impl RouteCache {
             match &value {
                 // A kept route is checked again once per TTL, not on every request.
                 Loaded::Found(r) | Loaded::Kept(r) => {
-                    self.put(host.clone(), r.clone());
+                    self.put(r.clone());
                 }
                 Loaded::Unknown => {
                     self.routes.remove(host);
@@ -321,15 +389,9 @@ impl RouteCache {
         Ok(value)
     }
 
-    fn put(&self, host: Hostname, route: Arc<Route>) {
-        self.unknown.remove(&host);
-        self.routes.insert(
-            host,
-            Entry {
-                route,
-                loaded_at: Instant::now(),
-            },
-        );
+    fn put(&self, route: Arc<Route>) {
+        self.unknown.remove(&route.host);
+        self.routes.insert(route, Instant::now());
     }
 
     /// The store position the table now follows (set by the sync task while fresh).
@@ -362,8 +424,7 @@ impl RouteCache {
                 full_domain,
             } => {
                 self.generation.fetch_add(1, Ordering::AcqRel);
-                self.routes
-                    .remove_if(&full_domain, |e| e.route.mapping_id == mapping_id);
+                self.routes.remove_mapping(&full_domain, &mapping_id);
             }
         }
         self.metrics.cache_entries.set(self.routes.len() as i64);
@@ -387,7 +448,7 @@ impl RouteCache {
 
     fn upsert(&self, m: &Mapping) {
         if self.settings.enabled {
-            self.put(m.full_domain.clone(), Arc::new(Route::from_mapping(m)));
+            self.put(Arc::new(Route::from_mapping(m)));
         }
     }
 
@@ -414,6 +475,50 @@ mod tests {
 
     fn host(h: &str) -> Hostname {
         Hostname::parse(h).unwrap()
+    }
+
+    /// Every host hashes alike.
+    #[derive(Default)]
+    struct Colliding;
+
+    impl std::hash::Hasher for Colliding {
+        fn finish(&self) -> u64 {
+            7
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    #[test]
+    fn hosts_of_one_hash_take_turns_and_never_get_each_others_route() {
+        let routes =
+            Routes::with_hasher(100, std::hash::BuildHasherDefault::<Colliding>::default());
+        let route = |h: &str| {
+            let spec = MappingSpec::new(h, "tunnox.net", "127.0.0.1", 80);
+            let full = spec.validate().unwrap();
+            let m = Mapping::from_spec(
+                crate::domain::MappingId::generate(),
+                spec,
+                full,
+                "n",
+                chrono::Utc::now(),
+            );
+            Arc::new(Route::from_mapping(&m))
+        };
+        let (a, b) = (route("a"), route("b"));
+        let now = Instant::now();
+        routes.insert(a.clone(), now);
+        assert_eq!(routes.get(&a.host).map(|(r, _)| r), Some(a.clone()));
+        assert!(routes.get(&b.host).is_none(), "b is not a's");
+        routes.insert(b.clone(), now);
+        assert!(routes.get(&a.host).is_none(), "b took the place");
+        assert_eq!(routes.get(&b.host).map(|(r, _)| r), Some(b.clone()));
+        routes.remove(&a.host);
+        routes.remove_mapping(&b.host, &a.mapping_id);
+        assert_eq!(routes.len(), 1, "neither removal was b's");
+        let (_, loaded) = routes.get(&b.host).unwrap();
+        assert!(loaded.duration_since(now) < Duration::from_millis(1));
+        routes.remove_mapping(&b.host, &b.mapping_id);
+        assert!(routes.is_empty());
     }
 
     fn cache(

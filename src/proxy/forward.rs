@@ -72,9 +72,9 @@ impl Forwarder {
         client: ClientInfo<'_>,
         upstream_seconds: &prometheus::Histogram,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (scheme, authority, extra) = (&to.scheme, &to.authority, &to.route.headers[..]);
+        let (scheme, authority, extra) = (&to.scheme, &to.authority, to.route.headers());
         let upgrade = upgrade_protocol(req.headers());
-        let via = to.route.upstream.as_deref();
+        let via = to.route.upstream();
         let http2 = via.is_some_and(|v| v.protocol.is_http2());
         if http2 && upgrade.is_some() {
             return Err(ProxyError::Upstream {

@@ -150,7 +150,7 @@ impl Ctx {
             } => (
                 Scheme::HTTP,
                 authority.clone(),
-                Some(Via::Client(client_id.clone())),
+                Some(Via::Client(client_id.to_string())),
             ),
             Target::TunnelGroup { group, authority } => (
                 Scheme::HTTP,
@@ -160,7 +160,7 @@ impl Ctx {
             Target::Invalid { reason } => {
                 return Err(ProxyError::Upstream {
                     upstream: host.as_str().to_string(),
-                    reason: reason.clone(),
+                    reason: reason.to_string(),
                 });
             }
         };
@@ -169,7 +169,7 @@ impl Ctx {
             .check_declared(&self.egress, who)
             .map_err(|refusal| ProxyError::EgressRefused {
                 host: host.as_str().to_string(),
-                refusal: refusal.clone(),
+                refusal,
             })?;
         Ok(Admitted {
             route,

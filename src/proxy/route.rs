@@ -2,8 +2,8 @@
 //! whether this proxy serves it (ARCHITECTURE §7), and whether the egress policy lets its
 //! declared target through (decided once per route).
 
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use http::uri::{Authority, Scheme as UriScheme};
 use http::{HeaderName, HeaderValue};
@@ -28,7 +28,7 @@ pub enum Target {
     /// A service behind a tunnel client: `authority` is the agent-side `host:port` (sent as
     /// `tunnox-target`; the agent's allow-list judges it, not this proxy's egress policy).
     Tunnel {
-        client_id: String,
+        client_id: Box<str>,
         authority: Authority,
     },
     /// A service behind each member of a load-balancing group of tunnel clients.
@@ -37,7 +37,7 @@ pub enum Target {
         authority: Authority,
     },
     /// A record that cannot be routed (should have been refused at write time).
-    Invalid { reason: String },
+    Invalid { reason: Box<str> },
 }
 
 /// A group target's members and how requests are spread over them; the turn counter lives as
@@ -77,29 +77,86 @@ impl PartialEq for GroupRoute {
 
 impl Eq for GroupRoute {}
 
+/// A table holds millions of routes (issue: scale; docs/proxy.md "Route memory"): what every
+/// route has is held inline and small (the id inline, strings boxed, namespaces shared), what
+/// most lack is behind one box.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub mapping_id: MappingId,
     pub host: Hostname,
     pub target: Target,
-    /// The mapping's custom headers, validated.
-    pub headers: Box<[(HeaderName, HeaderValue)]>,
-    // Rare or large fields are boxed: a table holds millions of routes (issue: scale).
-    pub placement: Option<Box<SetName>>,
     pub active: bool,
-    pub version: u64,
-    /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
-    /// rule on other namespaces' Services.
-    pub namespace: Option<Box<str>>,
     /// Declared in a single-node configuration file (the operator's own, when the proxy runs
     /// without Redis).
     pub from_config: bool,
+    pub version: u64,
+    /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
+    /// rule on other namespaces' Services; shared by the routes of one namespace.
+    pub namespace: Option<Arc<str>>,
+    /// What most routes lack; `None` when they have none of it.
+    extras: Option<Box<Extras>>,
+    /// Set once the egress policy let the declared target through.
+    admitted: Admitted,
+}
+
+/// Whether the egress policy let a route's declared target through: judged at its first request
+/// and kept when it passed (one byte where a kept verdict took 16). A refusal is judged again at
+/// each request: it is rare and fails its request anyway.
+#[derive(Debug, Default)]
+struct Admitted(AtomicBool);
+
+impl Clone for Admitted {
+    fn clone(&self) -> Self {
+        Self(AtomicBool::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// Equal always: the verdict is state, not identity.
+impl PartialEq for Admitted {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Admitted {}
+
+/// The settings of a route that most routes lack.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Extras {
+    /// The mapping's custom headers, validated.
+    headers: Box<[(HeaderName, HeaderValue)]>,
+    placement: Option<SetName>,
     /// HTTPS settings: the certificate's source, the redirect of plain requests.
-    pub tls: Option<Box<MappingTls>>,
+    tls: Option<MappingTls>,
     /// How a direct target is spoken to when not HTTP/1.1 with the public roots.
-    pub upstream: Option<Arc<super::upstream::UpstreamRoute>>,
-    /// The egress policy's verdict on the declared target, decided at the first request.
-    declared: OnceLock<Result<(), Box<Refusal>>>,
+    upstream: Option<Arc<super::upstream::UpstreamRoute>>,
+}
+
+impl Extras {
+    fn is_empty(&self) -> bool {
+        self.headers.is_empty()
+            && self.placement.is_none()
+            && self.tls.is_none()
+            && self.upstream.is_none()
+    }
+}
+
+/// One shared copy of each namespace name: a cluster's routes name a few namespaces many times.
+/// Bounded: past `MAX_INTERNED` names a name is no longer shared (still correct, just larger).
+fn intern(namespace: &str) -> Arc<str> {
+    const MAX_INTERNED: usize = 10_000;
+    static NAMES: std::sync::Mutex<Option<std::collections::HashSet<Arc<str>>>> =
+        std::sync::Mutex::new(None);
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let names = names.get_or_insert_with(Default::default);
+    if let Some(shared) = names.get(namespace) {
+        return shared.clone();
+    }
+    let name: Arc<str> = Arc::from(namespace);
+    if names.len() < MAX_INTERNED {
+        names.insert(name.clone());
+    }
+    name
 }
 
 impl Route {
@@ -109,7 +166,7 @@ impl Route {
             Err(e) => (
                 None,
                 Target::Invalid {
-                    reason: format!("upstream: {e}"),
+                    reason: format!("upstream: {e}").into(),
                 },
             ),
         };
@@ -119,7 +176,7 @@ impl Route {
                 reason: "the record names both a tunnel client and a group".into(),
             },
             (Some(client), None, Target::Direct { authority, .. }) => Target::Tunnel {
-                client_id: client.clone(),
+                client_id: client.as_str().into(),
                 authority,
             },
             (None, Some(g), Target::Direct { authority, .. }) if !g.clients.is_empty() => {
@@ -129,7 +186,7 @@ impl Route {
                 }
             }
             (None, Some(g), _) => Target::Invalid {
-                reason: format!("tunnel group {} has no members", g.name),
+                reason: format!("tunnel group {} has no members", g.name).into(),
             },
             (None, None, direct) => direct,
             (_, _, other) => other,
@@ -146,51 +203,71 @@ impl Route {
                     .then_some((name, value))
             })
             .collect();
+        let extras = Extras {
+            headers,
+            placement: m.placement.clone(),
+            tls: m.tls.clone(),
+            upstream,
+        };
         Self {
             mapping_id: m.mapping_id.clone(),
             host: m.full_domain.clone(),
             target,
-            headers,
-            placement: m.placement.clone().map(Box::new),
             active: m.status == MappingStatus::Active,
-            version: m.version,
-            namespace: m
-                .source
-                .as_deref()
-                .and_then(source_namespace)
-                .map(Box::from),
             from_config: m.source.as_deref() == Some(CONFIG_SOURCE),
-            tls: m.tls.clone().map(Box::new),
-            upstream,
-            declared: OnceLock::new(),
+            version: m.version,
+            namespace: m.source.as_deref().and_then(source_namespace).map(intern),
+            extras: (!extras.is_empty()).then(|| Box::new(extras)),
+            admitted: Admitted::default(),
         }
+    }
+
+    /// The mapping's custom headers, validated.
+    pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        self.extras.as_ref().map_or(&[], |e| &e.headers)
+    }
+
+    /// The set the mapping is placed in, if any.
+    pub fn placed_in(&self) -> Option<&SetName> {
+        self.extras.as_ref()?.placement.as_ref()
+    }
+
+    /// HTTPS settings: the certificate's source, the redirect of plain requests.
+    pub fn tls(&self) -> Option<&MappingTls> {
+        self.extras.as_ref()?.tls.as_ref()
+    }
+
+    /// How a direct target is spoken to when not HTTP/1.1 with the public roots.
+    pub fn upstream(&self) -> Option<&super::upstream::UpstreamRoute> {
+        self.extras.as_ref()?.upstream.as_deref()
     }
 
     /// Whether plain HTTP requests for this route are redirected to HTTPS.
     pub fn redirects_http(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.redirect_http)
+        self.tls().is_some_and(|t| t.redirect_http)
     }
 
     /// Whether `policy` lets the declared target through for `who` (literal addresses are
-    /// judged fully here; names again by address when connected). Decided once per route.
-    pub fn check_declared(&self, policy: &EgressPolicy, who: Declarer) -> Result<(), &Refusal> {
-        self.declared
-            .get_or_init(|| match &self.target {
-                Target::Direct { authority, .. } => policy
-                    .check_declared(
-                        authority.host(),
-                        authority.port_u16().unwrap_or(80),
-                        self.namespace.as_deref(),
-                        who,
-                    )
-                    .map_err(Box::new),
-                Target::Tunnel { .. } | Target::TunnelGroup { .. } | Target::Invalid { .. } => {
-                    Ok(())
-                }
-            })
-            .as_ref()
-            .map(|_| ())
-            .map_err(|r| &**r)
+    /// judged fully here; names again by address when connected). `who` is the same at every
+    /// request of a route (see `Policy::declarer`): once let through, a route is not judged
+    /// again.
+    pub fn check_declared(&self, policy: &EgressPolicy, who: Declarer) -> Result<(), Refusal> {
+        if self.admitted.0.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let verdict = match &self.target {
+            Target::Direct { authority, .. } => policy.check_declared(
+                authority.host(),
+                authority.port_u16().unwrap_or(80),
+                self.namespace.as_deref(),
+                who,
+            ),
+            Target::Tunnel { .. } | Target::TunnelGroup { .. } | Target::Invalid { .. } => Ok(()),
+        };
+        if verdict.is_ok() {
+            self.admitted.0.store(true, Ordering::Relaxed);
+        }
+        verdict
     }
 
     /// Where a proxy of set `me` sends this route's request (`domain::decide`): `None` to serve
@@ -207,10 +284,9 @@ impl Route {
         if !self.active {
             return Err(ProxyError::Inactive(host()));
         }
-        let Some(placement) = &self.placement else {
+        let Some(placement) = self.placed_in() else {
             return Ok(None);
         };
-        let placement: &SetName = placement;
         match decide(Some(placement), me, healthy().as_ref(), forwarded) {
             Decision::Here => Ok(None),
             Decision::Forward(set) => Ok(Some(set)),
@@ -251,7 +327,7 @@ fn direct_target(m: &Mapping) -> Target {
     match Authority::try_from(format!("{host}:{}", m.target_port)) {
         Ok(authority) => Target::Direct { scheme, authority },
         Err(e) => Target::Invalid {
-            reason: format!("target {host}:{}: {e}", m.target_port),
+            reason: format!("target {host}:{}: {e}", m.target_port).into(),
         },
     }
 }
@@ -298,8 +374,8 @@ mod tests {
                 }
                 other => panic!("{host}: {other:?}"),
             }
-            assert_eq!(r.headers.len(), 1);
-            assert_eq!(r.headers[0].0.as_str(), "x-env");
+            assert_eq!(r.headers().len(), 1);
+            assert_eq!(r.headers()[0].0.as_str(), "x-env");
         }
         let mut tunnel = MappingSpec::new("a", "tunnox.net", "127.0.0.1", 80);
         tunnel.target_client_id = Some("laptop".into());
@@ -381,16 +457,30 @@ mod tests {
             let mut m = mapping(MappingSpec::new("a", "tunnox.net", host, 80));
             m.source = source.map(str::to_string);
             let r = Route::from_mapping(&m);
-            let got = r.check_declared(&policy, who).err().map(Refusal::label);
+            let got = r.check_declared(&policy, who).err().map(|r| r.label());
             assert_eq!(got, want, "{host} from {source:?} by {who:?}");
         }
+    }
+
+    /// With its reference counts a route fills one 160-byte allocation (an allocator size
+    /// class); a field added inline must push another out to `Extras` (docs/proxy.md "Route
+    /// memory").
+    #[test]
+    fn a_route_stays_within_its_allocation_class() {
+        assert!(
+            std::mem::size_of::<Route>() <= 144,
+            "{}",
+            std::mem::size_of::<Route>()
+        );
+        let plain = Route::from_mapping(&mapping(MappingSpec::new("a", "tunnox.net", "::1", 80)));
+        assert!(plain.extras.is_none(), "a plain route has no extras");
     }
 
     #[test]
     fn drops_a_mapping_header_that_would_reset_the_hop_count() {
         let mut m = mapping(MappingSpec::new("a", "tunnox.net", "192.0.2.1", 80));
         m.custom_headers.insert("Tunnox-Hops".into(), "0".into());
-        assert!(Route::from_mapping(&m).headers.is_empty());
+        assert!(Route::from_mapping(&m).headers().is_empty());
     }
 
     #[test]

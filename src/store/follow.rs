@@ -118,18 +118,25 @@ impl Follower {
         check_every: Duration,
     ) -> Result<(Self, Vec<Mapping>), StoreError> {
         let mut all = Vec::new();
-        let follower = Self::start_paged(store, check_every, |page| all.extend(page)).await?;
+        let follower = Self::start_paged(store, check_every, |page| {
+            all.extend(page);
+            std::future::ready(())
+        })
+        .await?;
         Ok((follower, all))
     }
 
     /// [`Follower::start`] handing the current state over page by page, as it is read, so a
-    /// large store is never held twice (the caller's table and a full list). Returns how many
-    /// mappings were handed over.
-    pub async fn start_paged(
+    /// large store is never held twice (the caller's table and a full list). The next page is
+    /// read once `page` has taken the last (its future has finished).
+    pub async fn start_paged<F>(
         store: Arc<dyn MappingStore>,
         check_every: Duration,
-        mut page: impl FnMut(Vec<Mapping>),
-    ) -> Result<Self, StoreError> {
+        mut page: impl FnMut(Vec<Mapping>) -> F,
+    ) -> Result<Self, StoreError>
+    where
+        F: std::future::Future<Output = ()>,
+    {
         let subscription = store.subscribe().await?;
         let position = store.position().await?;
         let mut after = None;
@@ -140,7 +147,7 @@ impl Follower {
                     crate::store::PageRequest { after, limit: PAGE },
                 )
                 .await?;
-            page(p.items);
+            page(p.items).await;
             match p.next {
                 Some(next) => after = Some(next),
                 None => break,

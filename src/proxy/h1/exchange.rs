@@ -114,7 +114,7 @@ impl Exchange<'_, '_> {
                 return Next::Handover("redirect_https");
             }
             // HTTP/2 or a mapping's own TLS trust: the general path's clients.
-            Ok(a) if a.route.upstream.is_some() => return Next::Handover("upstream_protocol"),
+            Ok(a) if a.route.upstream().is_some() => return Next::Handover("upstream_protocol"),
             Ok(a) if a.scheme == Scheme::HTTP => a,
             // TLS to the upstream: the general path's client.
             Ok(_) => return Next::Handover("https_target"),
@@ -148,7 +148,7 @@ impl Exchange<'_, '_> {
             self.peer_ip,
             if self.conn.secure { "https" } else { "http" },
             hops,
-            &route.headers,
+            route.headers(),
         );
         io.out.extend_from_slice(self.body);
         let sent_at = Instant::now();

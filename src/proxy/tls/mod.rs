@@ -349,7 +349,7 @@ pub async fn accept(
 async fn choose(ctx: &Ctx, certs: &Certs, sni: Option<&Hostname>) -> Option<Arc<ServerConfig>> {
     if let Some(name) = sni
         && let Ok((route, _)) = ctx.cache.resolve(name).await
-        && let Some(tls) = &route.tls
+        && let Some(tls) = route.tls()
     {
         match &tls.cert {
             // Files are the operator's: only a mapping of the configuration file may name one.

@@ -58,7 +58,7 @@ impl Tunnels {
             &mut parts.headers,
             &client,
             upgrade.as_ref(),
-            &to.route.headers,
+            to.route.headers(),
         );
         let path = parts
             .uri
