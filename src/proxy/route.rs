@@ -1,6 +1,6 @@
 //! A mapping compiled for the request path (parsed once when cached), the pure decision
 //! whether this proxy serves it (ARCHITECTURE §7), and whether the egress policy lets its
-//! declared target through (decided once per route).
+//! declared target through (kept once it passed).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -142,7 +142,8 @@ impl Extras {
 }
 
 /// One shared copy of each namespace name: a cluster's routes name a few namespaces many times.
-/// Bounded: past `MAX_INTERNED` names a name is no longer shared (still correct, just larger).
+/// Bounded: when `MAX_INTERNED` names are held the set starts again (routes keep their copies;
+/// names of deleted namespaces go).
 fn intern(namespace: &str) -> Arc<str> {
     const MAX_INTERNED: usize = 10_000;
     static NAMES: std::sync::Mutex<Option<std::collections::HashSet<Arc<str>>>> =
@@ -152,10 +153,11 @@ fn intern(namespace: &str) -> Arc<str> {
     if let Some(shared) = names.get(namespace) {
         return shared.clone();
     }
-    let name: Arc<str> = Arc::from(namespace);
-    if names.len() < MAX_INTERNED {
-        names.insert(name.clone());
+    if names.len() >= MAX_INTERNED {
+        names.clear();
     }
+    let name: Arc<str> = Arc::from(namespace);
+    names.insert(name.clone());
     name
 }
 
@@ -249,7 +251,7 @@ impl Route {
 
     /// Whether `policy` lets the declared target through for `who` (literal addresses are
     /// judged fully here; names again by address when connected). `who` is the same at every
-    /// request of a route (see `Policy::declarer`): once let through, a route is not judged
+    /// request of a route (see `Ctx::declarer`): once let through, a route is not judged
     /// again.
     pub fn check_declared(&self, policy: &EgressPolicy, who: Declarer) -> Result<(), Refusal> {
         if self.admitted.0.load(Ordering::Relaxed) {
@@ -460,6 +462,21 @@ mod tests {
             let got = r.check_declared(&policy, who).err().map(|r| r.label());
             assert_eq!(got, want, "{host} from {source:?} by {who:?}");
         }
+    }
+
+    #[test]
+    fn routes_of_one_namespace_share_its_name() {
+        let named = |sub: &str, source: &str| {
+            let mut m = mapping(MappingSpec::new(sub, "tunnox.net", "192.0.2.1", 80));
+            m.source = Some(source.into());
+            Route::from_mapping(&m).namespace.expect("a namespace")
+        };
+        let (a, b) = (
+            named("a", "k8s:team-a/web"),
+            named("b", "k8s:c1/team-a/api"),
+        );
+        assert_eq!(&*a, "team-a");
+        assert!(Arc::ptr_eq(&a, &b), "one copy of the name");
     }
 
     /// With its reference counts a route fills one 160-byte allocation (an allocator size

@@ -89,19 +89,17 @@ const STALE_CHECK: Duration = Duration::from_secs(1);
 /// the time on two cores). At most two pages wait for it.
 struct Warmer {
     pages: tokio::sync::mpsc::Sender<Vec<Mapping>>,
-    done: tokio::sync::oneshot::Receiver<()>,
+    done: tokio::task::JoinHandle<()>,
 }
 
 impl Warmer {
     fn start(cache: Arc<RouteCache>) -> Self {
         let (pages, mut rx) = tokio::sync::mpsc::channel::<Vec<Mapping>>(2);
-        let (finished, done) = tokio::sync::oneshot::channel();
         // A blocking task, not a worker: compiling a page takes a millisecond or more.
-        tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             while let Some(page) = rx.blocking_recv() {
                 cache.overlay(&page);
             }
-            let _ = finished.send(());
         });
         Self { pages, done }
     }
@@ -110,16 +108,17 @@ impl Warmer {
     fn take(&self, page: Vec<Mapping>) -> impl std::future::Future<Output = ()> + use<> {
         let pages = self.pages.clone();
         async move {
-            // Closed only if the blocking task ended early (a panic): its pages are not cached
-            // and are read from the store on demand.
+            // Closed only if the blocking task ended early: `finish` reports it.
             let _ = pages.send(page).await;
         }
     }
 
-    /// Waits until every page handed over is in the table.
-    async fn finish(self) {
+    /// Waits until every page handed over is in the table; an error if one could not be.
+    async fn finish(self) -> Result<(), String> {
         drop(self.pages);
-        let _ = self.done.await;
+        self.done
+            .await
+            .map_err(|e| format!("compiling the routes of the first load failed: {e}"))
     }
 }
 
@@ -161,8 +160,13 @@ impl CacheSync {
                 warmer.take(page)
             });
             let loaded = paged.await;
-            warmer.finish().await;
-            match loaded {
+            // A page the warmer could not compile fails the load: it is tried again, never
+            // reported ready with part of the table missing.
+            let warmed = warmer.finish().await;
+            match loaded
+                .map_err(|e| e.to_string())
+                .and_then(|ok| warmed.map(|()| ok))
+            {
                 Ok(ok) => break ok,
                 Err(e) => {
                     self.metrics.sync_errors.inc();
