@@ -42,9 +42,9 @@ struct Entry {
 
 /// The routes held, keyed by a 64-bit hash of their host under a key random to this process:
 /// the host is held once, in its route, not again as the key (a million routes saved 40 bytes
-/// each: issue: scale, docs/proxy.md "Route memory"). Two hosts of one hash (about one chance in
-/// 10^7 among a million hosts, and not choosable from outside) only take turns in the cache: a
-/// route is returned only for its own host.
+/// each: issue: scale, docs/proxy.md "Route memory"). Two hosts of one hash (about three chances
+/// in 10^8 among a million hosts, and not choosable from outside) only take turns in the cache:
+/// a route is returned only for its own host.
 struct Routes<S = std::hash::RandomState> {
     cache: quick_cache::sync::Cache<u64, Entry>,
     hasher: S,
