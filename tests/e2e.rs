@@ -1128,7 +1128,7 @@ fn controller_leader_election(s: &Stack) {
     };
     let (mut first, p1) = s.controller("ctl-one");
     eventually("first leads", Duration::from_secs(15), || leader_of(p1));
-    let (second, p2) = s.controller("ctl-two");
+    let (mut second, p2) = s.controller("ctl-two");
     std::thread::sleep(Duration::from_secs(3));
     let (one, two) = (leader_of(p1), leader_of(p2));
     assert!(
@@ -1168,6 +1168,41 @@ fn controller_leader_election(s: &Stack) {
         s.cp.kubectl(&["delete", "hdm", "--all", "-n", "lead", "--timeout=60s"]),
         "delete mappings",
     );
+    // A contender holding the lease (as after a partition): the leader stops reconciling and
+    // exits 1, so that its orchestrator restarts it as a standby, within the renew deadline
+    // (2/3 of the 4 s lease) and the grace for reconciles in flight (1/3).
+    let now = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"])
+        .output()
+        .expect("date");
+    let now = String::from_utf8_lossy(&now.stdout).trim().to_string();
+    s.cp.kubectl_ok(&[
+        "patch",
+        "lease",
+        "tunnox-controller",
+        "-n",
+        NS,
+        "--type",
+        "merge",
+        "-p",
+        &format!(
+            r#"{{"spec":{{"holderIdentity":"contender","renewTime":"{now}","leaseDurationSeconds":60}}}}"#
+        ),
+    ]);
+    let took = eventually(
+        "the leader that lost its lease exits",
+        Duration::from_secs(15),
+        || second.exit_code().is_some(),
+    );
+    assert_eq!(second.exit_code(), Some(1), "{}", second.log());
+    assert!(
+        second.log().contains("lost leadership; stopping"),
+        "{}",
+        second.log()
+    );
+    eprintln!("e2e: a leader whose lease was taken exited {took:?} later");
+    // Later scenarios' controllers must not wait for the contender's minute.
+    s.cp.kubectl_ok(&["delete", "lease", "tunnox-controller", "-n", NS]);
     no_permission_errors(&second);
 }
 
@@ -1485,8 +1520,14 @@ fn controller_restart_with_nothing_changed_writes_nothing(s: &Stack) {
         Duration::from_secs(30),
         || s.redis_keys("tunnox:node:*").is_empty(),
     );
-    // The default resync interval: the suite's 3 s would requeue every mapping every 3 s.
-    let defaults = [("TUNNOX__CONTROLLER__RESYNC_INTERVAL", "30s".to_string())];
+    // The default resync interval: the suite's 3 s would requeue every mapping every 3 s. The
+    // default lease too: the suite's 4 s (for quick failovers) leaves 2.7 s to renew, and a CI
+    // machine's API server, busy listing 10 000 objects, once took longer.
+    let defaults = [
+        ("TUNNOX__CONTROLLER__RESYNC_INTERVAL", "30s".to_string()),
+        ("TUNNOX__CONTROLLER__LEASE_DURATION", "15s".to_string()),
+        ("TUNNOX__CONTROLLER__RENEW_INTERVAL", "5s".to_string()),
+    ];
     let started = std::time::Instant::now();
     let chunks = 8;
     std::thread::scope(|scope| {
@@ -1601,10 +1642,11 @@ fn controller_restart_with_nothing_changed_writes_nothing(s: &Stack) {
         .map(|(b, _)| b)
         .collect();
     eprintln!(
-        "e2e: restart over {n} unchanged mappings: all reconciled {took:?} after the start; {} mappings written, {} Events, {} Redis writes",
+        "e2e: restart over {n} unchanged mappings: all reconciled {took:?} after the start; {} mappings written, {} Events, {} Redis writes; {} lease renewals failed",
         moved.len(),
         after.1 - before.1,
-        after.2 - before.2
+        after.2 - before.2,
+        second.log().matches("lease update failed").count()
     );
     assert!(
         moved.is_empty(),

@@ -43,6 +43,8 @@ pub enum RunError {
     ClusterIdentity(#[from] cluster::IdentityError),
     #[error("leader election stopped")]
     Election,
+    #[error("cannot start the lease thread: {0}")]
+    Thread(std::io::Error),
     #[error("{0}")]
     Config(String),
     #[error("admin server on {addr}: {source}")]
@@ -164,7 +166,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         renew: cfg.renew_interval.get(),
     };
     tracing::info!(identity = %me, lease = %lease.name, namespace = %lease.namespace, "waiting for leadership");
-    let election = tokio::spawn(leader::run(client.clone(), lease.clone(), lead_tx));
+    let election = leader::Election::spawn(lease.clone(), lead_tx).map_err(RunError::Thread)?;
 
     let mut signal = Box::pin(crate::observe::shutdown_signal());
     // Standby until we lead (or are told to stop).
@@ -177,6 +179,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             }
         }
         _ = &mut signal => {
+            election.stop().await;
             let _ = stop_tx.send(true);
             let _ = admin.await;
             return Ok(());
@@ -334,14 +337,31 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let ts_wake = futures::stream::poll_fn(move |cx| ts_wake_rx.poll_recv(cx));
     // Both controllers stop together, on a signal or when leadership is lost.
     let (stopping_tx, stopping_rx) = watch::channel(false);
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let graceful = {
         let mut lead = lead_rx.clone();
+        let lost = lost.clone();
         async move {
             tokio::select! {
                 _ = signal => tracing::info!("shutting down"),
-                _ = lead.wait_for(|l| !*l) => tracing::warn!("lost leadership; stopping"),
+                _ = lead.wait_for(|l| !*l) => {
+                    tracing::warn!("lost leadership; stopping");
+                    lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             let _ = stopping_tx.send(true);
+        }
+    };
+    // In-flight reconciles may finish within a third of the lease (what a leader keeps in hand
+    // before a contender may take over); then they are dropped. kube-runtime's graceful stop
+    // alone can wait forever: reconciles are held until the first list is complete, and the
+    // stop ends that list (seen in CI: a controller that neither led nor exited).
+    let grace = (lease.duration / 3).max(std::time::Duration::from_secs(1));
+    let overdue = {
+        let mut rx = stopping_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
         }
     };
     let ts_graceful = {
@@ -360,22 +380,23 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .graceful_shutdown_on(ts_graceful)
         .run(tunnelset::reconcile, tunnelset::error_policy, ts_ctx)
         .for_each(|_| futures::future::ready(()));
-    futures::future::join(mappings, tunnelsets).await;
+    tokio::select! {
+        _ = futures::future::join(mappings, tunnelsets) => {}
+        _ = overdue => tracing::warn!(?grace, "reconciles still running after the grace period: dropped"),
+    }
     resync.abort();
     restorer.abort();
     fleet_watch.abort();
     for watch in [session_watch, applied_watch].into_iter().flatten() {
         watch.abort();
     }
-    election.abort();
-    if *lead_rx.borrow() {
-        // A clean stop: the successor need not wait for the lease to expire.
-        leader::release(client.clone(), &lease).await;
-    }
+    // The lease is given up if held (also when it was won back during the stop): the successor
+    // need not wait for it to expire.
+    election.stop().await;
     metrics.leader.set(0);
     let _ = stop_tx.send(true);
     let _ = admin.await;
-    if !*lead_rx.borrow() {
+    if lost.load(std::sync::atomic::Ordering::Relaxed) {
         // Exiting lets the orchestrator restart us as a standby.
         std::process::exit(1);
     }

@@ -62,6 +62,11 @@ impl Role {
         None
     }
 
+    /// The exit code once the process has ended by itself (`None` while it runs).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.as_mut()?.try_wait().ok()??.code()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
