@@ -113,6 +113,26 @@ fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
 const LIST_PAGE: u32 = 5_000;
 const FLEET_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Spawns a task the leader cannot do without (resync, the restorer): its end, a panic
+/// included, stops the controller (which exits 1 and is restarted) rather than leaving it
+/// leading without it.
+fn essential(
+    name: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    broken: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
+    use futures::FutureExt;
+    tokio::spawn(async move {
+        let ended = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+        tracing::error!(
+            task = name,
+            panicked = ended.is_err(),
+            "essential task ended"
+        );
+        broken.notify_one();
+    })
+}
+
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
     let cfg = settings.config.controller.clone();
@@ -284,13 +304,22 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         served: served.clone(),
         restorer: Default::default(),
     });
-    let resync = tokio::spawn(resync::run(ctx.clone(), me.clone()));
-    let restorer = tokio::spawn(ctx.restorer.clone().run(
-        ctx.store.clone(),
-        ctx.cache.clone(),
-        ctx.wake.clone(),
-        metrics.clone(),
-    ));
+    let broken = Arc::new(tokio::sync::Notify::new());
+    let resync = essential(
+        "resync",
+        resync::run(ctx.clone(), me.clone()),
+        broken.clone(),
+    );
+    let restorer = essential(
+        "restorer",
+        ctx.restorer.clone().run(
+            ctx.store.clone(),
+            ctx.cache.clone(),
+            ctx.wake.clone(),
+            metrics.clone(),
+        ),
+        broken.clone(),
+    );
     // A set gaining or losing its last healthy proxy shows in the placed mappings' status.
     let fleet_watch = tokio::spawn(fleet::follow(
         ctx.fleet.clone(),
@@ -337,16 +366,21 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let ts_wake = futures::stream::poll_fn(move |cx| ts_wake_rx.poll_recv(cx));
     // Both controllers stop together, on a signal or when leadership is lost.
     let (stopping_tx, stopping_rx) = watch::channel(false);
-    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Set when the process must exit 1: the lease lost, or an essential task ended.
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let graceful = {
         let mut lead = lead_rx.clone();
-        let lost = lost.clone();
+        let failed = failed.clone();
         async move {
             tokio::select! {
                 _ = signal => tracing::info!("shutting down"),
                 _ = lead.wait_for(|l| !*l) => {
                     tracing::warn!("lost leadership; stopping");
-                    lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                _ = broken.notified() => {
+                    tracing::error!("an essential task stopped; stopping");
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             let _ = stopping_tx.send(true);
@@ -396,9 +430,39 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     metrics.leader.set(0);
     let _ = stop_tx.send(true);
     let _ = admin.await;
-    if lost.load(std::sync::atomic::Ordering::Relaxed) {
+    if failed.load(std::sync::atomic::Ordering::Relaxed) {
         // Exiting lets the orchestrator restart us as a standby.
         std::process::exit(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod essential_tests {
+    use super::*;
+    use futures::FutureExt;
+
+    /// An essential task that panics or returns is reported; one that runs is not.
+    #[tokio::test]
+    async fn the_end_of_an_essential_task_is_reported() {
+        for task in [
+            futures::future::ready(()).boxed(),
+            async { panic!("broken") }.boxed(),
+        ] {
+            let broken = Arc::new(tokio::sync::Notify::new());
+            let handle = essential("t", task, broken.clone());
+            tokio::time::timeout(std::time::Duration::from_secs(5), broken.notified())
+                .await
+                .expect("reported");
+            handle.await.expect("the wrapper itself never panics");
+        }
+        let broken = Arc::new(tokio::sync::Notify::new());
+        let handle = essential("t", futures::future::pending(), broken.clone());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), broken.notified())
+                .await
+                .is_err()
+        );
+        handle.abort();
+    }
 }
