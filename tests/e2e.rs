@@ -1548,9 +1548,21 @@ fn controller_restart_with_nothing_changed_writes_nothing(s: &Stack) {
     // Created first, then programmed by a controller starting over all of them (a cold start).
     let (mut first, _) = s.controller_with("ctl-restart-1", &s.sa_kubeconfig, &defaults);
     let active = || s.phases(ns).iter().filter(|p| *p == "Active").count();
-    // Listing every mapping is heavy for the API server: look every few seconds only.
+    // Listing every mapping is heavy for the API server (and a CI machine's API server is the
+    // bottleneck of this start): wait for the records in Redis first, then look every few
+    // seconds only.
     let programmed = {
         let since = std::time::Instant::now();
+        let records = || {
+            s.redis
+                .cli(&["ZCARD", "tunnox:http_domain:index:all"])
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(0)
+        };
+        while records() < n && since.elapsed() < Duration::from_secs(900) {
+            std::thread::sleep(Duration::from_secs(1));
+        }
         while active() != n {
             assert!(
                 since.elapsed() < Duration::from_secs(900),
