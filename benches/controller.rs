@@ -19,7 +19,16 @@ use tunnox::crd::{HTTPDomainMapping, HTTPDomainMappingSpec, Target};
 use tunnox::store::{MappingStore, RedisOptions, RedisStore, SubscriptionEvent};
 
 const APPLIES: usize = 200;
+/// New mappings of the first programming (`TUNNOX_BENCH_COLD=<n>` for another count; the
+/// waits grow with it).
 const COLD: usize = 10_000;
+
+fn cold_count() -> usize {
+    std::env::var("TUNNOX_BENCH_COLD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(COLD)
+}
 
 fn mapping(ns: &str, name: &str, sub: &str) -> HTTPDomainMapping {
     let mut h = HTTPDomainMapping::new(
@@ -205,8 +214,10 @@ fn main() {
 
         // Cold start: 10 000 mappings exist, Redis is empty, the controller starts.
         assert_eq!(controller.terminate(Duration::from_secs(10)), Some(0));
+        let cold_n = cold_count();
+        let patience = Duration::from_secs(600 * (cold_n / COLD).max(1) as u64);
         let created = Instant::now();
-        futures::stream::iter(0..COLD)
+        futures::stream::iter(0..cold_n)
             .map(|i| {
                 let api = api.clone();
                 async move {
@@ -218,7 +229,7 @@ fn main() {
             .await;
         let create_time = created.elapsed();
         assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
-        let expected = COLD + 2 * APPLIES + 1;
+        let expected = cold_n + 2 * APPLIES + 1;
         let start = Instant::now();
         let (mut second, _) = start_controller(&cp, &config, dir.path(), "bench-2");
         loop {
@@ -226,7 +237,7 @@ fn main() {
             if n >= expected {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(600), "cold start stuck at {n}/{expected}");
+            assert!(start.elapsed() < patience, "cold start stuck at {n}/{expected}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let cold = start.elapsed();
@@ -255,7 +266,7 @@ fn main() {
             if n >= expected {
                 break;
             }
-            assert!(restoring.elapsed() < Duration::from_secs(600), "restore stuck at {n}/{expected}");
+            assert!(restoring.elapsed() < patience, "restore stuck at {n}/{expected}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let restore = restoring.elapsed();
@@ -278,7 +289,7 @@ fn main() {
                 .expect("perf")
         });
         while reconciles(admin) < expected {
-            assert!(restarted.elapsed() < Duration::from_secs(600), "restart stuck at {}/{expected}", reconciles(admin));
+            assert!(restarted.elapsed() < patience, "restart stuck at {}/{expected}", reconciles(admin));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let restart = restarted.elapsed();
@@ -318,7 +329,7 @@ fn main() {
         );
         println!("The controller's own account of that run (waits for the proxies, status writes, reconciles): {waited}.\n");
         println!(
-            "First programming: {COLD} new mappings created in the API server while no controller ran (in {:.1} s, 16 at a time), \
+            "First programming: {cold_n} new mappings created in the API server while no controller ran (in {:.1} s, 16 at a time), \
              Redis empty, controller started: all {expected} records in Redis after **{:.1} s** ({:.0} mappings/s; \
              extrapolated to 100 000: {:.0} s). Each new mapping needs its one status write (`Pending` → `Active`, the id and \
              version) through the API server to etcd, and here the API server, etcd, Redis and the controller share 2 cores; \
@@ -327,7 +338,7 @@ fn main() {
             cold.as_secs_f64(),
             expected as f64 / cold.as_secs_f64(),
             per_100k,
-            COLD as f64 / create_time.as_secs_f64()
+            cold_n as f64 / create_time.as_secs_f64()
         );
         println!(
             "Restore: the controller stopped, Redis flushed (`FLUSHALL`) under the {expected} programmed mappings, a controller \

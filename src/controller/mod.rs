@@ -17,6 +17,7 @@ pub mod served;
 mod tunnelset;
 pub mod tunnelset_decide;
 pub mod tunnelset_ports;
+mod waiters;
 
 use std::sync::Arc;
 
@@ -210,10 +211,26 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     let api: Api<HTTPDomainMapping> = Api::all(client.clone());
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<HTTPDomainMapping>>();
-    let controller = Controller::new(api, watcher::Config::default().page_size(LIST_PAGE))
-        .with_config(
-            kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)),
-        );
+    // The controller's own reflector, so that the same events keep the index of waiters.
+    let waiters = Arc::new(waiters::Waiters::default());
+    let (reader, writer) = kube::runtime::reflector::store();
+    let mapping_events = {
+        use kube::runtime::WatchStreamExt;
+        let waiters = waiters.clone();
+        kube::runtime::reflector(
+            writer,
+            watcher(api, watcher::Config::default().page_size(LIST_PAGE)),
+        )
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                waiters.observe(event);
+            }
+        })
+        .applied_objects()
+    };
+    let controller = Controller::for_stream(mapping_events, reader).with_config(
+        kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)),
+    );
     let ts_controller = Controller::new(
         Api::<TunnelSet>::all(client.clone()),
         watcher::Config::default(),
@@ -303,6 +320,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         fleet: fleet_view,
         served: served.clone(),
         restorer: Default::default(),
+        waiters,
     });
     let broken = Arc::new(tokio::sync::Notify::new());
     let resync = essential(

@@ -31,6 +31,8 @@ pub struct Ctx {
     /// Credentials of tunnel clients: a tunnel target is served once its client has one.
     pub registry: Arc<dyn TunnelRegistry>,
     pub cache: Store<HTTPDomainMapping>,
+    /// The mappings waiting in `Conflict`, by domain (kept from the cache's watch events).
+    pub waiters: Arc<super::waiters::Waiters>,
     /// TunnelSets, for the members of a group target.
     pub tunnelsets: Store<TunnelSet>,
     /// Seals the keys of certificates from Secrets for the store (`http_domain.tls_store_key_file`).
@@ -709,19 +711,23 @@ async fn program(
         .status
         .as_ref()
         .is_some_and(|s| s.phase == Phase::Active);
-    // (`find` under the cache's lock: no clone of every object per reconcile.)
+    // Candidates from the index of waiters, each checked against the cache as it is now.
     let older = (!was_serving)
         .then(|| {
-            ctx.cache.find(|other| {
-                other
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.phase == Phase::Conflict)
-                    && other.metadata.deletion_timestamp.is_none()
-                    && other.metadata.uid != obj.metadata.uid
-                    && decide::waits_behind(obj, other)
-                    && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
-            })
+            ctx.waiters
+                .candidates(&plan.full_domain)
+                .iter()
+                .filter_map(|r| ctx.cache.get(r))
+                .find(|other| {
+                    other
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == Phase::Conflict)
+                        && other.metadata.deletion_timestamp.is_none()
+                        && other.metadata.uid != obj.metadata.uid
+                        && decide::waits_behind(obj, other)
+                        && decide::full_domain(other).as_ref() == Some(&plan.full_domain)
+                })
         })
         .flatten();
     if let Some(older) = older {
