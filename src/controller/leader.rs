@@ -121,7 +121,7 @@ impl Election {
 }
 
 /// Runs the election until the process ends; publishes whether we lead.
-pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>) {
+async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_renewed = tokio::time::Instant::now();
     // Keep leading only well inside the lease (two thirds of it, like client-go's renew deadline),
@@ -165,7 +165,7 @@ pub async fn run(client: Client, cfg: LeaseConfig, leading: watch::Sender<bool>)
 /// Gives the lease up on a clean shutdown, if we still hold it, so a successor (the restarted
 /// process, or a standby) takes over at its next attempt instead of after `lease_duration`.
 /// Best effort, with the renew interval as its budget: an unreleased lease simply expires.
-pub async fn release(client: Client, cfg: &LeaseConfig) {
+async fn release(client: Client, cfg: &LeaseConfig) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let released = async {
         let Some(mut lease) = api.get_opt(&cfg.name).await? else {
