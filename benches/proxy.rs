@@ -295,7 +295,7 @@ fn throughput(dir: &Path, upstream: &Proc, upstream_port: u16) -> Throughput {
 
     let stats: serde_json::Value = serde_json::from_slice(
         &Http::new(admin)
-            .get("127.0.0.1", "/api/v1/stats/system")
+            .get("127.0.0.1", "/status")
             .expect("stats")
             .body,
     )

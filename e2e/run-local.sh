@@ -196,7 +196,7 @@ Try this (in another terminal):
   curl http://127.0.0.1:$remote_port/     # plain TCP: TunnelSet demo-laptop's remote port
   kubectl get tunnelset -A
   kubectl apply -f examples/hdm-address.yaml     # then: kubectl get hdm
-  curl http://127.0.0.1:$proxy_admin/api/v1/stats/system
+  curl http://127.0.0.1:$proxy_admin/status
 
 Logs: $run_dir/{controller,proxy,agent,redis,demo,laptop}.log
 Press Ctrl-C to stop everything.

@@ -42,6 +42,8 @@ enum Command {
     Agent(AgentArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Print the management API's OpenAPI document (docs/openapi.json).
+    Openapi,
     /// Validate the configuration, print the auto-sharing decisions and the effective settings.
     CheckConfig,
     /// Ask the proxy in this pod to drain (POST /drain on its admin port): the preStop hook.
@@ -167,6 +169,10 @@ fn agent(args: AgentArgs, settings: &config::Settings, origin: &str) -> ExitCode
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        print!("{}", tunnox::api::openapi_json());
+        return ExitCode::SUCCESS;
+    }
     if let Command::Crd = cli.command {
         return match tunnox::crd::definitions_yaml() {
             Ok(yaml) => {
@@ -217,13 +223,20 @@ fn main() -> ExitCode {
             if let Some(token) = shown.agent.token.as_mut() {
                 *token = "<redacted>".into();
             }
+            for t in &mut shown.api.tokens {
+                if let Some(token) = t.token.as_mut() {
+                    *token = "<redacted>".into();
+                }
+            }
             match serde_yaml::to_string(&shown) {
                 Ok(yaml) => print!("{yaml}"),
                 Err(e) => eprintln!("cannot print configuration: {e}"),
             }
             ExitCode::SUCCESS
         }
-        Command::Crd => unreachable!("handled before configuration is loaded"),
+        Command::Crd | Command::Openapi => {
+            unreachable!("handled before configuration is loaded")
+        }
         Command::Drain(args) => drain(args, &settings),
         Command::Controller => {
             let runtime = match tokio::runtime::Runtime::new() {

@@ -132,7 +132,7 @@ fn cache_reads_redis_once_per_ttl_and_deletes_reach_every_node() {
         "ten lookups after the TTL must read Redis exactly once"
     );
     let stats: serde_json::Value =
-        serde_json::from_str(&a.admin_get("/api/v1/stats/system").unwrap().body).unwrap();
+        serde_json::from_str(&a.admin_get("/status").unwrap().body).unwrap();
     assert_eq!(stats["cache"]["type"], "redis");
 
     // TC-2.2 / TC-3.2: deleted through another connection → 404 everywhere.

@@ -203,7 +203,7 @@ fn file_mappings_persist_statistics_and_drain_on_sigterm() {
     for _ in 0..5 {
         assert_eq!(p.status("app.tunnox.net"), 200);
     }
-    let stats = p.admin_get("/api/v1/stats/system").unwrap();
+    let stats = p.admin_get("/status").unwrap();
     let json: serde_json::Value = serde_json::from_str(&stats.body).unwrap();
     assert_eq!(json["cache"]["type"], "memory");
     assert!(json["cache"]["total_hits"].as_u64().unwrap() >= 4, "{json}");

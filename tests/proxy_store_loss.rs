@@ -181,13 +181,8 @@ impl Fleet {
                     .all(|p| metric(p, "tunnox_proxy_sync_stale") == 1.0)
             },
         );
-        let stats: serde_json::Value = serde_json::from_str(
-            &self.proxies[0]
-                .admin_get("/api/v1/stats/system")
-                .unwrap()
-                .body,
-        )
-        .unwrap();
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.proxies[0].admin_get("/status").unwrap().body).unwrap();
         assert_eq!(stats["sync"]["stale"], true, "{stats}");
         assert_eq!(stats["sync"]["stale_reason"], "epoch_changed", "{stats}");
         for p in &self.proxies {
@@ -318,7 +313,7 @@ fn cold_start_reports_not_rebuilt_and_rebuild_wait_bounds_staleness() {
         "serves what the store holds"
     );
     let stats = |p: &ProxyProc| -> serde_json::Value {
-        serde_json::from_str(&p.admin_get("/api/v1/stats/system").unwrap().body).unwrap()
+        serde_json::from_str(&p.admin_get("/status").unwrap().body).unwrap()
     };
     assert_eq!(stats(&cold)["sync"]["stale_reason"], "not_rebuilt");
     assert_eq!(metric(&cold, "tunnox_proxy_sync_stale"), 1.0);

@@ -2,6 +2,7 @@
 //! validation. `docs/configuration.md` is the reference.
 
 pub mod agent;
+mod api;
 mod duration;
 mod load;
 mod model;
@@ -14,6 +15,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use agent::AgentConfig;
+pub use api::{ApiConfig, ApiRole, ApiTokenEntry, MAX_USER_ID, check_user_id};
 pub use duration::Dur;
 pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
 pub use model::*;
@@ -98,6 +100,7 @@ pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Settings, Conf
     secret::fill_password(&mut cfg, &origin)?;
     let mut settings = resolve(cfg, &origin)?;
     settings.admin_token = secret::admin_token(&settings.config, &origin)?;
+    settings.api_tokens = api::tokens(&settings.config, &origin)?;
     Ok(settings)
 }
 

@@ -56,6 +56,9 @@ pub struct Config {
     pub tunnel_clients: Vec<super::TunnelClientEntry>,
     /// `tunnox agent`.
     pub agent: super::AgentConfig,
+    /// The management API (`/api/v1/…`): the controller serves it in a cluster, the proxy in
+    /// single-node mode.
+    pub api: super::ApiConfig,
 }
 
 /// The egress policy's operator-set part. Tenants' targets are refused when they are loopback,

@@ -69,6 +69,8 @@ pub struct Settings {
     pub egress: EgressPolicy,
     /// The admin bearer token, read from `proxy.admin_token_file` by [`super::load`].
     pub admin_token: Option<super::AdminToken>,
+    /// The management API's tokens and their roles, read by [`super::load`].
+    pub api_tokens: Vec<(super::AdminToken, super::ApiRole)>,
 }
 
 impl Settings {
@@ -366,6 +368,7 @@ pub fn resolve(mut cfg: Config, origin: &str) -> Result<Settings, ConfigError> {
         uses_redis,
         egress,
         admin_token: None,
+        api_tokens: Vec::new(),
     })
 }
 

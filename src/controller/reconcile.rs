@@ -491,11 +491,15 @@ async fn release(ctx: &Ctx, obj: &HTTPDomainMapping, m: &Mapping) -> Result<(), 
     Ok(())
 }
 
-/// Reconcile every other mapping that wants `domain`, so the oldest takes it over.
+/// Reconcile every other mapping waiting for `domain` (in `Conflict`), so the oldest takes it
+/// over. From the waiters' index, not a scan of the cache: a scan per release made deleting many
+/// mappings at once quadratic. A mapping not yet in `Conflict` is still queued for its own first
+/// reconcile, which claims the domain freed here.
 fn wake_waiters(ctx: &Ctx, me: &HTTPDomainMapping, domain: &crate::domain::Hostname) {
-    for other in ctx.cache.state() {
-        if other.uid() != me.uid() && decide::full_domain(&other).as_ref() == Some(domain) {
-            let _ = ctx.wake.send(ObjectRef::from_obj(&*other));
+    let me = ObjectRef::from_obj(me);
+    for other in ctx.waiters.candidates(domain) {
+        if other != me {
+            let _ = ctx.wake.send(other);
         }
     }
 }

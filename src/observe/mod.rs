@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod guard;
+pub mod memory;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,6 +1,7 @@
 //! The proxy's routes on the admin port, besides `/metrics`, `/healthz`, `/readyz`:
 //! `POST /drain` (the preStop hook's `tunnox drain`; a loopback client or the bearer token,
-//! see [`AdminGuard`]) and `/api/v1/stats/system` (seed 001's shape, read-only).
+//! see [`AdminGuard`]) and `/status` (the cache and sync state; read-only like `/metrics`; the
+//! management API's `/api/v1/stats/system` needs a token).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,7 +64,7 @@ pub fn routes(ctx: AdminContext) -> Router {
     Router::new()
         // GET (a probe, a crawler, a link) must never change state: only POST drains.
         .route("/drain", post(drain).fallback(post_only))
-        .route("/api/v1/stats/system", get(stats))
+        .route("/status", get(stats))
         .with_state(admin)
 }
 
@@ -173,21 +174,44 @@ struct SyncStats {
     epoch: Option<String>,
 }
 
+/// hits / (hits + misses); 0 before any lookup.
+fn hit_rate(hits: u64, misses: u64) -> f64 {
+    match hits + misses {
+        0 => 0.0,
+        total => hits as f64 / total as f64,
+    }
+}
+
+/// The route cache's numbers for the management API's system statistics.
+pub fn cache_report(
+    metrics: Arc<ProxyMetrics>,
+    cache: Arc<RouteCache>,
+    kind: &'static str,
+    max_entries: usize,
+) -> crate::api::CacheReport {
+    Arc::new(move || {
+        let (hits, misses) = (metrics.cache_hits.get(), metrics.cache_misses.get());
+        crate::api::model::CacheView {
+            kind: kind.into(),
+            entries: cache.len() as u64,
+            max_entries: max_entries as u64,
+            hits,
+            misses,
+            hit_rate: hit_rate(hits, misses),
+        }
+    })
+}
+
 async fn stats(State(admin): State<Admin>) -> axum::Json<SystemStats> {
     let ctx = &admin.ctx;
     let m = &ctx.metrics;
     let hits = m.cache_hits.get();
     let misses = m.cache_misses.get();
-    let total = hits + misses;
     let detail = ctx.sync.detail();
     axum::Json(SystemStats {
         cache: CacheStats {
             kind: ctx.cache_type,
-            hit_rate: if total == 0 {
-                0.0
-            } else {
-                hits as f64 / total as f64
-            },
+            hit_rate: hit_rate(hits, misses),
             total_hits: hits,
             total_misses: misses,
             entries: ctx.cache.len(),

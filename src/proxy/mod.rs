@@ -112,10 +112,10 @@ fn egress_policy(
     settings: &Settings,
     listen: SocketAddr,
     admin: SocketAddr,
-    tunnel: Option<SocketAddr>,
+    others: &[Option<SocketAddr>],
 ) -> crate::domain::EgressPolicy {
     let mut own = vec![listen, admin];
-    own.extend(tunnel);
+    own.extend(others.iter().flatten());
     if let Ok(a) = advertise_address(settings, listen).parse::<SocketAddr>() {
         own.push(a);
     }
@@ -210,6 +210,27 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
         ),
     };
     let tunnel_addr = tunnel_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let https_addr = https.as_ref().and_then(|(l, _)| l.local_addr().ok());
+    // The management API: served here in single-node mode; in a cluster the controller serves
+    // it (the proxies do not write mappings).
+    let api_listener = match settings.config.api.listen {
+        None => None,
+        Some(_) if settings.uses_redis => {
+            return Err(RunError::Config(
+                "api.listen: the proxy serves the management API only in single-node mode (storage.type memory); in a cluster `tunnox controller` serves it".into(),
+            ));
+        }
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    field: "api.listen",
+                    addr,
+                    source,
+                })?,
+        ),
+    };
+    let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
     let node_token = match &tcfg.node_token_file {
         Some(path) => Some(crate::config::AdminToken::new(
             crate::config::read_secret(path, "proxy.tunnel.node_token_file", "configuration")
@@ -349,7 +370,36 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
         stop_rx.clone(),
     ));
 
-    let egress = Arc::new(egress_policy(&settings, listen, admin_addr, tunnel_addr));
+    let others = [tunnel_addr, https_addr, api_addr];
+    let egress = Arc::new(egress_policy(&settings, listen, admin_addr, &others));
+    if let Some(l) = api_listener {
+        let api = crate::api::Api {
+            store: store.clone(),
+            nodes: nodes.clone(),
+            intent: Arc::new(crate::api::LocalIntent {
+                store: store.clone(),
+            }),
+            tokens: Arc::new(crate::api::Tokens::new(settings.api_tokens.clone())),
+            rules: Arc::new(crate::api::Rules {
+                base_domains: settings.config.http_domain.base_domains.clone(),
+                egress: (*egress).clone(),
+            }),
+            cache: Some(admin::cache_report(
+                metrics.clone(),
+                cache.clone(),
+                "memory",
+                settings.config.http_domain.cache.local.max_size,
+            )),
+        };
+        let router = crate::api::router(api, crate::api::ApiMetrics::new(&metrics.registry));
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let stop = async move { stopped(&mut stop).await };
+            if let Err(e) = crate::api::serve(l, router, stop).await {
+                tracing::error!(error = %e, "management API failed");
+            }
+        });
+    }
     let tunnels = Arc::new(tunnel::Tunnels::new(tunnel::TunnelDeps {
         healthy: healthy.clone(),
         registry: sessions,
@@ -370,8 +420,9 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
         },
         metrics: tunnel::TunnelMetrics::new(&metrics.registry),
         node_token,
-        own: [Some(listen), Some(admin_addr), tunnel_addr]
+        own: [Some(listen), Some(admin_addr)]
             .into_iter()
+            .chain(others)
             .flatten()
             .collect(),
         pool_max_idle: cfg.limits.upstream_pool_max_idle,

@@ -185,6 +185,7 @@ impl CacheSync {
         self.state.warm.store(true, Ordering::Release);
         tracing::info!(mappings = count, version = follower.applied(), elapsed = ?started.elapsed(), "route cache warm; ready");
         self.drain.warmed();
+        crate::observe::memory::release_freed();
         delay = RETRY_FIRST;
         let mut failures = 0u32;
         loop {
@@ -202,6 +203,7 @@ impl CacheSync {
                                     all,
                                     m.as_ref(),
                                 );
+                                crate::observe::memory::release_freed();
                             }
                             SyncUpdate::Rebase { mappings, cause } => {
                                 self.metrics.sync_reloads.inc();
@@ -213,6 +215,7 @@ impl CacheSync {
                                     mappings,
                                     m.as_ref(),
                                 );
+                                crate::observe::memory::release_freed();
                             }
                             other => self.cache.apply(other),
                         }

@@ -580,6 +580,10 @@ impl MappingStore for MemoryStore {
         }))
     }
 
+    async fn count(&self) -> Result<u64, StoreError> {
+        Ok(self.read(|s| s.by_id.len() as u64))
+    }
+
     async fn current_version(&self) -> Result<u64, StoreError> {
         Ok(self.read(|s| s.version))
     }

@@ -118,6 +118,9 @@ pub trait MappingStore: Send + Sync + 'static {
         })
     }
 
+    /// How many records the store holds (expired ones not yet released included).
+    async fn count(&self) -> Result<u64, StoreError>;
+
     async fn current_version(&self) -> Result<u64, StoreError>;
 
     /// The store's epoch and version, read together.

@@ -429,6 +429,10 @@ impl MappingStore for RedisStore {
         Ok(Page { items, next })
     }
 
+    async fn count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn().zcard(self.inner.keys.all()).await?)
+    }
+
     async fn current_version(&self) -> Result<u64, StoreError> {
         let v: Option<u64> = self.conn().get(self.inner.keys.version()).await?;
         Ok(v.unwrap_or(0))

@@ -1,0 +1,203 @@
+//! The management API (`/api/v1/…`): list and filter mappings, availability, create, delete and
+//! force-delete, statistics; bearer tokens with roles; one error shape; an OpenAPI document
+//! generated from the handlers' types (docs/api.md).
+//!
+//! One set of handlers over two sources of intent ([`Intent`]): the memory store in single-node
+//! mode (`tunnox proxy` without Redis), `HTTPDomainMapping` resources in a cluster.
+
+pub mod auth;
+pub mod error;
+pub mod handlers;
+pub mod model;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::get;
+use prometheus::{IntCounterVec, Registry};
+use utoipa::OpenApi;
+
+pub use auth::Tokens;
+pub use error::{ApiError, ErrorBody};
+use model::Phase;
+
+use crate::domain::{EgressPolicy, Hostname, Mapping, MappingSpec};
+use crate::store::{MappingStore, NodeRegistry};
+
+/// Where mappings are declared: the writes of the API go here.
+#[async_trait]
+pub trait Intent: Send + Sync + 'static {
+    /// Declares a new mapping (already validated against the [`Rules`]).
+    async fn create(&self, spec: MappingSpec) -> Result<Mapping, ApiError>;
+    /// Removes `m`, as it was just read; `force`: whoever declared it.
+    async fn delete(&self, m: &Mapping, force: bool) -> Result<(), ApiError>;
+    /// How many mappings are in each phase.
+    async fn phases(&self) -> Result<Vec<(Phase, u64)>, ApiError>;
+}
+
+/// Single-node: the memory store (and its JSON file) is the declaration.
+pub struct LocalIntent {
+    pub store: Arc<dyn MappingStore>,
+}
+
+#[async_trait]
+impl Intent for LocalIntent {
+    async fn create(&self, spec: MappingSpec) -> Result<Mapping, ApiError> {
+        Ok(self.store.create(spec).await?)
+    }
+
+    async fn delete(&self, m: &Mapping, _force: bool) -> Result<(), ApiError> {
+        self.store.delete(&m.mapping_id, Some(m.version)).await?;
+        Ok(())
+    }
+
+    async fn phases(&self) -> Result<Vec<(Phase, u64)>, ApiError> {
+        // Records are served as soon as they are written; expired ones are released by the
+        // expiry sweep within its interval.
+        Ok(vec![(Phase::Active, self.store.count().await?)])
+    }
+}
+
+/// What the rules of this deployment allow a tenant to declare.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Domains must be within one of these; empty: any.
+    pub base_domains: Vec<Hostname>,
+    pub egress: EgressPolicy,
+}
+
+/// The route cache's numbers, from the process serving the API.
+pub type CacheReport = Arc<dyn Fn() -> model::CacheView + Send + Sync>;
+
+/// The handlers' state.
+#[derive(Clone)]
+pub struct Api {
+    pub store: Arc<dyn MappingStore>,
+    pub nodes: Arc<dyn NodeRegistry>,
+    pub intent: Arc<dyn Intent>,
+    pub tokens: Arc<Tokens>,
+    pub rules: Arc<Rules>,
+    pub cache: Option<CacheReport>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tunnox management API", description = "Mappings of external domains to services: list, filter, availability, create, delete, statistics. Every operation but this document needs `Authorization: Bearer <token>`; a token's role is `admin` or `user:<id>`."),
+    paths(
+        handlers::list,
+        handlers::get,
+        handlers::stats,
+        handlers::availability,
+        handlers::create,
+        handlers::delete,
+        handlers::system,
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        if let Some(c) = openapi.components.as_mut() {
+            c.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+/// The OpenAPI document (`tunnox openapi`, `/api/v1/openapi.json`, `docs/openapi.json`).
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.to_pretty_json().expect("the document serialises") + "\n"
+}
+
+/// `tunnox_api_requests_total{route, status}`.
+#[derive(Clone)]
+pub struct ApiMetrics {
+    requests: IntCounterVec,
+}
+
+impl ApiMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let requests = IntCounterVec::new(
+            prometheus::Opts::new(
+                "tunnox_api_requests_total",
+                "Management API requests by route and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("valid metric");
+        // The registry is new per process; a second registration would be a programming error.
+        let _ = registry.register(Box::new(requests.clone()));
+        Self { requests }
+    }
+}
+
+async fn count(State(m): State<ApiMetrics>, req: Request, next: Next) -> Response {
+    // The route's template, never the raw path: ids and junk paths do not make new series.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    m.requests
+        .with_label_values(&[route.as_str(), method, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// The API's routes.
+pub fn router(api: Api, metrics: ApiMetrics) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/mappings",
+            get(handlers::list).post(handlers::create),
+        )
+        .route(
+            "/api/v1/mappings/{id}",
+            get(handlers::get).delete(handlers::delete),
+        )
+        .route("/api/v1/mappings/{id}/stats", get(handlers::stats))
+        .route("/api/v1/availability", get(handlers::availability))
+        .route("/api/v1/stats/system", get(handlers::system))
+        .route("/api/v1/openapi.json", get(handlers::openapi))
+        .method_not_allowed_fallback(handlers::wrong_method)
+        .fallback(handlers::no_route)
+        .with_state(api)
+        .layer(axum::middleware::from_fn_with_state(metrics, count))
+}
+
+/// Serves the API on `listener` until `stop` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "management API listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .await
+}
