@@ -250,7 +250,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/mappings/{id}",
-    params(("id" = String, Path, description = "The mapping's id (`hdm_…`)")),
+    params(("id" = String, Path, description = "The mapping's id (`hdm_…`)", pattern = r"^hdm_[0-7][0-9A-HJKMNP-TV-Z]{25}$")),
     security(("bearer" = [])),
     responses(
         (status = 200, body = MappingView),
@@ -269,7 +269,7 @@ pub async fn get(
 }
 
 #[utoipa::path(get, path = "/api/v1/mappings/{id}/stats",
-    params(("id" = String, Path, description = "The mapping's id (`hdm_…`)")),
+    params(("id" = String, Path, description = "The mapping's id (`hdm_…`)", pattern = r"^hdm_[0-7][0-9A-HJKMNP-TV-Z]{25}$")),
     security(("bearer" = [])),
     responses(
         (status = 200, body = MappingStats),
@@ -391,15 +391,9 @@ fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingS
         check_user_id(o)
             .map_err(|e| ApiError::refused("owner_user_id", format!("owner_user_id {o:?}: {e}")))?;
     }
-    let scheme = match req.target_scheme.as_deref() {
-        None | Some("http") => Scheme::Http,
-        Some("https") => Scheme::Https,
-        Some(other) => {
-            return Err(ApiError::refused(
-                "target_scheme",
-                format!("target_scheme {other:?}: http or https"),
-            ));
-        }
+    let scheme = match req.target_scheme {
+        None | Some(TargetScheme::Http) => Scheme::Http,
+        Some(TargetScheme::Https) => Scheme::Https,
     };
     if let Some(c) = &req.target_client_id {
         check_client_id(c).map_err(|e| ApiError::refused("target_client_id", e))?;
@@ -483,7 +477,7 @@ pub async fn create(
 }
 
 #[utoipa::path(delete, path = "/api/v1/mappings/{id}",
-    params(("id" = String, Path, description = "The mapping's id (`hdm_…`)"), DeleteQuery),
+    params(("id" = String, Path, description = "The mapping's id (`hdm_…`)", pattern = r"^hdm_[0-7][0-9A-HJKMNP-TV-Z]{25}$"), DeleteQuery),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted; its domain is free"),

@@ -147,16 +147,21 @@ pub struct MappingPage {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only mappings owned by this user id.
+    #[param(pattern = r"^[!-~]{1,128}$")]
     pub user: Option<String>,
     /// Only mappings carried by this tunnel client.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     pub client: Option<String>,
     /// Only mappings placed on this proxy set (`<business>.<region>`).
+    #[param(pattern = r"^[a-z0-9-]{1,63}\.([a-z0-9-]{1,63}|\*)$")]
     pub set: Option<String>,
     /// Only mappings in this phase.
     pub phase: Option<Phase>,
     /// Only domains starting with this text (lower case).
+    #[param(pattern = r"^[a-z0-9.-]{0,253}$")]
     pub domain_prefix: Option<String>,
     /// Where to continue: `next_cursor` of the previous page.
+    #[param(pattern = r"^hdm_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
     pub cursor: Option<String>,
     /// Items per page, 1 to 500 (default 100).
     #[param(minimum = 1, maximum = 500)]
@@ -216,28 +221,42 @@ pub struct Availability {
     pub held_by: Option<Holder>,
 }
 
+/// How the proxies speak to a direct target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetScheme {
+    Http,
+    Https,
+}
+
 /// `POST /api/v1/mappings`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMapping {
     /// One or more DNS labels.
+    #[schema(pattern = r"^[A-Za-z0-9.-]{1,253}$")]
     pub subdomain: String,
     /// One of the configured base domains.
+    #[schema(pattern = r"^[A-Za-z0-9.-]{1,253}$")]
     pub base_domain: String,
     /// The upstream's host name or IP address (for a tunnel: as the agent reaches it).
+    #[schema(pattern = r"^[A-Za-z0-9.:-]{1,253}$")]
     pub target_host: String,
     #[schema(minimum = 1, maximum = 65535)]
     pub target_port: u16,
-    /// `http` (default) or `https`.
+    /// Default `http`.
     #[serde(default)]
-    pub target_scheme: Option<String>,
+    pub target_scheme: Option<TargetScheme>,
     /// Carry the traffic through this tunnel client.
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     pub target_client_id: Option<String>,
     /// Administrators only; a user's mappings are always their own.
     #[serde(default)]
+    #[schema(pattern = r"^[!-~]{1,128}$")]
     pub owner_user_id: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub description: Option<String>,
     /// Released (and deleted) at this time.
     #[serde(default)]
