@@ -18,12 +18,18 @@ const MAPPINGS: usize = 100_000;
 const RESTARTS: usize = 3;
 const DOMAIN: &str = "bench.test";
 
-fn config(dir: &Path, port: u16, admin: u16) -> std::path::PathBuf {
+/// The management API's token in this run.
+const TOKEN: &str = "bench-admin-token-0123456789";
+/// Items per page when listing every mapping through the API (its largest page).
+const PAGE: usize = 500;
+
+fn config(dir: &Path, port: u16, admin: u16, api: u16) -> std::path::PathBuf {
     let data = dir.join("tunnox-data.json");
     let mut yaml = format!(
         "storage: {{type: memory, hybrid: {{enable_persistent: true, json: {{file_path: \"{}\"}}}}}}\n\
          http_domain:\n  base_domains: [{DOMAIN}]\n\
          proxy:\n  listen: \"127.0.0.1:{port}\"\n  admin_listen: \"127.0.0.1:{admin}\"\n  worker_threads: 1\n\
+         api: {{listen: \"127.0.0.1:{api}\", tokens: [{{token: {TOKEN}, role: admin}}]}}\n\
          log: {{level: warn}}\nmappings:\n",
         data.display()
     );
@@ -40,12 +46,63 @@ fn config(dir: &Path, port: u16, admin: u16) -> std::path::PathBuf {
 struct Start {
     ready: Duration,
     rss: u64,
+    listing: Option<Listing>,
+}
+
+/// Every mapping listed through the management API, page by page.
+struct Listing {
+    pages: Vec<Duration>,
+    items: usize,
+    /// RSS before the first page, and the most seen after any page.
+    rss_before: u64,
+    rss_max: u64,
+}
+
+/// Pages through every mapping (`limit` [`PAGE`], following `next_cursor`), timing each page
+/// and reading the proxy's RSS after each.
+fn list_all(api: u16, pid: &str) -> Listing {
+    let mut http = Http::new(api);
+    http.headers = format!("Authorization: Bearer {TOKEN}\r\n");
+    let rss_before = rss_of(pid);
+    let (mut pages, mut items, mut rss_max) = (Vec::new(), 0, rss_before);
+    let mut cursor = String::new();
+    loop {
+        let t = Instant::now();
+        let a = http
+            .get(
+                "localhost",
+                &format!("/api/v1/mappings?limit={PAGE}{cursor}"),
+            )
+            .expect("a page");
+        pages.push(t.elapsed());
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        let page: serde_json::Value = serde_json::from_slice(&a.body).expect("JSON");
+        items += page["items"].as_array().expect("items").len();
+        rss_max = rss_max.max(rss_of(pid));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    Listing {
+        pages,
+        items,
+        rss_before,
+        rss_max,
+    }
 }
 
 /// Starts the proxy, waits for `/readyz`, checks the last mapping is routed (a 502 from the
 /// closed target port, not a 404), reads its RSS and stops it (SIGTERM: the JSON file is
 /// complete).
-fn start(dir: &Path, config: &Path, port: u16, admin: u16, cpu: Option<usize>, n: usize) -> Start {
+fn start(
+    dir: &Path,
+    config: &Path,
+    (port, admin, api): (u16, u16, u16),
+    cpu: Option<usize>,
+    n: usize,
+    listing: bool,
+) -> Start {
     let since = Instant::now();
     let mut cmd = pinned(cpu, env!("CARGO_BIN_EXE_tunnox"));
     cmd.arg("-c")
@@ -63,20 +120,25 @@ fn start(dir: &Path, config: &Path, port: u16, admin: u16, cpu: Option<usize>, n
     let a = Http::new(port).get(&last, "/").expect("a response");
     assert_eq!(a.status, 502, "{last} is routed (to a closed port)");
     let rss = rss_of(&p.pid().to_string());
+    let listing = listing.then(|| list_all(api, &p.pid().to_string()));
     p.stop();
-    Start { ready, rss }
+    Start {
+        ready,
+        rss,
+        listing,
+    }
 }
 
 fn main() {
     let started = Instant::now();
     let (serve_cpu, _) = harness::cpus();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (port, admin) = (free_port(), free_port());
-    let config = config(dir.path(), port, admin);
-    let first = start(dir.path(), &config, port, admin, serve_cpu, 0);
+    let ports = (free_port(), free_port(), free_port());
+    let config = config(dir.path(), ports.0, ports.1, ports.2);
+    let first = start(dir.path(), &config, ports, serve_cpu, 0, false);
     let file = std::fs::metadata(dir.path().join("tunnox-data.json")).map_or(0, |m| m.len());
     let restarts: Vec<Start> = (1..=RESTARTS)
-        .map(|n| start(dir.path(), &config, port, admin, serve_cpu, n))
+        .map(|n| start(dir.path(), &config, ports, serve_cpu, n, n == RESTARTS))
         .collect();
     let secs: Vec<f64> = restarts.iter().map(|s| s.ready.as_secs_f64()).collect();
     let rss: Vec<f64> = restarts.iter().map(|s| s.rss as f64).collect();
@@ -117,5 +179,40 @@ fn main() {
          RSS under 40 MB: **{}**.\n",
         harness::goal(restart < Duration::from_secs(1)),
         harness::goal(median(&rss) < 40e6)
+    );
+    let listed = restarts
+        .iter()
+        .find_map(|s| s.listing.as_ref())
+        .expect("the last restart listed");
+    let mut pages = listed.pages.clone();
+    pages.sort();
+    let p99 = harness::pct(&pages, 0.99);
+    let growth = listed.rss_max.saturating_sub(listed.rss_before);
+    println!("### Listing through the management API\n");
+    println!(
+        "The same proxy after its last restart, `api.listen` with an admin token: `GET /api/v1/mappings?limit={PAGE}` \
+         following `next_cursor` until the last page, one kept-alive connection, each page timed from sending the request \
+         to the last byte of its JSON; the proxy's RSS read after every page.\n"
+    );
+    println!(
+        "| mappings listed | pages | page p50 | page p99 | page max | RSS before | RSS growth (most, after any page) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | **{}** | {} | {} | **{}** |",
+        listed.items,
+        pages.len(),
+        ms(harness::pct(&pages, 0.5)),
+        ms(p99),
+        ms(*pages.last().expect("a page")),
+        mib(listed.rss_before),
+        mib(growth)
+    );
+    println!();
+    println!(
+        "Goals (issue: management API): every mapping listed: **{}**; each page under 50 ms at p99: **{}**; RSS growth under 20 MB: **{}**.\n",
+        harness::goal(listed.items == MAPPINGS),
+        harness::goal(p99 < Duration::from_millis(50)),
+        harness::goal(growth < 20_000_000)
     );
 }

@@ -104,6 +104,7 @@ log: {{level: debug}}
 egress: {{allow: [\"127.0.0.1/32\"]}}
 api:
   listen: \"127.0.0.1:{api_port}\"
+  max_mappings_per_user: 3
   tokens:
     - {{token: {ADMIN}, role: admin}}
     - {{token: {ALICE}, role: \"user:alice\"}}
@@ -218,6 +219,46 @@ fn create_serve_availability_and_delete() {
         (status, e["code"].as_str(), e["field"].as_str()),
         (409, Some("domain_taken"), Some("subdomain"))
     );
+    assert!(
+        !e["message"].as_str().unwrap().contains("hdm_"),
+        "the holder is not named to another user: {e}"
+    );
+    let (_, e) = api.create(ADMIN, &mapping("new", up.port.into(), ""));
+    assert!(
+        e["message"].as_str().unwrap().contains(&id),
+        "an administrator is told the holder: {e}"
+    );
+    // A user claims one label exactly under a base domain, never a tunnel client.
+    for (body, status, field) in [
+        (mapping("login.new", up.port.into(), ""), 422, "subdomain"),
+        (
+            mapping("x", up.port.into(), "").replace("\"tunnox.net\"", "\"new.tunnox.net\""),
+            422,
+            "base_domain",
+        ),
+        (
+            mapping("x", up.port.into(), r#", "target_client_id": "laptop""#),
+            403,
+            "target_client_id",
+        ),
+    ] {
+        let (got, e) = api.create(BOB, &body);
+        assert_eq!(
+            (got, e["field"].as_str()),
+            (status, Some(field)),
+            "{body}: {e}"
+        );
+    }
+    // At most max_mappings_per_user (3) per user, counted atomically by the store.
+    for sub in ["q1", "q2"] {
+        assert_eq!(api.create(ALICE, &mapping(sub, up.port.into(), "")).0, 201);
+    }
+    let (status, e) = api.create(ALICE, &mapping("q3", up.port.into(), ""));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (409, Some("quota_exceeded")),
+        "{e}"
+    );
     let (status, e) = api.create(
         ALICE,
         &mapping("b2", up.port.into(), r#", "owner_user_id": "bob""#),
@@ -285,7 +326,7 @@ fn create_serve_availability_and_delete() {
     let metrics = p.admin_get("/metrics").unwrap().body;
     assert!(
         metrics.contains(
-            r#"tunnox_api_requests_total{method="POST",route="/api/v1/mappings",status="201"} 1"#
+            r#"tunnox_api_requests_total{method="POST",route="/api/v1/mappings",status="201"} 3"#
         ),
         "{}",
         metrics
@@ -436,6 +477,16 @@ fn bad_input_is_a_4xx_naming_the_field() {
             "target_scheme",
         ),
         ("10 MB body", big, 413, "body"),
+        (
+            "a proxy header",
+            mapping(
+                "x",
+                up.port.into(),
+                r#", "custom_headers": {"Tunnox-Target": "x"}"#,
+            ),
+            422,
+            "custom_headers",
+        ),
     ];
     for (what, body, status, field) in bodies {
         let (got, e) = api.create(ADMIN, body);

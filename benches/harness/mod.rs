@@ -144,6 +144,8 @@ pub fn mib(bytes: u64) -> String {
 pub struct Http {
     pub port: u16,
     pub conn: Option<BufReader<TcpStream>>,
+    /// Sent with every request (`Name: value\r\n` lines), e.g. an `Authorization` header.
+    pub headers: String,
 }
 
 pub struct Answer {
@@ -153,7 +155,11 @@ pub struct Answer {
 
 impl Http {
     pub fn new(port: u16) -> Self {
-        Self { port, conn: None }
+        Self {
+            port,
+            conn: None,
+            headers: String::new(),
+        }
     }
 
     /// GET `path` with `Host: host`; reconnects once when a kept-alive connection was closed.
@@ -181,8 +187,13 @@ impl Http {
         let bad =
             |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
         let r = self.conn.as_mut().expect("connected");
-        r.get_mut()
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
+        r.get_mut().write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\n{}\r\n",
+                self.headers
+            )
+            .as_bytes(),
+        )?;
         let mut line = String::new();
         let read_line = |r: &mut BufReader<TcpStream>, line: &mut String| {
             line.clear();

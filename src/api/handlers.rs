@@ -18,7 +18,7 @@ use crate::config::{ApiRole, check_user_id};
 use crate::domain::{
     Declarer, Hostname, Mapping, MappingId, MappingSpec, Scheme, SetName, check_client_id,
 };
-use crate::store::{ListFilter, PageRequest};
+use crate::store::{ListFilter, PageRequest, Quota, StoreError};
 
 /// Items per page when `limit` is not given, and at most.
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -28,6 +28,8 @@ pub const MAX_LIMIT: u32 = 500;
 pub const SCAN_PER_PAGE: usize = 5_000;
 /// The largest request body (a mapping is well under 8 KiB).
 pub const MAX_BODY: usize = 64 * 1024;
+/// A request body must arrive within this (a trickled body holds a connection no longer).
+const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 const MAX_DESCRIPTION: usize = 1024;
 const MAX_HEADERS: usize = 32;
 const MAX_HEADER_VALUE: usize = 4096;
@@ -81,14 +83,26 @@ fn named_field(path: &str, message: &str) -> String {
 /// A JSON body into `T`: at most [`MAX_BODY`] bytes (413), malformed or mistyped: 400 naming
 /// the field.
 async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the request body is larger than {MAX_BODY} bytes"),
-        )
-        .at("body")
-    })?;
+    let read = tokio::time::timeout(BODY_WITHIN, axum::body::to_bytes(body, MAX_BODY));
+    let bytes = match read.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is larger than {MAX_BODY} bytes"),
+            )
+            .at("body"));
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the request body did not arrive within {BODY_WITHIN:?}"),
+            )
+            .at("body"));
+        }
+    };
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         // Not JSON at all: the body is at fault, whatever field the parser was in.
@@ -122,6 +136,7 @@ async fn visible(api: &Api, role: &ApiRole, id: &str) -> Result<Mapping, ApiErro
         (status = 400, description = "A bad or unknown parameter", body = ErrorBody),
         (status = 401, description = "No token or a wrong one", body = ErrorBody),
         (status = 403, description = "Another user's mappings", body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
     ))]
 pub async fn list(
     State(api): State<Api>,
@@ -257,6 +272,7 @@ pub async fn list(
         (status = 400, description = "Not a mapping id", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "No such mapping, or another user's", body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
     ))]
 pub async fn get(
     State(api): State<Api>,
@@ -276,6 +292,7 @@ pub async fn get(
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
     ))]
 pub async fn stats(
     State(api): State<Api>,
@@ -296,11 +313,18 @@ pub async fn stats(
 }
 
 /// The full domain of `subdomain.base_domain` if this deployment serves it; else why not.
-fn allowed_domain(rules: &Rules, subdomain: &str, base_domain: &str) -> Result<Hostname, ApiError> {
+/// A user token claims one label under a base domain exactly (no names below another tenant's
+/// domain, no base domain of its own); an administrator may claim deeper names.
+fn allowed_domain(
+    rules: &Rules,
+    role: &ApiRole,
+    subdomain: &str,
+    base_domain: &str,
+) -> Result<Hostname, ApiError> {
     let base = Hostname::parse(base_domain).map_err(|e| {
         ApiError::refused("base_domain", format!("base_domain {base_domain:?}: {e}"))
     })?;
-    if !rules.base_domains.is_empty() && !rules.base_domains.iter().any(|b| base.is_within(b)) {
+    if !rules.base_domains.is_empty() && !rules.base_domains.contains(&base) {
         return Err(ApiError::refused(
             "base_domain",
             format!(
@@ -316,8 +340,21 @@ fn allowed_domain(rules: &Rules, subdomain: &str, base_domain: &str) -> Result<H
     }
     let sub = Hostname::parse(subdomain)
         .map_err(|e| ApiError::refused("subdomain", format!("subdomain {subdomain:?}: {e}")))?;
-    Hostname::join(sub.as_str(), base.as_str())
-        .map_err(|e| ApiError::refused("subdomain", format!("subdomain {subdomain:?}: {e}")))
+    if matches!(role, ApiRole::User(_)) && sub.as_str().contains('.') {
+        return Err(ApiError::refused(
+            "subdomain",
+            format!("subdomain {subdomain:?}: a user token claims a single label"),
+        ));
+    }
+    let full = Hostname::join(sub.as_str(), base.as_str())
+        .map_err(|e| ApiError::refused("subdomain", format!("subdomain {subdomain:?}: {e}")))?;
+    if rules.base_domains.iter().any(|b| b.is_within(&full)) {
+        return Err(ApiError::refused(
+            "subdomain",
+            format!("{full} is a base domain or above one"),
+        ));
+    }
+    Ok(full)
 }
 
 #[utoipa::path(get, path = "/api/v1/availability", params(AvailabilityQuery),
@@ -326,6 +363,7 @@ fn allowed_domain(rules: &Rules, subdomain: &str, base_domain: &str) -> Result<H
         (status = 200, description = "Free, taken (by whom) or not allowed (why)", body = Availability),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
     ))]
 pub async fn availability(
     State(api): State<Api>,
@@ -334,7 +372,7 @@ pub async fn availability(
 ) -> Result<axum::Json<Availability>, ApiError> {
     let role = api.tokens.check(&headers)?;
     let q: AvailabilityQuery = query(raw.as_deref(), &["subdomain", "base_domain"])?;
-    let domain = match allowed_domain(&api.rules, &q.subdomain, &q.base_domain) {
+    let domain = match allowed_domain(&api.rules, &role, &q.subdomain, &q.base_domain) {
         Ok(d) => d,
         Err(e) => {
             return Ok(axum::Json(Availability {
@@ -375,7 +413,7 @@ pub async fn availability(
 
 /// A create request as a spec: every field checked, the owner decided by the role.
 fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingSpec, ApiError> {
-    let domain = allowed_domain(rules, &req.subdomain, &req.base_domain)?;
+    let domain = allowed_domain(rules, role, &req.subdomain, &req.base_domain)?;
     let owner = match (role, req.owner_user_id) {
         (ApiRole::Admin, o) => o,
         (ApiRole::User(me), None) => Some(me.clone()),
@@ -396,6 +434,13 @@ fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingS
         Some(TargetScheme::Https) => Scheme::Https,
     };
     if let Some(c) = &req.target_client_id {
+        // Tunnel clients are the operator's (single-node: `tunnel_clients`), not a user's.
+        if *role != ApiRole::Admin {
+            return Err(ApiError::forbidden(format!(
+                "target_client_id {c:?}: only an administrator routes through a tunnel client"
+            ))
+            .at("target_client_id"));
+        }
         check_client_id(c).map_err(|e| ApiError::refused("target_client_id", e))?;
     }
     let description = req.description.unwrap_or_default();
@@ -422,10 +467,16 @@ fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingS
             format!("expires_at {at} has passed"),
         ));
     }
-    let mut spec = MappingSpec::new("x", domain.as_str(), "127.0.0.1", 1);
-    spec.subdomain = req.subdomain;
-    spec.base_domain = Hostname::parse(&req.base_domain)
+    let base = Hostname::parse(&req.base_domain)
         .map_err(|e| ApiError::refused("base_domain", e.to_string()))?;
+    let mut spec = MappingSpec::new("x", base.as_str(), "127.0.0.1", 1);
+    // As stored and shown: the normalised label(s), which with the base make `domain`.
+    spec.subdomain = domain
+        .as_str()
+        .strip_suffix(base.as_str())
+        .and_then(|s| s.strip_suffix('.'))
+        .unwrap_or(&req.subdomain)
+        .to_string();
     spec.target_host = req.target_host;
     spec.target_port = req.target_port;
     spec.target_scheme = scheme;
@@ -455,8 +506,10 @@ fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingS
         (status = 401, body = ErrorBody),
         (status = 403, description = "Another user as owner", body = ErrorBody),
         (status = 409, description = "The domain is taken, or a quota is reached", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 422, description = "Not allowed here (the field is named)", body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
     ))]
 pub async fn create(
     State(api): State<Api>,
@@ -466,7 +519,27 @@ pub async fn create(
     let role = api.tokens.check(&headers)?;
     let req: CreateMapping = json_body(body).await?;
     let spec = spec_of(&api.rules, &role, req)?;
-    let m = api.intent.create(spec).await?;
+    let quota = match &role {
+        ApiRole::Admin => Quota::UNLIMITED,
+        ApiRole::User(_) => Quota {
+            per_group: 0,
+            per_owner: api.rules.max_per_user,
+        },
+    };
+    let domain = spec.validate().map(|d| d.to_string()).unwrap_or_default();
+    let m = match api.intent.create(spec, quota).await {
+        Ok(m) => m,
+        // Another owner's holder is not named to a user (availability shows it the same way).
+        Err(StoreError::DomainTaken { .. }) if role != ApiRole::Admin => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "domain_taken",
+                format!("{domain} is taken"),
+            )
+            .at("subdomain"));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let location = format!("/api/v1/mappings/{}", m.mapping_id);
     Ok((
         StatusCode::CREATED,
@@ -486,6 +559,7 @@ pub async fn create(
         (status = 403, description = "`force` without the admin role", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "Declared elsewhere (use force), or changed meanwhile", body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
     ))]
 pub async fn delete(
     State(api): State<Api>,
@@ -522,6 +596,7 @@ pub async fn delete(
         (status = 200, body = SystemStats),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Administrators only", body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
     ))]
 pub async fn system(
     State(api): State<Api>,

@@ -27,13 +27,14 @@ pub use error::{ApiError, ErrorBody};
 use model::Phase;
 
 use crate::domain::{EgressPolicy, Hostname, Mapping, MappingSpec};
-use crate::store::{MappingStore, NodeRegistry};
+use crate::store::{MappingStore, NodeRegistry, Quota, StoreError};
 
 /// Where mappings are declared: the writes of the API go here.
 #[async_trait]
 pub trait Intent: Send + Sync + 'static {
-    /// Declares a new mapping (already validated against the [`Rules`]).
-    async fn create(&self, spec: MappingSpec) -> Result<Mapping, ApiError>;
+    /// Declares a new mapping (already validated against the [`Rules`]), counted against
+    /// `quota` in the same atomic step as its domain claim.
+    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError>;
     /// Removes `m`, as it was just read; `force`: whoever declared it.
     async fn delete(&self, m: &Mapping, force: bool) -> Result<(), ApiError>;
     /// How many mappings are in each phase.
@@ -47,8 +48,8 @@ pub struct LocalIntent {
 
 #[async_trait]
 impl Intent for LocalIntent {
-    async fn create(&self, spec: MappingSpec) -> Result<Mapping, ApiError> {
-        Ok(self.store.create(spec).await?)
+    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
+        self.store.create_within(spec, quota).await
     }
 
     async fn delete(&self, m: &Mapping, _force: bool) -> Result<(), ApiError> {
@@ -66,9 +67,11 @@ impl Intent for LocalIntent {
 /// What the rules of this deployment allow a tenant to declare.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    /// Domains must be within one of these; empty: any.
+    /// A mapping's base domain must be one of these; empty: any.
     pub base_domains: Vec<Hostname>,
     pub egress: EgressPolicy,
+    /// Mappings a `user:<id>` token's owner may hold (0: unlimited).
+    pub max_per_user: usize,
 }
 
 /// The route cache's numbers, from the process serving the API.
@@ -189,15 +192,14 @@ pub fn router(api: Api, metrics: ApiMetrics) -> Router {
         .layer(axum::middleware::from_fn_with_state(metrics, count))
 }
 
-/// Serves the API on `listener` until `stop` resolves.
+/// Serves the API on `listener` until `stop` resolves (bounded connections, header deadline:
+/// `observe::serve`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "management API listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop)
-        .await
+    crate::observe::serve::serve(listener, router, stop).await
 }

@@ -16,12 +16,25 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 /// The longest user id a role names (the same bound as a mapping's `owner_user_id`).
 pub const MAX_USER_ID: usize = 128;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Where the API listens; unset: no API.
     pub listen: Option<SocketAddr>,
     pub tokens: Vec<ApiTokenEntry>,
+    /// Mappings one user may hold through the API (a `user:<id>` token's creations count against
+    /// it atomically in the store); 0: unlimited.
+    pub max_mappings_per_user: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            tokens: Vec::new(),
+            max_mappings_per_user: 100,
+        }
+    }
 }
 
 /// One accepted bearer token: `token` inline or `token_file` (a mounted Secret), and its role.

@@ -132,7 +132,7 @@ pub enum SpecError {
     #[error("custom_headers: value of {name:?} contains a control character")]
     HeaderValue { name: String },
     #[error(
-        "custom_headers: {name:?} cannot be set by a mapping (it frames the message or belongs to one connection)"
+        "custom_headers: {name:?} cannot be set by a mapping (it frames the message, belongs to one connection, or is one of the proxies' own tunnox-* headers)"
     )]
     ReservedHeader { name: String },
 }
@@ -223,7 +223,9 @@ impl MappingSpec {
             if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
                 return Err(SpecError::HeaderValue { name: name.clone() });
             }
-            if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            let lower = name.to_ascii_lowercase();
+            // `tunnox-*` headers carry the proxies' own signals (hops, the target, the transport).
+            if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("tunnox-") {
                 return Err(SpecError::ReservedHeader { name: name.clone() });
             }
         }

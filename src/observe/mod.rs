@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod guard;
 pub mod memory;
+pub mod serve;
 
 use tracing_subscriber::EnvFilter;
 

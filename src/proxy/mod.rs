@@ -383,6 +383,7 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
             rules: Arc::new(crate::api::Rules {
                 base_domains: settings.config.http_domain.base_domains.clone(),
                 egress: (*egress).clone(),
+                max_per_user: settings.config.api.max_mappings_per_user,
             }),
             cache: Some(admin::cache_report(
                 metrics.clone(),
@@ -395,9 +396,7 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let stop = async move { stopped(&mut stop).await };
-            if let Err(e) = crate::api::serve(l, router, stop).await {
-                tracing::error!(error = %e, "management API failed");
-            }
+            crate::api::serve(l, router, stop).await
         });
     }
     let tunnels = Arc::new(tunnel::Tunnels::new(tunnel::TunnelDeps {
