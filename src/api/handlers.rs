@@ -163,17 +163,7 @@ pub async fn list(
             format!("limit {limit}: 1 to {MAX_LIMIT}"),
         ));
     }
-    let user = match (&role, q.user) {
-        (ApiRole::Admin, u) => u,
-        (ApiRole::User(me), None) => Some(me.clone()),
-        (ApiRole::User(me), Some(u)) if &u == me => Some(u),
-        (ApiRole::User(_), Some(u)) => {
-            return Err(ApiError::forbidden(format!(
-                "user {u:?}: a user token lists only its own mappings"
-            ))
-            .at("user"));
-        }
-    };
+    let user = acting_user(&role, q.user, "user", "lists only its own mappings")?;
     if let Some(u) = &user {
         check_user_id(u).map_err(|e| ApiError::invalid("user", format!("user {u:?}: {e}")))?;
     }
@@ -411,20 +401,38 @@ pub async fn availability(
     Ok(axum::Json(a))
 }
 
-/// A create request as a spec: every field checked, the owner decided by the role.
-fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingSpec, ApiError> {
-    let domain = allowed_domain(rules, role, &req.subdomain, &req.base_domain)?;
-    let owner = match (role, req.owner_user_id) {
-        (ApiRole::Admin, o) => o,
-        (ApiRole::User(me), None) => Some(me.clone()),
-        (ApiRole::User(me), Some(o)) if &o == me => Some(o),
-        (ApiRole::User(_), Some(o)) => {
-            return Err(ApiError::forbidden(format!(
-                "owner_user_id {o:?}: a user token creates only its own mappings"
-            ))
-            .at("owner_user_id"));
+/// The user a request acts for: an administrator's choice (`asked`, or none), a user token's
+/// own id; another user named by a user token is refused, naming `field`.
+fn acting_user(
+    role: &ApiRole,
+    asked: Option<String>,
+    field: &str,
+    only: &str,
+) -> Result<Option<String>, ApiError> {
+    match (role, asked) {
+        (ApiRole::Admin, asked) => Ok(asked),
+        (ApiRole::User(me), None) => Ok(Some(me.clone())),
+        (ApiRole::User(me), Some(u)) if &u == me => Ok(Some(u)),
+        (ApiRole::User(_), Some(u)) => {
+            Err(ApiError::forbidden(format!("{field} {u:?}: a user token {only}")).at(field))
         }
-    };
+    }
+}
+
+/// A create request as a spec and the domain it claims: every field checked, the owner decided
+/// by the role.
+fn spec_of(
+    rules: &Rules,
+    role: &ApiRole,
+    req: CreateMapping,
+) -> Result<(MappingSpec, Hostname), ApiError> {
+    let domain = allowed_domain(rules, role, &req.subdomain, &req.base_domain)?;
+    let owner = acting_user(
+        role,
+        req.owner_user_id,
+        "owner_user_id",
+        "creates only its own mappings",
+    )?;
     if let Some(o) = &owner {
         check_user_id(o)
             .map_err(|e| ApiError::refused("owner_user_id", format!("owner_user_id {o:?}: {e}")))?;
@@ -486,7 +494,8 @@ fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingS
     spec.expires_at = req.expires_at;
     spec.custom_headers = headers;
     spec.source = Some(API_SOURCE.into());
-    spec.validate()
+    let domain = spec
+        .validate()
         .map_err(|e| ApiError::from(crate::store::StoreError::Invalid(e)))?;
     // A tunnel's target is judged by its agent's allow-list; a direct one by the egress policy.
     if spec.target_client_id.is_none() {
@@ -495,7 +504,7 @@ fn spec_of(rules: &Rules, role: &ApiRole, req: CreateMapping) -> Result<MappingS
             .check_declared(&spec.target_host, spec.target_port, None, Declarer::Tenant)
             .map_err(|r| ApiError::refused("target_host", r.to_string()))?;
     }
-    Ok(spec)
+    Ok((spec, domain))
 }
 
 #[utoipa::path(post, path = "/api/v1/mappings", request_body = CreateMapping,
@@ -518,7 +527,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let role = api.tokens.check(&headers)?;
     let req: CreateMapping = json_body(body).await?;
-    let spec = spec_of(&api.rules, &role, req)?;
+    let (spec, domain) = spec_of(&api.rules, &role, req)?;
     let quota = match &role {
         ApiRole::Admin => Quota::UNLIMITED,
         ApiRole::User(_) => Quota {
@@ -526,7 +535,6 @@ pub async fn create(
             per_owner: api.rules.max_per_user,
         },
     };
-    let domain = spec.validate().map(|d| d.to_string()).unwrap_or_default();
     let m = match api.intent.create(spec, quota).await {
         Ok(m) => m,
         // Another owner's holder is not named to a user (availability shows it the same way).
