@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::http::{Reply, Upstream, get, read_reply};
+use support::api::Api;
+use support::http::{Upstream, get};
 use support::process::{eventually, free_port};
 use support::proxy::ProxyProc;
 
@@ -16,82 +17,21 @@ const ADMIN: &str = "admin-token-0123456789abcdef";
 const ALICE: &str = "alice-token-0123456789abcdef";
 const BOB: &str = "bob-token-0123456789abcdef00";
 
-struct Api {
-    port: u16,
-}
-
-impl Api {
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Reply {
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-        if let Some(t) = token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        if let Some(b) = body {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            ));
-        } else {
-            req.push_str("\r\n");
-        }
-        // Written beside the read: a server that answers before reading a large body (413)
-        // closes on the rest, and the answer must still be read.
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        let writer = std::thread::spawn(move || {
-            use std::io::Write;
-            let _ = w.write_all(req.as_bytes());
-        });
-        let reply = read_reply(&mut s);
-        let _ = writer.join();
-        reply.unwrap_or_else(|| panic!("{method} {path}: no response"))
-    }
-
-    fn json(&self, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, Value) {
-        let r = self.call(method, path, Some(token), body);
-        let v = if r.body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&r.body)
-                .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {r:?}"))
-        };
-        (r.status, v)
-    }
-
-    fn create(&self, token: &str, body: &str) -> (u16, Value) {
-        self.json("POST", "/api/v1/mappings", token, Some(body))
-    }
-
-    /// Every domain a listing returns, following the cursor with `limit` per page.
-    fn domains(&self, token: &str, query: &str, limit: u32) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut cursor = String::new();
-        for _ in 0..1000 {
-            let sep = if query.is_empty() { "" } else { "&" };
-            let path = format!("/api/v1/mappings?limit={limit}{sep}{query}{cursor}");
-            let (status, page) = self.json("GET", &path, token, None);
-            assert_eq!(status, 200, "{path}: {page}");
-            for m in page["items"].as_array().unwrap() {
-                out.push(m["domain"].as_str().unwrap().to_string());
-            }
-            match page["next_cursor"].as_str() {
-                Some(c) => cursor = format!("&cursor={c}"),
-                None => return out,
-            }
-        }
-        panic!("{query}: more than 1000 pages");
-    }
-}
-
 fn start() -> (tempfile::TempDir, Upstream, ProxyProc, Api) {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start("one");
     let api_port = free_port();
     let yaml = config(dir.path(), api_port, up.port);
     let p = ProxyProc::start(dir.path(), "p1", &yaml, EXTRA).ready();
-    (dir, up, p, Api { port: api_port })
+    (
+        dir,
+        up,
+        p,
+        Api {
+            port: api_port,
+            tls: None,
+        },
+    )
 }
 
 const EXTRA: &str = "stats_flush_interval: 100ms";
@@ -597,5 +537,47 @@ fn mappings_created_through_the_api_survive_a_restart() {
         (status, got["owner_user_id"].as_str()),
         (200, Some("alice")),
         "{got}"
+    );
+}
+
+/// `api.tls`: the API is served over TLS with the configured certificate, and a plain-HTTP
+/// request gets no HTTP answer.
+#[test]
+fn served_over_tls_when_a_certificate_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::tunnel::Pki::new(dir.path(), "api");
+    let up = Upstream::start("tls");
+    let api_port = free_port();
+    let yaml = config(dir.path(), api_port, up.port).replace(
+        "  max_mappings_per_user: 3\n",
+        &format!(
+            "  max_mappings_per_user: 3\n  tls: {{cert_file: {}, key_file: {}}}\n",
+            pki.cert.display(),
+            pki.key.display()
+        ),
+    );
+    let _p = ProxyProc::start(dir.path(), "tls", &yaml, EXTRA).ready();
+    let api = Api {
+        port: api_port,
+        tls: Some((pki.ca.clone(), "localhost".into())),
+    };
+    let (status, page) = api.json("GET", "/api/v1/mappings", ADMIN, None);
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"][0]["domain"], "app.tunnox.net");
+    let (status, e) = api.json(
+        "GET",
+        "/api/v1/mappings",
+        "wrong-token-0123456789abcdef",
+        None,
+    );
+    assert_eq!((status, e["code"].as_str()), (401, Some("unauthorized")));
+    let plain = support::http::raw(
+        api_port,
+        b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(
+        plain.is_none(),
+        "a plain request is not answered in HTTP: {plain:?}"
     );
 }

@@ -13,12 +13,12 @@ use serde::de::DeserializeOwned;
 use super::auth::owns;
 use super::error::{ApiError, ErrorBody};
 use super::model::*;
-use super::{Api, Rules};
+use super::{Api, Created, Deleted, Rules};
 use crate::config::{ApiRole, check_user_id};
 use crate::domain::{
     Declarer, Hostname, Mapping, MappingId, MappingSpec, Scheme, SetName, check_client_id,
 };
-use crate::store::{ListFilter, PageRequest, Quota, StoreError};
+use crate::store::{ListFilter, PageRequest, Quota};
 
 /// Items per page when `limit` is not given, and at most.
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -510,7 +510,8 @@ fn spec_of(
 #[utoipa::path(post, path = "/api/v1/mappings", request_body = CreateMapping,
     security(("bearer" = [])),
     responses(
-        (status = 201, description = "Created (single-node: served at once)", body = MappingView),
+        (status = 201, description = "Created and served (cluster: its resource is `Active`)", body = MappingView),
+        (status = 202, description = "Cluster: declared, not `Active` within `api.wait` (e.g. a tunnel waiting for its TunnelSet)", body = InProgress),
         (status = 400, description = "Malformed JSON or a mistyped field", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Another user as owner", body = ErrorBody),
@@ -536,9 +537,16 @@ pub async fn create(
         },
     };
     let m = match api.intent.create(spec, quota).await {
-        Ok(m) => m,
+        Ok(Created::Served(m)) => m,
+        Ok(Created::Pending { resource, message }) => {
+            return Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(InProgress { resource, message }),
+            )
+                .into_response());
+        }
         // Another owner's holder is not named to a user (availability shows it the same way).
-        Err(StoreError::DomainTaken { .. }) if role != ApiRole::Admin => {
+        Err(e) if e.body.code == "domain_taken" && role != ApiRole::Admin => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "domain_taken",
@@ -546,7 +554,7 @@ pub async fn create(
             )
             .at("subdomain"));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let location = format!("/api/v1/mappings/{}", m.mapping_id);
     Ok((
@@ -562,6 +570,7 @@ pub async fn create(
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted; its domain is free"),
+        (status = 202, description = "Cluster: its resource is being deleted, the domain not yet released within `api.wait`", body = InProgress),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "`force` without the admin role", body = ErrorBody),
@@ -582,7 +591,7 @@ pub async fn delete(
         return Err(ApiError::forbidden("force-delete needs the admin role").at("force"));
     }
     let m = visible(&api, &role, &id).await?;
-    if !force && m.source.as_deref() != Some(API_SOURCE) {
+    if !force && !api.intent.declared_here(&m) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -593,9 +602,22 @@ pub async fn delete(
             ),
         ));
     }
-    api.intent.delete(&m, force).await?;
-    tracing::info!(mapping = %m.mapping_id, domain = %m.full_domain, force, "deleted through the API");
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let deleted = api.intent.delete(&m, force).await?;
+    tracing::info!(mapping = %m.mapping_id, domain = %m.full_domain, force, ?deleted, "deleted through the API");
+    Ok(match deleted {
+        Deleted::Gone => StatusCode::NO_CONTENT.into_response(),
+        Deleted::InProgress { resource } => (
+            StatusCode::ACCEPTED,
+            axum::Json(InProgress {
+                message: format!(
+                    "{resource} is being deleted; {} is released when its finalizer has run",
+                    m.full_domain
+                ),
+                resource,
+            }),
+        )
+            .into_response(),
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/stats/system",

@@ -6,6 +6,7 @@
 //! mode (`tunnox proxy` without Redis), `HTTPDomainMapping` resources in a cluster.
 
 pub mod auth;
+pub mod cluster;
 pub mod error;
 pub mod handlers;
 pub mod model;
@@ -27,16 +28,38 @@ pub use error::{ApiError, ErrorBody};
 use model::Phase;
 
 use crate::domain::{EgressPolicy, Hostname, Mapping, MappingSpec};
-use crate::store::{MappingStore, NodeRegistry, Quota, StoreError};
+use crate::store::{MappingStore, NodeRegistry, Quota};
+
+/// What a create came to.
+#[derive(Debug)]
+pub enum Created {
+    /// Claimed and in the store: served.
+    Served(Mapping),
+    /// Declared, not yet served within the wait (e.g. a tunnel whose TunnelSet is not there
+    /// yet): `resource` is what was declared, `message` why it waits.
+    Pending { resource: String, message: String },
+}
+
+/// What a delete came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// Gone, its domain released.
+    Gone,
+    /// Being deleted (`resource`'s finalizer has not released the domain within the wait).
+    InProgress { resource: String },
+}
 
 /// Where mappings are declared: the writes of the API go here.
 #[async_trait]
 pub trait Intent: Send + Sync + 'static {
     /// Declares a new mapping (already validated against the [`Rules`]), counted against
-    /// `quota` in the same atomic step as its domain claim.
-    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError>;
+    /// `quota` with its domain claim. A domain held by another is `domain_taken`, naming the
+    /// holder (the handler hides it from users).
+    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError>;
+    /// True when `m` was declared through this API (its owner may delete it without force).
+    fn declared_here(&self, m: &Mapping) -> bool;
     /// Removes `m`, as it was just read; `force`: whoever declared it.
-    async fn delete(&self, m: &Mapping, force: bool) -> Result<(), ApiError>;
+    async fn delete(&self, m: &Mapping, force: bool) -> Result<Deleted, ApiError>;
     /// How many mappings are in each phase.
     async fn phases(&self) -> Result<Vec<(Phase, u64)>, ApiError>;
 }
@@ -48,13 +71,19 @@ pub struct LocalIntent {
 
 #[async_trait]
 impl Intent for LocalIntent {
-    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Mapping, StoreError> {
-        self.store.create_within(spec, quota).await
+    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError> {
+        Ok(Created::Served(
+            self.store.create_within(spec, quota).await?,
+        ))
     }
 
-    async fn delete(&self, m: &Mapping, _force: bool) -> Result<(), ApiError> {
+    fn declared_here(&self, m: &Mapping) -> bool {
+        m.source.as_deref() == Some(handlers::API_SOURCE)
+    }
+
+    async fn delete(&self, m: &Mapping, _force: bool) -> Result<Deleted, ApiError> {
         self.store.delete(&m.mapping_id, Some(m.version)).await?;
-        Ok(())
+        Ok(Deleted::Gone)
     }
 
     async fn phases(&self) -> Result<Vec<(Phase, u64)>, ApiError> {
@@ -192,14 +221,37 @@ pub fn router(api: Api, metrics: ApiMetrics) -> Router {
         .layer(axum::middleware::from_fn_with_state(metrics, count))
 }
 
+/// The API listener's TLS configuration from `api.tls` (errors name the field and the file).
+pub fn tls_config(
+    tls: &crate::config::ApiTls,
+) -> Result<Arc<rustls::ServerConfig>, crate::tunnel::tls::TlsError> {
+    use crate::tunnel::tls::{TlsError, load_certs, load_key, provider};
+    let certs = load_certs(&tls.cert_file, "api.tls.cert_file")?;
+    let key = load_key(&tls.key_file, "api.tls.key_file")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "api.tls.key_file {}: does not match the certificate or is unusable: {e}",
+                tls.key_file.display()
+            ))
+        })?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// Serves the API on `listener` until `stop` resolves (bounded connections, header deadline:
-/// `observe::serve`).
+/// `observe::serve`), over TLS with `tls`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(?addr, "management API listening");
-    crate::observe::serve::serve(listener, router, stop).await
+    tracing::info!(?addr, tls = tls.is_some(), "management API listening");
+    crate::observe::serve::serve(listener, router, tls, stop).await
 }

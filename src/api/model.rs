@@ -266,6 +266,16 @@ pub struct CreateMapping {
     pub custom_headers: Option<BTreeMap<String, String>>,
 }
 
+/// `202 Accepted`: declared (or being deleted), not finished within the wait. Cluster mode
+/// only: a single-node proxy finishes every write before it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct InProgress {
+    /// The `HTTPDomainMapping` resource, `namespace/name`: `kubectl get hdm` follows it.
+    pub resource: String,
+    /// Why it is not finished, for a person.
+    pub message: String,
+}
+
 /// A mapping's traffic, as counted by the proxies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct MappingStats {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::duration::Dur;
 use super::secret::{AdminToken, read_secret};
 use super::{Config, ConfigError};
 
@@ -25,6 +26,23 @@ pub struct ApiConfig {
     /// Mappings one user may hold through the API (a `user:<id>` token's creations count against
     /// it atomically in the store); 0: unlimited.
     pub max_mappings_per_user: usize,
+    /// Cluster: the namespace the API's `HTTPDomainMapping` resources are created in; unset:
+    /// the controller's own (`$POD_NAMESPACE`).
+    pub namespace: Option<String>,
+    /// Cluster: how long a create waits for its resource to be `Active` (or refused) before it
+    /// answers `202 Accepted`; a delete, for the domain to be released.
+    pub wait: Dur,
+    /// Serve the API over TLS with this certificate chain and key (PEM); unset: plain HTTP,
+    /// which belongs on loopback or behind a TLS-terminating hop only.
+    pub tls: Option<ApiTls>,
+}
+
+/// The API listener's certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for ApiConfig {
@@ -33,6 +51,9 @@ impl Default for ApiConfig {
             listen: None,
             tokens: Vec::new(),
             max_mappings_per_user: 100,
+            namespace: None,
+            wait: Dur::secs(10),
+            tls: None,
         }
     }
 }

@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use agent::AgentConfig;
-pub use api::{ApiConfig, ApiRole, ApiTokenEntry, MAX_USER_ID, check_user_id};
+pub use api::{ApiConfig, ApiRole, ApiTls, ApiTokenEntry, MAX_USER_ID, check_user_id};
 pub use duration::Dur;
 pub use load::{ENV_OVERRIDE_PREFIX, Environment, ProcessEnv, parse};
 pub use model::*;

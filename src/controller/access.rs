@@ -140,6 +140,27 @@ pub const ACME_GRANTS: &[Grant] = &[Grant {
     made_by: "issuer.rs apply_secret: the ACME account's credentials and each issued certificate, by server-side apply (create for a new one, patch to renew); read by the ClusterRole's get",
 }];
 
+/// What the controller calls in addition with the management API on (the chart's `api.enabled`).
+/// Its Role is in `api.namespace`, the release namespace unless set.
+pub const API_GRANTS: &[Grant] = &[
+    Grant {
+        scope: Scope::OwnNamespace,
+        group: "tunnox.net",
+        resource: "httpdomainmappings",
+        names: &[],
+        verbs: &["create", "delete"],
+        made_by: "api/cluster.rs create and delete: a mapping created through the API is a resource in api.namespace; a refused one is withdrawn, an owner's delete deletes it",
+    },
+    Grant {
+        scope: Scope::Cluster,
+        group: "tunnox.net",
+        resource: "httpdomainmappings",
+        names: &[],
+        verbs: &["delete"],
+        made_by: "api/cluster.rs delete with force=true (administrator tokens only): the resource of any namespace that declares the mapping",
+    },
+];
+
 /// One permission: (scope, group, resource, object name or "" for any, verb).
 pub type Permission = (Scope, String, String, String, String);
 

@@ -53,6 +53,11 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("api.listen {addr}: {source}")]
+    ApiListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Publishes one Event about `about` (failures only logged: an Event is never worth a retry).
@@ -102,7 +107,8 @@ fn egress_policy(settings: &Settings) -> crate::domain::EgressPolicy {
             c.controller.admin_listen,
         ]
         .into_iter()
-        .chain(advertised),
+        .chain(advertised)
+        .chain(c.api.listen),
         [],
     )
 }
@@ -132,6 +138,69 @@ fn essential(
         );
         broken.notify_one();
     })
+}
+
+/// What the management API needs from the controller.
+struct ApiParts<'a> {
+    client: Client,
+    cluster_id: String,
+    store: Arc<dyn crate::store::MappingStore>,
+    nodes: Arc<dyn crate::store::NodeRegistry>,
+    cache: kube::runtime::reflector::Store<HTTPDomainMapping>,
+    registry: &'a prometheus::Registry,
+}
+
+/// Binds `api.listen` and serves the management API on it (every replica, leading or not:
+/// reads come from the store and the cache, writes go to the API server) until `stop`.
+async fn serve_api(
+    settings: &Settings,
+    addr: std::net::SocketAddr,
+    parts: ApiParts<'_>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    let api_cfg = &settings.config.api;
+    let tls = api_cfg
+        .tls
+        .as_ref()
+        .map(crate::api::tls_config)
+        .transpose()
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::ApiListen { addr, source })?;
+    let namespace = api_cfg
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".into());
+    tracing::info!(namespace = %namespace, "management API: mappings are created as HTTPDomainMapping resources here");
+    let api = crate::api::Api {
+        store: parts.store.clone(),
+        nodes: parts.nodes,
+        intent: Arc::new(crate::api::cluster::ClusterIntent {
+            client: parts.client,
+            namespace,
+            cluster_id: parts.cluster_id,
+            cache: parts.cache,
+            store: parts.store,
+            wait: api_cfg.wait.get(),
+            quota_lock: Default::default(),
+        }),
+        tokens: Arc::new(crate::api::Tokens::new(settings.api_tokens.clone())),
+        rules: Arc::new(crate::api::Rules {
+            base_domains: settings.config.http_domain.base_domains.clone(),
+            egress: egress_policy(settings),
+            max_per_user: api_cfg.max_mappings_per_user,
+        }),
+        cache: None,
+    };
+    let router = crate::api::router(api, crate::api::ApiMetrics::new(parts.registry));
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        crate::api::serve(listener, router, tls, stop).await
+    }))
 }
 
 /// Runs until SIGTERM/SIGINT. Standby replicas wait for the lease; the leader reconciles.
@@ -174,6 +243,67 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     })?;
     health.set_ready(true);
 
+    // The mappings' cache runs on every replica, leading or not: a standby takes over with a
+    // warm cache (no first list of every mapping), and the management API reads it on any
+    // replica. While this replica leads, every change to a mapping is a reconcile request.
+    let broken = Arc::new(tokio::sync::Notify::new());
+    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<HTTPDomainMapping>>();
+    let waiters = Arc::new(waiters::Waiters::default());
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (reader, writer) = kube::runtime::reflector::store();
+    let mapping_cache = {
+        use kube::runtime::WatchStreamExt;
+        let waiters = waiters.clone();
+        let (leading, wake) = (leading.clone(), wake_tx.clone());
+        let events = kube::runtime::reflector(
+            writer,
+            watcher(
+                Api::<HTTPDomainMapping>::all(client.clone()),
+                watcher::Config::default().page_size(LIST_PAGE),
+            )
+            .default_backoff(),
+        )
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                waiters.observe(event);
+            }
+        })
+        .applied_objects();
+        essential(
+            "mapping cache",
+            events.for_each(move |obj| {
+                match obj {
+                    Ok(obj) if leading.load(std::sync::atomic::Ordering::SeqCst) => {
+                        let _ = wake.send(ObjectRef::from_obj(&obj));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "watching HTTPDomainMappings"),
+                }
+                futures::future::ready(())
+            }),
+            broken.clone(),
+        )
+    };
+    let api_server = match &settings.config.api.listen {
+        None => None,
+        Some(addr) => Some(
+            serve_api(
+                &settings,
+                *addr,
+                ApiParts {
+                    client: client.clone(),
+                    cluster_id: cluster_id.clone(),
+                    store: store.clone(),
+                    nodes: nodes.clone(),
+                    cache: reader.clone(),
+                    registry: &metrics.registry,
+                },
+                stop_rx.clone(),
+            )
+            .await?,
+        ),
+    };
+
     let (lead_tx, mut lead_rx) = watch::channel(false);
     let lease = leader::LeaseConfig {
         namespace: cfg
@@ -205,32 +335,35 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             let _ = admin.await;
             return Ok(());
         }
+        _ = broken.notified() => {
+            tracing::error!("the mappings' cache stopped while standing by; stopping");
+            election.stop().await;
+            let _ = stop_tx.send(true);
+            let _ = admin.await;
+            std::process::exit(1);
+        }
     }
     metrics.leader.set(1);
     tracing::info!(identity = %me, "leading: reconciling HTTPDomainMapping and TunnelSet");
 
-    let api: Api<HTTPDomainMapping> = Api::all(client.clone());
-    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<HTTPDomainMapping>>();
-    // The controller's own reflector, so that the same events keep the index of waiters.
-    let waiters = Arc::new(waiters::Waiters::default());
-    let (reader, writer) = kube::runtime::reflector::store();
-    let mapping_events = {
-        use kube::runtime::WatchStreamExt;
-        let waiters = waiters.clone();
-        kube::runtime::reflector(
-            writer,
-            watcher(api, watcher::Config::default().page_size(LIST_PAGE)),
-        )
-        .inspect(move |event| {
-            if let Ok(event) = event {
-                waiters.observe(event);
+    // Every mapping once (the cache complete), then each change as the cache sees it. Set
+    // before the snapshot: a change in between is requested twice, never missed.
+    leading.store(true, std::sync::atomic::Ordering::SeqCst);
+    {
+        let (reader, wake) = (reader.clone(), wake_tx.clone());
+        tokio::spawn(async move {
+            if reader.wait_until_ready().await.is_ok() {
+                for m in reader.state() {
+                    let _ = wake.send(ObjectRef::from_obj(&*m));
+                }
             }
-        })
-        .applied_objects()
-    };
-    let controller = Controller::for_stream(mapping_events, reader).with_config(
-        kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)),
-    );
+        });
+    }
+    let controller = Controller::for_stream(
+        futures::stream::pending::<Result<HTTPDomainMapping, watcher::Error>>(),
+        reader,
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(cfg.concurrency.max(1)));
     let ts_controller = Controller::new(
         Api::<TunnelSet>::all(client.clone()),
         watcher::Config::default(),
@@ -322,7 +455,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         restorer: Default::default(),
         waiters,
     });
-    let broken = Arc::new(tokio::sync::Notify::new());
     let resync = essential(
         "resync",
         resync::run(ctx.clone(), me.clone()),
@@ -438,6 +570,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     }
     resync.abort();
     restorer.abort();
+    mapping_cache.abort();
+    if let Some(api) = api_server {
+        api.abort();
+    }
     fleet_watch.abort();
     for watch in [session_watch, applied_watch].into_iter().flatten() {
         watch.abort();

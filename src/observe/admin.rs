@@ -84,5 +84,5 @@ pub fn serve_on(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "admin server listening");
     }
-    tokio::spawn(super::serve::serve(listener, app, shutdown))
+    tokio::spawn(super::serve::serve(listener, app, None, shutdown))
 }

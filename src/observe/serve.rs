@@ -1,7 +1,8 @@
 //! The one way a small HTTP/1.1 control surface (the admin port, the management API) is served:
 //! at most so many connections at once (more are closed as they arrive), a deadline for a
 //! request's headers (also while a kept-alive connection idles), the peer's address in each
-//! request (`ConnectInfo`), and a graceful stop that waits a bounded time.
+//! request (`ConnectInfo`), TLS when a configuration is given (its handshake within the same
+//! deadline), and a graceful stop that waits a bounded time.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,12 +21,14 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stop waits for requests in flight.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves `router` on `listener` until `stop` resolves.
+/// Serves `router` on `listener` until `stop` resolves; over TLS with `tls`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(stop);
@@ -67,10 +70,28 @@ pub async fn serve(
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = conn.await;
+            match tls {
+                None => {
+                    let _ = watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), svc))
+                        .await;
+                }
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await
+                    else {
+                        tracing::debug!(%peer, "TLS handshake failed or timed out");
+                        return;
+                    };
+                    let _ = watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), svc))
+                        .await;
+                }
+            }
         });
     }
     if tokio::time::timeout(STOP_GRACE, graceful.shutdown())

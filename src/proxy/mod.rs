@@ -231,6 +231,12 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
         ),
     };
     let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let api_tls = match &settings.config.api.tls {
+        Some(tls) if api_listener.is_some() => {
+            Some(crate::api::tls_config(tls).map_err(|e| RunError::Config(e.to_string()))?)
+        }
+        _ => None,
+    };
     let node_token = match &tcfg.node_token_file {
         Some(path) => Some(crate::config::AdminToken::new(
             crate::config::read_secret(path, "proxy.tunnel.node_token_file", "configuration")
@@ -396,7 +402,7 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let stop = async move { stopped(&mut stop).await };
-            crate::api::serve(l, router, stop).await
+            crate::api::serve(l, router, api_tls, stop).await
         });
     }
     let tunnels = Arc::new(tunnel::Tunnels::new(tunnel::TunnelDeps {

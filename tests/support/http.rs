@@ -167,6 +167,11 @@ pub fn status(port: u16, host: &str) -> u16 {
 }
 
 pub fn read_reply(s: &mut TcpStream) -> Option<Reply> {
+    read_reply_from(s)
+}
+
+/// One reply from any stream (plain or TLS).
+pub fn read_reply_from(s: &mut impl Read) -> Option<Reply> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -267,6 +272,13 @@ impl TlsConnection {
             stream.conn.complete_io(&mut stream.sock)?;
         }
         Ok(Self(stream))
+    }
+
+    /// Writes `request` whole and reads one reply.
+    pub fn exchange(&mut self, request: &[u8]) -> Option<Reply> {
+        self.0.write_all(request).ok()?;
+        self.0.flush().ok()?;
+        read_reply_from(&mut self.0)
     }
 
     /// The first certificate the server presented (DER).

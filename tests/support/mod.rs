@@ -2,6 +2,7 @@
 //! free loopback ports, stopped when dropped (even when a test fails).
 #![allow(dead_code, unused_imports)]
 
+pub mod api;
 pub mod balancer;
 pub mod claimer;
 pub mod controlplane;

@@ -252,6 +252,12 @@ Secrets, mounted read-only). */}}
 {{- if and .Values.https.acme.directoryUrl (not .Values.https.enabled) -}}
 {{- fail "https.acme.directoryUrl is set but https.enabled is false: issued certificates are served by the HTTPS listener and sealed with https.storeKeySecret; enable HTTPS" -}}
 {{- end -}}
+{{- if and .Values.api.enabled (not .Values.api.tokensSecret.name) -}}
+{{- fail "api.enabled is true but api.tokensSecret.name is empty: every API request needs a bearer token; create a Secret with one key per token and name it here" -}}
+{{- end -}}
+{{- if and .Values.api.enabled (not .Values.api.tokens) -}}
+{{- fail "api.enabled is true but api.tokens is empty: name at least one key of api.tokensSecret and its role" -}}
+{{- end -}}
 {{- if and (not .Values.proxy.admin.trustLoopback) (not .Values.proxy.admin.tokenSecret.name) -}}
 {{- fail "proxy.admin.trustLoopback is false but proxy.admin.tokenSecret.name is empty: the preStop hook could not drain; set a token Secret" -}}
 {{- end -}}
@@ -277,4 +283,9 @@ Secrets, mounted read-only). */}}
       - key: {{ .Values.https.storeKeySecret.key | default "key" }}
         path: key
 {{- end -}}
+{{- end -}}
+
+{{/* The namespace of the management API's HTTPDomainMapping resources. */}}
+{{- define "tunnox.api.namespace" -}}
+{{- .Values.api.namespace | default .Release.Namespace -}}
 {{- end -}}
