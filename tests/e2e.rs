@@ -243,6 +243,10 @@ fn main() {
             "controller_rbac_is_what_it_calls",
             controller_rbac_is_what_it_calls,
         ),
+        (
+            "management_api_over_the_cluster",
+            management_api_over_the_cluster,
+        ),
         // Last: it leaves its many mappings behind for the stack's end to take away.
         (
             "controller_restart_with_nothing_changed_writes_nothing",
@@ -2368,7 +2372,29 @@ fn controller_rbac_is_what_it_calls(s: &Stack) {
         .chain(access::ACME_GRANTS)
         .copied()
         .collect();
-    for (rendered, grants) in [(&rendered, access::GRANTS), (&with_acme, &all[..])] {
+    // The management API adds its Role and ClusterRole rule only when enabled.
+    let with_api = ok(
+        s.cp.helm(&[
+            "template",
+            "tunnox",
+            &format!("{ROOT}/charts/tunnox"),
+            "--namespace",
+            NS,
+            "--set",
+            "api.enabled=true,api.tokensSecret.name=t",
+        ]),
+        "helm template with the API",
+    );
+    let api: Vec<access::Grant> = access::GRANTS
+        .iter()
+        .chain(access::API_GRANTS)
+        .copied()
+        .collect();
+    for (rendered, grants) in [
+        (&rendered, access::GRANTS),
+        (&with_acme, &all[..]),
+        (&with_api, &api[..]),
+    ] {
         let granted = chart_permissions(rendered);
         let declared = access::permissions(grants);
         let extra: Vec<_> = granted.iter().filter(|p| !declared.contains(p)).collect();
@@ -4259,4 +4285,367 @@ fn https_certificates_from_acme(s: &Stack) {
     for kind in ["role", "rolebinding"] {
         s.cp.kubectl_ok(&["delete", kind, "tunnox-controller-acme", "-n", NS]);
     }
+}
+
+const API_ADMIN: &str = "e2e-admin-token-0123456789abcdef";
+const API_ALICE: &str = "e2e-alice-token-0123456789abcdef";
+const API_BOB: &str = "e2e-bob-token-0123456789abcdef00";
+
+fn api_mapping(sub: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"{{"subdomain": "{sub}", "base_domain": "tunnox.net", "target_host": "127.0.0.1", "target_port": {port}{extra}}}"#
+    )
+}
+
+/// The management API served by `tunnox controller` (issue #20, cluster half), on the leader and
+/// on a standby: a create is an `HTTPDomainMapping` (`kubectl get hdm` shows it `Active`, a proxy
+/// serves it); availability flips; filters return exactly their set; a domain held by a kubectl
+/// resource is refused and leaves nothing behind; the quota holds; force-delete is an
+/// administrator's and takes the resource and the claim away; statistics come from real
+/// requests; bad input is a 4xx naming the field.
+fn management_api_over_the_cluster(s: &Stack) {
+    use support::api::Api;
+    let (api_ns, other_ns) = ("e2e-api", "e2e-api-kubectl");
+    for ns in [api_ns, other_ns] {
+        s.cp.kubectl_ok(&["create", "namespace", ns]);
+    }
+    // The chart with the API on: its Role in api.namespace, its ClusterRole rule.
+    ok(
+        s.cp.helm(&[
+            "upgrade",
+            "tunnox",
+            &format!("{ROOT}/charts/tunnox"),
+            "--namespace",
+            NS,
+            "--reuse-values",
+            "--skip-crds",
+            "--set",
+            &format!(
+                "api.enabled=true,api.tokensSecret.name=tunnox-api-tokens,api.namespace={api_ns}"
+            ),
+        ]),
+        "helm upgrade with the API",
+    );
+    let up = support::http::Upstream::start("e2e-api");
+    let tokens = format!(
+        "[{{token: {API_ADMIN}, role: admin}}, {{token: {API_ALICE}, role: 'user:alice'}}, {{token: {API_BOB}, role: 'user:bob'}}]"
+    );
+    let api_env = |port: u16| {
+        vec![
+            ("TUNNOX__API__LISTEN", format!("127.0.0.1:{port}")),
+            ("TUNNOX__API__TOKENS", tokens.clone()),
+            ("TUNNOX__API__NAMESPACE", api_ns.to_string()),
+            ("TUNNOX__API__MAX_MAPPINGS_PER_USER", "2".to_string()),
+            ("TUNNOX__API__WAIT", "8s".to_string()),
+        ]
+    };
+    let (leader_port, standby_port) = (free_port(), free_port());
+    let (mut leader, leader_admin) =
+        s.controller_with("ctl-api", &s.sa_kubeconfig, &api_env(leader_port));
+    let (mut proxy, proxy_port) = s.proxy_with(
+        "proxy-api",
+        &[("TUNNOX__PROXY__STATS_FLUSH_INTERVAL", "200ms".to_string())],
+    );
+    let api = Api {
+        port: leader_port,
+        tls: None,
+    };
+    eventually("the API answers", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", leader_port)).is_ok()
+    });
+    // Standing by (the leader holds the Lease), and serving the API all the same.
+    let (mut standby, _) =
+        s.controller_with("ctl-api-standby", &s.sa_kubeconfig, &api_env(standby_port));
+    let standby_api = Api {
+        port: standby_port,
+        tls: None,
+    };
+    eventually("the standby's API answers", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", standby_port)).is_ok()
+    });
+
+    // Tokens.
+    assert_eq!(api.call("GET", "/api/v1/mappings", None, None).status, 401);
+    assert_eq!(
+        api.call(
+            "GET",
+            "/api/v1/mappings",
+            Some("wrong-token-0123456789abcdef"),
+            None
+        )
+        .status,
+        401
+    );
+
+    // Availability, create: a resource in api.namespace, Active, served.
+    let avail = "/api/v1/availability?subdomain=api-a&base_domain=tunnox.net";
+    let (_, a) = api.json("GET", avail, API_ALICE, None);
+    assert_eq!(a["verdict"], "free", "{a}");
+    let started = std::time::Instant::now();
+    let (status, m) = api.create(API_ALICE, &api_mapping("api-a", up.port, ""));
+    assert_eq!(status, 201, "{m}");
+    eprintln!(
+        "e2e: create through the API answered Active in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (m["phase"].as_str(), m["owner_user_id"].as_str()),
+        (Some("Active"), Some("alice"))
+    );
+    let id_a = m["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        m["source"].as_str(),
+        Some(format!("k8s:{}/{api_ns}/api-a.tunnox.net", cluster_id(&s.cp)).as_str())
+    );
+    assert_eq!(s.phase(api_ns, "api-a.tunnox.net"), "Active");
+    assert_eq!(
+        s.field(api_ns, "api-a.tunnox.net", "{.status.mappingId}"),
+        id_a
+    );
+    eventually("served through the proxy", Duration::from_secs(10), || {
+        support::http::get(proxy_port, "api-a.tunnox.net", "/")
+            .is_some_and(|r| r.status == 200 && r.body == "hello from e2e-api\n")
+    });
+    let (_, a) = api.json("GET", avail, API_ALICE, None);
+    assert_eq!(
+        (a["verdict"].as_str(), a["held_by"]["yours"].as_bool()),
+        (Some("taken"), Some(true)),
+        "{a}"
+    );
+    let (_, a) = api.json("GET", avail, API_BOB, None);
+    assert!(
+        a["held_by"]["mapping_id"].is_null(),
+        "not named to another user: {a}"
+    );
+
+    // Taken: by alice's mapping (not named to bob); by a kubectl resource (named to an
+    // administrator), and the refused resource is withdrawn.
+    let (status, e) = api.create(API_BOB, &api_mapping("api-a", up.port, ""));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (409, Some("domain_taken")),
+        "{e}"
+    );
+    assert!(!e["message"].as_str().unwrap().contains(api_ns), "{e}");
+    ok(
+        s.cp.apply(&hdm_yaml(other_ns, "kube-a", "kube-a", up.port)),
+        "apply kube-a",
+    );
+    eventually("kube-a Active", Duration::from_secs(20), || {
+        s.phase(other_ns, "kube-a") == "Active"
+    });
+    let (status, e) = api.create(API_ADMIN, &api_mapping("kube-a", up.port, ""));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (409, Some("domain_taken")),
+        "{e}"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{other_ns}/kube-a")),
+        "{e}"
+    );
+    eventually(
+        "the refused resource withdrawn",
+        Duration::from_secs(10),
+        || {
+            s.field(api_ns, "kube-a.tunnox.net", "{.metadata.name}")
+                .is_empty()
+        },
+    );
+
+    // Created through the standby; the quota (2 per user) holds.
+    let (status, m) = standby_api.create(API_BOB, &api_mapping("api-b", up.port, ""));
+    assert_eq!(status, 201, "through the standby: {m}");
+    let id_b = m["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        api.create(API_ALICE, &api_mapping("api-c", up.port, "")).0,
+        201
+    );
+    let (status, e) = api.create(API_ALICE, &api_mapping("api-d", up.port, ""));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (409, Some("quota_exceeded")),
+        "{e}"
+    );
+
+    // Filters return exactly their set, on both replicas.
+    let set = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<_>>();
+    let want = |d: &[&str]| {
+        d.iter()
+            .map(|x| x.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    for a in [&api, &standby_api] {
+        assert_eq!(
+            set(a.domains(API_ADMIN, "user=alice", 1)),
+            want(&["api-a.tunnox.net", "api-c.tunnox.net"])
+        );
+        assert_eq!(
+            set(a.domains(API_ALICE, "", 100)),
+            want(&["api-a.tunnox.net", "api-c.tunnox.net"])
+        );
+        assert_eq!(
+            set(a.domains(API_ADMIN, "user=bob", 2)),
+            want(&["api-b.tunnox.net"])
+        );
+        assert_eq!(
+            set(a.domains(API_ADMIN, "domain_prefix=kube-", 100)),
+            want(&["kube-a.tunnox.net"])
+        );
+        let all = set(a.domains(API_ADMIN, "phase=Active", 2));
+        assert!(
+            want(&[
+                "api-a.tunnox.net",
+                "api-b.tunnox.net",
+                "api-c.tunnox.net",
+                "kube-a.tunnox.net"
+            ])
+            .is_subset(&all),
+            "{all:?}"
+        );
+    }
+    let listed = s.cp.kubectl_ok(&["get", "hdm", "-n", api_ns]);
+    assert!(
+        listed.contains("api-b.tunnox.net") && listed.contains("Active"),
+        "{listed}"
+    );
+
+    // Statistics from real requests through the proxy.
+    for _ in 0..3 {
+        assert_eq!(support::http::status(proxy_port, "api-b.tunnox.net"), 200);
+    }
+    eventually("3 requests counted", Duration::from_secs(20), || {
+        let (status, st) = api.json(
+            "GET",
+            &format!("/api/v1/mappings/{id_b}/stats"),
+            API_BOB,
+            None,
+        );
+        status == 200 && st["requests"].as_u64() >= Some(3) && st["bytes_out"].as_u64() > Some(0)
+    });
+    let (status, sys) = api.json("GET", "/api/v1/stats/system", API_ADMIN, None);
+    assert_eq!(status, 200, "{sys}");
+    assert!(sys["mappings"]["Active"].as_u64() >= Some(4), "{sys}");
+    assert!(
+        sys["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node_id"] == "proxy-api"),
+        "{sys}"
+    );
+    assert_eq!(
+        api.json("GET", "/api/v1/stats/system", API_ALICE, None).0,
+        403
+    );
+
+    // A tunnel client with no TunnelSet: declared, Pending past the wait: 202.
+    let (status, p) = api.create(
+        API_ADMIN,
+        &api_mapping("api-t", 3000, r#", "target_client_id": "nobody""#),
+    );
+    assert_eq!(status, 202, "{p}");
+    assert_eq!(p["resource"], format!("{api_ns}/api-t.tunnox.net"));
+    assert_eq!(s.phase(api_ns, "api-t.tunnox.net"), "Pending");
+    s.cp.kubectl_ok(&[
+        "delete",
+        "hdm",
+        "api-t.tunnox.net",
+        "-n",
+        api_ns,
+        "--wait=true",
+    ]);
+
+    // Bad input: 4xx naming the field.
+    for (path, field) in [
+        ("/api/v1/mappings?colour=red", "colour"),
+        ("/api/v1/mappings?limit=1000000000", "limit"),
+        ("/api/v1/mappings?phase=Sleeping", "phase"),
+    ] {
+        let (status, e) = api.json("GET", path, API_ADMIN, None);
+        assert_eq!(
+            (status, e["field"].as_str()),
+            (400, Some(field)),
+            "{path}: {e}"
+        );
+    }
+    let (status, e) = api.create(API_ADMIN, "{not json");
+    assert_eq!((status, e["field"].as_str()), (400, Some("body")), "{e}");
+    let big = format!(r#"{{"subdomain": "{}"}}"#, "x".repeat(10 << 20));
+    assert_eq!(api.create(API_ADMIN, &big).0, 413);
+    let (status, e) = api.create(API_ALICE, &api_mapping("Bad_Name", up.port, ""));
+    assert_eq!(
+        (status, e["field"].as_str()),
+        (422, Some("subdomain")),
+        "{e}"
+    );
+
+    // Deletes: kube-a is kubectl's (409 without force), force is an administrator's; with it
+    // the resource and the claim are gone.
+    let (status, page) = api.json(
+        "GET",
+        "/api/v1/mappings?domain_prefix=kube-a",
+        API_ADMIN,
+        None,
+    );
+    assert_eq!(status, 200);
+    let id_kube = page["items"][0]["id"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/mappings/{id_kube}");
+    assert_eq!(api.json("DELETE", &path, API_ADMIN, None).0, 409);
+    assert_eq!(
+        api.json("DELETE", &format!("{path}?force=true"), API_ALICE, None)
+            .0,
+        403
+    );
+    let (status, body) = api.json("DELETE", &format!("{path}?force=true"), API_ADMIN, None);
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(
+        s.field(other_ns, "kube-a", "{.metadata.name}"),
+        "",
+        "the resource is gone"
+    );
+    assert!(
+        s.redis_keys("tunnox:http_domain:index:domain:kube-a.tunnox.net")
+            .is_empty()
+    );
+    // An owner deletes its own; another user cannot see it.
+    let path = format!("/api/v1/mappings/{id_a}");
+    assert_eq!(api.json("DELETE", &path, API_BOB, None).0, 404);
+    assert_eq!(standby_api.json("DELETE", &path, API_ALICE, None).0, 204);
+    assert_eq!(s.field(api_ns, "api-a.tunnox.net", "{.metadata.name}"), "");
+    let (_, a) = api.json("GET", avail, API_ALICE, None);
+    assert_eq!(a["verdict"], "free", "{a}");
+    eventually("404 once deleted", Duration::from_secs(10), || {
+        support::http::status(proxy_port, "api-a.tunnox.net") == 404
+    });
+
+    let requests = support::process::metric(
+        leader_admin,
+        "tunnox_controller_api_requests_total{method=\"POST\",route=\"/api/v1/mappings\",status=\"201\"}",
+    );
+    assert!(
+        requests >= 2,
+        "API requests in the leader's metrics: {requests}\n{}",
+        http_get(leader_admin, "/metrics")
+    );
+    // Nothing left for later scenarios: the API's resources go while a controller runs.
+    for ns in [api_ns, other_ns] {
+        ok(
+            s.cp.kubectl(&["delete", "hdm", "--all", "-n", ns, "--timeout=30s"]),
+            "delete the API's resources",
+        );
+    }
+    for (role, name) in [(&mut standby, "standby"), (&mut leader, "leader")] {
+        assert_eq!(
+            role.terminate(Duration::from_secs(15)),
+            Some(0),
+            "{name}: {}",
+            role.log()
+        );
+        no_permission_errors(role);
+    }
+    proxy.terminate(Duration::from_secs(30));
 }

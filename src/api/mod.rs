@@ -155,19 +155,17 @@ pub fn openapi_json() -> String {
     doc.to_pretty_json().expect("the document serialises") + "\n"
 }
 
-/// `tunnox_api_requests_total{route, status}`.
+/// `<name>{route, method, status}`: `tunnox_api_requests_total` on a proxy,
+/// `tunnox_controller_api_requests_total` on a controller (whose registry adds its prefix).
 #[derive(Clone)]
 pub struct ApiMetrics {
     requests: IntCounterVec,
 }
 
 impl ApiMetrics {
-    pub fn new(registry: &Registry) -> Self {
+    pub fn new(registry: &Registry, name: &str) -> Self {
         let requests = IntCounterVec::new(
-            prometheus::Opts::new(
-                "tunnox_api_requests_total",
-                "Management API requests by route and status",
-            ),
+            prometheus::Opts::new(name, "Management API requests by route and status"),
             &["route", "method", "status"],
         )
         .expect("valid metric");

@@ -194,7 +194,10 @@ async fn serve_api(
         }),
         cache: None,
     };
-    let router = crate::api::router(api, crate::api::ApiMetrics::new(parts.registry));
+    let router = crate::api::router(
+        api,
+        crate::api::ApiMetrics::new(parts.registry, "api_requests_total"),
+    );
     Ok(tokio::spawn(async move {
         let stop = async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -398,7 +398,10 @@ pub async fn run(mut settings: Settings) -> Result<(), RunError> {
                 settings.config.http_domain.cache.local.max_size,
             )),
         };
-        let router = crate::api::router(api, crate::api::ApiMetrics::new(&metrics.registry));
+        let router = crate::api::router(
+            api,
+            crate::api::ApiMetrics::new(&metrics.registry, "tunnox_api_requests_total"),
+        );
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let stop = async move { stopped(&mut stop).await };
