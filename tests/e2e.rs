@@ -4631,6 +4631,17 @@ fn management_api_over_the_cluster(s: &Stack) {
         "API requests in the leader's metrics: {requests}\n{}",
         http_get(leader_admin, "/metrics")
     );
+    // Every operation of the served document, fuzzed against the cluster's intent.
+    let fuzz_started = std::time::Instant::now();
+    for token in [API_ALICE, API_ADMIN] {
+        support::api::fuzz(leader_port, token, s.dir.path(), 20);
+    }
+    eprintln!(
+        "e2e: the cluster API fuzzed in {:?}",
+        fuzz_started.elapsed()
+    );
+    assert!(leader.is_running() && standby.is_running());
+
     // Nothing left for later scenarios: the API's resources go while a controller runs.
     for ns in [api_ns, other_ns] {
         ok(

@@ -84,3 +84,47 @@ impl Api {
         panic!("{query}: more than 1000 pages");
     }
 }
+
+/// Runs schemathesis (installed by `.ci/schemathesis.sh`) over every operation of the document
+/// the API on `port` serves, as `token`, with `examples` per operation: `--checks all` but
+/// `positive_data_acceptance` (a schema-valid request may still be refused by a rule the schema
+/// cannot state: a label structure, a base domain, the egress policy; that is a 4xx naming the
+/// field). Panics with the report on any failure. Its crash cache goes into `dir`.
+pub fn fuzz(port: u16, token: &str, dir: &std::path::Path, examples: u32) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/schemathesis.sh");
+    let out = std::process::Command::new(script)
+        .output()
+        .expect("run .ci/schemathesis.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let run = std::process::Command::new(&st)
+        .args([
+            "run",
+            &format!("http://127.0.0.1:{port}/api/v1/openapi.json"),
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            &examples.to_string(),
+            "--generation-deterministic",
+            "--workers",
+            "1",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .current_dir(dir)
+        .output()
+        .expect("run schemathesis");
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "schemathesis found failures:\n{report}"
+    );
+    assert!(report.contains("7 selected"), "{report}");
+}
