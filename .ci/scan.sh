@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Scans what users install with checkov: manifests/install.yaml (the chart with its defaults)
 # and the chart rendered as a production install would set it (digests, an admin token Secret,
-# the tunnel listener with its certificate Secret, an external Redis, a Prometheus peer). Fails
+# the tunnel listener with its certificate Secret, the management API over TLS, an external
+# Redis, a Prometheus peer). Fails
 # when any check fails. Checks the project skips on purpose are suppressed in the chart itself
 # (checkov.io/skipN annotations) and listed with their reasons in charts/tunnox/README.md.
 set -euo pipefail
@@ -19,6 +20,9 @@ digest="sha256:$(printf '%064d' 0 | tr 0 a)"
     --set tunnel.enabled=true --set tunnel.tls.secretName=tunnox-tunnel-tls \
     --set-json 'networkPolicy.adminFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]' \
     --set-json 'egress.deny=["10.96.0.0/12"]' \
+    --set api.enabled=true --set api.tokensSecret.name=tunnox-api-tokens \
+    --set api.tlsSecretName=tunnox-api-tls \
+    --set-json 'api.from=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"portal"}}}]' \
     >"$work/production.yaml"
 "$helm" template tunnox charts/tunnox --namespace tunnox-system \
     --set redis.bundled=false --set redis.external.addr=redis.example:6379 \
