@@ -4455,6 +4455,38 @@ fn management_api_over_the_cluster(s: &Stack) {
                 .is_empty()
         },
     );
+    // The same create by a caller that hangs up at once: the resource is withdrawn all the
+    // same (left in Conflict it would take the domain when its holder lets go).
+    {
+        use std::io::Write;
+        let body = api_mapping("kube-a", up.port, "");
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", leader_port)).unwrap();
+        write!(
+            c,
+            "POST /api/v1/mappings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_ALICE}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        eventually("the resource created", Duration::from_secs(10), || {
+            !s.field(api_ns, "kube-a.tunnox.net", "{.metadata.name}")
+                .is_empty()
+        });
+        drop(c);
+    }
+    eventually(
+        "withdrawn after the caller hung up",
+        Duration::from_secs(15),
+        || {
+            s.field(api_ns, "kube-a.tunnox.net", "{.metadata.name}")
+                .is_empty()
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        s.field(api_ns, "kube-a.tunnox.net", "{.metadata.name}"),
+        "",
+        "nothing left in Conflict"
+    );
 
     // Created through the standby; the quota (2 per user) holds.
     let (status, m) = standby_api.create(API_BOB, &api_mapping("api-b", up.port, ""));

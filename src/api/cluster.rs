@@ -4,6 +4,7 @@
 //! deletes the resource (its finalizer releases the domain). Reads come from the store and from
 //! the controller's cache of resources, which every replica keeps.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,19 +32,22 @@ const FIELD_MANAGER: &str = "tunnox-api";
 /// How often a waiting call looks at the cache again.
 const POLL: Duration = Duration::from_millis(50);
 
+/// What a create's settling task needs (cheap clones, so it can outlive the request).
+#[derive(Clone)]
+struct Parts {
+    client: kube::Client,
+    namespace: String,
+    cache: Store<HTTPDomainMapping>,
+    store: Arc<dyn MappingStore>,
+    wait: Duration,
+}
+
 pub struct ClusterIntent {
-    pub client: kube::Client,
-    /// Where the API's resources are created (`api.namespace`).
-    pub namespace: String,
-    pub cluster_id: String,
-    /// The controller's cache of every `HTTPDomainMapping`.
-    pub cache: Store<HTTPDomainMapping>,
-    pub store: Arc<dyn MappingStore>,
-    /// How long a call waits for the controller (`api.wait`).
-    pub wait: Duration,
+    parts: Parts,
+    cluster_id: String,
     /// A user's creations are counted and made one at a time (in this replica; the controller's
-    /// `quota.per_owner` is the bound across replicas).
-    pub quota_lock: tokio::sync::Mutex<()>,
+    /// `quota.per_owner` is the bound across replicas), users independently of each other.
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A user id as a label value: ids are any visible ASCII, label values are not, so the id is
@@ -148,28 +152,67 @@ pub fn verdict(r: Option<&HTTPDomainMapping>, uid: &str) -> Verdict {
     }
 }
 
-/// The error a refusal by the controller answers with.
+/// The error a refusal by the controller answers with. Only messages about the caller's own
+/// input are passed on; others (a namespace's count, the API's namespace) stay in the resource's
+/// status and the log.
 fn refused(domain: &str, reason: &str, message: &str) -> ApiError {
     match reason {
-        "QuotaExceeded" => {
-            ApiError::new(StatusCode::CONFLICT, "quota_exceeded", message.to_string())
-        }
+        "QuotaExceeded" => ApiError::new(
+            StatusCode::CONFLICT,
+            "quota_exceeded",
+            format!("{domain}: a mapping quota is reached"),
+        ),
         "Expired" => ApiError::refused("expires_at", message.to_string()),
         "InvalidTarget" | "EgressDenied" => ApiError::refused("target_host", message.to_string()),
+        "InvalidDomain" | "BaseDomainNotAllowed" => {
+            ApiError::refused("subdomain", message.to_string())
+        }
         "TunnelGroupEmpty" | "TunnelGroupTooLarge" | "TunnelSetInOtherNamespace" => {
             ApiError::refused("target_client_id", message.to_string())
         }
-        _ => ApiError::refused("subdomain", format!("{domain}: {reason}: {message}")),
+        _ => ApiError::refused(
+            "body",
+            format!("{domain}: refused by the controller ({reason})"),
+        ),
     }
 }
 
-fn kube_unavailable(e: &kube::Error) -> ApiError {
-    tracing::warn!(error = %e, "API request failed at the Kubernetes API");
+/// A failed call to the Kubernetes API: a refusal of the resource is the request's fault (422,
+/// a fixed message); anything else is ours (503). The detail goes to the log only.
+fn kube_error(e: &kube::Error, what: &str) -> ApiError {
+    tracing::warn!(error = %e, what, "API request failed at the Kubernetes API");
+    match e {
+        kube::Error::Api(s) if matches!(s.code, 400 | 403 | 404 | 422) => ApiError::refused(
+            "body",
+            format!("the Kubernetes API refused to {what} (the controller's log has the reason)"),
+        ),
+        _ => unavailable("the Kubernetes API cannot be reached; try again"),
+    }
+}
+
+fn unavailable(message: &str) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
-        "the Kubernetes API cannot be reached; try again",
+        message.to_string(),
     )
+}
+
+/// `f`, or a 503 once `within` has passed.
+async fn bounded<T>(
+    within: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(within, f).await {
+        Ok(r) => r.map_err(|e| kube_error(&e, what)),
+        Err(_) => {
+            tracing::warn!(what, ?within, "the Kubernetes API did not answer in time");
+            Err(unavailable(
+                "the Kubernetes API did not answer in time; try again",
+            ))
+        }
+    }
 }
 
 /// `namespace/name` of the resource a record of this cluster names as its source.
@@ -180,7 +223,7 @@ pub fn resource_named(source: &str, cluster: &str) -> Option<(String, String)> {
         .then(|| (ns.to_string(), name.to_string()))
 }
 
-impl ClusterIntent {
+impl Parts {
     fn api(&self, namespace: &str) -> kube::Api<HTTPDomainMapping> {
         kube::Api::namespaced(self.client.clone(), namespace)
     }
@@ -189,27 +232,8 @@ impl ClusterIntent {
         self.cache.get(&ObjectRef::new(name).within(namespace))
     }
 
-    /// The resources the API created for `user` (from the API server, not the cache: one
-    /// created a moment ago counts).
-    async fn count_of(&self, user: &str) -> Result<usize, ApiError> {
-        let lp = ListParams::default().labels(&format!(
-            "{MANAGED_BY_LABEL}={MANAGED_BY},{OWNER_LABEL}={}",
-            owner_label(user)
-        ));
-        let list = self
-            .api(&self.namespace)
-            .list_metadata(&lp)
-            .await
-            .map_err(|e| kube_unavailable(&e))?;
-        Ok(list
-            .items
-            .iter()
-            .filter(|m| m.metadata.deletion_timestamp.is_none())
-            .count())
-    }
-
-    /// Deletes the resource `name` if it is still the one with `uid` (failures only logged:
-    /// the caller answers with the reason it deletes for).
+    /// Deletes the API's resource `name` if it is still the one with `uid` (a few attempts:
+    /// a refused resource left behind would wait for its domain and take it later).
     async fn withdraw(&self, name: &str, uid: &str) {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
@@ -218,8 +242,85 @@ impl ClusterIntent {
             }),
             ..DeleteParams::default()
         };
-        if let Err(e) = self.api(&self.namespace).delete(name, &dp).await {
-            tracing::warn!(error = %e, resource = %name, "could not withdraw a refused API mapping");
+        for attempt in 0..5u32 {
+            match tokio::time::timeout(self.wait, self.api(&self.namespace).delete(name, &dp)).await
+            {
+                Ok(Ok(_)) => return,
+                Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, resource = %name, attempt, "could not withdraw a refused API mapping")
+                }
+                Err(_) => {
+                    tracing::warn!(resource = %name, attempt, "withdrawing a refused API mapping timed out")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
+        }
+        tracing::error!(resource = %format!("{}/{name}", self.namespace), "a refused API mapping could not be withdrawn: delete it");
+    }
+
+    /// Waits for the controller's verdict on the resource just created (`uid`). Runs as a task
+    /// of its own: a caller that hangs up does not stop a refused resource's withdrawal.
+    /// `may_wait`: a tunnel target, which may legitimately wait for its TunnelSet (answered
+    /// 202); any other create that has no verdict within the wait is withdrawn.
+    async fn settle(self, name: String, uid: String, may_wait: bool) -> Result<Created, ApiError> {
+        let at = format!("{}/{name}", self.namespace);
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut seen = false;
+        loop {
+            let now = self.cached(&self.namespace, &name);
+            let mine = now
+                .as_deref()
+                .is_some_and(|r| r.metadata.uid.as_deref() == Some(uid.as_str()));
+            if seen && !mine {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("{name} was deleted while it was being created"),
+                ));
+            }
+            seen |= mine;
+            match verdict(now.as_deref(), &uid) {
+                Verdict::Active(id) => {
+                    if let Ok(id) = MappingId::parse(&id)
+                        && let Some(m) = self.store.get(&id).await?
+                    {
+                        return Ok(Created::Served(m));
+                    }
+                }
+                Verdict::Taken(holder) => {
+                    self.withdraw(&name, &uid).await;
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "domain_taken",
+                        format!("{name} is taken by {holder}"),
+                    )
+                    .at("subdomain"));
+                }
+                Verdict::Refused { reason, message } => {
+                    self.withdraw(&name, &uid).await;
+                    return Err(refused(&name, &reason, &message));
+                }
+                Verdict::Waiting(why) if tokio::time::Instant::now() >= deadline => {
+                    if may_wait {
+                        return Ok(Created::Pending {
+                            message: if why.is_empty() {
+                                format!("{at} is not Active after {:?}", self.wait)
+                            } else {
+                                format!("{at} is not Active after {:?}: {why}", self.wait)
+                            },
+                            resource: at,
+                        });
+                    }
+                    self.withdraw(&name, &uid).await;
+                    return Err(unavailable(&format!(
+                        "the controller did not decide on {name} within {:?}; nothing was kept: try again",
+                        self.wait
+                    )));
+                }
+                Verdict::Waiting(_) => {}
+            }
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -238,128 +339,162 @@ impl ClusterIntent {
     }
 }
 
+impl ClusterIntent {
+    pub fn new(
+        client: kube::Client,
+        namespace: String,
+        cluster_id: String,
+        cache: Store<HTTPDomainMapping>,
+        store: Arc<dyn MappingStore>,
+        wait: Duration,
+    ) -> Self {
+        Self {
+            parts: Parts {
+                client,
+                namespace,
+                cache,
+                store,
+                wait,
+            },
+            cluster_id,
+            locks: Default::default(),
+        }
+    }
+
+    /// Every call answers 503 until this replica's cache holds every resource: a decision on an
+    /// incomplete cache could delete a live mapping's record or refuse an owner its own.
+    async fn ready(&self) -> Result<(), ApiError> {
+        match tokio::time::timeout(Duration::ZERO, self.parts.cache.wait_until_ready()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(unavailable(
+                "the controller is still reading every HTTPDomainMapping; try again",
+            )),
+        }
+    }
+
+    fn lock_of(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(user.to_string()).or_default().clone()
+    }
+
+    /// The resources the API created for `user` (from the API server, not the cache: one
+    /// created a moment ago counts).
+    async fn count_of(&self, user: &str) -> Result<usize, ApiError> {
+        let lp = ListParams::default().labels(&format!(
+            "{MANAGED_BY_LABEL}={MANAGED_BY},{OWNER_LABEL}={}",
+            owner_label(user)
+        ));
+        let api = self.parts.api(&self.parts.namespace);
+        let list = bounded(
+            self.parts.wait,
+            "list the user's mappings",
+            api.list_metadata(&lp),
+        )
+        .await?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|m| m.metadata.deletion_timestamp.is_none())
+            .count())
+    }
+
+    /// The resource of this cluster that declares `m` (by its `source`), as cached.
+    fn declaring(&self, m: &Mapping) -> Option<(String, String, Arc<HTTPDomainMapping>)> {
+        let (ns, name) = resource_named(m.source.as_deref()?, &self.cluster_id)?;
+        let r = self.parts.cached(&ns, &name)?;
+        Some((ns, name, r))
+    }
+}
+
 #[async_trait]
 impl Intent for ClusterIntent {
     async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError> {
+        self.ready().await?;
         let domain = spec.validate().map_err(StoreError::Invalid)?;
         let name = domain.as_str().to_string();
-        let _counted = match (&spec.owner_user_id, quota.per_owner) {
-            (Some(user), limit) if limit > 0 => {
-                let guard = self.quota_lock.lock().await;
+        let p = &self.parts;
+        let lock = match (&spec.owner_user_id, quota.per_owner) {
+            (Some(user), limit) if limit > 0 => Some((self.lock_of(user), user.clone(), limit)),
+            _ => None,
+        };
+        let _counted = match &lock {
+            Some((lock, user, limit)) => {
+                let guard = tokio::time::timeout(p.wait, lock.lock())
+                    .await
+                    .map_err(|_| {
+                        unavailable("too many creations for this user at once; try again")
+                    })?;
                 let count = self.count_of(user).await?;
-                if count >= limit {
+                if count >= *limit {
                     return Err(StoreError::QuotaExceeded {
                         scope: QuotaScope::Owner(user.clone()),
                         count: count as u64,
-                        limit,
+                        limit: *limit,
                     }
                     .into());
                 }
                 Some(guard)
             }
-            _ => None,
+            None => None,
         };
-        let resource = resource_of(&spec, &name, &self.namespace);
+        let resource = resource_of(&spec, &name, &p.namespace);
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PostParams::default()
         };
-        let created = match self.api(&self.namespace).create(&pp, &resource).await {
-            Ok(c) => c,
-            Err(kube::Error::Api(s)) if s.code == 409 => {
+        let api = p.api(&p.namespace);
+        let created = match tokio::time::timeout(p.wait, api.create(&pp, &resource)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "domain_taken",
-                    format!(
-                        "{domain} is taken: resource {}/{name} exists",
-                        self.namespace
-                    ),
+                    format!("{domain} is taken: a mapping of that name exists"),
                 )
                 .at("subdomain"));
             }
-            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
-                return Err(ApiError::refused("body", s.message));
+            Ok(Err(e)) => return Err(kube_error(&e, "create the mapping's resource")),
+            Err(_) => {
+                return Err(unavailable(
+                    "the Kubernetes API did not answer in time; try again",
+                ));
             }
-            Err(e) => return Err(kube_unavailable(&e)),
         };
         drop(_counted);
         let uid = created.metadata.uid.clone().unwrap_or_default();
-        let at = format!("{}/{name}", self.namespace);
-        let deadline = tokio::time::Instant::now() + self.wait;
-        loop {
-            let now = self.cached(&self.namespace, &name);
-            match verdict(now.as_deref(), &uid) {
-                Verdict::Active(id) => {
-                    let id = MappingId::parse(&id).map_err(|e| {
-                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                    })?;
-                    if let Some(m) = self.store.get(&id).await? {
-                        return Ok(Created::Served(m));
-                    }
-                }
-                Verdict::Taken(holder) => {
-                    self.withdraw(&name, &uid).await;
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "domain_taken",
-                        format!("{domain} is taken by {holder}"),
-                    )
-                    .at("subdomain"));
-                }
-                Verdict::Refused { reason, message } => {
-                    self.withdraw(&name, &uid).await;
-                    return Err(refused(&name, &reason, &message));
-                }
-                Verdict::Waiting(why) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Ok(Created::Pending {
-                            message: if why.is_empty() {
-                                format!(
-                                    "{at} is not Active after {:?}; the controller has not decided on it yet",
-                                    self.wait
-                                )
-                            } else {
-                                format!("{at} is not Active after {:?}: {why}", self.wait)
-                            },
-                            resource: at,
-                        });
-                    }
-                }
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let may_wait = spec.target_client_id.is_some();
+        tokio::spawn(p.clone().settle(name, uid, may_wait))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "settling an API create panicked");
+                Err(unavailable("internal error; try again"))
+            })
     }
 
-    fn declared_here(&self, m: &Mapping) -> bool {
-        let Some((ns, name)) = m
-            .source
-            .as_deref()
-            .and_then(|s| resource_named(s, &self.cluster_id))
-        else {
-            return false;
-        };
-        ns == self.namespace
-            && self.cached(&ns, &name).is_some_and(|r| {
-                r.metadata
+    async fn declared_here(&self, m: &Mapping) -> Result<bool, ApiError> {
+        self.ready().await?;
+        Ok(self.declaring(m).is_some_and(|(ns, _, r)| {
+            ns == self.parts.namespace
+                && r.metadata
                     .labels
                     .as_ref()
                     .and_then(|l| l.get(MANAGED_BY_LABEL))
                     .is_some_and(|v| v == MANAGED_BY)
-            })
+        }))
     }
 
     async fn delete(&self, m: &Mapping, force: bool) -> Result<Deleted, ApiError> {
-        let resource = m
-            .source
-            .as_deref()
-            .and_then(|s| resource_named(s, &self.cluster_id))
-            .and_then(|(ns, name)| {
-                let r = self.cached(&ns, &name)?;
-                let declares = r.status.as_ref().and_then(|s| s.mapping_id.as_deref())
-                    == Some(m.mapping_id.as_str());
-                declares.then(|| (ns, name, r.metadata.uid.clone().unwrap_or_default()))
-            });
-        let Some((ns, name, uid)) = resource else {
+        self.ready().await?;
+        let p = &self.parts;
+        // The resource goes unless it declares another record (this one is then a stale
+        // leftover of it, removed by itself); a resource whose status has no id yet goes too.
+        let resource = self.declaring(m).filter(|(_, _, r)| {
+            r.status
+                .as_ref()
+                .and_then(|s| s.mapping_id.as_deref())
+                .is_none_or(|id| id == m.mapping_id.as_str())
+        });
+        let Some((ns, name, r)) = resource else {
             // No resource of this cluster declares it (another cluster's, the configuration's,
             // an orphan): only force removes the record itself.
             if !force {
@@ -372,22 +507,27 @@ impl Intent for ClusterIntent {
                     ),
                 ));
             }
-            self.store.delete(&m.mapping_id, Some(m.version)).await?;
+            p.store.delete(&m.mapping_id, Some(m.version)).await?;
             return Ok(Deleted::Gone);
         };
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
-                uid: Some(uid),
+                uid: r.metadata.uid.clone(),
                 resource_version: None,
             }),
             ..DeleteParams::default()
         };
-        match self.api(&ns).delete(&name, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-            Err(e) => return Err(kube_unavailable(&e)),
+        match tokio::time::timeout(p.wait, p.api(&ns).delete(&name, &dp)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {}
+            Ok(Err(e)) => return Err(kube_error(&e, "delete the mapping's resource")),
+            Err(_) => {
+                return Err(unavailable(
+                    "the Kubernetes API did not answer in time; try again",
+                ));
+            }
         }
-        Ok(if self.released(&m.mapping_id).await? {
+        Ok(if p.released(&m.mapping_id).await? {
             Deleted::Gone
         } else {
             Deleted::InProgress {
@@ -397,18 +537,9 @@ impl Intent for ClusterIntent {
     }
 
     async fn phases(&self) -> Result<Vec<(ApiPhase, u64)>, ApiError> {
-        if tokio::time::timeout(Duration::from_millis(1), self.cache.wait_until_ready())
-            .await
-            .is_err()
-        {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the controller is still reading every HTTPDomainMapping; try again",
-            ));
-        }
+        self.ready().await?;
         let mut counts = [0u64; 5];
-        for r in self.cache.state() {
+        for r in self.parts.cache.state() {
             let phase = r.status.as_ref().map(|s| s.phase).unwrap_or_default();
             counts[match phase {
                 Phase::Pending => 0,
@@ -520,7 +651,13 @@ mod tests {
             panic!("refused")
         };
         assert_eq!(reason, "QuotaExceeded");
-        assert_eq!(refused("d", &reason, "m").body.code, "quota_exceeded");
+        let q = refused("d", &reason, "namespace tunnox-api already has 9 mappings");
+        assert_eq!(q.body.code, "quota_exceeded");
+        assert!(!q.body.message.contains("tunnox-api"), "{q:?}");
+        let other = refused("d", "TunnelSetInOtherNamespace", "own: tunnox-api");
+        assert_eq!(other.body.field.as_deref(), Some("target_client_id"));
+        let unknown = refused("d", "SomethingElse", "secret detail");
+        assert!(!unknown.body.message.contains("secret"), "{unknown:?}");
         assert_eq!(
             refused("d", "InvalidTarget", "m").body.field.as_deref(),
             Some("target_host")

@@ -591,7 +591,7 @@ pub async fn delete(
         return Err(ApiError::forbidden("force-delete needs the admin role").at("force"));
     }
     let m = visible(&api, &role, &id).await?;
-    if !force && !api.intent.declared_here(&m) {
+    if !force && !api.intent.declared_here(&m).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",

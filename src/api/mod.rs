@@ -57,7 +57,7 @@ pub trait Intent: Send + Sync + 'static {
     /// holder (the handler hides it from users).
     async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError>;
     /// True when `m` was declared through this API (its owner may delete it without force).
-    fn declared_here(&self, m: &Mapping) -> bool;
+    async fn declared_here(&self, m: &Mapping) -> Result<bool, ApiError>;
     /// Removes `m`, as it was just read; `force`: whoever declared it.
     async fn delete(&self, m: &Mapping, force: bool) -> Result<Deleted, ApiError>;
     /// How many mappings are in each phase.
@@ -77,8 +77,8 @@ impl Intent for LocalIntent {
         ))
     }
 
-    fn declared_here(&self, m: &Mapping) -> bool {
-        m.source.as_deref() == Some(handlers::API_SOURCE)
+    async fn declared_here(&self, m: &Mapping) -> Result<bool, ApiError> {
+        Ok(m.source.as_deref() == Some(handlers::API_SOURCE))
     }
 
     async fn delete(&self, m: &Mapping, _force: bool) -> Result<Deleted, ApiError> {

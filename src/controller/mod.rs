@@ -177,15 +177,14 @@ async fn serve_api(
     let api = crate::api::Api {
         store: parts.store.clone(),
         nodes: parts.nodes,
-        intent: Arc::new(crate::api::cluster::ClusterIntent {
-            client: parts.client,
+        intent: Arc::new(crate::api::cluster::ClusterIntent::new(
+            parts.client,
             namespace,
-            cluster_id: parts.cluster_id,
-            cache: parts.cache,
-            store: parts.store,
-            wait: api_cfg.wait.get(),
-            quota_lock: Default::default(),
-        }),
+            parts.cluster_id,
+            parts.cache,
+            parts.store,
+            api_cfg.wait.get(),
+        )),
         tokens: Arc::new(crate::api::Tokens::new(settings.api_tokens.clone())),
         rules: Arc::new(crate::api::Rules {
             base_domains: settings.config.http_domain.base_domains.clone(),
@@ -244,7 +243,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         addr: cfg.admin_listen,
         source,
     })?;
-    health.set_ready(true);
 
     // The mappings' cache runs on every replica, leading or not: a standby takes over with a
     // warm cache (no first list of every mapping), and the management API reads it on any
@@ -264,7 +262,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 Api::<HTTPDomainMapping>::all(client.clone()),
                 watcher::Config::default().page_size(LIST_PAGE),
             )
-            .default_backoff(),
+            .default_backoff()
+            // Nothing here reads managedFields: not kept for every mapping on every replica.
+            .modify(|m| kube::ResourceExt::managed_fields_mut(m).clear()),
         )
         .inspect(move |event| {
             if let Ok(event) = event {
@@ -287,6 +287,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             broken.clone(),
         )
     };
+    // Ready once the cache holds every mapping: the API answers from it, and a standby is then
+    // one that can take over at once.
+    {
+        let (reader, health) = (reader.clone(), health.clone());
+        tokio::spawn(async move {
+            if reader.wait_until_ready().await.is_ok() {
+                health.set_ready(true);
+            }
+        });
+    }
     let api_server = match &settings.config.api.listen {
         None => None,
         Some(addr) => Some(
@@ -336,6 +346,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             election.stop().await;
             let _ = stop_tx.send(true);
             let _ = admin.await;
+            if let Some(api) = api_server {
+                let _ = api.await;
+            }
             return Ok(());
         }
         _ = broken.notified() => {
@@ -574,9 +587,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     resync.abort();
     restorer.abort();
     mapping_cache.abort();
-    if let Some(api) = api_server {
-        api.abort();
-    }
     fleet_watch.abort();
     for watch in [session_watch, applied_watch].into_iter().flatten() {
         watch.abort();
@@ -587,6 +597,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     metrics.leader.set(0);
     let _ = stop_tx.send(true);
     let _ = admin.await;
+    // The API's requests in flight finish (bounded by its stop grace): a create settling its
+    // resource is not cut off halfway.
+    if let Some(api) = api_server {
+        let _ = api.await;
+    }
     if failed.load(std::sync::atomic::Ordering::Relaxed) {
         // Exiting lets the orchestrator restart us as a standby.
         std::process::exit(1);
