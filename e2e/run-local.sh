@@ -88,11 +88,15 @@ k wait --for=condition=Established crd/httpdomainmappings.tunnox.net crd/tunnels
 # the chart's Secret as in a cluster; the local proxy reads the same files.
 e2e/tunnel-cert.sh "$run_dir/tunnel-tls" >/dev/null
 k create namespace "$ns" >/dev/null
+# The management API's admin token, kept in the chart's Secret as in a cluster.
+openssl rand -hex 32 | tr -d '\n' >"$run_dir/api-admin.token"
+k -n "$ns" create secret generic tunnox-api-tokens --from-file=admin="$run_dir/api-admin.token" >/dev/null
 k -n "$ns" create secret tls tunnox-tunnel-tls --cert="$run_dir/tunnel-tls/tls.crt" \
     --key="$run_dir/tunnel-tls/tls.key" >/dev/null
 "$HELM" install tunnox charts/tunnox --namespace "$ns" --skip-crds \
     --set "egress.allow[0]=127.0.0.1:$demo_port" \
-    --set tunnel.enabled=true --set tunnel.tls.secretName=tunnox-tunnel-tls >/dev/null
+    --set tunnel.enabled=true --set tunnel.tls.secretName=tunnox-tunnel-tls \
+    --set api.enabled=true --set api.tokensSecret.name=tunnox-api-tokens >/dev/null
 k -n "$ns" get configmap tunnox -o jsonpath='{.data.config\.yaml}' >"$run_dir/config.yaml"
 token=$(k -n "$ns" create token tunnox-controller --duration=24h)
 sed "s|^\(\s*token:\).*|\1 $token|" "$KUBECONFIG" >"$run_dir/controller.kubeconfig"
@@ -123,9 +127,12 @@ pids+=($!)
 # This Redis has no password: the chart's password file (a mounted Secret in pods) is unset.
 common_env=(TUNNOX__STORAGE__REDIS__ADDR="127.0.0.1:$redis_port" TUNNOX__STORAGE__REDIS__PASSWORD_FILE=
     POD_NAMESPACE="$ns")
-step "starting tunnox controller (as the chart's ServiceAccount)"
+step "starting tunnox controller (as the chart's ServiceAccount; the management API on loopback)"
+api_port=$(free_port)
 env "${common_env[@]}" KUBECONFIG="$run_dir/controller.kubeconfig" POD_NAME=controller-local \
     TUNNOX__CONTROLLER__ADMIN_LISTEN="127.0.0.1:$(free_port)" \
+    TUNNOX__API__LISTEN="127.0.0.1:$api_port" \
+    TUNNOX__API__TOKENS="[{token_file: $run_dir/api-admin.token, role: admin}]" \
     "$bin" --config "$run_dir/config.yaml" controller >"$run_dir/controller.log" 2>&1 &
 pids+=($!)
 proxy_admin=$(free_port)
@@ -196,6 +203,8 @@ Try this (in another terminal):
   curl http://127.0.0.1:$remote_port/     # plain TCP: TunnelSet demo-laptop's remote port
   kubectl get tunnelset -A
   kubectl apply -f examples/hdm-address.yaml     # then: kubectl get hdm
+  curl -H "Authorization: Bearer \$(cat $run_dir/api-admin.token)" http://127.0.0.1:$api_port/api/v1/mappings     # the management API
+  curl -H "Authorization: Bearer \$(cat $run_dir/api-admin.token)" -d '{"subdomain": "from-api", "base_domain": "tunnox.net", "target_host": "127.0.0.1", "target_port": $demo_port}' http://127.0.0.1:$api_port/api/v1/mappings     # then: kubectl get hdm -n $ns
   curl http://127.0.0.1:$proxy_admin/status
 
 Logs: $run_dir/{controller,proxy,agent,redis,demo,laptop}.log

@@ -56,7 +56,21 @@ remote_url=$(sed -n "s|^  curl \(http://127.0.0.1:[0-9]*/\)     # plain TCP.*|\1
 page=$(curl -sS "$remote_url") || fail "curl to the TunnelSet's remote port failed"
 grep -q 'Hello through the tunnel' <<<"$page" ||
     fail "the laptop page does not come through the remote port: $page"
-echo "run-smoke: kubectl get hdm, the demo page and the page behind the agent work; pressing Ctrl-C" >&2
+# The try-this block's management API calls: the listing shows the demo mapping; a create
+# answers Active and the proxy serves it.
+api_list=$(sed -n 's|^  curl -H "Authorization: Bearer \$(cat \([^)]*\))" \(http://[^ ]*\)     # the management API$|\1 \2|p' "$out")
+read -r api_token_file api_url <<<"$api_list"
+[[ -n ${api_url:-} ]] || fail "the try-this block has no management API call"
+api_auth="Authorization: Bearer $(cat "$api_token_file")"
+curl -fsS -H "$api_auth" "$api_url" | grep -q '"domain":"demo.tunnox.net"' ||
+    fail "the management API does not list the demo mapping"
+create_body=$(sed -n "s|^  curl -H \"Authorization: Bearer [^\"]*\" -d '\([^']*\)' .*|\1|p" "$out")
+[[ -n $create_body ]] || fail "the try-this block has no create through the API"
+created=$(curl -sS -H "$api_auth" -d "$create_body" "$api_url") || fail "create through the API failed"
+grep -q '"phase":"Active"' <<<"$created" || fail "create through the API did not answer Active: $created"
+curl -fsS -H 'Host: from-api.tunnox.net' "$url" | grep -q 'Hello from behind tunnox' ||
+    fail "the mapping created through the API is not served"
+echo "run-smoke: kubectl get hdm, the demo page, the page behind the agent and the management API work; pressing Ctrl-C" >&2
 kill -INT -- "-$pid"
 for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
 kill -0 "$pid" 2>/dev/null && fail "make run did not stop within 60 s of Ctrl-C"
