@@ -3,6 +3,7 @@
 //! applied it), a cold start over 10 000 mappings, and a restart over them with nothing changed.
 //! Prints a Markdown section (`make bench` collects it into docs/benchmarks.md).
 
+mod harness;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -19,6 +20,9 @@ use tunnox::crd::{HTTPDomainMapping, HTTPDomainMappingSpec, Target};
 use tunnox::store::{MappingStore, RedisOptions, RedisStore, SubscriptionEvent};
 
 const APPLIES: usize = 200;
+/// The management API's admin token on the restarted controller, and its listing's page size.
+const API_TOKEN: &str = "bench-admin-token-0123456789";
+const API_PAGE: usize = 500;
 /// New mappings of the first programming (`TUNNOX_BENCH_COLD=<n>` for another count; the
 /// waits grow with it).
 const COLD: usize = 10_000;
@@ -54,8 +58,19 @@ fn start_controller(
     dir: &std::path::Path,
     name: &str,
 ) -> (Role, u16) {
+    start_controller_with(cp, config, dir, name, &[])
+}
+
+/// [`start_controller`] with more environment (the management API).
+fn start_controller_with(
+    cp: &ControlPlane,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+    extra: &[(&'static str, String)],
+) -> (Role, u16) {
     let admin = free_port();
-    let env = vec![
+    let mut env = vec![
         ("KUBECONFIG", cp.kubeconfig().to_string()),
         ("POD_NAME", name.to_string()),
         ("POD_NAMESPACE", "default".to_string()),
@@ -64,6 +79,7 @@ fn start_controller(
             format!("127.0.0.1:{admin}"),
         ),
     ];
+    env.extend(extra.iter().cloned());
     let role = Role::start(
         &["--config", config.to_str().unwrap(), "controller"],
         &env,
@@ -278,7 +294,18 @@ fn main() {
         assert_eq!(second.terminate(Duration::from_secs(30)), Some(0));
         let (rv_before, writes_before) = (versions().await, redis_writes(&redis));
         let restarted = Instant::now();
-        let (mut third, admin) = start_controller(&cp, &config, dir.path(), "bench-3");
+        // This one serves the management API too: its listing is measured after the restart.
+        let api_port = free_port();
+        let (mut third, admin) = start_controller_with(
+            &cp,
+            &config,
+            dir.path(),
+            "bench-3",
+            &[
+                ("TUNNOX__API__LISTEN", format!("127.0.0.1:{api_port}")),
+                ("TUNNOX__API__TOKENS", format!("[{{token: {API_TOKEN}, role: admin}}]")),
+            ],
+        );
         // TUNNOX_BENCH_PERF=<file>: a CPU profile of this controller's restart (perf record).
         let mut perf = std::env::var("TUNNOX_BENCH_PERF").ok().map(|out| {
             std::process::Command::new("perf")
@@ -301,6 +328,8 @@ fn main() {
         let (rv_after, writes_after) = (versions().await, redis_writes(&redis));
         let status_writes = moved(&rv_before, &rv_after);
         let redis_written = writes_after - writes_before;
+        // The management API of this controller: every mapping listed from Redis, page by page.
+        let listed = harness::list_all(api_port, &third.pid().to_string(), API_TOKEN, API_PAGE);
         third.terminate(Duration::from_secs(30));
 
         println!("## Controller (issue: controller)\n");
@@ -360,5 +389,33 @@ fn main() {
         );
         let goal = pct(&samples, 0.99) < Duration::from_millis(50);
         println!("Goal p99 < 50 ms for create → Redis: **{}**.\n", if goal { "met" } else { "not met" });
+        let mut pages = listed.pages.clone();
+        pages.sort();
+        let api_p99 = pct(&pages, 0.99);
+        let growth = listed.rss_max.saturating_sub(listed.rss_before);
+        println!("### Listing through the management API (cluster)\n");
+        println!(
+            "The restarted controller serves `api.listen` with an admin token: `GET /api/v1/mappings?limit={API_PAGE}` following \
+             `next_cursor` to the last page (the records read from Redis), one kept-alive connection, each page timed to the last \
+             byte of its JSON; the controller's RSS read after every page.\n"
+        );
+        println!("| mappings listed | pages | page p50 | page p99 | page max | RSS before | RSS growth (most, after any page) |");
+        println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {} | **{}** | {} | {} | **{}** |\n",
+            listed.items,
+            pages.len(),
+            ms(pct(&pages, 0.5)),
+            ms(api_p99),
+            ms(*pages.last().expect("a page")),
+            harness::mib(listed.rss_before),
+            harness::mib(growth)
+        );
+        println!(
+            "Goals (issue: management API): every mapping listed: **{}**; each page under 50 ms at p99: **{}**; RSS growth under 20 MB: **{}**.\n",
+            if listed.items == expected { "met" } else { "not met" },
+            if api_p99 < Duration::from_millis(50) { "met" } else { "not met" },
+            if growth < 20_000_000 { "met" } else { "not met" }
+        );
     });
 }

@@ -10,7 +10,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use harness::{Http, Proc, median, mib, ms, pinned, rss_of, wait_ready};
+use harness::{Http, Listing, Proc, list_all, median, mib, ms, pinned, rss_of, wait_ready};
 use support::process::free_port;
 
 const MAPPINGS: usize = 100_000;
@@ -49,49 +49,6 @@ struct Start {
     listing: Option<Listing>,
 }
 
-/// Every mapping listed through the management API, page by page.
-struct Listing {
-    pages: Vec<Duration>,
-    items: usize,
-    /// RSS before the first page, and the most seen after any page.
-    rss_before: u64,
-    rss_max: u64,
-}
-
-/// Pages through every mapping (`limit` [`PAGE`], following `next_cursor`), timing each page
-/// and reading the proxy's RSS after each.
-fn list_all(api: u16, pid: &str) -> Listing {
-    let mut http = Http::new(api);
-    http.headers = format!("Authorization: Bearer {TOKEN}\r\n");
-    let rss_before = rss_of(pid);
-    let (mut pages, mut items, mut rss_max) = (Vec::new(), 0, rss_before);
-    let mut cursor = String::new();
-    loop {
-        let t = Instant::now();
-        let a = http
-            .get(
-                "localhost",
-                &format!("/api/v1/mappings?limit={PAGE}{cursor}"),
-            )
-            .expect("a page");
-        pages.push(t.elapsed());
-        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
-        let page: serde_json::Value = serde_json::from_slice(&a.body).expect("JSON");
-        items += page["items"].as_array().expect("items").len();
-        rss_max = rss_max.max(rss_of(pid));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = format!("&cursor={c}"),
-            None => break,
-        }
-    }
-    Listing {
-        pages,
-        items,
-        rss_before,
-        rss_max,
-    }
-}
-
 /// Starts the proxy, waits for `/readyz`, checks the last mapping is routed (a 502 from the
 /// closed target port, not a 404), reads its RSS and stops it (SIGTERM: the JSON file is
 /// complete).
@@ -120,7 +77,7 @@ fn start(
     let a = Http::new(port).get(&last, "/").expect("a response");
     assert_eq!(a.status, 502, "{last} is routed (to a closed port)");
     let rss = rss_of(&p.pid().to_string());
-    let listing = listing.then(|| list_all(api, &p.pid().to_string()));
+    let listing = listing.then(|| list_all(api, &p.pid().to_string(), TOKEN, PAGE));
     p.stop();
     Start {
         ready,

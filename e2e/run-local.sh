@@ -45,7 +45,10 @@ cleanup() {
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do
         for _ in $(seq 50); do alive "$pid" || break; sleep 0.2; done
-        alive "$pid" && kill -KILL "$pid" 2>/dev/null
+        if alive "$pid"; then
+            printf 'process %s (%s) did not stop within 10 s: killed\n' "$pid" "$(ps -o args= -p "$pid" | cut -c1-80)" >&2
+            kill -KILL "$pid" 2>/dev/null
+        fi
     done
     wait "${pids[@]}" 2>/dev/null || true
     e2e/controlplane.sh down "$run_dir/cp" >/dev/null 2>&1 || true

@@ -74,6 +74,7 @@ echo "run-smoke: kubectl get hdm, the demo page, the page behind the agent and t
 kill -INT -- "-$pid"
 for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
 kill -0 "$pid" 2>/dev/null && fail "make run did not stop within 60 s of Ctrl-C"
+grep 'did not stop within' "$out" >&2 || true
 left=$(pgrep -af -- "$run_dir" | grep -v pgrep || true)
 [[ -z $left ]] || fail "processes left behind: $left"
 [[ ! -d $run_dir ]] || fail "$run_dir left behind"

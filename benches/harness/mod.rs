@@ -1038,3 +1038,49 @@ pub fn catch(f: impl FnOnce() -> Running) -> Result<Running, String> {
 pub fn goal(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The management API
+
+/// Every mapping listed through the management API, page by page.
+pub struct Listing {
+    pub pages: Vec<Duration>,
+    pub items: usize,
+    /// RSS before the first page, and the most seen after any page.
+    pub rss_before: u64,
+    pub rss_max: u64,
+}
+
+/// Pages through every mapping of the management API on `api` as `token` (`limit` per page,
+/// following `next_cursor`), timing each page and reading the RSS of `pid` after each.
+pub fn list_all(api: u16, pid: &str, token: &str, limit: usize) -> Listing {
+    let mut http = Http::new(api);
+    http.headers = format!("Authorization: Bearer {token}\r\n");
+    let rss_before = rss_of(pid);
+    let (mut pages, mut items, mut rss_max) = (Vec::new(), 0, rss_before);
+    let mut cursor = String::new();
+    loop {
+        let t = Instant::now();
+        let a = http
+            .get(
+                "localhost",
+                &format!("/api/v1/mappings?limit={limit}{cursor}"),
+            )
+            .expect("a page");
+        pages.push(t.elapsed());
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        let page: serde_json::Value = serde_json::from_slice(&a.body).expect("JSON");
+        items += page["items"].as_array().expect("items").len();
+        rss_max = rss_max.max(rss_of(pid));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    Listing {
+        pages,
+        items,
+        rss_before,
+        rss_max,
+    }
+}

@@ -285,7 +285,7 @@ impl Parts {
                     if let Ok(id) = MappingId::parse(&id)
                         && let Some(m) = self.store.get(&id).await?
                     {
-                        return Ok(Created::Served(m));
+                        return Ok(Created::Served(Box::new(m)));
                     }
                 }
                 Verdict::Taken(holder) => {

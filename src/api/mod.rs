@@ -34,7 +34,7 @@ use crate::store::{MappingStore, NodeRegistry, Quota};
 #[derive(Debug)]
 pub enum Created {
     /// Claimed and in the store: served.
-    Served(Mapping),
+    Served(Box<Mapping>),
     /// Declared, not yet served within the wait (e.g. a tunnel whose TunnelSet is not there
     /// yet): `resource` is what was declared, `message` why it waits.
     Pending { resource: String, message: String },
@@ -72,9 +72,8 @@ pub struct LocalIntent {
 #[async_trait]
 impl Intent for LocalIntent {
     async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError> {
-        Ok(Created::Served(
-            self.store.create_within(spec, quota).await?,
-        ))
+        let m = self.store.create_within(spec, quota).await?;
+        Ok(Created::Served(Box::new(m)))
     }
 
     async fn declared_here(&self, m: &Mapping) -> Result<bool, ApiError> {
