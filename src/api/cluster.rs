@@ -245,7 +245,10 @@ impl Parts {
         for attempt in 0..5u32 {
             match tokio::time::timeout(self.wait, self.api(&self.namespace).delete(name, &dp)).await
             {
-                Ok(Ok(_)) => return,
+                Ok(Ok(_)) => {
+                    tracing::info!(resource = %format!("{}/{name}", self.namespace), "withdrew a refused API mapping");
+                    return;
+                }
                 Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => return,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, resource = %name, attempt, "could not withdraw a refused API mapping")

@@ -148,8 +148,8 @@ pub const API_GRANTS: &[Grant] = &[
         group: "tunnox.net",
         resource: "httpdomainmappings",
         names: &[],
-        verbs: &["create", "delete"],
-        made_by: "api/cluster.rs create and delete: a mapping created through the API is a resource in api.namespace; a refused one is withdrawn, an owner's delete deletes it",
+        verbs: &["create"],
+        made_by: "api/cluster.rs create: a mapping created through the API is a resource in api.namespace",
     },
     Grant {
         scope: Scope::Cluster,
@@ -157,7 +157,7 @@ pub const API_GRANTS: &[Grant] = &[
         resource: "httpdomainmappings",
         names: &[],
         verbs: &["delete"],
-        made_by: "api/cluster.rs delete with force=true (administrator tokens only): the resource of any namespace that declares the mapping",
+        made_by: "api/cluster.rs: a refused create withdrawn and an owner's delete (in api.namespace); an administrator's force-delete: the resource of any namespace that declares the mapping",
     },
 ];
 
