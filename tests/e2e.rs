@@ -4382,10 +4382,15 @@ fn management_api_over_the_cluster(s: &Stack) {
     let (_, a) = api.json("GET", avail, API_ALICE, None);
     assert_eq!(a["verdict"], "free", "{a}");
     let started = std::time::Instant::now();
-    let (status, m) = api.create(API_ALICE, &api_mapping("api-a", up.port, ""));
+    let (status, m) = api.json(
+        "POST",
+        "/api/v1/mappings?wait=ready",
+        API_ALICE,
+        Some(&api_mapping("api-a", up.port, "")),
+    );
     assert_eq!(status, 201, "{m}");
     eprintln!(
-        "e2e: create through the API answered Active in {:?}",
+        "e2e: create through the API (wait=ready) answered in {:?}",
         started.elapsed()
     );
     assert_eq!(
@@ -4402,10 +4407,9 @@ fn management_api_over_the_cluster(s: &Stack) {
         s.field(api_ns, "api-a.tunnox.net", "{.status.mappingId}"),
         id_a
     );
-    eventually("served through the proxy", Duration::from_secs(10), || {
-        support::http::get(proxy_port, "api-a.tunnox.net", "/")
-            .is_some_and(|r| r.status == 200 && r.body == "hello from e2e-api\n")
-    });
+    // wait=ready: answered once every proxy applied it, so served at once (no retry).
+    let r = support::http::get(proxy_port, "api-a.tunnox.net", "/").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "hello from e2e-api\n"));
     let (_, a) = api.json("GET", avail, API_ALICE, None);
     assert_eq!(
         (a["verdict"].as_str(), a["held_by"]["yours"].as_bool()),

@@ -111,14 +111,16 @@ pub fn resource_of(spec: &MappingSpec, name: &str, namespace: &str) -> HTTPDomai
 pub enum Verdict {
     /// Not decided yet (or waiting for a dependency): the message says why, when it does.
     Waiting(String),
-    Active(String),
+    /// In the store; `ready`: every healthy proxy of its set applied it (`proxies`: `N/M`).
+    Active {
+        id: String,
+        ready: bool,
+        proxies: String,
+    },
     /// Another mapping holds the domain: `claimedBy`.
     Taken(String),
     /// Refused: the `Accepted` condition's reason and message.
-    Refused {
-        reason: String,
-        message: String,
-    },
+    Refused { reason: String, message: String },
 }
 
 /// The verdict on `r` (the one created with `uid`), from its status; a status of an older
@@ -139,7 +141,15 @@ pub fn verdict(r: Option<&HTTPDomainMapping>, uid: &str) -> Verdict {
         .unwrap_or_default();
     match s.phase {
         Phase::Active => match &s.mapping_id {
-            Some(id) => Verdict::Active(id.clone()),
+            Some(id) => Verdict::Active {
+                id: id.clone(),
+                ready: s.conditions.iter().any(|c| {
+                    c.type_ == "Ready"
+                        && c.status == "True"
+                        && c.observed_generation >= r.metadata.generation
+                }),
+                proxies: s.proxies.clone().unwrap_or_default(),
+            },
             None => Verdict::Waiting(message),
         },
         Phase::Conflict => Verdict::Taken(s.claimed_by.clone().unwrap_or_default()),
@@ -266,7 +276,14 @@ impl Parts {
     /// of its own: a caller that hangs up does not stop a refused resource's withdrawal.
     /// `may_wait`: a tunnel target, which may legitimately wait for its TunnelSet (answered
     /// 202); any other create that has no verdict within the wait is withdrawn.
-    async fn settle(self, name: String, uid: String, may_wait: bool) -> Result<Created, ApiError> {
+    /// `ready`: an `Active` resource is answered once `Ready` too (else 202 at the deadline).
+    async fn settle(
+        self,
+        name: String,
+        uid: String,
+        may_wait: bool,
+        ready: bool,
+    ) -> Result<Created, ApiError> {
         let at = format!("{}/{name}", self.namespace);
         let deadline = tokio::time::Instant::now() + self.wait;
         let mut seen = false;
@@ -284,8 +301,22 @@ impl Parts {
             }
             seen |= mine;
             match verdict(now.as_deref(), &uid) {
-                Verdict::Active(id) => {
-                    if let Ok(id) = MappingId::parse(&id)
+                Verdict::Active {
+                    id,
+                    ready: served,
+                    proxies,
+                } => {
+                    if ready && !served {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Ok(Created::Pending {
+                                message: format!(
+                                    "{at} is Active, not yet Ready after {:?} (proxies {proxies})",
+                                    self.wait
+                                ),
+                                resource: at,
+                            });
+                        }
+                    } else if let Ok(id) = MappingId::parse(&id)
                         && let Some(m) = self.store.get(&id).await?
                     {
                         return Ok(Created::Served(Box::new(m)));
@@ -411,7 +442,12 @@ impl ClusterIntent {
 
 #[async_trait]
 impl Intent for ClusterIntent {
-    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError> {
+    async fn create(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        ready: bool,
+    ) -> Result<Created, ApiError> {
         self.ready().await?;
         let domain = spec.validate().map_err(StoreError::Invalid)?;
         let name = domain.as_str().to_string();
@@ -466,7 +502,7 @@ impl Intent for ClusterIntent {
         drop(_counted);
         let uid = created.metadata.uid.clone().unwrap_or_default();
         let may_wait = spec.target_client_id.is_some();
-        tokio::spawn(p.clone().settle(name, uid, may_wait))
+        tokio::spawn(p.clone().settle(name, uid, may_wait, ready))
             .await
             .unwrap_or_else(|e| {
                 tracing::error!(error = %e, "settling an API create panicked");
@@ -638,7 +674,11 @@ mod tests {
         let active = with_status(Phase::Active, 1, 1);
         assert_eq!(
             verdict(Some(&active), "u1"),
-            Verdict::Active("hdm_x".into())
+            Verdict::Active {
+                id: "hdm_x".into(),
+                ready: false,
+                proxies: String::new()
+            }
         );
         assert!(matches!(verdict(Some(&active), "u2"), Verdict::Waiting(_)));
         assert!(matches!(verdict(None, "u1"), Verdict::Waiting(_)));

@@ -507,11 +507,11 @@ fn spec_of(
     Ok((spec, domain))
 }
 
-#[utoipa::path(post, path = "/api/v1/mappings", request_body = CreateMapping,
+#[utoipa::path(post, path = "/api/v1/mappings", request_body = CreateMapping, params(CreateQuery),
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Created and served (cluster: its resource is `Active`)", body = MappingView),
-        (status = 202, description = "Cluster: declared, not `Active` within `api.wait` (e.g. a tunnel waiting for its TunnelSet)", body = InProgress),
+        (status = 202, description = "Cluster: declared, not `Active` (with `wait=ready`: not `Ready`) within `api.wait`", body = InProgress),
         (status = 400, description = "Malformed JSON or a mistyped field", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Another user as owner", body = ErrorBody),
@@ -524,9 +524,11 @@ fn spec_of(
 pub async fn create(
     State(api): State<Api>,
     headers: HeaderMap,
+    RawQuery(raw): RawQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let role = api.tokens.check(&headers)?;
+    let q: CreateQuery = query(raw.as_deref(), &["wait"])?;
     let req: CreateMapping = json_body(body).await?;
     let (spec, domain) = spec_of(&api.rules, &role, req)?;
     let quota = match &role {
@@ -536,7 +538,8 @@ pub async fn create(
             per_owner: api.rules.max_per_user,
         },
     };
-    let m = match api.intent.create(spec, quota).await {
+    let ready = q.wait == Some(WaitFor::Ready);
+    let m = match api.intent.create(spec, quota, ready).await {
         Ok(Created::Served(m)) => m,
         Ok(Created::Pending { resource, message }) => {
             return Ok((

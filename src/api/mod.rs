@@ -55,7 +55,13 @@ pub trait Intent: Send + Sync + 'static {
     /// Declares a new mapping (already validated against the [`Rules`]), counted against
     /// `quota` with its domain claim. A domain held by another is `domain_taken`, naming the
     /// holder (the handler hides it from users).
-    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError>;
+    /// `ready`: answer once every proxy serves it, not only once it is in the store.
+    async fn create(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        ready: bool,
+    ) -> Result<Created, ApiError>;
     /// True when `m` was declared through this API (its owner may delete it without force).
     async fn declared_here(&self, m: &Mapping) -> Result<bool, ApiError>;
     /// Removes `m`, as it was just read; `force`: whoever declared it.
@@ -71,7 +77,13 @@ pub struct LocalIntent {
 
 #[async_trait]
 impl Intent for LocalIntent {
-    async fn create(&self, spec: MappingSpec, quota: Quota) -> Result<Created, ApiError> {
+    async fn create(
+        &self,
+        spec: MappingSpec,
+        quota: Quota,
+        _ready: bool,
+    ) -> Result<Created, ApiError> {
+        // The proxy serving the API applies it before it answers.
         let m = self.store.create_within(spec, quota).await?;
         Ok(Created::Served(Box::new(m)))
     }

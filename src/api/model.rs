@@ -168,6 +168,26 @@ pub struct ListQuery {
     pub limit: Option<u32>,
 }
 
+/// What a create waits for before it answers (cluster; a single node serves at once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitFor {
+    /// The record is in the store (`Active`).
+    #[default]
+    Active,
+    /// Every healthy proxy of its serving set has applied it (`Ready`): a request through any
+    /// of them is answered from it.
+    Ready,
+}
+
+/// `POST /api/v1/mappings` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CreateQuery {
+    /// `active` (default) or `ready`.
+    pub wait: Option<WaitFor>,
+}
+
 /// `DELETE /api/v1/mappings/{id}` options.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
