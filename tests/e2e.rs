@@ -2344,59 +2344,33 @@ fn controller_calls(audit_log: &str, since: chrono::DateTime<chrono::Utc>) -> Ve
 /// ServiceAccount through a mapping's life (claim, move, move back, delete) and a leader
 /// election from scratch, makes only calls that list names, all allowed, and uses every entry.
 fn controller_rbac_is_what_it_calls(s: &Stack) {
-    let rendered = ok(
-        s.cp.helm(&[
-            "template",
-            "tunnox",
-            &format!("{ROOT}/charts/tunnox"),
-            "--namespace",
-            NS,
-        ]),
-        "helm template",
-    );
-    // ACME adds its Role only when configured.
-    let with_acme = ok(
-        s.cp.helm(&[
-            "template",
-            "tunnox",
-            &format!("{ROOT}/charts/tunnox"),
-            "--namespace",
-            NS,
-            "--set",
-            "https.enabled=true,https.storeKeySecret.name=k,https.acme.directoryUrl=https://acme.example/dir",
-        ]),
-        "helm template with ACME",
-    );
-    let all: Vec<access::Grant> = access::GRANTS
-        .iter()
-        .chain(access::ACME_GRANTS)
-        .copied()
-        .collect();
-    // The management API adds its Role and ClusterRole rule only when enabled.
-    let with_api = ok(
-        s.cp.helm(&[
-            "template",
-            "tunnox",
-            &format!("{ROOT}/charts/tunnox"),
-            "--namespace",
-            NS,
-            "--set",
-            "api.enabled=true,api.tokensSecret.name=t",
-        ]),
-        "helm template with the API",
-    );
-    let api: Vec<access::Grant> = access::GRANTS
-        .iter()
-        .chain(access::API_GRANTS)
-        .copied()
-        .collect();
-    for (rendered, grants) in [
-        (&rendered, access::GRANTS),
-        (&with_acme, &all[..]),
-        (&with_api, &api[..]),
+    // The chart with its defaults, with ACME, with the management API: each adds its Role
+    // and rules only when configured.
+    let with = |extra: &[&access::Grant]| -> Vec<access::Grant> {
+        access::GRANTS
+            .iter()
+            .chain(extra.iter().copied())
+            .copied()
+            .collect()
+    };
+    let acme: Vec<&access::Grant> = access::ACME_GRANTS.iter().collect();
+    let api: Vec<&access::Grant> = access::API_GRANTS.iter().collect();
+    for (set, grants) in [
+        (None, with(&[])),
+        (
+            Some(
+                "https.enabled=true,https.storeKeySecret.name=k,https.acme.directoryUrl=https://acme.example/dir",
+            ),
+            with(&acme),
+        ),
+        (Some("api.enabled=true,api.tokensSecret.name=t"), with(&api)),
     ] {
+        let chart = format!("{ROOT}/charts/tunnox");
+        let mut args = vec!["template", "tunnox", chart.as_str(), "--namespace", NS];
+        args.extend(set.iter().flat_map(|v| ["--set", *v]));
+        let rendered = &ok(s.cp.helm(&args), &format!("helm template {set:?}"));
         let granted = chart_permissions(rendered);
-        let declared = access::permissions(grants);
+        let declared = access::permissions(&grants);
         let extra: Vec<_> = granted.iter().filter(|p| !declared.contains(p)).collect();
         let missing: Vec<_> = declared.iter().filter(|p| !granted.contains(p)).collect();
         assert!(

@@ -208,20 +208,37 @@ fn unavailable(message: &str) -> ApiError {
     )
 }
 
-/// `f`, or a 503 once `within` has passed.
+/// The Kubernetes API's answer to `f`, or a 503 once `limit` has passed.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<Result<T, kube::Error>, ApiError> {
+    tokio::time::timeout(limit, f).await.map_err(|_| {
+        tracing::warn!(what, ?limit, "the Kubernetes API did not answer in time");
+        unavailable("the Kubernetes API did not answer in time; try again")
+    })
+}
+
+/// [`within`], its errors mapped by [`kube_error`].
 async fn bounded<T>(
-    within: Duration,
+    limit: Duration,
     what: &str,
     f: impl std::future::Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, ApiError> {
-    match tokio::time::timeout(within, f).await {
-        Ok(r) => r.map_err(|e| kube_error(&e, what)),
-        Err(_) => {
-            tracing::warn!(what, ?within, "the Kubernetes API did not answer in time");
-            Err(unavailable(
-                "the Kubernetes API did not answer in time; try again",
-            ))
-        }
+    within(limit, what, f)
+        .await?
+        .map_err(|e| kube_error(&e, what))
+}
+
+/// A resource's phase as the API spells it.
+fn api_phase(p: Phase) -> ApiPhase {
+    match p {
+        Phase::Pending => ApiPhase::Pending,
+        Phase::Active => ApiPhase::Active,
+        Phase::Conflict => ApiPhase::Conflict,
+        Phase::Rejected => ApiPhase::Rejected,
+        Phase::Expired => ApiPhase::Expired,
     }
 }
 
@@ -300,26 +317,30 @@ impl Parts {
                 ));
             }
             seen |= mine;
+            let late = tokio::time::Instant::now() >= deadline;
             match verdict(now.as_deref(), &uid) {
                 Verdict::Active {
                     id,
                     ready: served,
                     proxies,
                 } => {
-                    if ready && !served {
-                        if tokio::time::Instant::now() >= deadline {
-                            return Ok(Created::Pending {
-                                message: format!(
-                                    "{at} is Active, not yet Ready after {:?} (proxies {proxies})",
-                                    self.wait
-                                ),
-                                resource: at,
-                            });
-                        }
-                    } else if let Ok(id) = MappingId::parse(&id)
+                    if (served || !ready)
+                        && let Ok(id) = MappingId::parse(&id)
                         && let Some(m) = self.store.get(&id).await?
                     {
                         return Ok(Created::Served(Box::new(m)));
+                    }
+                    // Active stays (it is served, or about to be): only the answer is 202.
+                    if late {
+                        let why = if served || !ready {
+                            "its record is not readable yet".to_string()
+                        } else {
+                            format!("not yet Ready (proxies {proxies})")
+                        };
+                        return Ok(Created::Pending {
+                            message: format!("{at} is Active after {:?}, {why}", self.wait),
+                            resource: at,
+                        });
                     }
                 }
                 Verdict::Taken(holder) => {
@@ -335,7 +356,7 @@ impl Parts {
                     self.withdraw(&name, &uid).await;
                     return Err(refused(&name, &reason, &message));
                 }
-                Verdict::Waiting(why) if tokio::time::Instant::now() >= deadline => {
+                Verdict::Waiting(why) if late => {
                     if may_wait {
                         return Ok(Created::Pending {
                             message: if why.is_empty() {
@@ -482,9 +503,10 @@ impl Intent for ClusterIntent {
             ..PostParams::default()
         };
         let api = p.api(&p.namespace);
-        let created = match tokio::time::timeout(p.wait, api.create(&pp, &resource)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
+        let what = "create the mapping's resource";
+        let created = match within(p.wait, what, api.create(&pp, &resource)).await? {
+            Ok(c) => c,
+            Err(kube::Error::Api(s)) if s.code == 409 => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "domain_taken",
@@ -492,12 +514,7 @@ impl Intent for ClusterIntent {
                 )
                 .at("subdomain"));
             }
-            Ok(Err(e)) => return Err(kube_error(&e, "create the mapping's resource")),
-            Err(_) => {
-                return Err(unavailable(
-                    "the Kubernetes API did not answer in time; try again",
-                ));
-            }
+            Err(e) => return Err(kube_error(&e, what)),
         };
         drop(_counted);
         let uid = created.metadata.uid.clone().unwrap_or_default();
@@ -556,15 +573,11 @@ impl Intent for ClusterIntent {
             }),
             ..DeleteParams::default()
         };
-        match tokio::time::timeout(p.wait, p.api(&ns).delete(&name, &dp)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {}
-            Ok(Err(e)) => return Err(kube_error(&e, "delete the mapping's resource")),
-            Err(_) => {
-                return Err(unavailable(
-                    "the Kubernetes API did not answer in time; try again",
-                ));
-            }
+        let what = "delete the mapping's resource";
+        match within(p.wait, what, p.api(&ns).delete(&name, &dp)).await? {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(kube_error(&e, what)),
         }
         Ok(if p.released(&m.mapping_id).await? {
             Deleted::Gone
@@ -577,18 +590,14 @@ impl Intent for ClusterIntent {
 
     async fn phases(&self) -> Result<Vec<(ApiPhase, u64)>, ApiError> {
         self.ready().await?;
-        let mut counts = [0u64; 5];
+        let mut counts: Vec<(ApiPhase, u64)> = ApiPhase::ALL.iter().map(|p| (*p, 0)).collect();
         for r in self.parts.cache.state() {
-            let phase = r.status.as_ref().map(|s| s.phase).unwrap_or_default();
-            counts[match phase {
-                Phase::Pending => 0,
-                Phase::Active => 1,
-                Phase::Conflict => 2,
-                Phase::Rejected => 3,
-                Phase::Expired => 4,
-            }] += 1;
+            let phase = api_phase(r.status.as_ref().map(|s| s.phase).unwrap_or_default());
+            if let Some(c) = counts.iter_mut().find(|(p, _)| *p == phase) {
+                c.1 += 1;
+            }
         }
-        Ok(ApiPhase::ALL.into_iter().zip(counts).collect())
+        Ok(counts)
     }
 }
 
