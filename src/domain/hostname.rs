@@ -186,6 +186,13 @@ impl std::str::FromStr for Hostname {
     }
 }
 
+/// Hashes and compares as its text, so tables keyed by hostnames can be asked with a `&str`.
+impl std::borrow::Borrow<str> for Hostname {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl AsRef<str> for Hostname {
     fn as_ref(&self) -> &str {
         &self.0
@@ -200,8 +207,7 @@ impl Serialize for Hostname {
 
 impl<'de> Deserialize<'de> for Hostname {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        Hostname::parse(&raw).map_err(serde::de::Error::custom)
+        super::deserialize_parsed(d, Hostname::parse)
     }
 }
 

@@ -22,3 +22,28 @@ pub use mapping::{
 pub use set::{DR_REGION, Decision, SetName, SetNameError, decide, serving_set};
 pub use tls::{CertSource, MappingTls};
 pub use upstream::{Protocol, Upstream};
+
+/// Deserializes a string with `parse`, reading it in place (no copy of the text first): a
+/// proxy's warm-up decodes ids and hostnames of a million records (issue: scale).
+pub(crate) fn deserialize_parsed<'de, D, T, E>(
+    d: D,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    E: std::fmt::Display,
+{
+    struct Parsed<F>(F);
+    impl<'de, T, E: std::fmt::Display, F: FnOnce(&str) -> Result<T, E>> serde::de::Visitor<'de>
+        for Parsed<F>
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<X: serde::de::Error>(self, v: &str) -> Result<T, X> {
+            (self.0)(v).map_err(X::custom)
+        }
+    }
+    d.deserialize_str(Parsed(parse))
+}

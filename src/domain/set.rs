@@ -152,8 +152,7 @@ impl Serialize for SetName {
 
 impl<'de> Deserialize<'de> for SetName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        SetName::parse(&raw).map_err(serde::de::Error::custom)
+        super::deserialize_parsed(d, SetName::parse)
     }
 }
 

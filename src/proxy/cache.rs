@@ -32,21 +32,14 @@ pub enum Cached {
     Unknown,
 }
 
-/// Held by value (a clone is a reference count and a copy), not behind another `Arc`.
-#[derive(Debug, Clone)]
-struct Entry {
-    route: Arc<Route>,
-    /// Microseconds from the clock base of [`Routes`] (8 bytes where an `Instant` takes 16).
-    loaded_at: u64,
-}
-
 /// The routes held, keyed by a 64-bit hash of their host under a key random to this process:
 /// the host is held once, in its route, not again as the key (a million routes saved 40 bytes
 /// each: issue: scale, docs/proxy.md "Route memory"). Two hosts of one hash (about three chances
 /// in 10^8 among a million hosts, and not choosable from outside) only take turns in the cache:
-/// a route is returned only for its own host.
+/// a route is returned only for its own host. An entry is the route alone: when it was taken in
+/// is kept in the route (microseconds from `base`).
 struct Routes<S = std::hash::RandomState> {
-    cache: quick_cache::sync::Cache<u64, Entry>,
+    cache: quick_cache::sync::Cache<u64, Arc<Route>>,
     hasher: S,
     base: Instant,
 }
@@ -66,31 +59,31 @@ impl<S: std::hash::BuildHasher> Routes<S> {
         }
     }
 
-    fn key(&self, host: &Hostname) -> u64 {
-        self.hasher.hash_one(host.as_str())
+    fn key(&self, host: &str) -> u64 {
+        self.hasher.hash_one(host)
     }
 
     /// `host`'s route and when it was loaded.
-    fn get(&self, host: &Hostname) -> Option<(Arc<Route>, Instant)> {
-        let e = self.cache.get(&self.key(host))?;
-        (e.route.host == *host).then(|| (e.route, self.base + Duration::from_micros(e.loaded_at)))
+    fn get(&self, host: &str) -> Option<(Arc<Route>, Instant)> {
+        let route = self.cache.get(&self.key(host))?;
+        let at = self.base + Duration::from_micros(route.loaded_at());
+        (route.host() == host).then_some((route, at))
     }
 
     fn insert(&self, route: Arc<Route>, now: Instant) {
-        let loaded_at = now.saturating_duration_since(self.base).as_micros() as u64;
-        self.cache
-            .insert(self.key(&route.host), Entry { route, loaded_at });
+        route.set_loaded_at(now.saturating_duration_since(self.base).as_micros() as u64);
+        self.cache.insert(self.key(route.host()), route);
     }
 
-    fn remove(&self, host: &Hostname) {
-        self.cache
-            .remove_if(&self.key(host), |e| e.route.host == *host);
+    fn remove(&self, host: &str) {
+        self.cache.remove_if(&self.key(host), |r| r.host() == host);
     }
 
     /// Removes `host`'s route if it is `mapping_id`'s.
-    fn remove_mapping(&self, host: &Hostname, mapping_id: &crate::domain::MappingId) {
-        self.cache.remove_if(&self.key(host), |e| {
-            e.route.host == *host && e.route.mapping_id == *mapping_id
+    fn remove_mapping(&self, host: &str, mapping_id: &crate::domain::MappingId) {
+        let id = mapping_id.ulid_bytes();
+        self.cache.remove_if(&self.key(host), |r| {
+            r.host() == host && r.ulid_bytes() == id
         });
     }
 
@@ -209,7 +202,7 @@ impl RouteCache {
     /// The cached answer for `host` if it is still fresh; never touches the store.
     pub fn get_fresh(&self, host: &Hostname) -> Option<Cached> {
         let now = Instant::now();
-        if let Some((route, loaded_at)) = self.routes.get(host)
+        if let Some((route, loaded_at)) = self.routes.get(host.as_str())
             && fresh(loaded_at, self.settings.ttl, now)
         {
             return Some(Cached::Found(route));
@@ -242,7 +235,7 @@ impl RouteCache {
         let started = Instant::now();
         let mut expired = None;
         if self.settings.enabled {
-            if let Some((route, loaded_at)) = self.routes.get(host) {
+            if let Some((route, loaded_at)) = self.routes.get(host.as_str()) {
                 if fresh(loaded_at, self.settings.ttl, started) {
                     self.metrics.cache_hits.inc();
                     self.observe(Source::Cache, started);
@@ -364,7 +357,7 @@ impl RouteCache {
         let stale = broken || already_stale;
         let value = match lookup.mapping {
             Some(m) => Loaded::Found(Arc::new(Route::from_mapping(&m))),
-            None if stale => match self.routes.get(host) {
+            None if stale => match self.routes.get(host.as_str()) {
                 Some((route, _)) => Loaded::Kept(route),
                 None => Loaded::Unknown,
             },
@@ -377,12 +370,12 @@ impl RouteCache {
                     self.put(r.clone());
                 }
                 Loaded::Unknown => {
-                    self.routes.remove(host);
+                    self.routes.remove(host.as_str());
                     self.unknown.insert(host.clone(), Instant::now());
                 }
             }
             if self.generation.load(Ordering::Acquire) != generation {
-                self.routes.remove(host);
+                self.routes.remove(host.as_str());
                 self.unknown.remove(host);
             }
         }
@@ -390,7 +383,9 @@ impl RouteCache {
     }
 
     fn put(&self, route: Arc<Route>) {
-        self.unknown.remove(&route.host);
+        if !self.unknown.is_empty() {
+            self.unknown.remove(route.host());
+        }
         self.routes.insert(route, Instant::now());
     }
 
@@ -424,7 +419,8 @@ impl RouteCache {
                 full_domain,
             } => {
                 self.generation.fetch_add(1, Ordering::AcqRel);
-                self.routes.remove_mapping(&full_domain, &mapping_id);
+                self.routes
+                    .remove_mapping(full_domain.as_str(), &mapping_id);
             }
         }
         self.metrics.cache_entries.set(self.routes.len() as i64);
@@ -507,17 +503,17 @@ mod tests {
         let (a, b) = (route("a"), route("b"));
         let now = Instant::now();
         routes.insert(a.clone(), now);
-        assert_eq!(routes.get(&a.host).map(|(r, _)| r), Some(a.clone()));
-        assert!(routes.get(&b.host).is_none(), "b is not a's");
+        assert_eq!(routes.get(a.host()).map(|(r, _)| r), Some(a.clone()));
+        assert!(routes.get(b.host()).is_none(), "b is not a's");
         routes.insert(b.clone(), now);
-        assert!(routes.get(&a.host).is_none(), "b took the place");
-        assert_eq!(routes.get(&b.host).map(|(r, _)| r), Some(b.clone()));
-        routes.remove(&a.host);
-        routes.remove_mapping(&b.host, &a.mapping_id);
+        assert!(routes.get(a.host()).is_none(), "b took the place");
+        assert_eq!(routes.get(b.host()).map(|(r, _)| r), Some(b.clone()));
+        routes.remove(a.host());
+        routes.remove_mapping(b.host(), &a.mapping_id());
         assert_eq!(routes.len(), 1, "neither removal was b's");
-        let (_, loaded) = routes.get(&b.host).unwrap();
+        let (_, loaded) = routes.get(b.host()).unwrap();
         assert!(loaded.duration_since(now) < Duration::from_millis(1));
-        routes.remove_mapping(&b.host, &b.mapping_id);
+        routes.remove_mapping(b.host(), &b.mapping_id());
         assert!(routes.is_empty());
     }
 
@@ -560,7 +556,7 @@ mod tests {
         // ...and a creation event replaces it.
         c.apply(SyncUpdate::Upsert(Box::new(created.clone())));
         let (route, source) = c.resolve(&app).await.unwrap();
-        assert_eq!((route.version, source), (created.version, Source::Cache));
+        assert_eq!((route.version(), source), (created.version, Source::Cache));
         assert_eq!((m.cache_hits.get(), m.cache_misses.get()), (2, 1));
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(c.get_fresh(&app).is_none(), "expired after the TTL");
@@ -691,7 +687,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let (route, source) = c.resolve(&gone.full_domain).await.unwrap();
         assert_eq!(
-            (route.mapping_id.clone(), source),
+            (route.mapping_id(), source),
             (gone.mapping_id.clone(), Source::Stale)
         );
         assert_eq!(m.cache_stale_served.get(), 1);

@@ -142,21 +142,15 @@ impl Ctx {
         }
         let (route, _source) = self.cache.resolve(host).await?;
         let to_set = route.placement(&self.set, || self.healthy.get(), placed)?;
-        let (scheme, authority, tunnel) = match &route.target {
-            Target::Direct { scheme, authority } => (scheme.clone(), authority.clone(), None),
+        let (scheme, authority, tunnel) = match route.target() {
+            Target::Direct { scheme, authority } => (scheme, authority, None),
             Target::Tunnel {
                 client_id,
                 authority,
-            } => (
-                Scheme::HTTP,
-                authority.clone(),
-                Some(Via::Client(client_id.to_string())),
-            ),
-            Target::TunnelGroup { group, authority } => (
-                Scheme::HTTP,
-                authority.clone(),
-                Some(Via::Group(group.clone())),
-            ),
+            } => (Scheme::HTTP, authority, Some(Via::Client(client_id.into()))),
+            Target::TunnelGroup { group, authority } => {
+                (Scheme::HTTP, authority, Some(Via::Group(group)))
+            }
             Target::Invalid { reason } => {
                 return Err(ProxyError::Upstream {
                     upstream: host.as_str().to_string(),
@@ -190,14 +184,14 @@ impl Ctx {
     pub fn hold_places(&self, admitted: &mut Admitted) -> Result<(), ProxyError> {
         let permit = self
             .limits
-            .admit(admitted.route.mapping_id.as_str())
+            .admit(admitted.route.mapping_id().as_str())
             .map_err(|over| {
                 self.metrics
                     .limited
                     .with_label_values(&[over.label()])
                     .inc();
                 ProxyError::OverLimit {
-                    host: admitted.route.host.as_str().to_string(),
+                    host: admitted.route.host().to_string(),
                     over,
                 }
             })?;
@@ -208,7 +202,7 @@ impl Ctx {
     /// The operator declared a route only in single-node mode and only in the file; every
     /// record in Redis is a tenant's, whatever its `source` says.
     pub fn declarer(&self, route: &Route) -> Declarer {
-        if self.single_node && route.from_config {
+        if self.single_node && route.from_config() {
             Declarer::Operator
         } else {
             Declarer::Tenant

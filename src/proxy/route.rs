@@ -3,15 +3,15 @@
 //! declared target through (kept once it passed).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use http::uri::{Authority, Scheme as UriScheme};
 use http::{HeaderName, HeaderValue};
 
 use super::ProxyError;
 use crate::domain::{
-    Balance, Decision, Declarer, EgressPolicy, Hostname, Mapping, MappingId, MappingStatus,
-    MappingTls, RESERVED_HEADERS, Refusal, Scheme, SetName, TargetGroup, decide,
+    Balance, Decision, Declarer, EgressPolicy, Mapping, MappingId, MappingStatus, MappingTls,
+    RESERVED_HEADERS, Refusal, Scheme, SetName, TargetGroup, decide,
 };
 
 /// The `source` of mappings declared in a single-node configuration file.
@@ -77,48 +77,79 @@ impl PartialEq for GroupRoute {
 
 impl Eq for GroupRoute {}
 
-/// A table holds millions of routes (issue: scale; docs/proxy.md "Route memory"): what every
-/// route has is held inline and small (the id inline, strings boxed, namespaces shared), what
-/// most lack is behind one box.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A table holds millions of routes (issue: scale; docs/proxy.md "Route memory"). A route is
+/// one 64-byte struct (an 80-byte allocation with its reference counts) and one string: the
+/// host followed by the target's `host:port`. The id is its ULID's 16 bytes, the namespace an
+/// index into one shared copy of each name, the target one byte of kind; what most routes lack
+/// (a tunnel client, a group, custom headers, a placement, TLS, an upstream protocol) is behind
+/// one box.
+#[derive(Debug)]
 pub struct Route {
-    pub mapping_id: MappingId,
-    pub host: Hostname,
-    pub target: Target,
-    pub active: bool,
-    /// Declared in a single-node configuration file (the operator's own, when the proxy runs
-    /// without Redis).
-    pub from_config: bool,
-    pub version: u64,
-    /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
-    /// rule on other namespaces' Services; shared by the routes of one namespace.
-    pub namespace: Option<Arc<str>>,
+    /// The host, then the target's `host:port` (empty for an invalid target).
+    text: Box<str>,
+    /// The mapping id's ULID ([`Route::mapping_id`] writes it out again).
+    id: [u8; 16],
+    version: u64,
     /// What most routes lack; `None` when they have none of it.
     extras: Option<Box<Extras>>,
-    /// Set once the egress policy let the declared target through.
-    admitted: Admitted,
+    /// When the route cache took the route in: microseconds from its clock base.
+    loaded_at: AtomicU64,
+    /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
+    /// rule on other namespaces' Services: an index into [`NAMES`] (0: none, or kept in the
+    /// extras once the names are full).
+    namespace: u32,
+    /// The length of the host at the start of `text` (a hostname has at most 253 bytes).
+    host_len: u8,
+    kind: Kind,
+    flags: u8,
+    /// Set once the egress policy let the declared target through: judged at the first request
+    /// and kept when it passed; a refusal is judged again at each request (rare, and it fails
+    /// its request anyway).
+    admitted: AtomicBool,
 }
 
-/// Whether the egress policy let a route's declared target through: judged at its first request
-/// and kept when it passed (one byte where a kept verdict took 16). A refusal is judged again at
-/// each request: it is rare and fails its request anyway.
-#[derive(Debug, Default)]
-struct Admitted(AtomicBool);
+/// The target's kind; a tunnel's client, a group's members and an invalid record's reason are
+/// in the extras.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Http,
+    Https,
+    Tunnel,
+    Group,
+    Invalid,
+}
 
-impl Clone for Admitted {
-    fn clone(&self) -> Self {
-        Self(AtomicBool::new(self.0.load(Ordering::Relaxed)))
+const ACTIVE: u8 = 1;
+/// Declared in a single-node configuration file (the operator's own, when the proxy runs
+/// without Redis).
+const FROM_CONFIG: u8 = 2;
+
+/// Equal when they route alike: when it was cached and the egress verdict are state.
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.text,
+            self.id,
+            self.version,
+            &self.extras,
+            self.namespace,
+            self.host_len,
+            self.kind,
+            self.flags,
+        ) == (
+            &other.text,
+            other.id,
+            other.version,
+            &other.extras,
+            other.namespace,
+            other.host_len,
+            other.kind,
+            other.flags,
+        )
     }
 }
 
-/// Equal always: the verdict is state, not identity.
-impl PartialEq for Admitted {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for Admitted {}
+impl Eq for Route {}
 
 /// The settings of a route that most routes lack.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -130,35 +161,70 @@ struct Extras {
     tls: Option<MappingTls>,
     /// How a direct target is spoken to when not HTTP/1.1 with the public roots.
     upstream: Option<Arc<super::upstream::UpstreamRoute>>,
+    /// What the target's kind needs besides its `host:port`.
+    detail: Option<Detail>,
+    /// The namespace, when the shared names were full.
+    namespace: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Detail {
+    Client(Box<str>),
+    Group(Arc<GroupRoute>),
+    Invalid(Box<str>),
 }
 
 impl Extras {
     fn is_empty(&self) -> bool {
-        self.headers.is_empty()
-            && self.placement.is_none()
-            && self.tls.is_none()
-            && self.upstream.is_none()
+        *self == Self::default()
     }
 }
 
-/// One shared copy of each namespace name: a cluster's routes name a few namespaces many times.
-/// Bounded: when `MAX_INTERNED` names are held the set starts again (routes keep their copies;
-/// names of deleted namespaces go).
-fn intern(namespace: &str) -> Arc<str> {
-    const MAX_INTERNED: usize = 10_000;
-    static NAMES: std::sync::Mutex<Option<std::collections::HashSet<Arc<str>>>> =
-        std::sync::Mutex::new(None);
-    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
-    let names = names.get_or_insert_with(Default::default);
-    if let Some(shared) = names.get(namespace) {
-        return shared.clone();
+/// One shared copy of each namespace name, found by its index: a cluster's routes name a few
+/// namespaces many times. Bounded: past `MAX_NAMES` names a route keeps its own copy in its
+/// extras. Names are never dropped (names of deleted namespaces stay, up to the bound).
+struct Names {
+    index: std::collections::HashMap<Arc<str>, u32>,
+    /// `names[i - 1]` is the name of index `i`.
+    names: Vec<Arc<str>>,
+}
+
+const MAX_NAMES: usize = 1 << 16;
+
+static NAMES: std::sync::RwLock<Option<Names>> = std::sync::RwLock::new(None);
+
+/// The index of `namespace`'s shared copy; `None` when the names are full.
+fn intern(namespace: &str) -> Option<u32> {
+    if let Some(names) = &*NAMES.read().unwrap_or_else(|p| p.into_inner())
+        && let Some(&i) = names.index.get(namespace)
+    {
+        return Some(i);
     }
-    if names.len() >= MAX_INTERNED {
-        names.clear();
+    let mut guard = NAMES.write().unwrap_or_else(|p| p.into_inner());
+    let names = guard.get_or_insert_with(|| Names {
+        index: Default::default(),
+        names: Vec::new(),
+    });
+    if let Some(&i) = names.index.get(namespace) {
+        return Some(i);
+    }
+    if names.names.len() >= MAX_NAMES {
+        return None;
     }
     let name: Arc<str> = Arc::from(namespace);
-    names.insert(name.clone());
-    name
+    names.names.push(name.clone());
+    let i = u32::try_from(names.names.len()).ok()?;
+    names.index.insert(name, i);
+    Some(i)
+}
+
+fn interned(i: u32) -> Option<Arc<str>> {
+    let guard = NAMES.read().unwrap_or_else(|p| p.into_inner());
+    guard
+        .as_ref()?
+        .names
+        .get(usize::try_from(i).ok()?.checked_sub(1)?)
+        .cloned()
 }
 
 impl Route {
@@ -205,23 +271,148 @@ impl Route {
                     .then_some((name, value))
             })
             .collect();
+        let (kind, authority, detail) = match target {
+            Target::Direct { scheme, authority } if scheme == UriScheme::HTTPS => {
+                (Kind::Https, Some(authority), None)
+            }
+            Target::Direct { authority, .. } => (Kind::Http, Some(authority), None),
+            Target::Tunnel {
+                client_id,
+                authority,
+            } => (
+                Kind::Tunnel,
+                Some(authority),
+                Some(Detail::Client(client_id)),
+            ),
+            Target::TunnelGroup { group, authority } => {
+                (Kind::Group, Some(authority), Some(Detail::Group(group)))
+            }
+            Target::Invalid { reason } => (Kind::Invalid, None, Some(Detail::Invalid(reason))),
+        };
+        let host = m.full_domain.as_str();
+        let text = format!("{host}{}", authority.as_ref().map_or("", |a| a.as_str()));
+        let namespace = m.source.as_deref().and_then(source_namespace);
+        let shared = namespace.and_then(intern);
         let extras = Extras {
             headers,
             placement: m.placement.clone(),
             tls: m.tls.clone(),
             upstream,
+            detail,
+            namespace: namespace.filter(|_| shared.is_none()).map(Arc::from),
         };
-        Self {
-            mapping_id: m.mapping_id.clone(),
-            host: m.full_domain.clone(),
-            target,
-            active: m.status == MappingStatus::Active,
-            from_config: m.source.as_deref() == Some(CONFIG_SOURCE),
-            version: m.version,
-            namespace: m.source.as_deref().and_then(source_namespace).map(intern),
-            extras: (!extras.is_empty()).then(|| Box::new(extras)),
-            admitted: Admitted::default(),
+        let mut flags = 0;
+        if m.status == MappingStatus::Active {
+            flags |= ACTIVE;
         }
+        if m.source.as_deref() == Some(CONFIG_SOURCE) {
+            flags |= FROM_CONFIG;
+        }
+        Self {
+            text: text.into_boxed_str(),
+            id: m.mapping_id.ulid_bytes(),
+            version: m.version,
+            extras: (!extras.is_empty()).then(|| Box::new(extras)),
+            loaded_at: AtomicU64::new(0),
+            namespace: shared.unwrap_or(0),
+            // A hostname has at most 253 bytes (`Hostname`).
+            host_len: u8::try_from(host.len()).unwrap_or(u8::MAX),
+            kind,
+            flags,
+            admitted: AtomicBool::new(false),
+        }
+    }
+
+    /// The host this route serves.
+    pub fn host(&self) -> &str {
+        &self.text[..usize::from(self.host_len)]
+    }
+
+    /// The target's `host:port` as written (empty for an invalid target).
+    fn authority(&self) -> &str {
+        &self.text[usize::from(self.host_len)..]
+    }
+
+    pub fn mapping_id(&self) -> MappingId {
+        MappingId::from_ulid_bytes(self.id)
+    }
+
+    /// The mapping id's ULID, as held (for comparing without writing the id out).
+    pub(super) fn ulid_bytes(&self) -> [u8; 16] {
+        self.id
+    }
+
+    /// The version of the record the route was compiled from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.flags & ACTIVE != 0
+    }
+
+    /// Declared in a single-node configuration file.
+    pub fn from_config(&self) -> bool {
+        self.flags & FROM_CONFIG != 0
+    }
+
+    /// The namespace of the resource the record came from, if it came from one.
+    pub fn namespace(&self) -> Option<Arc<str>> {
+        match self.namespace {
+            0 => self.extras.as_ref()?.namespace.clone(),
+            i => interned(i),
+        }
+    }
+
+    /// Where requests go, built again at each request from what the route holds (the
+    /// `host:port` was checked when the route was compiled).
+    pub fn target(&self) -> Target {
+        let detail = self.extras.as_ref().and_then(|e| e.detail.as_ref());
+        let authority = match (self.kind, detail) {
+            (Kind::Invalid, Some(Detail::Invalid(reason))) => {
+                return Target::Invalid {
+                    reason: reason.clone(),
+                };
+            }
+            _ => match Authority::try_from(self.authority()) {
+                Ok(a) => a,
+                Err(e) => {
+                    return Target::Invalid {
+                        reason: format!("target {}: {e}", self.authority()).into(),
+                    };
+                }
+            },
+        };
+        match (self.kind, detail) {
+            (Kind::Http, _) => Target::Direct {
+                scheme: UriScheme::HTTP,
+                authority,
+            },
+            (Kind::Https, _) => Target::Direct {
+                scheme: UriScheme::HTTPS,
+                authority,
+            },
+            (Kind::Tunnel, Some(Detail::Client(client_id))) => Target::Tunnel {
+                client_id: client_id.clone(),
+                authority,
+            },
+            (Kind::Group, Some(Detail::Group(group))) => Target::TunnelGroup {
+                group: group.clone(),
+                authority,
+            },
+            _ => Target::Invalid {
+                reason: "the route lost its target".into(),
+            },
+        }
+    }
+
+    /// When the route cache took this route in (microseconds from its clock base).
+    pub(super) fn loaded_at(&self) -> u64 {
+        self.loaded_at.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_loaded_at(&self, micros: u64) {
+        self.loaded_at.store(micros, Ordering::Relaxed);
     }
 
     /// The mapping's custom headers, validated.
@@ -254,20 +445,24 @@ impl Route {
     /// request of a route (see `Ctx::declarer`): once let through, a route is not judged
     /// again.
     pub fn check_declared(&self, policy: &EgressPolicy, who: Declarer) -> Result<(), Refusal> {
-        if self.admitted.0.load(Ordering::Relaxed) {
+        if self.admitted.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let verdict = match &self.target {
-            Target::Direct { authority, .. } => policy.check_declared(
-                authority.host(),
-                authority.port_u16().unwrap_or(80),
-                self.namespace.as_deref(),
-                who,
-            ),
-            Target::Tunnel { .. } | Target::TunnelGroup { .. } | Target::Invalid { .. } => Ok(()),
+        let verdict = match self.kind {
+            Kind::Http | Kind::Https => match Authority::try_from(self.authority()) {
+                Ok(authority) => policy.check_declared(
+                    authority.host(),
+                    authority.port_u16().unwrap_or(80),
+                    self.namespace().as_deref(),
+                    who,
+                ),
+                // Not routed anyway (`target` answers invalid).
+                Err(_) => Ok(()),
+            },
+            Kind::Tunnel | Kind::Group | Kind::Invalid => Ok(()),
         };
         if verdict.is_ok() {
-            self.admitted.0.store(true, Ordering::Relaxed);
+            self.admitted.store(true, Ordering::Relaxed);
         }
         verdict
     }
@@ -282,8 +477,8 @@ impl Route {
         healthy: impl FnOnce() -> H,
         forwarded: bool,
     ) -> Result<Option<SetName>, ProxyError> {
-        let host = || self.host.as_str().to_string();
-        if !self.active {
+        let host = || self.host().to_string();
+        if !self.is_active() {
             return Err(ProxyError::Inactive(host()));
         }
         let Some(placement) = self.placed_in() else {
@@ -369,7 +564,7 @@ mod tests {
             // A record written before reserved names were refused.
             m.custom_headers.insert("Content-Length".into(), "0".into());
             let r = Route::from_mapping(&m);
-            match &r.target {
+            match &r.target() {
                 Target::Direct { scheme, authority } => {
                     assert_eq!(scheme.as_str(), want_scheme);
                     assert_eq!(authority.as_str(), want_auth);
@@ -382,7 +577,7 @@ mod tests {
         let mut tunnel = MappingSpec::new("a", "tunnox.net", "127.0.0.1", 80);
         tunnel.target_client_id = Some("laptop".into());
         assert_eq!(
-            Route::from_mapping(&mapping(tunnel)).target,
+            Route::from_mapping(&mapping(tunnel)).target(),
             Target::Tunnel {
                 client_id: "laptop".into(),
                 authority: Authority::from_static("127.0.0.1:80"),
@@ -395,7 +590,7 @@ mod tests {
             balance: Balance::LeastConnections,
         });
         let mut m = mapping(group);
-        match &Route::from_mapping(&m).target {
+        match &Route::from_mapping(&m).target() {
             Target::TunnelGroup { group, authority } => {
                 assert_eq!(group.clients, ["a", "b"]);
                 assert_eq!(group.balance, Balance::LeastConnections);
@@ -406,13 +601,13 @@ mod tests {
         // Records the store refuses to write are still not routed somewhere.
         m.target_client_id = Some("a".into());
         assert!(matches!(
-            Route::from_mapping(&m).target,
+            Route::from_mapping(&m).target(),
             Target::Invalid { .. }
         ));
         m.target_client_id = None;
         m.target_group.as_mut().unwrap().clients.clear();
         assert!(matches!(
-            Route::from_mapping(&m).target,
+            Route::from_mapping(&m).target(),
             Target::Invalid { .. }
         ));
     }
@@ -469,7 +664,7 @@ mod tests {
         let named = |sub: &str, source: &str| {
             let mut m = mapping(MappingSpec::new(sub, "tunnox.net", "192.0.2.1", 80));
             m.source = Some(source.into());
-            Route::from_mapping(&m).namespace.expect("a namespace")
+            Route::from_mapping(&m).namespace().expect("a namespace")
         };
         let (a, b) = (
             named("a", "k8s:team-a/web"),
@@ -479,18 +674,30 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "one copy of the name");
     }
 
-    /// With its reference counts a route fills one 160-byte allocation (an allocator size
+    /// With its reference counts a route fills one 80-byte allocation (an allocator size
     /// class); a field added inline must push another out to `Extras` (docs/proxy.md "Route
     /// memory").
     #[test]
     fn a_route_stays_within_its_allocation_class() {
         assert!(
-            std::mem::size_of::<Route>() <= 144,
+            std::mem::size_of::<Route>() <= 64,
             "{}",
             std::mem::size_of::<Route>()
         );
-        let plain = Route::from_mapping(&mapping(MappingSpec::new("a", "tunnox.net", "::1", 80)));
+        let mut m = mapping(MappingSpec::new("a", "tunnox.net", "::1", 80));
+        m.source = Some("k8s:team-a/web".into());
+        let plain = Route::from_mapping(&m);
         assert!(plain.extras.is_none(), "a plain route has no extras");
+        assert_eq!(
+            (
+                plain.host(),
+                plain.authority(),
+                plain.mapping_id(),
+                plain.version()
+            ),
+            ("a.tunnox.net", "[::1]:80", m.mapping_id.clone(), m.version)
+        );
+        assert_eq!(plain.namespace().as_deref(), Some("team-a"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub async fn forward(
             .with_label_values(&[set_label.as_str(), outcome])
             .inc();
     };
-    let host = admitted.route.host.as_str();
+    let host = admitted.route.host();
     let failed = |reason: String| ProxyError::SetForward {
         host: host.to_string(),
         set: set.clone(),

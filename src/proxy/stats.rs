@@ -130,8 +130,8 @@ impl<B> Metered<B> {
     fn finish(&mut self) {
         if let Some((log, route, side)) = self.to.take() {
             match side {
-                Side::Request => log.record(&route.mapping_id, 0, self.bytes, 0),
-                Side::Response => log.record(&route.mapping_id, 1, 0, self.bytes),
+                Side::Request => log.record(&route.mapping_id(), 0, self.bytes, 0),
+                Side::Response => log.record(&route.mapping_id(), 1, 0, self.bytes),
             }
         }
     }

@@ -182,7 +182,7 @@ impl Exchange<'_, '_> {
             Err(e) => return self.refuse(client, io, e, started, stop).await,
         };
         self.ctx.access.record(
-            &route.mapping_id,
+            &route.mapping_id(),
             1,
             self.body.len() as u64,
             bytes_out.unwrap_or(0),

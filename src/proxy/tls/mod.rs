@@ -243,7 +243,7 @@ impl Certs {
     /// and the handshake falls back to the operator's certificates).
     pub fn for_sealed(
         &self,
-        domain: &Hostname,
+        domain: &str,
         chain_pem: &str,
         key_sealed: &str,
     ) -> Option<Arc<ServerConfig>> {
@@ -259,6 +259,9 @@ impl Certs {
         {
             return None;
         }
+        // A route's host, valid when the route was compiled.
+        let domain = Hostname::parse(domain).ok()?;
+        let domain = &domain;
         let Some(key) = self.store_key.as_ref() else {
             self.unopened.insert(domain.clone(), Arc::from(key_sealed));
             tracing::warn!(%domain, "the store has a certificate for this domain but the proxy has no http_domain.tls_store_key_file: not served");
@@ -366,7 +369,7 @@ async fn choose(ctx: &Ctx, certs: &Certs, sni: Option<&Hostname>) -> Option<Arc<
                 chain_pem,
                 key_sealed,
             } => {
-                if let Some(c) = certs.for_sealed(&route.host, chain_pem, key_sealed) {
+                if let Some(c) = certs.for_sealed(route.host(), chain_pem, key_sealed) {
                     return Some(c);
                 }
             }
