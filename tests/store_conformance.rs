@@ -924,6 +924,33 @@ mod cases {
         }
         assert_eq!(pages, vec![10, 10, 5]);
         assert_eq!(s.list_all().await.unwrap(), all);
+        // A warm-up's read: every page in order (Redis reads several ahead), then the end.
+        for limit in [1, 7, 10, 25, 100] {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let reading = s.read_all(limit, tx);
+            let taking = async {
+                let (mut got, mut sizes) = (Vec::new(), Vec::new());
+                while let Some(page) = rx.recv().await {
+                    sizes.push(page.len());
+                    got.extend(page);
+                }
+                (got, sizes)
+            };
+            let (read, (got, sizes)) = tokio::join!(reading, taking);
+            read.unwrap();
+            assert_eq!(got, all, "pages of {limit}");
+            assert!(
+                sizes.iter().all(|&n| n == limit || n == 25 % limit),
+                "{sizes:?}"
+            );
+        }
+        // A reader that goes away ends the read, without an error.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let reading = s.read_all(10, tx);
+        let taking = async move { rx.recv().await.map(|p| p.len()) };
+        let (read, first) = tokio::join!(reading, taking);
+        read.unwrap();
+        assert_eq!(first, Some(10));
         let by_client = s
             .list(
                 &ListFilter::Client("client-1".into()),

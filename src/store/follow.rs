@@ -139,20 +139,14 @@ impl Follower {
     {
         let subscription = store.subscribe().await?;
         let position = store.position().await?;
-        let mut after = None;
-        loop {
-            let p = store
-                .list(
-                    &crate::store::ListFilter::All,
-                    crate::store::PageRequest { after, limit: PAGE },
-                )
-                .await?;
-            page(p.items).await;
-            match p.next {
-                Some(next) => after = Some(next),
-                None => break,
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let taking = async {
+            while let Some(items) = rx.recv().await {
+                page(items).await;
             }
-        }
+        };
+        let (read, ()) = tokio::join!(store.read_all(PAGE, tx), taking);
+        read?;
         let mut check = tokio::time::interval(check_every);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         check.tick().await;

@@ -103,6 +103,30 @@ pub trait MappingStore: Send + Sync + 'static {
     /// One page of mappings in id (creation) order.
     async fn list(&self, filter: &ListFilter, page: PageRequest) -> Result<Page, StoreError>;
 
+    /// Every mapping, in pages of `limit` in id order, sent into `pages` (a warm-up: the
+    /// caller takes each page as it comes, so the whole store is never held at once). Ends
+    /// early, without error, when the receiver is gone. This default reads one page after
+    /// another; a store across the network reads ahead (`RedisStore`).
+    async fn read_all(
+        &self,
+        limit: usize,
+        pages: tokio::sync::mpsc::Sender<Vec<Mapping>>,
+    ) -> Result<(), StoreError> {
+        let mut after = None;
+        loop {
+            let page = self
+                .list(&ListFilter::All, PageRequest { after, limit })
+                .await?;
+            if pages.send(page.items).await.is_err() {
+                return Ok(());
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// True when `domain` could be claimed now.
     async fn is_available(&self, domain: &Hostname) -> Result<bool, StoreError> {
         Ok(self.get_by_domain(domain).await?.is_none())

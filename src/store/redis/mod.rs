@@ -74,6 +74,56 @@ impl RedisStore {
         self.inner.link.conn()
     }
 
+    /// Up to `limit` ids of `index` after `after` (the first page when `None`), in id order.
+    async fn page_ids(
+        &self,
+        index: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let start = match after {
+            Some(after) => format!("({after}"),
+            None => "-".to_string(),
+        };
+        Ok(redis::cmd("ZRANGE")
+            .arg(index)
+            .arg(start)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// The records of `ids` still there, in their order.
+    async fn records(&self, ids: Vec<String>) -> Result<Vec<Mapping>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefix = self.inner.keys.prefix();
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{prefix}:mapping:{id}"))
+            .collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.conn())
+            .await?;
+        let mut items = Vec::with_capacity(values.len());
+        for (key, json) in keys.iter().zip(values) {
+            // A record deleted between the two reads is simply not listed; an unreadable one is
+            // reported and skipped, so one bad record cannot stall every reader.
+            match json.map(|j| self.decode(key, &j)) {
+                Some(Ok(m)) => items.push(m),
+                Some(Err(e)) => tracing::error!(error = %e, "skipping unreadable mapping record"),
+                None => {}
+            }
+        }
+        Ok(items)
+    }
+
     fn decode(&self, at: &str, json: &str) -> Result<Mapping, StoreError> {
         serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
             at: at.to_string(),
@@ -376,57 +426,55 @@ impl MappingStore for RedisStore {
             ListFilter::Client(c) => k.client(c),
             ListFilter::User(u) => k.user(u),
         };
-        let start = match &page.after {
-            Some(after) => format!("({after}"),
-            None => "-".to_string(),
-        };
         let limit = page.limit.max(1);
-        let mut conn = self.conn();
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&index)
-            .arg(start)
-            .arg("+")
-            .arg("BYLEX")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut conn)
+        let ids = self
+            .page_ids(&index, page.after.as_ref().map(MappingId::as_str), limit)
             .await?;
-        if ids.is_empty() {
-            return Ok(Page {
-                items: Vec::new(),
-                next: None,
-            });
-        }
-        let keys: Vec<String> = ids
-            .iter()
-            .map(|id| format!("{}:mapping:{id}", k.prefix()))
-            .collect();
-        let values: Vec<Option<String>> =
-            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
-        let mut items = Vec::with_capacity(values.len());
-        for (key, json) in keys.iter().zip(values) {
-            // A record deleted between the two reads is simply not listed; an unreadable one is
-            // reported and skipped, so one bad record cannot stall every reader.
-            match json.map(|j| self.decode(key, &j)) {
-                Some(Ok(m)) => items.push(m),
-                Some(Err(e)) => tracing::error!(error = %e, "skipping unreadable mapping record"),
-                None => {}
+        let next = match ids.last() {
+            Some(last) if ids.len() == limit => {
+                Some(MappingId::parse(last).map_err(|e| StoreError::Corrupt {
+                    at: index.clone(),
+                    detail: e.to_string(),
+                })?)
+            }
+            _ => None,
+        };
+        let items = self.records(ids).await?;
+        Ok(Page { items, next })
+    }
+
+    /// Reads ahead: the ids of the next pages are asked for while earlier pages' records are
+    /// still on their way or being decoded, so Redis and this process work at once (issue:
+    /// scale; the warm-up of a million mappings waited on Redis for half its time).
+    async fn read_all(
+        &self,
+        limit: usize,
+        pages: tokio::sync::mpsc::Sender<Vec<Mapping>>,
+    ) -> Result<(), StoreError> {
+        use futures::StreamExt;
+        /// Pages asked for and not yet handed over.
+        const AHEAD: usize = 3;
+        let index = self.inner.keys.all();
+        let limit = limit.max(1);
+        let mut after: Option<String> = None;
+        let mut more = true;
+        let mut reading = futures::stream::FuturesOrdered::new();
+        loop {
+            while more && reading.len() < AHEAD {
+                let ids = self.page_ids(&index, after.as_deref(), limit).await?;
+                more = ids.len() == limit;
+                after = ids.last().cloned();
+                if !ids.is_empty() {
+                    reading.push_back(self.records(ids));
+                }
+            }
+            let Some(page) = reading.next().await else {
+                return Ok(());
+            };
+            if pages.send(page?).await.is_err() {
+                return Ok(());
             }
         }
-        let next = if ids.len() == limit {
-            Some(
-                MappingId::parse(ids.last().expect("non-empty")).map_err(|e| {
-                    StoreError::Corrupt {
-                        at: index.clone(),
-                        detail: e.to_string(),
-                    }
-                })?,
-            )
-        } else {
-            None
-        };
-        Ok(Page { items, next })
     }
 
     async fn count(&self) -> Result<u64, StoreError> {
