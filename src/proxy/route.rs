@@ -83,21 +83,17 @@ impl Eq for GroupRoute {}
 /// index into one shared copy of each name, the target one byte of kind; what most routes lack
 /// (a tunnel client, a group, custom headers, a placement, TLS, an upstream protocol) is behind
 /// one box.
+///
+/// In declared order: what a cache lookup reads (the host, when the route was taken in) comes
+/// first, next to the reference counts, so a lookup of a route not in the CPU's cache mostly
+/// touches one cache line of it.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Route {
     /// The host, then the target's `host:port` (empty for an invalid target).
     text: Box<str>,
-    /// The mapping id's ULID ([`Route::mapping_id`] writes it out again).
-    id: [u8; 16],
-    version: u64,
-    /// What most routes lack; `None` when they have none of it.
-    extras: Option<Box<Extras>>,
     /// When the route cache took the route in: microseconds from its clock base.
     loaded_at: AtomicU64,
-    /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
-    /// rule on other namespaces' Services: an index into [`NAMES`] (0: none, or kept in the
-    /// extras once the names are full).
-    namespace: u32,
     /// The length of the host at the start of `text` (a hostname has at most 253 bytes).
     host_len: u8,
     kind: Kind,
@@ -106,6 +102,15 @@ pub struct Route {
     /// and kept when it passed; a refusal is judged again at each request (rare, and it fails
     /// its request anyway).
     admitted: AtomicBool,
+    /// The namespace of the resource the record came from (`k8s:…` sources), for the egress
+    /// rule on other namespaces' Services: an index into [`NAMES`] (0: none, or kept in the
+    /// extras once the names are full).
+    namespace: u32,
+    version: u64,
+    /// What most routes lack; `None` when they have none of it.
+    extras: Option<Box<Extras>>,
+    /// The mapping id's ULID ([`Route::mapping_id`] writes it out again).
+    id: [u8; 16],
 }
 
 /// The target's kind; a tunnel's client, a group's members and an invalid record's reason are
