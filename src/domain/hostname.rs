@@ -216,6 +216,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn deserializes_from_text_and_from_bytes() {
+        use serde::de::value::{BytesDeserializer, Error, StrDeserializer};
+        let text = Hostname::deserialize(StrDeserializer::<Error>::new("A.Tunnox.net")).unwrap();
+        let bytes =
+            Hostname::deserialize(BytesDeserializer::<Error>::new(b"a.tunnox.net")).unwrap();
+        assert_eq!(
+            (text.as_str(), bytes.as_str()),
+            ("a.tunnox.net", "a.tunnox.net")
+        );
+        assert!(Hostname::deserialize(BytesDeserializer::<Error>::new(b"\xff.net")).is_err());
+        assert!(Hostname::deserialize(StrDeserializer::<Error>::new("a..net")).is_err());
+    }
+
+    #[test]
     fn normalises_valid_hostnames() {
         let cases = [
             ("myapp.tunnox.net", "myapp.tunnox.net"),

@@ -44,6 +44,10 @@ where
         fn visit_str<X: serde::de::Error>(self, v: &str) -> Result<T, X> {
             (self.0)(v).map_err(X::custom)
         }
+        fn visit_bytes<X: serde::de::Error>(self, v: &[u8]) -> Result<T, X> {
+            let v = std::str::from_utf8(v).map_err(|_| X::custom("not UTF-8"))?;
+            self.visit_str(v)
+        }
     }
     d.deserialize_str(Parsed(parse))
 }

@@ -383,9 +383,7 @@ impl RouteCache {
     }
 
     fn put(&self, route: Arc<Route>) {
-        if !self.unknown.is_empty() {
-            self.unknown.remove(route.host());
-        }
+        self.unknown.remove(route.host());
         self.routes.insert(route, Instant::now());
     }
 

@@ -113,6 +113,9 @@ pub struct Route {
     id: [u8; 16],
 }
 
+// A route's host length is held in one byte.
+const _: () = assert!(crate::domain::MAX_HOSTNAME_LEN <= u8::MAX as usize);
+
 /// The target's kind; a tunnel's client, a group's members and an invalid record's reason are
 /// in the extras.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,7 +323,7 @@ impl Route {
             extras: (!extras.is_empty()).then(|| Box::new(extras)),
             loaded_at: AtomicU64::new(0),
             namespace: shared.unwrap_or(0),
-            // A hostname has at most 253 bytes (`Hostname`).
+            // At most `MAX_HOSTNAME_LEN` bytes, which fits (checked below, at compile time).
             host_len: u8::try_from(host.len()).unwrap_or(u8::MAX),
             kind,
             flags,

@@ -127,8 +127,9 @@ impl Follower {
     }
 
     /// [`Follower::start`] handing the current state over page by page, as it is read, so a
-    /// large store is never held twice (the caller's table and a full list). The next page is
-    /// read once `page` has taken the last (its future has finished).
+    /// large store is never held twice (the caller's table and a full list). The store reads a
+    /// few pages ahead of `page` ([`MappingStore::read_all`]), never more: what is held at once
+    /// stays a handful of pages.
     pub async fn start_paged<F>(
         store: Arc<dyn MappingStore>,
         check_every: Duration,

@@ -103,10 +103,11 @@ pub trait MappingStore: Send + Sync + 'static {
     /// One page of mappings in id (creation) order.
     async fn list(&self, filter: &ListFilter, page: PageRequest) -> Result<Page, StoreError>;
 
-    /// Every mapping, in pages of `limit` in id order, sent into `pages` (a warm-up: the
-    /// caller takes each page as it comes, so the whole store is never held at once). Ends
-    /// early, without error, when the receiver is gone. This default reads one page after
-    /// another; a store across the network reads ahead (`RedisStore`).
+    /// Every mapping, in pages of at most `limit` in id order, sent into `pages` (a warm-up: the
+    /// caller takes each page as it comes, so the whole store is never held at once). A page
+    /// may be shorter, or empty (records deleted meanwhile, or the end). Ends early, without
+    /// error, when the receiver is gone. This default reads one page after another; a store
+    /// across the network reads ahead (`RedisStore`).
     async fn read_all(
         &self,
         limit: usize,
