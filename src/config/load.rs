@@ -42,7 +42,35 @@ impl Environment for Vec<(String, String)> {
 }
 
 /// Parses configuration text. `origin` names it in errors (usually the file path).
+///
+/// A file is read in one streaming pass (`stream`); when that pass fails for any reason, the
+/// reference reader below reads it again and reports what is wrong.
 pub fn parse(text: &str, origin: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
+    match streamed(text, env) {
+        Some(config) => Ok(config),
+        None => reference(text, origin, env),
+    }
+}
+
+/// The streaming read, then the same expansion, overrides and typed pass as [`reference`] on the
+/// sections besides `mappings` (whose entries were expanded and typed one by one). An override
+/// of `mappings` itself replaces the file's list, as it does there.
+pub(super) fn streamed(text: &str, env: &dyn Environment) -> Option<Config> {
+    let read = super::stream::read(text, env)?;
+    let mut value = Value::Mapping(read.rest);
+    expand(&mut value, &mut Vec::new(), "", env).ok()?;
+    apply_overrides(&mut value, "", env).ok()?;
+    let overridden = value.get("mappings").is_some();
+    let mut config: Config = serde::Deserialize::deserialize(value).ok()?;
+    if let (false, Some(mappings)) = (overridden, read.mappings) {
+        config.mappings = mappings;
+    }
+    Some(config)
+}
+
+/// Reads the whole file as one tree of YAML values: slower and larger than [`streamed`], but
+/// its errors carry the field path and the line.
+pub(super) fn reference(text: &str, origin: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
     let mut value: Value = serde_yaml::from_str(text).map_err(|e| {
         let (line, column) = e.location().map(|l| (l.line(), l.column())).unzip();
         ConfigError::at(
@@ -87,7 +115,7 @@ fn join(path: &[String]) -> String {
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string value. A value that is exactly one
 /// reference is re-read as YAML, so `port: ${PORT}` becomes a number.
-fn expand(
+pub(super) fn expand(
     value: &mut Value,
     path: &mut Vec<String>,
     origin: &str,

@@ -5,6 +5,7 @@ pub mod agent;
 mod api;
 mod duration;
 mod load;
+mod stream;
 mod model;
 mod resolve;
 mod secret;
