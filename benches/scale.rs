@@ -23,7 +23,9 @@ const TOKEN: &str = "bench-admin-token-0123456789";
 /// Items per page when listing every mapping through the API (its largest page).
 const PAGE: usize = 500;
 
-fn config(dir: &Path, port: u16, admin: u16, api: u16) -> std::path::PathBuf {
+/// The proxy's configuration; with `declared`, the mappings are listed in it, otherwise they
+/// are only in the JSON file (as mappings created through the management API are).
+fn config(dir: &Path, port: u16, admin: u16, api: u16, declared: bool) -> std::path::PathBuf {
     let data = dir.join("tunnox-data.json");
     let mut yaml = format!(
         "storage: {{type: memory, hybrid: {{enable_persistent: true, json: {{file_path: \"{}\"}}}}}}\n\
@@ -33,12 +35,16 @@ fn config(dir: &Path, port: u16, admin: u16, api: u16) -> std::path::PathBuf {
          log: {{level: warn}}\nmappings:\n",
         data.display()
     );
-    for i in 0..MAPPINGS {
+    for i in (0..MAPPINGS).filter(|_| declared) {
         yaml.push_str(&format!(
             "  - {{subdomain: h{i}, base_domain: {DOMAIN}, target_host: 127.0.0.1, target_port: 9}}\n"
         ));
     }
-    let path = dir.join("proxy.yaml");
+    let path = dir.join(if declared {
+        "proxy.yaml"
+    } else {
+        "proxy-json-only.yaml"
+    });
     std::fs::write(&path, yaml).unwrap();
     path
 }
@@ -86,20 +92,40 @@ fn start(
     }
 }
 
+/// The restarts' times as text, and the medians of their ready time and RSS.
+fn summary(starts: &[Start]) -> (String, u64, Duration) {
+    let secs: Vec<f64> = starts.iter().map(|s| s.ready.as_secs_f64()).collect();
+    let rss: Vec<f64> = starts.iter().map(|s| s.rss as f64).collect();
+    let text = secs
+        .iter()
+        .map(|s| format!("{s:.2} s"))
+        .collect::<Vec<_>>()
+        .join(" / ");
+    (
+        text,
+        median(&rss) as u64,
+        Duration::from_secs_f64(median(&secs)),
+    )
+}
+
 fn main() {
     let started = Instant::now();
     let (serve_cpu, _) = harness::cpus();
     let dir = tempfile::tempdir().expect("temp dir");
     let ports = (free_port(), free_port(), free_port());
-    let config = config(dir.path(), ports.0, ports.1, ports.2);
-    let first = start(dir.path(), &config, ports, serve_cpu, 0, false);
+    let declared = config(dir.path(), ports.0, ports.1, ports.2, true);
+    let first = start(dir.path(), &declared, ports, serve_cpu, 0, false);
     let file = std::fs::metadata(dir.path().join("tunnox-data.json")).map_or(0, |m| m.len());
     let restarts: Vec<Start> = (1..=RESTARTS)
-        .map(|n| start(dir.path(), &config, ports, serve_cpu, n, n == RESTARTS))
+        .map(|n| start(dir.path(), &declared, ports, serve_cpu, n, n == RESTARTS))
         .collect();
-    let secs: Vec<f64> = restarts.iter().map(|s| s.ready.as_secs_f64()).collect();
-    let rss: Vec<f64> = restarts.iter().map(|s| s.rss as f64).collect();
-    let restart = Duration::from_secs_f64(median(&secs));
+    // The same JSON file, a configuration that does not list the mappings.
+    let json_only = config(dir.path(), ports.0, ports.1, ports.2, false);
+    let from_json: Vec<Start> = (1..=RESTARTS)
+        .map(|n| start(dir.path(), &json_only, ports, serve_cpu, 10 + n, false))
+        .collect();
+    let (secs, rss, restart) = summary(&restarts);
+    let (json_secs, json_rss, json_restart) = summary(&from_json);
     let cpu = match serve_cpu {
         Some(c) => format!("on core {c} (`taskset`)"),
         None => "unpinned (one core)".into(),
@@ -109,8 +135,10 @@ fn main() {
         "A single-node `tunnox proxy` ({cpu}, `worker_threads: 1`) with {MAPPINGS} mappings declared \
          in its configuration file and kept in its JSON file (`storage.hybrid`, {} once written). The \
          first start finds the JSON file empty and creates every mapping; each restart finds them all \
-         there already and changes nothing. Time from spawn to `/readyz` 200; RSS once ready; the last \
-         mapping is checked to be routed each time. Restarts ×{RESTARTS}, median. The run took {:.0} s.\n",
+         there already and changes nothing. Then the same JSON file with a configuration that does not \
+         list them (mappings created through the management API live only there). Time from spawn to \
+         `/readyz` 200; RSS once ready; the last mapping is checked to be routed each time. Restarts \
+         ×{RESTARTS}, median. The run took {:.0} s.\n",
         mib(file),
         started.elapsed().as_secs_f64()
     );
@@ -122,20 +150,25 @@ fn main() {
         mib(first.rss)
     );
     println!(
-        "| restart (the same {MAPPINGS} in the file) | **{}** ({}) | {} |",
+        "| restart (the same {MAPPINGS} declared in the configuration and in the JSON file) | **{}** ({}) | {} |",
         ms(restart),
-        secs.iter()
-            .map(|s| format!("{:.2} s", s))
-            .collect::<Vec<_>>()
-            .join(" / "),
-        mib(median(&rss) as u64)
+        secs,
+        mib(rss)
+    );
+    println!(
+        "| restart (the {MAPPINGS} only in the JSON file) | **{}** ({}) | {} |",
+        ms(json_restart),
+        json_secs,
+        mib(json_rss)
     );
     println!();
     println!(
-        "Goal (issue: scale): a restart with the same 100 000 mappings ready in under 1 s: **{}**; \
-         RSS under 40 MB: **{}**.\n",
+        "Goal (issue: scale): a restart with the same 100 000 mappings in its JSON file ready in under 1 s: \
+         **{}** (also declared in the configuration: **{}**); RSS under 40 MB: **{}** (**{}**).\n",
+        harness::goal(json_restart < Duration::from_secs(1)),
         harness::goal(restart < Duration::from_secs(1)),
-        harness::goal(median(&rss) < 40e6)
+        harness::goal((json_rss as f64) < 40e6),
+        harness::goal((rss as f64) < 40e6)
     );
     let listed = restarts
         .iter()

@@ -70,7 +70,11 @@ pub(super) fn streamed(text: &str, env: &dyn Environment) -> Option<Config> {
 
 /// Reads the whole file as one tree of YAML values: slower and larger than [`streamed`], but
 /// its errors carry the field path and the line.
-pub(super) fn reference(text: &str, origin: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
+pub(super) fn reference(
+    text: &str,
+    origin: &str,
+    env: &dyn Environment,
+) -> Result<Config, ConfigError> {
     let mut value: Value = serde_yaml::from_str(text).map_err(|e| {
         let (line, column) = e.location().map(|l| (l.line(), l.column())).unzip();
         ConfigError::at(

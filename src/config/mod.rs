@@ -5,10 +5,10 @@ pub mod agent;
 mod api;
 mod duration;
 mod load;
-mod stream;
 mod model;
 mod resolve;
 mod secret;
+mod stream;
 mod tls;
 mod tunnel;
 

@@ -1,8 +1,11 @@
-//! The configuration read in one streaming pass: the document's sections become the small tree
-//! the rest of loading works on, and the `mappings:` list is turned into typed entries one at a
-//! time, each expanded on its own. A file declaring 100 000 mappings never exists as a tree of
-//! YAML values: `serde_yaml` first loads every event of a document and then a value per node
-//! (about 2 s and 330 MB at 100 000 mappings; docs/configuration.md "Large mapping lists").
+//! The configuration read in one pass without a tree of the whole file: the document's sections
+//! become the small tree the rest of loading works on, and the `mappings:` list is turned into
+//! typed entries one at a time. `serde_yaml::from_str::<Value>` built a value per node of the
+//! file first (at 100 000 mappings: 1.4 s and 330 MB at the peak; docs/configuration.md "Large
+//! mapping lists").
+//!
+//! An entry is typed straight from the parser's events when no `${…}` can be in the file;
+//! otherwise each entry becomes a small tree, is expanded on its own, then typed.
 //!
 //! Any failure here returns `None` and the file is read again the reference way (`load::parse`):
 //! its errors, with their field paths and lines, are the ones users see.
@@ -22,37 +25,25 @@ pub(super) struct Read {
     pub mappings: Option<Vec<MappingEntry>>,
 }
 
-/// Reads `text`; `None` when anything in it is not what the fast path reads (the reference
-/// reader then reports it).
+/// Reads `text`; `None` when anything in it is not what this pass reads (the reference reader
+/// then reports it).
 pub(super) fn read(text: &str, env: &dyn Environment) -> Option<Read> {
-    serde_saphyr::with_deserializer_from_str_with_options(text, options(text.len()), |de| {
-        Document { env }.deserialize(de)
-    })
-    .ok()
+    let expand = may_expand(text);
+    Document { env, expand }
+        .deserialize(serde_yaml::Deserializer::from_str(text))
+        .ok()
 }
 
-/// What the reference reader accepts and no more: YAML 1.2 scalars (`yes` and `0080` are text),
-/// merge keys (`<<`) and unknown tags refused. Limits follow the file's size (a node or an event
-/// takes at least one byte of it); aliases keep the parser's own limits.
-fn options(len: usize) -> serde_saphyr::Options {
-    let mut budget = serde_saphyr::Budget::default();
-    budget.max_events = budget.max_events.max(len);
-    budget.max_nodes = budget.max_nodes.max(len);
-    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(len);
-    let mut options = serde_saphyr::Options::default();
-    options.budget = Some(budget);
-    options.strict_booleans = true;
-    options.leading_zero_numbers_as_strings = true;
-    options.underscored_numbers_as_strings = true;
-    options.emit_comments = false;
-    options.merge_keys = serde_saphyr::MergeKeyPolicy::Error;
-    options.reject_unsupported_tags = true;
-    options.with_snippet = false;
-    options
+/// Whether a value of `text` can hold a `${` once read: written so, or made of escapes in a
+/// double-quoted scalar (`"\x24{A}"`, or a `$` and a `{` joined by an escaped line break).
+fn may_expand(text: &str) -> bool {
+    text.contains("${") || text.contains('\\')
 }
 
+#[derive(Clone, Copy)]
 struct Document<'a> {
     env: &'a dyn Environment,
+    expand: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for Document<'_> {
@@ -81,8 +72,11 @@ impl<'de> Visitor<'de> for Document<'_> {
         let mut rest = Mapping::new();
         let mut mappings = None;
         while let Some(key) = map.next_key::<Value>()? {
-            if key.as_str() == Some("mappings") && mappings.is_none() {
-                mappings = Some(map.next_value_seed(Entries { env: self.env })?);
+            if key.as_str() == Some("mappings") {
+                let entries = map.next_value_seed(Entries(self))?;
+                if mappings.replace(entries).is_some() {
+                    return Err(de::Error::custom("duplicate key"));
+                }
             } else if rest.insert(key, map.next_value()?).is_some() {
                 return Err(de::Error::custom("duplicate key"));
             }
@@ -91,10 +85,8 @@ impl<'de> Visitor<'de> for Document<'_> {
     }
 }
 
-/// The `mappings:` list, one entry's tree at a time.
-struct Entries<'a> {
-    env: &'a dyn Environment,
-}
+/// The `mappings:` list, one entry at a time.
+struct Entries<'a>(Document<'a>);
 
 impl<'de> DeserializeSeed<'de> for Entries<'_> {
     type Value = Vec<MappingEntry>;
@@ -114,9 +106,15 @@ impl<'de> Visitor<'de> for Entries<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        if !self.0.expand {
+            while let Some(entry) = seq.next_element::<MappingEntry>()? {
+                out.push(entry);
+            }
+            return Ok(out);
+        }
         while let Some(mut entry) = seq.next_element::<Value>()? {
             let mut path = vec![format!("mappings[{}]", out.len())];
-            expand(&mut entry, &mut path, "", self.env).map_err(de::Error::custom)?;
+            expand(&mut entry, &mut path, "", self.0.env).map_err(de::Error::custom)?;
             out.push(MappingEntry::deserialize(entry).map_err(de::Error::custom)?);
         }
         Ok(out)
@@ -153,6 +151,8 @@ mod tests {
             (mapping(", description: 1_000"), true),
             (mapping(", description: '${HOST}'"), true),
             (mapping(", custom_headers: {X-A: '${HOST}-1', X-B: '2'}"), true),
+            (mapping(", description: \"\\x24{HOST}\""), true),
+            ("mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1, target_port: 2}\n".into(), false),
             ("mappings:\n  - subdomain: a\n    base_domain: tunnox.net\n    target_host: ${HOST}\n    target_port: ${PORT}\n".into(), true),
             ("mappings:\n  - &m {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1}\n  - *m\n".into(), true),
             ("proxy: &p {worker_threads: 2}\nmappings: []\n".into(), true),
@@ -170,13 +170,24 @@ mod tests {
             ("storage:\n  redis: [1, 2\n".into(), false),
             ("- a\n- b\n".into(), false),
         ];
-        for file in ["single-node.yaml", "single-node-tunnel.yaml", "cluster-redis.yaml"] {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(file);
+        for file in [
+            "single-node.yaml",
+            "single-node-tunnel.yaml",
+            "cluster-redis.yaml",
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples")
+                .join(file);
             docs.push((std::fs::read_to_string(path).unwrap(), true));
         }
         for (doc, valid) in &docs {
             let by_reference = reference(doc, "t.yaml", &env);
-            assert_eq!(by_reference.is_ok(), *valid, "{doc}: {:?}", by_reference.err());
+            assert_eq!(
+                by_reference.is_ok(),
+                *valid,
+                "{doc}: {:?}",
+                by_reference.err()
+            );
             let fast = streamed(doc, &env);
             match by_reference {
                 Ok(config) => {
