@@ -236,7 +236,7 @@ impl MemoryStore {
                     )));
                 }
                 state.index(&m);
-                state.by_id.insert(m.mapping_id.clone(), Box::new(m));
+                state.by_id.insert(m.mapping_id.clone(), m);
             }
             tracing::info!(file = %p.path.display(), mappings = state.by_id.len(), version = state.version, "loaded mappings");
         }
@@ -368,7 +368,7 @@ impl Inner {
             let snap = Snapshot::new(
                 state.version,
                 state.epoch.clone(),
-                state.by_id.values().map(|m| Mapping::clone(m)).collect(),
+                state.by_id.values().map(|m| &**m).collect(),
             );
             serde_json::to_vec(&snap).expect("mappings always serialise")
         };

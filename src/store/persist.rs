@@ -11,20 +11,22 @@ use crate::domain::Mapping;
 
 const FORMAT: u32 = 1;
 
+/// Read with boxed records (as the memory store keeps them: no second copy of the list), written
+/// from references to them (no clone of every record under the store's lock).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Snapshot {
+pub(crate) struct Snapshot<M = Box<Mapping>> {
     pub format: u32,
     pub version: u64,
     /// The store epoch the file's history belongs to (files written before epochs have none;
     /// a new one is made when they are opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<String>,
-    pub mappings: Vec<Mapping>,
+    pub mappings: Vec<M>,
 }
 
-impl Snapshot {
-    pub(crate) fn new(version: u64, epoch: String, mappings: Vec<Mapping>) -> Self {
+impl<M> Snapshot<M> {
+    pub(crate) fn new(version: u64, epoch: String, mappings: Vec<M>) -> Self {
         Self {
             format: FORMAT,
             version,
@@ -126,7 +128,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/data.json");
         assert!(load(&path).unwrap().is_none());
-        let snap = Snapshot::new(7, "e1".into(), Vec::new());
+        let snap = Snapshot::<Mapping>::new(7, "e1".into(), Vec::new());
         write_atomic(&path, &serde_json::to_vec(&snap).unwrap()).unwrap();
         assert_eq!(load(&path).unwrap().unwrap().version, 7);
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
