@@ -1,11 +1,13 @@
 //! The configuration read in one pass without a tree of the whole file: the document's sections
-//! become the small tree the rest of loading works on, and the `mappings:` list is turned into
-//! typed entries one at a time. `serde_yaml::from_str::<Value>` built a value per node of the
-//! file first (at 100 000 mappings: 1.4 s and 330 MB at the peak; docs/configuration.md "Large
-//! mapping lists").
+//! become the small tree the rest of loading works on, and the `mappings:` list is read one entry
+//! at a time: each entry becomes a small tree of YAML values, is expanded, then typed from that
+//! tree exactly as the reference types it. `serde_yaml::from_str::<Value>` built a value per node
+//! of the file first (at 100 000 mappings: 1.4 s and 330 MB at the peak; docs/configuration.md
+//! "Large mapping lists").
 //!
-//! An entry is typed straight from the parser's events when no `${…}` can be in the file;
-//! otherwise each entry becomes a small tree, is expanded on its own, then typed.
+//! Entries are not typed straight from the parser's events: serde_yaml's event reader is looser
+//! than its value reader (any scalar read as text, tags ignored, the last of duplicate keys kept),
+//! so a file the reference refuses would load.
 //!
 //! Any failure here returns `None` and the file is read again the reference way (`load::parse`):
 //! its errors, with their field paths and lines, are the ones users see.
@@ -28,22 +30,14 @@ pub(super) struct Read {
 /// Reads `text`; `None` when anything in it is not what this pass reads (the reference reader
 /// then reports it).
 pub(super) fn read(text: &str, env: &dyn Environment) -> Option<Read> {
-    let expand = may_expand(text);
-    Document { env, expand }
+    Document { env }
         .deserialize(serde_yaml::Deserializer::from_str(text))
         .ok()
-}
-
-/// Whether a value of `text` can hold a `${` once read: written so, or made of escapes in a
-/// double-quoted scalar (`"\x24{A}"`, or a `$` and a `{` joined by an escaped line break).
-fn may_expand(text: &str) -> bool {
-    text.contains("${") || text.contains('\\')
 }
 
 #[derive(Clone, Copy)]
 struct Document<'a> {
     env: &'a dyn Environment,
-    expand: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for Document<'_> {
@@ -106,12 +100,6 @@ impl<'de> Visitor<'de> for Entries<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        if !self.0.expand {
-            while let Some(entry) = seq.next_element::<MappingEntry>()? {
-                out.push(entry);
-            }
-            return Ok(out);
-        }
         while let Some(mut entry) = seq.next_element::<Value>()? {
             let mut path = vec![format!("mappings[{}]", out.len())];
             expand(&mut entry, &mut path, "", self.0.env).map_err(de::Error::custom)?;
@@ -152,6 +140,25 @@ mod tests {
             (mapping(", description: '${HOST}'"), true),
             (mapping(", custom_headers: {X-A: '${HOST}-1', X-B: '2'}"), true),
             (mapping(", description: \"\\x24{HOST}\""), true),
+            // serde_yaml's event reader would take each of these; its value reader refuses them.
+            (mapping(", target_host: ''").replace("target_host: h, ", ""), true),
+            (mapping(", target_host: ~").replace("target_host: h, ", ""), false),
+            (mapping(", target_host: null").replace("target_host: h, ", ""), false),
+            (mapping(", custom_headers: {X-A: a, X-A: b}"), false),
+            (mapping(", description: 123"), false),
+            (mapping(", description: 1.5"), false),
+            (mapping(", description: true"), false),
+            (mapping(", description: ~"), false),
+            (mapping(", custom_headers: {X-A: 1}"), false),
+            (mapping(", custom_headers: {1: a}"), false),
+            (mapping(", target_client_id: 5"), false),
+            (mapping(", target_tls: {ca_file: 1}"), false),
+            (mapping(", target_tls: {insecure_skip_verify: !!str true}"), false),
+            (mapping("").replace("target_port: 1", "target_port: !!str 80"), false),
+            (mapping("").replace("target_port: 1", "target_port: !!float 80"), false),
+            (mapping("").replace("subdomain: a", "subdomain: 1"), false),
+            (mapping("").replace("base_domain: tunnox.net", "base_domain: 123"), false),
+            ("mappings:\n  - subdomain: a\n    base_domain: tunnox.net\n    target_host:\n    target_port: 1\n".into(), false),
             ("mappings:\n  - {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1, target_port: 2}\n".into(), false),
             ("mappings:\n  - subdomain: a\n    base_domain: tunnox.net\n    target_host: ${HOST}\n    target_port: ${PORT}\n".into(), true),
             ("mappings:\n  - &m {subdomain: a, base_domain: tunnox.net, target_host: h, target_port: 1}\n  - *m\n".into(), true),
