@@ -167,14 +167,26 @@ fn a_flooded_mapping_is_limited_and_the_others_keep_their_latency() {
         loaded.1
     );
 
-    // The control: no per-mapping limit, so the flood takes all 16 upstream places.
+    // The control: no per-mapping limit, so the flood takes all 16 upstream places. A place
+    // freed by an answer is free until the next flood request takes it (about a millisecond),
+    // so one calm request may slip in: 20 of them, 50 ms apart, and most must be refused (one
+    // request alone, 200 instead of 503, failed twice: once beside a build, once in CI).
     let wrk = flood(unlimited.port);
     std::thread::sleep(Duration::from_secs(1));
-    let calm = support::http::get(unlimited.port, "calm.tunnox.net", "/").unwrap();
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            support::http::get(unlimited.port, "calm.tunnox.net", "/")
+                .unwrap()
+                .status
+        })
+        .collect();
     wrk.wait_with_output().unwrap();
-    assert_eq!(
-        calm.status, 503,
-        "without the per-mapping limit the flood starves the calm mapping"
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+    println!("control: the calm mapping refused {refused} times of 20 under the flood");
+    assert!(
+        refused >= 10,
+        "without the per-mapping limit the flood starves the calm mapping: {statuses:?}"
     );
     assert!(
         support::process::metric(
