@@ -43,8 +43,9 @@ impl Environment for Vec<(String, String)> {
 
 /// Parses configuration text. `origin` names it in errors (usually the file path).
 ///
-/// A file is read in one streaming pass (`stream`); when that pass fails for any reason, the
-/// reference reader below reads it again and reports what is wrong.
+/// A file is read in one pass without a tree of the whole document (`stream`: the mappings
+/// entry by entry); when that pass fails for any reason, the reference reader below reads it
+/// again and reports what is wrong.
 pub fn parse(text: &str, origin: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
     match streamed(text, env) {
         Some(config) => Ok(config),
@@ -52,7 +53,7 @@ pub fn parse(text: &str, origin: &str, env: &dyn Environment) -> Result<Config, 
     }
 }
 
-/// The streaming read, then the same expansion, overrides and typed pass as [`reference`] on the
+/// The one-pass read, then the same expansion, overrides and typed pass as [`reference`] on the
 /// sections besides `mappings` (whose entries were expanded and typed one by one). An override
 /// of `mappings` itself replaces the file's list, as it does there.
 pub(super) fn streamed(text: &str, env: &dyn Environment) -> Option<Config> {
