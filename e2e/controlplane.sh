@@ -68,7 +68,7 @@ up() {
     token=$(openssl rand -hex 24)
 
     log "starting etcd on 127.0.0.1:$etcd_port"
-    setsid etcd --name default --data-dir "$dir/etcd" \
+    setsid "$bin/etcd" --name default --data-dir "$dir/etcd" \
         --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
         --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
         --initial-cluster "default=http://127.0.0.1:$etcd_peer" >"$dir/etcd.log" 2>&1 </dev/null &

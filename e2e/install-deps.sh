@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the e2e harness needs when it is missing: Debian's etcd-server, redis-server,
+# Installs what the e2e harness needs when it is missing: redis-server,
 # openssl, curl, python3, nginx, wrk, and helm (built with `go install` into the cache directory).
 #   e2e/install-deps.sh               install what is missing
 #   e2e/install-deps.sh --print-helm  print the helm binary path (installing it if needed)
@@ -16,7 +16,6 @@ pebble_dir="$cache/pebble/$PEBBLE_VERSION"
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 
 need=()
-command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
@@ -35,7 +34,7 @@ if ((${#need[@]})); then
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     # Packaged services are not used: the harness starts its own on free loopback ports.
     if command -v systemctl >/dev/null 2>&1; then
-        $sudo systemctl disable --now etcd redis-server nginx >/dev/null 2>&1 || true
+        $sudo systemctl disable --now redis-server nginx >/dev/null 2>&1 || true
     fi
 fi
 
