@@ -333,7 +333,7 @@ fn main() {
         third.terminate(Duration::from_secs(30));
 
         println!("## Controller (issue: controller)\n");
-        println!("`kube-apiserver` v1.34.4 + etcd 3.4, `redis-server` and `tunnox controller` each in its own process on this machine.");
+        println!("`kube-apiserver` v1.34.4 + etcd 3.6.4 (both built by `e2e/build-controlplane.sh`), `redis-server` and `tunnox controller` each in its own process on this machine.");
         println!("Latency is measured from sending the create request (what `kubectl apply` sends) to the change event,");
         println!("which Redis publishes in the same script that writes the record.\n");
         println!("| measurement | n | p50 | p99 | max |");

@@ -1,5 +1,6 @@
 //! tunnox: Kubernetes-native HTTP domain routing and tunnelling.
-// One FFI call, `observe::memory::release_freed`, is allowed where it is made.
+// Two FFI calls, `observe::memory::release_freed` and `commit_on_use`, are allowed where they
+// are made.
 #![deny(unsafe_code)]
 
 pub mod acme;

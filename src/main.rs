@@ -1,5 +1,6 @@
 //! The `tunnox` binary: parse the command line, set up logging, run one role.
-#![forbid(unsafe_code)]
+// One item is allowed unsafe code: `COMMIT_ON_USE`, an entry of `.init_array`.
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +15,19 @@ use tunnox::config::{self, ProcessEnv};
 /// free lists measured faster than the system allocator under load (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc reserves its first arena at the first allocation, before `main` (the runtime
+/// allocates first), and reads how to commit it then: this sets it from the process's
+/// constructors, which run before anything allocates (docs/proxy.md "Route memory").
+#[used]
+#[allow(unsafe_code)]
+#[unsafe(link_section = ".init_array")]
+static COMMIT_ON_USE: extern "C" fn() = {
+    extern "C" fn commit_on_use() {
+        tunnox::observe::memory::commit_on_use();
+    }
+    commit_on_use
+};
 
 /// Exit code for invalid configuration (EX_CONFIG-style, as linkerd2-proxy uses 64).
 const EXIT_BAD_CONFIG: u8 = 64;
