@@ -930,4 +930,14 @@ fn report_redis(rd: &RedisResults) {
         );
     }
     println!();
+    // The goals of the scale issue, for whichever rows this run has.
+    let row = |n: usize| rd.warmups.iter().find(|w| w.mappings >= n);
+    let (small, large) = (row(WARMUP_SMALL), row(WARMUP_LARGE));
+    println!(
+        "Goals (issue: scale): RSS < 300 MB at 1 000 000: **{}**; < 40 MB at 100 000: **{}**; \
+         ready < 2 s at 1 000 000: **{}**.\n",
+        large.map_or("not measured", |w| goal((w.settled as f64) < 300e6)),
+        small.map_or("not measured", |w| goal((w.settled as f64) < 40e6)),
+        large.map_or("not measured", |w| goal(w.ready < Duration::from_secs(2))),
+    );
 }
