@@ -496,14 +496,19 @@ impl SentinelGroup {
         port
     }
 
-    /// Waits until the data node on `port` is an in-sync replica; returns the time it took.
+    /// Waits until the data node on `port` is in sync: a replica with its link to the master up,
+    /// or, when the sentinels failed over again meanwhile and chose it (a busy machine can make
+    /// the new master miss their pings), the master with an online replica. Returns the time it
+    /// took.
     pub fn wait_replica_synced(&self, port: u16, within: Duration) -> Duration {
         let node = self.servers.iter().find(|s| s.port() == port).unwrap();
         let start = Instant::now();
         while start.elapsed() < within {
-            if node
-                .cli(&["info", "replication"])
-                .contains("master_link_status:up")
+            let info = node.cli(&["info", "replication"]);
+            if info.contains("master_link_status:up")
+                || (info.contains("role:master")
+                    && info.contains("state=online")
+                    && self.master_port() == port)
             {
                 return start.elapsed();
             }
