@@ -29,3 +29,25 @@ pub fn commit_on_use() {
     // options, which is read when an arena is reserved.
     unsafe { libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The index names `arena_eager_commit` in the mimalloc this crate links: its default is 2
+    /// ("on where the OS overcommits"), which no neighbouring option has (`purge_decommits` 1,
+    /// `allow_large_os_pages` 0, `deprecated_eager_commit` 1). A renumbered mimalloc fails here
+    /// instead of having another option set silently. Tests never call `commit_on_use`.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_option_index_is_arena_eager_commit() {
+        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_some() {
+            return;
+        }
+        // SAFETY: `mi_option_get` takes no pointers and only reads mimalloc's table of options.
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(ARENA_EAGER_COMMIT) },
+            2
+        );
+    }
+}
